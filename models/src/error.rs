@@ -17,7 +17,9 @@ pub enum Error {
         format: &'static str,
         reason: String,
     },
-    #[error("{path}: unsupported architecture '{architecture}' (supported: llama, qwen2, mistral)")]
+    #[error(
+        "{path}: unsupported architecture '{architecture}' (supported: llama, qwen2, mistral)"
+    )]
     UnsupportedArchitecture { path: PathBuf, architecture: String },
     /// A required metadata key / config field / tensor is missing or has a bad value.
     #[error("{path}: {field}: {reason}")]
@@ -54,7 +56,11 @@ impl Error {
             reason: reason.to_string(),
         }
     }
-    pub fn field(path: impl Into<PathBuf>, field: impl Into<String>, reason: impl ToString) -> Self {
+    pub fn field(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        reason: impl ToString,
+    ) -> Self {
         Error::Field {
             path: path.into(),
             field: field.into(),

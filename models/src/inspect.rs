@@ -1,1 +1,414 @@
-//! (being written)
+//! Model inspection: reads a model's metadata without loading tensor data.
+//!
+//! Used to register models in the library: a `.gguf` file is read up to the end of its
+//! header (metadata and tensor table); a Hugging Face folder through `config.json` and the
+//! JSON headers of its safetensors files (8-byte length + JSON, never the tensors). Every
+//! tensor's extent is checked against the file size, so truncated copies are refused.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::GgmlDType;
+
+use crate::{Error, Result};
+
+/// Container format of a model's weights.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum ModelFormat {
+    Gguf,
+    Safetensors,
+}
+
+/// What the library needs to know about a model, read from its headers only.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// `general.name` (GGUF) or the folder name (Hugging Face); else the file stem.
+    pub name: String,
+    /// `general.architecture` (GGUF) or `model_type` from `config.json`, e.g. "llama".
+    pub architecture: String,
+    pub format: ModelFormat,
+    /// Sum of the element counts of all tensors.
+    pub parameters: u64,
+    /// "Q4_1", "F32", "BF16", or "mixed: Q4_1+Q8_0" (largest share first).
+    pub quantization: String,
+    pub context_length: u64,
+    /// Total size in bytes of all weight files.
+    pub file_size: u64,
+    /// The weight files, for hashing.
+    pub files: Vec<PathBuf>,
+}
+
+/// Inspects a `.gguf` file or a Hugging Face model folder.
+pub fn inspect(path: &Path) -> Result<ModelInfo> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        inspect_hf_dir(path)
+    } else {
+        inspect_gguf(path)
+    }
+}
+
+/// Reads the GGUF header of `path` (metadata and tensor table, no tensor data).
+pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, u64)> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut magic = [0u8; 4];
+    if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+        return Err(Error::format(
+            path,
+            "GGUF",
+            "the file does not start with the GGUF magic bytes",
+        ));
+    }
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, e))?;
+    let mut reader = std::io::BufReader::new(file);
+    let content =
+        gguf_file::Content::read(&mut reader).map_err(|e| Error::format(path, "GGUF", e))?;
+    Ok((content, file_size))
+}
+
+fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
+    let (content, file_size) = read_gguf_header(path)?;
+    if content.tensor_infos.is_empty() {
+        return Err(Error::format(path, "GGUF", "the file holds no tensors"));
+    }
+    let mut parameters: u64 = 0;
+    let mut by_dtype: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for (name, info) in &content.tensor_infos {
+        let elems = info.shape.elem_count() as u64;
+        let block = info.ggml_dtype.block_size() as u64;
+        if block == 0 || elems % block != 0 {
+            return Err(Error::format(
+                path,
+                "GGUF",
+                format!("tensor '{name}' has {elems} elements, not a multiple of its block size {block}"),
+            ));
+        }
+        let bytes = elems / block * info.ggml_dtype.type_size() as u64;
+        let end = content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(bytes);
+        if end > file_size {
+            return Err(Error::format(
+                path,
+                "GGUF",
+                format!(
+                    "tensor '{name}' ends at byte {end} but the file has only {file_size} bytes (truncated?)"
+                ),
+            ));
+        }
+        parameters += elems;
+        if info.shape.rank() >= 2 {
+            *by_dtype
+                .entry(ggml_dtype_name(info.ggml_dtype))
+                .or_default() += elems;
+        }
+    }
+    let architecture = gguf_string(&content, "general.architecture")
+        .ok_or_else(|| Error::field(path, "general.architecture", "missing or not a string"))?;
+    let context_key = format!("{architecture}.context_length");
+    let context_length = content
+        .metadata
+        .get(&context_key)
+        .ok_or_else(|| Error::field(path, &context_key, "missing"))?
+        .to_u64()
+        .map_err(|e| Error::field(path, &context_key, e))?;
+    let name = gguf_string(&content, "general.name")
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| file_stem(path));
+    let quantization = content
+        .metadata
+        .get("general.file_type")
+        .and_then(|v| v.to_u32().ok())
+        .and_then(llama_file_type_name)
+        .map(str::to_string)
+        .unwrap_or_else(|| quantization_label(&by_dtype));
+    Ok(ModelInfo {
+        name,
+        architecture,
+        format: ModelFormat::Gguf,
+        parameters,
+        quantization,
+        context_length,
+        file_size,
+        files: vec![path.to_path_buf()],
+    })
+}
+
+fn gguf_string(content: &gguf_file::Content, key: &str) -> Option<String> {
+    content
+        .metadata
+        .get(key)
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Name of a ggml tensor type as llama.cpp spells it.
+pub fn ggml_dtype_name(dtype: GgmlDType) -> &'static str {
+    match dtype {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+    }
+}
+
+/// llama.cpp's `general.file_type` (enum llama_ftype) as its quantization label.
+fn llama_file_type_name(ftype: u32) -> Option<&'static str> {
+    Some(match ftype {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return None,
+    })
+}
+
+/// One dtype -> its name; several -> "mixed: A+B" with the largest element share first.
+fn quantization_label(by_dtype: &BTreeMap<&'static str, u64>) -> String {
+    let mut shares: Vec<(&str, u64)> = by_dtype.iter().map(|(k, v)| (*k, *v)).collect();
+    shares.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    match shares.as_slice() {
+        [] => "unknown".to_string(),
+        [(one, _)] => (*one).to_string(),
+        many => format!(
+            "mixed: {}",
+            many.iter().map(|(n, _)| *n).collect::<Vec<_>>().join("+")
+        ),
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, "JSON", e))
+}
+
+/// The safetensors files of a Hugging Face folder: the shards named by
+/// `model.safetensors.index.json`, else every `*.safetensors` file (sorted).
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let json = read_json(&index)?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::field(&index, "weight_map", "missing or not an object"))?;
+        let mut names: Vec<&str> = Vec::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                Error::field(&index, format!("weight_map.{tensor}"), "not a file name")
+            })?;
+            if !names.contains(&file) {
+                names.push(file);
+            }
+        }
+        names.sort_unstable();
+        return Ok(names.into_iter().map(|n| dir.join(n)).collect());
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let p = entry.path();
+        if p.is_file() && p.extension().is_some_and(|e| e == "safetensors") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Tensor table of one safetensors file read from its header: (elements, dtype) per tensor.
+/// Checks that every tensor's data lies inside the file.
+pub fn read_safetensors_header(path: &Path) -> Result<(Vec<(String, u64, String)>, u64)> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(|_| Error::format(path, "safetensors", "shorter than the 8-byte header length"))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100_000_000 || header_len.saturating_add(8) > file_size {
+        return Err(Error::format(
+            path,
+            "safetensors",
+            format!("header length {header_len} does not fit in a file of {file_size} bytes"),
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::format(path, "safetensors", e))?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::format(path, "safetensors", format!("header is not JSON: {e}")))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| Error::format(path, "safetensors", "header is not a JSON object"))?;
+    let data_size = file_size - 8 - header_len;
+    let mut tensors = Vec::new();
+    for (name, t) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad =
+            |what: &str| Error::format(path, "safetensors", format!("tensor '{name}': {what}"));
+        let dtype = t
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad("missing dtype"))?;
+        let shape = t
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| bad("missing shape"))?;
+        let mut elems: u64 = 1;
+        for d in shape {
+            let d = d
+                .as_u64()
+                .ok_or_else(|| bad("shape is not a list of integers"))?;
+            elems = elems.saturating_mul(d);
+        }
+        let offsets = t
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .ok_or_else(|| bad("missing data_offsets"))?;
+        let end = offsets
+            .get(1)
+            .and_then(|e| e.as_u64())
+            .ok_or_else(|| bad("data_offsets is not [begin, end]"))?;
+        if end > data_size {
+            return Err(bad(&format!(
+                "data ends at {end} but the file holds only {data_size} data bytes (truncated?)"
+            )));
+        }
+        tensors.push((name.clone(), elems, dtype.to_string()));
+    }
+    Ok((tensors, file_size))
+}
+
+fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::format(
+            dir,
+            "Hugging Face model folder",
+            "no config.json in the folder",
+        ));
+    }
+    let config = read_json(&config_path)?;
+    let architecture = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .or_else(|| {
+            config
+                .get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
+        .ok_or_else(|| Error::field(&config_path, "model_type", "missing"))?;
+    let context_length = [
+        "max_position_embeddings",
+        "n_positions",
+        "max_sequence_length",
+    ]
+    .iter()
+    .find_map(|k| config.get(*k).and_then(|v| v.as_u64()))
+    .ok_or_else(|| Error::field(&config_path, "max_position_embeddings", "missing"))?;
+    let files = safetensors_files(dir)?;
+    if files.is_empty() {
+        return Err(Error::format(
+            dir,
+            "Hugging Face model folder",
+            "no .safetensors weight files in the folder",
+        ));
+    }
+    let mut parameters = 0u64;
+    let mut file_size = 0u64;
+    let mut by_dtype: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for f in &files {
+        let (tensors, size) = read_safetensors_header(f)?;
+        file_size += size;
+        for (_, elems, dtype) in tensors {
+            parameters += elems;
+            *by_dtype.entry(safetensors_dtype_name(&dtype)).or_default() += elems;
+        }
+    }
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string());
+    Ok(ModelInfo {
+        name,
+        architecture,
+        format: ModelFormat::Safetensors,
+        parameters,
+        quantization: quantization_label(&by_dtype),
+        context_length,
+        file_size,
+        files,
+    })
+}
+
+fn safetensors_dtype_name(dtype: &str) -> &'static str {
+    match dtype {
+        "F64" => "F64",
+        "F32" => "F32",
+        "F16" => "F16",
+        "BF16" => "BF16",
+        "I64" => "I64",
+        "I32" => "I32",
+        "I16" => "I16",
+        "I8" => "I8",
+        "U8" => "U8",
+        "BOOL" => "BOOL",
+        "F8_E4M3" => "F8_E4M3",
+        "F8_E5M2" => "F8_E5M2",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_single_and_mixed() {
+        let mut m = BTreeMap::new();
+        m.insert("Q4_1", 100);
+        assert_eq!(quantization_label(&m), "Q4_1");
+        m.insert("Q8_0", 300);
+        assert_eq!(quantization_label(&m), "mixed: Q8_0+Q4_1");
+    }
+}

@@ -41,6 +41,14 @@ pub struct ModelSummary {
     pub added_at: String,
 }
 
+/// What registering a model answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddModelReply {
+    pub model: ModelSummary,
+    /// The same weights (same sha256) were already registered; nothing was added.
+    pub already_present: bool,
+}
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {

@@ -1,0 +1,107 @@
+//! The engine's error type: each variant names the file, model or repository at
+//! fault, and maps to one stable IPC code.
+
+use std::path::PathBuf;
+
+/// Everything the engine can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("library database {path}: {message}")]
+    Database { path: PathBuf, message: String },
+    #[error(
+        "library database {path} has schema version {found}, newer than this build of Attune \
+         knows ({known}); upgrade Attune or use another --data-dir"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("no model '{0}' in the library (see `attune models list`)")]
+    ModelNotFound(String),
+    #[error("model name '{name}' matches several models (ids {ids}); use the id")]
+    AmbiguousModel { name: String, ids: String },
+    #[error(
+        "the model library is empty: add a model with `attune models add <path>` \
+         or `attune models pull <repo>`"
+    )]
+    EmptyLibrary,
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a usable model: {source}")]
+    InvalidModel {
+        path: PathBuf,
+        #[source]
+        source: attune_models::Error,
+    },
+    #[error("model '{name}' (id {id}): its file {path} is missing; it was moved or deleted (re-add it, or remove the entry)")]
+    ModelFileMissing { id: i64, name: String, path: PathBuf },
+    #[error("cannot load model '{name}' from {path}: {source}")]
+    ModelLoad {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: attune_models::Error,
+    },
+    #[error("generation failed: {0}")]
+    Generation(#[source] attune_models::Error),
+    #[error("cannot reach the Hugging Face Hub at {endpoint}: {reason}; check your network (or HF_ENDPOINT)")]
+    HubUnreachable { endpoint: String, reason: String },
+    #[error("repository {repo} not found on the Hugging Face Hub at {endpoint} (if it is private or gated, set HF_TOKEN)")]
+    RepoNotFound { repo: String, endpoint: String },
+    #[error("Hugging Face Hub, {repo}: {message}")]
+    Hub { repo: String, message: String },
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl EngineError {
+    /// A stable machine-readable code (the `code` of [`attune_protocol::IpcError`]).
+    pub fn code(&self) -> &'static str {
+        match self {
+            EngineError::DataDir { .. } | EngineError::Io { .. } => "io",
+            EngineError::Database { .. } => "database",
+            EngineError::SchemaTooNew { .. } => "schema_too_new",
+            EngineError::ModelNotFound(_) => "not_found",
+            EngineError::AmbiguousModel { .. } => "ambiguous",
+            EngineError::EmptyLibrary => "empty_library",
+            EngineError::InvalidModel { .. } => "invalid_model",
+            EngineError::ModelFileMissing { .. } => "model_missing",
+            EngineError::ModelLoad { .. } => "model_load",
+            EngineError::Generation(_) => "generation",
+            EngineError::HubUnreachable { .. } => "hub_unreachable",
+            EngineError::RepoNotFound { .. } => "repo_not_found",
+            EngineError::Hub { .. } => "hub",
+            EngineError::InvalidInput(_) => "invalid_input",
+            EngineError::Cancelled => "cancelled",
+        }
+    }
+
+    pub(crate) fn db(path: &std::path::Path, err: impl std::fmt::Display) -> Self {
+        EngineError::Database {
+            path: path.to_path_buf(),
+            message: err.to_string(),
+        }
+    }
+}
+
+impl From<&EngineError> for attune_protocol::IpcError {
+    fn from(e: &EngineError) -> Self {
+        attune_protocol::IpcError {
+            code: e.code().to_string(),
+            message: e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The SQLite library (`<data dir>/library.sqlite3`): the only module that speaks SQL.
+//!
+//! The schema lives in numbered migrations embedded in the binary
+//! (`migrations/NNNN_*.sql`); each is applied in its own transaction together with
+//! `PRAGMA user_version = N`. A database from a newer build is refused, never touched.
+//! Rows here are plain structs, separate from the protocol DTOs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::error::EngineError;
+
+/// Numbered migrations, in order. `user_version` = how many have been applied.
+pub(crate) const MIGRATIONS: &[(&str, &str)] =
+    &[("0001_init", include_str!("../migrations/0001_init.sql"))];
+
+/// File name of the library inside the data directory.
+pub const DATABASE_FILE: &str = "library.sqlite3";
+
+/// A `models` row as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ModelRow {
+    pub id: i64,
+    pub name: String,
+    pub architecture: String,
+    /// "gguf" or "safetensors".
+    pub format: String,
+    pub parameters: i64,
+    pub quantization: String,
+    pub context_length: i64,
+    pub file_size: i64,
+    pub sha256: String,
+    /// What the runtime loads: a `.gguf` file or a safetensors folder.
+    pub path: String,
+    /// "local" or "hub".
+    pub source_kind: String,
+    pub source_repo: Option<String>,
+    pub source_revision: Option<String>,
+    pub added_at: String,
+}
+
+/// A model to insert; `name` is the wanted name, de-duplicated on insert.
+#[derive(Debug, Clone)]
+pub(crate) struct NewModel {
+    pub name: String,
+    pub architecture: String,
+    pub format: String,
+    pub parameters: i64,
+    pub quantization: String,
+    pub context_length: i64,
+    pub file_size: i64,
+    pub sha256: String,
+    pub path: String,
+    pub source_kind: String,
+    pub source_repo: Option<String>,
+    pub source_revision: Option<String>,
+    pub added_at: String,
+}
+
+const MODEL_COLUMNS: &str = "id, name, architecture, format, parameters, quantization, \
+     context_length, file_size, sha256, path, source_kind, source_repo, source_revision, added_at";
+
+fn model_row(r: &Row<'_>) -> rusqlite::Result<ModelRow> {
+    Ok(ModelRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        architecture: r.get(2)?,
+        format: r.get(3)?,
+        parameters: r.get(4)?,
+        quantization: r.get(5)?,
+        context_length: r.get(6)?,
+        file_size: r.get(7)?,
+        sha256: r.get(8)?,
+        path: r.get(9)?,
+        source_kind: r.get(10)?,
+        source_repo: r.get(11)?,
+        source_revision: r.get(12)?,
+        added_at: r.get(13)?,
+    })
+}
+
+/// The open library database.
+pub(crate) struct Store {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Store, EngineError> {
+        let db = |e: rusqlite::Error| EngineError::db(path, e);
+        let mut conn = Connection::open(path).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
+        // `journal_mode` returns a row; reading it also proves the file is a database.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(db)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(EngineError::db(
+                path,
+                format!("cannot switch to WAL journal mode (got '{mode}')"),
+            ));
+        }
+        conn.pragma_update(None, "foreign_keys", true).map_err(db)?;
+        migrate(&mut conn, path)?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions
+        // roll back on drop), so a poisoned lock is safe to keep using.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> EngineError {
+        EngineError::db(&self.path, e)
+    }
+
+    /// `PRAGMA user_version`.
+    #[cfg(test)]
+    pub fn user_version(&self) -> Result<i64, EngineError> {
+        self.conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// `PRAGMA integrity_check`: "ok" when the file is sound.
+    #[cfg(test)]
+    pub fn integrity_check(&self) -> Result<String, EngineError> {
+        self.conn()
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// All models, oldest first.
+    pub fn list_models(&self) -> Result<Vec<ModelRow>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {MODEL_COLUMNS} FROM models ORDER BY id"))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], model_row)
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    pub fn get_model(&self, id: i64) -> Result<Option<ModelRow>, EngineError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = ?1"),
+                [id],
+                model_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Models whose name equals `name` (names are unique, so at most one).
+    pub fn find_by_name(&self, name: &str) -> Result<Option<ModelRow>, EngineError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {MODEL_COLUMNS} FROM models WHERE name = ?1"),
+                [name],
+                model_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Models whose name equals `name` ignoring ASCII case.
+    pub fn find_by_name_nocase(&self, name: &str) -> Result<Vec<ModelRow>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {MODEL_COLUMNS} FROM models WHERE name = ?1 COLLATE NOCASE ORDER BY id"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([name], model_row)
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Inserts `new` unless a model with the same sha256 exists. Returns the row and
+    /// whether it was already present. The name gets a " (2)", " (3)", ... suffix if taken.
+    /// One transaction: either the row is fully written or nothing is.
+    pub fn insert_model(&self, new: &NewModel) -> Result<(ModelRow, bool), EngineError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let existing = tx
+            .query_row(
+                &format!("SELECT {MODEL_COLUMNS} FROM models WHERE sha256 = ?1"),
+                [&new.sha256],
+                model_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        if let Some(row) = existing {
+            return Ok((row, true));
+        }
+        let mut name = new.name.clone();
+        let mut n = 2;
+        while tx
+            .query_row("SELECT 1 FROM models WHERE name = ?1", [&name], |_| Ok(()))
+            .optional()
+            .map_err(|e| self.err(e))?
+            .is_some()
+        {
+            name = format!("{} ({n})", new.name);
+            n += 1;
+        }
+        tx.execute(
+            "INSERT INTO models (name, architecture, format, parameters, quantization, \
+             context_length, file_size, sha256, path, source_kind, source_repo, \
+             source_revision, added_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                name,
+                new.architecture,
+                new.format,
+                new.parameters,
+                new.quantization,
+                new.context_length,
+                new.file_size,
+                new.sha256,
+                new.path,
+                new.source_kind,
+                new.source_repo,
+                new.source_revision,
+                new.added_at,
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        let id = tx.last_insert_rowid();
+        let row = tx
+            .query_row(
+                &format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = ?1"),
+                [id],
+                model_row,
+            )
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok((row, false))
+    }
+
+    /// Deletes the row; `false` if there was none.
+    pub fn delete_model(&self, id: i64) -> Result<bool, EngineError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM models WHERE id = ?1", [id])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+}
+
+/// Applies every migration newer than `user_version`, each in its own transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), EngineError> {
+    let db = |e: rusqlite::Error| EngineError::db(path, e);
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db)?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(EngineError::SchemaTooNew {
+            path: path.to_path_buf(),
+            found: current,
+            known,
+        });
+    }
+    if current < 0 {
+        return Err(EngineError::db(
+            path,
+            format!("invalid schema version {current}"),
+        ));
+    }
+    for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = index as i64 + 1;
+        let tx = conn.transaction().map_err(db)?;
+        tx.execute_batch(sql)
+            .map_err(|e| EngineError::db(path, format!("migration {name}: {e}")))?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(sha: char, name: &str) -> NewModel {
+        NewModel {
+            name: name.to_string(),
+            architecture: "llama".into(),
+            format: "gguf".into(),
+            parameters: 134_515_008,
+            quantization: "Q4_1".into(),
+            context_length: 8192,
+            file_size: 98_362_432,
+            sha256: sha.to_string().repeat(64),
+            path: "/models/m.gguf".into(),
+            source_kind: "local".into(),
+            source_repo: None,
+            source_revision: None,
+            added_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn migrations_apply_once_and_validate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DATABASE_FILE);
+        let store = Store::open(&path).expect("open fresh");
+        assert_eq!(store.user_version().expect("version"), MIGRATIONS.len() as i64);
+        assert_eq!(store.integrity_check().expect("check"), "ok");
+        let mode: String = store
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("journal_mode");
+        assert_eq!(mode, "wal");
+        store.insert_model(&sample('a', "m")).expect("insert");
+        drop(store);
+
+        // Re-opening applies nothing and keeps the data.
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(store.user_version().expect("version"), MIGRATIONS.len() as i64);
+        assert_eq!(store.list_models().expect("list").len(), 1);
+        assert_eq!(store.integrity_check().expect("check"), "ok");
+        let fk: i64 = store
+            .conn()
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .expect("foreign_keys");
+        assert_eq!(fk, 1);
+    }
+
+    #[test]
+    fn every_migration_is_valid_sql_in_order() {
+        // Each migration applies on top of the previous ones in a bare connection.
+        let mut conn = Connection::open_in_memory().expect("memory db");
+        for (name, sql) in MIGRATIONS {
+            conn.transaction()
+                .and_then(|tx| {
+                    tx.execute_batch(sql)?;
+                    tx.commit()
+                })
+                .unwrap_or_else(|e| panic!("migration {name} fails: {e}"));
+        }
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'models'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(tables, 1);
+        // Names follow NNNN_ and are numbered 1..=N without gaps.
+        for (i, (name, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(&name[..4], format!("{:04}", i + 1), "{name}");
+        }
+    }
+
+    #[test]
+    fn newer_database_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DATABASE_FILE);
+        drop(Store::open(&path).expect("open"));
+        let future = MIGRATIONS.len() as i64 + 5;
+        {
+            let conn = Connection::open(&path).expect("raw open");
+            conn.pragma_update(None, "user_version", future)
+                .expect("set version");
+        }
+        let err = Store::open(&path).err().expect("must refuse");
+        assert_eq!(err.code(), "schema_too_new");
+        let msg = err.to_string();
+        assert!(msg.contains(&future.to_string()) && msg.contains("newer"), "{msg}");
+        let conn = Connection::open(&path).expect("raw open");
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, future);
+    }
+
+    #[test]
+    fn garbage_file_is_a_clear_database_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DATABASE_FILE);
+        std::fs::write(&path, vec![0x5a_u8; 4096]).expect("write");
+        let err = Store::open(&path).err().expect("must fail");
+        assert_eq!(err.code(), "database");
+        assert!(err.to_string().contains(DATABASE_FILE), "{err}");
+    }
+
+    #[test]
+    fn insert_dedupes_by_sha_and_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join(DATABASE_FILE)).expect("open");
+        let (a, present) = store.insert_model(&sample('a', "m")).expect("insert a");
+        assert!(!present);
+        let (again, present) = store.insert_model(&sample('a', "other")).expect("again");
+        assert!(present);
+        assert_eq!(again, a);
+        let (b, _) = store.insert_model(&sample('b', "m")).expect("insert b");
+        assert_eq!(b.name, "m (2)");
+        let (c, _) = store.insert_model(&sample('c', "m")).expect("insert c");
+        assert_eq!(c.name, "m (3)");
+        assert_eq!(store.list_models().expect("list").len(), 3);
+        assert_eq!(store.get_model(b.id).expect("get"), Some(b.clone()));
+        assert_eq!(store.find_by_name("m (2)").expect("find"), Some(b.clone()));
+        assert_eq!(store.find_by_name_nocase("M").expect("nocase").len(), 1);
+        assert!(store.delete_model(b.id).expect("delete"));
+        assert!(!store.delete_model(b.id).expect("delete again"));
+        assert_eq!(store.get_model(b.id).expect("get"), None);
+    }
+
+    #[test]
+    fn constraints_reject_bad_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join(DATABASE_FILE)).expect("open");
+        let mut bad = sample('d', "x");
+        bad.format = "onnx".into();
+        assert!(store.insert_model(&bad).is_err());
+        let mut hub_without_repo = sample('e', "y");
+        hub_without_repo.source_kind = "hub".into();
+        assert!(store.insert_model(&hub_without_repo).is_err());
+        assert!(store.list_models().expect("list").is_empty());
+    }
+}

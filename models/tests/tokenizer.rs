@@ -1,0 +1,107 @@
+//! The GGUF tokenizer of the default model against the token ids transformers produced
+//! (`/work/shared/reference/reference_logits.json`), decode round-trips and streaming.
+
+use std::path::PathBuf;
+
+use attune_models::inspect::read_gguf_header;
+use attune_models::tokenizer::{Tok, TokenStream};
+
+fn model_path() -> PathBuf {
+    let p = attune_models::default_model_path();
+    assert!(
+        p.is_file(),
+        "default model missing at {}: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+fn reference() -> serde_json::Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/reference/reference_logits.json");
+    let text =
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn load_tok() -> Tok {
+    let path = model_path();
+    let (content, _) = read_gguf_header(&path).unwrap();
+    Tok::from_gguf(&content, &path).unwrap()
+}
+
+#[test]
+fn reference_token_ids_and_round_trip() {
+    let tok = load_tok();
+    let reference = reference();
+    let prompts = reference["prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), 3);
+    for p in prompts {
+        let name = p["name"].as_str().unwrap();
+        let text = p["text"].as_str().unwrap();
+        let expected: Vec<u32> = p["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(ids, expected, "prompt '{name}'");
+        // The GGUF says add_bos_token = false: adding special tokens changes nothing.
+        assert_eq!(tok.encode(text, true).unwrap(), expected, "prompt '{name}'");
+        assert_eq!(tok.decode(&ids, false).unwrap(), text, "prompt '{name}'");
+    }
+}
+
+#[test]
+fn special_tokens_and_metadata() {
+    let tok = load_tok();
+    assert_eq!(tok.vocab_size(), 49152);
+    assert_eq!(tok.eos_token_ids(), &[2]);
+    assert_eq!(tok.eos_token(), Some("<|im_end|>"));
+    assert_eq!(tok.bos_token(), Some("<|im_start|>"));
+    let ids = tok
+        .encode("<|im_start|>user\nHi 123<|im_end|>", false)
+        .unwrap();
+    assert_eq!(ids[0], 1);
+    assert_eq!(*ids.last().unwrap(), 2);
+    // Digits are split one by one.
+    let digits = tok.encode("12345", false).unwrap();
+    assert_eq!(digits.len(), 5, "{digits:?}");
+    assert_eq!(tok.decode(&ids, true).unwrap(), "user\nHi 123");
+    assert_eq!(
+        tok.decode(&ids, false).unwrap(),
+        "<|im_start|>user\nHi 123<|im_end|>"
+    );
+}
+
+#[test]
+fn stream_never_splits_characters() {
+    let tok = load_tok();
+    let text = "今天天气很好，我们一起去公园散步吧。 Ünïcödé 🎉 done.";
+    let ids = tok.encode(text, false).unwrap();
+    let mut stream = TokenStream::new(&tok, true);
+    let mut out = String::new();
+    let mut pieces = 0;
+    for id in ids {
+        if let Some(piece) = stream.push(id).unwrap() {
+            assert!(!piece.contains('\u{FFFD}'), "split character in {piece:?}");
+            out.push_str(&piece);
+            pieces += 1;
+        }
+    }
+    if let Some(rest) = stream.finish().unwrap() {
+        out.push_str(&rest);
+    }
+    assert_eq!(out, text);
+    assert!(pieces > 10);
+    // Special tokens are skipped in the stream.
+    let mut stream = TokenStream::new(&tok, true);
+    let mut out = String::new();
+    for id in tok.encode("<|im_start|>Hello<|im_end|>", false).unwrap() {
+        if let Some(p) = stream.push(id).unwrap() {
+            out.push_str(&p);
+        }
+    }
+    assert_eq!(out, "Hello");
+}

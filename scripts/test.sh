@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs all of Attune's tests, the end-to-end test of the desktop app included.
+# Needs scripts/setup.sh to have run once. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+scripts/fetch-model.sh >/dev/null
+scripts/build-ui.sh
+# The end-to-end test runs these binaries; cargo test does not build them.
+cargo build -p attune-app -p attune-cli
+cargo test --workspace "$@"

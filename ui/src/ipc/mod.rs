@@ -1,0 +1,124 @@
+//! The bridge to the Tauri shell. Only this module (and its children) calls
+//! `invoke`; each child mirrors one `src-tauri/src/commands/<domain>.rs`.
+//!
+//! Arguments and results cross as JSON: the protocol types are serialized with
+//! serde_json, parsed into JS objects, and handed to
+//! `window.__TAURI__.core.invoke` (the app sets `withGlobalTauri`).
+
+pub mod chat;
+pub mod models;
+
+use attune_protocol::IpcError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+
+/// An error of the bridge itself, in the same shape the shell returns.
+fn bridge_error(message: impl Into<String>) -> IpcError {
+    IpcError {
+        code: "ipc".into(),
+        message: message.into(),
+    }
+}
+
+/// Text of a JS value, for messages.
+fn describe(value: &JsValue) -> String {
+    if let Some(s) = value.as_string() {
+        return s;
+    }
+    js_sys::JSON::stringify(value)
+        .ok()
+        .and_then(|s| s.as_string())
+        .unwrap_or_else(|| format!("{value:?}"))
+}
+
+/// `window.__TAURI__.core`, or an error saying the page is not in the app.
+fn tauri_core() -> Result<JsValue, IpcError> {
+    let global = js_sys::global();
+    let tauri = js_sys::Reflect::get(&global, &JsValue::from_str("__TAURI__"))
+        .map_err(|e| bridge_error(describe(&e)))?;
+    if tauri.is_undefined() || tauri.is_null() {
+        return Err(bridge_error(
+            "window.__TAURI__ is missing: this page must run inside the Attune app",
+        ));
+    }
+    js_sys::Reflect::get(&tauri, &JsValue::from_str("core")).map_err(|e| bridge_error(describe(&e)))
+}
+
+/// Serializes `args` to a JS object.
+pub(crate) fn to_js<T: Serialize>(args: &T) -> Result<JsValue, IpcError> {
+    let json = serde_json::to_string(args)
+        .map_err(|e| bridge_error(format!("could not encode arguments: {e}")))?;
+    js_sys::JSON::parse(&json).map_err(|e| bridge_error(describe(&e)))
+}
+
+/// Deserializes a JS value (a command's result or a channel message).
+pub(crate) fn from_js<T: DeserializeOwned>(value: &JsValue) -> Result<T, IpcError> {
+    let json = if value.is_undefined() {
+        "null".to_string()
+    } else {
+        js_sys::JSON::stringify(value)
+            .map_err(|e| bridge_error(describe(&e)))?
+            .as_string()
+            .unwrap_or_else(|| "null".to_string())
+    };
+    serde_json::from_str(&json).map_err(|e| bridge_error(format!("unexpected reply {json}: {e}")))
+}
+
+/// Calls the command `cmd` with `args` (a JS object) and decodes its result.
+pub(crate) async fn invoke_js<T: DeserializeOwned>(cmd: &str, args: JsValue) -> Result<T, IpcError> {
+    let core = tauri_core()?;
+    let invoke = js_sys::Reflect::get(&core, &JsValue::from_str("invoke"))
+        .map_err(|e| bridge_error(describe(&e)))?
+        .dyn_into::<js_sys::Function>()
+        .map_err(|_| bridge_error("__TAURI__.core.invoke is not a function"))?;
+    let promise = invoke
+        .call2(&core, &JsValue::from_str(cmd), &args)
+        .map_err(|e| bridge_error(describe(&e)))?
+        .dyn_into::<js_sys::Promise>()
+        .map_err(|_| bridge_error("__TAURI__.core.invoke did not return a promise"))?;
+    match JsFuture::from(promise).await {
+        Ok(value) => from_js(&value),
+        Err(err) => Err(from_js::<IpcError>(&err).unwrap_or_else(|_| bridge_error(describe(&err)))),
+    }
+}
+
+/// Calls the command `cmd` with serializable `args`.
+pub(crate) async fn invoke<A: Serialize, T: DeserializeOwned>(
+    cmd: &str,
+    args: &A,
+) -> Result<T, IpcError> {
+    invoke_js(cmd, to_js(args)?).await
+}
+
+/// A `window.__TAURI__.core.Channel` whose messages go to a Rust closure.
+///
+/// The callback is handed to JS (its garbage collector frees it with the
+/// channel), so messages that arrive after the command resolved are still safe.
+pub(crate) struct Channel {
+    js: JsValue,
+}
+
+impl Channel {
+    /// Creates a channel that calls `on_message` with each message.
+    pub(crate) fn new(on_message: impl FnMut(JsValue) + 'static) -> Result<Self, IpcError> {
+        let core = tauri_core()?;
+        let class = js_sys::Reflect::get(&core, &JsValue::from_str("Channel"))
+            .map_err(|e| bridge_error(describe(&e)))?
+            .dyn_into::<js_sys::Function>()
+            .map_err(|_| bridge_error("__TAURI__.core.Channel is not a class"))?;
+        let js = js_sys::Reflect::construct(&class, &js_sys::Array::new())
+            .map_err(|e| bridge_error(describe(&e)))?;
+        let callback =
+            wasm_bindgen::closure::Closure::<dyn FnMut(JsValue)>::new(on_message).into_js_value();
+        js_sys::Reflect::set(&js, &JsValue::from_str("onmessage"), &callback)
+            .map_err(|e| bridge_error(describe(&e)))?;
+        Ok(Self { js })
+    }
+
+    /// The JS object, to put in a command's arguments.
+    pub(crate) fn as_js(&self) -> &JsValue {
+        &self.js
+    }
+}
