@@ -304,7 +304,6 @@ impl Config {
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim(),
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
@@ -314,6 +313,9 @@ impl Config {
             "eos_token_id": self.eos_token_ids,
             "torch_dtype": "float32",
         });
+        if let (Some(hd), Some(obj)) = (self.head_dim, v.as_object_mut()) {
+            obj.insert("head_dim".into(), serde_json::json!(hd));
+        }
         if let (Some(s), Some(obj)) = (&self.rope_scaling, v.as_object_mut()) {
             obj.insert(
                 "rope_scaling".into(),

@@ -1,10 +1,92 @@
-//! Model loading entry point (being written: waits for the tokenizer and chat template modules).
+//! One entry point that opens a model from disk: a `.gguf` file or a Hugging Face folder.
+//!
+//! Returns the decoder together with its tokenizer and chat template, all read from the same
+//! source, so callers never mix a model with another model's vocabulary.
+
+use std::path::{Path, PathBuf};
+
+use crate::chat_template::ChatTemplate;
+use crate::config::Config;
+use crate::llama::Llama;
+use crate::tokenizer::Tok;
+use crate::{Error, Result};
 
 pub use crate::linear::ComputeMode;
+
+/// A model ready to run: weights, tokenizer and chat template from one source.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tok,
+    pub chat_template: ChatTemplate,
+    pub config: Config,
+    pub path: PathBuf,
+}
 
 /// How to load a model.
 #[derive(Debug, Default, Clone)]
 pub struct LoadOptions {
     /// Weight form for the matrix products (GGUF only; Hugging Face folders are f32).
     pub compute: ComputeMode,
+}
+
+/// What kind of model source `path` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Gguf,
+    HfFolder,
+}
+
+/// Classifies `path` without reading the weights.
+pub fn source_kind(path: &Path) -> Result<SourceKind> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        if path.join("config.json").is_file() {
+            return Ok(SourceKind::HfFolder);
+        }
+        return Err(Error::field(
+            path,
+            "config.json",
+            "the folder has no config.json (expected a Hugging Face model folder)",
+        ));
+    }
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    use std::io::Read;
+    match f.read_exact(&mut magic) {
+        Ok(()) if &magic == b"GGUF" => Ok(SourceKind::Gguf),
+        Ok(()) => Err(Error::format(path, "GGUF", "the file does not start with 'GGUF'")),
+        Err(e) => Err(Error::format(path, "GGUF", format!("too short: {e}"))),
+    }
+}
+
+/// Loads a model. `path`: a `.gguf` file, or a Hugging Face folder (`config.json` +
+/// `*.safetensors`, single or sharded via `model.safetensors.index.json`, + `tokenizer.json` +
+/// `tokenizer_config.json`).
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    match source_kind(path)? {
+        SourceKind::Gguf => {
+            let g = crate::gguf::load(path, opts.compute)?;
+            let tokenizer = Tok::from_gguf(&g.content, path)?;
+            let chat_template = ChatTemplate::from_gguf(&g.content, path)?;
+            Ok(LoadedModel {
+                model: g.model,
+                tokenizer,
+                chat_template,
+                config: g.config,
+                path: path.to_path_buf(),
+            })
+        }
+        SourceKind::HfFolder => {
+            let tokenizer = Tok::from_hf_dir(path)?;
+            let chat_template = ChatTemplate::from_hf_dir(path)?;
+            let h = crate::hf::load(path)?;
+            Ok(LoadedModel {
+                model: h.model,
+                tokenizer,
+                chat_template,
+                config: h.config,
+                path: path.to_path_buf(),
+            })
+        }
+    }
 }

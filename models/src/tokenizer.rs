@@ -8,7 +8,6 @@
 //! Control tokens (token type 3) are added as special tokens; BOS is added only when
 //! `tokenizer.ggml.add_bos_token` says so.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -199,8 +198,10 @@ impl Tok {
             .filter(|(_, t)| **t == TOKEN_TYPE_USER_DEFINED)
             .map(|(s, _)| AddedToken::from(s.clone(), false))
             .collect();
-        tokenizer.add_special_tokens(specials);
-        tokenizer.add_tokens(user);
+        tokenizer
+            .add_special_tokens(specials)
+            .map_err(|e| tok_err(path, e))?;
+        tokenizer.add_tokens(user).map_err(|e| tok_err(path, e))?;
 
         let default_add_bos = model_kind == "llama";
         let add_bos =
@@ -594,6 +595,7 @@ impl TokenStream {
 mod tests {
     use super::*;
     use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
+    use std::collections::HashMap;
 
     fn content(meta: Vec<(&str, Value)>) -> Content {
         Content {

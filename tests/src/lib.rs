@@ -72,7 +72,8 @@ pub fn default_model() -> Result<PathBuf> {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind a free port: {e}"))?;
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind a free port: {e}"))?;
     listener
         .local_addr()
         .map(|a| a.port())
@@ -105,7 +106,9 @@ pub fn wait_for<T>(
             Err(e) => last = e,
         }
         if start.elapsed() > timeout {
-            return Err(format!("timed out after {timeout:?} waiting for {what} (last: {last})"));
+            return Err(format!(
+                "timed out after {timeout:?} waiting for {what} (last: {last})"
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -123,8 +126,11 @@ impl Processes {
     /// Starts `cmd` in a new process group; its output goes to `log`.
     pub fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> Result<u32> {
         use std::os::unix::process::CommandExt;
-        let out = std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| format!("clone log handle: {e}"))?;
+        let out =
+            std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| format!("clone log handle: {e}"))?;
         cmd.process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -181,7 +187,13 @@ pub struct WebDriver {
     agent: ureq::Agent,
 }
 
-fn request(agent: &ureq::Agent, method: &str, url: &str, body: Option<&Value>, timeout: Duration) -> Result<Value> {
+fn request(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<Value> {
     let req = agent.request(method, url).timeout(timeout);
     let response = match body {
         Some(b) => req
@@ -190,14 +202,17 @@ fn request(agent: &ureq::Agent, method: &str, url: &str, body: Option<&Value>, t
         None => req.call(),
     };
     let text = match response {
-        Ok(r) => r.into_string().map_err(|e| format!("{method} {url}: read reply: {e}"))?,
+        Ok(r) => r
+            .into_string()
+            .map_err(|e| format!("{method} {url}: read reply: {e}"))?,
         Err(ureq::Error::Status(code, r)) => {
             let text = r.into_string().unwrap_or_default();
             return Err(format!("{method} {url}: HTTP {code}: {text}"));
         }
         Err(e) => return Err(format!("{method} {url}: {e}")),
     };
-    let json: Value = serde_json::from_str(&text).map_err(|e| format!("{method} {url}: bad JSON {e}: {text}"))?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{method} {url}: bad JSON {e}: {text}"))?;
     Ok(json.get("value").cloned().unwrap_or(Value::Null))
 }
 
@@ -205,7 +220,14 @@ impl WebDriver {
     /// Whether a WebDriver server answers on `base` (e.g. "http://127.0.0.1:4444").
     pub fn ready(base: &str) -> bool {
         let agent = ureq::AgentBuilder::new().build();
-        request(&agent, "GET", &format!("{base}/status"), None, Duration::from_secs(2)).is_ok()
+        request(
+            &agent,
+            "GET",
+            &format!("{base}/status"),
+            None,
+            Duration::from_secs(2),
+        )
+        .is_ok()
     }
 
     /// Opens a session that launches `application` in tauri-driver at `base`.
@@ -219,7 +241,13 @@ impl WebDriver {
                 }
             }
         });
-        let value = request(&agent, "POST", &format!("{base}/session"), Some(&caps), Duration::from_secs(90))?;
+        let value = request(
+            &agent,
+            "POST",
+            &format!("{base}/session"),
+            Some(&caps),
+            Duration::from_secs(90),
+        )?;
         let session = value
             .get("sessionId")
             .and_then(Value::as_str)
@@ -232,7 +260,13 @@ impl WebDriver {
         })
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<Value>, timeout: Duration) -> Result<Value> {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
         let url = format!("{}/session/{}{}", self.base, self.session, path);
         request(&self.agent, method, &url, body.as_ref(), timeout)
     }
@@ -265,7 +299,12 @@ impl WebDriver {
 
     /// The rendered text of an element.
     pub fn text(&self, element: &str) -> Result<String> {
-        let v = self.call("GET", &format!("/element/{element}/text"), None, Duration::from_secs(10))?;
+        let v = self.call(
+            "GET",
+            &format!("/element/{element}/text"),
+            None,
+            Duration::from_secs(10),
+        )?;
         Ok(v.as_str().unwrap_or_default().to_string())
     }
 
@@ -276,14 +315,24 @@ impl WebDriver {
 
     /// Whether an element is enabled.
     pub fn enabled(&self, element: &str) -> Result<bool> {
-        let v = self.call("GET", &format!("/element/{element}/enabled"), None, Duration::from_secs(10))?;
+        let v = self.call(
+            "GET",
+            &format!("/element/{element}/enabled"),
+            None,
+            Duration::from_secs(10),
+        )?;
         Ok(v.as_bool().unwrap_or(false))
     }
 
     /// Clicks an element.
     pub fn click(&self, element: &str) -> Result<()> {
-        self.call("POST", &format!("/element/{element}/click"), Some(json!({})), Duration::from_secs(10))
-            .map(|_| ())
+        self.call(
+            "POST",
+            &format!("/element/{element}/click"),
+            Some(json!({})),
+            Duration::from_secs(10),
+        )
+        .map(|_| ())
     }
 
     /// Types `text` into an element.

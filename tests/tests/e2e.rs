@@ -3,8 +3,8 @@
 //! registered with the real `attune` CLI into a fresh data directory.
 
 use attune_tests::{
-    default_model, free_display, free_port, program, wait_for, workspace_binary,
-    workspace_root, Processes, WebDriver,
+    default_model, free_display, free_port, program, wait_for, workspace_binary, workspace_root,
+    Processes, WebDriver,
 };
 use std::path::Path;
 use std::process::Command;
@@ -81,13 +81,18 @@ fn the_app_lists_the_default_model_and_streams_a_chat_answer() {
         }
     };
     let mut cmd = Command::new(&tauri_driver);
-    cmd.args(["--port", &port.to_string(), "--native-port", &native_port.to_string()])
-        .arg("--native-driver")
-        .arg(&webkit_driver)
-        .env("DISPLAY", format!(":{display}"))
-        .env("ATTUNE_DATA_DIR", &data_dir)
-        .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
-        .env("LIBGL_ALWAYS_SOFTWARE", "1");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--native-port",
+        &native_port.to_string(),
+    ])
+    .arg("--native-driver")
+    .arg(&webkit_driver)
+    .env("DISPLAY", format!(":{display}"))
+    .env("ATTUNE_DATA_DIR", &data_dir)
+    .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
+    .env("LIBGL_ALWAYS_SOFTWARE", "1");
     procs
         .spawn("tauri-driver", cmd, &logs.join("tauri-driver.log"))
         .unwrap_or_else(|e| fail(e));
@@ -103,7 +108,14 @@ fn the_app_lists_the_default_model_and_streams_a_chat_answer() {
     let result = drive(&base, &app);
     if let Err(e) = result {
         let log = std::fs::read_to_string(logs.join("tauri-driver.log")).unwrap_or_default();
-        let tail: String = log.chars().rev().take(4000).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = log
+            .chars()
+            .rev()
+            .take(4000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         drop(procs);
         panic!("{e}\n--- tauri-driver / app log (tail) ---\n{tail}");
     }
@@ -123,14 +135,25 @@ fn steps(driver: &WebDriver) -> Result<(), String> {
         Ok(driver.find_all("#nav-models")?.into_iter().next())
     })?;
     driver.click(&nav_models)?;
-    let names = wait_for("the model list to show SmolLM2", Duration::from_secs(60), || {
-        if let Some(err) = driver.find_all("#engine-error")?.first() {
-            return Err(format!("the app shows an engine error: {}", driver.text(err)?));
-        }
-        let names = driver.texts("[data-testid=model-name]")?;
-        Ok(names.iter().any(|n| n.contains("SmolLM2")).then_some(names))
-    })?;
-    assert_eq!(names.len(), 1, "one model registered, the table shows {names:?}");
+    let names = wait_for(
+        "the model list to show SmolLM2",
+        Duration::from_secs(60),
+        || {
+            if let Some(err) = driver.find_all("#engine-error")?.first() {
+                return Err(format!(
+                    "the app shows an engine error: {}",
+                    driver.text(err)?
+                ));
+            }
+            let names = driver.texts("[data-testid=model-name]")?;
+            Ok(names.iter().any(|n| n.contains("SmolLM2")).then_some(names))
+        },
+    )?;
+    assert_eq!(
+        names.len(),
+        1,
+        "one model registered, the table shows {names:?}"
+    );
     let row = driver.texts("[data-testid=model-row]")?.join(" ");
     for expected in ["Q4_1", "llama"] {
         if !row.to_lowercase().contains(&expected.to_lowercase()) {
@@ -140,12 +163,19 @@ fn steps(driver: &WebDriver) -> Result<(), String> {
 
     // The chat pane streams an answer.
     driver.click(&driver.find("#nav-chat")?)?;
-    let send = wait_for("the Send button to be enabled", Duration::from_secs(30), || {
-        let send = driver.find("#chat-send")?;
-        Ok(driver.enabled(&send)?.then_some(send))
-    })?;
+    let send = wait_for(
+        "the Send button to be enabled",
+        Duration::from_secs(30),
+        || {
+            let send = driver.find("#chat-send")?;
+            Ok(driver.enabled(&send)?.then_some(send))
+        },
+    )?;
     let input = driver.find("#chat-input")?;
-    driver.type_text(&input, "What is the capital of France? Answer in one sentence.")?;
+    driver.type_text(
+        &input,
+        "What is the capital of France? Answer in one sentence.",
+    )?;
     driver.click(&send)?;
 
     let first = wait_for("streamed answer text", Duration::from_secs(120), || {
@@ -156,7 +186,9 @@ fn steps(driver: &WebDriver) -> Result<(), String> {
         let Some(last) = answers.last() else {
             return Ok(None);
         };
-        let pending = !driver.find_all("[data-testid=assistant-message].pending")?.is_empty();
+        let pending = !driver
+            .find_all("[data-testid=assistant-message].pending")?
+            .is_empty();
         let text = driver.text(last)?;
         Ok((!pending && !text.trim().is_empty()).then_some(text))
     })?;
@@ -174,7 +206,9 @@ fn steps(driver: &WebDriver) -> Result<(), String> {
     }
     let answer = driver.text(&driver.find("[data-testid=assistant-message] .bubble")?)?;
     if answer.trim().len() < first.trim().len() {
-        return Err(format!("final answer {answer:?} is shorter than the streamed {first:?}"));
+        return Err(format!(
+            "final answer {answer:?} is shorter than the streamed {first:?}"
+        ));
     }
     println!("answer: {answer}\nstats: {stats}");
 

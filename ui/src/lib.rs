@@ -79,10 +79,19 @@ pub fn App() -> impl IntoView {
                         None
                     }
                 }}
-                {move || match page.get() {
-                    Page::Chat => view! { <pages::chat::ChatPage models=models /> }.into_any(),
-                    Page::Models => view! { <pages::models::ModelsPage models=models /> }.into_any(),
-                }}
+                // Both pages stay mounted, so a conversation survives a visit to Models.
+                <div
+                    class="page-slot"
+                    style:display=move || if page.get() == Page::Chat { "flex" } else { "none" }
+                >
+                    <pages::chat::ChatPage models=models />
+                </div>
+                <div
+                    class="page-slot"
+                    style:display=move || if page.get() == Page::Models { "flex" } else { "none" }
+                >
+                    <pages::models::ModelsPage models=models />
+                </div>
             </main>
         </div>
     }

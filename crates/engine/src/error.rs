@@ -45,7 +45,11 @@ pub enum EngineError {
         source: attune_models::Error,
     },
     #[error("model '{name}' (id {id}): its file {path} is missing; it was moved or deleted (re-add it, or remove the entry)")]
-    ModelFileMissing { id: i64, name: String, path: PathBuf },
+    ModelFileMissing {
+        id: i64,
+        name: String,
+        path: PathBuf,
+    },
     #[error("cannot load model '{name}' from {path}: {source}")]
     ModelLoad {
         name: String,

@@ -179,8 +179,8 @@ pub(crate) fn pull(
                     reason: format!("{name} of {repo} is not in the local cache"),
                 })
             }
-            None => download(&api, &hf_repo, name, i + 1, count, progress, cancel)
-                .map_err(|e| match e {
+            None => download(&api, &hf_repo, name, i + 1, count, progress, cancel).map_err(
+                |e| match e {
                     DownloadError::Cancelled => EngineError::Cancelled,
                     DownloadError::Api(e) => match classify(cfg, repo, revision, e) {
                         EngineError::RepoNotFound { .. } => EngineError::Hub {
@@ -189,7 +189,8 @@ pub(crate) fn pull(
                         },
                         other => other,
                     },
-                })?,
+                },
+            )?,
         };
         local.push(path);
     }
@@ -274,7 +275,10 @@ fn choose_files(
     }
     if !ggufs.is_empty() {
         for quant in PREFERRED_QUANTS {
-            if let Some(f) = ggufs.iter().find(|f| f.to_ascii_lowercase().contains(quant)) {
+            if let Some(f) = ggufs
+                .iter()
+                .find(|f| f.to_ascii_lowercase().contains(quant))
+            {
                 return Ok(vec![(*f).clone()]);
             }
         }
@@ -415,9 +419,9 @@ fn download(
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(DownloadError::Api(ApiError::IoError(std::io::Error::other(
-                    format!("the download of {name} stopped unexpectedly"),
-                ))))
+                return Err(DownloadError::Api(ApiError::IoError(
+                    std::io::Error::other(format!("the download of {name} stopped unexpectedly")),
+                )))
             }
         }
         let mut latest = None;
@@ -498,11 +502,20 @@ mod tests {
             "m.Q4_1.gguf",
             "m.Q4_K_M.gguf",
         ]);
-        assert_eq!(choose_files("a/b", &files, None).expect("choose"), ["m.Q4_K_M.gguf"]);
+        assert_eq!(
+            choose_files("a/b", &files, None).expect("choose"),
+            ["m.Q4_K_M.gguf"]
+        );
         let files = names(&["m.Q8_0.gguf", "m.Q4_1.gguf"]);
-        assert_eq!(choose_files("a/b", &files, None).expect("choose"), ["m.Q4_1.gguf"]);
+        assert_eq!(
+            choose_files("a/b", &files, None).expect("choose"),
+            ["m.Q4_1.gguf"]
+        );
         let files = names(&["m.f16.gguf", "m.IQ2.gguf"]);
-        assert_eq!(choose_files("a/b", &files, None).expect("choose"), ["m.IQ2.gguf"]);
+        assert_eq!(
+            choose_files("a/b", &files, None).expect("choose"),
+            ["m.IQ2.gguf"]
+        );
         assert_eq!(
             choose_files("a/b", &files, Some("m.f16.gguf")).expect("choose"),
             ["m.f16.gguf"]
@@ -541,7 +554,10 @@ mod tests {
             .expect_err("no tokenizer");
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
         let err = choose_files("a/b", &names(&["README.md"]), None).expect_err("nothing");
-        assert!(err.to_string().contains("no .gguf or .safetensors"), "{err}");
+        assert!(
+            err.to_string().contains("no .gguf or .safetensors"),
+            "{err}"
+        );
     }
 
     #[test]

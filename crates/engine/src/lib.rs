@@ -11,6 +11,8 @@ mod error;
 mod hub;
 mod registry;
 mod store;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -135,7 +137,20 @@ impl Engine {
         progress: &mut dyn FnMut(PullProgress),
         cancel: &AtomicBool,
     ) -> Result<AddOutcome, EngineError> {
-        let pulled = hub::pull(&hub::HubConfig::from_env()?, repo, revision, file, progress, cancel)?;
+        let cfg = hub::HubConfig::from_env()?;
+        self.pull_with(&cfg, repo, revision, file, progress, cancel)
+    }
+
+    fn pull_with(
+        &self,
+        cfg: &hub::HubConfig,
+        repo: &str,
+        revision: Option<&str>,
+        file: Option<&str>,
+        progress: &mut dyn FnMut(PullProgress),
+        cancel: &AtomicBool,
+    ) -> Result<AddOutcome, EngineError> {
+        let pulled = hub::pull(cfg, repo, revision, file, progress, cancel)?;
         registry::register(
             &self.store,
             &pulled.path,

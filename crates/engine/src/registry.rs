@@ -24,16 +24,21 @@ pub(crate) fn register(
     path: &Path,
     origin: Origin<'_>,
 ) -> Result<AddOutcome, EngineError> {
-    let path = std::fs::canonicalize(path).map_err(|source| EngineError::Io {
+    let io = |source| EngineError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let info = attune_models::inspect::inspect(&path).map_err(|source| {
-        EngineError::InvalidModel {
+    };
+    // A local path is canonicalised; a Hub path stays inside the cache's snapshot
+    // folder (its files are symlinks to blobs that a newer revision may replace).
+    let path = match origin {
+        Origin::Local => std::fs::canonicalize(path).map_err(io)?,
+        Origin::Hub { .. } => std::path::absolute(path).map_err(io)?,
+    };
+    let info =
+        attune_models::inspect::inspect(&path).map_err(|source| EngineError::InvalidModel {
             path: path.clone(),
             source,
-        }
-    })?;
+        })?;
     if info.files.is_empty() {
         return Err(EngineError::InvalidModel {
             path: path.clone(),

@@ -326,7 +326,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(DATABASE_FILE);
         let store = Store::open(&path).expect("open fresh");
-        assert_eq!(store.user_version().expect("version"), MIGRATIONS.len() as i64);
+        assert_eq!(
+            store.user_version().expect("version"),
+            MIGRATIONS.len() as i64
+        );
         assert_eq!(store.integrity_check().expect("check"), "ok");
         let mode: String = store
             .conn()
@@ -338,7 +341,10 @@ mod tests {
 
         // Re-opening applies nothing and keeps the data.
         let store = Store::open(&path).expect("reopen");
-        assert_eq!(store.user_version().expect("version"), MIGRATIONS.len() as i64);
+        assert_eq!(
+            store.user_version().expect("version"),
+            MIGRATIONS.len() as i64
+        );
         assert_eq!(store.list_models().expect("list").len(), 1);
         assert_eq!(store.integrity_check().expect("check"), "ok");
         let fk: i64 = store
@@ -388,7 +394,10 @@ mod tests {
         let err = Store::open(&path).err().expect("must refuse");
         assert_eq!(err.code(), "schema_too_new");
         let msg = err.to_string();
-        assert!(msg.contains(&future.to_string()) && msg.contains("newer"), "{msg}");
+        assert!(
+            msg.contains(&future.to_string()) && msg.contains("newer"),
+            "{msg}"
+        );
         let conn = Connection::open(&path).expect("raw open");
         let v: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))

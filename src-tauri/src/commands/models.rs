@@ -15,7 +15,10 @@ pub async fn list_models(state: State<'_, AppState>) -> Result<Vec<ModelSummary>
 
 /// Registers a model file (or Hugging Face folder) on this machine.
 #[tauri::command]
-pub async fn add_model(state: State<'_, AppState>, path: String) -> Result<AddModelReply, IpcError> {
+pub async fn add_model(
+    state: State<'_, AppState>,
+    path: String,
+) -> Result<AddModelReply, IpcError> {
     let engine = state.engine()?;
     if path.trim().is_empty() {
         return Err(IpcError {

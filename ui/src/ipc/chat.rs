@@ -27,11 +27,12 @@ pub async fn chat(
         messages,
         params,
     })?;
-    js_sys::Reflect::set(&args, &JsValue::from_str("onEvent"), channel.as_js())
-        .map_err(|_| IpcError {
+    js_sys::Reflect::set(&args, &JsValue::from_str("onEvent"), channel.as_js()).map_err(|_| {
+        IpcError {
             code: "ipc".into(),
             message: "could not attach the event channel".into(),
-        })?;
+        }
+    })?;
     super::invoke_js("chat", args).await
 }
 

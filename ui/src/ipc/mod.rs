@@ -67,7 +67,10 @@ pub(crate) fn from_js<T: DeserializeOwned>(value: &JsValue) -> Result<T, IpcErro
 }
 
 /// Calls the command `cmd` with `args` (a JS object) and decodes its result.
-pub(crate) async fn invoke_js<T: DeserializeOwned>(cmd: &str, args: JsValue) -> Result<T, IpcError> {
+pub(crate) async fn invoke_js<T: DeserializeOwned>(
+    cmd: &str,
+    args: JsValue,
+) -> Result<T, IpcError> {
     let core = tauri_core()?;
     let invoke = js_sys::Reflect::get(&core, &JsValue::from_str("invoke"))
         .map_err(|e| bridge_error(describe(&e)))?

@@ -30,6 +30,15 @@ pub fn ChatPage(models: ModelsState) -> impl IntoView {
         }
     });
 
+    // Keep the newest text in view while it streams.
+    let transcript = NodeRef::<leptos::html::Div>::new();
+    Effect::new(move |_| {
+        messages.track();
+        if let Some(el) = transcript.get() {
+            el.set_scroll_top(el.scroll_height());
+        }
+    });
+
     let send = move || {
         if busy.get_untracked() {
             return;
@@ -39,7 +48,9 @@ pub fn ChatPage(models: ModelsState) -> impl IntoView {
             return;
         }
         let Some(model_id) = selected.get_untracked() else {
-            error.set(Some("Pick a model first (add one on the Models page).".into()));
+            error.set(Some(
+                "Pick a model first (add one on the Models page).".into(),
+            ));
             return;
         };
         messages.update(|m| {
@@ -126,7 +137,12 @@ pub fn ChatPage(models: ModelsState) -> impl IntoView {
             .into_iter()
             .map(|m| {
                 let id = m.id;
-                let label = format!("{} · {} · {}", m.name, m.quantization, format::parameters(m.parameters));
+                let label = format!(
+                    "{} · {} · {}",
+                    m.name,
+                    m.quantization,
+                    format::parameters(m.parameters)
+                );
                 view! {
                     <option value=id.to_string() selected=move || selected.get() == Some(id)>
                         {label}
@@ -161,7 +177,12 @@ pub fn ChatPage(models: ModelsState) -> impl IntoView {
                     "New chat"
                 </button>
             </div>
-            <div class="transcript" id="chat-transcript" data-testid="chat-transcript">
+            <div
+                class="transcript"
+                id="chat-transcript"
+                data-testid="chat-transcript"
+                node_ref=transcript
+            >
                 {move || {
                     let list = messages.get();
                     if list.is_empty() {

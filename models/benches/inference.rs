@@ -1,0 +1,138 @@
+//! Inference benchmark on the default model (SmolLM2-135M-Instruct Q4_1 GGUF): prompt processing
+//! (41 and 512 tokens) and greedy decode with the KV cache (64 and 128 tokens), medians of several
+//! runs, printed beside the PyTorch and llama.cpp reference figures (2 threads).
+//!
+//! `cargo bench -p attune-models --bench inference`
+//! Environment: `ATTUNE_BENCH_MODE=auto|f32|quantized` (default auto), `ATTUNE_BENCH_RUNS`.
+
+use std::time::Instant;
+
+use attune_models::gguf;
+use attune_models::linear::ComputeMode;
+use attune_models::llama::Llama;
+use candle_core::{Device, Tensor, D};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ids(v: &[u32]) -> candle_core::Result<Tensor> {
+    Tensor::new(v, &Device::Cpu)?.unsqueeze(0)
+}
+
+/// Prompt processing: tok/s of one `forward_last` over `prompt` from an empty cache.
+fn pp(model: &Llama, prompt: &[u32], runs: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut cache = model.new_cache();
+    let x = ids(prompt)?;
+    model.forward_last(&x, &mut cache)?; // warm-up
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        cache.clear();
+        let t = Instant::now();
+        let logits = model.forward_last(&x, &mut cache)?;
+        logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        rates.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(median(rates))
+}
+
+/// Greedy decode of `n` tokens after `prompt`; tok/s of the decode steps only.
+fn decode(
+    model: &Llama,
+    prompt: &[u32],
+    n: usize,
+    runs: usize,
+) -> Result<(f64, Vec<u32>), Box<dyn std::error::Error>> {
+    let mut rates = Vec::new();
+    let mut out = Vec::new();
+    let mut cache = model.new_cache();
+    for _ in 0..runs + 1 {
+        cache.clear();
+        let logits = model.forward_last(&ids(prompt)?, &mut cache)?;
+        let mut next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+        out.clear();
+        let t = Instant::now();
+        for _ in 0..n {
+            out.push(next);
+            let logits = model.forward_last(&ids(&[next])?, &mut cache)?;
+            next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+        }
+        rates.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    rates.remove(0); // first run warms the allocator and caches
+    Ok((median(rates), out))
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "2");
+    }
+    let mode = match std::env::var("ATTUNE_BENCH_MODE").as_deref() {
+        Ok("f32") => ComputeMode::F32,
+        Ok("quantized") => ComputeMode::Quantized,
+        _ => ComputeMode::Auto,
+    };
+    let runs: usize = std::env::var("ATTUNE_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let path = attune_models::default_model_path();
+    if !path.is_file() {
+        return Err(format!(
+            "default model missing at {}: run scripts/fetch-model.sh",
+            path.display()
+        )
+        .into());
+    }
+    let t = Instant::now();
+    let g = gguf::load(&path, mode)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let model = g.model;
+
+    // The reference chat prompt (41 tokens) from shared/reference, else a fixed id sequence.
+    let ref_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/reference/reference_logits.json");
+    let chat: Vec<u32> = std::fs::read_to_string(&ref_path)
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| {
+            v["prompts"].as_array()?.iter().find(|p| p["name"] == "chat").and_then(|p| {
+                p["token_ids"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect())
+            })
+        })
+        .unwrap_or_else(|| (0..41).map(|i| 100 + i * 37).collect());
+    let p41: Vec<u32> = chat.iter().cycle().take(41).copied().collect();
+    let p512: Vec<u32> = (0..512u32).map(|i| 200 + (i * 7919) % 40000).collect();
+
+    println!(
+        "attune inference benchmark: {} ({mode:?}), {} threads, load {:.2} s, medians of {runs}",
+        path.display(),
+        candle_core::utils::get_num_threads(),
+        load_s
+    );
+    let pp41 = pp(&model, &p41, runs * 2)?;
+    let pp512 = pp(&model, &p512, runs.div_ceil(2).max(2))?;
+    let (d64, toks) = decode(&model, &chat, 64, runs)?;
+    let (d128, _) = decode(&model, &chat, 128, runs)?;
+    println!("| work | attune | PyTorch f32 | llama.cpp Q4_1 |");
+    println!("|---|---|---|---|");
+    println!("| prompt processing, 41 tokens | {pp41:.0} tok/s | 265 | 307 |");
+    println!("| prompt processing, 512 tokens | {pp512:.0} tok/s | 510 | 312 |");
+    println!("| decode, 64 tokens | {d64:.1} tok/s | 17.8 | 131 |");
+    println!("| decode, 128 tokens | {d128:.1} tok/s | 17.8 | 127 |");
+    println!(
+        "decode vs PyTorch: {:.1}x (target >= 5x); pp41 vs PyTorch: {:.2}x (target >= 1x)",
+        d64 / 17.8,
+        pp41 / 265.0
+    );
+    println!("greedy chat continuation (first 16 ids): {:?}", &toks[..16.min(toks.len())]);
+    Ok(())
+}
