@@ -80,7 +80,7 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count() as u64;
         let block = info.ggml_dtype.block_size() as u64;
-        if block == 0 || elems % block != 0 {
+        if elems.checked_rem(block) != Some(0) {
             return Err(Error::format(
                 path,
                 "GGUF",
@@ -251,9 +251,12 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// One tensor of a safetensors header: (name, element count, dtype).
+pub type SafetensorsEntry = (String, u64, String);
+
 /// Tensor table of one safetensors file read from its header: (elements, dtype) per tensor.
 /// Checks that every tensor's data lies inside the file.
-pub fn read_safetensors_header(path: &Path) -> Result<(Vec<(String, u64, String)>, u64)> {
+pub fn read_safetensors_header(path: &Path) -> Result<(Vec<SafetensorsEntry>, u64)> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
@@ -400,6 +403,7 @@ fn safetensors_dtype_name(dtype: &str) -> &'static str {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

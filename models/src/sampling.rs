@@ -221,6 +221,7 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

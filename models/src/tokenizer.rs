@@ -592,6 +592,7 @@ impl TokenStream {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};

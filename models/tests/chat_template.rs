@@ -1,6 +1,8 @@
 //! The default model's own chat template renders the reference chat prompt exactly as
 //! transformers did, and the rendered text tokenizes to the reference ids.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use attune_models::chat_template::{ChatTemplate, Message};

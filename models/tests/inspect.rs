@@ -1,6 +1,8 @@
 //! `inspect` on the real default GGUF, a truncated copy, a garbage file and a tiny
 //! Hugging Face folder written in a temporary directory.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use attune_models::inspect::{inspect, ModelFormat};
@@ -22,6 +24,7 @@ fn real_gguf() {
     let t = std::time::Instant::now();
     let info = inspect(&path).unwrap();
     let elapsed = t.elapsed();
+    println!("inspect {}: {elapsed:?}", path.display());
     assert_eq!(info.format, ModelFormat::Gguf);
     assert_eq!(info.architecture, "llama");
     // transformers counts 134,515,008 parameters for this file (tied embeddings).

@@ -1,6 +1,8 @@
 //! The GGUF tokenizer of the default model against the token ids transformers produced
 //! (`/work/shared/reference/reference_logits.json`), decode round-trips and streaming.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use attune_models::inspect::read_gguf_header;
@@ -104,4 +106,39 @@ fn stream_never_splits_characters() {
         }
     }
     assert_eq!(out, "Hello");
+}
+
+#[test]
+fn hf_folder_tokenizer_gives_the_same_ids() {
+    let tok = load_tok();
+    let dir = tempfile::tempdir().unwrap();
+    tok.inner()
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [2, 0]}"#,
+    )
+    .unwrap();
+    let hf = Tok::from_hf_dir(dir.path()).unwrap();
+    assert_eq!(hf.eos_token_ids(), &[2, 0]);
+    assert_eq!(hf.bos_token(), Some("<|im_start|>"));
+    assert_eq!(hf.eos_token(), Some("<|im_end|>"));
+    assert_eq!(hf.vocab_size(), tok.vocab_size());
+    for p in reference()["prompts"].as_array().unwrap() {
+        let text = p["text"].as_str().unwrap();
+        assert_eq!(
+            hf.encode(text, false).unwrap(),
+            tok.encode(text, false).unwrap()
+        );
+    }
+    // A broken tokenizer.json names the file.
+    std::fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();
+    let err = Tok::from_hf_dir(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
 }

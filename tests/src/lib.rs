@@ -178,7 +178,7 @@ impl Drop for Processes {
 }
 
 /// W3C's key for element references.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f713b6d2a8e";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// A WebDriver session (on tauri-driver).
 pub struct WebDriver {

@@ -121,6 +121,21 @@ fn the_app_lists_the_default_model_and_streams_a_chat_answer() {
     }
 }
 
+/// Saves a PNG of the window under `test-artifacts/` for people to look at.
+/// Only the screenshot's own failure (WebKit's can hang) is tolerated.
+fn save_screenshot(driver: &WebDriver, name: &str) {
+    let dir = workspace_root().join("test-artifacts");
+    let path = dir.join(name);
+    let saved = driver.screenshot(Duration::from_secs(20)).and_then(|png| {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        std::fs::write(&path, png).map_err(|e| format!("write {}: {e}", path.display()))
+    });
+    match saved {
+        Ok(()) => println!("screenshot: {}", path.display()),
+        Err(e) => eprintln!("warning: no screenshot {name} ({e})"),
+    }
+}
+
 /// The steps inside the window.
 fn drive(base: &str, app: &Path) -> Result<(), String> {
     let driver = WebDriver::start(base, app)?;
@@ -146,7 +161,10 @@ fn steps(driver: &WebDriver) -> Result<(), String> {
                 ));
             }
             let names = driver.texts("[data-testid=model-name]")?;
-            Ok(names.iter().any(|n| n.contains("SmolLM2")).then_some(names))
+            Ok(names
+                .iter()
+                .any(|n| n.to_lowercase().contains("smollm2"))
+                .then_some(names))
         },
     )?;
     assert_eq!(
@@ -160,6 +178,8 @@ fn steps(driver: &WebDriver) -> Result<(), String> {
             return Err(format!("the model row lacks {expected}: {row}"));
         }
     }
+
+    save_screenshot(driver, "e2e-models.png");
 
     // The chat pane streams an answer.
     driver.click(&driver.find("#nav-chat")?)?;
@@ -212,16 +232,38 @@ fn steps(driver: &WebDriver) -> Result<(), String> {
     }
     println!("answer: {answer}\nstats: {stats}");
 
-    // A screenshot for people to look at; only its own timeout is tolerated.
-    let dir = workspace_root().join("test-artifacts");
-    match driver.screenshot(Duration::from_secs(20)) {
-        Ok(png) => {
-            std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-            let path = dir.join("e2e-chat.png");
-            std::fs::write(&path, png).map_err(|e| format!("write {}: {e}", path.display()))?;
-            println!("screenshot: {}", path.display());
-        }
-        Err(e) => eprintln!("warning: no screenshot ({e})"),
+    save_screenshot(driver, "e2e-chat.png");
+
+    // Stop cancels a long answer while it streams.
+    let input = driver.find("#chat-input")?;
+    driver.type_text(&input, "Count from 1 to 300, separated by commas.")?;
+    driver.click(&driver.find("#chat-send")?)?;
+    wait_for(
+        "the second answer to stream",
+        Duration::from_secs(60),
+        || {
+            let answers = driver.find_all("[data-testid=assistant-message] .bubble")?;
+            let pending = !driver
+                .find_all("[data-testid=assistant-message].pending")?
+                .is_empty();
+            match answers.get(1) {
+                Some(a) if !pending => Ok((!driver.text(a)?.trim().is_empty()).then_some(())),
+                _ => Ok(None),
+            }
+        },
+    )?;
+    driver.click(&driver.find("#chat-stop")?)?;
+    let stats = wait_for(
+        "the cancelled answer to end",
+        Duration::from_secs(30),
+        || match driver.find_all("#chat-stats")?.first() {
+            Some(s) => Ok(Some(driver.text(s)?)),
+            None => Ok(None),
+        },
+    )?;
+    if !stats.ends_with("stopped") {
+        return Err(format!("Stop did not cancel the answer: {stats}"));
     }
+    println!("cancelled: {stats}");
     Ok(())
 }

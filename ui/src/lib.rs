@@ -55,7 +55,7 @@ pub fn App() -> impl IntoView {
         <div class="app">
             <header class="topbar">
                 <div class="brand">
-                    <span class="logo" aria-hidden="true">"◆"</span>
+                    <img class="logo" src="./icon.png" alt="" aria-hidden="true" />
                     <span class="brand-name">"Attune"</span>
                 </div>
                 <nav class="nav">

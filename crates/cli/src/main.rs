@@ -105,19 +105,19 @@ struct SamplingArgs {
     #[arg(long)]
     max_tokens: Option<usize>,
     /// 0 = greedy.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f64>,
     /// 0 disables top-k.
     #[arg(long)]
     top_k: Option<usize>,
     /// 1 disables top-p.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f64>,
     /// 0 disables min-p.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_p: Option<f64>,
     /// 1 disables the repetition penalty.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     repeat_penalty: Option<f32>,
     /// How many recent tokens the repetition penalty looks at.
     #[arg(long)]
@@ -180,11 +180,39 @@ impl SamplingArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, or a missing subcommand: clap prints the help.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // One line, exit code 1, like every other error.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("error: {first} (see `attune --help`)");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}").replace(['\n', '\r'], " ");
+            // Engine errors already quote their causes: add a cause only if it is new.
+            let mut msg = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !msg.contains(&text) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&text);
+                }
+            }
+            let msg = msg.replace(['\n', '\r'], " ");
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
@@ -562,7 +590,7 @@ fn chat(
 /// Ctrl-C handling: while an answer is generated, SIGINT sets the cancel flag (the
 /// answer stops, the program goes on); otherwise it ends the program as usual.
 mod interrupt {
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Once;
 
     static CANCEL: AtomicBool = AtomicBool::new(false);

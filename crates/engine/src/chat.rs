@@ -1,38 +1,146 @@
-//! Chat and raw generation over a loaded model (interim: waiting for attune-models' loader).
+//! Chat and raw generation over a loaded model: renders the chat template, encodes,
+//! runs `attune_models::generate`, streams `ChatEvent`s and reports the figures.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use attune_protocol::{ChatEvent, ChatMessage, GenerationStats, SamplingParams};
+use attune_models::chat_template::Message;
+use attune_models::generate::{self, GenerateParams, Generation};
+use attune_models::loader::{LoadOptions, LoadedModel};
+use attune_protocol::{ChatEvent, ChatMessage, FinishReason, GenerationStats, SamplingParams};
 
 use crate::error::EngineError;
 
-pub(crate) struct LoadedModel;
-
+/// Loads the model at `path` (a `.gguf` file or a Hugging Face folder).
 pub(crate) fn load(name: &str, path: &Path) -> Result<LoadedModel, EngineError> {
-    Err(EngineError::ModelLoad {
-        name: name.to_string(),
-        path: path.to_path_buf(),
-        source: attune_models::Error::field(path, "runtime", "the model runtime is not built yet"),
+    attune_models::loader::load(path, &LoadOptions::default()).map_err(|source| {
+        EngineError::ModelLoad {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
+/// Answers `messages` with the model's chat template (generation prompt added).
 pub(crate) fn chat(
-    _model: &LoadedModel,
-    _messages: &[ChatMessage],
-    _params: &SamplingParams,
-    _cancel: &AtomicBool,
-    _on_event: &mut dyn FnMut(ChatEvent),
+    model: &LoadedModel,
+    messages: &[ChatMessage],
+    params: &SamplingParams,
+    cancel: &AtomicBool,
+    on_event: &mut dyn FnMut(ChatEvent),
 ) -> Result<GenerationStats, EngineError> {
-    Err(EngineError::InvalidInput("no model runtime".into()))
+    if messages.is_empty() {
+        return Err(EngineError::InvalidInput(
+            "the conversation has no messages".to_string(),
+        ));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return Err(EngineError::InvalidInput(format!(
+                "message {i}: role '{}' is not system, user or assistant",
+                m.role
+            )));
+        }
+    }
+    let msgs: Vec<Message> = messages
+        .iter()
+        .map(|m| Message::new(m.role.clone(), m.content.clone()))
+        .collect();
+    let prompt = model
+        .chat_template
+        .render(&msgs, true)
+        .map_err(EngineError::Generation)?;
+    // The rendered template already holds every special token (BOS included, if the
+    // model uses one), exactly as transformers' apply_chat_template tokenizes it.
+    let ids = model
+        .tokenizer
+        .encode(&prompt, false)
+        .map_err(EngineError::Generation)?;
+    run(model, &ids, params, cancel, on_event)
 }
 
+/// Continues `prompt` as is (no template; the tokenizer's BOS rule applies).
 pub(crate) fn generate_raw(
-    _model: &LoadedModel,
-    _prompt: &str,
-    _params: &SamplingParams,
-    _cancel: &AtomicBool,
-    _on_event: &mut dyn FnMut(ChatEvent),
+    model: &LoadedModel,
+    prompt: &str,
+    params: &SamplingParams,
+    cancel: &AtomicBool,
+    on_event: &mut dyn FnMut(ChatEvent),
 ) -> Result<GenerationStats, EngineError> {
-    Err(EngineError::InvalidInput("no model runtime".into()))
+    if prompt.is_empty() {
+        return Err(EngineError::InvalidInput("the prompt is empty".to_string()));
+    }
+    let ids = model
+        .tokenizer
+        .encode(prompt, true)
+        .map_err(EngineError::Generation)?;
+    run(model, &ids, params, cancel, on_event)
+}
+
+fn run(
+    model: &LoadedModel,
+    ids: &[u32],
+    params: &SamplingParams,
+    cancel: &AtomicBool,
+    on_event: &mut dyn FnMut(ChatEvent),
+) -> Result<GenerationStats, EngineError> {
+    let gp = GenerateParams {
+        max_tokens: params.max_tokens,
+        temperature: params.temperature,
+        top_k: params.top_k,
+        top_p: params.top_p,
+        min_p: params.min_p,
+        repetition_penalty: params.repetition_penalty,
+        repeat_last_n: params.repeat_last_n,
+        seed: params.seed,
+        stop: params.stop.clone(),
+    };
+    let generation = generate::generate(
+        &model.model,
+        &model.tokenizer,
+        ids,
+        &gp,
+        cancel,
+        &mut |text: &str| {
+            if !text.is_empty() {
+                on_event(ChatEvent::Token {
+                    text: text.to_string(),
+                })
+            }
+        },
+    )
+    .map_err(|e| match e {
+        attune_models::Error::InvalidParams(msg) => EngineError::InvalidInput(msg),
+        other => EngineError::Generation(other),
+    })?;
+    let stats = stats(&generation);
+    on_event(ChatEvent::Done {
+        stats: stats.clone(),
+    });
+    Ok(stats)
+}
+
+fn stats(g: &Generation) -> GenerationStats {
+    let prompt_s = g.prompt_duration.as_secs_f64();
+    let prompt_tok_per_s = if prompt_s > 0.0 {
+        g.prompt_tokens as f64 / prompt_s
+    } else {
+        0.0
+    };
+    GenerationStats {
+        text: g.text.clone(),
+        finish_reason: match g.finish_reason {
+            generate::FinishReason::Eos => FinishReason::Eos,
+            generate::FinishReason::Length => FinishReason::Length,
+            generate::FinishReason::Stop => FinishReason::Stop,
+            generate::FinishReason::Cancelled => FinishReason::Cancelled,
+        },
+        prompt_tokens: g.prompt_tokens,
+        generated_tokens: g.tokens.len(),
+        prompt_ms: prompt_s * 1e3,
+        generate_ms: g.generate_duration.as_secs_f64() * 1e3,
+        prompt_tok_per_s,
+        generate_tok_per_s: g.tokens_per_second(),
+    }
 }

@@ -38,7 +38,7 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a usable model: {source}")]
+    #[error("not a usable model: {}", with_path(path, source))]
     InvalidModel {
         path: PathBuf,
         #[source]
@@ -50,7 +50,7 @@ pub enum EngineError {
         name: String,
         path: PathBuf,
     },
-    #[error("cannot load model '{name}' from {path}: {source}")]
+    #[error("cannot load model '{name}': {}", with_path(path, source))]
     ModelLoad {
         name: String,
         path: PathBuf,
@@ -69,6 +69,16 @@ pub enum EngineError {
     InvalidInput(String),
     #[error("cancelled")]
     Cancelled,
+}
+
+/// The runtime's message, prefixed with `path` unless it already names it.
+fn with_path(path: &std::path::Path, source: &attune_models::Error) -> String {
+    let msg = source.to_string();
+    if msg.contains(&*path.to_string_lossy()) {
+        msg
+    } else {
+        format!("{}: {msg}", path.display())
+    }
 }
 
 impl EngineError {

@@ -37,7 +37,7 @@ pub struct Engine {
     data_dir: PathBuf,
     store: store::Store,
     /// The most recently used model, kept loaded between requests.
-    loaded: Mutex<Option<(i64, Arc<chat::LoadedModel>)>>,
+    loaded: Mutex<Option<(i64, Arc<attune_models::loader::LoadedModel>)>>,
 }
 
 impl Engine {
@@ -207,7 +207,7 @@ impl Engine {
         &self,
         model_id: i64,
         on_event: &mut dyn FnMut(ChatEvent),
-    ) -> Result<Arc<chat::LoadedModel>, EngineError> {
+    ) -> Result<Arc<attune_models::loader::LoadedModel>, EngineError> {
         let row = self
             .store
             .get_model(model_id)?

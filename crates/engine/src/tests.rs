@@ -5,8 +5,11 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
-use attune_protocol::{ChatMessage, ModelFormat, ModelSource, SamplingParams};
+use attune_protocol::{
+    ChatEvent, ChatMessage, FinishReason, ModelFormat, ModelSource, SamplingParams,
+};
 
 use super::*;
 
@@ -326,4 +329,312 @@ fn pull_uses_the_hf_cache_when_offline() {
     let again = engine.add_local_model(&model).expect("add local");
     assert!(again.already_present);
     assert_eq!(engine.list_models().expect("list").len(), 1);
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        temperature: 0.0,
+        repetition_penalty: 1.0,
+        ..SamplingParams::default()
+    }
+}
+
+#[test]
+fn chat_streams_the_reference_greedy_answer() {
+    let model = real_model();
+    let (_dir, engine) = engine();
+    let id = engine.add_local_model(&model).expect("add").model.id;
+    // The reference chat prompt of ../shared/reference/generate_reference.json.
+    let messages = [
+        ChatMessage {
+            role: "system".into(),
+            content: "You are a helpful AI assistant named SmolLM, trained by Hugging Face".into(),
+        },
+        ChatMessage {
+            role: "user".into(),
+            content: "Explain in a few sentences why the sky is blue.".into(),
+        },
+    ];
+    let cancel = AtomicBool::new(false);
+    let mut events = Vec::new();
+    let stats = engine
+        .chat(id, &messages, &greedy(16), &cancel, &mut |e| events.push(e))
+        .expect("chat");
+    assert_eq!(stats.prompt_tokens, 41);
+    assert!(
+        stats
+            .text
+            .starts_with("The sky is blue because of a process called Rayleigh"),
+        "{:?}",
+        stats.text
+    );
+    assert_eq!(stats.generated_tokens, 16);
+    assert_eq!(stats.finish_reason, FinishReason::Length);
+    assert!(stats.generate_tok_per_s > 0.0 && stats.prompt_tok_per_s > 0.0);
+    assert_eq!(events.first(), Some(&ChatEvent::Loading));
+    assert_eq!(
+        events.last(),
+        Some(&ChatEvent::Done {
+            stats: stats.clone()
+        })
+    );
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| match e {
+            ChatEvent::Token { text } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(streamed, stats.text);
+
+    // The model stays loaded: no second Loading, and the same greedy answer.
+    let mut events = Vec::new();
+    let again = engine
+        .chat(id, &messages, &greedy(16), &cancel, &mut |e| events.push(e))
+        .expect("chat again");
+    assert!(!events.contains(&ChatEvent::Loading));
+    assert_eq!(again.text, stats.text);
+}
+
+#[test]
+fn generate_continues_a_raw_prompt_and_honours_cancel() {
+    let model = real_model();
+    let (_dir, engine) = engine();
+    let id = engine.add_local_model(&model).expect("add").model.id;
+    let cancel = AtomicBool::new(false);
+    let stats = engine
+        .generate(
+            id,
+            "The capital of France is",
+            &greedy(8),
+            &cancel,
+            &mut |_| {},
+        )
+        .expect("generate");
+    assert!(
+        stats.generated_tokens > 0 && !stats.text.trim().is_empty(),
+        "{stats:?}"
+    );
+    assert!(stats.prompt_tokens >= 5, "{stats:?}");
+
+    // Cancelled from the first token on: stops at once, still reports.
+    let cancel = AtomicBool::new(true);
+    let stats = engine
+        .generate(
+            id,
+            "The capital of France is",
+            &greedy(64),
+            &cancel,
+            &mut |_| {},
+        )
+        .expect("cancelled generate");
+    assert_eq!(stats.finish_reason, FinishReason::Cancelled);
+    assert!(stats.generated_tokens <= 1, "{stats:?}");
+
+    let bad = SamplingParams {
+        top_p: Some(7.0),
+        ..greedy(4)
+    };
+    let err = engine
+        .generate(id, "x", &bad, &AtomicBool::new(false), &mut |_| {})
+        .expect_err("bad params");
+    assert_eq!(err.code(), "invalid_input");
+    let err = engine
+        .chat(id, &[], &greedy(4), &AtomicBool::new(false), &mut |_| {})
+        .expect_err("no messages");
+    assert_eq!(err.code(), "invalid_input");
+}
+
+/// A loopback stand-in for the Hub serving one repository with `README.md` and one
+/// GGUF file: the repo-info API and `resolve` downloads with HTTP ranges, the headers
+/// hf-hub reads (`x-repo-commit`, `etag`, `content-range`), `delay` per MiB sent.
+fn fake_hub(repo: &'static str, commit: &'static str, gguf: PathBuf, delay: Duration) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in l.incoming() {
+            let Ok(stream) = stream else { continue };
+            let gguf = gguf.clone();
+            std::thread::spawn(move || serve_one(stream, repo, commit, &gguf, delay));
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn serve_one(mut s: std::net::TcpStream, repo: &str, commit: &str, gguf: &Path, delay: Duration) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let req = String::from_utf8_lossy(&req).to_string();
+    let target = req.split_whitespace().nth(1).unwrap_or("").to_string();
+    let range = req.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("range")
+            .then(|| v.trim().trim_start_matches("bytes=").to_string())
+    });
+    let file_name = gguf
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .to_string();
+    let gguf_name = "smol.Q4_1.gguf";
+    if target.starts_with(&format!("/api/models/{repo}/revision/")) {
+        let body = format!(
+            r#"{{"sha":"{commit}","siblings":[{{"rfilename":"README.md"}},{{"rfilename":"{gguf_name}"}}]}}"#
+        );
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    }
+    if target.starts_with(&format!("/{repo}/resolve/")) && target.ends_with(gguf_name) {
+        let Ok(mut f) = std::fs::File::open(gguf) else {
+            return;
+        };
+        let total = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
+            Some((a, b)) => (
+                a.parse::<u64>().unwrap_or(0),
+                b.parse::<u64>().unwrap_or(total - 1).min(total - 1),
+            ),
+            None => (0, total - 1),
+        };
+        let len = end + 1 - start;
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {len}\r\n\
+             Content-Range: bytes {start}-{end}/{total}\r\nETag: \"etag-{file_name}\"\r\n\
+             X-Repo-Commit: {commit}\r\nConnection: close\r\n\r\n"
+        );
+        if s.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        use std::io::Seek;
+        if f.seek(std::io::SeekFrom::Start(start)).is_err() {
+            return;
+        }
+        let mut left = len;
+        let mut chunk = vec![0u8; 1 << 20];
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if f.read_exact(&mut chunk[..n]).is_err() || s.write_all(&chunk[..n]).is_err() {
+                return;
+            }
+            left -= n as u64;
+            std::thread::sleep(delay);
+        }
+        return;
+    }
+    let _ = write!(
+        s,
+        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+}
+
+#[test]
+fn pull_downloads_into_the_hf_cache_with_progress() {
+    let model = real_model();
+    let (dir, engine) = engine();
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let endpoint = fake_hub("fake-org/smol", commit, model.clone(), Duration::ZERO);
+    let cache = dir.path().join("hf");
+    let cfg = offline_cfg(&cache, endpoint);
+    let cancel = AtomicBool::new(false);
+    let mut progress = Vec::new();
+    let out = engine
+        .pull_with(
+            &cfg,
+            "fake-org/smol",
+            None,
+            None,
+            &mut |p| progress.push(p),
+            &cancel,
+        )
+        .expect("pull");
+    assert!(!out.already_present);
+    let expected = cache
+        .join("models--fake-org--smol/snapshots")
+        .join(commit)
+        .join("smol.Q4_1.gguf");
+    assert_eq!(
+        out.model.source,
+        ModelSource::Hub {
+            repo: "fake-org/smol".into(),
+            revision: commit.into(),
+            path: expected.to_string_lossy().into_owned(),
+        }
+    );
+    assert_eq!(out.model.sha256, sha256sum(&model));
+    assert_eq!(sha256sum(&expected), out.model.sha256);
+    let size = std::fs::metadata(&model).expect("stat").len();
+    let last = progress.last().expect("progress events");
+    assert_eq!(
+        (last.bytes_done, last.total_bytes, last.cached),
+        (size, size, false)
+    );
+    assert!(progress
+        .windows(2)
+        .all(|w| w[0].bytes_done <= w[1].bytes_done));
+
+    // Again: found in the cache, nothing downloaded, nothing added.
+    let mut progress = Vec::new();
+    let again = engine
+        .pull_with(
+            &cfg,
+            "fake-org/smol",
+            None,
+            None,
+            &mut |p| progress.push(p),
+            &cancel,
+        )
+        .expect("pull again");
+    assert!(again.already_present);
+    assert!(progress.iter().all(|p| p.cached), "{progress:?}");
+    assert_eq!(engine.list_models().expect("list").len(), 1);
+}
+
+#[test]
+fn pull_cancel_stops_mid_download_and_registers_nothing() {
+    let model = real_model();
+    let (dir, engine) = engine();
+    // ~100 MiB at 20 ms per MiB: about 2 s, much longer than the cancel takes.
+    let endpoint = fake_hub(
+        "fake-org/slow",
+        "fedcba9876543210fedcba9876543210fedcba98",
+        model,
+        Duration::from_millis(20),
+    );
+    let cfg = offline_cfg(&dir.path().join("hf"), endpoint);
+    let cancel = AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    let err = engine
+        .pull_with(
+            &cfg,
+            "fake-org/slow",
+            None,
+            None,
+            &mut |p| {
+                if p.bytes_done > 0 {
+                    cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            },
+            &cancel,
+        )
+        .expect_err("cancelled");
+    assert_eq!(err.code(), "cancelled");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(engine.list_models().expect("list").is_empty());
 }
