@@ -359,7 +359,7 @@ fn chat_streams_the_reference_greedy_answer() {
     let cancel = AtomicBool::new(false);
     let mut events = Vec::new();
     let stats = engine
-        .chat(id, &messages, &greedy(16), &cancel, &mut |e| events.push(e))
+        .chat(id, &messages, &greedy(12), &cancel, &mut |e| events.push(e))
         .expect("chat");
     assert_eq!(stats.prompt_tokens, 41);
     assert!(
@@ -369,7 +369,7 @@ fn chat_streams_the_reference_greedy_answer() {
         "{:?}",
         stats.text
     );
-    assert_eq!(stats.generated_tokens, 16);
+    assert_eq!(stats.generated_tokens, 12);
     assert_eq!(stats.finish_reason, FinishReason::Length);
     assert!(stats.generate_tok_per_s > 0.0 && stats.prompt_tok_per_s > 0.0);
     assert_eq!(events.first(), Some(&ChatEvent::Loading));
@@ -388,13 +388,13 @@ fn chat_streams_the_reference_greedy_answer() {
         .collect();
     assert_eq!(streamed, stats.text);
 
-    // The model stays loaded: no second Loading, and the same greedy answer.
+    // The model stays loaded: no second Loading, and the same greedy start.
     let mut events = Vec::new();
     let again = engine
-        .chat(id, &messages, &greedy(16), &cancel, &mut |e| events.push(e))
+        .chat(id, &messages, &greedy(4), &cancel, &mut |e| events.push(e))
         .expect("chat again");
     assert!(!events.contains(&ChatEvent::Loading));
-    assert_eq!(again.text, stats.text);
+    assert!(stats.text.starts_with(&again.text), "{:?}", again.text);
 }
 
 #[test]
@@ -407,7 +407,7 @@ fn generate_continues_a_raw_prompt_and_honours_cancel() {
         .generate(
             id,
             "The capital of France is",
-            &greedy(8),
+            &greedy(4),
             &cancel,
             &mut |_| {},
         )
