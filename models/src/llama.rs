@@ -253,7 +253,7 @@ impl KvCache {
             None => true,
             Some(c) => {
                 let (cb, ch, cap, cd) = c.k.dims4()?;
-                cb != b || ch != h || cd != d || cap < total || c.k.track_op() || old == 0 && cap < l
+                cb != b || ch != h || cd != d || cap < total || c.k.track_op()
             }
         };
         if needs_new {
@@ -704,7 +704,7 @@ impl Llama {
         let v = a.v_proj.forward(x)?;
         let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (q, k) = if differentiable {
             (
                 candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
@@ -738,7 +738,7 @@ impl Llama {
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
-        let out = probs.matmul(&v.contiguous()?)?; // [b, nkv, groups*l, hd]
+        let out = probs.matmul(&v)?; // [b, nkv, groups*l, hd]
         let out = out
             .reshape((b, nh, l, hd))?
             .transpose(1, 2)?

@@ -125,62 +125,114 @@ impl Sampler {
             ));
         }
         let t = self.cfg.temperature as f32;
-        // Candidates sorted by logit, best first (ties: lower id first).
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, l)| (i as u32, *l / t))
-            .collect();
-        if let Some(k) = self.cfg.top_k {
-            if k < cand.len() {
-                cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                cand.truncate(k);
-            }
+        // Weight of each token: exp((l - max) / t); probabilities are weights / total.
+        let weights: Vec<f32> = logits.iter().map(|l| ((*l - max) / t).exp()).collect();
+        let (top_k, top_p, min_p) = (self.cfg.top_k, self.cfg.top_p, self.cfg.min_p);
+        if top_k.is_none() && top_p.is_none() && min_p.is_none() {
+            let total: f64 = weights.iter().map(|w| *w as f64).sum();
+            let u = self.rng.random::<f64>() * total;
+            return Ok(draw(
+                weights.iter().enumerate().map(|(i, w)| (i as u32, *w)),
+                u,
+            ));
         }
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let top = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|(_, l)| ((l - top) as f64).exp()).collect();
-        normalise(&mut probs);
-        if let Some(p) = self.cfg.top_p {
+        let cand = candidates(&weights, top_k, top_p, min_p);
+        let mut keep = cand.len();
+        if let Some(k) = top_k {
+            keep = keep.min(k);
+        }
+        // top-p works on the distribution left by top-k (all tokens when top-k is unset).
+        let total: f64 = if top_k.is_some() {
+            cand[..keep].iter().map(|c| c.1 as f64).sum()
+        } else {
+            weights.iter().map(|w| *w as f64).sum()
+        };
+        if let Some(p) = top_p {
             let mut cum = 0.0;
-            let mut keep = probs.len();
-            for (i, q) in probs.iter().enumerate() {
-                cum += q;
+            for (i, c) in cand[..keep].iter().enumerate() {
+                cum += c.1 as f64 / total;
                 if cum >= p {
                     keep = i + 1;
                     break;
                 }
             }
-            probs.truncate(keep);
-            normalise(&mut probs);
         }
-        if let Some(m) = self.cfg.min_p {
-            let threshold = probs[0] * m;
-            let keep = probs.iter().take_while(|q| **q >= threshold).count().max(1);
-            probs.truncate(keep);
-            normalise(&mut probs);
+        if let Some(m) = min_p {
+            let threshold = cand[0].1 * m as f32;
+            let above = cand[..keep].iter().take_while(|c| c.1 >= threshold).count();
+            keep = keep.min(above.max(1));
         }
-        let u: f64 = self.rng.random::<f64>();
-        let mut cum = 0.0;
-        for (i, q) in probs.iter().enumerate() {
-            cum += q;
-            if u < cum {
-                return Ok(cand[i].0);
-            }
-        }
-        // Rounding left u just above the total: take the last kept token.
-        Ok(cand[probs.len() - 1].0)
+        let kept = &cand[..keep];
+        let kept_total: f64 = kept.iter().map(|c| c.1 as f64).sum();
+        let u = self.rng.random::<f64>() * kept_total;
+        Ok(draw(kept.iter().copied(), u))
     }
 }
 
-fn normalise(p: &mut [f64]) {
-    let s: f64 = p.iter().sum();
-    if s > 0.0 {
-        for q in p.iter_mut() {
-            *q /= s;
+/// The token at which the running weight first exceeds `u` (the last one if rounding
+/// leaves `u` at the total).
+fn draw(items: impl Iterator<Item = (u32, f32)>, u: f64) -> u32 {
+    let mut cum = 0.0;
+    let mut last = 0;
+    for (id, w) in items {
+        cum += w as f64;
+        last = id;
+        if u < cum && w > 0.0 {
+            return id;
         }
     }
+    last
+}
+
+/// The best tokens, sorted best first (ties: lower id first), enough of them for top-k,
+/// top-p and min-p to be applied on the result as on the fully sorted vocabulary. Rather
+/// than sorting every token, it lowers a weight threshold until the tokens above it hold
+/// at least `top_k` tokens and the `top_p` mass (or reach the min-p threshold, below which
+/// nothing is kept anyway), then sorts only those.
+fn candidates(
+    weights: &[f32],
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    min_p: Option<f64>,
+) -> Vec<(u32, f32)> {
+    let w_max = weights.iter().copied().fold(0.0f32, f32::max);
+    let total: f64 = weights.iter().map(|w| *w as f64).sum();
+    let min_p_floor = min_p.map(|m| w_max * m as f32);
+    let mut cand: Vec<(u32, f32)> = Vec::new();
+    for factor in [1e-1f32, 1e-2, 1e-3, 1e-4, 1e-6, 1e-9, 0.0] {
+        let mut tau = w_max * factor;
+        let mut exact = factor == 0.0;
+        if let Some(floor) = min_p_floor {
+            if floor >= tau {
+                // Every token min-p keeps is above its floor: the floor is an exact cut.
+                tau = floor;
+                exact = true;
+            }
+        }
+        cand.clear();
+        cand.extend(
+            weights
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| **w >= tau && **w > 0.0)
+                .map(|(i, w)| (i as u32, *w)),
+        );
+        let k_ok = top_k.is_none_or(|k| cand.len() >= k);
+        let mass: f64 = cand.iter().map(|c| c.1 as f64).sum();
+        // With top-k, top-p only looks inside the top-k set, which the candidates hold.
+        let p_ok = top_k.is_some() || top_p.is_none_or(|p| mass >= p * total);
+        if exact || (k_ok && p_ok) {
+            break;
+        }
+    }
+    cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if cand.is_empty() {
+        // Every weight underflowed except the maximum itself, which is 1.
+        if let Some(i) = weights.iter().position(|w| *w == w_max) {
+            cand.push((i as u32, w_max));
+        }
+    }
+    cand
 }
 
 /// transformers' rule: a seen token's logit is divided by the penalty when positive,
@@ -326,6 +378,62 @@ mod tests {
         );
         assert_eq!(c[0] + c[3], 0, "{c:?}");
         assert!(c[2] > 0);
+    }
+
+    #[test]
+    fn large_vocab_filters_match_a_full_sort() {
+        // 5000 logits: top-p needs more than the 1024-candidate head, min-p less.
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919) % 997) as f32 / 400.0)
+            .collect();
+        let naive_keep = |top_p: Option<f64>, min_p: Option<f64>| -> Vec<u32> {
+            let mut v: Vec<(u32, f64)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i as u32, (*l as f64).exp()))
+                .collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let total: f64 = v.iter().map(|x| x.1).sum();
+            let mut keep = v.len();
+            if let Some(p) = top_p {
+                let mut cum = 0.0;
+                keep = v
+                    .iter()
+                    .position(|x| {
+                        cum += x.1 / total;
+                        cum >= p
+                    })
+                    .map_or(v.len(), |i| i + 1);
+            }
+            if let Some(m) = min_p {
+                keep = keep.min(v.iter().take_while(|x| x.1 >= v[0].1 * m).count());
+            }
+            v[..keep].iter().map(|x| x.0).collect()
+        };
+        for (top_p, min_p) in [(Some(0.9), None), (None, Some(0.9)), (Some(0.3), Some(0.5))] {
+            let allowed: std::collections::HashSet<u32> =
+                naive_keep(top_p, min_p).into_iter().collect();
+            let c = counts(
+                SamplingConfig {
+                    top_p,
+                    min_p,
+                    ..cfg(1.0)
+                },
+                &logits,
+                600,
+            );
+            let drawn: Vec<usize> = (0..c.len()).filter(|&i| c[i] > 0).collect();
+            assert!(
+                drawn.iter().all(|i| allowed.contains(&(*i as u32))),
+                "top_p {top_p:?} min_p {min_p:?}: drew outside the kept set"
+            );
+            assert!(
+                drawn.len() >= allowed.len().min(100) / 2,
+                "{} of {}",
+                drawn.len(),
+                allowed.len()
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use attune_tests::{
 };
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 fn fail(e: String) -> ! {
@@ -36,19 +37,19 @@ fn register_default_model(data_dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn the_app_lists_the_default_model_and_streams_a_chat_answer() {
-    // Prerequisites first: each missing one fails with what to run.
+/// App tests share the machine's display numbers, ports and two cores: one at a time.
+static ONE_APP_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Starts Xvfb, tauri-driver and the app on `data_dir`, runs `steps` in a
+/// WebDriver session, and ends every process it started, whatever happens.
+/// Each missing prerequisite fails with what to run.
+fn with_app(data_dir: &Path, logs: &Path, steps: impl FnOnce(&WebDriver) -> Result<(), String>) {
+    let _serial = ONE_APP_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let app = workspace_binary("attune-app").unwrap_or_else(|e| fail(e));
     let xvfb = program("Xvfb").unwrap_or_else(|e| fail(e));
     let tauri_driver = program("tauri-driver").unwrap_or_else(|e| fail(e));
     let webkit_driver = program("WebKitWebDriver").unwrap_or_else(|e| fail(e));
 
-    let data = tempfile::tempdir().unwrap_or_else(|e| fail(format!("temp dir: {e}")));
-    let data_dir = data.path().join("data");
-    register_default_model(&data_dir).unwrap_or_else(|e| fail(e));
-
-    let logs = data.path();
     let mut procs = Processes::default();
     let display = free_display().unwrap_or_else(|e| fail(e));
     let mut cmd = Command::new(&xvfb);
@@ -90,7 +91,7 @@ fn the_app_lists_the_default_model_and_streams_a_chat_answer() {
     .arg("--native-driver")
     .arg(&webkit_driver)
     .env("DISPLAY", format!(":{display}"))
-    .env("ATTUNE_DATA_DIR", &data_dir)
+    .env("ATTUNE_DATA_DIR", data_dir)
     .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
     .env("LIBGL_ALWAYS_SOFTWARE", "1");
     procs
@@ -105,7 +106,11 @@ fn the_app_lists_the_default_model_and_streams_a_chat_answer() {
     })
     .unwrap_or_else(|e| fail(e));
 
-    let result = drive(&base, &app);
+    let result = WebDriver::start(&base, &app).and_then(|driver| {
+        let outcome = steps(&driver);
+        let _ = driver.quit();
+        outcome
+    });
     if let Err(e) = result {
         let log = std::fs::read_to_string(logs.join("tauri-driver.log")).unwrap_or_default();
         let tail: String = log
@@ -119,6 +124,38 @@ fn the_app_lists_the_default_model_and_streams_a_chat_answer() {
         drop(procs);
         panic!("{e}\n--- tauri-driver / app log (tail) ---\n{tail}");
     }
+}
+
+#[test]
+fn the_app_lists_the_default_model_and_streams_a_chat_answer() {
+    let data = tempfile::tempdir().unwrap_or_else(|e| fail(format!("temp dir: {e}")));
+    let data_dir = data.path().join("data");
+    register_default_model(&data_dir).unwrap_or_else(|e| fail(e));
+    with_app(&data_dir, data.path(), steps);
+}
+
+#[test]
+fn an_unusable_data_dir_is_shown_in_the_window_not_a_crash() {
+    let data = tempfile::tempdir().unwrap_or_else(|e| fail(format!("temp dir: {e}")));
+    // A file where the data directory should be.
+    let data_dir = data.path().join("not-a-directory");
+    std::fs::write(&data_dir, b"x").unwrap_or_else(|e| fail(format!("write: {e}")));
+    with_app(&data_dir, data.path(), |driver| {
+        let text = wait_for(
+            "the engine error banner",
+            Duration::from_secs(60),
+            || match driver.find_all("#engine-error")?.first() {
+                Some(e) => Ok(Some(driver.text(e)?)),
+                None => Ok(None),
+            },
+        )?;
+        if !text.contains("not-a-directory") {
+            return Err(format!(
+                "the error does not name the data directory: {text}"
+            ));
+        }
+        Ok(())
+    });
 }
 
 /// Saves a PNG of the window under `test-artifacts/` for people to look at.
@@ -136,14 +173,7 @@ fn save_screenshot(driver: &WebDriver, name: &str) {
     }
 }
 
-/// The steps inside the window.
-fn drive(base: &str, app: &Path) -> Result<(), String> {
-    let driver = WebDriver::start(base, app)?;
-    let outcome = steps(&driver);
-    let _ = driver.quit();
-    outcome
-}
-
+/// The steps inside the window: models page, a streamed answer, Stop.
 fn steps(driver: &WebDriver) -> Result<(), String> {
     // The models page lists the registered default model.
     let nav_models = wait_for("the navigation", Duration::from_secs(60), || {

@@ -244,3 +244,31 @@ fn chat_repl_answers_and_ends_on_exit() {
     let text = String::from_utf8(out.stdout).expect("utf-8");
     assert!(!text.trim().is_empty() && text.ends_with('\n'), "{text:?}");
 }
+
+#[test]
+fn pull_finds_a_model_already_in_the_hf_cache_offline() {
+    let model = real_model();
+    let env = Env::new();
+    let commit = "00112233445566778899aabbccddeeff00112233";
+    let repo_dir = env.dir.path().join("hf/models--someone--smol-gguf");
+    let snapshot = repo_dir.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).expect("mkdir");
+    std::fs::create_dir_all(repo_dir.join("refs")).expect("mkdir");
+    std::fs::write(repo_dir.join("refs/main"), commit).expect("ref");
+    std::os::unix::fs::symlink(&model, snapshot.join("smol.Q4_1.gguf")).expect("symlink");
+
+    let out = env.run(&["models", "pull", "someone/smol-gguf"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("added model 1 "), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("smol.Q4_1.gguf") && stderr.contains("(cached)"),
+        "{stderr}"
+    );
+    let list = env.list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["source"]["kind"], "hub");
+    assert_eq!(list[0]["source"]["repo"], "someone/smol-gguf");
+    assert_eq!(list[0]["source"]["revision"], commit);
+}

@@ -17,7 +17,7 @@ pub(crate) fn load(name: &str, path: &Path) -> Result<LoadedModel, EngineError> 
         EngineError::ModelLoad {
             name: name.to_string(),
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         }
     })
 }
@@ -50,13 +50,13 @@ pub(crate) fn chat(
     let prompt = model
         .chat_template
         .render(&msgs, true)
-        .map_err(EngineError::Generation)?;
+        .map_err(generation_error)?;
     // The rendered template already holds every special token (BOS included, if the
     // model uses one), exactly as transformers' apply_chat_template tokenizes it.
     let ids = model
         .tokenizer
         .encode(&prompt, false)
-        .map_err(EngineError::Generation)?;
+        .map_err(generation_error)?;
     run(model, &ids, params, cancel, on_event)
 }
 
@@ -74,7 +74,7 @@ pub(crate) fn generate_raw(
     let ids = model
         .tokenizer
         .encode(prompt, true)
-        .map_err(EngineError::Generation)?;
+        .map_err(generation_error)?;
     run(model, &ids, params, cancel, on_event)
 }
 
@@ -112,7 +112,7 @@ fn run(
     )
     .map_err(|e| match e {
         attune_models::Error::InvalidParams(msg) => EngineError::InvalidInput(msg),
-        other => EngineError::Generation(other),
+        other => generation_error(other),
     })?;
     let stats = stats(&generation);
     on_event(ChatEvent::Done {
@@ -143,4 +143,8 @@ fn stats(g: &Generation) -> GenerationStats {
         prompt_tok_per_s,
         generate_tok_per_s: g.tokens_per_second(),
     }
+}
+
+fn generation_error(e: attune_models::Error) -> EngineError {
+    EngineError::Generation(Box::new(e))
 }

@@ -42,7 +42,7 @@ pub enum EngineError {
     InvalidModel {
         path: PathBuf,
         #[source]
-        source: attune_models::Error,
+        source: Box<attune_models::Error>,
     },
     #[error("model '{name}' (id {id}): its file {path} is missing; it was moved or deleted (re-add it, or remove the entry)")]
     ModelFileMissing {
@@ -55,10 +55,10 @@ pub enum EngineError {
         name: String,
         path: PathBuf,
         #[source]
-        source: attune_models::Error,
+        source: Box<attune_models::Error>,
     },
     #[error("generation failed: {0}")]
-    Generation(#[source] attune_models::Error),
+    Generation(#[source] Box<attune_models::Error>),
     #[error("cannot reach the Hugging Face Hub at {endpoint}: {reason}; check your network (or HF_ENDPOINT)")]
     HubUnreachable { endpoint: String, reason: String },
     #[error("repository {repo} not found on the Hugging Face Hub at {endpoint} (if it is private or gated, set HF_TOKEN)")]

@@ -185,7 +185,10 @@ pub(crate) fn pull(
                     DownloadError::Api(e) => match classify(cfg, repo, revision, e) {
                         EngineError::RepoNotFound { .. } => EngineError::Hub {
                             repo: repo.to_string(),
-                            message: format!("file {name} not found at revision {revision}"),
+                            message: format!(
+                                "file {name} not found at revision {revision}, or access to it \
+                                 is restricted (gated repository: accept its terms and set HF_TOKEN)"
+                            ),
                         },
                         other => other,
                     },

@@ -37,12 +37,16 @@ pub(crate) fn register(
     let info =
         attune_models::inspect::inspect(&path).map_err(|source| EngineError::InvalidModel {
             path: path.clone(),
-            source,
+            source: Box::new(source),
         })?;
     if info.files.is_empty() {
         return Err(EngineError::InvalidModel {
             path: path.clone(),
-            source: attune_models::Error::format(&path, "model", "no weight files found"),
+            source: Box::new(attune_models::Error::format(
+                &path,
+                "model",
+                "no weight files found",
+            )),
         });
     }
     let sha256 = hash_files(&info.files)?;
