@@ -124,7 +124,7 @@ fn quantized_greedy_stays_close() {
         g.text
     );
     assert!(
-        same >= 16,
+        same >= 24,
         "quantized greedy drifts from f32 after {same} tokens"
     );
 }
