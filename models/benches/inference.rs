@@ -102,11 +102,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok()
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
         .and_then(|v| {
-            v["prompts"].as_array()?.iter().find(|p| p["name"] == "chat").and_then(|p| {
-                p["token_ids"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect())
-            })
+            v["prompts"]
+                .as_array()?
+                .iter()
+                .find(|p| p["name"] == "chat")
+                .and_then(|p| {
+                    p["token_ids"].as_array().map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_u64().map(|x| x as u32))
+                            .collect()
+                    })
+                })
         })
         .unwrap_or_else(|| (0..41).map(|i| 100 + i * 37).collect());
     let p41: Vec<u32> = chat.iter().cycle().take(41).copied().collect();
@@ -133,6 +139,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         d64 / 17.8,
         pp41 / 265.0
     );
-    println!("greedy chat continuation (first 16 ids): {:?}", &toks[..16.min(toks.len())]);
+    println!(
+        "greedy chat continuation (first 16 ids): {:?}",
+        &toks[..16.min(toks.len())]
+    );
     Ok(())
 }

@@ -121,13 +121,23 @@ impl Config {
             ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(Error::field(path, "rms_norm_eps", "must be a positive number"));
+            return Err(Error::field(
+                path,
+                "rms_norm_eps",
+                "must be a positive number",
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(Error::field(path, "rope_theta", "must be a positive number"));
+            return Err(Error::field(
+                path,
+                "rope_theta",
+                "must be a positive number",
+            ));
         }
         if let Some(s) = &self.rope_scaling {
-            if !(s.factor > 0.0 && s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor)
+            if !(s.factor > 0.0
+                && s.low_freq_factor > 0.0
+                && s.high_freq_factor > s.low_freq_factor)
                 || s.original_max_position_embeddings == 0
             {
                 return Err(Error::field(
@@ -232,18 +242,20 @@ impl HfConfig {
     /// Converts to the runtime [`Config`] and validates it.
     pub fn into_config(self, path: &Path) -> Result<Config> {
         let architecture = self.architecture().ok_or_else(|| {
-            Error::field(path, "model_type", "neither model_type nor architectures is set")
+            Error::field(
+                path,
+                "model_type",
+                "neither model_type nor architectures is set",
+            )
         })?;
-        let attention_bias = self
-            .attention_bias
-            .unwrap_or(architecture == "qwen2");
+        let attention_bias = self.attention_bias.unwrap_or(architecture == "qwen2");
         let rope_scaling = match self.rope_scaling {
             None => None,
             Some(s) => match s.rope_type.as_deref() {
                 Some("llama3") => Some(Llama3RopeScaling {
-                    factor: s.factor.ok_or_else(|| {
-                        Error::field(path, "rope_scaling.factor", "missing")
-                    })?,
+                    factor: s
+                        .factor
+                        .ok_or_else(|| Error::field(path, "rope_scaling.factor", "missing"))?,
                     low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
                     high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
                     original_max_position_embeddings: s

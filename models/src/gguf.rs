@@ -79,7 +79,8 @@ impl<'a> Metadata<'a> {
         let v = self
             .get(key)
             .ok_or_else(|| self.bad(key, "missing metadata key"))?;
-        value_to_u64(v).ok_or_else(|| self.bad(key, format!("expected an unsigned integer, got {v:?}")))
+        value_to_u64(v)
+            .ok_or_else(|| self.bad(key, format!("expected an unsigned integer, got {v:?}")))
     }
 
     pub fn opt_uint(&self, key: &str) -> Result<Option<u64>> {
@@ -137,9 +138,10 @@ pub fn config_from_content(content: &Content, path: &Path) -> Result<Config> {
         Some(v) => to_usize(v, path, &key("attention.head_count_kv"))?,
         None => num_attention_heads,
     };
-    let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| {
-        Error::field(path, "token_embd.weight", "tensor missing")
-    })?;
+    let embd = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::field(path, "token_embd.weight", "tensor missing"))?;
     let vocab_size = match embd.shape.dims() {
         [v, h] if *h == hidden_size => *v,
         d => {
@@ -288,7 +290,10 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
         let up_proj = proj("ffn_up", None)?;
         let down_proj = proj("ffn_down", None)?;
         layers.push(Block {
-            input_layernorm: RmsNorm::new(t.f32(&format!("{p}.attn_norm.weight"))?, config.rms_norm_eps)?,
+            input_layernorm: RmsNorm::new(
+                t.f32(&format!("{p}.attn_norm.weight"))?,
+                config.rms_norm_eps,
+            )?,
             self_attn: Attention {
                 q_proj,
                 k_proj,
@@ -420,7 +425,9 @@ fn permute_rows_impl(q: &QTensor, n_head: usize, to_hf: bool) -> Result<QTensor>
     let hd = out / n_head;
     let data = q.data()?;
     if data.len() % out != 0 {
-        return Err(Error::InvalidParams("quantized rows are not byte-aligned".into()));
+        return Err(Error::InvalidParams(
+            "quantized rows are not byte-aligned".into(),
+        ));
     }
     let row = data.len() / out;
     let mut buf = vec![0u8; data.len()];
@@ -437,9 +444,7 @@ fn permute_rows_impl(q: &QTensor, n_head: usize, to_hf: bool) -> Result<QTensor>
 fn unpermute_vec(b: &Tensor, n_head: usize) -> Result<Tensor> {
     let out = b.dims1()?;
     let hd = out / n_head.max(1);
-    let idx: Vec<u32> = (0..out)
-        .map(|r| gguf_row_of_hf_row(r, hd) as u32)
-        .collect();
+    let idx: Vec<u32> = (0..out).map(|r| gguf_row_of_hf_row(r, hd) as u32).collect();
     let idx = Tensor::from_vec(idx, out, b.device())?;
     Ok(b.index_select(&idx, 0)?)
 }

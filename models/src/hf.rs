@@ -67,7 +67,11 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(Error::field(dir, "*.safetensors", "no weight files in the folder"));
+        return Err(Error::field(
+            dir,
+            "*.safetensors",
+            "no weight files in the folder",
+        ));
     }
     Ok(files)
 }
@@ -170,7 +174,11 @@ pub fn load(dir: &Path) -> Result<HfModel> {
         return Err(Error::field(
             dir,
             "model.embed_tokens.weight",
-            format!("shape {:?}, config says [{}, {h}]", embed.dims(), config.vocab_size),
+            format!(
+                "shape {:?}, config says [{}, {h}]",
+                embed.dims(),
+                config.vocab_size
+            ),
         ));
     }
     let weights = LlamaWeights {
@@ -247,7 +255,8 @@ pub fn save(model: &Llama, dir: &Path, max_shard_bytes: Option<usize>) -> Result
     }
     let write = |file: &Path, part: Vec<(String, Tensor)>| -> Result<()> {
         let map: HashMap<String, Tensor> = part.into_iter().collect();
-        candle_core::safetensors::save(&map, file).map_err(|e| Error::format(file, "safetensors", e))
+        candle_core::safetensors::save(&map, file)
+            .map_err(|e| Error::format(file, "safetensors", e))
     };
     if shards.len() == 1 {
         let file = dir.join("model.safetensors");

@@ -113,9 +113,7 @@ impl Linear {
             }
             (Some(w), None) => w.dims2()?,
             (None, Some(q)) => q.shape().dims2()?,
-            (None, None) => {
-                return Err(Error::InvalidParams("linear layer needs a weight".into()))
-            }
+            (None, None) => return Err(Error::InvalidParams("linear layer needs a weight".into())),
         };
         let (out_dim, in_dim) = dims;
         let bias = check_bias(bias, out_dim)?;
@@ -163,7 +161,8 @@ impl Linear {
         self.mode
     }
 
-    /// Replaces the dense weight (e.g. with a `Var`'s tensor for full fine-tuning).
+    /// Replaces the dense weight (e.g. with a `Var`'s tensor for full fine-tuning); the quantized
+    /// copy, if any, is dropped.
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
         let dims = weight.dims2()?;
         if dims != (self.out_dim, self.in_dim) {
@@ -173,6 +172,8 @@ impl Linear {
             )));
         }
         self.weight = Some(weight);
+        // The quantized copy no longer matches: drop it so no path reads stale weights.
+        self.qweight = None;
         Ok(())
     }
 
@@ -191,7 +192,9 @@ impl Linear {
             )));
         }
         if !scale.is_finite() {
-            return Err(Error::InvalidParams(format!("LoRA scale {scale} is not finite")));
+            return Err(Error::InvalidParams(format!(
+                "LoRA scale {scale} is not finite"
+            )));
         }
         self.lora = Some(LoraBranch {
             a: a.to_dtype(DType::F32)?,

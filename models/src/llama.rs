@@ -305,7 +305,8 @@ impl Llama {
         let nh = cfg.num_attention_heads;
         let nkv = cfg.num_key_value_heads;
         let inter = cfg.intermediate_size;
-        let shape_err = |what: String| Error::InvalidParams(format!("weight shape mismatch: {what}"));
+        let shape_err =
+            |what: String| Error::InvalidParams(format!("weight shape mismatch: {what}"));
         if w.embed_tokens.hidden_size != h || w.embed_tokens.vocab_size != cfg.vocab_size {
             return Err(shape_err(format!(
                 "embed_tokens is [{}, {}], config says [{}, {h}]",
@@ -390,7 +391,9 @@ impl Llama {
         let embed = rand_t(&[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for _ in 0..cfg.num_hidden_layers {
-            let bias = |n: usize, r: &mut dyn FnMut(&[usize]) -> Result<Tensor>| -> Result<Option<Tensor>> {
+            let bias = |n: usize,
+                        r: &mut dyn FnMut(&[usize]) -> Result<Tensor>|
+             -> Result<Option<Tensor>> {
                 if cfg.attention_bias {
                     Ok(Some(r(&[n])?))
                 } else {
@@ -401,7 +404,10 @@ impl Llama {
             let kb = bias(nkv * hd, &mut rand_t)?;
             let vb = bias(nkv * hd, &mut rand_t)?;
             layers.push(Block {
-                input_layernorm: RmsNorm::new(Tensor::ones(h, DType::F32, device)?, cfg.rms_norm_eps)?,
+                input_layernorm: RmsNorm::new(
+                    Tensor::ones(h, DType::F32, device)?,
+                    cfg.rms_norm_eps,
+                )?,
                 self_attn: Attention {
                     q_proj: Linear::from_weights(rand_t(&[nh * hd, h])?, qb)?,
                     k_proj: Linear::from_weights(rand_t(&[nkv * hd, h])?, kb)?,
@@ -529,7 +535,10 @@ impl Llama {
     }
 
     fn is_trainable(&self) -> bool {
-        self.embed_tokens.weight.as_ref().is_some_and(|w| w.track_op())
+        self.embed_tokens
+            .weight
+            .as_ref()
+            .is_some_and(|w| w.track_op())
             || self.norm.weight.track_op()
             || self.lm_head.is_trainable()
             || self.layers.iter().any(|b| {
@@ -586,7 +595,10 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, l) = ids.dims2().map_err(|_| {
-            Error::InvalidParams(format!("token ids must be [batch, seq], got {:?}", ids.dims()))
+            Error::InvalidParams(format!(
+                "token ids must be [batch, seq], got {:?}",
+                ids.dims()
+            ))
         })?;
         if ids.dtype() != DType::U32 {
             return Err(Error::InvalidParams(format!(
@@ -628,7 +640,9 @@ impl Llama {
             });
         }
         let Some(mut x) = x else {
-            return Err(Error::InvalidParams("no tokens and no prefix to run".into()));
+            return Err(Error::InvalidParams(
+                "no tokens and no prefix to run".into(),
+            ));
         };
         let seq = x.dim(1)?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
@@ -658,7 +672,9 @@ impl Llama {
                 differentiable,
             )?;
             let x1 = (residual + a)?;
-            let hn = block.post_attention_layernorm.forward(&x1, differentiable)?;
+            let hn = block
+                .post_attention_layernorm
+                .forward(&x1, differentiable)?;
             let m = block.mlp.forward(&hn)?;
             x = (x1 + m)?;
         }

@@ -54,7 +54,11 @@ pub fn source_kind(path: &Path) -> Result<SourceKind> {
     use std::io::Read;
     match f.read_exact(&mut magic) {
         Ok(()) if &magic == b"GGUF" => Ok(SourceKind::Gguf),
-        Ok(()) => Err(Error::format(path, "GGUF", "the file does not start with 'GGUF'")),
+        Ok(()) => Err(Error::format(
+            path,
+            "GGUF",
+            "the file does not start with 'GGUF'",
+        )),
         Err(e) => Err(Error::format(path, "GGUF", format!("too short: {e}"))),
     }
 }

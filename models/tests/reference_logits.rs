@@ -80,7 +80,11 @@ fn nll_and_last(logits: &Tensor, ids: &[u32]) -> (f64, Vec<f32>) {
     for i in 1..t {
         nll -= lsm[i - 1][ids[i] as usize] as f64;
     }
-    let last = logits.get(t - 1).expect("last").to_vec1::<f32>().expect("vec");
+    let last = logits
+        .get(t - 1)
+        .expect("last")
+        .to_vec1::<f32>()
+        .expect("vec");
     (nll / (t - 1) as f64, last)
 }
 
@@ -181,14 +185,29 @@ fn quantized_path_is_close_to_f32() {
             .iter()
             .map(|&(id, v)| (v - b[id as usize]).abs())
             .fold(0f32, f32::max);
-        eprintln!("{}: quantized vs f32 max |diff| over f32 top-5: {max_diff}", p.name);
-        assert!(max_diff < 1.0, "{}: top-5 logits differ by {max_diff}", p.name);
+        eprintln!(
+            "{}: quantized vs f32 max |diff| over f32 top-5: {max_diff}",
+            p.name
+        );
+        assert!(
+            max_diff < 1.0,
+            "{}: top-5 logits differ by {max_diff}",
+            p.name
+        );
         // Decode one token on each path from its cache: same greedy choice.
         let next = Tensor::new(&[[ta[0].0]], &Device::Cpu).expect("next");
         let a2 = f32m.forward_last(&next, &mut c1).expect("step");
         let b2 = qm.forward_last(&next, &mut c2).expect("step");
-        let am = a2.argmax(D::Minus1).expect("argmax").to_vec1::<u32>().expect("v");
-        let bm = b2.argmax(D::Minus1).expect("argmax").to_vec1::<u32>().expect("v");
+        let am = a2
+            .argmax(D::Minus1)
+            .expect("argmax")
+            .to_vec1::<u32>()
+            .expect("v");
+        let bm = b2
+            .argmax(D::Minus1)
+            .expect("argmax")
+            .to_vec1::<u32>()
+            .expect("v");
         assert_eq!(am, bm, "{}: second greedy token differs", p.name);
     }
 }
@@ -199,7 +218,11 @@ fn kv_cache_decode_matches_full_forward_real_model() {
     let model = load(ComputeMode::F32);
     let p = &prompts()[1];
     let ids = &p.ids;
-    let full = model.forward(&ids_tensor(ids), None).expect("full").squeeze(0).expect("s");
+    let full = model
+        .forward(&ids_tensor(ids), None)
+        .expect("full")
+        .squeeze(0)
+        .expect("s");
     let mut cache = model.new_cache();
     let split = ids.len() - 6;
     model
@@ -234,7 +257,10 @@ fn hf_export_of_real_model_gives_same_logits() {
     attune_models::hf::save(&model, dir.path(), Some(200 << 20)).expect("save");
     assert!(dir.path().join("model.safetensors.index.json").is_file());
     let hf = attune_models::hf::load(dir.path()).expect("load hf");
-    assert_eq!(hf.config.num_hidden_layers, model.config().num_hidden_layers);
+    assert_eq!(
+        hf.config.num_hidden_layers,
+        model.config().num_hidden_layers
+    );
     let p = &prompts()[0];
     let a = model.forward(&ids_tensor(&p.ids), None).expect("gguf");
     let b = hf.model.forward(&ids_tensor(&p.ids), None).expect("hf");
@@ -249,6 +275,13 @@ fn hf_export_of_real_model_gives_same_logits() {
         .to_scalar::<f32>()
         .expect("scalar");
     assert!(diff < 1e-4, "HF export differs from GGUF by {diff}");
-    let (nll, _) = nll_and_last(&hf.model.forward(&ids_tensor(&p.ids), None).expect("f"), &p.ids);
-    assert!((nll - p.mean_nll).abs() < 1e-3, "HF export NLL {nll} vs {}", p.mean_nll);
+    let (nll, _) = nll_and_last(
+        &hf.model.forward(&ids_tensor(&p.ids), None).expect("f"),
+        &p.ids,
+    );
+    assert!(
+        (nll - p.mean_nll).abs() < 1e-3,
+        "HF export NLL {nll} vs {}",
+        p.mean_nll
+    );
 }

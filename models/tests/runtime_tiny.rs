@@ -58,9 +58,15 @@ const PROMPT: [u32; 9] = [5, 17, 3, 60, 42, 8, 8, 21, 33];
 fn kv_cache_decode_equals_full_forward() {
     for arch in ["llama", "qwen2", "mistral"] {
         let m = Llama::new_random(&tiny_config(arch), &Device::Cpu, 7).expect("model");
-        let full = m.forward(&ids(&PROMPT), None).expect("full").squeeze(0).expect("s");
+        let full = m
+            .forward(&ids(&PROMPT), None)
+            .expect("full")
+            .squeeze(0)
+            .expect("s");
         let mut cache = m.new_cache();
-        let first = m.forward_last(&ids(&PROMPT[..4]), &mut cache).expect("prompt");
+        let first = m
+            .forward_last(&ids(&PROMPT[..4]), &mut cache)
+            .expect("prompt");
         assert!(max_abs_diff(&first.squeeze(0).expect("s"), &full.get(3).expect("r")) < 1e-5);
         for (i, &t) in PROMPT.iter().enumerate().skip(4) {
             let step = m.forward_last(&ids(&[t]), &mut cache).expect("step");
@@ -70,9 +76,15 @@ fn kv_cache_decode_equals_full_forward() {
         assert_eq!(cache.len(), PROMPT.len());
         // Chunked prefill through the cache (multi-row queries with an offset mask).
         cache.clear();
-        m.forward(&ids(&PROMPT[..3]), Some(&mut cache)).expect("chunk 1");
-        let rest = m.forward(&ids(&PROMPT[3..]), Some(&mut cache)).expect("chunk 2");
-        let d = max_abs_diff(&rest.squeeze(0).expect("s"), &full.narrow(0, 3, 6).expect("n"));
+        m.forward(&ids(&PROMPT[..3]), Some(&mut cache))
+            .expect("chunk 1");
+        let rest = m
+            .forward(&ids(&PROMPT[3..]), Some(&mut cache))
+            .expect("chunk 2");
+        let d = max_abs_diff(
+            &rest.squeeze(0).expect("s"),
+            &full.narrow(0, 3, 6).expect("n"),
+        );
         assert!(d < 1e-5, "{arch}: chunked prefill differs by {d}");
     }
 }
@@ -83,9 +95,14 @@ fn kv_cache_grows_past_initial_capacity_and_clones_deeply() {
     cfg.max_position_embeddings = 1024;
     let m = Llama::new_random(&cfg, &Device::Cpu, 3).expect("model");
     let long: Vec<u32> = (0..300).map(|i| (i * 7 % 64) as u32).collect();
-    let full = m.forward(&ids(&long), None).expect("full").squeeze(0).expect("s");
+    let full = m
+        .forward(&ids(&long), None)
+        .expect("full")
+        .squeeze(0)
+        .expect("s");
     let mut cache = m.new_cache();
-    m.forward_last(&ids(&long[..250]), &mut cache).expect("prefill");
+    m.forward_last(&ids(&long[..250]), &mut cache)
+        .expect("prefill");
     let snapshot = cache.clone();
     for (i, &t) in long.iter().enumerate().skip(250) {
         let step = m.forward_last(&ids(&[t]), &mut cache).expect("step");
@@ -114,19 +131,25 @@ fn soft_prefix_equals_prepended_token_embeddings() {
     assert!(max_abs_diff(&with_prefix, &plain) < 1e-5);
     // Batch 2 with a shared [1, n, hidden] prefix broadcast to both rows.
     let two = Tensor::new(&[PROMPT, PROMPT], &Device::Cpu).expect("ids2");
-    let b2 = m.forward_with_prefix(Some(&prefix), &two, None).expect("batch");
+    let b2 = m
+        .forward_with_prefix(Some(&prefix), &two, None)
+        .expect("batch");
     assert!(max_abs_diff(&b2.get(1).expect("row"), &plain.squeeze(0).expect("s")) < 1e-5);
     // Prefix through the cache, then decode: positions continue after the virtual tokens.
     let mut cache = m.new_cache();
     m.forward_with_prefix(Some(&prefix), &ids(&PROMPT[..5]), Some(&mut cache))
         .expect("prefix prefill");
     assert_eq!(cache.len(), 8);
-    let step = m.forward_last(&ids(&[PROMPT[5]]), &mut cache).expect("step");
+    let step = m
+        .forward_last(&ids(&[PROMPT[5]]), &mut cache)
+        .expect("step");
     let want = plain.squeeze(0).expect("s").get(8).expect("row");
     assert!(max_abs_diff(&step.squeeze(0).expect("s"), &want) < 1e-5);
     // A wrongly shaped prefix is an error, not a panic.
     let bad = Tensor::zeros((1, 3, 7), DType::F32, &Device::Cpu).expect("bad");
-    assert!(m.forward_with_prefix(Some(&bad), &ids(&PROMPT), None).is_err());
+    assert!(m
+        .forward_with_prefix(Some(&bad), &ids(&PROMPT), None)
+        .is_err());
 }
 
 #[test]
@@ -160,9 +183,20 @@ fn differentiable_path_matches_fast_path_and_trains_lora_and_prefix() {
     .expect("loss");
     let grads = loss.backward().expect("backward");
     for (what, v) in [("lora_A", &a), ("lora_B", &b), ("prefix", &prefix)] {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {what}"));
-        let norm = g.sqr().expect("sq").sum_all().expect("sum").to_scalar::<f32>().expect("s");
-        assert!(norm > 0.0 && norm.is_finite(), "{what} gradient norm {norm}");
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {what}"));
+        let norm = g
+            .sqr()
+            .expect("sq")
+            .sum_all()
+            .expect("sum")
+            .to_scalar::<f32>()
+            .expect("s");
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{what} gradient norm {norm}"
+        );
     }
 }
 
@@ -252,7 +286,9 @@ fn hf_folder_round_trip_single_sharded_and_bf16() {
 #[test]
 fn hf_folder_errors_name_the_problem() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = attune_models::hf::load(dir.path()).err().expect("no config");
+    let e = attune_models::hf::load(dir.path())
+        .err()
+        .expect("no config");
     assert!(e.to_string().contains("config.json"), "{e}");
     let m = Llama::new_random(&tiny_config("llama"), &Device::Cpu, 1).expect("model");
     attune_models::hf::save(&m, dir.path(), None).expect("save");
@@ -260,11 +296,15 @@ fn hf_folder_errors_name_the_problem() {
     let text = std::fs::read_to_string(&cfg).expect("read");
     std::fs::write(&cfg, text.replace("\"llama\"", "\"gpt2\"")).expect("write");
     match attune_models::hf::load(dir.path()) {
-        Err(Error::UnsupportedArchitecture { architecture, .. }) => assert_eq!(architecture, "gpt2"),
+        Err(Error::UnsupportedArchitecture { architecture, .. }) => {
+            assert_eq!(architecture, "gpt2")
+        }
         other => panic!("expected unsupported architecture, got {:?}", other.err()),
     }
     std::fs::write(&cfg, text.replace("\"hidden_size\"", "\"hidden_sizes\"")).expect("write");
-    let e = attune_models::hf::load(dir.path()).err().expect("bad config");
+    let e = attune_models::hf::load(dir.path())
+        .err()
+        .expect("bad config");
     assert!(e.to_string().contains("hidden_size"), "{e}");
 }
 
@@ -277,7 +317,10 @@ fn write_gguf(m: &Llama, path: &std::path::Path, dtype: GgmlDType, arch: &str) {
         "token_embd.weight".into(),
         q(&m.embed_tokens().weight_f32().expect("e"), GgmlDType::F32),
     ));
-    tensors.push(("output_norm.weight".into(), q(&m.norm().weight, GgmlDType::F32)));
+    tensors.push((
+        "output_norm.weight".into(),
+        q(&m.norm().weight, GgmlDType::F32),
+    ));
     for (i, b) in m.layers().iter().enumerate() {
         let p = format!("blk.{i}");
         let a = &b.self_attn;
@@ -289,8 +332,14 @@ fn write_gguf(m: &Llama, path: &std::path::Path, dtype: GgmlDType, arch: &str) {
                 w
             }
         };
-        tensors.push((format!("{p}.attn_q.weight"), q(&perm(&a.q_proj, a.num_heads), dtype)));
-        tensors.push((format!("{p}.attn_k.weight"), q(&perm(&a.k_proj, a.num_kv_heads), dtype)));
+        tensors.push((
+            format!("{p}.attn_q.weight"),
+            q(&perm(&a.q_proj, a.num_heads), dtype),
+        ));
+        tensors.push((
+            format!("{p}.attn_k.weight"),
+            q(&perm(&a.k_proj, a.num_kv_heads), dtype),
+        ));
         for (n, l) in [
             ("attn_v", &a.v_proj),
             ("attn_output", &a.o_proj),
@@ -298,9 +347,15 @@ fn write_gguf(m: &Llama, path: &std::path::Path, dtype: GgmlDType, arch: &str) {
             ("ffn_up", &b.mlp.up_proj),
             ("ffn_down", &b.mlp.down_proj),
         ] {
-            tensors.push((format!("{p}.{n}.weight"), q(&l.weight_f32().expect("w"), dtype)));
+            tensors.push((
+                format!("{p}.{n}.weight"),
+                q(&l.weight_f32().expect("w"), dtype),
+            ));
         }
-        tensors.push((format!("{p}.attn_norm.weight"), q(&b.input_layernorm.weight, GgmlDType::F32)));
+        tensors.push((
+            format!("{p}.attn_norm.weight"),
+            q(&b.input_layernorm.weight, GgmlDType::F32),
+        ));
         tensors.push((
             format!("{p}.ffn_norm.weight"),
             q(&b.post_attention_layernorm.weight, GgmlDType::F32),
@@ -308,16 +363,46 @@ fn write_gguf(m: &Llama, path: &std::path::Path, dtype: GgmlDType, arch: &str) {
     }
     let a = arch.to_string();
     let md: Vec<(String, gguf_file::Value)> = vec![
-        ("general.architecture".into(), gguf_file::Value::String(a.clone())),
-        (format!("{a}.context_length"), gguf_file::Value::U32(cfg.max_position_embeddings as u32)),
-        (format!("{a}.embedding_length"), gguf_file::Value::U32(cfg.hidden_size as u32)),
-        (format!("{a}.block_count"), gguf_file::Value::U32(cfg.num_hidden_layers as u32)),
-        (format!("{a}.feed_forward_length"), gguf_file::Value::U32(cfg.intermediate_size as u32)),
-        (format!("{a}.attention.head_count"), gguf_file::Value::U32(cfg.num_attention_heads as u32)),
-        (format!("{a}.attention.head_count_kv"), gguf_file::Value::U32(cfg.num_key_value_heads as u32)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(cfg.rms_norm_eps as f32)),
-        (format!("{a}.rope.freq_base"), gguf_file::Value::F32(cfg.rope_theta as f32)),
-        ("tokenizer.ggml.eos_token_id".into(), gguf_file::Value::U32(2)),
+        (
+            "general.architecture".into(),
+            gguf_file::Value::String(a.clone()),
+        ),
+        (
+            format!("{a}.context_length"),
+            gguf_file::Value::U32(cfg.max_position_embeddings as u32),
+        ),
+        (
+            format!("{a}.embedding_length"),
+            gguf_file::Value::U32(cfg.hidden_size as u32),
+        ),
+        (
+            format!("{a}.block_count"),
+            gguf_file::Value::U32(cfg.num_hidden_layers as u32),
+        ),
+        (
+            format!("{a}.feed_forward_length"),
+            gguf_file::Value::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            format!("{a}.attention.head_count"),
+            gguf_file::Value::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            gguf_file::Value::U32(cfg.num_key_value_heads as u32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            gguf_file::Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            format!("{a}.rope.freq_base"),
+            gguf_file::Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            gguf_file::Value::U32(2),
+        ),
     ];
     let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -342,14 +427,21 @@ fn gguf_loader_unpermutes_qk_and_matches_the_source_model() {
     let g = gguf::load(&path, ComputeMode::Quantized).expect("load q8");
     let mut cache = g.model.new_cache();
     let last = g.model.forward_last(&ids(&PROMPT), &mut cache).expect("q8");
-    let want_last = want.squeeze(0).expect("s").get(PROMPT.len() - 1).expect("r");
+    let want_last = want
+        .squeeze(0)
+        .expect("s")
+        .get(PROMPT.len() - 1)
+        .expect("r");
     let d = max_abs_diff(&last.squeeze(0).expect("s"), &want_last);
     assert!(d < 0.05, "Q8_0 GGUF differs by {d}");
     // The forward permutation undoes the inverse one on quantized data.
     let w = m.layers()[0].self_attn.q_proj.weight_f32().expect("w");
     let qt = QTensor::quantize(&w, GgmlDType::Q8_0).expect("q");
     let round = gguf::unpermute_rows(&gguf::permute_rows(&qt, 4).expect("p"), 4).expect("u");
-    assert_eq!(qt.data().expect("d").as_ref(), round.data().expect("d").as_ref());
+    assert_eq!(
+        qt.data().expect("d").as_ref(),
+        round.data().expect("d").as_ref()
+    );
 }
 
 #[test]
@@ -360,7 +452,10 @@ fn gguf_errors_name_the_file_and_problem() {
     let path = dir.path().join("gpt2.gguf");
     write_gguf(&m, &path, GgmlDType::F32, "gpt2");
     match gguf::load(&path, ComputeMode::Auto) {
-        Err(Error::UnsupportedArchitecture { path: p, architecture }) => {
+        Err(Error::UnsupportedArchitecture {
+            path: p,
+            architecture,
+        }) => {
             assert_eq!(architecture, "gpt2");
             assert_eq!(p, path);
         }
@@ -368,9 +463,13 @@ fn gguf_errors_name_the_file_and_problem() {
     }
     // Garbage.
     let garbage = dir.path().join("garbage.gguf");
-    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&garbage, &bytes).expect("write");
-    let e = gguf::load(&garbage, ComputeMode::Auto).err().expect("garbage fails");
+    let e = gguf::load(&garbage, ComputeMode::Auto)
+        .err()
+        .expect("garbage fails");
     assert!(e.to_string().contains("garbage.gguf"), "{e}");
     // GGUF magic followed by garbage.
     let mut magic = b"GGUF".to_vec();
@@ -385,11 +484,15 @@ fn gguf_errors_name_the_file_and_problem() {
     for cut in [10, 100, full.len() / 2, full.len() - 8] {
         let p = dir.path().join(format!("cut{cut}.gguf"));
         std::fs::write(&p, &full[..cut]).expect("write");
-        let e = gguf::load(&p, ComputeMode::Auto).err().expect("truncated fails");
+        let e = gguf::load(&p, ComputeMode::Auto)
+            .err()
+            .expect("truncated fails");
         assert!(e.to_string().contains(&format!("cut{cut}.gguf")), "{e}");
     }
     // Missing file.
-    let e = gguf::load(&dir.path().join("nope.gguf"), ComputeMode::Auto).err().expect("missing");
+    let e = gguf::load(&dir.path().join("nope.gguf"), ComputeMode::Auto)
+        .err()
+        .expect("missing");
     assert!(matches!(e, Error::Io { .. }), "{e}");
 }
 
@@ -405,9 +508,14 @@ fn real_model_truncated_copy_is_an_error() {
     let bytes = std::fs::read(&src).expect("read model");
     let p = dir.path().join("truncated.gguf");
     std::fs::write(&p, &bytes[..bytes.len() * 2 / 3]).expect("write");
-    let e = gguf::load(&p, ComputeMode::Auto).err().expect("truncated model fails");
+    let e = gguf::load(&p, ComputeMode::Auto)
+        .err()
+        .expect("truncated model fails");
     let msg = e.to_string();
-    assert!(msg.contains("truncated.gguf") && msg.contains("tensor"), "{msg}");
+    assert!(
+        msg.contains("truncated.gguf") && msg.contains("tensor"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -428,7 +536,12 @@ fn llama3_rope_scaling_config_is_read() {
     let plain = Llama::new_random(&tiny_config("llama"), &Device::Cpu, 4).expect("plain");
     let b = plain.forward(&ids(&PROMPT), None).expect("b");
     // Same weights, different rope: the logits move (position 0 is unaffected).
-    assert!(max_abs_diff(&a.narrow(1, 0, 1).expect("n"), &b.narrow(1, 0, 1).expect("n")) < 1e-6);
+    assert!(
+        max_abs_diff(
+            &a.narrow(1, 0, 1).expect("n"),
+            &b.narrow(1, 0, 1).expect("n")
+        ) < 1e-6
+    );
     assert!(max_abs_diff(&a, &b) > 1e-4);
     let _ = D::Minus1;
 }
