@@ -6,7 +6,8 @@
 //! Face layout: the standard (half-split) rope applies, and PEFT adapters attach and export without
 //! any permutation. Qwen2 GGUFs are not permuted by llama.cpp and are taken as they are.
 //!
-//! Quantized matrices stay [`QTensor`]s (used by decode); with [`ComputeMode::Auto`] or
+//! Quantized matrices stay [`QTensor`]s; Q4_1 and Q8_0 ones also get Attune's decode kernel
+//! (see [`Linear::with_decode_kernel`]), which candle lacks for Q4_1; with [`ComputeMode::Auto`] or
 //! [`ComputeMode::F32`] an f32 copy is dequantized for prompt processing. Embeddings and norms are
 //! dequantized to f32. SmolLM2 ties its embeddings: without `output.weight` the lm_head shares
 //! `token_embd.weight`.
@@ -245,9 +246,10 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
             ComputeMode::F32 => None,
             _ => Some(embd_q.clone()),
         };
-        Linear::from_parts(embd_f32.clone(), q, None, mode)?
+        Linear::from_parts(embd_f32.clone(), q, None, mode)?.with_decode_kernel()?
     } else {
         Linear::from_qtensor(Arc::new(t.qtensor("output.weight")?), None, mode)?
+            .with_decode_kernel()?
     };
     let embed_tokens = if mode == ComputeMode::F32 {
         Embedding {
@@ -276,9 +278,15 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
             } else {
                 // f32 copy from the file's exact values; decode kernel on a fast block type.
                 let dense = q.dequantize(&device)?;
-                let fast = Arc::new(decode_form(q, &dense)?);
-                let w = (mode == ComputeMode::Auto).then_some(dense);
-                Linear::from_parts(w, Some(fast), bias, mode)
+                let w = (mode == ComputeMode::Auto).then_some(dense.clone());
+                if q.dtype() == GgmlDType::Q4_1 {
+                    Linear::from_parts(w, Some(Arc::new(q)), bias, mode)
+                        .and_then(|l| l.with_decode_kernel())
+                } else {
+                    let fast = Arc::new(decode_form(q, &dense)?);
+                    Linear::from_parts(w, Some(fast), bias, mode)
+                        .and_then(|l| l.with_decode_kernel())
+                }
             };
             lin.map_err(|e| Error::field(path, &wname, e))
         };
@@ -381,11 +389,10 @@ impl<R: Read + Seek> TensorReader<'_, R> {
     }
 }
 
-/// Block types whose CPU dot product candle implements without SIMD (scalar fallback). Decode
-/// re-quantizes them to Q8_0 once at load: Q8_0's AVX kernel reads 1.06 bytes per weight yet runs
-/// ~10x faster than the scalar Q4_1 loop. The re-quantization error is below 0.4% of each
-/// 32-weight block's largest value; the f32 path keeps the file's exact values.
-const SLOW_DECODE_TYPES: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
+/// Block types without a fast decode kernel (neither Attune's Q4_1/Q8_0 kernels in
+/// `linear.rs` nor a SIMD one in candle): re-quantized to Q8_0 once at load. The error is below
+/// 0.4% of each 32-weight block's largest value; the f32 path keeps the file's exact values.
+const SLOW_DECODE_TYPES: &[GgmlDType] = &[GgmlDType::Q5_0, GgmlDType::Q5_1];
 
 fn decode_form(q: QTensor, dense: &Tensor) -> Result<QTensor> {
     let (_, inp) = q.shape().dims2()?;

@@ -24,7 +24,8 @@ pub enum ModelFormat {
 /// What the library needs to know about a model, read from its headers only.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelInfo {
-    /// `general.name` (GGUF) or the folder name (Hugging Face); else the file stem.
+    /// The file stem (GGUF: the name the user or the Hub gave the file, which, unlike
+    /// `general.name`, carries the variant and quantization) or the folder name (Hugging Face).
     pub name: String,
     /// `general.architecture` (GGUF) or `model_type` from `config.json`, e.g. "llama".
     pub architecture: String,
@@ -117,9 +118,7 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
         .ok_or_else(|| Error::field(path, &context_key, "missing"))?
         .to_u64()
         .map_err(|e| Error::field(path, &context_key, e))?;
-    let name = gguf_string(&content, "general.name")
-        .filter(|n| !n.trim().is_empty())
-        .unwrap_or_else(|| file_stem(path));
+    let name = file_stem(path);
     let quantization = content
         .metadata
         .get("general.file_type")

@@ -3,7 +3,8 @@
 //! A [`Linear`] holds a dense f32 weight `[out, in]`, a quantized [`QTensor`] (GGUF), or both.
 //! Decode multiplies a handful of rows and is memory-bound, so it reads the quantized weights;
 //! prompt processing multiplies many rows and is compute-bound, so it uses the f32 copy.
-//! [`ComputeMode`] picks between them per call. A LoRA branch `y = Wx + b + scale * B(A x)`
+//! [`ComputeMode`] picks between them per call. For Q4_1 and Q8_0 weights the few-row product
+//! runs on [`Q41Matrix`], Attune's AVX2 decode kernel (candle's Q4_1 kernel is scalar). A LoRA branch `y = Wx + b + scale * B(A x)`
 //! can be attached from plain tensors or from `candle_nn::Var`s (their tensors), so a trainer can
 //! put PEFT-named variables here and get gradients through them.
 
@@ -50,6 +51,7 @@ pub struct Linear {
     bias: Option<Tensor>,
     lora: Option<LoraBranch>,
     mode: ComputeMode,
+    q41: Option<Arc<Q41Matrix>>,
 }
 
 impl Linear {
@@ -66,6 +68,7 @@ impl Linear {
             bias,
             lora: None,
             mode: ComputeMode::F32,
+            q41: None,
         })
     }
 
@@ -90,6 +93,7 @@ impl Linear {
             bias,
             lora: None,
             mode,
+            q41: None,
         })
     }
 
@@ -129,7 +133,16 @@ impl Linear {
             bias,
             lora: None,
             mode,
+            q41: None,
         })
+    }
+
+    /// Uses Attune's decode kernel for quantized calls when the quantized weight is Q4_1 or Q8_0.
+    pub fn with_decode_kernel(mut self) -> Result<Self> {
+        if let Some(q) = &self.qweight {
+            self.q41 = Q41Matrix::from_qtensor(q)?.map(Arc::new);
+        }
+        Ok(self)
     }
 
     pub fn in_dim(&self) -> usize {
@@ -174,6 +187,7 @@ impl Linear {
         self.weight = Some(weight);
         // The quantized copy no longer matches: drop it so no path reads stale weights.
         self.qweight = None;
+        self.q41 = None;
         Ok(())
     }
 
@@ -258,6 +272,10 @@ impl Linear {
             },
         };
         let mut y = match (use_q, &self.weight, &self.qweight) {
+            (true, _, Some(_)) if self.q41.is_some() => match &self.q41 {
+                Some(k) => x2.contiguous()?.apply_op1_no_bwd(k.as_ref())?,
+                None => return Err(Error::InvalidParams("decode kernel missing".into())),
+            },
             (true, _, Some(q)) => x2.contiguous()?.apply_op1_no_bwd(q.as_ref())?,
             (_, Some(w), _) => x2.matmul(&w.t()?)?,
             _ => return Err(Error::InvalidParams("linear layer has no weights".into())),
@@ -288,5 +306,258 @@ fn check_bias(bias: Option<Tensor>, out_dim: usize) -> Result<Option<Tensor>> {
             }
             Ok(Some(b.to_dtype(DType::F32)?))
         }
+    }
+}
+
+/// Q4_1 weights (llama.cpp's 32-weight blocks, `w = d * q + m`, `q` in 0..16) laid out for the
+/// decode kernel: 4-bit codes `[n, k/32, 16]` and the f32 scales `d`, `m` `[n, k/32]`.
+///
+/// candle multiplies Q4_1 with a scalar loop; this kernel quantizes the activation rows to 8 bits
+/// per 32-block (as llama.cpp's Q8_1) and uses AVX2 integer dot products, split over candle's
+/// thread pool by output row. Used for calls with few rows (decode).
+#[derive(Debug)]
+pub struct Q41Matrix {
+    qs: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+    n: usize,
+    k: usize,
+    /// Q8_0 blocks (`w = d * q`, `q` i8, no `m`) instead of Q4_1.
+    q8: bool,
+}
+
+const QK: usize = 32;
+
+impl Q41Matrix {
+    /// Repacks a Q4_1 or Q8_0 `[n, k]` tensor; `None` for other block types.
+    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        use candle_core::quantized::GgmlDType;
+        let (block_bytes, codes) = match q.dtype() {
+            GgmlDType::Q4_1 => (20usize, 16usize),
+            GgmlDType::Q8_0 => (34, 32),
+            _ => return Ok(None),
+        };
+        let (n, k) = q.shape().dims2()?;
+        if k % QK != 0 {
+            return Ok(None);
+        }
+        let nb = k / QK;
+        let data = q.data()?;
+        if data.len() != n * nb * block_bytes {
+            return Err(Error::InvalidParams(format!(
+                "{:?} tensor [{n}, {k}] holds {} bytes, expected {}",
+                q.dtype(),
+                data.len(),
+                n * nb * block_bytes
+            )));
+        }
+        let q8 = codes == 32;
+        let mut qs = Vec::with_capacity(n * nb * codes);
+        let mut d = Vec::with_capacity(n * nb);
+        let mut m = Vec::with_capacity(if q8 { 0 } else { n * nb });
+        for blk in data.chunks_exact(block_bytes) {
+            d.push(half::f16::from_le_bytes([blk[0], blk[1]]).to_f32());
+            if q8 {
+                qs.extend_from_slice(&blk[2..34]);
+            } else {
+                m.push(half::f16::from_le_bytes([blk[2], blk[3]]).to_f32());
+                qs.extend_from_slice(&blk[4..20]);
+            }
+        }
+        Ok(Some(Self { qs, d, m, n, k, q8 }))
+    }
+
+    /// `out[i, r] = sum_j x[i, j] * w[r, j]` for `x` `[rows, k]`.
+    fn matmul(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        let nb = k / QK;
+        // Quantize the activations: i8 codes, per-block scale and scale * sum of codes.
+        let mut qx = vec![0i8; rows * k];
+        let mut dx = vec![0f32; rows * nb];
+        let mut sx = vec![0f32; rows * nb];
+        for i in 0..rows * nb {
+            let src = &x[i * QK..(i + 1) * QK];
+            let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (dst, &v) in qx[i * QK..(i + 1) * QK].iter_mut().zip(src) {
+                let q = (v * inv).round() as i8;
+                *dst = q;
+                sum += q as i32;
+            }
+            dx[i] = d;
+            sx[i] = d * sum as f32;
+        }
+        struct OutPtr(*mut f32);
+        // SAFETY: every (row, column) of `out` is written by exactly one work item below.
+        unsafe impl Sync for OutPtr {}
+        let ptr = OutPtr(out.as_mut_ptr());
+        let ptr = &ptr;
+        let (qx, dx, sx) = (&qx, &dx, &sx);
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+            let codes = if self.q8 { QK } else { 16 };
+            for r in range {
+                let wq = &self.qs[r * nb * codes..(r + 1) * nb * codes];
+                let wd = &self.d[r * nb..(r + 1) * nb];
+                for i in 0..rows {
+                    let xq = &qx[i * k..(i + 1) * k];
+                    let xd = &dx[i * nb..(i + 1) * nb];
+                    let v = if self.q8 {
+                        #[cfg(target_arch = "x86_64")]
+                        let v = if avx2 {
+                            // SAFETY: AVX2 and FMA were detected at run time.
+                            unsafe { dot_q80_avx2(wq, wd, xq, xd) }
+                        } else {
+                            dot_q80_scalar(wq, wd, xq, xd)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let v = dot_q80_scalar(wq, wd, xq, xd);
+                        v
+                    } else {
+                        let wm = &self.m[r * nb..(r + 1) * nb];
+                        let xs = &sx[i * nb..(i + 1) * nb];
+                        #[cfg(target_arch = "x86_64")]
+                        let v = if avx2 {
+                            // SAFETY: AVX2 and FMA were detected at run time.
+                            unsafe { dot_q41_avx2(wq, wd, wm, xq, xd, xs) }
+                        } else {
+                            dot_q41_scalar(wq, wd, wm, xq, xd, xs)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let v = dot_q41_scalar(wq, wd, wm, xq, xd, xs);
+                        v
+                    };
+                    // SAFETY: i < rows, r < n: inside `out` (rows * n), written once.
+                    unsafe { *ptr.0.add(i * n + r) = v };
+                }
+            }
+        });
+    }
+}
+
+fn dot_q80_scalar(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for b in 0..wd.len() {
+        let w = &wq[b * QK..(b + 1) * QK];
+        let x = &xq[b * QK..(b + 1) * QK];
+        let isum: i32 = w
+            .iter()
+            .zip(x)
+            .map(|(&w, &x)| (w as i8) as i32 * x as i32)
+            .sum();
+        acc += wd[b] * xd[b] * isum as f32;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q80_avx2(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = wd.len();
+    debug_assert!(wq.len() >= nb * QK && xq.len() >= nb * QK);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        // SAFETY: b < nb and both slices hold nb blocks of 32 bytes.
+        let w = unsafe { _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i) };
+        let x = unsafe { _mm256_loadu_si256(xq.as_ptr().add(b * QK) as *const __m256i) };
+        // |w| * (x * sign(w)) = w * x, in the u8 x i8 form maddubs needs.
+        let aw = _mm256_sign_epi8(w, w);
+        let sx = _mm256_sign_epi8(x, w);
+        let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(wd[b] * xd[b]), acc);
+    }
+    let hi = _mm256_extractf128_ps(acc, 1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+fn dot_q41_scalar(wq: &[u8], wd: &[f32], wm: &[f32], xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for b in 0..wd.len() {
+        let q = &wq[b * 16..(b + 1) * 16];
+        let x = &xq[b * QK..(b + 1) * QK];
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += (q[j] & 0x0F) as i32 * x[j] as i32;
+            isum += (q[j] >> 4) as i32 * x[j + 16] as i32;
+        }
+        acc += wd[b] * xd[b] * isum as f32 + wm[b] * xs[b];
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q41_avx2(
+    wq: &[u8],
+    wd: &[f32],
+    wm: &[f32],
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[f32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = wd.len();
+    debug_assert!(wq.len() >= nb * 16 && xq.len() >= nb * QK);
+    let mask = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = 0f32;
+    for b in 0..nb {
+        // SAFETY: b < nb and the slices hold nb blocks (checked by the caller's slicing).
+        let raw = unsafe { _mm_loadu_si128(wq.as_ptr().add(b * 16) as *const __m128i) };
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let w = _mm256_set_m128i(hi, lo);
+        let x = unsafe { _mm256_loadu_si256(xq.as_ptr().add(b * QK) as *const __m256i) };
+        let p16 = _mm256_maddubs_epi16(w, x);
+        let p32 = _mm256_madd_epi16(p16, ones);
+        let scale = _mm256_set1_ps(wd[b] * xd[b]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc);
+        acc_m += wm[b] * xs[b];
+    }
+    let hi = _mm256_extractf128_ps(acc, 1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s) + acc_m
+}
+
+impl candle_core::CustomOp1 for Q41Matrix {
+    fn name(&self) -> &'static str {
+        "attune-decode-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("q4_1 matmul: input is not contiguous");
+        };
+        let x = match storage {
+            candle_core::CpuStorage::F32(v) => &v[start..end],
+            _ => candle_core::bail!("q4_1 matmul: input must be f32"),
+        };
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!("q4_1 matmul: input {dims:?} does not end in {}", self.k);
+        }
+        let rows = x.len() / self.k;
+        let mut out = vec![0f32; rows * self.n];
+        self.matmul(x, rows, &mut out);
+        let mut od = dims.to_vec();
+        if let Some(l) = od.last_mut() {
+            *l = self.n;
+        }
+        Ok((candle_core::CpuStorage::F32(out), od.into()))
     }
 }

@@ -33,7 +33,7 @@ fn real_gguf() {
     assert_eq!(info.context_length, 8192);
     assert_eq!(info.file_size, std::fs::metadata(&path).unwrap().len());
     assert_eq!(info.files, vec![path.clone()]);
-    assert_eq!(info.name, "Smollm2 135M 8k Lc100K Mix1 Ep2");
+    assert_eq!(info.name, "SmolLM2-135M-Instruct.Q4_1");
     assert!(elapsed.as_secs_f64() < 2.0, "inspect took {elapsed:?}");
 }
 
