@@ -89,8 +89,10 @@ model=$(scripts/fetch-model.sh | tail -n 1)
 echo "$model"
 step "Building the UI"
 scripts/build-ui.sh
-step "Building attune (CLI) and attune-app (desktop)"
-cargo build -p attune-cli -p attune-app
+step "Building attune (CLI), attune-app (desktop) and the tests"
+# The whole workspace with all targets: the same feature resolution as
+# `cargo test --workspace`, so scripts/test.sh reuses every artifact.
+cargo build --workspace --all-targets
 target_dir="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 # 4. Register the default model (adding the same file twice changes nothing).

@@ -7,6 +7,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 scripts/fetch-model.sh >/dev/null
 scripts/build-ui.sh
-# The end-to-end test runs these binaries; cargo test does not build them.
-cargo build -p attune-app -p attune-cli
+# The end-to-end test runs the app and CLI binaries, which cargo test does not
+# build. `--workspace --all-targets` resolves features as `cargo test --workspace`
+# does, so this build and the tests share every artifact (nothing builds twice).
+cargo build --workspace --all-targets
 cargo test --workspace "$@"
