@@ -12,7 +12,11 @@ pub enum ModelSource {
     /// A file or folder on this machine.
     Local { path: String },
     /// A Hugging Face Hub repository at a revision (files live in the HF cache).
-    Hub { repo: String, revision: String, path: String },
+    Hub {
+        repo: String,
+        revision: String,
+        path: String,
+    },
 }
 
 /// On-disk format of a model.
