@@ -249,6 +249,13 @@ impl Linear {
 
     /// `x` `[..., in]` -> `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (x2, lead) = self.flatten_input(x)?;
+        let y = self.base_product(&x2)?;
+        self.finish(&x2, y, lead)
+    }
+
+    /// `x` as `[rows, in]`, and the leading dims to restore.
+    fn flatten_input<'a>(&self, x: &'a Tensor) -> Result<(Tensor, &'a [usize])> {
         let dims = x.dims();
         let Some((&last, lead)) = dims.split_last() else {
             return Err(Error::InvalidParams("linear input is a scalar".into()));
@@ -260,8 +267,13 @@ impl Linear {
             )));
         }
         let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, self.in_dim))?;
-        let use_q = match (&self.weight, &self.qweight) {
+        Ok((x.reshape((rows, self.in_dim))?, lead))
+    }
+
+    /// Whether a call on `x2` `[rows, in]` reads the quantized weights.
+    fn uses_quantized(&self, x2: &Tensor) -> Result<bool> {
+        let rows = x2.dim(0)?;
+        Ok(match (&self.weight, &self.qweight) {
             (None, Some(_)) => true,
             (Some(_), None) => false,
             (None, None) => return Err(Error::InvalidParams("linear layer has no weights".into())),
@@ -270,8 +282,13 @@ impl Linear {
                 ComputeMode::Quantized => !x2.track_op(),
                 ComputeMode::Auto => rows <= AUTO_QUANTIZED_MAX_ROWS && !x2.track_op(),
             },
-        };
-        let mut y = match (use_q, &self.weight, &self.qweight) {
+        })
+    }
+
+    /// `x2 W^T` `[rows, out]`, without bias or LoRA.
+    fn base_product(&self, x2: &Tensor) -> Result<Tensor> {
+        let use_q = self.uses_quantized(x2)?;
+        Ok(match (use_q, &self.weight, &self.qweight) {
             (true, _, Some(_)) if self.q41.is_some() => match &self.q41 {
                 Some(k) => x2.contiguous()?.apply_op1_no_bwd(k.as_ref())?,
                 None => return Err(Error::InvalidParams("decode kernel missing".into())),
@@ -279,7 +296,11 @@ impl Linear {
             (true, _, Some(q)) => x2.contiguous()?.apply_op1_no_bwd(q.as_ref())?,
             (_, Some(w), _) => x2.matmul(&w.t()?)?,
             _ => return Err(Error::InvalidParams("linear layer has no weights".into())),
-        };
+        })
+    }
+
+    /// Adds bias and LoRA to the base product `y` `[rows, out]` and restores the leading dims.
+    fn finish(&self, x2: &Tensor, mut y: Tensor, lead: &[usize]) -> Result<Tensor> {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -291,6 +312,66 @@ impl Linear {
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_dim);
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Several layers that read the same input (q/k/v, or gate/up), multiplied by the decode kernel
+/// in one pass over their concatenated rows: one thread-pool dispatch instead of one per layer.
+/// Each layer's bias and LoRA are added after the split, so the result equals calling each
+/// layer's `forward`. It remembers which kernels it was built from and is used only while every
+/// layer still has that kernel and would take it for the call (else each layer runs alone), so
+/// later changes to the layers (new weights, another compute mode) can never make it stale.
+#[derive(Debug, Clone)]
+pub struct FusedDecode {
+    kernel: Arc<Q41Matrix>,
+    parts: Vec<Arc<Q41Matrix>>,
+}
+
+impl FusedDecode {
+    /// `None` unless every layer has a decode kernel of the same kind and input width.
+    pub fn new(layers: &[&Linear]) -> Option<Self> {
+        let parts: Vec<Arc<Q41Matrix>> = layers
+            .iter()
+            .map(|l| l.q41.clone())
+            .collect::<Option<_>>()?;
+        let kernel = Q41Matrix::concat(&parts)?;
+        Some(Self {
+            kernel: Arc::new(kernel),
+            parts,
+        })
+    }
+
+    /// `layers[i].forward(x)` for each layer, fused when possible.
+    pub fn forward(
+        fused: Option<&FusedDecode>,
+        layers: &[&Linear],
+        x: &Tensor,
+    ) -> Result<Vec<Tensor>> {
+        let Some(f) = fused else {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        };
+        let Some(first) = layers.first() else {
+            return Ok(Vec::new());
+        };
+        let (x2, lead) = first.flatten_input(x)?;
+        let mut usable = layers.len() == f.parts.len();
+        for (l, k) in layers.iter().zip(&f.parts) {
+            usable &= l.in_dim == first.in_dim
+                && l.q41.as_ref().is_some_and(|own| Arc::ptr_eq(own, k))
+                && l.uses_quantized(&x2)?;
+        }
+        if !usable {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        }
+        let y = x2.contiguous()?.apply_op1_no_bwd(f.kernel.as_ref())?;
+        let mut out = Vec::with_capacity(layers.len());
+        let mut start = 0;
+        for l in layers {
+            let part = y.narrow(1, start, l.out_dim)?;
+            start += l.out_dim;
+            out.push(l.finish(&x2, part, lead)?);
+        }
+        Ok(out)
     }
 }
 
@@ -365,6 +446,29 @@ impl Q41Matrix {
             }
         }
         Ok(Some(Self { qs, d, m, n, k, q8 }))
+    }
+
+    /// The rows of `parts` stacked in order; `None` if they differ in block type or width.
+    fn concat(parts: &[Arc<Q41Matrix>]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.k != first.k || p.q8 != first.q8) {
+            return None;
+        }
+        let mut out = Q41Matrix {
+            qs: Vec::with_capacity(parts.iter().map(|p| p.qs.len()).sum()),
+            d: Vec::with_capacity(parts.iter().map(|p| p.d.len()).sum()),
+            m: Vec::with_capacity(parts.iter().map(|p| p.m.len()).sum()),
+            n: 0,
+            k: first.k,
+            q8: first.q8,
+        };
+        for p in parts {
+            out.qs.extend_from_slice(&p.qs);
+            out.d.extend_from_slice(&p.d);
+            out.m.extend_from_slice(&p.m);
+            out.n += p.n;
+        }
+        Some(out)
     }
 
     /// `out[i, r] = sum_j x[i, j] * w[r, j]` for `x` `[rows, k]`.

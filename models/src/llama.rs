@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::config::Config;
-use crate::linear::{ComputeMode, Linear};
+use crate::linear::{ComputeMode, FusedDecode, Linear};
 use crate::{Error, Result};
 
 /// Root-mean-square layer norm with a learned scale.
@@ -114,10 +114,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu()?;
-        let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(g * u)?)
+    fn forward(&self, x: &Tensor, fused: Option<&FusedDecode>) -> Result<Tensor> {
+        let gu = FusedDecode::forward(fused, &[&self.gate_proj, &self.up_proj], x)?;
+        let [g, u] = <[Tensor; 2]>::try_from(gu)
+            .map_err(|_| Error::InvalidParams("gate/up product count".into()))?;
+        self.down_proj.forward(&(g.silu()? * u)?)
     }
 }
 
@@ -292,6 +293,8 @@ pub struct Llama {
     lm_head: Linear,
     inv_freq: Vec<f32>,
     force_differentiable: bool,
+    /// Per layer: q/k/v and gate/up fused for the decode kernel (see [`FusedDecode`]).
+    fused: Vec<(Option<FusedDecode>, Option<FusedDecode>)>,
 }
 
 /// Initial KV-cache capacity in positions (grown by doubling).
@@ -354,6 +357,17 @@ impl Llama {
         }
         check("lm_head".into(), &w.lm_head, cfg.vocab_size, h)?;
         let inv_freq = rope_inv_freq(&cfg);
+        let fused = w
+            .layers
+            .iter()
+            .map(|b| {
+                let a = &b.self_attn;
+                (
+                    FusedDecode::new(&[&a.q_proj, &a.k_proj, &a.v_proj]),
+                    FusedDecode::new(&[&b.mlp.gate_proj, &b.mlp.up_proj]),
+                )
+            })
+            .collect();
         Ok(Self {
             cfg,
             device,
@@ -363,6 +377,7 @@ impl Llama {
             lm_head: w.lm_head,
             inv_freq,
             force_differentiable: false,
+            fused,
         })
     }
 
@@ -664,6 +679,7 @@ impl Llama {
             let hn = block.input_layernorm.forward(&x, differentiable)?;
             let a = self.attention(
                 &block.self_attn,
+                self.fused.get(i).and_then(|f| f.0.as_ref()),
                 &hn,
                 &cos,
                 &sin,
@@ -675,7 +691,9 @@ impl Llama {
             let hn = block
                 .post_attention_layernorm
                 .forward(&x1, differentiable)?;
-            let m = block.mlp.forward(&hn)?;
+            let m = block
+                .mlp
+                .forward(&hn, self.fused.get(i).and_then(|f| f.1.as_ref()))?;
             x = (x1 + m)?;
         }
         if let Some(c) = cache {
@@ -706,6 +724,7 @@ impl Llama {
     fn attention(
         &self,
         a: &Attention,
+        fused_qkv: Option<&FusedDecode>,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
@@ -715,9 +734,9 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
-        let q = a.q_proj.forward(x)?;
-        let k = a.k_proj.forward(x)?;
-        let v = a.v_proj.forward(x)?;
+        let qkv = FusedDecode::forward(fused_qkv, &[&a.q_proj, &a.k_proj, &a.v_proj], x)?;
+        let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
+            .map_err(|_| Error::InvalidParams("q/k/v product count".into()))?;
         let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;

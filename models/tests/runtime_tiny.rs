@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use attune_models::config::Config;
 use attune_models::gguf;
-use attune_models::linear::{ComputeMode, Linear};
+use attune_models::linear::{ComputeMode, FusedDecode, Linear};
 use attune_models::llama::Llama;
 use attune_models::Error;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -611,4 +611,40 @@ fn q8_0_decode_kernel_matches_candle() {
             "rows {rows}: kernel vs candle Q8_0 {d} (scale {scale})"
         );
     }
+}
+
+/// q/k/v-style fusion: one pass over the stacked rows gives exactly what each layer gives alone,
+/// bias and LoRA included, and it steps aside once a layer no longer has its kernel.
+#[test]
+fn fused_decode_equals_separate_layers() {
+    let dev = Device::Cpu;
+    let layer = |out: usize, bias: bool| {
+        let w = Tensor::randn(0f32, 1.0, (out, 64), &dev).expect("w");
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize"));
+        let b = bias.then(|| Tensor::randn(0f32, 1.0, out, &dev).expect("bias"));
+        Linear::from_qtensor(q, b, ComputeMode::Auto)
+            .expect("linear")
+            .with_decode_kernel()
+            .expect("kernel")
+    };
+    let (mut a, b, c) = (layer(48, false), layer(16, true), layer(16, false));
+    let fused = FusedDecode::new(&[&a, &b, &c]).expect("all three have a Q4_1 kernel");
+    let lora_a = Tensor::randn(0f32, 1.0, (4, 64), &dev).expect("A");
+    let lora_b = Tensor::randn(0f32, 1.0, (48, 4), &dev).expect("B");
+    a.attach_lora(lora_a, lora_b, 0.5).expect("lora");
+    for rows in [1usize, 5] {
+        let x = Tensor::randn(0f32, 1.0, (1, rows, 64), &dev).expect("x");
+        let got = FusedDecode::forward(Some(&fused), &[&a, &b, &c], &x).expect("fused");
+        for (g, l) in got.iter().zip([&a, &b, &c]) {
+            let want = l.forward(&x).expect("alone");
+            assert_eq!(g.dims(), want.dims());
+            assert!(max_abs_diff(g, &want) < 1e-5, "rows {rows}");
+        }
+    }
+    // New dense weights drop the layer's quantized kernel: the fused product must not be used.
+    let w = Tensor::randn(0f32, 1.0, (48, 64), &dev).expect("w");
+    a.set_weight(w).expect("set weight");
+    let x = Tensor::randn(0f32, 1.0, (1, 1, 64), &dev).expect("x");
+    let got = FusedDecode::forward(Some(&fused), &[&a, &b, &c], &x).expect("fallback");
+    assert!(max_abs_diff(&got[0], &a.forward(&x).expect("alone")) < 1e-5);
 }
