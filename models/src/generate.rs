@@ -14,57 +14,28 @@ use crate::sampling::{Sampler, SamplingConfig};
 use crate::tokenizer::{Tok, TokenStream};
 use crate::{Error, Result};
 
-/// What to generate and how to sample it.
+/// What to generate and how to sample it. `Default` is greedy decoding of up to 256 tokens.
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
     /// Most new tokens to produce (at least 1).
     pub max_tokens: usize,
-    /// 0 = greedy.
-    pub temperature: f64,
-    pub top_k: Option<usize>,
-    /// In (0, 1].
-    pub top_p: Option<f64>,
-    /// In [0, 1].
-    pub min_p: Option<f64>,
-    /// 1 = off.
-    pub repetition_penalty: f32,
-    pub repeat_last_n: usize,
-    pub seed: u64,
     /// Generation ends before the first occurrence of any of these (non-empty) strings.
     pub stop: Vec<String>,
+    /// How each next token is chosen.
+    pub sampling: SamplingConfig,
 }
 
 impl Default for GenerateParams {
-    /// Greedy decoding of up to 256 tokens.
     fn default() -> Self {
         GenerateParams {
             max_tokens: 256,
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            min_p: None,
-            repetition_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: 0,
             stop: Vec::new(),
+            sampling: SamplingConfig::default(),
         }
     }
 }
 
 impl GenerateParams {
-    /// The sampling part of the settings.
-    pub fn sampling(&self) -> SamplingConfig {
-        SamplingConfig {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
-            repeat_last_n: self.repeat_last_n,
-            seed: self.seed,
-        }
-    }
-
     /// Refuses impossible settings with `Error::InvalidParams` naming the field.
     pub fn validate(&self) -> Result<()> {
         if self.max_tokens == 0 {
@@ -77,7 +48,7 @@ impl GenerateParams {
                 "stop[{i}]: stop strings must not be empty"
             )));
         }
-        self.sampling().validate()
+        self.sampling.validate()
     }
 }
 
@@ -200,7 +171,7 @@ pub fn generate(
         )));
     }
     let budget = params.max_tokens.min(context - prompt_ids.len());
-    let mut sampler = Sampler::new(params.sampling())?;
+    let mut sampler = Sampler::new(params.sampling.clone())?;
     let mut eos: Vec<u32> = tok.eos_token_ids().to_vec();
     for id in &cfg.eos_token_ids {
         if !eos.contains(id) {
@@ -339,14 +310,20 @@ mod tests {
         );
         check(
             GenerateParams {
-                temperature: -1.0,
+                sampling: SamplingConfig {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "temperature",
         );
         check(
             GenerateParams {
-                top_p: Some(1.01),
+                sampling: SamplingConfig {
+                    top_p: Some(1.01),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "top_p",

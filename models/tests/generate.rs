@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use attune_models::chat_template::Message;
 use attune_models::generate::{generate, FinishReason, GenerateParams, Generation};
 use attune_models::loader::{load, ComputeMode, LoadOptions, LoadedModel};
+use attune_models::sampling::SamplingConfig;
 
 fn model_path() -> PathBuf {
     let p = attune_models::default_model_path();
@@ -135,10 +136,13 @@ fn same_seed_same_text() {
     let ids = prompt(m, "Write a short poem about the sea.");
     let params = GenerateParams {
         max_tokens: 16,
-        temperature: 0.9,
-        top_p: Some(0.95),
-        top_k: Some(50),
-        seed: 1234,
+        sampling: SamplingConfig {
+            temperature: 0.9,
+            top_p: Some(0.95),
+            top_k: Some(50),
+            seed: 1234,
+            ..SamplingConfig::default()
+        },
         ..GenerateParams::default()
     };
     let (a, _) = run(m, &ids, &params);
@@ -149,7 +153,10 @@ fn same_seed_same_text() {
         m,
         &ids,
         &GenerateParams {
-            seed: 99,
+            sampling: SamplingConfig {
+                seed: 99,
+                ..params.sampling.clone()
+            },
             ..params.clone()
         },
     );
@@ -249,7 +256,10 @@ fn bad_requests_are_refused() {
     let e = err(
         &[1],
         GenerateParams {
-            temperature: -0.5,
+            sampling: SamplingConfig {
+                temperature: -0.5,
+                ..Default::default()
+            },
             ..Default::default()
         },
     );

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicBool;
 use attune_models::chat_template::Message;
 use attune_models::generate::{self, GenerateParams, Generation};
 use attune_models::loader::{LoadOptions, LoadedModel};
+use attune_models::sampling::SamplingConfig;
 use attune_protocol::{ChatEvent, ChatMessage, FinishReason, GenerationStats, SamplingParams};
 
 use crate::error::EngineError;
@@ -87,14 +88,16 @@ fn run(
 ) -> Result<GenerationStats, EngineError> {
     let gp = GenerateParams {
         max_tokens: params.max_tokens,
-        temperature: params.temperature,
-        top_k: params.top_k,
-        top_p: params.top_p,
-        min_p: params.min_p,
-        repetition_penalty: params.repetition_penalty,
-        repeat_last_n: params.repeat_last_n,
-        seed: params.seed,
         stop: params.stop.clone(),
+        sampling: SamplingConfig {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            repeat_last_n: params.repeat_last_n,
+            seed: params.seed,
+        },
     };
     let generation = generate::generate(
         &model.model,
