@@ -1,15 +1,12 @@
 //! Real PEFT adapters (shared/reference/adapters) on the GGUF model match PEFT's logits.
 //! The GGUF loader un-permutes Q/K into Hugging Face layout, so PEFT's `lora_B` applies as is.
 
-use std::path::PathBuf;
-
 use attune_models::gguf;
 use attune_models::linear::ComputeMode;
 use candle_core::{Device, Tensor, D};
 
-fn reference_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference")
-}
+mod common;
+use common::reference_dir;
 
 fn model() -> attune_models::llama::Llama {
     let p = attune_models::default_model_path();

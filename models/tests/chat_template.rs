@@ -3,30 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use attune_models::chat_template::{ChatTemplate, Message};
 use attune_models::inspect::read_gguf_header;
 use attune_models::tokenizer::Tok;
 
-fn model_path() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "default model missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
-
-fn read_reference(name: &str) -> serde_json::Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference")
-        .join(name);
-    let text =
-        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap()
-}
+mod common;
+use common::{model_path, read_reference};
 
 #[test]
 fn gguf_template_matches_transformers() {

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -13,23 +12,8 @@ use attune_models::generate::{generate, FinishReason, GenerateParams, Generation
 use attune_models::loader::{load, ComputeMode, LoadOptions, LoadedModel};
 use attune_models::sampling::SamplingConfig;
 
-fn model_path() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "default model missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
-
-fn reference() -> serde_json::Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference/generate_reference.json");
-    let text =
-        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap()
-}
+mod common;
+use common::model_path;
 
 /// The default model in f32, loaded once for all tests of this file.
 fn f32_model() -> &'static LoadedModel {
@@ -307,4 +291,8 @@ fn sampling_and_streaming_overhead_is_small() {
     // The models crate builds at the dev opt-level (unoptimised): a full sort of the
     // vocabulary per token cost ~65 ms here, the thresholded candidate search ~10-18 ms.
     assert!(per_token.as_millis() < 40, "{per_token:?} per token");
+}
+
+fn reference() -> serde_json::Value {
+    common::read_reference("generate_reference.json")
 }

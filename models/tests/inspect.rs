@@ -3,20 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use attune_models::inspect::{inspect, ModelFormat};
 use attune_models::Error;
 
-fn model_path() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "default model missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::model_path;
 
 #[test]
 fn real_gguf() {

@@ -2,26 +2,13 @@
 //! (`shared/reference/reference_logits.json`), plus the quantized path, the KV cache and the
 //! Hugging Face export/import round trip on the real weights.
 
-use std::path::PathBuf;
-
 use attune_models::gguf;
 use attune_models::linear::ComputeMode;
 use attune_models::llama::Llama;
 use candle_core::{Device, Tensor, D};
 
-fn model_path() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "default model missing at {}: run scripts/fetch-model.sh (or set ATTUNE_TEST_MODEL)",
-        p.display()
-    );
-    p
-}
-
-fn reference_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference")
-}
+mod common;
+use common::{model_path, reference_dir};
 
 struct Prompt {
     name: String,

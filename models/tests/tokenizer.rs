@@ -3,28 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use attune_models::inspect::read_gguf_header;
 use attune_models::tokenizer::{Tok, TokenStream};
 
-fn model_path() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "default model missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
-
-fn reference() -> serde_json::Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference/reference_logits.json");
-    let text =
-        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap()
-}
+mod common;
+use common::model_path;
 
 fn load_tok() -> Tok {
     let path = model_path();
@@ -141,4 +124,8 @@ fn hf_folder_tokenizer_gives_the_same_ids() {
     std::fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();
     let err = Tok::from_hf_dir(dir.path()).unwrap_err().to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
+}
+
+fn reference() -> serde_json::Value {
+    common::read_reference("reference_logits.json")
 }
