@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, SUPPORTED_ARCHITECTURES};
 use crate::linear::{ComputeMode, Linear};
-use crate::llama::{Attention, Block, Embedding, Llama, LlamaWeights, Mlp, RmsNorm};
+use crate::llama::{Block, BlockProjections, Embedding, Llama, LlamaWeights, RmsNorm};
 use crate::{Error, Result};
 
 const FORMAT: &str = "GGUF";
@@ -290,37 +290,21 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
             };
             lin.map_err(|e| Error::field(path, &wname, e))
         };
-        let q_proj = proj("attn_q", Some(nh))?;
-        let k_proj = proj("attn_k", Some(nkv))?;
-        let v_proj = proj("attn_v", None)?;
-        let o_proj = proj("attn_output", None)?;
-        let gate_proj = proj("ffn_gate", None)?;
-        let up_proj = proj("ffn_up", None)?;
-        let down_proj = proj("ffn_down", None)?;
-        layers.push(Block {
-            input_layernorm: RmsNorm::new(
-                t.f32(&format!("{p}.attn_norm.weight"))?,
-                config.rms_norm_eps,
-            )?,
-            self_attn: Attention {
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj,
-                num_heads: nh,
-                num_kv_heads: nkv,
-                head_dim: config.head_dim(),
-            },
-            post_attention_layernorm: RmsNorm::new(
-                t.f32(&format!("{p}.ffn_norm.weight"))?,
-                config.rms_norm_eps,
-            )?,
-            mlp: Mlp {
-                gate_proj,
-                up_proj,
-                down_proj,
-            },
-        });
+        let projections = BlockProjections {
+            q_proj: proj("attn_q", Some(nh))?,
+            k_proj: proj("attn_k", Some(nkv))?,
+            v_proj: proj("attn_v", None)?,
+            o_proj: proj("attn_output", None)?,
+            gate_proj: proj("ffn_gate", None)?,
+            up_proj: proj("ffn_up", None)?,
+            down_proj: proj("ffn_down", None)?,
+        };
+        layers.push(Block::new(
+            &config,
+            t.f32(&format!("{p}.attn_norm.weight"))?,
+            t.f32(&format!("{p}.ffn_norm.weight"))?,
+            projections,
+        )?);
     }
     let norm = RmsNorm::new(t.f32("output_norm.weight")?, config.rms_norm_eps)?;
     let weights = LlamaWeights {

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, HfConfig};
 use crate::linear::Linear;
-use crate::llama::{Attention, Block, Embedding, Llama, LlamaWeights, Mlp, RmsNorm};
+use crate::llama::{Block, BlockProjections, Embedding, Llama, LlamaWeights, RmsNorm};
 use crate::{Error, Result};
 
 /// Reads and validates `<dir>/config.json`.
@@ -132,37 +132,21 @@ pub fn load(dir: &Path) -> Result<HfModel> {
             Linear::from_weights(w, b).map_err(|e| Error::field(dir, format!("{p}.{name}"), e))
         };
         let bias = config.attention_bias;
-        let q_proj = lin("self_attn.q_proj", bias)?;
-        let k_proj = lin("self_attn.k_proj", bias)?;
-        let v_proj = lin("self_attn.v_proj", bias)?;
-        let o_proj = lin("self_attn.o_proj", false)?;
-        let gate_proj = lin("mlp.gate_proj", false)?;
-        let up_proj = lin("mlp.up_proj", false)?;
-        let down_proj = lin("mlp.down_proj", false)?;
-        layers.push(Block {
-            input_layernorm: RmsNorm::new(
-                take(&format!("{p}.input_layernorm.weight"))?,
-                config.rms_norm_eps,
-            )?,
-            self_attn: Attention {
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj,
-                num_heads: config.num_attention_heads,
-                num_kv_heads: config.num_key_value_heads,
-                head_dim: config.head_dim(),
-            },
-            post_attention_layernorm: RmsNorm::new(
-                take(&format!("{p}.post_attention_layernorm.weight"))?,
-                config.rms_norm_eps,
-            )?,
-            mlp: Mlp {
-                gate_proj,
-                up_proj,
-                down_proj,
-            },
-        });
+        let projections = BlockProjections {
+            q_proj: lin("self_attn.q_proj", bias)?,
+            k_proj: lin("self_attn.k_proj", bias)?,
+            v_proj: lin("self_attn.v_proj", bias)?,
+            o_proj: lin("self_attn.o_proj", false)?,
+            gate_proj: lin("mlp.gate_proj", false)?,
+            up_proj: lin("mlp.up_proj", false)?,
+            down_proj: lin("mlp.down_proj", false)?,
+        };
+        layers.push(Block::new(
+            &config,
+            take(&format!("{p}.input_layernorm.weight"))?,
+            take(&format!("{p}.post_attention_layernorm.weight"))?,
+            projections,
+        )?);
     }
     let norm = RmsNorm::new(take("model.norm.weight")?, config.rms_norm_eps)?;
     let lm_head = if config.tie_word_embeddings {

@@ -131,6 +131,48 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
+/// The seven projections of one layer, by their Hugging Face names.
+#[derive(Debug)]
+pub struct BlockProjections {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Block {
+    /// A layer from its norm weights and projections, with head counts from `cfg`
+    /// (every loader builds layers this way; `Llama::from_parts` checks the shapes).
+    pub fn new(
+        cfg: &Config,
+        input_norm: Tensor,
+        post_attention_norm: Tensor,
+        p: BlockProjections,
+    ) -> Result<Self> {
+        Ok(Block {
+            input_layernorm: RmsNorm::new(input_norm, cfg.rms_norm_eps)?,
+            self_attn: Attention {
+                q_proj: p.q_proj,
+                k_proj: p.k_proj,
+                v_proj: p.v_proj,
+                o_proj: p.o_proj,
+                num_heads: cfg.num_attention_heads,
+                num_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim(),
+            },
+            post_attention_layernorm: RmsNorm::new(post_attention_norm, cfg.rms_norm_eps)?,
+            mlp: Mlp {
+                gate_proj: p.gate_proj,
+                up_proj: p.up_proj,
+                down_proj: p.down_proj,
+            },
+        })
+    }
+}
+
 /// All weights of a model, as the loaders build them.
 #[derive(Debug, Clone)]
 pub struct LlamaWeights {
@@ -418,30 +460,17 @@ impl Llama {
             let qb = bias(nh * hd, &mut rand_t)?;
             let kb = bias(nkv * hd, &mut rand_t)?;
             let vb = bias(nkv * hd, &mut rand_t)?;
-            layers.push(Block {
-                input_layernorm: RmsNorm::new(
-                    Tensor::ones(h, DType::F32, device)?,
-                    cfg.rms_norm_eps,
-                )?,
-                self_attn: Attention {
-                    q_proj: Linear::from_weights(rand_t(&[nh * hd, h])?, qb)?,
-                    k_proj: Linear::from_weights(rand_t(&[nkv * hd, h])?, kb)?,
-                    v_proj: Linear::from_weights(rand_t(&[nkv * hd, h])?, vb)?,
-                    o_proj: Linear::from_weights(rand_t(&[h, nh * hd])?, None)?,
-                    num_heads: nh,
-                    num_kv_heads: nkv,
-                    head_dim: hd,
-                },
-                post_attention_layernorm: RmsNorm::new(
-                    Tensor::ones(h, DType::F32, device)?,
-                    cfg.rms_norm_eps,
-                )?,
-                mlp: Mlp {
-                    gate_proj: Linear::from_weights(rand_t(&[inter, h])?, None)?,
-                    up_proj: Linear::from_weights(rand_t(&[inter, h])?, None)?,
-                    down_proj: Linear::from_weights(rand_t(&[h, inter])?, None)?,
-                },
-            });
+            let projections = BlockProjections {
+                q_proj: Linear::from_weights(rand_t(&[nh * hd, h])?, qb)?,
+                k_proj: Linear::from_weights(rand_t(&[nkv * hd, h])?, kb)?,
+                v_proj: Linear::from_weights(rand_t(&[nkv * hd, h])?, vb)?,
+                o_proj: Linear::from_weights(rand_t(&[h, nh * hd])?, None)?,
+                gate_proj: Linear::from_weights(rand_t(&[inter, h])?, None)?,
+                up_proj: Linear::from_weights(rand_t(&[inter, h])?, None)?,
+                down_proj: Linear::from_weights(rand_t(&[h, inter])?, None)?,
+            };
+            let ones = Tensor::ones(h, DType::F32, device)?;
+            layers.push(Block::new(cfg, ones.clone(), ones, projections)?);
         }
         let lm_head = if cfg.tie_word_embeddings {
             Linear::from_weights(embed.clone(), None)?
