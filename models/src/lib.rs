@@ -15,6 +15,7 @@ pub mod llama;
 pub mod loader;
 pub mod sampling;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
 
@@ -41,4 +42,23 @@ pub fn default_model_path() -> std::path::PathBuf {
         return p.into();
     }
     default_data_dir().join("models").join(DEFAULT_MODEL_FILE)
+}
+
+/// Tunes glibc's allocator for tensor work: training allocates and frees buffers of tens of
+/// megabytes per op, which glibc by default hands back to the kernel (mmap/munmap) every time,
+/// so every op pays page faults on fresh memory (measured: the LoRA backward pass 3x slower).
+/// Keeps buffers up to 32 MB in the heap and trims it only past 512 MB free. Idempotent; a no-op
+/// off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+            }
+        });
+    }
 }

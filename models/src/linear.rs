@@ -37,8 +37,13 @@ pub struct LoraBranch {
     pub a: Tensor,
     /// `lora_B` `[out, r]`.
     pub b: Tensor,
-    /// `alpha / r`.
+    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
     pub scale: f64,
+    /// Dropout probability on the branch's input while training (PEFT's `lora_dropout`).
+    pub dropout: f32,
+    /// Seed of the current training step's dropout mask; `None` (inference, evaluation) means no
+    /// dropout. Derived per step by the trainer, so a resumed run draws the same masks.
+    pub dropout_seed: Option<u64>,
 }
 
 /// A linear layer `y = x W^T (+ bias) (+ LoRA)`.
@@ -214,8 +219,29 @@ impl Linear {
             a: a.to_dtype(DType::F32)?,
             b: b.to_dtype(DType::F32)?,
             scale,
+            dropout: 0.0,
+            dropout_seed: None,
         });
         Ok(())
+    }
+
+    /// Replaces the bias (`[out]`), e.g. with a `Var`'s tensor for full fine-tuning.
+    pub fn set_bias(&mut self, bias: Option<Tensor>) -> Result<()> {
+        if let Some(b) = &bias {
+            if b.dims() != [self.out_dim] {
+                return Err(Error::InvalidParams(format!(
+                    "bias shape {:?} does not match {} outputs",
+                    b.dims(),
+                    self.out_dim
+                )));
+            }
+        }
+        self.bias = bias;
+        Ok(())
+    }
+
+    pub fn lora_mut(&mut self) -> Option<&mut LoraBranch> {
+        self.lora.as_mut()
     }
 
     /// Removes the LoRA branch and returns it.
@@ -294,6 +320,10 @@ impl Linear {
                 None => return Err(Error::InvalidParams("decode kernel missing".into())),
             },
             (true, _, Some(q)) => x2.contiguous()?.apply_op1_no_bwd(q.as_ref())?,
+            // A frozen weight under a tracked input (LoRA, prompt tuning): no weight gradient.
+            (_, Some(w), _) if x2.track_op() && !w.track_op() => {
+                crate::train::ops::frozen_linear(x2, w)?
+            }
             (_, Some(w), _) => x2.matmul(&w.t()?)?,
             _ => return Err(Error::InvalidParams("linear layer has no weights".into())),
         })
@@ -305,6 +335,14 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = &self.lora {
+            let dropped;
+            let x2 = match l.dropout_seed {
+                Some(seed) if l.dropout > 0.0 => {
+                    dropped = dropout(x2, l.dropout, seed)?;
+                    &dropped
+                }
+                _ => x2,
+            };
             let ax = x2.matmul(&l.a.t()?)?;
             let bax = ax.matmul(&l.b.t()?)?;
             y = (y + (bax * l.scale)?)?;
@@ -664,4 +702,32 @@ impl candle_core::CustomOp1 for Q41Matrix {
         }
         Ok((candle_core::CpuStorage::F32(out), od.into()))
     }
+}
+
+/// Inverted dropout with a mask drawn from `seed` (SplitMix64), so the same seed gives the same
+/// mask on every run.
+fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::InvalidParams(format!("dropout {p} is not in [0, 1)")));
+    }
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p);
+    let mut state = seed;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+            if u < p {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    Ok((x * mask)?)
 }

@@ -38,9 +38,7 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable || self.weight.track_op() {
-            let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-            let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-            Ok(x.broadcast_mul(&self.weight)?)
+            Ok(crate::train::ops::rms_norm(x, &self.weight, self.eps as f32)?)
         } else {
             Ok(candle_nn::ops::rms_norm(
                 &x.contiguous()?,
@@ -516,6 +514,21 @@ impl Llama {
     pub fn lm_head(&self) -> &Linear {
         &self.lm_head
     }
+    /// Replaces the token embedding table (e.g. with a `Var`'s tensor for full fine-tuning); the
+    /// quantized table, if any, is dropped.
+    pub fn set_embedding_weight(&mut self, weight: Tensor) -> Result<()> {
+        let dims = weight.dims2()?;
+        if dims != (self.embed_tokens.vocab_size, self.embed_tokens.hidden_size) {
+            return Err(Error::InvalidParams(format!(
+                "embedding shape {dims:?} does not match [{}, {}]",
+                self.embed_tokens.vocab_size, self.embed_tokens.hidden_size
+            )));
+        }
+        self.embed_tokens.weight = Some(weight);
+        self.embed_tokens.qweight = None;
+        Ok(())
+    }
+
     pub fn lm_head_mut(&mut self) -> &mut Linear {
         &mut self.lm_head
     }
@@ -780,6 +793,14 @@ impl Llama {
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             )
         };
+        if differentiable && cache.is_none() {
+            // Training and scoring: causal attention that keeps no [seq, seq] tensors for the
+            // backward pass.
+            let scale = 1.0 / (hd as f32).sqrt();
+            let out = crate::train::ops::attention(&q, &k, &v, scale)?;
+            let out = out.transpose(1, 2)?.reshape((b, l, nh * hd))?;
+            return a.o_proj.forward(&out);
+        }
         let (k, v) = match cache {
             Some((c, i)) => c.append(i, &k, &v)?,
             None => (k, v),

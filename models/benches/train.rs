@@ -1,0 +1,158 @@
+//! Training benchmark on the default model, the setting of `shared/reference/README.md`: batch
+//! 4 x 256 tokens of the PubMedQA corpus packed into blocks (each line + `<|endoftext|>`), loss on
+//! every token, AdamW (lr 2e-4, weight decay 0.01), 2 warm-up steps then timed steps; tokens/s
+//! (median step) and peak RSS per method, beside the PyTorch + PEFT figures.
+//!
+//! `cargo bench -p attune-models --bench train`
+//! Environment: `ATTUNE_BENCH_METHODS=lora,full,prompt` (default all three),
+//! `ATTUNE_BENCH_STEPS` (timed steps, default 20), `ATTUNE_CORPUS` (default
+//! `../shared/data/pubmedqa/corpus.txt` from the workspace root).
+//!
+//! Each method runs in a child process of this binary so that its peak RSS is its own.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use attune_models::linear::ComputeMode;
+use attune_models::loader::{self, LoadOptions};
+use attune_models::train::{
+    self, AdamWConfig, Example, LoraConfig, Method, PromptConfig, PromptInit, Schedule,
+    ScheduleKind, TrainConfig, Trainer,
+};
+
+type R<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn corpus_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("ATTUNE_CORPUS") {
+        return p.into();
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/pubmedqa/corpus.txt")
+}
+
+fn method(name: &str) -> R<Method> {
+    Ok(match name {
+        "lora" => Method::Lora(LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            ..LoraConfig::default()
+        }),
+        "full" => Method::Full,
+        "prompt" => Method::Prompt(PromptConfig {
+            num_virtual_tokens: 20,
+            init: PromptInit::Text("Read the following biomedical text carefully and continue it in the same style:".into()),
+        }),
+        other => return Err(format!("unknown method {other}").into()),
+    })
+}
+
+/// One method, in this process: prints one tab-separated result line.
+fn run_one(name: &str, steps: usize) -> R<()> {
+    let loaded = loader::load(&attune_models::default_model_path(), &LoadOptions { compute: ComputeMode::F32 })?;
+    let tok = loaded.tokenizer;
+    let mut model = loaded.model;
+    let text = std::fs::read_to_string(corpus_path())?;
+    let opts = train::RenderOptions { loss_on: train::LossOn::All, max_len: usize::MAX };
+    let docs: Vec<Example> = text
+        .lines()
+        .map(|l| train::render_text(&tok, l, &opts))
+        .collect::<Result<_, _>>()?;
+    let blocks = train::pack(&docs, 256);
+    let m = method(name)?;
+    let trainable = train::prepare(&mut model, &tok, &m, 42)?;
+    let total = steps + 2;
+    let cfg = TrainConfig {
+        batch_size: 4,
+        grad_accum: 1,
+        steps: total,
+        optimizer: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
+        schedule: Schedule { kind: ScheduleKind::Constant, peak_lr: 2e-4, warmup_steps: 0, total_steps: total, final_frac: 1.0 },
+        max_grad_norm: 0.0,
+        seed: 42,
+        shuffle: false,
+    };
+    let mut trainer = Trainer::new(model, trainable, cfg, blocks, 0)?;
+    let mut times = Vec::new();
+    let mut first_loss = f64::NAN;
+    let mut tokens = 0;
+    for i in 0..total {
+        let t = Instant::now();
+        let s = trainer.train_step()?;
+        if i == 0 {
+            first_loss = s.loss;
+        }
+        tokens = s.tokens;
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let med = median(times);
+    println!("RESULT\t{name}\t{:.1}\t{:.0}\t{first_loss:.4}\t{med:.2}", tokens as f64 / med, peak_rss_mb());
+    Ok(())
+}
+
+fn main() -> R<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let steps: usize = std::env::var("ATTUNE_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    if let Some(pos) = args.iter().position(|a| a == "--child") {
+        return run_one(&args[pos + 1], steps);
+    }
+    let model = attune_models::default_model_path();
+    if !model.is_file() {
+        eprintln!("default model not found at {} (run scripts/fetch-model.sh)", model.display());
+        return Ok(());
+    }
+    let methods = std::env::var("ATTUNE_BENCH_METHODS").unwrap_or_else(|_| "lora,full,prompt".into());
+    let reference = |m: &str| match m {
+        "lora" => (216.0, 5.0),
+        "full" => (163.0, 5.3),
+        "prompt" => (243.0, 3.9),
+        _ => (f64::NAN, f64::NAN),
+    };
+    println!(
+        "training, batch 4 x 256 tokens, {steps} timed steps after 2 warm-up, {} threads",
+        candle_core::utils::get_num_threads()
+    );
+    println!("{:<8} {:>10} {:>12} {:>12} {:>14} {:>12}", "method", "tok/s", "PyTorch", "peak RSS", "PyTorch RSS", "loss step 1");
+    for m in methods.split(',') {
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["--child", m])
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let Some(line) = stdout.lines().find(|l| l.starts_with("RESULT\t")) else {
+            eprintln!("{m}: failed: {}", String::from_utf8_lossy(&out.stderr));
+            continue;
+        };
+        let f: Vec<&str> = line.split('\t').collect();
+        let (rt, rm) = reference(m);
+        println!(
+            "{:<8} {:>10} {:>12} {:>9} MB {:>11} GB {:>12}",
+            m, f[2], rt, f[3], rm, f[4]
+        );
+    }
+    println!("reference: loss on batch 0 before any update = 3.2720 (LoRA, full); prompt tuning differs (virtual tokens)");
+    Ok(())
+}
