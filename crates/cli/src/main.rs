@@ -1,5 +1,5 @@
 //! `attune`: the command line over the engine — manage the model library, pull from
-//! the Hugging Face Hub, chat and generate. Errors print as one `error: ...` line on
+//! the Hugging Face Hub, import datasets, chat and generate. Errors print as one `error: ...` line on
 //! stderr with exit code 1.
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use attune_engine::{Engine, PullProgress};
 use attune_protocol::{
-    ChatEvent, ChatMessage, GenerationStats, ModelSource, ModelSummary, SamplingParams,
+    ChatEvent, ChatMessage, ColumnMap, DatasetFormat, DatasetPreview, DatasetStats, DatasetSummary,
+    GenerationStats, ImportOptions, LossOn, ModelSource, ModelSummary, RowSample, SamplingParams,
+    Split,
 };
 use clap::{Args, Parser, Subcommand};
 
@@ -34,6 +36,9 @@ enum Command {
     /// Manage the model library.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Import, inspect and remove datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Chat with a model: reads lines from stdin, `/exit` or end of input quits,
     /// `/reset` starts over, Ctrl-C stops the current answer.
     Chat {
@@ -96,6 +101,120 @@ enum ModelsCommand {
         /// Model id or name.
         model: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Import a dataset file (chat / ShareGPT / Alpaca JSON Lines, CSV, plain text) into
+    /// the library. Bad rows are listed and nothing is imported unless --accept-bad-rows.
+    Import {
+        path: PathBuf,
+        /// Library name (default: the file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// The file's format (default: detected from the extension and the first record).
+        #[arg(long, value_parser = parse_format)]
+        format: Option<DatasetFormat>,
+        /// CSV columns: prompt=COL,response=COL,system=COL,label=COL,id=COL or text=COL.
+        #[arg(long, value_name = "KEY=COL,...")]
+        map: Option<String>,
+        /// Text: one document per blank-line-separated paragraph (default: per line).
+        #[arg(long)]
+        paragraphs: bool,
+        /// Share of rows for validation (default 0.1).
+        #[arg(long, allow_negative_numbers = true)]
+        valid_fraction: Option<f64>,
+        /// Share of rows for testing (default 0).
+        #[arg(long, allow_negative_numbers = true)]
+        test_fraction: Option<f64>,
+        /// Seed of the shuffle that assigns rows to splits (default 42).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// A validation file (the main file is then all training rows).
+        #[arg(long, value_name = "PATH")]
+        valid: Option<PathBuf>,
+        /// A test file.
+        #[arg(long, value_name = "PATH")]
+        test: Option<PathBuf>,
+        /// Import the good rows and skip the bad ones.
+        #[arg(long)]
+        accept_bad_rows: bool,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long, short)]
+        yes: bool,
+    },
+    /// List datasets.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dataset; with --model, its token statistics under that model.
+    Show {
+        /// Dataset id or name.
+        dataset: String,
+        /// Model id or name for token statistics.
+        #[arg(long, short)]
+        model: Option<String>,
+        /// Training max length in tokens (for the statistics).
+        #[arg(long, default_value_t = 1024)]
+        max_len: usize,
+        /// Count loss tokens on the assistant turns or on everything.
+        #[arg(long, value_parser = parse_loss_on, default_value = "assistant")]
+        loss_on: LossOn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a dataset from the library (its source file is kept).
+    #[command(alias = "remove")]
+    Rm {
+        /// Dataset id or name.
+        dataset: String,
+    },
+}
+
+fn parse_format(s: &str) -> Result<DatasetFormat, String> {
+    DatasetFormat::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = DatasetFormat::ALL.iter().map(|f| f.as_str()).collect();
+        format!("unknown format '{s}' (choose {})", all.join(", "))
+    })
+}
+
+fn parse_loss_on(s: &str) -> Result<LossOn, String> {
+    match s {
+        "assistant" => Ok(LossOn::Assistant),
+        "all" => Ok(LossOn::All),
+        _ => Err(format!(
+            "unknown loss target '{s}' (choose assistant or all)"
+        )),
+    }
+}
+
+/// `prompt=COL,response=COL,...` into a column map.
+fn parse_map(s: &str) -> Result<ColumnMap> {
+    let mut map = ColumnMap::default();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((key, col)) = part.split_once('=') else {
+            bail!("--map: '{part}' is not KEY=COLUMN");
+        };
+        let col = col.trim();
+        if col.is_empty() {
+            bail!("--map: '{part}' names no column");
+        }
+        let slot = match key.trim() {
+            "prompt" => &mut map.prompt,
+            "response" => &mut map.response,
+            "system" => &mut map.system,
+            "label" => &mut map.label,
+            "id" => &mut map.id,
+            "text" => &mut map.text,
+            other => bail!(
+                "--map: unknown key '{other}' (use prompt, response, system, label, id or text)"
+            ),
+        };
+        *slot = Some(col.to_string());
+    }
+    Ok(map)
 }
 
 /// Sampling flags; unset flags keep the app's defaults.
@@ -224,6 +343,7 @@ fn run(cli: Cli) -> Result<()> {
     let engine = Engine::open(&data_dir)?;
     match cli.command {
         Command::Models(cmd) => models(&engine, cmd),
+        Command::Data(cmd) => data(&engine, cmd),
         Command::Chat {
             model,
             system,
@@ -292,6 +412,304 @@ fn models(engine: &Engine, cmd: ModelsCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn data(engine: &Engine, cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Import {
+            path,
+            name,
+            format,
+            map,
+            paragraphs,
+            valid_fraction,
+            test_fraction,
+            seed,
+            valid,
+            test,
+            accept_bad_rows,
+            yes,
+        } => {
+            let split = if valid.is_some() || test.is_some() {
+                if valid_fraction.is_some() || test_fraction.is_some() || seed.is_some() {
+                    bail!("use either --valid/--test files or --valid-fraction/--test-fraction/--seed, not both");
+                }
+                let s = |p: Option<PathBuf>| p.map(|p| p.to_string_lossy().into_owned());
+                Split::Files {
+                    valid_path: s(valid),
+                    test_path: s(test),
+                }
+            } else {
+                let valid_fraction = valid_fraction.unwrap_or(0.1);
+                let test_fraction = test_fraction.unwrap_or(0.0);
+                for (flag, f) in [
+                    ("--valid-fraction", valid_fraction),
+                    ("--test-fraction", test_fraction),
+                ] {
+                    if !(0.0..1.0).contains(&f) {
+                        bail!("{flag} must be in [0, 1), got {f}");
+                    }
+                }
+                if valid_fraction == 0.0 && test_fraction == 0.0 {
+                    Split::AllTrain
+                } else {
+                    Split::Seeded {
+                        valid_fraction,
+                        test_fraction,
+                        seed: seed.unwrap_or(42),
+                    }
+                }
+            };
+            let options = ImportOptions {
+                name,
+                format,
+                columns: map
+                    .as_deref()
+                    .map(parse_map)
+                    .transpose()?
+                    .unwrap_or_default(),
+                paragraphs,
+                split,
+                accept_bad_rows,
+                preview_rows: 1,
+            };
+            let preview = engine.inspect_dataset(&path, &options)?;
+            print_preview(&preview);
+            if preview.bad_row_count > 0 && !accept_bad_rows {
+                print_bad_rows(&preview);
+                bail!(
+                    "{}: {} bad row(s); nothing was imported (fix them, or pass --accept-bad-rows to skip them)",
+                    path.display(),
+                    preview.bad_row_count
+                );
+            }
+            if !yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+                eprint!("import as '{}'? [y/N] ", preview.name);
+                let mut answer = String::new();
+                std::io::stdin()
+                    .read_line(&mut answer)
+                    .context("cannot read standard input")?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    bail!("cancelled; nothing was imported");
+                }
+            }
+            let ds = engine.import_dataset(&path, &options)?;
+            println!(
+                "imported dataset {} '{}': {} train, {} valid, {} test rows ({} duplicates removed, {} bad rows skipped)",
+                ds.id,
+                ds.name,
+                ds.train_rows,
+                ds.valid_rows,
+                ds.test_rows,
+                ds.duplicates_removed,
+                ds.bad_rows_skipped
+            );
+        }
+        DataCommand::List { json } => {
+            let list = engine.list_datasets()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                eprintln!("no datasets yet: import one with `attune data import <file>`");
+            } else {
+                print_dataset_table(&list);
+            }
+        }
+        DataCommand::Show {
+            dataset,
+            model,
+            max_len,
+            loss_on,
+            json,
+        } => {
+            let ds = engine.find_dataset(&dataset)?;
+            let stats = match model {
+                Some(m) => {
+                    let m = engine.find_model(&m)?;
+                    Some(engine.dataset_stats(ds.id, m.id, max_len, loss_on)?)
+                }
+                None => None,
+            };
+            if json {
+                let mut v = serde_json::to_value(&ds)?;
+                if let (Some(obj), Some(stats)) = (v.as_object_mut(), &stats) {
+                    obj.insert("stats".into(), serde_json::to_value(stats)?);
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_dataset(&ds);
+                if let Some(stats) = &stats {
+                    print_stats(stats);
+                }
+            }
+        }
+        DataCommand::Rm { dataset } => {
+            let ds = engine.find_dataset(&dataset)?;
+            engine.remove_dataset(ds.id)?;
+            println!(
+                "removed dataset {} '{}' (its source file was kept)",
+                ds.id, ds.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What the file holds, on stderr (stdout carries the result).
+fn print_preview(p: &DatasetPreview) {
+    eprintln!(
+        "{}: {} format{}, {} {} row(s), {} duplicate(s), {} bad row(s); split {} train / {} valid / {} test",
+        p.path,
+        p.format.as_str(),
+        if p.format_detected { " (detected)" } else { "" },
+        p.good_rows,
+        p.kind.as_str(),
+        p.duplicates,
+        p.bad_row_count,
+        p.train_rows,
+        p.valid_rows,
+        p.test_rows
+    );
+    if let Some(row) = p.rows.first() {
+        let text = match &row.sample {
+            RowSample::Chat { messages } => messages
+                .iter()
+                .map(|m| format!("{}: {}", m.role, m.content))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            RowSample::Text { text } => text.clone(),
+        };
+        let text = text.replace(['\n', '\r'], " ");
+        let short: String = text.chars().take(160).collect();
+        let more = if short.len() < text.len() { "..." } else { "" };
+        eprintln!("first row (line {}): {short}{more}", row.line);
+    }
+}
+
+/// At most 20 bad rows, then how many more.
+fn print_bad_rows(p: &DatasetPreview) {
+    const SHOWN: usize = 20;
+    for b in p.bad_rows.iter().take(SHOWN) {
+        if b.file == p.path {
+            eprintln!("  line {}: {}", b.line, b.reason);
+        } else {
+            eprintln!("  {} line {}: {}", b.file, b.line, b.reason);
+        }
+    }
+    let shown = p.bad_rows.len().min(SHOWN) as u64;
+    if p.bad_row_count > shown {
+        eprintln!("  ... and {} more", p.bad_row_count - shown);
+    }
+}
+
+fn print_dataset_table(list: &[DatasetSummary]) {
+    let rows: Vec<[String; 8]> = list
+        .iter()
+        .map(|d| {
+            [
+                d.id.to_string(),
+                d.name.clone(),
+                d.format.as_str().to_string(),
+                d.train_rows.to_string(),
+                d.valid_rows.to_string(),
+                d.test_rows.to_string(),
+                d.content_hash[..12.min(d.content_hash.len())].to_string(),
+                d.created_at.clone(),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID", "NAME", "FORMAT", "TRAIN", "VALID", "TEST", "HASH", "CREATED",
+    ];
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(&header.map(String::from)));
+    for r in &rows {
+        println!("{}", line(r));
+    }
+}
+
+fn split_text(s: &Split) -> String {
+    match s {
+        Split::Seeded {
+            valid_fraction,
+            test_fraction,
+            seed,
+        } => format!("seeded (valid {valid_fraction}, test {test_fraction}, seed {seed})"),
+        Split::AllTrain => "all train".to_string(),
+        Split::Files {
+            valid_path,
+            test_path,
+        } => format!(
+            "files (valid {}, test {})",
+            valid_path.as_deref().unwrap_or("-"),
+            test_path.as_deref().unwrap_or("-")
+        ),
+    }
+}
+
+fn print_dataset(d: &DatasetSummary) {
+    println!("id:           {}", d.id);
+    println!("name:         {}", d.name);
+    println!(
+        "format:       {} ({} rows)",
+        d.format.as_str(),
+        d.kind.as_str()
+    );
+    println!(
+        "rows:         {} train, {} valid, {} test",
+        d.train_rows, d.valid_rows, d.test_rows
+    );
+    println!("duplicates:   {} removed", d.duplicates_removed);
+    println!("bad rows:     {} skipped", d.bad_rows_skipped);
+    println!("split:        {}", split_text(&d.split));
+    println!("content hash: {}", d.content_hash);
+    println!("source:       {}", d.source_path);
+    println!("created:      {}", d.created_at);
+}
+
+fn print_stats(s: &DatasetStats) {
+    println!();
+    println!(
+        "tokens under '{}' (max length {}, loss on {}):",
+        s.model,
+        s.max_len,
+        match s.loss_on {
+            LossOn::Assistant => "assistant turns",
+            LossOn::All => "all tokens",
+        }
+    );
+    println!(
+        "{:<6} {:>6} {:>6} {:>8} {:>6} {:>10} {:>10} {:>9}",
+        "SPLIT", "ROWS", "MIN", "MEAN", "MAX", "TOTAL", "TARGET", "TRUNCATED"
+    );
+    for p in &s.splits {
+        println!(
+            "{:<6} {:>6} {:>6} {:>8.1} {:>6} {:>10} {:>10} {:>9}",
+            p.split.as_str(),
+            p.rows,
+            p.tokens_min,
+            p.tokens_mean,
+            p.tokens_max,
+            p.tokens_total,
+            p.target_tokens,
+            p.truncated_rows
+        );
+    }
 }
 
 fn report_added(m: &ModelSummary, already_present: bool) {

@@ -65,6 +65,21 @@ pub enum EngineError {
     RepoNotFound { repo: String, endpoint: String },
     #[error("Hugging Face Hub, {repo}: {message}")]
     Hub { repo: String, message: String },
+    #[error("no dataset '{0}' in the library (see `attune data list`)")]
+    DatasetNotFound(String),
+    #[error(
+        "a dataset named '{name}' already exists (id {id}); choose another name or remove it first"
+    )]
+    DatasetExists { name: String, id: i64 },
+    #[error("{path} has {count} bad row(s) ({first}); nothing was imported: fix them, or accept skipping them")]
+    BadRows {
+        path: PathBuf,
+        count: u64,
+        /// The first few, as "line N: reason; ...".
+        first: String,
+    },
+    #[error("dataset {path}: {reason}")]
+    InvalidDataset { path: PathBuf, reason: String },
     #[error("invalid input: {0}")]
     InvalidInput(String),
     #[error("cancelled")]
@@ -98,6 +113,10 @@ impl EngineError {
             EngineError::HubUnreachable { .. } => "hub_unreachable",
             EngineError::RepoNotFound { .. } => "repo_not_found",
             EngineError::Hub { .. } => "hub",
+            EngineError::DatasetNotFound(_) => "not_found",
+            EngineError::DatasetExists { .. } => "already_exists",
+            EngineError::BadRows { .. } => "bad_rows",
+            EngineError::InvalidDataset { .. } => "invalid_dataset",
             EngineError::InvalidInput(_) => "invalid_input",
             EngineError::Cancelled => "cancelled",
         }

@@ -7,6 +7,7 @@
 
 mod chat;
 mod clock;
+mod datasets;
 mod error;
 mod hub;
 mod registry;
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use attune_protocol::{ChatEvent, ChatMessage, GenerationStats, ModelSummary, SamplingParams};
 
+pub use datasets::{DatasetRow, Sample, MAX_ROW_CHARS};
 pub use error::EngineError;
 pub use hub::PullProgress;
 pub use store::DATABASE_FILE;

@@ -13,8 +13,13 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::error::EngineError;
 
 /// Numbered migrations, in order. `user_version` = how many have been applied.
-pub(crate) const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../migrations/0001_init.sql"))];
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../migrations/0001_init.sql")),
+    (
+        "0002_datasets",
+        include_str!("../migrations/0002_datasets.sql"),
+    ),
+];
 
 /// File name of the library inside the data directory.
 pub const DATABASE_FILE: &str = "library.sqlite3";
@@ -79,6 +84,68 @@ fn model_row(r: &Row<'_>) -> rusqlite::Result<ModelRow> {
         source_revision: r.get(12)?,
         added_at: r.get(13)?,
     })
+}
+
+/// A `datasets` row as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DatasetRecord {
+    pub id: i64,
+    pub name: String,
+    pub format: String,
+    pub kind: String,
+    pub source_path: String,
+    pub content_hash: String,
+    pub created_at: String,
+    pub train_rows: i64,
+    pub valid_rows: i64,
+    pub test_rows: i64,
+    pub duplicates_removed: i64,
+    pub bad_rows_skipped: i64,
+    pub split_spec: String,
+}
+
+/// A dataset to insert (`id` is ignored).
+pub(crate) type NewDataset = DatasetRecord;
+
+/// A `dataset_rows` row, as stored and as inserted.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredRow {
+    pub split: String,
+    pub idx: i64,
+    pub kind: String,
+    pub data: String,
+    pub label: Option<String>,
+    pub source_id: Option<String>,
+    pub source_line: Option<i64>,
+}
+
+const DATASET_COLUMNS: &str = "id, name, format, kind, source_path, content_hash, created_at, \
+     train_rows, valid_rows, test_rows, duplicates_removed, bad_rows_skipped, split_spec";
+
+fn dataset_record(r: &Row<'_>) -> rusqlite::Result<DatasetRecord> {
+    Ok(DatasetRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        format: r.get(2)?,
+        kind: r.get(3)?,
+        source_path: r.get(4)?,
+        content_hash: r.get(5)?,
+        created_at: r.get(6)?,
+        train_rows: r.get(7)?,
+        valid_rows: r.get(8)?,
+        test_rows: r.get(9)?,
+        duplicates_removed: r.get(10)?,
+        bad_rows_skipped: r.get(11)?,
+        split_spec: r.get(12)?,
+    })
+}
+
+/// What inserting a dataset can run into besides a database error.
+#[derive(Debug)]
+pub(crate) enum InsertDataset {
+    Inserted(DatasetRecord),
+    /// A dataset with that name exists already (nothing was written).
+    NameTaken(DatasetRecord),
 }
 
 /// The open library database.
@@ -257,6 +324,166 @@ impl Store {
         Ok((row, false))
     }
 
+    /// All datasets, oldest first.
+    pub fn list_datasets(&self) -> Result<Vec<DatasetRecord>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {DATASET_COLUMNS} FROM datasets ORDER BY id"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], dataset_record)
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    pub fn get_dataset(&self, id: i64) -> Result<Option<DatasetRecord>, EngineError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE id = ?1"),
+                [id],
+                dataset_record,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn find_dataset_by_name(&self, name: &str) -> Result<Option<DatasetRecord>, EngineError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE name = ?1"),
+                [name],
+                dataset_record,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Inserts the dataset and all its rows in one transaction: either everything is
+    /// written or nothing is. A taken name writes nothing and returns the existing one.
+    pub fn insert_dataset(
+        &self,
+        new: &NewDataset,
+        rows: &[StoredRow],
+    ) -> Result<InsertDataset, EngineError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let existing = tx
+            .query_row(
+                &format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE name = ?1"),
+                [&new.name],
+                dataset_record,
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        if let Some(row) = existing {
+            return Ok(InsertDataset::NameTaken(row));
+        }
+        tx.execute(
+            "INSERT INTO datasets (name, format, kind, source_path, content_hash, created_at, \
+             train_rows, valid_rows, test_rows, duplicates_removed, bad_rows_skipped, split_spec) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                new.name,
+                new.format,
+                new.kind,
+                new.source_path,
+                new.content_hash,
+                new.created_at,
+                new.train_rows,
+                new.valid_rows,
+                new.test_rows,
+                new.duplicates_removed,
+                new.bad_rows_skipped,
+                new.split_spec,
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        let id = tx.last_insert_rowid();
+        {
+            let mut stmt = tx
+                .prepare(
+                    "INSERT INTO dataset_rows (dataset_id, split, idx, kind, data, label, \
+                     source_id, source_line) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(|e| self.err(e))?;
+            for r in rows {
+                stmt.execute(params![
+                    id,
+                    r.split,
+                    r.idx,
+                    r.kind,
+                    r.data,
+                    r.label,
+                    r.source_id,
+                    r.source_line
+                ])
+                .map_err(|e| {
+                    self.err(format!(
+                        "dataset '{}', {} row {}: {e}",
+                        new.name, r.split, r.idx
+                    ))
+                })?;
+            }
+        }
+        let row = tx
+            .query_row(
+                &format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE id = ?1"),
+                [id],
+                dataset_record,
+            )
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(InsertDataset::Inserted(row))
+    }
+
+    /// The rows of one split of a dataset, in order.
+    pub fn dataset_rows(&self, id: i64, split: &str) -> Result<Vec<StoredRow>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT split, idx, kind, data, label, source_id, source_line FROM dataset_rows \
+                 WHERE dataset_id = ?1 AND split = ?2 ORDER BY idx",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![id, split], |r| {
+                Ok(StoredRow {
+                    split: r.get(0)?,
+                    idx: r.get(1)?,
+                    kind: r.get(2)?,
+                    data: r.get(3)?,
+                    label: r.get(4)?,
+                    source_id: r.get(5)?,
+                    source_line: r.get(6)?,
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Deletes the dataset and (by cascade) its rows; `false` if there was none.
+    pub fn delete_dataset(&self, id: i64) -> Result<bool, EngineError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM datasets WHERE id = ?1", [id])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    /// Total `dataset_rows` rows (tests check that cascades and refusals leave none behind).
+    #[cfg(test)]
+    pub fn count_dataset_rows(&self) -> Result<i64, EngineError> {
+        self.conn()
+            .query_row("SELECT count(*) FROM dataset_rows", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
     /// Deletes the row; `false` if there was none.
     pub fn delete_model(&self, id: i64) -> Result<bool, EngineError> {
         let n = self
@@ -366,14 +593,15 @@ mod tests {
                 })
                 .unwrap_or_else(|e| panic!("migration {name} fails: {e}"));
         }
-        let tables: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'models'",
-                [],
-                |r| r.get(0),
-            )
-            .expect("count");
-        assert_eq!(tables, 1);
+        let mut stmt = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .expect("prepare");
+        let tables: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("tables");
+        assert_eq!(tables, ["dataset_rows", "datasets", "models"]);
         // Names follow NNNN_ and are numbered 1..=N without gaps.
         for (i, (name, _)) in MIGRATIONS.iter().enumerate() {
             assert_eq!(&name[..4], format!("{:04}", i + 1), "{name}");

@@ -227,8 +227,8 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
                     .map(|_| rng.random_range(0..vocab as u32))
                     .collect(),
             };
-            let ids = Tensor::new(ids.as_slice(), model.device())?;
-            let rows = model.embed_tokens().forward(&ids)?;
+            let ids = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
+            let rows = model.embed_tokens().forward(&ids)?.squeeze(0)?;
             let v = Var::from_tensor(&rows.to_dtype(DType::F32)?)?;
             params.push(("prompt_embeddings".to_string(), v.clone()));
             prefix = Some(v);

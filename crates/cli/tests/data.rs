@@ -1,0 +1,266 @@
+//! `attune data ...` as a subprocess: each test gets its own temporary data directory;
+//! real files, the real PubMedQA data and the real default model where present.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_attune"))
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(args)
+            .env("HF_HUB_CACHE", self.dir.path().join("hf"))
+            .env_remove("HF_TOKEN")
+            .output()
+            .expect("run attune")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "attune {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs and expects exit code 1, nothing on stdout and a last `error: ` line on
+    /// stderr; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(out.status.code(), Some(1), "attune {args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "attune {args:?}: stdout {out:?}");
+        let err = String::from_utf8(out.stderr).expect("utf-8 stderr");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: "), "{err}");
+        err
+    }
+
+    fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p
+    }
+
+    fn list(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["data", "list", "--json"])).expect("list --json")
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn chat_line(i: usize) -> String {
+    format!(
+        "{{\"id\":\"r{i}\",\"label\":\"yes\",\"messages\":[{{\"role\":\"user\",\"content\":\"question {i}\"}},{{\"role\":\"assistant\",\"content\":\"answer {i}\"}}]}}\n"
+    )
+}
+
+#[test]
+fn data_import_list_show_rm() {
+    let env = Env::new();
+    let text: String = (0..20).map(chat_line).collect::<String>() + &chat_line(3);
+    let p = env.write("qa.jsonl", text);
+    let out = env.ok(&[
+        "data",
+        "import",
+        s(&p),
+        "--seed",
+        "7",
+        "--test-fraction",
+        "0.1",
+    ]);
+    assert!(
+        out.starts_with("imported dataset 1 'qa': 16 train, 2 valid, 2 test rows (1 duplicates removed, 0 bad rows skipped)"),
+        "{out}"
+    );
+    let list = env.list();
+    assert_eq!(list.len(), 1);
+    let d = &list[0];
+    assert_eq!(
+        (d["name"].as_str(), d["format"].as_str()),
+        (Some("qa"), Some("chat"))
+    );
+    assert_eq!(d["split"]["kind"], "seeded");
+    assert_eq!(d["split"]["seed"], 7);
+    assert_eq!(d["content_hash"].as_str().map(str::len), Some(64));
+
+    let shown: serde_json::Value =
+        serde_json::from_str(&env.ok(&["data", "show", "qa", "--json"])).expect("show json");
+    assert_eq!(&shown, d);
+    let text = env.ok(&["data", "show", "1"]);
+    assert!(
+        text.contains("16 train, 2 valid, 2 test") && text.contains("seed 7"),
+        "{text}"
+    );
+    let table = env.ok(&["data", "list"]);
+    assert!(table.starts_with("ID") && table.contains("qa"), "{table}");
+
+    // Same name again: refused, naming the existing dataset.
+    let err = env.fails(&["data", "import", s(&p)]);
+    assert!(err.contains("'qa'") && err.contains("id 1"), "{err}");
+    // The same file under another name, all rows for training.
+    let out = env.ok(&[
+        "data",
+        "import",
+        s(&p),
+        "--name",
+        "all",
+        "--valid-fraction",
+        "0",
+        "--yes",
+    ]);
+    assert!(out.contains("'all': 20 train, 0 valid, 0 test"), "{out}");
+
+    let out = env.ok(&["data", "rm", "qa"]);
+    assert!(out.contains("removed dataset 1"), "{out}");
+    assert_eq!(env.list().len(), 1);
+    assert!(p.is_file(), "rm keeps the source file");
+    env.fails(&["data", "show", "qa"]);
+}
+
+#[test]
+fn bad_rows_are_listed_and_nothing_is_imported() {
+    let env = Env::new();
+    let mut bytes = chat_line(0).into_bytes();
+    for _ in 0..25 {
+        bytes.extend_from_slice(b"{not json\n");
+    }
+    bytes.extend_from_slice(b"{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}\n");
+    bytes.extend_from_slice(chat_line(1).as_bytes());
+    let p = env.write("bad.jsonl", &bytes);
+    let err = env.fails(&["data", "import", s(&p)]);
+    assert!(err.contains("  line 2: invalid JSON"), "{err}");
+    assert!(err.contains("  line 21: invalid JSON"), "{err}");
+    assert!(!err.contains("line 22:"), "at most 20 listed: {err}");
+    assert!(err.contains("... and 6 more"), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("26 bad row(s)") && last.contains("bad.jsonl"),
+        "{last}"
+    );
+    assert!(env.list().is_empty());
+
+    let out = env.ok(&[
+        "data",
+        "import",
+        s(&p),
+        "--accept-bad-rows",
+        "--valid-fraction",
+        "0",
+    ]);
+    assert!(
+        out.contains("2 train") && out.contains("26 bad rows skipped"),
+        "{out}"
+    );
+}
+
+#[test]
+fn csv_text_and_bad_flags() {
+    let env = Env::new();
+    let csv = env.write("pairs.csv", "q,a,t\nhello,world,doc\nhi,there,doc2\n");
+    let out = env.ok(&[
+        "data",
+        "import",
+        s(&csv),
+        "--map",
+        "prompt=q,response=a",
+        "--valid-fraction",
+        "0",
+    ]);
+    assert!(out.contains("'pairs': 2 train"), "{out}");
+    let out = env.ok(&[
+        "data",
+        "import",
+        s(&csv),
+        "--name",
+        "docs",
+        "--map",
+        "text=t",
+        "--valid-fraction",
+        "0",
+    ]);
+    assert!(out.contains("'docs': 2 train"), "{out}");
+    let txt = env.write("notes.txt", "para one\nline two\n\npara two\n");
+    let out = env.ok(&[
+        "data",
+        "import",
+        s(&txt),
+        "--paragraphs",
+        "--valid-fraction",
+        "0",
+    ]);
+    assert!(out.contains("'notes': 2 train"), "{out}");
+
+    let err = env.fails(&["data", "import", s(&csv), "--format", "xml"]);
+    assert!(err.contains("xml"), "{err}");
+    let err = env.fails(&["data", "import", s(&csv), "--map", "question=q"]);
+    assert!(err.contains("question"), "{err}");
+    let err = env.fails(&["data", "import", s(&csv), "--valid-fraction", "1.5"]);
+    assert!(err.contains("--valid-fraction"), "{err}");
+    let err = env.fails(&["data", "import", s(&env.dir.path().join("none.jsonl"))]);
+    assert!(err.contains("none.jsonl"), "{err}");
+    assert_eq!(env.list().len(), 3);
+}
+
+#[test]
+fn pubmedqa_import_and_token_stats() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/pubmedqa");
+    let model = attune_models::default_model_path();
+    if !data.join("train.jsonl").is_file() || !model.is_file() {
+        eprintln!("note: PubMedQA data or the default model is absent; skipping");
+        return;
+    }
+    let env = Env::new();
+    env.ok(&["models", "add", s(&model)]);
+    let out = env.ok(&[
+        "data",
+        "import",
+        s(&data.join("train.jsonl")),
+        "--name",
+        "pubmedqa",
+        "--valid",
+        s(&data.join("valid.jsonl")),
+        "--test",
+        s(&data.join("test.jsonl")),
+    ]);
+    assert!(out.contains("800 train, 100 valid, 100 test"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ok(&["data", "show", "pubmedqa", "--model", "1", "--json"]))
+            .expect("show json");
+    let train = &v["stats"]["splits"][0];
+    assert_eq!(train["split"], "train");
+    assert_eq!(train["rows"], 800);
+    assert!(
+        train["tokens_max"].as_u64().expect("max") <= 1024,
+        "{train}"
+    );
+    assert_eq!(train["truncated_rows"], 0);
+    let text = env.ok(&[
+        "data",
+        "show",
+        "pubmedqa",
+        "--model",
+        "1",
+        "--max-len",
+        "256",
+    ]);
+    assert!(
+        text.contains("TRUNCATED") && text.contains("max length 256"),
+        "{text}"
+    );
+}
