@@ -150,7 +150,25 @@ pub fn generate(
     cancel: &AtomicBool,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
+    generate_with_prefix(model, tok, None, prompt_ids, params, cancel, on_text)
+}
+
+/// [`generate`] with a soft prompt `prefix` `[n_virtual, hidden]` (prompt tuning) prepended
+/// before the prompt's embeddings.
+pub fn generate_with_prefix(
+    model: &Llama,
+    tok: &Tok,
+    prefix: Option<&Tensor>,
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    cancel: &AtomicBool,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
     params.validate()?;
+    let n_prefix = match prefix {
+        Some(p) => p.dims2().map_err(|_| Error::InvalidParams(format!("soft prompt must be [n_virtual, hidden], got {:?}", p.dims())))?.0,
+        None => 0,
+    };
     let cfg = model.config();
     if prompt_ids.is_empty() {
         return Err(Error::InvalidParams(
@@ -164,13 +182,13 @@ pub fn generate(
         )));
     }
     let context = cfg.max_position_embeddings;
-    if prompt_ids.len() >= context {
+    if prompt_ids.len() + n_prefix >= context {
         return Err(Error::InvalidParams(format!(
             "prompt: {} tokens leave no room in the model's context of {context} tokens",
-            prompt_ids.len()
+            prompt_ids.len() + n_prefix
         )));
     }
-    let budget = params.max_tokens.min(context - prompt_ids.len());
+    let budget = params.max_tokens.min(context - prompt_ids.len() - n_prefix);
     let mut sampler = Sampler::new(params.sampling.clone())?;
     let mut eos: Vec<u32> = tok.eos_token_ids().to_vec();
     for id in &cfg.eos_token_ids {
@@ -196,7 +214,10 @@ pub fn generate(
     let start = Instant::now();
     let mut cache = model.new_cache();
     let input = Tensor::new(prompt_ids, device)?.unsqueeze(0)?;
-    let mut logits = model.forward_last(&input, &mut cache)?;
+    let mut logits = match prefix {
+        Some(p) => model.forward_last_with_prefix(&p.unsqueeze(0)?, &input, &mut cache)?,
+        None => model.forward_last(&input, &mut cache)?,
+    };
     result.prompt_duration = start.elapsed();
 
     let decode_start = Instant::now();

@@ -625,6 +625,21 @@ impl Llama {
         Ok(logits.squeeze(1)?)
     }
 
+    /// [`Llama::forward_last`] with a soft prompt `prefix` `[batch or 1, n_virtual, hidden]`
+    /// before the tokens (the first call of a generation; later tokens go through
+    /// `forward_last`, the prefix being in the cache).
+    pub fn forward_last_with_prefix(
+        &self,
+        prefix: &Tensor,
+        ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let h = self.hidden_states(Some(prefix), ids, Some(cache))?;
+        let l = h.dim(1)?;
+        let last = h.narrow(1, l - 1, 1)?;
+        Ok(self.lm_head.forward(&last)?.squeeze(1)?)
+    }
+
     /// Logits for every position `[batch, seq, vocab]`.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         self.forward_with_prefix(None, ids, cache)
