@@ -276,6 +276,20 @@ impl Linear {
     /// `x` `[..., in]` -> `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (x2, lead) = self.flatten_input(x)?;
+        if let (Some(w), Some(l)) = (&self.weight, &self.lora) {
+            let no_dropout = l.dropout == 0.0 || l.dropout_seed.is_none();
+            let training = x2.track_op() || l.a.track_op() || l.b.track_op();
+            if training && no_dropout && !w.track_op() && self.mode != ComputeMode::Quantized {
+                // Training a LoRA branch on a frozen base: one fused op, no weight gradient.
+                let mut y = crate::train::ops::lora_linear(&x2, w, &l.a, &l.b, l.scale as f32)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                let mut out_dims = lead.to_vec();
+                out_dims.push(self.out_dim);
+                return Ok(y.reshape(out_dims)?);
+            }
+        }
         let y = self.base_product(&x2)?;
         self.finish(&x2, y, lead)
     }

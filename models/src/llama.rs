@@ -116,7 +116,12 @@ impl Mlp {
         let gu = FusedDecode::forward(fused, &[&self.gate_proj, &self.up_proj], x)?;
         let [g, u] = <[Tensor; 2]>::try_from(gu)
             .map_err(|_| Error::InvalidParams("gate/up product count".into()))?;
-        self.down_proj.forward(&(g.silu()? * u)?)
+        let h = if g.track_op() || u.track_op() {
+            crate::train::ops::swiglu(&g, &u)?
+        } else {
+            (g.silu()? * u)?
+        };
+        self.down_proj.forward(&h)
     }
 }
 
@@ -794,6 +799,16 @@ impl Llama {
         let qkv = FusedDecode::forward(fused_qkv, &[&a.q_proj, &a.k_proj, &a.v_proj], x)?;
         let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
             .map_err(|_| Error::InvalidParams("q/k/v product count".into()))?;
+        if differentiable && cache.is_none() {
+            // Training and scoring: fused rope and causal attention on the projections' own
+            // [b, seq, heads, hd] layout, keeping no [seq, seq] tensors for the backward pass.
+            let q = crate::train::ops::rope(&q.reshape((b, l, nh, hd))?, cos, sin)?;
+            let k = crate::train::ops::rope(&k.reshape((b, l, nkv, hd))?, cos, sin)?;
+            let v = v.reshape((b, l, nkv, hd))?;
+            let scale = 1.0 / (hd as f32).sqrt();
+            let out = crate::train::ops::attention(&q, &k, &v, scale)?;
+            return a.o_proj.forward(&out.reshape((b, l, nh * hd))?);
+        }
         let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -808,14 +823,6 @@ impl Llama {
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             )
         };
-        if differentiable && cache.is_none() {
-            // Training and scoring: causal attention that keeps no [seq, seq] tensors for the
-            // backward pass.
-            let scale = 1.0 / (hd as f32).sqrt();
-            let out = crate::train::ops::attention(&q, &k, &v, scale)?;
-            let out = out.transpose(1, 2)?.reshape((b, l, nh * hd))?;
-            return a.o_proj.forward(&out);
-        }
         let (k, v) = match cache {
             Some((c, i)) => c.append(i, &k, &v)?,
             None => (k, v),

@@ -50,6 +50,25 @@ fn matmul(
     (rhs_rs, rhs_cs): (usize, usize),
     par: Parallelism,
 ) {
+    matmul_scaled(m, n, k, dst, (dst_rs, dst_cs), accumulate, lhs, (lhs_rs, lhs_cs), rhs, (rhs_rs, rhs_cs), 1.0, par)
+}
+
+/// `dst[m, n] (+)= beta * lhs[m, k] * rhs[k, n]`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_scaled(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+    par: Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -78,7 +97,7 @@ fn matmul(
             rhs_cs as isize,
             rhs_rs as isize,
             1.0,
-            1.0,
+            beta,
             false,
             false,
             false,
@@ -91,9 +110,10 @@ fn matmul(
 // Causal attention
 // ---------------------------------------------------------------------------------------------
 
-/// Causal self-attention without a cache: `q` `[b, heads, seq, hd]`, `k`/`v` `[b, kv_heads, seq,
-/// hd]` (grouped-query: `heads / kv_heads` query heads share one kv head), all contiguous f32.
-/// Returns `[b, heads, seq, hd]`. Differentiable in all three inputs.
+/// Causal self-attention without a cache, in the layout the projections produce: `q`
+/// `[b, seq, heads, hd]`, `k`/`v` `[b, seq, kv_heads, hd]` (grouped-query: `heads / kv_heads`
+/// query heads share one kv head), contiguous f32. Returns `[b, seq, heads, hd]`, so no
+/// transposes are needed on either side. Differentiable in all three inputs.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> CResult<Tensor> {
     let q = q.contiguous()?;
     let k = k.contiguous()?;
@@ -125,8 +145,8 @@ struct AttnDims {
 
 impl AttnDims {
     fn of(q: &Shape, k: &Shape, v: &Shape) -> CResult<AttnDims> {
-        let (b, nh, l, hd) = q.dims4()?;
-        let (kb, nkv, kl, khd) = k.dims4()?;
+        let (b, l, nh, hd) = q.dims4()?;
+        let (kb, kl, nkv, khd) = k.dims4()?;
         if (kb, kl, khd) != (b, l, hd) || k.dims() != v.dims() || nkv == 0 || nh % nkv != 0 {
             candle_core::bail!(
                 "attention: q {:?}, k {:?}, v {:?} do not fit together",
@@ -140,34 +160,30 @@ impl AttnDims {
     fn groups(&self) -> usize {
         self.nh / self.nkv
     }
+    /// Offset of head `h` of batch `b` in a `[b, seq, heads, hd]` tensor with `heads` heads; its
+    /// rows are `heads * hd` apart.
+    fn at(&self, b: usize, h: usize, heads: usize) -> usize {
+        b * self.l * heads * self.hd + h * self.hd
+    }
 }
 
-/// Scores `s = scale * q k^T` for one head into `s` `[l, l]`, then turns the causal part of each
-/// row into probabilities in place (zeros above the diagonal). With `lse` given, uses it (the
-/// backward pass); otherwise computes it into `lse_out`.
+/// Scores `s = scale * q k^T` for one head into `s` `[l, l]` (`q`, `k` rows `q_rs`/`k_rs` apart),
+/// then turns the causal part of each row into probabilities in place (zeros above the
+/// diagonal). With `lse_in`, uses it (the backward pass); otherwise writes it to `lse_out`.
+#[allow(clippy::too_many_arguments)]
 fn head_probs(
     d: AttnDims,
     qh: &[f32],
+    q_rs: usize,
     kg: &[f32],
+    k_rs: usize,
     scale: f32,
     s: &mut [f32],
     lse_in: Option<&[f32]>,
     lse_out: &mut [f32],
 ) {
     let (l, hd) = (d.l, d.hd);
-    matmul(
-        l,
-        l,
-        hd,
-        s,
-        (l, 1),
-        false,
-        qh,
-        (hd, 1),
-        kg,
-        (1, hd),
-        Parallelism::None,
-    );
+    matmul(l, l, hd, s, (l, 1), false, qh, (q_rs, 1), kg, (1, k_rs), Parallelism::None);
     for i in 0..l {
         let row = &mut s[i * l..(i + 1) * l];
         let (live, dead) = row.split_at_mut(i + 1);
@@ -200,6 +216,13 @@ fn head_probs(
     }
 }
 
+/// Copies a contiguous `[l, hd]` head into its place in a `[b, l, heads, hd]` buffer.
+fn scatter_head(dst: &mut [f32], off: usize, rs: usize, src: &[f32], l: usize, hd: usize) {
+    for i in 0..l {
+        dst[off + i * rs..off + i * rs + hd].copy_from_slice(&src[i * hd..(i + 1) * hd]);
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "attune-causal-attention"
@@ -219,36 +242,36 @@ impl CustomOp3 for Attention {
         let k = f32_slice(s2, l2, "attention k")?;
         let v = f32_slice(s3, l3, "attention v")?;
         let (l, hd, g) = (d.l, d.hd, d.groups());
-        let head = l * hd;
-        let mut out = vec![0f32; d.b * d.nh * head];
-        let mut lse = vec![0f32; d.b * d.nh * l];
-        // One task per (batch, kv head): its query heads, their outputs and log-sum-exps.
-        out.par_chunks_mut(g * head)
-            .zip(lse.par_chunks_mut(g * l))
-            .enumerate()
-            .for_each(|(task, (out_t, lse_t))| {
-                let kg = &k[task * head..(task + 1) * head];
-                let vg = &v[task * head..(task + 1) * head];
+        let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
+        // One task per (batch, kv head): its query heads' outputs `[g, l, hd]` and lse `[g, l]`.
+        let results: Vec<(Vec<f32>, Vec<f32>)> = (0..d.b * d.nkv)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, kh) = (task / d.nkv, task % d.nkv);
+                let kg = &k[d.at(bi, kh, d.nkv)..];
+                let vg = &v[d.at(bi, kh, d.nkv)..];
                 let mut s = vec![0f32; l * l];
+                let mut out = vec![0f32; g * l * hd];
+                let mut lse = vec![0f32; g * l];
                 for j in 0..g {
-                    let h = task * g + j;
-                    let qh = &q[h * head..(h + 1) * head];
-                    head_probs(d, qh, kg, self.scale, &mut s, None, &mut lse_t[j * l..(j + 1) * l]);
-                    matmul(
-                        l,
-                        hd,
-                        l,
-                        &mut out_t[j * head..(j + 1) * head],
-                        (hd, 1),
-                        false,
-                        &s,
-                        (l, 1),
-                        vg,
-                        (hd, 1),
-                        Parallelism::None,
-                    );
+                    let qh = &q[d.at(bi, kh * g + j, d.nh)..];
+                    head_probs(d, qh, q_rs, kg, kv_rs, self.scale, &mut s, None, &mut lse[j * l..(j + 1) * l]);
+                    matmul(l, hd, l, &mut out[j * l * hd..(j + 1) * l * hd], (hd, 1), false, &s, (l, 1), vg, (kv_rs, 1), Parallelism::None);
                 }
-            });
+                (out, lse)
+            })
+            .collect();
+        let mut out = vec![0f32; d.b * l * d.nh * hd];
+        let mut lse = vec![0f32; d.b * d.nh * l];
+        for (task, (o, ls)) in results.iter().enumerate() {
+            let (bi, kh) = (task / d.nkv, task % d.nkv);
+            for j in 0..g {
+                let h = kh * g + j;
+                scatter_head(&mut out, d.at(bi, h, d.nh), q_rs, &o[j * l * hd..(j + 1) * l * hd], l, hd);
+                let at = (bi * d.nh + h) * l;
+                lse[at..at + l].copy_from_slice(&ls[j * l..(j + 1) * l]);
+            }
+        }
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -269,35 +292,36 @@ impl CustomOp3 for Attention {
         let (qv, kv, vv) = (tensor_vec(q)?, tensor_vec(k)?, tensor_vec(v)?);
         let (ov, dov) = (tensor_vec(res)?, tensor_vec(grad_res)?);
         let (l, hd, g) = (d.l, d.hd, d.groups());
-        let head = l * hd;
-        let mut dq = vec![0f32; d.b * d.nh * head];
-        let mut dk = vec![0f32; d.b * d.nkv * head];
-        let mut dv = vec![0f32; d.b * d.nkv * head];
+        let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
         let scale = self.scale;
-        dq.par_chunks_mut(g * head)
-            .zip(dk.par_chunks_mut(head).zip(dv.par_chunks_mut(head)))
-            .enumerate()
-            .for_each(|(task, (dq_t, (dk_g, dv_g)))| {
-                let kg = &kv[task * head..(task + 1) * head];
-                let vg = &vv[task * head..(task + 1) * head];
+        // Per (batch, kv head): dq of its query heads `[g, l, hd]`, dk and dv `[l, hd]`.
+        let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.b * d.nkv)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, kh) = (task / d.nkv, task % d.nkv);
+                let kg = &kv[d.at(bi, kh, d.nkv)..];
+                let vg = &vv[d.at(bi, kh, d.nkv)..];
                 let mut p = vec![0f32; l * l];
                 let mut dp = vec![0f32; l * l];
+                let mut dq = vec![0f32; g * l * hd];
+                let mut dk = vec![0f32; l * hd];
+                let mut dv = vec![0f32; l * hd];
                 let mut unused = vec![0f32; 0];
                 for j in 0..g {
-                    let h = task * g + j;
-                    let qh = &qv[h * head..(h + 1) * head];
-                    let oh = &ov[h * head..(h + 1) * head];
-                    let doh = &dov[h * head..(h + 1) * head];
-                    head_probs(d, qh, kg, scale, &mut p, Some(&lse[h * l..(h + 1) * l]), &mut unused);
+                    let h = kh * g + j;
+                    let off = d.at(bi, h, d.nh);
+                    let (qh, oh, doh) = (&qv[off..], &ov[off..], &dov[off..]);
+                    let lse_h = &lse[(bi * d.nh + h) * l..(bi * d.nh + h + 1) * l];
+                    head_probs(d, qh, q_rs, kg, kv_rs, scale, &mut p, Some(lse_h), &mut unused);
                     // dV += P^T dO
-                    matmul(l, hd, l, dv_g, (hd, 1), true, &p, (1, l), doh, (hd, 1), Parallelism::None);
+                    matmul(l, hd, l, &mut dv, (hd, 1), true, &p, (1, l), doh, (q_rs, 1), Parallelism::None);
                     // dP = dO V^T
-                    matmul(l, l, hd, &mut dp, (l, 1), false, doh, (hd, 1), vg, (1, hd), Parallelism::None);
+                    matmul(l, l, hd, &mut dp, (l, 1), false, doh, (q_rs, 1), vg, (1, kv_rs), Parallelism::None);
                     // dS = P * (dP - rowsum(dO * O)) * scale (P is zero above the diagonal)
                     for i in 0..l {
-                        let di: f32 = doh[i * hd..(i + 1) * hd]
+                        let di: f32 = doh[i * q_rs..i * q_rs + hd]
                             .iter()
-                            .zip(&oh[i * hd..(i + 1) * hd])
+                            .zip(&oh[i * q_rs..i * q_rs + hd])
                             .map(|(a, b)| a * b)
                             .sum();
                         let pr = &p[i * l..i * l + i + 1];
@@ -308,27 +332,163 @@ impl CustomOp3 for Attention {
                         dr[i + 1..].fill(0.0);
                     }
                     // dQ = dS K ; dK += dS^T Q
-                    matmul(
-                        l,
-                        hd,
-                        l,
-                        &mut dq_t[j * head..(j + 1) * head],
-                        (hd, 1),
-                        false,
-                        &dp,
-                        (l, 1),
-                        kg,
-                        (hd, 1),
-                        Parallelism::None,
-                    );
-                    matmul(l, hd, l, dk_g, (hd, 1), true, &dp, (1, l), qh, (hd, 1), Parallelism::None);
+                    matmul(l, hd, l, &mut dq[j * l * hd..(j + 1) * l * hd], (hd, 1), false, &dp, (l, 1), kg, (kv_rs, 1), Parallelism::None);
+                    matmul(l, hd, l, &mut dk, (hd, 1), true, &dp, (1, l), qh, (q_rs, 1), Parallelism::None);
                 }
-            });
+                (dq, dk, dv)
+            })
+            .collect();
+        let mut dq = vec![0f32; qv.len()];
+        let mut dk = vec![0f32; kv.len()];
+        let mut dv = vec![0f32; vv.len()];
+        for (task, (tq, tk, tv)) in results.iter().enumerate() {
+            let (bi, kh) = (task / d.nkv, task % d.nkv);
+            for j in 0..g {
+                scatter_head(&mut dq, d.at(bi, kh * g + j, d.nh), q_rs, &tq[j * l * hd..(j + 1) * l * hd], l, hd);
+            }
+            scatter_head(&mut dk, d.at(bi, kh, d.nkv), kv_rs, tk, l, hd);
+            scatter_head(&mut dv, d.at(bi, kh, d.nkv), kv_rs, tv, l, hd);
+        }
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
             Some(Tensor::from_vec(dk, k.shape(), dev)?),
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embeddings
+// ---------------------------------------------------------------------------------------------
+
+/// Rotary position embedding (Hugging Face's rotate-half form) on `x` `[b, seq, heads, hd]`;
+/// `cos`/`sin` are `[seq, hd / 2]`. Differentiable in `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    let (_, l, _, hd) = x.dims4()?;
+    if cos.dims() != [l, hd / 2] || sin.dims() != [l, hd / 2] || hd % 2 != 0 {
+        candle_core::bail!("rope: x {:?} does not fit cos {:?} / sin {:?}", x.dims(), cos.dims(), sin.dims())
+    }
+    x.contiguous()?.apply_op1(Rope {
+        cos: tensor_vec(cos)?,
+        sin: tensor_vec(sin)?,
+    })
+}
+
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    /// Rotates every head of `x` `[b, l, h, hd]` by the position's angle (`sign` -1 inverts it,
+    /// which is the backward pass: the rotation's transpose).
+    fn apply(&self, x: &[f32], dims: (usize, usize, usize, usize), sign: f32) -> Vec<f32> {
+        let (_, l, h, hd) = dims;
+        let half = hd / 2;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h * hd)
+            .zip(x.par_chunks(h * hd))
+            .enumerate()
+            .for_each(|(row, (o, xi))| {
+                let pos = row % l;
+                let (c, s) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+                for (oh, xh) in o.chunks_mut(hd).zip(xi.chunks(hd)) {
+                    let (x1, x2) = xh.split_at(half);
+                    let (o1, o2) = oh.split_at_mut(half);
+                    for i in 0..half {
+                        let sn = s[i] * sign;
+                        o1[i] = x1[i] * c[i] - x2[i] * sn;
+                        o2[i] = x2[i] * c[i] + x1[i] * sn;
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "attune-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "rope input")?;
+        Ok((CpuStorage::F32(self.apply(x, l.shape().dims4()?, 1.0)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let g = tensor_vec(grad)?;
+        let dx = self.apply(&g, x.dims4()?, -1.0);
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+// ---------------------------------------------------------------------------------------------
+
+/// `silu(gate) * up`, differentiable in both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
+    if gate.dims() != up.dims() {
+        candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims())
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "attune-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "swiglu gate")?;
+        let u = f32_slice(s2, l2, "swiglu up")?;
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(g.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
+            .for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u, dy) = (tensor_vec(gate)?, tensor_vec(up)?, tensor_vec(grad)?);
+        let mut dg = vec![0f32; g.len()];
+        let mut du = vec![0f32; g.len()];
+        const C: usize = 1 << 14;
+        dg.par_chunks_mut(C)
+            .zip(du.par_chunks_mut(C))
+            .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
+            .for_each(|((dg, du), ((g, u), dy))| {
+                for i in 0..g.len() {
+                    let sig = 1.0 / (1.0 + (-g[i]).exp());
+                    let silu = g[i] * sig;
+                    du[i] = dy[i] * silu;
+                    dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+                }
+            });
+        let dev = gate.device();
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), dev)?),
+            Some(Tensor::from_vec(du, up.shape(), dev)?),
         ))
     }
 }
@@ -385,6 +545,109 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA linear
+// ---------------------------------------------------------------------------------------------
+
+/// `x W^T + scale * (x A^T) B^T` for a frozen `w` `[out, in]` and LoRA `a` `[r, in]`, `b`
+/// `[out, r]`; `x` is `[rows, in]`. One op: the low-rank product is accumulated into the base
+/// product by the GEMM itself, and the backward pass computes `dx`, `dA`, `dB` (never `dW`).
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f32) -> CResult<Tensor> {
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            w: w.contiguous()?.detach(),
+            scale,
+        },
+    )
+}
+
+struct LoraLinear {
+    w: Tensor,
+    scale: f32,
+}
+
+fn cpu_f32<'a>(t: &'a candle_core::Storage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    match t {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => candle_core::bail!("{what}: not on the CPU"),
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "attune-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "lora input")?;
+        let a = f32_slice(s2, l2, "lora A")?;
+        let b = f32_slice(s3, l3, "lora B")?;
+        let (rows, din) = l1.shape().dims2()?;
+        let (r, a_in) = l2.shape().dims2()?;
+        let (dout, b_r) = l3.shape().dims2()?;
+        let (w_out, w_in) = self.w.dims2()?;
+        if a_in != din || b_r != r || (w_out, w_in) != (dout, din) {
+            candle_core::bail!("lora linear: shapes do not fit (x {rows}x{din}, A {r}x{a_in}, B {dout}x{b_r}, W {w_out}x{w_in})")
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        let w = cpu_f32(&ws, wl, "lora base weight")?;
+        let par = Parallelism::Rayon(threads());
+        let mut y = vec![0f32; rows * dout];
+        matmul(rows, dout, din, &mut y, (dout, 1), false, x, (din, 1), w, (1, din), par);
+        let mut t = vec![0f32; rows * r];
+        matmul(rows, r, din, &mut t, (r, 1), false, x, (din, 1), a, (1, din), par);
+        matmul_scaled(rows, dout, r, &mut y, (dout, 1), true, &t, (r, 1), b, (1, r), self.scale, par);
+        Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, din) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let (dout, _) = b.dims2()?;
+        let (xv, av, bv, dy) = (tensor_vec(x)?, tensor_vec(a)?, tensor_vec(b)?, tensor_vec(grad)?);
+        let (ws, wl) = self.w.storage_and_layout();
+        let w = cpu_f32(&ws, wl, "lora base weight")?;
+        let par = Parallelism::Rayon(threads());
+        // u = dy B [rows, r]; t = x A^T [rows, r]
+        let mut u = vec![0f32; rows * r];
+        matmul(rows, r, dout, &mut u, (r, 1), false, &dy, (dout, 1), &bv, (r, 1), par);
+        let mut t = vec![0f32; rows * r];
+        matmul(rows, r, din, &mut t, (r, 1), false, &xv, (din, 1), &av, (1, din), par);
+        // dx = dy W + scale * u A
+        let mut dx = vec![0f32; rows * din];
+        matmul(rows, din, dout, &mut dx, (din, 1), false, &dy, (dout, 1), w, (din, 1), par);
+        matmul_scaled(rows, din, r, &mut dx, (din, 1), true, &u, (r, 1), &av, (din, 1), self.scale, par);
+        // dA = scale * u^T x [r, in]; dB = scale * dy^T t [out, r]
+        let mut da = vec![0f32; r * din];
+        matmul_scaled(r, din, rows, &mut da, (din, 1), false, &u, (1, r), &xv, (din, 1), self.scale, par);
+        let mut db = vec![0f32; dout * r];
+        matmul_scaled(dout, r, rows, &mut db, (r, 1), false, &dy, (1, dout), &t, (r, 1), self.scale, par);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (rows, din), dev)?),
+            Some(Tensor::from_vec(da, (r, din), dev)?),
+            Some(Tensor::from_vec(db, (dout, r), dev)?),
+        ))
     }
 }
 
@@ -611,13 +874,14 @@ mod tests {
     fn attention_matches_naive_forward_and_backward() {
         let dev = Device::Cpu;
         let (b, nh, nkv, l, hd) = (2, 6, 2, 13, 8);
-        let q = Var::randn(0f32, 1., (b, nh, l, hd), &dev).unwrap();
-        let k = Var::randn(0f32, 1., (b, nkv, l, hd), &dev).unwrap();
-        let v = Var::randn(0f32, 1., (b, nkv, l, hd), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1., (b, nh, l, hd), &dev).unwrap();
+        let q = Var::randn(0f32, 1., (b, l, nh, hd), &dev).unwrap();
+        let k = Var::randn(0f32, 1., (b, l, nkv, hd), &dev).unwrap();
+        let v = Var::randn(0f32, 1., (b, l, nkv, hd), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (b, l, nh, hd), &dev).unwrap();
         let scale = 1.0 / (hd as f64).sqrt();
         let fast = attention(&q, &k, &v, scale as f32).unwrap();
-        let slow = naive_attention(&q, &k, &v, scale);
+        let t = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let slow = t(&naive_attention(&t(&q), &t(&k), &t(&v), scale));
         assert!(max_diff(&fast, &slow) < 1e-5);
         let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -625,6 +889,59 @@ mod tests {
             let d = max_diff(gf.get(t).unwrap(), gs.get(t).unwrap());
             assert!(d < 1e-4, "gradient differs by {d}");
         }
+    }
+
+    #[test]
+    fn lora_linear_matches_basic_ops() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (9, 6), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (5, 6), &dev).unwrap();
+        let a = Var::randn(0f32, 1., (3, 6), &dev).unwrap();
+        let b = Var::randn(0f32, 1., (5, 3), &dev).unwrap();
+        let gy = Tensor::randn(0f32, 1., (9, 5), &dev).unwrap();
+        let fast = lora_linear(&x, &w, &a, &b, 2.0).unwrap();
+        let slow = (x.matmul(&w.t().unwrap()).unwrap()
+            + (x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * 2.0).unwrap())
+        .unwrap();
+        assert!(max_diff(&fast, &slow) < 1e-4);
+        let gf = (fast * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (slow * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [&x, &a, &b] {
+            assert!(max_diff(gf.get(t).unwrap(), gs.get(t).unwrap()) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn rope_and_swiglu_match_candle() {
+        let dev = Device::Cpu;
+        let (b, l, h, hd) = (2, 5, 3, 8);
+        let x = Var::randn(0f32, 1., (b, l, h, hd), &dev).unwrap();
+        let cos = Tensor::randn(0f32, 1., (l, hd / 2), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1., (l, hd / 2), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (b, l, h, hd), &dev).unwrap();
+        let fast = rope(&x, &cos, &sin).unwrap();
+        let xt = x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let slow = candle_nn::rotary_emb::rope_slow(&xt, &cos, &sin)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        assert!(max_diff(&fast, &slow) < 1e-5);
+        let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(gf.get(&x).unwrap(), gs.get(&x).unwrap()) < 1e-5);
+
+        let g = Var::randn(0f32, 2., (7, 9), &dev).unwrap();
+        let u = Var::randn(0f32, 1., (7, 9), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (7, 9), &dev).unwrap();
+        let fast = swiglu(&g, &u).unwrap();
+        let slow = (g.silu().unwrap() * u.as_tensor()).unwrap();
+        assert!(max_diff(&fast, &slow) < 1e-5);
+        let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(gf.get(&g).unwrap(), gs.get(&g).unwrap()) < 1e-5);
+        assert!(max_diff(gf.get(&u).unwrap(), gs.get(&u).unwrap()) < 1e-5);
     }
 
     #[test]
