@@ -52,22 +52,36 @@ fn read_rows(path: &std::path::Path) -> R<Vec<(String, Vec<Message>)>> {
 fn main() -> R<()> {
     let model_path = attune_models::default_model_path();
     if !model_path.is_file() {
-        eprintln!("default model not found at {} (run scripts/fetch-model.sh)", model_path.display());
+        eprintln!(
+            "default model not found at {} (run scripts/fetch-model.sh)",
+            model_path.display()
+        );
         return Ok(());
     }
     attune_models::tune_allocator();
-    let q: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(shared().join("reference/quality_reference.json"))?)?;
-    let methods = std::env::var("ATTUNE_QUALITY_METHODS").unwrap_or_else(|_| "lora,prompt,full".into());
+    let q: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        shared().join("reference/quality_reference.json"),
+    )?)?;
+    let methods =
+        std::env::var("ATTUNE_QUALITY_METHODS").unwrap_or_else(|_| "lora,prompt,full".into());
     let out_path = std::env::var_os("ATTUNE_QUALITY_OUT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/quality.json"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/quality.json")
+        });
 
     let started = Instant::now();
-    let base = loader::load(&model_path, &LoadOptions { compute: ComputeMode::F32 })?;
+    let base = loader::load(
+        &model_path,
+        &LoadOptions {
+            compute: ComputeMode::F32,
+        },
+    )?;
     let opts = RenderOptions::default();
     let train_rows: HashMap<String, Vec<Message>> =
-        read_rows(&shared().join("data/pubmedqa/train.jsonl"))?.into_iter().collect();
+        read_rows(&shared().join("data/pubmedqa/train.jsonl"))?
+            .into_iter()
+            .collect();
     let order: Vec<String> = q["data"]["train_ids_in_order"]
         .as_array()
         .ok_or("train_ids_in_order")?
@@ -90,7 +104,10 @@ fn main() -> R<()> {
     let t = Instant::now();
     let (s, n) = train::evaluate(&base.model, &valid_ex, None, pad, |_, _| true)?;
     let base_nll = s / n as f64;
-    eprintln!("base valid NLL {base_nll:.4} over {n} tokens ({:.0} s)", t.elapsed().as_secs_f64());
+    eprintln!(
+        "base valid NLL {base_nll:.4} over {n} tokens ({:.0} s)",
+        t.elapsed().as_secs_f64()
+    );
     let ref_base = q["base"]["valid"]["mean_nll"].as_f64().unwrap_or(f64::NAN);
 
     let mut rows = Vec::new();
@@ -101,7 +118,9 @@ fn main() -> R<()> {
             "prompt" => (
                 Method::Prompt(PromptConfig {
                     num_virtual_tokens: 20,
-                    init: PromptInit::Text("Answer the biomedical question using the abstract.".into()),
+                    init: PromptInit::Text(
+                        "Answer the biomedical question using the abstract.".into(),
+                    ),
                 }),
                 3e-2,
             ),
@@ -115,7 +134,13 @@ fn main() -> R<()> {
             grad_accum: 1,
             steps: 40,
             optimizer: AdamWConfig::default(),
-            schedule: Schedule { kind: ScheduleKind::Cosine, peak_lr: lr, warmup_steps: 4, total_steps: 40, final_frac: 0.1 },
+            schedule: Schedule {
+                kind: ScheduleKind::Cosine,
+                peak_lr: lr,
+                warmup_steps: 4,
+                total_steps: 40,
+                final_frac: 0.1,
+            },
             max_grad_norm: 1.0,
             seed: 42,
             shuffle: false,
@@ -126,7 +151,10 @@ fn main() -> R<()> {
         let mut tokens = 0usize;
         for _ in 0..40 {
             let m = trainer.train_step()?;
-            eprintln!("{name} step {:>2} loss {:.4} lr {:.2e} grad norm {:.3} ({:.1} s)", m.step, m.loss, m.lr, m.grad_norm, m.seconds);
+            eprintln!(
+                "{name} step {:>2} loss {:.4} lr {:.2e} grad norm {:.3} ({:.1} s)",
+                m.step, m.loss, m.lr, m.grad_norm, m.seconds
+            );
             losses.push(m.loss);
             tokens += m.tokens;
         }
@@ -140,7 +168,17 @@ fn main() -> R<()> {
         let ref_drop = r["valid_drop_rel_pct"].as_f64().unwrap_or(f64::NAN);
         let ref_nll = r["valid"]["mean_nll"].as_f64().unwrap_or(f64::NAN);
         eprintln!("{name}: valid NLL {nll:.4} (drop {drop:.2}%), train {train_s:.0} s, eval {eval_s:.0} s");
-        rows.push((name.to_string(), nll, drop, ref_nll, ref_drop, train_s, tokens as f64 / train_s, losses[0], losses[39]));
+        rows.push((
+            name.to_string(),
+            nll,
+            drop,
+            ref_nll,
+            ref_drop,
+            train_s,
+            tokens as f64 / train_s,
+            losses[0],
+            losses[39],
+        ));
         json.insert(
             name.to_string(),
             serde_json::json!({ "valid_nll": nll, "drop_pct": drop, "losses": losses, "train_s": train_s, "eval_s": eval_s,
@@ -151,9 +189,14 @@ fn main() -> R<()> {
     if let Some(dir) = out_path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&out_path, serde_json::to_string_pretty(&serde_json::Value::Object(json))?)?;
+    std::fs::write(
+        &out_path,
+        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
+    )?;
 
-    println!("PubMedQA valid (100 rows), mean NLL per assistant token; QUALITY.md recipe, 2 threads");
+    println!(
+        "PubMedQA valid (100 rows), mean NLL per assistant token; QUALITY.md recipe, 2 threads"
+    );
     println!("| model | valid NLL | drop vs base | PEFT valid NLL | PEFT drop | pass (>= PEFT - 1 pp) | loss step 1 -> 40 | train s | train tok/s |");
     println!("|---|---|---|---|---|---|---|---|---|");
     println!("| base | {base_nll:.4} | - | {ref_base:.4} | - | - | - | - | - |");
@@ -163,6 +206,10 @@ fn main() -> R<()> {
             if drop >= rd - 1.0 { "yes" } else { "NO" }
         );
     }
-    println!("total {:.0} s; per-step losses in {}", started.elapsed().as_secs_f64(), out_path.display());
+    println!(
+        "total {:.0} s; per-step losses in {}",
+        started.elapsed().as_secs_f64(),
+        out_path.display()
+    );
     Ok(())
 }

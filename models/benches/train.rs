@@ -39,9 +39,11 @@ fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
@@ -63,7 +65,10 @@ fn method(name: &str) -> R<Method> {
         "full" => Method::Full,
         "prompt" => Method::Prompt(PromptConfig {
             num_virtual_tokens: 20,
-            init: PromptInit::Text("Read the following biomedical text carefully and continue it in the same style:".into()),
+            init: PromptInit::Text(
+                "Read the following biomedical text carefully and continue it in the same style:"
+                    .into(),
+            ),
         }),
         other => return Err(format!("unknown method {other}").into()),
     })
@@ -71,11 +76,19 @@ fn method(name: &str) -> R<Method> {
 
 /// One method, in this process: prints one tab-separated result line.
 fn run_one(name: &str, steps: usize) -> R<()> {
-    let loaded = loader::load(&attune_models::default_model_path(), &LoadOptions { compute: ComputeMode::F32 })?;
+    let loaded = loader::load(
+        &attune_models::default_model_path(),
+        &LoadOptions {
+            compute: ComputeMode::F32,
+        },
+    )?;
     let tok = loaded.tokenizer;
     let mut model = loaded.model;
     let text = std::fs::read_to_string(corpus_path())?;
-    let opts = train::RenderOptions { loss_on: train::LossOn::All, max_len: usize::MAX };
+    let opts = train::RenderOptions {
+        loss_on: train::LossOn::All,
+        max_len: usize::MAX,
+    };
     let docs: Vec<Example> = text
         .lines()
         .map(|l| train::render_text(&tok, l, &opts))
@@ -88,8 +101,17 @@ fn run_one(name: &str, steps: usize) -> R<()> {
         batch_size: 4,
         grad_accum: 1,
         steps: total,
-        optimizer: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
-        schedule: Schedule { kind: ScheduleKind::Constant, peak_lr: 2e-4, warmup_steps: 0, total_steps: total, final_frac: 1.0 },
+        optimizer: AdamWConfig {
+            weight_decay: 0.01,
+            ..AdamWConfig::default()
+        },
+        schedule: Schedule {
+            kind: ScheduleKind::Constant,
+            peak_lr: 2e-4,
+            warmup_steps: 0,
+            total_steps: total,
+            final_frac: 1.0,
+        },
         max_grad_norm: 0.0,
         seed: 42,
         shuffle: false,
@@ -110,22 +132,33 @@ fn run_one(name: &str, steps: usize) -> R<()> {
         }
     }
     let med = median(times);
-    println!("RESULT\t{name}\t{:.1}\t{:.0}\t{first_loss:.4}\t{med:.2}", tokens as f64 / med, peak_rss_mb());
+    println!(
+        "RESULT\t{name}\t{:.1}\t{:.0}\t{first_loss:.4}\t{med:.2}",
+        tokens as f64 / med,
+        peak_rss_mb()
+    );
     Ok(())
 }
 
 fn main() -> R<()> {
     let args: Vec<String> = std::env::args().collect();
-    let steps: usize = std::env::var("ATTUNE_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let steps: usize = std::env::var("ATTUNE_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
     if let Some(pos) = args.iter().position(|a| a == "--child") {
         return run_one(&args[pos + 1], steps);
     }
     let model = attune_models::default_model_path();
     if !model.is_file() {
-        eprintln!("default model not found at {} (run scripts/fetch-model.sh)", model.display());
+        eprintln!(
+            "default model not found at {} (run scripts/fetch-model.sh)",
+            model.display()
+        );
         return Ok(());
     }
-    let methods = std::env::var("ATTUNE_BENCH_METHODS").unwrap_or_else(|_| "lora,full,prompt".into());
+    let methods =
+        std::env::var("ATTUNE_BENCH_METHODS").unwrap_or_else(|_| "lora,full,prompt".into());
     let reference = |m: &str| match m {
         "lora" => (216.0, 5.0),
         "full" => (163.0, 5.3),
@@ -136,7 +169,10 @@ fn main() -> R<()> {
         "training, batch 4 x 256 tokens, {steps} timed steps after 2 warm-up, {} threads",
         candle_core::utils::get_num_threads()
     );
-    println!("{:<8} {:>10} {:>12} {:>12} {:>14} {:>12}", "method", "tok/s", "PyTorch", "peak RSS", "PyTorch RSS", "loss step 1");
+    println!(
+        "{:<8} {:>10} {:>12} {:>12} {:>14} {:>12}",
+        "method", "tok/s", "PyTorch", "peak RSS", "PyTorch RSS", "loss step 1"
+    );
     for m in methods.split(',') {
         let out = std::process::Command::new(std::env::current_exe()?)
             .args(["--child", m])

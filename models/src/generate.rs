@@ -166,7 +166,16 @@ pub fn generate_with_prefix(
 ) -> Result<Generation> {
     params.validate()?;
     let n_prefix = match prefix {
-        Some(p) => p.dims2().map_err(|_| Error::InvalidParams(format!("soft prompt must be [n_virtual, hidden], got {:?}", p.dims())))?.0,
+        Some(p) => {
+            p.dims2()
+                .map_err(|_| {
+                    Error::InvalidParams(format!(
+                        "soft prompt must be [n_virtual, hidden], got {:?}",
+                        p.dims()
+                    ))
+                })?
+                .0
+        }
         None => 0,
     };
     let cfg = model.config();

@@ -722,7 +722,9 @@ impl candle_core::CustomOp1 for Q41Matrix {
 /// mask on every run.
 fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
-        return Err(Error::InvalidParams(format!("dropout {p} is not in [0, 1)")));
+        return Err(Error::InvalidParams(format!(
+            "dropout {p} is not in [0, 1)"
+        )));
     }
     let n = x.elem_count();
     let keep = 1.0 / (1.0 - p);

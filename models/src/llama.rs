@@ -38,7 +38,11 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable || self.weight.track_op() {
-            Ok(crate::train::ops::rms_norm(x, &self.weight, self.eps as f32)?)
+            Ok(crate::train::ops::rms_norm(
+                x,
+                &self.weight,
+                self.eps as f32,
+            )?)
         } else {
             Ok(candle_nn::ops::rms_norm(
                 &x.contiguous()?,

@@ -19,7 +19,11 @@ use attune_models::train::{
 };
 use common::{model_path, read_reference, reference_dir};
 
-fn recipe_examples(tok: &attune_models::tokenizer::Tok, tmpl: &attune_models::chat_template::ChatTemplate, n: usize) -> Vec<Example> {
+fn recipe_examples(
+    tok: &attune_models::tokenizer::Tok,
+    tmpl: &attune_models::chat_template::ChatTemplate,
+    n: usize,
+) -> Vec<Example> {
     let q = read_reference("quality_reference.json");
     let order: Vec<String> = q["data"]["train_ids_in_order"]
         .as_array()
@@ -38,7 +42,12 @@ fn recipe_examples(tok: &attune_models::tokenizer::Tok, tmpl: &attune_models::ch
                 .as_array()
                 .expect("messages")
                 .iter()
-                .map(|m| Message::new(m["role"].as_str().expect("role"), m["content"].as_str().expect("content")))
+                .map(|m| {
+                    Message::new(
+                        m["role"].as_str().expect("role"),
+                        m["content"].as_str().expect("content"),
+                    )
+                })
                 .collect();
             (v["id"].as_str().expect("id").to_string(), msgs)
         })
@@ -70,7 +79,13 @@ fn config(peak_lr: f64) -> TrainConfig {
 }
 
 fn run(method: Method, peak_lr: f64, steps: usize) -> Vec<train::StepMetrics> {
-    let loaded = loader::load(&model_path(), &LoadOptions { compute: ComputeMode::F32 }).expect("model");
+    let loaded = loader::load(
+        &model_path(),
+        &LoadOptions {
+            compute: ComputeMode::F32,
+        },
+    )
+    .expect("model");
     let examples = recipe_examples(&loaded.tokenizer, &loaded.chat_template, 4 * steps);
     let mut model = loaded.model;
     let trainable = train::prepare(&mut model, &loaded.tokenizer, &method, 42).expect("prepare");
@@ -83,22 +98,49 @@ fn reference(method: &str) -> serde_json::Value {
 }
 
 fn close(got: f64, want: f64, tol: f64, what: &str) {
-    assert!((got - want).abs() <= tol, "{what}: got {got}, PyTorch {want}");
+    assert!(
+        (got - want).abs() <= tol,
+        "{what}: got {got}, PyTorch {want}"
+    );
 }
 
 #[test]
 fn tokenization_and_masks_match_the_reference_batches() {
-    let loaded = loader::load(&model_path(), &LoadOptions { compute: ComputeMode::Auto }).expect("model");
+    let loaded = loader::load(
+        &model_path(),
+        &LoadOptions {
+            compute: ComputeMode::Auto,
+        },
+    )
+    .expect("model");
     let ex = recipe_examples(&loaded.tokenizer, &loaded.chat_template, 12);
     let r = reference("lora");
-    for (step, want) in r["tokens_per_step"].as_array().expect("tokens").iter().take(3).enumerate() {
+    for (step, want) in r["tokens_per_step"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .take(3)
+        .enumerate()
+    {
         let batch = &ex[4 * step..4 * step + 4];
         let targets: usize = batch.iter().map(|e| e.n_targets()).sum();
         let real: usize = batch.iter().map(|e| e.ids.len()).sum();
         let max_len = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-        assert_eq!(targets as u64, want["target_tokens"].as_u64().expect("t"), "step {step} target tokens");
-        assert_eq!(real as u64, want["real_tokens"].as_u64().expect("r"), "step {step} real tokens");
-        assert_eq!(max_len as u64, want["max_len"].as_u64().expect("m"), "step {step} max len");
+        assert_eq!(
+            targets as u64,
+            want["target_tokens"].as_u64().expect("t"),
+            "step {step} target tokens"
+        );
+        assert_eq!(
+            real as u64,
+            want["real_tokens"].as_u64().expect("r"),
+            "step {step} real tokens"
+        );
+        assert_eq!(
+            max_len as u64,
+            want["max_len"].as_u64().expect("m"),
+            "step {step} max len"
+        );
     }
 }
 
@@ -109,21 +151,54 @@ fn prompt_tuning_first_steps_match_peft() {
         .as_str()
         .unwrap_or("Answer the biomedical question using the abstract.")
         .to_string();
-    let m = Method::Prompt(PromptConfig { num_virtual_tokens: 20, init: PromptInit::Text(text) });
+    let m = Method::Prompt(PromptConfig {
+        num_virtual_tokens: 20,
+        init: PromptInit::Text(text),
+    });
     let got = run(m, 3e-2, 2);
     let r = reference("prompt");
-    close(got[0].loss, r["losses"][0].as_f64().expect("l"), 2e-3, "prompt step 1 loss");
-    close(got[0].grad_norm, r["grad_norm_preclip"][0].as_f64().expect("g"), 0.01 * r["grad_norm_preclip"][0].as_f64().expect("g"), "prompt step 1 grad norm");
-    close(got[1].loss, r["losses"][1].as_f64().expect("l"), 3e-3, "prompt step 2 loss");
+    close(
+        got[0].loss,
+        r["losses"][0].as_f64().expect("l"),
+        2e-3,
+        "prompt step 1 loss",
+    );
+    close(
+        got[0].grad_norm,
+        r["grad_norm_preclip"][0].as_f64().expect("g"),
+        0.01 * r["grad_norm_preclip"][0].as_f64().expect("g"),
+        "prompt step 1 grad norm",
+    );
+    close(
+        got[1].loss,
+        r["losses"][1].as_f64().expect("l"),
+        3e-3,
+        "prompt step 2 loss",
+    );
 }
 
 #[test]
 fn full_fine_tuning_first_steps_match_pytorch() {
     let got = run(Method::Full, 2e-5, 2);
     let r = reference("full");
-    close(got[0].loss, r["losses"][0].as_f64().expect("l"), 2e-3, "full step 1 loss");
-    close(got[0].grad_norm, r["grad_norm_preclip"][0].as_f64().expect("g"), 0.01 * r["grad_norm_preclip"][0].as_f64().expect("g"), "full step 1 grad norm");
-    close(got[1].loss, r["losses"][1].as_f64().expect("l"), 3e-3, "full step 2 loss");
+    close(
+        got[0].loss,
+        r["losses"][0].as_f64().expect("l"),
+        2e-3,
+        "full step 1 loss",
+    );
+    close(
+        got[0].grad_norm,
+        r["grad_norm_preclip"][0].as_f64().expect("g"),
+        0.01 * r["grad_norm_preclip"][0].as_f64().expect("g"),
+        "full step 1 grad norm",
+    );
+    close(
+        got[1].loss,
+        r["losses"][1].as_f64().expect("l"),
+        3e-3,
+        "full step 2 loss",
+    );
 }
 
 #[test]
@@ -131,6 +206,15 @@ fn lora_starts_from_the_base_model_and_learns() {
     let m = Method::Lora(LoraConfig::default());
     let got = run(m, 2e-4, 1);
     let r = reference("lora");
-    close(got[0].loss, r["losses"][0].as_f64().expect("l"), 2e-3, "lora step 1 loss");
-    assert!(got[0].grad_norm > 0.1 && got[0].grad_norm < 10.0, "lora grad norm {}", got[0].grad_norm);
+    close(
+        got[0].loss,
+        r["losses"][0].as_f64().expect("l"),
+        2e-3,
+        "lora step 1 loss",
+    );
+    assert!(
+        got[0].grad_norm > 0.1 && got[0].grad_norm < 10.0,
+        "lora grad norm {}",
+        got[0].grad_norm
+    );
 }

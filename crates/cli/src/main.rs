@@ -1,5 +1,6 @@
 //! `attune`: the command line over the engine — manage the model library, pull from
-//! the Hugging Face Hub, import datasets, chat and generate. Errors print as one `error: ...` line on
+//! the Hugging Face Hub, import datasets, fine-tune (runs, adapters), evaluate, chat
+//! and generate. Errors print as one `error: ...` line on
 //! stderr with exit code 1.
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -16,6 +17,8 @@ use attune_protocol::{
     Split,
 };
 use clap::{Args, Parser, Subcommand};
+
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -39,12 +42,27 @@ enum Command {
     /// Import, inspect and remove datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Fine-tune a model on a dataset (full, LoRA or prompt tuning). Prints one line
+    /// per step and evaluation; Ctrl-C pauses (checkpoint) and exits with 130.
+    Train(Box<train::TrainArgs>),
+    /// List, show, resume and cancel fine-tuning runs.
+    #[command(subcommand)]
+    Runs(train::RunsCommand),
+    /// List, import, export, merge and remove adapters.
+    #[command(subcommand)]
+    Adapters(train::AdaptersCommand),
+    /// Evaluate a model, or an adapter on its base: mean NLL and perplexity on a split,
+    /// label accuracy with --accuracy.
+    Eval(train::EvalArgs),
     /// Chat with a model: reads lines from stdin, `/exit` or end of input quits,
     /// `/reset` starts over, Ctrl-C stops the current answer.
     Chat {
         /// Model id or name (default: the first registered model).
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "adapter")]
         model: Option<String>,
+        /// Chat with this adapter applied to its base model.
+        #[arg(long)]
+        adapter: Option<String>,
         /// System prompt.
         #[arg(long, short)]
         system: Option<String>,
@@ -54,8 +72,11 @@ enum Command {
     /// Generate a continuation of a prompt once.
     Generate {
         /// Model id or name (default: the first registered model).
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "adapter")]
         model: Option<String>,
+        /// Generate with this adapter applied to its base model.
+        #[arg(long)]
+        adapter: Option<String>,
         /// Apply the model's chat template (the prompt is a user message).
         #[arg(long)]
         chat: bool,
@@ -344,20 +365,31 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Models(cmd) => models(&engine, cmd),
         Command::Data(cmd) => data(&engine, cmd),
+        Command::Train(args) => train::train(&engine, *args),
+        Command::Runs(cmd) => train::runs(&engine, cmd),
+        Command::Adapters(cmd) => train::adapters(&engine, cmd),
+        Command::Eval(args) => train::eval(&engine, args),
         Command::Chat {
             model,
+            adapter,
             system,
             sampling,
-        } => chat(&engine, model.as_deref(), system, &sampling.params()?),
+        } => chat(
+            &engine,
+            Target::new(model, adapter),
+            system,
+            &sampling.params()?,
+        ),
         Command::Generate {
             model,
+            adapter,
             chat,
             json,
             sampling,
             prompt,
         } => generate(
             &engine,
-            model.as_deref(),
+            Target::new(model, adapter),
             chat,
             json,
             &sampling.params()?,
@@ -894,15 +926,56 @@ fn stats_line(s: &GenerationStats) -> String {
     )
 }
 
+/// What generates: a model, or an adapter on its base.
+enum Target {
+    Model(Option<String>),
+    Adapter(String),
+}
+
+impl Target {
+    fn new(model: Option<String>, adapter: Option<String>) -> Target {
+        match adapter {
+            Some(a) => Target::Adapter(a),
+            None => Target::Model(model),
+        }
+    }
+
+    /// The model generating (an adapter's base) and the adapter's name.
+    fn resolve(&self, engine: &Engine) -> Result<(ModelSummary, Option<String>)> {
+        Ok(match self {
+            Target::Model(m) => (pick_model(engine, m.as_deref())?, None),
+            Target::Adapter(a) => {
+                let ad = engine.find_adapter(a)?;
+                (engine.adapter_base(a)?, Some(ad.name))
+            }
+        })
+    }
+}
+
+fn engine_chat(
+    engine: &Engine,
+    m: &ModelSummary,
+    adapter: Option<&str>,
+    messages: &[ChatMessage],
+    params: &SamplingParams,
+    cancel: &std::sync::atomic::AtomicBool,
+    on_event: &mut dyn FnMut(ChatEvent),
+) -> Result<GenerationStats, attune_engine::EngineError> {
+    match adapter {
+        Some(a) => engine.chat_with_adapter(a, messages, params, cancel, on_event),
+        None => engine.chat(m.id, messages, params, cancel, on_event),
+    }
+}
+
 fn generate(
     engine: &Engine,
-    model: Option<&str>,
+    target: Target,
     chat: bool,
     json: bool,
     params: &SamplingParams,
     prompt: &str,
 ) -> Result<()> {
-    let m = pick_model(engine, model)?;
+    let (m, adapter) = target.resolve(engine)?;
     let cancel = interrupt::flag();
     interrupt::set_generating(true);
     let mut on_event = |e: ChatEvent| {
@@ -915,9 +988,20 @@ fn generate(
             role: "user".to_string(),
             content: prompt.to_string(),
         }];
-        engine.chat(m.id, &messages, params, cancel, &mut on_event)
+        engine_chat(
+            engine,
+            &m,
+            adapter.as_deref(),
+            &messages,
+            params,
+            cancel,
+            &mut on_event,
+        )
     } else {
-        engine.generate(m.id, prompt, params, cancel, &mut on_event)
+        match &adapter {
+            Some(a) => engine.generate_with_adapter(a, prompt, params, cancel, &mut on_event),
+            None => engine.generate(m.id, prompt, params, cancel, &mut on_event),
+        }
     };
     interrupt::set_generating(false);
     let stats = stats?;
@@ -926,6 +1010,9 @@ fn generate(
         if let Some(obj) = v.as_object_mut() {
             obj.insert("model_id".into(), m.id.into());
             obj.insert("model".into(), m.name.clone().into());
+            if let Some(a) = &adapter {
+                obj.insert("adapter".into(), a.clone().into());
+            }
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -937,15 +1024,19 @@ fn generate(
 
 fn chat(
     engine: &Engine,
-    model: Option<&str>,
+    target: Target,
     system: Option<String>,
     params: &SamplingParams,
 ) -> Result<()> {
-    let m = pick_model(engine, model)?;
+    let (m, adapter) = target.resolve(engine)?;
     let tty = std::io::stdin().is_terminal();
     if tty {
+        let with = adapter
+            .as_deref()
+            .map(|a| format!(" with adapter '{a}'"))
+            .unwrap_or_default();
         eprintln!(
-            "chatting with '{}' (id {}); /exit or Ctrl-D quits, /reset starts over, Ctrl-C stops an answer",
+            "chatting with '{}' (id {}){with}; /exit or Ctrl-D quits, /reset starts over, Ctrl-C stops an answer",
             m.name, m.id
         );
     }
@@ -982,7 +1073,15 @@ fn chat(
         let cancel = interrupt::flag();
         cancel.store(false, Ordering::SeqCst);
         interrupt::set_generating(true);
-        let result = engine.chat(m.id, &history, params, cancel, &mut stream_to_stdout);
+        let result = engine_chat(
+            engine,
+            &m,
+            adapter.as_deref(),
+            &history,
+            params,
+            cancel,
+            &mut stream_to_stdout,
+        );
         interrupt::set_generating(false);
         match result {
             Ok(stats) => {
@@ -1006,17 +1105,25 @@ fn chat(
 }
 
 /// Ctrl-C handling: while an answer is generated, SIGINT sets the cancel flag (the
-/// answer stops, the program goes on); otherwise it ends the program as usual.
+/// answer stops, the program goes on); while training, it asks the run to pause
+/// (checkpoint, then exit 130); otherwise it ends the program as usual.
 mod interrupt {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Once;
 
+    use attune_engine::RunControl;
+
     static CANCEL: AtomicBool = AtomicBool::new(false);
     static GENERATING: AtomicBool = AtomicBool::new(false);
+    static TRAINING: AtomicBool = AtomicBool::new(false);
+    static TRAIN_CONTROL: RunControl = RunControl::new();
     static INSTALL: Once = Once::new();
 
     extern "C" fn on_sigint(_: libc::c_int) {
-        if GENERATING.load(Ordering::SeqCst) {
+        if TRAINING.load(Ordering::SeqCst) {
+            // Atomic stores only: the run checkpoints and pauses after its current step.
+            TRAIN_CONTROL.pause();
+        } else if GENERATING.load(Ordering::SeqCst) {
             CANCEL.store(true, Ordering::SeqCst);
         } else {
             // Async-signal-safe exit with the conventional status for SIGINT.
@@ -1034,6 +1141,17 @@ mod interrupt {
             }
         });
         &CANCEL
+    }
+
+    /// The control of the run this process trains, with the handler installed.
+    pub fn training_control() -> &'static RunControl {
+        let _ = flag();
+        &TRAIN_CONTROL
+    }
+
+    pub fn set_training(on: bool) {
+        let _ = flag();
+        TRAINING.store(on, Ordering::SeqCst);
     }
 
     pub fn set_generating(on: bool) {

@@ -4,11 +4,14 @@
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use attune_models::chat_template::Message;
+use attune_models::chat_template::{ChatTemplate, Message};
 use attune_models::generate::{self, GenerateParams, Generation};
+use attune_models::llama::Llama;
 use attune_models::loader::{LoadOptions, LoadedModel};
 use attune_models::sampling::SamplingConfig;
+use attune_models::tokenizer::Tok;
 use attune_protocol::{ChatEvent, ChatMessage, FinishReason, GenerationStats, SamplingParams};
+use candle_core::Tensor;
 
 use crate::error::EngineError;
 
@@ -23,9 +26,29 @@ pub(crate) fn load(name: &str, path: &Path) -> Result<LoadedModel, EngineError> 
     })
 }
 
+/// What generation needs: the weights, the tokenizer, the chat template and an optional
+/// soft prompt (prompt-tuning adapters).
+pub(crate) struct Parts<'a> {
+    pub model: &'a Llama,
+    pub tokenizer: &'a Tok,
+    pub chat_template: &'a ChatTemplate,
+    pub prefix: Option<&'a Tensor>,
+}
+
+impl<'a> Parts<'a> {
+    pub fn of(m: &'a LoadedModel) -> Parts<'a> {
+        Parts {
+            model: &m.model,
+            tokenizer: &m.tokenizer,
+            chat_template: &m.chat_template,
+            prefix: None,
+        }
+    }
+}
+
 /// Answers `messages` with the model's chat template (generation prompt added).
 pub(crate) fn chat(
-    model: &LoadedModel,
+    model: &Parts<'_>,
     messages: &[ChatMessage],
     params: &SamplingParams,
     cancel: &AtomicBool,
@@ -63,7 +86,7 @@ pub(crate) fn chat(
 
 /// Continues `prompt` as is (no template; the tokenizer's BOS rule applies).
 pub(crate) fn generate_raw(
-    model: &LoadedModel,
+    model: &Parts<'_>,
     prompt: &str,
     params: &SamplingParams,
     cancel: &AtomicBool,
@@ -80,7 +103,7 @@ pub(crate) fn generate_raw(
 }
 
 fn run(
-    model: &LoadedModel,
+    model: &Parts<'_>,
     ids: &[u32],
     params: &SamplingParams,
     cancel: &AtomicBool,
@@ -99,9 +122,10 @@ fn run(
             seed: params.seed,
         },
     };
-    let generation = generate::generate(
-        &model.model,
-        &model.tokenizer,
+    let generation = generate::generate_with_prefix(
+        model.model,
+        model.tokenizer,
+        model.prefix,
         ids,
         &gp,
         cancel,

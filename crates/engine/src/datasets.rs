@@ -1219,8 +1219,21 @@ impl Engine {
         }
     }
 
-    /// Removes a dataset and its stored rows (never the source file).
+    /// Removes a dataset and its stored rows (never the source file). Refused while a
+    /// run uses it (the error names the runs).
     pub fn remove_dataset(&self, id: i64) -> Result<(), EngineError> {
+        let users = self.store.dataset_users(id)?;
+        if !users.is_empty() {
+            let name = self
+                .store
+                .get_dataset(id)?
+                .map(|d| d.name)
+                .unwrap_or_default();
+            return Err(EngineError::InUse {
+                what: format!("dataset '{name}' (id {id})"),
+                users: crate::users_text(&users),
+            });
+        }
         if !self.store.delete_dataset(id)? {
             return Err(EngineError::DatasetNotFound(id.to_string()));
         }

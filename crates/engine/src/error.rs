@@ -82,6 +82,45 @@ pub enum EngineError {
     InvalidDataset { path: PathBuf, reason: String },
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("no run '{0}' in the library (see `attune runs list`)")]
+    RunNotFound(String),
+    #[error("no adapter '{0}' in the library (see `attune adapters list`)")]
+    AdapterNotFound(String),
+    #[error(
+        "{what} named '{name}' already exists; choose another name (--name) or remove it first"
+    )]
+    NameTaken { what: &'static str, name: String },
+    #[error("cannot remove {what}: {users}; remove those first")]
+    InUse { what: String, users: String },
+    #[error(
+        "run will not fit in memory: estimated peak {estimate_mb} MiB, available {available_mb} MiB \
+         (MemAvailable in /proc/meminfo); {suggestion}"
+    )]
+    WontFit {
+        estimate_mb: u64,
+        available_mb: u64,
+        suggestion: String,
+    },
+    #[error("run '{name}' is {status}: {reason}")]
+    RunState {
+        name: String,
+        status: String,
+        reason: String,
+    },
+    #[error(
+        "dataset '{name}' changed since run '{run}' was created (content hash {found}, the run \
+         expects {expected}); create a new run"
+    )]
+    DatasetChanged {
+        name: String,
+        run: String,
+        expected: String,
+        found: String,
+    },
+    #[error("training run '{run}': {message}")]
+    Training { run: String, message: String },
+    #[error("adapter {path}: {reason}")]
+    InvalidAdapter { path: PathBuf, reason: String },
     #[error("cancelled")]
     Cancelled,
 }
@@ -118,6 +157,14 @@ impl EngineError {
             EngineError::BadRows { .. } => "bad_rows",
             EngineError::InvalidDataset { .. } => "invalid_dataset",
             EngineError::InvalidInput(_) => "invalid_input",
+            EngineError::RunNotFound(_) | EngineError::AdapterNotFound(_) => "not_found",
+            EngineError::NameTaken { .. } => "already_exists",
+            EngineError::InUse { .. } => "in_use",
+            EngineError::WontFit { .. } => "wont_fit",
+            EngineError::RunState { .. } => "invalid_state",
+            EngineError::DatasetChanged { .. } => "dataset_changed",
+            EngineError::Training { .. } => "training",
+            EngineError::InvalidAdapter { .. } => "invalid_adapter",
             EngineError::Cancelled => "cancelled",
         }
     }

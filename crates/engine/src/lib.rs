@@ -1,16 +1,20 @@
 //! Attune's engine: the SQLite model library, the model registry, Hugging Face Hub
-//! pulls and chat/generation sessions over the `attune-models` runtime.
+//! pulls, datasets, fine-tuning runs, adapters, evaluation and chat/generation sessions
+//! over the `attune-models` runtime.
 //!
 //! [`Engine`] is `Send + Sync` (the desktop shell holds it as `Arc<Engine>`): the
 //! database sits behind a mutex that is never held while a model loads or generates.
 //! Every public type that crosses to the UI is an `attune_protocol` DTO.
 
+mod adapters;
 mod chat;
 mod clock;
 mod datasets;
 mod error;
+mod evaluate;
 mod hub;
 mod registry;
+mod runs;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -24,6 +28,10 @@ use attune_protocol::{ChatEvent, ChatMessage, GenerationStats, ModelSummary, Sam
 pub use datasets::{DatasetRow, Sample, MAX_ROW_CHARS};
 pub use error::EngineError;
 pub use hub::PullProgress;
+pub use runs::{
+    available_memory, estimate_memory, process_memory_mb, trainable_params, MemoryEstimate,
+    RunControl, FORGETTING_THRESHOLD,
+};
 pub use store::DATABASE_FILE;
 
 /// Result of adding a model to the library.
@@ -40,21 +48,27 @@ pub struct Engine {
     store: store::Store,
     /// The most recently used model, kept loaded between requests.
     loaded: Mutex<Option<(i64, Arc<attune_models::loader::LoadedModel>)>>,
+    /// The most recently used adapter applied to its base (a clone of the base model).
+    adapted: Mutex<Option<(i64, Arc<adapters::AdaptedModel>)>>,
 }
 
 impl Engine {
     /// Creates `data_dir` if needed, opens `<data_dir>/library.sqlite3` and migrates it.
+    /// Runs a dead process left 'running' become 'paused' (resumable).
     pub fn open(data_dir: &Path) -> Result<Engine, EngineError> {
         std::fs::create_dir_all(data_dir).map_err(|source| EngineError::DataDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
         let store = store::Store::open(&data_dir.join(DATABASE_FILE))?;
-        Ok(Engine {
+        let engine = Engine {
             data_dir: data_dir.to_path_buf(),
             store,
             loaded: Mutex::new(None),
-        })
+            adapted: Mutex::new(None),
+        };
+        engine.mark_interrupted_runs()?;
+        Ok(engine)
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -164,7 +178,20 @@ impl Engine {
     }
 
     /// Removes the library entry (and unloads it); never deletes the model's files.
+    /// Refused while a run or adapter uses the model (the error names them).
     pub fn remove_model(&self, id: i64) -> Result<(), EngineError> {
+        let users = self.store.model_users(id)?;
+        if !users.is_empty() {
+            let name = self
+                .store
+                .get_model(id)?
+                .map(|m| m.name)
+                .unwrap_or_default();
+            return Err(EngineError::InUse {
+                what: format!("model '{name}' (id {id})"),
+                users: users_text(&users),
+            });
+        }
         if !self.store.delete_model(id)? {
             return Err(EngineError::ModelNotFound(id.to_string()));
         }
@@ -186,7 +213,33 @@ impl Engine {
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<GenerationStats, EngineError> {
         let model = self.model_for(model_id, on_event)?;
-        chat::chat(&model, messages, params, cancel, on_event)
+        chat::chat(&chat::Parts::of(&model), messages, params, cancel, on_event)
+    }
+
+    /// [`Engine::chat`] with an adapter (id or name) applied to its base model.
+    pub fn chat_with_adapter(
+        &self,
+        adapter: &str,
+        messages: &[ChatMessage],
+        params: &SamplingParams,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<GenerationStats, EngineError> {
+        let (_, m) = self.adapted_model(adapter, on_event)?;
+        chat::chat(&adapted_parts(&m), messages, params, cancel, on_event)
+    }
+
+    /// [`Engine::generate`] with an adapter (id or name) applied to its base model.
+    pub fn generate_with_adapter(
+        &self,
+        adapter: &str,
+        prompt: &str,
+        params: &SamplingParams,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<GenerationStats, EngineError> {
+        let (_, m) = self.adapted_model(adapter, on_event)?;
+        chat::generate_raw(&adapted_parts(&m), prompt, params, cancel, on_event)
     }
 
     /// Continues a raw prompt (no chat template), streaming like [`Engine::chat`].
@@ -199,7 +252,7 @@ impl Engine {
         on_event: &mut dyn FnMut(ChatEvent),
     ) -> Result<GenerationStats, EngineError> {
         let model = self.model_for(model_id, on_event)?;
-        chat::generate_raw(&model, prompt, params, cancel, on_event)
+        chat::generate_raw(&chat::Parts::of(&model), prompt, params, cancel, on_event)
     }
 
     /// The loaded model for `model_id`, loading it (and emitting `Loading`) if needed.
@@ -236,4 +289,31 @@ impl Engine {
         *slot = Some((model_id, Arc::clone(&model)));
         Ok(model)
     }
+}
+
+fn adapted_parts(m: &adapters::AdaptedModel) -> chat::Parts<'_> {
+    chat::Parts {
+        model: &m.model,
+        tokenizer: &m.tokenizer,
+        chat_template: &m.chat_template,
+        prefix: m.prefix.as_ref(),
+    }
+}
+
+/// "run(s) a, b and adapter(s) c use it".
+fn users_text(u: &store::Users) -> String {
+    let mut parts = Vec::new();
+    if !u.runs.is_empty() {
+        parts.push(format!(
+            "run(s) {} use it (`attune runs rm`)",
+            u.runs.join(", ")
+        ));
+    }
+    if !u.adapters.is_empty() {
+        parts.push(format!(
+            "adapter(s) {} are built on it (`attune adapters rm`)",
+            u.adapters.join(", ")
+        ));
+    }
+    parts.join("; ")
 }

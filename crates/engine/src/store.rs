@@ -19,6 +19,7 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         "0002_datasets",
         include_str!("../migrations/0002_datasets.sql"),
     ),
+    ("0003_runs", include_str!("../migrations/0003_runs.sql")),
 ];
 
 /// File name of the library inside the data directory.
@@ -494,6 +495,493 @@ impl Store {
     }
 }
 
+/// A `runs` row as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RunRow {
+    pub id: i64,
+    pub name: String,
+    pub model_id: i64,
+    pub dataset_id: i64,
+    pub dataset_hash: String,
+    pub method: String,
+    pub config_json: String,
+    pub status: String,
+    pub error: Option<String>,
+    pub step: i64,
+    pub total_steps: i64,
+    pub memory_estimate_mb: i64,
+    pub run_dir: String,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub heartbeat_at: Option<String>,
+    pub pid: Option<i64>,
+}
+
+const RUN_COLUMNS: &str = "id, name, model_id, dataset_id, dataset_hash, method, config_json, \
+     status, error, step, total_steps, memory_estimate_mb, run_dir, created_at, started_at, \
+     finished_at, heartbeat_at, pid";
+
+fn run_row(r: &Row<'_>) -> rusqlite::Result<RunRow> {
+    Ok(RunRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        model_id: r.get(2)?,
+        dataset_id: r.get(3)?,
+        dataset_hash: r.get(4)?,
+        method: r.get(5)?,
+        config_json: r.get(6)?,
+        status: r.get(7)?,
+        error: r.get(8)?,
+        step: r.get(9)?,
+        total_steps: r.get(10)?,
+        memory_estimate_mb: r.get(11)?,
+        run_dir: r.get(12)?,
+        created_at: r.get(13)?,
+        started_at: r.get(14)?,
+        finished_at: r.get(15)?,
+        heartbeat_at: r.get(16)?,
+        pid: r.get(17)?,
+    })
+}
+
+/// A `run_metrics` row.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct MetricRow {
+    pub step: i64,
+    /// "train" or "eval".
+    pub kind: String,
+    pub loss: f64,
+    pub lr: Option<f64>,
+    pub grad_norm: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub memory_mb: Option<f64>,
+    pub at: String,
+}
+
+/// An `adapters` row (`id` is ignored on insert).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct AdapterRow {
+    pub id: i64,
+    pub name: String,
+    pub kind: String,
+    pub base_model_id: i64,
+    pub run_id: Option<i64>,
+    pub dataset_id: Option<i64>,
+    pub path: String,
+    pub created_at: String,
+    pub metrics_json: String,
+}
+
+const ADAPTER_COLUMNS: &str =
+    "id, name, kind, base_model_id, run_id, dataset_id, path, created_at, metrics_json";
+
+fn adapter_row(r: &Row<'_>) -> rusqlite::Result<AdapterRow> {
+    Ok(AdapterRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        kind: r.get(2)?,
+        base_model_id: r.get(3)?,
+        run_id: r.get(4)?,
+        dataset_id: r.get(5)?,
+        path: r.get(6)?,
+        created_at: r.get(7)?,
+        metrics_json: r.get(8)?,
+    })
+}
+
+/// An `evaluations` row to insert.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EvalRow {
+    pub subject_kind: String,
+    pub subject_id: String,
+    pub model_id: i64,
+    pub dataset_id: i64,
+    pub split: String,
+    pub n_rows: i64,
+    pub mean_nll: f64,
+    pub ppl: f64,
+    pub n_tokens: i64,
+    pub accuracy: Option<f64>,
+    pub n_labeled: i64,
+    pub forgetting_nll: Option<f64>,
+    pub created_at: String,
+}
+
+/// What refuses deleting a model or dataset: the runs and adapters that use it.
+#[derive(Debug, Default)]
+pub(crate) struct Users {
+    pub runs: Vec<String>,
+    pub adapters: Vec<String>,
+}
+
+impl Users {
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.adapters.is_empty()
+    }
+}
+
+impl Store {
+    fn names(&self, sql: &str, id: i64) -> Result<Vec<String>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([id], |r| r.get(0))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// The runs and adapters built on model `id`.
+    pub fn model_users(&self, id: i64) -> Result<Users, EngineError> {
+        Ok(Users {
+            runs: self.names("SELECT name FROM runs WHERE model_id = ?1 ORDER BY id", id)?,
+            adapters: self.names(
+                "SELECT name FROM adapters WHERE base_model_id = ?1 ORDER BY id",
+                id,
+            )?,
+        })
+    }
+
+    /// The runs trained on dataset `id`.
+    pub fn dataset_users(&self, id: i64) -> Result<Users, EngineError> {
+        Ok(Users {
+            runs: self.names(
+                "SELECT name FROM runs WHERE dataset_id = ?1 ORDER BY id",
+                id,
+            )?,
+            adapters: Vec::new(),
+        })
+    }
+
+    /// Inserts a queued run; `run_dir(id)` names its directory. One transaction.
+    pub fn insert_run(
+        &self,
+        new: &RunRow,
+        run_dir: impl FnOnce(i64) -> String,
+    ) -> Result<RunRow, EngineError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO runs (name, model_id, dataset_id, dataset_hash, method, config_json, \
+             status, step, total_steps, memory_estimate_mb, run_dir, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', 0, ?7, ?8, '', ?9)",
+            params![
+                new.name,
+                new.model_id,
+                new.dataset_id,
+                new.dataset_hash,
+                new.method,
+                new.config_json,
+                new.total_steps,
+                new.memory_estimate_mb,
+                new.created_at
+            ],
+        )
+        .map_err(|e| self.err(format!("run '{}': {e}", new.name)))?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "UPDATE runs SET run_dir = ?1 WHERE id = ?2",
+            params![run_dir(id), id],
+        )
+        .map_err(|e| self.err(e))?;
+        let row = tx
+            .query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                [id],
+                run_row,
+            )
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(row)
+    }
+
+    pub fn get_run(&self, id: i64) -> Result<Option<RunRow>, EngineError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                [id],
+                run_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn find_run_by_name(&self, name: &str) -> Result<Option<RunRow>, EngineError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE name = ?1"),
+                [name],
+                run_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// All runs, oldest first.
+    pub fn list_runs(&self) -> Result<Vec<RunRow>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id"))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], run_row)
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Marks the run running in process `pid`, from `step`; drops metrics recorded past
+    /// `step` (they belong to steps a crash lost and that will be redone).
+    pub fn start_run(&self, id: i64, pid: i64, step: i64, now: &str) -> Result<(), EngineError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "UPDATE runs SET status = 'running', error = NULL, pid = ?2, step = ?3, \
+             started_at = coalesce(started_at, ?4), heartbeat_at = ?4, finished_at = NULL \
+             WHERE id = ?1",
+            params![id, pid, step, now],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "DELETE FROM run_metrics WHERE run_id = ?1 AND step > ?2",
+            params![id, step],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Records one metric and moves the run's step and heartbeat, in one transaction.
+    pub fn record_metric(&self, run_id: i64, m: &MetricRow) -> Result<(), EngineError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO run_metrics (run_id, step, kind, loss, lr, grad_norm, \
+             tokens_per_s, memory_mb, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                run_id,
+                m.step,
+                m.kind,
+                m.loss,
+                m.lr,
+                m.grad_norm,
+                m.tokens_per_s,
+                m.memory_mb,
+                m.at
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        if m.kind == "train" {
+            tx.execute(
+                "UPDATE runs SET step = ?2, heartbeat_at = ?3 WHERE id = ?1",
+                params![run_id, m.step, m.at],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    pub fn run_metrics(&self, run_id: i64) -> Result<Vec<MetricRow>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT step, kind, loss, lr, grad_norm, tokens_per_s, memory_mb, at \
+                 FROM run_metrics WHERE run_id = ?1 ORDER BY step, kind DESC",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([run_id], |r| {
+                Ok(MetricRow {
+                    step: r.get(0)?,
+                    kind: r.get(1)?,
+                    loss: r.get(2)?,
+                    lr: r.get(3)?,
+                    grad_norm: r.get(4)?,
+                    tokens_per_s: r.get(5)?,
+                    memory_mb: r.get(6)?,
+                    at: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Ends a run (paused, failed, cancelled) with an optional reason.
+    pub fn finish_run(
+        &self,
+        id: i64,
+        status: &str,
+        error: Option<&str>,
+        now: &str,
+    ) -> Result<(), EngineError> {
+        let finished = matches!(status, "completed" | "failed" | "cancelled").then_some(now);
+        self.conn()
+            .execute(
+                "UPDATE runs SET status = ?2, error = ?3, pid = NULL, heartbeat_at = ?4, \
+                 finished_at = ?5 WHERE id = ?1",
+                params![id, status, error, now, finished],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Registers the run's adapter and marks the run completed, in one transaction.
+    pub fn complete_run(
+        &self,
+        id: i64,
+        adapter: &AdapterRow,
+        now: &str,
+    ) -> Result<AdapterRow, EngineError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let adapter = insert_adapter_tx(&tx, adapter).map_err(|e| self.err(e))?;
+        tx.execute(
+            "UPDATE runs SET status = 'completed', error = NULL, pid = NULL, heartbeat_at = ?2, \
+             finished_at = ?2 WHERE id = ?1",
+            params![id, now],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(adapter)
+    }
+
+    /// Runs left 'running' (for the interrupted-run check at open).
+    pub fn running_runs(&self) -> Result<Vec<RunRow>, EngineError> {
+        Ok(self
+            .list_runs()?
+            .into_iter()
+            .filter(|r| r.status == "running")
+            .collect())
+    }
+
+    /// Deletes a run and (by cascade) its metrics; `false` if there was none.
+    pub fn delete_run(&self, id: i64) -> Result<bool, EngineError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM runs WHERE id = ?1", [id])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    pub fn insert_adapter(&self, adapter: &AdapterRow) -> Result<AdapterRow, EngineError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let row = insert_adapter_tx(&tx, adapter)
+            .map_err(|e| self.err(format!("adapter '{}': {e}", adapter.name)))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(row)
+    }
+
+    pub fn list_adapters(&self) -> Result<Vec<AdapterRow>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {ADAPTER_COLUMNS} FROM adapters ORDER BY id"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], adapter_row)
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    pub fn get_adapter(&self, id: i64) -> Result<Option<AdapterRow>, EngineError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {ADAPTER_COLUMNS} FROM adapters WHERE id = ?1"),
+                [id],
+                adapter_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn find_adapter_by_name(&self, name: &str) -> Result<Option<AdapterRow>, EngineError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {ADAPTER_COLUMNS} FROM adapters WHERE name = ?1"),
+                [name],
+                adapter_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn delete_adapter(&self, id: i64) -> Result<bool, EngineError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM adapters WHERE id = ?1", [id])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    pub fn insert_evaluation(&self, e: &EvalRow) -> Result<i64, EngineError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO evaluations (subject_kind, subject_id, model_id, dataset_id, split, \
+             n_rows, mean_nll, ppl, n_tokens, accuracy, n_labeled, forgetting_nll, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                e.subject_kind,
+                e.subject_id,
+                e.model_id,
+                e.dataset_id,
+                e.split,
+                e.n_rows,
+                e.mean_nll,
+                e.ppl,
+                e.n_tokens,
+                e.accuracy,
+                e.n_labeled,
+                e.forgetting_nll,
+                e.created_at
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Rows in `table` (tests check that refusals leave nothing behind).
+    #[cfg(test)]
+    pub fn count(&self, table: &str) -> Result<i64, EngineError> {
+        self.conn()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+}
+
+fn insert_adapter_tx(
+    tx: &rusqlite::Transaction<'_>,
+    a: &AdapterRow,
+) -> rusqlite::Result<AdapterRow> {
+    tx.execute(
+        "INSERT INTO adapters (name, kind, base_model_id, run_id, dataset_id, path, created_at, \
+         metrics_json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            a.name,
+            a.kind,
+            a.base_model_id,
+            a.run_id,
+            a.dataset_id,
+            a.path,
+            a.created_at,
+            a.metrics_json
+        ],
+    )?;
+    let id = tx.last_insert_rowid();
+    tx.query_row(
+        &format!("SELECT {ADAPTER_COLUMNS} FROM adapters WHERE id = ?1"),
+        [id],
+        adapter_row,
+    )
+}
+
 /// Applies every migration newer than `user_version`, each in its own transaction.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), EngineError> {
     let db = |e: rusqlite::Error| EngineError::db(path, e);
@@ -601,7 +1089,18 @@ mod tests {
             .expect("query")
             .collect::<Result<_, _>>()
             .expect("tables");
-        assert_eq!(tables, ["dataset_rows", "datasets", "models"]);
+        assert_eq!(
+            tables,
+            [
+                "adapters",
+                "dataset_rows",
+                "datasets",
+                "evaluations",
+                "models",
+                "run_metrics",
+                "runs"
+            ]
+        );
         // Names follow NNNN_ and are numbered 1..=N without gaps.
         for (i, (name, _)) in MIGRATIONS.iter().enumerate() {
             assert_eq!(&name[..4], format!("{:04}", i + 1), "{name}");

@@ -403,6 +403,431 @@ pub struct DatasetStats {
     pub splits: Vec<SplitStats>,
 }
 
+/// A fine-tuning method and its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum MethodSpec {
+    /// Every weight is trained.
+    Full,
+    /// Low-rank adapters on the named projections (PEFT's meaning for each field).
+    Lora {
+        r: usize,
+        alpha: f64,
+        dropout: f32,
+        /// Module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+        targets: Vec<String>,
+        rslora: bool,
+    },
+    /// A trained soft prompt of `virtual_tokens` embeddings.
+    Prompt {
+        virtual_tokens: usize,
+        /// Start from this text's token embeddings (default: random vocabulary rows).
+        init_text: Option<String>,
+    },
+}
+
+impl MethodSpec {
+    /// "full", "lora" or "prompt".
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodSpec::Full => "full",
+            MethodSpec::Lora { .. } => "lora",
+            MethodSpec::Prompt { .. } => "prompt",
+        }
+    }
+
+    /// LoRA with r 16, alpha 32, no dropout, every projection.
+    pub fn lora_default() -> MethodSpec {
+        MethodSpec::Lora {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            rslora: false,
+        }
+    }
+
+    /// The usual peak learning rate for the method (full 2e-5, LoRA 2e-4, prompt 3e-2).
+    pub fn default_lr(&self) -> f64 {
+        match self {
+            MethodSpec::Full => 2e-5,
+            MethodSpec::Lora { .. } => 2e-4,
+            MethodSpec::Prompt { .. } => 3e-2,
+        }
+    }
+}
+
+/// Learning-rate decay after the warm-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    #[default]
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// Everything a fine-tuning run is: what to train, on what, and how. Stored whole with
+/// the run so a resumed run continues with exactly the same settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunSpec {
+    /// Unique run name (default: `<method>-<dataset>`, numbered if taken). The adapter it
+    /// produces gets the same name.
+    pub name: Option<String>,
+    /// Model id or name.
+    pub model: String,
+    /// Dataset id or name.
+    pub dataset: String,
+    pub method: MethodSpec,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// Optimizer steps; when unset, `epochs` over the training split decide.
+    pub steps: Option<usize>,
+    pub epochs: f64,
+    /// Peak learning rate (default: the method's usual one).
+    pub lr: Option<f64>,
+    pub warmup_steps: usize,
+    pub schedule: LrSchedule,
+    /// Decay at the end of the schedule, as a fraction of the peak.
+    pub final_lr_fraction: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Longer rows are cut to this many tokens.
+    pub max_len: usize,
+    pub loss_on: LossOn,
+    /// Evaluate every N optimizer steps (0: only at the start and the end).
+    pub eval_every: usize,
+    /// Checkpoint every N optimizer steps (0: only when paused).
+    pub checkpoint_every: usize,
+    /// The split evaluated during the run.
+    pub eval_split: SplitName,
+    /// Evaluate on at most this many rows of that split (default all).
+    pub eval_limit: Option<usize>,
+    /// Rows of the built-in general-domain sample scored before and after training to
+    /// detect forgetting (0 = off).
+    pub forgetting_rows: usize,
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        RunSpec {
+            name: None,
+            model: String::new(),
+            dataset: String::new(),
+            method: MethodSpec::lora_default(),
+            batch_size: 4,
+            grad_accum: 1,
+            steps: None,
+            epochs: 1.0,
+            lr: None,
+            warmup_steps: 0,
+            schedule: LrSchedule::Cosine,
+            final_lr_fraction: 0.1,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 42,
+            max_len: 1024,
+            loss_on: LossOn::Assistant,
+            eval_every: 0,
+            checkpoint_every: 50,
+            eval_split: SplitName::Valid,
+            eval_limit: None,
+            forgetting_rows: 30,
+        }
+    }
+}
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Paused,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 6] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Paused,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Paused => "paused",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        RunStatus::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A run as lists show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub id: i64,
+    pub name: String,
+    pub model_id: i64,
+    pub model: String,
+    pub dataset_id: i64,
+    pub dataset: String,
+    /// "full", "lora" or "prompt".
+    pub method: String,
+    pub status: RunStatus,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Optimizer steps done.
+    pub step: u64,
+    pub total_steps: u64,
+    /// Checkpoints live under `<run_dir>/checkpoints`.
+    pub run_dir: String,
+    /// RFC 3339 UTC timestamps.
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// The peak memory the run was estimated to need, in MiB.
+    pub memory_estimate_mb: u64,
+}
+
+/// Whether a metric row is a training step or an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricKind {
+    Train,
+    Eval,
+}
+
+/// One recorded step or evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunMetric {
+    pub step: u64,
+    pub kind: MetricKind,
+    /// Mean NLL per target token.
+    pub loss: f64,
+    /// Train only.
+    pub lr: Option<f64>,
+    pub grad_norm: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    /// Resident memory of the process when it was recorded, in MiB.
+    pub memory_mb: Option<f64>,
+    pub at: String,
+}
+
+/// A run with its settings and every metric.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunDetail {
+    pub run: RunSummary,
+    pub spec: RunSpec,
+    pub metrics: Vec<RunMetric>,
+    /// The adapter the run produced, once completed.
+    pub adapter: Option<String>,
+}
+
+/// Streamed while a run executes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RunEvent {
+    /// Training starts (or resumes) at `step` of `total_steps`.
+    Started {
+        run_id: i64,
+        step: u64,
+        total_steps: u64,
+    },
+    Step {
+        metric: RunMetric,
+    },
+    Eval {
+        step: u64,
+        loss: f64,
+    },
+    Checkpoint {
+        step: u64,
+    },
+    Finished {
+        status: RunStatus,
+        /// The adapter registered (completed runs).
+        adapter: Option<String>,
+    },
+}
+
+/// What an adapter holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterKind {
+    Lora,
+    Prompt,
+    /// A whole fine-tuned model (a Hugging Face folder).
+    Full,
+}
+
+impl AdapterKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterKind::Lora => "lora",
+            AdapterKind::Prompt => "prompt",
+            AdapterKind::Full => "full",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AdapterKind> {
+        [AdapterKind::Lora, AdapterKind::Prompt, AdapterKind::Full]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// Figures recorded with an adapter trained here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdapterMetrics {
+    pub steps: u64,
+    /// Mean NLL on the run's eval split before and after training.
+    pub eval_nll_before: Option<f64>,
+    pub eval_nll_after: Option<f64>,
+    /// Mean NLL on the general-domain sample before and after training.
+    pub general_nll_before: Option<f64>,
+    pub general_nll_after: Option<f64>,
+    /// Set when the general-domain NLL got clearly worse (more than 5% relative).
+    pub forgetting_warning: Option<String>,
+}
+
+/// An adapter in the library.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterSummary {
+    pub id: i64,
+    pub name: String,
+    pub kind: AdapterKind,
+    pub base_model_id: i64,
+    pub base_model: String,
+    pub run_id: Option<i64>,
+    pub dataset_id: Option<i64>,
+    /// The PEFT folder (LoRA, prompt) or Hugging Face model folder (full).
+    pub path: String,
+    pub created_at: String,
+    pub metrics: AdapterMetrics,
+}
+
+/// A prompt template: a system prompt and few-shot turns put before every row.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PromptTemplate {
+    pub name: String,
+    pub system: Option<String>,
+    /// user / assistant pairs, in order.
+    pub examples: Vec<ChatMessage>,
+}
+
+/// What is evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EvalSubject {
+    /// A model as it is (id or name).
+    Base { model: String },
+    /// An adapter on its base model (id or name).
+    Adapter { adapter: String },
+    /// A model with a prompt template before every row.
+    Template {
+        model: String,
+        template: PromptTemplate,
+    },
+}
+
+/// How to evaluate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalOptions {
+    pub split: SplitName,
+    /// At most this many rows (in stored order).
+    pub limit: Option<usize>,
+    pub max_len: usize,
+    pub loss_on: LossOn,
+    /// Generate an answer for every labeled row and compare its `Final answer: ...`.
+    pub accuracy: bool,
+    /// Most tokens generated per answer.
+    pub max_new_tokens: usize,
+    /// Rows of the general-domain sample to score, and the base model's score to compare
+    /// (0 = off).
+    pub forgetting_rows: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            split: SplitName::Valid,
+            limit: None,
+            max_len: 1024,
+            loss_on: LossOn::Assistant,
+            accuracy: false,
+            max_new_tokens: 64,
+            forgetting_rows: 0,
+        }
+    }
+}
+
+/// One row's score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowScore {
+    pub source_id: Option<String>,
+    pub sum_nll: f64,
+    pub n_tokens: u64,
+    /// The parsed answer and whether it matched the label (labeled rows with accuracy on).
+    pub answer: Option<String>,
+    pub correct: Option<bool>,
+}
+
+/// An evaluation's result (also recorded in the library).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub id: i64,
+    /// "base", "adapter" or "template".
+    pub subject_kind: String,
+    /// Model, adapter or template name.
+    pub subject: String,
+    pub model_id: i64,
+    pub dataset_id: i64,
+    pub split: SplitName,
+    pub n_rows: u64,
+    /// Mean NLL per target token, and its exponential.
+    pub mean_nll: f64,
+    pub ppl: f64,
+    pub n_tokens: u64,
+    pub accuracy: Option<f64>,
+    pub n_labeled: u64,
+    /// Mean NLL on the general-domain sample, and the base model's.
+    pub forgetting_nll: Option<f64>,
+    pub base_forgetting_nll: Option<f64>,
+    pub forgetting_warning: Option<String>,
+    pub rows: Vec<RowScore>,
+    pub created_at: String,
+}
+
 /// The one error shape returned over IPC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpcError {

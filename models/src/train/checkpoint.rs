@@ -62,7 +62,11 @@ impl Trainer {
     pub fn save_checkpoint(&self, root: &Path, keep: usize) -> Result<PathBuf> {
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
         let dst = dir_for(root, self.step());
-        let tmp = root.join(format!(".tmp-step-{:07}-{}", self.step(), std::process::id()));
+        let tmp = root.join(format!(
+            ".tmp-step-{:07}-{}",
+            self.step(),
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let result = (|| {
@@ -81,7 +85,12 @@ impl Trainer {
                 method: self.trainable.method.clone(),
                 config: self.config.clone(),
                 n_examples: self.examples.len(),
-                param_names: self.trainable.params.iter().map(|(n, _)| n.clone()).collect(),
+                param_names: self
+                    .trainable
+                    .params
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .collect(),
             };
             let json = serde_json::to_string_pretty(&state)
                 .map_err(|e| Error::InvalidParams(e.to_string()))?;
@@ -128,33 +137,55 @@ impl Trainer {
         let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
         let state: CheckpointState =
             serde_json::from_str(&text).map_err(|e| Error::format(&sp, "checkpoint state", e))?;
-        let names: Vec<String> = self.trainable.params.iter().map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = self
+            .trainable
+            .params
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
         if state.param_names != names || state.method != self.trainable.method {
-            return Err(Error::format(&sp, "checkpoint state", "it was written for another method or model"));
+            return Err(Error::format(
+                &sp,
+                "checkpoint state",
+                "it was written for another method or model",
+            ));
         }
         if state.n_examples != self.examples.len() {
             return Err(Error::format(
                 &sp,
                 "checkpoint state",
-                format!("it was written for {} training examples, this run has {}", state.n_examples, self.examples.len()),
+                format!(
+                    "it was written for {} training examples, this run has {}",
+                    state.n_examples,
+                    self.examples.len()
+                ),
             ));
         }
         let pp = dir.join(PARAMS);
         let params = candle_core::safetensors::load(&pp, &Device::Cpu)
             .map_err(|e| Error::format(&pp, "safetensors", e))?;
         for (name, var) in &self.trainable.params {
-            let t = params
-                .get(name)
-                .ok_or_else(|| Error::format(&pp, "checkpoint", format!("tensor {name} missing")))?;
+            let t = params.get(name).ok_or_else(|| {
+                Error::format(&pp, "checkpoint", format!("tensor {name} missing"))
+            })?;
             if t.dims() != var.dims() {
-                return Err(Error::format(&pp, "checkpoint", format!("tensor {name} has shape {:?}, expected {:?}", t.dims(), var.dims())));
+                return Err(Error::format(
+                    &pp,
+                    "checkpoint",
+                    format!(
+                        "tensor {name} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                ));
             }
             var.set(t)?;
         }
         let op = dir.join(OPTIM);
         let opt = candle_core::safetensors::load(&op, &Device::Cpu)
             .map_err(|e| Error::format(&op, "safetensors", e))?;
-        self.optimizer.load_state(&self.trainable.params, &opt, state.adam_steps)?;
+        self.optimizer
+            .load_state(&self.trainable.params, &opt, state.adam_steps)?;
         self.set_step(state.step);
         Ok(())
     }

@@ -82,7 +82,9 @@ pub fn render_chat(
     o: &RenderOptions,
 ) -> Result<Example> {
     if messages.is_empty() {
-        return Err(Error::InvalidParams("a chat example needs at least one message".into()));
+        return Err(Error::InvalidParams(
+            "a chat example needs at least one message".into(),
+        ));
     }
     if o.max_len < 2 {
         return Err(Error::InvalidParams(format!(

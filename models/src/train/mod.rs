@@ -14,7 +14,9 @@ pub mod peft;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
-pub use examples::{end_of_text_id, pack, render_chat, render_text, Example, LossOn, RenderOptions};
+pub use examples::{
+    end_of_text_id, pack, render_chat, render_text, Example, LossOn, RenderOptions,
+};
 pub use optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 
 use crate::linear::ComputeMode;
@@ -24,7 +26,13 @@ use crate::{Error, Result};
 
 /// The projections LoRA can target, by their Hugging Face names.
 pub const LORA_TARGETS: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 /// LoRA settings (Hu et al. 2021), PEFT's meaning for each field.
@@ -129,7 +137,10 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             for (i, block) in model.layers_mut().iter_mut().enumerate() {
                 for (name, norm) in [
                     ("input_layernorm", &mut block.input_layernorm),
-                    ("post_attention_layernorm", &mut block.post_attention_layernorm),
+                    (
+                        "post_attention_layernorm",
+                        &mut block.post_attention_layernorm,
+                    ),
                 ] {
                     let v = Var::from_tensor(&norm.weight)?;
                     norm.weight = v.as_tensor().clone();
@@ -164,7 +175,9 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
                 return Err(Error::InvalidParams("LoRA rank must be at least 1".into()));
             }
             if cfg.targets.is_empty() {
-                return Err(Error::InvalidParams("LoRA needs at least one target module".into()));
+                return Err(Error::InvalidParams(
+                    "LoRA needs at least one target module".into(),
+                ));
             }
             for t in &cfg.targets {
                 if !LORA_TARGETS.contains(&t.as_str()) {
@@ -202,7 +215,9 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
                 params.push((format!("base_model.model.{name}.lora_B.weight"), b));
             }
             if params.is_empty() {
-                return Err(Error::InvalidParams("no layer matched the LoRA targets".into()));
+                return Err(Error::InvalidParams(
+                    "no layer matched the LoRA targets".into(),
+                ));
             }
         }
         Method::Prompt(cfg) => {
@@ -223,9 +238,9 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
                     }
                     base.iter().cycle().take(n).copied().collect()
                 }
-                PromptInit::RandomVocab => (0..n)
-                    .map(|_| rng.random_range(0..vocab as u32))
-                    .collect(),
+                PromptInit::RandomVocab => {
+                    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
+                }
             };
             let ids = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
             let rows = model.embed_tokens().forward(&ids)?.squeeze(0)?;
@@ -255,7 +270,12 @@ pub struct Batch {
 
 /// Right-pads `examples` with `pad_id` (pads are never attended to by real tokens under the causal
 /// mask, and never scored) and lists the scored positions, shifted for next-token prediction.
-pub fn collate(examples: &[&Example], pad_id: u32, n_prefix: usize, device: &Device) -> Result<Batch> {
+pub fn collate(
+    examples: &[&Example],
+    pad_id: u32,
+    n_prefix: usize,
+    device: &Device,
+) -> Result<Batch> {
     let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     if t == 0 {
         return Err(Error::InvalidParams("an empty batch".into()));
@@ -288,7 +308,11 @@ pub fn collate(examples: &[&Example], pad_id: u32, n_prefix: usize, device: &Dev
 /// Sum of the target tokens' negative log-likelihoods (a scalar tensor, differentiable when the
 /// model or the prefix holds variables). The lm_head runs on the scored positions only.
 pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<Tensor> {
-    let h = model.hidden_states(prefix.map(|p| p.unsqueeze(0)).transpose()?.as_ref(), &batch.ids, None)?;
+    let h = model.hidden_states(
+        prefix.map(|p| p.unsqueeze(0)).transpose()?.as_ref(),
+        &batch.ids,
+        None,
+    )?;
     let (b, w, hid) = h.dims3()?;
     if batch.targets.is_empty() {
         return Ok(Tensor::zeros((), DType::F32, model.device())?);
@@ -362,7 +386,8 @@ pub struct StepMetrics {
 fn epoch_order(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     if shuffle {
-        let mut rng = StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         order.shuffle(&mut rng);
     }
     order
@@ -390,7 +415,9 @@ impl Trainer {
         pad_id: u32,
     ) -> Result<Trainer> {
         if config.batch_size == 0 || config.grad_accum == 0 {
-            return Err(Error::InvalidParams("batch size and gradient accumulation must be at least 1".into()));
+            return Err(Error::InvalidParams(
+                "batch size and gradient accumulation must be at least 1".into(),
+            ));
         }
         if examples.is_empty() {
             return Err(Error::InvalidParams("no training examples".into()));
@@ -451,13 +478,17 @@ impl Trainer {
     }
 
     fn prefix_tensor(&self) -> Option<Tensor> {
-        self.trainable.prefix.as_ref().map(|v| v.as_tensor().clone())
+        self.trainable
+            .prefix
+            .as_ref()
+            .map(|v| v.as_tensor().clone())
     }
 
     fn set_dropout_seed(&mut self, seed: Option<u64>) {
         for (i, (_, lin)) in self.model.linears_mut().into_iter().enumerate() {
             if let Some(l) = lin.lora_mut() {
-                l.dropout_seed = seed.map(|s| s ^ ((i as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93)));
+                l.dropout_seed =
+                    seed.map(|s| s ^ ((i as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93)));
             }
         }
     }
@@ -484,7 +515,8 @@ impl Trainer {
                 continue;
             }
             let step_seed = self.config.seed
-                ^ ((self.step * self.config.grad_accum + m) as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+                ^ ((self.step * self.config.grad_accum + m) as u64 + 1)
+                    .wrapping_mul(0xA24B_AED4_963E_E407);
             self.set_dropout_seed(Some(step_seed));
             let prefix = self.prefix_tensor();
             let sum = nll_sum(&self.model, batch, prefix.as_ref())?;
@@ -516,7 +548,8 @@ impl Trainer {
             1.0
         };
         let lr = self.config.schedule.lr(self.step + 1);
-        self.optimizer.step(&self.trainable.params, &grads, lr, clip)?;
+        self.optimizer
+            .step(&self.trainable.params, &grads, lr, clip)?;
         self.step += 1;
         Ok(StepMetrics {
             step: self.step,
@@ -530,9 +563,19 @@ impl Trainer {
     }
 
     /// Mean NLL of `examples` under the model being trained.
-    pub fn evaluate(&self, examples: &[Example], progress: impl FnMut(usize, usize) -> bool) -> Result<(f64, usize)> {
+    pub fn evaluate(
+        &self,
+        examples: &[Example],
+        progress: impl FnMut(usize, usize) -> bool,
+    ) -> Result<(f64, usize)> {
         let prefix = self.prefix_tensor();
-        evaluate(&self.model, examples, prefix.as_ref(), self.pad_id, progress)
+        evaluate(
+            &self.model,
+            examples,
+            prefix.as_ref(),
+            self.pad_id,
+            progress,
+        )
     }
 
     pub(crate) fn set_step(&mut self, step: usize) {

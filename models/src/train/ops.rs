@@ -50,7 +50,20 @@ fn matmul(
     (rhs_rs, rhs_cs): (usize, usize),
     par: Parallelism,
 ) {
-    matmul_scaled(m, n, k, dst, (dst_rs, dst_cs), accumulate, lhs, (lhs_rs, lhs_cs), rhs, (rhs_rs, rhs_cs), 1.0, par)
+    matmul_scaled(
+        m,
+        n,
+        k,
+        dst,
+        (dst_rs, dst_cs),
+        accumulate,
+        lhs,
+        (lhs_rs, lhs_cs),
+        rhs,
+        (rhs_rs, rhs_cs),
+        1.0,
+        par,
+    )
 }
 
 /// `dst[m, n] (+)= beta * lhs[m, k] * rhs[k, n]`.
@@ -76,9 +89,18 @@ fn matmul_scaled(
     debug_assert!((m - 1) * dst_rs + (n - 1) * dst_cs < dst.len());
     debug_assert!(k == 0 || (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len());
     debug_assert!(k == 0 || (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
-    assert!((m - 1) * dst_rs + (n - 1) * dst_cs < dst.len(), "matmul dst bounds");
-    assert!(k == 0 || (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(), "matmul lhs bounds");
-    assert!(k == 0 || (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(), "matmul rhs bounds");
+    assert!(
+        (m - 1) * dst_rs + (n - 1) * dst_cs < dst.len(),
+        "matmul dst bounds"
+    );
+    assert!(
+        k == 0 || (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
+        "matmul lhs bounds"
+    );
+    assert!(
+        k == 0 || (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
+        "matmul rhs bounds"
+    );
     // SAFETY: the asserts above keep every access the strides describe inside the slices, and
     // `dst` does not alias `lhs` or `rhs` (a `&mut` and two `&`).
     unsafe {
@@ -183,7 +205,19 @@ fn head_probs(
     lse_out: &mut [f32],
 ) {
     let (l, hd) = (d.l, d.hd);
-    matmul(l, l, hd, s, (l, 1), false, qh, (q_rs, 1), kg, (1, k_rs), Parallelism::None);
+    matmul(
+        l,
+        l,
+        hd,
+        s,
+        (l, 1),
+        false,
+        qh,
+        (q_rs, 1),
+        kg,
+        (1, k_rs),
+        Parallelism::None,
+    );
     for i in 0..l {
         let row = &mut s[i * l..(i + 1) * l];
         let (live, dead) = row.split_at_mut(i + 1);
@@ -255,8 +289,30 @@ impl CustomOp3 for Attention {
                 let mut lse = vec![0f32; g * l];
                 for j in 0..g {
                     let qh = &q[d.at(bi, kh * g + j, d.nh)..];
-                    head_probs(d, qh, q_rs, kg, kv_rs, self.scale, &mut s, None, &mut lse[j * l..(j + 1) * l]);
-                    matmul(l, hd, l, &mut out[j * l * hd..(j + 1) * l * hd], (hd, 1), false, &s, (l, 1), vg, (kv_rs, 1), Parallelism::None);
+                    head_probs(
+                        d,
+                        qh,
+                        q_rs,
+                        kg,
+                        kv_rs,
+                        self.scale,
+                        &mut s,
+                        None,
+                        &mut lse[j * l..(j + 1) * l],
+                    );
+                    matmul(
+                        l,
+                        hd,
+                        l,
+                        &mut out[j * l * hd..(j + 1) * l * hd],
+                        (hd, 1),
+                        false,
+                        &s,
+                        (l, 1),
+                        vg,
+                        (kv_rs, 1),
+                        Parallelism::None,
+                    );
                 }
                 (out, lse)
             })
@@ -267,7 +323,14 @@ impl CustomOp3 for Attention {
             let (bi, kh) = (task / d.nkv, task % d.nkv);
             for j in 0..g {
                 let h = kh * g + j;
-                scatter_head(&mut out, d.at(bi, h, d.nh), q_rs, &o[j * l * hd..(j + 1) * l * hd], l, hd);
+                scatter_head(
+                    &mut out,
+                    d.at(bi, h, d.nh),
+                    q_rs,
+                    &o[j * l * hd..(j + 1) * l * hd],
+                    l,
+                    hd,
+                );
                 let at = (bi * d.nh + h) * l;
                 lse[at..at + l].copy_from_slice(&ls[j * l..(j + 1) * l]);
             }
@@ -312,11 +375,45 @@ impl CustomOp3 for Attention {
                     let off = d.at(bi, h, d.nh);
                     let (qh, oh, doh) = (&qv[off..], &ov[off..], &dov[off..]);
                     let lse_h = &lse[(bi * d.nh + h) * l..(bi * d.nh + h + 1) * l];
-                    head_probs(d, qh, q_rs, kg, kv_rs, scale, &mut p, Some(lse_h), &mut unused);
+                    head_probs(
+                        d,
+                        qh,
+                        q_rs,
+                        kg,
+                        kv_rs,
+                        scale,
+                        &mut p,
+                        Some(lse_h),
+                        &mut unused,
+                    );
                     // dV += P^T dO
-                    matmul(l, hd, l, &mut dv, (hd, 1), true, &p, (1, l), doh, (q_rs, 1), Parallelism::None);
+                    matmul(
+                        l,
+                        hd,
+                        l,
+                        &mut dv,
+                        (hd, 1),
+                        true,
+                        &p,
+                        (1, l),
+                        doh,
+                        (q_rs, 1),
+                        Parallelism::None,
+                    );
                     // dP = dO V^T
-                    matmul(l, l, hd, &mut dp, (l, 1), false, doh, (q_rs, 1), vg, (1, kv_rs), Parallelism::None);
+                    matmul(
+                        l,
+                        l,
+                        hd,
+                        &mut dp,
+                        (l, 1),
+                        false,
+                        doh,
+                        (q_rs, 1),
+                        vg,
+                        (1, kv_rs),
+                        Parallelism::None,
+                    );
                     // dS = P * (dP - rowsum(dO * O)) * scale (P is zero above the diagonal)
                     for i in 0..l {
                         let di: f32 = doh[i * q_rs..i * q_rs + hd]
@@ -332,8 +429,32 @@ impl CustomOp3 for Attention {
                         dr[i + 1..].fill(0.0);
                     }
                     // dQ = dS K ; dK += dS^T Q
-                    matmul(l, hd, l, &mut dq[j * l * hd..(j + 1) * l * hd], (hd, 1), false, &dp, (l, 1), kg, (kv_rs, 1), Parallelism::None);
-                    matmul(l, hd, l, &mut dk, (hd, 1), true, &dp, (1, l), qh, (q_rs, 1), Parallelism::None);
+                    matmul(
+                        l,
+                        hd,
+                        l,
+                        &mut dq[j * l * hd..(j + 1) * l * hd],
+                        (hd, 1),
+                        false,
+                        &dp,
+                        (l, 1),
+                        kg,
+                        (kv_rs, 1),
+                        Parallelism::None,
+                    );
+                    matmul(
+                        l,
+                        hd,
+                        l,
+                        &mut dk,
+                        (hd, 1),
+                        true,
+                        &dp,
+                        (1, l),
+                        qh,
+                        (q_rs, 1),
+                        Parallelism::None,
+                    );
                 }
                 (dq, dk, dv)
             })
@@ -344,7 +465,14 @@ impl CustomOp3 for Attention {
         for (task, (tq, tk, tv)) in results.iter().enumerate() {
             let (bi, kh) = (task / d.nkv, task % d.nkv);
             for j in 0..g {
-                scatter_head(&mut dq, d.at(bi, kh * g + j, d.nh), q_rs, &tq[j * l * hd..(j + 1) * l * hd], l, hd);
+                scatter_head(
+                    &mut dq,
+                    d.at(bi, kh * g + j, d.nh),
+                    q_rs,
+                    &tq[j * l * hd..(j + 1) * l * hd],
+                    l,
+                    hd,
+                );
             }
             scatter_head(&mut dk, d.at(bi, kh, d.nkv), kv_rs, tk, l, hd);
             scatter_head(&mut dv, d.at(bi, kh, d.nkv), kv_rs, tv, l, hd);
@@ -367,7 +495,12 @@ impl CustomOp3 for Attention {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     let (_, l, _, hd) = x.dims4()?;
     if cos.dims() != [l, hd / 2] || sin.dims() != [l, hd / 2] || hd % 2 != 0 {
-        candle_core::bail!("rope: x {:?} does not fit cos {:?} / sin {:?}", x.dims(), cos.dims(), sin.dims())
+        candle_core::bail!(
+            "rope: x {:?} does not fit cos {:?} / sin {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        )
     }
     x.contiguous()?.apply_op1(Rope {
         cos: tensor_vec(cos)?,
@@ -392,7 +525,10 @@ impl Rope {
             .enumerate()
             .for_each(|(row, (o, xi))| {
                 let pos = row % l;
-                let (c, s) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+                let (c, s) = (
+                    &self.cos[pos * half..(pos + 1) * half],
+                    &self.sin[pos * half..(pos + 1) * half],
+                );
                 for (oh, xh) in o.chunks_mut(hd).zip(xi.chunks(hd)) {
                     let (x1, x2) = xh.split_at(half);
                     let (o1, o2) = oh.split_at_mut(half);
@@ -414,7 +550,10 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "rope input")?;
-        Ok((CpuStorage::F32(self.apply(x, l.shape().dims4()?, 1.0)), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.apply(x, l.shape().dims4()?, 1.0)),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
@@ -431,7 +570,11 @@ impl CustomOp1 for Rope {
 /// `silu(gate) * up`, differentiable in both.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
     if gate.dims() != up.dims() {
-        candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims())
+        candle_core::bail!(
+            "swiglu: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        )
     }
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
@@ -606,10 +749,47 @@ impl CustomOp3 for LoraLinear {
         let w = cpu_f32(&ws, wl, "lora base weight")?;
         let par = Parallelism::Rayon(threads());
         let mut y = vec![0f32; rows * dout];
-        matmul(rows, dout, din, &mut y, (dout, 1), false, x, (din, 1), w, (1, din), par);
+        matmul(
+            rows,
+            dout,
+            din,
+            &mut y,
+            (dout, 1),
+            false,
+            x,
+            (din, 1),
+            w,
+            (1, din),
+            par,
+        );
         let mut t = vec![0f32; rows * r];
-        matmul(rows, r, din, &mut t, (r, 1), false, x, (din, 1), a, (1, din), par);
-        matmul_scaled(rows, dout, r, &mut y, (dout, 1), true, &t, (r, 1), b, (1, r), self.scale, par);
+        matmul(
+            rows,
+            r,
+            din,
+            &mut t,
+            (r, 1),
+            false,
+            x,
+            (din, 1),
+            a,
+            (1, din),
+            par,
+        );
+        matmul_scaled(
+            rows,
+            dout,
+            r,
+            &mut y,
+            (dout, 1),
+            true,
+            &t,
+            (r, 1),
+            b,
+            (1, r),
+            self.scale,
+            par,
+        );
         Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
     }
 
@@ -624,24 +804,104 @@ impl CustomOp3 for LoraLinear {
         let (rows, din) = x.dims2()?;
         let (r, _) = a.dims2()?;
         let (dout, _) = b.dims2()?;
-        let (xv, av, bv, dy) = (tensor_vec(x)?, tensor_vec(a)?, tensor_vec(b)?, tensor_vec(grad)?);
+        let (xv, av, bv, dy) = (
+            tensor_vec(x)?,
+            tensor_vec(a)?,
+            tensor_vec(b)?,
+            tensor_vec(grad)?,
+        );
         let (ws, wl) = self.w.storage_and_layout();
         let w = cpu_f32(&ws, wl, "lora base weight")?;
         let par = Parallelism::Rayon(threads());
         // u = dy B [rows, r]; t = x A^T [rows, r]
         let mut u = vec![0f32; rows * r];
-        matmul(rows, r, dout, &mut u, (r, 1), false, &dy, (dout, 1), &bv, (r, 1), par);
+        matmul(
+            rows,
+            r,
+            dout,
+            &mut u,
+            (r, 1),
+            false,
+            &dy,
+            (dout, 1),
+            &bv,
+            (r, 1),
+            par,
+        );
         let mut t = vec![0f32; rows * r];
-        matmul(rows, r, din, &mut t, (r, 1), false, &xv, (din, 1), &av, (1, din), par);
+        matmul(
+            rows,
+            r,
+            din,
+            &mut t,
+            (r, 1),
+            false,
+            &xv,
+            (din, 1),
+            &av,
+            (1, din),
+            par,
+        );
         // dx = dy W + scale * u A
         let mut dx = vec![0f32; rows * din];
-        matmul(rows, din, dout, &mut dx, (din, 1), false, &dy, (dout, 1), w, (din, 1), par);
-        matmul_scaled(rows, din, r, &mut dx, (din, 1), true, &u, (r, 1), &av, (din, 1), self.scale, par);
+        matmul(
+            rows,
+            din,
+            dout,
+            &mut dx,
+            (din, 1),
+            false,
+            &dy,
+            (dout, 1),
+            w,
+            (din, 1),
+            par,
+        );
+        matmul_scaled(
+            rows,
+            din,
+            r,
+            &mut dx,
+            (din, 1),
+            true,
+            &u,
+            (r, 1),
+            &av,
+            (din, 1),
+            self.scale,
+            par,
+        );
         // dA = scale * u^T x [r, in]; dB = scale * dy^T t [out, r]
         let mut da = vec![0f32; r * din];
-        matmul_scaled(r, din, rows, &mut da, (din, 1), false, &u, (1, r), &xv, (din, 1), self.scale, par);
+        matmul_scaled(
+            r,
+            din,
+            rows,
+            &mut da,
+            (din, 1),
+            false,
+            &u,
+            (1, r),
+            &xv,
+            (din, 1),
+            self.scale,
+            par,
+        );
         let mut db = vec![0f32; dout * r];
-        matmul_scaled(dout, r, rows, &mut db, (r, 1), false, &dy, (1, dout), &t, (r, 1), self.scale, par);
+        matmul_scaled(
+            dout,
+            r,
+            rows,
+            &mut db,
+            (r, 1),
+            false,
+            &dy,
+            (1, dout),
+            &t,
+            (r, 1),
+            self.scale,
+            par,
+        );
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, (rows, din), dev)?),
@@ -901,7 +1161,12 @@ mod tests {
         let gy = Tensor::randn(0f32, 1., (9, 5), &dev).unwrap();
         let fast = lora_linear(&x, &w, &a, &b, 2.0).unwrap();
         let slow = (x.matmul(&w.t().unwrap()).unwrap()
-            + (x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * 2.0).unwrap())
+            + (x.matmul(&a.t().unwrap())
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap()
+                * 2.0)
+                .unwrap())
         .unwrap();
         assert!(max_diff(&fast, &slow) < 1e-4);
         let gf = (fast * &gy).unwrap().sum_all().unwrap().backward().unwrap();
@@ -953,7 +1218,13 @@ mod tests {
         let a = cross_entropy(&x, &t).unwrap();
         let ls = candle_nn::ops::log_softmax(&x, D::Minus1).unwrap();
         let idx = Tensor::new(&t, &dev).unwrap().unsqueeze(1).unwrap();
-        let b = ls.gather(&idx, 1).unwrap().squeeze(1).unwrap().neg().unwrap();
+        let b = ls
+            .gather(&idx, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
         assert!(max_diff(&a, &b) < 1e-5);
         let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();

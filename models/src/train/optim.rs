@@ -70,7 +70,11 @@ impl Schedule {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut ss = 0f64;
     for g in grads {
-        ss += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        ss += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(ss.sqrt())
 }
@@ -94,8 +98,14 @@ impl AdamW {
             )));
         }
         Ok(AdamW {
-            m: params.iter().map(|(_, p)| vec![0f32; p.elem_count()]).collect(),
-            v: params.iter().map(|(_, p)| vec![0f32; p.elem_count()]).collect(),
+            m: params
+                .iter()
+                .map(|(_, p)| vec![0f32; p.elem_count()])
+                .collect(),
+            v: params
+                .iter()
+                .map(|(_, p)| vec![0f32; p.elem_count()])
+                .collect(),
             config,
             t: 0,
         })
@@ -107,9 +117,17 @@ impl AdamW {
 
     /// One update with learning rate `lr`; every gradient is multiplied by `grad_scale` first
     /// (gradient clipping).
-    pub fn step(&mut self, params: &[(String, Var)], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         if params.len() != grads.len() || params.len() != self.m.len() {
-            return Err(Error::InvalidParams("optimizer: parameter/gradient count mismatch".into()));
+            return Err(Error::InvalidParams(
+                "optimizer: parameter/gradient count mismatch".into(),
+            ));
         }
         self.t += 1;
         let c = &self.config;
@@ -121,18 +139,26 @@ impl AdamW {
         let decay = (1.0 - lr * c.weight_decay) as f32;
         let eps = c.eps as f32;
         let gs = grad_scale as f32;
-        for (((_, p), g), (m, v)) in params.iter().zip(grads).zip(self.m.iter_mut().zip(self.v.iter_mut())) {
+        for (((_, p), g), (m, v)) in params
+            .iter()
+            .zip(grads)
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+        {
             let mut pv = p.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             let gv = g.flatten_all()?.to_vec1::<f32>()?;
             if gv.len() != pv.len() {
-                return Err(Error::InvalidParams("optimizer: gradient shape differs from its parameter".into()));
+                return Err(Error::InvalidParams(
+                    "optimizer: gradient shape differs from its parameter".into(),
+                ));
             }
             const CHUNK: usize = 1 << 14;
             pv.par_chunks_mut(CHUNK)
                 .zip(gv.par_chunks(CHUNK))
                 .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
                 .for_each(|((pc, gc), (mc, vc))| {
-                    for (((p, &g), m), v) in pc.iter_mut().zip(gc).zip(mc.iter_mut()).zip(vc.iter_mut()) {
+                    for (((p, &g), m), v) in
+                        pc.iter_mut().zip(gc).zip(mc.iter_mut()).zip(vc.iter_mut())
+                    {
                         let g = g * gs;
                         *p *= decay;
                         *m = b1 * *m + (1.0 - b1) * g;
@@ -149,8 +175,14 @@ impl AdamW {
     pub fn state(&self, params: &[(String, Var)]) -> Result<(Vec<(String, Tensor)>, usize)> {
         let mut out = Vec::new();
         for (i, (_, p)) in params.iter().enumerate() {
-            out.push((format!("m.{i}"), Tensor::from_slice(&self.m[i], p.shape(), p.device())?));
-            out.push((format!("v.{i}"), Tensor::from_slice(&self.v[i], p.shape(), p.device())?));
+            out.push((
+                format!("m.{i}"),
+                Tensor::from_slice(&self.m[i], p.shape(), p.device())?,
+            ));
+            out.push((
+                format!("v.{i}"),
+                Tensor::from_slice(&self.v[i], p.shape(), p.device())?,
+            ));
         }
         Ok((out, self.t))
     }
@@ -201,7 +233,10 @@ mod tests {
         assert!((s.lr(40) - 2e-5).abs() < 1e-12);
         let mid = 2e-4 * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * 18.0 / 36.0).cos()));
         assert!((s.lr(22) - mid).abs() < 1e-12);
-        let lin = Schedule { kind: ScheduleKind::Linear, ..s.clone() };
+        let lin = Schedule {
+            kind: ScheduleKind::Linear,
+            ..s.clone()
+        };
         assert!((lin.lr(40) - 2e-5).abs() < 1e-12);
     }
 

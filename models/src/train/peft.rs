@@ -96,8 +96,14 @@ pub fn save_lora(model: &Llama, config: &LoraConfig, base_model: &str, dir: &Pat
     let mut tensors = Vec::new();
     for (name, lin) in model.linears() {
         if let Some(l) = lin.lora() {
-            tensors.push((format!("base_model.model.{name}.lora_A.weight"), l.a.detach()));
-            tensors.push((format!("base_model.model.{name}.lora_B.weight"), l.b.detach()));
+            tensors.push((
+                format!("base_model.model.{name}.lora_A.weight"),
+                l.a.detach(),
+            ));
+            tensors.push((
+                format!("base_model.model.{name}.lora_B.weight"),
+                l.b.detach(),
+            ));
         }
     }
     if tensors.is_empty() {
@@ -173,13 +179,16 @@ pub fn save_prompt(
 pub fn load(dir: &Path) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let cfg: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::format(&cfg_path, "JSON", e))?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, "JSON", e))?;
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.is_file() {
         let bin = dir.join("adapter_model.bin");
         return Err(if bin.is_file() {
-            adapter_err(&bin, "PyTorch pickle adapters are not supported; save it with safe_serialization=True")
+            adapter_err(
+                &bin,
+                "PyTorch pickle adapters are not supported; save it with safe_serialization=True",
+            )
         } else {
             adapter_err(&weights, "file missing")
         });
@@ -187,19 +196,32 @@ pub fn load(dir: &Path) -> Result<Adapter> {
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
         .map_err(|e| Error::format(&weights, "safetensors", e))?;
     let base_model = cfg["base_model_name_or_path"].as_str().map(str::to_string);
-    let field = |k: &str| adapter_err(&cfg_path, format!("field '{k}' is missing or has the wrong type"));
+    let field = |k: &str| {
+        adapter_err(
+            &cfg_path,
+            format!("field '{k}' is missing or has the wrong type"),
+        )
+    };
     match cfg["peft_type"].as_str() {
         Some("LORA") => {
             let r = cfg["r"].as_u64().ok_or_else(|| field("r"))? as usize;
-            let alpha = cfg["lora_alpha"].as_f64().ok_or_else(|| field("lora_alpha"))?;
+            let alpha = cfg["lora_alpha"]
+                .as_f64()
+                .ok_or_else(|| field("lora_alpha"))?;
             if cfg["use_dora"].as_bool() == Some(true) {
                 return Err(adapter_err(&cfg_path, "DoRA adapters are not supported"));
             }
             if cfg["bias"].as_str().is_some_and(|b| b != "none") {
-                return Err(adapter_err(&cfg_path, "LoRA adapters with trained biases are not supported"));
+                return Err(adapter_err(
+                    &cfg_path,
+                    "LoRA adapters with trained biases are not supported",
+                ));
             }
             let targets = match &cfg["target_modules"] {
-                serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
                 serde_json::Value::String(s) => vec![s.clone()],
                 _ => return Err(field("target_modules")),
             };
@@ -208,7 +230,10 @@ pub fn load(dir: &Path) -> Result<Adapter> {
                 if k.contains(".lora_A.") || k.contains(".lora_B.") {
                     lora.insert(k, t.to_dtype(DType::F32)?);
                 } else {
-                    return Err(adapter_err(&weights, format!("unexpected tensor '{k}' (only lora_A/lora_B are supported)")));
+                    return Err(adapter_err(
+                        &weights,
+                        format!("unexpected tensor '{k}' (only lora_A/lora_B are supported)"),
+                    ));
                 }
             }
             Ok(Adapter::Lora {
@@ -229,26 +254,45 @@ pub fn load(dir: &Path) -> Result<Adapter> {
                 .ok_or_else(|| adapter_err(&weights, "tensor 'prompt_embeddings' missing"))?
                 .to_dtype(DType::F32)?;
             let (n, _) = emb.dims2().map_err(|_| {
-                adapter_err(&weights, format!("prompt_embeddings has shape {:?}, expected [n, hidden]", emb.dims()))
+                adapter_err(
+                    &weights,
+                    format!(
+                        "prompt_embeddings has shape {:?}, expected [n, hidden]",
+                        emb.dims()
+                    ),
+                )
             })?;
-            let init = match (cfg["prompt_tuning_init"].as_str(), cfg["prompt_tuning_init_text"].as_str()) {
+            let init = match (
+                cfg["prompt_tuning_init"].as_str(),
+                cfg["prompt_tuning_init_text"].as_str(),
+            ) {
                 (Some("TEXT"), Some(t)) => PromptInit::Text(t.to_string()),
                 _ => PromptInit::RandomVocab,
             };
             Ok(Adapter::Prompt {
-                config: PromptConfig { num_virtual_tokens: n, init },
+                config: PromptConfig {
+                    num_virtual_tokens: n,
+                    init,
+                },
                 embeddings: emb,
                 base_model,
             })
         }
-        Some(other) => Err(adapter_err(&cfg_path, format!("PEFT type '{other}' is not supported (LORA and PROMPT_TUNING are)"))),
+        Some(other) => Err(adapter_err(
+            &cfg_path,
+            format!("PEFT type '{other}' is not supported (LORA and PROMPT_TUNING are)"),
+        )),
         None => Err(field("peft_type")),
     }
 }
 
 /// Attaches a LoRA adapter's branches to `model` (replacing any). Every tensor must find its
 /// layer and fit its shape; errors name the key.
-pub fn apply_lora(model: &mut Llama, config: &LoraConfig, tensors: &HashMap<String, Tensor>) -> Result<usize> {
+pub fn apply_lora(
+    model: &mut Llama,
+    config: &LoraConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<usize> {
     let scale = config.scale();
     let mut used = 0;
     for (name, lin) in model.linears_mut() {
@@ -261,7 +305,11 @@ pub fn apply_lora(model: &mut Llama, config: &LoraConfig, tensors: &HashMap<Stri
                 used += 2;
             }
             (None, None) => {}
-            _ => return Err(Error::InvalidParams(format!("adapter has only one of {ka} / {kb}"))),
+            _ => {
+                return Err(Error::InvalidParams(format!(
+                    "adapter has only one of {ka} / {kb}"
+                )))
+            }
         }
     }
     if used != tensors.len() {
@@ -270,7 +318,11 @@ pub fn apply_lora(model: &mut Llama, config: &LoraConfig, tensors: &HashMap<Stri
             .iter()
             .flat_map(|(n, _)| ["A", "B"].map(|x| format!("base_model.model.{n}.lora_{x}.weight")))
             .collect();
-        let stray = tensors.keys().find(|k| !known.contains(*k)).cloned().unwrap_or_default();
+        let stray = tensors
+            .keys()
+            .find(|k| !known.contains(*k))
+            .cloned()
+            .unwrap_or_default();
         return Err(Error::InvalidParams(format!(
             "adapter tensor '{stray}' matches no layer of this model (is it for another base model?)"
         )));

@@ -1,0 +1,533 @@
+//! `attune train`, `attune runs ...`, `attune adapters ...` and `attune eval`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use attune_engine::Engine;
+use attune_protocol::{
+    AdapterSummary, EvalOptions, EvalReport, EvalSubject, LossOn, LrSchedule, MethodSpec,
+    RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, RunSummary, SplitName,
+};
+use clap::{Args, Subcommand};
+
+use crate::interrupt;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Model id or name.
+    #[arg(long, short)]
+    model: String,
+    /// Dataset id or name.
+    #[arg(long, short)]
+    data: String,
+    /// full, lora or prompt.
+    #[arg(long, value_parser = ["full", "lora", "prompt"], default_value = "lora")]
+    method: String,
+    /// Run name (default: <method>-<dataset>); the adapter gets the same name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Optimizer steps.
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<usize>,
+    /// Passes over the training split (default 1).
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (default: full 2e-5, lora 2e-4, prompt 3e-2).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// cosine, linear or constant.
+    #[arg(long, value_parser = parse_schedule, default_value = "cosine")]
+    schedule: LrSchedule,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Longer rows are cut to this many tokens.
+    #[arg(long, default_value_t = 1024)]
+    max_len: usize,
+    /// assistant or all.
+    #[arg(long, value_parser = crate::parse_loss_on, default_value = "assistant")]
+    loss_on: LossOn,
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
+    /// Comma-separated modules (default: every projection).
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Vec<String>,
+    #[arg(long)]
+    rslora: bool,
+    /// Soft-prompt length (prompt tuning).
+    #[arg(long, default_value_t = 20)]
+    virtual_tokens: usize,
+    /// Start the soft prompt from this text's embeddings.
+    #[arg(long)]
+    prompt_init_text: Option<String>,
+    /// Evaluate every N steps (0: at the start and the end only).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Checkpoint every N steps (0: only when paused).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Evaluate on at most N rows of the validation split.
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    /// Rows of the general-domain sample scored before and after (0 = off).
+    #[arg(long, default_value_t = 30)]
+    forgetting_rows: usize,
+}
+
+fn parse_schedule(s: &str) -> Result<LrSchedule, String> {
+    match s {
+        "cosine" => Ok(LrSchedule::Cosine),
+        "linear" => Ok(LrSchedule::Linear),
+        "constant" => Ok(LrSchedule::Constant),
+        _ => Err(format!(
+            "unknown schedule '{s}' (choose cosine, linear or constant)"
+        )),
+    }
+}
+
+impl TrainArgs {
+    fn spec(&self) -> RunSpec {
+        let method = match self.method.as_str() {
+            "full" => MethodSpec::Full,
+            "prompt" => MethodSpec::Prompt {
+                virtual_tokens: self.virtual_tokens,
+                init_text: self.prompt_init_text.clone(),
+            },
+            _ => {
+                let MethodSpec::Lora { targets, .. } = MethodSpec::lora_default() else {
+                    unreachable!("lora_default is LoRA")
+                };
+                MethodSpec::Lora {
+                    r: self.lora_r,
+                    alpha: self.lora_alpha,
+                    dropout: self.lora_dropout,
+                    targets: if self.lora_targets.is_empty() {
+                        targets
+                    } else {
+                        self.lora_targets
+                            .iter()
+                            .map(|t| t.trim().to_string())
+                            .collect()
+                    },
+                    rslora: self.rslora,
+                }
+            }
+        };
+        RunSpec {
+            name: self.name.clone(),
+            model: self.model.clone(),
+            dataset: self.data.clone(),
+            method,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            steps: self.steps,
+            epochs: self.epochs.unwrap_or(1.0),
+            lr: self.lr,
+            warmup_steps: self.warmup,
+            schedule: self.schedule,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            max_len: self.max_len,
+            loss_on: self.loss_on,
+            eval_every: self.eval_every,
+            checkpoint_every: self.checkpoint_every,
+            eval_limit: self.eval_limit,
+            forgetting_rows: self.forgetting_rows,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum RunsCommand {
+    /// List runs.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a run with its metrics.
+    Show {
+        /// Run id or name.
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a paused (or failed) run from its last checkpoint.
+    Resume { run: String },
+    /// Cancel a paused, queued or failed run (its checkpoints are deleted).
+    Cancel { run: String },
+    /// Remove a run that is not executing (its adapter stays).
+    #[command(alias = "remove")]
+    Rm { run: String },
+}
+
+#[derive(Subcommand)]
+pub enum AdaptersCommand {
+    /// List adapters.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy an adapter's PEFT folder (or full model folder) to DIR.
+    Export { adapter: String, dir: PathBuf },
+    /// Import a PEFT LoRA or prompt-tuning folder trained for a base model.
+    Import {
+        dir: PathBuf,
+        /// The base model (id or name).
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Merge a LoRA adapter into its base and register the result as a model.
+    Merge {
+        adapter: String,
+        /// Name of the merged model (default: the adapter's).
+        #[arg(long)]
+        name: Option<String>,
+        /// Folder to write (default: <data dir>/models/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Remove an adapter and its folder.
+    #[command(alias = "remove")]
+    Rm { adapter: String },
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model id or name (the base; with --adapter, optional).
+    #[arg(long, short)]
+    model: Option<String>,
+    /// Adapter name or id.
+    #[arg(long, short)]
+    adapter: Option<String>,
+    /// Dataset id or name.
+    #[arg(long, short)]
+    data: String,
+    /// train, valid or test.
+    #[arg(long, value_parser = ["train", "valid", "test"], default_value = "valid")]
+    split: String,
+    /// At most N rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Generate answers for labeled rows and report accuracy.
+    #[arg(long)]
+    accuracy: bool,
+    #[arg(long, default_value_t = 1024)]
+    max_len: usize,
+    /// Most tokens per generated answer.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Rows of the general-domain sample for the forgetting check (0 = off).
+    #[arg(long, default_value_t = 0)]
+    forgetting_rows: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn metric_line(m: &RunMetric, total: u64) -> String {
+    format!(
+        "step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s  {:.0} MiB",
+        m.step,
+        total,
+        m.loss,
+        m.lr.unwrap_or(0.0),
+        m.grad_norm.unwrap_or(0.0),
+        m.tokens_per_s.unwrap_or(0.0),
+        m.memory_mb.unwrap_or(0.0)
+    )
+}
+
+/// Executes (or resumes) a run, printing one line per step and evaluation. Ctrl-C
+/// pauses it (checkpoint) and exits with 130.
+fn drive(engine: &Engine, run: &RunSummary, resume: bool) -> Result<()> {
+    let control = interrupt::training_control();
+    let mut total = run.total_steps;
+    let mut on_event = |ev: RunEvent| match ev {
+        RunEvent::Started {
+            run_id,
+            step,
+            total_steps,
+        } => {
+            total = total_steps;
+            eprintln!(
+                "run {run_id} '{}': training from step {step} of {total_steps} (estimated peak memory {} MiB); Ctrl-C pauses",
+                run.name, run.memory_estimate_mb
+            );
+        }
+        RunEvent::Step { metric } => println!("{}", metric_line(&metric, total)),
+        RunEvent::Eval { step, loss } => {
+            println!("eval step {step}  loss {loss:.4}  ppl {:.3}", loss.exp())
+        }
+        RunEvent::Checkpoint { step } => println!("checkpoint step {step}"),
+        RunEvent::Finished { .. } => {}
+    };
+    let result = if resume {
+        engine.resume_run(&run.id.to_string(), &mut on_event, control)
+    } else {
+        engine.execute_run(run.id, &mut on_event, control)
+    };
+    interrupt::set_training(false);
+    let done = result?;
+    match done.status {
+        RunStatus::Paused => {
+            eprintln!(
+                "paused at step {} of {}; resume with `attune runs resume {}`",
+                done.step, done.total_steps, done.id
+            );
+            std::process::exit(130);
+        }
+        RunStatus::Completed => {
+            let detail = engine.run_detail(&done.id.to_string())?;
+            if let Some(a) = detail.adapter {
+                let a = engine.find_adapter(&a)?;
+                println!(
+                    "completed run {} '{}': {} adapter '{}' at {}",
+                    done.id,
+                    done.name,
+                    a.kind.as_str(),
+                    a.name,
+                    a.path
+                );
+                print_adapter_metrics(&a);
+            }
+        }
+        other => println!("run {} '{}' {}", done.id, done.name, other.as_str()),
+    }
+    Ok(())
+}
+
+fn print_adapter_metrics(a: &AdapterSummary) {
+    let m = &a.metrics;
+    if let (Some(b), Some(after)) = (m.eval_nll_before, m.eval_nll_after) {
+        println!("eval NLL {b:.4} -> {after:.4}");
+    }
+    if let (Some(b), Some(after)) = (m.general_nll_before, m.general_nll_after) {
+        println!("general-domain NLL {b:.4} -> {after:.4}");
+    }
+    if let Some(w) = &m.forgetting_warning {
+        eprintln!("warning: {w}");
+    }
+}
+
+pub fn train(engine: &Engine, args: TrainArgs) -> Result<()> {
+    let spec = args.spec();
+    let run = engine.create_run(&spec)?;
+    interrupt::set_training(true);
+    drive(engine, &run, false)
+}
+
+pub fn runs(engine: &Engine, cmd: RunsCommand) -> Result<()> {
+    match cmd {
+        RunsCommand::List { json } => {
+            let list = engine.list_runs()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                eprintln!("no runs yet: start one with `attune train --model M --data D`");
+            } else {
+                println!(
+                    "{:<4} {:<24} {:<7} {:<10} {:>11} {:<20} {:<20}",
+                    "ID", "NAME", "METHOD", "STATUS", "STEP", "MODEL", "DATASET"
+                );
+                for r in &list {
+                    println!(
+                        "{:<4} {:<24} {:<7} {:<10} {:>11} {:<20} {:<20}",
+                        r.id,
+                        r.name,
+                        r.method,
+                        r.status.as_str(),
+                        format!("{}/{}", r.step, r.total_steps),
+                        r.model,
+                        r.dataset
+                    );
+                }
+            }
+        }
+        RunsCommand::Show { run, json } => {
+            let d = engine.run_detail(&run)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print_run(&d);
+            }
+        }
+        RunsCommand::Resume { run } => {
+            let r = engine.find_run(&run)?;
+            interrupt::set_training(true);
+            drive(engine, &r, true)?;
+        }
+        RunsCommand::Cancel { run } => {
+            let r = engine.cancel_run(&run)?;
+            println!("cancelled run {} '{}' at step {}", r.id, r.name, r.step);
+        }
+        RunsCommand::Rm { run } => {
+            let r = engine.find_run(&run)?;
+            engine.remove_run(&r.id.to_string())?;
+            println!("removed run {} '{}'", r.id, r.name);
+        }
+    }
+    Ok(())
+}
+
+fn print_run(d: &RunDetail) {
+    let r = &d.run;
+    println!("id:        {}", r.id);
+    println!("name:      {}", r.name);
+    println!("status:    {}", r.status.as_str());
+    if let Some(e) = &r.error {
+        println!("error:     {e}");
+    }
+    println!("method:    {}", r.method);
+    println!("model:     {} (id {})", r.model, r.model_id);
+    println!("dataset:   {} (id {})", r.dataset, r.dataset_id);
+    println!("step:      {} of {}", r.step, r.total_steps);
+    println!("memory:    ~{} MiB estimated peak", r.memory_estimate_mb);
+    println!("directory: {}", r.run_dir);
+    println!("created:   {}", r.created_at);
+    if let Some(a) = &d.adapter {
+        println!("adapter:   {a}");
+    }
+    for m in &d.metrics {
+        match m.kind {
+            attune_protocol::MetricKind::Train => println!("  {}", metric_line(m, r.total_steps)),
+            attune_protocol::MetricKind::Eval => {
+                println!("  eval step {}  loss {:.4}", m.step, m.loss)
+            }
+        }
+    }
+}
+
+pub fn adapters(engine: &Engine, cmd: AdaptersCommand) -> Result<()> {
+    match cmd {
+        AdaptersCommand::List { json } => {
+            let list = engine.list_adapters()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                eprintln!("no adapters yet: train one with `attune train` or import one");
+            } else {
+                println!(
+                    "{:<4} {:<24} {:<7} {:<24} {:<6} PATH",
+                    "ID", "NAME", "KIND", "BASE", "RUN"
+                );
+                for a in &list {
+                    println!(
+                        "{:<4} {:<24} {:<7} {:<24} {:<6} {}",
+                        a.id,
+                        a.name,
+                        a.kind.as_str(),
+                        a.base_model,
+                        a.run_id.map(|i| i.to_string()).unwrap_or("-".into()),
+                        a.path
+                    );
+                }
+            }
+        }
+        AdaptersCommand::Export { adapter, dir } => {
+            let out = engine.export_adapter(&adapter, &dir)?;
+            println!("exported adapter '{adapter}' to {}", out.display());
+        }
+        AdaptersCommand::Import { dir, base, name } => {
+            let a = engine.import_adapter(&dir, &base, name.as_deref())?;
+            println!(
+                "imported {} adapter {} '{}' for '{}'",
+                a.kind.as_str(),
+                a.id,
+                a.name,
+                a.base_model
+            );
+        }
+        AdaptersCommand::Merge { adapter, name, out } => {
+            let added = engine.merge_adapter(&adapter, name.as_deref(), out.as_deref())?;
+            crate::report_added(&added.model, added.already_present);
+        }
+        AdaptersCommand::Rm { adapter } => {
+            let a = engine.remove_adapter(&adapter)?;
+            println!("removed adapter {} '{}' and its folder", a.id, a.name);
+        }
+    }
+    Ok(())
+}
+
+pub fn eval(engine: &Engine, args: EvalArgs) -> Result<()> {
+    let subject = match (&args.adapter, &args.model) {
+        (Some(a), model) => {
+            if let Some(m) = model {
+                let base = engine.adapter_base(a)?;
+                let want = engine.find_model(m)?;
+                if base.id != want.id {
+                    bail!(
+                        "adapter '{a}' is built on model '{}', not '{}'",
+                        base.name,
+                        want.name
+                    );
+                }
+            }
+            EvalSubject::Adapter { adapter: a.clone() }
+        }
+        (None, Some(m)) => EvalSubject::Base { model: m.clone() },
+        (None, None) => EvalSubject::Base {
+            model: engine.default_model()?.id.to_string(),
+        },
+    };
+    let options = EvalOptions {
+        split: SplitName::parse(&args.split).unwrap_or(SplitName::Valid),
+        limit: args.limit,
+        max_len: args.max_len,
+        accuracy: args.accuracy,
+        max_new_tokens: args.max_new_tokens,
+        forgetting_rows: args.forgetting_rows,
+        ..Default::default()
+    };
+    let report = engine.evaluate(&subject, &args.data, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &EvalReport) {
+    println!(
+        "{} '{}' on {} split: {} rows, {} target tokens",
+        r.subject_kind,
+        r.subject,
+        r.split.as_str(),
+        r.n_rows,
+        r.n_tokens
+    );
+    println!("mean NLL {:.4}  perplexity {:.3}", r.mean_nll, r.ppl);
+    if let Some(a) = r.accuracy {
+        println!("accuracy {:.1}% of {} labeled rows", 100.0 * a, r.n_labeled);
+    }
+    if let Some(f) = r.forgetting_nll {
+        match r.base_forgetting_nll {
+            Some(b) if b != f => println!("general-domain NLL {f:.4} (base {b:.4})"),
+            _ => println!("general-domain NLL {f:.4}"),
+        }
+    }
+    if let Some(w) = &r.forgetting_warning {
+        eprintln!("warning: {w}");
+    }
+}

@@ -1,0 +1,331 @@
+//! `attune train`, `runs`, `adapters` and `eval` as subprocesses, on the real default
+//! model with tiny budgets (a few steps on short rows); each test has its own data dir.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_attune"));
+        c.arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .env("HF_HUB_CACHE", self.dir.path().join("hf"))
+            .env_remove("HF_TOKEN");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run attune")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "attune {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(out.status.code(), Some(1), "attune {args:?}: {out:?}");
+        let err = String::from_utf8(out.stderr).expect("utf-8 stderr");
+        assert!(
+            err.lines()
+                .last()
+                .unwrap_or_default()
+                .starts_with("error: "),
+            "{err}"
+        );
+        err
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).expect("json")
+    }
+
+    /// The real model and a tiny labeled chat dataset named `tiny` (6 train, 2 valid).
+    fn setup(&self) {
+        let model = attune_models::default_model_path();
+        assert!(
+            model.is_file(),
+            "the default model is missing at {}",
+            model.display()
+        );
+        self.ok(&["models", "add", model.to_str().expect("utf-8 path")]);
+        let rows = [
+            ("What color is the sky?", "Blue. Final answer: yes"),
+            ("Is water wet?", "Mostly. Final answer: maybe"),
+            ("Do fish fly?", "No, they swim. Final answer: no"),
+            ("Is ice cold?", "Yes, it is frozen. Final answer: yes"),
+            ("Can cats bark?", "No, they meow. Final answer: no"),
+            ("Will it rain tomorrow?", "Hard to say. Final answer: maybe"),
+            (
+                "Is the sun a star?",
+                "Yes, a yellow dwarf. Final answer: yes",
+            ),
+            ("Do stones eat?", "No, they are not alive. Final answer: no"),
+        ];
+        let text: String = rows
+            .iter()
+            .map(|(q, a)| {
+                serde_json::json!({
+                    "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                    "label": a.rsplit(": ").next(),
+                })
+                .to_string()
+                    + "\n"
+            })
+            .collect();
+        let path = self.dir.path().join("tiny.jsonl");
+        std::fs::write(&path, text).expect("write");
+        self.ok(&[
+            "data",
+            "import",
+            path.to_str().expect("utf-8"),
+            "--valid-fraction",
+            "0.25",
+            "--yes",
+        ]);
+    }
+}
+
+const TRAIN: &[&str] = &[
+    "train",
+    "--model",
+    "1",
+    "--data",
+    "tiny",
+    "--method",
+    "lora",
+    "--batch-size",
+    "2",
+    "--max-len",
+    "128",
+    "--lora-r",
+    "4",
+    "--lora-targets",
+    "q_proj,v_proj",
+    "--lr",
+    "1e-3",
+    "--eval-limit",
+    "1",
+    "--forgetting-rows",
+    "0",
+];
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    TRAIN.iter().copied().chain(extra.iter().copied()).collect()
+}
+
+/// Waits until `dir` holds a complete `step-*` checkpoint.
+fn wait_for_checkpoint(child: &mut Child, dir: &Path) {
+    let start = Instant::now();
+    loop {
+        let found = std::fs::read_dir(dir).ok().is_some_and(|rd| {
+            rd.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with("step-")
+                    && e.path().join("state.json").is_file()
+            })
+        });
+        if found {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("attune train ended ({status}) before writing a checkpoint");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn train_killed_with_sigkill_resumes_and_finishes() {
+    let env = Env::new();
+    env.setup();
+    let mut child = env
+        .cmd(&args(&[
+            "--steps",
+            "5",
+            "--checkpoint-every",
+            "1",
+            "--name",
+            "cli-run",
+        ]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn train");
+    wait_for_checkpoint(&mut child, &env.data_dir().join("runs/1/checkpoints"));
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+
+    // The dead process's run is paused when the library is next opened.
+    let runs = env.json(&["runs", "list", "--json"]);
+    assert_eq!(runs[0]["status"], "paused", "{runs}");
+    let out = env.ok(&["runs", "resume", "1"]);
+    assert!(out.contains("completed run 1 'cli-run'"), "{out}");
+    assert!(out.contains("step 5/5"), "{out}");
+    let detail = env.json(&["runs", "show", "cli-run", "--json"]);
+    assert_eq!(detail["run"]["status"], "completed");
+    let steps: Vec<u64> = detail["metrics"]
+        .as_array()
+        .expect("metrics")
+        .iter()
+        .filter(|m| m["kind"] == "train")
+        .map(|m| m["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5]);
+    let adapters = env.json(&["adapters", "list", "--json"]);
+    assert_eq!(adapters[0]["name"], "cli-run");
+    assert_eq!(adapters[0]["kind"], "lora");
+
+    // Generate and evaluate with it, export it, then remove it.
+    let g = env.json(&[
+        "generate",
+        "--adapter",
+        "cli-run",
+        "--max-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--json",
+        "--chat",
+        "Is ice cold?",
+    ]);
+    assert_eq!(g["adapter"], "cli-run");
+    assert!(g["generated_tokens"].as_u64().expect("tokens") >= 1);
+    let report = env.json(&[
+        "eval",
+        "--adapter",
+        "cli-run",
+        "--data",
+        "tiny",
+        "--limit",
+        "1",
+        "--max-len",
+        "128",
+        "--json",
+    ]);
+    assert_eq!(report["subject_kind"], "adapter");
+    assert!(report["mean_nll"].as_f64().expect("nll") > 0.0);
+    let out = env.dir.path().join("exported");
+    env.ok(&[
+        "adapters",
+        "export",
+        "cli-run",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert!(out.join("adapter_config.json").is_file());
+    let err = env.fails(&["models", "rm", "1"]);
+    assert!(err.contains("cli-run"), "{err}");
+    env.ok(&["adapters", "rm", "cli-run"]);
+    assert!(!env.data_dir().join("adapters/cli-run").exists());
+}
+
+#[test]
+fn train_ctrl_c_pauses_with_exit_130_and_cancel_discards() {
+    let env = Env::new();
+    env.setup();
+    let mut child = env
+        .cmd(&args(&["--steps", "50", "--checkpoint-every", "0"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn train");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("train ended before its first step")
+            .expect("read");
+        if line.starts_with("step 1/50") {
+            break;
+        }
+    }
+    // SAFETY: signals our own child process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("resume with `attune runs resume 1`"), "{err}");
+    assert!(
+        rest.iter().any(|l| l.starts_with("checkpoint step")),
+        "{rest:?}"
+    );
+    let runs = env.json(&["runs", "list", "--json"]);
+    assert_eq!(runs[0]["status"], "paused");
+    assert_eq!(runs[0]["name"], "lora-tiny");
+    let out = env.ok(&["runs", "cancel", "1"]);
+    assert!(out.contains("cancelled run 1"), "{out}");
+    assert!(!env.data_dir().join("runs/1/checkpoints").exists());
+    let err = env.fails(&["runs", "resume", "1"]);
+    assert!(err.contains("cancelled"), "{err}");
+}
+
+#[test]
+fn train_refusals_are_one_line_errors() {
+    let env = Env::new();
+    env.setup();
+    let err = env.fails(&["train", "--model", "nope", "--data", "tiny"]);
+    assert!(err.contains("no model 'nope'"), "{err}");
+    let err = env.fails(&["train", "--model", "1", "--data", "nope"]);
+    assert!(err.contains("no dataset 'nope'"), "{err}");
+    let err = env.fails(&[
+        "train",
+        "--model",
+        "1",
+        "--data",
+        "tiny",
+        "--method",
+        "full",
+        "--batch-size",
+        "4096",
+        "--max-len",
+        "4096",
+    ]);
+    assert!(err.contains("will not fit") && err.contains("MiB"), "{err}");
+    let err = env.fails(&[
+        "train",
+        "--model",
+        "1",
+        "--data",
+        "tiny",
+        "--lora-targets",
+        "foo",
+    ]);
+    assert!(err.contains("lora target 'foo'"), "{err}");
+    assert_eq!(env.json(&["runs", "list", "--json"]), serde_json::json!([]));
+    let err = env.fails(&["runs", "show", "7"]);
+    assert!(err.contains("no run '7'"), "{err}");
+    let err = env.fails(&["adapters", "rm", "nope"]);
+    assert!(err.contains("no adapter 'nope'"), "{err}");
+}

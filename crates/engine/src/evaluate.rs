@@ -1,0 +1,398 @@
+//! Evaluation: mean NLL and perplexity over a split's target tokens (one row at a time,
+//! no padding, as the PyTorch reference evaluates), label accuracy from a greedy answer's
+//! `Final answer: yes|no|maybe`, and the forgetting check on the built-in general-domain
+//! sample. Subjects: a model as it is, an adapter on its base, or a model behind a
+//! prompt template (system prompt + few-shot turns before every row; only the row's own
+//! turns are scored).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use attune_models::chat_template::ChatTemplate;
+use attune_models::generate::{self, GenerateParams};
+use attune_models::llama::Llama;
+use attune_models::loader::{ComputeMode, LoadOptions, LoadedModel};
+use attune_models::tokenizer::Tok;
+use attune_models::train::{self, peft, Example, RenderOptions};
+use attune_protocol::{
+    ChatMessage, EvalOptions, EvalReport, EvalSubject, PromptTemplate, RowScore,
+};
+
+use crate::datasets::Sample;
+use crate::error::EngineError;
+use crate::runs::{forgetting_warning, general_examples, models_loss, render_sample, to_messages};
+use crate::store::{EvalRow, ModelRow};
+use crate::Engine;
+
+/// A model ready to be scored.
+struct Scored {
+    model: Llama,
+    tok: Tok,
+    tmpl: ChatTemplate,
+    prefix: Option<candle_core::Tensor>,
+}
+
+impl Scored {
+    fn pad(&self) -> u32 {
+        self.tok.eos_token_ids().first().copied().unwrap_or(0)
+    }
+
+    /// (sum NLL, target tokens) of one example.
+    fn nll(&self, e: &Example) -> attune_models::Result<(f64, usize)> {
+        train::evaluate(
+            &self.model,
+            std::slice::from_ref(e),
+            self.prefix.as_ref(),
+            self.pad(),
+            |_, _| true,
+        )
+    }
+
+    /// Mean NLL over `examples`.
+    fn mean_nll(&self, examples: &[Example]) -> attune_models::Result<Option<f64>> {
+        let (s, n) = train::evaluate(
+            &self.model,
+            examples,
+            self.prefix.as_ref(),
+            self.pad(),
+            |_, _| true,
+        )?;
+        Ok((n > 0).then(|| s / n as f64))
+    }
+}
+
+fn load(name: &str, path: &Path) -> Result<LoadedModel, EngineError> {
+    if !path.exists() {
+        return Err(EngineError::InvalidInput(format!(
+            "model '{name}': its file {} is missing",
+            path.display()
+        )));
+    }
+    attune_models::loader::load(
+        path,
+        &LoadOptions {
+            compute: ComputeMode::F32,
+        },
+    )
+    .map_err(|source| EngineError::ModelLoad {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+fn scored(m: LoadedModel) -> Scored {
+    Scored {
+        model: m.model,
+        tok: m.tokenizer,
+        tmpl: m.chat_template,
+        prefix: None,
+    }
+}
+
+/// The label a generated answer gives: the last `Final answer: yes|no|maybe`
+/// (case-insensitive), if any.
+pub fn parse_final_answer(text: &str) -> Option<String> {
+    let lower = text.to_lowercase();
+    let mut found = None;
+    let mut rest = lower.as_str();
+    while let Some(i) = rest.find("final answer") {
+        let after = rest[i + "final answer".len()..].trim_start();
+        let after = after.strip_prefix(':').unwrap_or(after).trim_start();
+        let after = after.trim_start_matches(['*', '"', '\'', ' ']);
+        for label in ["yes", "no", "maybe"] {
+            if after.starts_with(label)
+                && !after[label.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_alphanumeric())
+            {
+                found = Some(label.to_string());
+            }
+        }
+        rest = &rest[i + 1..];
+    }
+    found
+}
+
+/// The template's messages, then the row's (the template's system prompt replaces the
+/// row's).
+fn with_template(t: &PromptTemplate, row: &[ChatMessage]) -> (Vec<ChatMessage>, usize) {
+    let mut out = Vec::new();
+    let row_has_system = row.first().is_some_and(|m| m.role == "system");
+    match (&t.system, row_has_system) {
+        (Some(s), _) => out.push(ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        }),
+        (None, true) => out.push(row[0].clone()),
+        _ => {}
+    }
+    out.extend(t.examples.iter().cloned());
+    let n_prefix = out.len();
+    out.extend(row.iter().skip(usize::from(row_has_system)).cloned());
+    (out, n_prefix)
+}
+
+impl Engine {
+    fn scored_base(&self, row: &ModelRow) -> Result<Scored, EngineError> {
+        Ok(scored(load(&row.name, Path::new(&row.path))?))
+    }
+
+    /// Evaluates `subject` on `dataset`'s `options.split`, records the result in the
+    /// library and returns it with per-row figures.
+    pub fn evaluate(
+        &self,
+        subject: &EvalSubject,
+        dataset: &str,
+        options: &EvalOptions,
+    ) -> Result<EvalReport, EngineError> {
+        let ds = self.find_dataset(dataset)?;
+        if options.max_len < 2 {
+            return Err(EngineError::InvalidInput(format!(
+                "max length must be at least 2 tokens, got {}",
+                options.max_len
+            )));
+        }
+        let (kind, subject_id, subject_name, base_row, s, template) = match subject {
+            EvalSubject::Base { model } => {
+                let m = self.find_model(model)?;
+                let row = self
+                    .store
+                    .get_model(m.id)?
+                    .ok_or_else(|| EngineError::ModelNotFound(m.id.to_string()))?;
+                let s = self.scored_base(&row)?;
+                ("base", m.id.to_string(), m.name, row, s, None)
+            }
+            EvalSubject::Template { model, template } => {
+                let m = self.find_model(model)?;
+                let row = self
+                    .store
+                    .get_model(m.id)?
+                    .ok_or_else(|| EngineError::ModelNotFound(m.id.to_string()))?;
+                for (i, msg) in template.examples.iter().enumerate() {
+                    let want = if i % 2 == 0 { "user" } else { "assistant" };
+                    if msg.role != want {
+                        return Err(EngineError::InvalidInput(format!(
+                            "template '{}': example message {} is '{}', expected '{want}'",
+                            template.name,
+                            i + 1,
+                            msg.role
+                        )));
+                    }
+                }
+                if template.examples.len() % 2 != 0 {
+                    return Err(EngineError::InvalidInput(format!(
+                        "template '{}': the examples must be user/assistant pairs",
+                        template.name
+                    )));
+                }
+                let s = self.scored_base(&row)?;
+                let name = if template.name.is_empty() {
+                    "template".to_string()
+                } else {
+                    template.name.clone()
+                };
+                (
+                    "template",
+                    name.clone(),
+                    name,
+                    row,
+                    s,
+                    Some(template.clone()),
+                )
+            }
+            EvalSubject::Adapter { adapter } => {
+                let a = self.adapter_row(adapter)?;
+                let row = self
+                    .store
+                    .get_model(a.base_model_id)?
+                    .ok_or_else(|| EngineError::ModelNotFound(a.base_model_id.to_string()))?;
+                let path = PathBuf::from(&a.path);
+                let bad = |e: attune_models::Error| EngineError::InvalidAdapter {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                };
+                let s = if a.kind == "full" {
+                    scored(load(&a.name, &path)?)
+                } else {
+                    let mut s = self.scored_base(&row)?;
+                    match peft::load(&path).map_err(bad)? {
+                        peft::Adapter::Lora {
+                            config, tensors, ..
+                        } => {
+                            peft::apply_lora(&mut s.model, &config, &tensors).map_err(bad)?;
+                        }
+                        peft::Adapter::Prompt { embeddings, .. } => s.prefix = Some(embeddings),
+                    }
+                    s
+                };
+                ("adapter", a.id.to_string(), a.name, row, s, None)
+            }
+        };
+        let merr = |e: attune_models::Error| EngineError::Generation(Box::new(e));
+        let opts = RenderOptions {
+            loss_on: models_loss(options.loss_on),
+            max_len: options.max_len,
+        };
+        let rows = self.dataset_rows(ds.id, options.split)?;
+        let rows: Vec<_> = rows
+            .into_iter()
+            .take(options.limit.unwrap_or(usize::MAX))
+            .collect();
+        if rows.is_empty() {
+            return Err(EngineError::InvalidInput(format!(
+                "dataset '{}' has no {} rows",
+                ds.name,
+                options.split.as_str()
+            )));
+        }
+        let mut scores = Vec::with_capacity(rows.len());
+        let (mut sum, mut n_tokens) = (0f64, 0usize);
+        let (mut n_labeled, mut n_correct) = (0u64, 0u64);
+        let cancel = AtomicBool::new(false);
+        for (i, row) in rows.iter().enumerate() {
+            let render_err = |e: attune_models::Error| EngineError::InvalidDataset {
+                path: PathBuf::from(&ds.source_path),
+                reason: format!(
+                    "'{}' {} row {i} cannot be rendered: {e}",
+                    ds.name,
+                    options.split.as_str()
+                ),
+            };
+            let example = match (&template, &row.sample) {
+                (Some(t), Sample::Chat(msgs)) => {
+                    let (all, n_prefix) = with_template(t, msgs);
+                    let mut e = train::render_chat(&s.tok, &s.tmpl, &to_messages(&all), &opts)
+                        .map_err(render_err)?;
+                    // Only the row's own turns are scored: mask what the template adds.
+                    let head = s
+                        .tmpl
+                        .render(&to_messages(&all[..n_prefix]), false)
+                        .and_then(|text| s.tok.encode(&text, false))
+                        .map_err(render_err)?;
+                    let k = head.len().min(e.targets.len());
+                    if e.ids[..k] == head[..k] {
+                        e.targets[..k].iter_mut().for_each(|t| *t = false);
+                    }
+                    e
+                }
+                _ => render_sample(&s.tok, &s.tmpl, &row.sample, &opts).map_err(render_err)?,
+            };
+            let (row_sum, row_n) = s.nll(&example).map_err(merr)?;
+            sum += row_sum;
+            n_tokens += row_n;
+            let mut score = RowScore {
+                source_id: row.source_id.clone(),
+                sum_nll: row_sum,
+                n_tokens: row_n as u64,
+                answer: None,
+                correct: None,
+            };
+            if let (true, Some(label), Sample::Chat(msgs)) =
+                (options.accuracy, &row.label, &row.sample)
+            {
+                n_labeled += 1;
+                let cut = msgs
+                    .iter()
+                    .rposition(|m| m.role == "assistant")
+                    .unwrap_or(msgs.len());
+                let prompt_msgs = match &template {
+                    Some(t) => with_template(t, &msgs[..cut]).0,
+                    None => msgs[..cut].to_vec(),
+                };
+                let text = s
+                    .tmpl
+                    .render(&to_messages(&prompt_msgs), true)
+                    .map_err(merr)?;
+                let ids = s.tok.encode(&text, false).map_err(merr)?;
+                let params = GenerateParams {
+                    max_tokens: options.max_new_tokens.max(1),
+                    ..Default::default()
+                };
+                let g = generate::generate_with_prefix(
+                    &s.model,
+                    &s.tok,
+                    s.prefix.as_ref(),
+                    &ids,
+                    &params,
+                    &cancel,
+                    &mut |_| {},
+                )
+                .map_err(merr)?;
+                let answer = parse_final_answer(&g.text);
+                let correct = answer
+                    .as_deref()
+                    .is_some_and(|a| a.eq_ignore_ascii_case(label.trim()));
+                n_correct += u64::from(correct);
+                score.answer = answer;
+                score.correct = Some(correct);
+            }
+            scores.push(score);
+        }
+        if n_tokens == 0 {
+            return Err(EngineError::InvalidInput(format!(
+                "dataset '{}' {} rows have no target tokens to score",
+                ds.name,
+                options.split.as_str()
+            )));
+        }
+        let mean_nll = sum / n_tokens as f64;
+        let (forgetting_nll, base_forgetting_nll, forgetting_warning_text) =
+            if options.forgetting_rows > 0 {
+                let ex =
+                    general_examples(&s.tok, &s.tmpl, options.forgetting_rows).map_err(merr)?;
+                let subject_nll = s.mean_nll(&ex).map_err(merr)?;
+                let base_nll = if kind == "adapter" {
+                    drop(s);
+                    let b = self.scored_base(&base_row)?;
+                    b.mean_nll(&ex).map_err(merr)?
+                } else {
+                    subject_nll
+                };
+                let warn = match (base_nll, subject_nll) {
+                    (Some(b), Some(a)) => forgetting_warning(b, a),
+                    _ => None,
+                };
+                (subject_nll, base_nll, warn)
+            } else {
+                (None, None, None)
+            };
+        let accuracy = (n_labeled > 0).then(|| n_correct as f64 / n_labeled as f64);
+        let created_at = crate::clock::now_rfc3339();
+        let id = self.store.insert_evaluation(&EvalRow {
+            subject_kind: kind.to_string(),
+            subject_id,
+            model_id: base_row.id,
+            dataset_id: ds.id,
+            split: options.split.as_str().to_string(),
+            n_rows: rows.len() as i64,
+            mean_nll,
+            ppl: mean_nll.exp(),
+            n_tokens: n_tokens as i64,
+            accuracy,
+            n_labeled: n_labeled as i64,
+            forgetting_nll,
+            created_at: created_at.clone(),
+        })?;
+        Ok(EvalReport {
+            id,
+            subject_kind: kind.to_string(),
+            subject: subject_name,
+            model_id: base_row.id,
+            dataset_id: ds.id,
+            split: options.split,
+            n_rows: rows.len() as u64,
+            mean_nll,
+            ppl: mean_nll.exp(),
+            n_tokens: n_tokens as u64,
+            accuracy,
+            n_labeled,
+            forgetting_nll,
+            base_forgetting_nll,
+            forgetting_warning: forgetting_warning_text,
+            rows: scores,
+            created_at,
+        })
+    }
+}

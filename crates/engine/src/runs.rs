@@ -1,0 +1,1261 @@
+//! Fine-tuning runs: a checked [`RunSpec`] becomes a `runs` row (after a memory
+//! estimate), and [`Engine::execute_run`] drives `attune_models::train` on the caller's
+//! thread: load, render, prepare the method, resume from the newest checkpoint, then
+//! step / record / evaluate / checkpoint until done, paused or cancelled, and finally
+//! write the adapter under `<data_dir>/adapters/<run name>/` and register it.
+//!
+//! Run directory: `<data_dir>/runs/<id>/`, checkpoints in `checkpoints/step-NNNNNNN`
+//! (written to a temporary directory and renamed by the trainer; temporary directories
+//! left by a crash are removed before resuming), `baseline.json` holds the
+//! general-domain NLL measured before training.
+//!
+//! Memory estimate (bytes), documented in [`estimate_memory`]:
+//! `4 P + 16 T + A + L + R`, with P the model's parameters (f32 weights), T the trained
+//! parameters (gradient, two AdamW moments and the optimizer's flattened copy, 4 bytes
+//! each), A = 4 * N * layers * (6 h + 2 i + heads * max_len) the activations kept for
+//! the backward pass over N = batch * max_len tokens (the fused attention, RMSNorm and
+//! frozen-linear ops keep far less than a naive autograd graph), L = 8 * N * vocab the
+//! logits and their gradient, and R = 300 MiB for the runtime. It is an upper bound for
+//! padded batches of full-length rows. Calibration against the measured peak (VmHWM in
+//! /proc/self/status, SmolLM2-135M, 2 cores, one optimizer step on PubMedQA rows):
+//! LoRA r 16 on every projection, batch 4, max_len 512: estimate 4266 MiB, measured
+//! 3246 MiB; full fine-tuning, batch 1, max_len 1024 (rows of 300-800 tokens): estimate
+//! 5095 MiB, measured 2651 MiB (the row was shorter than max_len). Reproduce with
+//! `ATTUNE_CALIBRATE=lora|full cargo test -p attune-engine runs_memory_calibration -- --nocapture`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use attune_models::chat_template::{ChatTemplate, Message};
+use attune_models::config::Config;
+use attune_models::loader::{ComputeMode, LoadOptions, LoadedModel};
+use attune_models::tokenizer::Tok;
+use attune_models::train::{self, Example, RenderOptions};
+use attune_protocol::{
+    AdapterMetrics, ChatMessage, LossOn, LrSchedule, MethodSpec, MetricKind, RunDetail, RunEvent,
+    RunMetric, RunSpec, RunStatus, RunSummary, SplitName,
+};
+
+use crate::datasets::Sample;
+use crate::error::EngineError;
+use crate::store::{AdapterRow, MetricRow, RunRow};
+use crate::Engine;
+
+/// How many checkpoints a run keeps.
+const KEEP_CHECKPOINTS: usize = 2;
+
+/// Relative worsening of the general-domain NLL that counts as forgetting.
+pub const FORGETTING_THRESHOLD: f64 = 0.05;
+
+/// Fixed runtime overhead in the memory estimate.
+const RUNTIME_OVERHEAD: u64 = 300 << 20;
+
+/// What the caller sets to stop a run between steps.
+#[derive(Debug, Default)]
+pub struct RunControl {
+    pause: AtomicBool,
+    cancel: AtomicBool,
+}
+
+impl RunControl {
+    pub const fn new() -> RunControl {
+        RunControl {
+            pause: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
+        }
+    }
+
+    /// Checkpoint and stop after the current step; the run becomes `paused`.
+    pub fn pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+    }
+
+    /// Stop after the current step and discard the checkpoints; the run becomes `cancelled`.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    pub fn reset(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+        self.cancel.store(false, Ordering::SeqCst);
+    }
+
+    fn paused(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs executing in this process: (database path, run id).
+static ACTIVE: Mutex<Vec<(PathBuf, i64)>> = Mutex::new(Vec::new());
+
+/// Marks a run active in this process until dropped (also when unwinding).
+struct ActiveGuard(PathBuf, i64);
+
+impl ActiveGuard {
+    fn claim(db: &Path, id: i64) -> Option<ActiveGuard> {
+        let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
+        if active.iter().any(|(p, i)| p == db && *i == id) {
+            return None;
+        }
+        active.push((db.to_path_buf(), id));
+        Some(ActiveGuard(db.to_path_buf(), id))
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
+        active.retain(|(p, i)| !(p == &self.0 && *i == self.1));
+    }
+}
+
+fn is_active_here(db: &Path, id: i64) -> bool {
+    let active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
+    active.iter().any(|(p, i)| p == db && *i == id)
+}
+
+/// Whether process `pid` exists.
+fn pid_alive(pid: i64) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------------------
+
+/// The parts of a run's estimated peak memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    pub trainable_params: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub total: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total_mb(&self) -> u64 {
+        self.total.div_ceil(1 << 20)
+    }
+}
+
+/// Parameters `method` trains on a model shaped like `cfg`.
+pub fn trainable_params(cfg: &Config, method: &MethodSpec) -> u64 {
+    let h = cfg.hidden_size as u64;
+    let i = cfg.intermediate_size as u64;
+    let hd = cfg.head_dim() as u64;
+    let q = cfg.num_attention_heads as u64 * hd;
+    let kv = cfg.num_key_value_heads as u64 * hd;
+    match method {
+        MethodSpec::Full => cfg.num_parameters() as u64,
+        MethodSpec::Prompt { virtual_tokens, .. } => *virtual_tokens as u64 * h,
+        MethodSpec::Lora { r, targets, .. } => {
+            let per_layer: u64 = targets
+                .iter()
+                .map(|t| match t.as_str() {
+                    "q_proj" => h + q,
+                    "k_proj" | "v_proj" => h + kv,
+                    "o_proj" => q + h,
+                    "gate_proj" | "up_proj" => h + i,
+                    "down_proj" => i + h,
+                    _ => 0,
+                })
+                .sum();
+            *r as u64 * per_layer * cfg.num_hidden_layers as u64
+        }
+    }
+}
+
+/// Estimated peak resident memory of training (an upper bound: every row padded to
+/// `max_len`): f32 weights (4 bytes per parameter), per trained parameter a gradient, two
+/// AdamW moments and the optimizer's flattened copy (16 bytes), activations kept for the
+/// backward pass (per token and layer 6 hidden-size and 2 intermediate-size vectors plus
+/// one attention row of `max_len` scores per head, 4 bytes each), logits and their
+/// gradient (8 bytes per token per vocabulary entry), plus a fixed runtime overhead.
+/// Calibrated against measured peaks: see the module documentation.
+pub fn estimate_memory(
+    cfg: &Config,
+    method: &MethodSpec,
+    batch_size: usize,
+    max_len: usize,
+) -> MemoryEstimate {
+    let p = cfg.num_parameters() as u64;
+    let t = trainable_params(cfg, method);
+    let n = (batch_size * max_len) as u64;
+    let h = cfg.hidden_size as u64;
+    let i = cfg.intermediate_size as u64;
+    let heads = cfg.num_attention_heads as u64;
+    let layers = cfg.num_hidden_layers as u64;
+    let weights = 4 * p;
+    let optimizer = 16 * t;
+    let activations =
+        4 * n * layers * (6 * h + 2 * i + heads * max_len as u64) + 8 * n * cfg.vocab_size as u64;
+    let total = weights + optimizer + activations + RUNTIME_OVERHEAD;
+    MemoryEstimate {
+        weights,
+        trainable_params: t,
+        optimizer,
+        activations,
+        total,
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes (None where there is no such file).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_field(&text, "MemAvailable:")
+}
+
+fn meminfo_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line[key.len()..].split_whitespace().next()?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// This process's resident memory (VmRSS) and peak (VmHWM), in MiB.
+pub fn process_memory_mb() -> (Option<f64>, Option<f64>) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/status") else {
+        return (None, None);
+    };
+    let mb = |k| meminfo_field(&text, k).map(|b| b as f64 / (1 << 20) as f64);
+    (mb("VmRSS:"), mb("VmHWM:"))
+}
+
+/// The model's shape, read from its headers (no weights loaded).
+pub(crate) fn model_config(path: &Path) -> Result<Config, attune_models::Error> {
+    if path.is_dir() {
+        attune_models::hf::read_config(path)
+    } else {
+        let content = attune_models::gguf::read_content(path)?;
+        attune_models::gguf::config_from_content(&content, path)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------------------
+
+pub(crate) fn to_messages(messages: &[ChatMessage]) -> Vec<Message> {
+    messages
+        .iter()
+        .map(|m| Message::new(m.role.clone(), m.content.clone()))
+        .collect()
+}
+
+pub(crate) fn models_loss(l: LossOn) -> train::LossOn {
+    match l {
+        LossOn::Assistant => train::LossOn::Assistant,
+        LossOn::All => train::LossOn::All,
+    }
+}
+
+/// One row as training and evaluation see it.
+pub(crate) fn render_sample(
+    tok: &Tok,
+    tmpl: &ChatTemplate,
+    sample: &Sample,
+    opts: &RenderOptions,
+) -> attune_models::Result<Example> {
+    match sample {
+        Sample::Chat(messages) => train::render_chat(tok, tmpl, &to_messages(messages), opts),
+        Sample::Text(text) => train::render_text(tok, text, opts),
+    }
+}
+
+/// The built-in general-domain sample (see `assets/README.md`), as chat rows.
+pub(crate) fn general_sample() -> Vec<Vec<ChatMessage>> {
+    include_str!("../assets/general_sample.jsonl")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            #[derive(serde::Deserialize)]
+            struct Row {
+                messages: Vec<ChatMessage>,
+            }
+            serde_json::from_str::<Row>(l).ok().map(|r| r.messages)
+        })
+        .collect()
+}
+
+/// The first `n` rows of the general sample rendered for `loaded`.
+pub(crate) fn general_examples(
+    tok: &Tok,
+    tmpl: &ChatTemplate,
+    n: usize,
+) -> attune_models::Result<Vec<Example>> {
+    let opts = RenderOptions {
+        loss_on: train::LossOn::Assistant,
+        max_len: 512,
+    };
+    general_sample()
+        .into_iter()
+        .take(n)
+        .map(|m| train::render_chat(tok, tmpl, &to_messages(&m), &opts))
+        .collect()
+}
+
+fn mean(sum: f64, n: usize) -> Option<f64> {
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// The relative worsening message, when `after` is clearly worse than `before`.
+pub(crate) fn forgetting_warning(before: f64, after: f64) -> Option<String> {
+    (before > 0.0 && (after - before) / before > FORGETTING_THRESHOLD).then(|| {
+        format!(
+            "general-domain NLL rose from {before:.4} to {after:.4} (+{:.1}%): the model may \
+             have forgotten general skills; try fewer steps, a lower learning rate or LoRA",
+            100.0 * (after - before) / before
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Spec
+// ---------------------------------------------------------------------------------------
+
+fn to_method(m: &MethodSpec) -> train::Method {
+    match m {
+        MethodSpec::Full => train::Method::Full,
+        MethodSpec::Lora {
+            r,
+            alpha,
+            dropout,
+            targets,
+            rslora,
+        } => train::Method::Lora(train::LoraConfig {
+            r: *r,
+            alpha: *alpha,
+            dropout: *dropout,
+            targets: targets.clone(),
+            rslora: *rslora,
+        }),
+        MethodSpec::Prompt {
+            virtual_tokens,
+            init_text,
+        } => train::Method::Prompt(train::PromptConfig {
+            num_virtual_tokens: *virtual_tokens,
+            init: match init_text {
+                Some(t) => train::PromptInit::Text(t.clone()),
+                None => train::PromptInit::RandomVocab,
+            },
+        }),
+    }
+}
+
+/// Refuses impossible settings, naming the field.
+fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError> {
+    let bad = |m: String| Err(EngineError::InvalidInput(m));
+    if spec.batch_size == 0 {
+        return bad("batch_size must be at least 1".into());
+    }
+    if spec.grad_accum == 0 {
+        return bad("grad_accum must be at least 1".into());
+    }
+    if spec.steps == Some(0) {
+        return bad("steps must be at least 1".into());
+    }
+    if spec.steps.is_none() && !(spec.epochs.is_finite() && spec.epochs > 0.0) {
+        return bad(format!("epochs must be positive, got {}", spec.epochs));
+    }
+    if let Some(lr) = spec.lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            return bad(format!("lr must be positive, got {lr}"));
+        }
+    }
+    if !(0.0..=1.0).contains(&spec.final_lr_fraction) {
+        return bad(format!(
+            "final_lr_fraction must be in [0, 1], got {}",
+            spec.final_lr_fraction
+        ));
+    }
+    if !(spec.weight_decay.is_finite() && spec.weight_decay >= 0.0) {
+        return bad(format!(
+            "weight_decay must be 0 or positive, got {}",
+            spec.weight_decay
+        ));
+    }
+    if !(spec.max_grad_norm.is_finite() && spec.max_grad_norm >= 0.0) {
+        return bad(format!(
+            "max_grad_norm must be 0 (off) or positive, got {}",
+            spec.max_grad_norm
+        ));
+    }
+    if spec.max_len < 2 {
+        return bad(format!(
+            "max_len must be at least 2 tokens, got {}",
+            spec.max_len
+        ));
+    }
+    if spec.max_len > context {
+        return bad(format!(
+            "max_len {} is longer than the model's context of {context} tokens",
+            spec.max_len
+        ));
+    }
+    match &spec.method {
+        MethodSpec::Full => {}
+        MethodSpec::Lora {
+            r,
+            alpha,
+            dropout,
+            targets,
+            ..
+        } => {
+            if *r == 0 {
+                return bad("lora r must be at least 1".into());
+            }
+            if !(alpha.is_finite() && *alpha > 0.0) {
+                return bad(format!("lora alpha must be positive, got {alpha}"));
+            }
+            if !(0.0..1.0).contains(dropout) {
+                return bad(format!("lora dropout must be in [0, 1), got {dropout}"));
+            }
+            if targets.is_empty() {
+                return bad("lora targets: name at least one module".into());
+            }
+            for t in targets {
+                if !train::LORA_TARGETS.contains(&t.as_str()) {
+                    return bad(format!(
+                        "lora target '{t}' is not one of {}",
+                        train::LORA_TARGETS.join(", ")
+                    ));
+                }
+            }
+        }
+        MethodSpec::Prompt {
+            virtual_tokens,
+            init_text,
+        } => {
+            if *virtual_tokens == 0 {
+                return bad("virtual_tokens must be at least 1".into());
+            }
+            if *virtual_tokens + spec.max_len > context {
+                return bad(format!(
+                    "virtual_tokens + max_len ({}) exceed the model's context of {context}",
+                    virtual_tokens + spec.max_len
+                ));
+            }
+            if init_text.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                return bad("prompt init text is empty".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn total_steps(spec: &RunSpec, train_rows: u64) -> usize {
+    match spec.steps {
+        Some(s) => s,
+        None => {
+            let per = (spec.batch_size * spec.grad_accum) as f64;
+            ((spec.epochs * train_rows as f64) / per).ceil().max(1.0) as usize
+        }
+    }
+}
+
+fn suggestion(spec: &RunSpec) -> String {
+    let mut s = Vec::new();
+    if spec.batch_size > 1 {
+        s.push(format!(
+            "a smaller --batch-size (e.g. {} with --grad-accum {})",
+            (spec.batch_size / 2).max(1),
+            spec.grad_accum * 2
+        ));
+    }
+    if spec.max_len > 256 {
+        s.push(format!("a shorter --max-len (e.g. {})", spec.max_len / 2));
+    }
+    if matches!(spec.method, MethodSpec::Full) {
+        s.push("--method lora instead of full fine-tuning".to_string());
+    }
+    if s.is_empty() {
+        "close other programs or use a smaller model".to_string()
+    } else {
+        format!("try {}", s.join(", or "))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rows to DTOs
+// ---------------------------------------------------------------------------------------
+
+fn metric_dto(m: &MetricRow) -> RunMetric {
+    RunMetric {
+        step: m.step.max(0) as u64,
+        kind: if m.kind == "eval" {
+            MetricKind::Eval
+        } else {
+            MetricKind::Train
+        },
+        loss: m.loss,
+        lr: m.lr,
+        grad_norm: m.grad_norm,
+        tokens_per_s: m.tokens_per_s,
+        memory_mb: m.memory_mb,
+        at: m.at.clone(),
+    }
+}
+
+fn metric_row(m: &RunMetric) -> MetricRow {
+    MetricRow {
+        step: m.step as i64,
+        kind: match m.kind {
+            MetricKind::Train => "train",
+            MetricKind::Eval => "eval",
+        }
+        .to_string(),
+        loss: m.loss,
+        lr: m.lr,
+        grad_norm: m.grad_norm,
+        tokens_per_s: m.tokens_per_s,
+        memory_mb: m.memory_mb,
+        at: m.at.clone(),
+    }
+}
+
+/// Outcome of the training loop.
+enum Outcome {
+    Completed(String),
+    Paused,
+    Cancelled,
+}
+
+impl Engine {
+    fn run_summary(&self, r: &RunRow) -> Result<RunSummary, EngineError> {
+        let db = self.store.path();
+        let model = self
+            .store
+            .get_model(r.model_id)?
+            .map(|m| m.name)
+            .unwrap_or_default();
+        let dataset = self
+            .store
+            .get_dataset(r.dataset_id)?
+            .map(|d| d.name)
+            .unwrap_or_default();
+        Ok(RunSummary {
+            id: r.id,
+            name: r.name.clone(),
+            model_id: r.model_id,
+            model,
+            dataset_id: r.dataset_id,
+            dataset,
+            method: r.method.clone(),
+            status: RunStatus::parse(&r.status).ok_or_else(|| {
+                EngineError::db(
+                    db,
+                    format!("run id {}: invalid status '{}'", r.id, r.status),
+                )
+            })?,
+            error: r.error.clone(),
+            step: r.step.max(0) as u64,
+            total_steps: r.total_steps.max(0) as u64,
+            run_dir: r.run_dir.clone(),
+            created_at: r.created_at.clone(),
+            started_at: r.started_at.clone(),
+            finished_at: r.finished_at.clone(),
+            memory_estimate_mb: r.memory_estimate_mb.max(0) as u64,
+        })
+    }
+
+    fn run_row(&self, id_or_name: &str) -> Result<RunRow, EngineError> {
+        let key = id_or_name.trim();
+        if let Ok(id) = key.parse::<i64>() {
+            if let Some(r) = self.store.get_run(id)? {
+                return Ok(r);
+            }
+        }
+        self.store
+            .find_run_by_name(key)?
+            .ok_or_else(|| EngineError::RunNotFound(key.to_string()))
+    }
+
+    /// A run by id or name.
+    pub fn find_run(&self, id_or_name: &str) -> Result<RunSummary, EngineError> {
+        self.run_summary(&self.run_row(id_or_name)?)
+    }
+
+    /// All runs, oldest first.
+    pub fn list_runs(&self) -> Result<Vec<RunSummary>, EngineError> {
+        self.store
+            .list_runs()?
+            .iter()
+            .map(|r| self.run_summary(r))
+            .collect()
+    }
+
+    /// A run with its settings, every metric and its adapter.
+    pub fn run_detail(&self, id_or_name: &str) -> Result<RunDetail, EngineError> {
+        let r = self.run_row(id_or_name)?;
+        let spec: RunSpec = serde_json::from_str(&r.config_json).map_err(|e| {
+            EngineError::db(
+                self.store.path(),
+                format!("run id {}: bad config: {e}", r.id),
+            )
+        })?;
+        let metrics = self
+            .store
+            .run_metrics(r.id)?
+            .iter()
+            .map(metric_dto)
+            .collect();
+        let adapter = self
+            .store
+            .list_adapters()?
+            .into_iter()
+            .find(|a| a.run_id == Some(r.id))
+            .map(|a| a.name);
+        Ok(RunDetail {
+            run: self.run_summary(&r)?,
+            spec,
+            metrics,
+            adapter,
+        })
+    }
+
+    /// Checks `spec`, estimates its memory and records a queued run. A run that will
+    /// not fit in the available memory is refused and nothing is written.
+    pub fn create_run(&self, spec: &RunSpec) -> Result<RunSummary, EngineError> {
+        let model = self.find_model(&spec.model)?;
+        let dataset = self.find_dataset(&spec.dataset)?;
+        let model_path = match &model.source {
+            attune_protocol::ModelSource::Local { path }
+            | attune_protocol::ModelSource::Hub { path, .. } => PathBuf::from(path),
+        };
+        if !model_path.exists() {
+            return Err(EngineError::ModelFileMissing {
+                id: model.id,
+                name: model.name,
+                path: model_path,
+            });
+        }
+        let cfg = model_config(&model_path).map_err(|source| EngineError::ModelLoad {
+            name: model.name.clone(),
+            path: model_path.clone(),
+            source: Box::new(source),
+        })?;
+        validate(spec, cfg.max_position_embeddings)?;
+        if dataset.train_rows == 0 {
+            return Err(EngineError::InvalidInput(format!(
+                "dataset '{}' has no training rows",
+                dataset.name
+            )));
+        }
+        let est = estimate_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
+        if let Some(avail) = available_memory() {
+            if est.total > avail {
+                return Err(EngineError::WontFit {
+                    estimate_mb: est.total_mb(),
+                    available_mb: avail >> 20,
+                    suggestion: suggestion(spec),
+                });
+            }
+        }
+        let name = match spec.name.as_deref().map(str::trim) {
+            Some("") => return Err(EngineError::InvalidInput("the run name is empty".into())),
+            Some(n) => {
+                if n.contains(['/', '\\']) || n.starts_with('.') {
+                    return Err(EngineError::InvalidInput(format!(
+                        "run name '{n}' must not contain '/' or '\\' or start with '.'"
+                    )));
+                }
+                if self.store.find_run_by_name(n)?.is_some() {
+                    return Err(EngineError::NameTaken {
+                        what: "a run",
+                        name: n.to_string(),
+                    });
+                }
+                if self.store.find_adapter_by_name(n)?.is_some() {
+                    return Err(EngineError::NameTaken {
+                        what: "an adapter",
+                        name: n.to_string(),
+                    });
+                }
+                n.to_string()
+            }
+            None => {
+                let base: String = format!("{}-{}", spec.method.name(), dataset.name)
+                    .chars()
+                    .map(|c| if c == '/' || c == '\\' { '-' } else { c })
+                    .collect();
+                let base = base.trim_start_matches('.').to_string();
+                let mut name = base.clone();
+                let mut n = 2;
+                while self.store.find_run_by_name(&name)?.is_some()
+                    || self.store.find_adapter_by_name(&name)?.is_some()
+                {
+                    name = format!("{base}-{n}");
+                    n += 1;
+                }
+                name
+            }
+        };
+        let mut stored = spec.clone();
+        stored.name = Some(name.clone());
+        let total = total_steps(spec, dataset.train_rows);
+        let row = RunRow {
+            id: 0,
+            name,
+            model_id: model.id,
+            dataset_id: dataset.id,
+            dataset_hash: dataset.content_hash.clone(),
+            method: spec.method.name().to_string(),
+            config_json: serde_json::to_string(&stored)
+                .map_err(|e| EngineError::InvalidInput(format!("run spec: {e}")))?,
+            status: "queued".into(),
+            error: None,
+            step: 0,
+            total_steps: total as i64,
+            memory_estimate_mb: est.total_mb() as i64,
+            run_dir: String::new(),
+            created_at: crate::clock::now_rfc3339(),
+            started_at: None,
+            finished_at: None,
+            heartbeat_at: None,
+            pid: None,
+        };
+        let runs_dir = self.data_dir.join("runs");
+        let row = self.store.insert_run(&row, |id| {
+            runs_dir.join(id.to_string()).to_string_lossy().into_owned()
+        })?;
+        self.run_summary(&row)
+    }
+
+    /// Runs left 'running' by a process that no longer runs them become 'paused'
+    /// (resumable from their last checkpoint). Called by [`Engine::open`].
+    pub fn mark_interrupted_runs(&self) -> Result<Vec<i64>, EngineError> {
+        let me = std::process::id() as i64;
+        let mut marked = Vec::new();
+        for r in self.store.running_runs()? {
+            let dead = match r.pid {
+                None => true,
+                Some(pid) if pid == me => !is_active_here(self.store.path(), r.id),
+                Some(pid) => !pid_alive(pid),
+            };
+            if dead {
+                self.store
+                    .finish_run(r.id, "paused", None, &crate::clock::now_rfc3339())?;
+                marked.push(r.id);
+            }
+        }
+        Ok(marked)
+    }
+
+    /// Continues a paused (or failed) run from its newest checkpoint.
+    pub fn resume_run(
+        &self,
+        id_or_name: &str,
+        observer: &mut dyn FnMut(RunEvent),
+        control: &RunControl,
+    ) -> Result<RunSummary, EngineError> {
+        self.mark_interrupted_runs()?;
+        let r = self.run_row(id_or_name)?;
+        if !matches!(r.status.as_str(), "paused" | "failed" | "queued") {
+            return Err(EngineError::RunState {
+                name: r.name,
+                status: r.status,
+                reason: "only a paused, failed or queued run can be resumed".into(),
+            });
+        }
+        self.execute_run(r.id, observer, control)
+    }
+
+    /// Cancels a run that is not executing: its checkpoints are removed and it becomes
+    /// 'cancelled'. (A run executing in this process is cancelled through its
+    /// [`RunControl`].)
+    pub fn cancel_run(&self, id_or_name: &str) -> Result<RunSummary, EngineError> {
+        self.mark_interrupted_runs()?;
+        let r = self.run_row(id_or_name)?;
+        match r.status.as_str() {
+            "running" => {
+                return Err(EngineError::RunState {
+                    name: r.name,
+                    status: r.status,
+                    reason: format!(
+                    "it is executing in process {}; stop it there (Ctrl-C pauses it), then cancel",
+                    r.pid.unwrap_or_default()
+                ),
+                })
+            }
+            "completed" | "cancelled" => {
+                return Err(EngineError::RunState {
+                    name: r.name,
+                    status: r.status,
+                    reason: "there is nothing to cancel".into(),
+                })
+            }
+            _ => {}
+        }
+        let _ = std::fs::remove_dir_all(Path::new(&r.run_dir).join("checkpoints"));
+        self.store
+            .finish_run(r.id, "cancelled", None, &crate::clock::now_rfc3339())?;
+        self.find_run(&r.id.to_string())
+    }
+
+    /// Removes a run that is not executing, its metrics and its directory (the adapter
+    /// it produced stays).
+    pub fn remove_run(&self, id_or_name: &str) -> Result<(), EngineError> {
+        self.mark_interrupted_runs()?;
+        let r = self.run_row(id_or_name)?;
+        if r.status == "running" {
+            return Err(EngineError::RunState {
+                name: r.name,
+                status: r.status,
+                reason: "stop it before removing it".into(),
+            });
+        }
+        self.store.delete_run(r.id)?;
+        let _ = std::fs::remove_dir_all(&r.run_dir);
+        Ok(())
+    }
+
+    /// Executes run `id` on this thread until it completes, pauses, is cancelled or
+    /// fails; every outcome is recorded in the library. See the module docs.
+    pub fn execute_run(
+        &self,
+        id: i64,
+        observer: &mut dyn FnMut(RunEvent),
+        control: &RunControl,
+    ) -> Result<RunSummary, EngineError> {
+        let r = self
+            .store
+            .get_run(id)?
+            .ok_or_else(|| EngineError::RunNotFound(id.to_string()))?;
+        if matches!(r.status.as_str(), "completed" | "cancelled") {
+            return Err(EngineError::RunState {
+                name: r.name,
+                status: r.status,
+                reason: "it cannot run again; create a new run".into(),
+            });
+        }
+        if r.status == "running"
+            && r.pid
+                .is_some_and(|p| p != std::process::id() as i64 && pid_alive(p))
+        {
+            return Err(EngineError::RunState {
+                name: r.name,
+                status: r.status,
+                reason: format!("it is executing in process {}", r.pid.unwrap_or_default()),
+            });
+        }
+        let Some(_guard) = ActiveGuard::claim(self.store.path(), id) else {
+            return Err(EngineError::RunState {
+                name: r.name,
+                status: r.status,
+                reason: "it is already executing in this process".into(),
+            });
+        };
+        let result = self.train_loop(&r, observer, control);
+        let now = crate::clock::now_rfc3339();
+        let status = match &result {
+            Ok(Outcome::Completed(adapter)) => {
+                observer(RunEvent::Finished {
+                    status: RunStatus::Completed,
+                    adapter: Some(adapter.clone()),
+                });
+                RunStatus::Completed
+            }
+            Ok(Outcome::Paused) => {
+                self.store.finish_run(id, "paused", None, &now)?;
+                RunStatus::Paused
+            }
+            Ok(Outcome::Cancelled) => {
+                let _ = std::fs::remove_dir_all(Path::new(&r.run_dir).join("checkpoints"));
+                self.store.finish_run(id, "cancelled", None, &now)?;
+                RunStatus::Cancelled
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.store.finish_run(id, "failed", Some(&msg), &now)?;
+                RunStatus::Failed
+            }
+        };
+        if status != RunStatus::Completed {
+            observer(RunEvent::Finished {
+                status,
+                adapter: None,
+            });
+        }
+        result?;
+        self.find_run(&id.to_string())
+    }
+
+    fn train_loop(
+        &self,
+        r: &RunRow,
+        observer: &mut dyn FnMut(RunEvent),
+        control: &RunControl,
+    ) -> Result<Outcome, EngineError> {
+        let terr = |e: attune_models::Error| EngineError::Training {
+            run: r.name.clone(),
+            message: e.to_string(),
+        };
+        let spec: RunSpec = serde_json::from_str(&r.config_json).map_err(|e| {
+            EngineError::db(
+                self.store.path(),
+                format!("run id {}: bad config: {e}", r.id),
+            )
+        })?;
+        // The model and dataset as they are now.
+        let model_row = self
+            .store
+            .get_model(r.model_id)?
+            .ok_or_else(|| EngineError::ModelNotFound(r.model_id.to_string()))?;
+        let ds = self
+            .store
+            .get_dataset(r.dataset_id)?
+            .ok_or_else(|| EngineError::DatasetNotFound(r.dataset_id.to_string()))?;
+        if ds.content_hash != r.dataset_hash {
+            return Err(EngineError::DatasetChanged {
+                name: ds.name,
+                run: r.name.clone(),
+                expected: r.dataset_hash.clone(),
+                found: ds.content_hash,
+            });
+        }
+        let model_path = PathBuf::from(&model_row.path);
+        if !model_path.exists() {
+            return Err(EngineError::ModelFileMissing {
+                id: model_row.id,
+                name: model_row.name,
+                path: model_path,
+            });
+        }
+        attune_models::tune_allocator();
+        let run_dir = PathBuf::from(&r.run_dir);
+        let ckpt_root = run_dir.join("checkpoints");
+        std::fs::create_dir_all(&ckpt_root).map_err(|source| EngineError::Io {
+            path: ckpt_root.clone(),
+            source,
+        })?;
+        clean_temp_dirs(&ckpt_root);
+        let loaded: LoadedModel = attune_models::loader::load(
+            &model_path,
+            &LoadOptions {
+                compute: ComputeMode::F32,
+            },
+        )
+        .map_err(|source| EngineError::ModelLoad {
+            name: model_row.name.clone(),
+            path: model_path.clone(),
+            source: Box::new(source),
+        })?;
+        let LoadedModel {
+            model: mut llama,
+            tokenizer: tok,
+            chat_template: tmpl,
+            ..
+        } = loaded;
+        let pad_id = tok.eos_token_ids().first().copied().unwrap_or(0);
+        let opts = RenderOptions {
+            loss_on: models_loss(spec.loss_on),
+            max_len: spec.max_len,
+        };
+        let render_split = |split: SplitName, limit: Option<usize>| {
+            let rows = self.dataset_rows(ds.id, split)?;
+            rows.iter()
+                .take(limit.unwrap_or(usize::MAX))
+                .enumerate()
+                .map(|(i, row)| {
+                    render_sample(&tok, &tmpl, &row.sample, &opts).map_err(|e| {
+                        EngineError::InvalidDataset {
+                            path: PathBuf::from(&ds.source_path),
+                            reason: format!(
+                                "'{}' {} row {i} cannot be rendered: {e}",
+                                ds.name,
+                                split.as_str()
+                            ),
+                        }
+                    })
+                })
+                .collect::<Result<Vec<Example>, EngineError>>()
+        };
+        let train_examples = render_split(SplitName::Train, None)?;
+        let eval_examples = render_split(spec.eval_split, spec.eval_limit)?;
+        let general = if spec.forgetting_rows > 0 {
+            general_examples(&tok, &tmpl, spec.forgetting_rows).map_err(terr)?
+        } else {
+            Vec::new()
+        };
+        let method = to_method(&spec.method);
+        let trainable = train::prepare(&mut llama, &tok, &method, spec.seed).map_err(terr)?;
+        let total = r.total_steps.max(1) as usize;
+        let config = train::TrainConfig {
+            batch_size: spec.batch_size,
+            grad_accum: spec.grad_accum,
+            steps: total,
+            optimizer: train::AdamWConfig {
+                weight_decay: spec.weight_decay,
+                ..Default::default()
+            },
+            schedule: train::Schedule {
+                kind: match spec.schedule {
+                    LrSchedule::Cosine => train::ScheduleKind::Cosine,
+                    LrSchedule::Linear => train::ScheduleKind::Linear,
+                    LrSchedule::Constant => train::ScheduleKind::Constant,
+                },
+                peak_lr: spec.lr.unwrap_or_else(|| spec.method.default_lr()),
+                warmup_steps: spec.warmup_steps,
+                total_steps: total,
+                final_frac: spec.final_lr_fraction,
+            },
+            max_grad_norm: spec.max_grad_norm,
+            seed: spec.seed,
+            shuffle: true,
+        };
+        let mut trainer =
+            train::Trainer::new(llama, trainable, config, train_examples, pad_id).map_err(terr)?;
+        if let Some((_, dir)) = train::checkpoint::latest(&ckpt_root) {
+            trainer.load_checkpoint(&dir).map_err(terr)?;
+        }
+        let start = trainer.step();
+        self.store.start_run(
+            r.id,
+            std::process::id() as i64,
+            start as i64,
+            &crate::clock::now_rfc3339(),
+        )?;
+        observer(RunEvent::Started {
+            run_id: r.id,
+            step: start as u64,
+            total_steps: total as u64,
+        });
+        let baseline_path = run_dir.join("baseline.json");
+        let evaluate =
+            |trainer: &train::Trainer, examples: &[Example]| -> Result<Option<f64>, EngineError> {
+                if examples.is_empty() {
+                    return Ok(None);
+                }
+                let (sum, n) = trainer
+                    .evaluate(examples, |_, _| !control.cancelled())
+                    .map_err(terr)?;
+                Ok(mean(sum, n))
+            };
+        let record_eval = |step: usize,
+                           loss: Option<f64>,
+                           observer: &mut dyn FnMut(RunEvent)|
+         -> Result<(), EngineError> {
+            if let Some(loss) = loss {
+                let (rss, _) = process_memory_mb();
+                self.store.record_metric(
+                    r.id,
+                    &MetricRow {
+                        step: step as i64,
+                        kind: "eval".into(),
+                        loss,
+                        lr: None,
+                        grad_norm: None,
+                        tokens_per_s: None,
+                        memory_mb: rss,
+                        at: crate::clock::now_rfc3339(),
+                    },
+                )?;
+                observer(RunEvent::Eval {
+                    step: step as u64,
+                    loss,
+                });
+            }
+            Ok(())
+        };
+        if start == 0 {
+            let before = evaluate(&trainer, &eval_examples)?;
+            record_eval(0, before, observer)?;
+            let general_before = evaluate(&trainer, &general)?;
+            let text = serde_json::json!({ "general_nll_before": general_before }).to_string();
+            std::fs::write(&baseline_path, text).map_err(|source| EngineError::Io {
+                path: baseline_path.clone(),
+                source,
+            })?;
+        }
+        while trainer.step() < total {
+            if control.cancelled() {
+                return Ok(Outcome::Cancelled);
+            }
+            if control.paused() {
+                trainer
+                    .save_checkpoint(&ckpt_root, KEEP_CHECKPOINTS)
+                    .map_err(terr)?;
+                observer(RunEvent::Checkpoint {
+                    step: trainer.step() as u64,
+                });
+                return Ok(Outcome::Paused);
+            }
+            let m = trainer.train_step().map_err(terr)?;
+            if !m.loss.is_finite() {
+                return Err(EngineError::Training {
+                    run: r.name.clone(),
+                    message: format!(
+                        "the loss became {} at step {}; lower the learning rate",
+                        m.loss, m.step
+                    ),
+                });
+            }
+            let (rss, _) = process_memory_mb();
+            let metric = RunMetric {
+                step: m.step as u64,
+                kind: MetricKind::Train,
+                loss: m.loss,
+                lr: Some(m.lr),
+                grad_norm: Some(m.grad_norm),
+                tokens_per_s: (m.seconds > 0.0).then(|| m.tokens as f64 / m.seconds),
+                memory_mb: rss,
+                at: crate::clock::now_rfc3339(),
+            };
+            self.store.record_metric(r.id, &metric_row(&metric))?;
+            observer(RunEvent::Step { metric });
+            let step = trainer.step();
+            if step < total {
+                if spec.eval_every > 0 && step % spec.eval_every == 0 {
+                    let loss = evaluate(&trainer, &eval_examples)?;
+                    record_eval(step, loss, observer)?;
+                }
+                if spec.checkpoint_every > 0 && step % spec.checkpoint_every == 0 {
+                    trainer
+                        .save_checkpoint(&ckpt_root, KEEP_CHECKPOINTS)
+                        .map_err(terr)?;
+                    observer(RunEvent::Checkpoint { step: step as u64 });
+                }
+            }
+        }
+        // The end: evaluate, measure forgetting, write and register the artifact.
+        let after = evaluate(&trainer, &eval_examples)?;
+        record_eval(total, after, observer)?;
+        let general_after = evaluate(&trainer, &general)?;
+        let general_before = std::fs::read_to_string(&baseline_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["general_nll_before"].as_f64());
+        let eval_before = self
+            .store
+            .run_metrics(r.id)?
+            .iter()
+            .find(|m| m.kind == "eval" && m.step == 0)
+            .map(|m| m.loss);
+        let metrics = AdapterMetrics {
+            steps: total as u64,
+            eval_nll_before: eval_before,
+            eval_nll_after: after,
+            general_nll_before: general_before,
+            general_nll_after: general_after,
+            forgetting_warning: match (general_before, general_after) {
+                (Some(b), Some(a)) => forgetting_warning(b, a),
+                _ => None,
+            },
+        };
+        let base_name = model_row
+            .source_repo
+            .clone()
+            .unwrap_or_else(|| model_row.name.clone());
+        let adapters_dir = self.data_dir.join("adapters");
+        let dst = adapters_dir.join(&r.name);
+        let tmp = adapters_dir.join(format!(".tmp-{}-{}", r.name, std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|source| EngineError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        let written =
+            (|| -> Result<(), EngineError> {
+                match &trainer.trainable.method {
+                    train::Method::Lora(cfg) => {
+                        train::peft::save_lora(&trainer.model, cfg, &base_name, &tmp)
+                            .map_err(terr)?
+                    }
+                    train::Method::Prompt(cfg) => {
+                        let prefix = trainer.trainable.prefix.as_ref().ok_or_else(|| {
+                            EngineError::Training {
+                                run: r.name.clone(),
+                                message: "prompt tuning produced no soft prompt".into(),
+                            }
+                        })?;
+                        train::peft::save_prompt(
+                            prefix.as_tensor(),
+                            cfg,
+                            &trainer.model,
+                            &base_name,
+                            &tmp,
+                        )
+                        .map_err(terr)?
+                    }
+                    train::Method::Full => {
+                        crate::adapters::save_hf_folder(&trainer.model, &tok, &tmpl, &tmp)
+                            .map_err(terr)?
+                    }
+                }
+                if dst.exists() {
+                    std::fs::remove_dir_all(&dst).map_err(|source| EngineError::Io {
+                        path: dst.clone(),
+                        source,
+                    })?;
+                }
+                std::fs::rename(&tmp, &dst).map_err(|source| EngineError::Io {
+                    path: dst.clone(),
+                    source,
+                })
+            })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let adapter = AdapterRow {
+            id: 0,
+            name: r.name.clone(),
+            kind: spec.method.name().to_string(),
+            base_model_id: model_row.id,
+            run_id: Some(r.id),
+            dataset_id: Some(ds.id),
+            path: dst.to_string_lossy().into_owned(),
+            created_at: crate::clock::now_rfc3339(),
+            metrics_json: serde_json::to_string(&metrics).unwrap_or_else(|_| "{}".into()),
+        };
+        if let Err(e) = self
+            .store
+            .complete_run(r.id, &adapter, &crate::clock::now_rfc3339())
+        {
+            let _ = std::fs::remove_dir_all(&dst);
+            return Err(e);
+        }
+        let _ = std::fs::remove_dir_all(&ckpt_root);
+        Ok(Outcome::Completed(r.name.clone()))
+    }
+}
+
+/// Removes temporary checkpoint directories a crash left (`.tmp-*`).
+fn clean_temp_dirs(root: &Path) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Names of the steps with a complete checkpoint under `root` (tests).
+#[cfg(test)]
+pub(crate) fn checkpoint_entries(root: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;
