@@ -653,26 +653,7 @@ fn print_dataset_table(list: &[DatasetSummary]) {
     let header = [
         "ID", "NAME", "FORMAT", "TRAIN", "VALID", "TEST", "HASH", "CREATED",
     ];
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    println!("{}", line(&header.map(String::from)));
-    for r in &rows {
-        println!("{}", line(r));
-    }
+    print_columns(&header, &rows);
 }
 
 fn split_text(s: &Split) -> String {
@@ -786,26 +767,7 @@ fn print_table(list: &[ModelSummary]) {
         })
         .collect();
     let header = ["ID", "NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED"];
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    println!("{}", line(&header.map(String::from)));
-    for r in &rows {
-        println!("{}", line(r));
-    }
+    print_columns(&header, &rows);
 }
 
 fn print_model(m: &ModelSummary) {
@@ -1159,5 +1121,29 @@ mod interrupt {
             CANCEL.store(false, Ordering::SeqCst);
         }
         GENERATING.store(on, Ordering::SeqCst);
+    }
+}
+
+/// Prints `rows` under `header` in left-aligned columns two spaces apart.
+fn print_columns<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(&header.map(String::from)));
+    for r in rows {
+        println!("{}", line(r));
     }
 }

@@ -57,6 +57,35 @@ pub(crate) fn save_hf_folder(
 }
 
 /// Copies the regular files of `src` into `dst` (created).
+/// Writes a folder at `dst` all or nothing: `fill` writes into a temporary sibling folder, which
+/// then replaces `dst`. On any error the temporary folder is removed and `dst` is untouched.
+pub(crate) fn publish_dir(
+    dst: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    let parent = dst.parent().unwrap_or_else(|| Path::new("."));
+    let name = dst.file_name().and_then(|n| n.to_str()).unwrap_or("folder");
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { path, source }
+    };
+    let res = std::fs::create_dir_all(&tmp)
+        .map_err(io(&tmp))
+        .and_then(|()| fill(&tmp))
+        .and_then(|()| {
+            if dst.exists() {
+                std::fs::remove_dir_all(dst).map_err(io(dst))?;
+            }
+            std::fs::rename(&tmp, dst).map_err(io(dst))
+        });
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res
+}
+
 fn copy_files(src: &Path, dst: &Path) -> Result<(), EngineError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -226,26 +255,8 @@ impl Engine {
 
     /// Copies `src`'s files to `<data_dir>/adapters/<name>` through a temporary folder.
     fn copy_into_library(&self, src: &Path, name: &str) -> Result<PathBuf, EngineError> {
-        let root = self.data_dir.join("adapters");
-        let dst = root.join(name);
-        let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let res = copy_files(src, &tmp).and_then(|()| {
-            if dst.exists() {
-                std::fs::remove_dir_all(&dst).map_err(|source| EngineError::Io {
-                    path: dst.clone(),
-                    source,
-                })?;
-            }
-            std::fs::rename(&tmp, &dst).map_err(|source| EngineError::Io {
-                path: dst.clone(),
-                source,
-            })
-        });
-        if let Err(e) = res {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
+        let dst = self.data_dir.join("adapters").join(name);
+        publish_dir(&dst, |tmp| copy_files(src, tmp))?;
         Ok(dst)
     }
 

@@ -1159,57 +1159,38 @@ impl Engine {
             .source_repo
             .clone()
             .unwrap_or_else(|| model_row.name.clone());
-        let adapters_dir = self.data_dir.join("adapters");
-        let dst = adapters_dir.join(&r.name);
-        let tmp = adapters_dir.join(format!(".tmp-{}-{}", r.name, std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|source| EngineError::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        let written =
-            (|| -> Result<(), EngineError> {
-                match &trainer.trainable.method {
-                    train::Method::Lora(cfg) => {
-                        train::peft::save_lora(&trainer.model, cfg, &base_name, &tmp)
-                            .map_err(terr)?
-                    }
-                    train::Method::Prompt(cfg) => {
-                        let prefix = trainer.trainable.prefix.as_ref().ok_or_else(|| {
-                            EngineError::Training {
+        let dst = self.data_dir.join("adapters").join(&r.name);
+        crate::adapters::publish_dir(&dst, |tmp| {
+            match &trainer.trainable.method {
+                train::Method::Lora(cfg) => {
+                    train::peft::save_lora(&trainer.model, cfg, &base_name, tmp).map_err(terr)?
+                }
+                train::Method::Prompt(cfg) => {
+                    let prefix =
+                        trainer
+                            .trainable
+                            .prefix
+                            .as_ref()
+                            .ok_or_else(|| EngineError::Training {
                                 run: r.name.clone(),
                                 message: "prompt tuning produced no soft prompt".into(),
-                            }
-                        })?;
-                        train::peft::save_prompt(
-                            prefix.as_tensor(),
-                            cfg,
-                            &trainer.model,
-                            &base_name,
-                            &tmp,
-                        )
+                            })?;
+                    train::peft::save_prompt(
+                        prefix.as_tensor(),
+                        cfg,
+                        &trainer.model,
+                        &base_name,
+                        tmp,
+                    )
+                    .map_err(terr)?
+                }
+                train::Method::Full => {
+                    crate::adapters::save_hf_folder(&trainer.model, &tok, &tmpl, tmp)
                         .map_err(terr)?
-                    }
-                    train::Method::Full => {
-                        crate::adapters::save_hf_folder(&trainer.model, &tok, &tmpl, &tmp)
-                            .map_err(terr)?
-                    }
                 }
-                if dst.exists() {
-                    std::fs::remove_dir_all(&dst).map_err(|source| EngineError::Io {
-                        path: dst.clone(),
-                        source,
-                    })?;
-                }
-                std::fs::rename(&tmp, &dst).map_err(|source| EngineError::Io {
-                    path: dst.clone(),
-                    source,
-                })
-            })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
+            }
+            Ok(())
+        })?;
         let adapter = AdapterRow {
             id: 0,
             name: r.name.clone(),
