@@ -1,23 +1,74 @@
 //! Attune's front end: a Leptos (client-side rendered) app that runs inside the
-//! Tauri window. `pages/` holds the screens, `ipc/` is the only code that talks
-//! to the Rust shell, `format` turns protocol figures into text.
+//! Tauri window. `pages/` holds the screens, `components` the pieces they share,
+//! `ipc/` is the only code that talks to the Rust shell, `format` turns protocol
+//! figures into text.
 //!
 //! Element ids and `data-testid` attributes are part of the contract with the
-//! end-to-end test (`tests/tests/e2e.rs`): change both together.
+//! end-to-end tests (`tests/tests/e2e.rs`): change both together.
 
+pub mod components;
 pub mod format;
 pub mod ipc;
+pub mod markdown;
 pub mod pages;
 
 use attune_protocol::{IpcError, ModelSummary};
 use leptos::prelude::*;
 use leptos::task::spawn_local;
+use std::collections::BTreeMap;
 
 /// Which screen is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Page {
-    Chat,
-    Models,
+    Library,
+    Datasets,
+    Adapt,
+    Runs,
+    Playground,
+    Templates,
+    Arena,
+}
+
+impl Page {
+    pub const ALL: [Page; 7] = [
+        Page::Playground,
+        Page::Library,
+        Page::Datasets,
+        Page::Adapt,
+        Page::Runs,
+        Page::Templates,
+        Page::Arena,
+    ];
+
+    /// Stable key: the nav button is `nav-<key>`, the page slot `page-<key>`, and the
+    /// last page is remembered under this key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Page::Library => "library",
+            Page::Datasets => "datasets",
+            Page::Adapt => "adapt",
+            Page::Runs => "runs",
+            Page::Playground => "playground",
+            Page::Templates => "templates",
+            Page::Arena => "arena",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Page::Library => "Library",
+            Page::Datasets => "Import data",
+            Page::Adapt => "Adapt",
+            Page::Runs => "Runs",
+            Page::Playground => "Playground",
+            Page::Templates => "Templates",
+            Page::Arena => "A/B arena",
+        }
+    }
+
+    pub fn parse(key: &str) -> Option<Page> {
+        Page::ALL.into_iter().find(|p| p.key() == key)
+    }
 }
 
 /// The model library as last loaded: `None` while loading.
@@ -31,23 +82,153 @@ pub fn reload_models(models: ModelsState) {
     });
 }
 
-/// The whole window: a header with navigation and the current page.
+/// What every page shares, from `use_context::<AppCtx>()`.
+#[derive(Clone, Copy)]
+pub struct AppCtx {
+    pub page: RwSignal<Page>,
+    pub models: ModelsState,
+    /// Bumped whenever the library changes (a dataset imported, a run finished, an
+    /// adapter removed...): pages that list things reload when it moves.
+    pub library_version: RwSignal<u64>,
+    /// The run the monitor shows (set when the wizard starts one).
+    pub focus_run: RwSignal<Option<i64>>,
+    /// The dataset the adaptation wizard starts from (set after an import).
+    pub focus_dataset: RwSignal<Option<i64>>,
+    /// Settings as stored in the library (theme, last page, playground panes...).
+    pub settings: RwSignal<BTreeMap<String, String>>,
+}
+
+impl AppCtx {
+    /// The context; every page is mounted under [`App`], which provides it.
+    pub fn get() -> AppCtx {
+        expect_context::<AppCtx>()
+    }
+
+    /// Tells every list to reload, and reloads the models.
+    pub fn library_changed(&self) {
+        self.library_version.update(|v| *v += 1);
+        reload_models(self.models);
+    }
+
+    pub fn go(&self, page: Page) {
+        self.page.set(page);
+    }
+
+    /// A stored setting.
+    pub fn setting(&self, key: &str) -> Option<String> {
+        self.settings.with_untracked(|s| s.get(key).cloned())
+    }
+
+    /// Stores a setting in the library (it survives a restart).
+    pub fn set_setting(&self, key: &str, value: String) {
+        let changed = self
+            .settings
+            .with_untracked(|s| s.get(key) != Some(&value));
+        if !changed {
+            return;
+        }
+        self.settings.update(|s| {
+            s.insert(key.to_string(), value.clone());
+        });
+        let key = key.to_string();
+        spawn_local(async move {
+            // A failure to remember a preference is not worth interrupting the user.
+            let _ = ipc::settings::set_setting(&key, &value).await;
+        });
+    }
+}
+
+/// Applies "light", "dark" or "system" to the document.
+fn apply_theme(theme: &str) {
+    if let Some(root) = web_sys::window()
+        .and_then(|w| w.document())
+        .and_then(|d| d.document_element())
+    {
+        let _ = root.set_attribute("data-theme", theme);
+    }
+}
+
+/// The whole window: a header with navigation and every page (all stay mounted,
+/// so a conversation or a wizard survives a visit elsewhere).
 #[component]
 pub fn App() -> impl IntoView {
-    let page = RwSignal::new(Page::Chat);
-    let models: ModelsState = RwSignal::new(None);
-    reload_models(models);
+    let ctx = AppCtx {
+        page: RwSignal::new(Page::Playground),
+        models: RwSignal::new(None),
+        library_version: RwSignal::new(0),
+        focus_run: RwSignal::new(None),
+        focus_dataset: RwSignal::new(None),
+        settings: RwSignal::new(BTreeMap::new()),
+    };
+    provide_context(ctx);
+    reload_models(ctx.models);
+    let theme = RwSignal::new("system".to_string());
+    let settings_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
 
-    let nav = move |target: Page, id: &'static str, label: &'static str| {
+    // Restore the settings of the last session: theme and page.
+    spawn_local(async move {
+        match ipc::settings::get_settings().await {
+            Ok(s) => {
+                if let Some(t) = s.get("theme") {
+                    theme.set(t.clone());
+                }
+                if let Some(p) = s.get("page").and_then(|p| Page::parse(p)) {
+                    ctx.page.set(p);
+                }
+                ctx.settings.set(s);
+            }
+            Err(e) => settings_error.set(Some(e)),
+        }
+    });
+    Effect::new(move |_| apply_theme(&theme.get()));
+    Effect::new(move |_| {
+        let p = ctx.page.get();
+        ctx.set_setting("page", p.key().to_string());
+    });
+    // Runs finishing anywhere change the library.
+    ipc::events::listen_runs(move |update| {
+        if matches!(
+            update.event,
+            attune_protocol::RunEvent::Finished { .. } | attune_protocol::RunEvent::Started { .. }
+        ) {
+            ctx.library_changed();
+        }
+    });
+
+    let cycle_theme = move |_| {
+        let next = match theme.get_untracked().as_str() {
+            "system" => "light",
+            "light" => "dark",
+            _ => "system",
+        }
+        .to_string();
+        theme.set(next.clone());
+        ctx.set_setting("theme", next);
+    };
+
+    let nav = move |target: Page| {
         view! {
             <button
-                id=id
+                id=format!("nav-{}", target.key())
+                data-testid=format!("nav-{}", target.key())
                 class="nav-button"
-                class:active=move || page.get() == target
-                on:click=move |_| page.set(target)
+                class:active=move || ctx.page.get() == target
+                on:click=move |_| ctx.page.set(target)
             >
-                {label}
+                {target.label()}
             </button>
+        }
+    };
+
+    let slot = move |target: Page, body: AnyView| {
+        view! {
+            <div
+                class="page-slot"
+                id=format!("page-{}", target.key())
+                style:display=move || if ctx.page.get() == target { "flex" } else { "none" }
+            >
+                {body}
+            </div>
         }
     };
 
@@ -58,40 +239,43 @@ pub fn App() -> impl IntoView {
                     <img class="logo" src="./icon.png" alt="" aria-hidden="true" />
                     <span class="brand-name">"Attune"</span>
                 </div>
-                <nav class="nav">
-                    {nav(Page::Chat, "nav-chat", "Chat")}
-                    {nav(Page::Models, "nav-models", "Models")}
-                </nav>
+                <nav class="nav">{Page::ALL.into_iter().map(nav).collect_view()}</nav>
+                <button
+                    class="secondary theme-toggle"
+                    id="theme-toggle"
+                    title="Theme: system, light or dark"
+                    on:click=cycle_theme
+                >
+                    {move || match theme.get().as_str() {
+                        "light" => "☀ Light",
+                        "dark" => "☾ Dark",
+                        _ => "◐ System",
+                    }}
+                </button>
             </header>
             <main class="content">
                 {move || {
-                    if let Some(Err(err)) = models.get() {
-                        Some(
-                            view! {
-                                <div class="banner error" id="engine-error" data-testid="engine-error">
-                                    <strong>"Attune could not reach its model library. "</strong>
-                                    <span>{err.message.clone()}</span>
-                                    <code class="error-code">{err.code.clone()}</code>
-                                </div>
-                            },
-                        )
-                    } else {
-                        None
-                    }
+                    let err = match ctx.models.get() {
+                        Some(Err(err)) => Some(err),
+                        _ => settings_error.get(),
+                    };
+                    err.map(|err| {
+                        view! {
+                            <div class="banner error" id="engine-error" data-testid="engine-error">
+                                <strong>"Attune could not reach its library. "</strong>
+                                <span>{err.message.clone()}</span>
+                                <code class="error-code">{err.code.clone()}</code>
+                            </div>
+                        }
+                    })
                 }}
-                // Both pages stay mounted, so a conversation survives a visit to Models.
-                <div
-                    class="page-slot"
-                    style:display=move || if page.get() == Page::Chat { "flex" } else { "none" }
-                >
-                    <pages::chat::ChatPage models=models />
-                </div>
-                <div
-                    class="page-slot"
-                    style:display=move || if page.get() == Page::Models { "flex" } else { "none" }
-                >
-                    <pages::models::ModelsPage models=models />
-                </div>
+                {slot(Page::Playground, view! { <pages::playground::PlaygroundPage /> }.into_any())}
+                {slot(Page::Library, view! { <pages::library::LibraryPage /> }.into_any())}
+                {slot(Page::Datasets, view! { <pages::datasets::DatasetWizard /> }.into_any())}
+                {slot(Page::Adapt, view! { <pages::adapt::AdaptWizard /> }.into_any())}
+                {slot(Page::Runs, view! { <pages::runs::RunsPage /> }.into_any())}
+                {slot(Page::Templates, view! { <pages::templates::TemplatesPage /> }.into_any())}
+                {slot(Page::Arena, view! { <pages::arena::ArenaPage /> }.into_any())}
             </main>
         </div>
     }

@@ -5,6 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod studio;
+pub use studio::*;
+
 /// Where a registered model came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -1,42 +1,63 @@
-//! Mirrors `src-tauri/src/commands/chat.rs`: streamed chat and its cancel.
+//! Mirrors `src-tauri/src/commands/chat.rs`: streamed answers from any target
+//! (base model, adapter, template), their cancel, and saved conversations.
 
-use super::{from_js, to_js, Channel};
-use attune_protocol::{ChatEvent, ChatMessage, GenerationStats, IpcError, SamplingParams};
-use serde::Serialize;
-use wasm_bindgen::JsValue;
+use super::{invoke, invoke_with_channel};
+use attune_protocol::{
+    ChatEvent, ChatMessage, ChatTarget, Conversation, ConversationSummary, GenerationStats,
+    IpcError, SamplingParams,
+};
+use serde_json::json;
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ChatArgs<'a> {
-    model_id: i64,
-    messages: &'a [ChatMessage],
-    params: &'a SamplingParams,
-}
-
-/// Generates an answer to `messages`; each streamed event goes to `on_event`.
-/// Resolves with the final figures once generation ends (or is cancelled).
+/// Answers `messages` with a base model; each streamed event goes to `on_event`.
 pub async fn chat(
     model_id: i64,
     messages: &[ChatMessage],
     params: &SamplingParams,
-    mut on_event: impl FnMut(Result<ChatEvent, IpcError>) + 'static,
+    on_event: impl FnMut(Result<ChatEvent, IpcError>) + 'static,
 ) -> Result<GenerationStats, IpcError> {
-    let channel = Channel::new(move |message: JsValue| on_event(from_js(&message)))?;
-    let args = to_js(&ChatArgs {
-        model_id,
-        messages,
-        params,
-    })?;
-    js_sys::Reflect::set(&args, &JsValue::from_str("onEvent"), channel.as_js()).map_err(|_| {
-        IpcError {
-            code: "ipc".into(),
-            message: "could not attach the event channel".into(),
-        }
-    })?;
-    super::invoke_js("chat", args).await
+    chat_target(&ChatTarget::Base { model_id }, messages, params, on_event).await
 }
 
-/// Asks the running generation to stop.
+/// Answers `messages` with `target`, streaming; resolves with the final figures once
+/// generation ends (or is cancelled).
+pub async fn chat_target(
+    target: &ChatTarget,
+    messages: &[ChatMessage],
+    params: &SamplingParams,
+    on_event: impl FnMut(Result<ChatEvent, IpcError>) + 'static,
+) -> Result<GenerationStats, IpcError> {
+    invoke_with_channel(
+        "chat_target",
+        &json!({ "target": target, "messages": messages, "params": params }),
+        "onEvent",
+        on_event,
+    )
+    .await
+}
+
+/// Asks every running generation to stop.
 pub async fn cancel_chat() -> Result<(), IpcError> {
-    super::invoke("cancel_chat", &serde_json::json!({})).await
+    invoke("cancel_chat", &json!({})).await
+}
+
+/// A readable name for a target ("SmolLM2 · pubmed-lora (LoRA)").
+pub async fn target_label(target: &ChatTarget) -> Result<String, IpcError> {
+    invoke("target_label", &json!({ "target": target })).await
+}
+
+/// Saves (creates or replaces) a conversation; returns it with its id.
+pub async fn save_conversation(conversation: &Conversation) -> Result<Conversation, IpcError> {
+    invoke("save_conversation", &json!({ "conversation": conversation })).await
+}
+
+pub async fn list_conversations() -> Result<Vec<ConversationSummary>, IpcError> {
+    invoke("list_conversations", &json!({})).await
+}
+
+pub async fn get_conversation(id: i64) -> Result<Conversation, IpcError> {
+    invoke("get_conversation", &json!({ "id": id })).await
+}
+
+pub async fn remove_conversation(id: i64) -> Result<(), IpcError> {
+    invoke("remove_conversation", &json!({ "id": id })).await
 }

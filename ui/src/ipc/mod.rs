@@ -5,8 +5,16 @@
 //! serde_json, parsed into JS objects, and handed to
 //! `window.__TAURI__.core.invoke` (the app sets `withGlobalTauri`).
 
+pub mod adapters;
+pub mod advisor;
+pub mod arena;
 pub mod chat;
+pub mod datasets;
+pub mod events;
 pub mod models;
+pub mod runs;
+pub mod settings;
+pub mod templates;
 
 use attune_protocol::IpcError;
 use serde::de::DeserializeOwned;
@@ -15,7 +23,7 @@ use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 
 /// An error of the bridge itself, in the same shape the shell returns.
-fn bridge_error(message: impl Into<String>) -> IpcError {
+pub(crate) fn bridge_error(message: impl Into<String>) -> IpcError {
     IpcError {
         code: "ipc".into(),
         message: message.into(),
@@ -23,7 +31,7 @@ fn bridge_error(message: impl Into<String>) -> IpcError {
 }
 
 /// Text of a JS value, for messages.
-fn describe(value: &JsValue) -> String {
+pub(crate) fn describe(value: &JsValue) -> String {
     if let Some(s) = value.as_string() {
         return s;
     }
@@ -124,4 +132,19 @@ impl Channel {
     pub(crate) fn as_js(&self) -> &JsValue {
         &self.js
     }
+}
+
+/// Calls `cmd` with `args` plus a channel under `channel_arg` whose messages
+/// (decoded as `E`) go to `on_message`.
+pub(crate) async fn invoke_with_channel<A: Serialize, E: DeserializeOwned, T: DeserializeOwned>(
+    cmd: &str,
+    args: &A,
+    channel_arg: &str,
+    mut on_message: impl FnMut(Result<E, IpcError>) + 'static,
+) -> Result<T, IpcError> {
+    let channel = Channel::new(move |message: JsValue| on_message(from_js(&message)))?;
+    let args = to_js(args)?;
+    js_sys::Reflect::set(&args, &JsValue::from_str(channel_arg), channel.as_js())
+        .map_err(|_| bridge_error("could not attach the event channel"))?;
+    invoke_js(cmd, args).await
 }

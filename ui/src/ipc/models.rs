@@ -1,19 +1,62 @@
-//! Mirrors `src-tauri/src/commands/models.rs`: the model library.
+//! Mirrors `src-tauri/src/commands/models.rs`: the model library and Hub pulls.
 
-use attune_protocol::{AddModelReply, IpcError, ModelSummary};
-use serde::Serialize;
+use super::{invoke, invoke_with_channel};
+use attune_protocol::{AddModelReply, DroppedFile, IpcError, ModelSummary, PullUpdate};
+use serde_json::json;
 
 /// All registered models.
 pub async fn list_models() -> Result<Vec<ModelSummary>, IpcError> {
-    super::invoke("list_models", &serde_json::json!({})).await
+    invoke("list_models", &json!({})).await
 }
 
-#[derive(Serialize)]
-struct AddArgs<'a> {
-    path: &'a str,
-}
-
-/// Registers a model file on this machine.
+/// Registers a model file (or Hugging Face folder) on this machine.
 pub async fn add_model(path: &str) -> Result<AddModelReply, IpcError> {
-    super::invoke("add_model", &AddArgs { path }).await
+    invoke("add_model", &json!({ "path": path })).await
+}
+
+/// Removes a model from the library (its files stay). Refused while runs or
+/// adapters use it.
+pub async fn remove_model(id: i64) -> Result<(), IpcError> {
+    invoke("remove_model", &json!({ "id": id })).await
+}
+
+/// Downloads `repo` from the Hugging Face Hub and registers it; progress streams to
+/// `on_progress`. `file` picks one `.gguf` of the repository.
+pub async fn pull_model(
+    repo: &str,
+    revision: Option<&str>,
+    file: Option<&str>,
+    on_progress: impl FnMut(Result<PullUpdate, IpcError>) + 'static,
+) -> Result<AddModelReply, IpcError> {
+    invoke_with_channel(
+        "pull_model",
+        &json!({ "repo": repo, "revision": revision, "file": file }),
+        "onProgress",
+        on_progress,
+    )
+    .await
+}
+
+/// Stops the running pull; it fails with code "cancelled" and registers nothing.
+pub async fn cancel_pull() -> Result<(), IpcError> {
+    invoke("cancel_pull", &json!({})).await
+}
+
+/// What a path (dropped or picked) is: a model, a dataset, an adapter, or unusable.
+pub async fn classify_path(path: &str) -> Result<DroppedFile, IpcError> {
+    invoke("classify_path", &json!({ "path": path })).await
+}
+
+/// Opens the system's file (or folder) chooser; None when the user closes it.
+/// `extensions` filters files (e.g. ["gguf"]); empty shows every file.
+pub async fn pick_path(
+    title: &str,
+    folder: bool,
+    extensions: &[&str],
+) -> Result<Option<String>, IpcError> {
+    invoke(
+        "pick_path",
+        &json!({ "title": title, "folder": folder, "extensions": extensions }),
+    )
+    .await
 }

@@ -1,4 +1,9 @@
-//! The app's screens.
+//! One module per screen.
 
-pub mod chat;
-pub mod models;
+pub mod adapt;
+pub mod arena;
+pub mod datasets;
+pub mod library;
+pub mod playground;
+pub mod runs;
+pub mod templates;
