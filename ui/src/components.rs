@@ -39,10 +39,7 @@ pub fn ConfirmButton(
             on_confirm.run(());
         } else {
             armed.set(true);
-            set_timeout(
-                move || armed.set(false),
-                std::time::Duration::from_secs(4),
-            );
+            set_timeout(move || armed.set(false), std::time::Duration::from_secs(4));
         }
     };
     let label_text = move || {

@@ -121,9 +121,7 @@ impl AppCtx {
 
     /// Stores a setting in the library (it survives a restart).
     pub fn set_setting(&self, key: &str, value: String) {
-        let changed = self
-            .settings
-            .with_untracked(|s| s.get(key) != Some(&value));
+        let changed = self.settings.with_untracked(|s| s.get(key) != Some(&value));
         if !changed {
             return;
         }

@@ -26,7 +26,10 @@ mod tests {
     fn code_blocks_and_emphasis_render() {
         let html = to_html("Use **this**:\n\n```rust\nfn main() {}\n```\n");
         assert!(html.contains("<strong>this</strong>"), "{html}");
-        assert!(html.contains("<pre><code class=\"language-rust\">fn main() {}"), "{html}");
+        assert!(
+            html.contains("<pre><code class=\"language-rust\">fn main() {}"),
+            "{html}"
+        );
     }
 
     #[test]

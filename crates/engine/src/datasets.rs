@@ -142,6 +142,8 @@ struct ParsedFile {
     format: DatasetFormat,
     format_detected: bool,
     kind: SampleKind,
+    /// CSV/TSV header names (empty for other formats).
+    headers: Vec<String>,
     rows: Vec<ParsedRow>,
     /// (line, reason), in file order.
     bad: Vec<(u64, String)>,
@@ -552,17 +554,18 @@ fn csv_columns(header: &[String], map: &ColumnMap) -> Result<CsvColumns, String>
     })
 }
 
-fn parse_csv(
-    bytes: &[u8],
-    delimiter: u8,
-    map: &ColumnMap,
-) -> Result<(SampleKind, Vec<ParsedRow>, BadLines), String> {
+/// The header names of a CSV/TSV file's first record, trimmed.
+fn csv_header(bytes: &[u8], delimiter: u8) -> Result<Vec<String>, String> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .flexible(true)
         .has_headers(true)
         .from_reader(bytes);
+    read_header(&mut reader)
+}
+
+fn read_header(reader: &mut csv::Reader<&[u8]>) -> Result<Vec<String>, String> {
     let header = reader
         .byte_headers()
         .map_err(|e| format!("cannot read the header row: {e}"))?
@@ -579,6 +582,21 @@ fn parse_csv(
     if header.iter().all(String::is_empty) {
         return Err("the header row is empty".into());
     }
+    Ok(header)
+}
+
+fn parse_csv(
+    bytes: &[u8],
+    delimiter: u8,
+    map: &ColumnMap,
+) -> Result<(SampleKind, Vec<ParsedRow>, BadLines), String> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .flexible(true)
+        .has_headers(true)
+        .from_reader(bytes);
+    let header = read_header(&mut reader)?;
     let cols = csv_columns(&header, map)?;
     let kind = if cols.text.is_some() {
         SampleKind::Text
@@ -757,6 +775,7 @@ fn parse_file(path: &Path, opts: &ImportOptions) -> Result<ParsedFile, EngineErr
         Some(f) => (f, false),
         None => (detect(path, &bytes)?, true),
     };
+    let mut headers = Vec::new();
     let (kind, rows, bad) = match format {
         DatasetFormat::Chat | DatasetFormat::Sharegpt | DatasetFormat::Alpaca => {
             let (rows, bad) = parse_jsonl(&bytes, format);
@@ -772,6 +791,7 @@ fn parse_file(path: &Path, opts: &ImportOptions) -> Result<ParsedFile, EngineErr
             } else {
                 b','
             };
+            headers = csv_header(&bytes, delimiter).map_err(|r| invalid(path, r))?;
             parse_csv(&bytes, delimiter, &opts.columns).map_err(|r| invalid(path, r))?
         }
     };
@@ -780,6 +800,7 @@ fn parse_file(path: &Path, opts: &ImportOptions) -> Result<ParsedFile, EngineErr
         format,
         format_detected,
         kind,
+        headers,
         rows,
         bad,
     })
@@ -1085,6 +1106,7 @@ impl Engine {
             format: plan.main.format,
             format_detected: plan.main.format_detected,
             kind: plan.main.kind,
+            headers: plan.main.headers.clone(),
             name: plan.name,
             good_rows: plan.good_rows,
             duplicates: plan.duplicates,
@@ -1106,6 +1128,21 @@ impl Engine {
                 })
                 .collect(),
         })
+    }
+
+    /// The header names of a CSV or TSV file (for mapping its columns before an
+    /// import whose guessed mapping failed).
+    pub fn csv_headers(&self, path: &Path) -> Result<Vec<String>, EngineError> {
+        let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let delimiter = if extension(path) == "tsv" {
+            b'\t'
+        } else {
+            b','
+        };
+        csv_header(&bytes, delimiter).map_err(|r| invalid(path, r))
     }
 
     /// Imports `path` into the library in one transaction. With bad rows and

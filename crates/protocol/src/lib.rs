@@ -332,6 +332,9 @@ pub struct DatasetPreview {
     /// The format came from detection, not from the options.
     pub format_detected: bool,
     pub kind: SampleKind,
+    /// CSV/TSV header names, for mapping columns (empty for other formats).
+    #[serde(default)]
+    pub headers: Vec<String>,
     /// The name it would get.
     pub name: String,
     /// Usable rows in all files, duplicates included.

@@ -386,9 +386,10 @@ mod tests {
 
     #[test]
     fn chat_target_json_is_tagged_and_values_default() {
-        let t: ChatTarget =
-            serde_json::from_str(r#"{"kind":"template","model_id":1,"template_id":2,"version":null}"#)
-                .expect("parse");
+        let t: ChatTarget = serde_json::from_str(
+            r#"{"kind":"template","model_id":1,"template_id":2,"version":null}"#,
+        )
+        .expect("parse");
         assert_eq!(
             t,
             ChatTarget::Template {
@@ -404,6 +405,9 @@ mod tests {
 
     #[test]
     fn votes_are_snake_case() {
-        assert_eq!(serde_json::to_string(&Vote::BothBad).expect("json"), r#""both_bad""#);
+        assert_eq!(
+            serde_json::to_string(&Vote::BothBad).expect("json"),
+            r#""both_bad""#
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Mirrors `src-tauri/src/commands/arena.rs`: blind A/B comparisons.
 
 use super::{invoke, invoke_with_channel};
-use attune_protocol::{ArenaDetail, ArenaEvent, ArenaItem, ArenaSpec, ArenaSummary, IpcError, Vote};
+use attune_protocol::{
+    ArenaDetail, ArenaEvent, ArenaItem, ArenaSpec, ArenaSummary, IpcError, Vote,
+};
 use serde_json::json;
 
 pub async fn create_arena(spec: &ArenaSpec) -> Result<ArenaSummary, IpcError> {

@@ -47,7 +47,11 @@ pub async fn target_label(target: &ChatTarget) -> Result<String, IpcError> {
 
 /// Saves (creates or replaces) a conversation; returns it with its id.
 pub async fn save_conversation(conversation: &Conversation) -> Result<Conversation, IpcError> {
-    invoke("save_conversation", &json!({ "conversation": conversation })).await
+    invoke(
+        "save_conversation",
+        &json!({ "conversation": conversation }),
+    )
+    .await
 }
 
 pub async fn list_conversations() -> Result<Vec<ConversationSummary>, IpcError> {

@@ -8,18 +8,36 @@ use attune_protocol::{
 use serde_json::json;
 
 /// What importing `path` with `options` would give; writes nothing.
-pub async fn inspect_dataset(path: &str, options: &ImportOptions) -> Result<DatasetPreview, IpcError> {
-    invoke("inspect_dataset", &json!({ "path": path, "options": options })).await
+pub async fn inspect_dataset(
+    path: &str,
+    options: &ImportOptions,
+) -> Result<DatasetPreview, IpcError> {
+    invoke(
+        "inspect_dataset",
+        &json!({ "path": path, "options": options }),
+    )
+    .await
 }
 
 /// Imports `path` (with bad rows, only when `options.accept_bad_rows`).
-pub async fn import_dataset(path: &str, options: &ImportOptions) -> Result<DatasetSummary, IpcError> {
-    invoke("import_dataset", &json!({ "path": path, "options": options })).await
+pub async fn import_dataset(
+    path: &str,
+    options: &ImportOptions,
+) -> Result<DatasetSummary, IpcError> {
+    invoke(
+        "import_dataset",
+        &json!({ "path": path, "options": options }),
+    )
+    .await
 }
 
 /// The exact text `model_id` receives for a row (chat template applied).
 pub async fn render_sample(model_id: i64, sample: &RowSample) -> Result<String, IpcError> {
-    invoke("render_sample", &json!({ "modelId": model_id, "sample": sample })).await
+    invoke(
+        "render_sample",
+        &json!({ "modelId": model_id, "sample": sample }),
+    )
+    .await
 }
 
 pub async fn list_datasets() -> Result<Vec<DatasetSummary>, IpcError> {
@@ -57,4 +75,9 @@ pub async fn dataset_stats(
         &json!({ "datasetId": dataset_id, "modelId": model_id, "maxLen": max_len, "lossOn": loss_on }),
     )
     .await
+}
+
+/// The header names of a CSV/TSV file, to map its columns when the guess failed.
+pub async fn csv_headers(path: &str) -> Result<Vec<String>, IpcError> {
+    invoke("csv_headers", &json!({ "path": path })).await
 }

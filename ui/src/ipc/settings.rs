@@ -10,5 +10,9 @@ pub async fn get_settings() -> Result<BTreeMap<String, String>, IpcError> {
 
 /// Stores one setting.
 pub async fn set_setting(key: &str, value: &str) -> Result<(), IpcError> {
-    super::invoke("set_setting", &serde_json::json!({ "key": key, "value": value })).await
+    super::invoke(
+        "set_setting",
+        &serde_json::json!({ "key": key, "value": value }),
+    )
+    .await
 }

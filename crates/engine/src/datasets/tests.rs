@@ -198,6 +198,8 @@ fn csv_maps_columns_and_reports_record_lines() {
     // Guessed columns: question -> prompt, answer -> response, id and label by name.
     let pv = e.inspect_dataset(&p, &all_train()).expect("inspect");
     assert_eq!(pv.format, DatasetFormat::Csv);
+    assert_eq!(pv.headers, ["id", "question", "answer", "label"]);
+    assert_eq!(e.csv_headers(&p).expect("headers"), pv.headers);
     let bad: Vec<(u64, &str)> = pv
         .bad_rows
         .iter()
