@@ -6,6 +6,7 @@
 //! Element ids and `data-testid` attributes are part of the contract with the
 //! end-to-end tests (`tests/tests/e2e.rs`): change both together.
 
+pub mod chart;
 pub mod components;
 pub mod format;
 pub mod ipc;
