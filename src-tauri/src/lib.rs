@@ -7,9 +7,16 @@
 //! runs the engine on a blocking worker, so the window never freezes.
 
 pub mod commands;
+pub mod runner;
 pub mod state;
 
 pub use state::AppState;
+
+use std::time::Duration;
+use tauri::{Emitter, Manager};
+
+/// How long closing the app waits for the executing run to checkpoint.
+const PAUSE_ON_EXIT: Duration = Duration::from_secs(60);
 
 /// Opens the engine and runs the window until it is closed.
 pub fn run() -> tauri::Result<()> {
@@ -19,13 +26,89 @@ pub fn run() -> tauri::Result<()> {
         // The window still opens and shows this error.
         eprintln!("attune-app: {err}");
     }
-    tauri::Builder::default()
+    let app = tauri::Builder::default()
+        .plugin(tauri_plugin_dialog::init())
         .manage(state)
+        .setup(|app| {
+            let handle = app.handle().clone();
+            app.state::<AppState>()
+                .start_runner(std::sync::Arc::new(move |update| {
+                    if let Err(e) = handle.emit("run-event", update) {
+                        eprintln!("attune-app: cannot send a run update to the window: {e}");
+                    }
+                }));
+            Ok(())
+        })
         .invoke_handler(tauri::generate_handler![
             commands::models::list_models,
             commands::models::add_model,
-            commands::chat::chat,
+            commands::models::remove_model,
+            commands::models::pull_model,
+            commands::models::cancel_pull,
+            commands::models::classify_path,
+            commands::models::pick_path,
+            commands::chat::chat_target,
             commands::chat::cancel_chat,
+            commands::chat::target_label,
+            commands::chat::save_conversation,
+            commands::chat::list_conversations,
+            commands::chat::get_conversation,
+            commands::chat::remove_conversation,
+            commands::settings::get_settings,
+            commands::settings::set_setting,
+            commands::templates::list_templates,
+            commands::templates::template_versions,
+            commands::templates::save_template,
+            commands::templates::remove_template,
+            commands::templates::preview_template,
+            commands::playground::render_sample,
+            commands::arena::create_arena,
+            commands::arena::list_arenas,
+            commands::arena::arena_item,
+            commands::arena::arena_vote,
+            commands::arena::arena_detail,
+            commands::arena::export_preferences,
+            commands::arena::remove_arena,
+            commands::datasets::inspect_dataset,
+            commands::datasets::import_dataset,
+            commands::datasets::list_datasets,
+            commands::datasets::remove_dataset,
+            commands::datasets::dataset_rows,
+            commands::datasets::dataset_stats,
+            commands::datasets::csv_headers,
+            commands::runs::check_run,
+            commands::runs::start_run,
+            commands::runs::list_runs,
+            commands::runs::run_detail,
+            commands::runs::pause_run,
+            commands::runs::resume_run,
+            commands::runs::cancel_run,
+            commands::runs::remove_run,
+            commands::adapters::list_adapters,
+            commands::adapters::remove_adapter,
+            commands::adapters::export_adapter,
+            commands::adapters::import_adapter,
+            commands::adapters::merge_adapter,
+            commands::adapters::evaluate,
+            commands::adapters::cancel_evaluation,
+            commands::adapters::list_evaluations,
+            commands::advisor::machine_info,
+            commands::advisor::advise,
         ])
-        .run(tauri::generate_context!())
+        .build(tauri::generate_context!())?;
+    app.run(|app, event| {
+        if let tauri::RunEvent::ExitRequested { .. } = event {
+            // Pause the executing run (it writes a checkpoint) so it resumes next time.
+            if let Some(runner) = app.state::<AppState>().runner_if_started() {
+                if !runner.shutdown(PAUSE_ON_EXIT) {
+                    eprintln!(
+                        "attune-app: the run did not pause within {} s; it resumes from its \
+                         last checkpoint next time",
+                        PAUSE_ON_EXIT.as_secs()
+                    );
+                }
+            }
+        }
+    });
+    Ok(())
 }

@@ -5,7 +5,8 @@
 //!
 //! Chat with an adapter keeps the base model cache untouched: the adapted model is a
 //! clone of the base (tensors are shared, only the LoRA branches differ) kept in its own
-//! one-slot cache.
+//! cache of the [`ADAPTED_CACHE_SIZE`] most recently used adapters, so side-by-side panes
+//! and arenas that alternate between adapters do not reload them for every message.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +29,51 @@ pub(crate) struct AdaptedModel {
     pub chat_template: ChatTemplate,
     /// The soft prompt of a prompt-tuning adapter, `[n, hidden]`.
     pub prefix: Option<candle_core::Tensor>,
+}
+
+/// How many adapted models stay loaded.
+pub(crate) const ADAPTED_CACHE_SIZE: usize = 3;
+
+/// The adapted models kept loaded, least recently used first.
+#[derive(Default)]
+pub(crate) struct AdaptedCache {
+    entries: Vec<(i64, Arc<AdaptedModel>)>,
+}
+
+impl AdaptedCache {
+    /// Adapter `id`'s model, now the most recently used.
+    pub fn get(&mut self, id: i64) -> Option<Arc<AdaptedModel>> {
+        let pos = self.entries.iter().position(|(k, _)| *k == id)?;
+        let entry = self.entries.remove(pos);
+        let model = Arc::clone(&entry.1);
+        self.entries.push(entry);
+        Some(model)
+    }
+
+    /// Drops the least recently used models until one more fits (before loading it).
+    pub fn make_room(&mut self) {
+        while self.entries.len() >= ADAPTED_CACHE_SIZE {
+            self.entries.remove(0);
+        }
+    }
+
+    /// Keeps `model` as adapter `id`'s, the most recently used.
+    pub fn insert(&mut self, id: i64, model: Arc<AdaptedModel>) {
+        self.remove(id);
+        self.make_room();
+        self.entries.push((id, model));
+    }
+
+    /// Forgets adapter `id` (removed from the library).
+    pub fn remove(&mut self, id: i64) {
+        self.entries.retain(|(k, _)| *k != id);
+    }
+
+    /// The cached adapter ids, least recently used first.
+    #[cfg(test)]
+    pub fn ids(&self) -> Vec<i64> {
+        self.entries.iter().map(|(k, _)| *k).collect()
+    }
 }
 
 /// Writes `model` as a Hugging Face folder that `loader::load` and transformers read:
@@ -376,11 +422,10 @@ impl Engine {
         let a = self.adapter_row(id_or_name)?;
         let summary = self.adapter_summary(&a)?;
         self.store.delete_adapter(a.id)?;
-        let mut slot = self.adapted.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.as_ref().is_some_and(|(id, _)| *id == a.id) {
-            *slot = None;
-        }
-        drop(slot);
+        self.adapted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(a.id);
         let root = self.data_dir.join("adapters");
         let path = PathBuf::from(&a.path);
         if path.starts_with(&root) {
@@ -397,13 +442,23 @@ impl Engine {
     ) -> Result<(AdapterSummary, Arc<AdaptedModel>), EngineError> {
         let a = self.adapter_row(id_or_name)?;
         let summary = self.adapter_summary(&a)?;
-        let mut slot = self.adapted.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((id, m)) = slot.as_ref() {
-            if *id == a.id {
-                return Ok((summary, Arc::clone(m)));
-            }
+        let model = self.adapted_model_of(&a, on_event)?;
+        Ok((summary, model))
+    }
+
+    /// [`Engine::adapted_model`] for a stored adapter row. The cache lock is held while
+    /// loading so two requests never load the same adapter twice.
+    pub(crate) fn adapted_model_of(
+        &self,
+        a: &AdapterRow,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<Arc<AdaptedModel>, EngineError> {
+        let mut cache = self.adapted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = cache.get(a.id) {
+            return Ok(m);
         }
-        *slot = None;
+        // Free the least recently used one before loading the next.
+        cache.make_room();
         let path = PathBuf::from(&a.path);
         let bad = |e: attune_models::Error| EngineError::InvalidAdapter {
             path: path.clone(),
@@ -439,8 +494,8 @@ impl Engine {
             }
         };
         let adapted = Arc::new(adapted);
-        *slot = Some((a.id, Arc::clone(&adapted)));
-        Ok((summary, adapted))
+        cache.insert(a.id, Arc::clone(&adapted));
+        Ok(adapted)
     }
 
     /// The model summary of an adapter's base.

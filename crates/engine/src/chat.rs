@@ -54,6 +54,17 @@ pub(crate) fn chat(
     cancel: &AtomicBool,
     on_event: &mut dyn FnMut(ChatEvent),
 ) -> Result<GenerationStats, EngineError> {
+    let (_, ids) = render_prompt(model.chat_template, model.tokenizer, messages)?;
+    run(model, &ids, params, cancel, on_event)
+}
+
+/// The prompt text `messages` become under the chat template (generation prompt added)
+/// and its token ids: exactly what [`chat`] feeds the model.
+pub(crate) fn render_prompt(
+    chat_template: &ChatTemplate,
+    tokenizer: &Tok,
+    messages: &[ChatMessage],
+) -> Result<(String, Vec<u32>), EngineError> {
     if messages.is_empty() {
         return Err(EngineError::InvalidInput(
             "the conversation has no messages".to_string(),
@@ -71,17 +82,13 @@ pub(crate) fn chat(
         .iter()
         .map(|m| Message::new(m.role.clone(), m.content.clone()))
         .collect();
-    let prompt = model
-        .chat_template
+    let prompt = chat_template
         .render(&msgs, true)
         .map_err(generation_error)?;
     // The rendered template already holds every special token (BOS included, if the
     // model uses one), exactly as transformers' apply_chat_template tokenizes it.
-    let ids = model
-        .tokenizer
-        .encode(&prompt, false)
-        .map_err(generation_error)?;
-    run(model, &ids, params, cancel, on_event)
+    let ids = tokenizer.encode(&prompt, false).map_err(generation_error)?;
+    Ok((prompt, ids))
 }
 
 /// Continues `prompt` as is (no template; the tokenizer's BOS rule applies).
@@ -172,6 +179,6 @@ fn stats(g: &Generation) -> GenerationStats {
     }
 }
 
-fn generation_error(e: attune_models::Error) -> EngineError {
+pub(crate) fn generation_error(e: attune_models::Error) -> EngineError {
     EngineError::Generation(Box::new(e))
 }

@@ -123,6 +123,15 @@ pub enum EngineError {
     InvalidAdapter { path: PathBuf, reason: String },
     #[error("cancelled")]
     Cancelled,
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A template, conversation or arena that is not in the library.
+    #[error("no {what} with id {id} in the library (it may have been removed)")]
+    NotFound { what: &'static str, id: String },
 }
 
 /// The runtime's message, prefixed with `path` unless it already names it.
@@ -166,6 +175,8 @@ impl EngineError {
             EngineError::Training { .. } => "training",
             EngineError::InvalidAdapter { .. } => "invalid_adapter",
             EngineError::Cancelled => "cancelled",
+            EngineError::NotFound { .. } => "not_found",
+            EngineError::Write { .. } => "io",
         }
     }
 

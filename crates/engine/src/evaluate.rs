@@ -2,11 +2,13 @@
 //! no padding, as the PyTorch reference evaluates), label accuracy from a greedy answer's
 //! `Final answer: yes|no|maybe`, and the forgetting check on the built-in general-domain
 //! sample. Subjects: a model as it is, an adapter on its base, or a model behind a
-//! prompt template (system prompt + few-shot turns before every row; only the row's own
-//! turns are scored).
+//! prompt template (system prompt + few-shot turns before every row, each user turn
+//! wrapped by the template's `user` text with its `values` filled in; only the row's
+//! own turns are scored). Progress streams through [`Engine::evaluate_with`], which a
+//! flag cancels between rows.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use attune_models::chat_template::ChatTemplate;
 use attune_models::generate::{self, GenerateParams};
@@ -14,14 +16,13 @@ use attune_models::llama::Llama;
 use attune_models::loader::{ComputeMode, LoadOptions, LoadedModel};
 use attune_models::tokenizer::Tok;
 use attune_models::train::{self, peft, Example, RenderOptions};
-use attune_protocol::{
-    ChatMessage, EvalOptions, EvalReport, EvalSubject, PromptTemplate, RowScore,
-};
+use attune_protocol::{EvalOptions, EvalProgress, EvalReport, EvalSubject, RowScore, SplitName};
 
 use crate::datasets::Sample;
 use crate::error::EngineError;
 use crate::runs::{forgetting_warning, general_examples, models_loss, render_sample, to_messages};
 use crate::store::{EvalRow, ModelRow};
+use crate::templates::{apply_template, check_template};
 use crate::Engine;
 
 /// A model ready to be scored.
@@ -115,37 +116,95 @@ pub fn parse_final_answer(text: &str) -> Option<String> {
     found
 }
 
-/// The template's messages, then the row's (the template's system prompt replaces the
-/// row's).
-fn with_template(t: &PromptTemplate, row: &[ChatMessage]) -> (Vec<ChatMessage>, usize) {
-    let mut out = Vec::new();
-    let row_has_system = row.first().is_some_and(|m| m.role == "system");
-    match (&t.system, row_has_system) {
-        (Some(s), _) => out.push(ChatMessage {
-            role: "system".into(),
-            content: s.clone(),
-        }),
-        (None, true) => out.push(row[0].clone()),
-        _ => {}
-    }
-    out.extend(t.examples.iter().cloned());
-    let n_prefix = out.len();
-    out.extend(row.iter().skip(usize::from(row_has_system)).cloned());
-    (out, n_prefix)
-}
-
 impl Engine {
+    /// Every recorded evaluation, newest first, without per-row scores (they are not
+    /// stored). A subject removed since is named by its id.
+    pub fn list_evaluations(&self) -> Result<Vec<EvalReport>, EngineError> {
+        let db = self.store.path();
+        self.store
+            .list_evaluations()?
+            .into_iter()
+            .map(|(id, e)| {
+                let subject = match e.subject_kind.as_str() {
+                    "base" => match e.subject_id.parse::<i64>() {
+                        Ok(mid) => self
+                            .store
+                            .get_model(mid)?
+                            .map(|m| m.name)
+                            .unwrap_or_else(|| format!("model {mid} (removed)")),
+                        Err(_) => e.subject_id.clone(),
+                    },
+                    "adapter" => match e.subject_id.parse::<i64>() {
+                        Ok(aid) => self
+                            .store
+                            .get_adapter(aid)?
+                            .map(|a| a.name)
+                            .unwrap_or_else(|| format!("adapter {aid} (removed)")),
+                        Err(_) => e.subject_id.clone(),
+                    },
+                    _ => e.subject_id.clone(),
+                };
+                let split = SplitName::parse(&e.split).ok_or_else(|| {
+                    EngineError::db(
+                        db,
+                        format!("evaluation id {id}: invalid split '{}'", e.split),
+                    )
+                })?;
+                Ok(EvalReport {
+                    id,
+                    subject_kind: e.subject_kind,
+                    subject,
+                    model_id: e.model_id,
+                    dataset_id: e.dataset_id,
+                    split,
+                    n_rows: e.n_rows.max(0) as u64,
+                    mean_nll: e.mean_nll,
+                    ppl: e.ppl,
+                    n_tokens: e.n_tokens.max(0) as u64,
+                    accuracy: e.accuracy,
+                    n_labeled: e.n_labeled.max(0) as u64,
+                    forgetting_nll: e.forgetting_nll,
+                    base_forgetting_nll: None,
+                    forgetting_warning: None,
+                    rows: Vec::new(),
+                    created_at: e.created_at,
+                })
+            })
+            .collect()
+    }
+
     fn scored_base(&self, row: &ModelRow) -> Result<Scored, EngineError> {
         Ok(scored(load(&row.name, Path::new(&row.path))?))
     }
 
     /// Evaluates `subject` on `dataset`'s `options.split`, records the result in the
-    /// library and returns it with per-row figures.
+    /// library and returns it with per-row figures. See [`Engine::evaluate_with`] for
+    /// progress and cancellation.
     pub fn evaluate(
         &self,
         subject: &EvalSubject,
         dataset: &str,
         options: &EvalOptions,
+    ) -> Result<EvalReport, EngineError> {
+        self.evaluate_with(
+            subject,
+            dataset,
+            options,
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+    }
+
+    /// [`Engine::evaluate`], reporting progress (rows scored, answers generated, the
+    /// forgetting check) to `progress` and stopping with [`EngineError::Cancelled`] soon
+    /// after `cancel` is set (nothing is recorded then).
+    pub fn evaluate_with(
+        &self,
+        subject: &EvalSubject,
+        dataset: &str,
+        options: &EvalOptions,
+        progress: &mut dyn FnMut(EvalProgress),
+        cancel: &AtomicBool,
     ) -> Result<EvalReport, EngineError> {
         let ds = self.find_dataset(dataset)?;
         if options.max_len < 2 {
@@ -170,23 +229,7 @@ impl Engine {
                     .store
                     .get_model(m.id)?
                     .ok_or_else(|| EngineError::ModelNotFound(m.id.to_string()))?;
-                for (i, msg) in template.examples.iter().enumerate() {
-                    let want = if i % 2 == 0 { "user" } else { "assistant" };
-                    if msg.role != want {
-                        return Err(EngineError::InvalidInput(format!(
-                            "template '{}': example message {} is '{}', expected '{want}'",
-                            template.name,
-                            i + 1,
-                            msg.role
-                        )));
-                    }
-                }
-                if template.examples.len() % 2 != 0 {
-                    return Err(EngineError::InvalidInput(format!(
-                        "template '{}': the examples must be user/assistant pairs",
-                        template.name
-                    )));
-                }
+                check_template(template)?;
                 let s = self.scored_base(&row)?;
                 let name = if template.name.is_empty() {
                     "template".to_string()
@@ -250,8 +293,21 @@ impl Engine {
         let mut scores = Vec::with_capacity(rows.len());
         let (mut sum, mut n_tokens) = (0f64, 0usize);
         let (mut n_labeled, mut n_correct) = (0u64, 0u64);
-        let cancel = AtomicBool::new(false);
+        let total = rows.len() as u64;
+        let stop = || -> Result<(), EngineError> {
+            if cancel.load(Ordering::SeqCst) {
+                Err(EngineError::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
         for (i, row) in rows.iter().enumerate() {
+            stop()?;
+            progress(EvalProgress {
+                done: i as u64,
+                total,
+                phase: "scoring".into(),
+            });
             let render_err = |e: attune_models::Error| EngineError::InvalidDataset {
                 path: PathBuf::from(&ds.source_path),
                 reason: format!(
@@ -262,7 +318,7 @@ impl Engine {
             };
             let example = match (&template, &row.sample) {
                 (Some(t), Sample::Chat(msgs)) => {
-                    let (all, n_prefix) = with_template(t, msgs);
+                    let (all, n_prefix) = apply_template(t, msgs);
                     let mut e = train::render_chat(&s.tok, &s.tmpl, &to_messages(&all), &opts)
                         .map_err(render_err)?;
                     // Only the row's own turns are scored: mask what the template adds.
@@ -293,12 +349,17 @@ impl Engine {
                 (options.accuracy, &row.label, &row.sample)
             {
                 n_labeled += 1;
+                progress(EvalProgress {
+                    done: i as u64,
+                    total,
+                    phase: "generating".into(),
+                });
                 let cut = msgs
                     .iter()
                     .rposition(|m| m.role == "assistant")
                     .unwrap_or(msgs.len());
                 let prompt_msgs = match &template {
-                    Some(t) => with_template(t, &msgs[..cut]).0,
+                    Some(t) => apply_template(t, &msgs[..cut]).0,
                     None => msgs[..cut].to_vec(),
                 };
                 let text = s
@@ -316,10 +377,11 @@ impl Engine {
                     s.prefix.as_ref(),
                     &ids,
                     &params,
-                    &cancel,
+                    cancel,
                     &mut |_| {},
                 )
                 .map_err(merr)?;
+                stop()?;
                 let answer = parse_final_answer(&g.text);
                 let correct = answer
                     .as_deref()
@@ -330,6 +392,12 @@ impl Engine {
             }
             scores.push(score);
         }
+        stop()?;
+        progress(EvalProgress {
+            done: total,
+            total,
+            phase: "scoring".into(),
+        });
         if n_tokens == 0 {
             return Err(EngineError::InvalidInput(format!(
                 "dataset '{}' {} rows have no target tokens to score",
@@ -340,16 +408,34 @@ impl Engine {
         let mean_nll = sum / n_tokens as f64;
         let (forgetting_nll, base_forgetting_nll, forgetting_warning_text) =
             if options.forgetting_rows > 0 {
+                let parts = if kind == "adapter" { 2 } else { 1 };
+                progress(EvalProgress {
+                    done: 0,
+                    total: parts,
+                    phase: "forgetting".into(),
+                });
                 let ex =
                     general_examples(&s.tok, &s.tmpl, options.forgetting_rows).map_err(merr)?;
                 let subject_nll = s.mean_nll(&ex).map_err(merr)?;
+                stop()?;
                 let base_nll = if kind == "adapter" {
+                    progress(EvalProgress {
+                        done: 1,
+                        total: parts,
+                        phase: "forgetting".into(),
+                    });
                     drop(s);
                     let b = self.scored_base(&base_row)?;
                     b.mean_nll(&ex).map_err(merr)?
                 } else {
                     subject_nll
                 };
+                stop()?;
+                progress(EvalProgress {
+                    done: parts,
+                    total: parts,
+                    phase: "forgetting".into(),
+                });
                 let warn = match (base_nll, subject_nll) {
                     (Some(b), Some(a)) => forgetting_warning(b, a),
                     _ => None,
@@ -394,5 +480,102 @@ impl Engine {
             rows: scores,
             created_at,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attune_protocol::{ImportOptions, Split};
+
+    /// The real model and a 4-row chat dataset (all train) in a temporary library.
+    fn library(dir: &Path) -> (Engine, i64, i64) {
+        let model_file = attune_models::default_model_path();
+        assert!(
+            model_file.is_file(),
+            "the default model is missing at {}: run scripts/fetch-model.sh",
+            model_file.display()
+        );
+        let e = Engine::open(&dir.join("data")).expect("open engine");
+        let model = e.add_local_model(&model_file).expect("add model").model.id;
+        let text: String = (0..4)
+            .map(|i| {
+                serde_json::json!({"messages": [
+                    {"role": "user", "content": format!("Say {i}.")},
+                    {"role": "assistant", "content": format!("{i}.")},
+                ]})
+                .to_string()
+                    + "\n"
+            })
+            .collect();
+        let path = dir.join("eval.jsonl");
+        std::fs::write(&path, text).expect("write dataset");
+        let ds = e
+            .import_dataset(
+                &path,
+                &ImportOptions {
+                    split: Split::AllTrain,
+                    ..Default::default()
+                },
+            )
+            .expect("import")
+            .id;
+        (e, model, ds)
+    }
+
+    #[test]
+    fn evaluate_reports_progress_cancels_and_lists_what_it_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (e, model, ds) = library(dir.path());
+        let subject = EvalSubject::Base {
+            model: model.to_string(),
+        };
+        let options = EvalOptions {
+            split: SplitName::Train,
+            max_len: 64,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        let report = e
+            .evaluate_with(
+                &subject,
+                &ds.to_string(),
+                &options,
+                &mut |p| seen.push(p),
+                &AtomicBool::new(false),
+            )
+            .expect("evaluate");
+        let rows = report.n_rows;
+        assert!(rows >= 3, "{report:?}");
+        assert_eq!(seen.first().map(|p| (p.done, p.total)), Some((0, rows)));
+        assert_eq!(seen.last().map(|p| (p.done, p.total)), Some((rows, rows)));
+        assert!(seen.iter().all(|p| p.phase == "scoring"));
+
+        // Cancelled after the first row: an error, and nothing recorded.
+        let cancel = AtomicBool::new(false);
+        let err = e
+            .evaluate_with(
+                &subject,
+                &ds.to_string(),
+                &options,
+                &mut |p| {
+                    if p.done >= 1 {
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                },
+                &cancel,
+            )
+            .expect_err("cancelled");
+        assert_eq!(err.code(), "cancelled");
+
+        let listed = e.list_evaluations().expect("list");
+        assert_eq!(listed.len(), 1);
+        let l = &listed[0];
+        assert_eq!(l.id, report.id);
+        assert_eq!(l.subject_kind, "base");
+        assert_eq!(l.subject, report.subject);
+        assert_eq!(l.n_rows, rows);
+        assert!((l.mean_nll - report.mean_nll).abs() < 1e-12);
+        assert!(l.rows.is_empty());
     }
 }

@@ -7,15 +7,22 @@
 //! Every public type that crosses to the UI is an `attune_protocol` DTO.
 
 mod adapters;
+mod advisor;
+mod arena;
 mod chat;
 mod clock;
+mod conversations;
 mod datasets;
 mod error;
 mod evaluate;
+mod files;
 mod hub;
+mod playground;
 mod registry;
 mod runs;
+mod settings;
 mod store;
+mod templates;
 #[cfg(test)]
 mod tests;
 
@@ -25,8 +32,12 @@ use std::sync::{Arc, Mutex};
 
 use attune_protocol::{ChatEvent, ChatMessage, GenerationStats, ModelSummary, SamplingParams};
 
+pub use advisor::{
+    benchmark_throughput, machine_info, preset, recommend, Facts, FULL_MIN_ROWS, MIN_TRAINING_ROWS,
+};
 pub use datasets::{DatasetRow, Sample, MAX_ROW_CHARS};
 pub use error::EngineError;
+pub use files::classify_path;
 pub use hub::PullProgress;
 pub use runs::{
     available_memory, estimate_memory, process_memory_mb, trainable_params, MemoryEstimate,
@@ -48,8 +59,8 @@ pub struct Engine {
     store: store::Store,
     /// The most recently used model, kept loaded between requests.
     loaded: Mutex<Option<(i64, Arc<attune_models::loader::LoadedModel>)>>,
-    /// The most recently used adapter applied to its base (a clone of the base model).
-    adapted: Mutex<Option<(i64, Arc<adapters::AdaptedModel>)>>,
+    /// The most recently used adapters applied to their base (clones of the base model).
+    adapted: Mutex<adapters::AdaptedCache>,
 }
 
 impl Engine {
@@ -65,7 +76,7 @@ impl Engine {
             data_dir: data_dir.to_path_buf(),
             store,
             loaded: Mutex::new(None),
-            adapted: Mutex::new(None),
+            adapted: Mutex::new(adapters::AdaptedCache::default()),
         };
         engine.mark_interrupted_runs()?;
         Ok(engine)

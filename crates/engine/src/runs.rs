@@ -219,7 +219,7 @@ pub fn available_memory() -> Option<u64> {
     meminfo_field(&text, "MemAvailable:")
 }
 
-fn meminfo_field(text: &str, key: &str) -> Option<u64> {
+pub(crate) fn meminfo_field(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line[key.len()..].split_whitespace().next()?.parse().ok()?;
     Some(kb * 1024)
@@ -356,7 +356,7 @@ fn to_method(m: &MethodSpec) -> train::Method {
 }
 
 /// Refuses impossible settings, naming the field.
-fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError> {
+pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError> {
     let bad = |m: String| Err(EngineError::InvalidInput(m));
     if spec.batch_size == 0 {
         return bad("batch_size must be at least 1".into());
@@ -456,7 +456,7 @@ fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError> {
     Ok(())
 }
 
-fn total_steps(spec: &RunSpec, train_rows: u64) -> usize {
+pub(crate) fn total_steps(spec: &RunSpec, train_rows: u64) -> usize {
     match spec.steps {
         Some(s) => s,
         None => {
@@ -802,6 +802,46 @@ impl Engine {
         let _ = std::fs::remove_dir_all(Path::new(&r.run_dir).join("checkpoints"));
         self.store
             .finish_run(r.id, "cancelled", None, &crate::clock::now_rfc3339())?;
+        self.find_run(&r.id.to_string())
+    }
+
+    /// Parks a queued run that has not started executing: it becomes 'paused' and can be
+    /// resumed later. Any other status is refused with the reason.
+    pub fn pause_queued_run(&self, id_or_name: &str) -> Result<RunSummary, EngineError> {
+        let r = self.run_row(id_or_name)?;
+        if r.status != "queued" {
+            return Err(EngineError::RunState {
+                name: r.name,
+                status: r.status,
+                reason: "only a queued run can be parked; an executing run pauses through \
+                         its control"
+                    .into(),
+            });
+        }
+        self.store
+            .finish_run(r.id, "paused", None, &crate::clock::now_rfc3339())?;
+        self.find_run(&r.id.to_string())
+    }
+
+    /// Puts a paused or failed run back in line to execute (status 'queued'; a failed
+    /// run's error is cleared). It continues from its newest checkpoint when executed.
+    pub fn requeue_run(&self, id_or_name: &str) -> Result<RunSummary, EngineError> {
+        self.mark_interrupted_runs()?;
+        let r = self.run_row(id_or_name)?;
+        match r.status.as_str() {
+            "queued" => {}
+            "paused" | "failed" => {
+                self.store
+                    .finish_run(r.id, "queued", None, &crate::clock::now_rfc3339())?;
+            }
+            _ => {
+                return Err(EngineError::RunState {
+                    name: r.name,
+                    status: r.status,
+                    reason: "only a paused, failed or queued run can be resumed".into(),
+                })
+            }
+        }
         self.find_run(&r.id.to_string())
     }
 

@@ -12,6 +12,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::error::EngineError;
 
+mod workbench;
+pub(crate) use workbench::{
+    ArenaItemRow, ArenaRecord, ConversationRow, NewArena, TemplateContent, TemplateVersionRow,
+};
+
 /// Numbered migrations, in order. `user_version` = how many have been applied.
 pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_init", include_str!("../migrations/0001_init.sql")),
@@ -20,6 +25,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/0002_datasets.sql"),
     ),
     ("0003_runs", include_str!("../migrations/0003_runs.sql")),
+    (
+        "0004_workbench",
+        include_str!("../migrations/0004_workbench.sql"),
+    ),
 ];
 
 /// File name of the library inside the data directory.
@@ -947,6 +956,43 @@ impl Store {
         Ok(conn.last_insert_rowid())
     }
 
+    /// Every recorded evaluation with its id, newest first.
+    pub fn list_evaluations(&self) -> Result<Vec<(i64, EvalRow)>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, subject_kind, subject_id, model_id, dataset_id, split, n_rows, \
+                 mean_nll, ppl, n_tokens, accuracy, n_labeled, forgetting_nll, created_at \
+                 FROM evaluations ORDER BY id DESC",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    EvalRow {
+                        subject_kind: r.get(1)?,
+                        subject_id: r.get(2)?,
+                        model_id: r.get(3)?,
+                        dataset_id: r.get(4)?,
+                        split: r.get(5)?,
+                        n_rows: r.get(6)?,
+                        mean_nll: r.get(7)?,
+                        ppl: r.get(8)?,
+                        n_tokens: r.get(9)?,
+                        accuracy: r.get(10)?,
+                        n_labeled: r.get(11)?,
+                        forgetting_nll: r.get(12)?,
+                        created_at: r.get(13)?,
+                    },
+                ))
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
     /// Rows in `table` (tests check that refusals leave nothing behind).
     #[cfg(test)]
     pub fn count(&self, table: &str) -> Result<i64, EngineError> {
@@ -1093,12 +1139,18 @@ mod tests {
             tables,
             [
                 "adapters",
+                "arena_items",
+                "arenas",
+                "conversations",
                 "dataset_rows",
                 "datasets",
                 "evaluations",
                 "models",
                 "run_metrics",
-                "runs"
+                "runs",
+                "settings",
+                "template_versions",
+                "templates"
             ]
         );
         // Names follow NNNN_ and are numbered 1..=N without gaps.

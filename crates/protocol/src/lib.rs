@@ -4,6 +4,7 @@
 //! compiles to `wasm32-unknown-unknown` for the UI.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 mod studio;
 pub use studio::*;
@@ -748,6 +749,12 @@ pub struct PromptTemplate {
     pub system: Option<String>,
     /// user / assistant pairs, in order.
     pub examples: Vec<ChatMessage>,
+    /// Wraps each user message; holds `{{input}}` (None: the message alone).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Values for the `{{name}}` placeholders in `system`, `examples` and `user`.
+    #[serde(default)]
+    pub values: BTreeMap<String, String>,
 }
 
 /// What is evaluated.

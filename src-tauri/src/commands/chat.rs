@@ -1,18 +1,22 @@
-//! Chat commands: a streamed answer and its cancel.
+//! Playground commands: a streamed answer from any target (base model, adapter or
+//! template), its cancel, readable target labels, and saved conversations.
 
 use super::blocking;
 use crate::AppState;
-use attune_protocol::{ChatEvent, ChatMessage, GenerationStats, IpcError, SamplingParams};
+use attune_protocol::{
+    ChatEvent, ChatMessage, ChatTarget, Conversation, ConversationSummary, GenerationStats,
+    IpcError, SamplingParams,
+};
 use std::sync::atomic::Ordering;
 use tauri::ipc::Channel;
 use tauri::State;
 
-/// Answers `messages` with model `model_id`, streaming events on `on_event`;
-/// resolves with the final figures.
+/// Answers `messages` with `target`, streaming events on `on_event`; resolves with the
+/// final figures (`finish_reason: cancelled` after `cancel_chat`).
 #[tauri::command]
-pub async fn chat(
+pub async fn chat_target(
     state: State<'_, AppState>,
-    model_id: i64,
+    target: ChatTarget,
     messages: Vec<ChatMessage>,
     params: Option<SamplingParams>,
     on_event: Channel<ChatEvent>,
@@ -29,15 +33,71 @@ pub async fn chat(
             }
         };
         engine
-            .chat(model_id, &messages, &params, &cancel, &mut forward)
+            .chat_target(&target, &messages, &params, &cancel, &mut forward)
             .map_err(|e| IpcError::from(&e))
     })
     .await
 }
 
-/// Asks the running generation to stop; it ends with `finish_reason: cancelled`.
+/// Asks the running generation (playground or arena) to stop.
 #[tauri::command]
 pub async fn cancel_chat(state: State<'_, AppState>) -> Result<(), IpcError> {
     state.cancel.store(true, Ordering::SeqCst);
     Ok(())
+}
+
+/// A readable name for `target` ("SmolLM2-135M-Instruct", "pubmed-lora (LoRA on …)").
+#[tauri::command]
+pub async fn target_label(
+    state: State<'_, AppState>,
+    target: ChatTarget,
+) -> Result<String, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || engine.target_label(&target).map_err(|e| IpcError::from(&e))).await
+}
+
+/// Saves (creates or replaces) a conversation; returns it with its id.
+#[tauri::command]
+pub async fn save_conversation(
+    state: State<'_, AppState>,
+    conversation: Conversation,
+) -> Result<Conversation, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || {
+        engine
+            .save_conversation(&conversation)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// Every saved conversation, most recently updated first.
+#[tauri::command]
+pub async fn list_conversations(
+    state: State<'_, AppState>,
+) -> Result<Vec<ConversationSummary>, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || engine.list_conversations().map_err(|e| IpcError::from(&e))).await
+}
+
+/// One saved conversation.
+#[tauri::command]
+pub async fn get_conversation(
+    state: State<'_, AppState>,
+    id: i64,
+) -> Result<Conversation, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || engine.get_conversation(id).map_err(|e| IpcError::from(&e))).await
+}
+
+/// Removes a saved conversation.
+#[tauri::command]
+pub async fn remove_conversation(state: State<'_, AppState>, id: i64) -> Result<(), IpcError> {
+    let engine = state.engine()?;
+    blocking(move || {
+        engine
+            .remove_conversation(id)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
 }

@@ -1,7 +1,15 @@
 //! Tauri commands, one module per domain, mirrored by `ui/src/ipc/<domain>.rs`.
 
+pub mod adapters;
+pub mod advisor;
+pub mod arena;
 pub mod chat;
+pub mod datasets;
 pub mod models;
+pub mod playground;
+pub mod runs;
+pub mod settings;
+pub mod templates;
 
 use attune_protocol::IpcError;
 
@@ -15,4 +23,12 @@ pub(crate) async fn blocking<T: Send + 'static>(
             code: "internal".into(),
             message: format!("the engine worker stopped unexpectedly: {e}"),
         })?
+}
+
+/// An `invalid_input` error with `message` (which names the field at fault).
+pub(crate) fn invalid(message: impl Into<String>) -> IpcError {
+    IpcError {
+        code: "invalid_input".into(),
+        message: message.into(),
+    }
 }

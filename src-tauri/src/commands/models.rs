@@ -1,10 +1,14 @@
-//! Model library commands: list and register models.
+//! Model library commands: list, register, remove and pull models from the Hugging
+//! Face Hub, tell what a dropped or picked path is, and open the system file chooser.
 
-use super::blocking;
+use super::{blocking, invalid};
 use crate::AppState;
-use attune_protocol::{AddModelReply, IpcError, ModelSummary};
+use attune_protocol::{AddModelReply, DroppedFile, IpcError, ModelSummary, PullUpdate};
 use std::path::PathBuf;
-use tauri::State;
+use std::sync::atomic::Ordering;
+use tauri::ipc::Channel;
+use tauri::{AppHandle, State};
+use tauri_plugin_dialog::DialogExt;
 
 /// All registered models, oldest first.
 #[tauri::command]
@@ -21,10 +25,9 @@ pub async fn add_model(
 ) -> Result<AddModelReply, IpcError> {
     let engine = state.engine()?;
     if path.trim().is_empty() {
-        return Err(IpcError {
-            code: "invalid_input".into(),
-            message: "path: give the path of a .gguf file or model folder".into(),
-        });
+        return Err(invalid(
+            "path: give the path of a .gguf file or model folder",
+        ));
     }
     let path = PathBuf::from(path.trim());
     blocking(move || {
@@ -35,6 +38,132 @@ pub async fn add_model(
                 already_present: out.already_present,
             })
             .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// Removes a model from the library (its files stay); refused while runs or adapters
+/// use it.
+#[tauri::command]
+pub async fn remove_model(state: State<'_, AppState>, id: i64) -> Result<(), IpcError> {
+    let engine = state.engine()?;
+    blocking(move || engine.remove_model(id).map_err(|e| IpcError::from(&e))).await
+}
+
+/// Downloads `repo` (at `revision`, default "main"; `file` picks one `.gguf`) from the
+/// Hugging Face Hub and registers it, streaming progress on `on_progress`.
+#[tauri::command]
+pub async fn pull_model(
+    state: State<'_, AppState>,
+    repo: String,
+    revision: Option<String>,
+    file: Option<String>,
+    on_progress: Channel<PullUpdate>,
+) -> Result<AddModelReply, IpcError> {
+    let engine = state.engine()?;
+    let repo = repo.trim().to_string();
+    if repo.is_empty() {
+        return Err(invalid(
+            "repository: give a Hugging Face repository such as HuggingFaceTB/SmolLM2-135M-Instruct",
+        ));
+    }
+    let revision = revision
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty());
+    let file = file.map(|f| f.trim().to_string()).filter(|f| !f.is_empty());
+    let cancel = state.pull_cancel.clone();
+    cancel.store(false, Ordering::SeqCst);
+    blocking(move || {
+        let mut forward = |p: attune_engine::PullProgress| {
+            let update = PullUpdate {
+                file: p.file,
+                file_index: p.file_index as u64,
+                file_count: p.file_count as u64,
+                bytes_done: p.bytes_done,
+                total_bytes: p.total_bytes,
+                cached: p.cached,
+            };
+            // The window is gone: nobody waits for this download.
+            if on_progress.send(update).is_err() {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        };
+        engine
+            .pull_model_file(
+                &repo,
+                revision.as_deref(),
+                file.as_deref(),
+                &mut forward,
+                &cancel,
+            )
+            .map(|out| AddModelReply {
+                model: out.model,
+                already_present: out.already_present,
+            })
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// Stops the running pull; it fails with code "cancelled" and registers nothing.
+#[tauri::command]
+pub async fn cancel_pull(state: State<'_, AppState>) -> Result<(), IpcError> {
+    state.pull_cancel.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// What `path` is: a model, a dataset, an adapter, or unusable (with the reason).
+#[tauri::command]
+pub async fn classify_path(path: String) -> Result<DroppedFile, IpcError> {
+    let path = path.trim().to_string();
+    if path.is_empty() {
+        return Err(invalid("path: it is empty"));
+    }
+    blocking(move || Ok(attune_engine::classify_path(&PathBuf::from(path)))).await
+}
+
+/// Opens the system's file (or, with `folder`, folder) chooser titled `title`,
+/// showing files with `extensions` (all files when empty). None when dismissed.
+#[tauri::command]
+pub async fn pick_path(
+    app: AppHandle,
+    title: String,
+    folder: bool,
+    extensions: Vec<String>,
+) -> Result<Option<String>, IpcError> {
+    blocking(move || {
+        let mut dialog = app.dialog().file();
+        if !title.trim().is_empty() {
+            dialog = dialog.set_title(title.trim());
+        }
+        let exts: Vec<&str> = extensions
+            .iter()
+            .map(|e| e.trim().trim_start_matches('.'))
+            .filter(|e| !e.is_empty())
+            .collect();
+        if !folder && !exts.is_empty() {
+            let label = exts
+                .iter()
+                .map(|e| format!(".{e}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            dialog = dialog.add_filter(label, &exts);
+        }
+        let picked = if folder {
+            dialog.blocking_pick_folder()
+        } else {
+            dialog.blocking_pick_file()
+        };
+        match picked {
+            None => Ok(None),
+            Some(p) => p
+                .into_path()
+                .map(|p| Some(p.display().to_string()))
+                .map_err(|e| IpcError {
+                    code: "io".into(),
+                    message: format!("the chosen path cannot be used: {e}"),
+                }),
+        }
     })
     .await
 }

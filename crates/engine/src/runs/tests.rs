@@ -646,6 +646,7 @@ fn runs_eval_template_and_accuracy_on_labeled_rows() {
                 content: "Yes. Final answer: yes".into(),
             },
         ],
+        ..Default::default()
     };
     let t = e
         .evaluate(

@@ -1,0 +1,318 @@
+//! Advisor tests: the recommendation rules as pure functions, the benchmark scaling,
+//! /proc/cpuinfo parsing, and the calibration on a real library in a temporary
+//! directory (the real default model, a tiny dataset, a completed run's metrics).
+
+use std::path::{Path, PathBuf};
+
+use attune_protocol::{AdvisorGoal, DomainCount, ImportOptions, MethodSpec, RunSpec, Split};
+
+use super::*;
+use crate::store::MetricRow;
+
+fn facts(rows: Option<u64>) -> Facts {
+    Facts {
+        api_only: false,
+        train_rows: rows,
+        domains: DomainCount::One,
+        available_mb: Some(16_000),
+        full_mb: 5_000,
+        lora_mb: 3_000,
+        prompt_mb: 2_500,
+        template_mb: 700,
+    }
+}
+
+#[test]
+fn advisor_rules_pick_the_method_a_clinician_would_be_told() {
+    // API only: nothing but a template.
+    let f = Facts {
+        api_only: true,
+        ..facts(Some(10_000))
+    };
+    assert_eq!(recommend(&f).0, "template");
+    // No dataset, or too few rows: a template with a few examples.
+    assert_eq!(recommend(&facts(None)).0, "template");
+    let (m, reasons) = recommend(&facts(Some(20)));
+    assert_eq!(m, "template");
+    assert!(
+        reasons[0].contains("only 20 training examples"),
+        "{reasons:?}"
+    );
+    // Large data, one domain, ample memory: full.
+    assert_eq!(recommend(&facts(Some(5_000))).0, "full");
+    // Large data but full is too close to the memory: LoRA.
+    let f = Facts {
+        available_mb: Some(6_000),
+        ..facts(Some(5_000))
+    };
+    let (m, reasons) = recommend(&f);
+    assert_eq!(m, "lora");
+    assert!(
+        reasons.iter().any(|r| r.contains("too close")),
+        "{reasons:?}"
+    );
+    // Medium data: LoRA.
+    assert_eq!(recommend(&facts(Some(500))).0, "lora");
+    // Several domains: LoRA, or a soft prompt when memory is tight.
+    let f = Facts {
+        domains: DomainCount::Several,
+        ..facts(Some(5_000))
+    };
+    assert_eq!(recommend(&f).0, "lora");
+    let f = Facts {
+        domains: DomainCount::Several,
+        available_mb: Some(3_200),
+        ..facts(Some(5_000))
+    };
+    assert_eq!(recommend(&f).0, "prompt");
+    // Only the soft prompt fits.
+    let f = Facts {
+        available_mb: Some(2_600),
+        ..facts(Some(500))
+    };
+    assert_eq!(recommend(&f).0, "prompt");
+    // Nothing trains: a template, and the reason says how much was needed.
+    let f = Facts {
+        available_mb: Some(1_000),
+        ..facts(Some(500))
+    };
+    let (m, reasons) = recommend(&f);
+    assert_eq!(m, "template");
+    assert!(reasons[0].contains("2500 MB"), "{reasons:?}");
+    // Unknown memory: everything is taken to fit.
+    let f = Facts {
+        available_mb: None,
+        ..facts(Some(5_000))
+    };
+    assert_eq!(recommend(&f).0, "full");
+}
+
+#[test]
+fn advisor_benchmark_scales_with_model_size_and_threads() {
+    let base = benchmark_throughput("lora", BENCH_PARAMS as u64, 2);
+    assert!((base - 184.0).abs() < 1e-9);
+    assert!((benchmark_throughput("full", BENCH_PARAMS as u64, 2) - 153.0).abs() < 1e-9);
+    assert!((benchmark_throughput("prompt", BENCH_PARAMS as u64, 4) - 402.0).abs() < 1e-9);
+    let big = benchmark_throughput("lora", 10 * BENCH_PARAMS as u64, 2);
+    assert!((big - 18.4).abs() < 1e-9);
+    assert!(benchmark_throughput("lora", 0, 0).is_finite());
+}
+
+#[test]
+fn advisor_reads_cpuinfo_and_the_machine() {
+    let text = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n\
+                flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw avx512_vnni\n";
+    let (cpu, simd) = parse_cpuinfo(text);
+    assert_eq!(cpu.as_deref(), Some("Intel(R) Xeon(R) Platinum 8488C"));
+    assert_eq!(
+        simd,
+        [
+            "sse4_2",
+            "avx",
+            "avx2",
+            "fma",
+            "avx512f",
+            "avx512bw",
+            "avx512_vnni"
+        ]
+    );
+    let m = machine_info();
+    assert!(m.threads >= 1);
+    assert!(m.memory_total_mb >= m.memory_available_mb);
+    assert!(m.gpu.is_none());
+    assert!(!m.os.is_empty() && !m.cpu.is_empty());
+    assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+    assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    assert_eq!(median(vec![f64::NAN]), None);
+    assert_eq!(preset_max_len(10, 8192), 64);
+    assert_eq!(preset_max_len(300, 8192), 320);
+    assert_eq!(preset_max_len(5000, 8192), 1024);
+    assert_eq!(preset_max_len(5000, 512), 512);
+}
+
+fn real_model() -> PathBuf {
+    let p = attune_models::default_model_path();
+    assert!(
+        p.is_file(),
+        "the default model is missing at {}: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+/// A library with the real model and a chat dataset of `n` rows (all train).
+fn library(dir: &Path, n: usize) -> (Engine, i64, i64) {
+    let e = Engine::open(&dir.join("data")).expect("open engine");
+    let model = e.add_local_model(&real_model()).expect("add model").model;
+    let text: String = (0..n)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("Question {i}: is the sky blue?")},
+                {"role": "assistant", "content": format!("Yes, answer {i}.")},
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let path = dir.join("qa.jsonl");
+    std::fs::write(&path, text).expect("write dataset");
+    let ds = e
+        .import_dataset(
+            &path,
+            &ImportOptions {
+                split: Split::AllTrain,
+                ..Default::default()
+            },
+        )
+        .expect("import");
+    (e, model.id, ds.id)
+}
+
+#[test]
+fn advisor_calibrates_throughput_from_a_completed_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (e, model, ds) = library(dir.path(), 60);
+    let goal = AdvisorGoal {
+        model_id: model,
+        dataset_id: Some(ds),
+        budget_minutes: Some(10.0),
+        ..Default::default()
+    };
+    let before = e.advise(&goal).expect("advise");
+    assert_eq!(before.estimates.len(), 4);
+    let lora = |a: &Advice| {
+        a.estimates
+            .iter()
+            .find(|x| x.method == "lora")
+            .cloned()
+            .expect("lora estimate")
+    };
+    let l = lora(&before);
+    assert_eq!(l.throughput_source, "benchmark");
+    assert!(l.tokens_per_epoch > 0 && l.seconds_per_epoch > 0.0, "{l:?}");
+    assert!(l.steps_in_budget.is_some_and(|s| s > 0), "{l:?}");
+    let spec = l.spec.clone().expect("preset");
+    assert_eq!(spec.batch_size, 4);
+    assert_eq!(spec.lr, Some(2e-4));
+    assert!(spec.max_len <= 1024 && spec.max_len >= 64);
+    assert!(matches!(spec.method, MethodSpec::Lora { r: 16, .. }));
+    let template = before
+        .estimates
+        .iter()
+        .find(|x| x.method == "template")
+        .expect("template estimate");
+    assert_eq!(template.throughput_source, "none");
+    assert!(template.spec.is_none());
+    // 60 rows, one domain: LoRA if it fits here.
+    if l.fits {
+        assert_eq!(before.recommended, "lora", "{:?}", before.reasons);
+    }
+
+    // A completed LoRA run with three measured steps.
+    let run = e
+        .create_run(&RunSpec {
+            name: Some("measured".into()),
+            model: model.to_string(),
+            dataset: ds.to_string(),
+            max_len: 64,
+            batch_size: 1,
+            steps: Some(3),
+            ..Default::default()
+        })
+        .expect("create run");
+    for (step, tps) in [(1, 100.0), (2, 300.0), (3, 250.0)] {
+        e.store
+            .record_metric(
+                run.id,
+                &MetricRow {
+                    step,
+                    kind: "train".into(),
+                    loss: 1.0,
+                    lr: Some(1e-4),
+                    grad_norm: Some(1.0),
+                    tokens_per_s: Some(tps),
+                    memory_mb: None,
+                    at: crate::clock::now_rfc3339(),
+                },
+            )
+            .expect("record metric");
+    }
+    // Not completed yet: not a measurement.
+    assert_eq!(e.measured_throughput(model, "lora").expect("measure"), None);
+    e.store
+        .finish_run(run.id, "completed", None, &crate::clock::now_rfc3339())
+        .expect("complete");
+    assert_eq!(
+        e.measured_throughput(model, "lora").expect("measure"),
+        Some(250.0)
+    );
+    let after = e.advise(&goal).expect("advise again");
+    let l = lora(&after);
+    assert_eq!(l.throughput_source, "measured");
+    assert_eq!(l.tokens_per_s, 250.0);
+    let full = after
+        .estimates
+        .iter()
+        .find(|x| x.method == "full")
+        .expect("full estimate");
+    assert_eq!(full.throughput_source, "benchmark");
+
+    // check_run uses the same figures.
+    let check = e
+        .check_run(&RunSpec {
+            model: model.to_string(),
+            dataset: ds.to_string(),
+            batch_size: 4,
+            max_len: 128,
+            ..Default::default()
+        })
+        .expect("check");
+    assert_eq!(check.total_steps, 15);
+    assert_eq!(check.tokens_per_s, 250.0);
+    assert!(check.estimated_seconds > 0.0);
+    assert_eq!(check.fits, check.suggestion.is_none());
+    // A bad spec is refused naming the field.
+    let err = e
+        .check_run(&RunSpec {
+            model: model.to_string(),
+            dataset: ds.to_string(),
+            batch_size: 0,
+            ..Default::default()
+        })
+        .expect_err("batch 0");
+    assert!(err.to_string().contains("batch_size"), "{err}");
+}
+
+#[test]
+fn advisor_without_a_dataset_or_with_few_rows_recommends_a_template() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (e, model, ds) = library(dir.path(), 12);
+    let a = e
+        .advise(&AdvisorGoal {
+            model_id: model,
+            ..Default::default()
+        })
+        .expect("advise");
+    assert_eq!(a.recommended, "template");
+    assert!(a.estimates.iter().all(|x| x.tokens_per_epoch == 0));
+    let a = e
+        .advise(&AdvisorGoal {
+            model_id: model,
+            dataset_id: Some(ds),
+            ..Default::default()
+        })
+        .expect("advise");
+    assert_eq!(a.recommended, "template");
+    assert!(
+        a.reasons[0].contains("12 training examples"),
+        "{:?}",
+        a.reasons
+    );
+    let err = e
+        .advise(&AdvisorGoal {
+            model_id: 999,
+            ..Default::default()
+        })
+        .expect_err("unknown model");
+    assert_eq!(err.code(), "not_found");
+}

@@ -1,0 +1,120 @@
+//! Arena commands: create blind A/B comparisons, generate and vote on prompts, read
+//! the results and export preference pairs.
+
+use super::{blocking, invalid};
+use crate::AppState;
+use attune_protocol::{
+    ArenaDetail, ArenaEvent, ArenaItem, ArenaSpec, ArenaSummary, IpcError, Vote,
+};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use tauri::ipc::Channel;
+use tauri::State;
+
+/// Creates an arena from `spec`.
+#[tauri::command]
+pub async fn create_arena(
+    state: State<'_, AppState>,
+    spec: ArenaSpec,
+) -> Result<ArenaSummary, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || engine.create_arena(&spec).map_err(|e| IpcError::from(&e))).await
+}
+
+/// Every arena, newest first.
+#[tauri::command]
+pub async fn list_arenas(state: State<'_, AppState>) -> Result<Vec<ArenaSummary>, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || engine.list_arenas().map_err(|e| IpcError::from(&e))).await
+}
+
+/// Prompt `index` with both answers, generating and storing them on first view; text
+/// streams on `on_event`. `cancel_chat` stops it (nothing is stored, error "cancelled").
+#[tauri::command]
+pub async fn arena_item(
+    state: State<'_, AppState>,
+    arena_id: i64,
+    index: u64,
+    on_event: Channel<ArenaEvent>,
+) -> Result<ArenaItem, IpcError> {
+    let engine = state.engine()?;
+    let cancel = state.cancel.clone();
+    cancel.store(false, Ordering::SeqCst);
+    blocking(move || {
+        let mut forward = |event: ArenaEvent| {
+            // The window is gone: stop generating for nobody.
+            if on_event.send(event).is_err() {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        };
+        engine
+            .arena_item(arena_id, index, &cancel, &mut forward)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// Records (or changes) the vote on prompt `index`; returns the new tally.
+#[tauri::command]
+pub async fn arena_vote(
+    state: State<'_, AppState>,
+    arena_id: i64,
+    index: u64,
+    vote: Vote,
+) -> Result<ArenaSummary, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || {
+        engine
+            .arena_vote(arena_id, index, vote)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// The arena with every prompt's outcome, sides revealed.
+#[tauri::command]
+pub async fn arena_detail(
+    state: State<'_, AppState>,
+    arena_id: i64,
+) -> Result<ArenaDetail, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || {
+        engine
+            .arena_detail(arena_id)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// Writes the decisive votes as preference pairs (JSONL) to `path`; returns how many.
+#[tauri::command]
+pub async fn export_preferences(
+    state: State<'_, AppState>,
+    arena_id: i64,
+    path: String,
+) -> Result<u64, IpcError> {
+    let engine = state.engine()?;
+    let path = path.trim();
+    if path.is_empty() {
+        return Err(invalid("path: choose where to save the preference pairs"));
+    }
+    let path = PathBuf::from(path);
+    blocking(move || {
+        engine
+            .export_preferences(arena_id, &path)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// Removes an arena with its answers and votes.
+#[tauri::command]
+pub async fn remove_arena(state: State<'_, AppState>, arena_id: i64) -> Result<(), IpcError> {
+    let engine = state.engine()?;
+    blocking(move || {
+        engine
+            .remove_arena(arena_id)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}

@@ -1,0 +1,86 @@
+//! Run commands: check, start and steer fine-tuning runs through the run manager
+//! ([`crate::runner`]); progress reaches the window as `run-event`s.
+
+use super::blocking;
+use crate::AppState;
+use attune_protocol::{IpcError, RunCheck, RunDetail, RunSpec, RunSummary};
+use tauri::State;
+
+/// Memory, steps, time and "will it fit" for `spec`, before it starts.
+#[tauri::command]
+pub async fn check_run(state: State<'_, AppState>, spec: RunSpec) -> Result<RunCheck, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || engine.check_run(&spec).map_err(|e| IpcError::from(&e))).await
+}
+
+/// Creates the run and starts it in the background (queued behind a run already
+/// training). Refused, with the figures and what to change, when it will not fit.
+#[tauri::command]
+pub async fn start_run(state: State<'_, AppState>, spec: RunSpec) -> Result<RunSummary, IpcError> {
+    let runner = state.runner()?;
+    let engine = state.engine()?;
+    blocking(move || match runner.start(&spec) {
+        Ok(run) => Ok(run),
+        Err(e) if e.code == "wont_fit" => {
+            // Say it in the app's words, with what to change.
+            match engine.check_run(&spec) {
+                Ok(check) => Err(IpcError {
+                    code: e.code,
+                    message: check.suggestion.unwrap_or(e.message),
+                }),
+                Err(_) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    })
+    .await
+}
+
+/// All runs, oldest first.
+#[tauri::command]
+pub async fn list_runs(state: State<'_, AppState>) -> Result<Vec<RunSummary>, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || engine.list_runs().map_err(|e| IpcError::from(&e))).await
+}
+
+/// A run with its settings, every metric and its adapter.
+#[tauri::command]
+pub async fn run_detail(state: State<'_, AppState>, id: i64) -> Result<RunDetail, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || {
+        engine
+            .run_detail(&id.to_string())
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// Checkpoints and stops an executing run after its current step, or takes a queued
+/// run out of the queue; it becomes paused.
+#[tauri::command]
+pub async fn pause_run(state: State<'_, AppState>, id: i64) -> Result<(), IpcError> {
+    let runner = state.runner()?;
+    blocking(move || runner.pause(id)).await
+}
+
+/// Continues a paused, failed or interrupted run from its last checkpoint (queued
+/// behind a run already training).
+#[tauri::command]
+pub async fn resume_run(state: State<'_, AppState>, id: i64) -> Result<RunSummary, IpcError> {
+    let runner = state.runner()?;
+    blocking(move || runner.resume(id)).await
+}
+
+/// Stops a run for good (executing or not); its checkpoints are removed.
+#[tauri::command]
+pub async fn cancel_run(state: State<'_, AppState>, id: i64) -> Result<(), IpcError> {
+    let runner = state.runner()?;
+    blocking(move || runner.cancel(id)).await
+}
+
+/// Removes a run that is not executing or queued, and its metrics (its adapter stays).
+#[tauri::command]
+pub async fn remove_run(state: State<'_, AppState>, id: i64) -> Result<(), IpcError> {
+    let runner = state.runner()?;
+    blocking(move || runner.remove(id)).await
+}
