@@ -748,6 +748,10 @@ pub struct PromptTemplate {
     pub system: Option<String>,
     /// user / assistant pairs, in order.
     pub examples: Vec<ChatMessage>,
+    /// Wraps each user message; contains `{{input}}` (None: the message alone).
+    pub user: Option<String>,
+    /// Values of the template's `{{variables}}`.
+    pub values: std::collections::BTreeMap<String, String>,
 }
 
 /// What is evaluated.
