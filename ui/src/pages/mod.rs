@@ -6,4 +6,5 @@ pub mod datasets;
 pub mod library;
 pub mod playground;
 pub mod runs;
+pub mod targets;
 pub mod templates;
