@@ -356,6 +356,52 @@ impl WebDriver {
         )
     }
 
+    /// Sets a form control's value as a user would (then `input` and `change` fire),
+    /// even when it sits in a closed `<details>`. Errors when nothing matches `css`.
+    pub fn set_value(&self, css: &str, value: &str) -> Result<()> {
+        let script = format!(
+            "const e = document.querySelector({css}); if (!e) return false; \
+             if (e.type === 'checkbox' || e.type === 'radio') {{ e.checked = {value} === 'true'; }} \
+             else {{ e.value = {value}; }} \
+             e.dispatchEvent(new Event('input', {{ bubbles: true }})); \
+             e.dispatchEvent(new Event('change', {{ bubbles: true }})); return true;",
+            css = Value::from(css),
+            value = Value::from(value),
+        );
+        match self.execute(&script)? {
+            Value::Bool(true) => Ok(()),
+            _ => Err(format!("no element matches `{css}`")),
+        }
+    }
+
+    /// Chooses the first option of the `<select>` at `css` whose text contains
+    /// `text` (case-insensitive); returns the option's text.
+    pub fn select_option(&self, css: &str, text: &str) -> Result<String> {
+        let script = format!(
+            "const e = document.querySelector({css}); if (!e) return null; \
+             const want = {text}.toLowerCase(); \
+             const o = Array.from(e.options).find(o => o.text.toLowerCase().includes(want)); \
+             if (!o) return 'NO OPTION: ' + Array.from(e.options).map(o => o.text).join(' | '); \
+             e.value = o.value; e.dispatchEvent(new Event('input', {{ bubbles: true }})); \
+             e.dispatchEvent(new Event('change', {{ bubbles: true }})); return 'OK:' + o.text;",
+            css = Value::from(css),
+            text = Value::from(text),
+        );
+        match self.execute(&script)? {
+            Value::String(s) if s.starts_with("OK:") => Ok(s[3..].to_string()),
+            Value::String(s) => Err(format!("`{css}` has no option with '{text}': {s}")),
+            _ => Err(format!("no element matches `{css}`")),
+        }
+    }
+
+    /// The text of the first element matching `css`, or None when there is none.
+    pub fn text_of(&self, css: &str) -> Result<Option<String>> {
+        match self.find_all(css)?.first() {
+            Some(e) => Ok(Some(self.text(e)?)),
+            None => Ok(None),
+        }
+    }
+
     /// A PNG of the window. WebKitWebDriver waits for the next repaint, so the
     /// page is kept repainting meanwhile; the call gives up after `timeout`.
     pub fn screenshot(&self, timeout: Duration) -> Result<Vec<u8>> {

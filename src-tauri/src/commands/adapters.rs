@@ -48,7 +48,7 @@ pub async fn export_adapter(
         let adapter = engine
             .find_adapter(&id.to_string())
             .map_err(|e| IpcError::from(&e))?;
-        let target = PathBuf::from(dir).join(&adapter.name);
+        let target = super::user_path(&dir).join(&adapter.name);
         engine
             .export_adapter(&id.to_string(), &target)
             .map(|p| p.display().to_string())
@@ -77,7 +77,7 @@ pub async fn import_adapter(
     blocking(move || {
         engine
             .import_adapter(
-                &PathBuf::from(path),
+                &super::user_path(&path),
                 &base_model_id.to_string(),
                 name.as_deref(),
             )

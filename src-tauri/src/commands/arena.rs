@@ -98,7 +98,7 @@ pub async fn export_preferences(
     if path.is_empty() {
         return Err(invalid("path: choose where to save the preference pairs"));
     }
-    let path = PathBuf::from(path);
+    let path = super::user_path(&path);
     blocking(move || {
         engine
             .export_preferences(arena_id, &path)

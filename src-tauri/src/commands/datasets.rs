@@ -19,7 +19,7 @@ fn file_path(path: &str) -> Result<PathBuf, IpcError> {
     if path.is_empty() {
         return Err(invalid("path: give the path of a dataset file"));
     }
-    Ok(PathBuf::from(path))
+    Ok(super::user_path(path))
 }
 
 /// What importing `path` with `options` would give; writes nothing.

@@ -32,3 +32,33 @@ pub(crate) fn invalid(message: impl Into<String>) -> IpcError {
         message: message.into(),
     }
 }
+
+/// A path typed or picked by the user: trimmed, and a leading `~` is the home folder
+/// (people type `~/Downloads/model.gguf`; the shell that would expand it is not there).
+pub(crate) fn user_path(text: &str) -> std::path::PathBuf {
+    let text = text.trim();
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
+    match (text.strip_prefix('~'), home) {
+        (Some(rest), Some(home)) if rest.is_empty() || rest.starts_with('/') => {
+            std::path::PathBuf::from(home).join(rest.trim_start_matches('/'))
+        }
+        _ => std::path::PathBuf::from(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_path;
+
+    #[test]
+    fn a_leading_tilde_is_the_home_folder() {
+        let home = std::env::var("HOME").unwrap_or_default();
+        if home.is_empty() {
+            return;
+        }
+        assert_eq!(user_path(" ~/a/b.jsonl "), std::path::Path::new(&home).join("a/b.jsonl"));
+        assert_eq!(user_path("~"), std::path::PathBuf::from(&home));
+        assert_eq!(user_path("~user/x"), std::path::PathBuf::from("~user/x"));
+        assert_eq!(user_path("/tmp/x"), std::path::PathBuf::from("/tmp/x"));
+    }
+}

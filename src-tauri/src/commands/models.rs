@@ -29,7 +29,7 @@ pub async fn add_model(
             "path: give the path of a .gguf file or model folder",
         ));
     }
-    let path = PathBuf::from(path.trim());
+    let path = super::user_path(&path);
     blocking(move || {
         engine
             .add_local_model(&path)
@@ -119,7 +119,7 @@ pub async fn classify_path(path: String) -> Result<DroppedFile, IpcError> {
     if path.is_empty() {
         return Err(invalid("path: it is empty"));
     }
-    blocking(move || Ok(attune_engine::classify_path(&PathBuf::from(path)))).await
+    blocking(move || Ok(attune_engine::classify_path(&super::user_path(&path)))).await
 }
 
 /// Opens the system's file (or, with `folder`, folder) chooser titled `title`,
