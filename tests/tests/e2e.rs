@@ -127,11 +127,22 @@ fn with_app(data_dir: &Path, logs: &Path, steps: impl FnOnce(&WebDriver) -> Resu
 }
 
 #[test]
-fn the_app_lists_the_default_model_and_streams_a_chat_answer() {
+fn a_domain_expert_goes_from_data_to_an_adapter_they_can_show() {
     let data = tempfile::tempdir().unwrap_or_else(|e| fail(format!("temp dir: {e}")));
     let data_dir = data.path().join("data");
     register_default_model(&data_dir).unwrap_or_else(|e| fail(e));
-    with_app(&data_dir, data.path(), steps);
+    let sample = workspace_root().join("tests/data/pubmedqa-sample.jsonl");
+    let dataset = data.path().join("pubmedqa-sample.jsonl");
+    std::fs::copy(&sample, &dataset)
+        .unwrap_or_else(|e| fail(format!("copy {}: {e}", sample.display())));
+    with_app(&data_dir, data.path(), |driver| {
+        library(driver)?;
+        import_dataset(driver, &dataset)?;
+        train_lora(driver)?;
+        playground(driver)?;
+        arena(driver)?;
+        Ok(())
+    });
 }
 
 #[test]
@@ -173,127 +184,305 @@ fn save_screenshot(driver: &WebDriver, name: &str) {
     }
 }
 
-/// The steps inside the window: models page, a streamed answer, Stop.
-fn steps(driver: &WebDriver) -> Result<(), String> {
-    // The models page lists the registered default model.
-    let nav_models = wait_for("the navigation", Duration::from_secs(60), || {
-        Ok(driver.find_all("#nav-models")?.into_iter().next())
-    })?;
-    driver.click(&nav_models)?;
-    let names = wait_for(
-        "the model list to show SmolLM2",
+/// Fails with the window's error when the engine banner or an error note inside
+/// `scope` is showing.
+fn shown_error(driver: &WebDriver, scope: &str) -> Result<(), String> {
+    if let Some(text) = driver.text_of("#engine-error")? {
+        return Err(format!("the app shows an engine error: {text}"));
+    }
+    if let Some(text) = driver.text_of(&format!("{scope} [data-testid=error]"))? {
+        return Err(format!("{scope} shows an error: {text}"));
+    }
+    Ok(())
+}
+
+/// Waits until the element at `css` is present and enabled, then clicks it.
+fn click(driver: &WebDriver, css: &str) -> Result<(), String> {
+    let element = wait_for(
+        &format!("`{css}` to be clickable"),
         Duration::from_secs(60),
-        || {
-            if let Some(err) = driver.find_all("#engine-error")?.first() {
-                return Err(format!(
-                    "the app shows an engine error: {}",
-                    driver.text(err)?
-                ));
-            }
-            let names = driver.texts("[data-testid=model-name]")?;
-            Ok(names
-                .iter()
-                .any(|n| n.to_lowercase().contains("smollm2"))
-                .then_some(names))
+        || match driver.find_all(css)?.into_iter().next() {
+            Some(e) if driver.enabled(&e)? => Ok(Some(e)),
+            _ => Ok(None),
         },
     )?;
-    assert_eq!(
-        names.len(),
-        1,
-        "one model registered, the table shows {names:?}"
-    );
-    let row = driver.texts("[data-testid=model-row]")?.join(" ");
-    for expected in ["Q4_1", "llama"] {
-        if !row.to_lowercase().contains(&expected.to_lowercase()) {
-            return Err(format!("the model row lacks {expected}: {row}"));
-        }
-    }
+    driver.click(&element)
+}
 
-    save_screenshot(driver, "e2e-models.png");
+/// Waits until `css` shows text that `accept` takes, failing early on an error in `scope`.
+fn wait_text(
+    driver: &WebDriver,
+    what: &str,
+    scope: &str,
+    css: &str,
+    timeout: Duration,
+    accept: impl Fn(&str) -> bool,
+) -> Result<String, String> {
+    wait_for(what, timeout, || {
+        shown_error(driver, scope)?;
+        Ok(driver.text_of(css)?.filter(|t| accept(t)))
+    })
+}
 
-    // The chat pane streams an answer.
-    driver.click(&driver.find("#nav-chat")?)?;
-    let send = wait_for(
-        "the Send button to be enabled",
-        Duration::from_secs(30),
-        || {
-            let send = driver.find("#chat-send")?;
-            Ok(driver.enabled(&send)?.then_some(send))
-        },
+/// Library: the default model registered by the CLI is listed with its figures.
+fn library(driver: &WebDriver) -> Result<(), String> {
+    click(driver, "#nav-library")?;
+    wait_text(
+        driver,
+        "the library to list SmolLM2",
+        "#library-page",
+        "#library-table",
+        Duration::from_secs(60),
+        |t| t.to_lowercase().contains("smollm2"),
     )?;
-    let input = driver.find("#chat-input")?;
-    driver.type_text(
-        &input,
-        "What is the capital of France? Answer in one sentence.",
-    )?;
-    driver.click(&send)?;
-
-    let first = wait_for("streamed answer text", Duration::from_secs(120), || {
-        if let Some(err) = driver.find_all("#chat-error")?.first() {
-            return Err(format!("the chat shows an error: {}", driver.text(err)?));
-        }
-        let answers = driver.find_all("[data-testid=assistant-message] .bubble")?;
-        let Some(last) = answers.last() else {
-            return Ok(None);
-        };
-        let pending = !driver
-            .find_all("[data-testid=assistant-message].pending")?
-            .is_empty();
-        let text = driver.text(last)?;
-        Ok((!pending && !text.trim().is_empty()).then_some(text))
-    })?;
-    let stats = wait_for("the answer to finish", Duration::from_secs(180), || {
-        if let Some(err) = driver.find_all("#chat-error")?.first() {
-            return Err(format!("the chat shows an error: {}", driver.text(err)?));
-        }
-        match driver.find_all("#chat-stats")?.first() {
-            Some(s) => Ok(Some(driver.text(s)?)),
-            None => Ok(None),
-        }
-    })?;
-    if !stats.contains("tok/s") {
-        return Err(format!("timings line looks wrong: {stats}"));
-    }
-    let answer = driver.text(&driver.find("[data-testid=assistant-message] .bubble")?)?;
-    if answer.trim().len() < first.trim().len() {
+    let rows = driver.find_all("#library-table [data-testid=library-row]")?;
+    if rows.len() != 1 {
         return Err(format!(
-            "final answer {answer:?} is shorter than the streamed {first:?}"
+            "one model registered, the table shows {} rows",
+            rows.len()
         ));
     }
-    println!("answer: {answer}\nstats: {stats}");
+    let row = driver.text(&rows[0])?;
+    if !row.contains("Q4_1") {
+        return Err(format!("the model row lacks its quantization: {row}"));
+    }
+    save_screenshot(driver, "e2e-1-library.png");
+    Ok(())
+}
 
-    save_screenshot(driver, "e2e-chat.png");
-
-    // Stop cancels a long answer while it streams.
-    let input = driver.find("#chat-input")?;
-    // Sent with the Enter key (WebDriver's code for it is U+E007).
-    driver.type_text(&input, "Count from 1 to 300, separated by commas.\u{E007}")?;
-    wait_for(
-        "the second answer to stream",
+/// Import wizard: the PubMedQA sample is detected, previewed through the chat
+/// template, imported, and its token statistics shown.
+fn import_dataset(driver: &WebDriver, path: &Path) -> Result<(), String> {
+    click(driver, "#nav-datasets")?;
+    let input = driver.find("#dataset-path")?;
+    driver.type_text(&input, &path.to_string_lossy())?;
+    click(driver, "#dataset-inspect")?;
+    wait_text(
+        driver,
+        "the detected format",
+        "#datasets-page",
+        "#detected-format",
         Duration::from_secs(60),
-        || {
-            let answers = driver.find_all("[data-testid=assistant-message] .bubble")?;
-            let pending = !driver
-                .find_all("[data-testid=assistant-message].pending")?
-                .is_empty();
-            match answers.get(1) {
-                Some(a) if !pending => Ok((!driver.text(a)?.trim().is_empty()).then_some(())),
-                _ => Ok(None),
-            }
-        },
+        |t| t.to_lowercase().contains("chat"),
     )?;
-    driver.click(&driver.find("#chat-stop")?)?;
-    let stats = wait_for(
-        "the cancelled answer to end",
-        Duration::from_secs(30),
-        || match driver.find_all("#chat-stats")?.first() {
-            Some(s) => Ok(Some(driver.text(s)?)),
+    wait_text(
+        driver,
+        "a row rendered through the chat template",
+        "#datasets-page",
+        "#rendered-preview",
+        Duration::from_secs(60),
+        |t| t.contains("<|im_start|>user") && t.contains("Final answer"),
+    )?;
+    driver.set_value("#dataset-name", "pubmedqa-sample")?;
+    click(driver, "#dataset-import")?;
+    let stats = wait_text(
+        driver,
+        "the token statistics",
+        "#datasets-page",
+        "#dataset-stats",
+        Duration::from_secs(120),
+        |t| t.to_lowercase().contains("train"),
+    )?;
+    println!("dataset statistics: {stats}");
+    save_screenshot(driver, "e2e-2-dataset.png");
+    click(driver, "#adapt-with-dataset")
+}
+
+/// Adaptation wizard and monitor: the advisor's table, a short LoRA run started
+/// from it, its loss chart filling in, and the run completing with an adapter.
+fn train_lora(driver: &WebDriver) -> Result<(), String> {
+    click(driver, "#adapt-advise")?;
+    wait_for("the advisor's estimates", Duration::from_secs(120), || {
+        shown_error(driver, "#adapt-page")?;
+        Ok((driver.find_all("[data-testid=estimate-row]")?.len() >= 4).then_some(()))
+    })?;
+    let recommended = driver.text(&driver.find("#recommended-method")?)?;
+    println!("advisor: {recommended}");
+    click(driver, "#method-lora")?;
+    click(driver, "#preset-quick")?;
+    // A few short steps: the test shows the loop, not the quality.
+    for (field, value) in [
+        ("#run-name", "pubmed-lora"),
+        ("#run-steps", "3"),
+        ("#run-batch", "1"),
+        ("#run-max-len", "96"),
+        ("#run-loss-on", "all"),
+        ("#run-eval-every", "1"),
+        ("#run-eval-limit", "2"),
+        ("#run-forgetting", "0"),
+    ] {
+        driver.set_value(field, value)?;
+    }
+    wait_for("the will-it-fit verdict", Duration::from_secs(60), || {
+        shown_error(driver, "#adapt-page")?;
+        match driver.find_all("#fit-verdict[data-fits]")?.first() {
+            Some(_) => Ok(Some(())),
             None => Ok(None),
+        }
+    })?;
+    if driver.find_all("#fit-verdict[data-fits=true]")?.is_empty() {
+        return Err(format!(
+            "the run should fit: {}",
+            driver.text_of("#fit-verdict")?.unwrap_or_default()
+        ));
+    }
+    save_screenshot(driver, "e2e-3-advisor.png");
+    click(driver, "#start-run")?;
+
+    // The monitor follows the run; the loss chart draws once steps arrive.
+    let mut saw_live_chart = false;
+    let status = wait_for("the run to complete", Duration::from_secs(900), || {
+        if let Some(err) = driver.text_of("#run-error")? {
+            return Err(format!("the run failed: {err}"));
+        }
+        shown_error(driver, "#runs-page")?;
+        let status = driver.text_of("#run-status")?.unwrap_or_default();
+        if status == "training" && !driver.find_all("#chart-loss canvas")?.is_empty() {
+            saw_live_chart = true;
+        }
+        Ok(
+            (status == "completed" || status == "failed" || status == "cancelled")
+                .then_some(status),
+        )
+    })?;
+    if status != "completed" {
+        return Err(format!("the run ended {status}"));
+    }
+    if driver.find_all("#chart-loss canvas")?.is_empty() {
+        return Err("the loss chart was not drawn".into());
+    }
+    let loss = driver.text_of("#tile-loss")?.unwrap_or_default();
+    if loss.parse::<f64>().map_or(true, |l| !l.is_finite()) {
+        return Err(format!("the loss tile shows {loss:?}"));
+    }
+    println!("run completed, last loss {loss}, chart seen while training: {saw_live_chart}");
+    save_screenshot(driver, "e2e-4-run.png");
+    Ok(())
+}
+
+/// Playground: the base model and the new adapter answer the same message side by
+/// side; Stop ends a long answer.
+fn playground(driver: &WebDriver) -> Result<(), String> {
+    click(driver, "#nav-playground")?;
+    click(driver, "#add-pane")?;
+    wait_for("a second pane", Duration::from_secs(30), || {
+        Ok((!driver.find_all("#pane-target-1")?.is_empty()).then_some(()))
+    })?;
+    driver.select_option("#pane-target-0", "(base)")?;
+    let adapter = wait_for(
+        "the adapter among the targets",
+        Duration::from_secs(30),
+        || Ok(driver.select_option("#pane-target-1", "pubmed-lora").ok()),
+    )?;
+    println!("pane 1: {adapter}");
+    let input = driver.find("#composer-input")?;
+    driver.type_text(
+        &input,
+        "Is aspirin used to prevent heart attacks? Answer in one sentence.",
+    )?;
+    click(driver, "#send-button")?;
+    for pane in ["#pane-0", "#pane-1"] {
+        let stats = wait_text(
+            driver,
+            &format!("{pane} to answer"),
+            pane,
+            &format!("{pane} [data-testid=stats]"),
+            Duration::from_secs(300),
+            |t| t.contains("tok/s"),
+        )?;
+        let answer = driver
+            .texts(&format!("{pane} [data-testid=answer]"))?
+            .join(" ");
+        if answer.trim().is_empty() {
+            return Err(format!("{pane} answered nothing ({stats})"));
+        }
+        println!("{pane}: {answer}\n  {stats}");
+    }
+    save_screenshot(driver, "e2e-5-playground.png");
+
+    // Stop while the first pane streams a long answer.
+    let input = driver.find("#composer-input")?;
+    driver.type_text(&input, "Count from 1 to 300, separated by commas.")?;
+    click(driver, "#send-button")?;
+    wait_for(
+        "the long answer to stream",
+        Duration::from_secs(120),
+        || {
+            shown_error(driver, "#pane-0")?;
+            let answers = driver.texts("#pane-0 [data-testid=answer]")?;
+            Ok((answers.len() >= 2 && answers[1].trim().len() > 10).then_some(()))
         },
     )?;
+    click(driver, "#stop-button")?;
+    let stats = wait_for("the stopped answer to end", Duration::from_secs(60), || {
+        let all = driver.texts("#pane-0 [data-testid=stats]")?;
+        Ok((all.len() >= 2).then(|| all[1].clone()))
+    })?;
     if !stats.ends_with("stopped") {
         return Err(format!("Stop did not cancel the answer: {stats}"));
     }
-    println!("cancelled: {stats}");
+    Ok(())
+}
+
+/// Arena: base against adapter on two typed prompts, sides hidden; two votes and
+/// the win rate with its interval.
+fn arena(driver: &WebDriver) -> Result<(), String> {
+    click(driver, "#nav-arena")?;
+    driver.select_option("#arena-a", "(base)")?;
+    driver.select_option("#arena-b", "pubmed-lora")?;
+    driver.set_value(
+        "#arena-prompts",
+        "Is smoking a risk factor for lung cancer?\nDoes regular exercise help with depression?",
+    )?;
+    driver.set_value("#arena-max-tokens", "40")?;
+    click(driver, "#arena-create")?;
+    for (n, vote) in [(1, "#vote-left"), (2, "#vote-tie")] {
+        wait_for(
+            &format!("both answers to prompt {n}"),
+            Duration::from_secs(300),
+            || {
+                shown_error(driver, "#arena-page")?;
+                let progress = driver.text_of("#arena-progress")?.unwrap_or_default();
+                let left = driver.text_of("#arena-left")?.unwrap_or_default();
+                let right = driver.text_of("#arena-right")?.unwrap_or_default();
+                let ready = progress.contains(&format!("Prompt {n} of 2"))
+                    && !left.trim().is_empty()
+                    && !right.trim().is_empty()
+                    && driver
+                        .find_all(vote)?
+                        .first()
+                        .map(|b| driver.enabled(b))
+                        .transpose()?
+                        .unwrap_or(false);
+                Ok(ready.then_some(()))
+            },
+        )?;
+        let shown = format!(
+            "{} {}",
+            driver.text_of("#arena-left")?.unwrap_or_default(),
+            driver.text_of("#arena-right")?.unwrap_or_default()
+        );
+        if shown.contains("pubmed-lora") {
+            return Err("the voting view names a candidate".into());
+        }
+        click(driver, vote)?;
+    }
+    let rate = wait_text(
+        driver,
+        "the win rate",
+        "#arena-page",
+        "#arena-win-rate",
+        Duration::from_secs(60),
+        |t| t.contains('%'),
+    )?;
+    // One win for the side shown on the left and a tie: A's rate is 75% or 25%.
+    if !(rate.contains("75") || rate.contains("25")) {
+        return Err(format!(
+            "one decisive vote and a tie should give 25% or 75%, got {rate}"
+        ));
+    }
+    let ci = driver.text_of("#arena-ci")?.unwrap_or_default();
+    println!("arena: A wins {rate}, 95% interval {ci}");
+    save_screenshot(driver, "e2e-6-arena.png");
     Ok(())
 }

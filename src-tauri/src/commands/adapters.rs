@@ -6,7 +6,6 @@ use crate::AppState;
 use attune_protocol::{
     AdapterSummary, EvalOptions, EvalProgress, EvalReport, EvalSubject, IpcError, ModelSummary,
 };
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use tauri::ipc::Channel;
 use tauri::State;

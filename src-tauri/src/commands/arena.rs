@@ -6,7 +6,6 @@ use crate::AppState;
 use attune_protocol::{
     ArenaDetail, ArenaEvent, ArenaItem, ArenaSpec, ArenaSummary, IpcError, Vote,
 };
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use tauri::ipc::Channel;
 use tauri::State;

@@ -56,7 +56,10 @@ mod tests {
         if home.is_empty() {
             return;
         }
-        assert_eq!(user_path(" ~/a/b.jsonl "), std::path::Path::new(&home).join("a/b.jsonl"));
+        assert_eq!(
+            user_path(" ~/a/b.jsonl "),
+            std::path::Path::new(&home).join("a/b.jsonl")
+        );
         assert_eq!(user_path("~"), std::path::PathBuf::from(&home));
         assert_eq!(user_path("~user/x"), std::path::PathBuf::from("~user/x"));
         assert_eq!(user_path("/tmp/x"), std::path::PathBuf::from("/tmp/x"));

@@ -4,7 +4,6 @@
 use super::{blocking, invalid};
 use crate::AppState;
 use attune_protocol::{AddModelReply, DroppedFile, IpcError, ModelSummary, PullUpdate};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use tauri::ipc::Channel;
 use tauri::{AppHandle, State};

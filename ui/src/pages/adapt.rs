@@ -212,6 +212,10 @@ pub fn AdaptWizard() -> impl IntoView {
         field_error.set(None);
     });
 
+    // The settings panel is built once per preset, not on every edit (an edit must
+    // not close the advanced panel or lose focus).
+    let has_spec = Memo::new(move |_| spec.with(Option::is_some));
+
     // "Will it fit": re-checked 400 ms after the settings stop changing.
     Effect::new(move |_| {
         let Some(s) = spec.get() else {
@@ -393,7 +397,7 @@ pub fn AdaptWizard() -> impl IntoView {
                 })
             }}
 
-            {move || spec.get().is_some().then(|| view! {
+            {move || has_spec.get().then(|| view! {
                 <Settings spec=spec level=level field_error=field_error />
                 <div class="card verdict-card">
                     {move || match check.get() {
@@ -461,7 +465,8 @@ fn Settings(
         }
     };
 
-    let method_name = move || spec.with(|s| s.as_ref().map(|s| s.method.name()).unwrap_or(""));
+    let method_name =
+        Memo::new(move |_| spec.with(|s| s.as_ref().map(|s| s.method.name()).unwrap_or("")));
 
     view! {
         <div class="card settings" id="adapt-settings">
@@ -495,7 +500,7 @@ fn Settings(
                     |s| s.max_len.to_string(),
                     |s, t| { let v: usize = parse_num("Max length", t)?; if v < 16 { return Err("Max length must be at least 16".into()) } s.max_len = v; Ok(()) })}
             </div>
-            {move || match method_name() {
+            {move || match method_name.get() {
                 "lora" => view! { <LoraFields spec=spec field_error=field_error /> }.into_any(),
                 "prompt" => view! { <PromptFields spec=spec field_error=field_error /> }.into_any(),
                 _ => view! { <p class="muted">"Full fine-tuning trains every weight; no method settings."</p> }.into_any(),

@@ -622,7 +622,7 @@ pub fn DatasetWizard() -> impl IntoView {
                             {move || inspect_error.get().map(|e| error_note(&e))}
                             <div class="row">
                                 <span class="field-label">"Render with"</span>
-                                <ModelSelect selected=model id="preview-model" />
+                                <ModelSelect selected=model id="dataset-preview-model" />
                             </div>
                             <div class="preview-rows" id="preview-rows" data-testid="preview-rows">
                                 {move || preview.get().map(|p| p.rows.into_iter().enumerate().map(|(i, r)| view! {

@@ -643,7 +643,7 @@ pub fn TemplatesPage() -> impl IntoView {
                             <button id="save-template" disabled=move || saving.get() on:click=save>"Save"</button>
                             <span class="muted" id="template-saved" data-testid="template-saved">{move || saved.get().unwrap_or_default()}</span>
                             <span class="spacer"></span>
-                            {move || id.get().map(|_| view! { <ConfirmButton label="Delete template" id="delete-template" on_confirm=Callback::new(move |_| delete()) /> })}
+                            {move || id.get().map(|_| view! { <ConfirmButton label="Delete template" id="template-delete" on_confirm=Callback::new(move |_| delete()) /> })}
                         </div>
                         <ErrorSlot error=save_error />
                     </div>
