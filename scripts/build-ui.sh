@@ -27,7 +27,7 @@ fi
 
 # Up to date when every UI and protocol source is older than the built index.
 if [ "$force" = 0 ] && [ -f "$dist/index.html" ] && [ -f "$dist/attune_ui_bg.wasm" ]; then
-  newer=$(find ui/src ui/Cargo.toml ui/index.html ui/main.js ui/style.css ui/css ui/vendor icons/icon.png crates/protocol Cargo.lock \
+  newer=$(find ui/src ui/Cargo.toml ui/index.html ui/main.js ui/locale-shim.js ui/style.css ui/css ui/vendor icons/icon.png crates/protocol Cargo.lock \
     -newer "$dist/index.html" -print -quit)
   if [ -z "$newer" ]; then
     echo "build-ui: ui/dist is up to date"
@@ -40,7 +40,7 @@ tmp="$root/ui/dist.partial"
 rm -rf "$tmp"
 mkdir -p "$tmp"
 wasm-bindgen --target web --no-typescript --out-dir "$tmp" "$wasm"
-cp ui/index.html ui/main.js ui/style.css icons/icon.png "$tmp/"
+cp ui/index.html ui/main.js ui/locale-shim.js ui/style.css icons/icon.png "$tmp/"
 cp -r ui/vendor "$tmp/vendor"
 mkdir -p "$tmp/css"
 # One stylesheet per screen in ui/css, served as one file.

@@ -336,7 +336,10 @@ fn train_lora(driver: &WebDriver) -> Result<(), String> {
             return Err(format!("the run failed: {err}"));
         }
         shown_error(driver, "#runs-page")?;
-        let status = driver.text_of("#run-status")?.unwrap_or_default();
+        let status = driver
+            .text_of("#run-status")?
+            .unwrap_or_default()
+            .to_lowercase();
         if status == "training" && !driver.find_all("#chart-loss canvas")?.is_empty() {
             saw_live_chart = true;
         }
@@ -349,7 +352,11 @@ fn train_lora(driver: &WebDriver) -> Result<(), String> {
         return Err(format!("the run ended {status}"));
     }
     if driver.find_all("#chart-loss canvas")?.is_empty() {
-        return Err("the loss chart was not drawn".into());
+        let why = driver.execute(
+            "const c = document.querySelector('#chart-loss'); \
+             return 'uPlot: ' + typeof uPlot + '; chart: ' + (c ? c.outerHTML.slice(0, 600) : 'missing');",
+        )?;
+        return Err(format!("the loss chart was not drawn ({why})"));
     }
     let loss = driver.text_of("#tile-loss")?.unwrap_or_default();
     if loss.parse::<f64>().map_or(true, |l| !l.is_finite()) {
@@ -414,12 +421,22 @@ fn playground(driver: &WebDriver) -> Result<(), String> {
         },
     )?;
     click(driver, "#stop-button")?;
-    let stats = wait_for("the stopped answer to end", Duration::from_secs(60), || {
-        let all = driver.texts("#pane-0 [data-testid=stats]")?;
-        Ok((all.len() >= 2).then(|| all[1].clone()))
-    })?;
-    if !stats.ends_with("stopped") {
-        return Err(format!("Stop did not cancel the answer: {stats}"));
+    // The pane's figures line now describes the stopped answer, and the second pane,
+    // whose turn had not come, was skipped.
+    let stats = wait_text(
+        driver,
+        "the stopped answer to end",
+        "#pane-0",
+        "#pane-0 [data-testid=stats]",
+        Duration::from_secs(60),
+        |t| t.ends_with("stopped"),
+    )?;
+    println!("stopped: {stats}");
+    let skipped = driver.text_of("#pane-1 .pane-status")?.unwrap_or_default();
+    if !skipped.contains("Skipped") {
+        return Err(format!(
+            "the second pane should be skipped after Stop, it shows {skipped:?}"
+        ));
     }
     Ok(())
 }

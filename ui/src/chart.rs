@@ -138,7 +138,40 @@ fn options(title: &str, x_label: &str, width: f64, height: f64, data: &ChartData
             }
         }
     }
+    // Tick labels formatted here (uPlot's default rounds 2e-4 to "0"); CSP forbids
+    // building the function in JS, so it is a wasm closure.
+    if let Ok(axes) = js_sys::Reflect::get(&value, &JsValue::from_str("axes")) {
+        let axes: js_sys::Array = axes.unchecked_into();
+        let format = wasm_bindgen::closure::Closure::<
+            dyn Fn(JsValue, js_sys::Array) -> js_sys::Array,
+        >::new(|_plot: JsValue, splits: js_sys::Array| {
+            splits
+                .iter()
+                .map(|v| JsValue::from_str(&tick_label(v.as_f64().unwrap_or(f64::NAN))))
+                .collect::<js_sys::Array>()
+        })
+        .into_js_value();
+        let _ = js_sys::Reflect::set(&axes.get(1), &JsValue::from_str("values"), &format);
+    }
     value
+}
+
+/// A y-axis tick: plain for ordinary magnitudes, scientific for tiny or huge ones.
+pub fn tick_label(v: f64) -> String {
+    if !v.is_finite() {
+        return String::new();
+    }
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if !(1e-2..1e5).contains(&a) {
+        format!("{v:.1e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
 }
 
 fn js_data(data: &ChartData) -> JsValue {
@@ -320,6 +353,15 @@ mod tests {
         assert_eq!(d.series[1].values, vec![Some(3.2), None, None, Some(2.1)]);
         assert!(d.has_values());
         assert!(!ChartData::default().has_values());
+    }
+
+    #[test]
+    fn tick_labels_keep_small_rates_readable() {
+        assert_eq!(tick_label(2e-4), "2.0e-4");
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(2.25), "2.25");
+        assert_eq!(tick_label(4.0), "4");
+        assert_eq!(tick_label(184.4), "184");
     }
 
     #[test]

@@ -253,6 +253,7 @@ pub fn RunsPage() -> impl IntoView {
         });
     };
 
+    let has_detail = Memo::new(move |_| detail.with(Option::is_some));
     // Chart data of the selected run.
     let metrics = Memo::new(move |_| {
         detail
@@ -427,16 +428,6 @@ pub fn RunsPage() -> impl IntoView {
                     })}
                 </div>
                 {move || action_error.get().map(|e| error_note(&e))}
-                <div class="charts">
-                    <LineChart title="Loss" data=loss_data id="chart-loss".to_string() />
-                    <LineChart title="Learning rate" data=lr_data id="chart-lr".to_string() />
-                    <LineChart title="Gradient norm" data=gn_data id="chart-grad".to_string() />
-                    <LineChart title="Tokens per second" data=tps_data id="chart-tps".to_string() />
-                </div>
-                <details class="card run-settings">
-                    <summary>"Settings of this run"</summary>
-                    <pre>{serde_json::to_string_pretty(&d.spec).unwrap_or_default()}</pre>
-                </details>
             </div>
         }
         .into_any()
@@ -459,6 +450,19 @@ pub fn RunsPage() -> impl IntoView {
                 </aside>
                 <div class="runs-main">
                     {detail_view}
+                    // Built once per shown run (not per step): the charts follow their data.
+                    {move || has_detail.get().then(|| view! {
+                        <div class="charts">
+                            <LineChart title="Loss" data=loss_data id="chart-loss".to_string() />
+                            <LineChart title="Learning rate" data=lr_data id="chart-lr".to_string() />
+                            <LineChart title="Gradient norm" data=gn_data id="chart-grad".to_string() />
+                            <LineChart title="Tokens per second" data=tps_data id="chart-tps".to_string() />
+                        </div>
+                        <details class="card run-settings">
+                            <summary>"Settings of this run"</summary>
+                            <pre>{move || detail.with(|d| d.as_ref().map(|d| serde_json::to_string_pretty(&d.spec).unwrap_or_default()))}</pre>
+                        </details>
+                    })}
                     <Compare runs=runs />
                 </div>
             </div>
