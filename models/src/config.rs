@@ -92,7 +92,7 @@ impl Config {
                 return Err(Error::field(path, name, "must be greater than 0"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(Error::field(
                 path,
                 "num_key_value_heads",
@@ -103,7 +103,7 @@ impl Config {
             ));
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             return Err(Error::field(
                 path,
                 "head_dim",

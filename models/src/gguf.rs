@@ -408,7 +408,7 @@ pub fn permute_rows(q: &QTensor, n_head: usize) -> Result<QTensor> {
 
 fn permute_rows_impl(q: &QTensor, n_head: usize, to_hf: bool) -> Result<QTensor> {
     let (out, inp) = q.shape().dims2()?;
-    if n_head == 0 || out % n_head != 0 || (out / n_head) % 2 != 0 {
+    if n_head == 0 || !out.is_multiple_of(n_head) || !(out / n_head).is_multiple_of(2) {
         return Err(Error::InvalidParams(format!(
             "cannot split {out} rows into {n_head} heads of even size"
         )));

@@ -8,6 +8,7 @@ use attune_protocol::{
     IpcError, SamplingParams,
 };
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 use tauri::ipc::Channel;
 use tauri::State;
 
@@ -26,17 +27,69 @@ pub async fn chat_target(
     cancel.store(false, Ordering::SeqCst);
     let params = params.unwrap_or_default();
     blocking(move || {
-        let mut forward = |event: ChatEvent| {
+        let mut send = |event: ChatEvent| {
             // The window is gone: stop generating for nobody.
             if on_event.send(event).is_err() {
                 cancel.store(true, Ordering::SeqCst);
             }
         };
-        engine
-            .chat_target(&target, &messages, &params, &cancel, &mut forward)
-            .map_err(|e| IpcError::from(&e))
+        let mut batch = TokenBatch::new(TOKEN_BATCH);
+        let result = engine.chat_target(&target, &messages, &params, &cancel, &mut |event| {
+            batch.push(event, &mut send)
+        });
+        batch.flush(&mut send);
+        result.map_err(|e| IpcError::from(&e))
     })
     .await
+}
+
+/// How long tokens are gathered before they go to the window: one message per token
+/// (80-100 a second) makes the webview re-lay out the answer that often, which on a
+/// software-rendered display costs more CPU than the model itself.
+const TOKEN_BATCH: Duration = Duration::from_millis(50);
+
+/// Gathers streamed token text and sends it at most every `every`; any other event
+/// first flushes what is gathered, so order is kept.
+struct TokenBatch {
+    every: Duration,
+    text: String,
+    since: Instant,
+}
+
+impl TokenBatch {
+    fn new(every: Duration) -> Self {
+        TokenBatch {
+            every,
+            text: String::new(),
+            since: Instant::now(),
+        }
+    }
+
+    fn push(&mut self, event: ChatEvent, send: &mut impl FnMut(ChatEvent)) {
+        match event {
+            ChatEvent::Token { text } => {
+                if self.text.is_empty() {
+                    self.since = Instant::now();
+                }
+                self.text.push_str(&text);
+                if self.since.elapsed() >= self.every {
+                    self.flush(send);
+                }
+            }
+            other => {
+                self.flush(send);
+                send(other);
+            }
+        }
+    }
+
+    fn flush(&mut self, send: &mut impl FnMut(ChatEvent)) {
+        if !self.text.is_empty() {
+            send(ChatEvent::Token {
+                text: std::mem::take(&mut self.text),
+            });
+        }
+    }
 }
 
 /// Asks the running generation (playground or arena) to stop.
@@ -100,4 +153,37 @@ pub async fn remove_conversation(state: State<'_, AppState>, id: i64) -> Result<
             .map_err(|e| IpcError::from(&e))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(t: &str) -> ChatEvent {
+        ChatEvent::Token { text: t.into() }
+    }
+
+    #[test]
+    fn tokens_are_gathered_and_order_is_kept() {
+        let mut out = Vec::new();
+        let mut batch = TokenBatch::new(Duration::from_secs(3600));
+        let mut send = |e: ChatEvent| out.push(e);
+        batch.push(ChatEvent::Loading, &mut send);
+        batch.push(token("Hel"), &mut send);
+        batch.push(token("lo"), &mut send);
+        batch.push(token("!"), &mut send);
+        batch.flush(&mut send);
+        batch.flush(&mut send);
+        assert_eq!(out, vec![ChatEvent::Loading, token("Hello!")]);
+    }
+
+    #[test]
+    fn with_no_delay_every_token_goes_at_once() {
+        let mut out = Vec::new();
+        let mut batch = TokenBatch::new(Duration::ZERO);
+        let mut send = |e: ChatEvent| out.push(e);
+        batch.push(token("a"), &mut send);
+        batch.push(token("b"), &mut send);
+        assert_eq!(out, vec![token("a"), token("b")]);
+    }
 }
