@@ -92,7 +92,10 @@ impl Config {
                 return Err(Error::field(path, name, "must be greater than 0"));
             }
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(Error::field(
                 path,
                 "num_key_value_heads",

@@ -141,6 +141,7 @@ fn a_domain_expert_goes_from_data_to_an_adapter_they_can_show() {
         train_lora(driver)?;
         playground(driver)?;
         arena(driver)?;
+        templates(driver)?;
         Ok(())
     });
 }
@@ -501,5 +502,52 @@ fn arena(driver: &WebDriver) -> Result<(), String> {
     let ci = driver.text_of("#arena-ci")?.unwrap_or_default();
     println!("arena: A wins {rate}, 95% interval {ci}");
     save_screenshot(driver, "e2e-6-arena.png");
+    Ok(())
+}
+
+/// Templates: a system prompt with a `{{variable}}`, the exact text the model would
+/// receive, a saved first version; and the theme toggle.
+fn templates(driver: &WebDriver) -> Result<(), String> {
+    click(driver, "#nav-templates")?;
+    click(driver, "#new-template")?;
+    driver.set_value("#template-name", "Careful clinician")?;
+    driver.set_value("#template-system", "You are a careful clinician. {{tone}}")?;
+    wait_for("the variable's field", Duration::from_secs(30), || {
+        Ok((!driver.find_all("#var-tone")?.is_empty()).then_some(()))
+    })?;
+    driver.set_value("#var-tone", "Answer in two sentences.")?;
+    driver.set_value("#preview-message", "Is aspirin safe for children?")?;
+    let preview = wait_text(
+        driver,
+        "the live preview",
+        "#templates-page",
+        "#template-preview",
+        Duration::from_secs(60),
+        |t| {
+            t.contains("careful clinician. Answer in two sentences.")
+                && t.contains("Is aspirin safe for children?")
+                && t.contains("<|im_start|>assistant")
+        },
+    )?;
+    println!("template preview:\n{preview}");
+    click(driver, "#save-template")?;
+    wait_text(
+        driver,
+        "the saved version",
+        "#templates-page",
+        "#template-saved",
+        Duration::from_secs(30),
+        |t| t.contains("version 1"),
+    )?;
+    save_screenshot(driver, "e2e-7-templates.png");
+
+    // System -> light -> dark: the page follows the toggle.
+    click(driver, "#theme-toggle")?;
+    click(driver, "#theme-toggle")?;
+    let theme = driver.execute("return document.documentElement.getAttribute('data-theme');")?;
+    if theme != serde_json::json!("dark") {
+        return Err(format!("the theme toggle did not reach dark: {theme}"));
+    }
+    save_screenshot(driver, "e2e-8-dark.png");
     Ok(())
 }
