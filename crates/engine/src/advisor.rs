@@ -26,7 +26,7 @@ use attune_protocol::{
 use crate::error::EngineError;
 use crate::runs::{
     available_memory, estimate_memory, meminfo_field, model_config, models_loss, render_sample,
-    total_steps, trainable_params, validate,
+    total_steps, trainable_params, validate, Smaller,
 };
 use crate::Engine;
 
@@ -736,20 +736,19 @@ impl Engine {
 
 /// What to change so a run fits, in the app's words.
 fn plain_suggestion(spec: &RunSpec) -> String {
-    let mut s = Vec::new();
-    if spec.batch_size > 1 {
-        s.push(format!(
-            "a batch size of {} with gradient accumulation {} (same effective batch)",
-            (spec.batch_size / 2).max(1),
-            spec.grad_accum * 2
-        ));
-    }
-    if spec.max_len > 256 {
-        s.push(format!("a max length of {}", spec.max_len / 2));
-    }
-    if matches!(spec.method, MethodSpec::Full) {
-        s.push("LoRA instead of full fine-tuning".to_string());
-    }
+    let s: Vec<String> = crate::runs::smaller_settings(spec)
+        .into_iter()
+        .map(|c| match c {
+            Smaller::Batch {
+                batch_size,
+                grad_accum,
+            } => format!(
+                "a batch size of {batch_size} with gradient accumulation {grad_accum} (same effective batch)"
+            ),
+            Smaller::MaxLen(n) => format!("a max length of {n}"),
+            Smaller::Lora => "LoRA instead of full fine-tuning".to_string(),
+        })
+        .collect();
     if s.is_empty() {
         "Close other programs or choose a smaller model.".to_string()
     } else {

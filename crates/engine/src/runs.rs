@@ -466,21 +466,51 @@ pub(crate) fn total_steps(spec: &RunSpec, train_rows: u64) -> usize {
     }
 }
 
-fn suggestion(spec: &RunSpec) -> String {
+/// A change that makes a run need less memory.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Smaller {
+    /// Half the batch, twice the accumulation: the same effective batch.
+    Batch {
+        batch_size: usize,
+        grad_accum: usize,
+    },
+    MaxLen(usize),
+    Lora,
+}
+
+/// The changes that would shrink `spec`, most effective first.
+pub(crate) fn smaller_settings(spec: &RunSpec) -> Vec<Smaller> {
     let mut s = Vec::new();
     if spec.batch_size > 1 {
-        s.push(format!(
-            "a smaller --batch-size (e.g. {} with --grad-accum {})",
-            (spec.batch_size / 2).max(1),
-            spec.grad_accum * 2
-        ));
+        s.push(Smaller::Batch {
+            batch_size: (spec.batch_size / 2).max(1),
+            grad_accum: spec.grad_accum * 2,
+        });
     }
     if spec.max_len > 256 {
-        s.push(format!("a shorter --max-len (e.g. {})", spec.max_len / 2));
+        s.push(Smaller::MaxLen(spec.max_len / 2));
     }
     if matches!(spec.method, MethodSpec::Full) {
-        s.push("--method lora instead of full fine-tuning".to_string());
+        s.push(Smaller::Lora);
     }
+    s
+}
+
+/// The suggestion in the CLI's words (its flags).
+fn suggestion(spec: &RunSpec) -> String {
+    let s: Vec<String> = smaller_settings(spec)
+        .into_iter()
+        .map(|c| match c {
+            Smaller::Batch {
+                batch_size,
+                grad_accum,
+            } => {
+                format!("a smaller --batch-size (e.g. {batch_size} with --grad-accum {grad_accum})")
+            }
+            Smaller::MaxLen(n) => format!("a shorter --max-len (e.g. {n})"),
+            Smaller::Lora => "--method lora instead of full fine-tuning".to_string(),
+        })
+        .collect();
     if s.is_empty() {
         "close other programs or use a smaller model".to_string()
     } else {
