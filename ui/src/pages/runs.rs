@@ -321,7 +321,6 @@ pub fn RunsPage() -> impl IntoView {
             .into_any();
         };
         let r = d.run.clone();
-        let id = r.id;
         let train: Vec<&RunMetric> = d
             .metrics
             .iter()
@@ -351,14 +350,6 @@ pub fn RunsPage() -> impl IntoView {
             None
         };
         let status = r.status;
-        let can_pause = status == RunStatus::Running || status == RunStatus::Queued;
-        let can_resume = matches!(status, RunStatus::Paused | RunStatus::Failed);
-        let can_cancel = matches!(
-            status,
-            RunStatus::Running | RunStatus::Paused | RunStatus::Queued | RunStatus::Failed
-        );
-        let can_remove = !matches!(status, RunStatus::Running | RunStatus::Queued);
-        let adapter = d.adapter.clone();
         let progress_label = format!("step {} of {}", r.step, r.total_steps);
         view! {
             <div class="run-detail" id="run-detail" data-testid="run-detail">
@@ -403,34 +394,55 @@ pub fn RunsPage() -> impl IntoView {
                         </span>
                         <span class="tile-sub muted">{format!("estimated {} MiB", r.memory_estimate_mb)}</span></div>
                 </div>
-                <div class="row run-actions">
-                    {can_pause.then(|| view! {
-                        <button class="secondary" id="run-pause" disabled=move || busy.get() on:click=move |_| act("pause", id)>"Pause"</button>
-                    })}
-                    {can_resume.then(|| view! {
-                        <button id="run-resume" disabled=move || busy.get() on:click=move |_| act("resume", id)>"Resume"</button>
-                    })}
-                    {can_cancel.then(|| view! {
-                        <ConfirmButton label="Cancel run" confirm_label="Really cancel? Its checkpoints go." id="run-cancel".to_string()
-                            on_confirm=Callback::new(move |_| act("cancel", id)) />
-                    })}
-                    {can_remove.then(|| view! {
-                        <ConfirmButton label="Delete run" id="run-remove".to_string()
-                            on_confirm=Callback::new(move |_| act("remove", id)) />
-                    })}
-                    {adapter.map(|a| {
-                        let name = a.clone();
-                        view! {
-                            <button class="secondary" id="run-chat" on:click=move |_| chat_with(name.clone())>
-                                {format!("Chat with {a}")}
-                            </button>
-                        }
-                    })}
-                </div>
-                {move || action_error.get().map(|e| error_note(&e))}
             </div>
         }
         .into_any()
+    };
+
+    // The buttons depend on the run and its status only, so a step arriving does not
+    // rebuild them (and disarm a half-confirmed Cancel).
+    let actions_key = Memo::new(move |_| {
+        detail.with(|d| {
+            d.as_ref()
+                .map(|d| (d.run.id, d.run.status, d.adapter.clone()))
+        })
+    });
+    let actions_view = move || {
+        let (id, status, adapter) = actions_key.get()?;
+        let can_pause = status == RunStatus::Running || status == RunStatus::Queued;
+        let can_resume = matches!(status, RunStatus::Paused | RunStatus::Failed);
+        let can_cancel = matches!(
+            status,
+            RunStatus::Running | RunStatus::Paused | RunStatus::Queued | RunStatus::Failed
+        );
+        let can_remove = !matches!(status, RunStatus::Running | RunStatus::Queued);
+        Some(view! {
+                <div class="row run-actions">
+                {can_pause.then(|| view! {
+                    <button class="secondary" id="run-pause" disabled=move || busy.get() on:click=move |_| act("pause", id)>"Pause"</button>
+                })}
+                {can_resume.then(|| view! {
+                    <button id="run-resume" disabled=move || busy.get() on:click=move |_| act("resume", id)>"Resume"</button>
+                })}
+                {can_cancel.then(|| view! {
+                    <ConfirmButton label="Cancel run" confirm_label="Really cancel? Its checkpoints go." id="run-cancel".to_string()
+                        on_confirm=Callback::new(move |_| act("cancel", id)) />
+                })}
+                {can_remove.then(|| view! {
+                    <ConfirmButton label="Delete run" id="run-remove".to_string()
+                        on_confirm=Callback::new(move |_| act("remove", id)) />
+                })}
+                {adapter.map(|a| {
+                    let name = a.clone();
+                    view! {
+                        <button class="secondary" id="run-chat" on:click=move |_| chat_with(name.clone())>
+                            {format!("Chat with {a}")}
+                        </button>
+                    }
+                })}
+            </div>
+            {move || action_error.get().map(|e| error_note(&e))}
+        })
     };
 
     view! {
@@ -450,6 +462,7 @@ pub fn RunsPage() -> impl IntoView {
                 </aside>
                 <div class="runs-main">
                     {detail_view}
+                    {actions_view}
                     // Built once per shown run (not per step): the charts follow their data.
                     {move || has_detail.get().then(|| view! {
                         <div class="charts">
