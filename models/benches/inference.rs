@@ -3,7 +3,8 @@
 //! runs, printed beside the PyTorch and llama.cpp reference figures (2 threads).
 //!
 //! `cargo bench -p attune-models --bench inference`
-//! Environment: `ATTUNE_BENCH_MODE=auto|f32|quantized` (default auto), `ATTUNE_BENCH_RUNS`.
+//! Environment: `ATTUNE_BENCH_MODE=auto|f32|quantized` (default auto), `ATTUNE_BENCH_RUNS`,
+//! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling).
 
 use std::time::Instant;
 
@@ -126,6 +127,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let pp41 = pp(&model, &p41, runs * 2)?;
     let pp512 = pp(&model, &p512, runs.div_ceil(2).max(2))?;
+    if std::env::var("ATTUNE_BENCH_ONLY").as_deref() == Ok("pp") {
+        println!("prompt processing, 41 tokens: {pp41:.0} tok/s; 512 tokens: {pp512:.0} tok/s");
+        return Ok(());
+    }
     let (d64, toks) = decode(&model, &chat, 64, runs)?;
     let (d128, _) = decode(&model, &chat, 128, runs)?;
     println!("| work | attune | PyTorch f32 | llama.cpp Q4_1 |");

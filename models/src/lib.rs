@@ -14,6 +14,7 @@ pub mod linear;
 pub mod llama;
 pub mod loader;
 pub mod sampling;
+pub mod simd;
 pub mod tokenizer;
 pub mod train;
 

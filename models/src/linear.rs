@@ -51,6 +51,7 @@ pub struct LoraBranch {
 pub struct Linear {
     in_dim: usize,
     out_dim: usize,
+    /// `[out, in]`; a GGUF layer in `Auto` mode stores it transposed (contiguous `[in, out]`).
     weight: Option<Tensor>,
     qweight: Option<Arc<QTensor>>,
     bias: Option<Tensor>,
@@ -163,7 +164,7 @@ impl Linear {
     /// The dense weight, dequantizing the quantized one if no f32 copy is kept.
     pub fn weight_f32(&self) -> Result<Tensor> {
         match (&self.weight, &self.qweight) {
-            (Some(w), _) => Ok(w.clone()),
+            (Some(w), _) => Ok(w.contiguous()?),
             (None, Some(q)) => Ok(q.dequantize(&q.device())?),
             (None, None) => Err(Error::InvalidParams("linear layer has no weights".into())),
         }
@@ -259,6 +260,14 @@ impl Linear {
         if mode != ComputeMode::Quantized && self.weight.is_none() {
             self.weight = Some(self.weight_f32()?);
         }
+        if mode == ComputeMode::F32 {
+            // Training and exact scoring read the weight in its `[out, in]` storage.
+            if let Some(w) = &self.weight {
+                if !w.is_contiguous() {
+                    self.weight = Some(w.contiguous()?);
+                }
+            }
+        }
         self.mode = mode;
         Ok(())
     }
@@ -279,7 +288,12 @@ impl Linear {
         if let (Some(w), Some(l)) = (&self.weight, &self.lora) {
             let no_dropout = l.dropout == 0.0 || l.dropout_seed.is_none();
             let training = x2.track_op() || l.a.track_op() || l.b.track_op();
-            if training && no_dropout && !w.track_op() && self.mode != ComputeMode::Quantized {
+            if training
+                && no_dropout
+                && !w.track_op()
+                && w.is_contiguous()
+                && self.mode != ComputeMode::Quantized
+            {
                 // Training a LoRA branch on a frozen base: one fused op, no weight gradient.
                 let mut y = crate::train::ops::lora_linear(&x2, w, &l.a, &l.b, l.scale as f32)?;
                 if let Some(b) = &self.bias {
@@ -335,7 +349,7 @@ impl Linear {
             },
             (true, _, Some(q)) => x2.contiguous()?.apply_op1_no_bwd(q.as_ref())?,
             // A frozen weight under a tracked input (LoRA, prompt tuning): no weight gradient.
-            (_, Some(w), _) if x2.track_op() && !w.track_op() => {
+            (_, Some(w), _) if x2.track_op() && !w.track_op() && w.is_contiguous() => {
                 crate::train::ops::frozen_linear(x2, w)?
             }
             (_, Some(w), _) => x2.matmul(&w.t()?)?,

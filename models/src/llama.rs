@@ -9,8 +9,9 @@
 //! the Hugging Face names (`model.layers.{i}.self_attn.q_proj`), every [`Linear`] can carry a LoRA
 //! branch, and [`Llama::forward_with_prefix`] takes soft-prompt embeddings (PEFT prompt tuning).
 //!
-//! Two kernels per op: fused candle ops (`rms_norm`, `rope`, `softmax_last_dim`) for inference,
-//! which have no backward pass, and compositions of basic ops, which do. The differentiable path
+//! Two kernels per op: for inference, fused ops with no backward pass (candle's `rms_norm` and
+//! `rope`, Attune's causal attention over the KV cache and SwiGLU in `train::ops`); for training,
+//! ops with a backward pass (Attune's fused ones in `train::ops`, or compositions of candle's). The differentiable path
 //! is taken automatically when any weight, LoRA tensor or the prefix is a tracked variable, or
 //! when [`Llama::set_force_differentiable`] asks for it.
 
@@ -123,7 +124,8 @@ impl Mlp {
         let h = if g.track_op() || u.track_op() {
             crate::train::ops::swiglu(&g, &u)?
         } else {
-            (g.silu()? * u)?
+            // Inference: one vectorised pass instead of `silu` then `mul`.
+            crate::train::ops::swiglu(&g, &u)?
         };
         self.down_proj.forward(&h)
     }
@@ -735,7 +737,9 @@ impl Llama {
             )));
         }
         let (cos, sin) = self.rope_tables(offset, seq)?;
-        let mask = if seq > 1 {
+        // Only the differentiable path through a cache takes a mask; the others are causal by
+        // construction.
+        let mask = if seq > 1 && differentiable && cache.is_some() {
             Some(causal_mask(seq, offset, &self.device)?)
         } else {
             None
@@ -831,6 +835,11 @@ impl Llama {
             Some((c, i)) => c.append(i, &k, &v)?,
             None => (k, v),
         };
+        if !differentiable {
+            let scale = 1.0 / (hd as f32).sqrt();
+            let out = crate::train::ops::cached_attention(&q, &k, &v, scale)?;
+            return a.o_proj.forward(&out);
+        }
         let t = k.dim(2)?;
         let groups = nh / nkv;
         // Group the query heads that share a kv head: [b, nkv, groups * l, hd]; no kv copies.
@@ -844,11 +853,7 @@ impl Llama {
                 .reshape((b, nkv, groups * l, t))?,
             None => scores,
         };
-        let probs = if differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out = probs.matmul(&v)?; // [b, nkv, groups*l, hd]
         let out = out
             .reshape((b, nh, l, hd))?

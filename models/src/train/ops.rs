@@ -224,28 +224,9 @@ fn head_probs(
         dead.fill(0.0);
         match lse_in {
             Some(lse) => {
-                let m = lse[i];
-                for x in live.iter_mut() {
-                    *x = (*x * scale - m).exp();
-                }
+                crate::simd::exp_scaled_sum(live, scale, lse[i]);
             }
-            None => {
-                let mut m = f32::NEG_INFINITY;
-                for x in live.iter_mut() {
-                    *x *= scale;
-                    m = m.max(*x);
-                }
-                let mut sum = 0f32;
-                for x in live.iter_mut() {
-                    *x = (*x - m).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                for x in live.iter_mut() {
-                    *x *= inv;
-                }
-                lse_out[i] = m + sum.ln();
-            }
+            None => lse_out[i] = crate::simd::softmax_scaled(live, scale),
         }
     }
 }
@@ -490,6 +471,122 @@ impl CustomOp3 for Attention {
 // Rotary embeddings
 // ---------------------------------------------------------------------------------------------
 
+/// Causal attention for inference over a KV cache (no gradient): `q` `[b, heads, l, hd]`,
+/// `k`/`v` `[b, kv_heads, t, hd]` with `t >= l` (query `i` sits at position `t - l + i` and sees
+/// keys `0..=t - l + i`; the last dim contiguous, other strides free, so a narrowed cache view is
+/// read in place). Returns `[b, l, heads * hd]`, the layout `o_proj` takes: no transposes, no
+/// `[l, t]` mask, and only the causal part of the scores is exponentiated.
+pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> CResult<Tensor> {
+    let (b, nh, l, hd) = q.dims4()?;
+    let (kb, nkv, t, khd) = k.dims4()?;
+    if v.dims() != k.dims() || kb != b || khd != hd || nkv == 0 || nh % nkv != 0 || t < l {
+        candle_core::bail!(
+            "cached attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    q.contiguous()?
+        .apply_op3_no_bwd(k, v, &CachedAttention { scale })
+}
+
+struct CachedAttention {
+    scale: f32,
+}
+
+/// A `[b, heads, t, hd]` tensor's f32 data and its (batch, head, row) strides; the last dim must
+/// be contiguous.
+fn strided_4d<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<(&'a [f32], [usize; 3])> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: expected f32, got another dtype")
+    };
+    let st = l.stride();
+    if st.len() != 4 || (st[3] != 1 && l.dims()[3] > 1) {
+        candle_core::bail!("{what}: the last dim must be contiguous")
+    }
+    Ok((&v[l.start_offset()..], [st[0], st[1], st[2]]))
+}
+
+impl CustomOp3 for CachedAttention {
+    fn name(&self) -> &'static str {
+        "attune-cached-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (b, nh, l, hd) = l1.shape().dims4()?;
+        let (_, nkv, t, _) = l2.shape().dims4()?;
+        let q = f32_slice(s1, l1, "attention q")?;
+        let (k, ks) = strided_4d(s2, l2, "attention k")?;
+        let (v, vs) = strided_4d(s3, l3, "attention v")?;
+        let (g, off, row) = (nh / nkv, t - l, nh * hd);
+        let scale = self.scale;
+        let mut out = vec![0f32; b * l * row];
+        // Tasks of `chunk` query rows (all heads): rows later in the prompt see more keys, so
+        // small chunks keep both threads busy to the end.
+        let chunk = if l >= 64 { 16 } else { l.max(1) };
+        for bi in 0..b {
+            out[bi * l * row..(bi + 1) * l * row]
+                .par_chunks_mut(chunk * row)
+                .enumerate()
+                .for_each(|(c, dst)| {
+                    let i0 = c * chunk;
+                    let rows = dst.len() / row;
+                    let live = off + i0 + rows; // keys the chunk's last row sees
+                    let mut s = vec![0f32; rows * live];
+                    for h in 0..nh {
+                        let kh = h / g;
+                        let qh = &q[((bi * nh + h) * l + i0) * hd..];
+                        let kg = &k[bi * ks[0] + kh * ks[1]..];
+                        let vg = &v[bi * vs[0] + kh * vs[1]..];
+                        matmul(
+                            rows,
+                            live,
+                            hd,
+                            &mut s,
+                            (live, 1),
+                            false,
+                            qh,
+                            (hd, 1),
+                            kg,
+                            (1, ks[2]),
+                            Parallelism::None,
+                        );
+                        for r in 0..rows {
+                            let seen = off + i0 + r + 1;
+                            let srow = &mut s[r * live..(r + 1) * live];
+                            let (p, dead) = srow.split_at_mut(seen);
+                            crate::simd::softmax_scaled(p, scale);
+                            dead.fill(0.0);
+                        }
+                        matmul(
+                            rows,
+                            hd,
+                            live,
+                            &mut dst[h * hd..],
+                            (row, 1),
+                            false,
+                            &s,
+                            (live, 1),
+                            vg,
+                            (vs[2], 1),
+                            Parallelism::None,
+                        );
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, l, row))))
+    }
+}
+
 /// Rotary position embedding (Hugging Face's rotate-half form) on `x` `[b, seq, heads, hd]`;
 /// `cos`/`sin` are `[seq, hd / 2]`. Differentiable in `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
@@ -598,11 +695,7 @@ impl CustomOp2 for SwiGlu {
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(1 << 14)
             .zip(g.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
-            .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            });
+            .for_each(|(o, (g, u))| crate::simd::silu_mul(g, u, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -1082,9 +1175,57 @@ impl CustomOp1 for CrossEntropy {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
+
+    #[test]
+    fn cached_attention_equals_masked_softmax_over_the_whole_cache() {
+        let dev = Device::Cpu;
+        // Grouped heads, a cache holding 7 earlier positions, read through a narrowed view of a
+        // larger buffer (as the KV cache hands it over), and a batch of 2.
+        let (b, nh, nkv, l, hd, off) = (2, 6, 2, 5, 8, 7);
+        let t = off + l;
+        let q = Tensor::randn(0f32, 1.0, (b, nh, l, hd), &dev).unwrap();
+        let kbuf = Tensor::randn(0f32, 1.0, (b, nkv, 32, hd), &dev).unwrap();
+        let vbuf = Tensor::randn(0f32, 1.0, (b, nkv, 32, hd), &dev).unwrap();
+        let (k, v) = (kbuf.narrow(2, 0, t).unwrap(), vbuf.narrow(2, 0, t).unwrap());
+        assert!(!k.is_contiguous());
+        let got = cached_attention(&q, &k, &v, 0.35).unwrap();
+        assert_eq!(got.dims(), &[b, l, nh * hd]);
+        let g = nh / nkv;
+        for bi in 0..b {
+            for h in 0..nh {
+                let qh = q.get(bi).unwrap().get(h).unwrap();
+                let kh = k.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
+                let vh = v.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
+                let s = (qh.matmul(&kh.t().unwrap()).unwrap() * 0.35).unwrap();
+                let mut m = vec![0f32; l * t];
+                for i in 0..l {
+                    for j in off + i + 1..t {
+                        m[i * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+                let m = Tensor::from_vec(m, (l, t), &dev).unwrap();
+                let p = candle_nn::ops::softmax(&(s + m).unwrap(), D::Minus1).unwrap();
+                let want = p.matmul(&vh).unwrap();
+                let have = got.get(bi).unwrap().narrow(1, h * hd, hd).unwrap();
+                let diff = (want - have)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-5, "batch {bi} head {h}: {diff}");
+            }
+        }
+        // Shapes that do not fit are an error, not a panic.
+        let bad = Tensor::zeros((b, nkv, l - 1, hd), candle_core::DType::F32, &dev).unwrap();
+        assert!(cached_attention(&q, &bad, &bad, 1.0).is_err());
+    }
 
     fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
         let (b, nh, l, hd) = q.dims4().unwrap();
