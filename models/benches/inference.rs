@@ -133,12 +133,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let (d64, toks) = decode(&model, &chat, 64, runs)?;
     let (d128, _) = decode(&model, &chat, 128, runs)?;
+    // The same decode with the reference PEFT LoRA (r=8, all seven projections) attached, as the
+    // playground runs an adapter: quantized base plus the low-rank branch.
+    let lora_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/reference/adapters/lora");
+    let lora_decode = match attune_models::train::peft::load(&lora_dir) {
+        Ok(attune_models::train::peft::Adapter::Lora {
+            config, tensors, ..
+        }) => {
+            let mut adapted = model.clone();
+            attune_models::train::peft::apply_lora(&mut adapted, &config, &tensors)?;
+            Some(decode(&adapted, &chat, 64, runs)?.0)
+        }
+        _ => None,
+    };
     println!("| work | attune | PyTorch f32 | llama.cpp Q4_1 |");
     println!("|---|---|---|---|");
     println!("| prompt processing, 41 tokens | {pp41:.0} tok/s | 265 | 307 |");
     println!("| prompt processing, 512 tokens | {pp512:.0} tok/s | 510 | 312 |");
     println!("| decode, 64 tokens | {d64:.1} tok/s | 17.8 | 131 |");
     println!("| decode, 128 tokens | {d128:.1} tok/s | 17.8 | 127 |");
+    if let Some(d) = lora_decode {
+        println!("| decode, 64 tokens, LoRA r=8 on 7 projections | {d:.1} tok/s | - | - |");
+    }
     println!(
         "decode vs PyTorch: {:.1}x (target >= 5x); pp41 vs PyTorch: {:.2}x (target >= 1x)",
         d64 / 17.8,

@@ -363,6 +363,15 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = &self.lora {
+            let tracked = x2.track_op() || l.a.track_op() || l.b.track_op();
+            let dropout_on = l.dropout > 0.0 && l.dropout_seed.is_some();
+            if !tracked && !dropout_on && x2.dim(0)? <= AUTO_QUANTIZED_MAX_ROWS {
+                // Decode: the branch in one op (dispatch, not arithmetic, is the cost here).
+                let y = crate::train::ops::lora_add(&y, x2, &l.a, &l.b, l.scale as f32)?;
+                let mut out_dims = lead.to_vec();
+                out_dims.push(self.out_dim);
+                return Ok(y.reshape(out_dims)?);
+            }
             let dropped;
             let x2 = match l.dropout_seed {
                 Some(seed) if l.dropout > 0.0 => {

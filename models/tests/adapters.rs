@@ -118,6 +118,34 @@ fn peft_lora_adapter_matches_reference() {
             .squeeze(0)
             .expect("s");
         check("lora", &c, &logits);
+        // Token by token through the KV cache (the decode path: the LoRA branch as one op on a
+        // single row, attention over the cache) ends on the same logits as the full forward.
+        let mut cache = m.new_cache();
+        let mut last = None;
+        for &id in &c.ids {
+            let one = Tensor::new(&[id], &Device::Cpu)
+                .expect("id")
+                .unsqueeze(0)
+                .expect("u");
+            last = Some(m.forward_last(&one, &mut cache).expect("decode step"));
+        }
+        let stepped: Vec<f32> = last
+            .expect("steps")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("v");
+        let full: Vec<f32> = logits
+            .get(c.ids.len() - 1)
+            .expect("l")
+            .to_vec1()
+            .expect("v");
+        let worst = stepped
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "lora/{}: stepped vs full {worst}", c.name);
     }
 }
 
