@@ -576,6 +576,8 @@ impl Q41Matrix {
         let (qx, dx, sx) = (&qx, &dx, &sx);
         #[cfg(target_arch = "x86_64")]
         let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        #[cfg(target_arch = "x86_64")]
+        let vnni = vnni512();
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
             let codes = if self.q8 { QK } else { 16 };
             for r in range {
@@ -586,7 +588,10 @@ impl Q41Matrix {
                     let xd = &dx[i * nb..(i + 1) * nb];
                     let v = if self.q8 {
                         #[cfg(target_arch = "x86_64")]
-                        let v = if avx2 {
+                        let v = if vnni {
+                            // SAFETY: AVX-512 F/BW/VNNI were detected at run time.
+                            unsafe { dot_q80_vnni(wq, wd, xq, xd) }
+                        } else if avx2 {
                             // SAFETY: AVX2 and FMA were detected at run time.
                             unsafe { dot_q80_avx2(wq, wd, xq, xd) }
                         } else {
@@ -599,7 +604,10 @@ impl Q41Matrix {
                         let wm = &self.m[r * nb..(r + 1) * nb];
                         let xs = &sx[i * nb..(i + 1) * nb];
                         #[cfg(target_arch = "x86_64")]
-                        let v = if avx2 {
+                        let v = if vnni {
+                            // SAFETY: AVX-512 F/BW/VNNI were detected at run time.
+                            unsafe { dot_q41_vnni(wq, wd, wm, xq, xd, xs) }
+                        } else if avx2 {
                             // SAFETY: AVX2 and FMA were detected at run time.
                             unsafe { dot_q41_avx2(wq, wd, wm, xq, xd, xs) }
                         } else {
@@ -709,6 +717,132 @@ unsafe fn dot_q41_avx2(
     _mm_cvtss_f32(s) + acc_m
 }
 
+/// Whether the AVX-512 VNNI kernels can run (checked once).
+#[cfg(target_arch = "x86_64")]
+fn vnni512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// Q8_0 x Q8 dot product, two blocks per step: `vpdpbusd` multiplies unsigned by signed bytes,
+/// so `x + 128` (as u8) times `w`, less `128 * sum(w)` (one more `vpdpbusd`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_q80_vnni(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = wd.len();
+    assert!(wq.len() >= nb * QK && xq.len() >= nb * QK && xd.len() >= nb);
+    let bias = _mm512_set1_epi8(-128i8); // 0x80: flips x's sign bit, i.e. x + 128 as u8
+    let zero = _mm512_setzero_si512();
+    let mut acc = _mm512_setzero_ps();
+    let mut b = 0;
+    while b + 1 < nb {
+        // SAFETY: blocks b and b + 1 (64 bytes) lie inside both slices (asserted above).
+        let (w, x) = unsafe {
+            (
+                _mm512_loadu_si512(wq.as_ptr().add(b * QK) as *const _),
+                _mm512_loadu_si512(xq.as_ptr().add(b * QK) as *const _),
+            )
+        };
+        let xu = _mm512_xor_si512(x, bias);
+        let dp = _mm512_sub_epi32(
+            _mm512_dpbusd_epi32(zero, xu, w),
+            _mm512_dpbusd_epi32(zero, bias, w),
+        );
+        let s = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(wd[b] * xd[b]),
+            _mm512_set1_ps(wd[b + 1] * xd[b + 1]),
+        );
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc);
+        b += 2;
+    }
+    let mut tail = 0f32;
+    if b < nb {
+        tail = dot_q80_scalar(&wq[b * QK..], &wd[b..], &xq[b * QK..], &xd[b..]);
+    }
+    _mm512_reduce_add_ps(acc) + tail
+}
+
+/// Q4_1 x Q8 dot product, two blocks per step: the 32 code bytes of two blocks are spread to
+/// 128-bit lanes (low nibbles, high nibbles, low, high) matching the 64 activation bytes, and one
+/// `vpdpbusd` does all 64 products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_q41_vnni(
+    wq: &[u8],
+    wd: &[f32],
+    wm: &[f32],
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[f32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = wd.len();
+    assert!(
+        wq.len() >= nb * 16
+            && xq.len() >= nb * QK
+            && wm.len() >= nb
+            && xd.len() >= nb
+            && xs.len() >= nb
+    );
+    let mask = _mm512_set1_epi8(0x0F);
+    // 64-bit lanes [0, 1, 0, 1, 2, 3, 2, 3]: block b's codes twice, then block b + 1's twice.
+    let spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
+    // Shift the second copy of each block's codes right by 4 (its high nibbles).
+    let shifts = _mm512_set_epi64(
+        0x0004_0004_0004_0004,
+        0x0004_0004_0004_0004,
+        0,
+        0,
+        0x0004_0004_0004_0004,
+        0x0004_0004_0004_0004,
+        0,
+        0,
+    );
+    let zero = _mm512_setzero_si512();
+    let mut acc = _mm512_setzero_ps();
+    let mut acc_m = 0f32;
+    let mut b = 0;
+    while b + 1 < nb {
+        // SAFETY: blocks b and b + 1 lie inside both slices (asserted above).
+        let (raw, x) = unsafe {
+            (
+                _mm256_loadu_si256(wq.as_ptr().add(b * 16) as *const __m256i),
+                _mm512_loadu_si512(xq.as_ptr().add(b * QK) as *const _),
+            )
+        };
+        let dup = _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(raw));
+        let w = _mm512_and_si512(_mm512_srlv_epi16(dup, shifts), mask);
+        let dp = _mm512_dpbusd_epi32(zero, w, x);
+        let s = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(wd[b] * xd[b]),
+            _mm512_set1_ps(wd[b + 1] * xd[b + 1]),
+        );
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc);
+        acc_m += wm[b] * xs[b] + wm[b + 1] * xs[b + 1];
+        b += 2;
+    }
+    let mut tail = 0f32;
+    if b < nb {
+        tail = dot_q41_scalar(
+            &wq[b * 16..],
+            &wd[b..],
+            &wm[b..],
+            &xq[b * QK..],
+            &xd[b..],
+            &xs[b..],
+        );
+    }
+    _mm512_reduce_add_ps(acc) + acc_m + tail
+}
+
 impl candle_core::CustomOp1 for Q41Matrix {
     fn name(&self) -> &'static str {
         "attune-decode-matmul"
@@ -769,4 +903,54 @@ fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
     Ok((x * mask)?)
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod kernel_tests {
+    use super::*;
+
+    /// Deterministic bytes, so the kernels see every code and sign.
+    fn bytes(n: usize, seed: u32) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vnni_kernels_equal_the_scalar_ones_with_and_without_a_tail_block() {
+        if !vnni512() {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        for nb in [1usize, 2, 5, 18] {
+            let xq: Vec<i8> = bytes(nb * QK, 7).into_iter().map(|b| b as i8).collect();
+            let xd: Vec<f32> = (0..nb).map(|i| 0.01 + i as f32 * 0.003).collect();
+            let xs: Vec<f32> = (0..nb).map(|i| 0.5 - i as f32 * 0.07).collect();
+            let wd: Vec<f32> = (0..nb).map(|i| 0.02 + i as f32 * 0.001).collect();
+            let wm: Vec<f32> = (0..nb).map(|i| -0.1 + i as f32 * 0.01).collect();
+            let w4 = bytes(nb * 16, 11);
+            let w8 = bytes(nb * QK, 13);
+            // SAFETY: vnni512() checked the CPU features.
+            let (a4, a8) = unsafe {
+                (
+                    dot_q41_vnni(&w4, &wd, &wm, &xq, &xd, &xs),
+                    dot_q80_vnni(&w8, &wd, &xq, &xd),
+                )
+            };
+            let b4 = dot_q41_scalar(&w4, &wd, &wm, &xq, &xd, &xs);
+            let b8 = dot_q80_scalar(&w8, &wd, &xq, &xd);
+            assert!(
+                (a4 - b4).abs() <= 1e-4 * b4.abs().max(1.0),
+                "q4_1 nb {nb}: {a4} vs {b4}"
+            );
+            assert!(
+                (a8 - b8).abs() <= 1e-4 * b8.abs().max(1.0),
+                "q8_0 nb {nb}: {a8} vs {b8}"
+            );
+        }
+    }
 }
