@@ -219,10 +219,14 @@ fn wait_text(
     timeout: Duration,
     accept: impl Fn(&str) -> bool,
 ) -> Result<String, String> {
+    let last = std::cell::RefCell::new(None::<String>);
     wait_for(what, timeout, || {
         shown_error(driver, scope)?;
-        Ok(driver.text_of(css)?.filter(|t| accept(t)))
+        let text = driver.text_of(css)?;
+        last.replace(text.clone());
+        Ok(text.filter(|t| accept(t)))
     })
+    .map_err(|e| format!("{e}; {css} last showed {:?}", last.borrow()))
 }
 
 /// Library: the default model registered by the CLI is listed with its figures.
@@ -410,7 +414,11 @@ fn playground(driver: &WebDriver) -> Result<(), String> {
 
     // Stop while the first pane streams a long answer.
     let input = driver.find("#composer-input")?;
-    driver.type_text(&input, "Count from 1 to 300, separated by commas.")?;
+    // A long-form request: SmolLM2 writes until max tokens (256), seconds of streaming.
+    driver.type_text(
+        &input,
+        "Write a detailed essay of at least 600 words on the history of vaccines.",
+    )?;
     click(driver, "#send-button")?;
     wait_for(
         "the long answer to stream",
@@ -485,13 +493,14 @@ fn arena(driver: &WebDriver) -> Result<(), String> {
         }
         click(driver, vote)?;
     }
+    // The results show from the first vote on (100% or 0%); wait until they count the tie.
     let rate = wait_text(
         driver,
-        "the win rate",
+        "the win rate after both votes",
         "#arena-page",
         "#arena-win-rate",
         Duration::from_secs(60),
-        |t| t.contains('%'),
+        |t| t.contains("75") || t.contains("25"),
     )?;
     // One win for the side shown on the left and a tie: A's rate is 75% or 25%.
     if !(rate.contains("75") || rate.contains("25")) {

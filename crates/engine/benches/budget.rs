@@ -115,6 +115,8 @@ fn main() -> R<()> {
         split: SplitName::Valid,
         limit: eval_rows,
         accuracy: true,
+        // PubMedQA's reference answers run to ~150 tokens before their `Final answer:` line.
+        max_new_tokens: 192,
         ..EvalOptions::default()
     };
     let mut rows: Vec<(String, String, EvalReport)> = Vec::new();

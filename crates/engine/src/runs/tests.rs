@@ -610,6 +610,33 @@ fn runs_eval_base_matches_the_reference_per_row_nll() {
     }
     assert!((report.ppl - report.mean_nll.exp()).abs() < 1e-9);
     assert_eq!(e.store.count("evaluations").expect("count"), 1);
+    // With label accuracy the model decodes on its quantized weights, but the rows are still
+    // scored on the f32 ones: the same NLL.
+    let with_answers = e
+        .evaluate(
+            &EvalSubject::Base {
+                model: model.name.clone(),
+            },
+            &ds.name,
+            &EvalOptions {
+                split: SplitName::Train,
+                limit: Some(n),
+                accuracy: true,
+                max_new_tokens: 4,
+                ..Default::default()
+            },
+        )
+        .expect("evaluate with answers");
+    assert_eq!(with_answers.n_labeled, n as u64);
+    for (a, b) in with_answers.rows.iter().zip(&report.rows) {
+        assert!(
+            ((a.sum_nll - b.sum_nll) / b.sum_nll).abs() < 1e-5,
+            "{:?}: {} with answers vs {}",
+            a.source_id,
+            a.sum_nll,
+            b.sum_nll
+        );
+    }
 }
 
 #[test]
