@@ -654,12 +654,8 @@ impl CustomOp2 for LoraAdd {
         let x = f32_slice(s2, l2, "lora_add x")?;
         let (a_st, a_l) = self.a.storage_and_layout();
         let (b_st, b_l) = self.b.storage_and_layout();
-        let (candle_core::Storage::Cpu(a_cpu), candle_core::Storage::Cpu(b_cpu)) = (&*a_st, &*b_st)
-        else {
-            candle_core::bail!("lora_add: LoRA weights are not on the CPU")
-        };
-        let a = f32_slice(a_cpu, a_l, "lora_add A")?;
-        let b = f32_slice(b_cpu, b_l, "lora_add B")?;
+        let a = cpu_f32(&a_st, a_l, "lora_add A")?;
+        let b = cpu_f32(&b_st, b_l, "lora_add B")?;
         let (rows, out) = l1.shape().dims2()?;
         let inp = l2.shape().dims2()?.1;
         let r = a.len() / inp.max(1);
