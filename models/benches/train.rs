@@ -8,6 +8,8 @@
 //! `ATTUNE_BENCH_STEPS` (timed steps, default 20), `ATTUNE_CORPUS` (default
 //! `../shared/data/pubmedqa/corpus.txt` from the workspace root).
 //!
+//! `ATTUNE_PROFILE_OPS=1` adds each fused op's wall time per timed step.
+//!
 //! Each method runs in a child process of this binary so that its peak RSS is its own.
 
 use std::path::PathBuf;
@@ -129,7 +131,16 @@ fn run_one(name: &str, steps: usize) -> R<()> {
         tokens = s.tokens;
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
+        } else if i == 1 {
+            train::ops::take_profile();
         }
+    }
+    for (op, secs, calls) in train::ops::take_profile() {
+        println!(
+            "PROFILE\t{name}\t{op}\t{:.3}\t{}",
+            secs / steps as f64,
+            calls / steps.max(1)
+        );
     }
     let med = median(times);
     println!(
@@ -188,6 +199,10 @@ fn main() -> R<()> {
             "{:<8} {:>10} {:>12} {:>9} MB {:>11} GB {:>12}",
             m, f[2], rt, f[3], rm, f[4]
         );
+        for p in stdout.lines().filter(|l| l.starts_with("PROFILE\t")) {
+            let f: Vec<&str> = p.split('\t').collect();
+            println!("  {:<26} {:>7} s/step {:>5} calls", f[2], f[3], f[4]);
+        }
     }
     println!("reference: loss on batch 0 before any update = 3.2720 (LoRA, full); prompt tuning differs (virtual tokens)");
     Ok(())

@@ -37,10 +37,80 @@ pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The largest element (negative infinity for an empty slice). With NaNs in `xs` the result
+/// is unspecified.
+pub fn max(xs: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU supports AVX-512F (checked at run time).
+        return unsafe { x86::max(xs) };
+    }
+    xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `sum(exp(xs[i] - shift))`, leaving `xs` as it is.
+pub fn exp_sum(xs: &[f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU supports AVX-512F (checked at run time).
+        return unsafe { x86::exp_into(xs, shift, 1.0, None) };
+    }
+    xs.iter().map(|&x| (x - shift).exp()).sum()
+}
+
+/// `out[i] = exp(xs[i] - shift) * mul`. Slices of equal length.
+pub fn exp_into(xs: &[f32], shift: f32, mul: f32, out: &mut [f32]) {
+    assert_eq!(xs.len(), out.len(), "exp_into lengths");
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU supports AVX-512F (checked at run time); lengths checked above.
+        unsafe { x86::exp_into(xs, shift, mul, Some(out)) };
+        return;
+    }
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = (x - shift).exp() * mul;
+    }
+}
+
+/// `xs[i] = exp(xs[i] - shift) * mul` in place.
+pub fn exp_in_place(xs: &mut [f32], shift: f32, mul: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        let p = xs.as_mut_ptr();
+        // SAFETY: the CPU supports AVX-512F (checked at run time); the kernel reads each
+        // 16-lane block before it writes it, so `out` may be the input itself.
+        unsafe { x86::exp_into_raw(p, xs.len(), shift, mul, Some(p)) };
+        return;
+    }
+    for x in xs.iter_mut() {
+        *x = (*x - shift).exp() * mul;
+    }
+}
+
+/// The backward pass of [`silu_mul`]: with `s = sigmoid(g)`, `du = dy * g * s` and
+/// `dg = dy * u * s * (1 + g * (1 - s))`. Slices of equal length.
+pub fn silu_mul_bwd(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let n = g.len();
+    assert!(
+        u.len() == n && dy.len() == n && dg.len() == n && du.len() == n,
+        "silu_mul_bwd lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU supports AVX-512F (checked at run time); lengths checked above.
+        return unsafe { x86::silu_mul_bwd(g, u, dy, dg, du) };
+    }
+    for i in 0..n {
+        let s = 1.0 / (1.0 + (-g[i]).exp());
+        du[i] = dy[i] * g[i] * s;
+        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+    }
+}
+
 /// Softmax of `row * scale` in place; returns `max + ln(sum)` of the scaled row (its
 /// log-sum-exp). An empty row returns negative infinity.
 pub fn softmax_scaled(row: &mut [f32], scale: f32) -> f32 {
-    let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
+    let m = max(row) * scale;
     if row.is_empty() {
         return m;
     }
@@ -93,12 +163,7 @@ mod x86 {
         let p = xs.as_mut_ptr();
         let mut i = 0;
         while i < n {
-            let left = n - i;
-            let mask: __mmask16 = if left >= 16 {
-                0xffff
-            } else {
-                (1u16 << left) - 1
-            };
+            let mask = tail_mask(n, i);
             // SAFETY: the mask keeps every lane inside `xs[i..n]`.
             let v = unsafe { _mm512_maskz_loadu_ps(mask, p.add(i)) };
             let e = exp16(_mm512_fmsub_ps(v, vs, vsh));
@@ -110,18 +175,130 @@ mod x86 {
         _mm512_reduce_add_ps(acc)
     }
 
+    /// The lane mask of the 16-lane block at `i` of `n` elements.
+    #[inline]
+    fn tail_mask(n: usize, i: usize) -> __mmask16 {
+        let left = n - i;
+        if left >= 16 {
+            0xffff
+        } else {
+            (1u16 << left) - 1
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn max(xs: &[f32]) -> f32 {
+        let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < xs.len() {
+            let mask = tail_mask(xs.len(), i);
+            // SAFETY: the mask keeps every lane inside `xs`.
+            let v = unsafe { _mm512_maskz_loadu_ps(mask, xs.as_ptr().add(i)) };
+            acc = _mm512_mask_max_ps(acc, mask, acc, v);
+            i += 16;
+        }
+        _mm512_reduce_max_ps(acc)
+    }
+
+    /// `out[i] = exp(xs[i] - shift) * mul` when `out` is given; returns the sum of
+    /// `exp(xs[i] - shift)`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_into(
+        xs: &[f32],
+        shift: f32,
+        mul: f32,
+        out: Option<&mut [f32]>,
+    ) -> f32 {
+        if let Some(o) = &out {
+            assert_eq!(o.len(), xs.len(), "exp_into lengths");
+        }
+        // SAFETY: `out`, when given, has the length of `xs` (checked above).
+        unsafe {
+            exp_into_raw(
+                xs.as_ptr(),
+                xs.len(),
+                shift,
+                mul,
+                out.map(|o| o.as_mut_ptr()),
+            )
+        }
+    }
+
+    /// As [`exp_into`] on raw pointers: `out` may equal `xs` (each block is read before it is
+    /// written).
+    ///
+    /// # Safety
+    /// `xs` must be valid for `n` reads and `out`, when given, for `n` writes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_into_raw(
+        xs: *const f32,
+        n: usize,
+        shift: f32,
+        mul: f32,
+        out: Option<*mut f32>,
+    ) -> f32 {
+        let (vsh, vm) = (_mm512_set1_ps(shift), _mm512_set1_ps(mul));
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let mask = tail_mask(n, i);
+            // SAFETY: the mask keeps every lane inside `[i, n)`, valid by the caller's contract.
+            unsafe {
+                let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, xs.add(i)), vsh));
+                acc = _mm512_mask_add_ps(acc, mask, acc, e);
+                if let Some(o) = out {
+                    _mm512_mask_storeu_ps(o.add(i), mask, _mm512_mul_ps(e, vm));
+                }
+            }
+            i += 16;
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn silu_mul_bwd(
+        g: &[f32],
+        u: &[f32],
+        dy: &[f32],
+        dg: &mut [f32],
+        du: &mut [f32],
+    ) {
+        let n = g.len();
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let mask = tail_mask(n, i);
+            // SAFETY: the caller gives five slices of length `n`; the mask keeps every lane
+            // inside `[i, n)`.
+            unsafe {
+                let gv = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
+                let uv = _mm512_maskz_loadu_ps(mask, u.as_ptr().add(i));
+                let dyv = _mm512_maskz_loadu_ps(mask, dy.as_ptr().add(i));
+                let s = _mm512_div_ps(
+                    one,
+                    _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))),
+                );
+                let dys = _mm512_mul_ps(dyv, s);
+                _mm512_mask_storeu_ps(du.as_mut_ptr().add(i), mask, _mm512_mul_ps(dys, gv));
+                // dg = dy s u (1 + g (1 - s))
+                let t = _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one);
+                _mm512_mask_storeu_ps(
+                    dg.as_mut_ptr().add(i),
+                    mask,
+                    _mm512_mul_ps(_mm512_mul_ps(dys, uv), t),
+                );
+            }
+            i += 16;
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
         let n = out.len();
         let one = _mm512_set1_ps(1.0);
         let mut i = 0;
         while i < n {
-            let left = n - i;
-            let mask: __mmask16 = if left >= 16 {
-                0xffff
-            } else {
-                (1u16 << left) - 1
-            };
+            let mask = tail_mask(n, i);
             // SAFETY: the caller gives three slices of length `n`; the mask keeps every lane
             // inside `[i, n)`.
             unsafe {
@@ -182,6 +359,55 @@ mod tests {
         for i in 0..37 {
             let want = g[i] / (1.0 + (-g[i]).exp()) * u[i];
             assert!((out[i] - want).abs() <= 1e-6 * want.abs().max(1e-3), "{i}");
+        }
+    }
+
+    #[test]
+    fn max_exp_sum_and_exp_into_match_scalar_loops() {
+        for n in [0usize, 1, 15, 16, 17, 100] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 37) % 23) as f32 * 0.31 - 3.0)
+                .collect();
+            let want_max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&xs), want_max, "n = {n}");
+            let want_sum: f32 = xs.iter().map(|&x| (x - 1.5).exp()).sum();
+            assert!((exp_sum(&xs, 1.5) - want_sum).abs() <= 1e-5 * want_sum.max(1.0));
+            let mut out = vec![0f32; n];
+            exp_into(&xs, 1.5, -0.25, &mut out);
+            let mut in_place = xs.clone();
+            exp_in_place(&mut in_place, 1.5, -0.25);
+            for ((o, &x), &p) in out.iter().zip(&xs).zip(&in_place) {
+                let w = (x - 1.5).exp() * -0.25;
+                assert!((o - w).abs() <= 1e-6 * w.abs().max(1e-3), "{o} vs {w}");
+                assert_eq!(*o, p);
+            }
+        }
+    }
+
+    #[test]
+    fn silu_mul_bwd_matches_the_derivative() {
+        let n = 37;
+        let g: Vec<f32> = (0..n).map(|i| i as f32 * 0.7 - 12.0).collect();
+        let u: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.05).collect();
+        let dy: Vec<f32> = (0..n).map(|i| 0.3 + i as f32 * 0.01).collect();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        silu_mul_bwd(&g, &u, &dy, &mut dg, &mut du);
+        for i in 0..n {
+            // central differences of silu(g) * u
+            let f = |g: f64, u: f64| g / (1.0 + (-g).exp()) * u;
+            let (gi, ui, h) = (g[i] as f64, u[i] as f64, 1e-4);
+            let want_dg = dy[i] as f64 * (f(gi + h, ui) - f(gi - h, ui)) / (2.0 * h);
+            let want_du = dy[i] as f64 * f(gi, 1.0);
+            assert!(
+                (dg[i] as f64 - want_dg).abs() < 1e-4,
+                "dg {i}: {} vs {want_dg}",
+                dg[i]
+            );
+            assert!(
+                (du[i] as f64 - want_du).abs() < 1e-5,
+                "du {i}: {} vs {want_du}",
+                du[i]
+            );
         }
     }
 

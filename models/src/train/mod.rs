@@ -318,8 +318,17 @@ pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<
         return Ok(Tensor::zeros((), DType::F32, model.device())?);
     }
     let h = h.reshape((b * w, hid))?.index_select(&batch.rows, 0)?;
-    let logits = model.lm_head().forward(&h)?;
-    Ok(ops::cross_entropy(&logits, &batch.targets)?.sum_all()?)
+    let head = model.lm_head();
+    match head.weight() {
+        // A plain dense head (every Llama here): logits and loss in one op.
+        Some(w) if head.bias().is_none() && head.lora().is_none() && w.is_contiguous() => {
+            Ok(ops::lm_head_nll(&h, w, &batch.targets)?.sum_all()?)
+        }
+        _ => {
+            let logits = head.forward(&h)?;
+            Ok(ops::cross_entropy(&logits, &batch.targets)?.sum_all()?)
+        }
+    }
 }
 
 /// Mean NLL over a split's scored tokens, one example at a time (no padding), as the reference

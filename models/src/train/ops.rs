@@ -17,6 +17,42 @@ use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
 
+/// Wall time per op kind, collected when `ATTUNE_PROFILE_OPS=1` (the training bench prints it):
+/// `(op, seconds, calls)` since the last [`take_profile`].
+static PROFILE: Mutex<Vec<(&'static str, f64, usize)>> = Mutex::new(Vec::new());
+
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ATTUNE_PROFILE_OPS").is_ok_and(|v| v == "1"))
+}
+
+/// Adds the time from its creation to its drop to one op kind's total.
+struct ProfGuard(&'static str, Option<std::time::Instant>);
+
+impl Drop for ProfGuard {
+    fn drop(&mut self) {
+        let Some(t) = self.1 else { return };
+        let dt = t.elapsed().as_secs_f64();
+        let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+        match p.iter_mut().find(|e| e.0 == self.0) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => p.push((self.0, dt, 1)),
+        }
+    }
+}
+
+fn prof(op: &'static str) -> ProfGuard {
+    ProfGuard(op, profiling().then(std::time::Instant::now))
+}
+
+/// The per-op wall times collected since the last call (empty unless `ATTUNE_PROFILE_OPS=1`).
+pub fn take_profile() -> Vec<(&'static str, f64, usize)> {
+    std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: expected f32, got another dtype")
@@ -252,6 +288,7 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("Attention.cpu_fwd");
         let d = AttnDims::of(l1.shape(), l2.shape(), l3.shape())?;
         let q = f32_slice(s1, l1, "attention q")?;
         let k = f32_slice(s2, l2, "attention k")?;
@@ -328,13 +365,24 @@ impl CustomOp3 for Attention {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _pg = prof("Attention.bwd");
         let d = AttnDims::of(q.shape(), k.shape(), v.shape())?;
         let lse_guard = self.lse.lock().unwrap_or_else(|e| e.into_inner());
         let Some(lse) = lse_guard.as_ref() else {
             candle_core::bail!("attention backward before forward")
         };
-        let (qv, kv, vv) = (tensor_vec(q)?, tensor_vec(k)?, tensor_vec(v)?);
-        let (ov, dov) = (tensor_vec(res)?, tensor_vec(grad_res)?);
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (res, grad_res) = (res.contiguous()?, grad_res.contiguous()?);
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = res.storage_and_layout();
+        let (gs, gl) = grad_res.storage_and_layout();
+        let qv = cpu_f32(&qs, ql, "attention q")?;
+        let kv = cpu_f32(&ks, kl, "attention k")?;
+        let vv = cpu_f32(&vs, vl, "attention v")?;
+        let ov = cpu_f32(&os, ol, "attention output")?;
+        let dov = cpu_f32(&gs, gl, "attention grad")?;
         let (l, hd, g) = (d.l, d.hd, d.groups());
         let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
         let scale = self.scale;
@@ -522,6 +570,7 @@ impl CustomOp3 for CachedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("CachedAttention.cpu_fwd");
         let (b, nh, l, hd) = l1.shape().dims4()?;
         let (_, nkv, t, _) = l2.shape().dims4()?;
         let q = f32_slice(s1, l1, "attention q")?;
@@ -650,6 +699,7 @@ impl CustomOp2 for LoraAdd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("LoraAdd.cpu_fwd");
         let y = f32_slice(s1, l1, "lora_add y")?;
         let x = f32_slice(s2, l2, "lora_add x")?;
         let (a_st, a_l) = self.a.storage_and_layout();
@@ -733,6 +783,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("Rope.cpu_fwd");
         let x = f32_slice(s, l, "rope input")?;
         Ok((
             CpuStorage::F32(self.apply(x, l.shape().dims4()?, 1.0)),
@@ -741,6 +792,7 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let _pg = prof("Rope.bwd");
         let g = tensor_vec(grad)?;
         let dx = self.apply(&g, x.dims4()?, -1.0);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
@@ -777,6 +829,7 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("SwiGlu.cpu_fwd");
         let g = f32_slice(s1, l1, "swiglu gate")?;
         let u = f32_slice(s2, l2, "swiglu up")?;
         let mut out = vec![0f32; g.len()];
@@ -793,21 +846,24 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (g, u, dy) = (tensor_vec(gate)?, tensor_vec(up)?, tensor_vec(grad)?);
+        let _pg = prof("SwiGlu.bwd");
+        let (gate_c, up_c, dy_c) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
+        let (gs, gl) = gate_c.storage_and_layout();
+        let (us, ul) = up_c.storage_and_layout();
+        let (ds, dl) = dy_c.storage_and_layout();
+        let g = cpu_f32(&gs, gl, "swiglu gate")?;
+        let u = cpu_f32(&us, ul, "swiglu up")?;
+        let dy = cpu_f32(&ds, dl, "swiglu grad")?;
+        if u.len() != g.len() || dy.len() != g.len() {
+            candle_core::bail!("swiglu backward: gate, up and grad sizes differ")
+        }
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
         const C: usize = 1 << 14;
         dg.par_chunks_mut(C)
             .zip(du.par_chunks_mut(C))
             .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
-            .for_each(|((dg, du), ((g, u), dy))| {
-                for i in 0..g.len() {
-                    let sig = 1.0 / (1.0 + (-g[i]).exp());
-                    let silu = g[i] * sig;
-                    du[i] = dy[i] * silu;
-                    dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
-                }
-            });
+            .for_each(|((dg, du), ((g, u), dy))| crate::simd::silu_mul_bwd(g, u, dy, dg, du));
         let dev = gate.device();
         Ok((
             Some(Tensor::from_vec(dg, gate.shape(), dev)?),
@@ -838,6 +894,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("FrozenLinear.cpu_fwd");
         let x = f32_slice(s, l, "frozen linear input")?;
         let (rows, din) = l.shape().dims2()?;
         let (dout, win) = self.w.dims2()?;
@@ -867,6 +924,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let _pg = prof("FrozenLinear.bwd");
         Ok(Some(grad.matmul(&self.w)?))
     }
 }
@@ -915,6 +973,7 @@ impl CustomOp3 for LoraLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("LoraLinear.cpu_fwd");
         let x = f32_slice(s1, l1, "lora input")?;
         let a = f32_slice(s2, l2, "lora A")?;
         let b = f32_slice(s3, l3, "lora B")?;
@@ -981,15 +1040,24 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _pg = prof("LoraLinear.bwd");
         let (rows, din) = x.dims2()?;
         let (r, _) = a.dims2()?;
         let (dout, _) = b.dims2()?;
-        let (xv, av, bv, dy) = (
-            tensor_vec(x)?,
-            tensor_vec(a)?,
-            tensor_vec(b)?,
-            tensor_vec(grad)?,
+        let (x, a, b, grad) = (
+            x.contiguous()?,
+            a.contiguous()?,
+            b.contiguous()?,
+            grad.contiguous()?,
         );
+        let (xs, xl) = x.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let xv = cpu_f32(&xs, xl, "lora input")?;
+        let av = cpu_f32(&as_, al, "lora A")?;
+        let bv = cpu_f32(&bs, bl, "lora B")?;
+        let dy = cpu_f32(&gs, gl, "lora grad")?;
         let (ws, wl) = self.w.storage_and_layout();
         let w = cpu_f32(&ws, wl, "lora base weight")?;
         let par = Parallelism::Rayon(threads());
@@ -1002,9 +1070,9 @@ impl CustomOp3 for LoraLinear {
             &mut u,
             (r, 1),
             false,
-            &dy,
+            dy,
             (dout, 1),
-            &bv,
+            bv,
             (r, 1),
             par,
         );
@@ -1016,9 +1084,9 @@ impl CustomOp3 for LoraLinear {
             &mut t,
             (r, 1),
             false,
-            &xv,
+            xv,
             (din, 1),
-            &av,
+            av,
             (1, din),
             par,
         );
@@ -1031,7 +1099,7 @@ impl CustomOp3 for LoraLinear {
             &mut dx,
             (din, 1),
             false,
-            &dy,
+            dy,
             (dout, 1),
             w,
             (din, 1),
@@ -1046,7 +1114,7 @@ impl CustomOp3 for LoraLinear {
             true,
             &u,
             (r, 1),
-            &av,
+            av,
             (din, 1),
             self.scale,
             par,
@@ -1062,7 +1130,7 @@ impl CustomOp3 for LoraLinear {
             false,
             &u,
             (1, r),
-            &xv,
+            xv,
             (din, 1),
             self.scale,
             par,
@@ -1075,7 +1143,7 @@ impl CustomOp3 for LoraLinear {
             &mut db,
             (r, 1),
             false,
-            &dy,
+            dy,
             (1, dout),
             &t,
             (r, 1),
@@ -1123,6 +1191,7 @@ impl CustomOp2 for RmsNormOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("RmsNormOp.cpu_fwd");
         let x = f32_slice(s1, l1, "rms norm input")?;
         let w = f32_slice(s2, l2, "rms norm weight")?;
         let h = w.len();
@@ -1150,6 +1219,7 @@ impl CustomOp2 for RmsNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let _pg = prof("RmsNormOp.bwd");
         let xv = tensor_vec(x)?;
         let wv = tensor_vec(w)?;
         let gv = tensor_vec(grad)?;
@@ -1209,18 +1279,20 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> CResult<Tensor> {
     }
     logits.contiguous()?.apply_op1(CrossEntropy {
         targets: targets.to_vec(),
+        lse: Mutex::new(None),
     })
 }
 
 struct CrossEntropy {
     targets: Vec<u32>,
+    /// Log-sum-exp of every row, kept by the forward pass for the backward.
+    lse: Mutex<Option<Vec<f32>>>,
 }
 
-/// (max, log-sum-exp) of a row.
-fn row_lse(row: &[f32]) -> (f32, f32) {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
-    (m, m + s.ln())
+/// Log-sum-exp of a row.
+fn row_lse(row: &[f32]) -> f32 {
+    let m = crate::simd::max(row);
+    m + crate::simd::exp_sum(row, m).ln()
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -1229,35 +1301,216 @@ impl CustomOp1 for CrossEntropy {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("CrossEntropy.cpu_fwd");
         let x = f32_slice(s, l, "cross entropy logits")?;
         let (n, v) = l.shape().dims2()?;
-        let mut out = vec![0f32; n];
-        out.par_iter_mut()
+        let mut lse = vec![0f32; n];
+        lse.par_iter_mut()
             .zip(x.par_chunks(v))
-            .zip(self.targets.par_iter())
-            .for_each(|((o, row), &t)| {
-                let (_, lse) = row_lse(row);
-                *o = lse - row[t as usize];
-            });
+            .for_each(|(o, row)| *o = row_lse(row));
+        let out = lse
+            .iter()
+            .zip(x.chunks(v))
+            .zip(&self.targets)
+            .map(|((&lse, row), &t)| lse - row[t as usize])
+            .collect();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
     fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let _pg = prof("CrossEntropy.bwd");
         let (n, v) = logits.dims2()?;
-        let x = tensor_vec(logits)?;
+        let logits = logits.contiguous()?;
+        let (ls, ll) = logits.storage_and_layout();
+        let x = cpu_f32(&ls, ll, "cross entropy logits")?;
         let g = tensor_vec(grad)?;
+        let kept = self.lse.lock().unwrap_or_else(|e| e.into_inner());
+        let recomputed;
+        let lse = match kept.as_ref() {
+            Some(lse) if lse.len() == n => lse,
+            _ => {
+                recomputed = x.par_chunks(v).map(row_lse).collect::<Vec<f32>>();
+                &recomputed
+            }
+        };
+        // d logits = (softmax - onehot(target)) * grad, row by row.
         let mut dx = vec![0f32; n * v];
         dx.par_chunks_mut(v)
             .zip(x.par_chunks(v))
-            .zip(g.par_iter().zip(self.targets.par_iter()))
-            .for_each(|((d, row), (&gr, &t))| {
-                let (_, lse) = row_lse(row);
-                for (di, &xi) in d.iter_mut().zip(row) {
-                    *di = (xi - lse).exp() * gr;
-                }
+            .zip(
+                g.par_iter()
+                    .zip(self.targets.par_iter())
+                    .zip(lse.par_iter()),
+            )
+            .for_each(|((d, row), ((&gr, &t), &lse))| {
+                crate::simd::exp_into(row, lse, gr, d);
                 d[t as usize] -= gr;
             });
         Ok(Some(Tensor::from_vec(dx, (n, v), logits.device())?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LM head and cross-entropy in one op
+// ---------------------------------------------------------------------------------------------
+
+/// Per-row negative log-likelihood of `targets` under the logits `h W^T`: `h` `[n, hidden]`,
+/// `w` `[vocab, hidden]`; returns `[n]`. Differentiable in `h` and, when it is a variable, in
+/// `w`. The `[n, vocab]` logits never become a tensor of the graph: the op keeps them from the
+/// forward pass and turns them into their own gradient in place in the backward pass, so no
+/// second `[n, vocab]` buffer (nor autograd's zero-filled accumulator for it) is ever allocated.
+pub fn lm_head_nll(h: &Tensor, w: &Tensor, targets: &[u32]) -> CResult<Tensor> {
+    let (n, hid) = h.dims2()?;
+    let (vocab, w_hid) = w.dims2()?;
+    if hid != w_hid {
+        candle_core::bail!("lm head: hidden states have {hid} features, the weight {w_hid}")
+    }
+    if n != targets.len() {
+        candle_core::bail!("lm head: {n} rows but {} targets", targets.len())
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("lm head: target id {t} outside the vocabulary of {vocab}")
+    }
+    h.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        LmHeadNll {
+            targets: targets.to_vec(),
+            kept: Mutex::new(None),
+        },
+    )
+}
+
+struct LmHeadNll {
+    targets: Vec<u32>,
+    /// The logits `[n, vocab]` and each row's log-sum-exp, from the forward pass.
+    kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl LmHeadNll {
+    /// Logits `h W^T` and the log-sum-exp of every row.
+    fn logits(&self, h: &[f32], w: &[f32], n: usize, hid: usize) -> (Vec<f32>, Vec<f32>) {
+        let vocab = w.len() / hid.max(1);
+        let mut logits = vec![0f32; n * vocab];
+        matmul(
+            n,
+            vocab,
+            hid,
+            &mut logits,
+            (vocab, 1),
+            false,
+            h,
+            (hid, 1),
+            w,
+            (1, hid),
+            Parallelism::Rayon(threads()),
+        );
+        let mut lse = vec![0f32; n];
+        if vocab > 0 {
+            lse.par_iter_mut()
+                .zip(logits.par_chunks(vocab))
+                .for_each(|(o, row)| *o = row_lse(row));
+        }
+        (logits, lse)
+    }
+}
+
+impl CustomOp2 for LmHeadNll {
+    fn name(&self) -> &'static str {
+        "attune-lm-head-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("LmHeadNll.cpu_fwd");
+        let h = f32_slice(s1, l1, "lm head hidden states")?;
+        let w = f32_slice(s2, l2, "lm head weight")?;
+        let (n, hid) = l1.shape().dims2()?;
+        let (vocab, _) = l2.shape().dims2()?;
+        let (logits, lse) = self.logits(h, w, n, hid);
+        let out = lse
+            .iter()
+            .zip(logits.chunks(vocab.max(1)))
+            .zip(&self.targets)
+            .map(|((&lse, row), &t)| lse - row[t as usize])
+            .collect();
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((logits, lse));
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let _pg = prof("LmHeadNll.bwd");
+        let (n, hid) = h.dims2()?;
+        let (vocab, _) = w.dims2()?;
+        let (hc, wc) = (h.contiguous()?, w.contiguous()?);
+        let (hs, hl) = hc.storage_and_layout();
+        let (ws, wl) = wc.storage_and_layout();
+        let hv = cpu_f32(&hs, hl, "lm head hidden states")?;
+        let wv = cpu_f32(&ws, wl, "lm head weight")?;
+        let g = tensor_vec(grad)?;
+        // A second backward through the same graph finds the logits gone: recompute them.
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (mut d, lse) = match kept {
+            Some(k) => k,
+            None => self.logits(hv, wv, n, hid),
+        };
+        // d logits = (softmax - onehot(target)) * grad, in place over the logits.
+        d.par_chunks_mut(vocab.max(1))
+            .zip(
+                g.par_iter()
+                    .zip(self.targets.par_iter())
+                    .zip(lse.par_iter()),
+            )
+            .for_each(|(row, ((&gr, &t), &lse))| {
+                crate::simd::exp_in_place(row, lse, gr);
+                row[t as usize] -= gr;
+            });
+        let par = Parallelism::Rayon(threads());
+        let mut dh = vec![0f32; n * hid];
+        matmul(
+            n,
+            hid,
+            vocab,
+            &mut dh,
+            (hid, 1),
+            false,
+            &d,
+            (vocab, 1),
+            wv,
+            (hid, 1),
+            par,
+        );
+        let dw = if w.track_op() {
+            let mut dw = vec![0f32; vocab * hid];
+            matmul(
+                vocab,
+                hid,
+                n,
+                &mut dw,
+                (hid, 1),
+                false,
+                &d,
+                (1, vocab),
+                hv,
+                (hid, 1),
+                par,
+            );
+            Some(Tensor::from_vec(dw, (vocab, hid), w.device())?)
+        } else {
+            None
+        };
+        Ok((Some(Tensor::from_vec(dh, (n, hid), h.device())?), dw))
     }
 }
 
@@ -1486,6 +1739,49 @@ mod tests {
         let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn lm_head_nll_matches_the_head_then_cross_entropy() {
+        let dev = Device::Cpu;
+        // 37 vocabulary entries: two full 16-lane blocks and a tail in the exp kernels.
+        let h = Var::randn(0f32, 1., (5, 9), &dev).unwrap();
+        let w = Var::randn(0f32, 1., (37, 9), &dev).unwrap();
+        let t = [0u32, 36, 17, 17, 4];
+        let rw = Tensor::randn(0f32, 1., 5, &dev).unwrap();
+        let a = lm_head_nll(&h, &w, &t).unwrap();
+        let logits = h.matmul(&w.t().unwrap()).unwrap();
+        let ls = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let idx = Tensor::new(&t, &dev).unwrap().unsqueeze(1).unwrap();
+        let b = ls
+            .gather(&idx, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let la = (&a * &rw).unwrap().sum_all().unwrap();
+        let ga = la.backward().unwrap();
+        let gb = (b * &rw).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(ga.get(&h).unwrap(), gb.get(&h).unwrap()) < 1e-5);
+        assert!(max_diff(ga.get(&w).unwrap(), gb.get(&w).unwrap()) < 1e-5);
+        // A second backward through the same graph recomputes the logits it gave away.
+        let again = la.backward().unwrap();
+        assert!(max_diff(again.get(&h).unwrap(), gb.get(&h).unwrap()) < 1e-5);
+        // A frozen weight gets no gradient.
+        let frozen = lm_head_nll(&h, w.as_tensor(), &t).unwrap();
+        let w_plain = w.as_tensor().detach();
+        let g = lm_head_nll(&h, &w_plain, &t)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&w_plain).is_none() && g.get(&h).is_some());
+        assert!(max_diff(&frozen, &a) < 1e-6);
+        assert!(lm_head_nll(&h, &w, &[37, 0, 0, 0, 0]).is_err());
+        assert!(lm_head_nll(&h, &w, &[0, 0]).is_err());
     }
 
     #[test]
