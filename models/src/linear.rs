@@ -285,23 +285,31 @@ impl Linear {
     /// `x` `[..., in]` -> `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (x2, lead) = self.flatten_input(x)?;
-        if let (Some(w), Some(l)) = (&self.weight, &self.lora) {
-            let no_dropout = l.dropout == 0.0 || l.dropout_seed.is_none();
-            let training = x2.track_op() || l.a.track_op() || l.b.track_op();
-            if training
-                && no_dropout
-                && !w.track_op()
-                && w.is_contiguous()
-                && self.mode != ComputeMode::Quantized
-            {
-                // Training a LoRA branch on a frozen base: one fused op, no weight gradient.
-                let mut y = crate::train::ops::lora_linear(&x2, w, &l.a, &l.b, l.scale as f32)?;
-                if let Some(b) = &self.bias {
-                    y = y.broadcast_add(b)?;
+        // Training: the fused ops take `x` with its leading dims as it is, so the graph gets no
+        // reshape nodes (each would cost the backward pass a zero-filled buffer and an add).
+        if let Some(w) = &self.weight {
+            let trainable_w = w.track_op();
+            let usable = w.is_contiguous() && self.mode != ComputeMode::Quantized;
+            let y = match &self.lora {
+                Some(l) => {
+                    let no_dropout = l.dropout == 0.0 || l.dropout_seed.is_none();
+                    let training = x.track_op() || l.a.track_op() || l.b.track_op();
+                    (training && no_dropout && !trainable_w && usable).then(|| {
+                        // A LoRA branch on a frozen base: one fused op, no weight gradient.
+                        crate::train::ops::lora_linear(x, w, &l.a, &l.b, l.scale as f32)
+                    })
                 }
-                let mut out_dims = lead.to_vec();
-                out_dims.push(self.out_dim);
-                return Ok(y.reshape(out_dims)?);
+                None if usable && trainable_w => Some(crate::train::ops::linear(x, w)),
+                // A frozen weight under a tracked input (LoRA elsewhere, prompt tuning).
+                None if usable && x.track_op() => Some(crate::train::ops::frozen_linear(x, w)),
+                None => None,
+            };
+            if let Some(y) = y {
+                let y = y?;
+                return Ok(match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                });
             }
         }
         let y = self.base_product(&x2)?;
@@ -351,6 +359,10 @@ impl Linear {
             // A frozen weight under a tracked input (LoRA, prompt tuning): no weight gradient.
             (_, Some(w), _) if x2.track_op() && !w.track_op() && w.is_contiguous() => {
                 crate::train::ops::frozen_linear(x2, w)?
+            }
+            // A weight being trained (full fine-tuning): dW straight into its layout.
+            (_, Some(w), _) if w.track_op() && w.is_contiguous() => {
+                crate::train::ops::linear(x2, w)?
             }
             (_, Some(w), _) => x2.matmul(&w.t()?)?,
             _ => return Err(Error::InvalidParams("linear layer has no weights".into())),

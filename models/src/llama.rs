@@ -121,12 +121,8 @@ impl Mlp {
         let gu = FusedDecode::forward(fused, &[&self.gate_proj, &self.up_proj], x)?;
         let [g, u] = <[Tensor; 2]>::try_from(gu)
             .map_err(|_| Error::InvalidParams("gate/up product count".into()))?;
-        let h = if g.track_op() || u.track_op() {
-            crate::train::ops::swiglu(&g, &u)?
-        } else {
-            // Inference: one vectorised pass instead of `silu` then `mul`.
-            crate::train::ops::swiglu(&g, &u)?
-        };
+        // One vectorised pass instead of `silu` then `mul`, with its own backward pass.
+        let h = crate::train::ops::swiglu(&g, &u)?;
         self.down_proj.forward(&h)
     }
 }
@@ -809,13 +805,13 @@ impl Llama {
             .map_err(|_| Error::InvalidParams("q/k/v product count".into()))?;
         if differentiable && cache.is_none() {
             // Training and scoring: fused rope and causal attention on the projections' own
-            // [b, seq, heads, hd] layout, keeping no [seq, seq] tensors for the backward pass.
-            let q = crate::train::ops::rope(&q.reshape((b, l, nh, hd))?, cos, sin)?;
-            let k = crate::train::ops::rope(&k.reshape((b, l, nkv, hd))?, cos, sin)?;
-            let v = v.reshape((b, l, nkv, hd))?;
+            // [b, seq, heads * hd] layout (no reshapes, so no reshape nodes in the graph),
+            // keeping no [seq, seq] tensors for the backward pass.
+            let q = crate::train::ops::rope(&q, cos, sin)?;
+            let k = crate::train::ops::rope(&k, cos, sin)?;
             let scale = 1.0 / (hd as f32).sqrt();
-            let out = crate::train::ops::attention(&q, &k, &v, scale)?;
-            return a.o_proj.forward(&out.reshape((b, l, nh * hd))?);
+            let out = crate::train::ops::attention_heads(&q, &k, &v, nh, nkv, scale)?;
+            return a.o_proj.forward(&out);
         }
         let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;

@@ -63,6 +63,23 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]
     Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
+/// A `[..., features]` tensor as `(rows, features)`.
+fn rows_features(shape: &Shape) -> CResult<(usize, usize)> {
+    match shape.dims().split_last() {
+        Some((&f, lead)) if !lead.is_empty() => Ok((lead.iter().product(), f)),
+        _ => candle_core::bail!("expected a [..., features] tensor, got {:?}", shape.dims()),
+    }
+}
+
+/// `shape` with its last dim replaced by `features`.
+fn with_features(shape: &Shape, features: usize) -> Shape {
+    let mut d = shape.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = features;
+    }
+    Shape::from(d)
+}
+
 fn tensor_vec(t: &Tensor) -> CResult<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -173,6 +190,30 @@ fn matmul_scaled(
 /// query heads share one kv head), contiguous f32. Returns `[b, seq, heads, hd]`, so no
 /// transposes are needed on either side. Differentiable in all three inputs.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> CResult<Tensor> {
+    attention_op(q, k, v, scale, None)
+}
+
+/// [`attention`] on the projections' own `[b, seq, heads * hd]` outputs (no reshape, so no
+/// reshape node in the graph): `q` holds `heads` heads, `k`/`v` `kv_heads`. Returns
+/// `[b, seq, heads * hd]`, the layout `o_proj` takes.
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f32,
+) -> CResult<Tensor> {
+    attention_op(q, k, v, scale, Some((heads, kv_heads)))
+}
+
+fn attention_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    heads: Option<(usize, usize)>,
+) -> CResult<Tensor> {
     let q = q.contiguous()?;
     let k = k.contiguous()?;
     let v = v.contiguous()?;
@@ -181,6 +222,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> CResult<Tens
         &v,
         Attention {
             scale,
+            heads,
             lse: Mutex::new(None),
         },
     )
@@ -188,6 +230,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> CResult<Tens
 
 struct Attention {
     scale: f32,
+    /// Head counts `(heads, kv_heads)` when the inputs are `[b, seq, heads * hd]`.
+    heads: Option<(usize, usize)>,
     /// Log-sum-exp of every score row `[b, heads, seq]`, kept by the forward pass for the backward.
     lse: Mutex<Option<Vec<f32>>>,
 }
@@ -202,9 +246,21 @@ struct AttnDims {
 }
 
 impl AttnDims {
-    fn of(q: &Shape, k: &Shape, v: &Shape) -> CResult<AttnDims> {
-        let (b, l, nh, hd) = q.dims4()?;
-        let (kb, kl, nkv, khd) = k.dims4()?;
+    fn of(q: &Shape, k: &Shape, v: &Shape, heads: Option<(usize, usize)>) -> CResult<AttnDims> {
+        let split = |s: &Shape, h: Option<usize>| -> CResult<(usize, usize, usize, usize)> {
+            match h {
+                None => s.dims4(),
+                Some(h) => {
+                    let (b, l, w) = s.dims3()?;
+                    if h == 0 || w % h != 0 {
+                        candle_core::bail!("attention: {w} features do not split into {h} heads")
+                    }
+                    Ok((b, l, h, w / h))
+                }
+            }
+        };
+        let (b, l, nh, hd) = split(q, heads.map(|h| h.0))?;
+        let (kb, kl, nkv, khd) = split(k, heads.map(|h| h.1))?;
         if (kb, kl, khd) != (b, l, hd) || k.dims() != v.dims() || nkv == 0 || nh % nkv != 0 {
             candle_core::bail!(
                 "attention: q {:?}, k {:?}, v {:?} do not fit together",
@@ -225,12 +281,23 @@ impl AttnDims {
     }
 }
 
-/// Scores `s = scale * q k^T` for one head into `s` `[l, l]` (`q`, `k` rows `q_rs`/`k_rs` apart),
-/// then turns the causal part of each row into probabilities in place (zeros above the
-/// diagonal). With `lse_in`, uses it (the backward pass); otherwise writes it to `lse_out`.
+/// Query rows per block of the causal attention: a block of rows `r0..r1` needs keys `0..r1`
+/// only, so the GEMMs skip the blocks above the diagonal (about 40% of the work at 256 tokens).
+const ATTN_BLOCK: usize = 64;
+
+/// The row blocks `(r0, r1)` of a sequence of `l` positions.
+fn attn_blocks(l: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..l.div_ceil(ATTN_BLOCK)).map(move |i| (i * ATTN_BLOCK, ((i + 1) * ATTN_BLOCK).min(l)))
+}
+
+/// Scores `s = scale * q k^T` of query rows `r0..r1` against keys `0..r1` for one head, into
+/// `s` (row stride `l`; `q`, `k` rows `q_rs`/`k_rs` apart), then turns the causal part of each
+/// row into probabilities in place (zeros above the diagonal, up to column `r1`). With `lse_in`,
+/// uses it (the backward pass); otherwise writes it to `lse_out` (indexed by row).
 #[allow(clippy::too_many_arguments)]
 fn head_probs(
     d: AttnDims,
+    (r0, r1): (usize, usize),
     qh: &[f32],
     q_rs: usize,
     kg: &[f32],
@@ -242,20 +309,20 @@ fn head_probs(
 ) {
     let (l, hd) = (d.l, d.hd);
     matmul(
-        l,
-        l,
+        r1 - r0,
+        r1,
         hd,
-        s,
+        &mut s[r0 * l..],
         (l, 1),
         false,
-        qh,
+        &qh[r0 * q_rs..],
         (q_rs, 1),
         kg,
         (1, k_rs),
         Parallelism::None,
     );
-    for i in 0..l {
-        let row = &mut s[i * l..(i + 1) * l];
+    for i in r0..r1 {
+        let row = &mut s[i * l..i * l + r1];
         let (live, dead) = row.split_at_mut(i + 1);
         dead.fill(0.0);
         match lse_in {
@@ -289,7 +356,7 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let _pg = prof("Attention.cpu_fwd");
-        let d = AttnDims::of(l1.shape(), l2.shape(), l3.shape())?;
+        let d = AttnDims::of(l1.shape(), l2.shape(), l3.shape(), self.heads)?;
         let q = f32_slice(s1, l1, "attention q")?;
         let k = f32_slice(s2, l2, "attention k")?;
         let v = f32_slice(s3, l3, "attention v")?;
@@ -307,30 +374,34 @@ impl CustomOp3 for Attention {
                 let mut lse = vec![0f32; g * l];
                 for j in 0..g {
                     let qh = &q[d.at(bi, kh * g + j, d.nh)..];
-                    head_probs(
-                        d,
-                        qh,
-                        q_rs,
-                        kg,
-                        kv_rs,
-                        self.scale,
-                        &mut s,
-                        None,
-                        &mut lse[j * l..(j + 1) * l],
-                    );
-                    matmul(
-                        l,
-                        hd,
-                        l,
-                        &mut out[j * l * hd..(j + 1) * l * hd],
-                        (hd, 1),
-                        false,
-                        &s,
-                        (l, 1),
-                        vg,
-                        (kv_rs, 1),
-                        Parallelism::None,
-                    );
+                    for (r0, r1) in attn_blocks(l) {
+                        head_probs(
+                            d,
+                            (r0, r1),
+                            qh,
+                            q_rs,
+                            kg,
+                            kv_rs,
+                            self.scale,
+                            &mut s,
+                            None,
+                            &mut lse[j * l..(j + 1) * l],
+                        );
+                        // out[r0..r1] = P[r0..r1, 0..r1] V[0..r1]
+                        matmul(
+                            r1 - r0,
+                            hd,
+                            r1,
+                            &mut out[(j * l + r0) * hd..(j + 1) * l * hd],
+                            (hd, 1),
+                            false,
+                            &s[r0 * l..],
+                            (l, 1),
+                            vg,
+                            (kv_rs, 1),
+                            Parallelism::None,
+                        );
+                    }
                 }
                 (out, lse)
             })
@@ -366,7 +437,7 @@ impl CustomOp3 for Attention {
         grad_res: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _pg = prof("Attention.bwd");
-        let d = AttnDims::of(q.shape(), k.shape(), v.shape())?;
+        let d = AttnDims::of(q.shape(), k.shape(), v.shape(), self.heads)?;
         let lse_guard = self.lse.lock().unwrap_or_else(|e| e.into_inner());
         let Some(lse) = lse_guard.as_ref() else {
             candle_core::bail!("attention backward before forward")
@@ -404,86 +475,90 @@ impl CustomOp3 for Attention {
                     let off = d.at(bi, h, d.nh);
                     let (qh, oh, doh) = (&qv[off..], &ov[off..], &dov[off..]);
                     let lse_h = &lse[(bi * d.nh + h) * l..(bi * d.nh + h + 1) * l];
-                    head_probs(
-                        d,
-                        qh,
-                        q_rs,
-                        kg,
-                        kv_rs,
-                        scale,
-                        &mut p,
-                        Some(lse_h),
-                        &mut unused,
-                    );
-                    // dV += P^T dO
-                    matmul(
-                        l,
-                        hd,
-                        l,
-                        &mut dv,
-                        (hd, 1),
-                        true,
-                        &p,
-                        (1, l),
-                        doh,
-                        (q_rs, 1),
-                        Parallelism::None,
-                    );
-                    // dP = dO V^T
-                    matmul(
-                        l,
-                        l,
-                        hd,
-                        &mut dp,
-                        (l, 1),
-                        false,
-                        doh,
-                        (q_rs, 1),
-                        vg,
-                        (1, kv_rs),
-                        Parallelism::None,
-                    );
-                    // dS = P * (dP - rowsum(dO * O)) * scale (P is zero above the diagonal)
-                    for i in 0..l {
-                        let di: f32 = doh[i * q_rs..i * q_rs + hd]
-                            .iter()
-                            .zip(&oh[i * q_rs..i * q_rs + hd])
-                            .map(|(a, b)| a * b)
-                            .sum();
-                        let pr = &p[i * l..i * l + i + 1];
-                        let dr = &mut dp[i * l..(i + 1) * l];
-                        for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
-                            *x = pp * (*x - di) * scale;
+                    for (r0, r1) in attn_blocks(l) {
+                        let rb = r1 - r0;
+                        head_probs(
+                            d,
+                            (r0, r1),
+                            qh,
+                            q_rs,
+                            kg,
+                            kv_rs,
+                            scale,
+                            &mut p,
+                            Some(lse_h),
+                            &mut unused,
+                        );
+                        // dV[0..r1] += P_blk^T dO_blk
+                        matmul(
+                            r1,
+                            hd,
+                            rb,
+                            &mut dv,
+                            (hd, 1),
+                            true,
+                            &p[r0 * l..],
+                            (1, l),
+                            &doh[r0 * q_rs..],
+                            (q_rs, 1),
+                            Parallelism::None,
+                        );
+                        // dP_blk = dO_blk V[0..r1]^T
+                        matmul(
+                            rb,
+                            r1,
+                            hd,
+                            &mut dp[r0 * l..],
+                            (l, 1),
+                            false,
+                            &doh[r0 * q_rs..],
+                            (q_rs, 1),
+                            vg,
+                            (1, kv_rs),
+                            Parallelism::None,
+                        );
+                        // dS = P * (dP - rowsum(dO * O)) * scale (P is zero above the diagonal)
+                        for i in r0..r1 {
+                            let di: f32 = doh[i * q_rs..i * q_rs + hd]
+                                .iter()
+                                .zip(&oh[i * q_rs..i * q_rs + hd])
+                                .map(|(a, b)| a * b)
+                                .sum();
+                            let pr = &p[i * l..i * l + i + 1];
+                            let dr = &mut dp[i * l..i * l + r1];
+                            for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
+                                *x = pp * (*x - di) * scale;
+                            }
+                            dr[i + 1..].fill(0.0);
                         }
-                        dr[i + 1..].fill(0.0);
+                        // dQ_blk = dS_blk K[0..r1] ; dK[0..r1] += dS_blk^T Q_blk
+                        matmul(
+                            rb,
+                            hd,
+                            r1,
+                            &mut dq[(j * l + r0) * hd..(j + 1) * l * hd],
+                            (hd, 1),
+                            false,
+                            &dp[r0 * l..],
+                            (l, 1),
+                            kg,
+                            (kv_rs, 1),
+                            Parallelism::None,
+                        );
+                        matmul(
+                            r1,
+                            hd,
+                            rb,
+                            &mut dk,
+                            (hd, 1),
+                            true,
+                            &dp[r0 * l..],
+                            (1, l),
+                            &qh[r0 * q_rs..],
+                            (q_rs, 1),
+                            Parallelism::None,
+                        );
                     }
-                    // dQ = dS K ; dK += dS^T Q
-                    matmul(
-                        l,
-                        hd,
-                        l,
-                        &mut dq[j * l * hd..(j + 1) * l * hd],
-                        (hd, 1),
-                        false,
-                        &dp,
-                        (l, 1),
-                        kg,
-                        (kv_rs, 1),
-                        Parallelism::None,
-                    );
-                    matmul(
-                        l,
-                        hd,
-                        l,
-                        &mut dk,
-                        (hd, 1),
-                        true,
-                        &dp,
-                        (1, l),
-                        qh,
-                        (q_rs, 1),
-                        Parallelism::None,
-                    );
                 }
                 (dq, dk, dv)
             })
@@ -727,8 +802,11 @@ impl CustomOp2 for LoraAdd {
 /// Rotary position embedding (Hugging Face's rotate-half form) on `x` `[b, seq, heads, hd]`;
 /// `cos`/`sin` are `[seq, hd / 2]`. Differentiable in `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
-    let (_, l, _, hd) = x.dims4()?;
-    if cos.dims() != [l, hd / 2] || sin.dims() != [l, hd / 2] || hd % 2 != 0 {
+    let (l, half) = cos.dims2()?;
+    let dims = x.dims();
+    let hd = half * 2;
+    let row: usize = dims.get(2..).map_or(0, |d| d.iter().product());
+    if dims.len() < 3 || dims[1] != l || sin.dims() != cos.dims() || hd == 0 || row % hd != 0 {
         candle_core::bail!(
             "rope: x {:?} does not fit cos {:?} / sin {:?}",
             x.dims(),
@@ -739,26 +817,32 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     x.contiguous()?.apply_op1(Rope {
         cos: tensor_vec(cos)?,
         sin: tensor_vec(sin)?,
+        l,
+        hd,
     })
 }
 
 struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Positions per sequence and the head size.
+    l: usize,
+    hd: usize,
 }
 
 impl Rope {
-    /// Rotates every head of `x` `[b, l, h, hd]` by the position's angle (`sign` -1 inverts it,
-    /// which is the backward pass: the rotation's transpose).
-    fn apply(&self, x: &[f32], dims: (usize, usize, usize, usize), sign: f32) -> Vec<f32> {
-        let (_, l, h, hd) = dims;
+    /// Rotates every head of `x` (`[b, l, ...]`, heads of `hd` in each position's row) by the
+    /// position's angle (`sign` -1 inverts it, which is the backward pass: the rotation's
+    /// transpose).
+    fn apply(&self, x: &[f32], row: usize, sign: f32) -> Vec<f32> {
+        let (l, hd) = (self.l, self.hd);
         let half = hd / 2;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h * hd)
-            .zip(x.par_chunks(h * hd))
+        out.par_chunks_mut(row)
+            .zip(x.par_chunks(row))
             .enumerate()
-            .for_each(|(row, (o, xi))| {
-                let pos = row % l;
+            .for_each(|(r, (o, xi))| {
+                let pos = r % l;
                 let (c, s) = (
                     &self.cos[pos * half..(pos + 1) * half],
                     &self.sin[pos * half..(pos + 1) * half],
@@ -775,6 +859,11 @@ impl Rope {
             });
         out
     }
+
+    /// Elements per position row of a tensor of this shape.
+    fn row(shape: &Shape) -> usize {
+        shape.dims().get(2..).map_or(0, |d| d.iter().product())
+    }
 }
 
 impl CustomOp1 for Rope {
@@ -786,15 +875,17 @@ impl CustomOp1 for Rope {
         let _pg = prof("Rope.cpu_fwd");
         let x = f32_slice(s, l, "rope input")?;
         Ok((
-            CpuStorage::F32(self.apply(x, l.shape().dims4()?, 1.0)),
+            CpuStorage::F32(self.apply(x, Self::row(l.shape()), 1.0)),
             l.shape().clone(),
         ))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let _pg = prof("Rope.bwd");
-        let g = tensor_vec(grad)?;
-        let dx = self.apply(&g, x.dims4()?, -1.0);
+        let gc = grad.contiguous()?;
+        let (gs, gl) = gc.storage_and_layout();
+        let g = cpu_f32(&gs, gl, "rope grad")?;
+        let dx = self.apply(g, Self::row(x.shape()), -1.0);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -896,7 +987,7 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let _pg = prof("FrozenLinear.cpu_fwd");
         let x = f32_slice(s, l, "frozen linear input")?;
-        let (rows, din) = l.shape().dims2()?;
+        let (rows, din) = rows_features(l.shape())?;
         let (dout, win) = self.w.dims2()?;
         if win != din {
             candle_core::bail!("frozen linear: input has {din} features, weight expects {win}")
@@ -920,12 +1011,145 @@ impl CustomOp1 for FrozenLinear {
             (1, din),
             Parallelism::Rayon(threads()),
         );
-        Ok((CpuStorage::F32(out), Shape::from((rows, dout))))
+        Ok((CpuStorage::F32(out), with_features(l.shape(), dout)))
     }
 
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let _pg = prof("FrozenLinear.bwd");
-        Ok(Some(grad.matmul(&self.w)?))
+        let (dout, din) = self.w.dims2()?;
+        let gc = grad.contiguous()?;
+        let rows = gc.elem_count() / dout.max(1);
+        let (gs, gl) = gc.storage_and_layout();
+        let (ws, wl) = self.w.storage_and_layout();
+        let dy = cpu_f32(&gs, gl, "frozen linear grad")?;
+        let w = cpu_f32(&ws, wl, "frozen linear weight")?;
+        let mut dx = vec![0f32; rows * din];
+        let par = Parallelism::Rayon(threads());
+        matmul(
+            rows,
+            din,
+            dout,
+            &mut dx,
+            (din, 1),
+            false,
+            dy,
+            (dout, 1),
+            w,
+            (din, 1),
+            par,
+        );
+        Ok(Some(Tensor::from_vec(dx, x.shape(), grad.device())?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trained linear
+// ---------------------------------------------------------------------------------------------
+
+/// `x W^T` for a weight being trained (full fine-tuning): `x` `[rows, in]`, `w` `[out, in]`.
+/// The backward pass computes `dx = dy W` (when `x` needs it) and `dW = dy^T x` straight into
+/// the weight's `[out, in]` layout.
+pub fn linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, TrainedLinear)
+}
+
+struct TrainedLinear;
+
+impl CustomOp2 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "attune-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("TrainedLinear.cpu_fwd");
+        let x = f32_slice(s1, l1, "linear input")?;
+        let w = f32_slice(s2, l2, "linear weight")?;
+        let (rows, din) = rows_features(l1.shape())?;
+        let (dout, win) = l2.shape().dims2()?;
+        if win != din {
+            candle_core::bail!("linear: input has {din} features, weight expects {win}")
+        }
+        let mut out = vec![0f32; rows * dout];
+        let par = Parallelism::Rayon(threads());
+        matmul(
+            rows,
+            dout,
+            din,
+            &mut out,
+            (dout, 1),
+            false,
+            x,
+            (din, 1),
+            w,
+            (1, din),
+            par,
+        );
+        Ok((CpuStorage::F32(out), with_features(l1.shape(), dout)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let _pg = prof("TrainedLinear.bwd");
+        let (rows, din) = rows_features(x.shape())?;
+        let (dout, _) = w.dims2()?;
+        let (xc, wc, gc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
+        let (xs, xl) = xc.storage_and_layout();
+        let (ws, wl) = wc.storage_and_layout();
+        let (gs, gl) = gc.storage_and_layout();
+        let xv = cpu_f32(&xs, xl, "linear input")?;
+        let wv = cpu_f32(&ws, wl, "linear weight")?;
+        let dy = cpu_f32(&gs, gl, "linear grad")?;
+        let par = Parallelism::Rayon(threads());
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; rows * din];
+            matmul(
+                rows,
+                din,
+                dout,
+                &mut dx,
+                (din, 1),
+                false,
+                dy,
+                (dout, 1),
+                wv,
+                (din, 1),
+                par,
+            );
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let mut dw = vec![0f32; dout * din];
+            matmul(
+                dout,
+                din,
+                rows,
+                &mut dw,
+                (din, 1),
+                false,
+                dy,
+                (1, dout),
+                xv,
+                (din, 1),
+                par,
+            );
+            Some(Tensor::from_vec(dw, (dout, din), w.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 
@@ -977,7 +1201,7 @@ impl CustomOp3 for LoraLinear {
         let x = f32_slice(s1, l1, "lora input")?;
         let a = f32_slice(s2, l2, "lora A")?;
         let b = f32_slice(s3, l3, "lora B")?;
-        let (rows, din) = l1.shape().dims2()?;
+        let (rows, din) = rows_features(l1.shape())?;
         let (r, a_in) = l2.shape().dims2()?;
         let (dout, b_r) = l3.shape().dims2()?;
         let (w_out, w_in) = self.w.dims2()?;
@@ -1029,7 +1253,7 @@ impl CustomOp3 for LoraLinear {
             self.scale,
             par,
         );
-        Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
+        Ok((CpuStorage::F32(y), with_features(l1.shape(), dout)))
     }
 
     fn bwd(
@@ -1041,7 +1265,7 @@ impl CustomOp3 for LoraLinear {
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _pg = prof("LoraLinear.bwd");
-        let (rows, din) = x.dims2()?;
+        let (rows, din) = rows_features(x.shape())?;
         let (r, _) = a.dims2()?;
         let (dout, _) = b.dims2()?;
         let (x, a, b, grad) = (
@@ -1152,7 +1376,7 @@ impl CustomOp3 for LoraLinear {
         );
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, (rows, din), dev)?),
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(da, (r, din), dev)?),
             Some(Tensor::from_vec(db, (dout, r), dev)?),
         ))
@@ -1642,8 +1866,14 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_forward_and_backward() {
+        // One block, and three causal blocks with a short last one.
+        for dims in [(2, 6, 2, 13, 8), (1, 4, 2, 150, 8)] {
+            attention_case(dims);
+        }
+    }
+
+    fn attention_case((b, nh, nkv, l, hd): (usize, usize, usize, usize, usize)) {
         let dev = Device::Cpu;
-        let (b, nh, nkv, l, hd) = (2, 6, 2, 13, 8);
         let q = Var::randn(0f32, 1., (b, l, nh, hd), &dev).unwrap();
         let k = Var::randn(0f32, 1., (b, l, nkv, hd), &dev).unwrap();
         let v = Var::randn(0f32, 1., (b, l, nkv, hd), &dev).unwrap();
@@ -1659,6 +1889,31 @@ mod tests {
             let d = max_diff(gf.get(t).unwrap(), gs.get(t).unwrap());
             assert!(d < 1e-4, "gradient differs by {d}");
         }
+        // The same on the projections' [b, l, heads * hd] layout, with rope applied there.
+        let flat = |x: &Var| x.as_tensor().flatten_from(2).unwrap();
+        let half = hd / 2;
+        let cos = Tensor::randn(0f32, 1., (l, half), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1., (l, half), &dev).unwrap();
+        let q4 = rope(&q, &cos, &sin).unwrap();
+        let q3 = rope(&flat(&q), &cos, &sin).unwrap();
+        assert!(max_diff(&q4.flatten_from(2).unwrap(), &q3) < 1e-6);
+        let heads = attention_heads(&q3, &flat(&k), &flat(&v), nh, nkv, scale as f32).unwrap();
+        let four = attention(&q4, &k, &v, scale as f32).unwrap();
+        assert_eq!(heads.dims(), &[b, l, nh * hd]);
+        assert!(max_diff(&heads, &four.flatten_from(2).unwrap()) < 1e-6);
+        let w3 = w.flatten_from(2).unwrap();
+        let gh = (heads * &w3)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g4 = (four * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [&q, &k, &v] {
+            let d = max_diff(gh.get(t).unwrap(), g4.get(t).unwrap());
+            assert!(d < 1e-5, "gradient on the flat layout differs by {d}");
+        }
+        assert!(attention_heads(&q3, &flat(&k), &flat(&v), 5, nkv, 1.0).is_err());
     }
 
     #[test]
@@ -1782,6 +2037,30 @@ mod tests {
         assert!(max_diff(&frozen, &a) < 1e-6);
         assert!(lm_head_nll(&h, &w, &[37, 0, 0, 0, 0]).is_err());
         assert!(lm_head_nll(&h, &w, &[0, 0]).is_err());
+    }
+
+    #[test]
+    fn trained_linear_matches_matmul_in_both_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (7, 5), &dev).unwrap();
+        let w = Var::randn(0f32, 1., (3, 5), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1., (7, 3), &dev).unwrap();
+        let a = linear(&x, &w).unwrap();
+        let b = x.matmul(&w.t().unwrap()).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let ga = (a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-5);
+        assert!(max_diff(ga.get(&w).unwrap(), gb.get(&w).unwrap()) < 1e-5);
+        // An input that is not tracked gets no gradient, the weight still does.
+        let x0 = x.as_tensor().detach();
+        let g = linear(&x0, &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&x0).is_none() && g.get(&w).is_some());
     }
 
     #[test]

@@ -66,17 +66,90 @@ impl Schedule {
     }
 }
 
-/// sqrt of the sum of squares of every gradient.
+/// sqrt of the sum of squares of every gradient (read in place, summed in f64).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut ss = 0f64;
     for g in grads {
-        ss += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        let g = g.contiguous()?;
+        let (st, l) = g.storage_and_layout();
+        let v = f32_data(&st, l)?;
+        ss += v
+            .par_chunks(1 << 14)
+            .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+            .sum::<f64>();
     }
     Ok(ss.sqrt())
+}
+
+/// The f32 elements of a contiguous CPU tensor's storage.
+fn f32_data<'a>(st: &'a candle_core::Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    match st {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) if l.is_contiguous() => {
+            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+        }
+        _ => Err(Error::InvalidParams(
+            "optimizer: expected a contiguous f32 tensor on the CPU".into(),
+        )),
+    }
+}
+
+/// One AdamW update of a parameter, applied in place to its storage (no copies of the
+/// parameter or its gradient).
+struct AdamWUpdate<'a> {
+    state: std::sync::Mutex<(&'a mut [f32], &'a mut [f32])>,
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    decay: f32,
+    eps: f32,
+    grad_scale: f32,
+}
+
+impl candle_core::InplaceOp2 for AdamWUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "attune-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (candle_core::CpuStorage::F32(pv), candle_core::CpuStorage::F32(gv)) = (s1, s2) else {
+            candle_core::bail!("adamw: parameters and gradients must be f32")
+        };
+        if !l1.is_contiguous() || !l2.is_contiguous() {
+            candle_core::bail!("adamw: parameters and gradients must be contiguous")
+        }
+        let n = l1.shape().elem_count();
+        let pv = &mut pv[l1.start_offset()..l1.start_offset() + n];
+        let gv = &gv[l2.start_offset()..l2.start_offset() + l2.shape().elem_count()];
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (m, v) = &mut *state;
+        if gv.len() != n || m.len() != n || v.len() != n {
+            candle_core::bail!("adamw: gradient or moments differ in size from the parameter")
+        }
+        let (b1, b2, step_size, bc2_sqrt) = (self.b1, self.b2, self.step_size, self.bc2_sqrt);
+        let (decay, eps, gs) = (self.decay, self.eps, self.grad_scale);
+        const CHUNK: usize = 1 << 14;
+        pv.par_chunks_mut(CHUNK)
+            .zip(gv.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((pc, gc), (mc, vc))| {
+                for (((p, &g), m), v) in pc.iter_mut().zip(gc).zip(mc.iter_mut()).zip(vc.iter_mut())
+                {
+                    let g = g * gs;
+                    *p *= decay;
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                }
+            });
+        Ok(())
+    }
 }
 
 /// AdamW with its moment estimates, which a checkpoint saves and restores.
@@ -144,29 +217,23 @@ impl AdamW {
             .zip(grads)
             .zip(self.m.iter_mut().zip(self.v.iter_mut()))
         {
-            let mut pv = p.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            let gv = g.flatten_all()?.to_vec1::<f32>()?;
-            if gv.len() != pv.len() {
+            if g.elem_count() != p.elem_count() {
                 return Err(Error::InvalidParams(
                     "optimizer: gradient shape differs from its parameter".into(),
                 ));
             }
-            const CHUNK: usize = 1 << 14;
-            pv.par_chunks_mut(CHUNK)
-                .zip(gv.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-                .for_each(|((pc, gc), (mc, vc))| {
-                    for (((p, &g), m), v) in
-                        pc.iter_mut().zip(gc).zip(mc.iter_mut()).zip(vc.iter_mut())
-                    {
-                        let g = g * gs;
-                        *p *= decay;
-                        *m = b1 * *m + (1.0 - b1) * g;
-                        *v = b2 * *v + (1.0 - b2) * g * g;
-                        *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-                    }
-                });
-            p.set(&Tensor::from_vec(pv, p.shape(), p.device())?)?;
+            let g = g.contiguous()?;
+            let update = AdamWUpdate {
+                state: std::sync::Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                b1,
+                b2,
+                step_size,
+                bc2_sqrt,
+                decay,
+                eps,
+                grad_scale: gs,
+            };
+            p.as_tensor().inplace_op2(&g, &update)?;
         }
         Ok(())
     }
