@@ -252,7 +252,7 @@ impl AttnDims {
                 None => s.dims4(),
                 Some(h) => {
                     let (b, l, w) = s.dims3()?;
-                    if h == 0 || w % h != 0 {
+                    if h == 0 || !w.is_multiple_of(h) {
                         candle_core::bail!("attention: {w} features do not split into {h} heads")
                     }
                     Ok((b, l, h, w / h))
@@ -806,7 +806,12 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     let dims = x.dims();
     let hd = half * 2;
     let row: usize = dims.get(2..).map_or(0, |d| d.iter().product());
-    if dims.len() < 3 || dims[1] != l || sin.dims() != cos.dims() || hd == 0 || row % hd != 0 {
+    if dims.len() < 3
+        || dims[1] != l
+        || sin.dims() != cos.dims()
+        || hd == 0
+        || !row.is_multiple_of(hd)
+    {
         candle_core::bail!(
             "rope: x {:?} does not fit cos {:?} / sin {:?}",
             x.dims(),
