@@ -250,6 +250,17 @@ impl Linear {
         self.lora.take()
     }
 
+    /// The f32 weight when this layer is a plain dense product the training ops can take
+    /// (contiguous, no bias, no LoRA branch, not in quantized mode).
+    pub fn dense_trainable(&self) -> Option<&Tensor> {
+        self.weight.as_ref().filter(|w| {
+            w.is_contiguous()
+                && self.bias.is_none()
+                && self.lora.is_none()
+                && self.mode != ComputeMode::Quantized
+        })
+    }
+
     pub fn lora(&self) -> Option<&LoraBranch> {
         self.lora.as_ref()
     }

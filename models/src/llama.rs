@@ -118,6 +118,17 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, fused: Option<&FusedDecode>) -> Result<Tensor> {
+        if let (Some(wg), Some(wu)) = (
+            self.gate_proj.dense_trainable(),
+            self.up_proj.dense_trainable(),
+        ) {
+            if x.track_op() || wg.track_op() || wu.track_op() {
+                // Training without LoRA on gate/up (full fine-tuning, prompt tuning): the gate,
+                // up and SwiGLU as one graph node.
+                let h = crate::train::ops::gate_up_swiglu(x, wg, wu)?;
+                return self.down_proj.forward(&h);
+            }
+        }
         let gu = FusedDecode::forward(fused, &[&self.gate_proj, &self.up_proj], x)?;
         let [g, u] = <[Tensor; 2]>::try_from(gu)
             .map_err(|_| Error::InvalidParams("gate/up product count".into()))?;

@@ -969,6 +969,210 @@ impl CustomOp2 for SwiGlu {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Gate, up and SwiGLU in one op
+// ---------------------------------------------------------------------------------------------
+
+/// `silu(x Wg^T) * (x Wu^T)`, the first half of a SwiGLU MLP, for dense weights `wg`, `wu`
+/// `[inter, in]` (trained or frozen); `x` `[..., in]`. One graph node instead of three: the gate
+/// and up products stay inside the op (kept for the backward pass), so the backward pass
+/// allocates no gradient buffers for them. Differentiable in `x` and in whichever weight is a
+/// variable.
+pub fn gate_up_swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor) -> CResult<Tensor> {
+    if wg.dims() != wu.dims() {
+        candle_core::bail!(
+            "gate/up: weights {:?} and {:?} differ",
+            wg.dims(),
+            wu.dims()
+        )
+    }
+    x.contiguous()?.apply_op3(
+        &wg.contiguous()?,
+        &wu.contiguous()?,
+        GateUpSwiglu {
+            kept: Mutex::new(None),
+        },
+    )
+}
+
+struct GateUpSwiglu {
+    /// The gate and up products `[rows, inter]` from the forward pass.
+    kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl GateUpSwiglu {
+    fn products(
+        x: &[f32],
+        wg: &[f32],
+        wu: &[f32],
+        rows: usize,
+        din: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let inter = wg.len() / din.max(1);
+        let par = Parallelism::Rayon(threads());
+        let mut g = vec![0f32; rows * inter];
+        let mut u = vec![0f32; rows * inter];
+        matmul(
+            rows,
+            inter,
+            din,
+            &mut g,
+            (inter, 1),
+            false,
+            x,
+            (din, 1),
+            wg,
+            (1, din),
+            par,
+        );
+        matmul(
+            rows,
+            inter,
+            din,
+            &mut u,
+            (inter, 1),
+            false,
+            x,
+            (din, 1),
+            wu,
+            (1, din),
+            par,
+        );
+        (g, u)
+    }
+}
+
+impl CustomOp3 for GateUpSwiglu {
+    fn name(&self) -> &'static str {
+        "attune-gate-up-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("GateUpSwiglu.cpu_fwd");
+        let x = f32_slice(s1, l1, "gate/up input")?;
+        let wg = f32_slice(s2, l2, "gate weight")?;
+        let wu = f32_slice(s3, l3, "up weight")?;
+        let (rows, din) = rows_features(l1.shape())?;
+        let (inter, w_in) = l2.shape().dims2()?;
+        if w_in != din {
+            candle_core::bail!("gate/up: input has {din} features, the weights expect {w_in}")
+        }
+        let (g, u) = Self::products(x, wg, wu, rows, din);
+        let mut h = vec![0f32; rows * inter];
+        const C: usize = 1 << 14;
+        h.par_chunks_mut(C)
+            .zip(g.par_chunks(C).zip(u.par_chunks(C)))
+            .for_each(|(h, (g, u))| crate::simd::silu_mul(g, u, h));
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((g, u));
+        Ok((CpuStorage::F32(h), with_features(l1.shape(), inter)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wg: &Tensor,
+        wu: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _pg = prof("GateUpSwiglu.bwd");
+        let (rows, din) = rows_features(x.shape())?;
+        let (inter, _) = wg.dims2()?;
+        let (xc, wgc, wuc, gc) = (
+            x.contiguous()?,
+            wg.contiguous()?,
+            wu.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (xs, xl) = xc.storage_and_layout();
+        let (gws, gwl) = wgc.storage_and_layout();
+        let (uws, uwl) = wuc.storage_and_layout();
+        let (ds, dl) = gc.storage_and_layout();
+        let xv = cpu_f32(&xs, xl, "gate/up input")?;
+        let wgv = cpu_f32(&gws, gwl, "gate weight")?;
+        let wuv = cpu_f32(&uws, uwl, "up weight")?;
+        let dh = cpu_f32(&ds, dl, "gate/up grad")?;
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (g, u) = match kept {
+            Some(k) => k,
+            // A second backward through the same graph: recompute the products.
+            None => Self::products(xv, wgv, wuv, rows, din),
+        };
+        let mut dg = vec![0f32; rows * inter];
+        let mut du = vec![0f32; rows * inter];
+        const C: usize = 1 << 14;
+        dg.par_chunks_mut(C)
+            .zip(du.par_chunks_mut(C))
+            .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dh.par_chunks(C)))
+            .for_each(|((dg, du), ((g, u), dy))| crate::simd::silu_mul_bwd(g, u, dy, dg, du));
+        drop((g, u));
+        let par = Parallelism::Rayon(threads());
+        let dx = if x.track_op() {
+            // dx = dg Wg + du Wu
+            let mut dx = vec![0f32; rows * din];
+            matmul(
+                rows,
+                din,
+                inter,
+                &mut dx,
+                (din, 1),
+                false,
+                &dg,
+                (inter, 1),
+                wgv,
+                (din, 1),
+                par,
+            );
+            matmul(
+                rows,
+                din,
+                inter,
+                &mut dx,
+                (din, 1),
+                true,
+                &du,
+                (inter, 1),
+                wuv,
+                (din, 1),
+                par,
+            );
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        // dW = d^T x for a trained weight
+        let dw = |d: &[f32], w: &Tensor| -> CResult<Option<Tensor>> {
+            if !w.track_op() {
+                return Ok(None);
+            }
+            let mut dw = vec![0f32; inter * din];
+            matmul(
+                inter,
+                din,
+                rows,
+                &mut dw,
+                (din, 1),
+                false,
+                d,
+                (1, inter),
+                xv,
+                (din, 1),
+                par,
+            );
+            Ok(Some(Tensor::from_vec(dw, (inter, din), w.device())?))
+        };
+        Ok((dx, dw(&dg, wg)?, dw(&du, wu)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Frozen linear
 // ---------------------------------------------------------------------------------------------
 
@@ -1172,6 +1376,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f32) -
         LoraLinear {
             w: w.contiguous()?.detach(),
             scale,
+            xa: Mutex::new(None),
         },
     )
 }
@@ -1179,6 +1384,8 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f32) -
 struct LoraLinear {
     w: Tensor,
     scale: f32,
+    /// `x A^T` `[rows, r]` from the forward pass, which the backward pass needs again.
+    xa: Mutex<Option<Vec<f32>>>,
 }
 
 fn cpu_f32<'a>(t: &'a candle_core::Storage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
@@ -1258,6 +1465,7 @@ impl CustomOp3 for LoraLinear {
             self.scale,
             par,
         );
+        *self.xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         Ok((CpuStorage::F32(y), with_features(l1.shape(), dout)))
     }
 
@@ -1305,20 +1513,28 @@ impl CustomOp3 for LoraLinear {
             (r, 1),
             par,
         );
-        let mut t = vec![0f32; rows * r];
-        matmul(
-            rows,
-            r,
-            din,
-            &mut t,
-            (r, 1),
-            false,
-            xv,
-            (din, 1),
-            av,
-            (1, din),
-            par,
-        );
+        let kept = self.xa.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let t = match kept {
+            Some(t) if t.len() == rows * r => t,
+            // A second backward through the same graph: recompute it.
+            _ => {
+                let mut t = vec![0f32; rows * r];
+                matmul(
+                    rows,
+                    r,
+                    din,
+                    &mut t,
+                    (r, 1),
+                    false,
+                    xv,
+                    (din, 1),
+                    av,
+                    (1, din),
+                    par,
+                );
+                t
+            }
+        };
         // dx = dy W + scale * u A
         let mut dx = vec![0f32; rows * din];
         matmul(
@@ -2042,6 +2258,41 @@ mod tests {
         assert!(max_diff(&frozen, &a) < 1e-6);
         assert!(lm_head_nll(&h, &w, &[37, 0, 0, 0, 0]).is_err());
         assert!(lm_head_nll(&h, &w, &[0, 0]).is_err());
+    }
+
+    #[test]
+    fn gate_up_swiglu_matches_the_separate_ops() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (2, 3, 5), &dev).unwrap();
+        let wg = Var::randn(0f32, 1., (17, 5), &dev).unwrap();
+        let wu = Var::randn(0f32, 1., (17, 5), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1., (2, 3, 17), &dev).unwrap();
+        let a = gate_up_swiglu(&x, &wg, &wu).unwrap();
+        assert_eq!(a.dims(), &[2, 3, 17]);
+        let g = x.broadcast_matmul(&wg.t().unwrap()).unwrap();
+        let u = x.broadcast_matmul(&wu.t().unwrap()).unwrap();
+        let b = (candle_nn::ops::silu(&g).unwrap() * u).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let la = (&a * &r).unwrap().sum_all().unwrap();
+        let ga = la.backward().unwrap();
+        let gb = (b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &wg, &wu] {
+            let d = max_diff(ga.get(v).unwrap(), gb.get(v).unwrap());
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
+        // A second backward recomputes the products it gave away.
+        let again = la.backward().unwrap();
+        assert!(max_diff(again.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-4);
+        // Frozen weights get no gradient.
+        let (fg, fu) = (wg.as_tensor().detach(), wu.as_tensor().detach());
+        let gf = gate_up_swiglu(&x, &fg, &fu)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(gf.get(&fg).is_none() && gf.get(&fu).is_none() && gf.get(&x).is_some());
+        assert!(gate_up_swiglu(&x, &wg, &wu.as_tensor().narrow(0, 0, 3).unwrap()).is_err());
     }
 
     #[test]
