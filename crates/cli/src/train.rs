@@ -58,6 +58,9 @@ pub struct TrainArgs {
     /// assistant or all.
     #[arg(long, value_parser = crate::parse_loss_on, default_value = "assistant")]
     loss_on: LossOn,
+    /// Pack the training rows end to end into blocks of --max-len tokens (no padding).
+    #[arg(long)]
+    pack: bool,
     #[arg(long, default_value_t = 16)]
     lora_r: usize,
     #[arg(long, default_value_t = 32.0)]
@@ -145,6 +148,7 @@ impl TrainArgs {
             seed: self.seed,
             max_len: self.max_len,
             loss_on: self.loss_on,
+            pack: self.pack,
             eval_every: self.eval_every,
             checkpoint_every: self.checkpoint_every,
             eval_limit: self.eval_limit,

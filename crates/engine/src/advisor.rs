@@ -481,7 +481,7 @@ impl Engine {
 
     /// Token length (before truncation) of every train row of `ds` under `model`'s
     /// tokenizer and chat template; cached per dataset content and model.
-    fn train_lengths(
+    pub(crate) fn train_lengths(
         &self,
         ds: &DatasetSummary,
         model: &ModelSummary,

@@ -735,7 +735,14 @@ impl Engine {
         };
         let mut stored = spec.clone();
         stored.name = Some(name.clone());
-        let total = total_steps(spec, dataset.train_rows);
+        // Packed rows become blocks of `max_len` tokens: count the blocks the split makes.
+        let train_examples = if spec.pack && spec.steps.is_none() {
+            let lengths = self.train_lengths(&dataset, &model)?;
+            train::packed_count(lengths.iter().copied(), spec.max_len)
+        } else {
+            dataset.train_rows
+        };
+        let total = total_steps(spec, train_examples);
         let row = RunRow {
             id: 0,
             name,
@@ -1034,13 +1041,22 @@ impl Engine {
             loss_on: models_loss(spec.loss_on),
             max_len: spec.max_len,
         };
-        let render_split = |split: SplitName, limit: Option<usize>| {
+        // Packing cuts the stream of whole rows into blocks instead of cutting each row.
+        let train_opts = RenderOptions {
+            max_len: if spec.pack {
+                usize::MAX / 2
+            } else {
+                spec.max_len
+            },
+            ..opts
+        };
+        let render_split = |split: SplitName, limit: Option<usize>, opts: &RenderOptions| {
             let rows = self.dataset_rows(ds.id, split)?;
             rows.iter()
                 .take(limit.unwrap_or(usize::MAX))
                 .enumerate()
                 .map(|(i, row)| {
-                    render_sample(&tok, &tmpl, &row.sample, &opts).map_err(|e| {
+                    render_sample(&tok, &tmpl, &row.sample, opts).map_err(|e| {
                         EngineError::InvalidDataset {
                             path: PathBuf::from(&ds.source_path),
                             reason: format!(
@@ -1053,8 +1069,11 @@ impl Engine {
                 })
                 .collect::<Result<Vec<Example>, EngineError>>()
         };
-        let train_examples = render_split(SplitName::Train, None)?;
-        let eval_examples = render_split(spec.eval_split, spec.eval_limit)?;
+        let mut train_examples = render_split(SplitName::Train, None, &train_opts)?;
+        if spec.pack {
+            train_examples = train::pack_all(&train_examples, spec.max_len);
+        }
+        let eval_examples = render_split(spec.eval_split, spec.eval_limit, &opts)?;
         let general = if spec.forgetting_rows > 0 {
             general_examples(&tok, &tmpl, spec.forgetting_rows).map_err(terr)?
         } else {

@@ -516,6 +516,9 @@ pub struct RunSpec {
     /// Longer rows are cut to this many tokens.
     pub max_len: usize,
     pub loss_on: LossOn,
+    /// Pack the training rows end to end into blocks of `max_len` tokens (no padding, no row
+    /// cut; rows that share a block attend across their boundary). Evaluation stays per row.
+    pub pack: bool,
     /// Evaluate every N optimizer steps (0: only at the start and the end).
     pub eval_every: usize,
     /// Checkpoint every N optimizer steps (0: only when paused).
@@ -549,6 +552,7 @@ impl Default for RunSpec {
             seed: 42,
             max_len: 1024,
             loss_on: LossOn::Assistant,
+            pack: false,
             eval_every: 0,
             checkpoint_every: 50,
             eval_split: SplitName::Valid,

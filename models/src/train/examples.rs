@@ -158,8 +158,29 @@ fn token_prefix_len(tok: &Tok, prefix_text: &str, full: &[u32]) -> Result<usize>
 }
 
 /// Concatenates examples into blocks of exactly `block` tokens (the last partial block is
-/// dropped), keeping each token's target flag. Used for continued pre-training on text.
+/// dropped), keeping each token's target flag. The reference's packing for continued
+/// pre-training on text (`shared/reference/README.md`).
 pub fn pack(examples: &[Example], block: usize) -> Vec<Example> {
+    pack_blocks(examples, block, false)
+}
+
+/// As [`pack`], keeping the last partial block too, so no token of the data is dropped: a
+/// run's optional packing (rows share a block and attend across their boundary, the usual
+/// trade for no padding).
+pub fn pack_all(examples: &[Example], block: usize) -> Vec<Example> {
+    pack_blocks(examples, block, true)
+}
+
+/// How many examples [`pack_all`] makes of rows with these token counts.
+pub fn packed_count(lengths: impl IntoIterator<Item = u64>, block: usize) -> u64 {
+    lengths
+        .into_iter()
+        .sum::<u64>()
+        .div_ceil(block.max(1) as u64)
+}
+
+fn pack_blocks(examples: &[Example], block: usize, keep_tail: bool) -> Vec<Example> {
+    let block = block.max(1);
     let mut out = Vec::new();
     let mut ids = Vec::with_capacity(block);
     let mut targets = Vec::with_capacity(block);
@@ -176,5 +197,38 @@ pub fn pack(examples: &[Example], block: usize) -> Vec<Example> {
             }
         }
     }
+    if keep_tail && !ids.is_empty() {
+        let n = ids.len();
+        out.push(Example::from_parts(ids, targets, n));
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(ids: &[u32], targets: &[bool]) -> Example {
+        Example::from_parts(ids.to_vec(), targets.to_vec(), usize::MAX)
+    }
+
+    #[test]
+    fn packing_cuts_blocks_keeps_flags_and_the_tail_on_request() {
+        let rows = [
+            ex(&[1, 2, 3], &[false, true, true]),
+            ex(&[4, 5, 6, 7, 8], &[false, false, true, true, true]),
+        ];
+        let dropped = pack(&rows, 3);
+        assert_eq!(dropped.len(), 2);
+        assert_eq!(dropped[1].ids, [4, 5, 6]);
+        assert_eq!(dropped[1].targets, [false, false, true]);
+        let all = pack_all(&rows, 3);
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[2].ids, [7, 8]);
+        assert_eq!(all[2].targets, [true, true]);
+        assert!(all.iter().all(|e| !e.truncated));
+        assert_eq!(packed_count([3, 5], 3), 3);
+        assert_eq!(packed_count([3, 3], 3), 2);
+        assert_eq!(packed_count([], 3), 0);
+    }
 }

@@ -15,7 +15,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
 pub use examples::{
-    end_of_text_id, pack, render_chat, render_text, Example, LossOn, RenderOptions,
+    end_of_text_id, pack, pack_all, packed_count, render_chat, render_text, Example, LossOn,
+    RenderOptions,
 };
 pub use optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 

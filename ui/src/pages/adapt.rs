@@ -551,6 +551,17 @@ fn Settings(
                             <option value="all">"every token"</option>
                         </select>
                     </Field>
+                    <Field label="Packing" hint="Join the training rows end to end into blocks of the max length: no padding, no row cut; rows sharing a block see each other.">
+                        <label class="check">
+                            <input type="checkbox" id="run-pack"
+                                prop:checked=move || spec.with(|s| s.as_ref().is_some_and(|s| s.pack))
+                                on:change=move |ev| {
+                                    let on = event_target_checked(&ev);
+                                    spec.update(|s| if let Some(s) = s { s.pack = on; });
+                                }/>
+                            " pack rows into blocks"
+                        </label>
+                    </Field>
                     {num("run-eval-every", "Evaluate every N steps", "How often the held-out loss is measured (0: start and end only).",
                         |s| s.eval_every.to_string(),
                         |s, t| { s.eval_every = parse_num("Evaluate every", t)?; Ok(()) })}

@@ -855,3 +855,53 @@ fn runs_prompt_and_full_runs_write_loadable_artifacts_and_lora_merges() {
     assert!(stats.generated_tokens >= 1);
     assert_eq!(e.store.integrity_check().expect("check"), "ok");
 }
+
+#[test]
+fn runs_packed_count_blocks_for_their_steps_and_train() {
+    let (dir, e) = engine();
+    let (model, ds) = setup(&e, dir.path());
+    let block = 24;
+    let packed = RunSpec {
+        steps: None,
+        epochs: 1.0,
+        max_len: block,
+        pack: true,
+        ..spec(model, ds, "packed", 0)
+    };
+    // The blocks the 6 train rows make, from their full token counts.
+    let dataset = e.find_dataset(&ds.to_string()).expect("dataset");
+    let m = e.find_model(&model.to_string()).expect("model");
+    let lengths = e.train_lengths(&dataset, &m).expect("lengths");
+    assert_eq!(lengths.len(), 6);
+    assert!(
+        lengths.iter().all(|&l| l > block as u64),
+        "every row is longer than a block: {lengths:?}"
+    );
+    let blocks = attune_models::train::packed_count(lengths.iter().copied(), block);
+    let run = e.create_run(&packed).expect("create packed run");
+    assert_eq!(
+        run.total_steps,
+        blocks.div_ceil(2),
+        "{blocks} blocks, batch 2"
+    );
+    // Unpacked, the same settings take one example per row: 6 rows, batch 2.
+    let plain = e
+        .create_run(&RunSpec {
+            pack: false,
+            name: Some("plain".into()),
+            ..packed.clone()
+        })
+        .expect("create plain run");
+    assert_eq!(plain.total_steps, 3);
+    assert_ne!(
+        blocks.div_ceil(2),
+        3,
+        "the test needs packing to change the step count"
+    );
+    let done = e
+        .execute_run(run.id, &mut |_| {}, &RunControl::new())
+        .expect("packed run");
+    assert_eq!(done.status, RunStatus::Completed);
+    assert_eq!(train_losses(&e, run.id).len() as u64, blocks.div_ceil(2));
+    assert!(train_losses(&e, run.id).iter().all(|(_, l)| l.is_finite()));
+}
