@@ -6,9 +6,12 @@
 //! Memory comes from the engine's own estimate ([`estimate_memory`]), the figure a run
 //! is refused on. Throughput is **measured** where this library already trained the
 //! same model with the same method (the median `tokens_per_s` of the completed runs'
-//! train steps), else the **benchmark** shipped in the README (SmolLM2-135M on a
-//! 2-thread AVX-512 Xeon: LoRA 184, full 153, soft prompt 201 tokens/s) scaled by model
-//! size and thread count. Token counts come from the dataset rendered with the model's
+//! train steps), else a **benchmark** figure (SmolLM2-135M on a 2-thread AVX-512 Xeon:
+//! LoRA 184, full 153, soft prompt 201 tokens/s) scaled by model size and thread count.
+//! These are the train bench's figures before the last round of speed-ups (the README now
+//! gives 222 / 167 / 217): the 15-minute budget runs showed the bench's 256-token blocks
+//! overstate the rate of a real run (longer rows, evaluation, checkpoints), so the older,
+//! lower figures stay as the conservative estimate until a run is measured. Token counts come from the dataset rendered with the model's
 //! chat template, exactly as training renders it; they are cached per dataset content
 //! and model, so asking twice costs nothing.
 
@@ -50,7 +53,7 @@ const TIGHT_MEMORY: f64 = 0.8;
 /// Fixed runtime overhead of inference (tokenizer, buffers, the app).
 const INFERENCE_OVERHEAD: u64 = 300 << 20;
 
-/// The README's training throughput on the benchmark machine, tokens/s.
+/// Training throughput on the benchmark machine, tokens/s (see the module docs).
 fn benchmark_tokens_per_s(method: &str) -> f64 {
     match method {
         "full" => 153.0,
