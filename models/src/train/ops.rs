@@ -181,6 +181,63 @@ fn matmul_scaled(
     }
 }
 
+/// A new row-major `[m, n]` product `lhs[m, k] * rhs[k, n]` (operands addressed by (row stride,
+/// column stride)), written by the GEMM straight into fresh memory: no zero-fill first, which
+/// on these sizes costs a tenth of the product itself.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    par: Parallelism,
+) -> Vec<f32> {
+    let len = m * n;
+    if k == 0 || len == 0 {
+        return vec![0f32; len];
+    }
+    assert!(
+        (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
+        "product lhs bounds"
+    );
+    assert!(
+        (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
+        "product rhs bounds"
+    );
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: the asserts keep every read inside `lhs` and `rhs`; `out` has room for the `m * n`
+    // elements of a row-major `[m, n]` destination, which the GEMM writes without reading
+    // (`read_dst` false) before the length is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+        out.set_len(len);
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // Causal attention
 // ---------------------------------------------------------------------------------------------
@@ -1009,34 +1066,8 @@ impl GateUpSwiglu {
     ) -> (Vec<f32>, Vec<f32>) {
         let inter = wg.len() / din.max(1);
         let par = Parallelism::Rayon(threads());
-        let mut g = vec![0f32; rows * inter];
-        let mut u = vec![0f32; rows * inter];
-        matmul(
-            rows,
-            inter,
-            din,
-            &mut g,
-            (inter, 1),
-            false,
-            x,
-            (din, 1),
-            wg,
-            (1, din),
-            par,
-        );
-        matmul(
-            rows,
-            inter,
-            din,
-            &mut u,
-            (inter, 1),
-            false,
-            x,
-            (din, 1),
-            wu,
-            (1, din),
-            par,
-        );
+        let g = product(rows, inter, din, x, (din, 1), wg, (1, din), par);
+        let u = product(rows, inter, din, x, (din, 1), wu, (1, din), par);
         (g, u)
     }
 }
@@ -1116,20 +1147,7 @@ impl CustomOp3 for GateUpSwiglu {
         let par = Parallelism::Rayon(threads());
         let dx = if x.track_op() {
             // dx = dg Wg + du Wu
-            let mut dx = vec![0f32; rows * din];
-            matmul(
-                rows,
-                din,
-                inter,
-                &mut dx,
-                (din, 1),
-                false,
-                &dg,
-                (inter, 1),
-                wgv,
-                (din, 1),
-                par,
-            );
+            let mut dx = product(rows, din, inter, &dg, (inter, 1), wgv, (din, 1), par);
             matmul(
                 rows,
                 din,
@@ -1152,20 +1170,7 @@ impl CustomOp3 for GateUpSwiglu {
             if !w.track_op() {
                 return Ok(None);
             }
-            let mut dw = vec![0f32; inter * din];
-            matmul(
-                inter,
-                din,
-                rows,
-                &mut dw,
-                (din, 1),
-                false,
-                d,
-                (1, inter),
-                xv,
-                (din, 1),
-                par,
-            );
+            let dw = product(inter, din, rows, d, (1, inter), xv, (din, 1), par);
             Ok(Some(Tensor::from_vec(dw, (inter, din), w.device())?))
         };
         Ok((dx, dw(&dg, wg)?, dw(&du, wu)?))
@@ -1206,14 +1211,10 @@ impl CustomOp1 for FrozenLinear {
             candle_core::bail!("frozen linear: weight is not on the CPU")
         };
         let w = f32_slice(wc, wl, "frozen linear weight")?;
-        let mut out = vec![0f32; rows * dout];
-        matmul(
+        let out = product(
             rows,
             dout,
             din,
-            &mut out,
-            (dout, 1),
-            false,
             x,
             (din, 1),
             w,
@@ -1232,21 +1233,8 @@ impl CustomOp1 for FrozenLinear {
         let (ws, wl) = self.w.storage_and_layout();
         let dy = cpu_f32(&gs, gl, "frozen linear grad")?;
         let w = cpu_f32(&ws, wl, "frozen linear weight")?;
-        let mut dx = vec![0f32; rows * din];
         let par = Parallelism::Rayon(threads());
-        matmul(
-            rows,
-            din,
-            dout,
-            &mut dx,
-            (din, 1),
-            false,
-            dy,
-            (dout, 1),
-            w,
-            (din, 1),
-            par,
-        );
+        let dx = product(rows, din, dout, dy, (dout, 1), w, (din, 1), par);
         Ok(Some(Tensor::from_vec(dx, x.shape(), grad.device())?))
     }
 }
@@ -1284,21 +1272,8 @@ impl CustomOp2 for TrainedLinear {
         if win != din {
             candle_core::bail!("linear: input has {din} features, weight expects {win}")
         }
-        let mut out = vec![0f32; rows * dout];
         let par = Parallelism::Rayon(threads());
-        matmul(
-            rows,
-            dout,
-            din,
-            &mut out,
-            (dout, 1),
-            false,
-            x,
-            (din, 1),
-            w,
-            (1, din),
-            par,
-        );
+        let out = product(rows, dout, din, x, (din, 1), w, (1, din), par);
         Ok((CpuStorage::F32(out), with_features(l1.shape(), dout)))
     }
 
@@ -1321,39 +1296,13 @@ impl CustomOp2 for TrainedLinear {
         let dy = cpu_f32(&gs, gl, "linear grad")?;
         let par = Parallelism::Rayon(threads());
         let dx = if x.track_op() {
-            let mut dx = vec![0f32; rows * din];
-            matmul(
-                rows,
-                din,
-                dout,
-                &mut dx,
-                (din, 1),
-                false,
-                dy,
-                (dout, 1),
-                wv,
-                (din, 1),
-                par,
-            );
+            let dx = product(rows, din, dout, dy, (dout, 1), wv, (din, 1), par);
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
             None
         };
         let dw = if w.track_op() {
-            let mut dw = vec![0f32; dout * din];
-            matmul(
-                dout,
-                din,
-                rows,
-                &mut dw,
-                (din, 1),
-                false,
-                dy,
-                (1, dout),
-                xv,
-                (din, 1),
-                par,
-            );
+            let dw = product(dout, din, rows, dy, (1, dout), xv, (din, 1), par);
             Some(Tensor::from_vec(dw, (dout, din), w.device())?)
         } else {
             None
@@ -1423,34 +1372,8 @@ impl CustomOp3 for LoraLinear {
         let (ws, wl) = self.w.storage_and_layout();
         let w = cpu_f32(&ws, wl, "lora base weight")?;
         let par = Parallelism::Rayon(threads());
-        let mut y = vec![0f32; rows * dout];
-        matmul(
-            rows,
-            dout,
-            din,
-            &mut y,
-            (dout, 1),
-            false,
-            x,
-            (din, 1),
-            w,
-            (1, din),
-            par,
-        );
-        let mut t = vec![0f32; rows * r];
-        matmul(
-            rows,
-            r,
-            din,
-            &mut t,
-            (r, 1),
-            false,
-            x,
-            (din, 1),
-            a,
-            (1, din),
-            par,
-        );
+        let mut y = product(rows, dout, din, x, (din, 1), w, (1, din), par);
+        let t = product(rows, r, din, x, (din, 1), a, (1, din), par);
         matmul_scaled(
             rows,
             dout,
@@ -1499,57 +1422,15 @@ impl CustomOp3 for LoraLinear {
         let w = cpu_f32(&ws, wl, "lora base weight")?;
         let par = Parallelism::Rayon(threads());
         // u = dy B [rows, r]; t = x A^T [rows, r]
-        let mut u = vec![0f32; rows * r];
-        matmul(
-            rows,
-            r,
-            dout,
-            &mut u,
-            (r, 1),
-            false,
-            dy,
-            (dout, 1),
-            bv,
-            (r, 1),
-            par,
-        );
+        let u = product(rows, r, dout, dy, (dout, 1), bv, (r, 1), par);
         let kept = self.xa.lock().unwrap_or_else(|e| e.into_inner()).take();
         let t = match kept {
             Some(t) if t.len() == rows * r => t,
             // A second backward through the same graph: recompute it.
-            _ => {
-                let mut t = vec![0f32; rows * r];
-                matmul(
-                    rows,
-                    r,
-                    din,
-                    &mut t,
-                    (r, 1),
-                    false,
-                    xv,
-                    (din, 1),
-                    av,
-                    (1, din),
-                    par,
-                );
-                t
-            }
+            _ => product(rows, r, din, xv, (din, 1), av, (1, din), par),
         };
         // dx = dy W + scale * u A
-        let mut dx = vec![0f32; rows * din];
-        matmul(
-            rows,
-            din,
-            dout,
-            &mut dx,
-            (din, 1),
-            false,
-            dy,
-            (dout, 1),
-            w,
-            (din, 1),
-            par,
-        );
+        let mut dx = product(rows, din, dout, dy, (dout, 1), w, (din, 1), par);
         matmul_scaled(
             rows,
             din,
@@ -1836,14 +1717,10 @@ impl LmHeadNll {
     /// Logits `h W^T` and the log-sum-exp of every row.
     fn logits(&self, h: &[f32], w: &[f32], n: usize, hid: usize) -> (Vec<f32>, Vec<f32>) {
         let vocab = w.len() / hid.max(1);
-        let mut logits = vec![0f32; n * vocab];
-        matmul(
+        let logits = product(
             n,
             vocab,
             hid,
-            &mut logits,
-            (vocab, 1),
-            false,
             h,
             (hid, 1),
             w,
@@ -1922,35 +1799,9 @@ impl CustomOp2 for LmHeadNll {
                 row[t as usize] -= gr;
             });
         let par = Parallelism::Rayon(threads());
-        let mut dh = vec![0f32; n * hid];
-        matmul(
-            n,
-            hid,
-            vocab,
-            &mut dh,
-            (hid, 1),
-            false,
-            &d,
-            (vocab, 1),
-            wv,
-            (hid, 1),
-            par,
-        );
+        let dh = product(n, hid, vocab, &d, (vocab, 1), wv, (hid, 1), par);
         let dw = if w.track_op() {
-            let mut dw = vec![0f32; vocab * hid];
-            matmul(
-                vocab,
-                hid,
-                n,
-                &mut dw,
-                (hid, 1),
-                false,
-                &d,
-                (1, vocab),
-                hv,
-                (hid, 1),
-                par,
-            );
+            let dw = product(vocab, hid, n, &d, (1, vocab), hv, (hid, 1), par);
             Some(Tensor::from_vec(dw, (vocab, hid), w.device())?)
         } else {
             None
