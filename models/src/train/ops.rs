@@ -80,6 +80,20 @@ fn with_features(shape: &Shape, features: usize) -> Shape {
     Shape::from(d)
 }
 
+/// Borrows tensors' f32 data in place: `borrow_f32!(xv = x, "what"; ...)` binds each name to
+/// the `&[f32]` of the tensor made contiguous, until the end of the enclosing scope (the
+/// contiguous tensor and its storage read guard live on in the shadowed bindings). Fails with
+/// `what` in the message when the data is not f32 on the CPU.
+macro_rules! borrow_f32 {
+    ($($v:ident = $t:expr, $what:expr);+ $(;)?) => {
+        $(
+            let $v = $t.contiguous()?;
+            let $v = $v.storage_and_layout();
+            let $v = cpu_f32(&$v.0, $v.1, $what)?;
+        )+
+    };
+}
+
 fn tensor_vec(t: &Tensor) -> CResult<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -499,18 +513,13 @@ impl CustomOp3 for Attention {
         let Some(lse) = lse_guard.as_ref() else {
             candle_core::bail!("attention backward before forward")
         };
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let (res, grad_res) = (res.contiguous()?, grad_res.contiguous()?);
-        let (qs, ql) = q.storage_and_layout();
-        let (ks, kl) = k.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
-        let (os, ol) = res.storage_and_layout();
-        let (gs, gl) = grad_res.storage_and_layout();
-        let qv = cpu_f32(&qs, ql, "attention q")?;
-        let kv = cpu_f32(&ks, kl, "attention k")?;
-        let vv = cpu_f32(&vs, vl, "attention v")?;
-        let ov = cpu_f32(&os, ol, "attention output")?;
-        let dov = cpu_f32(&gs, gl, "attention grad")?;
+        borrow_f32!(
+            qv = q, "attention q";
+            kv = k, "attention k";
+            vv = v, "attention v";
+            ov = res, "attention output";
+            dov = grad_res, "attention grad";
+        );
         let (l, hd, g) = (d.l, d.hd, d.groups());
         let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
         let scale = self.scale;
@@ -834,10 +843,7 @@ impl CustomOp2 for LoraAdd {
         let _pg = prof("LoraAdd.cpu_fwd");
         let y = f32_slice(s1, l1, "lora_add y")?;
         let x = f32_slice(s2, l2, "lora_add x")?;
-        let (a_st, a_l) = self.a.storage_and_layout();
-        let (b_st, b_l) = self.b.storage_and_layout();
-        let a = cpu_f32(&a_st, a_l, "lora_add A")?;
-        let b = cpu_f32(&b_st, b_l, "lora_add B")?;
+        borrow_f32!(a = self.a, "lora_add A"; b = self.b, "lora_add B");
         let (rows, out) = l1.shape().dims2()?;
         let inp = l2.shape().dims2()?.1;
         let r = a.len() / inp.max(1);
@@ -944,9 +950,7 @@ impl CustomOp1 for Rope {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let _pg = prof("Rope.bwd");
-        let gc = grad.contiguous()?;
-        let (gs, gl) = gc.storage_and_layout();
-        let g = cpu_f32(&gs, gl, "rope grad")?;
+        borrow_f32!(g = grad, "rope grad");
         let dx = self.apply(g, Self::row(x.shape()), -1.0);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
@@ -1000,13 +1004,7 @@ impl CustomOp2 for SwiGlu {
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let _pg = prof("SwiGlu.bwd");
-        let (gate_c, up_c, dy_c) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
-        let (gs, gl) = gate_c.storage_and_layout();
-        let (us, ul) = up_c.storage_and_layout();
-        let (ds, dl) = dy_c.storage_and_layout();
-        let g = cpu_f32(&gs, gl, "swiglu gate")?;
-        let u = cpu_f32(&us, ul, "swiglu up")?;
-        let dy = cpu_f32(&ds, dl, "swiglu grad")?;
+        borrow_f32!(g = gate, "swiglu gate"; u = up, "swiglu up"; dy = grad, "swiglu grad");
         if u.len() != g.len() || dy.len() != g.len() {
             candle_core::bail!("swiglu backward: gate, up and grad sizes differ")
         }
@@ -1116,20 +1114,12 @@ impl CustomOp3 for GateUpSwiglu {
         let _pg = prof("GateUpSwiglu.bwd");
         let (rows, din) = rows_features(x.shape())?;
         let (inter, _) = wg.dims2()?;
-        let (xc, wgc, wuc, gc) = (
-            x.contiguous()?,
-            wg.contiguous()?,
-            wu.contiguous()?,
-            grad.contiguous()?,
+        borrow_f32!(
+            xv = x, "gate/up input";
+            wgv = wg, "gate weight";
+            wuv = wu, "up weight";
+            dh = grad, "gate/up grad";
         );
-        let (xs, xl) = xc.storage_and_layout();
-        let (gws, gwl) = wgc.storage_and_layout();
-        let (uws, uwl) = wuc.storage_and_layout();
-        let (ds, dl) = gc.storage_and_layout();
-        let xv = cpu_f32(&xs, xl, "gate/up input")?;
-        let wgv = cpu_f32(&gws, gwl, "gate weight")?;
-        let wuv = cpu_f32(&uws, uwl, "up weight")?;
-        let dh = cpu_f32(&ds, dl, "gate/up grad")?;
         let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
         let (g, u) = match kept {
             Some(k) => k,
@@ -1206,11 +1196,7 @@ impl CustomOp1 for FrozenLinear {
         if win != din {
             candle_core::bail!("frozen linear: input has {din} features, weight expects {win}")
         }
-        let (ws, wl) = self.w.storage_and_layout();
-        let candle_core::Storage::Cpu(wc) = &*ws else {
-            candle_core::bail!("frozen linear: weight is not on the CPU")
-        };
-        let w = f32_slice(wc, wl, "frozen linear weight")?;
+        borrow_f32!(w = self.w, "frozen linear weight");
         let out = product(
             rows,
             dout,
@@ -1227,12 +1213,8 @@ impl CustomOp1 for FrozenLinear {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let _pg = prof("FrozenLinear.bwd");
         let (dout, din) = self.w.dims2()?;
-        let gc = grad.contiguous()?;
-        let rows = gc.elem_count() / dout.max(1);
-        let (gs, gl) = gc.storage_and_layout();
-        let (ws, wl) = self.w.storage_and_layout();
-        let dy = cpu_f32(&gs, gl, "frozen linear grad")?;
-        let w = cpu_f32(&ws, wl, "frozen linear weight")?;
+        let rows = grad.elem_count() / dout.max(1);
+        borrow_f32!(dy = grad, "frozen linear grad"; w = self.w, "frozen linear weight");
         let par = Parallelism::Rayon(threads());
         let dx = product(rows, din, dout, dy, (dout, 1), w, (din, 1), par);
         Ok(Some(Tensor::from_vec(dx, x.shape(), grad.device())?))
@@ -1287,13 +1269,7 @@ impl CustomOp2 for TrainedLinear {
         let _pg = prof("TrainedLinear.bwd");
         let (rows, din) = rows_features(x.shape())?;
         let (dout, _) = w.dims2()?;
-        let (xc, wc, gc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
-        let (xs, xl) = xc.storage_and_layout();
-        let (ws, wl) = wc.storage_and_layout();
-        let (gs, gl) = gc.storage_and_layout();
-        let xv = cpu_f32(&xs, xl, "linear input")?;
-        let wv = cpu_f32(&ws, wl, "linear weight")?;
-        let dy = cpu_f32(&gs, gl, "linear grad")?;
+        borrow_f32!(xv = x, "linear input"; wv = w, "linear weight"; dy = grad, "linear grad");
         let par = Parallelism::Rayon(threads());
         let dx = if x.track_op() {
             let dx = product(rows, din, dout, dy, (dout, 1), wv, (din, 1), par);
@@ -1369,8 +1345,7 @@ impl CustomOp3 for LoraLinear {
         if a_in != din || b_r != r || (w_out, w_in) != (dout, din) {
             candle_core::bail!("lora linear: shapes do not fit (x {rows}x{din}, A {r}x{a_in}, B {dout}x{b_r}, W {w_out}x{w_in})")
         }
-        let (ws, wl) = self.w.storage_and_layout();
-        let w = cpu_f32(&ws, wl, "lora base weight")?;
+        borrow_f32!(w = self.w, "lora base weight");
         let par = Parallelism::Rayon(threads());
         let mut y = product(rows, dout, din, x, (din, 1), w, (1, din), par);
         let t = product(rows, r, din, x, (din, 1), a, (1, din), par);
@@ -1404,22 +1379,13 @@ impl CustomOp3 for LoraLinear {
         let (rows, din) = rows_features(x.shape())?;
         let (r, _) = a.dims2()?;
         let (dout, _) = b.dims2()?;
-        let (x, a, b, grad) = (
-            x.contiguous()?,
-            a.contiguous()?,
-            b.contiguous()?,
-            grad.contiguous()?,
+        borrow_f32!(
+            xv = x, "lora input";
+            av = a, "lora A";
+            bv = b, "lora B";
+            dy = grad, "lora grad";
+            w = self.w, "lora base weight";
         );
-        let (xs, xl) = x.storage_and_layout();
-        let (as_, al) = a.storage_and_layout();
-        let (bs, bl) = b.storage_and_layout();
-        let (gs, gl) = grad.storage_and_layout();
-        let xv = cpu_f32(&xs, xl, "lora input")?;
-        let av = cpu_f32(&as_, al, "lora A")?;
-        let bv = cpu_f32(&bs, bl, "lora B")?;
-        let dy = cpu_f32(&gs, gl, "lora grad")?;
-        let (ws, wl) = self.w.storage_and_layout();
-        let w = cpu_f32(&ws, wl, "lora base weight")?;
         let par = Parallelism::Rayon(threads());
         // u = dy B [rows, r]; t = x A^T [rows, r]
         let u = product(rows, r, dout, dy, (dout, 1), bv, (r, 1), par);
@@ -1647,9 +1613,7 @@ impl CustomOp1 for CrossEntropy {
     fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let _pg = prof("CrossEntropy.bwd");
         let (n, v) = logits.dims2()?;
-        let logits = logits.contiguous()?;
-        let (ls, ll) = logits.storage_and_layout();
-        let x = cpu_f32(&ls, ll, "cross entropy logits")?;
+        borrow_f32!(x = logits, "cross entropy logits");
         let g = tensor_vec(grad)?;
         let kept = self.lse.lock().unwrap_or_else(|e| e.into_inner());
         let recomputed;
@@ -1775,11 +1739,7 @@ impl CustomOp2 for LmHeadNll {
         let _pg = prof("LmHeadNll.bwd");
         let (n, hid) = h.dims2()?;
         let (vocab, _) = w.dims2()?;
-        let (hc, wc) = (h.contiguous()?, w.contiguous()?);
-        let (hs, hl) = hc.storage_and_layout();
-        let (ws, wl) = wc.storage_and_layout();
-        let hv = cpu_f32(&hs, hl, "lm head hidden states")?;
-        let wv = cpu_f32(&ws, wl, "lm head weight")?;
+        borrow_f32!(hv = h, "lm head hidden states"; wv = w, "lm head weight");
         let g = tensor_vec(grad)?;
         // A second backward through the same graph finds the logits gone: recompute them.
         let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
