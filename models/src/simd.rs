@@ -161,18 +161,37 @@ mod x86 {
         let mut acc = _mm512_setzero_ps();
         let n = xs.len();
         let p = xs.as_mut_ptr();
-        let mut i = 0;
-        while i < n {
-            let mask = tail_mask(n, i);
+        blocks(n, |i, mask| {
             // SAFETY: the mask keeps every lane inside `xs[i..n]`.
             let v = unsafe { _mm512_maskz_loadu_ps(mask, p.add(i)) };
             let e = exp16(_mm512_fmsub_ps(v, vs, vsh));
             acc = _mm512_mask_add_ps(acc, mask, acc, e);
             // SAFETY: as above.
             unsafe { _mm512_mask_storeu_ps(p.add(i), mask, e) };
+        });
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// Calls `f(i, mask)` for the 16-lane block at each `i` of `n` elements, `mask` covering
+    /// the lanes inside `[i, n)`.
+    #[inline(always)]
+    fn blocks(n: usize, mut f: impl FnMut(usize, __mmask16)) {
+        let mut i = 0;
+        while i < n {
+            f(i, tail_mask(n, i));
             i += 16;
         }
-        _mm512_reduce_add_ps(acc)
+    }
+
+    /// `1 / (1 + e^-g)` on 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn sigmoid16(g: __m512) -> __m512 {
+        let one = _mm512_set1_ps(1.0);
+        _mm512_div_ps(
+            one,
+            _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))),
+        )
     }
 
     /// The lane mask of the 16-lane block at `i` of `n` elements.
@@ -189,14 +208,11 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn max(xs: &[f32]) -> f32 {
         let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i < xs.len() {
-            let mask = tail_mask(xs.len(), i);
+        blocks(xs.len(), |i, mask| {
             // SAFETY: the mask keeps every lane inside `xs`.
             let v = unsafe { _mm512_maskz_loadu_ps(mask, xs.as_ptr().add(i)) };
             acc = _mm512_mask_max_ps(acc, mask, acc, v);
-            i += 16;
-        }
+        });
         _mm512_reduce_max_ps(acc)
     }
 
@@ -239,9 +255,7 @@ mod x86 {
     ) -> f32 {
         let (vsh, vm) = (_mm512_set1_ps(shift), _mm512_set1_ps(mul));
         let mut acc = _mm512_setzero_ps();
-        let mut i = 0;
-        while i < n {
-            let mask = tail_mask(n, i);
+        blocks(n, |i, mask| {
             // SAFETY: the mask keeps every lane inside `[i, n)`, valid by the caller's contract.
             unsafe {
                 let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, xs.add(i)), vsh));
@@ -250,8 +264,7 @@ mod x86 {
                     _mm512_mask_storeu_ps(o.add(i), mask, _mm512_mul_ps(e, vm));
                 }
             }
-            i += 16;
-        }
+        });
         _mm512_reduce_add_ps(acc)
     }
 
@@ -263,21 +276,15 @@ mod x86 {
         dg: &mut [f32],
         du: &mut [f32],
     ) {
-        let n = g.len();
         let one = _mm512_set1_ps(1.0);
-        let mut i = 0;
-        while i < n {
-            let mask = tail_mask(n, i);
+        blocks(g.len(), |i, mask| {
             // SAFETY: the caller gives five slices of length `n`; the mask keeps every lane
             // inside `[i, n)`.
             unsafe {
                 let gv = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
                 let uv = _mm512_maskz_loadu_ps(mask, u.as_ptr().add(i));
                 let dyv = _mm512_maskz_loadu_ps(mask, dy.as_ptr().add(i));
-                let s = _mm512_div_ps(
-                    one,
-                    _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))),
-                );
+                let s = sigmoid16(gv);
                 let dys = _mm512_mul_ps(dyv, s);
                 _mm512_mask_storeu_ps(du.as_mut_ptr().add(i), mask, _mm512_mul_ps(dys, gv));
                 // dg = dy s u (1 + g (1 - s))
@@ -288,17 +295,13 @@ mod x86 {
                     _mm512_mul_ps(_mm512_mul_ps(dys, uv), t),
                 );
             }
-            i += 16;
-        }
+        });
     }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
-        let n = out.len();
         let one = _mm512_set1_ps(1.0);
-        let mut i = 0;
-        while i < n {
-            let mask = tail_mask(n, i);
+        blocks(out.len(), |i, mask| {
             // SAFETY: the caller gives three slices of length `n`; the mask keeps every lane
             // inside `[i, n)`.
             unsafe {
@@ -308,8 +311,7 @@ mod x86 {
                 let y = _mm512_div_ps(_mm512_mul_ps(gv, uv), _mm512_add_ps(one, e));
                 _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, y);
             }
-            i += 16;
-        }
+        });
     }
 }
 
