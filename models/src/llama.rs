@@ -189,6 +189,35 @@ impl Block {
     }
 }
 
+impl Block {
+    /// This layer's weights for [`crate::train::block::frozen_block`] when nothing in it is
+    /// trained and every projection is a plain dense product.
+    fn frozen(&self) -> Option<crate::train::block::FrozenLayer<'_>> {
+        fn dense(l: &Linear) -> Option<&Tensor> {
+            l.dense_trainable().filter(|w| !w.track_op())
+        }
+        fn norm(n: &RmsNorm) -> Option<&Tensor> {
+            (!n.weight.track_op()).then_some(&n.weight)
+        }
+        let a = &self.self_attn;
+        Some(crate::train::block::FrozenLayer {
+            input_norm: norm(&self.input_layernorm)?,
+            input_eps: self.input_layernorm.eps as f32,
+            q: dense(&a.q_proj)?,
+            k: dense(&a.k_proj)?,
+            v: dense(&a.v_proj)?,
+            o: dense(&a.o_proj)?,
+            post_norm: norm(&self.post_attention_layernorm)?,
+            post_eps: self.post_attention_layernorm.eps as f32,
+            gate: dense(&self.mlp.gate_proj)?,
+            up: dense(&self.mlp.up_proj)?,
+            down: dense(&self.mlp.down_proj)?,
+            heads: a.num_heads,
+            kv_heads: a.num_kv_heads,
+        })
+    }
+}
+
 /// All weights of a model, as the loaders build them.
 #[derive(Debug, Clone)]
 pub struct LlamaWeights {
@@ -351,6 +380,9 @@ pub struct Llama {
     lm_head: Linear,
     inv_freq: Vec<f32>,
     force_differentiable: bool,
+    /// Whether training runs a layer with nothing trained in it as one op
+    /// ([`crate::train::block::frozen_block`]); on unless a test compares the two paths.
+    fuse_frozen_layers: bool,
     /// Per layer: q/k/v and gate/up fused for the decode kernel (see [`FusedDecode`]).
     fused: Vec<(Option<FusedDecode>, Option<FusedDecode>)>,
 }
@@ -435,6 +467,7 @@ impl Llama {
             lm_head: w.lm_head,
             inv_freq,
             force_differentiable: false,
+            fuse_frozen_layers: true,
             fused,
         })
     }
@@ -609,6 +642,12 @@ impl Llama {
         self.force_differentiable = on;
     }
 
+    /// Runs each frozen layer under a tracked input as one fused op (the default) or as its
+    /// separate ops (for comparing the two).
+    pub fn set_fuse_frozen_layers(&mut self, on: bool) {
+        self.fuse_frozen_layers = on;
+    }
+
     fn is_trainable(&self) -> bool {
         self.embed_tokens
             .weight
@@ -752,6 +791,12 @@ impl Llama {
             None
         };
         for (i, block) in self.layers.iter().enumerate() {
+            if differentiable && cache.is_none() && self.fuse_frozen_layers && x.track_op() {
+                if let Some(w) = block.frozen() {
+                    x = crate::train::block::frozen_block(&x, w, &cos, &sin)?;
+                    continue;
+                }
+            }
             let residual = &x;
             let hn = block.input_layernorm.forward(&x, differentiable)?;
             let a = self.attention(

@@ -201,6 +201,57 @@ fn differentiable_path_matches_fast_path_and_trains_lora_and_prefix() {
 }
 
 #[test]
+fn frozen_layers_as_one_op_match_their_separate_ops() {
+    // A soft prefix trained through frozen layers (prompt tuning): each layer runs as one fused
+    // op; its output and the prefix gradient must equal those of the layer's separate ops. 67
+    // tokens + 3 virtual ones make two causal attention blocks; layer 1 carries a LoRA branch,
+    // so it keeps the separate ops while layer 0 is fused.
+    let dev = Device::Cpu;
+    for lora_on_layer_1 in [false, true] {
+        let mut m = Llama::new_random(&tiny_config("llama"), &dev, 21).expect("model");
+        if lora_on_layer_1 {
+            let a = Tensor::randn(0f32, 0.1, (4, 32), &dev).expect("a");
+            let b = Tensor::randn(0f32, 0.1, (32, 4), &dev).expect("b");
+            let mut lins = m.linears_mut();
+            let (name, q) = &mut lins[7];
+            assert_eq!(name, "model.layers.1.self_attn.q_proj");
+            q.attach_lora(a, b, 2.0).expect("attach");
+        }
+        let prefix = Var::randn(0f32, 0.3, (1, 3, 32), &dev).expect("prefix");
+        let toks: Vec<u32> = (0..2 * 67).map(|i| (i * 7 + 3) % 64).collect();
+        let toks = Tensor::from_vec(toks, (2, 67), &dev).expect("ids");
+        let probe = Tensor::randn(0f32, 1.0, (2, 70, 32), &dev).expect("probe");
+        let mut run = |fused: bool| {
+            m.set_fuse_frozen_layers(fused);
+            let h = m
+                .hidden_states(Some(prefix.as_tensor()), &toks, None)
+                .expect("hidden states");
+            let loss = (&h * &probe).expect("mul").sum_all().expect("sum");
+            let grads = loss.backward().expect("backward");
+            let g = grads.get(prefix.as_tensor()).expect("prefix grad").clone();
+            (h, g)
+        };
+        let (h_sep, g_sep) = run(false);
+        let (h_fused, g_fused) = run(true);
+        let scale = |t: &Tensor| {
+            t.abs()
+                .expect("abs")
+                .flatten_all()
+                .expect("flat")
+                .max(0)
+                .expect("max")
+                .to_scalar::<f32>()
+                .expect("scalar")
+        };
+        let dh = max_abs_diff(&h_fused, &h_sep) / scale(&h_sep);
+        let dg = max_abs_diff(&g_fused, &g_sep) / scale(&g_sep);
+        assert!(dh < 1e-5, "hidden states differ by {dh} (relative)");
+        assert!(dg < 1e-5, "prefix gradients differ by {dg} (relative)");
+        assert!(scale(&g_sep) > 0.0);
+    }
+}
+
+#[test]
 fn lora_branch_equals_merged_weight() {
     let dev = Device::Cpu;
     let w = Tensor::randn(0f32, 1.0, (6, 5), &dev).expect("w");

@@ -5,6 +5,7 @@
 //! Knows no SQL or jobs: the engine drives a [`Trainer`] step by step, records what it returns,
 //! and decides when to checkpoint, evaluate, pause or stop.
 
+pub mod block;
 pub mod checkpoint;
 pub mod examples;
 pub mod ops;

@@ -27,7 +27,7 @@ fn profiling() -> bool {
 }
 
 /// Adds the time from its creation to its drop to one op kind's total.
-struct ProfGuard(&'static str, Option<std::time::Instant>);
+pub(crate) struct ProfGuard(&'static str, Option<std::time::Instant>);
 
 impl Drop for ProfGuard {
     fn drop(&mut self) {
@@ -44,7 +44,7 @@ impl Drop for ProfGuard {
     }
 }
 
-fn prof(op: &'static str) -> ProfGuard {
+pub(crate) fn prof(op: &'static str) -> ProfGuard {
     ProfGuard(op, profiling().then(std::time::Instant::now))
 }
 
@@ -53,7 +53,7 @@ pub fn take_profile() -> Vec<(&'static str, f64, usize)> {
     std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: expected f32, got another dtype")
     };
@@ -89,22 +89,23 @@ macro_rules! borrow_f32 {
         $(
             let $v = $t.contiguous()?;
             let $v = $v.storage_and_layout();
-            let $v = cpu_f32(&$v.0, $v.1, $what)?;
+            let $v = $crate::train::ops::cpu_f32(&$v.0, $v.1, $what)?;
         )+
     };
 }
+pub(crate) use borrow_f32;
 
 fn tensor_vec(t: &Tensor) -> CResult<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)
 }
 
 /// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]`, every operand addressed by (row stride, column stride).
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -199,7 +200,7 @@ fn matmul_scaled(
 /// column stride)), written by the GEMM straight into fresh memory: no zero-fill first, which
 /// on these sizes costs a tenth of the product itself.
 #[allow(clippy::too_many_arguments)]
-fn product(
+pub(crate) fn product(
     m: usize,
     n: usize,
     k: usize,
@@ -307,13 +308,13 @@ struct Attention {
     lse: Mutex<Option<Vec<f32>>>,
 }
 
-#[derive(Clone, Copy)]
-struct AttnDims {
-    b: usize,
-    nh: usize,
-    nkv: usize,
-    l: usize,
-    hd: usize,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttnDims {
+    pub(crate) b: usize,
+    pub(crate) nh: usize,
+    pub(crate) nkv: usize,
+    pub(crate) l: usize,
+    pub(crate) hd: usize,
 }
 
 impl AttnDims {
@@ -342,7 +343,7 @@ impl AttnDims {
         }
         Ok(AttnDims { b, nh, nkv, l, hd })
     }
-    fn groups(&self) -> usize {
+    pub(crate) fn groups(&self) -> usize {
         self.nh / self.nkv
     }
     /// Offset of head `h` of batch `b` in a `[b, seq, heads, hd]` tensor with `heads` heads; its
@@ -412,6 +413,225 @@ fn scatter_head(dst: &mut [f32], off: usize, rs: usize, src: &[f32], l: usize, h
     }
 }
 
+/// The causal attention of `q`, `k`, `v` (the projections' `[b, l, heads * hd]` layout, or
+/// `[b, l, heads, hd]`, the same memory): the output in `q`'s layout and the log-sum-exp of
+/// every score row `[b, heads, l]`.
+pub(crate) fn attention_forward(
+    d: AttnDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (l, hd, g) = (d.l, d.hd, d.groups());
+    let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
+    // One task per (batch, kv head): its query heads' outputs `[g, l, hd]` and lse `[g, l]`.
+    let results: Vec<(Vec<f32>, Vec<f32>)> = (0..d.b * d.nkv)
+        .into_par_iter()
+        .map(|task| {
+            let (bi, kh) = (task / d.nkv, task % d.nkv);
+            let kg = &k[d.at(bi, kh, d.nkv)..];
+            let vg = &v[d.at(bi, kh, d.nkv)..];
+            let mut s = vec![0f32; l * l];
+            let mut out = vec![0f32; g * l * hd];
+            let mut lse = vec![0f32; g * l];
+            for j in 0..g {
+                let qh = &q[d.at(bi, kh * g + j, d.nh)..];
+                for (r0, r1) in attn_blocks(l) {
+                    head_probs(
+                        d,
+                        (r0, r1),
+                        qh,
+                        q_rs,
+                        kg,
+                        kv_rs,
+                        scale,
+                        &mut s,
+                        None,
+                        &mut lse[j * l..(j + 1) * l],
+                    );
+                    // out[r0..r1] = P[r0..r1, 0..r1] V[0..r1]
+                    matmul(
+                        r1 - r0,
+                        hd,
+                        r1,
+                        &mut out[(j * l + r0) * hd..(j + 1) * l * hd],
+                        (hd, 1),
+                        false,
+                        &s[r0 * l..],
+                        (l, 1),
+                        vg,
+                        (kv_rs, 1),
+                        Parallelism::None,
+                    );
+                }
+            }
+            (out, lse)
+        })
+        .collect();
+    let mut out = vec![0f32; d.b * l * d.nh * hd];
+    let mut lse = vec![0f32; d.b * d.nh * l];
+    for (task, (o, ls)) in results.iter().enumerate() {
+        let (bi, kh) = (task / d.nkv, task % d.nkv);
+        for j in 0..g {
+            let h = kh * g + j;
+            scatter_head(
+                &mut out,
+                d.at(bi, h, d.nh),
+                q_rs,
+                &o[j * l * hd..(j + 1) * l * hd],
+                l,
+                hd,
+            );
+            let at = (bi * d.nh + h) * l;
+            lse[at..at + l].copy_from_slice(&ls[j * l..(j + 1) * l]);
+        }
+    }
+    (out, lse)
+}
+
+/// The gradients `(dq, dk, dv)` of [`attention_forward`] given the output `o`, its gradient
+/// `dout` and the forward pass's log-sum-exp `lse`; the probabilities are recomputed head by head.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    d: AttnDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (l, hd, g) = (d.l, d.hd, d.groups());
+    let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
+    // Per (batch, kv head): dq of its query heads `[g, l, hd]`, dk and dv `[l, hd]`.
+    let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.b * d.nkv)
+        .into_par_iter()
+        .map(|task| {
+            let (bi, kh) = (task / d.nkv, task % d.nkv);
+            let kg = &k[d.at(bi, kh, d.nkv)..];
+            let vg = &v[d.at(bi, kh, d.nkv)..];
+            let mut p = vec![0f32; l * l];
+            let mut dp = vec![0f32; l * l];
+            let mut dq = vec![0f32; g * l * hd];
+            let mut dk = vec![0f32; l * hd];
+            let mut dv = vec![0f32; l * hd];
+            let mut unused = vec![0f32; 0];
+            for j in 0..g {
+                let h = kh * g + j;
+                let off = d.at(bi, h, d.nh);
+                let (qh, oh, doh) = (&q[off..], &o[off..], &dout[off..]);
+                let lse_h = &lse[(bi * d.nh + h) * l..(bi * d.nh + h + 1) * l];
+                for (r0, r1) in attn_blocks(l) {
+                    let rb = r1 - r0;
+                    head_probs(
+                        d,
+                        (r0, r1),
+                        qh,
+                        q_rs,
+                        kg,
+                        kv_rs,
+                        scale,
+                        &mut p,
+                        Some(lse_h),
+                        &mut unused,
+                    );
+                    // dV[0..r1] += P_blk^T dO_blk
+                    matmul(
+                        r1,
+                        hd,
+                        rb,
+                        &mut dv,
+                        (hd, 1),
+                        true,
+                        &p[r0 * l..],
+                        (1, l),
+                        &doh[r0 * q_rs..],
+                        (q_rs, 1),
+                        Parallelism::None,
+                    );
+                    // dP_blk = dO_blk V[0..r1]^T
+                    matmul(
+                        rb,
+                        r1,
+                        hd,
+                        &mut dp[r0 * l..],
+                        (l, 1),
+                        false,
+                        &doh[r0 * q_rs..],
+                        (q_rs, 1),
+                        vg,
+                        (1, kv_rs),
+                        Parallelism::None,
+                    );
+                    // dS = P * (dP - rowsum(dO * O)) * scale (P is zero above the diagonal)
+                    for i in r0..r1 {
+                        let di: f32 = doh[i * q_rs..i * q_rs + hd]
+                            .iter()
+                            .zip(&oh[i * q_rs..i * q_rs + hd])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let pr = &p[i * l..i * l + i + 1];
+                        let dr = &mut dp[i * l..i * l + r1];
+                        for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
+                            *x = pp * (*x - di) * scale;
+                        }
+                        dr[i + 1..].fill(0.0);
+                    }
+                    // dQ_blk = dS_blk K[0..r1] ; dK[0..r1] += dS_blk^T Q_blk
+                    matmul(
+                        rb,
+                        hd,
+                        r1,
+                        &mut dq[(j * l + r0) * hd..(j + 1) * l * hd],
+                        (hd, 1),
+                        false,
+                        &dp[r0 * l..],
+                        (l, 1),
+                        kg,
+                        (kv_rs, 1),
+                        Parallelism::None,
+                    );
+                    matmul(
+                        r1,
+                        hd,
+                        rb,
+                        &mut dk,
+                        (hd, 1),
+                        true,
+                        &dp[r0 * l..],
+                        (1, l),
+                        &qh[r0 * q_rs..],
+                        (q_rs, 1),
+                        Parallelism::None,
+                    );
+                }
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+    let mut dq = vec![0f32; q.len()];
+    let mut dk = vec![0f32; k.len()];
+    let mut dv = vec![0f32; v.len()];
+    for (task, (tq, tk, tv)) in results.iter().enumerate() {
+        let (bi, kh) = (task / d.nkv, task % d.nkv);
+        for j in 0..g {
+            scatter_head(
+                &mut dq,
+                d.at(bi, kh * g + j, d.nh),
+                q_rs,
+                &tq[j * l * hd..(j + 1) * l * hd],
+                l,
+                hd,
+            );
+        }
+        scatter_head(&mut dk, d.at(bi, kh, d.nkv), kv_rs, tk, l, hd);
+        scatter_head(&mut dv, d.at(bi, kh, d.nkv), kv_rs, tv, l, hd);
+    }
+    (dq, dk, dv)
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "attune-causal-attention"
@@ -431,70 +651,7 @@ impl CustomOp3 for Attention {
         let q = f32_slice(s1, l1, "attention q")?;
         let k = f32_slice(s2, l2, "attention k")?;
         let v = f32_slice(s3, l3, "attention v")?;
-        let (l, hd, g) = (d.l, d.hd, d.groups());
-        let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
-        // One task per (batch, kv head): its query heads' outputs `[g, l, hd]` and lse `[g, l]`.
-        let results: Vec<(Vec<f32>, Vec<f32>)> = (0..d.b * d.nkv)
-            .into_par_iter()
-            .map(|task| {
-                let (bi, kh) = (task / d.nkv, task % d.nkv);
-                let kg = &k[d.at(bi, kh, d.nkv)..];
-                let vg = &v[d.at(bi, kh, d.nkv)..];
-                let mut s = vec![0f32; l * l];
-                let mut out = vec![0f32; g * l * hd];
-                let mut lse = vec![0f32; g * l];
-                for j in 0..g {
-                    let qh = &q[d.at(bi, kh * g + j, d.nh)..];
-                    for (r0, r1) in attn_blocks(l) {
-                        head_probs(
-                            d,
-                            (r0, r1),
-                            qh,
-                            q_rs,
-                            kg,
-                            kv_rs,
-                            self.scale,
-                            &mut s,
-                            None,
-                            &mut lse[j * l..(j + 1) * l],
-                        );
-                        // out[r0..r1] = P[r0..r1, 0..r1] V[0..r1]
-                        matmul(
-                            r1 - r0,
-                            hd,
-                            r1,
-                            &mut out[(j * l + r0) * hd..(j + 1) * l * hd],
-                            (hd, 1),
-                            false,
-                            &s[r0 * l..],
-                            (l, 1),
-                            vg,
-                            (kv_rs, 1),
-                            Parallelism::None,
-                        );
-                    }
-                }
-                (out, lse)
-            })
-            .collect();
-        let mut out = vec![0f32; d.b * l * d.nh * hd];
-        let mut lse = vec![0f32; d.b * d.nh * l];
-        for (task, (o, ls)) in results.iter().enumerate() {
-            let (bi, kh) = (task / d.nkv, task % d.nkv);
-            for j in 0..g {
-                let h = kh * g + j;
-                scatter_head(
-                    &mut out,
-                    d.at(bi, h, d.nh),
-                    q_rs,
-                    &o[j * l * hd..(j + 1) * l * hd],
-                    l,
-                    hd,
-                );
-                let at = (bi * d.nh + h) * l;
-                lse[at..at + l].copy_from_slice(&ls[j * l..(j + 1) * l]);
-            }
-        }
+        let (out, lse) = attention_forward(d, q, k, v, self.scale);
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -520,133 +677,7 @@ impl CustomOp3 for Attention {
             ov = res, "attention output";
             dov = grad_res, "attention grad";
         );
-        let (l, hd, g) = (d.l, d.hd, d.groups());
-        let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
-        let scale = self.scale;
-        // Per (batch, kv head): dq of its query heads `[g, l, hd]`, dk and dv `[l, hd]`.
-        let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.b * d.nkv)
-            .into_par_iter()
-            .map(|task| {
-                let (bi, kh) = (task / d.nkv, task % d.nkv);
-                let kg = &kv[d.at(bi, kh, d.nkv)..];
-                let vg = &vv[d.at(bi, kh, d.nkv)..];
-                let mut p = vec![0f32; l * l];
-                let mut dp = vec![0f32; l * l];
-                let mut dq = vec![0f32; g * l * hd];
-                let mut dk = vec![0f32; l * hd];
-                let mut dv = vec![0f32; l * hd];
-                let mut unused = vec![0f32; 0];
-                for j in 0..g {
-                    let h = kh * g + j;
-                    let off = d.at(bi, h, d.nh);
-                    let (qh, oh, doh) = (&qv[off..], &ov[off..], &dov[off..]);
-                    let lse_h = &lse[(bi * d.nh + h) * l..(bi * d.nh + h + 1) * l];
-                    for (r0, r1) in attn_blocks(l) {
-                        let rb = r1 - r0;
-                        head_probs(
-                            d,
-                            (r0, r1),
-                            qh,
-                            q_rs,
-                            kg,
-                            kv_rs,
-                            scale,
-                            &mut p,
-                            Some(lse_h),
-                            &mut unused,
-                        );
-                        // dV[0..r1] += P_blk^T dO_blk
-                        matmul(
-                            r1,
-                            hd,
-                            rb,
-                            &mut dv,
-                            (hd, 1),
-                            true,
-                            &p[r0 * l..],
-                            (1, l),
-                            &doh[r0 * q_rs..],
-                            (q_rs, 1),
-                            Parallelism::None,
-                        );
-                        // dP_blk = dO_blk V[0..r1]^T
-                        matmul(
-                            rb,
-                            r1,
-                            hd,
-                            &mut dp[r0 * l..],
-                            (l, 1),
-                            false,
-                            &doh[r0 * q_rs..],
-                            (q_rs, 1),
-                            vg,
-                            (1, kv_rs),
-                            Parallelism::None,
-                        );
-                        // dS = P * (dP - rowsum(dO * O)) * scale (P is zero above the diagonal)
-                        for i in r0..r1 {
-                            let di: f32 = doh[i * q_rs..i * q_rs + hd]
-                                .iter()
-                                .zip(&oh[i * q_rs..i * q_rs + hd])
-                                .map(|(a, b)| a * b)
-                                .sum();
-                            let pr = &p[i * l..i * l + i + 1];
-                            let dr = &mut dp[i * l..i * l + r1];
-                            for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
-                                *x = pp * (*x - di) * scale;
-                            }
-                            dr[i + 1..].fill(0.0);
-                        }
-                        // dQ_blk = dS_blk K[0..r1] ; dK[0..r1] += dS_blk^T Q_blk
-                        matmul(
-                            rb,
-                            hd,
-                            r1,
-                            &mut dq[(j * l + r0) * hd..(j + 1) * l * hd],
-                            (hd, 1),
-                            false,
-                            &dp[r0 * l..],
-                            (l, 1),
-                            kg,
-                            (kv_rs, 1),
-                            Parallelism::None,
-                        );
-                        matmul(
-                            r1,
-                            hd,
-                            rb,
-                            &mut dk,
-                            (hd, 1),
-                            true,
-                            &dp[r0 * l..],
-                            (1, l),
-                            &qh[r0 * q_rs..],
-                            (q_rs, 1),
-                            Parallelism::None,
-                        );
-                    }
-                }
-                (dq, dk, dv)
-            })
-            .collect();
-        let mut dq = vec![0f32; qv.len()];
-        let mut dk = vec![0f32; kv.len()];
-        let mut dv = vec![0f32; vv.len()];
-        for (task, (tq, tk, tv)) in results.iter().enumerate() {
-            let (bi, kh) = (task / d.nkv, task % d.nkv);
-            for j in 0..g {
-                scatter_head(
-                    &mut dq,
-                    d.at(bi, kh * g + j, d.nh),
-                    q_rs,
-                    &tq[j * l * hd..(j + 1) * l * hd],
-                    l,
-                    hd,
-                );
-            }
-            scatter_head(&mut dk, d.at(bi, kh, d.nkv), kv_rs, tk, l, hd);
-            scatter_head(&mut dv, d.at(bi, kh, d.nkv), kv_rs, tv, l, hd);
-        }
+        let (dq, dk, dv) = attention_backward(d, qv, kv, vv, ov, dov, lse, self.scale);
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
@@ -890,6 +921,40 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     })
 }
 
+/// Rotates, in place, every head (`hd` values) of `x`'s position rows (`row` values each,
+/// sequences of `l` positions) by its position's angle from `cos`/`sin` `[l, hd / 2]`; `sign`
+/// -1 applies the inverse rotation, which is the backward pass (the rotation's transpose).
+pub(crate) fn rope_in_place(
+    x: &mut [f32],
+    row: usize,
+    l: usize,
+    hd: usize,
+    cos: &[f32],
+    sin: &[f32],
+    sign: f32,
+) {
+    let half = hd / 2;
+    if row == 0 || half == 0 {
+        return;
+    }
+    x.par_chunks_mut(row).enumerate().for_each(|(r, xr)| {
+        let pos = r % l;
+        let (c, s) = (
+            &cos[pos * half..(pos + 1) * half],
+            &sin[pos * half..(pos + 1) * half],
+        );
+        for xh in xr.chunks_mut(hd) {
+            let (x1, x2) = xh.split_at_mut(half);
+            for i in 0..half {
+                let sn = s[i] * sign;
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * c[i] - b * sn;
+                x2[i] = b * c[i] + a * sn;
+            }
+        }
+    });
+}
+
 struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -903,28 +968,8 @@ impl Rope {
     /// position's angle (`sign` -1 inverts it, which is the backward pass: the rotation's
     /// transpose).
     fn apply(&self, x: &[f32], row: usize, sign: f32) -> Vec<f32> {
-        let (l, hd) = (self.l, self.hd);
-        let half = hd / 2;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(row)
-            .zip(x.par_chunks(row))
-            .enumerate()
-            .for_each(|(r, (o, xi))| {
-                let pos = r % l;
-                let (c, s) = (
-                    &self.cos[pos * half..(pos + 1) * half],
-                    &self.sin[pos * half..(pos + 1) * half],
-                );
-                for (oh, xh) in o.chunks_mut(hd).zip(xi.chunks(hd)) {
-                    let (x1, x2) = xh.split_at(half);
-                    let (o1, o2) = oh.split_at_mut(half);
-                    for i in 0..half {
-                        let sn = s[i] * sign;
-                        o1[i] = x1[i] * c[i] - x2[i] * sn;
-                        o2[i] = x2[i] * c[i] + x1[i] * sn;
-                    }
-                }
-            });
+        let mut out = x.to_vec();
+        rope_in_place(&mut out, row, self.l, self.hd, &self.cos, &self.sin, sign);
         out
     }
 
@@ -1313,7 +1358,11 @@ struct LoraLinear {
     xa: Mutex<Option<Vec<f32>>>,
 }
 
-fn cpu_f32<'a>(t: &'a candle_core::Storage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+pub(crate) fn cpu_f32<'a>(
+    t: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> CResult<&'a [f32]> {
     match t {
         candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
         _ => candle_core::bail!("{what}: not on the CPU"),
@@ -1466,9 +1515,83 @@ struct RmsNormOp {
     eps: f32,
 }
 
-fn inv_rms(row: &[f32], eps: f32) -> f32 {
+pub(crate) fn inv_rms(row: &[f32], eps: f32) -> f32 {
     let ss: f32 = row.iter().map(|v| v * v).sum();
     1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+/// `x * w / rms(x)` row by row (`w.len()` features per row).
+pub(crate) fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let h = w.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(h * 64)
+        .zip(x.par_chunks(h * 64))
+        .for_each(|(o, xi)| {
+            for (orow, xrow) in o.chunks_mut(h).zip(xi.chunks(h)) {
+                let r = inv_rms(xrow, eps);
+                for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
+                    *o = x * r * w;
+                }
+            }
+        });
+    out
+}
+
+/// The backward pass of [`rms_forward`] for the output gradient `dy`: writes `dx` (adds to it
+/// when `accumulate`) and returns `dw` when `want_dw` (empty otherwise).
+pub(crate) fn rms_backward(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    dy: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+    want_dw: bool,
+) -> Vec<f32> {
+    let h = w.len();
+    let chunk = h * 64;
+    let n_chunks = x.len().div_ceil(chunk);
+    let mut dw_parts = vec![0f32; if want_dw { n_chunks * h } else { 0 }];
+    let mut dw_chunks: Vec<Option<&mut [f32]>> = if want_dw {
+        dw_parts.chunks_mut(h).map(Some).collect()
+    } else {
+        (0..n_chunks).map(|_| None).collect()
+    };
+    dx.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .zip(dw_chunks.par_iter_mut())
+        .for_each(|((dxc, (xc, gc)), dwp)| {
+            for ((dxr, xr), gr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h)) {
+                let r = inv_rms(xr, eps);
+                // g' = dy * w; dx = r g' - x r^3 mean(g' x)
+                let mut dot = 0f32;
+                for ((&g, &w), &x) in gr.iter().zip(w).zip(xr) {
+                    dot += g * w * x;
+                }
+                let c = r * r * r * dot / h as f32;
+                if accumulate {
+                    for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
+                        *d += r * g * w - x * c;
+                    }
+                } else {
+                    for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
+                        *d = r * g * w - x * c;
+                    }
+                }
+                if let Some(dwp) = dwp {
+                    for ((dw, &g), &x) in dwp.iter_mut().zip(gr).zip(xr) {
+                        *dw += g * x * r;
+                    }
+                }
+            }
+        });
+    let mut dw = vec![0f32; if want_dw { h } else { 0 }];
+    for part in dw_parts.chunks(h.max(1)) {
+        for (a, b) in dw.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    dw
 }
 
 impl CustomOp2 for RmsNormOp {
@@ -1490,17 +1613,7 @@ impl CustomOp2 for RmsNormOp {
         if h == 0 || l1.shape().dims().last() != Some(&h) {
             candle_core::bail!("rms norm: input {:?} and weight [{h}] differ", l1.shape())
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h * 64)
-            .zip(x.par_chunks(h * 64))
-            .for_each(|(o, xi)| {
-                for (orow, xrow) in o.chunks_mut(h).zip(xi.chunks(h)) {
-                    let r = inv_rms(xrow, self.eps);
-                    for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
-                        *o = x * r * w;
-                    }
-                }
-            });
+        let out = rms_forward(x, w, self.eps);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -1512,40 +1625,13 @@ impl CustomOp2 for RmsNormOp {
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let _pg = prof("RmsNormOp.bwd");
-        let xv = tensor_vec(x)?;
-        let wv = tensor_vec(w)?;
-        let gv = tensor_vec(grad)?;
-        let h = wv.len();
-        let chunk = h * 64;
-        let n_chunks = xv.len().div_ceil(chunk);
+        borrow_f32!(
+            xv = x, "rms norm input";
+            wv = w, "rms norm weight";
+            gv = grad, "rms norm grad";
+        );
         let mut dx = vec![0f32; xv.len()];
-        let mut dw_parts = vec![0f32; n_chunks * h];
-        dx.par_chunks_mut(chunk)
-            .zip(xv.par_chunks(chunk).zip(gv.par_chunks(chunk)))
-            .zip(dw_parts.par_chunks_mut(h))
-            .for_each(|((dxc, (xc, gc)), dwp)| {
-                for ((dxr, xr), gr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h)) {
-                    let r = inv_rms(xr, self.eps);
-                    // g' = dy * w; dx = r g' - x r^3 mean(g' x)
-                    let mut dot = 0f32;
-                    for ((&g, &w), &x) in gr.iter().zip(&wv).zip(xr) {
-                        dot += g * w * x;
-                    }
-                    let c = r * r * r * dot / h as f32;
-                    for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(&wv).zip(xr) {
-                        *d = r * g * w - x * c;
-                    }
-                    for ((dw, &g), &x) in dwp.iter_mut().zip(gr).zip(xr) {
-                        *dw += g * x * r;
-                    }
-                }
-            });
-        let mut dw = vec![0f32; h];
-        for part in dw_parts.chunks(h) {
-            for (a, b) in dw.iter_mut().zip(part) {
-                *a += b;
-            }
-        }
+        let dw = rms_backward(xv, wv, self.eps, gv, &mut dx, false, true);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
