@@ -261,6 +261,14 @@ impl Linear {
         })
     }
 
+    /// The f32 weight when the layer is a dense product, LoRA branch or not (contiguous, no
+    /// bias, not in quantized mode).
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        self.weight.as_ref().filter(|w| {
+            w.is_contiguous() && self.bias.is_none() && self.mode != ComputeMode::Quantized
+        })
+    }
+
     pub fn lora(&self) -> Option<&LoraBranch> {
         self.lora.as_ref()
     }

@@ -189,32 +189,54 @@ impl Block {
     }
 }
 
+/// Which layers training runs as one fused op ([`crate::train::block::fused_layer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerFusion {
+    /// None: every norm, projection and attention is its own graph node.
+    Off,
+    /// Layers with nothing trained in them (the default: nothing is lost, as their only
+    /// gradient is their input's).
+    Frozen,
+    /// Every layer whose projections are dense and whose LoRA branches have no dropout. The
+    /// gradients of trained tensors inside them then come from [`crate::train::block::backward`],
+    /// not `Tensor::backward`; the trainer asks for this.
+    All,
+}
+
 impl Block {
-    /// This layer's weights for [`crate::train::block::frozen_block`] when nothing in it is
-    /// trained and every projection is a plain dense product.
-    fn frozen(&self) -> Option<crate::train::block::FrozenLayer<'_>> {
-        fn dense(l: &Linear) -> Option<&Tensor> {
-            l.dense_trainable().filter(|w| !w.track_op())
-        }
-        fn norm(n: &RmsNorm) -> Option<&Tensor> {
-            (!n.weight.track_op()).then_some(&n.weight)
+    /// This layer's parameters for [`crate::train::block::fused_layer`], when every projection
+    /// is a dense product (LoRA branches without dropout) and, unless `trained` allows them,
+    /// nothing in the layer is trained.
+    fn fusable(&self, trained: bool) -> Option<crate::train::block::LayerParts<'_>> {
+        use crate::train::block::{LayerParts, Proj};
+        fn proj(l: &Linear) -> Option<Proj<'_>> {
+            let w = l.dense_weight()?;
+            let lora = match l.lora() {
+                None => None,
+                Some(b) if b.dropout == 0.0 || b.dropout_seed.is_none() => {
+                    Some((&b.a, &b.b, b.scale as f32))
+                }
+                Some(_) => return None,
+            };
+            Some(Proj { w, lora })
         }
         let a = &self.self_attn;
-        Some(crate::train::block::FrozenLayer {
-            input_norm: norm(&self.input_layernorm)?,
+        let parts = LayerParts {
+            input_norm: &self.input_layernorm.weight,
             input_eps: self.input_layernorm.eps as f32,
-            q: dense(&a.q_proj)?,
-            k: dense(&a.k_proj)?,
-            v: dense(&a.v_proj)?,
-            o: dense(&a.o_proj)?,
-            post_norm: norm(&self.post_attention_layernorm)?,
+            q: proj(&a.q_proj)?,
+            k: proj(&a.k_proj)?,
+            v: proj(&a.v_proj)?,
+            o: proj(&a.o_proj)?,
+            post_norm: &self.post_attention_layernorm.weight,
             post_eps: self.post_attention_layernorm.eps as f32,
-            gate: dense(&self.mlp.gate_proj)?,
-            up: dense(&self.mlp.up_proj)?,
-            down: dense(&self.mlp.down_proj)?,
+            gate: proj(&self.mlp.gate_proj)?,
+            up: proj(&self.mlp.up_proj)?,
+            down: proj(&self.mlp.down_proj)?,
             heads: a.num_heads,
             kv_heads: a.num_kv_heads,
-        })
+        };
+        (trained || parts.first_trained().is_none()).then_some(parts)
     }
 }
 
@@ -380,9 +402,8 @@ pub struct Llama {
     lm_head: Linear,
     inv_freq: Vec<f32>,
     force_differentiable: bool,
-    /// Whether training runs a layer with nothing trained in it as one op
-    /// ([`crate::train::block::frozen_block`]); on unless a test compares the two paths.
-    fuse_frozen_layers: bool,
+    /// Which layers training runs as one op.
+    layer_fusion: LayerFusion,
     /// Per layer: q/k/v and gate/up fused for the decode kernel (see [`FusedDecode`]).
     fused: Vec<(Option<FusedDecode>, Option<FusedDecode>)>,
 }
@@ -467,7 +488,7 @@ impl Llama {
             lm_head: w.lm_head,
             inv_freq,
             force_differentiable: false,
-            fuse_frozen_layers: true,
+            layer_fusion: LayerFusion::Frozen,
             fused,
         })
     }
@@ -642,10 +663,9 @@ impl Llama {
         self.force_differentiable = on;
     }
 
-    /// Runs each frozen layer under a tracked input as one fused op (the default) or as its
-    /// separate ops (for comparing the two).
-    pub fn set_fuse_frozen_layers(&mut self, on: bool) {
-        self.fuse_frozen_layers = on;
+    /// Which layers training runs as one fused op (see [`LayerFusion`]).
+    pub fn set_layer_fusion(&mut self, fusion: LayerFusion) {
+        self.layer_fusion = fusion;
     }
 
     fn is_trainable(&self) -> bool {
@@ -791,10 +811,13 @@ impl Llama {
             None
         };
         for (i, block) in self.layers.iter().enumerate() {
-            if differentiable && cache.is_none() && self.fuse_frozen_layers && x.track_op() {
-                if let Some(w) = block.frozen() {
-                    x = crate::train::block::frozen_block(&x, w, &cos, &sin)?;
-                    continue;
+            if differentiable && cache.is_none() && self.layer_fusion != LayerFusion::Off {
+                let parts = block.fusable(self.layer_fusion == LayerFusion::All);
+                if let Some(parts) = parts {
+                    if x.track_op() || parts.first_trained().is_some() {
+                        x = crate::train::block::fused_layer(&x, parts, &cos, &sin)?;
+                        continue;
+                    }
                 }
             }
             let residual = &x;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use attune_models::config::Config;
 use attune_models::gguf;
 use attune_models::linear::{ComputeMode, FusedDecode, Linear};
-use attune_models::llama::Llama;
+use attune_models::llama::{LayerFusion, Llama};
 use attune_models::Error;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -200,54 +200,136 @@ fn differentiable_path_matches_fast_path_and_trains_lora_and_prefix() {
     }
 }
 
+/// Hidden states and gradients of `sum(h * probe)` for the prefix (if any) and `params`, with
+/// the layers fused as `fusion` says.
+fn layer_grads(
+    m: &mut Llama,
+    fusion: LayerFusion,
+    prefix: Option<&Var>,
+    params: &[Var],
+    toks: &Tensor,
+    probe: &Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    m.set_layer_fusion(fusion);
+    let h = m
+        .hidden_states(prefix.map(|p| p.as_tensor()), toks, None)
+        .expect("hidden states");
+    let loss = (&h * probe).expect("mul").sum_all().expect("sum");
+    let grads = attune_models::train::block::backward(&loss).expect("backward");
+    let g = prefix
+        .into_iter()
+        .chain(params)
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for a {:?} variable", v.dims()))
+                .clone()
+        })
+        .collect();
+    (h, g)
+}
+
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .expect("abs")
+        .flatten_all()
+        .expect("flat")
+        .max(0)
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar");
+    assert!(scale > 0.0, "an all-zero reference");
+    max_abs_diff(a, b) / scale
+}
+
 #[test]
-fn frozen_layers_as_one_op_match_their_separate_ops() {
-    // A soft prefix trained through frozen layers (prompt tuning): each layer runs as one fused
-    // op; its output and the prefix gradient must equal those of the layer's separate ops. 67
-    // tokens + 3 virtual ones make two causal attention blocks; layer 1 carries a LoRA branch,
-    // so it keeps the separate ops while layer 0 is fused.
+fn layers_as_one_op_match_their_separate_ops() {
+    // Each decoder layer as one fused op must give the hidden states and every gradient of the
+    // layer's separate ops: for a soft prefix through frozen layers (prompt tuning), LoRA on
+    // every projection, LoRA on q and v only, LoRA with dropout (not fused) beside a fused
+    // layer, and full fine-tuning (weights and norm scales). 67 tokens + 3 virtual ones make two
+    // causal attention blocks.
     let dev = Device::Cpu;
-    for lora_on_layer_1 in [false, true] {
+    let toks: Vec<u32> = (0..2 * 67).map(|i| (i * 7 + 3) % 64).collect();
+    let toks = Tensor::from_vec(toks, (2, 67), &dev).expect("ids");
+    for case in ["prompt", "lora-all", "lora-qv", "lora-dropout", "full"] {
         let mut m = Llama::new_random(&tiny_config("llama"), &dev, 21).expect("model");
-        if lora_on_layer_1 {
-            let a = Tensor::randn(0f32, 0.1, (4, 32), &dev).expect("a");
-            let b = Tensor::randn(0f32, 0.1, (32, 4), &dev).expect("b");
-            let mut lins = m.linears_mut();
-            let (name, q) = &mut lins[7];
-            assert_eq!(name, "model.layers.1.self_attn.q_proj");
-            q.attach_lora(a, b, 2.0).expect("attach");
+        let mut params = Vec::new();
+        let mut prefix = None;
+        let seq = if case == "prompt" { 70 } else { 67 };
+        match case {
+            "prompt" => prefix = Some(Var::randn(0f32, 0.3, (1, 3, 32), &dev).expect("prefix")),
+            "lora-all" | "lora-qv" | "lora-dropout" => {
+                for (i, (name, lin)) in m.linears_mut().into_iter().enumerate() {
+                    let wanted = match case {
+                        "lora-qv" => name.ends_with("q_proj") || name.ends_with("v_proj"),
+                        _ => true,
+                    };
+                    if !wanted {
+                        continue;
+                    }
+                    let (out, inp) = (lin.out_dim(), lin.in_dim());
+                    let a = Var::randn(0f32, 0.2, (4, inp), &dev).expect("a");
+                    let b = Var::randn(0f32, 0.2, (out, 4), &dev).expect("b");
+                    lin.attach_lora(a.as_tensor().clone(), b.as_tensor().clone(), 2.0)
+                        .expect("attach");
+                    if case == "lora-dropout" && i < 7 {
+                        // Layer 0 with dropout (and a mask seed) stays separate ops.
+                        lin.lora_mut().expect("branch").dropout = 0.1;
+                        lin.lora_mut().expect("branch").dropout_seed = Some(3);
+                    }
+                    params.push(a);
+                    params.push(b);
+                }
+            }
+            "full" => {
+                for (_, lin) in m.linears_mut() {
+                    let v = Var::from_tensor(lin.weight().expect("weight")).expect("var");
+                    lin.set_weight(v.as_tensor().clone()).expect("set");
+                    params.push(v);
+                }
+                for block in m.layers_mut() {
+                    for norm in [
+                        &mut block.input_layernorm,
+                        &mut block.post_attention_layernorm,
+                    ] {
+                        let w = (&norm.weight + 0.1).expect("shift");
+                        let v = Var::from_tensor(&w).expect("var");
+                        norm.weight = v.as_tensor().clone();
+                        params.push(v);
+                    }
+                }
+            }
+            _ => unreachable!(),
         }
-        let prefix = Var::randn(0f32, 0.3, (1, 3, 32), &dev).expect("prefix");
-        let toks: Vec<u32> = (0..2 * 67).map(|i| (i * 7 + 3) % 64).collect();
-        let toks = Tensor::from_vec(toks, (2, 67), &dev).expect("ids");
-        let probe = Tensor::randn(0f32, 1.0, (2, 70, 32), &dev).expect("probe");
-        let mut run = |fused: bool| {
-            m.set_fuse_frozen_layers(fused);
-            let h = m
-                .hidden_states(Some(prefix.as_tensor()), &toks, None)
-                .expect("hidden states");
-            let loss = (&h * &probe).expect("mul").sum_all().expect("sum");
-            let grads = loss.backward().expect("backward");
-            let g = grads.get(prefix.as_tensor()).expect("prefix grad").clone();
-            (h, g)
-        };
-        let (h_sep, g_sep) = run(false);
-        let (h_fused, g_fused) = run(true);
-        let scale = |t: &Tensor| {
-            t.abs()
-                .expect("abs")
-                .flatten_all()
-                .expect("flat")
-                .max(0)
-                .expect("max")
-                .to_scalar::<f32>()
-                .expect("scalar")
-        };
-        let dh = max_abs_diff(&h_fused, &h_sep) / scale(&h_sep);
-        let dg = max_abs_diff(&g_fused, &g_sep) / scale(&g_sep);
-        assert!(dh < 1e-5, "hidden states differ by {dh} (relative)");
-        assert!(dg < 1e-5, "prefix gradients differ by {dg} (relative)");
-        assert!(scale(&g_sep) > 0.0);
+        let probe = Tensor::randn(0f32, 1.0, (2, seq, 32), &dev).expect("probe");
+        let (h_sep, g_sep) = layer_grads(
+            &mut m,
+            LayerFusion::Off,
+            prefix.as_ref(),
+            &params,
+            &toks,
+            &probe,
+        );
+        let (h_fused, g_fused) = layer_grads(
+            &mut m,
+            LayerFusion::All,
+            prefix.as_ref(),
+            &params,
+            &toks,
+            &probe,
+        );
+        let dh = rel_diff(&h_fused, &h_sep);
+        assert!(dh < 1e-5, "{case}: hidden states differ by {dh} (relative)");
+        for (i, (gf, gs)) in g_fused.iter().zip(&g_sep).enumerate() {
+            let d = rel_diff(gf, gs);
+            assert!(
+                d < 1e-4,
+                "{case}: gradient {i} {:?} differs by {d} (relative)",
+                gs.dims()
+            );
+        }
     }
 }
 

@@ -1,120 +1,251 @@
-//! A frozen decoder layer as one training op.
+//! A decoder layer as one training op.
 //!
-//! When nothing inside a layer is trained (prompt tuning; a layer LoRA does not touch), the
-//! gradient only has to flow through it to the layer's input. Built from one graph node per
-//! norm, projection, rotation and residual add, the layer costs candle's backward pass a
-//! zero-filled buffer and an add for every node's input, plus a tensor per intermediate.
-//! [`frozen_block`] runs the whole layer — RMSNorm, q/k/v, rotary embeddings, causal attention,
-//! `o_proj` and its residual, RMSNorm, gate/up, SwiGLU, `down_proj` and its residual — as one
-//! node, keeps just what its backward pass reads (the rotated q and k, v, the attention output
-//! and log-sum-exp, the mid-layer residual, the gate and up products), accumulates the three
-//! q/k/v input gradients and the two residual branches in place, and computes no weight
-//! gradient.
+//! Built from one graph node per norm, projection, rotation and residual add, a layer costs
+//! candle's backward pass a zero-filled buffer and an add for every node's input, plus a tensor
+//! per intermediate. [`fused_layer`] runs the whole layer — RMSNorm, q/k/v, rotary embeddings,
+//! causal attention, `o_proj` and its residual, RMSNorm, gate/up, SwiGLU, `down_proj` and its
+//! residual — as one node with a hand-written backward pass. It keeps just what that pass reads
+//! (the rotated q and k, v, the attention output and log-sum-exp, the mid-layer residual, the
+//! gate and up products, and the projections' inputs where a weight or LoRA branch is trained),
+//! accumulates the q/k/v input gradients and the residual branches in place, and computes only
+//! the gradients something needs.
+//!
+//! The gradients of the layer's trained tensors (LoRA matrices, weights, norm scales) do not go
+//! through candle's graph: a custom op returns gradients for at most three inputs. The backward
+//! pass leaves them on its thread, and [`backward`] — which the trainer calls instead of
+//! `Tensor::backward` — adds them to the gradient store. The op takes one trained tensor as its
+//! second input so that candle's backward pass visits it even when the layer's input carries no
+//! gradient (LoRA's first layer). A layer with nothing trained (every layer in prompt tuning) needs
+//! none of this, and [`crate::llama::Llama`] fuses it by default; a layer with trained tensors is
+//! fused only when the trainer asks ([`crate::llama::LayerFusion::All`]).
 
+use std::cell::RefCell;
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::ops::{
-    attention_backward, attention_forward, borrow_f32, f32_slice, matmul, product, prof,
-    rms_backward, rms_forward, rope_in_place, threads, AttnDims,
+    attention_backward, attention_forward, borrow_f32, f32_slice, matmul, matmul_scaled, product,
+    prof, rms_backward, rms_forward, rope_in_place, threads, AttnDims,
 };
 
 type CResult<T> = candle_core::Result<T>;
 
-/// The frozen weights of one decoder layer: the two norms' scales `[hidden]` and the seven
-/// projections `[out, in]`, all dense f32 (no bias, no LoRA branch).
+/// One projection `[out, in]` of a layer, with its LoRA branch `(A [r, in], B [out, r], scale)`
+/// if it has one. The weight is trained when it is a variable (full fine-tuning).
 #[derive(Clone, Copy)]
-pub struct FrozenLayer<'a> {
+pub struct Proj<'a> {
+    pub w: &'a Tensor,
+    pub lora: Option<(&'a Tensor, &'a Tensor, f32)>,
+}
+
+/// The parameters of one decoder layer: the two norms' scales `[hidden]` and the seven
+/// projections, all dense f32 (no bias, no dropout on a LoRA branch).
+#[derive(Clone, Copy)]
+pub struct LayerParts<'a> {
     pub input_norm: &'a Tensor,
     pub input_eps: f32,
-    pub q: &'a Tensor,
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
-    pub o: &'a Tensor,
+    pub q: Proj<'a>,
+    pub k: Proj<'a>,
+    pub v: Proj<'a>,
+    pub o: Proj<'a>,
     pub post_norm: &'a Tensor,
     pub post_eps: f32,
-    pub gate: &'a Tensor,
-    pub up: &'a Tensor,
-    pub down: &'a Tensor,
+    pub gate: Proj<'a>,
+    pub up: Proj<'a>,
+    pub down: Proj<'a>,
     pub heads: usize,
     pub kv_heads: usize,
 }
 
-/// The layer `w` applied to `x` `[b, seq, hidden]` (rotary tables `cos`/`sin` `[seq, hd / 2]`),
-/// differentiable in `x` only.
-pub fn frozen_block(x: &Tensor, w: FrozenLayer, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+impl LayerParts<'_> {
+    fn projs(&self) -> [Proj<'_>; 7] {
+        [
+            self.q, self.k, self.v, self.o, self.gate, self.up, self.down,
+        ]
+    }
+
+    /// The first tensor of the layer that is being trained, if any.
+    pub fn first_trained(&self) -> Option<&Tensor> {
+        let mut all = vec![self.input_norm, self.post_norm];
+        for p in self.projs() {
+            all.push(p.w);
+            if let Some((a, b, _)) = p.lora {
+                all.push(a);
+                all.push(b);
+            }
+        }
+        all.into_iter().find(|t| t.track_op())
+    }
+}
+
+thread_local! {
+    /// Gradients of trained tensors left by fused layers' backward passes on this thread.
+    static SIDE_GRADS: RefCell<Vec<(Tensor, Tensor)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `loss.backward()`, plus the gradients fused layers computed for their trained tensors.
+pub fn backward(loss: &Tensor) -> CResult<GradStore> {
+    SIDE_GRADS.with(|s| s.borrow_mut().clear());
+    let grads = loss.backward();
+    let side = SIDE_GRADS.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let mut grads = grads?;
+    for (param, g) in side {
+        let g = match grads.remove(&param) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        grads.insert(&param, g);
+    }
+    Ok(grads)
+}
+
+/// The layer `parts` applied to `x` `[b, seq, hidden]` (rotary tables `cos`/`sin`
+/// `[seq, hd / 2]`): differentiable in `x`, and in the layer's trained tensors through
+/// [`backward`].
+pub fn fused_layer(x: &Tensor, parts: LayerParts, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     let (_, l, hidden) = x.dims3()?;
     let (seq, half) = cos.dims2()?;
-    let nq = w.q.dim(0)?;
-    let nkv = w.k.dim(0)?;
-    let inter = w.gate.dim(0)?;
+    let nq = parts.q.w.dim(0)?;
+    let nkv = parts.k.w.dim(0)?;
+    let inter = parts.gate.w.dim(0)?;
     let hd = half * 2;
+    let lora_fits = |p: &Proj, out: usize, inp: usize| match p.lora {
+        None => true,
+        Some((a, b, _)) => {
+            let r = a.dim(0).unwrap_or(0);
+            r > 0 && a.dims() == [r, inp] && b.dims() == [out, r]
+        }
+    };
     let shapes_fit = seq == l
         && sin.dims() == cos.dims()
-        && w.heads > 0
-        && w.kv_heads > 0
-        && w.heads.is_multiple_of(w.kv_heads)
-        && nq == w.heads * hd
-        && nkv == w.kv_heads * hd
-        && w.input_norm.dims() == [hidden]
-        && w.post_norm.dims() == [hidden]
-        && w.q.dims() == [nq, hidden]
-        && w.k.dims() == [nkv, hidden]
-        && w.v.dims() == [nkv, hidden]
-        && w.o.dims() == [hidden, nq]
-        && w.gate.dims() == [inter, hidden]
-        && w.up.dims() == [inter, hidden]
-        && w.down.dims() == [hidden, inter];
+        && parts.heads > 0
+        && parts.kv_heads > 0
+        && parts.heads.is_multiple_of(parts.kv_heads)
+        && nq == parts.heads * hd
+        && nkv == parts.kv_heads * hd
+        && parts.input_norm.dims() == [hidden]
+        && parts.post_norm.dims() == [hidden]
+        && [
+            (&parts.q, nq, hidden),
+            (&parts.k, nkv, hidden),
+            (&parts.v, nkv, hidden),
+            (&parts.o, hidden, nq),
+            (&parts.gate, inter, hidden),
+            (&parts.up, inter, hidden),
+            (&parts.down, hidden, inter),
+        ]
+        .iter()
+        .all(|(p, out, inp)| p.w.dims() == [*out, *inp] && lora_fits(p, *out, *inp));
     if !shapes_fit {
         candle_core::bail!(
-            "frozen layer: input {:?}, rope tables {:?}, q {:?}, k {:?}, gate {:?} do not fit \
+            "fused layer: input {:?}, rope tables {:?}, q {:?}, k {:?}, gate {:?} do not fit \
              {} heads / {} kv heads",
             x.dims(),
             cos.dims(),
-            w.q.dims(),
-            w.k.dims(),
-            w.gate.dims(),
-            w.heads,
-            w.kv_heads
+            parts.q.w.dims(),
+            parts.k.w.dims(),
+            parts.gate.w.dims(),
+            parts.heads,
+            parts.kv_heads
         )
     }
-    let frozen = |t: &Tensor| -> CResult<Tensor> { Ok(t.contiguous()?.detach()) };
-    x.contiguous()?.apply_op1(FrozenBlock {
-        input_norm: frozen(w.input_norm)?,
-        input_eps: w.input_eps,
-        q: frozen(w.q)?,
-        k: frozen(w.k)?,
-        v: frozen(w.v)?,
-        o: frozen(w.o)?,
-        post_norm: frozen(w.post_norm)?,
-        post_eps: w.post_eps,
-        gate: frozen(w.gate)?,
-        up: frozen(w.up)?,
-        down: frozen(w.down)?,
-        heads: w.heads,
-        kv_heads: w.kv_heads,
+    let proj = |p: Proj| -> CResult<OwnedProj> {
+        let lora = match p.lora {
+            None => None,
+            Some((a, b, scale)) => Some(LoraParts {
+                r: a.dim(0)?,
+                a_vals: a.flatten_all()?.to_vec1()?,
+                b_vals: b.flatten_all()?.to_vec1()?,
+                a: a.track_op().then(|| a.clone()),
+                b: b.track_op().then(|| b.clone()),
+                scale,
+            }),
+        };
+        Ok(OwnedProj {
+            w: p.w.contiguous()?,
+            trained: p.w.track_op(),
+            param: p.w.track_op().then(|| p.w.clone()),
+            lora,
+        })
+    };
+    let norm = |w: &Tensor, eps: f32| -> CResult<OwnedNorm> {
+        Ok(OwnedNorm {
+            vals: w.flatten_all()?.to_vec1()?,
+            param: w.track_op().then(|| w.clone()),
+            eps,
+        })
+    };
+    let op = FusedLayer {
+        input_norm: norm(parts.input_norm, parts.input_eps)?,
+        q: proj(parts.q)?,
+        k: proj(parts.k)?,
+        v: proj(parts.v)?,
+        o: proj(parts.o)?,
+        post_norm: norm(parts.post_norm, parts.post_eps)?,
+        gate: proj(parts.gate)?,
+        up: proj(parts.up)?,
+        down: proj(parts.down)?,
+        heads: parts.heads,
+        kv_heads: parts.kv_heads,
         hd,
         cos: cos.flatten_all()?.to_vec1()?,
         sin: sin.flatten_all()?.to_vec1()?,
         kept: Mutex::new(None),
-    })
+    };
+    let x = x.contiguous()?;
+    match parts.first_trained() {
+        None => x.apply_op1(op),
+        Some(anchor) => x.apply_op2(anchor, op),
+    }
 }
 
-struct FrozenBlock {
-    input_norm: Tensor,
-    input_eps: f32,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    post_norm: Tensor,
-    post_eps: f32,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+struct LoraParts {
+    r: usize,
+    a_vals: Vec<f32>,
+    b_vals: Vec<f32>,
+    /// The variables, when trained (their gradients are keyed by them).
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+    scale: f32,
+}
+
+struct OwnedProj {
+    /// `[out, in]`, contiguous.
+    w: Tensor,
+    trained: bool,
+    /// The weight variable, when trained (its gradient is keyed by it).
+    param: Option<Tensor>,
+    lora: Option<LoraParts>,
+}
+
+impl OwnedProj {
+    /// Whether the backward pass needs this projection's input (for `dW` or `dA`).
+    fn needs_input(&self) -> bool {
+        self.trained || self.lora.as_ref().is_some_and(|l| l.a.is_some())
+    }
+}
+
+struct OwnedNorm {
+    vals: Vec<f32>,
+    /// The variable, when trained.
+    param: Option<Tensor>,
+    eps: f32,
+}
+
+struct FusedLayer {
+    input_norm: OwnedNorm,
+    q: OwnedProj,
+    k: OwnedProj,
+    v: OwnedProj,
+    o: OwnedProj,
+    post_norm: OwnedNorm,
+    gate: OwnedProj,
+    up: OwnedProj,
+    down: OwnedProj,
     heads: usize,
     kv_heads: usize,
     hd: usize,
@@ -138,6 +269,209 @@ struct Kept {
     /// Gate and up products `[rows, inter]`.
     g: Vec<f32>,
     u: Vec<f32>,
+    /// The normed inputs of q/k/v and of gate/up, when a trained projection reads them.
+    hn1: Option<Vec<f32>>,
+    hn2: Option<Vec<f32>>,
+    /// `x A^T` `[rows, r]` of each LoRA branch, in [q, k, v, o, gate, up, down] order.
+    xa: [Option<Vec<f32>>; 7],
+}
+
+/// A projection's slices for one pass.
+struct P<'s> {
+    w: &'s [f32],
+    proj: &'s OwnedProj,
+    din: usize,
+    dout: usize,
+}
+
+impl P<'_> {
+    /// `dst += scale * (x A^T) B^T`; returns `x A^T`.
+    fn lora_fwd(
+        &self,
+        x: &[f32],
+        rows: usize,
+        dst: &mut [f32],
+        par: Parallelism,
+    ) -> Option<Vec<f32>> {
+        let l = self.proj.lora.as_ref()?;
+        let (din, dout, r) = (self.din, self.dout, l.r);
+        let xa = product(rows, r, din, x, (din, 1), &l.a_vals, (1, din), par);
+        matmul_scaled(
+            rows,
+            dout,
+            r,
+            dst,
+            (dout, 1),
+            true,
+            &xa,
+            (r, 1),
+            &l.b_vals,
+            (1, r),
+            l.scale,
+            par,
+        );
+        Some(xa)
+    }
+
+    /// A new `[rows, out]` output `x W^T (+ LoRA)`, and the branch's `x A^T`.
+    fn fwd_new(&self, x: &[f32], rows: usize, par: Parallelism) -> (Vec<f32>, Option<Vec<f32>>) {
+        let (din, dout) = (self.din, self.dout);
+        let mut y = product(rows, dout, din, x, (din, 1), self.w, (1, din), par);
+        let xa = self.lora_fwd(x, rows, &mut y, par);
+        (y, xa)
+    }
+
+    /// `dst += x W^T (+ LoRA)`; returns the branch's `x A^T`.
+    fn fwd_add(
+        &self,
+        x: &[f32],
+        rows: usize,
+        dst: &mut [f32],
+        par: Parallelism,
+    ) -> Option<Vec<f32>> {
+        let (din, dout) = (self.din, self.dout);
+        matmul(
+            rows,
+            dout,
+            din,
+            dst,
+            (dout, 1),
+            true,
+            x,
+            (din, 1),
+            self.w,
+            (1, din),
+            par,
+        );
+        self.lora_fwd(x, rows, dst, par)
+    }
+
+    /// The backward pass for the output gradient `dy`: adds `dy W (+ LoRA)` to `dx` (creating it
+    /// when `None`) if `want_dx`, and pushes the gradients of the trained tensors to `sink`. `x` is
+    /// the input (needed when [`OwnedProj::needs_input`]), `xa` the branch's `x A^T`.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd(
+        &self,
+        x: Option<&[f32]>,
+        xa: Option<&[f32]>,
+        dy: &[f32],
+        rows: usize,
+        dx: &mut Option<Vec<f32>>,
+        want_dx: bool,
+        sink: &mut Vec<(Tensor, Vec<f32>)>,
+        par: Parallelism,
+    ) -> CResult<()> {
+        let (din, dout) = (self.din, self.dout);
+        if want_dx {
+            match dx {
+                Some(d) => matmul(
+                    rows,
+                    din,
+                    dout,
+                    d,
+                    (din, 1),
+                    true,
+                    dy,
+                    (dout, 1),
+                    self.w,
+                    (din, 1),
+                    par,
+                ),
+                None => {
+                    *dx = Some(product(
+                        rows,
+                        din,
+                        dout,
+                        dy,
+                        (dout, 1),
+                        self.w,
+                        (din, 1),
+                        par,
+                    ))
+                }
+            }
+        }
+        let input = || -> CResult<&[f32]> {
+            match x {
+                Some(x) => Ok(x),
+                None => {
+                    candle_core::bail!("fused layer: a trained projection's input was not kept")
+                }
+            }
+        };
+        if self.proj.trained {
+            // dW = dy^T x
+            let dw = product(dout, din, rows, dy, (1, dout), input()?, (din, 1), par);
+            if let Some(w) = &self.proj.param {
+                sink.push((w.clone(), dw));
+            }
+        }
+        if let Some(l) = &self.proj.lora {
+            let r = l.r;
+            // u = dy B [rows, r]
+            let u = product(rows, r, dout, dy, (dout, 1), &l.b_vals, (r, 1), par);
+            if want_dx {
+                if let Some(d) = dx.as_mut() {
+                    matmul_scaled(
+                        rows,
+                        din,
+                        r,
+                        d,
+                        (din, 1),
+                        true,
+                        &u,
+                        (r, 1),
+                        &l.a_vals,
+                        (din, 1),
+                        l.scale,
+                        par,
+                    );
+                }
+            }
+            if let Some(a) = &l.a {
+                // dA = scale * u^T x
+                let mut da = vec![0f32; r * din];
+                matmul_scaled(
+                    r,
+                    din,
+                    rows,
+                    &mut da,
+                    (din, 1),
+                    false,
+                    &u,
+                    (1, r),
+                    input()?,
+                    (din, 1),
+                    l.scale,
+                    par,
+                );
+                sink.push((a.clone(), da));
+            }
+            if let Some(b) = &l.b {
+                // dB = scale * dy^T (x A^T)
+                let Some(xa) = xa else {
+                    candle_core::bail!("fused layer: a LoRA branch's x A^T was not kept")
+                };
+                let mut db = vec![0f32; dout * r];
+                matmul_scaled(
+                    dout,
+                    r,
+                    rows,
+                    &mut db,
+                    (r, 1),
+                    false,
+                    dy,
+                    (1, dout),
+                    xa,
+                    (r, 1),
+                    l.scale,
+                    par,
+                );
+                sink.push((b.clone(), db));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `out = silu(g) * u`, in chunks across the thread pool.
@@ -148,7 +482,7 @@ fn silu_mul_into(g: &[f32], u: &[f32], out: &mut [f32]) {
         .for_each(|(h, (g, u))| crate::simd::silu_mul(g, u, h));
 }
 
-impl FrozenBlock {
+impl FusedLayer {
     fn dims(&self, b: usize, l: usize) -> AttnDims {
         AttnDims {
             b,
@@ -162,69 +496,59 @@ impl FrozenBlock {
     /// The layer on `x` `[b * l, hidden]`: its output and what the backward pass needs.
     fn forward(&self, x: &[f32], b: usize, l: usize) -> CResult<(Vec<f32>, Kept)> {
         borrow_f32!(
-            w_in = self.input_norm, "input norm";
-            wq = self.q, "q_proj";
-            wk = self.k, "k_proj";
-            wv = self.v, "v_proj";
-            wo = self.o, "o_proj";
-            w_post = self.post_norm, "post-attention norm";
-            wg = self.gate, "gate_proj";
-            wu = self.up, "up_proj";
-            wd = self.down, "down_proj";
+            wq = self.q.w, "q_proj";
+            wk = self.k.w, "k_proj";
+            wv = self.v.w, "v_proj";
+            wo = self.o.w, "o_proj";
+            wg = self.gate.w, "gate_proj";
+            wu = self.up.w, "up_proj";
+            wd = self.down.w, "down_proj";
         );
-        let hidden = w_in.len();
+        let hidden = self.input_norm.vals.len();
         let rows = b * l;
         let (nq, nkv) = (self.heads * self.hd, self.kv_heads * self.hd);
         let inter = wg.len() / hidden;
         let par = Parallelism::Rayon(threads());
-        let hn = rms_forward(x, w_in, self.input_eps);
-        let proj = |w: &[f32], out: usize| {
-            product(rows, out, hidden, &hn, (hidden, 1), w, (1, hidden), par)
-        };
-        let mut q = proj(wq, nq);
-        let mut k = proj(wk, nkv);
-        let v = proj(wv, nkv);
-        drop(hn);
+        let p = |w, proj, din, dout| P { w, proj, din, dout };
+        let (pq, pk, pv) = (
+            p(wq, &self.q, hidden, nq),
+            p(wk, &self.k, hidden, nkv),
+            p(wv, &self.v, hidden, nkv),
+        );
+        let po = p(wo, &self.o, nq, hidden);
+        let (pg, pu, pd) = (
+            p(wg, &self.gate, hidden, inter),
+            p(wu, &self.up, hidden, inter),
+            p(wd, &self.down, inter, hidden),
+        );
+
+        let hn = rms_forward(x, &self.input_norm.vals, self.input_norm.eps);
+        let (mut q, xa_q) = pq.fwd_new(&hn, rows, par);
+        let (mut k, xa_k) = pk.fwd_new(&hn, rows, par);
+        let (v, xa_v) = pv.fwd_new(&hn, rows, par);
+        let hn1 = [&self.q, &self.k, &self.v]
+            .iter()
+            .any(|p| p.needs_input())
+            .then_some(hn);
         rope_in_place(&mut q, nq, l, self.hd, &self.cos, &self.sin, 1.0);
         rope_in_place(&mut k, nkv, l, self.hd, &self.cos, &self.sin, 1.0);
         let scale = 1.0 / (self.hd as f32).sqrt();
         let (att, lse) = attention_forward(self.dims(b, l), &q, &k, &v, scale);
         // x1 = x + att Wo^T
         let mut x1 = x.to_vec();
-        matmul(
-            rows,
-            hidden,
-            nq,
-            &mut x1,
-            (hidden, 1),
-            true,
-            &att,
-            (nq, 1),
-            wo,
-            (1, nq),
-            par,
-        );
-        let hn = rms_forward(&x1, w_post, self.post_eps);
-        let g = product(rows, inter, hidden, &hn, (hidden, 1), wg, (1, hidden), par);
-        let u = product(rows, inter, hidden, &hn, (hidden, 1), wu, (1, hidden), par);
-        drop(hn);
+        let xa_o = po.fwd_add(&att, rows, &mut x1, par);
+        let hn = rms_forward(&x1, &self.post_norm.vals, self.post_norm.eps);
+        let (g, xa_g) = pg.fwd_new(&hn, rows, par);
+        let (u, xa_u) = pu.fwd_new(&hn, rows, par);
+        let hn2 = [&self.gate, &self.up]
+            .iter()
+            .any(|p| p.needs_input())
+            .then_some(hn);
         let mut h = vec![0f32; rows * inter];
         silu_mul_into(&g, &u, &mut h);
         // out = x1 + h Wd^T
         let mut out = x1.clone();
-        matmul(
-            rows,
-            hidden,
-            inter,
-            &mut out,
-            (hidden, 1),
-            true,
-            &h,
-            (inter, 1),
-            wd,
-            (1, inter),
-            par,
-        );
+        let xa_d = pd.fwd_add(&h, rows, &mut out, par);
         Ok((
             out,
             Kept {
@@ -236,22 +560,34 @@ impl FrozenBlock {
                 x1,
                 g,
                 u,
+                hn1,
+                hn2,
+                xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
             },
         ))
     }
 
-    /// `dx` for the output gradient `dy`, from the kept intermediates.
-    fn backward(&self, x: &[f32], dy: &[f32], b: usize, l: usize, kept: Kept) -> CResult<Vec<f32>> {
+    /// `dx` (when `want_dx`) for the output gradient `dy`, from the kept intermediates; the
+    /// trained tensors' gradients go to `sink`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        b: usize,
+        l: usize,
+        kept: Kept,
+        want_dx: bool,
+        sink: &mut Vec<(Tensor, Vec<f32>)>,
+    ) -> CResult<Option<Vec<f32>>> {
         borrow_f32!(
-            w_in = self.input_norm, "input norm";
-            wq = self.q, "q_proj";
-            wk = self.k, "k_proj";
-            wv = self.v, "v_proj";
-            wo = self.o, "o_proj";
-            w_post = self.post_norm, "post-attention norm";
-            wg = self.gate, "gate_proj";
-            wu = self.up, "up_proj";
-            wd = self.down, "down_proj";
+            wq = self.q.w, "q_proj";
+            wk = self.k.w, "k_proj";
+            wv = self.v.w, "v_proj";
+            wo = self.o.w, "o_proj";
+            wg = self.gate.w, "gate_proj";
+            wu = self.up.w, "up_proj";
+            wd = self.down.w, "down_proj";
         );
         let Kept {
             q,
@@ -262,14 +598,47 @@ impl FrozenBlock {
             x1,
             g,
             u,
+            hn1,
+            hn2,
+            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
         } = kept;
-        let hidden = w_in.len();
+        let hidden = self.input_norm.vals.len();
         let rows = b * l;
         let (nq, nkv) = (self.heads * self.hd, self.kv_heads * self.hd);
         let inter = wg.len() / hidden;
         let par = Parallelism::Rayon(threads());
-        // MLP half: dh = dy Wd, then SwiGLU, then dhn = dg Wg + du Wu.
-        let dh = product(rows, inter, hidden, dy, (hidden, 1), wd, (inter, 1), par);
+        let p = |w, proj, din, dout| P { w, proj, din, dout };
+        let (pq, pk, pv) = (
+            p(wq, &self.q, hidden, nq),
+            p(wk, &self.k, hidden, nkv),
+            p(wv, &self.v, hidden, nkv),
+        );
+        let po = p(wo, &self.o, nq, hidden);
+        let (pg, pu, pd) = (
+            p(wg, &self.gate, hidden, inter),
+            p(wu, &self.up, hidden, inter),
+            p(wd, &self.down, inter, hidden),
+        );
+
+        // MLP half: dh = dy Wd (+ LoRA), then SwiGLU, then dhn = dg Wg + du Wu (+ LoRA).
+        let h = self.down.needs_input().then(|| {
+            let mut h = vec![0f32; rows * inter];
+            silu_mul_into(&g, &u, &mut h);
+            h
+        });
+        let mut dh = None;
+        pd.bwd(
+            h.as_deref(),
+            xa_d.as_deref(),
+            dy,
+            rows,
+            &mut dh,
+            true,
+            sink,
+            par,
+        )?;
+        drop(h);
+        let dh = dh.unwrap_or_default();
         let mut dg = vec![0f32; rows * inter];
         let mut du = vec![0f32; rows * inter];
         const C: usize = 1 << 14;
@@ -278,93 +647,189 @@ impl FrozenBlock {
             .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dh.par_chunks(C)))
             .for_each(|((dg, du), ((g, u), dy))| crate::simd::silu_mul_bwd(g, u, dy, dg, du));
         drop((g, u, dh));
-        let mut dhn = product(rows, hidden, inter, &dg, (inter, 1), wg, (hidden, 1), par);
-        matmul(
+        let mut dhn = None;
+        pg.bwd(
+            hn2.as_deref(),
+            xa_g.as_deref(),
+            &dg,
             rows,
-            hidden,
-            inter,
             &mut dhn,
-            (hidden, 1),
             true,
-            &du,
-            (inter, 1),
-            wu,
-            (hidden, 1),
+            sink,
             par,
-        );
-        drop((dg, du));
+        )?;
+        pu.bwd(
+            hn2.as_deref(),
+            xa_u.as_deref(),
+            &du,
+            rows,
+            &mut dhn,
+            true,
+            sink,
+            par,
+        )?;
+        drop((dg, du, hn2));
+        let dhn = dhn.unwrap_or_default();
         // dx1 = dy + the post-attention norm's backward pass.
         let mut dx1 = dy.to_vec();
-        rms_backward(&x1, w_post, self.post_eps, &dhn, &mut dx1, true, false);
+        let dw = rms_backward(
+            &x1,
+            &self.post_norm.vals,
+            self.post_norm.eps,
+            &dhn,
+            &mut dx1,
+            true,
+            self.post_norm.param.is_some(),
+        );
+        if let Some(param) = &self.post_norm.param {
+            sink.push((param.clone(), dw));
+        }
         drop((x1, dhn));
-        // Attention half: datt = dx1 Wo, the attention's backward pass, the inverse rotations.
-        let datt = product(rows, nq, hidden, &dx1, (hidden, 1), wo, (nq, 1), par);
+        // Attention half: datt = dx1 Wo (+ LoRA), the attention's backward pass, the inverse
+        // rotations.
+        let mut datt = None;
+        po.bwd(
+            Some(&att),
+            xa_o.as_deref(),
+            &dx1,
+            rows,
+            &mut datt,
+            true,
+            sink,
+            par,
+        )?;
+        let datt = datt.unwrap_or_default();
         let scale = 1.0 / (self.hd as f32).sqrt();
         let (mut dq, mut dk, dv) =
             attention_backward(self.dims(b, l), &q, &k, &v, &att, &datt, &lse, scale);
         drop((q, k, v, att, datt, lse));
         rope_in_place(&mut dq, nq, l, self.hd, &self.cos, &self.sin, -1.0);
         rope_in_place(&mut dk, nkv, l, self.hd, &self.cos, &self.sin, -1.0);
-        // dhn = dq Wq + dk Wk + dv Wv, then dx = dx1 + the input norm's backward pass.
-        let mut dhn = product(rows, hidden, nq, &dq, (nq, 1), wq, (hidden, 1), par);
-        matmul(
+        // dhn = dq Wq + dk Wk + dv Wv (+ LoRA), then dx = dx1 + the input norm's backward pass;
+        // skipped when neither the input nor the norm needs it.
+        let need_dhn = want_dx || self.input_norm.param.is_some();
+        let mut dhn = None;
+        pq.bwd(
+            hn1.as_deref(),
+            xa_q.as_deref(),
+            &dq,
             rows,
-            hidden,
-            nkv,
             &mut dhn,
-            (hidden, 1),
-            true,
+            need_dhn,
+            sink,
+            par,
+        )?;
+        pk.bwd(
+            hn1.as_deref(),
+            xa_k.as_deref(),
             &dk,
-            (nkv, 1),
-            wk,
-            (hidden, 1),
-            par,
-        );
-        matmul(
             rows,
-            hidden,
-            nkv,
             &mut dhn,
-            (hidden, 1),
-            true,
-            &dv,
-            (nkv, 1),
-            wv,
-            (hidden, 1),
+            need_dhn,
+            sink,
             par,
-        );
-        drop((dq, dk, dv));
+        )?;
+        pv.bwd(
+            hn1.as_deref(),
+            xa_v.as_deref(),
+            &dv,
+            rows,
+            &mut dhn,
+            need_dhn,
+            sink,
+            par,
+        )?;
+        drop((dq, dk, dv, hn1));
+        let Some(dhn) = dhn else {
+            return Ok(None);
+        };
         let mut dx = dx1;
-        rms_backward(x, w_in, self.input_eps, &dhn, &mut dx, true, false);
-        Ok(dx)
+        let dw = rms_backward(
+            x,
+            &self.input_norm.vals,
+            self.input_norm.eps,
+            &dhn,
+            &mut dx,
+            true,
+            self.input_norm.param.is_some(),
+        );
+        if let Some(param) = &self.input_norm.param {
+            sink.push((param.clone(), dw));
+        }
+        Ok(want_dx.then_some(dx))
     }
-}
 
-impl CustomOp1 for FrozenBlock {
-    fn name(&self) -> &'static str {
-        "attune-frozen-block"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let _pg = prof("FrozenBlock.cpu_fwd");
-        let x = f32_slice(s, l, "frozen layer input")?;
+    fn run_forward(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("FusedLayer.cpu_fwd");
+        let x = f32_slice(s, l, "layer input")?;
         let (b, seq, _) = l.shape().dims3()?;
         let (out, kept) = self.forward(x, b, seq)?;
         *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let _pg = prof("FrozenBlock.bwd");
+    fn run_backward(&self, x: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let _pg = prof("FusedLayer.bwd");
         let (b, seq, _) = x.dims3()?;
-        borrow_f32!(xv = x, "frozen layer input"; dy = grad, "frozen layer grad");
+        borrow_f32!(xv = x, "layer input"; dy = grad, "layer grad");
         let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
         let kept = match kept {
             Some(k) => k,
             // A second backward pass through the same graph: run the forward pass again.
             None => self.forward(xv, b, seq)?.1,
         };
-        let dx = self.backward(xv, dy, b, seq, kept)?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        let mut sink = Vec::new();
+        let dx = self.backward(xv, dy, b, seq, kept, x.track_op(), &mut sink)?;
+        let dev = x.device();
+        let mut side = Vec::with_capacity(sink.len());
+        for (param, g) in sink {
+            let shape = param.shape().clone();
+            side.push((param, Tensor::from_vec(g, shape, dev)?));
+        }
+        SIDE_GRADS.with(|s| s.borrow_mut().extend(side));
+        dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+            .transpose()
+    }
+}
+
+impl CustomOp1 for FusedLayer {
+    fn name(&self) -> &'static str {
+        "attune-fused-layer"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        self.run_forward(s, l)
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        self.run_backward(x, grad)
+    }
+}
+
+/// The second input is one of the layer's trained tensors, there only to put the op in the
+/// backward graph; the layer's trained tensors all get their gradients through [`backward`].
+impl CustomOp2 for FusedLayer {
+    fn name(&self) -> &'static str {
+        "attune-fused-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.run_forward(s1, l1)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        Ok((self.run_backward(x, grad)?, None))
     }
 }

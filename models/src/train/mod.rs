@@ -419,7 +419,7 @@ pub struct Trainer {
 impl Trainer {
     /// `model` must already be [`prepare`]d into `trainable`.
     pub fn new(
-        model: Llama,
+        mut model: Llama,
         trainable: Trainable,
         config: TrainConfig,
         examples: Vec<Example>,
@@ -439,6 +439,8 @@ impl Trainer {
             ));
         }
         crate::tune_allocator();
+        // Every layer it can as one op; `train_step` collects the gradients that leaves.
+        model.set_layer_fusion(crate::llama::LayerFusion::All);
         let optimizer = AdamW::new(&trainable.params, config.optimizer.clone())?;
         Ok(Trainer {
             model,
@@ -533,7 +535,7 @@ impl Trainer {
             let sum = nll_sum(&self.model, batch, prefix.as_ref())?;
             loss_sum += sum.to_scalar::<f32>()? as f64;
             let scaled = (sum / total_targets.max(1) as f64)?;
-            let g = scaled.backward()?;
+            let g = block::backward(&scaled)?;
             for (slot, (_, v)) in grads.iter_mut().zip(&self.trainable.params) {
                 if let Some(gv) = g.get(v.as_tensor()) {
                     *slot = Some(match slot.take() {

@@ -136,7 +136,7 @@ pub(crate) fn matmul(
 
 /// `dst[m, n] (+)= beta * lhs[m, k] * rhs[k, n]`.
 #[allow(clippy::too_many_arguments)]
-fn matmul_scaled(
+pub(crate) fn matmul_scaled(
     m: usize,
     n: usize,
     k: usize,
