@@ -39,10 +39,8 @@ fn ids(v: &[u32]) -> Tensor {
         .expect("unsqueeze")
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .expect("sub")
-        .abs()
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .expect("abs")
         .flatten_all()
         .expect("flat")
@@ -50,6 +48,10 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .expect("max")
         .to_scalar::<f32>()
         .expect("scalar")
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).expect("sub"))
 }
 
 const PROMPT: [u32; 9] = [5, 17, 3, 60, 42, 8, 8, 21, 33];
@@ -230,15 +232,7 @@ fn layer_grads(
 }
 
 fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b
-        .abs()
-        .expect("abs")
-        .flatten_all()
-        .expect("flat")
-        .max(0)
-        .expect("max")
-        .to_scalar::<f32>()
-        .expect("scalar");
+    let scale = max_abs(b);
     assert!(scale > 0.0, "an all-zero reference");
     max_abs_diff(a, b) / scale
 }

@@ -28,8 +28,9 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::ops::{
-    attention_backward, attention_forward, borrow_f32, f32_slice, matmul, matmul_scaled, product,
-    prof, rms_backward, rms_forward, rope_in_place, threads, AttnDims,
+    attention_backward, attention_forward, borrow_f32, f32_slice, lora_branch_backward,
+    lora_branch_forward, matmul, product, prof, rms_backward, rms_forward, rope_in_place, threads,
+    AttnDims,
 };
 
 type CResult<T> = candle_core::Result<T>;
@@ -167,7 +168,6 @@ pub fn fused_layer(x: &Tensor, parts: LayerParts, cos: &Tensor, sin: &Tensor) ->
         };
         Ok(OwnedProj {
             w: p.w.contiguous()?,
-            trained: p.w.track_op(),
             param: p.w.track_op().then(|| p.w.clone()),
             lora,
         })
@@ -216,7 +216,6 @@ struct LoraParts {
 struct OwnedProj {
     /// `[out, in]`, contiguous.
     w: Tensor,
-    trained: bool,
     /// The weight variable, when trained (its gradient is keyed by it).
     param: Option<Tensor>,
     lora: Option<LoraParts>,
@@ -225,7 +224,7 @@ struct OwnedProj {
 impl OwnedProj {
     /// Whether the backward pass needs this projection's input (for `dW` or `dA`).
     fn needs_input(&self) -> bool {
-        self.trained || self.lora.as_ref().is_some_and(|l| l.a.is_some())
+        self.param.is_some() || self.lora.as_ref().is_some_and(|l| l.a.is_some())
     }
 }
 
@@ -285,7 +284,7 @@ struct P<'s> {
 }
 
 impl P<'_> {
-    /// `dst += scale * (x A^T) B^T`; returns `x A^T`.
+    /// `dst += scale * (x A^T) B^T` when the projection has a LoRA branch; returns `x A^T`.
     fn lora_fwd(
         &self,
         x: &[f32],
@@ -294,23 +293,10 @@ impl P<'_> {
         par: Parallelism,
     ) -> Option<Vec<f32>> {
         let l = self.proj.lora.as_ref()?;
-        let (din, dout, r) = (self.din, self.dout, l.r);
-        let xa = product(rows, r, din, x, (din, 1), &l.a_vals, (1, din), par);
-        matmul_scaled(
-            rows,
-            dout,
-            r,
-            dst,
-            (dout, 1),
-            true,
-            &xa,
-            (r, 1),
-            &l.b_vals,
-            (1, r),
-            l.scale,
-            par,
-        );
-        Some(xa)
+        let dims = (rows, self.din, self.dout, l.r);
+        Some(lora_branch_forward(
+            dims, x, &l.a_vals, &l.b_vals, l.scale, dst, par,
+        ))
     }
 
     /// A new `[rows, out]` output `x W^T (+ LoRA)`, and the branch's `x A^T`.
@@ -399,79 +385,46 @@ impl P<'_> {
                 }
             }
         };
-        if self.proj.trained {
+        if let Some(w) = &self.proj.param {
             // dW = dy^T x
             let dw = product(dout, din, rows, dy, (1, dout), input()?, (din, 1), par);
-            if let Some(w) = &self.proj.param {
-                sink.push((w.clone(), dw));
-            }
+            sink.push((w.clone(), dw));
         }
         if let Some(l) = &self.proj.lora {
-            let r = l.r;
-            // u = dy B [rows, r]
-            let u = product(rows, r, dout, dy, (dout, 1), &l.b_vals, (r, 1), par);
-            if want_dx {
-                if let Some(d) = dx.as_mut() {
-                    matmul_scaled(
-                        rows,
-                        din,
-                        r,
-                        d,
-                        (din, 1),
-                        true,
-                        &u,
-                        (r, 1),
-                        &l.a_vals,
-                        (din, 1),
-                        l.scale,
-                        par,
-                    );
-                }
-            }
-            if let Some(a) = &l.a {
-                // dA = scale * u^T x
-                let mut da = vec![0f32; r * din];
-                matmul_scaled(
-                    r,
-                    din,
-                    rows,
-                    &mut da,
-                    (din, 1),
-                    false,
-                    &u,
-                    (1, r),
-                    input()?,
-                    (din, 1),
-                    l.scale,
-                    par,
-                );
-                sink.push((a.clone(), da));
-            }
-            if let Some(b) = &l.b {
-                // dB = scale * dy^T (x A^T)
-                let Some(xa) = xa else {
+            let x = l.a.as_ref().map(|_| input()).transpose()?;
+            let xa = match (&l.b, xa) {
+                (None, _) => None,
+                (Some(_), Some(xa)) => Some(xa),
+                (Some(_), None) => {
                     candle_core::bail!("fused layer: a LoRA branch's x A^T was not kept")
-                };
-                let mut db = vec![0f32; dout * r];
-                matmul_scaled(
-                    dout,
-                    r,
-                    rows,
-                    &mut db,
-                    (r, 1),
-                    false,
-                    dy,
-                    (1, dout),
-                    xa,
-                    (r, 1),
-                    l.scale,
-                    par,
-                );
-                sink.push((b.clone(), db));
+                }
+            };
+            let dx = if want_dx { dx.as_deref_mut() } else { None };
+            let dims = (rows, din, dout, l.r);
+            let (da, db) =
+                lora_branch_backward(dims, dy, &l.a_vals, &l.b_vals, l.scale, dx, x, xa, par);
+            for (param, g) in [(&l.a, da), (&l.b, db)] {
+                if let (Some(param), Some(g)) = (param, g) {
+                    sink.push((param.clone(), g));
+                }
             }
         }
         Ok(())
     }
+}
+
+/// The layer's seven projections for one pass, and its sizes.
+struct Projs<'s> {
+    q: P<'s>,
+    k: P<'s>,
+    v: P<'s>,
+    o: P<'s>,
+    gate: P<'s>,
+    up: P<'s>,
+    down: P<'s>,
+    inter: usize,
+    nq: usize,
+    nkv: usize,
 }
 
 /// `out = silu(g) * u`, in chunks across the thread pool.
@@ -483,6 +436,35 @@ fn silu_mul_into(g: &[f32], u: &[f32], out: &mut [f32]) {
 }
 
 impl FusedLayer {
+    /// Runs `f` on the seven projections, their weights borrowed in place for the call.
+    fn with_projs<R>(&self, f: impl FnOnce(&Projs) -> CResult<R>) -> CResult<R> {
+        borrow_f32!(
+            wq = self.q.w, "q_proj";
+            wk = self.k.w, "k_proj";
+            wv = self.v.w, "v_proj";
+            wo = self.o.w, "o_proj";
+            wg = self.gate.w, "gate_proj";
+            wu = self.up.w, "up_proj";
+            wd = self.down.w, "down_proj";
+        );
+        let hidden = self.input_norm.vals.len();
+        let (nq, nkv) = (self.heads * self.hd, self.kv_heads * self.hd);
+        let inter = wg.len() / hidden.max(1);
+        let p = |w, proj, din, dout| P { w, proj, din, dout };
+        f(&Projs {
+            q: p(wq, &self.q, hidden, nq),
+            k: p(wk, &self.k, hidden, nkv),
+            v: p(wv, &self.v, hidden, nkv),
+            o: p(wo, &self.o, nq, hidden),
+            gate: p(wg, &self.gate, hidden, inter),
+            up: p(wu, &self.up, hidden, inter),
+            down: p(wd, &self.down, inter, hidden),
+            inter,
+            nq,
+            nkv,
+        })
+    }
+
     fn dims(&self, b: usize, l: usize) -> AttnDims {
         AttnDims {
             b,
@@ -494,33 +476,20 @@ impl FusedLayer {
     }
 
     /// The layer on `x` `[b * l, hidden]`: its output and what the backward pass needs.
-    fn forward(&self, x: &[f32], b: usize, l: usize) -> CResult<(Vec<f32>, Kept)> {
-        borrow_f32!(
-            wq = self.q.w, "q_proj";
-            wk = self.k.w, "k_proj";
-            wv = self.v.w, "v_proj";
-            wo = self.o.w, "o_proj";
-            wg = self.gate.w, "gate_proj";
-            wu = self.up.w, "up_proj";
-            wd = self.down.w, "down_proj";
-        );
-        let hidden = self.input_norm.vals.len();
+    fn forward(&self, ps: &Projs, x: &[f32], b: usize, l: usize) -> CResult<(Vec<f32>, Kept)> {
+        let Projs {
+            q: pq,
+            k: pk,
+            v: pv,
+            o: po,
+            gate: pg,
+            up: pu,
+            down: pd,
+            ..
+        } = ps;
+        let (inter, nq, nkv) = (ps.inter, ps.nq, ps.nkv);
         let rows = b * l;
-        let (nq, nkv) = (self.heads * self.hd, self.kv_heads * self.hd);
-        let inter = wg.len() / hidden;
         let par = Parallelism::Rayon(threads());
-        let p = |w, proj, din, dout| P { w, proj, din, dout };
-        let (pq, pk, pv) = (
-            p(wq, &self.q, hidden, nq),
-            p(wk, &self.k, hidden, nkv),
-            p(wv, &self.v, hidden, nkv),
-        );
-        let po = p(wo, &self.o, nq, hidden);
-        let (pg, pu, pd) = (
-            p(wg, &self.gate, hidden, inter),
-            p(wu, &self.up, hidden, inter),
-            p(wd, &self.down, inter, hidden),
-        );
 
         let hn = rms_forward(x, &self.input_norm.vals, self.input_norm.eps);
         let (mut q, xa_q) = pq.fwd_new(&hn, rows, par);
@@ -572,6 +541,7 @@ impl FusedLayer {
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
+        ps: &Projs,
         x: &[f32],
         dy: &[f32],
         b: usize,
@@ -580,15 +550,6 @@ impl FusedLayer {
         want_dx: bool,
         sink: &mut Vec<(Tensor, Vec<f32>)>,
     ) -> CResult<Option<Vec<f32>>> {
-        borrow_f32!(
-            wq = self.q.w, "q_proj";
-            wk = self.k.w, "k_proj";
-            wv = self.v.w, "v_proj";
-            wo = self.o.w, "o_proj";
-            wg = self.gate.w, "gate_proj";
-            wu = self.up.w, "up_proj";
-            wd = self.down.w, "down_proj";
-        );
         let Kept {
             q,
             k,
@@ -602,23 +563,19 @@ impl FusedLayer {
             hn2,
             xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
         } = kept;
-        let hidden = self.input_norm.vals.len();
+        let Projs {
+            q: pq,
+            k: pk,
+            v: pv,
+            o: po,
+            gate: pg,
+            up: pu,
+            down: pd,
+            ..
+        } = ps;
+        let (inter, nq, nkv) = (ps.inter, ps.nq, ps.nkv);
         let rows = b * l;
-        let (nq, nkv) = (self.heads * self.hd, self.kv_heads * self.hd);
-        let inter = wg.len() / hidden;
         let par = Parallelism::Rayon(threads());
-        let p = |w, proj, din, dout| P { w, proj, din, dout };
-        let (pq, pk, pv) = (
-            p(wq, &self.q, hidden, nq),
-            p(wk, &self.k, hidden, nkv),
-            p(wv, &self.v, hidden, nkv),
-        );
-        let po = p(wo, &self.o, nq, hidden);
-        let (pg, pu, pd) = (
-            p(wg, &self.gate, hidden, inter),
-            p(wu, &self.up, hidden, inter),
-            p(wd, &self.down, inter, hidden),
-        );
 
         // MLP half: dh = dy Wd (+ LoRA), then SwiGLU, then dhn = dg Wg + du Wu (+ LoRA).
         let h = self.down.needs_input().then(|| {
@@ -763,7 +720,7 @@ impl FusedLayer {
         let _pg = prof("FusedLayer.cpu_fwd");
         let x = f32_slice(s, l, "layer input")?;
         let (b, seq, _) = l.shape().dims3()?;
-        let (out, kept) = self.forward(x, b, seq)?;
+        let (out, kept) = self.with_projs(|ps| self.forward(ps, x, b, seq))?;
         *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -773,13 +730,15 @@ impl FusedLayer {
         let (b, seq, _) = x.dims3()?;
         borrow_f32!(xv = x, "layer input"; dy = grad, "layer grad");
         let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let kept = match kept {
-            Some(k) => k,
-            // A second backward pass through the same graph: run the forward pass again.
-            None => self.forward(xv, b, seq)?.1,
-        };
         let mut sink = Vec::new();
-        let dx = self.backward(xv, dy, b, seq, kept, x.track_op(), &mut sink)?;
+        let dx = self.with_projs(|ps| {
+            let kept = match kept {
+                Some(k) => k,
+                // A second backward pass through the same graph: run the forward pass again.
+                None => self.forward(ps, xv, b, seq)?.1,
+            };
+            self.backward(ps, xv, dy, b, seq, kept, x.track_op(), &mut sink)
+        })?;
         let dev = x.device();
         let mut side = Vec::with_capacity(sink.len());
         for (param, g) in sink {

@@ -1369,6 +1369,109 @@ pub(crate) fn cpu_f32<'a>(
     }
 }
 
+/// The LoRA branch of a projection, `dst += scale * (x A^T) B^T` for `x` `[rows, in]`, `A`
+/// `[r, in]`, `B` `[out, r]` (`dims` = `(rows, in, out, r)`); returns `x A^T` `[rows, r]`, which
+/// the backward pass reads.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lora_branch_forward(
+    (rows, din, dout, r): (usize, usize, usize, usize),
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    scale: f32,
+    dst: &mut [f32],
+    par: Parallelism,
+) -> Vec<f32> {
+    let xa = product(rows, r, din, x, (din, 1), a, (1, din), par);
+    matmul_scaled(
+        rows,
+        dout,
+        r,
+        dst,
+        (dout, 1),
+        true,
+        &xa,
+        (r, 1),
+        b,
+        (1, r),
+        scale,
+        par,
+    );
+    xa
+}
+
+/// The backward pass of [`lora_branch_forward`] for the output gradient `dy` `[rows, out]`: adds
+/// `scale * (dy B) A` to `dx` when given, and returns `dA = scale * (dy B)^T x` when `x` is given
+/// and `dB = scale * dy^T (x A^T)` when `xa` is.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lora_branch_backward(
+    (rows, din, dout, r): (usize, usize, usize, usize),
+    dy: &[f32],
+    a: &[f32],
+    b: &[f32],
+    scale: f32,
+    dx: Option<&mut [f32]>,
+    x: Option<&[f32]>,
+    xa: Option<&[f32]>,
+    par: Parallelism,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    // u = dy B [rows, r]
+    let u = product(rows, r, dout, dy, (dout, 1), b, (r, 1), par);
+    if let Some(dx) = dx {
+        matmul_scaled(
+            rows,
+            din,
+            r,
+            dx,
+            (din, 1),
+            true,
+            &u,
+            (r, 1),
+            a,
+            (din, 1),
+            scale,
+            par,
+        );
+    }
+    let da = x.map(|x| {
+        let mut da = vec![0f32; r * din];
+        matmul_scaled(
+            r,
+            din,
+            rows,
+            &mut da,
+            (din, 1),
+            false,
+            &u,
+            (1, r),
+            x,
+            (din, 1),
+            scale,
+            par,
+        );
+        da
+    });
+    let db = xa.map(|xa| {
+        let mut db = vec![0f32; dout * r];
+        matmul_scaled(
+            dout,
+            r,
+            rows,
+            &mut db,
+            (r, 1),
+            false,
+            dy,
+            (1, dout),
+            xa,
+            (r, 1),
+            scale,
+            par,
+        );
+        db
+    });
+    (da, db)
+}
+
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "attune-lora-linear"
@@ -1397,21 +1500,7 @@ impl CustomOp3 for LoraLinear {
         borrow_f32!(w = self.w, "lora base weight");
         let par = Parallelism::Rayon(threads());
         let mut y = product(rows, dout, din, x, (din, 1), w, (1, din), par);
-        let t = product(rows, r, din, x, (din, 1), a, (1, din), par);
-        matmul_scaled(
-            rows,
-            dout,
-            r,
-            &mut y,
-            (dout, 1),
-            true,
-            &t,
-            (r, 1),
-            b,
-            (1, r),
-            self.scale,
-            par,
-        );
+        let t = lora_branch_forward((rows, din, dout, r), x, a, b, self.scale, &mut y, par);
         *self.xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         Ok((CpuStorage::F32(y), with_features(l1.shape(), dout)))
     }
@@ -1436,61 +1525,27 @@ impl CustomOp3 for LoraLinear {
             w = self.w, "lora base weight";
         );
         let par = Parallelism::Rayon(threads());
-        // u = dy B [rows, r]; t = x A^T [rows, r]
-        let u = product(rows, r, dout, dy, (dout, 1), bv, (r, 1), par);
         let kept = self.xa.lock().unwrap_or_else(|e| e.into_inner()).take();
         let t = match kept {
             Some(t) if t.len() == rows * r => t,
             // A second backward through the same graph: recompute it.
             _ => product(rows, r, din, xv, (din, 1), av, (1, din), par),
         };
-        // dx = dy W + scale * u A
         let mut dx = product(rows, din, dout, dy, (dout, 1), w, (din, 1), par);
-        matmul_scaled(
-            rows,
-            din,
-            r,
-            &mut dx,
-            (din, 1),
-            true,
-            &u,
-            (r, 1),
-            av,
-            (din, 1),
-            self.scale,
-            par,
-        );
-        // dA = scale * u^T x [r, in]; dB = scale * dy^T t [out, r]
-        let mut da = vec![0f32; r * din];
-        matmul_scaled(
-            r,
-            din,
-            rows,
-            &mut da,
-            (din, 1),
-            false,
-            &u,
-            (1, r),
-            xv,
-            (din, 1),
-            self.scale,
-            par,
-        );
-        let mut db = vec![0f32; dout * r];
-        matmul_scaled(
-            dout,
-            r,
-            rows,
-            &mut db,
-            (r, 1),
-            false,
+        let (da, db) = lora_branch_backward(
+            (rows, din, dout, r),
             dy,
-            (1, dout),
-            &t,
-            (r, 1),
+            av,
+            bv,
             self.scale,
+            Some(&mut dx),
+            Some(xv),
+            Some(&t),
             par,
         );
+        let (Some(da), Some(db)) = (da, db) else {
+            candle_core::bail!("lora linear: the branch's gradients were not computed")
+        };
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
