@@ -25,12 +25,11 @@ use std::sync::Mutex;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use super::ops::{
     attention_backward, attention_forward, borrow_f32, f32_slice, lora_branch_backward,
-    lora_branch_forward, matmul, product, prof, rms_backward, rms_forward, rope_in_place, threads,
-    AttnDims,
+    lora_branch_forward, matmul, product, prof, rms_backward, rms_forward, rope_in_place,
+    swiglu_backward, swiglu_forward, threads, AttnDims,
 };
 
 type CResult<T> = candle_core::Result<T>;
@@ -413,7 +412,7 @@ impl P<'_> {
     }
 }
 
-/// The layer's seven projections for one pass, and its sizes.
+/// The layer's seven projections for one pass, and the q and k/v widths.
 struct Projs<'s> {
     q: P<'s>,
     k: P<'s>,
@@ -422,17 +421,8 @@ struct Projs<'s> {
     gate: P<'s>,
     up: P<'s>,
     down: P<'s>,
-    inter: usize,
     nq: usize,
     nkv: usize,
-}
-
-/// `out = silu(g) * u`, in chunks across the thread pool.
-fn silu_mul_into(g: &[f32], u: &[f32], out: &mut [f32]) {
-    const C: usize = 1 << 14;
-    out.par_chunks_mut(C)
-        .zip(g.par_chunks(C).zip(u.par_chunks(C)))
-        .for_each(|(h, (g, u))| crate::simd::silu_mul(g, u, h));
 }
 
 impl FusedLayer {
@@ -459,7 +449,6 @@ impl FusedLayer {
             gate: p(wg, &self.gate, hidden, inter),
             up: p(wu, &self.up, hidden, inter),
             down: p(wd, &self.down, inter, hidden),
-            inter,
             nq,
             nkv,
         })
@@ -477,24 +466,14 @@ impl FusedLayer {
 
     /// The layer on `x` `[b * l, hidden]`: its output and what the backward pass needs.
     fn forward(&self, ps: &Projs, x: &[f32], b: usize, l: usize) -> CResult<(Vec<f32>, Kept)> {
-        let Projs {
-            q: pq,
-            k: pk,
-            v: pv,
-            o: po,
-            gate: pg,
-            up: pu,
-            down: pd,
-            ..
-        } = ps;
-        let (inter, nq, nkv) = (ps.inter, ps.nq, ps.nkv);
+        let (nq, nkv) = (ps.nq, ps.nkv);
         let rows = b * l;
         let par = Parallelism::Rayon(threads());
 
         let hn = rms_forward(x, &self.input_norm.vals, self.input_norm.eps);
-        let (mut q, xa_q) = pq.fwd_new(&hn, rows, par);
-        let (mut k, xa_k) = pk.fwd_new(&hn, rows, par);
-        let (v, xa_v) = pv.fwd_new(&hn, rows, par);
+        let (mut q, xa_q) = ps.q.fwd_new(&hn, rows, par);
+        let (mut k, xa_k) = ps.k.fwd_new(&hn, rows, par);
+        let (v, xa_v) = ps.v.fwd_new(&hn, rows, par);
         let hn1 = [&self.q, &self.k, &self.v]
             .iter()
             .any(|p| p.needs_input())
@@ -505,19 +484,18 @@ impl FusedLayer {
         let (att, lse) = attention_forward(self.dims(b, l), &q, &k, &v, scale);
         // x1 = x + att Wo^T
         let mut x1 = x.to_vec();
-        let xa_o = po.fwd_add(&att, rows, &mut x1, par);
+        let xa_o = ps.o.fwd_add(&att, rows, &mut x1, par);
         let hn = rms_forward(&x1, &self.post_norm.vals, self.post_norm.eps);
-        let (g, xa_g) = pg.fwd_new(&hn, rows, par);
-        let (u, xa_u) = pu.fwd_new(&hn, rows, par);
+        let (g, xa_g) = ps.gate.fwd_new(&hn, rows, par);
+        let (u, xa_u) = ps.up.fwd_new(&hn, rows, par);
         let hn2 = [&self.gate, &self.up]
             .iter()
             .any(|p| p.needs_input())
             .then_some(hn);
-        let mut h = vec![0f32; rows * inter];
-        silu_mul_into(&g, &u, &mut h);
+        let h = swiglu_forward(&g, &u);
         // out = x1 + h Wd^T
         let mut out = x1.clone();
-        let xa_d = pd.fwd_add(&h, rows, &mut out, par);
+        let xa_d = ps.down.fwd_add(&h, rows, &mut out, par);
         Ok((
             out,
             Kept {
@@ -563,28 +541,14 @@ impl FusedLayer {
             hn2,
             xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
         } = kept;
-        let Projs {
-            q: pq,
-            k: pk,
-            v: pv,
-            o: po,
-            gate: pg,
-            up: pu,
-            down: pd,
-            ..
-        } = ps;
-        let (inter, nq, nkv) = (ps.inter, ps.nq, ps.nkv);
+        let (nq, nkv) = (ps.nq, ps.nkv);
         let rows = b * l;
         let par = Parallelism::Rayon(threads());
 
         // MLP half: dh = dy Wd (+ LoRA), then SwiGLU, then dhn = dg Wg + du Wu (+ LoRA).
-        let h = self.down.needs_input().then(|| {
-            let mut h = vec![0f32; rows * inter];
-            silu_mul_into(&g, &u, &mut h);
-            h
-        });
+        let h = self.down.needs_input().then(|| swiglu_forward(&g, &u));
         let mut dh = None;
-        pd.bwd(
+        ps.down.bwd(
             h.as_deref(),
             xa_d.as_deref(),
             dy,
@@ -596,16 +560,10 @@ impl FusedLayer {
         )?;
         drop(h);
         let dh = dh.unwrap_or_default();
-        let mut dg = vec![0f32; rows * inter];
-        let mut du = vec![0f32; rows * inter];
-        const C: usize = 1 << 14;
-        dg.par_chunks_mut(C)
-            .zip(du.par_chunks_mut(C))
-            .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dh.par_chunks(C)))
-            .for_each(|((dg, du), ((g, u), dy))| crate::simd::silu_mul_bwd(g, u, dy, dg, du));
+        let (dg, du) = swiglu_backward(&g, &u, &dh);
         drop((g, u, dh));
         let mut dhn = None;
-        pg.bwd(
+        ps.gate.bwd(
             hn2.as_deref(),
             xa_g.as_deref(),
             &dg,
@@ -615,7 +573,7 @@ impl FusedLayer {
             sink,
             par,
         )?;
-        pu.bwd(
+        ps.up.bwd(
             hn2.as_deref(),
             xa_u.as_deref(),
             &du,
@@ -645,7 +603,7 @@ impl FusedLayer {
         // Attention half: datt = dx1 Wo (+ LoRA), the attention's backward pass, the inverse
         // rotations.
         let mut datt = None;
-        po.bwd(
+        ps.o.bwd(
             Some(&att),
             xa_o.as_deref(),
             &dx1,
@@ -666,7 +624,7 @@ impl FusedLayer {
         // skipped when neither the input nor the norm needs it.
         let need_dhn = want_dx || self.input_norm.param.is_some();
         let mut dhn = None;
-        pq.bwd(
+        ps.q.bwd(
             hn1.as_deref(),
             xa_q.as_deref(),
             &dq,
@@ -676,7 +634,7 @@ impl FusedLayer {
             sink,
             par,
         )?;
-        pk.bwd(
+        ps.k.bwd(
             hn1.as_deref(),
             xa_k.as_deref(),
             &dk,
@@ -686,7 +644,7 @@ impl FusedLayer {
             sink,
             par,
         )?;
-        pv.bwd(
+        ps.v.bwd(
             hn1.as_deref(),
             xa_v.as_deref(),
             &dv,

@@ -1017,6 +1017,30 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+/// `silu(g) * u`, in chunks across the thread pool.
+pub(crate) fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; g.len()];
+    out.par_chunks_mut(SWIGLU_CHUNK)
+        .zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK)))
+        .for_each(|(o, (g, u))| crate::simd::silu_mul(g, u, o));
+    out
+}
+
+/// The gradients `(dg, du)` of [`swiglu_forward`] for the output gradient `dy`.
+pub(crate) fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    const C: usize = SWIGLU_CHUNK;
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    dg.par_chunks_mut(C)
+        .zip(du.par_chunks_mut(C))
+        .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
+        .for_each(|((dg, du), ((g, u), dy))| crate::simd::silu_mul_bwd(g, u, dy, dg, du));
+    (dg, du)
+}
+
+/// Elements per task of the SwiGLU passes.
+const SWIGLU_CHUNK: usize = 1 << 14;
+
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -1034,11 +1058,7 @@ impl CustomOp2 for SwiGlu {
         let _pg = prof("SwiGlu.cpu_fwd");
         let g = f32_slice(s1, l1, "swiglu gate")?;
         let u = f32_slice(s2, l2, "swiglu up")?;
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(g.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
-            .for_each(|(o, (g, u))| crate::simd::silu_mul(g, u, o));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(swiglu_forward(g, u)), l1.shape().clone()))
     }
 
     fn bwd(
@@ -1053,13 +1073,7 @@ impl CustomOp2 for SwiGlu {
         if u.len() != g.len() || dy.len() != g.len() {
             candle_core::bail!("swiglu backward: gate, up and grad sizes differ")
         }
-        let mut dg = vec![0f32; g.len()];
-        let mut du = vec![0f32; g.len()];
-        const C: usize = 1 << 14;
-        dg.par_chunks_mut(C)
-            .zip(du.par_chunks_mut(C))
-            .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
-            .for_each(|((dg, du), ((g, u), dy))| crate::simd::silu_mul_bwd(g, u, dy, dg, du));
+        let (dg, du) = swiglu_backward(g, u, dy);
         let dev = gate.device();
         Ok((
             Some(Tensor::from_vec(dg, gate.shape(), dev)?),
@@ -1139,11 +1153,7 @@ impl CustomOp3 for GateUpSwiglu {
             candle_core::bail!("gate/up: input has {din} features, the weights expect {w_in}")
         }
         let (g, u) = Self::products(x, wg, wu, rows, din);
-        let mut h = vec![0f32; rows * inter];
-        const C: usize = 1 << 14;
-        h.par_chunks_mut(C)
-            .zip(g.par_chunks(C).zip(u.par_chunks(C)))
-            .for_each(|(h, (g, u))| crate::simd::silu_mul(g, u, h));
+        let h = swiglu_forward(&g, &u);
         *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((g, u));
         Ok((CpuStorage::F32(h), with_features(l1.shape(), inter)))
     }
@@ -1171,13 +1181,14 @@ impl CustomOp3 for GateUpSwiglu {
             // A second backward through the same graph: recompute the products.
             None => Self::products(xv, wgv, wuv, rows, din),
         };
-        let mut dg = vec![0f32; rows * inter];
-        let mut du = vec![0f32; rows * inter];
-        const C: usize = 1 << 14;
-        dg.par_chunks_mut(C)
-            .zip(du.par_chunks_mut(C))
-            .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dh.par_chunks(C)))
-            .for_each(|((dg, du), ((g, u), dy))| crate::simd::silu_mul_bwd(g, u, dy, dg, du));
+        if dh.len() != g.len() {
+            candle_core::bail!(
+                "gate/up backward: grad has {} values, expected {}",
+                dh.len(),
+                g.len()
+            )
+        }
+        let (dg, du) = swiglu_backward(&g, &u, dh);
         drop((g, u));
         let par = Parallelism::Rayon(threads());
         let dx = if x.track_op() {
