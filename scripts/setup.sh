@@ -82,8 +82,8 @@ else
   cargo install tauri-driver --locked
 fi
 
-# 3. The default model, the UI and the binaries (dev profile: one build serves
-#    `cargo run`, the tests and the end-to-end test).
+# 3. The default model, the UI and the binaries (release profile: one build serves
+#    the app, the CLI, the tests, the end-to-end test and the benches).
 step "Fetching the default model"
 model=$(scripts/fetch-model.sh | tail -n 1)
 echo "$model"
@@ -92,8 +92,8 @@ scripts/build-ui.sh
 step "Building attune (CLI), attune-app (desktop) and the tests"
 # The whole workspace with all targets: the same feature resolution as
 # `cargo test --workspace`, so scripts/test.sh reuses every artifact.
-cargo build --workspace --all-targets
-target_dir="${CARGO_TARGET_DIR:-$root/target}/debug"
+cargo build --release --workspace --all-targets
+target_dir="${CARGO_TARGET_DIR:-$root/target}/release"
 
 # 4. Register the default model (adding the same file twice changes nothing).
 step "Registering the default model"

@@ -10,5 +10,6 @@ scripts/build-ui.sh
 # The end-to-end test runs the app and CLI binaries, which cargo test does not
 # build. `--workspace --all-targets` resolves features as `cargo test --workspace`
 # does, so this build and the tests share every artifact (nothing builds twice).
-cargo build --workspace --all-targets
-cargo test --workspace "$@"
+# Release profile: the tests exercise the build users run.
+cargo build --release --workspace --all-targets
+cargo test --release --workspace "$@"
