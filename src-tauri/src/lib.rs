@@ -7,7 +7,6 @@
 //! runs the engine on a blocking worker, so the window never freezes.
 
 pub mod commands;
-pub mod runner;
 pub mod state;
 
 pub use state::AppState;
@@ -32,7 +31,7 @@ pub fn run() -> tauri::Result<()> {
         .setup(|app| {
             let handle = app.handle().clone();
             app.state::<AppState>()
-                .start_runner(std::sync::Arc::new(move |update| {
+                .start_actor(std::sync::Arc::new(move |update| {
                     if let Err(e) = handle.emit("run-event", update) {
                         eprintln!("attune-app: cannot send a run update to the window: {e}");
                     }
@@ -84,6 +83,14 @@ pub fn run() -> tauri::Result<()> {
             commands::runs::resume_run,
             commands::runs::cancel_run,
             commands::runs::remove_run,
+            commands::endpoints::list_endpoints,
+            commands::endpoints::add_endpoint,
+            commands::endpoints::refresh_endpoint_models,
+            commands::endpoints::set_endpoint_key,
+            commands::endpoints::remove_endpoint,
+            commands::server::server_status,
+            commands::server::server_start,
+            commands::server::server_stop,
             commands::adapters::list_adapters,
             commands::adapters::remove_adapter,
             commands::adapters::export_adapter,
@@ -98,15 +105,25 @@ pub fn run() -> tauri::Result<()> {
         .build(tauri::generate_context!())?;
     app.run(|app, event| {
         if let tauri::RunEvent::ExitRequested { .. } = event {
-            // Pause the executing run (it writes a checkpoint) so it resumes next time.
-            if let Some(runner) = app.state::<AppState>().runner_if_started() {
-                if !runner.shutdown(PAUSE_ON_EXIT) {
+            let state = app.state::<AppState>();
+            // Pause the executing run (it writes a checkpoint) so it resumes next time;
+            // answers in progress, the server's included, are cancelled.
+            if let Some(actor) = state.actor_if_started() {
+                if !actor.shutdown(PAUSE_ON_EXIT) {
                     eprintln!(
                         "attune-app: the run did not pause within {} s; it resumes from its \
                          last checkpoint next time",
                         PAUSE_ON_EXIT.as_secs()
                     );
                 }
+            }
+            let server = state
+                .server
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some((server, _)) = server {
+                server.stop();
             }
         }
     });

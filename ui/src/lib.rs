@@ -28,10 +28,11 @@ pub enum Page {
     Playground,
     Templates,
     Arena,
+    Connect,
 }
 
 impl Page {
-    pub const ALL: [Page; 7] = [
+    pub const ALL: [Page; 8] = [
         Page::Playground,
         Page::Library,
         Page::Datasets,
@@ -39,6 +40,7 @@ impl Page {
         Page::Runs,
         Page::Templates,
         Page::Arena,
+        Page::Connect,
     ];
 
     /// Stable key: the nav button is `nav-<key>`, the page slot `page-<key>`, and the
@@ -52,6 +54,7 @@ impl Page {
             Page::Playground => "playground",
             Page::Templates => "templates",
             Page::Arena => "arena",
+            Page::Connect => "connect",
         }
     }
 
@@ -64,6 +67,7 @@ impl Page {
             Page::Playground => "Playground",
             Page::Templates => "Templates",
             Page::Arena => "A/B arena",
+            Page::Connect => "Connect",
         }
     }
 
@@ -275,6 +279,7 @@ pub fn App() -> impl IntoView {
                 {slot(Page::Runs, view! { <pages::runs::RunsPage /> }.into_any())}
                 {slot(Page::Templates, view! { <pages::templates::TemplatesPage /> }.into_any())}
                 {slot(Page::Arena, view! { <pages::arena::ArenaPage /> }.into_any())}
+                {slot(Page::Connect, view! { <pages::connect::ConnectPage /> }.into_any())}
             </main>
         </div>
     }

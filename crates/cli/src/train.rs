@@ -2,11 +2,14 @@
 
 use std::path::PathBuf;
 
+use std::sync::mpsc;
+use std::time::Duration;
+
 use anyhow::{bail, Result};
-use attune_engine::Engine;
+use attune_engine::{Actor, CancelToken, Engine, Request};
 use attune_protocol::{
     AdapterSummary, EvalOptions, EvalReport, EvalSubject, LossOn, LrSchedule, MethodSpec,
-    RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, RunSummary, SplitName,
+    RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
 };
 use clap::{Args, Subcommand};
 
@@ -261,38 +264,77 @@ fn metric_line(m: &RunMetric, total: u64) -> String {
     )
 }
 
-/// Executes (or resumes) a run, printing one line per step and evaluation. Ctrl-C
-/// pauses it (checkpoint) and exits with 130.
-fn drive(engine: &Engine, run: &RunSummary, resume: bool) -> Result<()> {
-    let control = interrupt::training_control();
+/// What [`drive`] follows.
+enum Drive {
+    New(Box<RunSpec>),
+    Resume(i64),
+}
+
+/// Starts (or resumes) a run through the actor and follows it, printing one line per
+/// step and evaluation, until it finishes. It waits while another run trains (in this
+/// library, in any process). Ctrl-C pauses it (checkpoint) and exits with 130.
+fn drive(actor: &Actor, what: Drive) -> Result<()> {
+    let (tx, rx) = mpsc::channel::<RunEvent>();
+    let sink: attune_engine::Sink<RunEvent> = Box::new(move |e| {
+        let _ = tx.send(e);
+    });
+    let run = match what {
+        Drive::New(spec) => actor.start_run(*spec, Some(sink))?,
+        Drive::Resume(id) => actor.resume_run(id, Some(sink))?,
+    };
+    let id = run.id;
+    let pause = actor.clone();
+    let _watch = interrupt::on_ctrl_c(move || {
+        eprintln!("pausing at the end of this step (a checkpoint is written)...");
+        if let Err(e) = pause.pause_run(id) {
+            eprintln!("error: {e}");
+        }
+    });
     let mut total = run.total_steps;
-    let mut on_event = |ev: RunEvent| match ev {
-        RunEvent::Started {
-            run_id,
-            step,
-            total_steps,
-        } => {
-            total = total_steps;
-            eprintln!(
-                "run {run_id} '{}': training from step {step} of {total_steps} (estimated peak memory {} MiB); Ctrl-C pauses",
-                run.name, run.memory_estimate_mb
-            );
+    let mut said_waiting = false;
+    let status = loop {
+        let ev = match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(ev) => ev,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !said_waiting {
+                    said_waiting = true;
+                    eprintln!(
+                        "run {id} '{}' is queued: another run is training on this library \
+                         (here or in another Attune process, such as the app); it starts when \
+                         that one ends. Ctrl-C pauses it.",
+                        run.name
+                    );
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the run's updates stopped before it finished")
+            }
+        };
+        match ev {
+            RunEvent::Started {
+                run_id,
+                step,
+                total_steps,
+            } => {
+                said_waiting = true;
+                total = total_steps;
+                eprintln!(
+                    "run {run_id} '{}': training from step {step} of {total_steps} (estimated peak memory {} MiB); Ctrl-C pauses",
+                    run.name, run.memory_estimate_mb
+                );
+            }
+            RunEvent::Step { metric } => println!("{}", metric_line(&metric, total)),
+            RunEvent::Eval { step, loss } => {
+                println!("eval step {step}  loss {loss:.4}  ppl {:.3}", loss.exp())
+            }
+            RunEvent::Checkpoint { step } => println!("checkpoint step {step}"),
+            RunEvent::Finished { status, .. } => break status,
         }
-        RunEvent::Step { metric } => println!("{}", metric_line(&metric, total)),
-        RunEvent::Eval { step, loss } => {
-            println!("eval step {step}  loss {loss:.4}  ppl {:.3}", loss.exp())
-        }
-        RunEvent::Checkpoint { step } => println!("checkpoint step {step}"),
-        RunEvent::Finished { .. } => {}
     };
-    let result = if resume {
-        engine.resume_run(&run.id.to_string(), &mut on_event, control)
-    } else {
-        engine.execute_run(run.id, &mut on_event, control)
-    };
-    interrupt::set_training(false);
-    let done = result?;
-    match done.status {
+    let engine = actor.engine();
+    let done = engine.find_run(&id.to_string())?;
+    match status {
         RunStatus::Paused => {
             eprintln!(
                 "paused at step {} of {}; resume with `attune runs resume {}`",
@@ -315,6 +357,12 @@ fn drive(engine: &Engine, run: &RunSummary, resume: bool) -> Result<()> {
                 print_adapter_metrics(&a);
             }
         }
+        RunStatus::Failed => bail!(
+            "run {} '{}' failed: {}",
+            done.id,
+            done.name,
+            done.error.as_deref().unwrap_or("see `attune runs show`")
+        ),
         other => println!("run {} '{}' {}", done.id, done.name, other.as_str()),
     }
     Ok(())
@@ -333,14 +381,12 @@ fn print_adapter_metrics(a: &AdapterSummary) {
     }
 }
 
-pub fn train(engine: &Engine, args: TrainArgs) -> Result<()> {
-    let spec = args.spec();
-    let run = engine.create_run(&spec)?;
-    interrupt::set_training(true);
-    drive(engine, &run, false)
+pub fn train(actor: &Actor, args: TrainArgs) -> Result<()> {
+    drive(actor, Drive::New(Box::new(args.spec())))
 }
 
-pub fn runs(engine: &Engine, cmd: RunsCommand) -> Result<()> {
+pub fn runs(actor: &Actor, cmd: RunsCommand) -> Result<()> {
+    let engine = actor.engine();
     match cmd {
         RunsCommand::List { json } => {
             let list = engine.list_runs()?;
@@ -377,8 +423,7 @@ pub fn runs(engine: &Engine, cmd: RunsCommand) -> Result<()> {
         }
         RunsCommand::Resume { run } => {
             let r = engine.find_run(&run)?;
-            interrupt::set_training(true);
-            drive(engine, &r, true)?;
+            drive(actor, Drive::Resume(r.id))?;
         }
         RunsCommand::Cancel { run } => {
             let r = engine.cancel_run(&run)?;
@@ -473,7 +518,8 @@ pub fn adapters(engine: &Engine, cmd: AdaptersCommand) -> Result<()> {
     Ok(())
 }
 
-pub fn eval(engine: &Engine, args: EvalArgs) -> Result<()> {
+pub fn eval(actor: &Actor, args: EvalArgs) -> Result<()> {
+    let engine = actor.engine();
     let subject = match (&args.adapter, &args.model) {
         (Some(a), model) => {
             if let Some(m) = model {
@@ -503,7 +549,17 @@ pub fn eval(engine: &Engine, args: EvalArgs) -> Result<()> {
         forgetting_rows: args.forgetting_rows,
         ..Default::default()
     };
-    let report = engine.evaluate(&subject, &args.data, &options)?;
+    // Ctrl-C stops the evaluation (nothing is recorded).
+    let cancel = CancelToken::new();
+    let _watch = interrupt::cancel_on_ctrl_c(&cancel);
+    let report = actor.call(|reply| Request::Evaluate {
+        subject,
+        dataset: args.data.clone(),
+        options,
+        cancel,
+        on_progress: Box::new(|_| {}),
+        reply,
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

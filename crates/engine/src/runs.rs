@@ -81,11 +81,13 @@ impl RunControl {
         self.cancel.store(false, Ordering::SeqCst);
     }
 
-    fn paused(&self) -> bool {
+    /// A pause was asked for.
+    pub fn is_paused(&self) -> bool {
         self.pause.load(Ordering::SeqCst)
     }
 
-    fn cancelled(&self) -> bool {
+    /// A cancel was asked for.
+    pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }
 }
@@ -771,14 +773,17 @@ impl Engine {
         self.run_summary(&row)
     }
 
-    /// Runs left 'running' by a process that no longer runs them become 'paused'
-    /// (resumable from their last checkpoint). Called by [`Engine::open`].
+    /// Runs left 'running' or 'queued' by a process that no longer runs (a queue lives
+    /// in its process's memory) become 'paused', resumable from their last checkpoint.
+    /// Called by [`Engine::open`].
     pub fn mark_interrupted_runs(&self) -> Result<Vec<i64>, EngineError> {
         let me = std::process::id() as i64;
         let mut marked = Vec::new();
-        for r in self.store.running_runs()? {
+        for r in self.store.live_runs()? {
             let dead = match r.pid {
                 None => true,
+                // Queued in this process: its actor holds it.
+                Some(pid) if pid == me && r.status == "queued" => false,
                 Some(pid) if pid == me => !is_active_here(self.store.path(), r.id),
                 Some(pid) => !pid_alive(pid),
             };
@@ -868,8 +873,11 @@ impl Engine {
         match r.status.as_str() {
             "queued" => {}
             "paused" | "failed" => {
-                self.store
-                    .finish_run(r.id, "queued", None, &crate::clock::now_rfc3339())?;
+                self.store.requeue_run(
+                    r.id,
+                    std::process::id() as i64,
+                    &crate::clock::now_rfc3339(),
+                )?;
             }
             _ => {
                 return Err(EngineError::RunState {
@@ -1129,7 +1137,7 @@ impl Engine {
                     return Ok(None);
                 }
                 let (sum, n) = trainer
-                    .evaluate(examples, |_, _| !control.cancelled())
+                    .evaluate(examples, |_, _| !control.is_cancelled())
                     .map_err(terr)?;
                 Ok(mean(sum, n))
             };
@@ -1170,10 +1178,10 @@ impl Engine {
             })?;
         }
         while trainer.step() < total {
-            if control.cancelled() {
+            if control.is_cancelled() {
                 return Ok(Outcome::Cancelled);
             }
-            if control.paused() {
+            if control.is_paused() {
                 trainer
                     .save_checkpoint(&ckpt_root, KEEP_CHECKPOINTS)
                     .map_err(terr)?;

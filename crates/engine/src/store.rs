@@ -12,7 +12,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::error::EngineError;
 
+mod endpoints;
 mod workbench;
+pub(crate) use endpoints::EndpointRow;
 pub(crate) use workbench::{
     ArenaItemRow, ArenaRecord, ConversationRow, NewArena, TemplateContent, TemplateVersionRow,
 };
@@ -28,6 +30,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0004_workbench",
         include_str!("../migrations/0004_workbench.sql"),
+    ),
+    (
+        "0005_endpoints",
+        include_str!("../migrations/0005_endpoints.sql"),
     ),
 ];
 
@@ -674,8 +680,8 @@ impl Store {
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         tx.execute(
             "INSERT INTO runs (name, model_id, dataset_id, dataset_hash, method, config_json, \
-             status, step, total_steps, memory_estimate_mb, run_dir, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', 0, ?7, ?8, '', ?9)",
+             status, step, total_steps, memory_estimate_mb, run_dir, created_at, pid) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', 0, ?7, ?8, '', ?9, ?10)",
             params![
                 new.name,
                 new.model_id,
@@ -685,7 +691,9 @@ impl Store {
                 new.config_json,
                 new.total_steps,
                 new.memory_estimate_mb,
-                new.created_at
+                new.created_at,
+                // The process whose queue holds it.
+                std::process::id() as i64
             ],
         )
         .map_err(|e| self.err(format!("run '{}': {e}", new.name)))?;
@@ -859,12 +867,25 @@ impl Store {
     }
 
     /// Runs left 'running' (for the interrupted-run check at open).
-    pub fn running_runs(&self) -> Result<Vec<RunRow>, EngineError> {
+    /// Runs executing or waiting in some process's queue.
+    pub fn live_runs(&self) -> Result<Vec<RunRow>, EngineError> {
         Ok(self
             .list_runs()?
             .into_iter()
-            .filter(|r| r.status == "running")
+            .filter(|r| r.status == "running" || r.status == "queued")
             .collect())
+    }
+
+    /// Puts a run back in line in process `pid`'s queue (error cleared).
+    pub fn requeue_run(&self, id: i64, pid: i64, now: &str) -> Result<(), EngineError> {
+        self.conn()
+            .execute(
+                "UPDATE runs SET status = 'queued', error = NULL, pid = ?2, heartbeat_at = ?3, \
+                 finished_at = NULL WHERE id = ?1",
+                params![id, pid, now],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Deletes a run and (by cascade) its metrics; `false` if there was none.
@@ -1144,6 +1165,7 @@ mod tests {
                 "conversations",
                 "dataset_rows",
                 "datasets",
+                "endpoints",
                 "evaluations",
                 "models",
                 "run_metrics",

@@ -3,10 +3,11 @@
 
 use super::{blocking, invalid};
 use crate::AppState;
+use attune_engine::Request;
 use attune_protocol::{
     AdapterSummary, EvalOptions, EvalProgress, EvalReport, EvalSubject, IpcError, ModelSummary,
 };
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tauri::ipc::Channel;
 use tauri::State;
 
@@ -103,6 +104,9 @@ pub async fn merge_adapter(
     .await
 }
 
+/// The request id of the app's evaluation (one at a time in the window).
+const EVALUATION: &str = "evaluation";
+
 /// Evaluates `subject` on a dataset split, streaming progress on `on_progress`; the
 /// result is recorded in the library.
 #[tauri::command]
@@ -113,24 +117,26 @@ pub async fn evaluate(
     options: EvalOptions,
     on_progress: Channel<EvalProgress>,
 ) -> Result<EvalReport, IpcError> {
-    let engine = state.engine()?;
-    let cancel = state.eval_cancel.clone();
-    cancel.store(false, Ordering::SeqCst);
+    let actor = state.actor()?;
+    let requests = Arc::clone(&state.requests);
     blocking(move || {
-        let mut forward = |p: EvalProgress| {
+        let (cancel, _done) = requests.begin(EVALUATION);
+        let window_gone = cancel.clone();
+        let on_progress = Box::new(move |p: EvalProgress| {
             // The window is gone: stop evaluating for nobody.
             if on_progress.send(p).is_err() {
-                cancel.store(true, Ordering::SeqCst);
+                window_gone.cancel();
             }
-        };
-        engine
-            .evaluate_with(
-                &subject,
-                &dataset_id.to_string(),
-                &options,
-                &mut forward,
-                &cancel,
-            )
+        });
+        actor
+            .call(|reply| Request::Evaluate {
+                subject,
+                dataset: dataset_id.to_string(),
+                options,
+                cancel,
+                on_progress,
+                reply,
+            })
             .map_err(|e| IpcError::from(&e))
     })
     .await
@@ -139,7 +145,7 @@ pub async fn evaluate(
 /// Stops the running evaluation; it fails with code "cancelled" and records nothing.
 #[tauri::command]
 pub async fn cancel_evaluation(state: State<'_, AppState>) -> Result<(), IpcError> {
-    state.eval_cancel.store(true, Ordering::SeqCst);
+    state.requests.cancel(EVALUATION);
     Ok(())
 }
 

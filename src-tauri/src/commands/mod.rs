@@ -5,9 +5,11 @@ pub mod advisor;
 pub mod arena;
 pub mod chat;
 pub mod datasets;
+pub mod endpoints;
 pub mod models;
 pub mod playground;
 pub mod runs;
+pub mod server;
 pub mod settings;
 pub mod templates;
 

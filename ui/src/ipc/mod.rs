@@ -10,9 +10,11 @@ pub mod advisor;
 pub mod arena;
 pub mod chat;
 pub mod datasets;
+pub mod endpoints;
 pub mod events;
 pub mod models;
 pub mod runs;
+pub mod server;
 pub mod settings;
 pub mod templates;
 

@@ -89,6 +89,7 @@ fn arena_generates_stores_votes_tallies_and_exports() {
         template_id: template.id,
         version: None,
         values: BTreeMap::new(),
+        endpoint: None,
     };
     let spec = ArenaSpec {
         name: None,
@@ -291,6 +292,7 @@ fn arena_prompts_from_a_dataset_and_refusals() {
         template_id: template.id,
         version: None,
         values: BTreeMap::new(),
+        endpoint: None,
     };
     let spec = ArenaSpec {
         name: Some(" Mine ".into()),
