@@ -10,11 +10,11 @@ pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod inspect;
+pub mod kernels;
 pub mod linear;
 pub mod llama;
 pub mod loader;
 pub mod sampling;
-pub mod simd;
 pub mod tokenizer;
 pub mod train;
 
