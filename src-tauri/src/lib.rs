@@ -88,6 +88,7 @@ pub fn run() -> tauri::Result<()> {
             commands::endpoints::refresh_endpoint_models,
             commands::endpoints::set_endpoint_key,
             commands::endpoints::remove_endpoint,
+            commands::endpoints::evaluate_endpoint,
             commands::server::server_status,
             commands::server::server_start,
             commands::server::server_stop,

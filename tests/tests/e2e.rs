@@ -551,11 +551,7 @@ fn endpoint(driver: &WebDriver) -> Result<(), String> {
     let remote = wait_for(
         "the endpoint among the targets",
         Duration::from_secs(30),
-        || {
-            Ok(driver
-                .select_option("#pane-target-1", "SmolLM2-135M-Instruct at myself")
-                .ok())
-        },
+        || Ok(driver.select_option("#pane-target-1", " at myself").ok()),
     )?;
     println!("pane 1: {remote}");
     driver.select_option("#pane-target-0", "(base)")?;

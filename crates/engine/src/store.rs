@@ -14,7 +14,7 @@ use crate::error::EngineError;
 
 mod endpoints;
 mod workbench;
-pub(crate) use endpoints::EndpointRow;
+pub(crate) use endpoints::{EndpointEvalRow, EndpointRow};
 pub(crate) use workbench::{
     ArenaItemRow, ArenaRecord, ConversationRow, NewArena, TemplateContent, TemplateVersionRow,
 };
@@ -1165,6 +1165,7 @@ mod tests {
                 "conversations",
                 "dataset_rows",
                 "datasets",
+                "endpoint_evaluations",
                 "endpoints",
                 "evaluations",
                 "models",
