@@ -130,8 +130,8 @@ impl ChatTemplate {
     /// which "default" or the first is taken); ChatML when there is none.
     pub fn from_hf_dir(dir: &Path) -> Result<ChatTemplate> {
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Option<serde_json::Value> = if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg: Option<serde_json::Value> = if cfg_path.exists() {
+            let text = crate::fsio::read_regular_string(&cfg_path)?;
             Some(serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, "JSON", e))?)
         } else {
             None
@@ -148,11 +148,11 @@ impl ChatTemplate {
 
         let jinja = dir.join("chat_template.jinja");
         let json = dir.join("chat_template.json");
-        let (source, origin) = if jinja.is_file() {
-            let s = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+        let (source, origin) = if jinja.exists() {
+            let s = crate::fsio::read_regular_string(&jinja)?;
             (s, jinja)
-        } else if json.is_file() {
-            let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
+        } else if json.exists() {
+            let text = crate::fsio::read_regular_string(&json)?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&json, "JSON", e))?;
             let t = template_from_json(v.get("chat_template"), &json)?

@@ -212,7 +212,7 @@ fn quantization_label(by_dtype: &BTreeMap<&'static str, u64>) -> String {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsio::read_regular_string(path)?;
     serde_json::from_str(&text).map_err(|e| Error::format(path, "JSON", e))
 }
 

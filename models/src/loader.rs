@@ -50,7 +50,7 @@ pub fn source_kind(path: &Path) -> Result<SourceKind> {
         ));
     }
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = crate::fsio::open_regular(path)?;
     use std::io::Read;
     match f.read_exact(&mut magic) {
         Ok(()) if &magic == b"GGUF" => Ok(SourceKind::Gguf),

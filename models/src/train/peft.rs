@@ -178,11 +178,12 @@ pub fn save_prompt(
 /// Reads a PEFT LoRA or prompt-tuning adapter from `dir`.
 pub fn load(dir: &Path) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    crate::fsio::require_dir(dir)?;
+    let text = crate::fsio::read_regular_string(&cfg_path)?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, "JSON", e))?;
     let weights = dir.join(WEIGHTS_FILE);
-    if !weights.is_file() {
+    if !weights.exists() {
         let bin = dir.join("adapter_model.bin");
         return Err(if bin.is_file() {
             adapter_err(
