@@ -6,7 +6,7 @@
 //! tensor's extent is checked against the file size, so truncated copies are refused.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
@@ -51,24 +51,10 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
     }
 }
 
-/// Reads the GGUF header of `path` (metadata and tensor table, no tensor data).
+/// Reads the GGUF header of `path` (metadata and tensor table, no tensor data), checked by
+/// [`crate::gguf_header`]: every tensor's extent lies inside the file.
 pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, u64)> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut magic = [0u8; 4];
-    if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
-        return Err(Error::format(
-            path,
-            "GGUF",
-            "the file does not start with the GGUF magic bytes",
-        ));
-    }
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| Error::io(path, e))?;
-    let mut reader = std::io::BufReader::new(file);
-    let content =
-        gguf_file::Content::read(&mut reader).map_err(|e| Error::format(path, "GGUF", e))?;
-    Ok((content, file_size))
+    crate::gguf_header::read_file(path)
 }
 
 fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
@@ -78,31 +64,10 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
     }
     let mut parameters: u64 = 0;
     let mut by_dtype: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for (name, info) in &content.tensor_infos {
+    for info in content.tensor_infos.values() {
+        // The header reader checked every tensor's shape, block size and extent.
         let elems = info.shape.elem_count() as u64;
-        let block = info.ggml_dtype.block_size() as u64;
-        if elems.checked_rem(block) != Some(0) {
-            return Err(Error::format(
-                path,
-                "GGUF",
-                format!("tensor '{name}' has {elems} elements, not a multiple of its block size {block}"),
-            ));
-        }
-        let bytes = elems / block * info.ggml_dtype.type_size() as u64;
-        let end = content
-            .tensor_data_offset
-            .saturating_add(info.offset)
-            .saturating_add(bytes);
-        if end > file_size {
-            return Err(Error::format(
-                path,
-                "GGUF",
-                format!(
-                    "tensor '{name}' ends at byte {end} but the file has only {file_size} bytes (truncated?)"
-                ),
-            ));
-        }
-        parameters += elems;
+        parameters = parameters.saturating_add(elems);
         if info.shape.rank() >= 2 {
             *by_dtype
                 .entry(ggml_dtype_name(info.ggml_dtype))

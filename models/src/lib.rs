@@ -9,6 +9,7 @@ pub mod error;
 pub mod fsio;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_header;
 pub mod hf;
 pub mod inspect;
 pub mod kernels;
