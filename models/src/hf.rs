@@ -80,7 +80,9 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn read_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for f in safetensors_files(dir)? {
-        let bytes = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
+        // The header is checked (shapes, sizes, offsets) before candle's reader sees it.
+        crate::inspect::read_safetensors_header(&f)?;
+        let bytes = crate::fsio::read_regular(&f)?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| Error::format(&f, "safetensors", e))?;
         for (name, t) in tensors {

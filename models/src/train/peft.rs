@@ -194,7 +194,13 @@ pub fn load(dir: &Path) -> Result<Adapter> {
             adapter_err(&weights, "file missing")
         });
     }
-    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
+    // The header is checked (shapes, sizes, offsets) before candle's reader sees it.
+    let (entries, _) = crate::inspect::read_safetensors_header(&weights)?;
+    if entries.is_empty() {
+        return Err(adapter_err(&weights, "the file holds no tensors"));
+    }
+    let bytes = crate::fsio::read_regular(&weights)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| Error::format(&weights, "safetensors", e))?;
     let base_model = cfg["base_model_name_or_path"].as_str().map(str::to_string);
     let field = |k: &str| {
