@@ -48,17 +48,15 @@ fn rows(e: &Engine, id: i64, split: SplitName) -> Vec<DatasetRow> {
     e.dataset_rows(id, split).expect("rows")
 }
 
-fn pubmedqa() -> Option<PathBuf> {
+/// `../shared/data/pubmedqa`; fails the test (never skips it) when it is missing.
+fn pubmedqa() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/pubmedqa");
-    if dir.join("train.jsonl").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "note: {} is absent; skipping the PubMedQA checks",
-            dir.display()
-        );
-        None
-    }
+    assert!(
+        dir.join("train.jsonl").is_file(),
+        "{} is missing: this test needs the shared reference data beside the repository (../shared, as the project lays it out)",
+        dir.display()
+    );
+    dir
 }
 
 #[test]
@@ -660,7 +658,7 @@ fn format_detection_and_override() {
 
 #[test]
 fn pubmedqa_files_import() {
-    let Some(dir) = pubmedqa() else { return };
+    let dir = pubmedqa();
     let (_tmp, e) = engine();
     let chat = e
         .import_dataset(&dir.join("train.jsonl"), &all_train())
@@ -717,15 +715,13 @@ fn pubmedqa_files_import() {
 
 #[test]
 fn token_stats_on_the_real_model() {
-    let Some(dir) = pubmedqa() else { return };
+    let dir = pubmedqa();
     let model = attune_models::default_model_path();
-    if !model.is_file() {
-        eprintln!(
-            "note: the default model is absent at {}; skipping",
-            model.display()
-        );
-        return;
-    }
+    assert!(
+        model.is_file(),
+        "the default model is missing at {}: run scripts/fetch-model.sh",
+        model.display()
+    );
     let (_tmp, e) = engine();
     let model_id = e.add_local_model(&model).expect("add model").model.id;
     let o = ImportOptions {
