@@ -7,6 +7,7 @@ pub mod chat_template;
 pub mod config;
 pub mod error;
 pub mod fsio;
+pub mod fuzz;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_header;

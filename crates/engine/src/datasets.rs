@@ -1487,4 +1487,6 @@ impl Engine {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
