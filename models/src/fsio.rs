@@ -163,7 +163,10 @@ mod tests {
     fn folders_and_devices_are_refused_files_are_read() {
         let dir = tempfile::tempdir().unwrap();
         let err = read_regular(dir.path()).expect_err("a folder");
-        assert!(err.to_string().contains("a folder, not a regular file"), "{err}");
+        assert!(
+            err.to_string().contains("a folder, not a regular file"),
+            "{err}"
+        );
         #[cfg(unix)]
         {
             let err = read_regular(Path::new("/dev/zero")).expect_err("a device");

@@ -321,8 +321,17 @@ mod tests {
         });
         assert!(r.execs > 100, "{r:?}");
         assert!(r.crashes >= 1, "{r:?}");
-        assert!(r.first_failure.as_deref().unwrap_or("").contains("boom"), "{r:?}");
-        let clean = run("selftest-clean", &seeds, Duration::from_millis(100), 2, |_| {});
+        assert!(
+            r.first_failure.as_deref().unwrap_or("").contains("boom"),
+            "{r:?}"
+        );
+        let clean = run(
+            "selftest-clean",
+            &seeds,
+            Duration::from_millis(100),
+            2,
+            |_| {},
+        );
         assert_eq!((clean.crashes, clean.hangs), (0, 0));
         assert!(clean.line().contains("0 crashes, 0 hangs"));
     }

@@ -160,9 +160,9 @@ impl<R: Read> Reader<'_, R> {
             9 => {
                 let elem = self.c.u32(key)?;
                 if elem > 12 {
-                    return Err(self
-                        .c
-                        .bad(format!("metadata '{key}': unknown array element type {elem}")));
+                    return Err(self.c.bad(format!(
+                        "metadata '{key}': unknown array element type {elem}"
+                    )));
                 }
                 let n = self.len(key)?;
                 let need = n.checked_mul(self.min_size(elem));
@@ -267,7 +267,9 @@ pub fn read<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Content> {
     let kv_count = r.len("the metadata count")?;
     for (what, n) in [("tensors", tensor_count), ("metadata entries", kv_count)] {
         if n > MAX_COUNT {
-            return Err(r.c.bad(format!("the header declares {n} {what} (limit {MAX_COUNT})")));
+            return Err(r.c.bad(format!(
+                "the header declares {n} {what} (limit {MAX_COUNT})"
+            )));
         }
     }
     let mut metadata = HashMap::new();
@@ -515,21 +517,33 @@ mod tests {
             theirs.tensor_infos["w"].shape.dims()
         );
         let t = ours
-            .tensor(&mut std::io::Cursor::new(&bytes), "w", &candle_core::Device::Cpu)
+            .tensor(
+                &mut std::io::Cursor::new(&bytes),
+                "w",
+                &candle_core::Device::Cpu,
+            )
             .unwrap();
         assert_eq!(t.shape().dims(), &[2, 4]);
     }
 
     #[test]
     fn alignment_zero_is_an_error_not_a_division_by_zero() {
-        for bad in [Value::U32(0), Value::U32(3), Value::I32(-8), Value::U64(1 << 40)] {
+        for bad in [
+            Value::U32(0),
+            Value::U32(3),
+            Value::I32(-8),
+            Value::U64(1 << 40),
+        ] {
             let bytes = file(
                 &[("general.alignment", bad.clone())],
                 &[f32_tensor("w", vec![4], 0)],
                 &[0u8; 16],
             );
             let err = read_bytes(&bytes).expect_err("bad alignment");
-            assert!(err.to_string().contains("general.alignment"), "{bad:?}: {err}");
+            assert!(
+                err.to_string().contains("general.alignment"),
+                "{bad:?}: {err}"
+            );
         }
         let ok = file(
             &[("general.alignment", Value::U32(32))],
@@ -549,7 +563,11 @@ mod tests {
         let err = read_bytes(&bytes).expect_err("overflow");
         assert!(err.to_string().contains("multiply past"), "{err}");
         // Fits u64 but not the file.
-        let bytes = file(&[], &[f32_tensor("w", vec![1 << 20, 1 << 20], 0)], &[0u8; 16]);
+        let bytes = file(
+            &[],
+            &[f32_tensor("w", vec![1 << 20, 1 << 20], 0)],
+            &[0u8; 16],
+        );
         let err = read_bytes(&bytes).expect_err("too large");
         assert!(err.to_string().contains("ends past the end"), "{err}");
         // A zero or negative dimension.

@@ -284,7 +284,10 @@ pub fn parse_safetensors_header(
     let mut extents: Vec<(u64, u64, &str)> = Vec::new();
     for (name, t) in obj {
         if name == "__metadata__" {
-            if !t.is_object() || t.as_object().is_some_and(|m| m.values().any(|v| !v.is_string())) {
+            if !t.is_object()
+                || t.as_object()
+                    .is_some_and(|m| m.values().any(|v| !v.is_string()))
+            {
                 return Err("__metadata__ is not an object of strings".to_string());
             }
             continue;

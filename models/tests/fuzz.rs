@@ -13,7 +13,11 @@ use attune_models::fuzz;
 use candle_core::Device;
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
-    fuzz::corpus(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target))
+    fuzz::corpus(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target),
+    )
 }
 
 fn target(name: &str, seed: u64, f: impl FnMut(&[u8])) {

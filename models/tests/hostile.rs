@@ -93,7 +93,10 @@ fn gguf_alignment_zero_and_overflowing_dimensions_are_errors() {
         attune_models::loader::check(&p).expect_err("check"),
     ] {
         let msg = e.to_string();
-        assert!(msg.contains("general.alignment") && msg.contains("align0.gguf"), "{msg}");
+        assert!(
+            msg.contains("general.alignment") && msg.contains("align0.gguf"),
+            "{msg}"
+        );
     }
 
     let p = dir.path().join("huge.gguf");
@@ -104,7 +107,10 @@ fn gguf_alignment_zero_and_overflowing_dimensions_are_errors() {
     let msg = attune_models::inspect::inspect(&p)
         .expect_err("overflow")
         .to_string();
-    assert!(msg.contains("multiply past") && msg.contains("huge.gguf"), "{msg}");
+    assert!(
+        msg.contains("multiply past") && msg.contains("huge.gguf"),
+        "{msg}"
+    );
     let msg = attune_models::loader::load(&p, &Default::default())
         .err()
         .expect("overflow")
@@ -176,7 +182,11 @@ fn fifos_as_model_or_tokenizer_are_refused_not_waited_on() {
     let fifo = dir.path().join("model.gguf");
     mkfifo(&fifo);
     let f = fifo.clone();
-    let msg = within_10s(move || attune_models::inspect::inspect(&f).expect_err("fifo").to_string());
+    let msg = within_10s(move || {
+        attune_models::inspect::inspect(&f)
+            .expect_err("fifo")
+            .to_string()
+    });
     assert!(msg.contains("named pipe (FIFO)"), "{msg}");
     let f = fifo.clone();
     let msg = within_10s(move || {
@@ -194,13 +204,27 @@ fn fifos_as_model_or_tokenizer_are_refused_not_waited_on() {
     std::fs::remove_file(hf.join("tokenizer.json")).expect("rm");
     mkfifo(&hf.join("tokenizer.json"));
     let h = hf.clone();
-    let msg = within_10s(move || attune_models::loader::check(&h).expect_err("fifo").to_string());
-    assert!(msg.contains("named pipe (FIFO)") && msg.contains("tokenizer.json"), "{msg}");
+    let msg = within_10s(move || {
+        attune_models::loader::check(&h)
+            .expect_err("fifo")
+            .to_string()
+    });
+    assert!(
+        msg.contains("named pipe (FIFO)") && msg.contains("tokenizer.json"),
+        "{msg}"
+    );
     std::fs::remove_file(hf.join("model.safetensors")).expect("rm");
     mkfifo(&hf.join("model.safetensors"));
     let h = hf.clone();
-    let msg = within_10s(move || attune_models::inspect::inspect(&h).expect_err("fifo").to_string());
-    assert!(msg.contains("no .safetensors") || msg.contains("FIFO"), "{msg}");
+    let msg = within_10s(move || {
+        attune_models::inspect::inspect(&h)
+            .expect_err("fifo")
+            .to_string()
+    });
+    assert!(
+        msg.contains("no .safetensors") || msg.contains("FIFO"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -211,22 +235,34 @@ fn registration_check_refuses_what_would_fail_at_first_use() {
     attune_models::loader::check(hf).expect("a complete folder passes");
 
     // An endless template: the fuel limit ends it with an error, quickly.
-    let endless = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+    let endless =
+        "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
     write(&hf.join("chat_template.jinja"), endless);
     let h = hf.to_path_buf();
     let started = std::time::Instant::now();
-    let msg = within_10s(move || attune_models::loader::check(&h).expect_err("loop").to_string());
-    assert!(msg.contains("budget") && msg.contains("chat template"), "{msg}");
+    let msg = within_10s(move || {
+        attune_models::loader::check(&h)
+            .expect_err("loop")
+            .to_string()
+    });
+    assert!(
+        msg.contains("budget") && msg.contains("chat template"),
+        "{msg}"
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // A template that does not compile.
     write(&hf.join("chat_template.jinja"), "{% for m in messages %}");
-    let msg = attune_models::loader::check(hf).expect_err("syntax").to_string();
+    let msg = attune_models::loader::check(hf)
+        .expect_err("syntax")
+        .to_string();
     assert!(msg.contains("does not compile"), "{msg}");
     std::fs::remove_file(hf.join("chat_template.jinja")).expect("rm");
 
     // No tokenizer.
     std::fs::rename(hf.join("tokenizer.json"), hf.join("tok.bak")).expect("mv");
-    let msg = attune_models::loader::check(hf).expect_err("no tokenizer").to_string();
+    let msg = attune_models::loader::check(hf)
+        .expect_err("no tokenizer")
+        .to_string();
     assert!(msg.contains("tokenizer.json"), "{msg}");
     std::fs::rename(hf.join("tok.bak"), hf.join("tokenizer.json")).expect("mv");
 
@@ -234,7 +270,9 @@ fn registration_check_refuses_what_would_fail_at_first_use() {
     let cfg = hf.join("config.json");
     let text = std::fs::read_to_string(&cfg).expect("read");
     write(&cfg, text.replace("\"llama\"", "\"gpt2\""));
-    let msg = attune_models::loader::check(hf).expect_err("gpt2").to_string();
+    let msg = attune_models::loader::check(hf)
+        .expect_err("gpt2")
+        .to_string();
     assert!(msg.contains("unsupported architecture 'gpt2'"), "{msg}");
 
     // The same for a GGUF: a gpt2 header is refused by name.
@@ -256,7 +294,9 @@ fn registration_check_refuses_what_would_fail_at_first_use() {
         ),
     );
     attune_models::inspect::inspect(&p).expect("inspect only reads the header");
-    let msg = attune_models::loader::check(&p).expect_err("gpt2").to_string();
+    let msg = attune_models::loader::check(&p)
+        .expect_err("gpt2")
+        .to_string();
     assert!(msg.contains("unsupported architecture 'gpt2'"), "{msg}");
 }
 
@@ -301,7 +341,8 @@ fn write_lora(dir: &Path, tensors: &[(&str, Tensor)]) {
 #[test]
 fn adapters_with_nan_weights_no_tensors_or_the_wrong_shape_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = |ab: &str| format!("base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight");
+    let key =
+        |ab: &str| format!("base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight");
     let (ka, kb) = (key("A"), key("B"));
     let dev = Device::Cpu;
     let a = Tensor::ones((2, 32), candle_core::DType::F32, &dev).expect("a");
@@ -326,7 +367,10 @@ fn adapters_with_nan_weights_no_tensors_or_the_wrong_shape_are_refused() {
     let msg = attune_models::train::peft::load(&nan)
         .expect_err("NaN")
         .to_string();
-    assert!(msg.contains("non-finite") && msg.contains("lora_B"), "{msg}");
+    assert!(
+        msg.contains("non-finite") && msg.contains("lora_B"),
+        "{msg}"
+    );
 
     let empty = dir.path().join("empty");
     write_lora(&empty, &[]);

@@ -229,7 +229,11 @@ fn models_add_refuses_what_it_could_never_run() {
     assert!(err.contains("general.alignment"), "{err}");
     let p = env.write(
         "huge.gguf",
-        file(&meta("llama"), &[t(vec![1 << 40, 1 << 40, 1 << 40])], &[0u8; 64]),
+        file(
+            &meta("llama"),
+            &[t(vec![1 << 40, 1 << 40, 1 << 40])],
+            &[0u8; 64],
+        ),
     );
     let err = env.fails(&["models", "add", s(&p)]);
     assert!(err.contains("multiply past"), "{err}");
@@ -265,7 +269,8 @@ fn models_add_refuses_what_it_could_never_run() {
     );
     let err = env.fails(&["models", "add", s(&env.path("hf"))]);
     assert!(err.contains("tokenizer.json"), "{err}");
-    let header = r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#;
+    let header =
+        r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#;
     let mut bad = (header.len() as u64).to_le_bytes().to_vec();
     bad.extend_from_slice(header.as_bytes());
     bad.extend_from_slice(&[0u8; 16]);
@@ -281,8 +286,10 @@ fn models_add_refuses_what_it_could_never_run() {
 fn adapters_with_nan_weights_or_no_tensors_are_refused_at_import() {
     let env = Env::new();
     env.ok(&["models", "add", s(&model())]);
-    let cfg = r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj"],"bias":"none"}"#;
-    let key = |ab: &str| format!("base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight");
+    let cfg =
+        r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj"],"bias":"none"}"#;
+    let key =
+        |ab: &str| format!("base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight");
     let f32s = |v: Vec<f32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut b = vec![0f32; 576 * 2];
     b[5] = f32::NAN;

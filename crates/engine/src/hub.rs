@@ -155,7 +155,8 @@ pub(crate) fn pull(
         let client = client.clone();
         cancellable(cancel, move |_, _| client.get_json(&info_url))?
     };
-    let listing = match info.and_then(|v| parse_info(&v).map_err(|m| NetError::Bad(m.to_string()))) {
+    let listing = match info.and_then(|v| parse_info(&v).map_err(|m| NetError::Bad(m.to_string())))
+    {
         Ok((commit, files)) => Listing {
             commit: Some(commit),
             files,
@@ -500,10 +501,7 @@ struct HubHeaders {
 
 impl HubHeaders {
     fn read(&mut self, resp: &ureq::Response) {
-        if let Some(e) = resp
-            .header("x-linked-etag")
-            .or_else(|| resp.header("etag"))
-        {
+        if let Some(e) = resp.header("x-linked-etag").or_else(|| resp.header("etag")) {
             let e = e.trim().trim_start_matches("W/").replace('"', "");
             if !e.is_empty() {
                 self.etag = Some(e);

@@ -211,7 +211,8 @@ pub fn estimate_memory(
     let per_token = m(6, h)
         .saturating_add(m(2, i))
         .saturating_add(m(heads, max_len as u64));
-    let activations = m(m(m(4, n), layers), per_token).saturating_add(m(m(8, n), cfg.vocab_size as u64));
+    let activations =
+        m(m(m(4, n), layers), per_token).saturating_add(m(m(8, n), cfg.vocab_size as u64));
     let total = weights
         .saturating_add(optimizer)
         .saturating_add(activations)

@@ -662,11 +662,22 @@ fn pull_from_a_hub_that_never_answers_times_out_and_stays_cancellable() {
     cfg.read_timeout = Duration::from_secs(1);
     let started = std::time::Instant::now();
     let err = engine
-        .pull_with(&cfg, "org/model", None, None, &mut |_| {}, &AtomicBool::new(false))
+        .pull_with(
+            &cfg,
+            "org/model",
+            None,
+            None,
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
         .expect_err("no answer");
     assert_eq!(err.code(), "hub_unreachable", "{err}");
     assert!(err.to_string().contains("timed out"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 
     // With a long read timeout, Cancel still returns at once.
     cfg.read_timeout = Duration::from_secs(120);
@@ -681,7 +692,11 @@ fn pull_from_a_hub_that_never_answers_times_out_and_stays_cancellable() {
             .pull_with(&cfg, "org/model", None, None, &mut |_| {}, &cancel)
             .expect_err("cancelled");
         assert_eq!(err.code(), "cancelled", "{err}");
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
     });
     assert!(engine.list_models().expect("list").is_empty());
 }

@@ -39,15 +39,25 @@ fn check(name: &str, ext: &str, format: Option<DatasetFormat>, data: &[u8], para
     for (line, reason) in &parsed.bad {
         assert!(!reason.is_empty(), "{name}: empty reason");
         // UTF-16 input has half as many bytes per line; the bound is loose but finite.
-        assert!(*line >= last && *line >= 1, "{name}: line {line} after {last}");
+        assert!(
+            *line >= last && *line >= 1,
+            "{name}: line {line} after {last}"
+        );
         last = *line;
         let _ = lines;
     }
     for row in &parsed.rows {
         let kind = row.sample.kind().as_str();
         let back = Sample::from_canonical(kind, &row.data);
-        assert_eq!(back.as_ref(), Some(&row.sample), "{name}: stored form differs");
-        assert!(!row.data.contains('\0') || data.contains(&0), "{name}: NUL appeared");
+        assert_eq!(
+            back.as_ref(),
+            Some(&row.sample),
+            "{name}: stored form differs"
+        );
+        assert!(
+            !row.data.contains('\0') || data.contains(&0),
+            "{name}: NUL appeared"
+        );
         if let Sample::Chat(messages) = &row.sample {
             let body: Vec<&str> = messages
                 .iter()

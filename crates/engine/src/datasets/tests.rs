@@ -816,7 +816,11 @@ fn utf16_text_is_decoded_with_or_without_a_bom_and_nuls_are_refused() {
         .into_iter()
         .enumerate()
     {
-        let p = write(dir.path(), &format!("notes{i}.txt"), utf16(text, little, bom));
+        let p = write(
+            dir.path(),
+            &format!("notes{i}.txt"),
+            utf16(text, little, bom),
+        );
         let ds = e
             .import_dataset(
                 &p,
@@ -837,7 +841,11 @@ fn utf16_text_is_decoded_with_or_without_a_bom_and_nuls_are_refused() {
             ],
             "little={little} bom={bom}"
         );
-        let p = write(dir.path(), &format!("chat{i}.jsonl"), utf16(&jsonl, little, bom));
+        let p = write(
+            dir.path(),
+            &format!("chat{i}.jsonl"),
+            utf16(&jsonl, little, bom),
+        );
         let pv = e.inspect_dataset(&p, &all_train()).expect("utf-16 jsonl");
         assert_eq!((pv.format, pv.good_rows), (DatasetFormat::Chat, 2));
     }
@@ -888,6 +896,11 @@ fn a_fifo_or_a_folder_as_a_dataset_is_refused_at_once() {
         other => panic!("{other:?}"),
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
-    let err = e.inspect_dataset(dir.path(), &all_train()).expect_err("folder");
-    assert!(err.to_string().contains("a folder, not a regular file"), "{err}");
+    let err = e
+        .inspect_dataset(dir.path(), &all_train())
+        .expect_err("folder");
+    assert!(
+        err.to_string().contains("a folder, not a regular file"),
+        "{err}"
+    );
 }
