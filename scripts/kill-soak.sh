@@ -6,7 +6,7 @@
 #
 # The run: a LoRA run (r 32 on every projection, so a checkpoint write takes long enough to
 # be hit) of the default model on the PubMedQA sample in tests/data, 2 rows of 64 tokens a
-# step, a checkpoint every 3 steps, an evaluation on 4 rows every 10.
+# step with the loss on every token, a checkpoint every 3 steps, an evaluation on 4 rows every 10.
 #
 # Usage: scripts/kill-soak.sh [kills] [seed]   (defaults: 50 kills, seed from the clock)
 # Needs scripts/setup.sh (or at least the default model) and python3.
@@ -38,7 +38,7 @@ a models add "$model" >/dev/null
 a data import tests/data/pubmedqa-sample.jsonl --name soak >/dev/null
 train_args=(--model 1 --data soak --method lora --lora-r 32 --steps "$steps" --batch-size 2
   --max-len 64 --checkpoint-every 3 --eval-every "$eval_every" --eval-limit 4
-  --forgetting-rows 0 --seed 7)
+  --loss-on all --forgetting-rows 0 --seed 7)
 
 integrity() {
   python3 - "$ATTUNE_DATA_DIR/library.sqlite3" <<'PY'
