@@ -70,8 +70,18 @@ while [ "$done_kills" -lt "$kills" ]; do
   next_cmd
   "$attune" "${cmd[@]}" >"$out" 2>&1 &
   child=$!
-  # 0.5 to 6 s after the start: model loading, steps, checkpoint writes, evaluations.
-  delay=$(awk -v r="$RANDOM" 'BEGIN { printf "%.2f", 0.5 + 5.5 * r / 32767 }')
+  # One kill in ten lands while the model loads (0 to 2 s after the start); the others 0.2
+  # to 6 s after training (re)started: during steps, checkpoint writes and evaluations.
+  if [ $((RANDOM % 10)) -ne 0 ]; then
+    for _ in $(seq 600); do
+      grep -q 'training from step' "$out" 2>/dev/null && break
+      kill -0 "$child" 2>/dev/null || break
+      sleep 0.1
+    done
+    delay=$(awk -v r="$RANDOM" 'BEGIN { printf "%.2f", 0.2 + 5.8 * r / 32767 }')
+  else
+    delay=$(awk -v r="$RANDOM" 'BEGIN { printf "%.2f", 2.0 * r / 32767 }')
+  fi
   sleep "$delay"
   if ! kill -0 "$child" 2>/dev/null; then
     wait "$child" || true
@@ -98,7 +108,7 @@ while [ "$done_kills" -lt "$kills" ]; do
   last=$(grep -E '^(step|eval|checkpoint) ' "$out" | tail -1 || true)
   if ls -d "$run_dir"/checkpoints/.tmp-* >/dev/null 2>&1; then
     p="checkpoint-write"
-  elif [ -z "$last" ]; then
+  elif [ -z "$last" ] && ! grep -q 'training from step' "$out"; then
     p="loading"
   elif [[ "$last" =~ ^step\ ([0-9]+)/ ]] && [ $(( BASH_REMATCH[1] % eval_every )) -eq 0 ]; then
     p="evaluation"
