@@ -470,7 +470,7 @@ pub mod write {
             out.extend_from_slice(&t.ggml_type.to_le_bytes());
             out.extend_from_slice(&t.offset.to_le_bytes());
         }
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         out.extend_from_slice(data);

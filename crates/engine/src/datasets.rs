@@ -788,7 +788,7 @@ fn read_dataset(path: &Path) -> Result<Vec<u8>, EngineError> {
 /// guessed encoding) is refused, so rows full of NULs are never imported.
 pub(crate) fn decode_text(path: &Path, bytes: Vec<u8>) -> Result<Vec<u8>, EngineError> {
     let utf16 = |body: &[u8], little: bool| -> Result<Vec<u8>, EngineError> {
-        if body.len() % 2 != 0 {
+        if !body.len().is_multiple_of(2) {
             return Err(invalid(
                 path,
                 "looks like UTF-16 text but has an odd number of bytes (truncated?)",
