@@ -2,6 +2,8 @@
 //!
 //! - [`gguf_out`]: a whole model as GGUF (F32, F16, BF16, Q8_0, or llama.cpp's Q4_K_M mix), Q/K
 //!   rows re-permuted for llama.cpp, tokenizer metadata and the chat template included;
+//! - [`lora_gguf`]: a LoRA adapter as llama.cpp's adapter GGUF (`--lora`, Ollama `ADAPTER`), and
+//!   its reader;
 //! - [`tokenizer_meta`]: the `tokenizer.ggml.*` keys, copied from a GGUF base or built from
 //!   `tokenizer.json`;
 //! - [`verify`]: greedy tokens and logits of a fixed prompt set, compared within per-type
@@ -12,6 +14,7 @@
 
 pub mod files;
 pub mod gguf_out;
+pub mod lora_gguf;
 pub mod tokenizer_meta;
 pub mod verify;
 
