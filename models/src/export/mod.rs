@@ -6,6 +6,9 @@
 //!   its reader;
 //! - [`tokenizer_meta`]: the `tokenizer.ggml.*` keys, copied from a GGUF base or built from
 //!   `tokenizer.json`;
+//! - [`ollama`]: the Modelfile (writer and a port of Ollama's parser) and the translation of a
+//!   Jinja chat template into Ollama's Go template, checked by [`gotmpl`], a Go `text/template`
+//!   subset;
 //! - [`verify`]: greedy tokens and logits of a fixed prompt set, compared within per-type
 //!   tolerances.
 //!
@@ -14,7 +17,9 @@
 
 pub mod files;
 pub mod gguf_out;
+pub mod gotmpl;
 pub mod lora_gguf;
+pub mod ollama;
 pub mod tokenizer_meta;
 pub mod verify;
 
