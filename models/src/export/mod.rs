@@ -6,6 +6,8 @@
 //!   its reader;
 //! - [`tokenizer_meta`]: the `tokenizer.ggml.*` keys, copied from a GGUF base or built from
 //!   `tokenizer.json`;
+//! - [`hf_out`]: a complete Hugging Face folder (weights, tokenizer, chat template, generation
+//!   config, model card);
 //! - [`ollama`]: the Modelfile (writer and a port of Ollama's parser) and the translation of a
 //!   Jinja chat template into Ollama's Go template, checked by [`gotmpl`], a Go `text/template`
 //!   subset;
@@ -18,6 +20,7 @@
 pub mod files;
 pub mod gguf_out;
 pub mod gotmpl;
+pub mod hf_out;
 pub mod lora_gguf;
 pub mod ollama;
 pub mod tokenizer_meta;
