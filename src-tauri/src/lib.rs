@@ -28,6 +28,7 @@ pub fn run() -> tauri::Result<()> {
     let app = tauri::Builder::default()
         .plugin(tauri_plugin_dialog::init())
         .manage(state)
+        .manage(commands::export::ExportState::default())
         .setup(|app| {
             let handle = app.handle().clone();
             app.state::<AppState>()
@@ -101,6 +102,11 @@ pub fn run() -> tauri::Result<()> {
             commands::adapters::list_evaluations,
             commands::advisor::machine_info,
             commands::advisor::advise,
+            commands::export::export_options,
+            commands::export::start_export,
+            commands::export::cancel_export,
+            commands::export::list_exports,
+            commands::export::show_in_folder,
         ])
         .build(tauri::generate_context!())?;
     app.run(|app, event| {

@@ -6,6 +6,7 @@ pub mod arena;
 pub mod chat;
 pub mod datasets;
 pub mod endpoints;
+pub mod export;
 pub mod models;
 pub mod playground;
 pub mod runs;

@@ -12,6 +12,7 @@ pub mod chat;
 pub mod datasets;
 pub mod endpoints;
 pub mod events;
+pub mod export;
 pub mod models;
 pub mod runs;
 pub mod server;
