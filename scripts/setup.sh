@@ -30,7 +30,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # 1. System packages (webkit for the window, the WebDriver and Xvfb for tests).
 packages=(libwebkit2gtk-4.1-dev build-essential libxdo-dev libssl-dev
   libayatana-appindicator3-dev librsvg2-dev webkit2gtk-driver xvfb xauth
-  pkg-config curl python3-pip python3-venv libdbus-1-dev)
+  pkg-config curl python3-pip python3-venv libdbus-1-dev cmake)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -87,6 +87,8 @@ fi
 step "Fetching the default model"
 model=$(scripts/fetch-model.sh | tail -n 1)
 echo "$model"
+step "Python for the export checks (PyPI gguf, transformers, torch; scripts/setup-pycheck.sh)"
+scripts/setup-pycheck.sh >/dev/null
 step "Building the UI"
 scripts/build-ui.sh
 step "Building attune (CLI), attune-app (desktop) and the tests"

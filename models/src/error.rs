@@ -38,6 +38,9 @@ pub enum Error {
     InvalidParams(String),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A long operation (an export) was stopped by its cancel flag.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

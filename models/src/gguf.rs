@@ -445,3 +445,18 @@ pub fn permute_dense_rows(t: &Tensor, n_head: usize) -> Result<Tensor> {
     let idx = Tensor::from_vec(idx, out, t.device())?;
     Ok(t.index_select(&idx, 0)?)
 }
+
+/// Undoes llama.cpp's permutation on the rows of a dense `[n_head * head_dim, cols]` tensor
+/// (GGUF layout -> Hugging Face layout), e.g. a GGUF LoRA's `lora_b` of `attn_q` / `attn_k`.
+pub fn unpermute_dense_rows(t: &Tensor, n_head: usize) -> Result<Tensor> {
+    let out = t.dim(0)?;
+    if n_head == 0 || !out.is_multiple_of(n_head) || !(out / n_head).is_multiple_of(2) {
+        return Err(Error::InvalidParams(format!(
+            "cannot split {out} rows into {n_head} heads of even size"
+        )));
+    }
+    let hd = out / n_head;
+    let idx: Vec<u32> = (0..out).map(|r| gguf_row_of_hf_row(r, hd) as u32).collect();
+    let idx = Tensor::from_vec(idx, out, t.device())?;
+    Ok(t.index_select(&idx, 0)?)
+}

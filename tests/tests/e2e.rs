@@ -146,6 +146,7 @@ fn a_domain_expert_goes_from_data_to_an_adapter_they_can_show() {
         arena(driver)?;
         endpoint(driver)?;
         templates(driver)?;
+        export_gguf(driver, &data.path().join("exported"))?;
         Ok(())
     });
 }
@@ -648,5 +649,64 @@ fn templates(driver: &WebDriver) -> Result<(), String> {
         return Err(format!("the theme toggle did not reach dark: {theme}"));
     }
     save_screenshot(driver, "e2e-8-dark.png");
+    Ok(())
+}
+
+/// Export: the trained adapter written as an F16 GGUF from its Export dialog; Attune
+/// reloads the file and shows the verification passing.
+fn export_gguf(driver: &WebDriver, dest: &Path) -> Result<(), String> {
+    click(driver, "#nav-library")?;
+    click(driver, "#tab-adapters")?;
+    // The row's name cell, looked up afresh: the list re-renders when the library changes.
+    click(
+        driver,
+        "#library-table[data-tab=adapters] tr[data-name='pubmed-lora'] td.name",
+    )?;
+    wait_for("the adapter's details", Duration::from_secs(60), || {
+        Ok(driver
+            .text_of("#library-details h2")?
+            .filter(|t| t.contains("pubmed-lora")))
+    })?;
+    click(driver, "#open-export")?;
+    wait_for("the export formats", Duration::from_secs(60), || {
+        shown_error(driver, "#export-panel")?;
+        Ok((!driver.find_all("#export-format option")?.is_empty()).then_some(()))
+    })?;
+    driver.select_option("#export-format", "LM Studio")?;
+    let quant = driver.select_option("#export-quant", "F16")?;
+    println!("export type: {quant}");
+    driver.set_value("#export-dest", &dest.to_string_lossy())?;
+    click(driver, "#start-export")?;
+    let verdict = wait_for(
+        "the export's verification",
+        Duration::from_secs(600),
+        || {
+            shown_error(driver, "#export-panel")?;
+            match driver.find_all("#export-verification")?.first() {
+                Some(e) => Ok(Some(driver.text(e)?)),
+                None => Ok(None),
+            }
+        },
+    )?;
+    println!("export verification: {verdict}");
+    if driver
+        .find_all("#export-verification[data-verdict=passed]")?
+        .is_empty()
+    {
+        let checks = driver
+            .text_of("#export-panel table.checks")?
+            .unwrap_or_default();
+        return Err(format!(
+            "the export's check did not pass: {verdict}\n{checks}"
+        ));
+    }
+    let file = dest.join("pubmed-lora-f16.gguf");
+    let size = std::fs::metadata(&file)
+        .map_err(|e| format!("the exported file {}: {e}", file.display()))?
+        .len();
+    if size < 100 << 20 {
+        return Err(format!("{} is only {size} bytes", file.display()));
+    }
+    save_screenshot(driver, "e2e-9-export.png");
     Ok(())
 }

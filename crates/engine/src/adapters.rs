@@ -216,13 +216,17 @@ impl Engine {
     }
 
     /// Imports a PEFT LoRA or prompt-tuning folder for `base_model`, after checking every
-    /// tensor against the base (errors name the key); copied into the library.
+    /// tensor against the base (errors name the key); copied into the library. A file is
+    /// taken as llama.cpp's adapter GGUF and converted to PEFT.
     pub fn import_adapter(
         &self,
         dir: &Path,
         base_model: &str,
         name: Option<&str>,
     ) -> Result<AdapterSummary, EngineError> {
+        if dir.is_file() {
+            return self.import_adapter_gguf(dir, base_model, name);
+        }
         let base = self.find_model(base_model)?;
         let adapter = peft::load(dir).map_err(|e| EngineError::InvalidAdapter {
             path: dir.to_path_buf(),

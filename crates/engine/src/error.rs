@@ -146,6 +146,14 @@ pub enum EngineError {
         code: &'static str,
         message: String,
     },
+    /// A format that cannot carry this architecture, method or tokenizer.
+    #[error("cannot export '{what}': {reason}")]
+    ExportUnsupported { what: String, reason: String },
+    #[error(
+        "destination {path} is not empty ({entries}); choose an empty or new folder, or allow \
+         replacing files (--overwrite)"
+    )]
+    DestinationNotEmpty { path: PathBuf, entries: String },
     /// A template, conversation or arena that is not in the library.
     #[error("no {what} with id {id} in the library (it may have been removed)")]
     NotFound { what: &'static str, id: String },
@@ -199,6 +207,8 @@ impl EngineError {
             EngineError::Internal(_) => "internal",
             EngineError::Endpoint { code, .. } => code,
             EngineError::Write { .. } => "io",
+            EngineError::ExportUnsupported { .. } => "export_unsupported",
+            EngineError::DestinationNotEmpty { .. } => "destination_not_empty",
         }
     }
 

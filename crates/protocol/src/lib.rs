@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod connect;
+mod export;
 mod studio;
 pub use connect::*;
+pub use export::*;
 pub use studio::*;
 
 /// Where a registered model came from.

@@ -4,6 +4,7 @@
 //! and files dropped anywhere on the window are routed from here.
 
 mod details;
+mod export;
 pub mod logic;
 
 use crate::components::{error_note, Field, ModelSelect, Progress};
