@@ -81,6 +81,7 @@ pub fn run() -> tauri::Result<()> {
             commands::templates::save_template,
             commands::templates::remove_template,
             commands::templates::preview_template,
+            commands::templates::preview_template_for_endpoint,
             commands::playground::render_sample,
             commands::arena::create_arena,
             commands::arena::list_arenas,

@@ -99,6 +99,9 @@ pub struct AppCtx {
     pub focus_run: RwSignal<Option<i64>>,
     /// The dataset the adaptation wizard starts from (set after an import).
     pub focus_dataset: RwSignal<Option<i64>>,
+    /// The API model ("endpoint_id:model") the template editor previews and evaluates on,
+    /// set by the advisor's "API access only" path.
+    pub template_target: RwSignal<Option<String>>,
     /// Settings as stored in the library (theme, last page, playground panes...).
     pub settings: RwSignal<BTreeMap<String, String>>,
 }
@@ -161,6 +164,7 @@ pub fn App() -> impl IntoView {
         library_version: RwSignal::new(0),
         focus_run: RwSignal::new(None),
         focus_dataset: RwSignal::new(None),
+        template_target: RwSignal::new(None),
         settings: RwSignal::new(BTreeMap::new()),
     };
     provide_context(ctx);

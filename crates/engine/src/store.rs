@@ -1220,6 +1220,7 @@ mod tests {
                 "endpoint_evaluations",
                 "endpoints",
                 "evaluations",
+                "exports",
                 "models",
                 "run_metrics",
                 "runs",
