@@ -24,7 +24,7 @@ use attune_models::train::{
 };
 use candle_core::{Device, Tensor, D};
 
-const FAMILIES: [&str; 4] = ["qwen3", "gemma3", "phi3", "llama3"];
+const FAMILIES: [&str; 5] = ["qwen3", "gemma3", "phi3", "llama3", "smollm3"];
 
 fn dir(family: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
