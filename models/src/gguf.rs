@@ -9,8 +9,9 @@
 //! the reader subtracts the 1, so the model holds the Hugging Face values. Phi-3's `attn_qkv` and
 //! `ffn_up` (gate and up stacked) stay fused, as Hugging Face's `qkv_proj` and `gate_up_proj`.
 //!
-//! Quantized matrices stay [`QTensor`]s; Q4_1 and Q8_0 ones also get Attune's decode kernel
-//! (see [`Linear::with_decode_kernel`]), which candle lacks for Q4_1; with [`ComputeMode::Auto`] or
+//! Quantized matrices stay [`QTensor`]s; Q4_1, Q8_0, Q4_K, Q5_K and Q6_K ones also get Attune's
+//! decode kernel (see [`Linear::with_decode_kernel`]; candle's are scalar or single-threaded
+//! AVX2); with [`ComputeMode::Auto`] or
 //! [`ComputeMode::F32`] an f32 copy is dequantized for prompt processing. Embeddings and norms are
 //! dequantized to f32. SmolLM2 ties its embeddings: without `output.weight` the lm_head shares
 //! `token_embd.weight`.
@@ -645,8 +646,8 @@ impl<R: Read + Seek> TensorReader<'_, R> {
     }
 }
 
-/// Block types without a fast decode kernel (neither Attune's Q4_1/Q8_0 kernels in
-/// `linear.rs` nor a SIMD one in candle): re-quantized to Q8_0 once at load. The error is below
+/// Block types without a fast decode kernel (neither Attune's Q4_1/Q8_0/K-quant kernels in
+/// `kernels::quant` nor a SIMD one in candle): re-quantized to Q8_0 once at load. The error is below
 /// 0.4% of each 32-weight block's largest value; the f32 path keeps the file's exact values.
 const SLOW_DECODE_TYPES: &[GgmlDType] = &[GgmlDType::Q5_0, GgmlDType::Q5_1];
 

@@ -606,6 +606,60 @@ fn write_gguf(m: &Llama, path: &std::path::Path, dtype: GgmlDType, arch: &str) {
 }
 
 #[test]
+fn k_quant_ggufs_decode_with_the_integer_kernels() {
+    // A model whose widths are whole K-quant super-blocks (256), written as Q4_K, Q5_K and Q6_K
+    // GGUFs: each loads, its projections get Attune's decode kernel, and decoding over the KV
+    // cache (few rows: the quantized path) stays close to the f32 model, closer for more bits.
+    let cfg = Config {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        ..tiny_config("llama")
+    };
+    let m = Llama::new_random(&cfg, &Device::Cpu, 12).expect("model");
+    let want = m.forward(&ids(&PROMPT), None).expect("want");
+    let want_last = want
+        .squeeze(0)
+        .expect("s")
+        .get(PROMPT.len() - 1)
+        .expect("r");
+    let scale = max_abs(&want_last);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut errors = Vec::new();
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        let path = dir.path().join(format!("{dtype:?}.gguf"));
+        write_gguf(&m, &path, dtype, "llama");
+        let g = gguf::load(&path, ComputeMode::Auto).expect("load");
+        for (name, l) in g.model.linears() {
+            assert!(
+                l.has_decode_kernel(),
+                "{dtype:?}: {name} has no decode kernel"
+            );
+        }
+        let mut cache = g.model.new_cache();
+        let (head, tail) = PROMPT.split_at(PROMPT.len() - 1);
+        g.model
+            .forward_last(&ids(head), &mut cache)
+            .expect("prompt");
+        let last = g
+            .model
+            .forward_last(&ids(tail), &mut cache)
+            .expect("decode");
+        let d = max_abs_diff(&last.squeeze(0).expect("s"), &want_last) / scale;
+        errors.push(d);
+    }
+    assert!(
+        errors[0] < 0.2 && errors[1] < 0.1 && errors[2] < 0.05,
+        "{errors:?}"
+    );
+    assert!(
+        errors[0] > errors[2],
+        "Q4_K should err more than Q6_K: {errors:?}"
+    );
+}
+
+#[test]
 fn gguf_loader_unpermutes_qk_and_matches_the_source_model() {
     let m = Llama::new_random(&tiny_config("llama"), &Device::Cpu, 9).expect("model");
     let want = m.forward(&ids(&PROMPT), None).expect("want");

@@ -14,7 +14,7 @@
 //! - [`linear`]: frozen, trained and LoRA projections for training;
 //! - [`loss`]: cross-entropy, and the LM head fused with it;
 //! - [`decode`]: ops sized for decoding (a LoRA branch in one op);
-//! - [`quant`]: the Q4_1/Q8_0 integer matmul (AVX-512 VNNI, AVX2, scalar);
+//! - [`quant`]: the Q4_1/Q8_0/Q4_K/Q5_K/Q6_K integer matmul (AVX-512 VNNI, AVX2, scalar);
 //! - [`block`]: a whole decoder layer as one training op;
 //! - [`gemm`] (the f32 GEMM wrappers), [`simd`] (AVX-512 `exp`, softmax, SiLU), [`profile`]
 //!   (`ATTUNE_PROFILE_OPS`).
