@@ -328,6 +328,48 @@ impl Config {
         self.family().unwrap_or(Family::Llama).lora_targets()
     }
 
+    /// The model's LoRA target modules for `requested` names, in the model's order. Either
+    /// spelling works: on Phi-3 any of `q_proj`/`k_proj`/`v_proj` selects its fused `qkv_proj`
+    /// and `gate_proj`/`up_proj` its `gate_up_proj`; on the other families `qkv_proj` stands for
+    /// `q_proj`, `k_proj` and `v_proj`, `gate_up_proj` for `gate_proj` and `up_proj`. An unknown
+    /// name is an error that lists the choices.
+    pub fn resolve_lora_targets(
+        &self,
+        requested: &[String],
+    ) -> std::result::Result<Vec<String>, String> {
+        let fused = self.family().is_some_and(|f| f.fused_projections());
+        let mut want: Vec<&str> = Vec::new();
+        for r in requested {
+            let modules: &[&str] = match (r.as_str(), fused) {
+                ("q_proj" | "k_proj" | "v_proj" | "qkv_proj", true) => &["qkv_proj"],
+                ("gate_proj" | "up_proj" | "gate_up_proj", true) => &["gate_up_proj"],
+                ("qkv_proj", false) => &["q_proj", "k_proj", "v_proj"],
+                ("gate_up_proj", false) => &["gate_proj", "up_proj"],
+                ("q_proj", false) => &["q_proj"],
+                ("k_proj", false) => &["k_proj"],
+                ("v_proj", false) => &["v_proj"],
+                ("gate_proj", false) => &["gate_proj"],
+                ("up_proj", false) => &["up_proj"],
+                ("o_proj", _) => &["o_proj"],
+                ("down_proj", _) => &["down_proj"],
+                (other, _) => {
+                    return Err(format!(
+                        "unknown LoRA target '{other}' for a {} model (choose from {})",
+                        self.architecture,
+                        self.lora_targets().join(", ")
+                    ))
+                }
+            };
+            want.extend_from_slice(modules);
+        }
+        Ok(self
+            .lora_targets()
+            .iter()
+            .filter(|t| want.contains(t))
+            .map(|t| t.to_string())
+            .collect())
+    }
+
     /// Number of parameters of the base model (embeddings counted once when tied).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
@@ -1078,6 +1120,37 @@ mod tests {
     fn parse(json: &str) -> Result<Config> {
         let p = Path::new("config.json");
         HfConfig::parse(json, p)?.into_config(p)
+    }
+
+    #[test]
+    fn lora_targets_resolve_to_the_models_own_modules() {
+        let tiny = |t: &str| {
+            parse(&format!(
+                r#"{{"model_type":"{t}","vocab_size":8,"hidden_size":8,"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":2}}"#
+            ))
+            .unwrap()
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let phi = tiny("phi3");
+        // Either spelling selects Phi-3's fused projections, in the model's order, once.
+        assert_eq!(
+            phi.resolve_lora_targets(&s(&["down_proj", "q_proj", "v_proj", "up_proj"]))
+                .unwrap(),
+            ["qkv_proj", "gate_up_proj", "down_proj"]
+        );
+        let qwen = tiny("qwen3");
+        assert_eq!(
+            qwen.resolve_lora_targets(&s(&["gate_up_proj", "qkv_proj"]))
+                .unwrap(),
+            ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+        );
+        assert_eq!(
+            qwen.resolve_lora_targets(&s(&["o_proj"])).unwrap(),
+            ["o_proj"]
+        );
+        let err = qwen.resolve_lora_targets(&s(&["lm_head"])).unwrap_err();
+        assert!(err.contains("'lm_head'") && err.contains("qwen3"), "{err}");
     }
 
     #[test]

@@ -132,6 +132,8 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
     let mut rng = StdRng::seed_from_u64(seed);
     let mut params = Vec::new();
     let mut prefix = None;
+    // LoRA's targets as the model names them (see `Config::resolve_lora_targets`).
+    let mut resolved = None;
     match method {
         Method::Full => {
             let tied = model.config().tie_word_embeddings;
@@ -176,16 +178,14 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
                     "LoRA needs at least one target module".into(),
                 ));
             }
-            let allowed = model.lora_targets();
-            for t in &cfg.targets {
-                if !allowed.contains(&t.as_str()) {
-                    return Err(Error::InvalidParams(format!(
-                        "unknown LoRA target '{t}' for a {} model (choose from {})",
-                        model.config().architecture,
-                        allowed.join(", ")
-                    )));
-                }
-            }
+            let targets = model
+                .config()
+                .resolve_lora_targets(&cfg.targets)
+                .map_err(Error::InvalidParams)?;
+            resolved = Some(Method::Lora(LoraConfig {
+                targets: targets.clone(),
+                ..cfg.clone()
+            }));
             if !(0.0..1.0).contains(&cfg.dropout) {
                 return Err(Error::InvalidParams(format!(
                     "LoRA dropout {} is not in [0, 1)",
@@ -195,7 +195,7 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             let device = model.device().clone();
             for (name, lin) in model.linears_mut() {
                 let short = name.rsplit('.').next().unwrap_or("");
-                if !cfg.targets.iter().any(|t| t == short) {
+                if !targets.iter().any(|t| t == short) {
                     continue;
                 }
                 let (din, dout) = (lin.in_dim(), lin.out_dim());
@@ -251,7 +251,7 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
         }
     }
     Ok(Trainable {
-        method: method.clone(),
+        method: resolved.unwrap_or_else(|| method.clone()),
         params,
         prefix,
     })
