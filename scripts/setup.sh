@@ -30,7 +30,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # 1. System packages (webkit for the window, the WebDriver and Xvfb for tests).
 packages=(libwebkit2gtk-4.1-dev build-essential libxdo-dev libssl-dev
   libayatana-appindicator3-dev librsvg2-dev webkit2gtk-driver xvfb xauth
-  pkg-config curl python3-pip)
+  pkg-config curl python3-pip python3-venv libdbus-1-dev)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -13,3 +13,5 @@ scripts/build-ui.sh
 # Release profile: the tests exercise the build users run.
 cargo build --release --workspace --all-targets
 cargo test --release --workspace "$@"
+# The official OpenAI Python client against `attune serve`.
+scripts/test-openai.sh

@@ -245,6 +245,64 @@ fn gguf_and_safetensors_give_the_same_switches() {
     }
 }
 
+/// Registration's check (`loader::check`) takes every family from its GGUF and its folder, and
+/// still refuses their unsupported neighbours by name: Gemma 2 and Phi-2 (the same files with the
+/// architecture renamed: the GGUF's keys, config.json's `model_type`).
+#[test]
+fn registration_takes_every_family_and_refuses_their_neighbours() {
+    for f in FAMILIES {
+        for p in [dir(f).join("model.gguf"), dir(f).join("hf")] {
+            loader::check(&p).unwrap_or_else(|e| panic!("{f} ({}): {e}", p.display()));
+        }
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for (f, other, model_type, other_type) in [
+        ("gemma3", "gemma2", "gemma3_text", "gemma2"),
+        ("phi3", "phi2", "phi3", "phi"),
+    ] {
+        // GGUF: `general.architecture` and every `<arch>.` key renamed (same length, so the
+        // header stays well formed).
+        let bytes = std::fs::read(dir(f).join("model.gguf")).expect("read gguf");
+        let (from, to) = (f.as_bytes(), other.as_bytes());
+        let mut renamed = bytes.clone();
+        let mut n = 0;
+        for i in 0..bytes.len().saturating_sub(from.len()) {
+            if &bytes[i..i + from.len()] == from {
+                renamed[i..i + to.len()].copy_from_slice(to);
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "{f}: {n} occurrences of the architecture");
+        let p = tmp.path().join(format!("{other}.gguf"));
+        std::fs::write(&p, renamed).expect("write gguf");
+        let msg = loader::check(&p).expect_err(other).to_string();
+        assert!(
+            msg.contains(&format!("unsupported architecture '{other}'")),
+            "{msg}"
+        );
+        // Folder: config.json's model_type.
+        let d = tmp.path().join(other);
+        std::fs::create_dir(&d).expect("mkdir");
+        for e in std::fs::read_dir(dir(f).join("hf")).expect("read hf") {
+            let e = e.expect("entry");
+            std::fs::copy(e.path(), d.join(e.file_name())).expect("copy");
+        }
+        let cfg = d.join("config.json");
+        let text = std::fs::read_to_string(&cfg).expect("config");
+        let t = text.replace(
+            &format!("\"model_type\": \"{model_type}\""),
+            &format!("\"model_type\": \"{other_type}\""),
+        );
+        assert_ne!(t, text, "{f}: model_type in {text}");
+        std::fs::write(&cfg, t).expect("write config");
+        let msg = loader::check(&d).expect_err(other_type).to_string();
+        assert!(
+            msg.contains(&format!("unsupported architecture '{other_type}'")),
+            "{msg}"
+        );
+    }
+}
+
 #[test]
 fn logits_match_pytorch_from_gguf_and_safetensors() {
     for f in FAMILIES {
