@@ -5,8 +5,19 @@
 //! `cargo bench -p attune-models --bench inference`
 //! Environment: `ATTUNE_BENCH_MODE=auto|f32|quantized` (default auto), `ATTUNE_BENCH_RUNS`,
 //! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling).
+//!
+//! Other models and weight types, one row each (each in a child process, so its peak RSS is its
+//! own): `ATTUNE_BENCH_ARCH=qwen3-0.6b,gemma3-270m,...` (a family at its real dimensions with
+//! random weights: `common/arch.rs`), `ATTUNE_BENCH_QUANT=q4_1,q8_0,q4_k,q5_k,q6_k` (the
+//! projections quantized to that type by candle's quantizer, from the default model's f32 values
+//! or the random ones; widths that are not whole blocks fall back to Q8_0, as llama.cpp's
+//! quantizer does, and are counted). The rows give prompt processing (41 tokens), decode (64
+//! tokens), the decode rate in GB/s of quantized weights read, and peak RSS.
 
 use std::time::Instant;
+
+#[path = "common/arch.rs"]
+mod arch;
 
 use attune_models::gguf;
 use attune_models::linear::ComputeMode;
@@ -70,6 +81,89 @@ fn decode(
     Ok((median(rates), out))
 }
 
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// One row of the matrix, in this process: `arch` ("default" or a preset) with its projections
+/// in `quant` ("file" keeps the default model's own). Prints a tab-separated RESULT line.
+fn run_row(
+    arch: &str,
+    quant: &str,
+    mode: ComputeMode,
+    runs: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let dtype = match quant {
+        "file" | "f32" => None,
+        q => Some(arch::dtype(q)?),
+    };
+    let (model, fallbacks) = if arch == "default" {
+        let g = gguf::load(&attune_models::default_model_path(), mode)?;
+        match dtype {
+            Some(dt) => arch::requantized(&g.model, dt, mode)?,
+            None => (g.model, 0),
+        }
+    } else {
+        let cfg = arch::preset(arch)?;
+        arch::random_model(&cfg, dtype, mode, 7)?
+    };
+    let build_s = t.elapsed().as_secs_f64();
+    let p41: Vec<u32> = (0..41u32).map(|i| 200 + (i * 7919) % 40000).collect();
+    let pp41 = if mode == ComputeMode::Quantized {
+        f64::NAN
+    } else {
+        pp(&model, &p41, runs)?
+    };
+    let (d64, _) = decode(&model, &p41, 64, runs)?;
+    let gb = arch::quantized_bytes(&model) as f64 / 1e9;
+    println!(
+        "RESULT\t{arch}\t{quant}\t{pp41:.1}\t{d64:.2}\t{gb:.3}\t{:.2}\t{:.0}\t{fallbacks}\t{build_s:.0}",
+        gb * d64,
+        peak_rss_mb()
+    );
+    Ok(())
+}
+
+/// The matrix of `ATTUNE_BENCH_ARCH` x `ATTUNE_BENCH_QUANT`, one child process per row.
+fn matrix(mode: ComputeMode, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let archs = std::env::var("ATTUNE_BENCH_ARCH").unwrap_or_else(|_| "default".into());
+    let quants = std::env::var("ATTUNE_BENCH_QUANT").unwrap_or_else(|_| "file".into());
+    println!(
+        "attune inference matrix ({mode:?}), {} threads, medians of {runs}; the machine may be shared",
+        candle_core::utils::get_num_threads()
+    );
+    println!("| model | weights | pp 41 tok/s | decode 64 tok/s | quantized GB | decode GB/s | peak RSS MB | Q8_0 fallbacks |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for a in archs.split(',') {
+        for q in quants.split(',') {
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .args(["--row", a, q])
+                .output()?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let Some(line) = stdout.lines().find(|l| l.starts_with("RESULT\t")) else {
+                eprintln!("{a} {q}: failed: {}", String::from_utf8_lossy(&out.stderr));
+                continue;
+            };
+            let f: Vec<&str> = line.split('\t').collect();
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "2");
@@ -83,6 +177,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(pos) = args.iter().position(|a| a == "--row") {
+        return run_row(&args[pos + 1], &args[pos + 2], mode, runs);
+    }
+    if std::env::var_os("ATTUNE_BENCH_ARCH").is_some()
+        || std::env::var_os("ATTUNE_BENCH_QUANT").is_some()
+    {
+        return matrix(mode, runs);
+    }
     let path = attune_models::default_model_path();
     if !path.is_file() {
         return Err(format!(

@@ -857,6 +857,7 @@ fn print_table(list: &[ModelSummary]) {
 fn print_model(m: &ModelSummary) {
     println!("id:             {}", m.id);
     println!("name:           {}", m.name);
+    println!("family:         {}", m.family);
     println!("architecture:   {}", m.architecture);
     println!("format:         {:?}", m.format);
     println!(
@@ -874,6 +875,25 @@ fn print_model(m: &ModelSummary) {
     println!("sha256:         {}", m.sha256);
     println!("source:         {}", source_text(&m.source));
     println!("added:          {}", m.added_at);
+    let mut can: Vec<&str> = Vec::new();
+    if m.support.chat {
+        can.push("chat");
+    }
+    can.extend(m.support.methods.iter().map(String::as_str));
+    println!(
+        "can:            {}",
+        if can.is_empty() {
+            "nothing on this machine".to_string()
+        } else {
+            can.join(", ")
+        }
+    );
+    if !m.support.lora_targets.is_empty() {
+        println!("lora targets:   {}", m.support.lora_targets.join(", "));
+    }
+    for l in &m.support.limits {
+        println!("limit:          {l}");
+    }
 }
 
 fn human_count(n: u64) -> String {

@@ -681,6 +681,7 @@ impl Engine {
         }
         Ok(Advice {
             machine,
+            model: Some(model),
             recommended,
             reasons,
             estimates,
@@ -695,7 +696,7 @@ impl Engine {
         let model = self.find_model(&spec.model)?;
         let dataset = self.find_dataset(&spec.dataset)?;
         let cfg = self.model_shape(&model)?;
-        validate(spec, cfg.max_position_embeddings)?;
+        validate(spec, &cfg)?;
         if dataset.train_rows == 0 {
             return Err(EngineError::InvalidInput(format!(
                 "dataset '{}' has no training rows",

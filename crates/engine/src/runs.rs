@@ -165,13 +165,17 @@ pub fn trainable_params(cfg: &Config, method: &MethodSpec) -> u64 {
         MethodSpec::Full => cfg.num_parameters() as u64,
         MethodSpec::Prompt { virtual_tokens, .. } => (*virtual_tokens as u64).saturating_mul(h),
         MethodSpec::Lora { r, targets, .. } => {
-            let per_layer: u64 = targets
+            let per_layer: u64 = cfg
+                .resolve_lora_targets(targets)
+                .unwrap_or_default()
                 .iter()
                 .map(|t| match t.as_str() {
                     "q_proj" => h + q,
                     "k_proj" | "v_proj" => h + kv,
+                    "qkv_proj" => h + q + 2 * kv,
                     "o_proj" => q + h,
                     "gate_proj" | "up_proj" => h + i,
+                    "gate_up_proj" => h + 2 * i,
                     "down_proj" => i + h,
                     _ => 0,
                 })
@@ -379,7 +383,8 @@ pub(crate) const MAX_LORA_RANK: usize = 4096;
 pub(crate) const MAX_TOKENS: usize = 1 << 20;
 
 /// Refuses impossible settings, naming the field.
-pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError> {
+pub(crate) fn validate(spec: &RunSpec, cfg: &Config) -> Result<(), EngineError> {
+    let context = cfg.max_position_embeddings;
     let bad = |m: String| Err(EngineError::InvalidInput(m));
     let range = |name: &str, v: usize, max: usize| -> Result<(), EngineError> {
         if v == 0 || v > max {
@@ -463,13 +468,9 @@ pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError
             if targets.is_empty() {
                 return bad("lora targets: name at least one module".into());
             }
-            for t in targets {
-                if !train::LORA_TARGETS.contains(&t.as_str()) {
-                    return bad(format!(
-                        "lora target '{t}' is not one of {}",
-                        train::LORA_TARGETS.join(", ")
-                    ));
-                }
+            // The model's own names (Phi-3: qkv_proj, gate_up_proj; either spelling is taken).
+            if let Err(e) = cfg.resolve_lora_targets(targets) {
+                return bad(format!("lora targets: {e}"));
             }
         }
         MethodSpec::Prompt {
@@ -719,7 +720,7 @@ impl Engine {
             path: model_path.clone(),
             source: Box::new(source),
         })?;
-        validate(spec, cfg.max_position_embeddings)?;
+        validate(spec, &cfg)?;
         if dataset.train_rows == 0 {
             return Err(EngineError::InvalidInput(format!(
                 "dataset '{}' has no training rows",

@@ -2,7 +2,10 @@
 //! targets and saved conversations, the blind A/B arena, the method advisor and the
 //! run / pull / evaluation events the window streams.
 
-use crate::{ChatMessage, DatasetFormat, MethodSpec, RunEvent, RunSpec, SamplingParams, SplitName};
+use crate::{
+    ChatMessage, DatasetFormat, MethodSpec, ModelSummary, RunEvent, RunSpec, SamplingParams,
+    SplitName,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -305,6 +308,9 @@ pub struct MethodEstimate {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Advice {
     pub machine: MachineInfo,
+    /// The model advised on: its family, context length, quantization and what it supports.
+    #[serde(default)]
+    pub model: Option<ModelSummary>,
     /// "full", "lora", "prompt" or "template".
     pub recommended: String,
     /// Why, one reason per line.

@@ -372,10 +372,24 @@ pub fn AdaptWizard() -> impl IntoView {
                     m.gpu.clone().unwrap_or_else(|| "no GPU".into()),
                     if m.simd.is_empty() { String::new() } else { format!(" · {}", m.simd.join(", ")) },
                 );
+                let model = a.model.as_ref().map(|m| format!(
+                    "{} · {} context · {} · can: {}",
+                    m.family,
+                    crate::format::context(m.context_length),
+                    m.quantization,
+                    crate::format::support(&m.support),
+                ));
+                let limits = a.model.as_ref().map(|m| m.support.limits.clone()).unwrap_or_default();
                 view! {
                     <div class="card advice" id="adapt-advice">
                         <h2>"2 · Recommendation"</h2>
                         <p class="muted" id="machine-info">{machine}</p>
+                        {model.map(|m| view! { <p class="muted" id="model-info">{m}</p> })}
+                        {(!limits.is_empty()).then(|| view! {
+                            <ul class="limits" id="model-limits">
+                                {limits.iter().map(|l| view! { <li>{l.clone()}</li> }).collect_view()}
+                            </ul>
+                        })}
                         <p class="recommended" id="recommended-method">
                             "Recommended: " <strong>{method_title(&a.recommended)}</strong>
                             " — " {method_blurb(&a.recommended)}

@@ -143,7 +143,9 @@ fn ModelDetails(model: ModelSummary, selected: RwSignal<Option<i64>>) -> impl In
     view! {
         <h2>{model.name.clone()}</h2>
         <dl class="facts">
+            {item("Family", model.family.clone())}
             {item("Architecture", model.architecture.clone())}
+            {item("Can", view! { <span id="model-support">{format::support(&model.support)}</span> })}
             {item("Parameters", format::parameters(model.parameters))}
             {item("Quantization", model.quantization.clone())}
             {item("Context", format::context(model.context_length))}
@@ -159,6 +161,11 @@ fn ModelDetails(model: ModelSummary, selected: RwSignal<Option<i64>>) -> impl In
                 on_confirm=Callback::new(move |_| remove(selected, error, ipc::models::remove_model(id)))
             />
         </div>
+        {(!model.support.limits.is_empty()).then(|| view! {
+            <ul class="limits" id="model-limits">
+                {model.support.limits.iter().map(|l| view! { <li>{l.clone()}</li> }).collect_view()}
+            </ul>
+        })}
         <p class="muted">"Deleting removes the model from the library; its files stay on disk."</p>
         {move || error.get().map(|e| error_note(&e))}
         <ExportDialog subject=ExportSubject::Model { model: id.to_string() } name=model.name.clone() />
