@@ -335,6 +335,7 @@ pub struct RunUpdate {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullUpdate {
     pub file: String,
+    /// 1-based position of `file` among the pull's `file_count` files.
     pub file_index: u64,
     pub file_count: u64,
     pub bytes_done: u64,
