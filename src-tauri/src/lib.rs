@@ -45,6 +45,7 @@ pub fn run() -> tauri::Result<()> {
             commands::models::remove_model,
             commands::models::pull_model,
             commands::models::cancel_pull,
+            commands::models::hub_status,
             commands::models::classify_path,
             commands::models::pick_path,
             commands::chat::chat_target,

@@ -38,7 +38,7 @@ pub use advisor::{
 pub use datasets::{DatasetRow, Sample, MAX_ROW_CHARS};
 pub use error::EngineError;
 pub use files::classify_path;
-pub use hub::PullProgress;
+pub use hub::{hub_status, PullProgress};
 pub use runs::{
     available_memory, estimate_memory, process_memory_mb, trainable_params, MemoryEstimate,
     RunControl, FORGETTING_THRESHOLD,

@@ -8,3 +8,4 @@ pub mod playground;
 pub mod runs;
 pub mod targets;
 pub mod templates;
+pub mod welcome;
