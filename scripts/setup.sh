@@ -54,7 +54,8 @@ else
   step "System packages: all present"
 fi
 
-# 2. Rust tools: the wasm target, wasm-bindgen-cli at Cargo.lock's version, tauri-driver.
+# 2. Rust tools: the wasm target, wasm-bindgen-cli at Cargo.lock's version, tauri-driver,
+#    tauri-cli (Tauri's bundler, for the .deb) at the tauri crate's minor version.
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is not installed; install Rust with rustup first" >&2
   exit 1
@@ -82,6 +83,16 @@ else
   cargo install tauri-driver --locked
 fi
 
+tauri_minor=$(awk '/^name = "tauri"$/ { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock | cut -d. -f1,2)
+have=$(cargo tauri --version 2>/dev/null | awk '{ print $2 }' | cut -d. -f1,2 || true)
+if [ "$have" = "$tauri_minor" ]; then
+  step "tauri-cli $tauri_minor: present"
+else
+  # Compiled from source once (about 600 crates), then kept in ~/.cargo/bin.
+  step "Installing tauri-cli $tauri_minor (Tauri's bundler)"
+  cargo install tauri-cli --version "~$tauri_minor" --locked
+fi
+
 # 3. The default model, the UI and the binaries (release profile: one build serves
 #    the app, the CLI, the tests, the end-to-end test and the benches).
 step "Fetching the default model"
@@ -94,6 +105,10 @@ step "Building attune (CLI), attune-app (desktop) and the tests"
 # `cargo test --workspace`, so scripts/test.sh reuses every artifact.
 cargo build --release --workspace --all-targets
 target_dir="${CARGO_TARGET_DIR:-$root/target}/release"
+
+# The installable packages (.deb, .rpm) of this build, for `apt-get install`.
+step "Bundling the .deb and .rpm"
+scripts/package.sh
 
 # 4. Register the default model (adding the same file twice changes nothing).
 step "Registering the default model"

@@ -37,9 +37,33 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
         Ok(path)
     } else {
         Err(format!(
-            "{} is missing: run `scripts/setup.sh` (or `cargo build -p attune-app -p attune-cli`) first",
+            "{} is missing: run `scripts/setup.sh` (or `cargo build --release -p attune-app -p attune-cli`) first",
             path.display()
         ))
+    }
+}
+
+/// The environment variable naming the desktop app the end-to-end tests drive.
+pub const APP_ENV: &str = "ATTUNE_E2E_APP";
+
+/// The desktop app the end-to-end tests drive: `$ATTUNE_E2E_APP` when it is set
+/// (`scripts/test.sh` sets it to the installed package's `/usr/bin/attune-app`), else
+/// the workspace's build of `attune-app`.
+pub fn app_binary() -> Result<PathBuf> {
+    match std::env::var_os(APP_ENV).filter(|v| !v.is_empty()) {
+        Some(p) => {
+            let path = PathBuf::from(p);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "{APP_ENV}={} is not a file: install the package (`scripts/package.sh \
+                     --install`) or unset {APP_ENV} to test the workspace build",
+                    path.display()
+                ))
+            }
+        }
+        None => workspace_binary("attune-app"),
     }
 }
 

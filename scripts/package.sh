@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds Attune's installable packages with Tauri's bundler from the release build (the
+# UI embedded in the binary): a .deb and an .rpm under target/release/bundle/. The
+# AppImage is not built: Tauri's bundler downloads its tools (linuxdeploy and its
+# plugins) from GitHub while bundling, and set-up here works without that.
+#
+# Usage: scripts/package.sh [--install]
+#   prints the .deb's path on stdout (the build's messages go to stderr);
+#   --install   also install the .deb with apt (as root, or with sudo) and print the
+#               installed app's path instead
+# Needs scripts/setup.sh to have run once (it installs tauri-cli).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+export PATH="$HOME/.cargo/bin:$PATH"
+
+install=0
+for arg in "$@"; do
+  case "$arg" in
+    --install) install=1 ;;
+    -h | --help)
+      sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "package: unknown option $arg (try --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+if ! cargo tauri --version >/dev/null 2>&1; then
+  echo "package: tauri-cli is not installed; run scripts/setup.sh" >&2
+  exit 1
+fi
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+scripts/build-ui.sh >&2
+# The same build as setup.sh and test.sh (nothing is rebuilt when they ran): the
+# bundler packs the binary as it is.
+cargo build --release --workspace --all-targets >&2
+(cd src-tauri && cargo tauri bundle --bundles deb,rpm) >&2
+
+version=$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' src-tauri/tauri.conf.json | head -n 1)
+deb="$target_dir/release/bundle/deb/Attune_${version}_amd64.deb"
+rpm=$(ls "$target_dir"/release/bundle/rpm/Attune-"$version"-*.rpm 2>/dev/null | head -n 1 || true)
+if [ ! -f "$deb" ]; then
+  echo "package: the bundler did not write $deb" >&2
+  exit 1
+fi
+echo "package: $deb" >&2
+if [ -n "$rpm" ]; then echo "package: $rpm" >&2; fi
+if [ "$install" = 0 ]; then
+  echo "$deb"
+  exit 0
+fi
+
+sudo=()
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then
+    sudo=(sudo)
+  else
+    echo "package: installing $deb needs root; run as root or install sudo" >&2
+    exit 1
+  fi
+fi
+# --reinstall: a package of the same version from an earlier build is replaced.
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --reinstall "$deb" >&2
+app=$(dpkg -L attune | grep -x '/usr/bin/[^/]*' | head -n 1)
+if [ -z "$app" ] || [ ! -x "$app" ]; then
+  echo "package: the installed package has no program in /usr/bin" >&2
+  exit 1
+fi
+echo "$app"
