@@ -8,8 +8,8 @@
 //! screen meets an offline machine wherever the test runs.
 
 use attune_tests::{
-    app_binary, default_model, free_display, free_port, program, wait_for, workspace_root,
-    Processes, WebDriver,
+    app_binary, default_model, find_process, free_display, free_port, peak_rss_mib, program,
+    wait_for, workspace_root, Processes, WebDriver,
 };
 use std::path::Path;
 use std::process::Command;
@@ -128,7 +128,7 @@ fn a_domain_expert_goes_from_data_to_an_adapter_they_can_show() {
         first_start(driver, &model)?;
         library(driver)?;
         import_dataset(driver, &dataset)?;
-        train_lora(driver)?;
+        train_lora(driver, &data_dir)?;
         playground(driver)?;
         arena(driver)?;
         templates(driver)?;
@@ -234,7 +234,9 @@ fn first_start(driver: &WebDriver, model: &Path) -> Result<(), String> {
     }
     let offer = driver.text(&driver.find("#welcome-hub-pull")?)?;
     if !offer.contains("SmolLM2-135M-Instruct") {
-        return Err(format!("the download button does not name the model: {offer}"));
+        return Err(format!(
+            "the download button does not name the model: {offer}"
+        ));
     }
     if driver.find_all("#page-playground")?.is_empty() {
         return Err("the pages should stay mounted under the first-start screen".into());
@@ -242,21 +244,29 @@ fn first_start(driver: &WebDriver, model: &Path) -> Result<(), String> {
     save_screenshot(driver, "e2e-0-first-start.png");
     // The download fails, saying why.
     click(driver, "#welcome-hub-pull")?;
-    let why = wait_for("the failed download's error", Duration::from_secs(60), || {
-        driver.text_of("#welcome .welcome-hub [data-testid=error]")
-    })?;
+    let why = wait_for(
+        "the failed download's error",
+        Duration::from_secs(60),
+        || driver.text_of("#welcome .welcome-hub [data-testid=error]"),
+    )?;
     if !why.contains("cannot reach the Hugging Face Hub") {
-        return Err(format!("the failed download does not say the Hub is unreachable: {why}"));
+        return Err(format!(
+            "the failed download does not say the Hub is unreachable: {why}"
+        ));
     }
     let input = driver.find("#welcome-model-path")?;
     driver.type_text(&input, &model.to_string_lossy())?;
     click(driver, "#welcome-add-model")?;
-    wait_for("the first-start screen to close", Duration::from_secs(120), || {
-        if let Some(err) = driver.text_of("#welcome .welcome-local [data-testid=error]")? {
-            return Err(format!("adding the model failed: {err}"));
-        }
-        Ok(driver.find_all("#welcome")?.is_empty().then_some(()))
-    })?;
+    wait_for(
+        "the first-start screen to close",
+        Duration::from_secs(120),
+        || {
+            if let Some(err) = driver.text_of("#welcome .welcome-local [data-testid=error]")? {
+                return Err(format!("adding the model failed: {err}"));
+            }
+            Ok(driver.find_all("#welcome")?.is_empty().then_some(()))
+        },
+    )?;
     Ok(())
 }
 
@@ -325,8 +335,9 @@ fn import_dataset(driver: &WebDriver, path: &Path) -> Result<(), String> {
 }
 
 /// Adaptation wizard and monitor: the advisor's table, a short LoRA run started
-/// from it, its loss chart filling in, and the run completing with an adapter.
-fn train_lora(driver: &WebDriver) -> Result<(), String> {
+/// from it, its loss chart filling in, and the run completing with an adapter. The
+/// memory the wizard estimated for the run bounds the app's measured peak within 25%.
+fn train_lora(driver: &WebDriver, data_dir: &Path) -> Result<(), String> {
     click(driver, "#adapt-advise")?;
     wait_for("the advisor's estimates", Duration::from_secs(120), || {
         shown_error(driver, "#adapt-page")?;
@@ -362,6 +373,11 @@ fn train_lora(driver: &WebDriver) -> Result<(), String> {
             driver.text_of("#fit-verdict")?.unwrap_or_default()
         ));
     }
+    let estimate_mb: f64 = driver
+        .execute("return document.querySelector('#fit-verdict').dataset.peakMb;")?
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or("the verdict has no data-peak-mb")?;
     save_screenshot(driver, "e2e-3-advisor.png");
     click(driver, "#start-run")?;
 
@@ -399,6 +415,20 @@ fn train_lora(driver: &WebDriver) -> Result<(), String> {
         return Err(format!("the loss tile shows {loss:?}"));
     }
     println!("run completed, last loss {loss}, chart seen while training: {saw_live_chart}");
+    // The app's own peak so far: the dataset import, the advisor and this run.
+    let app = find_process("attune-app", "ATTUNE_DATA_DIR", data_dir)
+        .ok_or("cannot find the attune-app process of this test")?;
+    let peak = peak_rss_mib(app)?;
+    println!(
+        "memory: estimated peak {estimate_mb:.0} MiB, the app's measured peak (VmHWM) {peak:.0} MiB ({:.2}x)",
+        estimate_mb / peak
+    );
+    if estimate_mb < peak || estimate_mb > 1.25 * peak {
+        return Err(format!(
+            "the run's memory estimate {estimate_mb:.0} MiB is not within [1, 1.25] x the app's \
+             measured peak {peak:.0} MiB"
+        ));
+    }
     save_screenshot(driver, "e2e-4-run.png");
     Ok(())
 }

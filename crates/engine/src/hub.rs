@@ -644,7 +644,10 @@ mod tests {
             ("http://:80", "names no host"),
             ("http://x.org:http", "'http' is not a port"),
             ("http://[::1", "unclosed ["),
-            ("https://no-such-host.invalid", "cannot resolve no-such-host.invalid"),
+            (
+                "https://no-such-host.invalid",
+                "cannot resolve no-such-host.invalid",
+            ),
         ] {
             let err = probe(bad, timeout).expect_err(bad);
             assert!(err.contains(says), "{bad}: {err}");

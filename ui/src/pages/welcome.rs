@@ -21,7 +21,8 @@ pub fn Welcome(dismissed: RwSignal<bool>) -> impl IntoView {
     };
     check();
 
-    let hub_line = move || match status.get() {
+    let hub_line = move || {
+        match status.get() {
         None => view! {
             <p class="muted" id="welcome-hub-checking">"Checking the connection to the Hugging Face Hub…"</p>
         }
@@ -44,6 +45,7 @@ pub fn Welcome(dismissed: RwSignal<bool>) -> impl IntoView {
         }
         .into_any(),
         Some(Err(e)) => error_note(&e).into_any(),
+    }
     };
 
     view! {

@@ -338,7 +338,11 @@ mod tests {
             file_count: 1,
             ..u.clone()
         };
-        assert!(pull_label(&single).starts_with("File 1 of 1 ·"), "{}", pull_label(&single));
+        assert!(
+            pull_label(&single).starts_with("File 1 of 1 ·"),
+            "{}",
+            pull_label(&single)
+        );
         let unknown = PullUpdate {
             total_bytes: 0,
             ..u
