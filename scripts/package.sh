@@ -8,7 +8,7 @@
 #   prints the .deb's path on stdout (the build's messages go to stderr);
 #   --install   also install the .deb with apt (as root, or with sudo) and print the
 #               installed app's path instead
-# Needs scripts/setup.sh to have run once (it installs tauri-cli).
+# Needs scripts/setup.sh to have run once (it installs tauri-cli from the npm registry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -29,8 +29,9 @@ for arg in "$@"; do
   esac
 done
 
-if ! cargo tauri --version >/dev/null 2>&1; then
-  echo "package: tauri-cli is not installed; run scripts/setup.sh" >&2
+tauri="${ATTUNE_TAURI_CLI_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/attune/tauri-cli}/node_modules/.bin/tauri"
+if ! "$tauri" --version >/dev/null 2>&1; then
+  echo "package: tauri-cli is not installed at $tauri; run scripts/setup.sh" >&2
   exit 1
 fi
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
@@ -38,10 +39,15 @@ scripts/build-ui.sh >&2
 # The same build as setup.sh and test.sh (nothing is rebuilt when they ran): the
 # bundler packs the binary as it is.
 cargo build --release --workspace --all-targets >&2
-(cd src-tauri && cargo tauri bundle --bundles deb,rpm) >&2
-
 version=$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' src-tauri/tauri.conf.json | head -n 1)
 deb="$target_dir/release/bundle/deb/Attune_${version}_amd64.deb"
+# Bundled again only when the binary or the bundle's settings changed since the last .deb.
+if [ -f "$deb" ] && [ "$deb" -nt "$target_dir/release/attune-app" ] && [ "$deb" -nt src-tauri/tauri.conf.json ]; then
+  echo "package: $deb is up to date" >&2
+else
+  (cd src-tauri && "$tauri" bundle --bundles deb,rpm) >&2
+fi
+
 rpm=$(ls "$target_dir"/release/bundle/rpm/Attune-"$version"-*.rpm 2>/dev/null | head -n 1 || true)
 if [ ! -f "$deb" ]; then
   echo "package: the bundler did not write $deb" >&2

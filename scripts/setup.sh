@@ -30,7 +30,9 @@ step() { printf '\n==> %s\n' "$*"; }
 # 1. System packages (webkit for the window, the WebDriver and Xvfb for tests).
 packages=(libwebkit2gtk-4.1-dev build-essential libxdo-dev libssl-dev
   libayatana-appindicator3-dev librsvg2-dev webkit2gtk-driver xvfb xauth
-  pkg-config curl python3-pip)
+  pkg-config curl python3-pip python3-venv libdbus-1-dev)
+# npm fetches tauri-cli (the bundler); a Node.js from elsewhere that has npm is kept.
+if ! command -v npm >/dev/null 2>&1; then packages+=(nodejs npm); fi
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -83,14 +85,18 @@ else
   cargo install tauri-driver --locked
 fi
 
+# Tauri's bundler: tauri-cli as the npm registry ships it prebuilt (@tauri-apps/cli, a few
+# seconds; compiling it with `cargo install tauri-cli` took over an hour on 2 cores), at the
+# tauri crate's minor version, in a cache folder of its own (never in the repository).
 tauri_minor=$(awk '/^name = "tauri"$/ { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock | cut -d. -f1,2)
-have=$(cargo tauri --version 2>/dev/null | awk '{ print $2 }' | cut -d. -f1,2 || true)
+tauri_cli_dir="${ATTUNE_TAURI_CLI_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/attune/tauri-cli}"
+have=$("$tauri_cli_dir/node_modules/.bin/tauri" --version 2>/dev/null | awk '{ print $2 }' | cut -d. -f1,2 || true)
 if [ "$have" = "$tauri_minor" ]; then
   step "tauri-cli $tauri_minor: present"
 else
-  # Compiled from source once (about 600 crates), then kept in ~/.cargo/bin.
-  step "Installing tauri-cli $tauri_minor (Tauri's bundler)"
-  cargo install tauri-cli --version "~$tauri_minor" --locked
+  step "Installing tauri-cli $tauri_minor (Tauri's bundler, from the npm registry)"
+  mkdir -p "$tauri_cli_dir"
+  npm install --prefix "$tauri_cli_dir" --no-audit --no-fund --loglevel=error "@tauri-apps/cli@~$tauri_minor"
 fi
 
 # 3. The default model, the UI and the binaries (release profile: one build serves

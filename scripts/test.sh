@@ -18,3 +18,5 @@ cargo build --release --workspace --all-targets
 app=$(scripts/package.sh --install | tail -n 1)
 echo "test: the end-to-end test drives the installed $app"
 ATTUNE_E2E_APP="$app" cargo test --release --workspace "$@"
+# The official OpenAI Python client against `attune serve`.
+scripts/test-openai.sh

@@ -134,10 +134,10 @@ fn run_one(name: &str, steps: usize) -> R<()> {
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
         } else if i == 1 {
-            train::ops::take_profile();
+            attune_models::kernels::take_profile();
         }
     }
-    for (op, secs, calls) in train::ops::take_profile() {
+    for (op, secs, calls) in attune_models::kernels::take_profile() {
         println!(
             "PROFILE\t{name}\t{op}\t{:.3}\t{}",
             secs / steps as f64,

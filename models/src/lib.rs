@@ -6,15 +6,18 @@
 pub mod chat_template;
 pub mod config;
 pub mod error;
+pub mod fsio;
+pub mod fuzz;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_header;
 pub mod hf;
 pub mod inspect;
+pub mod kernels;
 pub mod linear;
 pub mod llama;
 pub mod loader;
 pub mod sampling;
-pub mod simd;
 pub mod tokenizer;
 pub mod train;
 

@@ -10,8 +10,8 @@
 //! branch, and [`Llama::forward_with_prefix`] takes soft-prompt embeddings (PEFT prompt tuning).
 //!
 //! Two kernels per op: for inference, fused ops with no backward pass (candle's `rms_norm` and
-//! `rope`, Attune's causal attention over the KV cache and SwiGLU in `train::ops`); for training,
-//! ops with a backward pass (Attune's fused ones in `train::ops`, or compositions of candle's). The differentiable path
+//! `rope`, Attune's causal attention over the KV cache and SwiGLU in `kernels`); for training,
+//! ops with a backward pass (Attune's fused ones in `kernels`, or compositions of candle's). The differentiable path
 //! is taken automatically when any weight, LoRA tensor or the prefix is a tracked variable, or
 //! when [`Llama::set_force_differentiable`] asks for it.
 
@@ -39,11 +39,7 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable || self.weight.track_op() {
-            Ok(crate::train::ops::rms_norm(
-                x,
-                &self.weight,
-                self.eps as f32,
-            )?)
+            Ok(crate::kernels::rms_norm(x, &self.weight, self.eps as f32)?)
         } else {
             Ok(candle_nn::ops::rms_norm(
                 &x.contiguous()?,
@@ -125,7 +121,7 @@ impl Mlp {
             if x.track_op() || wg.track_op() || wu.track_op() {
                 // Training without LoRA on gate/up (full fine-tuning, prompt tuning): the gate,
                 // up and SwiGLU as one graph node.
-                let h = crate::train::ops::gate_up_swiglu(x, wg, wu)?;
+                let h = crate::kernels::gate_up_swiglu(x, wg, wu)?;
                 return self.down_proj.forward(&h);
             }
         }
@@ -133,7 +129,7 @@ impl Mlp {
         let [g, u] = <[Tensor; 2]>::try_from(gu)
             .map_err(|_| Error::InvalidParams("gate/up product count".into()))?;
         // One vectorised pass instead of `silu` then `mul`, with its own backward pass.
-        let h = crate::train::ops::swiglu(&g, &u)?;
+        let h = crate::kernels::swiglu(&g, &u)?;
         self.down_proj.forward(&h)
     }
 }
@@ -189,7 +185,7 @@ impl Block {
     }
 }
 
-/// Which layers training runs as one fused op ([`crate::train::block::fused_layer`]).
+/// Which layers training runs as one fused op ([`crate::kernels::block::fused_layer`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerFusion {
     /// None: every norm, projection and attention is its own graph node.
@@ -198,17 +194,17 @@ pub enum LayerFusion {
     /// gradient is their input's).
     Frozen,
     /// Every layer whose projections are dense and whose LoRA branches have no dropout. The
-    /// gradients of trained tensors inside them then come from [`crate::train::block::backward`],
+    /// gradients of trained tensors inside them then come from [`crate::kernels::block::backward`],
     /// not `Tensor::backward`; the trainer asks for this.
     All,
 }
 
 impl Block {
-    /// This layer's parameters for [`crate::train::block::fused_layer`], when every projection
+    /// This layer's parameters for [`crate::kernels::block::fused_layer`], when every projection
     /// is a dense product (LoRA branches without dropout) and, unless `trained` allows them,
     /// nothing in the layer is trained.
-    fn fusable(&self, trained: bool) -> Option<crate::train::block::LayerParts<'_>> {
-        use crate::train::block::{LayerParts, Proj};
+    fn fusable(&self, trained: bool) -> Option<crate::kernels::block::LayerParts<'_>> {
+        use crate::kernels::block::{LayerParts, Proj};
         fn proj(l: &Linear) -> Option<Proj<'_>> {
             let w = l.dense_weight()?;
             let lora = match l.lora() {
@@ -815,7 +811,7 @@ impl Llama {
                 let parts = block.fusable(self.layer_fusion == LayerFusion::All);
                 if let Some(parts) = parts {
                     if x.track_op() || parts.first_trained().is_some() {
-                        x = crate::train::block::fused_layer(&x, parts, &cos, &sin)?;
+                        x = crate::kernels::block::fused_layer(&x, parts, &cos, &sin)?;
                         continue;
                     }
                 }
@@ -886,10 +882,10 @@ impl Llama {
             // Training and scoring: fused rope and causal attention on the projections' own
             // [b, seq, heads * hd] layout (no reshapes, so no reshape nodes in the graph),
             // keeping no [seq, seq] tensors for the backward pass.
-            let q = crate::train::ops::rope(&q, cos, sin)?;
-            let k = crate::train::ops::rope(&k, cos, sin)?;
+            let q = crate::kernels::rope(&q, cos, sin)?;
+            let k = crate::kernels::rope(&k, cos, sin)?;
             let scale = 1.0 / (hd as f32).sqrt();
-            let out = crate::train::ops::attention_heads(&q, &k, &v, nh, nkv, scale)?;
+            let out = crate::kernels::attention_heads(&q, &k, &v, nh, nkv, scale)?;
             return a.o_proj.forward(&out);
         }
         let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
@@ -912,7 +908,7 @@ impl Llama {
         };
         if !differentiable {
             let scale = 1.0 / (hd as f32).sqrt();
-            let out = crate::train::ops::cached_attention(&q, &k, &v, scale)?;
+            let out = crate::kernels::cached_attention(&q, &k, &v, scale)?;
             return a.o_proj.forward(&out);
         }
         let t = k.dim(2)?;

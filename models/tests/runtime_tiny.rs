@@ -217,7 +217,7 @@ fn layer_grads(
         .hidden_states(prefix.map(|p| p.as_tensor()), toks, None)
         .expect("hidden states");
     let loss = (&h * probe).expect("mul").sum_all().expect("sum");
-    let grads = attune_models::train::block::backward(&loss).expect("backward");
+    let grads = attune_models::kernels::block::backward(&loss).expect("backward");
     let g = prefix
         .into_iter()
         .chain(params)

@@ -1,25 +1,29 @@
-//! What the commands share: the engine (or why it could not be opened), the run
-//! manager (set once the window exists, since it emits to it) and the cancel flags of
-//! the running generation, Hub pull and evaluation.
+//! What the commands share: the engine (or why it could not be opened), the engine
+//! actor (started once the window exists, since it emits run events to it), and the
+//! cancel tokens of the requests in flight, by the id the window gave each request.
 
-use crate::runner::{Emit, Runner};
-use attune_engine::Engine;
+use crate::scope::PathScope;
+use attune_engine::{Actor, ActorOptions, CancelToken, Engine, RunObserver};
 use attune_protocol::IpcError;
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// State managed by Tauri.
 pub struct AppState {
     engine: Result<Arc<Engine>, IpcError>,
-    /// Set by `cancel_chat`, cleared when a chat starts.
-    pub cancel: Arc<AtomicBool>,
     /// Set by `cancel_pull`, cleared when a pull starts.
     pub pull_cancel: Arc<AtomicBool>,
-    /// Set by `cancel_evaluation`, cleared when an evaluation starts.
-    pub eval_cancel: Arc<AtomicBool>,
-    /// The run manager; set by [`AppState::start_runner`].
-    runner: OnceLock<Runner>,
+    /// The engine actor; set by [`AppState::start_actor`].
+    actor: OnceLock<Actor>,
+    /// Requests in flight (answers, arena items, evaluations) by the window's id.
+    pub requests: Arc<Requests>,
+    /// The OpenAI-compatible server while it runs, and whether it requires a key.
+    pub server: Mutex<Option<(attune_server::RunningServer, bool)>>,
+    data_dir: PathBuf,
+    /// The paths the user granted the window (see `scope.rs`).
+    pub scope: PathScope,
 }
 
 impl AppState {
@@ -35,40 +39,107 @@ impl AppState {
         });
         Self {
             engine,
-            cancel: Arc::new(AtomicBool::new(false)),
             pull_cancel: Arc::new(AtomicBool::new(false)),
-            eval_cancel: Arc::new(AtomicBool::new(false)),
-            runner: OnceLock::new(),
+            actor: OnceLock::new(),
+            requests: Arc::default(),
+            server: Mutex::new(None),
+            data_dir: data_dir.to_path_buf(),
+            scope: PathScope::new(data_dir),
         }
     }
 
-    /// Creates the run manager over the engine, sending run updates to `emit`. Does
-    /// nothing when the engine could not be opened (every run command then reports
-    /// that error) or when it already exists.
-    pub fn start_runner(&self, emit: Emit) {
+    /// The data directory the engine was opened on.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Starts the engine actor, sending run events to `observer`. Does nothing when
+    /// the engine could not be opened (every command then reports that error) or when
+    /// it already runs.
+    pub fn start_actor(&self, observer: RunObserver) {
         if let Ok(engine) = &self.engine {
             let engine = Arc::clone(engine);
-            self.runner.get_or_init(|| Runner::new(engine, emit));
+            self.actor
+                .get_or_init(|| Actor::start(engine, ActorOptions::default(), observer));
         }
     }
 
-    /// The run manager, or why there is none.
-    pub fn runner(&self) -> Result<Runner, IpcError> {
+    /// The engine actor, or why there is none.
+    pub fn actor(&self) -> Result<Actor, IpcError> {
         self.engine()?;
-        self.runner.get().cloned().ok_or_else(|| IpcError {
+        self.actor.get().cloned().ok_or_else(|| IpcError {
             code: "internal".into(),
-            message: "the run manager has not started yet; try again in a moment".into(),
+            message: "the engine has not started yet; try again in a moment".into(),
         })
     }
 
-    /// The run manager if it exists (for shutdown).
-    pub fn runner_if_started(&self) -> Option<Runner> {
-        self.runner.get().cloned()
+    /// The actor if it was started (for shutdown).
+    pub fn actor_if_started(&self) -> Option<Actor> {
+        self.actor.get().cloned()
     }
 
     /// The engine, or the error that happened when opening it.
     pub fn engine(&self) -> Result<Arc<Engine>, IpcError> {
         self.engine.clone()
+    }
+}
+
+/// Cancel tokens of the requests in flight, by id.
+#[derive(Default)]
+pub struct Requests(Mutex<HashMap<String, CancelToken>>);
+
+impl Requests {
+    /// Registers request `id` with a new token; the token is forgotten when the guard
+    /// drops. An id still in flight is cancelled first (the window reused it).
+    pub fn begin(self: &Arc<Self>, id: &str) -> (CancelToken, RequestGuard) {
+        let token = CancelToken::new();
+        let previous = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), token.clone());
+        if let Some(previous) = previous {
+            previous.cancel();
+        }
+        (
+            token.clone(),
+            RequestGuard {
+                requests: Arc::clone(self),
+                id: id.to_string(),
+                token,
+            },
+        )
+    }
+
+    /// Cancels request `id`; whether it was in flight.
+    pub fn cancel(&self, id: &str) -> bool {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes its request's token when the request ends.
+pub struct RequestGuard {
+    requests: Arc<Requests>,
+    id: String,
+    token: CancelToken,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let mut map = self.requests.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Only this request's own token: a newer request may reuse the id.
+        if map
+            .get(&self.id)
+            .is_some_and(|t| Arc::ptr_eq(t.inner(), self.token.inner()))
+        {
+            map.remove(&self.id);
+        }
     }
 }
 
@@ -96,5 +167,28 @@ mod tests {
         };
         assert!(err.message.contains("not-a-dir"), "{}", err.message);
         assert!(!err.code.is_empty());
+    }
+
+    #[test]
+    fn each_request_is_cancelled_by_its_own_id_only() {
+        let requests = Arc::new(Requests::default());
+        let (playground, g1) = requests.begin("playground-1");
+        let (arena, g2) = requests.begin("arena-1");
+        assert!(requests.cancel("playground-1"));
+        assert!(playground.is_cancelled());
+        assert!(!arena.is_cancelled());
+        drop(g1);
+        assert!(
+            !requests.cancel("playground-1"),
+            "finished requests are forgotten"
+        );
+        // Reusing an id in flight cancels the older request; the older guard does not
+        // forget the newer one.
+        let (again, g3) = requests.begin("arena-1");
+        assert!(arena.is_cancelled());
+        drop(g2);
+        assert!(requests.cancel("arena-1"));
+        assert!(again.is_cancelled());
+        drop(g3);
     }
 }

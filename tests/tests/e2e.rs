@@ -67,6 +67,12 @@ fn with_app(data_dir: &Path, logs: &Path, steps: impl FnOnce(&WebDriver) -> Resu
     };
     // Nothing listens on this port: the Hub is "offline" for the app.
     let offline_hub = free_port().unwrap_or_else(|e| fail(e));
+    // The test types the dataset's path (beside the data directory) and the default model's
+    // into the window; a user would allow them in the shell's native dialog, which WebDriver
+    // cannot click.
+    let model = default_model().unwrap_or_else(|e| fail(e));
+    let allowed = std::env::join_paths([data_dir.parent().unwrap_or(data_dir), model.as_path()])
+        .unwrap_or_else(|e| fail(format!("ATTUNE_ALLOW_PATHS: {e}")));
     let mut cmd = Command::new(&tauri_driver);
     cmd.args([
         "--port",
@@ -81,6 +87,7 @@ fn with_app(data_dir: &Path, logs: &Path, steps: impl FnOnce(&WebDriver) -> Resu
     .env("HF_ENDPOINT", format!("http://127.0.0.1:{offline_hub}"))
     .env("HF_HUB_CACHE", logs.join("hf-cache"))
     .env_remove("HF_TOKEN")
+    .env("ATTUNE_ALLOW_PATHS", allowed)
     .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
     .env("LIBGL_ALWAYS_SOFTWARE", "1");
     procs
@@ -131,6 +138,7 @@ fn a_domain_expert_goes_from_data_to_an_adapter_they_can_show() {
         train_lora(driver, &data_dir)?;
         playground(driver)?;
         arena(driver)?;
+        endpoint(driver)?;
         templates(driver)?;
         Ok(())
     });
@@ -572,6 +580,92 @@ fn arena(driver: &WebDriver) -> Result<(), String> {
     let ci = driver.text_of("#arena-ci")?.unwrap_or_default();
     println!("arena: A wins {rate}, 95% interval {ci}");
     save_screenshot(driver, "e2e-6-arena.png");
+    Ok(())
+}
+
+/// Connect: the app's OpenAI-compatible server is switched on, the app adds itself as
+/// a remote endpoint through it, and that endpoint's model answers in a playground pane
+/// beside the local model and as candidate B in the arena.
+fn endpoint(driver: &WebDriver) -> Result<(), String> {
+    click(driver, "#nav-connect")?;
+    let port = free_port()?;
+    driver.set_value("#server-port", &port.to_string())?;
+    click(driver, "#server-start")?;
+    let url = wait_text(
+        driver,
+        "the server to start",
+        "#server-card",
+        "#server-url",
+        Duration::from_secs(30),
+        |t| t.starts_with("http://127.0.0.1:"),
+    )?;
+    println!("server: {url}");
+    driver.set_value("#endpoint-name", "myself")?;
+    driver.set_value("#endpoint-url", &url)?;
+    click(driver, "#endpoint-add")?;
+    let models = wait_text(
+        driver,
+        "the endpoint's models",
+        "#endpoints-card",
+        "#endpoints-card [data-testid=endpoint-row] .endpoint-models",
+        Duration::from_secs(60),
+        |t| t.contains("SmolLM2"),
+    )?;
+    println!("endpoint models: {models}");
+    save_screenshot(driver, "e2e-7-connect.png");
+
+    // A pane on the endpoint beside the local model.
+    click(driver, "#nav-playground")?;
+    let remote = wait_for(
+        "the endpoint among the targets",
+        Duration::from_secs(30),
+        || Ok(driver.select_option("#pane-target-1", " at myself").ok()),
+    )?;
+    println!("pane 1: {remote}");
+    driver.select_option("#pane-target-0", "(base)")?;
+    let input = driver.find("#composer-input")?;
+    driver.type_text(&input, "Name one primary colour.")?;
+    click(driver, "#send-button")?;
+    for pane in ["#pane-0", "#pane-1"] {
+        let stats = wait_text(
+            driver,
+            &format!("{pane} to answer"),
+            pane,
+            &format!("{pane} [data-testid=stats]"),
+            Duration::from_secs(300),
+            |t| t.contains("tok/s") && !t.ends_with("stopped"),
+        )?;
+        println!("{pane}: {stats}");
+    }
+    save_screenshot(driver, "e2e-8-endpoint-pane.png");
+
+    // The endpoint as candidate B in a new arena.
+    click(driver, "#nav-arena")?;
+    driver.select_option("#arena-a", "(base)")?;
+    driver.select_option("#arena-b", "at myself")?;
+    driver.set_value("#arena-prompts", "Is water wet?")?;
+    driver.set_value("#arena-max-tokens", "24")?;
+    click(driver, "#arena-create")?;
+    wait_for(
+        "both answers, one from the endpoint",
+        Duration::from_secs(300),
+        || {
+            shown_error(driver, "#arena-page")?;
+            let left = driver.text_of("#arena-left")?.unwrap_or_default();
+            let right = driver.text_of("#arena-right")?.unwrap_or_default();
+            let ready = !left.trim().is_empty()
+                && !right.trim().is_empty()
+                && driver
+                    .find_all("#vote-left")?
+                    .first()
+                    .map(|b| driver.enabled(b))
+                    .transpose()?
+                    .unwrap_or(false);
+            Ok(ready.then_some(()))
+        },
+    )?;
+    click(driver, "#vote-left")?;
+    save_screenshot(driver, "e2e-9-endpoint-arena.png");
     Ok(())
 }
 

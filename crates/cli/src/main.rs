@@ -6,18 +6,20 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use attune_engine::{Engine, PullProgress};
+use attune_engine::{Actor, ActorOptions, CancelToken, Engine, Generation, Prompt, PullProgress};
 use attune_protocol::{
-    ChatEvent, ChatMessage, ColumnMap, DatasetFormat, DatasetPreview, DatasetStats, DatasetSummary,
-    GenerationStats, ImportOptions, LossOn, ModelSource, ModelSummary, RowSample, SamplingParams,
-    Split,
+    ChatEvent, ChatMessage, ChatTarget, ColumnMap, DatasetFormat, DatasetPreview, DatasetStats,
+    DatasetSummary, GenerationStats, ImportOptions, LossOn, ModelSource, ModelSummary, RowSample,
+    SamplingParams, Split,
 };
 use clap::{Args, Parser, Subcommand};
 
+mod endpoints;
+mod templates;
 mod train;
 
 #[derive(Parser)]
@@ -51,18 +53,31 @@ enum Command {
     /// List, import, export, merge and remove adapters.
     #[command(subcommand)]
     Adapters(train::AdaptersCommand),
+    /// Add, list and remove remote OpenAI-compatible endpoints, and list their models.
+    #[command(subcommand)]
+    Endpoints(endpoints::EndpointsCommand),
+    /// List, show, add and remove prompt templates.
+    #[command(subcommand)]
+    Templates(templates::TemplatesCommand),
     /// Evaluate a model, or an adapter on its base: mean NLL and perplexity on a split,
     /// label accuracy with --accuracy.
     Eval(train::EvalArgs),
     /// Chat with a model: reads lines from stdin, `/exit` or end of input quits,
     /// `/reset` starts over, Ctrl-C stops the current answer.
     Chat {
-        /// Model id or name (default: the first registered model).
+        /// Model id or name (default: the first registered model); with --endpoint,
+        /// the endpoint's model id.
         #[arg(long, short, conflicts_with = "adapter")]
         model: Option<String>,
         /// Chat with this adapter applied to its base model.
         #[arg(long)]
         adapter: Option<String>,
+        /// A remote endpoint (see `attune endpoints`) answers, with its --model.
+        #[arg(long, conflicts_with = "adapter", requires = "model")]
+        endpoint: Option<String>,
+        /// A prompt template (system prompt, examples, wrapper) before the conversation.
+        #[arg(long, conflicts_with = "adapter")]
+        template: Option<String>,
         /// System prompt.
         #[arg(long, short)]
         system: Option<String>,
@@ -86,6 +101,21 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
         prompt: String,
+    },
+    /// Serve the library over the OpenAI API (chat completions, completions, models)
+    /// until Ctrl-C. Every base model, adapter and prompt template is a model id.
+    Serve {
+        /// Address to listen on; anything but loopback needs an API key.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Clients must send `Authorization: Bearer KEY` (default: $ATTUNE_API_KEY).
+        #[arg(long, value_name = "KEY")]
+        api_key: Option<String>,
+        /// How many answers may wait for the model before new requests get 503.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+        queue: u16,
     },
 }
 
@@ -361,25 +391,49 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let data_dir = cli.data_dir.unwrap_or_else(attune_models::default_data_dir);
-    let engine = Engine::open(&data_dir)?;
+    let engine = Arc::new(Engine::open(&data_dir)?);
+    // Generation, runs and evaluations go through the engine actor (queues, one run at
+    // a time across processes, per-request cancel); library reads and writes do not.
+    let actor = || {
+        Actor::start(
+            Arc::clone(&engine),
+            ActorOptions::default(),
+            Arc::new(|_| {}),
+        )
+    };
     match cli.command {
         Command::Models(cmd) => models(&engine, cmd),
         Command::Data(cmd) => data(&engine, cmd),
-        Command::Train(args) => train::train(&engine, *args),
-        Command::Runs(cmd) => train::runs(&engine, cmd),
+        Command::Train(args) => train::train(&actor(), *args),
+        Command::Runs(cmd) => train::runs(&actor(), cmd),
         Command::Adapters(cmd) => train::adapters(&engine, cmd),
-        Command::Eval(args) => train::eval(&engine, args),
+        Command::Templates(cmd) => templates::templates(&engine, cmd),
+        Command::Endpoints(cmd) => endpoints::endpoints(&engine, cmd),
+        Command::Eval(args) => train::eval(&actor(), args),
         Command::Chat {
             model,
             adapter,
+            endpoint,
+            template,
             system,
             sampling,
         } => chat(
-            &engine,
-            Target::new(model, adapter),
+            &actor(),
+            Target {
+                model,
+                adapter,
+                endpoint,
+                template,
+            },
             system,
             &sampling.params()?,
         ),
+        Command::Serve {
+            host,
+            port,
+            api_key,
+            queue,
+        } => serve(&engine, host, port, api_key, queue),
         Command::Generate {
             model,
             adapter,
@@ -388,8 +442,13 @@ fn run(cli: Cli) -> Result<()> {
             sampling,
             prompt,
         } => generate(
-            &engine,
-            Target::new(model, adapter),
+            &actor(),
+            Target {
+                model,
+                adapter,
+                endpoint: None,
+                template: None,
+            },
             chat,
             json,
             &sampling.params()?,
@@ -410,12 +469,15 @@ fn models(engine: &Engine, cmd: ModelsCommand) -> Result<()> {
             file,
         } => {
             let mut bar = ProgressPrinter::new();
+            // Ctrl-C cancels the download (what is downloaded stays in the HF cache).
+            let cancel = CancelToken::new();
+            let _watch = interrupt::cancel_on_ctrl_c(&cancel);
             let out = engine.pull_model_file(
                 &repo,
                 revision.as_deref(),
                 file.as_deref(),
                 &mut |p| bar.show(&p),
-                interrupt::flag(),
+                cancel.flag(),
             )?;
             report_added(&out.model, out.already_present);
         }
@@ -873,7 +935,12 @@ fn stream_to_stdout(event: ChatEvent) {
             let _ = out.write_all(text.as_bytes());
             let _ = out.flush();
         }
-        ChatEvent::Done { .. } => {}
+        ChatEvent::Retrying {
+            reason, wait_ms, ..
+        } => {
+            eprintln!("({reason}; retrying in {:.1} s)", wait_ms as f64 / 1e3);
+        }
+        ChatEvent::Queued { .. } | ChatEvent::Done { .. } => {}
     }
 }
 
@@ -888,91 +955,206 @@ fn stats_line(s: &GenerationStats) -> String {
     )
 }
 
-/// What generates: a model, or an adapter on its base.
-enum Target {
-    Model(Option<String>),
-    Adapter(String),
+/// Who answers: a model, an adapter on its base, or a remote endpoint's model, with
+/// a prompt template before the conversation if one is named.
+struct Target {
+    model: Option<String>,
+    adapter: Option<String>,
+    endpoint: Option<String>,
+    template: Option<String>,
+}
+
+/// A resolved [`Target`]: what to show, and the engine's target.
+struct Resolved {
+    /// The local model (a local answer, or an adapter's base).
+    model: Option<ModelSummary>,
+    adapter: Option<String>,
+    /// "gpt-4o-mini at openai", "SmolLM2 with template 'Brief'", ...
+    label: String,
+    target: ChatTarget,
 }
 
 impl Target {
-    fn new(model: Option<String>, adapter: Option<String>) -> Target {
-        match adapter {
-            Some(a) => Target::Adapter(a),
-            None => Target::Model(model),
-        }
-    }
-
-    /// The model generating (an adapter's base) and the adapter's name.
-    fn resolve(&self, engine: &Engine) -> Result<(ModelSummary, Option<String>)> {
-        Ok(match self {
-            Target::Model(m) => (pick_model(engine, m.as_deref())?, None),
-            Target::Adapter(a) => {
-                let ad = engine.find_adapter(a)?;
-                (engine.adapter_base(a)?, Some(ad.name))
+    fn resolve(&self, engine: &Engine) -> Result<Resolved> {
+        let template = match &self.template {
+            Some(t) => Some(engine.find_template(t)?),
+            None => None,
+        };
+        let (model, adapter, label, target) = match (&self.endpoint, &self.adapter) {
+            (Some(e), _) => {
+                let ep = engine.find_endpoint(e)?;
+                let Some(m) = self.model.clone() else {
+                    bail!("--endpoint needs --model: one of the endpoint's models (`attune endpoints models {}`)", ep.name);
+                };
+                let label = format!("{m} at {}", ep.name);
+                (
+                    None,
+                    None,
+                    label,
+                    ChatTarget::Endpoint {
+                        endpoint_id: ep.id,
+                        model: m,
+                    },
+                )
             }
+            (None, Some(a)) => {
+                let ad = engine.find_adapter(a)?;
+                let base = engine.adapter_base(a)?;
+                let label = format!(
+                    "'{}' (id {}) with adapter '{}'",
+                    base.name, base.id, ad.name
+                );
+                (
+                    Some(base),
+                    Some(ad.name),
+                    label,
+                    ChatTarget::Adapter { adapter_id: ad.id },
+                )
+            }
+            (None, None) => {
+                let m = pick_model(engine, self.model.as_deref())?;
+                let label = format!("'{}' (id {})", m.name, m.id);
+                let target = ChatTarget::Base { model_id: m.id };
+                (Some(m), None, label, target)
+            }
+        };
+        let Some(t) = template else {
+            return Ok(Resolved {
+                model,
+                adapter,
+                label,
+                target,
+            });
+        };
+        let target = match target {
+            ChatTarget::Base { model_id } => ChatTarget::Template {
+                model_id,
+                template_id: t.id,
+                version: None,
+                values: Default::default(),
+                endpoint: None,
+            },
+            ChatTarget::Endpoint { endpoint_id, model } => ChatTarget::Template {
+                model_id: 0,
+                template_id: t.id,
+                version: None,
+                values: Default::default(),
+                endpoint: Some(attune_protocol::EndpointModel { endpoint_id, model }),
+            },
+            _ => bail!("--template applies to a model or an endpoint's model, not an adapter"),
+        };
+        Ok(Resolved {
+            model,
+            adapter,
+            label: format!("{label} with template '{}' v{}", t.name, t.version),
+            target,
         })
     }
 }
 
-fn engine_chat(
-    engine: &Engine,
-    m: &ModelSummary,
-    adapter: Option<&str>,
-    messages: &[ChatMessage],
-    params: &SamplingParams,
-    cancel: &std::sync::atomic::AtomicBool,
-    on_event: &mut dyn FnMut(ChatEvent),
+/// `attune serve`: the OpenAI-compatible server until Ctrl-C.
+fn serve(
+    engine: &Arc<Engine>,
+    host: String,
+    port: u16,
+    api_key: Option<String>,
+    queue: u16,
+) -> Result<()> {
+    let api_key = api_key.or_else(|| {
+        std::env::var("ATTUNE_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty())
+    });
+    let actor = Actor::start(
+        Arc::clone(engine),
+        ActorOptions {
+            generation_queue: usize::from(queue),
+            ..ActorOptions::default()
+        },
+        Arc::new(|_| {}),
+    );
+    let options = attune_server::ServerOptions {
+        host,
+        port,
+        api_key: api_key.clone(),
+    };
+    let server = attune_server::RunningServer::start(actor.clone(), &options)?;
+    let models = engine.list_models()?.len();
+    let adapters = engine.list_adapters()?.len();
+    let templates = engine.list_templates()?.len();
+    let base = format!("http://{}/v1", server.addr);
+    println!("Attune serves the OpenAI API at {base}");
+    println!(
+        "  {models} model(s), {adapters} adapter(s), {templates} template(s): curl {base}/models{}",
+        if api_key.is_some() {
+            " -H \"Authorization: Bearer $KEY\""
+        } else {
+            ""
+        }
+    );
+    println!("  Ctrl-C stops the server.");
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let _watch = interrupt::on_ctrl_c(move || {
+        let _ = stop.send(());
+    });
+    let _ = stopped.recv();
+    eprintln!("stopping: answers in progress are cancelled");
+    actor.shutdown(Duration::from_secs(10));
+    server.stop();
+    Ok(())
+}
+
+/// Generates through the actor; Ctrl-C stops this answer (the program goes on).
+fn generate_interruptible(
+    actor: &Actor,
+    generation: Generation,
+    on_event: attune_engine::Sink<ChatEvent>,
 ) -> Result<GenerationStats, attune_engine::EngineError> {
-    match adapter {
-        Some(a) => engine.chat_with_adapter(a, messages, params, cancel, on_event),
-        None => engine.chat(m.id, messages, params, cancel, on_event),
+    let cancel = CancelToken::new();
+    let _watch = interrupt::cancel_on_ctrl_c(&cancel);
+    actor.generate(generation, &cancel, on_event)
+}
+
+fn sink(json: bool) -> attune_engine::Sink<ChatEvent> {
+    if json {
+        Box::new(|_| {})
+    } else {
+        Box::new(stream_to_stdout)
     }
 }
 
 fn generate(
-    engine: &Engine,
+    actor: &Actor,
     target: Target,
     chat: bool,
     json: bool,
     params: &SamplingParams,
     prompt: &str,
 ) -> Result<()> {
-    let (m, adapter) = target.resolve(engine)?;
-    let cancel = interrupt::flag();
-    interrupt::set_generating(true);
-    let mut on_event = |e: ChatEvent| {
-        if !json {
-            stream_to_stdout(e)
-        }
-    };
-    let stats = if chat {
-        let messages = [ChatMessage {
+    let r = target.resolve(actor.engine())?;
+    let prompt = if chat {
+        Prompt::Chat(vec![ChatMessage {
             role: "user".to_string(),
             content: prompt.to_string(),
-        }];
-        engine_chat(
-            engine,
-            &m,
-            adapter.as_deref(),
-            &messages,
-            params,
-            cancel,
-            &mut on_event,
-        )
+        }])
     } else {
-        match &adapter {
-            Some(a) => engine.generate_with_adapter(a, prompt, params, cancel, &mut on_event),
-            None => engine.generate(m.id, prompt, params, cancel, &mut on_event),
-        }
+        Prompt::Text(prompt.to_string())
     };
-    interrupt::set_generating(false);
-    let stats = stats?;
+    let generation = Generation {
+        client: "cli".into(),
+        target: r.target,
+        prompt,
+        params: params.clone(),
+    };
+    let stats = generate_interruptible(actor, generation, sink(json))?;
     if json {
         let mut v = serde_json::to_value(&stats)?;
         if let Some(obj) = v.as_object_mut() {
-            obj.insert("model_id".into(), m.id.into());
-            obj.insert("model".into(), m.name.clone().into());
-            if let Some(a) = &adapter {
+            if let Some(m) = &r.model {
+                obj.insert("model_id".into(), m.id.into());
+                obj.insert("model".into(), m.name.clone().into());
+            }
+            if let Some(a) = &r.adapter {
                 obj.insert("adapter".into(), a.clone().into());
             }
         }
@@ -985,21 +1167,18 @@ fn generate(
 }
 
 fn chat(
-    engine: &Engine,
+    actor: &Actor,
     target: Target,
     system: Option<String>,
     params: &SamplingParams,
 ) -> Result<()> {
-    let (m, adapter) = target.resolve(engine)?;
+    let r = target.resolve(actor.engine())?;
+    let target = r.target;
     let tty = std::io::stdin().is_terminal();
     if tty {
-        let with = adapter
-            .as_deref()
-            .map(|a| format!(" with adapter '{a}'"))
-            .unwrap_or_default();
         eprintln!(
-            "chatting with '{}' (id {}){with}; /exit or Ctrl-D quits, /reset starts over, Ctrl-C stops an answer",
-            m.name, m.id
+            "chatting with {}; /exit or Ctrl-D quits, /reset starts over, Ctrl-C stops an answer",
+            r.label
         );
     }
     let base: Vec<ChatMessage> = system
@@ -1032,20 +1211,13 @@ fn chat(
             role: "user".to_string(),
             content: input.to_string(),
         });
-        let cancel = interrupt::flag();
-        cancel.store(false, Ordering::SeqCst);
-        interrupt::set_generating(true);
-        let result = engine_chat(
-            engine,
-            &m,
-            adapter.as_deref(),
-            &history,
-            params,
-            cancel,
-            &mut stream_to_stdout,
-        );
-        interrupt::set_generating(false);
-        match result {
+        let generation = Generation {
+            client: "cli".into(),
+            target: target.clone(),
+            prompt: Prompt::Chat(history.clone()),
+            params: params.clone(),
+        };
+        match generate_interruptible(actor, generation, sink(false)) {
             Ok(stats) => {
                 println!();
                 if tty {
@@ -1066,35 +1238,31 @@ fn chat(
     Ok(())
 }
 
-/// Ctrl-C handling: while an answer is generated, SIGINT sets the cancel flag (the
-/// answer stops, the program goes on); while training, it asks the run to pause
-/// (checkpoint, then exit 130); otherwise it ends the program as usual.
+/// Ctrl-C handling: while an answer is generated, SIGINT stops that answer (the
+/// program goes on); while a run trains, it asks the run to pause (checkpoint, then exit
+/// 130); otherwise it ends the program as usual. The handler only sets atomics; a
+/// watcher thread turns them into the request's cancel or the run's pause.
 mod interrupt {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Once;
+    use std::sync::{Arc, Once};
+    use std::time::Duration;
 
-    use attune_engine::RunControl;
+    use attune_engine::CancelToken;
 
-    static CANCEL: AtomicBool = AtomicBool::new(false);
-    static GENERATING: AtomicBool = AtomicBool::new(false);
-    static TRAINING: AtomicBool = AtomicBool::new(false);
-    static TRAIN_CONTROL: RunControl = RunControl::new();
+    static PRESSED: AtomicBool = AtomicBool::new(false);
+    static CATCHING: AtomicBool = AtomicBool::new(false);
     static INSTALL: Once = Once::new();
 
     extern "C" fn on_sigint(_: libc::c_int) {
-        if TRAINING.load(Ordering::SeqCst) {
-            // Atomic stores only: the run checkpoints and pauses after its current step.
-            TRAIN_CONTROL.pause();
-        } else if GENERATING.load(Ordering::SeqCst) {
-            CANCEL.store(true, Ordering::SeqCst);
+        if CATCHING.load(Ordering::SeqCst) {
+            PRESSED.store(true, Ordering::SeqCst);
         } else {
             // Async-signal-safe exit with the conventional status for SIGINT.
             unsafe { libc::_exit(130) };
         }
     }
 
-    /// The process-wide cancel flag, with the handler installed.
-    pub fn flag() -> &'static AtomicBool {
+    fn install() {
         INSTALL.call_once(|| {
             let handler: extern "C" fn(libc::c_int) = on_sigint;
             // SAFETY: installs a handler that only touches atomics and calls _exit.
@@ -1102,25 +1270,48 @@ mod interrupt {
                 libc::signal(libc::SIGINT, handler as libc::sighandler_t);
             }
         });
-        &CANCEL
     }
 
-    /// The control of the run this process trains, with the handler installed.
-    pub fn training_control() -> &'static RunControl {
-        let _ = flag();
-        &TRAIN_CONTROL
+    /// While alive, Ctrl-C calls `then` (once per press) instead of ending the program.
+    pub struct Watch {
+        done: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
     }
 
-    pub fn set_training(on: bool) {
-        let _ = flag();
-        TRAINING.store(on, Ordering::SeqCst);
-    }
-
-    pub fn set_generating(on: bool) {
-        if on {
-            CANCEL.store(false, Ordering::SeqCst);
+    pub fn on_ctrl_c(then: impl Fn() + Send + 'static) -> Watch {
+        install();
+        PRESSED.store(false, Ordering::SeqCst);
+        CATCHING.store(true, Ordering::SeqCst);
+        let done = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&done);
+        let thread = std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if PRESSED.swap(false, Ordering::SeqCst) {
+                    then();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Watch {
+            done,
+            thread: Some(thread),
         }
-        GENERATING.store(on, Ordering::SeqCst);
+    }
+
+    /// Ctrl-C cancels `token` while the returned watch lives.
+    pub fn cancel_on_ctrl_c(token: &CancelToken) -> Watch {
+        let token = token.clone();
+        on_ctrl_c(move || token.cancel())
+    }
+
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            CATCHING.store(false, Ordering::SeqCst);
+            self.done.store(true, Ordering::SeqCst);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
     }
 }
 

@@ -2,11 +2,14 @@
 
 use std::path::PathBuf;
 
+use std::sync::mpsc;
+use std::time::Duration;
+
 use anyhow::{bail, Result};
-use attune_engine::Engine;
+use attune_engine::{Actor, CancelToken, Engine, Request};
 use attune_protocol::{
     AdapterSummary, EvalOptions, EvalReport, EvalSubject, LossOn, LrSchedule, MethodSpec,
-    RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, RunSummary, SplitName,
+    RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
 };
 use clap::{Args, Subcommand};
 
@@ -224,6 +227,12 @@ pub struct EvalArgs {
     /// Adapter name or id.
     #[arg(long, short)]
     adapter: Option<String>,
+    /// A remote endpoint's --model answers (label accuracy only: an API gives no NLL).
+    #[arg(long, conflicts_with = "adapter", requires = "model")]
+    endpoint: Option<String>,
+    /// A prompt template (name or id) before every row.
+    #[arg(long, conflicts_with = "adapter")]
+    template: Option<String>,
     /// Dataset id or name.
     #[arg(long, short)]
     data: String,
@@ -261,38 +270,77 @@ fn metric_line(m: &RunMetric, total: u64) -> String {
     )
 }
 
-/// Executes (or resumes) a run, printing one line per step and evaluation. Ctrl-C
-/// pauses it (checkpoint) and exits with 130.
-fn drive(engine: &Engine, run: &RunSummary, resume: bool) -> Result<()> {
-    let control = interrupt::training_control();
+/// What [`drive`] follows.
+enum Drive {
+    New(Box<RunSpec>),
+    Resume(i64),
+}
+
+/// Starts (or resumes) a run through the actor and follows it, printing one line per
+/// step and evaluation, until it finishes. It waits while another run trains (in this
+/// library, in any process). Ctrl-C pauses it (checkpoint) and exits with 130.
+fn drive(actor: &Actor, what: Drive) -> Result<()> {
+    let (tx, rx) = mpsc::channel::<RunEvent>();
+    let sink: attune_engine::Sink<RunEvent> = Box::new(move |e| {
+        let _ = tx.send(e);
+    });
+    let run = match what {
+        Drive::New(spec) => actor.start_run(*spec, Some(sink))?,
+        Drive::Resume(id) => actor.resume_run(id, Some(sink))?,
+    };
+    let id = run.id;
+    let pause = actor.clone();
+    let _watch = interrupt::on_ctrl_c(move || {
+        eprintln!("pausing at the end of this step (a checkpoint is written)...");
+        if let Err(e) = pause.pause_run(id) {
+            eprintln!("error: {e}");
+        }
+    });
     let mut total = run.total_steps;
-    let mut on_event = |ev: RunEvent| match ev {
-        RunEvent::Started {
-            run_id,
-            step,
-            total_steps,
-        } => {
-            total = total_steps;
-            eprintln!(
-                "run {run_id} '{}': training from step {step} of {total_steps} (estimated peak memory {} MiB); Ctrl-C pauses",
-                run.name, run.memory_estimate_mb
-            );
+    let mut said_waiting = false;
+    let status = loop {
+        let ev = match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(ev) => ev,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !said_waiting {
+                    said_waiting = true;
+                    eprintln!(
+                        "run {id} '{}' is queued: another run is training on this library \
+                         (here or in another Attune process, such as the app); it starts when \
+                         that one ends. Ctrl-C pauses it.",
+                        run.name
+                    );
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the run's updates stopped before it finished")
+            }
+        };
+        match ev {
+            RunEvent::Started {
+                run_id,
+                step,
+                total_steps,
+            } => {
+                said_waiting = true;
+                total = total_steps;
+                eprintln!(
+                    "run {run_id} '{}': training from step {step} of {total_steps} (estimated peak memory {} MiB); Ctrl-C pauses",
+                    run.name, run.memory_estimate_mb
+                );
+            }
+            RunEvent::Step { metric } => println!("{}", metric_line(&metric, total)),
+            RunEvent::Eval { step, loss } => {
+                println!("eval step {step}  loss {loss:.4}  ppl {:.3}", loss.exp())
+            }
+            RunEvent::Checkpoint { step } => println!("checkpoint step {step}"),
+            RunEvent::Finished { status, .. } => break status,
         }
-        RunEvent::Step { metric } => println!("{}", metric_line(&metric, total)),
-        RunEvent::Eval { step, loss } => {
-            println!("eval step {step}  loss {loss:.4}  ppl {:.3}", loss.exp())
-        }
-        RunEvent::Checkpoint { step } => println!("checkpoint step {step}"),
-        RunEvent::Finished { .. } => {}
     };
-    let result = if resume {
-        engine.resume_run(&run.id.to_string(), &mut on_event, control)
-    } else {
-        engine.execute_run(run.id, &mut on_event, control)
-    };
-    interrupt::set_training(false);
-    let done = result?;
-    match done.status {
+    let engine = actor.engine();
+    let done = engine.find_run(&id.to_string())?;
+    match status {
         RunStatus::Paused => {
             eprintln!(
                 "paused at step {} of {}; resume with `attune runs resume {}`",
@@ -315,6 +363,12 @@ fn drive(engine: &Engine, run: &RunSummary, resume: bool) -> Result<()> {
                 print_adapter_metrics(&a);
             }
         }
+        RunStatus::Failed => bail!(
+            "run {} '{}' failed: {}",
+            done.id,
+            done.name,
+            done.error.as_deref().unwrap_or("see `attune runs show`")
+        ),
         other => println!("run {} '{}' {}", done.id, done.name, other.as_str()),
     }
     Ok(())
@@ -333,14 +387,12 @@ fn print_adapter_metrics(a: &AdapterSummary) {
     }
 }
 
-pub fn train(engine: &Engine, args: TrainArgs) -> Result<()> {
-    let spec = args.spec();
-    let run = engine.create_run(&spec)?;
-    interrupt::set_training(true);
-    drive(engine, &run, false)
+pub fn train(actor: &Actor, args: TrainArgs) -> Result<()> {
+    drive(actor, Drive::New(Box::new(args.spec())))
 }
 
-pub fn runs(engine: &Engine, cmd: RunsCommand) -> Result<()> {
+pub fn runs(actor: &Actor, cmd: RunsCommand) -> Result<()> {
+    let engine = actor.engine();
     match cmd {
         RunsCommand::List { json } => {
             let list = engine.list_runs()?;
@@ -377,8 +429,7 @@ pub fn runs(engine: &Engine, cmd: RunsCommand) -> Result<()> {
         }
         RunsCommand::Resume { run } => {
             let r = engine.find_run(&run)?;
-            interrupt::set_training(true);
-            drive(engine, &r, true)?;
+            drive(actor, Drive::Resume(r.id))?;
         }
         RunsCommand::Cancel { run } => {
             let r = engine.cancel_run(&run)?;
@@ -473,7 +524,71 @@ pub fn adapters(engine: &Engine, cmd: AdaptersCommand) -> Result<()> {
     Ok(())
 }
 
-pub fn eval(engine: &Engine, args: EvalArgs) -> Result<()> {
+pub fn eval(actor: &Actor, args: EvalArgs) -> Result<()> {
+    let engine = actor.engine();
+    let template = match &args.template {
+        Some(t) => {
+            let r = engine.find_template(t)?;
+            Some(attune_protocol::PromptTemplate {
+                name: r.name,
+                system: r.system,
+                examples: r.examples,
+                user: r.user,
+                values: r.variables,
+            })
+        }
+        None => None,
+    };
+    if let Some(endpoint) = &args.endpoint {
+        let options = EvalOptions {
+            split: SplitName::parse(&args.split).unwrap_or(SplitName::Valid),
+            limit: args.limit,
+            accuracy: true,
+            max_new_tokens: args.max_new_tokens,
+            ..Default::default()
+        };
+        let cancel = CancelToken::new();
+        let _watch = interrupt::cancel_on_ctrl_c(&cancel);
+        let model = args.model.clone().unwrap_or_default();
+        let report = actor.call(|reply| Request::EvaluateEndpoint {
+            endpoint: endpoint.clone(),
+            model,
+            template,
+            dataset: args.data.clone(),
+            options,
+            cancel,
+            on_progress: Box::new(|p| {
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    eprint!("\r{} {}/{}   ", p.phase, p.done, p.total);
+                }
+            }),
+            reply,
+        })?;
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!();
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!(
+                "{} at {}{} on {} rows: accuracy {}",
+                report.model,
+                report.endpoint,
+                report
+                    .template
+                    .as_deref()
+                    .map(|t| format!(" with template '{t}'"))
+                    .unwrap_or_default(),
+                report.n_labeled,
+                report
+                    .accuracy
+                    .map(|a| format!("{:.1}% of {}", a * 100.0, report.n_labeled))
+                    .unwrap_or_else(|| "-".into())
+            );
+            println!("{}", report.note);
+        }
+        return Ok(());
+    }
     let subject = match (&args.adapter, &args.model) {
         (Some(a), model) => {
             if let Some(m) = model {
@@ -489,10 +604,16 @@ pub fn eval(engine: &Engine, args: EvalArgs) -> Result<()> {
             }
             EvalSubject::Adapter { adapter: a.clone() }
         }
-        (None, Some(m)) => EvalSubject::Base { model: m.clone() },
-        (None, None) => EvalSubject::Base {
-            model: engine.default_model()?.id.to_string(),
-        },
+        (None, model) => {
+            let model = match model {
+                Some(m) => m.clone(),
+                None => engine.default_model()?.id.to_string(),
+            };
+            match template {
+                Some(template) => EvalSubject::Template { model, template },
+                None => EvalSubject::Base { model },
+            }
+        }
     };
     let options = EvalOptions {
         split: SplitName::parse(&args.split).unwrap_or(SplitName::Valid),
@@ -503,7 +624,17 @@ pub fn eval(engine: &Engine, args: EvalArgs) -> Result<()> {
         forgetting_rows: args.forgetting_rows,
         ..Default::default()
     };
-    let report = engine.evaluate(&subject, &args.data, &options)?;
+    // Ctrl-C stops the evaluation (nothing is recorded).
+    let cancel = CancelToken::new();
+    let _watch = interrupt::cancel_on_ctrl_c(&cancel);
+    let report = actor.call(|reply| Request::Evaluate {
+        subject,
+        dataset: args.data.clone(),
+        options,
+        cancel,
+        on_progress: Box::new(|_| {}),
+        reply,
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -13,9 +13,21 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// Produces one answer: who, the conversation, the settings, the cancel flag and where
+/// the streamed events go.
+pub(crate) type Answerer<'a> = dyn FnMut(
+        &ChatTarget,
+        &[ChatMessage],
+        &SamplingParams,
+        &AtomicBool,
+        &mut dyn FnMut(ChatEvent),
+    ) -> Result<GenerationStats, EngineError>
+    + 'a;
+
 use attune_protocol::{
     ArenaDetail, ArenaEvent, ArenaItem, ArenaPrompts, ArenaRow, ArenaSpec, ArenaSummary,
-    ArenaTally, ChatEvent, ChatMessage, ChatTarget, FinishReason, SamplingParams, Vote,
+    ArenaTally, ChatEvent, ChatMessage, ChatTarget, FinishReason, GenerationStats, SamplingParams,
+    Vote,
 };
 
 use crate::clock::now_rfc3339;
@@ -310,6 +322,26 @@ impl Engine {
         cancel: &AtomicBool,
         on_event: &mut dyn FnMut(ArenaEvent),
     ) -> Result<ArenaItem, EngineError> {
+        self.arena_item_via(
+            arena_id,
+            index,
+            cancel,
+            on_event,
+            &mut |t, ctx, p, c, ev| self.chat_target(t, ctx, p, c, ev),
+        )
+    }
+
+    /// [`Engine::arena_item`], with each side's answer produced by `answer` (the actor
+    /// queues each side as its own generation, so a remote side never holds the local
+    /// model's turn).
+    pub(crate) fn arena_item_via(
+        &self,
+        arena_id: i64,
+        index: u64,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(ArenaEvent),
+        generate: &mut Answerer<'_>,
+    ) -> Result<ArenaItem, EngineError> {
         let a = self.arena_record(arena_id)?;
         let mut item = self.arena_item_row(&a, index)?;
         if item.a_answer.is_some() && item.b_answer.is_some() {
@@ -345,10 +377,10 @@ impl Engine {
                     side: side.to_string(),
                     text,
                 }),
-                ChatEvent::Done { .. } => {}
+                ChatEvent::Queued { .. } | ChatEvent::Retrying { .. } | ChatEvent::Done { .. } => {}
             };
             // Errors keep their code (a removed target is "not_found") and name the target.
-            let stats = self.chat_target(target, &context, &params, cancel, &mut forward)?;
+            let stats = generate(target, &context, &params, cancel, &mut forward)?;
             if stats.finish_reason == FinishReason::Cancelled {
                 return Err(EngineError::Cancelled);
             }
@@ -457,7 +489,9 @@ impl Engine {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
+/// Writes `bytes` to a temporary file beside `path`, syncs it and links it in as `path`. Never
+/// replaces an existing file: the link fails if `path` exists (checked atomically by the file
+/// system, so a file created meanwhile is not clobbered either).
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
     let fail = |source: std::io::Error| EngineError::Write {
         path: path.to_path_buf(),
@@ -478,13 +512,19 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::hard_link(&tmp, path)
     })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(fail(e));
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(EngineError::InvalidInput(format!(
+                "{} already exists; Attune never replaces a file: choose another name",
+                path.display()
+            )))
+        }
+        Err(e) => Err(fail(e)),
     }
-    Ok(())
 }
 
 /// JSON for the arena's stored columns.

@@ -129,6 +129,23 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "too many requests are waiting ({limit}); try again when the answers before yours are done"
+    )]
+    QueueFull { limit: usize },
+    #[error("Attune is closing; try again after it restarts")]
+    Closing,
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// A remote API endpoint failed; `code` says how (unreachable, auth, model, ...).
+    #[error("{message}")]
+    Endpoint {
+        endpoint: String,
+        code: &'static str,
+        message: String,
+    },
     /// A template, conversation or arena that is not in the library.
     #[error("no {what} with id {id} in the library (it may have been removed)")]
     NotFound { what: &'static str, id: String },
@@ -176,6 +193,11 @@ impl EngineError {
             EngineError::InvalidAdapter { .. } => "invalid_adapter",
             EngineError::Cancelled => "cancelled",
             EngineError::NotFound { .. } => "not_found",
+            EngineError::QueueFull { .. } => "queue_full",
+            EngineError::Closing => "closing",
+            EngineError::InvalidState(_) => "invalid_state",
+            EngineError::Internal(_) => "internal",
+            EngineError::Endpoint { code, .. } => code,
             EngineError::Write { .. } => "io",
         }
     }

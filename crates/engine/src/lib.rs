@@ -6,6 +6,7 @@
 //! database sits behind a mutex that is never held while a model loads or generates.
 //! Every public type that crosses to the UI is an `attune_protocol` DTO.
 
+mod actor;
 mod adapters;
 mod advisor;
 mod arena;
@@ -13,6 +14,7 @@ mod chat;
 mod clock;
 mod conversations;
 mod datasets;
+mod endpoints;
 mod error;
 mod evaluate;
 mod files;
@@ -32,10 +34,16 @@ use std::sync::{Arc, Mutex};
 
 use attune_protocol::{ChatEvent, ChatMessage, GenerationStats, ModelSummary, SamplingParams};
 
+pub use actor::{
+    Actor, ActorOptions, ActorStatus, CancelOnDrop, CancelToken, Generation, Prompt, Reply,
+    Request, RunObserver, Sink, TRAINING_LOCK_FILE,
+};
 pub use advisor::{
     benchmark_throughput, machine_info, preset, recommend, Facts, FULL_MIN_ROWS, MIN_TRAINING_ROWS,
 };
+pub use clock::unix_from_rfc3339;
 pub use datasets::{DatasetRow, Sample, MAX_ROW_CHARS};
+pub use endpoints::{keys::env_var as endpoint_key_env_var, CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S};
 pub use error::EngineError;
 pub use files::classify_path;
 pub use hub::{hub_status, PullProgress};
@@ -61,6 +69,8 @@ pub struct Engine {
     loaded: Mutex<Option<(i64, Arc<attune_models::loader::LoadedModel>)>>,
     /// The most recently used adapters applied to their base (clones of the base model).
     adapted: Mutex<adapters::AdaptedCache>,
+    /// Keys of remote endpoints (keyring, else memory).
+    keys: endpoints::keys::Keys,
 }
 
 impl Engine {
@@ -77,6 +87,7 @@ impl Engine {
             store,
             loaded: Mutex::new(None),
             adapted: Mutex::new(adapters::AdaptedCache::default()),
+            keys: endpoints::keys::Keys::from_env(),
         };
         engine.mark_interrupted_runs()?;
         Ok(engine)

@@ -9,6 +9,7 @@ use attune_protocol::{
     AdapterKind, ChatEvent, ChatMessage, ChatTarget, GenerationStats, RowSample, SamplingParams,
 };
 
+use crate::actor::{Generation, Prompt};
 use crate::error::EngineError;
 use crate::templates::{apply_template, record_template};
 use crate::{adapted_parts, chat, Engine};
@@ -50,10 +51,63 @@ impl Engine {
                 template_id,
                 version,
                 values,
+                endpoint,
             } => {
                 let record = self.get_template(*template_id, *version)?;
                 let (turns, _) = apply_template(&record_template(&record, values), messages);
-                self.chat(*model_id, &turns, params, cancel, on_event)
+                match endpoint {
+                    Some(e) => self.endpoint_chat(
+                        e.endpoint_id,
+                        &e.model,
+                        &turns,
+                        params,
+                        cancel,
+                        on_event,
+                    ),
+                    None => self.chat(*model_id, &turns, params, cancel, on_event),
+                }
+            }
+            ChatTarget::Endpoint { endpoint_id, model } => {
+                self.endpoint_chat(*endpoint_id, model, messages, params, cancel, on_event)
+            }
+        }
+    }
+
+    /// Answers one [`Generation`] (the actor's generation worker calls this): a
+    /// conversation through [`Engine::chat_target`]; plain text continued as it is by a
+    /// model or an adapter, or, for a template target, sent as one user turn through
+    /// the template.
+    pub(crate) fn generate_for(
+        &self,
+        generation: &Generation,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(ChatEvent),
+    ) -> Result<GenerationStats, EngineError> {
+        let params = &generation.params;
+        match (&generation.prompt, &generation.target) {
+            (Prompt::Chat(messages), target) => {
+                self.chat_target(target, messages, params, cancel, on_event)
+            }
+            (Prompt::Text(text), ChatTarget::Base { model_id }) => {
+                self.generate(*model_id, text, params, cancel, on_event)
+            }
+            (Prompt::Text(text), ChatTarget::Adapter { adapter_id }) => {
+                let row = self
+                    .store
+                    .get_adapter(*adapter_id)?
+                    .ok_or_else(|| EngineError::AdapterNotFound(adapter_id.to_string()))?;
+                let m = self.adapted_model_of(&row, on_event)?;
+                chat::generate_raw(&adapted_parts(&m), text, params, cancel, on_event)
+            }
+            (Prompt::Text(text), ChatTarget::Endpoint { endpoint_id, model }) => {
+                self.endpoint_complete(*endpoint_id, model, text, params, cancel, on_event)
+            }
+            (Prompt::Text(text), target @ ChatTarget::Template { .. }) => {
+                let turn = [ChatMessage {
+                    role: "user".into(),
+                    content: text.clone(),
+                }];
+                self.chat_target(target, &turn, params, cancel, on_event)
             }
         }
     }
@@ -85,15 +139,20 @@ impl Engine {
                 model_id,
                 template_id,
                 version,
+                endpoint,
                 ..
             } => {
                 let record = self.get_template(*template_id, *version)?;
-                let model = self.model_name(*model_id)?;
+                let model = match endpoint {
+                    Some(e) => self.endpoint_label(e.endpoint_id, &e.model)?,
+                    None => self.model_name(*model_id)?,
+                };
                 Ok(format!(
                     "Template '{}' v{} on {model}",
                     record.name, record.version
                 ))
             }
+            ChatTarget::Endpoint { endpoint_id, model } => self.endpoint_label(*endpoint_id, model),
         }
     }
 
@@ -229,6 +288,7 @@ mod tests {
             template_id: rec.id,
             version: None,
             values: BTreeMap::from([("who".into(), "geographer".into())]),
+            endpoint: None,
         };
         let expected_turns = [
             m("system", "You answer as a geographer."),
@@ -294,6 +354,7 @@ mod tests {
             template_id: 77,
             version: None,
             values: BTreeMap::new(),
+            endpoint: None,
         };
         let err = e.target_label(&no_template).expect_err("template");
         assert!(err.to_string().contains("template with id 77"), "{err}");
@@ -330,10 +391,11 @@ mod tests {
     #[test]
     fn playground_adapters_stay_loaded_three_at_a_time() {
         let refs = reference_adapters();
-        if !refs.join("lora/adapter_config.json").is_file() {
-            eprintln!("note: {} is absent; skipping", refs.display());
-            return;
-        }
+        assert!(
+            refs.join("lora/adapter_config.json").is_file(),
+            "{} is missing: this test needs the shared reference data beside the repository (../shared, as the project lays it out)",
+            refs.display()
+        );
         let dir = tempfile::tempdir().expect("tempdir");
         let e = Engine::open(&dir.path().join("data")).expect("open");
         let model = e.add_local_model(&real_model()).expect("add").model;

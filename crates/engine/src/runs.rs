@@ -77,11 +77,13 @@ impl RunControl {
         self.cancel.store(false, Ordering::SeqCst);
     }
 
-    fn paused(&self) -> bool {
+    /// A pause was asked for.
+    pub fn is_paused(&self) -> bool {
         self.pause.load(Ordering::SeqCst)
     }
 
-    fn cancelled(&self) -> bool {
+    /// A cancel was asked for.
+    pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }
 }
@@ -176,7 +178,7 @@ pub fn trainable_params(cfg: &Config, method: &MethodSpec) -> u64 {
     let kv = cfg.num_key_value_heads as u64 * hd;
     match method {
         MethodSpec::Full => cfg.num_parameters() as u64,
-        MethodSpec::Prompt { virtual_tokens, .. } => *virtual_tokens as u64 * h,
+        MethodSpec::Prompt { virtual_tokens, .. } => (*virtual_tokens as u64).saturating_mul(h),
         MethodSpec::Lora { r, targets, .. } => {
             let per_layer: u64 = targets
                 .iter()
@@ -189,7 +191,9 @@ pub fn trainable_params(cfg: &Config, method: &MethodSpec) -> u64 {
                     _ => 0,
                 })
                 .sum();
-            *r as u64 * per_layer * cfg.num_hidden_layers as u64
+            (*r as u64)
+                .saturating_mul(per_layer)
+                .saturating_mul(cfg.num_hidden_layers as u64)
         }
     }
 }
@@ -208,9 +212,10 @@ pub const MEMORY_MARGIN: f64 = 1.08;
 /// the gate and up products and the layer's output; LoRA adds both norms' outputs (the
 /// inputs its branches read) and `r` values per adapted projection; full fine-tuning adds
 /// the norms' outputs and the SwiGLU product (every projection's input, for its weight's
-/// gradient). LoRA with dropout trains on separate ops, which keep about twice as much
-/// (measured, see the module documentation).
+/// gradient). LoRA with dropout trains on separate ops, which keep more: counted as twice
+/// as much (the memory test measures the fused path).
 fn kept_per_layer(cfg: &Config, method: &MethodSpec) -> u64 {
+    let m = |a: u64, b: u64| a.saturating_mul(b);
     let h = cfg.hidden_size as u64;
     let i = cfg.intermediate_size as u64;
     let heads = cfg.num_attention_heads as u64;
@@ -225,9 +230,9 @@ fn kept_per_layer(cfg: &Config, method: &MethodSpec) -> u64 {
             dropout,
             ..
         } => {
-            let lora = fused + 2 * h + *r as u64 * targets.len() as u64;
+            let lora = (fused + 2 * h).saturating_add(m(*r as u64, targets.len() as u64));
             if *dropout > 0.0 {
-                UNFUSED_LORA_FACTOR * lora
+                m(UNFUSED_LORA_FACTOR, lora)
             } else {
                 lora
             }
@@ -260,26 +265,36 @@ pub fn estimate_memory(
 ) -> MemoryEstimate {
     let p = cfg.num_parameters() as u64;
     let t = trainable_params(cfg, method);
+    // Saturating: settings past any real machine give an estimate near u64::MAX, which no
+    // machine has, instead of a wrapped small number.
+    let m = |a: u64, b: u64| a.saturating_mul(b);
     let h = cfg.hidden_size as u64;
     let i = cfg.intermediate_size as u64;
     let kv = cfg.num_key_value_heads as u64 * cfg.head_dim() as u64;
     let layers = cfg.num_hidden_layers as u64;
     let prefix = match method {
-        MethodSpec::Prompt { virtual_tokens, .. } => *virtual_tokens,
+        MethodSpec::Prompt { virtual_tokens, .. } => *virtual_tokens as u64,
         _ => 0,
     };
-    let positions = (batch_size * (max_len + prefix)) as u64;
-    let weights = 4 * p;
+    let positions = m(batch_size as u64, (max_len as u64).saturating_add(prefix));
+    let weights = m(4, p);
     let optimizer = match method {
-        MethodSpec::Full => 12 * t,
-        _ => 16 * t,
+        MethodSpec::Full => m(12, t),
+        _ => m(16, t),
     };
     let backward_buffers = 4 * h + 2 * kv + 3 * i;
-    let per_position =
-        4 * (layers * kept_per_layer(cfg, method) + cfg.vocab_size as u64 + backward_buffers);
-    let activations = positions * per_position;
+    let per_position = m(
+        4,
+        m(layers, kept_per_layer(cfg, method))
+            .saturating_add(cfg.vocab_size as u64)
+            .saturating_add(backward_buffers),
+    );
+    let activations = m(positions, per_position);
     let runtime = TRAINING_RUNTIME;
-    let sum = weights + optimizer + activations + runtime;
+    let sum = weights
+        .saturating_add(optimizer)
+        .saturating_add(activations)
+        .saturating_add(runtime);
     MemoryEstimate {
         weights,
         trainable_params: t,
@@ -315,7 +330,7 @@ impl Engine {
         let resident = process_resident_bytes().unwrap_or(0);
         est.held = resident.saturating_sub(est.runtime);
         est.resident = resident;
-        est.total += est.held;
+        est.total = est.total.saturating_add(est.held);
         est
     }
 }
@@ -462,21 +477,47 @@ fn to_method(m: &MethodSpec) -> train::Method {
     }
 }
 
+/// Upper bounds on the sizes a run spec may ask for. Far above anything that fits in memory
+/// (the memory estimate refuses long before), they keep every product of sizes (batch x
+/// max_len x layers x ..., batch x accumulation, virtual tokens + max_len) inside `u64`.
+pub(crate) const MAX_BATCH_SIZE: usize = 4096;
+pub(crate) const MAX_GRAD_ACCUM: usize = 65_536;
+pub(crate) const MAX_STEPS: usize = 100_000_000;
+pub(crate) const MAX_EPOCHS: f64 = 10_000.0;
+pub(crate) const MAX_LORA_RANK: usize = 4096;
+pub(crate) const MAX_TOKENS: usize = 1 << 20;
+
 /// Refuses impossible settings, naming the field.
 pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError> {
     let bad = |m: String| Err(EngineError::InvalidInput(m));
-    if spec.batch_size == 0 {
-        return bad("batch_size must be at least 1".into());
+    let range = |name: &str, v: usize, max: usize| -> Result<(), EngineError> {
+        if v == 0 || v > max {
+            return Err(EngineError::InvalidInput(format!(
+                "{name} must be between 1 and {max}, got {v}"
+            )));
+        }
+        Ok(())
+    };
+    range("batch_size", spec.batch_size, MAX_BATCH_SIZE)?;
+    range("grad_accum", spec.grad_accum, MAX_GRAD_ACCUM)?;
+    if let Some(steps) = spec.steps {
+        range("steps", steps, MAX_STEPS)?;
     }
-    if spec.grad_accum == 0 {
-        return bad("grad_accum must be at least 1".into());
+    if spec.warmup_steps > MAX_STEPS {
+        return bad(format!(
+            "warmup_steps must be at most {MAX_STEPS}, got {}",
+            spec.warmup_steps
+        ));
     }
-    if spec.steps == Some(0) {
-        return bad("steps must be at least 1".into());
+    if spec.steps.is_none()
+        && !(spec.epochs.is_finite() && spec.epochs > 0.0 && spec.epochs <= MAX_EPOCHS)
+    {
+        return bad(format!(
+            "epochs must be positive and at most {MAX_EPOCHS}, got {}",
+            spec.epochs
+        ));
     }
-    if spec.steps.is_none() && !(spec.epochs.is_finite() && spec.epochs > 0.0) {
-        return bad(format!("epochs must be positive, got {}", spec.epochs));
-    }
+
     if let Some(lr) = spec.lr {
         if !(lr.is_finite() && lr > 0.0) {
             return bad(format!("lr must be positive, got {lr}"));
@@ -506,7 +547,7 @@ pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError
             spec.max_len
         ));
     }
-    if spec.max_len > context {
+    if spec.max_len > context.min(MAX_TOKENS) {
         return bad(format!(
             "max_len {} is longer than the model's context of {context} tokens",
             spec.max_len
@@ -521,9 +562,7 @@ pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError
             targets,
             ..
         } => {
-            if *r == 0 {
-                return bad("lora r must be at least 1".into());
-            }
+            range("lora r", *r, MAX_LORA_RANK)?;
             if !(alpha.is_finite() && *alpha > 0.0) {
                 return bad(format!("lora alpha must be positive, got {alpha}"));
             }
@@ -546,14 +585,16 @@ pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError
             virtual_tokens,
             init_text,
         } => {
-            if *virtual_tokens == 0 {
-                return bad("virtual_tokens must be at least 1".into());
-            }
-            if *virtual_tokens + spec.max_len > context {
-                return bad(format!(
-                    "virtual_tokens + max_len ({}) exceed the model's context of {context}",
-                    virtual_tokens + spec.max_len
-                ));
+            range("virtual_tokens", *virtual_tokens, MAX_TOKENS)?;
+            match virtual_tokens.checked_add(spec.max_len) {
+                Some(n) if n <= context => {}
+                _ => {
+                    return bad(format!(
+                        "virtual_tokens {virtual_tokens} + max_len {} exceed the model's context \
+                         of {context}",
+                        spec.max_len
+                    ))
+                }
             }
             if init_text.as_deref().is_some_and(|t| t.trim().is_empty()) {
                 return bad("prompt init text is empty".into());
@@ -567,8 +608,11 @@ pub(crate) fn total_steps(spec: &RunSpec, train_rows: u64) -> usize {
     match spec.steps {
         Some(s) => s,
         None => {
-            let per = (spec.batch_size * spec.grad_accum) as f64;
-            ((spec.epochs * train_rows as f64) / per).ceil().max(1.0) as usize
+            // Bounded by `validate`; the float-to-int cast saturates.
+            let per = spec.batch_size.saturating_mul(spec.grad_accum) as f64;
+            ((spec.epochs * train_rows as f64) / per)
+                .ceil()
+                .clamp(1.0, MAX_STEPS as f64) as usize
         }
     }
 }
@@ -591,7 +635,7 @@ pub(crate) fn smaller_settings(spec: &RunSpec) -> Vec<Smaller> {
     if spec.batch_size > 1 {
         s.push(Smaller::Batch {
             batch_size: (spec.batch_size / 2).max(1),
-            grad_accum: spec.grad_accum * 2,
+            grad_accum: spec.grad_accum.saturating_mul(2),
         });
     }
     if spec.max_len > 256 {
@@ -862,7 +906,7 @@ impl Engine {
             status: "queued".into(),
             error: None,
             step: 0,
-            total_steps: total as i64,
+            total_steps: i64::try_from(total).unwrap_or(i64::MAX),
             memory_estimate_mb: est.total_mb() as i64,
             run_dir: String::new(),
             created_at: crate::clock::now_rfc3339(),
@@ -878,14 +922,17 @@ impl Engine {
         self.run_summary(&row)
     }
 
-    /// Runs left 'running' by a process that no longer runs them become 'paused'
-    /// (resumable from their last checkpoint). Called by [`Engine::open`].
+    /// Runs left 'running' or 'queued' by a process that no longer runs (a queue lives
+    /// in its process's memory) become 'paused', resumable from their last checkpoint.
+    /// Called by [`Engine::open`].
     pub fn mark_interrupted_runs(&self) -> Result<Vec<i64>, EngineError> {
         let me = std::process::id() as i64;
         let mut marked = Vec::new();
-        for r in self.store.running_runs()? {
+        for r in self.store.live_runs()? {
             let dead = match r.pid {
                 None => true,
+                // Queued in this process: its actor holds it.
+                Some(pid) if pid == me && r.status == "queued" => false,
                 Some(pid) if pid == me => !is_active_here(self.store.path(), r.id),
                 Some(pid) => !pid_alive(pid),
             };
@@ -975,8 +1022,11 @@ impl Engine {
         match r.status.as_str() {
             "queued" => {}
             "paused" | "failed" => {
-                self.store
-                    .finish_run(r.id, "queued", None, &crate::clock::now_rfc3339())?;
+                self.store.requeue_run(
+                    r.id,
+                    std::process::id() as i64,
+                    &crate::clock::now_rfc3339(),
+                )?;
             }
             _ => {
                 return Err(EngineError::RunState {
@@ -1236,7 +1286,7 @@ impl Engine {
                     return Ok(None);
                 }
                 let (sum, n) = trainer
-                    .evaluate(examples, |_, _| !control.cancelled())
+                    .evaluate(examples, |_, _| !control.is_cancelled())
                     .map_err(terr)?;
                 Ok(mean(sum, n))
             };
@@ -1277,10 +1327,10 @@ impl Engine {
             })?;
         }
         while trainer.step() < total {
-            if control.cancelled() {
+            if control.is_cancelled() {
                 return Ok(Outcome::Cancelled);
             }
-            if control.paused() {
+            if control.is_paused() {
                 trainer
                     .save_checkpoint(&ckpt_root, KEEP_CHECKPOINTS)
                     .map_err(terr)?;

@@ -448,6 +448,32 @@ impl Engine {
 
     /// Removes a template and all its versions. Arenas that compared it keep their
     /// stored answers and labels.
+    /// A template's newest version by id, else by exact name, else by a name unique up
+    /// to ASCII case.
+    pub fn find_template(&self, id_or_name: &str) -> Result<TemplateRecord, EngineError> {
+        let key = id_or_name.trim();
+        let all = self.list_templates()?;
+        if let Ok(id) = key.parse::<i64>() {
+            if let Some(t) = all.iter().find(|t| t.id == id) {
+                return Ok(t.clone());
+            }
+        }
+        if let Some(t) = all.iter().find(|t| t.name == key) {
+            return Ok(t.clone());
+        }
+        let matches: Vec<&TemplateRecord> = all
+            .iter()
+            .filter(|t| t.name.eq_ignore_ascii_case(key))
+            .collect();
+        match matches.as_slice() {
+            [t] => Ok((*t).clone()),
+            _ => Err(EngineError::NotFound {
+                what: "template",
+                id: key.to_string(),
+            }),
+        }
+    }
+
     pub fn remove_template(&self, id: i64) -> Result<(), EngineError> {
         if !self.store.delete_template(id)? {
             return Err(Self::template_not_found(id, None));

@@ -6,7 +6,9 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod connect;
 mod studio;
+pub use connect::*;
 pub use studio::*;
 
 /// Where a registered model came from.
@@ -126,8 +128,17 @@ pub struct GenerationStats {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ChatEvent {
+    /// Accepted; `position` answers are generated before this one starts.
+    Queued { position: usize },
     /// The model is being loaded (first use).
     Loading,
+    /// A remote endpoint asked to slow down (429): the request is sent again after
+    /// `wait_ms` (attempt `attempt`).
+    Retrying {
+        attempt: u32,
+        wait_ms: u64,
+        reason: String,
+    },
     /// A piece of text.
     Token { text: String },
     /// Finished; the full text and timings.

@@ -79,13 +79,19 @@ pub enum ChatTarget {
     Adapter { adapter_id: i64 },
     /// A model with a stored template (its newest version, or `version`).
     Template {
+        /// The local model that answers (ignored when `endpoint` is set).
         model_id: i64,
         template_id: i64,
         version: Option<u32>,
         /// Values for the template's variables (override its defaults).
         #[serde(default)]
         values: BTreeMap<String, String>,
+        /// A remote endpoint's model answers instead of a local one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<crate::EndpointModel>,
     },
+    /// A model of a remote OpenAI-compatible endpoint.
+    Endpoint { endpoint_id: i64, model: String },
 }
 
 /// One pane of a saved conversation: who answered and the turns it saw and gave.
@@ -434,7 +440,8 @@ mod tests {
                 model_id: 1,
                 template_id: 2,
                 version: None,
-                values: BTreeMap::new()
+                values: BTreeMap::new(),
+                endpoint: None,
             }
         );
         let s = serde_json::to_string(&ChatTarget::Adapter { adapter_id: 3 }).expect("json");

@@ -5,10 +5,8 @@
 //! Knows no SQL or jobs: the engine drives a [`Trainer`] step by step, records what it returns,
 //! and decides when to checkpoint, evaluate, pause or stop.
 
-pub mod block;
 pub mod checkpoint;
 pub mod examples;
-pub mod ops;
 pub mod optim;
 pub mod peft;
 
@@ -21,6 +19,7 @@ pub use examples::{
 };
 pub use optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 
+use crate::kernels;
 use crate::linear::ComputeMode;
 use crate::llama::Llama;
 use crate::tokenizer::Tok;
@@ -324,11 +323,11 @@ pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<
     match head.weight() {
         // A plain dense head (every Llama here): logits and loss in one op.
         Some(w) if head.bias().is_none() && head.lora().is_none() && w.is_contiguous() => {
-            Ok(ops::lm_head_nll(&h, w, &batch.targets)?.sum_all()?)
+            Ok(kernels::lm_head_nll(&h, w, &batch.targets)?.sum_all()?)
         }
         _ => {
             let logits = head.forward(&h)?;
-            Ok(ops::cross_entropy(&logits, &batch.targets)?.sum_all()?)
+            Ok(kernels::cross_entropy(&logits, &batch.targets)?.sum_all()?)
         }
     }
 }
@@ -535,7 +534,7 @@ impl Trainer {
             let sum = nll_sum(&self.model, batch, prefix.as_ref())?;
             loss_sum += sum.to_scalar::<f32>()? as f64;
             let scaled = (sum / total_targets.max(1) as f64)?;
-            let g = block::backward(&scaled)?;
+            let g = kernels::block::backward(&scaled)?;
             for (slot, (_, v)) in grads.iter_mut().zip(&self.trainable.params) {
                 if let Some(gv) = g.get(v.as_tensor()) {
                     *slot = Some(match slot.take() {

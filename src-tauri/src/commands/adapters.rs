@@ -3,10 +3,11 @@
 
 use super::{blocking, invalid};
 use crate::AppState;
+use attune_engine::Request;
 use attune_protocol::{
     AdapterSummary, EvalOptions, EvalProgress, EvalReport, EvalSubject, IpcError, ModelSummary,
 };
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tauri::ipc::Channel;
 use tauri::State;
 
@@ -43,11 +44,20 @@ pub async fn export_adapter(
     if dir.is_empty() {
         return Err(invalid("folder: choose where to export the adapter"));
     }
+    let adapter = {
+        let engine = engine.clone();
+        blocking(move || {
+            engine
+                .find_adapter(&id.to_string())
+                .map_err(|e| IpcError::from(&e))
+        })
+        .await?
+    };
+    // A new folder inside one the user chose; never an existing one.
+    let target = state
+        .scope
+        .writable(&super::user_path(&dir).join(&adapter.name))?;
     blocking(move || {
-        let adapter = engine
-            .find_adapter(&id.to_string())
-            .map_err(|e| IpcError::from(&e))?;
-        let target = super::user_path(&dir).join(&adapter.name);
         engine
             .export_adapter(&id.to_string(), &target)
             .map(|p| p.display().to_string())
@@ -73,13 +83,10 @@ pub async fn import_adapter(
         ));
     }
     let name = name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
+    let path = state.scope.readable(&super::user_path(&path))?;
     blocking(move || {
         engine
-            .import_adapter(
-                &super::user_path(&path),
-                &base_model_id.to_string(),
-                name.as_deref(),
-            )
+            .import_adapter(&path, &base_model_id.to_string(), name.as_deref())
             .map_err(|e| IpcError::from(&e))
     })
     .await
@@ -103,6 +110,9 @@ pub async fn merge_adapter(
     .await
 }
 
+/// The request id of the app's evaluation (one at a time in the window).
+const EVALUATION: &str = "evaluation";
+
 /// Evaluates `subject` on a dataset split, streaming progress on `on_progress`; the
 /// result is recorded in the library.
 #[tauri::command]
@@ -113,24 +123,26 @@ pub async fn evaluate(
     options: EvalOptions,
     on_progress: Channel<EvalProgress>,
 ) -> Result<EvalReport, IpcError> {
-    let engine = state.engine()?;
-    let cancel = state.eval_cancel.clone();
-    cancel.store(false, Ordering::SeqCst);
+    let actor = state.actor()?;
+    let requests = Arc::clone(&state.requests);
     blocking(move || {
-        let mut forward = |p: EvalProgress| {
+        let (cancel, _done) = requests.begin(EVALUATION);
+        let window_gone = cancel.clone();
+        let on_progress = Box::new(move |p: EvalProgress| {
             // The window is gone: stop evaluating for nobody.
             if on_progress.send(p).is_err() {
-                cancel.store(true, Ordering::SeqCst);
+                window_gone.cancel();
             }
-        };
-        engine
-            .evaluate_with(
-                &subject,
-                &dataset_id.to_string(),
-                &options,
-                &mut forward,
-                &cancel,
-            )
+        });
+        actor
+            .call(|reply| Request::Evaluate {
+                subject,
+                dataset: dataset_id.to_string(),
+                options,
+                cancel,
+                on_progress,
+                reply,
+            })
             .map_err(|e| IpcError::from(&e))
     })
     .await
@@ -139,7 +151,7 @@ pub async fn evaluate(
 /// Stops the running evaluation; it fails with code "cancelled" and records nothing.
 #[tauri::command]
 pub async fn cancel_evaluation(state: State<'_, AppState>) -> Result<(), IpcError> {
-    state.eval_cancel.store(true, Ordering::SeqCst);
+    state.requests.cancel(EVALUATION);
     Ok(())
 }
 

@@ -3,10 +3,11 @@
 
 use super::{blocking, invalid};
 use crate::AppState;
+use attune_engine::Request;
 use attune_protocol::{
     ArenaDetail, ArenaEvent, ArenaItem, ArenaSpec, ArenaSummary, IpcError, Vote,
 };
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tauri::ipc::Channel;
 use tauri::State;
 
@@ -28,26 +29,35 @@ pub async fn list_arenas(state: State<'_, AppState>) -> Result<Vec<ArenaSummary>
 }
 
 /// Prompt `index` with both answers, generating and storing them on first view; text
-/// streams on `on_event`. `cancel_chat` stops it (nothing is stored, error "cancelled").
+/// streams on `on_event`. `cancel_chat(request_id)` stops it (nothing is stored, error
+/// "cancelled").
 #[tauri::command]
 pub async fn arena_item(
     state: State<'_, AppState>,
+    request_id: String,
     arena_id: i64,
     index: u64,
     on_event: Channel<ArenaEvent>,
 ) -> Result<ArenaItem, IpcError> {
-    let engine = state.engine()?;
-    let cancel = state.cancel.clone();
-    cancel.store(false, Ordering::SeqCst);
+    let actor = state.actor()?;
+    let requests = Arc::clone(&state.requests);
     blocking(move || {
-        let mut forward = |event: ArenaEvent| {
+        let (cancel, _done) = requests.begin(&request_id);
+        let window_gone = cancel.clone();
+        let on_event = Box::new(move |event: ArenaEvent| {
             // The window is gone: stop generating for nobody.
             if on_event.send(event).is_err() {
-                cancel.store(true, Ordering::SeqCst);
+                window_gone.cancel();
             }
-        };
-        engine
-            .arena_item(arena_id, index, &cancel, &mut forward)
+        });
+        actor
+            .call(|reply| Request::ArenaItem {
+                arena_id,
+                index,
+                cancel,
+                on_event,
+                reply,
+            })
             .map_err(|e| IpcError::from(&e))
     })
     .await
@@ -97,7 +107,8 @@ pub async fn export_preferences(
     if path.is_empty() {
         return Err(invalid("path: choose where to save the preference pairs"));
     }
-    let path = super::user_path(&path);
+    // A new file in a folder the user chose; never an existing file.
+    let path = state.scope.writable(&super::user_path(path))?;
     blocking(move || {
         engine
             .export_preferences(arena_id, &path)

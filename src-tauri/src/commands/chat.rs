@@ -3,44 +3,66 @@
 
 use super::blocking;
 use crate::AppState;
+use attune_engine::{CancelToken, Generation, Prompt, Sink};
 use attune_protocol::{
     ChatEvent, ChatMessage, ChatTarget, Conversation, ConversationSummary, GenerationStats,
     IpcError, SamplingParams,
 };
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tauri::ipc::Channel;
 use tauri::State;
 
 /// Answers `messages` with `target`, streaming events on `on_event`; resolves with the
-/// final figures (`finish_reason: cancelled` after `cancel_chat`).
+/// final figures (`finish_reason: cancelled` after `cancel_chat(request_id)`).
+/// `request_id` is the window's name for this request ("playground-7"); the part
+/// before the first '-' names the page, whose requests are served in turn with the
+/// other pages'.
 #[tauri::command]
 pub async fn chat_target(
     state: State<'_, AppState>,
+    request_id: String,
     target: ChatTarget,
     messages: Vec<ChatMessage>,
     params: Option<SamplingParams>,
     on_event: Channel<ChatEvent>,
 ) -> Result<GenerationStats, IpcError> {
-    let engine = state.engine()?;
-    let cancel = state.cancel.clone();
-    cancel.store(false, Ordering::SeqCst);
-    let params = params.unwrap_or_default();
+    let actor = state.actor()?;
+    let requests = Arc::clone(&state.requests);
+    let generation = Generation {
+        client: client_of(&request_id),
+        target,
+        prompt: Prompt::Chat(messages),
+        params: params.unwrap_or_default(),
+    };
     blocking(move || {
-        let mut send = |event: ChatEvent| {
-            // The window is gone: stop generating for nobody.
-            if on_event.send(event).is_err() {
-                cancel.store(true, Ordering::SeqCst);
-            }
-        };
-        let mut batch = TokenBatch::new(TOKEN_BATCH);
-        let result = engine.chat_target(&target, &messages, &params, &cancel, &mut |event| {
-            batch.push(event, &mut send)
-        });
-        batch.flush(&mut send);
-        result.map_err(|e| IpcError::from(&e))
+        let (cancel, _done) = requests.begin(&request_id);
+        let sink = window_sink(on_event, cancel.clone());
+        actor
+            .generate(generation, &cancel, sink)
+            .map_err(|e| IpcError::from(&e))
     })
     .await
+}
+
+/// The page a request comes from: its id up to the first '-'.
+pub(crate) fn client_of(request_id: &str) -> String {
+    let page = request_id.split('-').next().unwrap_or_default();
+    format!("app:{page}")
+}
+
+/// Forwards a generation's events to the window in batches (see [`TOKEN_BATCH`]); if
+/// the window is gone, the request is cancelled.
+fn window_sink(channel: Channel<ChatEvent>, cancel: CancelToken) -> Sink<ChatEvent> {
+    let mut batch = TokenBatch::new(TOKEN_BATCH);
+    Box::new(move |event: ChatEvent| {
+        // Done (or any other event) flushes the gathered text first, so order is kept.
+        batch.push(event, &mut |event| {
+            if channel.send(event).is_err() {
+                cancel.cancel();
+            }
+        });
+    })
 }
 
 /// How long tokens are gathered before they go to the window: one message per token
@@ -92,10 +114,11 @@ impl TokenBatch {
     }
 }
 
-/// Asks the running generation (playground or arena) to stop.
+/// Stops request `request_id` (an answer or an arena item), waiting or generating;
+/// other requests go on. Stopping a request that already ended does nothing.
 #[tauri::command]
-pub async fn cancel_chat(state: State<'_, AppState>) -> Result<(), IpcError> {
-    state.cancel.store(true, Ordering::SeqCst);
+pub async fn cancel_chat(state: State<'_, AppState>, request_id: String) -> Result<(), IpcError> {
+    state.requests.cancel(&request_id);
     Ok(())
 }
 

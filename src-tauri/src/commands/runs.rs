@@ -1,5 +1,5 @@
-//! Run commands: check, start and steer fine-tuning runs through the run manager
-//! ([`crate::runner`]); progress reaches the window as `run-event`s.
+//! Run commands: check, start and steer fine-tuning runs through the engine actor
+//! (one run at a time, FIFO); progress reaches the window as `run-event`s.
 
 use super::blocking;
 use crate::AppState;
@@ -17,21 +17,26 @@ pub async fn check_run(state: State<'_, AppState>, spec: RunSpec) -> Result<RunC
 /// training). Refused, with the figures and what to change, when it will not fit.
 #[tauri::command]
 pub async fn start_run(state: State<'_, AppState>, spec: RunSpec) -> Result<RunSummary, IpcError> {
-    let runner = state.runner()?;
+    let actor = state.actor()?;
     let engine = state.engine()?;
-    blocking(move || match runner.start(&spec) {
-        Ok(run) => Ok(run),
-        Err(e) if e.code == "wont_fit" => {
-            // Say it in the app's words, with what to change.
-            match engine.check_run(&spec) {
-                Ok(check) => Err(IpcError {
-                    code: e.code,
-                    message: check.suggestion.unwrap_or(e.message),
-                }),
-                Err(_) => Err(e),
+    blocking(move || {
+        match actor
+            .start_run(spec.clone(), None)
+            .map_err(|e| IpcError::from(&e))
+        {
+            Ok(run) => Ok(run),
+            Err(e) if e.code == "wont_fit" => {
+                // Say it in the app's words, with what to change.
+                match engine.check_run(&spec) {
+                    Ok(check) => Err(IpcError {
+                        code: e.code,
+                        message: check.suggestion.unwrap_or(e.message),
+                    }),
+                    Err(_) => Err(e),
+                }
             }
+            Err(e) => Err(e),
         }
-        Err(e) => Err(e),
     })
     .await
 }
@@ -59,28 +64,28 @@ pub async fn run_detail(state: State<'_, AppState>, id: i64) -> Result<RunDetail
 /// run out of the queue; it becomes paused.
 #[tauri::command]
 pub async fn pause_run(state: State<'_, AppState>, id: i64) -> Result<(), IpcError> {
-    let runner = state.runner()?;
-    blocking(move || runner.pause(id)).await
+    let actor = state.actor()?;
+    blocking(move || actor.pause_run(id).map_err(|e| IpcError::from(&e))).await
 }
 
 /// Continues a paused, failed or interrupted run from its last checkpoint (queued
 /// behind a run already training).
 #[tauri::command]
 pub async fn resume_run(state: State<'_, AppState>, id: i64) -> Result<RunSummary, IpcError> {
-    let runner = state.runner()?;
-    blocking(move || runner.resume(id)).await
+    let actor = state.actor()?;
+    blocking(move || actor.resume_run(id, None).map_err(|e| IpcError::from(&e))).await
 }
 
 /// Stops a run for good (executing or not); its checkpoints are removed.
 #[tauri::command]
 pub async fn cancel_run(state: State<'_, AppState>, id: i64) -> Result<(), IpcError> {
-    let runner = state.runner()?;
-    blocking(move || runner.cancel(id)).await
+    let actor = state.actor()?;
+    blocking(move || actor.cancel_run(id).map_err(|e| IpcError::from(&e))).await
 }
 
 /// Removes a run that is not executing or queued, and its metrics (its adapter stays).
 #[tauri::command]
 pub async fn remove_run(state: State<'_, AppState>, id: i64) -> Result<(), IpcError> {
-    let runner = state.runner()?;
-    blocking(move || runner.remove(id)).await
+    let actor = state.actor()?;
+    blocking(move || actor.remove_run(id).map_err(|e| IpcError::from(&e))).await
 }

@@ -17,13 +17,14 @@ pub async fn list_arenas() -> Result<Vec<ArenaSummary>, IpcError> {
 /// Prompt `index` with both answers, generating (and storing) them on first view;
 /// answer text streams to `on_event`.
 pub async fn arena_item(
+    request_id: &str,
     arena_id: i64,
     index: u64,
     on_event: impl FnMut(Result<ArenaEvent, IpcError>) + 'static,
 ) -> Result<ArenaItem, IpcError> {
     invoke_with_channel(
         "arena_item",
-        &json!({ "arenaId": arena_id, "index": index }),
+        &json!({ "requestId": request_id, "arenaId": arena_id, "index": index }),
         "onEvent",
         on_event,
     )
@@ -47,9 +48,10 @@ pub async fn arena_detail(arena_id: i64) -> Result<ArenaDetail, IpcError> {
 /// Writes the decisive votes as preference pairs (JSONL: prompt, chosen, rejected)
 /// to `path`; returns how many pairs.
 pub async fn export_preferences(arena_id: i64, path: &str) -> Result<u64, IpcError> {
-    invoke(
+    super::invoke_granted(
         "export_preferences",
         &json!({ "arenaId": arena_id, "path": path }),
+        true,
     )
     .await
 }

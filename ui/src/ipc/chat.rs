@@ -8,19 +8,25 @@ use attune_protocol::{
 };
 use serde_json::json;
 
-/// Answers `messages` with a base model; each streamed event goes to `on_event`.
-pub async fn chat(
-    model_id: i64,
-    messages: &[ChatMessage],
-    params: &SamplingParams,
-    on_event: impl FnMut(Result<ChatEvent, IpcError>) + 'static,
-) -> Result<GenerationStats, IpcError> {
-    chat_target(&ChatTarget::Base { model_id }, messages, params, on_event).await
+thread_local! {
+    static NEXT_REQUEST: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
+}
+
+/// A new request id for `page` ("playground-12"): the engine serves pages in turn, and
+/// `cancel_chat` stops exactly this request.
+pub fn new_request_id(page: &str) -> String {
+    let n = NEXT_REQUEST.with(|c| {
+        let n = c.get();
+        c.set(n + 1);
+        n
+    });
+    format!("{page}-{n}")
 }
 
 /// Answers `messages` with `target`, streaming; resolves with the final figures once
-/// generation ends (or is cancelled).
+/// generation ends (or is cancelled through `cancel_chat(request_id)`).
 pub async fn chat_target(
+    request_id: &str,
     target: &ChatTarget,
     messages: &[ChatMessage],
     params: &SamplingParams,
@@ -28,16 +34,16 @@ pub async fn chat_target(
 ) -> Result<GenerationStats, IpcError> {
     invoke_with_channel(
         "chat_target",
-        &json!({ "target": target, "messages": messages, "params": params }),
+        &json!({ "requestId": request_id, "target": target, "messages": messages, "params": params }),
         "onEvent",
         on_event,
     )
     .await
 }
 
-/// Asks every running generation to stop.
-pub async fn cancel_chat() -> Result<(), IpcError> {
-    invoke("cancel_chat", &json!({})).await
+/// Stops request `request_id` (waiting or generating); other requests go on.
+pub async fn cancel_chat(request_id: &str) -> Result<(), IpcError> {
+    invoke("cancel_chat", &json!({ "requestId": request_id })).await
 }
 
 /// A readable name for a target ("SmolLM2 · pubmed-lora (LoRA)").

@@ -131,6 +131,8 @@ pub fn ArenaPage() -> impl IntoView {
     let vote: RwSignal<Option<Vote>> = RwSignal::new(None);
     let generating = RwSignal::new(false);
     let item_ticket = StoredValue::new(0u64);
+    // The item being generated, so Stop ends exactly it.
+    let current_request = StoredValue::new(None::<String>);
     let vote_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
     let detail: RwSignal<Option<ArenaDetail>> = RwSignal::new(None);
     let export_path = RwSignal::new(String::new());
@@ -195,8 +197,13 @@ pub fn ArenaPage() -> impl IntoView {
                     Err(e) => vote_error.set(Some(e)),
                 }
             };
-            let result = ipc::arena::arena_item(arena.id, i as u64, on_event).await;
+            let request_id = ipc::chat::new_request_id("arena");
+            current_request.set_value(Some(request_id.clone()));
+            let result = ipc::arena::arena_item(&request_id, arena.id, i as u64, on_event).await;
             finished.set(true);
+            if current_request.get_value().as_deref() == Some(request_id.as_str()) {
+                current_request.set_value(None);
+            }
             if item_ticket.get_value() != ticket {
                 return;
             }
@@ -373,8 +380,11 @@ pub fn ArenaPage() -> impl IntoView {
     };
 
     let stop = move || {
+        let Some(request_id) = current_request.get_value() else {
+            return;
+        };
         spawn_local(async move {
-            if let Err(e) = ipc::chat::cancel_chat().await {
+            if let Err(e) = ipc::chat::cancel_chat(&request_id).await {
                 vote_error.set(Some(e));
             }
         });

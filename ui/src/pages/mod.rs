@@ -2,6 +2,7 @@
 
 pub mod adapt;
 pub mod arena;
+pub mod connect;
 pub mod datasets;
 pub mod library;
 pub mod playground;

@@ -106,6 +106,8 @@ struct Pane {
     state: RwSignal<PaneState>,
     stats: RwSignal<Option<GenerationStats>>,
     error: RwSignal<Option<IpcError>>,
+    /// What the answer waits for (other answers ahead, a rate-limited endpoint).
+    notice: RwSignal<Option<String>>,
 }
 
 impl Pane {
@@ -118,6 +120,7 @@ impl Pane {
             state: RwSignal::new(PaneState::Idle),
             stats: RwSignal::new(None),
             error: RwSignal::new(None),
+            notice: RwSignal::new(None),
         }
     }
 }
@@ -130,7 +133,14 @@ fn message(role: &str, content: String) -> ChatMessage {
 }
 
 /// Generates one pane's answer to its transcript, streaming into the pane.
-async fn answer(pane: Pane, target: ChatTarget, params: SamplingParams) {
+async fn answer(
+    pane: Pane,
+    target: ChatTarget,
+    params: SamplingParams,
+    current: StoredValue<Option<String>>,
+) {
+    let request_id = ipc::chat::new_request_id("playground");
+    current.set_value(Some(request_id.clone()));
     let history = pane.messages.get_untracked();
     pane.streaming.set(Some(String::new()));
     pane.state.set(PaneState::Generating);
@@ -142,10 +152,28 @@ async fn answer(pane: Pane, target: ChatTarget, params: SamplingParams) {
             return;
         }
         match event {
-            Ok(ChatEvent::Loading) => pane.state.set(PaneState::Loading),
+            Ok(ChatEvent::Queued { position }) => {
+                pane.state.set(PaneState::Waiting);
+                pane.notice.set((position > 0).then(|| {
+                    format!("{position} answer(s) ahead of this one (from this window or the API server)")
+                }));
+            }
+            Ok(ChatEvent::Retrying {
+                attempt,
+                wait_ms,
+                reason,
+            }) => pane.notice.set(Some(format!(
+                "{reason}; trying again in {:.1} s (retry {attempt})",
+                wait_ms as f64 / 1e3
+            ))),
+            Ok(ChatEvent::Loading) => {
+                pane.notice.set(None);
+                pane.state.set(PaneState::Loading)
+            }
             Ok(ChatEvent::Token { text }) => {
                 if pane.state.get_untracked() != PaneState::Generating {
                     pane.state.set(PaneState::Generating);
+                    pane.notice.set(None);
                 }
                 pane.streaming.update(|s| {
                     if let Some(s) = s {
@@ -157,8 +185,9 @@ async fn answer(pane: Pane, target: ChatTarget, params: SamplingParams) {
             Err(e) => pane.error.set(Some(e)),
         }
     };
-    let result = ipc::chat::chat_target(&target, &history, &params, on_event).await;
+    let result = ipc::chat::chat_target(&request_id, &target, &history, &params, on_event).await;
     finished.set(true);
+    current.set_value(None);
     let streamed = pane.streaming.get_untracked().unwrap_or_default();
     match result {
         Ok(stats) => {
@@ -181,6 +210,7 @@ async fn answer(pane: Pane, target: ChatTarget, params: SamplingParams) {
         }
     }
     pane.streaming.set(None);
+    pane.notice.set(None);
     pane.state.set(PaneState::Idle);
 }
 
@@ -218,6 +248,8 @@ pub fn PlaygroundPage() -> impl IntoView {
     let input = RwSignal::new(String::new());
     let busy = RwSignal::new(false);
     let stop_requested = RwSignal::new(false);
+    // The answer being generated, so Stop ends exactly it.
+    let current_request = StoredValue::new(None::<String>);
     let page_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
     // Conversation state.
     let conversation_id: RwSignal<Option<i64>> = RwSignal::new(None);
@@ -370,7 +402,7 @@ pub fn PlaygroundPage() -> impl IntoView {
                     p.state.set(PaneState::Skipped);
                     continue;
                 }
-                answer(p, target, params.clone()).await;
+                answer(p, target, params.clone(), current_request).await;
             }
             busy.set(false);
         });
@@ -381,8 +413,11 @@ pub fn PlaygroundPage() -> impl IntoView {
             return;
         }
         stop_requested.set(true);
+        let Some(request_id) = current_request.get_value() else {
+            return;
+        };
         spawn_local(async move {
-            if let Err(e) = ipc::chat::cancel_chat().await {
+            if let Err(e) = ipc::chat::cancel_chat(&request_id).await {
                 page_error.set(Some(e));
             }
         });
@@ -623,6 +658,7 @@ pub fn PlaygroundPage() -> impl IntoView {
                         PaneState::Skipped => Some(view! { <p class="muted pane-status">"Skipped: stopped before this pane answered."</p> }.into_any()),
                         _ => None,
                     }}
+                    {move || pane.notice.get().map(|n| view! { <p class="muted pane-status" data-testid="pane-notice">{n}</p> })}
                     {move || pane.error.get().map(|e| error_note(&e))}
                     {move || {
                         pane.stats

@@ -1,13 +1,15 @@
 //! Who answers: the target picker shared by the playground panes and the arena
 //! candidates. It offers every base model, every adapter (LoRA, soft prompt, full
-//! fine-tune, named with its base) and every stored template on every model, and
-//! encodes the choice as a stable key ("base:1", "adapter:4", "template:1:7") so a
-//! native `<select>` can carry it.
+//! fine-tune, named with its base), every model of every remote API endpoint, and every
+//! stored template on every model (local or remote), and encodes the choice as a stable
+//! key ("base:1", "adapter:4", "template:1:7", "endpoint:2:gpt-4o-mini",
+//! "template-endpoint:2:7:gpt-4o-mini") so a native `<select>` can carry it.
 
 use crate::components::error_note;
 use crate::{ipc, AppCtx};
 use attune_protocol::{
-    AdapterKind, AdapterSummary, ChatTarget, IpcError, ModelSummary, TemplateRecord,
+    AdapterKind, AdapterSummary, ChatTarget, EndpointModel, EndpointSummary, IpcError,
+    ModelSummary, TemplateRecord,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -35,16 +37,49 @@ pub fn target_key(target: &ChatTarget) -> String {
         ChatTarget::Base { model_id } => format!("base:{model_id}"),
         ChatTarget::Adapter { adapter_id } => format!("adapter:{adapter_id}"),
         ChatTarget::Template {
+            template_id,
+            endpoint: Some(e),
+            ..
+        } => format!(
+            "template-endpoint:{}:{template_id}:{}",
+            e.endpoint_id, e.model
+        ),
+        ChatTarget::Template {
             model_id,
             template_id,
             ..
         } => format!("template:{model_id}:{template_id}"),
+        ChatTarget::Endpoint { endpoint_id, model } => format!("endpoint:{endpoint_id}:{model}"),
     }
 }
 
 /// The target a key stands for (a template at its newest version), or None when the
 /// key is malformed.
 pub fn parse_target_key(key: &str) -> Option<ChatTarget> {
+    // Remote model ids may hold ':' themselves ("llama3:8b"): they come last.
+    if let Some(rest) = key.strip_prefix("endpoint:") {
+        let (id, model) = rest.split_once(':')?;
+        if model.is_empty() {
+            return None;
+        }
+        return Some(ChatTarget::Endpoint {
+            endpoint_id: id.parse().ok()?,
+            model: model.to_string(),
+        });
+    }
+    if let Some(rest) = key.strip_prefix("template-endpoint:") {
+        let mut p = rest.splitn(3, ':');
+        let endpoint_id = p.next()?.parse().ok()?;
+        let template_id = p.next()?.parse().ok()?;
+        let model = p.next().filter(|m| !m.is_empty())?.to_string();
+        return Some(ChatTarget::Template {
+            model_id: 0,
+            template_id,
+            version: None,
+            values: BTreeMap::new(),
+            endpoint: Some(EndpointModel { endpoint_id, model }),
+        });
+    }
     let mut parts = key.split(':');
     let kind = parts.next()?;
     let first: i64 = parts.next()?.parse().ok()?;
@@ -56,6 +91,7 @@ pub fn parse_target_key(key: &str) -> Option<ChatTarget> {
             template_id: parts.next()?.parse().ok()?,
             version: None,
             values: BTreeMap::new(),
+            endpoint: None,
         },
         _ => return None,
     };
@@ -71,11 +107,13 @@ pub fn kind_label(kind: AdapterKind) -> &'static str {
     }
 }
 
-/// Every choice, grouped: base models, adapters, then templates on each model.
+/// Every choice, grouped: base models, adapters, remote endpoints' models, then
+/// templates on each model.
 pub fn build_groups(
     models: &[ModelSummary],
     adapters: &[AdapterSummary],
     templates: &[TemplateRecord],
+    endpoints: &[EndpointSummary],
 ) -> Vec<TargetGroup> {
     let base = models
         .iter()
@@ -108,10 +146,51 @@ pub fn build_groups(
                     template_id: t.id,
                     version: None,
                     values: BTreeMap::new(),
+                    endpoint: None,
                 };
                 TargetOption {
                     key: target_key(&target),
                     label: format!("{} (template v{}) on {}", t.name, t.version, m.name),
+                    target,
+                }
+            })
+        })
+        .collect();
+    let remote_models: Vec<(&EndpointSummary, &String)> = endpoints
+        .iter()
+        .flat_map(|e| e.models.iter().map(move |m| (e, m)))
+        .collect();
+    let remote = remote_models
+        .iter()
+        .map(|(e, m)| {
+            let target = ChatTarget::Endpoint {
+                endpoint_id: e.id,
+                model: (*m).clone(),
+            };
+            TargetOption {
+                key: target_key(&target),
+                label: format!("{m} at {}", e.name),
+                target,
+            }
+        })
+        .collect();
+    let remote_templates = templates
+        .iter()
+        .flat_map(|t| {
+            remote_models.iter().map(move |(e, m)| {
+                let target = ChatTarget::Template {
+                    model_id: 0,
+                    template_id: t.id,
+                    version: None,
+                    values: BTreeMap::new(),
+                    endpoint: Some(EndpointModel {
+                        endpoint_id: e.id,
+                        model: (*m).clone(),
+                    }),
+                };
+                TargetOption {
+                    key: target_key(&target),
+                    label: format!("{} (template v{}) on {m} at {}", t.name, t.version, e.name),
                     target,
                 }
             })
@@ -127,8 +206,16 @@ pub fn build_groups(
             options: adapter,
         },
         TargetGroup {
+            label: "API endpoints",
+            options: remote,
+        },
+        TargetGroup {
             label: "Templates",
             options: template,
+        },
+        TargetGroup {
+            label: "Templates on API models",
+            options: remote_templates,
         },
     ]
     .into_iter()
@@ -153,6 +240,9 @@ pub fn label_in(groups: &[TargetGroup], target: &ChatTarget) -> String {
             ChatTarget::Template { template_id, .. } => {
                 format!("template #{template_id} (not in the library)")
             }
+            ChatTarget::Endpoint { endpoint_id, model } => {
+                format!("{model} at endpoint #{endpoint_id} (not in the library)")
+            }
         })
 }
 
@@ -162,6 +252,7 @@ pub fn label_in(groups: &[TargetGroup], target: &ChatTarget) -> String {
 pub struct TargetCatalog {
     pub adapters: RwSignal<Vec<AdapterSummary>>,
     pub templates: RwSignal<Vec<TemplateRecord>>,
+    pub endpoints: RwSignal<Vec<EndpointSummary>>,
     pub error: RwSignal<Option<IpcError>>,
 }
 
@@ -172,6 +263,7 @@ impl TargetCatalog {
         let catalog = TargetCatalog {
             adapters: RwSignal::new(Vec::new()),
             templates: RwSignal::new(Vec::new()),
+            endpoints: RwSignal::new(Vec::new()),
             error: RwSignal::new(None),
         };
         Effect::new(move |_| {
@@ -179,7 +271,12 @@ impl TargetCatalog {
             spawn_local(async move {
                 let adapters = ipc::adapters::list_adapters().await;
                 let templates = ipc::templates::list_templates().await;
+                let endpoints = ipc::endpoints::list_endpoints().await;
                 let mut error = None;
+                match endpoints {
+                    Ok(list) => catalog.endpoints.set(list),
+                    Err(e) => error = Some(e),
+                }
                 match adapters {
                     Ok(list) => catalog.adapters.set(list),
                     Err(e) => error = Some(e),
@@ -201,8 +298,10 @@ impl TargetCatalog {
             Some(Ok(list)) => list,
             _ => Vec::new(),
         };
-        self.adapters
-            .with(|a| self.templates.with(|t| build_groups(&models, a, t)))
+        self.adapters.with(|a| {
+            self.templates
+                .with(|t| self.endpoints.with(|e| build_groups(&models, a, t, e)))
+        })
     }
 
     /// The readable label of `target` (reactive).
@@ -302,11 +401,37 @@ mod tests {
                 template_id: 7,
                 version: None,
                 values: BTreeMap::new(),
+                endpoint: None,
+            },
+            ChatTarget::Endpoint {
+                endpoint_id: 2,
+                model: "llama3:8b".into(),
+            },
+            ChatTarget::Template {
+                model_id: 0,
+                template_id: 7,
+                version: None,
+                values: BTreeMap::new(),
+                endpoint: Some(EndpointModel {
+                    endpoint_id: 2,
+                    model: "org/model:q4".into(),
+                }),
             },
         ] {
             assert_eq!(parse_target_key(&target_key(&t)), Some(t));
         }
-        for bad in ["", "base", "base:x", "adapter:1:2", "template:1", "other:1"] {
+        for bad in [
+            "",
+            "base",
+            "base:x",
+            "adapter:1:2",
+            "template:1",
+            "other:1",
+            "endpoint:1",
+            "endpoint:x:m",
+            "endpoint:1:",
+            "template-endpoint:1:2",
+        ] {
             assert_eq!(parse_target_key(bad), None, "{bad}");
         }
     }
@@ -332,7 +457,7 @@ mod tests {
             version: 2,
             ..Default::default()
         }];
-        let groups = build_groups(&models, &adapters, &templates);
+        let groups = build_groups(&models, &adapters, &templates, &[]);
         assert_eq!(groups.len(), 3);
         assert_eq!(
             groups[1].options[0].label,
@@ -345,6 +470,37 @@ mod tests {
             "Qwen (base)"
         );
         assert!(label_in(&groups, &ChatTarget::Adapter { adapter_id: 99 }).contains("not in"));
-        assert!(build_groups(&[], &[], &[]).is_empty());
+        assert!(build_groups(&[], &[], &[], &[]).is_empty());
+        let endpoint = EndpointSummary {
+            id: 4,
+            name: "ollama".into(),
+            base_url: "http://localhost:11434/v1".into(),
+            key: attune_protocol::KeyStorage::None,
+            connect_timeout_s: 10.0,
+            idle_timeout_s: 60.0,
+            models: vec!["qwen3:0.6b".into()],
+            models_at: None,
+            created_at: String::new(),
+        };
+        let groups = build_groups(
+            &models,
+            &adapters,
+            &templates,
+            std::slice::from_ref(&endpoint),
+        );
+        let remote = groups
+            .iter()
+            .find(|g| g.label == "API endpoints")
+            .expect("remote group");
+        assert_eq!(remote.options[0].label, "qwen3:0.6b at ollama");
+        assert_eq!(remote.options[0].key, "endpoint:4:qwen3:0.6b");
+        let on_api = groups
+            .iter()
+            .find(|g| g.label == "Templates on API models")
+            .expect("templates on API models");
+        assert_eq!(
+            on_api.options[0].label,
+            "terse (template v2) on qwen3:0.6b at ollama"
+        );
     }
 }

@@ -16,8 +16,8 @@
 //! `Tensor::backward` — adds them to the gradient store. The op takes one trained tensor as its
 //! second input so that candle's backward pass visits it even when the layer's input carries no
 //! gradient (LoRA's first layer). A layer with nothing trained (every layer in prompt tuning) needs
-//! none of this, and [`crate::llama::Llama`] fuses it by default; a layer with trained tensors is
-//! fused only when the trainer asks ([`crate::llama::LayerFusion::All`]).
+//! none of this, and the model fuses it by default; a layer with trained tensors is fused only
+//! when the trainer asks (`LayerFusion::All` in `llama.rs`).
 
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -26,13 +26,14 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::ops::{
-    attention_backward, attention_forward, borrow_f32, f32_slice, lora_branch_backward,
-    lora_branch_forward, matmul, product, prof, rms_backward, rms_forward, rope_in_place,
-    swiglu_backward, swiglu_forward, threads, AttnDims,
-};
-
-type CResult<T> = candle_core::Result<T>;
+use super::attention::{attention_backward, attention_forward, AttnDims};
+use super::gemm::{matmul, product};
+use super::linear::{lora_branch_backward, lora_branch_forward};
+use super::profile::prof;
+use super::rms_norm::{rms_backward, rms_forward};
+use super::rope::rope_in_place;
+use super::swiglu::{swiglu_backward, swiglu_forward};
+use super::{borrow_f32, f32_slice, threads, CResult};
 
 /// One projection `[out, in]` of a layer, with its LoRA branch `(A [r, in], B [out, r], scale)`
 /// if it has one. The weight is trained when it is a variable (full fine-tuning).

@@ -1,0 +1,298 @@
+//! The loss: per-row cross-entropy on logits ([`cross_entropy`]), and the LM head and
+//! cross-entropy in one op ([`lm_head_nll`]) that keeps its `[n, vocab]` logits and turns them into
+//! their own gradient in place.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::gemm::product;
+use super::profile::prof;
+use super::{borrow_f32, f32_slice, tensor_vec, threads, CResult};
+
+/// Per-row negative log-likelihood `-log softmax(logits)[target]`: `logits` `[n, vocab]`,
+/// `targets` `n` ids; returns `[n]`. Differentiable in `logits`, keeping no `[n, vocab]`
+/// intermediate besides the logits themselves.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> CResult<Tensor> {
+    let (n, vocab) = logits.dims2()?;
+    if n != targets.len() {
+        candle_core::bail!("cross entropy: {n} rows but {} targets", targets.len())
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("cross entropy: target id {t} outside the vocabulary of {vocab}")
+    }
+    logits.contiguous()?.apply_op1(CrossEntropy {
+        targets: targets.to_vec(),
+        lse: Mutex::new(None),
+    })
+}
+
+struct CrossEntropy {
+    targets: Vec<u32>,
+    /// Log-sum-exp of every row, kept by the forward pass for the backward.
+    lse: Mutex<Option<Vec<f32>>>,
+}
+
+/// Log-sum-exp of a row.
+fn row_lse(row: &[f32]) -> f32 {
+    let m = super::simd::max(row);
+    m + super::simd::exp_sum(row, m).ln()
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "attune-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("CrossEntropy.cpu_fwd");
+        let x = f32_slice(s, l, "cross entropy logits")?;
+        let (n, v) = l.shape().dims2()?;
+        let mut lse = vec![0f32; n];
+        lse.par_iter_mut()
+            .zip(x.par_chunks(v))
+            .for_each(|(o, row)| *o = row_lse(row));
+        let out = lse
+            .iter()
+            .zip(x.chunks(v))
+            .zip(&self.targets)
+            .map(|((&lse, row), &t)| lse - row[t as usize])
+            .collect();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let _pg = prof("CrossEntropy.bwd");
+        let (n, v) = logits.dims2()?;
+        borrow_f32!(x = logits, "cross entropy logits");
+        let g = tensor_vec(grad)?;
+        let kept = self.lse.lock().unwrap_or_else(|e| e.into_inner());
+        let recomputed;
+        let lse = match kept.as_ref() {
+            Some(lse) if lse.len() == n => lse,
+            _ => {
+                recomputed = x.par_chunks(v).map(row_lse).collect::<Vec<f32>>();
+                &recomputed
+            }
+        };
+        // d logits = (softmax - onehot(target)) * grad, row by row.
+        let mut dx = vec![0f32; n * v];
+        dx.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(
+                g.par_iter()
+                    .zip(self.targets.par_iter())
+                    .zip(lse.par_iter()),
+            )
+            .for_each(|((d, row), ((&gr, &t), &lse))| {
+                super::simd::exp_into(row, lse, gr, d);
+                d[t as usize] -= gr;
+            });
+        Ok(Some(Tensor::from_vec(dx, (n, v), logits.device())?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LM head and cross-entropy in one op
+// ---------------------------------------------------------------------------------------------
+
+/// Per-row negative log-likelihood of `targets` under the logits `h W^T`: `h` `[n, hidden]`,
+/// `w` `[vocab, hidden]`; returns `[n]`. Differentiable in `h` and, when it is a variable, in
+/// `w`. The `[n, vocab]` logits never become a tensor of the graph: the op keeps them from the
+/// forward pass and turns them into their own gradient in place in the backward pass, so no
+/// second `[n, vocab]` buffer (nor autograd's zero-filled accumulator for it) is ever allocated.
+pub fn lm_head_nll(h: &Tensor, w: &Tensor, targets: &[u32]) -> CResult<Tensor> {
+    let (n, hid) = h.dims2()?;
+    let (vocab, w_hid) = w.dims2()?;
+    if hid != w_hid {
+        candle_core::bail!("lm head: hidden states have {hid} features, the weight {w_hid}")
+    }
+    if n != targets.len() {
+        candle_core::bail!("lm head: {n} rows but {} targets", targets.len())
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("lm head: target id {t} outside the vocabulary of {vocab}")
+    }
+    h.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        LmHeadNll {
+            targets: targets.to_vec(),
+            kept: Mutex::new(None),
+        },
+    )
+}
+
+struct LmHeadNll {
+    targets: Vec<u32>,
+    /// The logits `[n, vocab]` and each row's log-sum-exp, from the forward pass.
+    kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl LmHeadNll {
+    /// Logits `h W^T` and the log-sum-exp of every row.
+    fn logits(&self, h: &[f32], w: &[f32], n: usize, hid: usize) -> (Vec<f32>, Vec<f32>) {
+        let vocab = w.len() / hid.max(1);
+        let logits = product(
+            n,
+            vocab,
+            hid,
+            h,
+            (hid, 1),
+            w,
+            (1, hid),
+            Parallelism::Rayon(threads()),
+        );
+        let mut lse = vec![0f32; n];
+        if vocab > 0 {
+            lse.par_iter_mut()
+                .zip(logits.par_chunks(vocab))
+                .for_each(|(o, row)| *o = row_lse(row));
+        }
+        (logits, lse)
+    }
+}
+
+impl CustomOp2 for LmHeadNll {
+    fn name(&self) -> &'static str {
+        "attune-lm-head-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("LmHeadNll.cpu_fwd");
+        let h = f32_slice(s1, l1, "lm head hidden states")?;
+        let w = f32_slice(s2, l2, "lm head weight")?;
+        let (n, hid) = l1.shape().dims2()?;
+        let (vocab, _) = l2.shape().dims2()?;
+        let (logits, lse) = self.logits(h, w, n, hid);
+        let out = lse
+            .iter()
+            .zip(logits.chunks(vocab.max(1)))
+            .zip(&self.targets)
+            .map(|((&lse, row), &t)| lse - row[t as usize])
+            .collect();
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((logits, lse));
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let _pg = prof("LmHeadNll.bwd");
+        let (n, hid) = h.dims2()?;
+        let (vocab, _) = w.dims2()?;
+        borrow_f32!(hv = h, "lm head hidden states"; wv = w, "lm head weight");
+        let g = tensor_vec(grad)?;
+        // A second backward through the same graph finds the logits gone: recompute them.
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (mut d, lse) = match kept {
+            Some(k) => k,
+            None => self.logits(hv, wv, n, hid),
+        };
+        // d logits = (softmax - onehot(target)) * grad, in place over the logits.
+        d.par_chunks_mut(vocab.max(1))
+            .zip(
+                g.par_iter()
+                    .zip(self.targets.par_iter())
+                    .zip(lse.par_iter()),
+            )
+            .for_each(|(row, ((&gr, &t), &lse))| {
+                super::simd::exp_in_place(row, lse, gr);
+                row[t as usize] -= gr;
+            });
+        let par = Parallelism::Rayon(threads());
+        let dh = product(n, hid, vocab, &d, (vocab, 1), wv, (hid, 1), par);
+        let dw = if w.track_op() {
+            let dw = product(vocab, hid, n, &d, (1, vocab), hv, (hid, 1), par);
+            Some(Tensor::from_vec(dw, (vocab, hid), w.device())?)
+        } else {
+            None
+        };
+        Ok((Some(Tensor::from_vec(dh, (n, hid), h.device())?), dw))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::kernels::max_diff;
+    use candle_core::{Device, Var, D};
+
+    #[test]
+    fn cross_entropy_matches_log_softmax() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 3., (6, 11), &dev).unwrap();
+        let t = [0u32, 3, 10, 5, 5, 1];
+        let w = Tensor::randn(0f32, 1., 6, &dev).unwrap();
+        let a = cross_entropy(&x, &t).unwrap();
+        let ls = candle_nn::ops::log_softmax(&x, D::Minus1).unwrap();
+        let idx = Tensor::new(&t, &dev).unwrap().unsqueeze(1).unwrap();
+        let b = ls
+            .gather(&idx, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn lm_head_nll_matches_the_head_then_cross_entropy() {
+        let dev = Device::Cpu;
+        // 37 vocabulary entries: two full 16-lane blocks and a tail in the exp kernels.
+        let h = Var::randn(0f32, 1., (5, 9), &dev).unwrap();
+        let w = Var::randn(0f32, 1., (37, 9), &dev).unwrap();
+        let t = [0u32, 36, 17, 17, 4];
+        let rw = Tensor::randn(0f32, 1., 5, &dev).unwrap();
+        let a = lm_head_nll(&h, &w, &t).unwrap();
+        let logits = h.matmul(&w.t().unwrap()).unwrap();
+        let ls = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let idx = Tensor::new(&t, &dev).unwrap().unsqueeze(1).unwrap();
+        let b = ls
+            .gather(&idx, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let la = (&a * &rw).unwrap().sum_all().unwrap();
+        let ga = la.backward().unwrap();
+        let gb = (b * &rw).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(ga.get(&h).unwrap(), gb.get(&h).unwrap()) < 1e-5);
+        assert!(max_diff(ga.get(&w).unwrap(), gb.get(&w).unwrap()) < 1e-5);
+        // A second backward through the same graph recomputes the logits it gave away.
+        let again = la.backward().unwrap();
+        assert!(max_diff(again.get(&h).unwrap(), gb.get(&h).unwrap()) < 1e-5);
+        // A frozen weight gets no gradient.
+        let frozen = lm_head_nll(&h, w.as_tensor(), &t).unwrap();
+        let w_plain = w.as_tensor().detach();
+        let g = lm_head_nll(&h, &w_plain, &t)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&w_plain).is_none() && g.get(&h).is_some());
+        assert!(max_diff(&frozen, &a) < 1e-6);
+        assert!(lm_head_nll(&h, &w, &[37, 0, 0, 0, 0]).is_err());
+        assert!(lm_head_nll(&h, &w, &[0, 0]).is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! CPU kernels: the ops the model and the trainer are built from, one file per op, importing
+//! neither (`tests/tidy.rs` checks it).
+//!
+//! candle's autograd builds the backward pass from basic ops, and three places cost too much that
+//! way: attention (the `[batch, heads, seq, seq]` scores and probabilities kept for every layer),
+//! frozen projections (candle computes a whole weight gradient nobody reads) and RMSNorm (five
+//! ops, each keeping its own intermediate). Each op here is a custom op with a hand-written
+//! backward pass (or none, for inference), over slice-level functions that the fused decoder layer
+//! ([`block`]) shares:
+//! - [`attention`]: causal attention for training (FlashAttention-style) and over the KV cache;
+//! - [`rope`], [`swiglu`], [`rms_norm`]: the element-wise and row-wise ops;
+//! - [`linear`]: frozen, trained and LoRA projections for training;
+//! - [`loss`]: cross-entropy, and the LM head fused with it;
+//! - [`decode`]: ops sized for decoding (a LoRA branch in one op);
+//! - [`quant`]: the Q4_1/Q8_0 integer matmul (AVX-512 VNNI, AVX2, scalar);
+//! - [`block`]: a whole decoder layer as one training op;
+//! - [`gemm`] (the f32 GEMM wrappers), [`simd`] (AVX-512 `exp`, softmax, SiLU), [`profile`]
+//!   (`ATTUNE_PROFILE_OPS`).
+
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
+
+pub mod attention;
+pub mod block;
+pub mod decode;
+pub(crate) mod gemm;
+pub mod linear;
+pub mod loss;
+pub mod profile;
+pub mod quant;
+pub mod rms_norm;
+pub mod rope;
+pub mod simd;
+pub mod swiglu;
+
+pub use attention::{attention, attention_heads, cached_attention};
+pub use decode::lora_add;
+pub use linear::{frozen_linear, linear, lora_linear};
+pub use loss::{cross_entropy, lm_head_nll};
+pub use profile::take_profile;
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use swiglu::{gate_up_swiglu, swiglu};
+
+type CResult<T> = candle_core::Result<T>;
+
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: expected f32, got another dtype")
+    };
+    if !l.is_contiguous() {
+        candle_core::bail!("{what}: expected a contiguous tensor")
+    }
+    Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+}
+
+/// A `[..., features]` tensor as `(rows, features)`.
+fn rows_features(shape: &Shape) -> CResult<(usize, usize)> {
+    match shape.dims().split_last() {
+        Some((&f, lead)) if !lead.is_empty() => Ok((lead.iter().product(), f)),
+        _ => candle_core::bail!("expected a [..., features] tensor, got {:?}", shape.dims()),
+    }
+}
+
+/// `shape` with its last dim replaced by `features`.
+fn with_features(shape: &Shape, features: usize) -> Shape {
+    let mut d = shape.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = features;
+    }
+    Shape::from(d)
+}
+
+/// Borrows tensors' f32 data in place: `borrow_f32!(xv = x, "what"; ...)` binds each name to
+/// the `&[f32]` of the tensor made contiguous, until the end of the enclosing scope (the
+/// contiguous tensor and its storage read guard live on in the shadowed bindings). Fails with
+/// `what` in the message when the data is not f32 on the CPU.
+macro_rules! borrow_f32 {
+    ($($v:ident = $t:expr, $what:expr);+ $(;)?) => {
+        $(
+            let $v = $t.contiguous()?;
+            let $v = $v.storage_and_layout();
+            let $v = $crate::kernels::cpu_f32(&$v.0, $v.1, $what)?;
+        )+
+    };
+}
+pub(crate) use borrow_f32;
+
+fn tensor_vec(t: &Tensor) -> CResult<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+pub(crate) fn threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
+pub(crate) fn cpu_f32<'a>(
+    t: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> CResult<&'a [f32]> {
+    match t {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => candle_core::bail!("{what}: not on the CPU"),
+    }
+}
+
+/// The largest absolute difference of two tensors (tests).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
