@@ -46,6 +46,9 @@ if [ -f "$deb" ] && [ "$deb" -nt "$target_dir/release/attune-app" ] && [ "$deb" 
   echo "package: $deb is up to date" >&2
 else
   (cd src-tauri && "$tauri" bundle --bundles deb,rpm) >&2
+  # The bundler marks the binary with each package's type after writing the .deb, which
+  # leaves the binary newer; the .deb's time records that this build is bundled.
+  touch "$deb"
 fi
 
 rpm=$(ls "$target_dir"/release/bundle/rpm/Attune-"$version"-*.rpm 2>/dev/null | head -n 1 || true)
