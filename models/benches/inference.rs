@@ -1,10 +1,12 @@
 //! Inference benchmark on the default model (SmolLM2-135M-Instruct Q4_1 GGUF): prompt processing
 //! (41 and 512 tokens) and greedy decode with the KV cache (64 and 128 tokens), medians of several
-//! runs, printed beside the PyTorch and llama.cpp reference figures (2 threads).
+//! runs (2 threads). `scripts/bench-side-by-side.sh` runs it beside the PyTorch harness on the same
+//! machine for the comparison.
 //!
-//! `cargo bench -p attune-models --bench inference`
+//! `cargo bench --workspace --bench inference`
 //! Environment: `ATTUNE_BENCH_MODE=auto|f32|quantized` (default auto), `ATTUNE_BENCH_RUNS`,
-//! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling).
+//! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling), `ATTUNE_BENCH_JSON=<file>`
+//! (also write the figures there as JSON).
 //!
 //! Other models and weight types, one row each (each in a child process, so its peak RSS is its
 //! own): `ATTUNE_BENCH_ARCH=qwen3-0.6b,gemma3-270m,...` (a family at its real dimensions with
@@ -230,9 +232,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let pp41 = pp(&model, &p41, runs * 2)?;
     let pp512 = pp(&model, &p512, runs.div_ceil(2).max(2))?;
+    let mut json = serde_json::json!({
+        "mode": format!("{mode:?}"),
+        "threads": candle_core::utils::get_num_threads(),
+        "runs": runs,
+        "load_s": load_s,
+        "pp_short_tokens": p41.len(),
+        "pp_short_tok_s": pp41,
+        "pp_long_tokens": p512.len(),
+        "pp_long_tok_s": pp512,
+    });
     if std::env::var("ATTUNE_BENCH_ONLY").as_deref() == Ok("pp") {
         println!("prompt processing, 41 tokens: {pp41:.0} tok/s; 512 tokens: {pp512:.0} tok/s");
-        return Ok(());
+        return write_json(&json);
     }
     let (d64, toks) = decode(&model, &chat, 64, runs)?;
     let (d128, _) = decode(&model, &chat, 128, runs)?;
@@ -250,23 +262,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => None,
     };
-    println!("| work | attune | PyTorch f32 | llama.cpp Q4_1 |");
-    println!("|---|---|---|---|");
-    println!("| prompt processing, 41 tokens | {pp41:.0} tok/s | 265 | 307 |");
-    println!("| prompt processing, 512 tokens | {pp512:.0} tok/s | 510 | 312 |");
-    println!("| decode, 64 tokens | {d64:.1} tok/s | 17.8 | 131 |");
-    println!("| decode, 128 tokens | {d128:.1} tok/s | 17.8 | 127 |");
+    println!("| work | attune |");
+    println!("|---|---|");
+    println!("| prompt processing, 41 tokens | {pp41:.0} tok/s |");
+    println!("| prompt processing, 512 tokens | {pp512:.0} tok/s |");
+    println!("| decode, 64 tokens | {d64:.1} tok/s |");
+    println!("| decode, 128 tokens | {d128:.1} tok/s |");
     if let Some(d) = lora_decode {
-        println!("| decode, 64 tokens, LoRA r=8 on 7 projections | {d:.1} tok/s | - | - |");
+        println!("| decode, 64 tokens, LoRA r=8 on 7 projections | {d:.1} tok/s |");
     }
-    println!(
-        "decode vs PyTorch: {:.1}x (target >= 5x); pp41 vs PyTorch: {:.2}x (target >= 1x)",
-        d64 / 17.8,
-        pp41 / 265.0
-    );
+    json["decode_64_tok_s"] = d64.into();
+    json["decode_128_tok_s"] = d128.into();
+    json["decode_64_lora_tok_s"] = lora_decode.into();
     println!(
         "greedy chat continuation (first 16 ids): {:?}",
         &toks[..16.min(toks.len())]
     );
+    write_json(&json)
+}
+
+/// Writes `value` to `$ATTUNE_BENCH_JSON` when it is set.
+fn write_json(value: &serde_json::Value) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(path) = std::env::var_os("ATTUNE_BENCH_JSON") {
+        std::fs::write(&path, serde_json::to_string_pretty(value)?)
+            .map_err(|e| format!("ATTUNE_BENCH_JSON {}: {e}", path.to_string_lossy()))?;
+    }
     Ok(())
 }

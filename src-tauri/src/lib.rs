@@ -63,6 +63,7 @@ pub fn run() -> tauri::Result<()> {
             commands::models::remove_model,
             commands::models::pull_model,
             commands::models::cancel_pull,
+            commands::models::hub_status,
             commands::models::classify_path,
             commands::models::pick_path,
             commands::models::confirm_path,

@@ -239,12 +239,24 @@ pub fn App() -> impl IntoView {
         }
     };
 
+    // First start: while the library has no model, the window offers the default one
+    // (the pages stay mounted underneath, hidden).
+    let welcome_dismissed = RwSignal::new(false);
+    let welcome_open = Memo::new(move |_| {
+        !welcome_dismissed.get()
+            && ctx
+                .models
+                .with(|m| matches!(m, Some(Ok(list)) if list.is_empty()))
+    });
+
     let slot = move |target: Page, body: AnyView| {
         view! {
             <div
                 class="page-slot"
                 id=format!("page-{}", target.key())
-                style:display=move || if ctx.page.get() == target { "flex" } else { "none" }
+                style:display=move || {
+                    if ctx.page.get() == target && !welcome_open.get() { "flex" } else { "none" }
+                }
             >
                 {body}
             </div>
@@ -326,6 +338,11 @@ pub fn App() -> impl IntoView {
                             </div>
                         }
                     })
+                }}
+                {move || {
+                    welcome_open
+                        .get()
+                        .then(|| view! { <pages::welcome::Welcome dismissed=welcome_dismissed /> })
                 }}
                 {slot(Page::Playground, view! { <pages::playground::PlaygroundPage /> }.into_any())}
                 {slot(Page::Library, view! { <pages::library::LibraryPage /> }.into_any())}

@@ -93,7 +93,7 @@ pub enum EngineError {
     #[error("cannot remove {what}: {users}; remove those first")]
     InUse { what: String, users: String },
     #[error(
-        "run will not fit in memory: estimated peak {estimate_mb} MiB, available {available_mb} MiB \
+        "run will not fit in memory: it needs about {estimate_mb} MiB more, available {available_mb} MiB \
          (MemAvailable in /proc/meminfo); {suggestion}"
     )]
     WontFit {

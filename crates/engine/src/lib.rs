@@ -48,7 +48,7 @@ pub use endpoints::{keys::env_var as endpoint_key_env_var, CONNECT_TIMEOUT_S, ID
 pub use error::EngineError;
 pub use export::{check_prompts, ModelfileImport, ATTUNE_VERSION};
 pub use files::classify_path;
-pub use hub::PullProgress;
+pub use hub::{hub_status, PullProgress};
 pub use runs::{
     available_memory, estimate_memory, process_memory_mb, trainable_params, MemoryEstimate,
     RunControl, FORGETTING_THRESHOLD,

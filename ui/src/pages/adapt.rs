@@ -465,7 +465,7 @@ pub fn AdaptWizard() -> impl IntoView {
                         Some(Ok(c)) => {
                             let cls = if c.fits { "verdict fits" } else { "verdict too-big" };
                             view! {
-                                <div class=cls id="fit-verdict" data-fits=c.fits.to_string()>
+                                <div class=cls id="fit-verdict" data-fits=c.fits.to_string() data-peak-mb=c.peak_memory_mb.to_string()>
                                     <strong>{if c.fits { "✓ It fits." } else { "✗ It will not fit." }}</strong>
                                     {format!(
                                         " Peak memory about {} of {} available; {} steps, about {} at {:.0} tokens/s.",
