@@ -628,12 +628,12 @@ impl<'a> WeightSource<'a> {
             let (i, tail) = rest.split_once('.').ok_or_else(missing)?;
             let i: usize = i.parse().map_err(|_| missing())?;
             let b = self.model.layers().get(i).ok_or_else(missing)?;
-            match tail {
-                "input_layernorm.weight" => return Ok(b.input_layernorm.weight.clone()),
-                "post_attention_layernorm.weight" => {
-                    return Ok(b.post_attention_layernorm.weight.clone())
+            // Norms by their Hugging Face names (the family's own: Llama's
+            // post_attention_layernorm is the norm before the MLP, Gemma's is after attention).
+            if let Some(norm) = tail.strip_suffix(".weight") {
+                if let Some((_, n)) = b.norms().into_iter().find(|(k, _)| *k == norm) {
+                    return Ok(n.weight.clone());
                 }
-                _ => {}
             }
         }
         if let Some(module) = name.strip_suffix(".weight") {
@@ -730,6 +730,7 @@ mod tests {
             eos_token_ids: vec![2],
             head_dim: None,
             rope_scaling: None,
+            ..Config::default()
         }
     }
 
