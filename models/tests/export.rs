@@ -44,13 +44,14 @@ fn logits(m: &Llama, ids: &[u32]) -> Vec<f32> {
         .and_then(|t| t.unsqueeze(0))
         .expect("ids");
     let l = m.forward(&t, None).expect("forward");
-    l.flatten_all()
-        .and_then(|l| l.to_vec1())
-        .expect("logits")
+    l.flatten_all().and_then(|l| l.to_vec1()).expect("logits")
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn meta() -> gguf_out::ModelMeta {
@@ -117,9 +118,17 @@ fn adapter_gguf_round_trip_gives_the_same_lora() {
             ("self_attn.k_proj", 32, 64),
             ("mlp.down_proj", 64, 128),
         ] {
-            let key = |ab: &str| format!("base_model.model.model.layers.{layer}.{module}.lora_{ab}.weight");
-            tensors.insert(key("A"), Tensor::randn(0f32, 0.3, (r, inp), &Device::Cpu).expect("a"));
-            tensors.insert(key("B"), Tensor::randn(0f32, 0.3, (out, r), &Device::Cpu).expect("b"));
+            let key = |ab: &str| {
+                format!("base_model.model.model.layers.{layer}.{module}.lora_{ab}.weight")
+            };
+            tensors.insert(
+                key("A"),
+                Tensor::randn(0f32, 0.3, (r, inp), &Device::Cpu).expect("a"),
+            );
+            tensors.insert(
+                key("B"),
+                Tensor::randn(0f32, 0.3, (out, r), &Device::Cpu).expect("b"),
+            );
         }
     }
     let lcfg = LoraConfig {

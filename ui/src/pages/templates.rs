@@ -7,9 +7,9 @@
 use crate::components::{error_note, ConfirmButton, ErrorSlot, Field, ModelSelect, Progress};
 use crate::{ipc, AppCtx};
 use attune_protocol::{
-    ChatMessage, DatasetSummary, EndpointEvalReport, EndpointModel, EndpointSummary, EvalOptions, EvalProgress,
-    EvalReport, EvalSubject, IpcError, PromptTemplate, SplitName, TemplateDraft, TemplatePreview,
-    TemplateRecord,
+    ChatMessage, DatasetSummary, EndpointEvalReport, EndpointModel, EndpointSummary, EvalOptions,
+    EvalProgress, EvalReport, EvalSubject, IpcError, PromptTemplate, SplitName, TemplateDraft,
+    TemplatePreview, TemplateRecord,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;

@@ -555,5 +555,14 @@ fn the_template_preview_of_an_api_model_is_the_request_attune_sends() {
     let err = e
         .preview_template_for_endpoint(&missing, &draft, "x", &Default::default())
         .unwrap_err();
-    assert!(matches!(err, EngineError::NotFound { what: "endpoint", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            EngineError::NotFound {
+                what: "endpoint",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
