@@ -68,31 +68,7 @@ pub fn source_kind(path: &Path) -> Result<SourceKind> {
 /// `config.json`), the tokenizer is there and builds (GGUF vocabulary or `tokenizer.json`), and
 /// the chat template compiles and renders a short conversation within its step budget.
 pub fn check(path: &Path) -> Result<()> {
-    let (config, tokenizer, template) = match source_kind(path)? {
-        SourceKind::Gguf => {
-            let content = crate::gguf::read_content(path)?;
-            let config = crate::gguf::config_from_content(&content, path)?;
-            if !content.metadata.contains_key("tokenizer.ggml.tokens") {
-                return Err(Error::Tokenizer {
-                    path: path.to_path_buf(),
-                    reason: "the GGUF has no tokenizer (tokenizer.ggml.tokens is missing)".into(),
-                });
-            }
-            (
-                config,
-                Tok::from_gguf(&content, path)?,
-                ChatTemplate::from_gguf(&content, path)?,
-            )
-        }
-        SourceKind::HfFolder => {
-            let config = crate::hf::read_config(path)?;
-            (
-                config,
-                Tok::from_hf_dir(path)?,
-                ChatTemplate::from_hf_dir(path)?,
-            )
-        }
-    };
+    let (config, tokenizer, template) = text_side(path)?;
     let vocab = tokenizer.vocab_size();
     if vocab == 0 || vocab > config.vocab_size {
         return Err(Error::Tokenizer {
@@ -117,6 +93,36 @@ pub fn check(path: &Path) -> Result<()> {
         other => other,
     })?;
     Ok(())
+}
+
+/// The config, tokenizer and chat template of the model at `path`, without its weights: what
+/// rendering and counting tokens need (a GGUF's header is read, not its tensors).
+pub fn text_side(path: &Path) -> Result<(Config, Tok, ChatTemplate)> {
+    Ok(match source_kind(path)? {
+        SourceKind::Gguf => {
+            let content = crate::gguf::read_content(path)?;
+            let config = crate::gguf::config_from_content(&content, path)?;
+            if !content.metadata.contains_key("tokenizer.ggml.tokens") {
+                return Err(Error::Tokenizer {
+                    path: path.to_path_buf(),
+                    reason: "the GGUF has no tokenizer (tokenizer.ggml.tokens is missing)".into(),
+                });
+            }
+            (
+                config,
+                Tok::from_gguf(&content, path)?,
+                ChatTemplate::from_gguf(&content, path)?,
+            )
+        }
+        SourceKind::HfFolder => {
+            let config = crate::hf::read_config(path)?;
+            (
+                config,
+                Tok::from_hf_dir(path)?,
+                ChatTemplate::from_hf_dir(path)?,
+            )
+        }
+    })
 }
 
 /// Loads a model. `path`: a `.gguf` file, or a Hugging Face folder (`config.json` +

@@ -501,7 +501,23 @@ impl Engine {
                 return Ok(Arc::clone(hit));
             }
         }
-        let loaded = self.model_for(model.id, &mut |_| {})?;
+        // Tokenizer and chat template only: loading the weights here would keep a whole
+        // model in the engine's cache (in `attune train`, beside the one that trains).
+        let path = model_path(model);
+        if !path.exists() {
+            return Err(EngineError::ModelFileMissing {
+                id: model.id,
+                name: model.name.clone(),
+                path,
+            });
+        }
+        let (_, tokenizer, chat_template) = attune_models::loader::text_side(&path).map_err(
+            |source| EngineError::ModelLoad {
+                name: model.name.clone(),
+                path: path.clone(),
+                source: Box::new(source),
+            },
+        )?;
         let opts = RenderOptions {
             loss_on: models_loss(LossOn::All),
             max_len: usize::MAX / 2,
@@ -509,7 +525,7 @@ impl Engine {
         let rows = self.dataset_rows(ds.id, SplitName::Train)?;
         let mut lengths = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {
-            let e = render_sample(&loaded.tokenizer, &loaded.chat_template, &row.sample, &opts)
+            let e = render_sample(&tokenizer, &chat_template, &row.sample, &opts)
                 .map_err(|e| EngineError::InvalidDataset {
                     path: PathBuf::from(&ds.source_path),
                     reason: format!(
