@@ -1027,10 +1027,12 @@ impl Engine {
             source,
         })?;
         clean_temp_dirs(&ckpt_root);
+        // Auto: `train::prepare` runs the frozen base (LoRA, prompt tuning) in bf16 on the CPU's
+        // matrix units where it has them, f32 elsewhere and for full fine-tuning.
         let loaded: LoadedModel = attune_models::loader::load(
             &model_path,
             &LoadOptions {
-                compute: ComputeMode::F32,
+                compute: ComputeMode::Auto,
             },
         )
         .map_err(|source| EngineError::ModelLoad {

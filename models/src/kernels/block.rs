@@ -26,9 +26,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use gemm::Parallelism;
 
+use std::sync::Arc;
+
+use super::amx::PackedWeight;
 use super::attention::{attention_backward, attention_forward, AttnDims};
-use super::gemm::{matmul, product};
-use super::linear::{lora_branch_backward, lora_branch_forward};
+use super::gemm::product;
+use super::linear::{lora_branch_backward, lora_branch_forward, Act, Frozen, WRef};
 use super::profile::prof;
 use super::rms_norm::{rms_backward, rms_forward};
 use super::rope::rope_in_place;
@@ -36,11 +39,36 @@ use super::swiglu::{swiglu_backward, swiglu_forward};
 use super::{borrow_f32, f32_slice, threads, CResult};
 
 /// One projection `[out, in]` of a layer, with its LoRA branch `(A [r, in], B [out, r], scale)`
-/// if it has one. The weight is trained when it is a variable (full fine-tuning).
+/// if it has one. An f32 weight is trained when it is a variable (full fine-tuning); a packed
+/// bf16 weight is frozen.
 #[derive(Clone, Copy)]
 pub struct Proj<'a> {
-    pub w: &'a Tensor,
+    pub w: ProjWeight<'a>,
     pub lora: Option<(&'a Tensor, &'a Tensor, f32)>,
+}
+
+/// A projection's weight: f32, or bf16 packed for the matrix units.
+#[derive(Clone, Copy)]
+pub enum ProjWeight<'a> {
+    F32(&'a Tensor),
+    Bf16(&'a Arc<PackedWeight>),
+}
+
+impl<'a> ProjWeight<'a> {
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            ProjWeight::F32(w) => w.dims().to_vec(),
+            ProjWeight::Bf16(p) => vec![p.out_dim(), p.in_dim()],
+        }
+    }
+
+    /// The weight, when it is a trained variable.
+    fn trained(self) -> Option<&'a Tensor> {
+        match self {
+            ProjWeight::F32(w) => w.track_op().then_some(w),
+            ProjWeight::Bf16(_) => None,
+        }
+    }
 }
 
 /// The parameters of one decoder layer: the two norms' scales `[hidden]` and the seven
@@ -73,7 +101,9 @@ impl LayerParts<'_> {
     pub fn first_trained(&self) -> Option<&Tensor> {
         let mut all = vec![self.input_norm, self.post_norm];
         for p in self.projs() {
-            all.push(p.w);
+            if let Some(w) = p.w.trained() {
+                all.push(w);
+            }
             if let Some((a, b, _)) = p.lora {
                 all.push(a);
                 all.push(b);
@@ -110,9 +140,9 @@ pub fn backward(loss: &Tensor) -> CResult<GradStore> {
 pub fn fused_layer(x: &Tensor, parts: LayerParts, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     let (_, l, hidden) = x.dims3()?;
     let (seq, half) = cos.dims2()?;
-    let nq = parts.q.w.dim(0)?;
-    let nkv = parts.k.w.dim(0)?;
-    let inter = parts.gate.w.dim(0)?;
+    let nq = parts.q.w.dims()[0];
+    let nkv = parts.k.w.dims()[0];
+    let inter = parts.gate.w.dims()[0];
     let hd = half * 2;
     let lora_fits = |p: &Proj, out: usize, inp: usize| match p.lora {
         None => true,
@@ -166,11 +196,14 @@ pub fn fused_layer(x: &Tensor, parts: LayerParts, cos: &Tensor, sin: &Tensor) ->
                 scale,
             }),
         };
-        Ok(OwnedProj {
-            w: p.w.contiguous()?,
-            param: p.w.track_op().then(|| p.w.clone()),
-            lora,
-        })
+        let (w, param) = match p.w {
+            ProjWeight::F32(w) => (
+                Frozen::F32(w.contiguous()?),
+                w.track_op().then(|| w.clone()),
+            ),
+            ProjWeight::Bf16(pw) => (Frozen::Bf16(pw.clone()), None),
+        };
+        Ok(OwnedProj { w, param, lora })
     };
     let norm = |w: &Tensor, eps: f32| -> CResult<OwnedNorm> {
         Ok(OwnedNorm {
@@ -214,8 +247,8 @@ struct LoraParts {
 }
 
 struct OwnedProj {
-    /// `[out, in]`, contiguous.
-    w: Tensor,
+    /// `[out, in]`: a contiguous f32 tensor, or the packed bf16 copy.
+    w: Frozen,
     /// The weight variable, when trained (its gradient is keyed by it).
     param: Option<Tensor>,
     lora: Option<LoraParts>,
@@ -277,7 +310,7 @@ struct Kept {
 
 /// A projection's slices for one pass.
 struct P<'s> {
-    w: &'s [f32],
+    w: WRef<'s>,
     proj: &'s OwnedProj,
     din: usize,
     dout: usize,
@@ -300,36 +333,16 @@ impl P<'_> {
     }
 
     /// A new `[rows, out]` output `x W^T (+ LoRA)`, and the branch's `x A^T`.
-    fn fwd_new(&self, x: &[f32], rows: usize, par: Parallelism) -> (Vec<f32>, Option<Vec<f32>>) {
-        let (din, dout) = (self.din, self.dout);
-        let mut y = product(rows, dout, din, x, (din, 1), self.w, (1, din), par);
-        let xa = self.lora_fwd(x, rows, &mut y, par);
+    fn fwd_new(&self, x: &Act, par: Parallelism) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut y = self.w.forward_new(x, self.dout, par);
+        let xa = self.lora_fwd(x.x, x.rows, &mut y, par);
         (y, xa)
     }
 
     /// `dst += x W^T (+ LoRA)`; returns the branch's `x A^T`.
-    fn fwd_add(
-        &self,
-        x: &[f32],
-        rows: usize,
-        dst: &mut [f32],
-        par: Parallelism,
-    ) -> Option<Vec<f32>> {
-        let (din, dout) = (self.din, self.dout);
-        matmul(
-            rows,
-            dout,
-            din,
-            dst,
-            (dout, 1),
-            true,
-            x,
-            (din, 1),
-            self.w,
-            (1, din),
-            par,
-        );
-        self.lora_fwd(x, rows, dst, par)
+    fn fwd_add(&self, x: &Act, dst: &mut [f32], par: Parallelism) -> Option<Vec<f32>> {
+        self.w.forward_add(x, dst, self.dout, par);
+        self.lora_fwd(x.x, x.rows, dst, par)
     }
 
     /// The backward pass for the output gradient `dy`: adds `dy W (+ LoRA)` to `dx` (creating it
@@ -349,33 +362,7 @@ impl P<'_> {
     ) -> CResult<()> {
         let (din, dout) = (self.din, self.dout);
         if want_dx {
-            match dx {
-                Some(d) => matmul(
-                    rows,
-                    din,
-                    dout,
-                    d,
-                    (din, 1),
-                    true,
-                    dy,
-                    (dout, 1),
-                    self.w,
-                    (din, 1),
-                    par,
-                ),
-                None => {
-                    *dx = Some(product(
-                        rows,
-                        din,
-                        dout,
-                        dy,
-                        (dout, 1),
-                        self.w,
-                        (din, 1),
-                        par,
-                    ))
-                }
-            }
+            self.w.input_grad(&Act::new(dy, rows, dout), din, dx, par);
         }
         let input = || -> CResult<&[f32]> {
             match x {
@@ -429,7 +416,25 @@ struct Projs<'s> {
 impl FusedLayer {
     /// Runs `f` on the seven projections, their weights borrowed in place for the call.
     fn with_projs<R>(&self, f: impl FnOnce(&Projs) -> CResult<R>) -> CResult<R> {
-        borrow_f32!(
+        // Binds each name to the projection's `WRef`: an f32 weight's slice borrowed in place (its
+        // storage guard lives on in the shadowed binding until the end of the function), or the
+        // packed bf16 copy.
+        macro_rules! borrow_w {
+            ($($v:ident = $w:expr, $what:expr);+ $(;)?) => {
+                $(
+                    let $v = match &$w {
+                        Frozen::F32(t) => Some(t.storage_and_layout()),
+                        Frozen::Bf16(_) => None,
+                    };
+                    let $v = match (&$w, &$v) {
+                        (Frozen::F32(_), Some((s, l))) => WRef::F32(super::cpu_f32(s, l, $what)?),
+                        (Frozen::Bf16(p), _) => WRef::Bf16(p),
+                        (Frozen::F32(_), None) => candle_core::bail!("{}: weight not borrowed", $what),
+                    };
+                )+
+            };
+        }
+        borrow_w!(
             wq = self.q.w, "q_proj";
             wk = self.k.w, "k_proj";
             wv = self.v.w, "v_proj";
@@ -440,7 +445,7 @@ impl FusedLayer {
         );
         let hidden = self.input_norm.vals.len();
         let (nq, nkv) = (self.heads * self.hd, self.kv_heads * self.hd);
-        let inter = wg.len() / hidden.max(1);
+        let inter = self.gate.w.dims()?.0;
         let p = |w, proj, din, dout| P { w, proj, din, dout };
         f(&Projs {
             q: p(wq, &self.q, hidden, nq),
@@ -471,10 +476,13 @@ impl FusedLayer {
         let rows = b * l;
         let par = Parallelism::Rayon(threads());
 
+        let hidden = self.input_norm.vals.len();
         let hn = rms_forward(x, &self.input_norm.vals, self.input_norm.eps);
-        let (mut q, xa_q) = ps.q.fwd_new(&hn, rows, par);
-        let (mut k, xa_k) = ps.k.fwd_new(&hn, rows, par);
-        let (v, xa_v) = ps.v.fwd_new(&hn, rows, par);
+        let hn_act = Act::new(&hn, rows, hidden);
+        let (mut q, xa_q) = ps.q.fwd_new(&hn_act, par);
+        let (mut k, xa_k) = ps.k.fwd_new(&hn_act, par);
+        let (v, xa_v) = ps.v.fwd_new(&hn_act, par);
+        drop(hn_act);
         let hn1 = [&self.q, &self.k, &self.v]
             .iter()
             .any(|p| p.needs_input())
@@ -485,10 +493,12 @@ impl FusedLayer {
         let (att, lse) = attention_forward(self.dims(b, l), &q, &k, &v, scale);
         // x1 = x + att Wo^T
         let mut x1 = x.to_vec();
-        let xa_o = ps.o.fwd_add(&att, rows, &mut x1, par);
+        let xa_o = ps.o.fwd_add(&Act::new(&att, rows, nq), &mut x1, par);
         let hn = rms_forward(&x1, &self.post_norm.vals, self.post_norm.eps);
-        let (g, xa_g) = ps.gate.fwd_new(&hn, rows, par);
-        let (u, xa_u) = ps.up.fwd_new(&hn, rows, par);
+        let hn_act = Act::new(&hn, rows, hidden);
+        let (g, xa_g) = ps.gate.fwd_new(&hn_act, par);
+        let (u, xa_u) = ps.up.fwd_new(&hn_act, par);
+        drop(hn_act);
         let hn2 = [&self.gate, &self.up]
             .iter()
             .any(|p| p.needs_input())
@@ -496,7 +506,8 @@ impl FusedLayer {
         let h = swiglu_forward(&g, &u);
         // out = x1 + h Wd^T
         let mut out = x1.clone();
-        let xa_d = ps.down.fwd_add(&h, rows, &mut out, par);
+        let inter = g.len() / rows.max(1);
+        let xa_d = ps.down.fwd_add(&Act::new(&h, rows, inter), &mut out, par);
         Ok((
             out,
             Kept {

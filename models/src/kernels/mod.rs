@@ -13,12 +13,14 @@
 //! - [`loss`]: cross-entropy, and the LM head fused with it;
 //! - [`decode`]: ops sized for decoding (a LoRA branch in one op);
 //! - [`quant`]: the Q4_1/Q8_0 integer matmul (AVX-512 VNNI, AVX2, scalar);
+//! - [`amx`]: bf16 GEMM on the CPU's matrix units (Intel AMX tiles), for frozen weights;
 //! - [`block`]: a whole decoder layer as one training op;
 //! - [`gemm`] (the f32 GEMM wrappers), [`simd`] (AVX-512 `exp`, softmax, SiLU), [`profile`]
 //!   (`ATTUNE_PROFILE_OPS`).
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
+pub mod amx;
 pub mod attention;
 pub mod block;
 pub mod decode;

@@ -124,9 +124,21 @@ impl Trainable {
 /// Makes `model` trainable with `method`: full fine-tuning turns every weight into a variable
 /// (a tied embedding/lm_head stays one tensor); LoRA attaches `A` (Kaiming-uniform, as PEFT) and
 /// `B` (zero) to the target projections of a frozen base; prompt tuning creates the soft prompt.
-/// The model switches to f32 compute (the quantized decode path has no gradients).
+/// The model switches to dense compute (the quantized decode path has no gradients): a model
+/// loaded in [`ComputeMode::F32`] trains in f32 throughout (the correctness tests against
+/// PyTorch); otherwise, where the CPU has matrix units ([`kernels::amx::available`]), the frozen
+/// base runs in bf16 on them (forward pass and input gradient, accumulated in f32) while the
+/// trained tensors, their gradients and AdamW's state stay f32; elsewhere everything is f32.
 pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Result<Trainable> {
-    model.set_compute_mode(ComputeMode::F32)?;
+    // Full fine-tuning trains every weight: its products stay f32 (see ARCHITECTURE.md).
+    let bf16_base = model.compute_mode() != ComputeMode::F32
+        && !matches!(method, Method::Full)
+        && kernels::amx::available();
+    model.set_compute_mode(if bf16_base {
+        ComputeMode::Auto
+    } else {
+        ComputeMode::F32
+    })?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut params = Vec::new();
     let mut prefix = None;
@@ -323,7 +335,7 @@ pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<
     match head.weight() {
         // A plain dense head (every Llama here): logits and loss in one op.
         Some(w) if head.bias().is_none() && head.lora().is_none() && w.is_contiguous() => {
-            Ok(kernels::lm_head_nll(&h, w, &batch.targets)?.sum_all()?)
+            Ok(kernels::lm_head_nll(&h, w, head.packed(), &batch.targets)?.sum_all()?)
         }
         _ => {
             let logits = head.forward(&h)?;
