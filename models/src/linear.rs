@@ -253,10 +253,20 @@ impl Linear {
         if let Some(p) = &self.packed {
             return Some(ProjWeight::Bf16(p));
         }
+        let mixed = self.bf16_compute();
         self.weight
             .as_ref()
             .filter(|w| w.is_contiguous())
-            .map(ProjWeight::F32)
+            .map(|w| match mixed && w.track_op() {
+                true => ProjWeight::Mixed(w),
+                false => ProjWeight::F32(w),
+            })
+    }
+
+    /// Whether products on this layer's f32 weight run in bf16 on the matrix units: `Auto`
+    /// mode on a CPU that has them (a trained weight then keeps its f32 master copy).
+    pub fn bf16_compute(&self) -> bool {
+        self.mode == ComputeMode::Auto && amx::available()
     }
     /// The quantized weight, when the layer was loaded from GGUF and keeps it.
     pub fn qweight(&self) -> Option<&Arc<QTensor>> {

@@ -775,3 +775,44 @@ fn fused_decode_equals_separate_layers() {
     let got = FusedDecode::forward(Some(&fused), &[&a, &b, &c], &x).expect("fallback");
     assert!(max_abs_diff(&got[0], &a.forward(&x).expect("alone")) < 1e-5);
 }
+
+#[test]
+fn full_fine_tuning_with_bf16_products_matches_f32() {
+    // Full fine-tuning in Auto on a CPU with matrix units: f32 master weights, the fused layers'
+    // products in bf16 (weights packed each pass, weight gradients in bf16 too). Against the
+    // same layers in f32: hidden states and every gradient within bf16 rounding.
+    if !attune_models::kernels::amx::available() {
+        eprintln!(
+            "note: no AMX-BF16 here (or ATTUNE_MATMUL=f32): Auto stays f32, nothing to compare"
+        );
+        return;
+    }
+    let dev = Device::Cpu;
+    let toks: Vec<u32> = (0..2 * 67).map(|i| (i * 7 + 3) % 64).collect();
+    let toks = Tensor::from_vec(toks, (2, 67), &dev).expect("ids");
+    let mut m = Llama::new_random(&tiny_config("llama"), &dev, 21).expect("model");
+    let mut params = Vec::new();
+    for (_, lin) in m.linears_mut() {
+        let v = Var::from_tensor(lin.weight().expect("weight")).expect("var");
+        lin.set_weight(v.as_tensor().clone()).expect("set");
+        params.push(v);
+    }
+    let probe = Tensor::randn(0f32, 1.0, (2, 67, 32), &dev).expect("probe");
+    let (h32, g32) = layer_grads(&mut m, LayerFusion::All, None, &params, &toks, &probe);
+    for (_, lin) in m.linears_mut() {
+        lin.set_mode(ComputeMode::Auto).expect("mode");
+    }
+    let (h16, g16) = layer_grads(&mut m, LayerFusion::All, None, &params, &toks, &probe);
+    let dh = rel_diff(&h16, &h32);
+    eprintln!("hidden {dh}");
+    assert!(dh < 2e-2, "hidden states differ by {dh} (relative)");
+    for (i, (a, b)) in g16.iter().zip(&g32).enumerate() {
+        let d = rel_diff(a, b);
+        eprintln!("grad {i} {:?}: {d}", b.dims());
+        assert!(
+            d < 3e-2,
+            "gradient {i} {:?} differs by {d} (relative)",
+            b.dims()
+        );
+    }
+}

@@ -224,8 +224,9 @@ fn lora_starts_from_the_base_model_and_learns() {
     );
 }
 
-/// The frozen base in bf16 on the matrix units (what users get on such a CPU) against PyTorch's
-/// f32 figures: prompt tuning's first two steps (deterministic) and LoRA's first loss. bf16
+/// bf16 products on the matrix units (what users get on such a CPU) against PyTorch's f32
+/// figures: prompt tuning's and full fine-tuning's first steps (deterministic; full fine-tuning
+/// keeps f32 master weights) and LoRA's first loss. bf16
 /// rounding of the base weights and activations moves every product by a random ~0.2% (see
 /// `kernels::linear`'s tests), which moves a mean token loss by a few thousandths and the
 /// gradient norm by a few tenths of a percent; the tolerances are 5x and 3x the f32 ones.
@@ -269,6 +270,49 @@ fn bf16_base_training_stays_close_to_pytorch() {
         r["losses"][1].as_f64().expect("l"),
         1.5e-2,
         "bf16 prompt step 2 loss",
+    );
+    // Full fine-tuning: f32 master weights (started on bf16 values, see `train::prepare`), bf16
+    // products (weights packed every step, weight gradients on the matrix units too). Step 1's
+    // loss and gradient norm as above; its update checked by scoring step 2 in f32.
+    let loaded = loader::load(
+        &model_path(),
+        &LoadOptions {
+            compute: ComputeMode::Auto,
+        },
+    )
+    .expect("model");
+    let examples = recipe_examples(&loaded.tokenizer, &loaded.chat_template, 8);
+    let mut model = loaded.model;
+    let trainable =
+        train::prepare(&mut model, &loaded.tokenizer, &Method::Full, 42).expect("prepare");
+    let mut t = Trainer::new(model, trainable, config(2e-5), examples, 2).expect("trainer");
+    let s1 = t.train_step().expect("step 1");
+    for (_, l) in t.model.linears_mut() {
+        l.set_mode(ComputeMode::F32).expect("f32");
+    }
+    t.model
+        .lm_head_mut()
+        .set_mode(ComputeMode::F32)
+        .expect("f32");
+    let s2 = t.train_step().expect("step 2");
+    let r = reference("full");
+    let g0 = r["grad_norm_preclip"][0].as_f64().expect("g");
+    eprintln!(
+        "bf16 full: loss {} (PyTorch {}), grad norm {} (PyTorch {g0}); step 2 in f32 {} (PyTorch {})",
+        s1.loss, r["losses"][0], s1.grad_norm, s2.loss, r["losses"][1]
+    );
+    close(
+        s1.loss,
+        r["losses"][0].as_f64().expect("l"),
+        1e-2,
+        "bf16 full step 1 loss",
+    );
+    close(s1.grad_norm, g0, 0.03 * g0, "bf16 full step 1 grad norm");
+    close(
+        s2.loss,
+        r["losses"][1].as_f64().expect("l"),
+        1e-2,
+        "bf16 full step 1's update",
     );
     let got = run_in(
         ComputeMode::Auto,

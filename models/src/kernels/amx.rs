@@ -37,6 +37,24 @@ struct Tile([u16; TILE_LEN]);
 
 const ZERO_TILE: Tile = Tile([0; TILE_LEN]);
 
+/// `n` tiles of uninitialised memory: the packers write every tile whole (`MaybeUninit::write`)
+/// instead of zero-filling first.
+fn uninit_tiles(n: usize) -> Vec<std::mem::MaybeUninit<Tile>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit<Tile> needs no initialisation; the length is within the capacity.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// The tiles once every one has been written.
+fn assume_init(v: Vec<std::mem::MaybeUninit<Tile>>) -> Vec<Tile> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+    // SAFETY: callers write every element (each packing loop visits every tile and writes it
+    // with `MaybeUninit::write` before anything else); MaybeUninit<Tile> has Tile's layout.
+    unsafe { Vec::from_raw_parts(ptr.cast::<Tile>(), len, cap) }
+}
+
 /// Whether the AMX bf16 kernels can run in this process: the CPU has AMX-TILE, AMX-BF16 and
 /// AVX512-BF16, Linux granted the tile data, and `ATTUNE_MATMUL` is not `f32`. Checked once.
 pub fn available() -> bool {
@@ -198,7 +216,42 @@ impl PackedB {
             "PackedB::from_rows: {} values for [{n}, {k}]",
             w.len()
         );
-        Self::from_fn(n, k, |nn, kk| to_bf16(w[nn * k + kk]))
+        let nt = n.div_ceil(2 * TILE_MN) * 2;
+        let kt = k.div_ceil(TILE_K);
+        let mut tiles = uninit_tiles(nt * kt);
+        tiles
+            .par_chunks_mut(kt.max(1))
+            .enumerate()
+            .for_each(|(j, col)| {
+                // 16 weight rows (output columns) x 32 values, converted, then transposed by
+                // (k, k + 1) pairs: tile row r, column jj = rows[jj][2r..2r + 2].
+                let mut rows = [[0u16; TILE_K]; TILE_MN];
+                for (c, tile) in col.iter_mut().enumerate() {
+                    let (k0, k1) = (c * TILE_K, ((c + 1) * TILE_K).min(k));
+                    for (jj, row) in rows.iter_mut().enumerate() {
+                        let nn = j * TILE_MN + jj;
+                        if nn < n {
+                            convert_32(&w[nn * k + k0..nn * k + k1], row);
+                        } else {
+                            *row = [0; TILE_K];
+                        }
+                    }
+                    let out = tile.write(ZERO_TILE);
+                    for r in 0..TILE_K / 2 {
+                        for (jj, row) in rows.iter().enumerate() {
+                            out.0[r * TILE_K + 2 * jj] = row[2 * r];
+                            out.0[r * TILE_K + 2 * jj + 1] = row[2 * r + 1];
+                        }
+                    }
+                }
+            });
+        Self {
+            tiles: assume_init(tiles),
+            n,
+            k,
+            nt,
+            kt,
+        }
     }
 
     /// The `B` of `dy · W` for a weight `w` `[n, k]`: contraction over `n`, `k` output columns.
@@ -209,7 +262,46 @@ impl PackedB {
             "PackedB::from_cols: {} values for [{n}, {k}]",
             w.len()
         );
-        Self::from_fn(k, n, |kk, nn| to_bf16(w[nn * k + kk]))
+        // B[nn][kk] = w[nn][kk]: output columns are w's columns, contraction its rows.
+        let nt = k.div_ceil(2 * TILE_MN) * 2;
+        let kt = n.div_ceil(TILE_K);
+        let mut tiles = uninit_tiles(nt * kt);
+        tiles
+            .par_chunks_mut(kt.max(1))
+            .enumerate()
+            .for_each(|(j, col)| {
+                let (c0, c1) = (j * TILE_MN, ((j + 1) * TILE_MN).min(k));
+                let mut a = [0u16; TILE_K];
+                let mut b = [0u16; TILE_K];
+                for (c, tile) in col.iter_mut().enumerate() {
+                    let out = tile.write(ZERO_TILE);
+                    if c0 >= k {
+                        continue;
+                    }
+                    for r in 0..TILE_K / 2 {
+                        // Tile row r pairs w's rows 32c + 2r and 32c + 2r + 1, column by column.
+                        let n0 = c * TILE_K + 2 * r;
+                        for (buf, nn) in [(&mut a, n0), (&mut b, n0 + 1)] {
+                            if nn < n {
+                                convert_32(&w[nn * k + c0..nn * k + c1], buf);
+                            } else {
+                                *buf = [0; TILE_K];
+                            }
+                        }
+                        for jj in 0..TILE_MN {
+                            out.0[r * TILE_K + 2 * jj] = a[jj];
+                            out.0[r * TILE_K + 2 * jj + 1] = b[jj];
+                        }
+                    }
+                }
+            });
+        Self {
+            tiles: assume_init(tiles),
+            n: k,
+            k: n,
+            nt,
+            kt,
+        }
     }
 
     /// The packing of this `B`'s transpose (`B^T` as the `B` of another product): for a weight
@@ -268,6 +360,7 @@ pub struct RowsBf16 {
 impl RowsBf16 {
     /// Converts `x` `[m, k]` (row-major) to bf16 tiles.
     pub fn from_f32(x: &[f32], m: usize, k: usize) -> Self {
+        let _pg = super::profile::prof("amx.to_bf16");
         assert_eq!(
             x.len(),
             m * k,
@@ -276,25 +369,26 @@ impl RowsBf16 {
         );
         let mt = m.div_ceil(2 * TILE_MN) * 2;
         let kt = k.div_ceil(TILE_K);
-        let mut tiles = vec![ZERO_TILE; mt * kt];
+        let mut tiles = uninit_tiles(mt * kt);
         tiles
             .par_chunks_mut(kt.max(1))
             .enumerate()
             .for_each(|(i, row_tiles)| {
-                for r in 0..TILE_MN {
-                    let row = i * TILE_MN + r;
-                    if row >= m {
-                        break;
-                    }
-                    let src = &x[row * k..(row + 1) * k];
-                    for (c, tile) in row_tiles.iter_mut().enumerate() {
-                        let s = &src[c * TILE_K..((c + 1) * TILE_K).min(k)];
-                        convert_32(s, &mut tile.0[r * TILE_K..(r + 1) * TILE_K]);
+                for (c, tile) in row_tiles.iter_mut().enumerate() {
+                    let out = tile.write(ZERO_TILE);
+                    let (k0, k1) = (c * TILE_K, ((c + 1) * TILE_K).min(k));
+                    for r in 0..TILE_MN {
+                        let row = i * TILE_MN + r;
+                        if row >= m {
+                            break;
+                        }
+                        let dst = &mut out.0[r * TILE_K..(r + 1) * TILE_K];
+                        convert_32(&x[row * k + k0..row * k + k1], dst);
                     }
                 }
             });
         Self {
-            tiles,
+            tiles: assume_init(tiles),
             m,
             k,
             mt,
@@ -304,6 +398,7 @@ impl RowsBf16 {
 
     /// Converts the transpose of `x` `[k, m]` (row-major), i.e. `A = x^T` `[m, k]`.
     pub fn from_f32_transposed(x: &[f32], k: usize, m: usize) -> Self {
+        let _pg = super::profile::prof("amx.to_bf16_t");
         assert_eq!(
             x.len(),
             m * k,
@@ -312,28 +407,36 @@ impl RowsBf16 {
         );
         let mt = m.div_ceil(2 * TILE_MN) * 2;
         let kt = k.div_ceil(TILE_K);
-        let mut tiles = vec![ZERO_TILE; mt * kt];
+        let mut tiles = uninit_tiles(mt * kt);
         tiles
             .par_chunks_mut(kt.max(1))
             .enumerate()
             .for_each(|(i, row_tiles)| {
-                let mut buf = [0f32; TILE_K];
-                for r in 0..TILE_MN {
-                    let row = i * TILE_MN + r;
-                    if row >= m {
-                        break;
+                let (m0, m1) = (i * TILE_MN, ((i + 1) * TILE_MN).min(m));
+                // 32 rows of x (k) x 16 values (m), converted, then transposed into the tile.
+                let mut blk = [[0u16; TILE_K]; TILE_K];
+                for (c, tile) in row_tiles.iter_mut().enumerate() {
+                    let out = tile.write(ZERO_TILE);
+                    if m0 >= m {
+                        continue;
                     }
-                    for (c, tile) in row_tiles.iter_mut().enumerate() {
-                        let len = TILE_K.min(k - c * TILE_K);
-                        for (t, b) in buf[..len].iter_mut().enumerate() {
-                            *b = x[(c * TILE_K + t) * m + row];
+                    for (t, b) in blk.iter_mut().enumerate() {
+                        let kk = c * TILE_K + t;
+                        if kk < k {
+                            convert_32(&x[kk * m + m0..kk * m + m1], b);
+                        } else {
+                            *b = [0; TILE_K];
                         }
-                        convert_32(&buf[..len], &mut tile.0[r * TILE_K..(r + 1) * TILE_K]);
+                    }
+                    for r in 0..TILE_MN {
+                        for (t, b) in blk.iter().enumerate() {
+                            out.0[r * TILE_K + t] = b[r];
+                        }
                     }
                 }
             });
         Self {
-            tiles,
+            tiles: assume_init(tiles),
             m,
             k,
             mt,
@@ -371,6 +474,20 @@ impl PackedWeight {
         Self {
             fwd: PackedB::from_rows(w, out, inp),
             bwd: OnceLock::new(),
+        }
+    }
+
+    /// Packs `w` `[out, in]` for both products at once (a trained weight, packed anew at every
+    /// forward pass: both packings straight from f32).
+    pub fn new_both(w: &[f32], out: usize, inp: usize) -> Self {
+        let _pg = super::profile::prof("amx.pack");
+        let (fwd, bwd) = rayon::join(
+            || PackedB::from_rows(w, out, inp),
+            || PackedB::from_cols(w, out, inp),
+        );
+        Self {
+            fwd,
+            bwd: OnceLock::from(bwd),
         }
     }
 
@@ -444,6 +561,7 @@ impl OutPtr {
 /// `out[m, n] (+)= a · b` with `out` row-major, rows `out_rs` apart. Panics unless
 /// [`available`] (callers check it) and the shapes agree.
 pub fn matmul(a: &RowsBf16, b: &PackedB, out: &mut [f32], out_rs: usize, accumulate: bool) {
+    let _pg = super::profile::prof("amx.matmul");
     assert!(available(), "amx::matmul called without AMX");
     assert_eq!(a.k, b.k, "amx::matmul: contraction {} vs {}", a.k, b.k);
     assert_eq!(a.kt, b.kt);

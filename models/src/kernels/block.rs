@@ -28,7 +28,7 @@ use gemm::Parallelism;
 
 use std::sync::Arc;
 
-use super::amx::PackedWeight;
+use super::amx::{self, PackedB, PackedWeight, RowsBf16};
 use super::attention::{attention_backward, attention_forward, AttnDims};
 use super::gemm::product;
 use super::linear::{lora_branch_backward, lora_branch_forward, Act, Frozen, WRef};
@@ -47,17 +47,20 @@ pub struct Proj<'a> {
     pub lora: Option<(&'a Tensor, &'a Tensor, f32)>,
 }
 
-/// A projection's weight: f32, or bf16 packed for the matrix units.
+/// A projection's weight: f32, bf16 packed for the matrix units (frozen), or an f32 weight
+/// (trained: full fine-tuning) whose products run in bf16 on the matrix units, packed anew at
+/// every forward pass (`Mixed`: f32 master weight, bf16 compute, f32 gradient).
 #[derive(Clone, Copy)]
 pub enum ProjWeight<'a> {
     F32(&'a Tensor),
     Bf16(&'a Arc<PackedWeight>),
+    Mixed(&'a Tensor),
 }
 
 impl<'a> ProjWeight<'a> {
     fn dims(&self) -> Vec<usize> {
         match self {
-            ProjWeight::F32(w) => w.dims().to_vec(),
+            ProjWeight::F32(w) | ProjWeight::Mixed(w) => w.dims().to_vec(),
             ProjWeight::Bf16(p) => vec![p.out_dim(), p.in_dim()],
         }
     }
@@ -65,7 +68,7 @@ impl<'a> ProjWeight<'a> {
     /// The weight, when it is a trained variable.
     fn trained(self) -> Option<&'a Tensor> {
         match self {
-            ProjWeight::F32(w) => w.track_op().then_some(w),
+            ProjWeight::F32(w) | ProjWeight::Mixed(w) => w.track_op().then_some(w),
             ProjWeight::Bf16(_) => None,
         }
     }
@@ -196,14 +199,31 @@ pub fn fused_layer(x: &Tensor, parts: LayerParts, cos: &Tensor, sin: &Tensor) ->
                 scale,
             }),
         };
-        let (w, param) = match p.w {
+        let (w, param, bf16_dw) = match p.w {
             ProjWeight::F32(w) => (
                 Frozen::F32(w.contiguous()?),
                 w.track_op().then(|| w.clone()),
+                false,
             ),
-            ProjWeight::Bf16(pw) => (Frozen::Bf16(pw.clone()), None),
+            ProjWeight::Bf16(pw) => (Frozen::Bf16(pw.clone()), None, false),
+            ProjWeight::Mixed(w) => {
+                let (out, inp) = w.dims2()?;
+                borrow_f32!(v = w, "projection weight");
+                let packed = PackedWeight::new_both(v, out, inp);
+                let trained = w.track_op();
+                (
+                    Frozen::Bf16(Arc::new(packed)),
+                    trained.then(|| w.clone()),
+                    trained,
+                )
+            }
         };
-        Ok(OwnedProj { w, param, lora })
+        Ok(OwnedProj {
+            w,
+            param,
+            lora,
+            bf16_dw,
+        })
     };
     let norm = |w: &Tensor, eps: f32| -> CResult<OwnedNorm> {
         Ok(OwnedNorm {
@@ -252,6 +272,8 @@ struct OwnedProj {
     /// The weight variable, when trained (its gradient is keyed by it).
     param: Option<Tensor>,
     lora: Option<LoraParts>,
+    /// The weight gradient runs in bf16 on the matrix units (a `Mixed` weight).
+    bf16_dw: bool,
 }
 
 impl OwnedProj {
@@ -374,7 +396,13 @@ impl P<'_> {
         };
         if let Some(w) = &self.proj.param {
             // dW = dy^T x
-            let dw = product(dout, din, rows, dy, (1, dout), input()?, (din, 1), par);
+            let x = input()?;
+            let dw = if self.proj.bf16_dw {
+                let a = RowsBf16::from_f32_transposed(dy, rows, dout);
+                amx::product(&a, &PackedB::from_cols(x, rows, din))
+            } else {
+                product(dout, din, rows, dy, (1, dout), x, (din, 1), par)
+            };
             sink.push((w.clone(), dw));
         }
         if let Some(l) = &self.proj.lora {

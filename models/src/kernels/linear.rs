@@ -304,6 +304,7 @@ pub(crate) fn lora_branch_forward(
     dst: &mut [f32],
     par: Parallelism,
 ) -> Vec<f32> {
+    let _pg = super::profile::prof("lora_branch.fwd");
     let xa = product(rows, r, din, x, (din, 1), a, (1, din), par);
     matmul_scaled(
         rows,
@@ -337,6 +338,7 @@ pub(crate) fn lora_branch_backward(
     xa: Option<&[f32]>,
     par: Parallelism,
 ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let _pg = super::profile::prof("lora_branch.bwd");
     // u = dy B [rows, r]
     let u = product(rows, r, dout, dy, (dout, 1), b, (r, 1), par);
     if let Some(dx) = dx {

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::amx::{PackedWeight, RowsBf16};
+use super::amx::{self, PackedB, PackedWeight, RowsBf16};
 use super::gemm::product;
 use super::profile::prof;
 use super::{borrow_f32, f32_slice, tensor_vec, threads, CResult};
@@ -105,14 +105,8 @@ impl CustomOp1 for CrossEntropy {
 /// `w`. The `[n, vocab]` logits never become a tensor of the graph: the op keeps them from the
 /// forward pass and turns them into their own gradient in place in the backward pass, so no
 /// second `[n, vocab]` buffer (nor autograd's zero-filled accumulator for it) is ever allocated.
-/// With `packed` (the same frozen weight in bf16 for the matrix units), the logits and the
-/// hidden states' gradient are computed on it instead; it is ignored when `w` is trained.
-pub fn lm_head_nll(
-    h: &Tensor,
-    w: &Tensor,
-    packed: Option<&Arc<PackedWeight>>,
-    targets: &[u32],
-) -> CResult<Tensor> {
+/// `bf16` says whether the products run in bf16 on the matrix units (see [`HeadBf16`]).
+pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> CResult<Tensor> {
     let (n, hid) = h.dims2()?;
     let (vocab, w_hid) = w.dims2()?;
     if hid != w_hid {
@@ -124,8 +118,10 @@ pub fn lm_head_nll(
     if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("lm head: target id {t} outside the vocabulary of {vocab}")
     }
-    let packed = match packed {
-        Some(p) if !w.track_op() => {
+    let w = w.contiguous()?;
+    let (packed, bf16_dw) = match bf16 {
+        HeadBf16::Off => (None, false),
+        HeadBf16::Frozen(p) => {
             if (p.out_dim(), p.in_dim()) != (vocab, hid) {
                 candle_core::bail!(
                     "lm head: packed weight [{}, {}] differs from [{vocab}, {hid}]",
@@ -133,24 +129,45 @@ pub fn lm_head_nll(
                     p.in_dim()
                 )
             }
-            Some(p.clone())
+            (Some(p.clone()), false)
         }
-        _ => None,
+        HeadBf16::PerCall => {
+            borrow_f32!(wv = w, "lm head weight");
+            (
+                Some(Arc::new(PackedWeight::new_both(wv, vocab, hid))),
+                w.track_op(),
+            )
+        }
     };
     h.contiguous()?.apply_op2(
-        &w.contiguous()?,
+        &w,
         LmHeadNll {
             targets: targets.to_vec(),
             packed,
+            bf16_dw,
             kept: Mutex::new(None),
         },
     )
 }
 
+/// Whether the LM head's products run in bf16 on the matrix units, accumulated in f32.
+#[derive(Clone, Copy, Debug)]
+pub enum HeadBf16<'a> {
+    /// f32 products.
+    Off,
+    /// On this bf16 copy of the (frozen) weight.
+    Frozen(&'a Arc<PackedWeight>),
+    /// On a bf16 copy made from the f32 weight for this call (a trained head: its gradient is
+    /// computed in bf16 too and stays f32).
+    PerCall,
+}
+
 struct LmHeadNll {
     targets: Vec<u32>,
-    /// The frozen weight in bf16, when the products run on the matrix units.
+    /// The weight in bf16, when the products run on the matrix units.
     packed: Option<Arc<PackedWeight>>,
+    /// The weight gradient runs on the matrix units too.
+    bf16_dw: bool,
     /// The logits `[n, vocab]` and each row's log-sum-exp, from the forward pass.
     kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
@@ -245,7 +262,12 @@ impl CustomOp2 for LmHeadNll {
             None => product(n, hid, vocab, &d, (vocab, 1), wv, (hid, 1), par),
         };
         let dw = if w.track_op() {
-            let dw = product(vocab, hid, n, &d, (1, vocab), hv, (hid, 1), par);
+            let dw = if self.bf16_dw {
+                let a = RowsBf16::from_f32_transposed(&d, n, vocab);
+                amx::product(&a, &PackedB::from_cols(hv, n, hid))
+            } else {
+                product(vocab, hid, n, &d, (1, vocab), hv, (hid, 1), par)
+            };
             Some(Tensor::from_vec(dw, (vocab, hid), w.device())?)
         } else {
             None
@@ -291,7 +313,7 @@ mod tests {
         let w = Var::randn(0f32, 1., (37, 9), &dev).unwrap();
         let t = [0u32, 36, 17, 17, 4];
         let rw = Tensor::randn(0f32, 1., 5, &dev).unwrap();
-        let a = lm_head_nll(&h, &w, None, &t).unwrap();
+        let a = lm_head_nll(&h, &w, HeadBf16::Off, &t).unwrap();
         let logits = h.matmul(&w.t().unwrap()).unwrap();
         let ls = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let idx = Tensor::new(&t, &dev).unwrap().unsqueeze(1).unwrap();
@@ -312,9 +334,9 @@ mod tests {
         let again = la.backward().unwrap();
         assert!(max_diff(again.get(&h).unwrap(), gb.get(&h).unwrap()) < 1e-5);
         // A frozen weight gets no gradient.
-        let frozen = lm_head_nll(&h, w.as_tensor(), None, &t).unwrap();
+        let frozen = lm_head_nll(&h, w.as_tensor(), HeadBf16::Off, &t).unwrap();
         let w_plain = w.as_tensor().detach();
-        let g = lm_head_nll(&h, &w_plain, None, &t)
+        let g = lm_head_nll(&h, &w_plain, HeadBf16::Off, &t)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -322,7 +344,7 @@ mod tests {
             .unwrap();
         assert!(g.get(&w_plain).is_none() && g.get(&h).is_some());
         assert!(max_diff(&frozen, &a) < 1e-6);
-        assert!(lm_head_nll(&h, &w, None, &[37, 0, 0, 0, 0]).is_err());
-        assert!(lm_head_nll(&h, &w, None, &[0, 0]).is_err());
+        assert!(lm_head_nll(&h, &w, HeadBf16::Off, &[37, 0, 0, 0, 0]).is_err());
+        assert!(lm_head_nll(&h, &w, HeadBf16::Off, &[0, 0]).is_err());
     }
 }

@@ -37,7 +37,7 @@ pub mod swiglu;
 pub use attention::{attention, attention_heads, cached_attention};
 pub use decode::lora_add;
 pub use linear::{frozen_linear, linear, lora_linear};
-pub use loss::{cross_entropy, lm_head_nll};
+pub use loss::{cross_entropy, lm_head_nll, HeadBf16};
 pub use profile::take_profile;
 pub use rms_norm::rms_norm;
 pub use rope::rope;

@@ -130,11 +130,11 @@ impl Trainable {
 /// base runs in bf16 on them (forward pass and input gradient, accumulated in f32) while the
 /// trained tensors, their gradients and AdamW's state stay f32; elsewhere everything is f32.
 pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Result<Trainable> {
-    // Full fine-tuning trains every weight: its products stay f32 (see ARCHITECTURE.md).
-    let bf16_base = model.compute_mode() != ComputeMode::F32
-        && !matches!(method, Method::Full)
-        && kernels::amx::available();
-    model.set_compute_mode(if bf16_base {
+    let bf16 = model.compute_mode() != ComputeMode::F32 && kernels::amx::available();
+    // Full fine-tuning replaces every weight by a variable: start from contiguous f32 weights
+    // (nothing packed), and switch the layers to Auto once they hold their variables.
+    let full = matches!(method, Method::Full);
+    model.set_compute_mode(if bf16 && !full {
         ComputeMode::Auto
     } else {
         ComputeMode::F32
@@ -144,8 +144,20 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
     let mut prefix = None;
     match method {
         Method::Full => {
+            // With bf16 products, the f32 master copies of the matrices the products read start
+            // on bf16 values: a GGUF base's weights come from f16 scales and a tenth of them sit
+            // exactly on a bf16 rounding tie, where AdamW's first update (far below bf16's
+            // resolution) would flip the rounding and move them half a bf16 step, an unintended
+            // extra step. Started on bf16 values, the products see the master copy move only
+            // as its updates accumulate (mixed precision as usual).
+            let master = |w: Tensor| -> Result<Tensor> {
+                Ok(match bf16 {
+                    true => w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+                    false => w,
+                })
+            };
             let tied = model.config().tie_word_embeddings;
-            let emb = Var::from_tensor(&model.embed_tokens().weight_f32()?)?;
+            let emb = Var::from_tensor(&master(model.embed_tokens().weight_f32()?)?)?;
             params.push(("model.embed_tokens.weight".to_string(), emb.clone()));
             for (i, block) in model.layers_mut().iter_mut().enumerate() {
                 for (name, norm) in [
@@ -164,7 +176,7 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             model.norm_mut().weight = norm.as_tensor().clone();
             params.push(("model.norm.weight".to_string(), norm));
             for (name, lin) in model.linears_mut() {
-                let v = Var::from_tensor(&lin.weight_f32()?)?;
+                let v = Var::from_tensor(&master(lin.weight_f32()?)?)?;
                 lin.set_weight(v.as_tensor().clone())?;
                 params.push((format!("{name}.weight"), v));
                 if let Some(b) = lin.bias().cloned() {
@@ -177,10 +189,17 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             if tied {
                 model.lm_head_mut().set_weight(emb.as_tensor().clone())?;
             } else {
-                let w = model.lm_head().weight_f32()?;
+                let w = master(model.lm_head().weight_f32()?)?;
                 let v = Var::from_tensor(&w)?;
                 model.lm_head_mut().set_weight(v.as_tensor().clone())?;
                 params.push(("lm_head.weight".to_string(), v));
+            }
+            if bf16 {
+                // f32 master weights, bf16 products on the matrix units (packed every step).
+                for (_, lin) in model.linears_mut() {
+                    lin.set_mode(ComputeMode::Auto)?;
+                }
+                model.lm_head_mut().set_mode(ComputeMode::Auto)?;
             }
         }
         Method::Lora(cfg) => {
@@ -335,7 +354,12 @@ pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<
     match head.weight() {
         // A plain dense head (every Llama here): logits and loss in one op.
         Some(w) if head.bias().is_none() && head.lora().is_none() && w.is_contiguous() => {
-            Ok(kernels::lm_head_nll(&h, w, head.packed(), &batch.targets)?.sum_all()?)
+            let bf16 = match head.packed() {
+                Some(p) if !w.track_op() => kernels::HeadBf16::Frozen(p),
+                _ if head.bf16_compute() => kernels::HeadBf16::PerCall,
+                _ => kernels::HeadBf16::Off,
+            };
+            Ok(kernels::lm_head_nll(&h, w, bf16, &batch.targets)?.sum_all()?)
         }
         _ => {
             let logits = head.forward(&h)?;
