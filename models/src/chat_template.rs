@@ -34,6 +34,11 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Instructions one render may execute (minijinja's fuel). A template renders in a few
+/// thousand at most (SmolLM2's, a 100-turn conversation: under 10,000); a template that loops
+/// without end (nested `range`s, self-feeding loops) stops with an error instead of hanging.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// A compiled chat template. Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
 pub struct ChatTemplate {
@@ -65,6 +70,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -130,8 +136,8 @@ impl ChatTemplate {
     /// which "default" or the first is taken); ChatML when there is none.
     pub fn from_hf_dir(dir: &Path) -> Result<ChatTemplate> {
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Option<serde_json::Value> = if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg: Option<serde_json::Value> = if cfg_path.exists() {
+            let text = crate::fsio::read_regular_string(&cfg_path)?;
             Some(serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, "JSON", e))?)
         } else {
             None
@@ -148,11 +154,11 @@ impl ChatTemplate {
 
         let jinja = dir.join("chat_template.jinja");
         let json = dir.join("chat_template.json");
-        let (source, origin) = if jinja.is_file() {
-            let s = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+        let (source, origin) = if jinja.exists() {
+            let s = crate::fsio::read_regular_string(&jinja)?;
             (s, jinja)
-        } else if json.is_file() {
-            let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
+        } else if json.exists() {
+            let text = crate::fsio::read_regular_string(&json)?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&json, "JSON", e))?;
             let t = template_from_json(v.get("chat_template"), &json)?
@@ -204,6 +210,12 @@ impl ChatTemplate {
             eos_token => self.eos_token.as_deref().unwrap_or(""),
         };
         tmpl.render(ctx).map_err(|e| {
+            if e.kind() == ErrorKind::OutOfFuel {
+                return Error::ChatTemplate(format!(
+                    "the template ran past its budget of {TEMPLATE_FUEL} steps: it loops without \
+                     end or does far too much work for one chat"
+                ));
+            }
             if e.kind() == ErrorKind::InvalidOperation {
                 if let Some(detail) = e.detail() {
                     return Error::ChatTemplate(format!("the template refused the chat: {detail}"));

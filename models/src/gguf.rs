@@ -13,7 +13,6 @@
 //! `token_embd.weight`.
 
 use std::borrow::Cow;
-use std::fs::File;
 use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,22 +29,10 @@ use crate::{Error, Result};
 
 const FORMAT: &str = "GGUF";
 
-/// Reads the GGUF header (metadata and tensor directory) of `path`.
+/// Reads the GGUF header (metadata and tensor directory) of `path`, a regular file, checked
+/// by [`crate::gguf_header`] (candle's own header parser never runs on a user's file).
 pub fn read_content(path: &Path) -> Result<Content> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    read_content_from(&mut reader, path)
-}
-
-fn read_content_from<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Content> {
-    // candle's reader validates lengths; the catch_unwind is a last line of defence so that a
-    // hostile file is reported as an error, never a crash of the app.
-    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(reader)));
-    match res {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(Error::format(path, FORMAT, e)),
-        Err(_) => Err(Error::format(path, FORMAT, "the header is malformed")),
-    }
+    crate::gguf_header::read_file(path).map(|(c, _)| c)
 }
 
 /// Typed access to GGUF metadata with errors that name the file and key.
@@ -216,9 +203,9 @@ pub struct GgufModel {
 
 /// Reads the tensors of `path` and builds the model.
 pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fsio::open_regular(path)?;
     let mut reader = BufReader::new(file);
-    let content = read_content_from(&mut reader, path)?;
+    let content = crate::gguf_header::read(&mut reader, path)?;
     let config = config_from_content(&content, path)?;
     let device = Device::Cpu;
     let mut t = TensorReader {

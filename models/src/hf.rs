@@ -17,7 +17,7 @@ use crate::{Error, Result};
 /// Reads and validates `<dir>/config.json`.
 pub fn read_config(dir: &Path) -> Result<Config> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::fsio::read_regular_string(&path)?;
     HfConfig::parse(&text, &path)?.into_config(&path)
 }
 
@@ -26,7 +26,7 @@ pub fn read_config(dir: &Path) -> Result<Config> {
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let text = crate::fsio::read_regular_string(&index)?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::format(&index, "JSON", e))?;
         let map = v
@@ -80,7 +80,9 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn read_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for f in safetensors_files(dir)? {
-        let bytes = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
+        // The header is checked (shapes, sizes, offsets) before candle's reader sees it.
+        crate::inspect::read_safetensors_header(&f)?;
+        let bytes = crate::fsio::read_regular(&f)?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| Error::format(&f, "safetensors", e))?;
         for (name, t) in tensors {

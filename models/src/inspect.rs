@@ -6,7 +6,7 @@
 //! tensor's extent is checked against the file size, so truncated copies are refused.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
@@ -51,24 +51,10 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
     }
 }
 
-/// Reads the GGUF header of `path` (metadata and tensor table, no tensor data).
+/// Reads the GGUF header of `path` (metadata and tensor table, no tensor data), checked by
+/// [`crate::gguf_header`]: every tensor's extent lies inside the file.
 pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, u64)> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut magic = [0u8; 4];
-    if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
-        return Err(Error::format(
-            path,
-            "GGUF",
-            "the file does not start with the GGUF magic bytes",
-        ));
-    }
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| Error::io(path, e))?;
-    let mut reader = std::io::BufReader::new(file);
-    let content =
-        gguf_file::Content::read(&mut reader).map_err(|e| Error::format(path, "GGUF", e))?;
-    Ok((content, file_size))
+    crate::gguf_header::read_file(path)
 }
 
 fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
@@ -78,31 +64,10 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
     }
     let mut parameters: u64 = 0;
     let mut by_dtype: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for (name, info) in &content.tensor_infos {
+    for info in content.tensor_infos.values() {
+        // The header reader checked every tensor's shape, block size and extent.
         let elems = info.shape.elem_count() as u64;
-        let block = info.ggml_dtype.block_size() as u64;
-        if elems.checked_rem(block) != Some(0) {
-            return Err(Error::format(
-                path,
-                "GGUF",
-                format!("tensor '{name}' has {elems} elements, not a multiple of its block size {block}"),
-            ));
-        }
-        let bytes = elems / block * info.ggml_dtype.type_size() as u64;
-        let end = content
-            .tensor_data_offset
-            .saturating_add(info.offset)
-            .saturating_add(bytes);
-        if end > file_size {
-            return Err(Error::format(
-                path,
-                "GGUF",
-                format!(
-                    "tensor '{name}' ends at byte {end} but the file has only {file_size} bytes (truncated?)"
-                ),
-            ));
-        }
-        parameters += elems;
+        parameters = parameters.saturating_add(elems);
         if info.shape.rank() >= 2 {
             *by_dtype
                 .entry(ggml_dtype_name(info.ggml_dtype))
@@ -212,7 +177,7 @@ fn quantization_label(by_dtype: &BTreeMap<&'static str, u64>) -> String {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsio::read_regular_string(path)?;
     serde_json::from_str(&text).map_err(|e| Error::format(path, "JSON", e))
 }
 
@@ -231,6 +196,13 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             let file = file.as_str().ok_or_else(|| {
                 Error::field(&index, format!("weight_map.{tensor}"), "not a file name")
             })?;
+            if file.contains(['/', '\\']) || file.contains("..") {
+                return Err(Error::field(
+                    &index,
+                    format!("weight_map.{tensor}"),
+                    format!("'{file}' is not a plain file name"),
+                ));
+            }
             if !names.contains(&file) {
                 names.push(file);
             }
@@ -253,16 +225,36 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// One tensor of a safetensors header: (name, element count, dtype).
 pub type SafetensorsEntry = (String, u64, String);
 
+/// Bits per element of a safetensors dtype, None for a dtype the format does not define.
+fn safetensors_dtype_bits(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => 8,
+        "F4" => 4,
+        "F6_E2M3" | "F6_E3M2" => 6,
+        "U16" | "I16" | "F16" | "BF16" => 16,
+        "U32" | "I32" | "F32" => 32,
+        "U64" | "I64" | "F64" => 64,
+        _ => return None,
+    })
+}
+
+/// The largest safetensors header accepted (the format's own reader allows 100 MB).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
 /// Tensor table of one safetensors file read from its header: (elements, dtype) per tensor.
-/// Checks that every tensor's data lies inside the file.
+///
+/// Checks the header the way the `safetensors` crate does, with checked arithmetic, before any
+/// of candle's readers see the file: every shape's product and byte size fit in `usize`, each
+/// tensor's `data_offsets` match its size, the tensors tile the data without gaps or overlaps,
+/// and the data lies inside the file. `path` must be a regular file.
 pub fn read_safetensors_header(path: &Path) -> Result<(Vec<SafetensorsEntry>, u64)> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = crate::fsio::open_regular(path)?;
     let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes)
         .map_err(|_| Error::format(path, "safetensors", "shorter than the 8-byte header length"))?;
     let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > 100_000_000 || header_len.saturating_add(8) > file_size {
+    if header_len > MAX_SAFETENSORS_HEADER || header_len.saturating_add(8) > file_size {
         return Err(Error::format(
             path,
             "safetensors",
@@ -272,50 +264,101 @@ pub fn read_safetensors_header(path: &Path) -> Result<(Vec<SafetensorsEntry>, u6
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header)
         .map_err(|e| Error::format(path, "safetensors", e))?;
-    let json: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| Error::format(path, "safetensors", format!("header is not JSON: {e}")))?;
+    let entries = parse_safetensors_header(&header, file_size - 8 - header_len)
+        .map_err(|reason| Error::format(path, "safetensors", reason))?;
+    Ok((entries, file_size))
+}
+
+/// Checks a safetensors JSON header against `data_size` bytes of tensor data (see
+/// [`read_safetensors_header`]); the error is the reason.
+pub fn parse_safetensors_header(
+    header: &[u8],
+    data_size: u64,
+) -> std::result::Result<Vec<SafetensorsEntry>, String> {
+    let json: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("header is not JSON: {e}"))?;
     let obj = json
         .as_object()
-        .ok_or_else(|| Error::format(path, "safetensors", "header is not a JSON object"))?;
-    let data_size = file_size - 8 - header_len;
+        .ok_or_else(|| "header is not a JSON object".to_string())?;
     let mut tensors = Vec::new();
+    let mut extents: Vec<(u64, u64, &str)> = Vec::new();
     for (name, t) in obj {
         if name == "__metadata__" {
+            if !t.is_object()
+                || t.as_object()
+                    .is_some_and(|m| m.values().any(|v| !v.is_string()))
+            {
+                return Err("__metadata__ is not an object of strings".to_string());
+            }
             continue;
         }
-        let bad =
-            |what: &str| Error::format(path, "safetensors", format!("tensor '{name}': {what}"));
+        let bad = |what: &str| format!("tensor '{name}': {what}");
         let dtype = t
             .get("dtype")
             .and_then(|d| d.as_str())
             .ok_or_else(|| bad("missing dtype"))?;
+        let bits = safetensors_dtype_bits(dtype)
+            .ok_or_else(|| bad(&format!("unknown dtype '{dtype}'")))?;
         let shape = t
             .get("shape")
             .and_then(|s| s.as_array())
             .ok_or_else(|| bad("missing shape"))?;
-        let mut elems: u64 = 1;
-        for d in shape {
-            let d = d
-                .as_u64()
-                .ok_or_else(|| bad("shape is not a list of integers"))?;
-            elems = elems.saturating_mul(d);
+        let shape: Vec<u64> = shape
+            .iter()
+            .map(|d| d.as_u64())
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("shape is not a list of non-negative integers"))?;
+        let elems = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad(&format!("shape {shape:?} multiplies past the largest size")))?;
+        let nbits = elems
+            .checked_mul(bits)
+            .filter(|n| usize::try_from(*n).is_ok())
+            .ok_or_else(|| bad(&format!("shape {shape:?} is too large")))?;
+        if nbits % 8 != 0 {
+            return Err(bad("its data is not a whole number of bytes"));
         }
         let offsets = t
             .get("data_offsets")
             .and_then(|o| o.as_array())
-            .ok_or_else(|| bad("missing data_offsets"))?;
-        let end = offsets
-            .get(1)
-            .and_then(|e| e.as_u64())
+            .filter(|o| o.len() == 2)
             .ok_or_else(|| bad("data_offsets is not [begin, end]"))?;
+        let (Some(begin), Some(end)) = (offsets[0].as_u64(), offsets[1].as_u64()) else {
+            return Err(bad("data_offsets is not [begin, end]"));
+        };
+        if end < begin || end - begin != nbits / 8 {
+            return Err(bad(&format!(
+                "data_offsets [{begin}, {end}] do not hold {} bytes of {dtype} {shape:?}",
+                nbits / 8
+            )));
+        }
         if end > data_size {
             return Err(bad(&format!(
                 "data ends at {end} but the file holds only {data_size} data bytes (truncated?)"
             )));
         }
+        extents.push((begin, end, name));
         tensors.push((name.clone(), elems, dtype.to_string()));
     }
-    Ok((tensors, file_size))
+    // The tensors tile the data from 0 with no gap or overlap (as the safetensors crate
+    // requires; it would refuse the file later, after allocating).
+    extents.sort_unstable();
+    let mut at = 0u64;
+    for (begin, end, name) in &extents {
+        if *begin != at {
+            return Err(format!(
+                "tensor '{name}': data starts at {begin}, expected {at} (gap or overlap)"
+            ));
+        }
+        at = *end;
+    }
+    if at != data_size {
+        return Err(format!(
+            "the tensors hold {at} bytes but the file has {data_size} data bytes"
+        ));
+    }
+    Ok(tensors)
 }
 
 fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
@@ -361,9 +404,9 @@ fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
     let mut by_dtype: BTreeMap<&'static str, u64> = BTreeMap::new();
     for f in &files {
         let (tensors, size) = read_safetensors_header(f)?;
-        file_size += size;
+        file_size = file_size.saturating_add(size);
         for (_, elems, dtype) in tensors {
-            parameters += elems;
+            parameters = parameters.saturating_add(elems);
             *by_dtype.entry(safetensors_dtype_name(&dtype)).or_default() += elems;
         }
     }

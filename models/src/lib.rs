@@ -6,8 +6,11 @@
 pub mod chat_template;
 pub mod config;
 pub mod error;
+pub mod fsio;
+pub mod fuzz;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_header;
 pub mod hf;
 pub mod inspect;
 pub mod kernels;

@@ -50,7 +50,7 @@ pub fn source_kind(path: &Path) -> Result<SourceKind> {
         ));
     }
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = crate::fsio::open_regular(path)?;
     use std::io::Read;
     match f.read_exact(&mut magic) {
         Ok(()) if &magic == b"GGUF" => Ok(SourceKind::Gguf),
@@ -61,6 +61,62 @@ pub fn source_kind(path: &Path) -> Result<SourceKind> {
         )),
         Err(e) => Err(Error::format(path, "GGUF", format!("too short: {e}"))),
     }
+}
+
+/// Checks everything about a model source except its tensor data, as registration needs:
+/// the architecture is supported and the configuration is consistent (GGUF metadata or
+/// `config.json`), the tokenizer is there and builds (GGUF vocabulary or `tokenizer.json`), and
+/// the chat template compiles and renders a short conversation within its step budget.
+pub fn check(path: &Path) -> Result<()> {
+    let (config, tokenizer, template) = match source_kind(path)? {
+        SourceKind::Gguf => {
+            let content = crate::gguf::read_content(path)?;
+            let config = crate::gguf::config_from_content(&content, path)?;
+            if !content.metadata.contains_key("tokenizer.ggml.tokens") {
+                return Err(Error::Tokenizer {
+                    path: path.to_path_buf(),
+                    reason: "the GGUF has no tokenizer (tokenizer.ggml.tokens is missing)".into(),
+                });
+            }
+            (
+                config,
+                Tok::from_gguf(&content, path)?,
+                ChatTemplate::from_gguf(&content, path)?,
+            )
+        }
+        SourceKind::HfFolder => {
+            let config = crate::hf::read_config(path)?;
+            (
+                config,
+                Tok::from_hf_dir(path)?,
+                ChatTemplate::from_hf_dir(path)?,
+            )
+        }
+    };
+    let vocab = tokenizer.vocab_size();
+    if vocab == 0 || vocab > config.vocab_size {
+        return Err(Error::Tokenizer {
+            path: tokenizer.source().to_path_buf(),
+            reason: format!(
+                "the tokenizer has {vocab} tokens but the model's embedding has {} rows",
+                config.vocab_size
+            ),
+        });
+    }
+    let sample = [
+        crate::chat_template::Message::new("system", "You are helpful."),
+        crate::chat_template::Message::new("user", "Hello"),
+        crate::chat_template::Message::new("assistant", "Hi."),
+        crate::chat_template::Message::new("user", "Thanks"),
+    ];
+    template.render(&sample, true).map_err(|e| match e {
+        Error::ChatTemplate(m) => Error::ChatTemplate(format!(
+            "{}: the chat template cannot render a plain conversation: {m}",
+            path.display()
+        )),
+        other => other,
+    })?;
+    Ok(())
 }
 
 /// Loads a model. `path`: a `.gguf` file, or a Hugging Face folder (`config.json` +

@@ -252,15 +252,19 @@ impl Tok {
     /// `tokenizer_config.json` and the EOS ids also from `generation_config.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Tok> {
         let tj = dir.join("tokenizer.json");
-        if !tj.is_file() {
-            return Err(tok_err(&tj, "file not found"));
+        if !tj.exists() {
+            return Err(tok_err(
+                &tj,
+                "file not found (a Hugging Face model folder needs its tokenizer.json)",
+            ));
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(&tj).map_err(|e| tok_err(&tj, e))?;
+        let bytes = crate::fsio::read_regular(&tj)?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(&tj, e))?;
         let mut bos = None;
         let mut eos = None;
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let text = crate::fsio::read_regular_string(&cfg_path)?;
             let cfg: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, "JSON", e))?;
             bos = special_token_content(cfg.get("bos_token"));
@@ -272,7 +276,7 @@ impl Tok {
         }
         let gen_path = dir.join("generation_config.json");
         if gen_path.is_file() {
-            let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+            let text = crate::fsio::read_regular_string(&gen_path)?;
             let gen: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&gen_path, "JSON", e))?;
             let ids: Vec<u64> = match gen.get("eos_token_id") {

@@ -98,8 +98,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("attune-protocol", &[]),
     ("attune-models", &[]),
     ("attune-engine", &["attune-models", "attune-protocol"]),
-    ("attune-cli", &["attune-engine", "attune-protocol"]),
-    ("attune-app", &["attune-engine", "attune-protocol"]),
+    // The shells: the command line and the desktop app, each able to run the server.
+    (
+        "attune-cli",
+        &["attune-engine", "attune-protocol", "attune-server"],
+    ),
+    (
+        "attune-app",
+        &["attune-engine", "attune-protocol", "attune-server"],
+    ),
     ("attune-ui", &["attune-protocol"]),
     // The OpenAI-shaped HTTP surface sits over the engine, beside the shells.
     ("attune-server", &["attune-engine", "attune-protocol"]),

@@ -7,6 +7,8 @@
 //! runs the engine on a blocking worker, so the window never freezes.
 
 pub mod commands;
+pub mod logs;
+pub mod scope;
 pub mod state;
 
 pub use state::AppState;
@@ -21,19 +23,35 @@ const PAUSE_ON_EXIT: Duration = Duration::from_secs(60);
 pub fn run() -> tauri::Result<()> {
     let data_dir = attune_models::default_data_dir();
     let state = AppState::open(&data_dir);
+    let level = state
+        .engine()
+        .ok()
+        .and_then(|e| e.settings().ok())
+        .and_then(|s| s.get(logs::LEVEL_SETTING).cloned());
+    logs::init(&data_dir, level.as_deref());
     if let Err(err) = state.engine() {
         // The window still opens and shows this error.
-        eprintln!("attune-app: {err}");
+        tracing::error!(code = %err.code, "{}", err.message);
     }
     let app = tauri::Builder::default()
         .plugin(tauri_plugin_dialog::init())
         .manage(state)
+        .on_window_event(|window, event| {
+            // A file or folder dropped onto the window is the user's choice: grant it, so the
+            // window may then classify and import it (see scope.rs).
+            if let tauri::WindowEvent::DragDrop(tauri::DragDropEvent::Drop { paths, .. }) = event {
+                let state = window.state::<AppState>();
+                for p in paths {
+                    state.scope.grant(p);
+                }
+            }
+        })
         .setup(|app| {
             let handle = app.handle().clone();
             app.state::<AppState>()
                 .start_actor(std::sync::Arc::new(move |update| {
                     if let Err(e) = handle.emit("run-event", update) {
-                        eprintln!("attune-app: cannot send a run update to the window: {e}");
+                        tracing::warn!("cannot send a run update to the window: {e}");
                     }
                 }));
             Ok(())
@@ -46,6 +64,8 @@ pub fn run() -> tauri::Result<()> {
             commands::models::cancel_pull,
             commands::models::classify_path,
             commands::models::pick_path,
+            commands::models::confirm_path,
+            commands::diagnostics::diagnostics,
             commands::chat::chat_target,
             commands::chat::cancel_chat,
             commands::chat::target_label,
@@ -88,6 +108,7 @@ pub fn run() -> tauri::Result<()> {
             commands::endpoints::refresh_endpoint_models,
             commands::endpoints::set_endpoint_key,
             commands::endpoints::remove_endpoint,
+            commands::endpoints::evaluate_endpoint,
             commands::server::server_status,
             commands::server::server_start,
             commands::server::server_stop,
@@ -110,9 +131,9 @@ pub fn run() -> tauri::Result<()> {
             // answers in progress, the server's included, are cancelled.
             if let Some(actor) = state.actor_if_started() {
                 if !actor.shutdown(PAUSE_ON_EXIT) {
-                    eprintln!(
-                        "attune-app: the run did not pause within {} s; it resumes from its \
-                         last checkpoint next time",
+                    tracing::warn!(
+                        "the run did not pause within {} s; it resumes from its last \
+                         checkpoint next time",
                         PAUSE_ON_EXIT.as_secs()
                     );
                 }

@@ -5,7 +5,12 @@
 
 fn main() {
     if let Err(err) = attune_app::run() {
-        eprintln!("attune-app: {err}");
+        if attune_app::logs::current_dir().is_some() {
+            tracing::error!("{err}");
+        } else {
+            // Logging never started: the error came before it.
+            eprintln!("attune-app: {err}");
+        }
         std::process::exit(1);
     }
 }

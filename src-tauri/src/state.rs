@@ -5,7 +5,8 @@
 use attune_engine::{Actor, ActorOptions, CancelToken, Engine, RunObserver};
 use attune_protocol::IpcError;
 use std::collections::HashMap;
-use std::path::Path;
+use crate::scope::PathScope;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -20,6 +21,9 @@ pub struct AppState {
     pub requests: Arc<Requests>,
     /// The OpenAI-compatible server while it runs, and whether it requires a key.
     pub server: Mutex<Option<(attune_server::RunningServer, bool)>>,
+    data_dir: PathBuf,
+    /// The paths the user granted the window (see `scope.rs`).
+    pub scope: PathScope,
 }
 
 impl AppState {
@@ -39,7 +43,14 @@ impl AppState {
             actor: OnceLock::new(),
             requests: Arc::default(),
             server: Mutex::new(None),
+            data_dir: data_dir.to_path_buf(),
+            scope: PathScope::new(data_dir),
         }
+    }
+
+    /// The data directory the engine was opened on.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     /// Starts the engine actor, sending run events to `observer`. Does nothing when

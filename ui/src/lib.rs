@@ -209,6 +209,18 @@ pub fn App() -> impl IntoView {
         ctx.set_setting("theme", next);
     };
 
+    // "Copy diagnostics": the shell's report, copied to the clipboard and shown in a panel
+    // (so it can be copied by hand where the clipboard is not available).
+    let diagnostics: RwSignal<Option<Result<String, IpcError>>> = RwSignal::new(None);
+    let copied = RwSignal::new(false);
+    let copy_diagnostics = move |_| {
+        spawn_local(async move {
+            let report = ipc::diagnostics::diagnostics().await;
+            copied.set(report.as_ref().is_ok_and(|text| copy_to_clipboard(text)));
+            diagnostics.set(Some(report));
+        });
+    };
+
     let nav = move |target: Page| {
         view! {
             <button
@@ -255,7 +267,46 @@ pub fn App() -> impl IntoView {
                         _ => "◐ System",
                     }}
                 </button>
+                <button
+                    class="secondary theme-toggle"
+                    id="copy-diagnostics"
+                    data-testid="copy-diagnostics"
+                    title="Copy versions, machine, library counts and the last errors, for a bug report (no keys, no prompts)"
+                    on:click=copy_diagnostics
+                >
+                    "Copy diagnostics"
+                </button>
             </header>
+            {move || {
+                diagnostics
+                    .get()
+                    .map(|report| {
+                        let close = move |_| diagnostics.set(None);
+                        match report {
+                            Ok(text) => view! {
+                                <div class="banner diagnostics" id="diagnostics" data-testid="diagnostics">
+                                    <strong>
+                                        {move || if copied.get() {
+                                            "Diagnostics copied to the clipboard. "
+                                        } else {
+                                            "Diagnostics (select and copy): "
+                                        }}
+                                    </strong>
+                                    <button class="secondary" on:click=close>"Close"</button>
+                                    <textarea readonly rows="12" id="diagnostics-text">{text}</textarea>
+                                </div>
+                            }
+                            .into_any(),
+                            Err(err) => view! {
+                                <div class="banner error" id="diagnostics">
+                                    <span>{format!("Could not collect diagnostics: {}", err.message)}</span>
+                                    <button class="secondary" on:click=close>"Close"</button>
+                                </div>
+                            }
+                            .into_any(),
+                        }
+                    })
+            }}
             <main class="content">
                 {move || {
                     let err = match ctx.models.get() {
@@ -283,6 +334,26 @@ pub fn App() -> impl IntoView {
             </main>
         </div>
     }
+}
+
+/// Writes `text` to the clipboard (`navigator.clipboard.writeText`); false where the page has
+/// no clipboard access.
+fn copy_to_clipboard(text: &str) -> bool {
+    use wasm_bindgen::{JsCast, JsValue};
+    let get = |obj: &JsValue, key: &str| js_sys::Reflect::get(obj, &JsValue::from_str(key)).ok();
+    let Some(clipboard) = get(&js_sys::global(), "navigator")
+        .filter(|n| !n.is_undefined())
+        .and_then(|n| get(&n, "clipboard"))
+        .filter(|c| !c.is_undefined() && !c.is_null())
+    else {
+        return false;
+    };
+    let Some(write) =
+        get(&clipboard, "writeText").and_then(|f| f.dyn_into::<js_sys::Function>().ok())
+    else {
+        return false;
+    };
+    write.call1(&clipboard, &JsValue::from_str(text)).is_ok()
 }
 
 /// Entry point when the wasm module loads.

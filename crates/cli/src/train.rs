@@ -227,6 +227,12 @@ pub struct EvalArgs {
     /// Adapter name or id.
     #[arg(long, short)]
     adapter: Option<String>,
+    /// A remote endpoint's --model answers (label accuracy only: an API gives no NLL).
+    #[arg(long, conflicts_with = "adapter", requires = "model")]
+    endpoint: Option<String>,
+    /// A prompt template (name or id) before every row.
+    #[arg(long, conflicts_with = "adapter")]
+    template: Option<String>,
     /// Dataset id or name.
     #[arg(long, short)]
     data: String,
@@ -520,6 +526,69 @@ pub fn adapters(engine: &Engine, cmd: AdaptersCommand) -> Result<()> {
 
 pub fn eval(actor: &Actor, args: EvalArgs) -> Result<()> {
     let engine = actor.engine();
+    let template = match &args.template {
+        Some(t) => {
+            let r = engine.find_template(t)?;
+            Some(attune_protocol::PromptTemplate {
+                name: r.name,
+                system: r.system,
+                examples: r.examples,
+                user: r.user,
+                values: r.variables,
+            })
+        }
+        None => None,
+    };
+    if let Some(endpoint) = &args.endpoint {
+        let options = EvalOptions {
+            split: SplitName::parse(&args.split).unwrap_or(SplitName::Valid),
+            limit: args.limit,
+            accuracy: true,
+            max_new_tokens: args.max_new_tokens,
+            ..Default::default()
+        };
+        let cancel = CancelToken::new();
+        let _watch = interrupt::cancel_on_ctrl_c(&cancel);
+        let model = args.model.clone().unwrap_or_default();
+        let report = actor.call(|reply| Request::EvaluateEndpoint {
+            endpoint: endpoint.clone(),
+            model,
+            template,
+            dataset: args.data.clone(),
+            options,
+            cancel,
+            on_progress: Box::new(|p| {
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    eprint!("\r{} {}/{}   ", p.phase, p.done, p.total);
+                }
+            }),
+            reply,
+        })?;
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!();
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!(
+                "{} at {}{} on {} rows: accuracy {}",
+                report.model,
+                report.endpoint,
+                report
+                    .template
+                    .as_deref()
+                    .map(|t| format!(" with template '{t}'"))
+                    .unwrap_or_default(),
+                report.n_labeled,
+                report
+                    .accuracy
+                    .map(|a| format!("{:.1}% of {}", a * 100.0, report.n_labeled))
+                    .unwrap_or_else(|| "-".into())
+            );
+            println!("{}", report.note);
+        }
+        return Ok(());
+    }
     let subject = match (&args.adapter, &args.model) {
         (Some(a), model) => {
             if let Some(m) = model {
@@ -535,10 +604,16 @@ pub fn eval(actor: &Actor, args: EvalArgs) -> Result<()> {
             }
             EvalSubject::Adapter { adapter: a.clone() }
         }
-        (None, Some(m)) => EvalSubject::Base { model: m.clone() },
-        (None, None) => EvalSubject::Base {
-            model: engine.default_model()?.id.to_string(),
-        },
+        (None, model) => {
+            let model = match model {
+                Some(m) => m.clone(),
+                None => engine.default_model()?.id.to_string(),
+            };
+            match template {
+                Some(template) => EvalSubject::Template { model, template },
+                None => EvalSubject::Base { model },
+            }
+        }
     };
     let options = EvalOptions {
         split: SplitName::parse(&args.split).unwrap_or(SplitName::Valid),

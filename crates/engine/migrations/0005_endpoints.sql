@@ -18,3 +18,18 @@ CREATE TABLE endpoints (
     models_at         TEXT,
     created_at        TEXT    NOT NULL
 ) STRICT;
+
+-- Templates evaluated against an endpoint's model: label accuracy only (an API does not
+-- return the probability of a given reference answer, so there is no NLL).
+CREATE TABLE endpoint_evaluations (
+    id          INTEGER PRIMARY KEY,
+    endpoint_id INTEGER NOT NULL REFERENCES endpoints (id) ON DELETE CASCADE,
+    model       TEXT    NOT NULL,
+    template    TEXT,
+    dataset_id  INTEGER NOT NULL REFERENCES datasets (id) ON DELETE CASCADE,
+    split       TEXT    NOT NULL CHECK (split IN ('train', 'valid', 'test')),
+    n_rows      INTEGER NOT NULL CHECK (n_rows >= 0),
+    accuracy    REAL,
+    n_labeled   INTEGER NOT NULL CHECK (n_labeled >= 0),
+    created_at  TEXT    NOT NULL
+) STRICT;

@@ -578,7 +578,7 @@ impl Engine {
                 Some(t) if t.rows > 0 => {
                     spec.batch_size as f64 * (t.per_epoch as f64 / t.rows as f64)
                 }
-                _ => (spec.batch_size * max_len) as f64,
+                _ => spec.batch_size as f64 * max_len as f64,
             };
             let steps_in_budget = goal
                 .budget_minutes
@@ -715,7 +715,7 @@ impl Engine {
         } else {
             0.0
         };
-        let tokens = total as f64 * (spec.batch_size * spec.grad_accum) as f64 * mean_row;
+        let tokens = total as f64 * spec.batch_size as f64 * spec.grad_accum as f64 * mean_row;
         let estimated_seconds = if tps > 0.0 { tokens / tps } else { 0.0 };
         let suggestion = (!fits).then(|| {
             format!(

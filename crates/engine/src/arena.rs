@@ -489,7 +489,9 @@ impl Engine {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
+/// Writes `bytes` to a temporary file beside `path`, syncs it and links it in as `path`. Never
+/// replaces an existing file: the link fails if `path` exists (checked atomically by the file
+/// system, so a file created meanwhile is not clobbered either).
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
     let fail = |source: std::io::Error| EngineError::Write {
         path: path.to_path_buf(),
@@ -510,13 +512,19 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::hard_link(&tmp, path)
     })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(fail(e));
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(EngineError::InvalidInput(format!(
+                "{} already exists; Attune never replaces a file: choose another name",
+                path.display()
+            )))
+        }
+        Err(e) => Err(fail(e)),
     }
-    Ok(())
 }
 
 /// JSON for the arena's stored columns.

@@ -766,11 +766,102 @@ fn detect(path: &Path, bytes: &[u8]) -> Result<DatasetFormat, EngineError> {
     }
 }
 
+/// Reads a dataset file's bytes: a regular file only (a FIFO would block, a device never end).
+fn read_raw(path: &Path) -> Result<Vec<u8>, EngineError> {
+    attune_models::fsio::read_regular(path).map_err(|e| match e {
+        attune_models::Error::Io { source, .. } => EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => invalid(path, other.to_string()),
+    })
+}
+
+/// Reads a dataset file as UTF-8 text (see [`decode_text`]).
+fn read_dataset(path: &Path) -> Result<Vec<u8>, EngineError> {
+    decode_text(path, read_raw(path)?)
+}
+
+/// The text of a dataset file as UTF-8 bytes. UTF-16 with a byte-order mark, or without one
+/// when its NUL bytes fall on every other byte (ASCII-range text saved as UTF-16 by Windows
+/// tools), is decoded; any other file holding NUL bytes (binary data, UTF-32, a wrongly
+/// guessed encoding) is refused, so rows full of NULs are never imported.
+pub(crate) fn decode_text(path: &Path, bytes: Vec<u8>) -> Result<Vec<u8>, EngineError> {
+    let utf16 = |body: &[u8], little: bool| -> Result<Vec<u8>, EngineError> {
+        if !body.len().is_multiple_of(2) {
+            return Err(invalid(
+                path,
+                "looks like UTF-16 text but has an odd number of bytes (truncated?)",
+            ));
+        }
+        let units = body.chunks_exact(2).map(|c| {
+            if little {
+                u16::from_le_bytes([c[0], c[1]])
+            } else {
+                u16::from_be_bytes([c[0], c[1]])
+            }
+        });
+        let text: String = char::decode_utf16(units)
+            .enumerate()
+            .map(|(i, c)| {
+                c.map_err(|_| {
+                    invalid(
+                        path,
+                        format!("invalid UTF-16 (an unpaired surrogate at byte {})", i * 2),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(text.into_bytes())
+    };
+    let decoded = if let Some(body) = bytes.strip_prefix(b"\xFF\xFE") {
+        utf16(body, true)?
+    } else if let Some(body) = bytes.strip_prefix(b"\xFE\xFF") {
+        utf16(body, false)?
+    } else if bytes.contains(&0) {
+        // Without a BOM: which byte of each pair is NUL, over the first 64 KiB.
+        let head = &bytes[..bytes.len().min(64 * 1024)];
+        let (mut even, mut odd) = (0usize, 0usize);
+        for (i, b) in head.iter().enumerate() {
+            if *b == 0 {
+                if i % 2 == 0 {
+                    even += 1
+                } else {
+                    odd += 1
+                }
+            }
+        }
+        let pairs = head.len() / 2;
+        if pairs > 0 && odd * 10 >= pairs * 3 && even * 20 < odd {
+            utf16(&bytes, true)?
+        } else if pairs > 0 && even * 10 >= pairs * 3 && odd * 20 < even {
+            utf16(&bytes, false)?
+        } else {
+            bytes
+        }
+    } else {
+        return Ok(bytes);
+    };
+    if let Some(at) = decoded.iter().position(|&b| b == 0) {
+        return Err(invalid(
+            path,
+            format!(
+                "holds a NUL byte (at byte {at}): it is binary data or text in an encoding \
+                 Attune does not read; save it as UTF-8 (or UTF-16)"
+            ),
+        ));
+    }
+    Ok(decoded)
+}
+
 fn parse_file(path: &Path, opts: &ImportOptions) -> Result<ParsedFile, EngineError> {
-    let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    parse_bytes(path, read_raw(path)?, opts)
+}
+
+/// [`parse_file`] on bytes already read (`path` gives the extension and the name in errors):
+/// every importer's whole path from raw bytes to rows, which the fuzz tests drive.
+fn parse_bytes(path: &Path, raw: Vec<u8>, opts: &ImportOptions) -> Result<ParsedFile, EngineError> {
+    let bytes = decode_text(path, raw)?;
     let (format, format_detected) = match opts.format {
         Some(f) => (f, false),
         None => (detect(path, &bytes)?, true),
@@ -1133,10 +1224,7 @@ impl Engine {
     /// The header names of a CSV or TSV file (for mapping its columns before an
     /// import whose guessed mapping failed).
     pub fn csv_headers(&self, path: &Path) -> Result<Vec<String>, EngineError> {
-        let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_dataset(path)?;
         let delimiter = if extension(path) == "tsv" {
             b'\t'
         } else {
@@ -1398,5 +1486,7 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -834,3 +834,147 @@ fn figures(
 
 #[cfg(test)]
 mod tests;
+
+impl Engine {
+    /// Evaluates a template (or none) against model `model` of endpoint `endpoint` on a
+    /// dataset split: for every labeled chat row, the conversation up to its last
+    /// assistant turn (through the template) is sent, greedy, and the answer's
+    /// `Final answer:` compared with the label. Only accuracy applies (see
+    /// [`EndpointEvalReport`]); `options.accuracy` is implied, the NLL settings unused.
+    /// Recorded in the library; a cancel records nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn evaluate_endpoint(
+        &self,
+        endpoint: &str,
+        model: &str,
+        template: Option<&attune_protocol::PromptTemplate>,
+        dataset: &str,
+        options: &attune_protocol::EvalOptions,
+        progress: &mut dyn FnMut(attune_protocol::EvalProgress),
+        cancel: &AtomicBool,
+    ) -> Result<attune_protocol::EndpointEvalReport, EngineError> {
+        use crate::datasets::Sample;
+        let row = self.endpoint_row(endpoint)?;
+        let model = model.trim();
+        if model.is_empty() {
+            return Err(EngineError::InvalidInput(format!(
+                "choose one of {}'s models to evaluate",
+                row.name
+            )));
+        }
+        if let Some(t) = template {
+            crate::templates::check_template(t)?;
+        }
+        let ds = self.find_dataset(dataset)?;
+        let rows: Vec<_> = self
+            .dataset_rows(ds.id, options.split)?
+            .into_iter()
+            .take(options.limit.unwrap_or(usize::MAX))
+            .collect();
+        let labeled: Vec<_> = rows
+            .iter()
+            .filter(|r| r.label.is_some() && matches!(r.sample, Sample::Chat(_)))
+            .collect();
+        if labeled.is_empty() {
+            return Err(EngineError::InvalidInput(format!(
+                "dataset '{}' has no labeled chat rows in its {} split: an API model can only \
+                 be scored by label accuracy",
+                ds.name,
+                options.split.as_str()
+            )));
+        }
+        let params = SamplingParams {
+            max_tokens: options.max_new_tokens.max(1),
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repetition_penalty: 1.0,
+            ..SamplingParams::default()
+        };
+        let total = labeled.len() as u64;
+        let mut scores = Vec::with_capacity(labeled.len());
+        let mut correct_n = 0u64;
+        for (i, r) in labeled.iter().enumerate() {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(EngineError::Cancelled);
+            }
+            progress(attune_protocol::EvalProgress {
+                done: i as u64,
+                total,
+                phase: "asking the endpoint".into(),
+            });
+            let (Sample::Chat(msgs), Some(label)) = (&r.sample, &r.label) else {
+                continue;
+            };
+            let cut = msgs
+                .iter()
+                .rposition(|m| m.role == "assistant")
+                .unwrap_or(msgs.len());
+            let prompt = match template {
+                Some(t) => crate::templates::apply_template(t, &msgs[..cut]).0,
+                None => msgs[..cut].to_vec(),
+            };
+            let stats = self.endpoint_chat(row.id, model, &prompt, &params, cancel, &mut |_| {})?;
+            if stats.finish_reason == FinishReason::Cancelled {
+                return Err(EngineError::Cancelled);
+            }
+            let answer = crate::evaluate::parse_final_answer(&stats.text);
+            let correct = answer
+                .as_deref()
+                .is_some_and(|a| a.eq_ignore_ascii_case(label.trim()));
+            correct_n += u64::from(correct);
+            scores.push(attune_protocol::RowScore {
+                source_id: r.source_id.clone(),
+                sum_nll: 0.0,
+                n_tokens: 0,
+                answer,
+                correct: Some(correct),
+            });
+        }
+        progress(attune_protocol::EvalProgress {
+            done: total,
+            total,
+            phase: "asking the endpoint".into(),
+        });
+        let accuracy = Some(correct_n as f64 / total as f64);
+        let created_at = crate::clock::now_rfc3339();
+        let template_name = template.map(|t| {
+            if t.name.trim().is_empty() {
+                "template".to_string()
+            } else {
+                t.name.trim().to_string()
+            }
+        });
+        let id = self
+            .store
+            .insert_endpoint_evaluation(&crate::store::EndpointEvalRow {
+                endpoint_id: row.id,
+                model: model.to_string(),
+                template: template_name.clone(),
+                dataset_id: ds.id,
+                split: options.split.as_str().to_string(),
+                n_rows: rows.len() as i64,
+                accuracy,
+                n_labeled: total as i64,
+                created_at: created_at.clone(),
+            })?;
+        Ok(attune_protocol::EndpointEvalReport {
+            id,
+            endpoint: row.name.clone(),
+            model: model.to_string(),
+            template: template_name,
+            dataset_id: ds.id,
+            split: options.split,
+            n_rows: rows.len() as u64,
+            accuracy,
+            n_labeled: total,
+            rows: scores,
+            note: "Label accuracy from greedy answers. No NLL or perplexity: they need the \
+                   probability of every token of the reference answer, which an \
+                   OpenAI-compatible API does not return."
+                .into(),
+            created_at,
+        })
+    }
+}

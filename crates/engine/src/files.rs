@@ -30,6 +30,13 @@ pub fn classify_path(path: &Path) -> DroppedFile {
     if meta.is_dir() {
         return classify_dir(path, shown);
     }
+    if !meta.is_file() {
+        // A FIFO would block the reads below; a device never ends.
+        return unsupported(format!(
+            "{shown} is {}, not a regular file",
+            attune_models::fsio::kind_of(&meta)
+        ));
+    }
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())

@@ -1,6 +1,12 @@
-//! Hugging Face Hub pulls through `hf-hub`'s sync API into the standard HF cache
-//! (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`), so files
-//! other tools downloaded are reused and partial downloads resume.
+//! Hugging Face Hub pulls into the standard HF cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`,
+//! else `~/.cache/huggingface/hub`, laid out as `huggingface_hub` and `hf-hub` lay it out:
+//! `refs/`, `blobs/<etag>`, `snapshots/<commit>/<file>` links), so files other tools downloaded
+//! are reused and partial downloads resume.
+//!
+//! The HTTP client is ureq with a connect timeout and a read timeout on every request
+//! (`hf-hub`'s own client has neither, so a server that accepts and never answers hung the
+//! pull). Every request runs on a worker thread that the pull polls with the caller's cancel
+//! flag: Cancel returns at once, and the worker stops at its next chunk or timeout.
 //!
 //! A repository with `.gguf` files yields one of them (the caller's choice, else
 //! Q4_K_M, Q4_1, Q8_0 in that order); otherwise its safetensors folder
@@ -12,8 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use hf_hub::api::sync::{ApiBuilder, ApiError};
-use hf_hub::api::Progress;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::EngineError;
@@ -39,7 +46,15 @@ pub(crate) struct HubConfig {
     pub endpoint: String,
     pub cache_dir: PathBuf,
     pub token: Option<String>,
+    /// Longest wait for a TCP (and TLS) connection.
+    pub connect_timeout: Duration,
+    /// Longest wait for any read or write on a connection (a stalled server).
+    pub read_timeout: Duration,
 }
+
+/// Defaults of [`HubConfig`]'s timeouts; `ATTUNE_HUB_TIMEOUT_SECS` sets the read timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// GGUF quantizations preferred when the caller does not name a file, best first.
@@ -76,10 +91,23 @@ impl HubConfig {
                 .join(".cache/huggingface/hub")
         };
         let token = var("HF_TOKEN").or_else(|| Cache::new(cache_dir.clone()).token());
+        let read_timeout = match var("ATTUNE_HUB_TIMEOUT_SECS") {
+            None => READ_TIMEOUT,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Duration::from_secs(n),
+                _ => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "ATTUNE_HUB_TIMEOUT_SECS = '{v}' is not a positive number of seconds"
+                    )))
+                }
+            },
+        };
         Ok(HubConfig {
             endpoint,
             cache_dir,
             token,
+            connect_timeout: CONNECT_TIMEOUT.min(read_timeout),
+            read_timeout,
         })
     }
 }
@@ -120,18 +148,18 @@ pub(crate) fn pull(
         )));
     }
     let hf_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
-    let api = ApiBuilder::from_cache(Cache::new(cfg.cache_dir.clone()))
-        .with_endpoint(cfg.endpoint.clone())
-        .with_token(cfg.token.clone())
-        .with_progress(false)
-        .with_retries(2)
-        .build()
-        .map_err(|e| hub_error(cfg, repo, e))?;
+    let client = Client::new(cfg);
 
-    let listing = match api.repo(hf_repo.clone()).info() {
-        Ok(info) => Listing {
-            commit: Some(info.sha),
-            files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
+    let info_url = format!("{}/api/models/{repo}/revision/{revision}", cfg.endpoint);
+    let info = {
+        let client = client.clone();
+        cancellable(cancel, move |_, _| client.get_json(&info_url))?
+    };
+    let listing = match info.and_then(|v| parse_info(&v).map_err(|m| NetError::Bad(m.to_string())))
+    {
+        Ok((commit, files)) => Listing {
+            commit: Some(commit),
+            files,
             offline: false,
         },
         Err(e) => match classify(cfg, repo, revision, e) {
@@ -179,10 +207,19 @@ pub(crate) fn pull(
                     reason: format!("{name} of {repo} is not in the local cache"),
                 })
             }
-            None => download(&api, &hf_repo, name, i + 1, count, progress, cancel).map_err(
-                |e| match e {
-                    DownloadError::Cancelled => EngineError::Cancelled,
-                    DownloadError::Api(e) => match classify(cfg, repo, revision, e) {
+            None => download(
+                &client,
+                cfg,
+                &hf_repo,
+                listing.commit.as_deref().unwrap_or(revision),
+                name,
+                (i + 1, count),
+                progress,
+                cancel,
+            )
+            .map_err(|e| match e {
+                DownloadError::Cancelled => EngineError::Cancelled,
+                DownloadError::Net(e) => match classify(cfg, repo, revision, e) {
                         EngineError::RepoNotFound { .. } => EngineError::Hub {
                             repo: repo.to_string(),
                             message: format!(
@@ -190,10 +227,9 @@ pub(crate) fn pull(
                                  is restricted (gated repository: accept its terms and set HF_TOKEN)"
                             ),
                         },
-                        other => other,
-                    },
+                    other => other,
                 },
-            )?,
+            })?,
         };
         local.push(path);
     }
@@ -344,146 +380,449 @@ fn cached_listing(cfg: &HubConfig, repo: &Repo, revision: &str) -> Option<Listin
     })
 }
 
-enum DownloadError {
-    Cancelled,
-    Api(ApiError),
+/// A failed request.
+#[derive(Debug)]
+enum NetError {
+    /// No answer: connection refused, DNS, TLS, a timeout.
+    Transport(String),
+    /// The server answered with this HTTP status.
+    Status(u16, String),
+    /// The answer is not what the Hub sends.
+    Bad(String),
 }
 
-/// Forwards hf-hub's progress calls to the pulling thread.
-struct ChannelProgress {
-    tx: mpsc::Sender<(u64, u64)>,
-    done: u64,
-    total: u64,
-}
-
-impl Progress for ChannelProgress {
-    fn init(&mut self, size: usize, _filename: &str) {
-        self.total = size as u64;
-        self.done = 0;
-        // The receiver may be gone after a cancel; nothing to do then.
-        let _ = self.tx.send((self.done, self.total));
+impl From<ureq::Error> for NetError {
+    fn from(e: ureq::Error) -> Self {
+        match e {
+            ureq::Error::Status(code, resp) => NetError::Status(code, resp.status_text().into()),
+            ureq::Error::Transport(t) => NetError::Transport(t.to_string()),
+        }
     }
-    fn update(&mut self, size: usize) {
-        self.done += size as u64;
-        let _ = self.tx.send((self.done, self.total));
-    }
-    fn finish(&mut self) {}
 }
 
-/// Downloads one file on a worker thread so that `cancel` is honoured mid-file: on
-/// cancel the caller returns at once and the worker's partial file stays in the
-/// cache, to be resumed by the next pull.
-fn download(
-    api: &hf_hub::api::sync::Api,
-    repo: &Repo,
-    name: &str,
-    index: usize,
-    count: usize,
-    progress: &mut dyn FnMut(PullProgress),
+/// The Hub's HTTP client: one agent with both timeouts, no automatic redirects (they are
+/// followed here so the token goes only to the endpoint's own host).
+#[derive(Clone)]
+struct Client {
+    agent: ureq::Agent,
+    token: Option<String>,
+    endpoint_host: Option<String>,
+}
+
+/// Largest JSON answer read (a repository listing is a few KB).
+const MAX_JSON_BYTES: u64 = 16 << 20;
+const MAX_REDIRECTS: usize = 5;
+
+fn host_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    Some(rest.split(['/', '?', '#']).next()?.to_ascii_lowercase())
+}
+
+impl Client {
+    fn new(cfg: &HubConfig) -> Client {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(cfg.connect_timeout)
+            .timeout_read(cfg.read_timeout)
+            .timeout_write(cfg.read_timeout)
+            .redirects(0)
+            .user_agent(concat!("attune/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Client {
+            agent,
+            token: cfg.token.clone(),
+            endpoint_host: host_of(&cfg.endpoint),
+        }
+    }
+
+    /// GET `url` with `range`, following up to five redirects; returns the final response
+    /// and the headers of the last answer from the endpoint's own host (where the Hub puts
+    /// `x-repo-commit` and the etag before sending the client to its CDN).
+    fn get(
+        &self,
+        url: &str,
+        range: Option<&str>,
+    ) -> Result<(ureq::Response, HubHeaders), NetError> {
+        let mut url = url.to_string();
+        let mut hub = HubHeaders::default();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self.agent.get(&url);
+            if let Some(r) = range {
+                req = req.set("Range", r);
+            }
+            let same_host = host_of(&url) == self.endpoint_host;
+            if let (Some(t), true) = (&self.token, same_host) {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            let resp = req.call()?;
+            if same_host {
+                hub.read(&resp);
+            }
+            if !(300..400).contains(&resp.status()) {
+                return Ok((resp, hub));
+            }
+            let location = resp
+                .header("location")
+                .ok_or_else(|| {
+                    NetError::Bad(format!("HTTP {} without a Location header", resp.status()))
+                })?
+                .to_string();
+            url = if location.contains("://") {
+                location
+            } else if location.starts_with('/') {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("https", &url));
+                let host = rest.split('/').next().unwrap_or("");
+                format!("{scheme}://{host}{location}")
+            } else {
+                return Err(NetError::Bad(format!("unusable redirect to '{location}'")));
+            };
+        }
+        Err(NetError::Bad(format!(
+            "more than {MAX_REDIRECTS} redirects"
+        )))
+    }
+
+    fn get_json(&self, url: &str) -> Result<serde_json::Value, NetError> {
+        let (resp, _) = self.get(url, None)?;
+        let mut body = Vec::new();
+        resp.into_reader()
+            .take(MAX_JSON_BYTES)
+            .read_to_end(&mut body)
+            .map_err(|e| NetError::Transport(e.to_string()))?;
+        serde_json::from_slice(&body).map_err(|e| NetError::Bad(format!("not JSON: {e}")))
+    }
+}
+
+/// The Hub's own headers on a file request.
+#[derive(Debug, Default, Clone)]
+struct HubHeaders {
+    etag: Option<String>,
+    commit: Option<String>,
+}
+
+impl HubHeaders {
+    fn read(&mut self, resp: &ureq::Response) {
+        if let Some(e) = resp.header("x-linked-etag").or_else(|| resp.header("etag")) {
+            let e = e.trim().trim_start_matches("W/").replace('"', "");
+            if !e.is_empty() {
+                self.etag = Some(e);
+            }
+        }
+        if let Some(c) = resp.header("x-repo-commit") {
+            self.commit = Some(c.trim().to_string());
+        }
+    }
+}
+
+/// `{"sha": ..., "siblings": [{"rfilename": ...}]}` -> (commit, files). File names that are
+/// not plain relative paths (`..`, absolute, backslashes) are dropped: a listing must not
+/// steer a download out of the cache.
+fn parse_info(v: &serde_json::Value) -> Result<(String, Vec<String>), String> {
+    let sha = v
+        .get("sha")
+        .and_then(|s| s.as_str())
+        .filter(|s| is_safe_name(s) && !s.contains('/'))
+        .ok_or("the repository listing has no commit ('sha')")?;
+    let files = v
+        .get("siblings")
+        .and_then(|s| s.as_array())
+        .ok_or("the repository listing has no files ('siblings')")?
+        .iter()
+        .filter_map(|f| f.get("rfilename")?.as_str())
+        .filter(|f| is_safe_name(f))
+        .map(str::to_string)
+        .collect();
+    Ok((sha.to_string(), files))
+}
+
+/// A relative path of plain components: no `..`, `.`, empty parts, backslashes or NULs.
+fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains(['\\', '\0'])
+        && name
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
+}
+
+/// Runs `work` on a worker thread, polling `cancel` every 50 ms. `work` gets a stop flag (set
+/// when the caller gives up, so it ends at its next chunk) and a progress sender. Returns
+/// `Err(Cancelled)` at once on cancel; the worker ends by itself within a read timeout.
+fn cancellable<T: Send + 'static>(
     cancel: &AtomicBool,
-) -> Result<PathBuf, DownloadError> {
+    work: impl FnOnce(&AtomicBool, &mpsc::Sender<(u64, u64)>) -> T + Send + 'static,
+) -> Result<T, EngineError> {
+    cancellable_with_progress(cancel, work, &mut |_| {})
+}
+
+fn cancellable_with_progress<T: Send + 'static>(
+    cancel: &AtomicBool,
+    work: impl FnOnce(&AtomicBool, &mpsc::Sender<(u64, u64)>) -> T + Send + 'static,
+    on_progress: &mut dyn FnMut((u64, u64)),
+) -> Result<T, EngineError> {
+    let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
-    let api = api.clone();
-    let repo = repo.clone();
-    let file = name.to_string();
+    let worker_stop = Arc::clone(&stop);
     std::thread::spawn(move || {
-        let p = ChannelProgress {
-            tx,
-            done: 0,
-            total: 0,
-        };
-        let result = api.repo(repo).download_with_progress(&file, p);
-        let _ = done_tx.send(result);
+        let out = work(&worker_stop, &tx);
+        let _ = done_tx.send(out);
     });
-    let mut last_report = None;
     loop {
         if cancel.load(Ordering::Relaxed) {
-            return Err(DownloadError::Cancelled);
+            stop.store(true, Ordering::Relaxed);
+            return Err(EngineError::Cancelled);
         }
-        match done_rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(result) => {
-                // Drain the last progress updates.
-                while let Ok(p) = rx.try_recv() {
-                    last_report = Some(p);
-                }
-                let path = result.map_err(DownloadError::Api)?;
-                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                let (_, total) = last_report.unwrap_or((size, size));
-                progress(PullProgress {
-                    file: name.to_string(),
-                    file_index: index,
-                    file_count: count,
-                    bytes_done: size,
-                    total_bytes: total.max(size),
-                    cached: false,
-                });
-                return Ok(path);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(DownloadError::Api(ApiError::IoError(
-                    std::io::Error::other(format!("the download of {name} stopped unexpectedly")),
-                )))
-            }
-        }
+        let done = done_rx.recv_timeout(Duration::from_millis(50));
         let mut latest = None;
         while let Ok(p) = rx.try_recv() {
             latest = Some(p);
         }
-        if let Some((done, total)) = latest {
-            last_report = Some((done, total));
-            progress(PullProgress {
-                file: name.to_string(),
-                file_index: index,
-                file_count: count,
-                bytes_done: done,
-                total_bytes: total,
-                cached: false,
-            });
+        if let Some(p) = latest {
+            on_progress(p);
+        }
+        match done {
+            Ok(out) => return Ok(out),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(EngineError::Hub {
+                    repo: String::new(),
+                    message: "the download stopped unexpectedly".into(),
+                })
+            }
         }
     }
 }
 
-/// Maps an hf-hub error to an engine error: transport failures mean the Hub is
-/// unreachable, 401/404 that the repository (or revision) does not exist.
-fn classify(cfg: &HubConfig, repo: &str, revision: &str, e: ApiError) -> EngineError {
-    match e {
-        ApiError::TooManyRetries(inner) => classify(cfg, repo, revision, *inner),
-        ApiError::RequestError(err) => match *err {
-            ureq::Error::Status(401 | 403 | 404, _) => EngineError::RepoNotFound {
-                repo: if revision == "main" {
-                    repo.to_string()
-                } else {
-                    format!("{repo} (revision {revision})")
-                },
-                endpoint: cfg.endpoint.clone(),
-            },
-            ureq::Error::Status(code, resp) => EngineError::Hub {
-                repo: repo.to_string(),
-                message: format!("HTTP {code} {} from {}", resp.status_text(), cfg.endpoint),
-            },
-            ureq::Error::Transport(t) => EngineError::HubUnreachable {
-                endpoint: cfg.endpoint.clone(),
-                reason: t.to_string(),
-            },
-        },
-        other => hub_error(cfg, repo, other),
+enum DownloadError {
+    Cancelled,
+    Net(NetError),
+}
+
+/// Downloads `name` of `repo` at `commit` into the cache (`blobs/<etag>`, linked from
+/// `snapshots/<commit>/<name>`), resuming a partial blob, reporting progress. The worker
+/// thread checks the stop flag between 64 KiB chunks.
+#[allow(clippy::too_many_arguments)]
+fn download(
+    client: &Client,
+    cfg: &HubConfig,
+    repo: &Repo,
+    commit: &str,
+    name: &str,
+    (index, count): (usize, usize),
+    progress: &mut dyn FnMut(PullProgress),
+    cancel: &AtomicBool,
+) -> Result<PathBuf, DownloadError> {
+    if !is_safe_name(name) || !is_safe_name(commit) {
+        return Err(DownloadError::Net(NetError::Bad(format!(
+            "unsafe file name '{name}'"
+        ))));
+    }
+    let url = format!(
+        "{}/{}/resolve/{commit}/{name}",
+        cfg.endpoint,
+        repo.url().trim_start_matches('/')
+    );
+    let root = cfg.cache_dir.join(repo.folder_name());
+    let client = client.clone();
+    let (file, commit_owned, root2) = (name.to_string(), commit.to_string(), root.clone());
+    let work = move |stop: &AtomicBool, tx: &mpsc::Sender<(u64, u64)>| {
+        fetch_blob(&client, &url, &root2, &commit_owned, &file, stop, tx)
+    };
+    let mut last = (0u64, 0u64);
+    let result = cancellable_with_progress(cancel, work, &mut |p| {
+        last = p;
+        progress(PullProgress {
+            file: name.to_string(),
+            file_index: index,
+            file_count: count,
+            bytes_done: p.0,
+            total_bytes: p.1,
+            cached: false,
+        })
+    });
+    let path = match result {
+        Err(EngineError::Cancelled) => return Err(DownloadError::Cancelled),
+        Err(other) => return Err(DownloadError::Net(NetError::Bad(other.to_string()))),
+        Ok(r) => r.map_err(DownloadError::Net)?,
+    };
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    progress(PullProgress {
+        file: name.to_string(),
+        file_index: index,
+        file_count: count,
+        bytes_done: size,
+        total_bytes: last.1.max(size),
+        cached: false,
+    });
+    Ok(path)
+}
+
+fn io_err(what: &Path, e: std::io::Error) -> NetError {
+    NetError::Bad(format!("{}: {e}", what.display()))
+}
+
+/// The worker's part of [`download`].
+fn fetch_blob(
+    client: &Client,
+    url: &str,
+    root: &Path,
+    commit: &str,
+    name: &str,
+    stop: &AtomicBool,
+    tx: &mpsc::Sender<(u64, u64)>,
+) -> Result<PathBuf, NetError> {
+    // The etag names the blob; the Hub sends it (and the size) on a one-byte range request.
+    let (probe, hub) = client.get(url, Some("bytes=0-0"))?;
+    let total = probe
+        .header("content-range")
+        .and_then(|r| r.rsplit('/').next())
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    drop(probe);
+    let etag = hub
+        .etag
+        .filter(|e| is_safe_name(e) && !e.contains('/'))
+        .ok_or_else(|| NetError::Bad(format!("no usable ETag for {name}")))?;
+    let blobs = root.join("blobs");
+    std::fs::create_dir_all(&blobs).map_err(|e| io_err(&blobs, e))?;
+    let blob = blobs.join(&etag);
+    if !blob.is_file() {
+        let lock_path = blobs.join(format!("{etag}.lock"));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, e))?;
+        if !try_lock(&lock) {
+            return Err(NetError::Bad(format!(
+                "another download is writing {} (wait for it, or remove the .lock file)",
+                lock_path.display()
+            )));
+        }
+        let part = blobs.join(format!("{etag}.incomplete"));
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .map_err(|e| io_err(&part, e))?;
+        let mut done = out.metadata().map_err(|e| io_err(&part, e))?.len();
+        if total.is_some_and(|t| done > t) {
+            out.set_len(0).map_err(|e| io_err(&part, e))?;
+            done = 0;
+        }
+        if total != Some(done) {
+            let range = format!("bytes={done}-");
+            let (resp, _) = client.get(url, Some(&range))?;
+            if resp.status() == 200 && done > 0 {
+                // The server ignored the range: start over.
+                out.set_len(0).map_err(|e| io_err(&part, e))?;
+                done = 0;
+            }
+            let total = total.unwrap_or_else(|| {
+                resp.header("content-length")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .map(|n| n + done)
+                    .unwrap_or(0)
+            });
+            let _ = tx.send((done, total));
+            let mut body = resp.into_reader();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(NetError::Bad("stopped".into()));
+                }
+                let n = match body.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(NetError::Transport(e.to_string())),
+                };
+                out.write_all(&buf[..n]).map_err(|e| io_err(&part, e))?;
+                done += n as u64;
+                let _ = tx.send((done, total));
+            }
+            if total > 0 && done != total {
+                return Err(NetError::Transport(format!(
+                    "the connection closed after {done} of {total} bytes of {name}"
+                )));
+            }
+        }
+        out.sync_all().map_err(|e| io_err(&part, e))?;
+        drop(out);
+        std::fs::rename(&part, &blob).map_err(|e| io_err(&blob, e))?;
+        drop(lock);
+        let _ = std::fs::remove_file(&lock_path);
+    }
+    let pointer = root.join("snapshots").join(commit).join(name);
+    if let Some(parent) = pointer.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+    }
+    if !pointer.exists() {
+        let _ = std::fs::remove_file(&pointer);
+        link_blob(&blob, &pointer, name).map_err(|e| io_err(&pointer, e))?;
+    }
+    Ok(pointer)
+}
+
+/// `snapshots/<commit>/<name>` -> `../../blobs/<etag>` (one more `..` per folder in `name`).
+fn link_blob(blob: &Path, pointer: &Path, name: &str) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let depth = 2 + name.matches('/').count();
+        let mut rel = PathBuf::new();
+        for _ in 0..depth {
+            rel.push("..");
+        }
+        rel.push("blobs");
+        if let Some(f) = blob.file_name() {
+            rel.push(f);
+        }
+        std::os::unix::fs::symlink(rel, pointer)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = name;
+        std::fs::copy(blob, pointer).map(|_| ())
     }
 }
 
-fn hub_error(cfg: &HubConfig, repo: &str, e: ApiError) -> EngineError {
+/// An exclusive advisory lock on `f`, without waiting.
+fn try_lock(f: &std::fs::File) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor `f` owns; released when it is closed.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = f;
+        true
+    }
+}
+
+/// Maps a failed request to an engine error: no answer means the Hub is unreachable,
+/// 401/403/404 that the repository (or revision) does not exist or is gated.
+fn classify(cfg: &HubConfig, repo: &str, revision: &str, e: NetError) -> EngineError {
     match e {
-        ApiError::LockAcquisition(p) => EngineError::Hub {
-            repo: repo.to_string(),
-            message: format!(
-                "another download is writing {} (wait for it, or remove the .lock file)",
-                p.display()
-            ),
+        NetError::Status(401 | 403 | 404, _) => EngineError::RepoNotFound {
+            repo: if revision == "main" {
+                repo.to_string()
+            } else {
+                format!("{repo} (revision {revision})")
+            },
+            endpoint: cfg.endpoint.clone(),
         },
-        other => EngineError::Hub {
+        NetError::Status(code, text) => EngineError::Hub {
             repo: repo.to_string(),
-            message: format!("{other} (endpoint {})", cfg.endpoint),
+            message: format!("HTTP {code} {text} from {}", cfg.endpoint),
+        },
+        NetError::Transport(reason) => EngineError::HubUnreachable {
+            endpoint: cfg.endpoint.clone(),
+            reason,
+        },
+        NetError::Bad(message) => EngineError::Hub {
+            repo: repo.to_string(),
+            message: format!("{message} (endpoint {})", cfg.endpoint),
         },
     }
 }

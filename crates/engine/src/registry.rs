@@ -39,6 +39,12 @@ pub(crate) fn register(
             path: path.clone(),
             source: Box::new(source),
         })?;
+    // Refuse now what would fail at first use: an unsupported architecture, a missing
+    // tokenizer, a chat template that does not compile or render.
+    attune_models::loader::check(&path).map_err(|source| EngineError::InvalidModel {
+        path: path.clone(),
+        source: Box::new(source),
+    })?;
     if info.files.is_empty() {
         return Err(EngineError::InvalidModel {
             path: path.clone(),
@@ -112,7 +118,10 @@ pub(crate) fn hash_files(files: &[PathBuf]) -> Result<String, EngineError> {
             path: file.clone(),
             source,
         };
-        let mut f = std::fs::File::open(file).map_err(io)?;
+        let mut f = attune_models::fsio::open_regular(file).map_err(|e| match e {
+            attune_models::Error::Io { source, .. } => io(source),
+            other => io(std::io::Error::other(other.to_string())),
+        })?;
         loop {
             let n = match f.read(&mut buf) {
                 Ok(0) => break,

@@ -163,7 +163,7 @@ pub fn trainable_params(cfg: &Config, method: &MethodSpec) -> u64 {
     let kv = cfg.num_key_value_heads as u64 * hd;
     match method {
         MethodSpec::Full => cfg.num_parameters() as u64,
-        MethodSpec::Prompt { virtual_tokens, .. } => *virtual_tokens as u64 * h,
+        MethodSpec::Prompt { virtual_tokens, .. } => (*virtual_tokens as u64).saturating_mul(h),
         MethodSpec::Lora { r, targets, .. } => {
             let per_layer: u64 = targets
                 .iter()
@@ -176,7 +176,9 @@ pub fn trainable_params(cfg: &Config, method: &MethodSpec) -> u64 {
                     _ => 0,
                 })
                 .sum();
-            *r as u64 * per_layer * cfg.num_hidden_layers as u64
+            (*r as u64)
+                .saturating_mul(per_layer)
+                .saturating_mul(cfg.num_hidden_layers as u64)
         }
     }
 }
@@ -196,16 +198,25 @@ pub fn estimate_memory(
 ) -> MemoryEstimate {
     let p = cfg.num_parameters() as u64;
     let t = trainable_params(cfg, method);
-    let n = (batch_size * max_len) as u64;
+    // Saturating: settings past any real machine give an estimate of u64::MAX, which no
+    // machine has, instead of a wrapped small number.
+    let m = |a: u64, b: u64| a.saturating_mul(b);
+    let n = m(batch_size as u64, max_len as u64);
     let h = cfg.hidden_size as u64;
     let i = cfg.intermediate_size as u64;
     let heads = cfg.num_attention_heads as u64;
     let layers = cfg.num_hidden_layers as u64;
-    let weights = 4 * p;
-    let optimizer = 16 * t;
+    let weights = m(4, p);
+    let optimizer = m(16, t);
+    let per_token = m(6, h)
+        .saturating_add(m(2, i))
+        .saturating_add(m(heads, max_len as u64));
     let activations =
-        4 * n * layers * (6 * h + 2 * i + heads * max_len as u64) + 8 * n * cfg.vocab_size as u64;
-    let total = weights + optimizer + activations + RUNTIME_OVERHEAD;
+        m(m(m(4, n), layers), per_token).saturating_add(m(m(8, n), cfg.vocab_size as u64));
+    let total = weights
+        .saturating_add(optimizer)
+        .saturating_add(activations)
+        .saturating_add(RUNTIME_OVERHEAD);
     MemoryEstimate {
         weights,
         trainable_params: t,
@@ -357,21 +368,47 @@ fn to_method(m: &MethodSpec) -> train::Method {
     }
 }
 
+/// Upper bounds on the sizes a run spec may ask for. Far above anything that fits in memory
+/// (the memory estimate refuses long before), they keep every product of sizes (batch x
+/// max_len x layers x ..., batch x accumulation, virtual tokens + max_len) inside `u64`.
+pub(crate) const MAX_BATCH_SIZE: usize = 4096;
+pub(crate) const MAX_GRAD_ACCUM: usize = 65_536;
+pub(crate) const MAX_STEPS: usize = 100_000_000;
+pub(crate) const MAX_EPOCHS: f64 = 10_000.0;
+pub(crate) const MAX_LORA_RANK: usize = 4096;
+pub(crate) const MAX_TOKENS: usize = 1 << 20;
+
 /// Refuses impossible settings, naming the field.
 pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError> {
     let bad = |m: String| Err(EngineError::InvalidInput(m));
-    if spec.batch_size == 0 {
-        return bad("batch_size must be at least 1".into());
+    let range = |name: &str, v: usize, max: usize| -> Result<(), EngineError> {
+        if v == 0 || v > max {
+            return Err(EngineError::InvalidInput(format!(
+                "{name} must be between 1 and {max}, got {v}"
+            )));
+        }
+        Ok(())
+    };
+    range("batch_size", spec.batch_size, MAX_BATCH_SIZE)?;
+    range("grad_accum", spec.grad_accum, MAX_GRAD_ACCUM)?;
+    if let Some(steps) = spec.steps {
+        range("steps", steps, MAX_STEPS)?;
     }
-    if spec.grad_accum == 0 {
-        return bad("grad_accum must be at least 1".into());
+    if spec.warmup_steps > MAX_STEPS {
+        return bad(format!(
+            "warmup_steps must be at most {MAX_STEPS}, got {}",
+            spec.warmup_steps
+        ));
     }
-    if spec.steps == Some(0) {
-        return bad("steps must be at least 1".into());
+    if spec.steps.is_none()
+        && !(spec.epochs.is_finite() && spec.epochs > 0.0 && spec.epochs <= MAX_EPOCHS)
+    {
+        return bad(format!(
+            "epochs must be positive and at most {MAX_EPOCHS}, got {}",
+            spec.epochs
+        ));
     }
-    if spec.steps.is_none() && !(spec.epochs.is_finite() && spec.epochs > 0.0) {
-        return bad(format!("epochs must be positive, got {}", spec.epochs));
-    }
+
     if let Some(lr) = spec.lr {
         if !(lr.is_finite() && lr > 0.0) {
             return bad(format!("lr must be positive, got {lr}"));
@@ -401,7 +438,7 @@ pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError
             spec.max_len
         ));
     }
-    if spec.max_len > context {
+    if spec.max_len > context.min(MAX_TOKENS) {
         return bad(format!(
             "max_len {} is longer than the model's context of {context} tokens",
             spec.max_len
@@ -416,9 +453,7 @@ pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError
             targets,
             ..
         } => {
-            if *r == 0 {
-                return bad("lora r must be at least 1".into());
-            }
+            range("lora r", *r, MAX_LORA_RANK)?;
             if !(alpha.is_finite() && *alpha > 0.0) {
                 return bad(format!("lora alpha must be positive, got {alpha}"));
             }
@@ -441,14 +476,16 @@ pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError
             virtual_tokens,
             init_text,
         } => {
-            if *virtual_tokens == 0 {
-                return bad("virtual_tokens must be at least 1".into());
-            }
-            if *virtual_tokens + spec.max_len > context {
-                return bad(format!(
-                    "virtual_tokens + max_len ({}) exceed the model's context of {context}",
-                    virtual_tokens + spec.max_len
-                ));
+            range("virtual_tokens", *virtual_tokens, MAX_TOKENS)?;
+            match virtual_tokens.checked_add(spec.max_len) {
+                Some(n) if n <= context => {}
+                _ => {
+                    return bad(format!(
+                        "virtual_tokens {virtual_tokens} + max_len {} exceed the model's context \
+                         of {context}",
+                        spec.max_len
+                    ))
+                }
             }
             if init_text.as_deref().is_some_and(|t| t.trim().is_empty()) {
                 return bad("prompt init text is empty".into());
@@ -462,8 +499,11 @@ pub(crate) fn total_steps(spec: &RunSpec, train_rows: u64) -> usize {
     match spec.steps {
         Some(s) => s,
         None => {
-            let per = (spec.batch_size * spec.grad_accum) as f64;
-            ((spec.epochs * train_rows as f64) / per).ceil().max(1.0) as usize
+            // Bounded by `validate`; the float-to-int cast saturates.
+            let per = spec.batch_size.saturating_mul(spec.grad_accum) as f64;
+            ((spec.epochs * train_rows as f64) / per)
+                .ceil()
+                .clamp(1.0, MAX_STEPS as f64) as usize
         }
     }
 }
@@ -486,7 +526,7 @@ pub(crate) fn smaller_settings(spec: &RunSpec) -> Vec<Smaller> {
     if spec.batch_size > 1 {
         s.push(Smaller::Batch {
             batch_size: (spec.batch_size / 2).max(1),
-            grad_accum: spec.grad_accum * 2,
+            grad_accum: spec.grad_accum.saturating_mul(2),
         });
     }
     if spec.max_len > 256 {
@@ -757,7 +797,7 @@ impl Engine {
             status: "queued".into(),
             error: None,
             step: 0,
-            total_steps: total as i64,
+            total_steps: i64::try_from(total).unwrap_or(i64::MAX),
             memory_estimate_mb: est.total_mb() as i64,
             run_dir: String::new(),
             created_at: crate::clock::now_rfc3339(),

@@ -8,13 +8,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use crate::error::EngineError;
 
 mod endpoints;
 mod workbench;
-pub(crate) use endpoints::EndpointRow;
+pub(crate) use endpoints::{EndpointEvalRow, EndpointRow};
 pub(crate) use workbench::{
     ArenaItemRow, ArenaRecord, ConversationRow, NewArena, TemplateContent, TemplateVersionRow,
 };
@@ -36,6 +36,18 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/0005_endpoints.sql"),
     ),
 ];
+
+/// How long a statement waits for another process's write lock before failing. Imports of
+/// large datasets hold it for seconds; the app, the CLI and scripts may write at once.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts a write transaction: `BEGIN IMMEDIATE`, which takes the write lock up front (waiting
+/// up to [`BUSY_TIMEOUT`] for other processes). A `DEFERRED` transaction that reads first and
+/// writes later fails at once with "database is locked" when another process wrote in between
+/// (WAL cannot upgrade its stale read snapshot), which is what concurrent imports hit.
+pub(crate) fn write_tx(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+}
 
 /// File name of the library inside the data directory.
 pub const DATABASE_FILE: &str = "library.sqlite3";
@@ -175,17 +187,34 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, EngineError> {
         let db = |e: rusqlite::Error| EngineError::db(path, e);
         let mut conn = Connection::open(path).map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(db)?;
-        // `journal_mode` returns a row; reading it also proves the file is a database.
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(db)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(EngineError::db(
-                path,
-                format!("cannot switch to WAL journal mode (got '{mode}')"),
-            ));
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+        // Any transaction opened without `write_tx` is IMMEDIATE too.
+        conn.set_transaction_behavior(TransactionBehavior::Immediate);
+        // `journal_mode` returns a row; reading it also proves the file is a database. The
+        // switch needs a moment alone with the file: a process opening a fresh library while
+        // another one is switching it sees the old mode or "busy" and tries again.
+        let started = std::time::Instant::now();
+        loop {
+            let mode = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0));
+            let retry = match &mode {
+                Ok(m) if m.eq_ignore_ascii_case("wal") => break,
+                Ok(_) => true,
+                Err(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ),
+                Err(_) => false,
+            };
+            if !retry || started.elapsed() > BUSY_TIMEOUT {
+                return Err(match mode {
+                    Ok(m) => EngineError::db(
+                        path,
+                        format!("cannot switch to WAL journal mode (got '{m}')"),
+                    ),
+                    Err(e) => db(e),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         conn.pragma_update(None, "foreign_keys", true).map_err(db)?;
         migrate(&mut conn, path)?;
@@ -283,7 +312,7 @@ impl Store {
     /// One transaction: either the row is fully written or nothing is.
     pub fn insert_model(&self, new: &NewModel) -> Result<(ModelRow, bool), EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         let existing = tx
             .query_row(
                 &format!("SELECT {MODEL_COLUMNS} FROM models WHERE sha256 = ?1"),
@@ -386,7 +415,7 @@ impl Store {
         rows: &[StoredRow],
     ) -> Result<InsertDataset, EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         let existing = tx
             .query_row(
                 &format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE name = ?1"),
@@ -677,7 +706,7 @@ impl Store {
         run_dir: impl FnOnce(i64) -> String,
     ) -> Result<RunRow, EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         tx.execute(
             "INSERT INTO runs (name, model_id, dataset_id, dataset_hash, method, config_json, \
              status, step, total_steps, memory_estimate_mb, run_dir, created_at, pid) \
@@ -754,7 +783,7 @@ impl Store {
     /// `step` (they belong to steps a crash lost and that will be redone).
     pub fn start_run(&self, id: i64, pid: i64, step: i64, now: &str) -> Result<(), EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         tx.execute(
             "UPDATE runs SET status = 'running', error = NULL, pid = ?2, step = ?3, \
              started_at = coalesce(started_at, ?4), heartbeat_at = ?4, finished_at = NULL \
@@ -773,7 +802,7 @@ impl Store {
     /// Records one metric and moves the run's step and heartbeat, in one transaction.
     pub fn record_metric(&self, run_id: i64, m: &MetricRow) -> Result<(), EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         tx.execute(
             "INSERT OR REPLACE INTO run_metrics (run_id, step, kind, loss, lr, grad_norm, \
              tokens_per_s, memory_mb, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -854,7 +883,7 @@ impl Store {
         now: &str,
     ) -> Result<AdapterRow, EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         let adapter = insert_adapter_tx(&tx, adapter).map_err(|e| self.err(e))?;
         tx.execute(
             "UPDATE runs SET status = 'completed', error = NULL, pid = NULL, heartbeat_at = ?2, \
@@ -899,7 +928,7 @@ impl Store {
 
     pub fn insert_adapter(&self, adapter: &AdapterRow) -> Result<AdapterRow, EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         let row = insert_adapter_tx(&tx, adapter)
             .map_err(|e| self.err(format!("adapter '{}': {e}", adapter.name)))?;
         tx.commit().map_err(|e| self.err(e))?;
@@ -1050,35 +1079,52 @@ fn insert_adapter_tx(
 }
 
 /// Applies every migration newer than `user_version`, each in its own transaction.
+///
+/// Several processes may open a fresh library at once (the app and a CLI, scripts): each
+/// migration runs in an IMMEDIATE transaction that re-reads `user_version` after taking the
+/// write lock, so the process that waited sees the first one's work and skips it instead of
+/// failing on "table already exists".
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), EngineError> {
     let db = |e: rusqlite::Error| EngineError::db(path, e);
-    let current: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(db)?;
     let known = MIGRATIONS.len() as i64;
-    if current > known {
-        return Err(EngineError::SchemaTooNew {
-            path: path.to_path_buf(),
-            found: current,
-            known,
-        });
+    let check = |current: i64| -> Result<(), EngineError> {
+        if current > known {
+            return Err(EngineError::SchemaTooNew {
+                path: path.to_path_buf(),
+                found: current,
+                known,
+            });
+        }
+        if current < 0 {
+            return Err(EngineError::db(
+                path,
+                format!("invalid schema version {current}"),
+            ));
+        }
+        Ok(())
+    };
+    let version = |c: &Connection| -> rusqlite::Result<i64> {
+        c.query_row("PRAGMA user_version", [], |r| r.get(0))
+    };
+    // Up to date: no write lock needed (the common case of every open).
+    let current = version(conn).map_err(db)?;
+    check(current)?;
+    if current == known {
+        return Ok(());
     }
-    if current < 0 {
-        return Err(EngineError::db(
-            path,
-            format!("invalid schema version {current}"),
-        ));
-    }
-    for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        let version = index as i64 + 1;
-        let tx = conn.transaction().map_err(db)?;
+    loop {
+        let tx = write_tx(conn).map_err(db)?;
+        let current = version(&tx).map_err(db)?;
+        check(current)?;
+        let Some((name, sql)) = MIGRATIONS.get(current as usize) else {
+            return Ok(());
+        };
         tx.execute_batch(sql)
             .map_err(|e| EngineError::db(path, format!("migration {name}: {e}")))?;
-        tx.pragma_update(None, "user_version", version)
+        tx.pragma_update(None, "user_version", current + 1)
             .map_err(db)?;
         tx.commit().map_err(db)?;
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1141,7 +1187,7 @@ mod tests {
         // Each migration applies on top of the previous ones in a bare connection.
         let mut conn = Connection::open_in_memory().expect("memory db");
         for (name, sql) in MIGRATIONS {
-            conn.transaction()
+            write_tx(&mut conn)
                 .and_then(|tx| {
                     tx.execute_batch(sql)?;
                     tx.commit()
@@ -1165,6 +1211,7 @@ mod tests {
                 "conversations",
                 "dataset_rows",
                 "datasets",
+                "endpoint_evaluations",
                 "endpoints",
                 "evaluations",
                 "models",

@@ -77,6 +77,8 @@ fn offline_cfg(cache_dir: &Path, endpoint: String) -> hub::HubConfig {
         endpoint,
         cache_dir: cache_dir.to_path_buf(),
         token: None,
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(5),
     }
 }
 
@@ -636,5 +638,65 @@ fn pull_cancel_stops_mid_download_and_registers_nothing() {
         "{:?}",
         started.elapsed()
     );
+    assert!(engine.list_models().expect("list").is_empty());
+}
+
+/// A loopback server that accepts connections and never answers (keeps them open for 60 s).
+fn silent_server() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in l.incoming().take(8) {
+            open.push(stream);
+        }
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn pull_from_a_hub_that_never_answers_times_out_and_stays_cancellable() {
+    let (dir, engine) = engine();
+    let mut cfg = offline_cfg(&dir.path().join("hf"), silent_server());
+    cfg.read_timeout = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let err = engine
+        .pull_with(
+            &cfg,
+            "org/model",
+            None,
+            None,
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+        .expect_err("no answer");
+    assert_eq!(err.code(), "hub_unreachable", "{err}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // With a long read timeout, Cancel still returns at once.
+    cfg.read_timeout = Duration::from_secs(120);
+    let cancel = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let started = std::time::Instant::now();
+        let err = engine
+            .pull_with(&cfg, "org/model", None, None, &mut |_| {}, &cancel)
+            .expect_err("cancelled");
+        assert_eq!(err.code(), "cancelled", "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    });
     assert!(engine.list_models().expect("list").is_empty());
 }

@@ -96,3 +96,26 @@ pub struct EndpointAdded {
     pub endpoint: EndpointSummary,
     pub key_note: Option<String>,
 }
+
+/// A template (or none) evaluated against a remote endpoint's model on a dataset split.
+/// Only label accuracy applies: the mean NLL needs the probability of every token of the
+/// reference answer, which OpenAI-compatible APIs do not return for a given answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointEvalReport {
+    pub id: i64,
+    pub endpoint: String,
+    pub model: String,
+    /// The template's name, if one was applied.
+    pub template: Option<String>,
+    pub dataset_id: i64,
+    pub split: crate::SplitName,
+    pub n_rows: u64,
+    /// Correct answers over labeled rows.
+    pub accuracy: Option<f64>,
+    pub n_labeled: u64,
+    /// Each labeled row: its id, the parsed answer and whether it matched.
+    pub rows: Vec<crate::RowScore>,
+    /// Which metrics apply, in words.
+    pub note: String,
+    pub created_at: String,
+}

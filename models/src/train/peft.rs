@@ -178,11 +178,12 @@ pub fn save_prompt(
 /// Reads a PEFT LoRA or prompt-tuning adapter from `dir`.
 pub fn load(dir: &Path) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    crate::fsio::require_dir(dir)?;
+    let text = crate::fsio::read_regular_string(&cfg_path)?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, "JSON", e))?;
     let weights = dir.join(WEIGHTS_FILE);
-    if !weights.is_file() {
+    if !weights.exists() {
         let bin = dir.join("adapter_model.bin");
         return Err(if bin.is_file() {
             adapter_err(
@@ -193,7 +194,13 @@ pub fn load(dir: &Path) -> Result<Adapter> {
             adapter_err(&weights, "file missing")
         });
     }
-    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
+    // The header is checked (shapes, sizes, offsets) before candle's reader sees it.
+    let (entries, _) = crate::inspect::read_safetensors_header(&weights)?;
+    if entries.is_empty() {
+        return Err(adapter_err(&weights, "the file holds no tensors"));
+    }
+    let bytes = crate::fsio::read_regular(&weights)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| Error::format(&weights, "safetensors", e))?;
     let base_model = cfg["base_model_name_or_path"].as_str().map(str::to_string);
     let field = |k: &str| {
@@ -225,10 +232,40 @@ pub fn load(dir: &Path) -> Result<Adapter> {
                 serde_json::Value::String(s) => vec![s.clone()],
                 _ => return Err(field("target_modules")),
             };
+            if r == 0 {
+                return Err(adapter_err(&cfg_path, "r is 0"));
+            }
+            for key in ["rank_pattern", "alpha_pattern"] {
+                if cfg[key].as_object().is_some_and(|m| !m.is_empty()) {
+                    return Err(adapter_err(
+                        &cfg_path,
+                        format!("per-module ranks ({key}) are not supported"),
+                    ));
+                }
+            }
+            if !alpha.is_finite() {
+                return Err(adapter_err(&cfg_path, "lora_alpha is not a finite number"));
+            }
             let mut lora = HashMap::new();
             for (k, t) in tensors {
                 if k.contains(".lora_A.") || k.contains(".lora_B.") {
-                    lora.insert(k, t.to_dtype(DType::F32)?);
+                    let t = t.to_dtype(DType::F32)?;
+                    let rank_dim = if k.contains(".lora_A.") { 0 } else { 1 };
+                    match t.dims() {
+                        [_, _] if t.dims()[rank_dim] == r => {}
+                        d => {
+                            return Err(adapter_err(
+                                &weights,
+                                format!(
+                                    "tensor '{k}' has shape {d:?}, expected rank r = {r} as its \
+                                     {} dimension",
+                                    if rank_dim == 0 { "first" } else { "second" }
+                                ),
+                            ))
+                        }
+                    }
+                    check_finite(&t, &k, &weights)?;
+                    lora.insert(k, t);
                 } else {
                     return Err(adapter_err(
                         &weights,
@@ -253,6 +290,7 @@ pub fn load(dir: &Path) -> Result<Adapter> {
                 .get("prompt_embeddings")
                 .ok_or_else(|| adapter_err(&weights, "tensor 'prompt_embeddings' missing"))?
                 .to_dtype(DType::F32)?;
+            check_finite(&emb, "prompt_embeddings", &weights)?;
             let (n, _) = emb.dims2().map_err(|_| {
                 adapter_err(
                     &weights,
@@ -284,6 +322,21 @@ pub fn load(dir: &Path) -> Result<Adapter> {
         )),
         None => Err(field("peft_type")),
     }
+}
+
+/// Refuses a tensor holding NaN or infinity: it would turn every answer into NaN logits.
+fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(adapter_err(
+            path,
+            format!(
+                "tensor '{name}' holds a non-finite value ({}) at element {i}",
+                values[i]
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Attaches a LoRA adapter's branches to `model` (replacing any). Every tensor must find its

@@ -44,11 +44,20 @@ pub async fn export_adapter(
     if dir.is_empty() {
         return Err(invalid("folder: choose where to export the adapter"));
     }
+    let adapter = {
+        let engine = engine.clone();
+        blocking(move || {
+            engine
+                .find_adapter(&id.to_string())
+                .map_err(|e| IpcError::from(&e))
+        })
+        .await?
+    };
+    // A new folder inside one the user chose; never an existing one.
+    let target = state
+        .scope
+        .writable(&super::user_path(&dir).join(&adapter.name))?;
     blocking(move || {
-        let adapter = engine
-            .find_adapter(&id.to_string())
-            .map_err(|e| IpcError::from(&e))?;
-        let target = super::user_path(&dir).join(&adapter.name);
         engine
             .export_adapter(&id.to_string(), &target)
             .map(|p| p.display().to_string())
@@ -74,13 +83,10 @@ pub async fn import_adapter(
         ));
     }
     let name = name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
+    let path = state.scope.readable(&super::user_path(&path))?;
     blocking(move || {
         engine
-            .import_adapter(
-                &super::user_path(&path),
-                &base_model_id.to_string(),
-                name.as_deref(),
-            )
+            .import_adapter(&path, &base_model_id.to_string(), name.as_deref())
             .map_err(|e| IpcError::from(&e))
     })
     .await

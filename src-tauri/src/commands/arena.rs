@@ -107,7 +107,8 @@ pub async fn export_preferences(
     if path.is_empty() {
         return Err(invalid("path: choose where to save the preference pairs"));
     }
-    let path = super::user_path(&path);
+    // A new file in a folder the user chose; never an existing file.
+    let path = state.scope.writable(&super::user_path(path))?;
     blocking(move || {
         engine
             .export_preferences(arena_id, &path)

@@ -14,12 +14,26 @@ use tauri::State;
 /// Most rows one `dataset_rows` call returns.
 pub const MAX_PAGE: usize = 500;
 
-fn file_path(path: &str) -> Result<PathBuf, IpcError> {
+/// The dataset file `path` (and the split files the options name) if the user granted them.
+fn file_path(
+    state: &AppState,
+    path: &str,
+    options: Option<&ImportOptions>,
+) -> Result<PathBuf, IpcError> {
     let path = path.trim();
     if path.is_empty() {
         return Err(invalid("path: give the path of a dataset file"));
     }
-    Ok(super::user_path(path))
+    if let Some(attune_protocol::Split::Files {
+        valid_path,
+        test_path,
+    }) = options.map(|o| &o.split)
+    {
+        for p in [valid_path, test_path].into_iter().flatten() {
+            state.scope.readable(&super::user_path(p))?;
+        }
+    }
+    state.scope.readable(&super::user_path(path))
 }
 
 /// What importing `path` with `options` would give; writes nothing.
@@ -30,7 +44,7 @@ pub async fn inspect_dataset(
     options: ImportOptions,
 ) -> Result<DatasetPreview, IpcError> {
     let engine = state.engine()?;
-    let path = file_path(&path)?;
+    let path = file_path(&state, &path, Some(&options))?;
     blocking(move || {
         engine
             .inspect_dataset(&path, &options)
@@ -47,7 +61,7 @@ pub async fn import_dataset(
     options: ImportOptions,
 ) -> Result<DatasetSummary, IpcError> {
     let engine = state.engine()?;
-    let path = file_path(&path)?;
+    let path = file_path(&state, &path, Some(&options))?;
     blocking(move || {
         engine
             .import_dataset(&path, &options)
@@ -138,7 +152,7 @@ pub async fn csv_headers(
     path: String,
 ) -> Result<Vec<String>, IpcError> {
     let engine = state.engine()?;
-    let path = file_path(&path)?;
+    let path = file_path(&state, &path, None)?;
     blocking(move || engine.csv_headers(&path).map_err(|e| IpcError::from(&e))).await
 }
 

@@ -63,3 +63,44 @@ pub async fn remove_endpoint(state: State<'_, AppState>, id: i64) -> Result<(), 
     })
     .await
 }
+
+/// The request id of the app's endpoint evaluation (cancelled by `cancel_evaluation`).
+pub(crate) const ENDPOINT_EVALUATION: &str = "evaluation";
+
+/// Evaluates a template (or none) against an endpoint's model on a dataset split:
+/// label accuracy only, streamed progress; recorded in the library.
+#[tauri::command]
+pub async fn evaluate_endpoint(
+    state: State<'_, AppState>,
+    endpoint_id: i64,
+    model: String,
+    template: Option<attune_protocol::PromptTemplate>,
+    dataset_id: i64,
+    options: attune_protocol::EvalOptions,
+    on_progress: tauri::ipc::Channel<attune_protocol::EvalProgress>,
+) -> Result<attune_protocol::EndpointEvalReport, IpcError> {
+    let actor = state.actor()?;
+    let requests = std::sync::Arc::clone(&state.requests);
+    blocking(move || {
+        let (cancel, _done) = requests.begin(ENDPOINT_EVALUATION);
+        let window_gone = cancel.clone();
+        let on_progress = Box::new(move |p| {
+            if on_progress.send(p).is_err() {
+                window_gone.cancel();
+            }
+        });
+        actor
+            .call(|reply| attune_engine::Request::EvaluateEndpoint {
+                endpoint: endpoint_id.to_string(),
+                model,
+                template,
+                dataset: dataset_id.to_string(),
+                options,
+                cancel,
+                on_progress,
+                reply,
+            })
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}

@@ -5,6 +5,7 @@ pub mod advisor;
 pub mod arena;
 pub mod chat;
 pub mod datasets;
+pub mod diagnostics;
 pub mod endpoints;
 pub mod models;
 pub mod playground;
@@ -19,12 +20,22 @@ use attune_protocol::IpcError;
 pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, IpcError> + Send + 'static,
 ) -> Result<T, IpcError> {
-    tauri::async_runtime::spawn_blocking(work)
+    let out = tauri::async_runtime::spawn_blocking(work)
         .await
         .map_err(|e| IpcError {
             code: "internal".into(),
             message: format!("the engine worker stopped unexpectedly: {e}"),
-        })?
+        })?;
+    // Every failure a command reports is logged (code and message; never prompt text, which
+    // no error message carries). Cancellations are the user's choice, not failures.
+    if let Err(e) = &out {
+        if e.code == "cancelled" {
+            tracing::debug!(code = %e.code, "{}", e.message);
+        } else {
+            tracing::warn!(code = %e.code, "{}", e.message);
+        }
+    }
+    out
 }
 
 /// An `invalid_input` error with `message` (which names the field at fault).

@@ -28,7 +28,7 @@ pub async fn add_model(
             "path: give the path of a .gguf file or model folder",
         ));
     }
-    let path = super::user_path(&path);
+    let path = state.scope.readable(&super::user_path(&path))?;
     blocking(move || {
         engine
             .add_local_model(&path)
@@ -111,14 +111,59 @@ pub async fn cancel_pull(state: State<'_, AppState>) -> Result<(), IpcError> {
     Ok(())
 }
 
-/// What `path` is: a model, a dataset, an adapter, or unusable (with the reason).
+/// What `path` is: a model, a dataset, an adapter, or unusable (with the reason). Only for a
+/// path the user granted (picked, dropped, or allowed when asked).
 #[tauri::command]
-pub async fn classify_path(path: String) -> Result<DroppedFile, IpcError> {
+pub async fn classify_path(
+    state: State<'_, AppState>,
+    path: String,
+) -> Result<DroppedFile, IpcError> {
     let path = path.trim().to_string();
     if path.is_empty() {
         return Err(invalid("path: it is empty"));
     }
-    blocking(move || Ok(attune_engine::classify_path(&super::user_path(&path)))).await
+    let user = super::user_path(&path);
+    state.scope.readable(&user)?;
+    blocking(move || Ok(attune_engine::classify_path(&user))).await
+}
+
+/// Asks the user, in a native dialog the window cannot script, whether Attune may read
+/// (`write`: create) `path`, typed into the window. Grants it when they allow it.
+#[tauri::command]
+pub async fn confirm_path(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    path: String,
+    write: bool,
+) -> Result<bool, IpcError> {
+    use tauri_plugin_dialog::{MessageDialogButtons, MessageDialogKind};
+    let path = super::user_path(&path);
+    if path.as_os_str().is_empty() {
+        return Err(invalid("path: it is empty"));
+    }
+    let shown = path.display().to_string();
+    let allowed = blocking(move || {
+        let question = if write {
+            format!("Allow Attune to create this file or folder?\n\n{shown}")
+        } else {
+            format!("Allow Attune to read this file or folder?\n\n{shown}")
+        };
+        Ok(app
+            .dialog()
+            .message(question)
+            .title("Attune: allow access")
+            .kind(MessageDialogKind::Warning)
+            .buttons(MessageDialogButtons::OkCancelCustom(
+                "Allow".into(),
+                "Cancel".into(),
+            ))
+            .blocking_show())
+    })
+    .await?;
+    if allowed {
+        state.scope.grant(&path);
+    }
+    Ok(allowed)
 }
 
 /// Opens the system's file (or, with `folder`, folder) chooser titled `title`,
@@ -126,11 +171,12 @@ pub async fn classify_path(path: String) -> Result<DroppedFile, IpcError> {
 #[tauri::command]
 pub async fn pick_path(
     app: AppHandle,
+    state: State<'_, AppState>,
     title: String,
     folder: bool,
     extensions: Vec<String>,
 ) -> Result<Option<String>, IpcError> {
-    blocking(move || {
+    let picked = blocking(move || {
         let mut dialog = app.dialog().file();
         if !title.trim().is_empty() {
             dialog = dialog.set_title(title.trim());
@@ -164,5 +210,10 @@ pub async fn pick_path(
                 }),
         }
     })
-    .await
+    .await?;
+    // What the user chose in the system's chooser is theirs to use from the window.
+    if let Some(p) = &picked {
+        state.scope.grant(std::path::Path::new(p));
+    }
+    Ok(picked)
 }

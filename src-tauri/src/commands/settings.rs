@@ -23,6 +23,9 @@ pub async fn set_setting(
     value: String,
 ) -> Result<(), IpcError> {
     let engine = state.engine()?;
+    if key == crate::logs::LEVEL_SETTING {
+        crate::logs::set_level(&value).map_err(super::invalid)?;
+    }
     blocking(move || {
         engine
             .set_setting(&key, &value)

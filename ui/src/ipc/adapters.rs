@@ -16,7 +16,7 @@ pub async fn remove_adapter(id: i64) -> Result<(), IpcError> {
 
 /// Copies the adapter's folder into `dir`; returns the folder written.
 pub async fn export_adapter(id: i64, dir: &str) -> Result<String, IpcError> {
-    invoke("export_adapter", &json!({ "id": id, "dir": dir })).await
+    super::invoke_granted("export_adapter", &json!({ "id": id, "dir": dir }), true).await
 }
 
 /// Imports a PEFT adapter folder onto `base_model_id`.
@@ -25,9 +25,10 @@ pub async fn import_adapter(
     base_model_id: i64,
     name: Option<&str>,
 ) -> Result<AdapterSummary, IpcError> {
-    invoke(
+    super::invoke_granted(
         "import_adapter",
         &json!({ "path": path, "baseModelId": base_model_id, "name": name }),
+        false,
     )
     .await
 }

@@ -48,9 +48,10 @@ pub async fn arena_detail(arena_id: i64) -> Result<ArenaDetail, IpcError> {
 /// Writes the decisive votes as preference pairs (JSONL: prompt, chosen, rejected)
 /// to `path`; returns how many pairs.
 pub async fn export_preferences(arena_id: i64, path: &str) -> Result<u64, IpcError> {
-    invoke(
+    super::invoke_granted(
         "export_preferences",
         &json!({ "arenaId": arena_id, "path": path }),
+        true,
     )
     .await
 }

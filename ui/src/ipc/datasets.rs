@@ -12,9 +12,10 @@ pub async fn inspect_dataset(
     path: &str,
     options: &ImportOptions,
 ) -> Result<DatasetPreview, IpcError> {
-    invoke(
+    super::invoke_granted(
         "inspect_dataset",
         &json!({ "path": path, "options": options }),
+        false,
     )
     .await
 }
@@ -24,9 +25,10 @@ pub async fn import_dataset(
     path: &str,
     options: &ImportOptions,
 ) -> Result<DatasetSummary, IpcError> {
-    invoke(
+    super::invoke_granted(
         "import_dataset",
         &json!({ "path": path, "options": options }),
+        false,
     )
     .await
 }
@@ -79,5 +81,5 @@ pub async fn dataset_stats(
 
 /// The header names of a CSV/TSV file, to map its columns when the guess failed.
 pub async fn csv_headers(path: &str) -> Result<Vec<String>, IpcError> {
-    invoke("csv_headers", &json!({ "path": path })).await
+    super::invoke_granted("csv_headers", &json!({ "path": path }), false).await
 }

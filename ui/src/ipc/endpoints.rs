@@ -26,3 +26,28 @@ pub async fn set_endpoint_key(id: i64, key: &str) -> Result<KeyStorage, IpcError
 pub async fn remove_endpoint(id: i64) -> Result<(), IpcError> {
     invoke("remove_endpoint", &json!({ "id": id })).await
 }
+
+/// Evaluates `template` (or none) against an endpoint's model: label accuracy only;
+/// `cancel_evaluation` stops it.
+pub async fn evaluate_endpoint(
+    endpoint_id: i64,
+    model: &str,
+    template: Option<&attune_protocol::PromptTemplate>,
+    dataset_id: i64,
+    options: &attune_protocol::EvalOptions,
+    on_progress: impl FnMut(Result<attune_protocol::EvalProgress, IpcError>) + 'static,
+) -> Result<attune_protocol::EndpointEvalReport, IpcError> {
+    super::invoke_with_channel(
+        "evaluate_endpoint",
+        &json!({
+            "endpointId": endpoint_id,
+            "model": model,
+            "template": template,
+            "datasetId": dataset_id,
+            "options": options,
+        }),
+        "onProgress",
+        on_progress,
+    )
+    .await
+}

@@ -10,6 +10,7 @@ pub mod advisor;
 pub mod arena;
 pub mod chat;
 pub mod datasets;
+pub mod diagnostics;
 pub mod endpoints;
 pub mod events;
 pub mod models;
@@ -103,6 +104,32 @@ pub(crate) async fn invoke<A: Serialize, T: DeserializeOwned>(
     args: &A,
 ) -> Result<T, IpcError> {
     invoke_js(cmd, to_js(args)?).await
+}
+
+/// Calls `cmd` with `args`, which name a path the user typed. The shell only reads (or, with
+/// `write`, creates) paths the user chose through it; when it answers `path_not_allowed`, this
+/// asks the shell to show its own dialog for that path (`confirm_path`, which the page cannot
+/// answer for the user) and, once allowed, calls again (at most three paths per call).
+pub(crate) async fn invoke_granted<A: Serialize, T: DeserializeOwned>(
+    cmd: &str,
+    args: &A,
+    write: bool,
+) -> Result<T, IpcError> {
+    let mut asked = 0;
+    loop {
+        match invoke(cmd, args).await {
+            Err(e) if e.code == "path_not_allowed" && asked < 3 => {
+                let Some((path, _)) = e.message.split_once(" was not chosen in this window") else {
+                    return Err(e);
+                };
+                asked += 1;
+                if !models::confirm_path(path, write).await? {
+                    return Err(e);
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A `window.__TAURI__.core.Channel` whose messages go to a Rust closure.

@@ -11,7 +11,7 @@ pub async fn list_models() -> Result<Vec<ModelSummary>, IpcError> {
 
 /// Registers a model file (or Hugging Face folder) on this machine.
 pub async fn add_model(path: &str) -> Result<AddModelReply, IpcError> {
-    invoke("add_model", &json!({ "path": path })).await
+    super::invoke_granted("add_model", &json!({ "path": path }), false).await
 }
 
 /// Removes a model from the library (its files stay). Refused while runs or
@@ -44,7 +44,13 @@ pub async fn cancel_pull() -> Result<(), IpcError> {
 
 /// What a path (dropped or picked) is: a model, a dataset, an adapter, or unusable.
 pub async fn classify_path(path: &str) -> Result<DroppedFile, IpcError> {
-    invoke("classify_path", &json!({ "path": path })).await
+    super::invoke_granted("classify_path", &json!({ "path": path }), false).await
+}
+
+/// Asks the user, in the shell's own dialog, whether Attune may read (`write`: create)
+/// `path`; true when they allowed it.
+pub async fn confirm_path(path: &str, write: bool) -> Result<bool, IpcError> {
+    invoke("confirm_path", &json!({ "path": path, "write": write })).await
 }
 
 /// Opens the system's file (or folder) chooser; None when the user closes it.

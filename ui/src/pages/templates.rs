@@ -7,8 +7,9 @@
 use crate::components::{error_note, ConfirmButton, ErrorSlot, Field, ModelSelect, Progress};
 use crate::{ipc, AppCtx};
 use attune_protocol::{
-    ChatMessage, DatasetSummary, EvalOptions, EvalProgress, EvalReport, EvalSubject, IpcError,
-    PromptTemplate, SplitName, TemplateDraft, TemplatePreview, TemplateRecord,
+    ChatMessage, DatasetSummary, EndpointEvalReport, EndpointSummary, EvalOptions, EvalProgress,
+    EvalReport, EvalSubject, IpcError, PromptTemplate, SplitName, TemplateDraft, TemplatePreview,
+    TemplateRecord,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -137,6 +138,22 @@ pub fn TemplatesPage() -> impl IntoView {
     let eval_report: RwSignal<Option<EvalReport>> = RwSignal::new(None);
     let eval_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
     let past: RwSignal<Vec<EvalReport>> = RwSignal::new(Vec::new());
+    // Who answers in the evaluation: the preview model (local), or an API endpoint's
+    // model ("endpoint_id:model"), whose evaluation gives label accuracy only.
+    let eval_on = RwSignal::new(String::new());
+    let endpoints: RwSignal<Vec<EndpointSummary>> = RwSignal::new(Vec::new());
+    let remote_report: RwSignal<Option<EndpointEvalReport>> = RwSignal::new(None);
+    {
+        let ctx = AppCtx::get();
+        Effect::new(move |_| {
+            ctx.library_version.track();
+            spawn_local(async move {
+                if let Ok(list) = ipc::endpoints::list_endpoints().await {
+                    endpoints.set(list);
+                }
+            });
+        });
+    }
 
     // Examples are created from handlers: their signals belong to the page.
     let owner = StoredValue::new(Owner::current());
@@ -403,15 +420,57 @@ pub fn TemplatesPage() -> impl IntoView {
                 }
             },
         };
+        let template = PromptTemplate {
+            name: d.name.clone(),
+            system: d.system.clone(),
+            examples: d.examples.clone(),
+            user: d.user.clone(),
+            values: d.variables.clone(),
+        };
+        // An API model: label accuracy only.
+        let remote = eval_on.get_untracked();
+        if let Some((eid, model)) = remote
+            .split_once(':')
+            .and_then(|(e, m)| Some((e.parse::<i64>().ok()?, m.to_string())))
+        {
+            let options = EvalOptions {
+                split: eval_split.get_untracked(),
+                limit,
+                accuracy: true,
+                ..EvalOptions::default()
+            };
+            evaluating.set(true);
+            eval_error.set(None);
+            eval_report.set(None);
+            remote_report.set(None);
+            eval_progress.set(None);
+            spawn_local(async move {
+                let on_progress = move |p: Result<EvalProgress, IpcError>| {
+                    if let Ok(p) = p {
+                        eval_progress.set(Some(p));
+                    }
+                };
+                match ipc::endpoints::evaluate_endpoint(
+                    eid,
+                    &model,
+                    Some(&template),
+                    dataset_id,
+                    &options,
+                    on_progress,
+                )
+                .await
+                {
+                    Ok(report) => remote_report.set(Some(report)),
+                    Err(e) => eval_error.set(Some(e)),
+                }
+                evaluating.set(false);
+                eval_progress.set(None);
+            });
+            return;
+        }
         let subject = EvalSubject::Template {
             model: model_id.to_string(),
-            template: PromptTemplate {
-                name: d.name.clone(),
-                system: d.system.clone(),
-                examples: d.examples.clone(),
-                user: d.user.clone(),
-                values: d.variables.clone(),
-            },
+            template,
         };
         let options = EvalOptions {
             split: eval_split.get_untracked(),
@@ -422,6 +481,7 @@ pub fn TemplatesPage() -> impl IntoView {
         evaluating.set(true);
         eval_error.set(None);
         eval_report.set(None);
+        remote_report.set(None);
         eval_progress.set(None);
         spawn_local(async move {
             let on_progress = move |p: Result<EvalProgress, IpcError>| {
@@ -726,7 +786,19 @@ pub fn TemplatesPage() -> impl IntoView {
                     </div>
                     <div class="card template-eval">
                         <h2>"Evaluate"</h2>
-                        <p class="field-hint">"Scores the template on the preview model over a dataset split, like an adapter."</p>
+                        <p class="field-hint">"Scores the template on the preview model over a dataset split, like an adapter, or on a model of an API endpoint (label accuracy only)."</p>
+                        <Field label="Answered by" hint="An API model is scored by label accuracy only: an API does not return the probability of a given answer, so there is no NLL.">
+                            <select id="eval-on" on:change=move |ev| eval_on.set(event_target_value(&ev)) prop:value=move || eval_on.get()>
+                                <option value="">"The preview model (this computer)"</option>
+                                {move || endpoints.get().into_iter().flat_map(|e| {
+                                    let ename = e.name.clone();
+                                    e.models.into_iter().map(move |m| {
+                                        let value = format!("{}:{m}", e.id);
+                                        view! { <option value=value.clone() selected=move || eval_on.get() == value>{format!("{m} at {ename}")}</option> }
+                                    })
+                                }).collect_view()}
+                            </select>
+                        </Field>
                         <div class="grid-3">
                             <Field label="Dataset">
                                 <select id="eval-dataset" on:change=move |ev| eval_dataset.set(event_target_value(&ev).parse().ok()) prop:value=move || eval_dataset.get().map(|d| d.to_string()).unwrap_or_default()>
@@ -776,6 +848,16 @@ pub fn TemplatesPage() -> impl IntoView {
                             view! { <Progress fraction=fraction label=label /> }
                         })}
                         {move || eval_error.get().map(|e| error_note(&e))}
+                        {move || remote_report.get().map(|r| view! {
+                            <div class="eval-report" id="eval-remote-report" data-testid="eval-report">
+                                <div class="grid-3">
+                                    <div><span class="field-label">"Answered by"</span><div class="figure">{format!("{} at {}", r.model, r.endpoint)}</div></div>
+                                    <div><span class="field-label">"Accuracy"</span><div class="figure">{r.accuracy.map(|a| format!("{:.1}% of {}", a * 100.0, r.n_labeled)).unwrap_or_else(|| "—".into())}</div></div>
+                                    <div><span class="field-label">"Rows"</span><div class="figure">{r.n_rows}</div></div>
+                                </div>
+                                <p class="muted">{r.note.clone()}</p>
+                            </div>
+                        })}
                         {move || eval_report.get().map(|r| view! {
                             <div class="eval-report grid-3" id="eval-report" data-testid="eval-report">
                                 <div><span class="field-label">"Mean NLL"</span><div class="figure">{format!("{:.3}", r.mean_nll)}</div></div>

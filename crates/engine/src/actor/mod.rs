@@ -30,9 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use attune_protocol::{
-    ArenaEvent, ArenaItem, ChatEvent, ChatMessage, ChatTarget, EvalOptions, EvalProgress,
-    EvalReport, EvalSubject, GenerationStats, RunEvent, RunSpec, RunSummary, RunUpdate,
-    SamplingParams,
+    ArenaEvent, ArenaItem, ChatEvent, ChatMessage, ChatTarget, EndpointEvalReport, EvalOptions,
+    EvalProgress, EvalReport, EvalSubject, GenerationStats, PromptTemplate, RunEvent, RunSpec,
+    RunSummary, RunUpdate, SamplingParams,
 };
 
 use crate::error::EngineError;
@@ -151,6 +151,18 @@ pub enum Request {
         cancel: CancelToken,
         on_progress: Sink<EvalProgress>,
         reply: Reply<EvalReport>,
+    },
+    /// Evaluates a template (or none) against a remote endpoint's model: label accuracy
+    /// only. Runs at once on its own thread (no local compute).
+    EvaluateEndpoint {
+        endpoint: String,
+        model: String,
+        template: Option<PromptTemplate>,
+        dataset: String,
+        options: EvalOptions,
+        cancel: CancelToken,
+        on_progress: Sink<EvalProgress>,
+        reply: Reply<EndpointEvalReport>,
     },
     /// Creates a run (checked; refused when it will not fit) and queues it. Its events
     /// also go to `on_event`, until it finishes.
@@ -440,6 +452,7 @@ impl Request {
             Request::Generate { reply, .. } => reply(Err(err)),
             Request::ArenaItem { reply, .. } => reply(Err(err)),
             Request::Evaluate { reply, .. } => reply(Err(err)),
+            Request::EvaluateEndpoint { reply, .. } => reply(Err(err)),
             Request::StartRun { reply, .. } | Request::ResumeRun { reply, .. } => reply(Err(err)),
             Request::PauseRun { reply, .. }
             | Request::CancelRun { reply, .. }
@@ -611,6 +624,43 @@ impl State {
                     refuse: Box::new(move |e| refuse.send(Err(e))),
                 };
                 self.enqueue(Lane::Evaluation, "evaluation", job, &mut |_| {});
+            }
+            Request::EvaluateEndpoint {
+                endpoint,
+                model,
+                template,
+                dataset,
+                options,
+                cancel,
+                mut on_progress,
+                reply,
+            } => {
+                if self.remote_in_flight >= self.options.remote_limit {
+                    return reply(Err(EngineError::QueueFull {
+                        limit: self.options.remote_limit,
+                    }));
+                }
+                self.remote_in_flight += 1;
+                let engine = Arc::clone(&self.engine);
+                let tx = self.tx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("attune-remote-eval".into())
+                    .spawn(move || {
+                        reply(engine.evaluate_endpoint(
+                            &endpoint,
+                            &model,
+                            template.as_ref(),
+                            &dataset,
+                            &options,
+                            &mut *on_progress,
+                            cancel.flag(),
+                        ));
+                        let _ = tx.send(Request::Internal(Internal::RemoteDone));
+                    });
+                if let Err(e) = spawned {
+                    self.remote_in_flight -= 1;
+                    eprintln!("attune: cannot start a thread for an endpoint evaluation: {e}");
+                }
             }
             Request::StartRun {
                 spec,

@@ -226,6 +226,10 @@ fn arena_generates_stores_votes_tallies_and_exports() {
         .filter(|d| d.file_name().to_string_lossy().contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty());
+    // Exporting again never overwrites the first export.
+    let err = e.export_preferences(arena.id, &out).expect_err("exists");
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert_eq!(std::fs::read_to_string(&out).expect("read"), text);
     let bad = dir.path().join("missing-dir").join("prefs.jsonl");
     let err = e.export_preferences(arena.id, &bad).expect_err("bad path");
     assert!(err.to_string().contains("missing-dir"), "{err}");

@@ -48,17 +48,15 @@ fn rows(e: &Engine, id: i64, split: SplitName) -> Vec<DatasetRow> {
     e.dataset_rows(id, split).expect("rows")
 }
 
-fn pubmedqa() -> Option<PathBuf> {
+/// `../shared/data/pubmedqa`; fails the test (never skips it) when it is missing.
+fn pubmedqa() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/pubmedqa");
-    if dir.join("train.jsonl").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "note: {} is absent; skipping the PubMedQA checks",
-            dir.display()
-        );
-        None
-    }
+    assert!(
+        dir.join("train.jsonl").is_file(),
+        "{} is missing: this test needs the shared reference data beside the repository (../shared, as the project lays it out)",
+        dir.display()
+    );
+    dir
 }
 
 #[test]
@@ -660,7 +658,7 @@ fn format_detection_and_override() {
 
 #[test]
 fn pubmedqa_files_import() {
-    let Some(dir) = pubmedqa() else { return };
+    let dir = pubmedqa();
     let (_tmp, e) = engine();
     let chat = e
         .import_dataset(&dir.join("train.jsonl"), &all_train())
@@ -717,15 +715,13 @@ fn pubmedqa_files_import() {
 
 #[test]
 fn token_stats_on_the_real_model() {
-    let Some(dir) = pubmedqa() else { return };
+    let dir = pubmedqa();
     let model = attune_models::default_model_path();
-    if !model.is_file() {
-        eprintln!(
-            "note: the default model is absent at {}; skipping",
-            model.display()
-        );
-        return;
-    }
+    assert!(
+        model.is_file(),
+        "the default model is missing at {}: run scripts/fetch-model.sh",
+        model.display()
+    );
     let (_tmp, e) = engine();
     let model_id = e.add_local_model(&model).expect("add model").model.id;
     let o = ImportOptions {
@@ -790,4 +786,121 @@ fn token_stats_on_the_real_model() {
         e.dataset_stats(ds.id, model_id + 100, 1024, LossOn::All),
         Err(EngineError::ModelNotFound(_))
     ));
+}
+
+fn utf16(text: &str, little: bool, bom: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    if bom {
+        out.extend_from_slice(if little { b"\xFF\xFE" } else { b"\xFE\xFF" });
+    }
+    for u in text.encode_utf16() {
+        out.extend_from_slice(&if little {
+            u.to_le_bytes()
+        } else {
+            u.to_be_bytes()
+        });
+    }
+    out
+}
+
+#[test]
+fn utf16_text_is_decoded_with_or_without_a_bom_and_nuls_are_refused() {
+    let (dir, e) = engine();
+    let text = "Première ligne.\nSecond line, ünïcödé.\nThird: 日本語.\n";
+    let jsonl = format!(
+        "{}{}",
+        chat_line("Quelle est la réponse ?", "Oui."),
+        chat_line("Second?", "Non.")
+    );
+    for (i, (little, bom)) in [(true, false), (false, false), (true, true), (false, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let p = write(
+            dir.path(),
+            &format!("notes{i}.txt"),
+            utf16(text, little, bom),
+        );
+        let ds = e
+            .import_dataset(
+                &p,
+                &ImportOptions {
+                    name: Some(format!("notes{i}")),
+                    ..all_train()
+                },
+            )
+            .unwrap_or_else(|err| panic!("utf-16 little={little} bom={bom}: {err}"));
+        let r = rows(&e, ds.id, SplitName::Train);
+        let got: Vec<Sample> = r.into_iter().map(|r| r.sample).collect();
+        assert_eq!(
+            got,
+            [
+                Sample::Text("Première ligne.".into()),
+                Sample::Text("Second line, ünïcödé.".into()),
+                Sample::Text("Third: 日本語.".into())
+            ],
+            "little={little} bom={bom}"
+        );
+        let p = write(
+            dir.path(),
+            &format!("chat{i}.jsonl"),
+            utf16(&jsonl, little, bom),
+        );
+        let pv = e.inspect_dataset(&p, &all_train()).expect("utf-16 jsonl");
+        assert_eq!((pv.format, pv.good_rows), (DatasetFormat::Chat, 2));
+    }
+    // Binary data, or UTF-32, is refused as a whole: never rows full of NULs.
+    let mut utf32 = Vec::new();
+    for c in "abc\ndef\n".chars() {
+        utf32.extend_from_slice(&(c as u32).to_le_bytes());
+    }
+    for (name, bytes) in [
+        ("u32.txt", utf32),
+        ("bin.txt", b"GGUF\x03\x00\x00\x00\x00\x00junk\n".to_vec()),
+    ] {
+        let p = write(dir.path(), name, bytes);
+        let err = e.inspect_dataset(&p, &all_train()).expect_err(name);
+        assert!(
+            err.to_string().contains("NUL byte") && err.to_string().contains(name),
+            "{err}"
+        );
+    }
+    // Odd-length UTF-16 is a clear error too.
+    let mut odd = utf16("hello\n", true, true);
+    odd.push(b'x');
+    let p = write(dir.path(), "odd.txt", odd);
+    let err = e.inspect_dataset(&p, &all_train()).expect_err("odd");
+    assert!(err.to_string().contains("odd number of bytes"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_or_a_folder_as_a_dataset_is_refused_at_once() {
+    use std::os::unix::ffi::OsStrExt;
+    let (dir, e) = engine();
+    let fifo = dir.path().join("pipe.jsonl");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let started = std::time::Instant::now();
+    let err = e.inspect_dataset(&fifo, &all_train()).expect_err("fifo");
+    assert!(err.to_string().contains("named pipe (FIFO)"), "{err}");
+    let err = e.import_dataset(&fifo, &all_train()).expect_err("fifo");
+    assert!(err.to_string().contains("named pipe (FIFO)"), "{err}");
+    let err = e.csv_headers(&fifo).expect_err("fifo");
+    assert!(err.to_string().contains("named pipe (FIFO)"), "{err}");
+    match crate::classify_path(&fifo) {
+        attune_protocol::DroppedFile::Unsupported { reason, .. } => {
+            assert!(reason.contains("named pipe (FIFO)"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let err = e
+        .inspect_dataset(dir.path(), &all_train())
+        .expect_err("folder");
+    assert!(
+        err.to_string().contains("a folder, not a regular file"),
+        "{err}"
+    );
 }

@@ -419,3 +419,78 @@ fn endpoints_are_checked_listed_and_removed_and_keys_are_not_kept_across_restart
         "not_found"
     );
 }
+
+#[test]
+fn a_template_is_evaluated_against_an_endpoint_by_label_accuracy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = engine(dir.path());
+    let rows: String = ["yes", "no", "yes"]
+        .iter()
+        .enumerate()
+        .map(|(i, label)| {
+            json!({
+                "id": format!("r{i}"),
+                "label": label,
+                "messages": [
+                    {"role": "user", "content": format!("Question {i}?")},
+                    {"role": "assistant", "content": format!("Final answer: {label}")},
+                ],
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let path = dir.path().join("labeled.jsonl");
+    std::fs::write(&path, rows).expect("write");
+    let ds = e
+        .import_dataset(
+            &path,
+            &attune_protocol::ImportOptions {
+                split: attune_protocol::Split::AllTrain,
+                ..Default::default()
+            },
+        )
+        .expect("import");
+    let answer: &'static [&'static str] = &["Because.", " Final answer: yes"];
+    let srv = server(vec![
+        good_stream(answer),
+        good_stream(answer),
+        good_stream(answer),
+    ]);
+    add(&e, "judge", &srv.url, None, None);
+    let template = attune_protocol::PromptTemplate {
+        name: "Terse".into(),
+        system: Some("Answer yes or no.".into()),
+        user: Some("Q: {{input}}".into()),
+        ..Default::default()
+    };
+    let options = attune_protocol::EvalOptions {
+        split: attune_protocol::SplitName::Train,
+        ..Default::default()
+    };
+    let report = e
+        .evaluate_endpoint(
+            "judge",
+            "m",
+            Some(&template),
+            &ds.id.to_string(),
+            &options,
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+        .expect("evaluation");
+    assert_eq!(report.n_labeled, 3);
+    assert_eq!(report.accuracy, Some(2.0 / 3.0));
+    assert_eq!(report.template.as_deref(), Some("Terse"));
+    assert!(report.note.contains("No NLL"), "{}", report.note);
+    let correct: Vec<Option<bool>> = report.rows.iter().map(|r| r.correct).collect();
+    assert_eq!(correct, [Some(true), Some(false), Some(true)]);
+    // Each request carried the template's turns, not the answer.
+    let reqs = srv.requests.lock().expect("requests");
+    let body: Value =
+        serde_json::from_str(reqs[0].split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    assert_eq!(body["messages"][0]["content"], "Answer yes or no.");
+    assert_eq!(body["messages"][1]["content"], "Q: Question 0?");
+    assert_eq!(body["messages"].as_array().map(Vec::len), Some(2));
+    assert_eq!(body["temperature"], 0.0);
+}

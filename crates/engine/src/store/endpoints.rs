@@ -117,3 +117,40 @@ impl Store {
         Ok(n > 0)
     }
 }
+
+/// An `endpoint_evaluations` row (`id` is ignored on insert).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EndpointEvalRow {
+    pub endpoint_id: i64,
+    pub model: String,
+    pub template: Option<String>,
+    pub dataset_id: i64,
+    pub split: String,
+    pub n_rows: i64,
+    pub accuracy: Option<f64>,
+    pub n_labeled: i64,
+    pub created_at: String,
+}
+
+impl Store {
+    pub fn insert_endpoint_evaluation(&self, r: &EndpointEvalRow) -> Result<i64, EngineError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO endpoint_evaluations (endpoint_id, model, template, dataset_id, split, \
+             n_rows, accuracy, n_labeled, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                r.endpoint_id,
+                r.model,
+                r.template,
+                r.dataset_id,
+                r.split,
+                r.n_rows,
+                r.accuracy,
+                r.n_labeled,
+                r.created_at
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(conn.last_insert_rowid())
+    }
+}

@@ -4,7 +4,7 @@
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::Store;
+use super::{write_tx, Store};
 use crate::error::EngineError;
 
 /// One version of a template, with its template's name and version count.
@@ -251,7 +251,7 @@ impl Store {
         now: &str,
     ) -> Result<TemplateVersionRow, EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         if name_taken(&tx, name, None).map_err(|e| self.err(e))? {
             return Err(EngineError::NameTaken {
                 what: "a template",
@@ -288,7 +288,7 @@ impl Store {
         now: &str,
     ) -> Result<Option<TemplateVersionRow>, EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         let current: Option<(String, i64)> = tx
             .query_row(
                 "SELECT t.name, (SELECT max(version) FROM template_versions v \
@@ -419,7 +419,7 @@ impl Store {
     /// Inserts an arena and its prompts in one transaction.
     pub fn insert_arena(&self, a: &NewArena) -> Result<ArenaRecord, EngineError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         let fail = |e: rusqlite::Error| self.err(format!("arena '{}': {e}", a.name));
         tx.execute(
             "INSERT INTO arenas (name, a_json, b_json, a_label, b_label, params_json, seed, \
