@@ -274,46 +274,52 @@ fn bf16_base_training_stays_close_to_pytorch() {
     // Full fine-tuning: f32 master weights (started on bf16 values, see `train::prepare`), bf16
     // products (weights packed every step, weight gradients on the matrix units too). Step 1's
     // loss and gradient norm as above; its update checked by scoring step 2 in f32.
-    let loaded = loader::load(
-        &model_path(),
-        &LoadOptions {
-            compute: ComputeMode::Auto,
-        },
-    )
-    .expect("model");
-    let examples = recipe_examples(&loaded.tokenizer, &loaded.chat_template, 8);
-    let mut model = loaded.model;
-    let trainable =
-        train::prepare(&mut model, &loaded.tokenizer, &Method::Full, 42).expect("prepare");
-    let mut t = Trainer::new(model, trainable, config(2e-5), examples, 2).expect("trainer");
-    let s1 = t.train_step().expect("step 1");
-    for (_, l) in t.model.linears_mut() {
-        l.set_mode(ComputeMode::F32).expect("f32");
+    // Opt-in (ATTUNE_FULL_BF16=1, see train::prepare); otherwise full fine-tuning is f32 and
+    // `full_fine_tuning_first_steps_match_pytorch` covers it.
+    if train::full_bf16_opted_in() && attune_models::kernels::amx::available() {
+        let loaded = loader::load(
+            &model_path(),
+            &LoadOptions {
+                compute: ComputeMode::Auto,
+            },
+        )
+        .expect("model");
+        let examples = recipe_examples(&loaded.tokenizer, &loaded.chat_template, 8);
+        let mut model = loaded.model;
+        let trainable =
+            train::prepare(&mut model, &loaded.tokenizer, &Method::Full, 42).expect("prepare");
+        let mut t = Trainer::new(model, trainable, config(2e-5), examples, 2).expect("trainer");
+        let s1 = t.train_step().expect("step 1");
+        for (_, l) in t.model.linears_mut() {
+            l.set_mode(ComputeMode::F32).expect("f32");
+        }
+        t.model
+            .lm_head_mut()
+            .set_mode(ComputeMode::F32)
+            .expect("f32");
+        let s2 = t.train_step().expect("step 2");
+        let r = reference("full");
+        let g0 = r["grad_norm_preclip"][0].as_f64().expect("g");
+        eprintln!(
+            "bf16 full: loss {} (PyTorch {}), grad norm {} (PyTorch {g0}); step 2 in f32 {} (PyTorch {})",
+            s1.loss, r["losses"][0], s1.grad_norm, s2.loss, r["losses"][1]
+        );
+        close(
+            s1.loss,
+            r["losses"][0].as_f64().expect("l"),
+            1e-2,
+            "bf16 full step 1 loss",
+        );
+        close(s1.grad_norm, g0, 0.03 * g0, "bf16 full step 1 grad norm");
+        close(
+            s2.loss,
+            r["losses"][1].as_f64().expect("l"),
+            1e-2,
+            "bf16 full step 1's update",
+        );
+    } else {
+        eprintln!("note: full fine-tuning in bf16 not checked (set ATTUNE_FULL_BF16=1)");
     }
-    t.model
-        .lm_head_mut()
-        .set_mode(ComputeMode::F32)
-        .expect("f32");
-    let s2 = t.train_step().expect("step 2");
-    let r = reference("full");
-    let g0 = r["grad_norm_preclip"][0].as_f64().expect("g");
-    eprintln!(
-        "bf16 full: loss {} (PyTorch {}), grad norm {} (PyTorch {g0}); step 2 in f32 {} (PyTorch {})",
-        s1.loss, r["losses"][0], s1.grad_norm, s2.loss, r["losses"][1]
-    );
-    close(
-        s1.loss,
-        r["losses"][0].as_f64().expect("l"),
-        1e-2,
-        "bf16 full step 1 loss",
-    );
-    close(s1.grad_norm, g0, 0.03 * g0, "bf16 full step 1 grad norm");
-    close(
-        s2.loss,
-        r["losses"][1].as_f64().expect("l"),
-        1e-2,
-        "bf16 full step 1's update",
-    );
     let got = run_in(
         ComputeMode::Auto,
         Method::Lora(LoraConfig::default()),

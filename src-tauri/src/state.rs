@@ -2,10 +2,10 @@
 //! actor (started once the window exists, since it emits run events to it), and the
 //! cancel tokens of the requests in flight, by the id the window gave each request.
 
+use crate::scope::PathScope;
 use attune_engine::{Actor, ActorOptions, CancelToken, Engine, RunObserver};
 use attune_protocol::IpcError;
 use std::collections::HashMap;
-use crate::scope::PathScope;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};

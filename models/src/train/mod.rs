@@ -121,6 +121,13 @@ impl Trainable {
     }
 }
 
+/// Full fine-tuning runs its products in bf16 on the matrix units only when
+/// `ATTUNE_FULL_BF16=1` (see [`prepare`]); read once.
+pub fn full_bf16_opted_in() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ATTUNE_FULL_BF16").is_ok_and(|v| v == "1"))
+}
+
 /// Makes `model` trainable with `method`: full fine-tuning turns every weight into a variable
 /// (a tied embedding/lm_head stays one tensor); LoRA attaches `A` (Kaiming-uniform, as PEFT) and
 /// `B` (zero) to the target projections of a frozen base; prompt tuning creates the soft prompt.
@@ -134,6 +141,10 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
     // Full fine-tuning replaces every weight by a variable: start from contiguous f32 weights
     // (nothing packed), and switch the layers to Auto once they hold their variables.
     let full = matches!(method, Method::Full);
+    // Full fine-tuning's bf16 products (f32 master weights, every weight packed anew each step)
+    // are opt-in: on the shared 2-core development machine they measured no faster than f32
+    // (91 vs 90 and 74 vs 102 tok/s, 2026-12-03, load ~7) for ~580 MB more peak RSS.
+    let full_bf16 = bf16 && full_bf16_opted_in();
     model.set_compute_mode(if bf16 && !full {
         ComputeMode::Auto
     } else {
@@ -151,7 +162,7 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             // extra step. Started on bf16 values, the products see the master copy move only
             // as its updates accumulate (mixed precision as usual).
             let master = |w: Tensor| -> Result<Tensor> {
-                Ok(match bf16 {
+                Ok(match full_bf16 {
                     true => w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
                     false => w,
                 })
@@ -194,7 +205,7 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
                 model.lm_head_mut().set_weight(v.as_tensor().clone())?;
                 params.push(("lm_head.weight".to_string(), v));
             }
-            if bf16 {
+            if full_bf16 {
                 // f32 master weights, bf16 products on the matrix units (packed every step).
                 for (_, lin) in model.linears_mut() {
                     lin.set_mode(ComputeMode::Auto)?;
