@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs all of Attune's tests, the end-to-end test of the desktop app included.
+# Runs all of Attune's tests, the end-to-end test of the desktop app included (on the
+# .deb this build makes, installed with apt: needs root or sudo).
 # Needs scripts/setup.sh to have run once. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,10 @@ scripts/build-ui.sh
 # does, so this build and the tests share every artifact (nothing builds twice).
 # Release profile: the tests exercise the build users run.
 cargo build --release --workspace --all-targets
-cargo test --release --workspace "$@"
+# The package users install: bundled from this build, installed with apt, and the
+# app the end-to-end test drives (ATTUNE_E2E_APP).
+app=$(scripts/package.sh --install | tail -n 1)
+echo "test: the end-to-end test drives the installed $app"
+ATTUNE_E2E_APP="$app" cargo test --release --workspace "$@"
 # The official OpenAI Python client against `attune serve`.
 scripts/test-openai.sh

@@ -1,12 +1,25 @@
 //! Inference benchmark on the default model (SmolLM2-135M-Instruct Q4_1 GGUF): prompt processing
 //! (41 and 512 tokens) and greedy decode with the KV cache (64 and 128 tokens), medians of several
-//! runs, printed beside the PyTorch and llama.cpp reference figures (2 threads).
+//! runs (2 threads). `scripts/bench-side-by-side.sh` runs it beside the PyTorch harness on the same
+//! machine for the comparison.
 //!
-//! `cargo bench -p attune-models --bench inference`
+//! `cargo bench --workspace --bench inference`
 //! Environment: `ATTUNE_BENCH_MODE=auto|f32|quantized` (default auto), `ATTUNE_BENCH_RUNS`,
-//! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling).
+//! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling), `ATTUNE_BENCH_JSON=<file>`
+//! (also write the figures there as JSON).
+//!
+//! Other models and weight types, one row each (each in a child process, so its peak RSS is its
+//! own): `ATTUNE_BENCH_ARCH=qwen3-0.6b,gemma3-270m,...` (a family at its real dimensions with
+//! random weights: `common/arch.rs`), `ATTUNE_BENCH_QUANT=q4_1,q8_0,q4_k,q5_k,q6_k` (the
+//! projections quantized to that type by candle's quantizer, from the default model's f32 values
+//! or the random ones; widths that are not whole blocks fall back to Q8_0, as llama.cpp's
+//! quantizer does, and are counted). The rows give prompt processing (41 tokens), decode (64
+//! tokens), the decode rate in GB/s of quantized weights read, and peak RSS.
 
 use std::time::Instant;
+
+#[path = "common/arch.rs"]
+mod arch;
 
 use attune_models::gguf;
 use attune_models::linear::ComputeMode;
@@ -70,6 +83,89 @@ fn decode(
     Ok((median(rates), out))
 }
 
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// One row of the matrix, in this process: `arch` ("default" or a preset) with its projections
+/// in `quant` ("file" keeps the default model's own). Prints a tab-separated RESULT line.
+fn run_row(
+    arch: &str,
+    quant: &str,
+    mode: ComputeMode,
+    runs: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let dtype = match quant {
+        "file" | "f32" => None,
+        q => Some(arch::dtype(q)?),
+    };
+    let (model, fallbacks) = if arch == "default" {
+        let g = gguf::load(&attune_models::default_model_path(), mode)?;
+        match dtype {
+            Some(dt) => arch::requantized(&g.model, dt, mode)?,
+            None => (g.model, 0),
+        }
+    } else {
+        let cfg = arch::preset(arch)?;
+        arch::random_model(&cfg, dtype, mode, 7)?
+    };
+    let build_s = t.elapsed().as_secs_f64();
+    let p41: Vec<u32> = (0..41u32).map(|i| 200 + (i * 7919) % 40000).collect();
+    let pp41 = if mode == ComputeMode::Quantized {
+        f64::NAN
+    } else {
+        pp(&model, &p41, runs)?
+    };
+    let (d64, _) = decode(&model, &p41, 64, runs)?;
+    let gb = arch::quantized_bytes(&model) as f64 / 1e9;
+    println!(
+        "RESULT\t{arch}\t{quant}\t{pp41:.1}\t{d64:.2}\t{gb:.3}\t{:.2}\t{:.0}\t{fallbacks}\t{build_s:.0}",
+        gb * d64,
+        peak_rss_mb()
+    );
+    Ok(())
+}
+
+/// The matrix of `ATTUNE_BENCH_ARCH` x `ATTUNE_BENCH_QUANT`, one child process per row.
+fn matrix(mode: ComputeMode, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let archs = std::env::var("ATTUNE_BENCH_ARCH").unwrap_or_else(|_| "default".into());
+    let quants = std::env::var("ATTUNE_BENCH_QUANT").unwrap_or_else(|_| "file".into());
+    println!(
+        "attune inference matrix ({mode:?}), {} threads, medians of {runs}; the machine may be shared",
+        candle_core::utils::get_num_threads()
+    );
+    println!("| model | weights | pp 41 tok/s | decode 64 tok/s | quantized GB | decode GB/s | peak RSS MB | Q8_0 fallbacks |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for a in archs.split(',') {
+        for q in quants.split(',') {
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .args(["--row", a, q])
+                .output()?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let Some(line) = stdout.lines().find(|l| l.starts_with("RESULT\t")) else {
+                eprintln!("{a} {q}: failed: {}", String::from_utf8_lossy(&out.stderr));
+                continue;
+            };
+            let f: Vec<&str> = line.split('\t').collect();
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "2");
@@ -83,6 +179,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(pos) = args.iter().position(|a| a == "--row") {
+        return run_row(&args[pos + 1], &args[pos + 2], mode, runs);
+    }
+    if std::env::var_os("ATTUNE_BENCH_ARCH").is_some()
+        || std::env::var_os("ATTUNE_BENCH_QUANT").is_some()
+    {
+        return matrix(mode, runs);
+    }
     let path = attune_models::default_model_path();
     if !path.is_file() {
         return Err(format!(
@@ -127,9 +232,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let pp41 = pp(&model, &p41, runs * 2)?;
     let pp512 = pp(&model, &p512, runs.div_ceil(2).max(2))?;
+    let mut json = serde_json::json!({
+        "mode": format!("{mode:?}"),
+        "threads": candle_core::utils::get_num_threads(),
+        "runs": runs,
+        "load_s": load_s,
+        "pp_short_tokens": p41.len(),
+        "pp_short_tok_s": pp41,
+        "pp_long_tokens": p512.len(),
+        "pp_long_tok_s": pp512,
+    });
     if std::env::var("ATTUNE_BENCH_ONLY").as_deref() == Ok("pp") {
         println!("prompt processing, 41 tokens: {pp41:.0} tok/s; 512 tokens: {pp512:.0} tok/s");
-        return Ok(());
+        return write_json(&json);
     }
     let (d64, toks) = decode(&model, &chat, 64, runs)?;
     let (d128, _) = decode(&model, &chat, 128, runs)?;
@@ -147,23 +262,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => None,
     };
-    println!("| work | attune | PyTorch f32 | llama.cpp Q4_1 |");
-    println!("|---|---|---|---|");
-    println!("| prompt processing, 41 tokens | {pp41:.0} tok/s | 265 | 307 |");
-    println!("| prompt processing, 512 tokens | {pp512:.0} tok/s | 510 | 312 |");
-    println!("| decode, 64 tokens | {d64:.1} tok/s | 17.8 | 131 |");
-    println!("| decode, 128 tokens | {d128:.1} tok/s | 17.8 | 127 |");
+    println!("| work | attune |");
+    println!("|---|---|");
+    println!("| prompt processing, 41 tokens | {pp41:.0} tok/s |");
+    println!("| prompt processing, 512 tokens | {pp512:.0} tok/s |");
+    println!("| decode, 64 tokens | {d64:.1} tok/s |");
+    println!("| decode, 128 tokens | {d128:.1} tok/s |");
     if let Some(d) = lora_decode {
-        println!("| decode, 64 tokens, LoRA r=8 on 7 projections | {d:.1} tok/s | - | - |");
+        println!("| decode, 64 tokens, LoRA r=8 on 7 projections | {d:.1} tok/s |");
     }
-    println!(
-        "decode vs PyTorch: {:.1}x (target >= 5x); pp41 vs PyTorch: {:.2}x (target >= 1x)",
-        d64 / 17.8,
-        pp41 / 265.0
-    );
+    json["decode_64_tok_s"] = d64.into();
+    json["decode_128_tok_s"] = d128.into();
+    json["decode_64_lora_tok_s"] = lora_decode.into();
     println!(
         "greedy chat continuation (first 16 ids): {:?}",
         &toks[..16.min(toks.len())]
     );
+    write_json(&json)
+}
+
+/// Writes `value` to `$ATTUNE_BENCH_JSON` when it is set.
+fn write_json(value: &serde_json::Value) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(path) = std::env::var_os("ATTUNE_BENCH_JSON") {
+        std::fs::write(&path, serde_json::to_string_pretty(value)?)
+            .map_err(|e| format!("ATTUNE_BENCH_JSON {}: {e}", path.to_string_lossy()))?;
+    }
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! the whole valid split, beside PEFT's figures. A method passes when its relative NLL drop is at
 //! least PEFT's minus one percentage point.
 //!
-//! `cargo bench -p attune-models --bench quality`
+//! `cargo bench --workspace --bench quality`
 //! Environment: `ATTUNE_QUALITY_METHODS=lora,prompt,full` (default), `ATTUNE_QUALITY_OUT`
 //! (JSON of every per-step loss and the valid NLLs; default `target/quality.json`).
 

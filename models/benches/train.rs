@@ -1,12 +1,14 @@
 //! Training benchmark on the default model, the setting of `shared/reference/README.md`: batch
 //! 4 x 256 tokens of the PubMedQA corpus packed into blocks (each line + `<|endoftext|>`), loss on
 //! every token, AdamW (lr 2e-4, weight decay 0.01), 2 warm-up steps then timed steps; tokens/s
-//! (median step) and peak RSS per method, beside the PyTorch + PEFT figures.
+//! (median step) and peak RSS per method. `scripts/bench-side-by-side.sh` runs it beside the
+//! PyTorch + PEFT harness on the same machine for the comparison.
 //!
-//! `cargo bench -p attune-models --bench train`
+//! `cargo bench --workspace --bench train`
 //! Environment: `ATTUNE_BENCH_METHODS=lora,full,prompt` (default all three),
 //! `ATTUNE_BENCH_STEPS` (timed steps, default 20), `ATTUNE_CORPUS` (default
-//! `../shared/data/pubmedqa/corpus.txt` from the workspace root).
+//! `../shared/data/pubmedqa/corpus.txt` from the workspace root), `ATTUNE_BENCH_JSON=<file>`
+//! (also write the figures there as JSON).
 //!
 //! `ATTUNE_PROFILE_OPS=1` adds each fused op's wall time per timed step. `ATTUNE_MATMUL=f32`
 //! forces the f32 products where the CPU has AMX (A/B runs).
@@ -173,39 +175,53 @@ fn main() -> R<()> {
     }
     let methods =
         std::env::var("ATTUNE_BENCH_METHODS").unwrap_or_else(|_| "lora,full,prompt".into());
-    let reference = |m: &str| match m {
-        "lora" => (216.0, 5.0),
-        "full" => (163.0, 5.3),
-        "prompt" => (243.0, 3.9),
-        _ => (f64::NAN, f64::NAN),
-    };
     println!(
         "training, batch 4 x 256 tokens, {steps} timed steps after 2 warm-up, {} threads",
         candle_core::utils::get_num_threads()
     );
     println!(
-        "{:<8} {:>10} {:>12} {:>12} {:>14} {:>12}",
-        "method", "tok/s", "PyTorch", "peak RSS", "PyTorch RSS", "loss step 1"
+        "{:<8} {:>10} {:>12} {:>12} {:>10}",
+        "method", "tok/s", "peak RSS", "loss step 1", "step s"
     );
+    let mut results = serde_json::Map::new();
     for m in methods.split(',') {
         let out = std::process::Command::new(std::env::current_exe()?)
             .args(["--child", m])
             .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let Some(line) = stdout.lines().find(|l| l.starts_with("RESULT\t")) else {
-            eprintln!("{m}: failed: {}", String::from_utf8_lossy(&out.stderr));
-            continue;
+            return Err(format!("{m}: failed: {}", String::from_utf8_lossy(&out.stderr)).into());
         };
         let f: Vec<&str> = line.split('\t').collect();
-        let (rt, rm) = reference(m);
         println!(
-            "{:<8} {:>10} {:>12} {:>9} MB {:>11} GB {:>12}",
-            m, f[2], rt, f[3], rm, f[4]
+            "{:<8} {:>10} {:>9} MB {:>12} {:>10}",
+            m, f[2], f[3], f[4], f[5]
+        );
+        let num = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
+        results.insert(
+            m.to_string(),
+            serde_json::json!({
+                "tok_s": num(f[2]),
+                "peak_rss_mb": num(f[3]),
+                "loss_step1": num(f[4]),
+                "step_s": num(f[5]),
+            }),
         );
         for p in stdout.lines().filter(|l| l.starts_with("PROFILE\t")) {
             let f: Vec<&str> = p.split('\t').collect();
             println!("  {:<26} {:>7} s/step {:>5} calls", f[2], f[3], f[4]);
         }
+    }
+    if let Some(path) = std::env::var_os("ATTUNE_BENCH_JSON") {
+        let value = serde_json::json!({
+            "threads": candle_core::utils::get_num_threads(),
+            "batch": 4,
+            "seq": 256,
+            "steps": steps,
+            "methods": results,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&value)?)
+            .map_err(|e| format!("ATTUNE_BENCH_JSON {}: {e}", path.to_string_lossy()))?;
     }
     println!("reference: loss on batch 0 before any update = 3.2720 (LoRA, full); prompt tuning differs (virtual tokens)");
     Ok(())

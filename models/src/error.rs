@@ -18,7 +18,7 @@ pub enum Error {
         reason: String,
     },
     #[error(
-        "{path}: unsupported architecture '{architecture}' (supported: llama, qwen2, mistral)"
+        "{path}: unsupported architecture '{architecture}' (supported: llama, mistral, qwen2, qwen3, gemma3, phi3, smollm3)"
     )]
     UnsupportedArchitecture { path: PathBuf, architecture: String },
     /// A required metadata key / config field / tensor is missing or has a bad value.
@@ -38,6 +38,9 @@ pub enum Error {
     InvalidParams(String),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A long operation (an export) was stopped by its cancel flag.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

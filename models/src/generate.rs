@@ -259,8 +259,19 @@ pub fn generate_with_prefix(
         if result.tokens.len() >= budget {
             break FinishReason::Length;
         }
-        let input = Tensor::new(&[next], device)?.unsqueeze(0)?;
-        logits = model.forward_last(&input, &mut cache)?;
+        logits = if model.needs_recompute(cache.len(), 1) {
+            // LongRoPE passes from its short to its long factors here: the whole sequence again,
+            // rotated with the long ones (as transformers regenerates Phi-3's cache).
+            cache.clear();
+            let all = Tensor::new(history.as_slice(), device)?.unsqueeze(0)?;
+            match prefix {
+                Some(p) => model.forward_last_with_prefix(&p.unsqueeze(0)?, &all, &mut cache)?,
+                None => model.forward_last(&all, &mut cache)?,
+            }
+        } else {
+            let input = Tensor::new(&[next], device)?.unsqueeze(0)?;
+            model.forward_last(&input, &mut cache)?
+        };
     };
     if finish != FinishReason::Stop {
         // An incomplete character at the very end, then whatever was held back.

@@ -4,10 +4,14 @@
 //! interleaved rope. This reader **un-permutes** those rows on load (a row permutation, so it works
 //! on the quantized blocks directly, at no precision cost), so every model in Attune is in Hugging
 //! Face layout: the standard (half-split) rope applies, and PEFT adapters attach and export without
-//! any permutation. Qwen2 GGUFs are not permuted by llama.cpp and are taken as they are.
+//! any permutation. Qwen2/3, Gemma 3 and Phi-3 GGUFs are not permuted by llama.cpp (their rope is
+//! the half-split one) and are taken as they are. Gemma 3's norm scales are stored as `1 + w`;
+//! the reader subtracts the 1, so the model holds the Hugging Face values. Phi-3's `attn_qkv` and
+//! `ffn_up` (gate and up stacked) stay fused, as Hugging Face's `qkv_proj` and `gate_up_proj`.
 //!
-//! Quantized matrices stay [`QTensor`]s; Q4_1 and Q8_0 ones also get Attune's decode kernel
-//! (see [`Linear::with_decode_kernel`]), which candle lacks for Q4_1; with [`ComputeMode::Auto`] or
+//! Quantized matrices stay [`QTensor`]s; Q4_1, Q8_0, Q4_K, Q5_K and Q6_K ones also get Attune's
+//! decode kernel (see [`Linear::with_decode_kernel`]; candle's are scalar or single-threaded
+//! AVX2); with [`ComputeMode::Auto`] or
 //! [`ComputeMode::F32`] an f32 copy is dequantized for prompt processing. Embeddings and norms are
 //! dequantized to f32. SmolLM2 ties its embeddings: without `output.weight` the lm_head shares
 //! `token_embd.weight`.
@@ -21,10 +25,13 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Config, SUPPORTED_ARCHITECTURES};
+use crate::config::{Config, Family, RopeScaling, SUPPORTED_ARCHITECTURES};
 use crate::kernels::amx::{self, PackedWeight};
 use crate::linear::{ComputeMode, Linear};
-use crate::llama::{Block, BlockProjections, Embedding, Llama, LlamaWeights, RmsNorm};
+use crate::llama::{
+    embedding_scale, final_norm, Block, BlockNorms, BlockProjections, Embedding, GateUpProj, Llama,
+    LlamaWeights, QkvProj,
+};
 use crate::{Error, Result};
 
 const FORMAT: &str = "GGUF";
@@ -109,24 +116,34 @@ fn to_usize(v: u64, path: &Path, key: &str) -> Result<usize> {
     usize::try_from(v).map_err(|_| Error::field(path, key, format!("{v} is too large")))
 }
 
-/// The model configuration from GGUF metadata.
+/// The model configuration from GGUF metadata, read as llama.cpp reads each architecture
+/// (`src/models/<arch>.cpp`): Gemma 3's sliding-window pattern defaults to every 6th layer
+/// global and its local rope base to 10000, its query scale to `head_dim^-0.5` (the 27B model's
+/// to `(hidden / heads)^-0.5`); SmolLM3 leaves rope out of every 4th layer; Phi-3's partial rotary
+/// and LongRoPE come from `rope.dimension_count` and `rope_factors_{long,short}.weight`; llama3
+/// rope scaling from `rope_freqs.weight`.
 pub fn config_from_content(content: &Content, path: &Path) -> Result<Config> {
     let md = Metadata::new(content, path);
     let arch = md.string("general.architecture")?.to_string();
-    if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+    let Some(family) = Family::from_architecture(&arch)
+        .filter(|_| SUPPORTED_ARCHITECTURES.contains(&arch.as_str()))
+    else {
         return Err(Error::UnsupportedArchitecture {
             path: path.to_path_buf(),
             architecture: arch,
         });
-    }
+    };
     let key = |k: &str| format!("{arch}.{k}");
     let u = |k: &str| -> Result<usize> { to_usize(md.uint(&key(k))?, path, &key(k)) };
+    let opt_u = |k: &str| -> Result<Option<usize>> {
+        md.opt_uint(&key(k))?
+            .map(|v| to_usize(v, path, &key(k)))
+            .transpose()
+    };
     let hidden_size = u("embedding_length")?;
     let num_attention_heads = u("attention.head_count")?;
-    let num_key_value_heads = match md.opt_uint(&key("attention.head_count_kv"))? {
-        Some(v) => to_usize(v, path, &key("attention.head_count_kv"))?,
-        None => num_attention_heads,
-    };
+    let num_key_value_heads = opt_u("attention.head_count_kv")?.unwrap_or(num_attention_heads);
+    let num_hidden_layers = u("block_count")?;
     let embd = content
         .tensor_infos
         .get("token_embd.weight")
@@ -141,20 +158,12 @@ pub fn config_from_content(content: &Content, path: &Path) -> Result<Config> {
             ))
         }
     };
-    let head_dim = match md.opt_uint(&key("attention.key_length"))? {
-        Some(v) => Some(to_usize(v, path, &key("attention.key_length"))?),
-        None => None,
-    };
+    let head_dim = opt_u("attention.key_length")?;
     let hd = head_dim.unwrap_or(hidden_size / num_attention_heads.max(1));
-    if let Some(rd) = md.opt_uint(&key("rope.dimension_count"))? {
-        if rd as usize != hd {
-            return Err(Error::field(
-                path,
-                key("rope.dimension_count"),
-                format!("partial rotary ({rd} of {hd} dims) is not supported"),
-            ));
-        }
-    }
+    let rotary_dim = match opt_u("rope.dimension_count")? {
+        Some(rd) if rd != hd => Some(rd),
+        _ => None,
+    };
     let bos_token_id = md
         .opt_uint("tokenizer.ggml.bos_token_id")?
         .map(|v| v as u32);
@@ -162,12 +171,12 @@ pub fn config_from_content(content: &Content, path: &Path) -> Result<Config> {
         .opt_uint("tokenizer.ggml.eos_token_id")?
         .map(|v| vec![v as u32])
         .unwrap_or_default();
-    let cfg = Config {
+    let mut cfg = Config {
         architecture: arch.clone(),
         vocab_size,
         hidden_size,
         intermediate_size: u("feed_forward_length")?,
-        num_hidden_layers: u("block_count")?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         rms_norm_eps: md
@@ -180,17 +189,222 @@ pub fn config_from_content(content: &Content, path: &Path) -> Result<Config> {
         bos_token_id,
         eos_token_ids,
         head_dim,
-        rope_scaling: None,
+        rotary_dim,
+        ..Config::default()
     };
+    cfg.apply_family_defaults(family);
+    let rd = cfg.rotary_dim();
+    // Rope scaling.
+    let scaling_type = match md.get(&key("rope.scaling.type")) {
+        Some(_) => Some(md.string(&key("rope.scaling.type"))?.to_string()),
+        None => None,
+    };
+    let factor = md
+        .opt_float(&key("rope.scaling.factor"))?
+        .or(md.opt_float(&key("rope.scale_linear"))?);
+    let mut t = ContentTensors { content, path };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let f = t.vector("rope_freqs.weight", rd / 2)?;
+        cfg.rope_scaling = Some(match llama3_from_factors(&f, cfg.rope_theta, rd) {
+            Some(s) => RopeScaling::Llama3(s),
+            None => RopeScaling::Factors { factors: f },
+        });
+    } else if content
+        .tensor_infos
+        .contains_key("rope_factors_long.weight")
+    {
+        let long_factor = t.vector("rope_factors_long.weight", rd / 2)?;
+        let short_factor = t.vector("rope_factors_short.weight", rd / 2)?;
+        let original = opt_u("rope.scaling.original_context_length")?.ok_or_else(|| {
+            Error::field(
+                path,
+                key("rope.scaling.original_context_length"),
+                "missing beside the LongRoPE factors",
+            )
+        })?;
+        let scale = cfg.max_position_embeddings as f64 / original.max(1) as f64;
+        let attention_factor =
+            md.opt_float(&key("rope.scaling.attn_factor"))?
+                .unwrap_or(if scale > 1.0 {
+                    (1.0 + scale.ln() / (original as f64).ln()).sqrt()
+                } else {
+                    1.0
+                });
+        cfg.rope_scaling = Some(RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings: original,
+            attention_factor,
+        });
+    } else {
+        match (scaling_type.as_deref(), factor) {
+            (None | Some("none"), _) => {}
+            (Some("linear"), Some(f)) if f != 1.0 => {
+                cfg.rope_scaling = Some(RopeScaling::Linear { factor: f })
+            }
+            (Some("linear"), _) => {}
+            (Some(other), _) => {
+                return Err(Error::field(
+                    path,
+                    key("rope.scaling.type"),
+                    format!("'{other}' rope scaling is not supported (linear, llama3, longrope)"),
+                ))
+            }
+        }
+    }
+    if md
+        .opt_float(&key("final_logit_softcapping"))?
+        .is_some_and(|c| c != 0.0)
+        || md
+            .opt_float(&key("attn_logit_softcapping"))?
+            .is_some_and(|c| c != 0.0)
+    {
         return Err(Error::field(
             path,
-            "rope_freqs.weight",
-            "GGUF llama3 rope-frequency factors are not supported; load the Hugging Face folder",
+            key("final_logit_softcapping"),
+            "logit soft-capping is not supported",
         ));
+    }
+    // Sliding windows.
+    let window = opt_u("attention.sliding_window")?.filter(|&w| w > 0);
+    match family {
+        Family::Gemma3 => {
+            if let Some(w) = window {
+                let pattern_key = key("attention.sliding_window_pattern");
+                let sliding: Vec<bool> = match md.get(&pattern_key) {
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|v| v.to_bool().map_err(|e| Error::field(path, &pattern_key, e)))
+                        .collect::<Result<_>>()?,
+                    Some(_) => {
+                        let p = to_usize(md.uint(&pattern_key)?, path, &pattern_key)?.max(1);
+                        (0..num_hidden_layers).map(|i| i % p < p - 1).collect()
+                    }
+                    // llama.cpp: every 6th layer is global.
+                    None => (0..num_hidden_layers).map(|i| i % 6 < 5).collect(),
+                };
+                cfg.sliding_window = Some(w);
+                cfg.sliding_layers = sliding;
+            }
+            cfg.rope_local_theta = Some(
+                md.opt_float(&key("rope.freq_base_swa"))?
+                    .unwrap_or(10_000.0),
+            );
+            // llama.cpp's rule (gemma_pytorch's config): the 27B model scales queries by
+            // (hidden / heads)^-0.5, the others by head_dim^-0.5.
+            cfg.query_pre_attn_scalar = Some(if num_hidden_layers == 62 {
+                (hidden_size / num_attention_heads) as f64
+            } else {
+                hd as f64
+            });
+        }
+        // llama.cpp turns Phi-3's window off; transformers keeps it: Attune follows
+        // transformers (the PyTorch reference) where the file states one.
+        Family::Mistral | Family::Phi3 | Family::Qwen2 | Family::Qwen3 => {
+            if let Some(w) = window {
+                cfg.sliding_window = Some(w);
+                cfg.sliding_layers = vec![true; num_hidden_layers];
+            }
+        }
+        Family::Smollm3 => {
+            cfg.rope_layers = (0..num_hidden_layers).map(|i| (i + 1) % 4 != 0).collect();
+        }
+        Family::Llama => {}
     }
     cfg.validate(path)?;
     Ok(cfg)
+}
+
+/// The llama3 rope-scaling parameters behind llama.cpp's per-frequency `rope_freqs` (its
+/// converter's formula), when they can be recovered: `low_freq_factor` is taken as 1 (Llama
+/// 3.x's; only the ratios of the three lengths matter), the original context and
+/// `high_freq_factor` follow from two frequencies in the smooth band, and every factor must come
+/// back within 1e-4. `None` otherwise (the factors are then used as they are).
+pub fn llama3_from_factors(
+    factors: &[f64],
+    theta: f64,
+    rd: usize,
+) -> Option<crate::config::Llama3RopeScaling> {
+    let factor = factors.iter().copied().fold(1.0, f64::max);
+    if factor <= 1.0 {
+        return None;
+    }
+    let wl = |i: usize| {
+        let inv = 1.0 / (theta as f32).powf((2 * i) as f32 / rd as f32);
+        2.0 * std::f64::consts::PI / inv as f64
+    };
+    let smooth: Vec<(f64, f64)> = factors
+        .iter()
+        .enumerate()
+        .filter(|(_, &f)| f > 1.0 + 1e-6 && f < factor - 1e-6)
+        .map(|(i, &f)| (wl(i), (1.0 / f - 1.0 / factor) / (1.0 - 1.0 / factor)))
+        .collect();
+    let [(w1, s1), (w2, s2), ..] = smooth.as_slice() else {
+        return None;
+    };
+    // s = (old / wl - 1) / (high - 1): with b = high - 1, s b - old / wl = -1.
+    let det = s1 * (-1.0 / w2) - s2 * (-1.0 / w1);
+    if det.abs() < 1e-12 {
+        return None;
+    }
+    let b = (-(-1.0 / w2) + (-1.0 / w1)) / det;
+    let old = (s1 * -1.0 - s2 * -1.0) / det;
+    let old = old.round();
+    let high = ((1.0 + b) * 1000.0).round() / 1000.0;
+    if !(old >= 1.0 && high > 1.0) {
+        return None;
+    }
+    let s = crate::config::Llama3RopeScaling {
+        factor,
+        low_freq_factor: 1.0,
+        high_freq_factor: high,
+        original_max_position_embeddings: old as usize,
+    };
+    let (lo_wl, hi_wl) = (old / s.low_freq_factor, old / high);
+    for (i, &f) in factors.iter().enumerate() {
+        let w = wl(i);
+        let want = if w < hi_wl {
+            1.0
+        } else if w > lo_wl {
+            factor
+        } else {
+            let sm = (old / w - 1.0) / (high - 1.0);
+            1.0 / ((1.0 - sm) / factor + sm)
+        };
+        if (want - f).abs() > 1e-4 * f {
+            return None;
+        }
+    }
+    Some(s)
+}
+
+/// Reads small f32 tensors (rope factors) straight from the file's header directory.
+struct ContentTensors<'a> {
+    content: &'a Content,
+    path: &'a Path,
+}
+
+impl ContentTensors<'_> {
+    /// The `n` values of 1-D tensor `name` (read from the file).
+    fn vector(&mut self, name: &str, n: usize) -> Result<Vec<f64>> {
+        let file = crate::fsio::open_regular(self.path)?;
+        let mut reader = BufReader::new(file);
+        let mut t = TensorReader {
+            content: self.content,
+            reader: &mut reader,
+            path: self.path,
+            device: &Device::Cpu,
+        };
+        let v = t.f32(name)?.flatten_all()?.to_vec1::<f32>()?;
+        if v.len() != n {
+            return Err(Error::field(
+                self.path,
+                name,
+                format!("{} values, expected {n}", v.len()),
+            ));
+        }
+        Ok(v.into_iter().map(f64::from).collect())
+    }
 }
 
 /// A model read from a GGUF file, with the header (the tokenizer and template are in it).
@@ -207,6 +421,7 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
     let mut reader = BufReader::new(file);
     let content = crate::gguf_header::read(&mut reader, path)?;
     let config = config_from_content(&content, path)?;
+    let family = config.family().unwrap_or(Family::Llama);
     let device = Device::Cpu;
     let mut t = TensorReader {
         content: &content,
@@ -214,9 +429,11 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
         path,
         device: &device,
     };
-    let permuted = matches!(config.architecture.as_str(), "llama" | "mistral");
+    let permuted = family.gguf_permutes_qk();
     let nh = config.num_attention_heads;
     let nkv = config.num_key_value_heads;
+    // llama.cpp's converter stores Gemma's `(1 + w)` norm scales as `1 + w`.
+    let shift = if config.norm_plus_one { 1.0 } else { 0.0 };
 
     let embd_q = Arc::new(t.qtensor("token_embd.weight")?);
     let embd_f32 = match mode {
@@ -228,6 +445,7 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
         qweight: Some(embd_q.clone()),
         vocab_size: config.vocab_size,
         hidden_size: config.hidden_size,
+        scale: embedding_scale(&config),
     };
     let lm_head = if config.tie_word_embeddings {
         let q = match mode {
@@ -299,23 +517,73 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
             };
             lin.map_err(|e| Error::field(path, &wname, e))
         };
+        let has = |n: &str| {
+            content
+                .tensor_infos
+                .contains_key(&format!("{p}.{n}.weight"))
+        };
+        let qkv = if has("attn_qkv") {
+            QkvProj::Fused {
+                qkv_proj: proj("attn_qkv", None)?,
+            }
+        } else {
+            QkvProj::Split {
+                q_proj: proj("attn_q", Some(nh))?,
+                k_proj: proj("attn_k", Some(nkv))?,
+                v_proj: proj("attn_v", None)?,
+            }
+        };
+        let o_proj = proj("attn_output", None)?;
+        // Phi-3 stores gate and up stacked in `ffn_up` (and no `ffn_gate`).
+        let gate_up = if family.fused_projections() && !has("ffn_gate") {
+            GateUpProj::Fused {
+                gate_up_proj: proj("ffn_up", None)?,
+            }
+        } else {
+            GateUpProj::Split {
+                gate_proj: proj("ffn_gate", None)?,
+                up_proj: proj("ffn_up", None)?,
+            }
+        };
         let projections = BlockProjections {
-            q_proj: proj("attn_q", Some(nh))?,
-            k_proj: proj("attn_k", Some(nkv))?,
-            v_proj: proj("attn_v", None)?,
-            o_proj: proj("attn_output", None)?,
-            gate_proj: proj("ffn_gate", None)?,
-            up_proj: proj("ffn_up", None)?,
+            qkv,
+            o_proj,
+            gate_up,
             down_proj: proj("ffn_down", None)?,
         };
-        layers.push(Block::new(
-            &config,
-            t.f32(&format!("{p}.attn_norm.weight"))?,
-            t.f32(&format!("{p}.ffn_norm.weight"))?,
-            projections,
-        )?);
+        let mut norm = |n: &str, on: bool| -> Result<Option<Tensor>> {
+            if !on {
+                return Ok(None);
+            }
+            let w = t.f32(&format!("{p}.{n}.weight"))?;
+            Ok(Some(if shift != 0.0 { (w - shift)? } else { w }))
+        };
+        let required = |w: Option<Tensor>| {
+            w.ok_or_else(|| Error::InvalidParams("a required norm was not read".into()))
+        };
+        let norms = BlockNorms {
+            input: required(norm("attn_norm", true)?)?,
+            pre_mlp: required(norm("ffn_norm", true)?)?,
+            q: norm("attn_q_norm", config.qk_norm)?,
+            k: norm("attn_k_norm", config.qk_norm)?,
+            post_attention: norm("post_attention_norm", config.sandwich_norms)?,
+            post_mlp: norm("post_ffw_norm", config.sandwich_norms)?,
+        };
+        layers.push(
+            Block::new(&config, i, norms, projections).map_err(|e| Error::Format {
+                path: path.to_path_buf(),
+                format: FORMAT,
+                reason: e.to_string(),
+            })?,
+        );
     }
-    let norm = RmsNorm::new(t.f32("output_norm.weight")?, config.rms_norm_eps)?;
+    let out_norm = t.f32("output_norm.weight")?;
+    let out_norm = if shift != 0.0 {
+        (out_norm - shift)?
+    } else {
+        out_norm
+    };
+    let norm = final_norm(&config, out_norm)?;
     let weights = LlamaWeights {
         embed_tokens,
         layers,
@@ -382,8 +650,8 @@ impl<R: Read + Seek> TensorReader<'_, R> {
     }
 }
 
-/// Block types without a fast decode kernel (neither Attune's Q4_1/Q8_0 kernels in
-/// `linear.rs` nor a SIMD one in candle): re-quantized to Q8_0 once at load. The error is below
+/// Block types without a fast decode kernel (neither Attune's Q4_1/Q8_0/K-quant kernels in
+/// `kernels::quant` nor a SIMD one in candle): re-quantized to Q8_0 once at load. The error is below
 /// 0.4% of each 32-weight block's largest value; the f32 path keeps the file's exact values.
 const SLOW_DECODE_TYPES: &[GgmlDType] = &[GgmlDType::Q5_0, GgmlDType::Q5_1];
 
@@ -459,6 +727,21 @@ pub fn permute_dense_rows(t: &Tensor, n_head: usize) -> Result<Tensor> {
     for r in 0..out {
         idx[gguf_row_of_hf_row(r, hd)] = r as u32;
     }
+    let idx = Tensor::from_vec(idx, out, t.device())?;
+    Ok(t.index_select(&idx, 0)?)
+}
+
+/// Undoes llama.cpp's permutation on the rows of a dense `[n_head * head_dim, cols]` tensor
+/// (GGUF layout -> Hugging Face layout), e.g. a GGUF LoRA's `lora_b` of `attn_q` / `attn_k`.
+pub fn unpermute_dense_rows(t: &Tensor, n_head: usize) -> Result<Tensor> {
+    let out = t.dim(0)?;
+    if n_head == 0 || !out.is_multiple_of(n_head) || !(out / n_head).is_multiple_of(2) {
+        return Err(Error::InvalidParams(format!(
+            "cannot split {out} rows into {n_head} heads of even size"
+        )));
+    }
+    let hd = out / n_head;
+    let idx: Vec<u32> = (0..out).map(|r| gguf_row_of_hf_row(r, hd) as u32).collect();
     let idx = Tensor::from_vec(idx, out, t.device())?;
     Ok(t.index_select(&idx, 0)?)
 }

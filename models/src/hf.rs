@@ -11,7 +11,10 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, HfConfig};
 use crate::linear::Linear;
-use crate::llama::{Block, BlockProjections, Embedding, Llama, LlamaWeights, RmsNorm};
+use crate::llama::{
+    embedding_scale, final_norm, Block, BlockNorms, BlockProjections, Embedding, GateUpProj, Llama,
+    LlamaWeights, QkvProj,
+};
 use crate::{Error, Result};
 
 /// Reads and validates `<dir>/config.json`.
@@ -121,6 +124,7 @@ pub fn load(dir: &Path) -> Result<HfModel> {
     };
     let h = config.hidden_size;
     let embed = take("model.embed_tokens.weight")?;
+    let fused = config.family().is_some_and(|f| f.fused_projections());
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for i in 0..config.num_hidden_layers {
         let p = format!("model.layers.{i}");
@@ -134,23 +138,64 @@ pub fn load(dir: &Path) -> Result<HfModel> {
             Linear::from_weights(w, b).map_err(|e| Error::field(dir, format!("{p}.{name}"), e))
         };
         let bias = config.attention_bias;
+        let qkv = if fused {
+            QkvProj::Fused {
+                qkv_proj: lin("self_attn.qkv_proj", false)?,
+            }
+        } else {
+            QkvProj::Split {
+                q_proj: lin("self_attn.q_proj", bias)?,
+                k_proj: lin("self_attn.k_proj", bias)?,
+                v_proj: lin("self_attn.v_proj", bias)?,
+            }
+        };
+        let o_proj = lin("self_attn.o_proj", false)?;
+        let gate_up = if fused {
+            GateUpProj::Fused {
+                gate_up_proj: lin("mlp.gate_up_proj", false)?,
+            }
+        } else {
+            GateUpProj::Split {
+                gate_proj: lin("mlp.gate_proj", false)?,
+                up_proj: lin("mlp.up_proj", false)?,
+            }
+        };
         let projections = BlockProjections {
-            q_proj: lin("self_attn.q_proj", bias)?,
-            k_proj: lin("self_attn.k_proj", bias)?,
-            v_proj: lin("self_attn.v_proj", bias)?,
-            o_proj: lin("self_attn.o_proj", false)?,
-            gate_proj: lin("mlp.gate_proj", false)?,
-            up_proj: lin("mlp.up_proj", false)?,
+            qkv,
+            o_proj,
+            gate_up,
             down_proj: lin("mlp.down_proj", false)?,
         };
-        layers.push(Block::new(
-            &config,
-            take(&format!("{p}.input_layernorm.weight"))?,
-            take(&format!("{p}.post_attention_layernorm.weight"))?,
-            projections,
-        )?);
+        let mut opt = |name: &str, on: bool| -> Result<Option<Tensor>> {
+            if on {
+                take(&format!("{p}.{name}.weight")).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let sandwich = config.sandwich_norms;
+        let required = |w: Option<Tensor>| {
+            w.ok_or_else(|| Error::InvalidParams("a required norm was not read".into()))
+        };
+        let pre_mlp = if sandwich {
+            "pre_feedforward_layernorm"
+        } else {
+            "post_attention_layernorm"
+        };
+        let norms = BlockNorms {
+            input: required(opt("input_layernorm", true)?)?,
+            pre_mlp: required(opt(pre_mlp, true)?)?,
+            q: opt("self_attn.q_norm", config.qk_norm)?,
+            k: opt("self_attn.k_norm", config.qk_norm)?,
+            post_attention: opt("post_attention_layernorm", sandwich)?,
+            post_mlp: opt("post_feedforward_layernorm", sandwich)?,
+        };
+        layers.push(
+            Block::new(&config, i, norms, projections)
+                .map_err(|e| Error::format(dir, "Hugging Face model", e))?,
+        );
     }
-    let norm = RmsNorm::new(take("model.norm.weight")?, config.rms_norm_eps)?;
+    let norm = final_norm(&config, take("model.norm.weight")?)?;
     let lm_head = if config.tie_word_embeddings {
         Linear::from_weights(embed.clone(), None)?
     } else {
@@ -168,7 +213,7 @@ pub fn load(dir: &Path) -> Result<HfModel> {
         ));
     }
     let weights = LlamaWeights {
-        embed_tokens: Embedding::from_weight(embed)?,
+        embed_tokens: Embedding::from_weight(embed)?.scaled(embedding_scale(&config)),
         layers,
         norm,
         lm_head,
@@ -192,14 +237,9 @@ pub fn state_dict(model: &Llama) -> Result<Vec<(String, Tensor)>> {
     ));
     for (i, b) in model.layers().iter().enumerate() {
         let p = format!("model.layers.{i}");
-        out.push((
-            format!("{p}.input_layernorm.weight"),
-            b.input_layernorm.weight.clone(),
-        ));
-        out.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            b.post_attention_layernorm.weight.clone(),
-        ));
+        for (name, n) in b.norms() {
+            out.push((format!("{p}.{name}.weight"), n.weight.clone()));
+        }
     }
     for (name, l) in model.linears() {
         out.push((format!("{name}.weight"), l.weight_f32()?));

@@ -6,6 +6,7 @@
 pub mod chat_template;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod fsio;
 pub mod fuzz;
 pub mod generate;

@@ -3,7 +3,8 @@
 //! A [`Linear`] holds a dense f32 weight `[out, in]`, a quantized [`QTensor`] (GGUF), or both.
 //! Decode multiplies a handful of rows and is memory-bound, so it reads the quantized weights;
 //! prompt processing multiplies many rows and is compute-bound, so it uses the f32 copy.
-//! [`ComputeMode`] picks between them per call. For Q4_1 and Q8_0 weights the few-row product
+//! [`ComputeMode`] picks between them per call. For Q4_1, Q8_0 and K-quant (Q4_K, Q5_K, Q6_K)
+//! weights the few-row product
 //! runs on [`Q41Matrix`], the integer decode kernel in [`crate::kernels::quant`] (candle's Q4_1
 //! kernel is scalar). A LoRA branch `y = Wx + b + scale * B(A x)` can be attached from plain tensors or from `candle_nn::Var`s (their tensors), so a trainer can
 //! put PEFT-named variables here and get gradients through them.
@@ -159,12 +160,18 @@ impl Linear {
         })
     }
 
-    /// Uses Attune's decode kernel for quantized calls when the quantized weight is Q4_1 or Q8_0.
+    /// Uses Attune's decode kernel for quantized calls when the quantized weight is Q4_1, Q8_0,
+    /// Q4_K, Q5_K or Q6_K.
     pub fn with_decode_kernel(mut self) -> Result<Self> {
         if let Some(q) = &self.qweight {
             self.q41 = Q41Matrix::from_qtensor(q)?.map(Arc::new);
         }
         Ok(self)
+    }
+
+    /// Whether few-row calls on the quantized weights run on Attune's decode kernel.
+    pub fn has_decode_kernel(&self) -> bool {
+        self.q41.is_some()
     }
 
     pub fn in_dim(&self) -> usize {

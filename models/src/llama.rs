@@ -1,13 +1,19 @@
-//! The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2), written for adaptation.
+//! The decoder Attune runs and adapts: the Llama shape (Llama 2/3, SmolLM2, Mistral, Qwen2) and
+//! the families built on it (Qwen3, Gemma 3, Phi-3 / Phi-4-mini, SmolLM3), one model with switches.
 //!
 //! Architecture: Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" —
 //! pre-norm RMSNorm blocks, rotary position embeddings (Su et al. 2021), grouped-query attention
-//! (Ainslie et al. 2023), SwiGLU MLP. Qwen2 adds q/k/v biases (a [`Config`] switch); Llama 3.1's
-//! frequency-dependent rope scaling is another switch.
+//! (Ainslie et al. 2023), SwiGLU MLP. The switches ([`Config`]): q/k/v biases (Qwen2); q/k
+//! RMSNorm per head (Qwen3, Gemma 3); Gemma 3's `(1 + w)` norms, norms on the attention and MLP
+//! outputs, embeddings scaled by `sqrt(hidden)`, GELU-tanh gate, `query_pre_attn_scalar`, and
+//! sliding-window layers with their own rope base between global ones (Team Gemma 2025); fused
+//! `qkv_proj` / `gate_up_proj`, partial rotary and LongRoPE (Phi-3, Abdin et al. 2024); layers
+//! without rope (SmolLM3's NoPE layers); Llama 3.1's rope scaling.
 //!
-//! Weights are always in Hugging Face layout (the GGUF reader un-permutes Q/K), module names equal
-//! the Hugging Face names (`model.layers.{i}.self_attn.q_proj`), every [`Linear`] can carry a LoRA
-//! branch, and [`Llama::forward_with_prefix`] takes soft-prompt embeddings (PEFT prompt tuning).
+//! Weights are always in Hugging Face layout (the GGUF reader un-permutes Q/K and removes Gemma's
+//! `+1` from its norms), module names equal the Hugging Face names
+//! (`model.layers.{i}.self_attn.q_proj`), every [`Linear`] can carry a LoRA branch, and
+//! [`Llama::forward_with_prefix`] takes soft-prompt embeddings (PEFT prompt tuning).
 //!
 //! Two kernels per op: for inference, fused ops with no backward pass (candle's `rms_norm` and
 //! `rope`, Attune's causal attention over the KV cache and SwiGLU in `kernels`); for training,
@@ -18,45 +24,65 @@
 use candle_core::{DType, Device, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::config::Config;
+use crate::config::{Activation, Config, RopeScaling};
 use crate::linear::{ComputeMode, FusedDecode, Linear};
 use crate::{Error, Result};
 
-/// Root-mean-square layer norm with a learned scale.
+/// Root-mean-square layer norm with a learned scale: `x / rms(x) * w`, or `* (1 + w)` for
+/// Gemma's norms (`offset` 1; the weight is the checkpoint's `w` either way).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
+    pub offset: f32,
 }
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Result<Self> {
+        Self::with_offset(weight, eps, 0.0)
+    }
+
+    /// A norm scaling by `weight + offset`.
+    pub fn with_offset(weight: Tensor, eps: f64, offset: f32) -> Result<Self> {
         Ok(Self {
             weight: weight.to_dtype(DType::F32)?,
             eps,
+            offset,
         })
     }
 
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable || self.weight.track_op() {
-            Ok(crate::kernels::rms_norm(x, &self.weight, self.eps as f32)?)
+            Ok(crate::kernels::rms_norm_offset(
+                x,
+                &self.weight,
+                self.eps as f32,
+                self.offset,
+            )?)
         } else {
+            let w = if self.offset != 0.0 {
+                (&self.weight + self.offset as f64)?
+            } else {
+                self.weight.clone()
+            };
             Ok(candle_nn::ops::rms_norm(
                 &x.contiguous()?,
-                &self.weight,
+                &w,
                 self.eps as f32,
             )?)
         }
     }
 }
 
-/// Token embedding table `[vocab, hidden]`: f32, or quantized rows dequantized on lookup.
+/// Token embedding table `[vocab, hidden]`: f32, or quantized rows dequantized on lookup; the
+/// looked-up rows are multiplied by `scale` when the model scales its embeddings (Gemma 3).
 #[derive(Debug, Clone)]
 pub struct Embedding {
     pub weight: Option<Tensor>,
     pub qweight: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    pub scale: Option<f64>,
 }
 
 impl Embedding {
@@ -67,7 +93,14 @@ impl Embedding {
             qweight: None,
             vocab_size,
             hidden_size,
+            scale: None,
         })
+    }
+
+    /// The same table with its lookups multiplied by `scale`.
+    pub fn scaled(mut self, scale: Option<f64>) -> Self {
+        self.scale = scale;
+        self
     }
 
     /// ids `[batch, seq]` u32 -> `[batch, seq, hidden]`.
@@ -79,7 +112,12 @@ impl Embedding {
             (None, Some(q)) => q.embedding(&flat)?,
             (None, None) => return Err(Error::InvalidParams("embedding has no weights".into())),
         };
-        Ok(e.reshape((b, l, self.hidden_size))?)
+        let e = e.reshape((b, l, self.hidden_size))?;
+        Ok(match self.scale {
+            // In the weights' dtype, as transformers scales them.
+            Some(s) => (e * (s as f32) as f64)?,
+            None => e,
+        })
     }
 
     /// The dense table, dequantizing if only the quantized one is kept.
@@ -92,44 +130,188 @@ impl Embedding {
     }
 }
 
+/// The q, k and v projections: three (`q_proj`, `k_proj`, `v_proj`) or one whose rows are theirs
+/// stacked (`qkv_proj`, Phi-3).
+#[derive(Debug, Clone)]
+pub enum QkvProj {
+    Split {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    Fused {
+        qkv_proj: Linear,
+    },
+}
+
+/// The gate and up projections: two (`gate_proj`, `up_proj`) or one (`gate_up_proj`, Phi-3:
+/// gate rows first).
+#[derive(Debug, Clone)]
+pub enum GateUpProj {
+    Split { gate_proj: Linear, up_proj: Linear },
+    Fused { gate_up_proj: Linear },
+}
+
 /// Self-attention with grouped-query heads.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: QkvProj,
     pub o_proj: Linear,
+    /// Per-head RMSNorms of q and k `[head_dim]` (Qwen3, Gemma 3).
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The scores' scale (`head_dim^-0.5`, or `query_pre_attn_scalar^-0.5`).
+    pub scale: f64,
+    /// Keys a query sees in a sliding-window layer, itself included.
+    pub window: Option<usize>,
+    /// Which of the model's rope tables the layer uses; `None`: no rope (NoPE).
+    pub rope: Option<usize>,
 }
 
-/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+impl Attention {
+    /// The projections by their Hugging Face names, `o_proj` last.
+    pub fn projections(&self) -> Vec<(&'static str, &Linear)> {
+        let mut v = match &self.qkv {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![("q_proj", q_proj), ("k_proj", k_proj), ("v_proj", v_proj)],
+            QkvProj::Fused { qkv_proj } => vec![("qkv_proj", qkv_proj)],
+        };
+        v.push(("o_proj", &self.o_proj));
+        v
+    }
+
+    fn projections_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        let mut v = match &mut self.qkv {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![("q_proj", q_proj), ("k_proj", k_proj), ("v_proj", v_proj)],
+            QkvProj::Fused { qkv_proj } => vec![("qkv_proj", qkv_proj)],
+        };
+        v.push(("o_proj", &mut self.o_proj));
+        v
+    }
+
+    /// q, k, v `[b, l, heads * hd]` for `x` `[b, l, hidden]`.
+    fn qkv_forward(
+        &self,
+        fused: Option<&FusedDecode>,
+        x: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.qkv {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => {
+                let qkv = FusedDecode::forward(fused, &[q_proj, k_proj, v_proj], x)?;
+                let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
+                    .map_err(|_| Error::InvalidParams("q/k/v product count".into()))?;
+                Ok((q, k, v))
+            }
+            QkvProj::Fused { qkv_proj } => {
+                let y = qkv_proj.forward(x)?;
+                let nq = self.num_heads * self.head_dim;
+                let nkv = self.num_kv_heads * self.head_dim;
+                Ok((
+                    y.narrow(D::Minus1, 0, nq)?.contiguous()?,
+                    y.narrow(D::Minus1, nq, nkv)?.contiguous()?,
+                    y.narrow(D::Minus1, nq + nkv, nkv)?.contiguous()?,
+                ))
+            }
+        }
+    }
+
+    /// `t` `[b, l, heads * hd]` through the per-head norm `norm`, if any.
+    fn norm_heads(
+        t: Tensor,
+        norm: &Option<RmsNorm>,
+        heads: usize,
+        hd: usize,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let Some(n) = norm else {
+            return Ok(t);
+        };
+        let (b, l, _) = t.dims3()?;
+        let y = n.forward(&t.reshape((b, l, heads, hd))?, differentiable)?;
+        Ok(y.reshape((b, l, heads * hd))?)
+    }
+}
+
+/// The gated feed-forward: `down(act(gate(x)) * up(x))`, SwiGLU or GeGLU.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    pub gate_up: GateUpProj,
     pub down_proj: Linear,
+    pub act: Activation,
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, fused: Option<&FusedDecode>) -> Result<Tensor> {
-        if let (Some(wg), Some(wu)) = (
-            self.gate_proj.dense_trainable(),
-            self.up_proj.dense_trainable(),
-        ) {
-            if x.track_op() || wg.track_op() || wu.track_op() {
-                // Training without LoRA on gate/up (full fine-tuning, prompt tuning): the gate,
-                // up and SwiGLU as one graph node.
-                let h = crate::kernels::gate_up_swiglu(x, wg, wu)?;
-                return self.down_proj.forward(&h);
+    /// The projections by their Hugging Face names, `down_proj` last.
+    pub fn projections(&self) -> Vec<(&'static str, &Linear)> {
+        let mut v = match &self.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => {
+                vec![("gate_proj", gate_proj), ("up_proj", up_proj)]
             }
-        }
-        let gu = FusedDecode::forward(fused, &[&self.gate_proj, &self.up_proj], x)?;
-        let [g, u] = <[Tensor; 2]>::try_from(gu)
-            .map_err(|_| Error::InvalidParams("gate/up product count".into()))?;
-        // One vectorised pass instead of `silu` then `mul`, with its own backward pass.
-        let h = crate::kernels::swiglu(&g, &u)?;
+            GateUpProj::Fused { gate_up_proj } => vec![("gate_up_proj", gate_up_proj)],
+        };
+        v.push(("down_proj", &self.down_proj));
+        v
+    }
+
+    fn projections_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        let mut v = match &mut self.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => {
+                vec![("gate_proj", gate_proj), ("up_proj", up_proj)]
+            }
+            GateUpProj::Fused { gate_up_proj } => vec![("gate_up_proj", gate_up_proj)],
+        };
+        v.push(("down_proj", &mut self.down_proj));
+        v
+    }
+
+    fn forward(&self, x: &Tensor, fused: Option<&FusedDecode>) -> Result<Tensor> {
+        let (g, u) = match &self.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => {
+                if let (Activation::Silu, Some(wg), Some(wu)) = (
+                    self.act,
+                    gate_proj.dense_trainable(),
+                    up_proj.dense_trainable(),
+                ) {
+                    if x.track_op() || wg.track_op() || wu.track_op() {
+                        // Training without LoRA on gate/up (full fine-tuning, prompt tuning):
+                        // the gate, up and SwiGLU as one graph node.
+                        let h = crate::kernels::gate_up_swiglu(x, wg, wu)?;
+                        return self.down_proj.forward(&h);
+                    }
+                }
+                let gu = FusedDecode::forward(fused, &[gate_proj, up_proj], x)?;
+                let [g, u] = <[Tensor; 2]>::try_from(gu)
+                    .map_err(|_| Error::InvalidParams("gate/up product count".into()))?;
+                (g, u)
+            }
+            GateUpProj::Fused { gate_up_proj } => {
+                let y = gate_up_proj.forward(x)?;
+                let inter = gate_up_proj.out_dim() / 2;
+                (
+                    y.narrow(D::Minus1, 0, inter)?,
+                    y.narrow(D::Minus1, inter, inter)?,
+                )
+            }
+        };
+        // One vectorised pass instead of the activation then `mul`, with its own backward pass.
+        let h = match self.act {
+            Activation::Silu => crate::kernels::swiglu(&g, &u)?,
+            Activation::GeluTanh => crate::kernels::geglu(&g, &u)?,
+        };
         self.down_proj.forward(&h)
     }
 }
@@ -139,49 +321,150 @@ impl Mlp {
 pub struct Block {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
-    pub post_attention_layernorm: RmsNorm,
+    /// A norm of the attention output before its residual add (Gemma 3's
+    /// `post_attention_layernorm`).
+    pub post_attention_norm: Option<RmsNorm>,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
+    pub pre_mlp_norm: RmsNorm,
+    /// A norm of the MLP output before its residual add (Gemma 3's `post_feedforward_layernorm`).
+    pub post_mlp_norm: Option<RmsNorm>,
     pub mlp: Mlp,
 }
 
-/// The seven projections of one layer, by their Hugging Face names.
+/// A layer's projections, as the loaders read them.
 #[derive(Debug)]
 pub struct BlockProjections {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: QkvProj,
     pub o_proj: Linear,
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    pub gate_up: GateUpProj,
     pub down_proj: Linear,
 }
 
+/// A layer's norm scales (Hugging Face values: Gemma's `w`, not `1 + w`), as the loaders read
+/// them. The optional ones are required exactly when the config turns them on.
+#[derive(Debug)]
+pub struct BlockNorms {
+    pub input: Tensor,
+    pub pre_mlp: Tensor,
+    pub q: Option<Tensor>,
+    pub k: Option<Tensor>,
+    pub post_attention: Option<Tensor>,
+    pub post_mlp: Option<Tensor>,
+}
+
 impl Block {
-    /// A layer from its norm weights and projections, with head counts from `cfg`
-    /// (every loader builds layers this way; `Llama::from_parts` checks the shapes).
-    pub fn new(
-        cfg: &Config,
-        input_norm: Tensor,
-        post_attention_norm: Tensor,
-        p: BlockProjections,
-    ) -> Result<Self> {
+    /// Layer `layer` from its norms and projections, with head counts, window and rope from
+    /// `cfg` (every loader builds layers this way; `Llama::from_parts` checks the shapes).
+    pub fn new(cfg: &Config, layer: usize, norms: BlockNorms, p: BlockProjections) -> Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        let offset = if cfg.norm_plus_one { 1.0 } else { 0.0 };
+        let norm = |w: Tensor| RmsNorm::with_offset(w, eps, offset);
+        let want = |name: &str, t: Option<Tensor>, on: bool| -> Result<Option<RmsNorm>> {
+            match (t, on) {
+                (Some(t), true) => Ok(Some(norm(t)?)),
+                (None, false) => Ok(None),
+                (Some(_), false) => Err(Error::InvalidParams(format!(
+                    "layer {layer}: a {name} norm the {} architecture does not have",
+                    cfg.architecture
+                ))),
+                (None, true) => Err(Error::InvalidParams(format!(
+                    "layer {layer}: the {name} norm is missing"
+                ))),
+            }
+        };
+        let rope_index = cfg
+            .layer_uses_rope(layer)
+            .then(|| usize::from(cfg.rope_local_theta.is_some() && cfg.layer_is_sliding(layer)));
         Ok(Block {
-            input_layernorm: RmsNorm::new(input_norm, cfg.rms_norm_eps)?,
+            input_layernorm: norm(norms.input)?,
             self_attn: Attention {
-                q_proj: p.q_proj,
-                k_proj: p.k_proj,
-                v_proj: p.v_proj,
+                qkv: p.qkv,
                 o_proj: p.o_proj,
+                q_norm: want("q", norms.q, cfg.qk_norm)?,
+                k_norm: want("k", norms.k, cfg.qk_norm)?,
                 num_heads: cfg.num_attention_heads,
                 num_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim(),
+                scale: cfg.attention_scale(),
+                window: cfg.layer_window(layer),
+                rope: rope_index,
             },
-            post_attention_layernorm: RmsNorm::new(post_attention_norm, cfg.rms_norm_eps)?,
+            post_attention_norm: want("post-attention", norms.post_attention, cfg.sandwich_norms)?,
+            pre_mlp_norm: norm(norms.pre_mlp)?,
+            post_mlp_norm: want("post-feedforward", norms.post_mlp, cfg.sandwich_norms)?,
             mlp: Mlp {
-                gate_proj: p.gate_proj,
-                up_proj: p.up_proj,
+                gate_up: p.gate_up,
                 down_proj: p.down_proj,
+                act: cfg.hidden_act,
             },
         })
+    }
+
+    /// The layer's norms by their Hugging Face names (relative to `model.layers.{i}`).
+    pub fn norms(&self) -> Vec<(&'static str, &RmsNorm)> {
+        let mut v = vec![("input_layernorm", &self.input_layernorm)];
+        match (&self.post_attention_norm, &self.post_mlp_norm) {
+            (None, None) => v.push(("post_attention_layernorm", &self.pre_mlp_norm)),
+            (pa, pm) => {
+                if let Some(n) = pa {
+                    v.push(("post_attention_layernorm", n));
+                }
+                v.push(("pre_feedforward_layernorm", &self.pre_mlp_norm));
+                if let Some(n) = pm {
+                    v.push(("post_feedforward_layernorm", n));
+                }
+            }
+        }
+        if let Some(n) = &self.self_attn.q_norm {
+            v.push(("self_attn.q_norm", n));
+        }
+        if let Some(n) = &self.self_attn.k_norm {
+            v.push(("self_attn.k_norm", n));
+        }
+        v
+    }
+
+    /// [`Self::norms`], mutable.
+    pub fn norms_mut(&mut self) -> Vec<(&'static str, &mut RmsNorm)> {
+        let sandwich = self.post_attention_norm.is_some() || self.post_mlp_norm.is_some();
+        let mut v = vec![("input_layernorm", &mut self.input_layernorm)];
+        if sandwich {
+            if let Some(n) = &mut self.post_attention_norm {
+                v.push(("post_attention_layernorm", n));
+            }
+            v.push(("pre_feedforward_layernorm", &mut self.pre_mlp_norm));
+            if let Some(n) = &mut self.post_mlp_norm {
+                v.push(("post_feedforward_layernorm", n));
+            }
+        } else {
+            v.push(("post_attention_layernorm", &mut self.pre_mlp_norm));
+        }
+        if let Some(n) = &mut self.self_attn.q_norm {
+            v.push(("self_attn.q_norm", n));
+        }
+        if let Some(n) = &mut self.self_attn.k_norm {
+            v.push(("self_attn.k_norm", n));
+        }
+        v
+    }
+
+    /// The layer's projections by their Hugging Face names (relative to `model.layers.{i}`).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let a = self.self_attn.projections().into_iter();
+        let m = self.mlp.projections().into_iter();
+        a.map(|(n, l)| (format!("self_attn.{n}"), l))
+            .chain(m.map(|(n, l)| (format!("mlp.{n}"), l)))
+            .collect()
+    }
+
+    /// [`Self::linears`], mutable.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let a = self.self_attn.projections_mut().into_iter();
+        let m = self.mlp.projections_mut().into_iter();
+        a.map(|(n, l)| (format!("self_attn.{n}"), l))
+            .chain(m.map(|(n, l)| (format!("mlp.{n}"), l)))
+            .collect()
     }
 }
 
@@ -204,7 +487,7 @@ impl Block {
     /// is a dense product (LoRA branches without dropout) and, unless `trained` allows them,
     /// nothing in the layer is trained.
     fn fusable(&self, trained: bool) -> Option<crate::kernels::block::LayerParts<'_>> {
-        use crate::kernels::block::{LayerParts, Proj};
+        use crate::kernels::block::{LayerParts, Norm, Proj, Stacked};
         fn proj(l: &Linear) -> Option<Proj<'_>> {
             let w = l.fused_weight()?;
             let lora = match l.lora() {
@@ -216,23 +499,55 @@ impl Block {
             };
             Some(Proj { w, lora })
         }
+        fn norm(n: &RmsNorm) -> Norm<'_> {
+            Norm {
+                w: &n.weight,
+                eps: n.eps as f32,
+                offset: n.offset,
+            }
+        }
         let a = &self.self_attn;
+        let qkv = match &a.qkv {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => Stacked::Split([proj(q_proj)?, proj(k_proj)?, proj(v_proj)?]),
+            QkvProj::Fused { qkv_proj } => Stacked::Fused(proj(qkv_proj)?),
+        };
+        let gate_up = match &self.mlp.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => {
+                Stacked::Split([proj(gate_proj)?, proj(up_proj)?])
+            }
+            GateUpProj::Fused { gate_up_proj } => Stacked::Fused(proj(gate_up_proj)?),
+        };
         let parts = LayerParts {
-            input_norm: &self.input_layernorm.weight,
-            input_eps: self.input_layernorm.eps as f32,
-            q: proj(&a.q_proj)?,
-            k: proj(&a.k_proj)?,
-            v: proj(&a.v_proj)?,
+            input_norm: norm(&self.input_layernorm),
+            qkv,
+            q_norm: a.q_norm.as_ref().map(norm),
+            k_norm: a.k_norm.as_ref().map(norm),
             o: proj(&a.o_proj)?,
-            post_norm: &self.post_attention_layernorm.weight,
-            post_eps: self.post_attention_layernorm.eps as f32,
-            gate: proj(&self.mlp.gate_proj)?,
-            up: proj(&self.mlp.up_proj)?,
+            post_attn_norm: self.post_attention_norm.as_ref().map(norm),
+            pre_mlp_norm: norm(&self.pre_mlp_norm),
+            gate_up,
             down: proj(&self.mlp.down_proj)?,
+            post_mlp_norm: self.post_mlp_norm.as_ref().map(norm),
+            act: match self.mlp.act {
+                Activation::Silu => crate::kernels::GateAct::Silu,
+                Activation::GeluTanh => crate::kernels::GateAct::GeluTanh,
+            },
             heads: a.num_heads,
             kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+            scale: a.scale as f32,
+            window: a.window,
         };
         (trained || parts.first_trained().is_none()).then_some(parts)
+    }
+
+    fn is_trainable(&self) -> bool {
+        self.norms().iter().any(|(_, n)| n.weight.track_op())
+            || self.linears().iter().any(|(_, l)| l.is_trainable())
     }
 }
 
@@ -386,8 +701,120 @@ impl KvCache {
     }
 }
 
-/// A Llama-family decoder. `Send + Sync`: share it behind an `Arc`; each sequence keeps its own
-/// [`KvCache`].
+/// The rotary frequencies of one kind of layer (the model has one, or two for Gemma 3's global
+/// and sliding-window layers).
+#[derive(Debug, Clone)]
+struct RopeFreqs {
+    inv_freq: Vec<f32>,
+    /// LongRoPE's long frequencies and the length past which they replace `inv_freq`.
+    long: Option<(Vec<f32>, usize)>,
+    /// cos and sin are multiplied by this (LongRoPE's attention factor; else 1).
+    attention_factor: f32,
+}
+
+impl RopeFreqs {
+    /// Frequencies for rotary dimension `rd`, base `theta` and `scaling` (transformers' float32
+    /// formulas).
+    fn new(rd: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
+        let base = theta as f32;
+        let mut inv: Vec<f32> = (0..rd / 2)
+            .map(|i| 1.0f32 / base.powf((2 * i) as f32 / rd as f32))
+            .collect();
+        let divided = |inv: &[f32], f: &[f64]| -> Vec<f32> {
+            inv.iter().zip(f).map(|(&x, &d)| x / d as f32).collect()
+        };
+        let mut long = None;
+        let mut attention_factor = 1.0;
+        match scaling {
+            None => {}
+            Some(RopeScaling::Llama3(s)) => {
+                let old = s.original_max_position_embeddings as f32;
+                let low_wl = old / s.low_freq_factor as f32;
+                let high_wl = old / s.high_freq_factor as f32;
+                let factor = s.factor as f32;
+                for f in inv.iter_mut() {
+                    let wl = 2.0 * std::f32::consts::PI / *f;
+                    if wl < high_wl {
+                        continue;
+                    }
+                    if wl > low_wl {
+                        *f /= factor;
+                    } else {
+                        let smooth = (old / wl - s.low_freq_factor as f32)
+                            / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            Some(RopeScaling::Linear { factor }) => {
+                for f in inv.iter_mut() {
+                    *f /= *factor as f32;
+                }
+            }
+            Some(RopeScaling::Factors { factors }) => inv = divided(&inv, factors),
+            Some(RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor: af,
+            }) => {
+                long = Some((
+                    divided(&inv, long_factor),
+                    *original_max_position_embeddings,
+                ));
+                inv = divided(&inv, short_factor);
+                attention_factor = *af as f32;
+            }
+        }
+        RopeFreqs {
+            inv_freq: inv,
+            long,
+            attention_factor,
+        }
+    }
+
+    /// cos/sin `[seq, rd / 2]` for positions `offset..offset + seq`. LongRoPE takes its long
+    /// frequencies when the sequence reaches past the original context (as transformers decides
+    /// per forward pass).
+    fn tables(&self, offset: usize, seq: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let inv = match &self.long {
+            Some((long, orig)) if offset + seq > *orig => long,
+            _ => &self.inv_freq,
+        };
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        let af = self.attention_factor;
+        for t in offset..offset + seq {
+            for &f in inv {
+                let a = (t as f32 * f) as f64;
+                cos.push(a.cos() as f32 * af);
+                sin.push(a.sin() as f32 * af);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (seq, half), device)?,
+            Tensor::from_vec(sin, (seq, half), device)?,
+        ))
+    }
+}
+
+/// The rope frequencies of a config: `[global]`, or `[global, local]` when sliding-window layers
+/// have their own base (Gemma 3; those take no scaling).
+fn rope_freqs(cfg: &Config) -> Vec<RopeFreqs> {
+    let rd = cfg.rotary_dim();
+    let mut v = vec![RopeFreqs::new(
+        rd,
+        cfg.rope_theta,
+        cfg.rope_scaling.as_ref(),
+    )];
+    if let Some(local) = cfg.rope_local_theta {
+        v.push(RopeFreqs::new(rd, local, None));
+    }
+    v
+}
+
+/// A decoder. `Send + Sync`: share it behind an `Arc`; each sequence keeps its own [`KvCache`].
 #[derive(Debug, Clone)]
 pub struct Llama {
     cfg: Config,
@@ -396,7 +823,7 @@ pub struct Llama {
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
-    inv_freq: Vec<f32>,
+    ropes: Vec<RopeFreqs>,
     force_differentiable: bool,
     /// Which layers training runs as one op.
     layer_fusion: LayerFusion,
@@ -442,37 +869,53 @@ impl Llama {
         };
         for (i, b) in w.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let a = &b.self_attn;
-            check(format!("{p}.self_attn.q_proj"), &a.q_proj, nh * hd, h)?;
-            check(format!("{p}.self_attn.k_proj"), &a.k_proj, nkv * hd, h)?;
-            check(format!("{p}.self_attn.v_proj"), &a.v_proj, nkv * hd, h)?;
-            check(format!("{p}.self_attn.o_proj"), &a.o_proj, h, nh * hd)?;
-            check(format!("{p}.mlp.gate_proj"), &b.mlp.gate_proj, inter, h)?;
-            check(format!("{p}.mlp.up_proj"), &b.mlp.up_proj, inter, h)?;
-            check(format!("{p}.mlp.down_proj"), &b.mlp.down_proj, h, inter)?;
-            for (n, norm) in [
-                ("input_layernorm", &b.input_layernorm),
-                ("post_attention_layernorm", &b.post_attention_layernorm),
-            ] {
-                if norm.weight.dims1()? != h {
-                    return Err(shape_err(format!("{p}.{n} has {:?}", norm.weight.dims())));
+            for (name, l) in b.linears() {
+                let (out, inp) = match name.rsplit('.').next().unwrap_or("") {
+                    "q_proj" => (nh * hd, h),
+                    "k_proj" | "v_proj" => (nkv * hd, h),
+                    "qkv_proj" => (nh * hd + 2 * nkv * hd, h),
+                    "o_proj" => (h, nh * hd),
+                    "gate_proj" | "up_proj" => (inter, h),
+                    "gate_up_proj" => (2 * inter, h),
+                    _ => (h, inter),
+                };
+                check(format!("{p}.{name}"), l, out, inp)?;
+            }
+            for (n, norm) in b.norms() {
+                let want = if n.starts_with("self_attn.") { hd } else { h };
+                if norm.weight.dims1()? != want {
+                    return Err(shape_err(format!(
+                        "{p}.{n} has {:?}, expected [{want}]",
+                        norm.weight.dims()
+                    )));
                 }
             }
+            let a = &b.self_attn;
             if a.num_heads != nh || a.num_kv_heads != nkv || a.head_dim != hd {
                 return Err(shape_err(format!("{p}.self_attn head counts")));
             }
         }
         check("lm_head".into(), &w.lm_head, cfg.vocab_size, h)?;
-        let inv_freq = rope_inv_freq(&cfg);
+        let ropes = rope_freqs(&cfg);
         let fused = w
             .layers
             .iter()
             .map(|b| {
-                let a = &b.self_attn;
-                (
-                    FusedDecode::new(&[&a.q_proj, &a.k_proj, &a.v_proj]),
-                    FusedDecode::new(&[&b.mlp.gate_proj, &b.mlp.up_proj]),
-                )
+                let qkv = match &b.self_attn.qkv {
+                    QkvProj::Split {
+                        q_proj,
+                        k_proj,
+                        v_proj,
+                    } => FusedDecode::new(&[q_proj, k_proj, v_proj]),
+                    QkvProj::Fused { .. } => None,
+                };
+                let gu = match &b.mlp.gate_up {
+                    GateUpProj::Split { gate_proj, up_proj } => {
+                        FusedDecode::new(&[gate_proj, up_proj])
+                    }
+                    GateUpProj::Fused { .. } => None,
+                };
+                (qkv, gu)
             })
             .collect();
         Ok(Self {
@@ -482,15 +925,15 @@ impl Llama {
             layers: w.layers,
             norm: w.norm,
             lm_head: w.lm_head,
-            inv_freq,
+            ropes,
             force_differentiable: false,
             layer_fusion: LayerFusion::Frozen,
             fused,
         })
     }
 
-    /// A randomly initialised model (normal(0, 0.02) weights, unit norms) for tests and
-    /// experiments; deterministic for a given `seed`.
+    /// A randomly initialised model (normal(0, 0.02) weights, unit norms: `w = 1`, or `w = 0`
+    /// for `(1 + w)` norms) for tests and experiments; deterministic for a given `seed`.
     pub fn new_random(cfg: &Config, device: &Device, seed: u64) -> Result<Self> {
         cfg.validate(std::path::Path::new("<random config>"))?;
         let mut rng = StdRng::seed_from_u64(seed);
@@ -511,9 +954,17 @@ impl Llama {
         let nh = cfg.num_attention_heads;
         let nkv = cfg.num_key_value_heads;
         let inter = cfg.intermediate_size;
+        let fused = cfg.family().is_some_and(|f| f.fused_projections());
+        let unit = |n: usize| -> Result<Tensor> {
+            Ok(if cfg.norm_plus_one {
+                Tensor::zeros(n, DType::F32, device)?
+            } else {
+                Tensor::ones(n, DType::F32, device)?
+            })
+        };
         let embed = rand_t(&[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for _ in 0..cfg.num_hidden_layers {
+        for i in 0..cfg.num_hidden_layers {
             let bias = |n: usize,
                         r: &mut dyn FnMut(&[usize]) -> Result<Tensor>|
              -> Result<Option<Tensor>> {
@@ -523,20 +974,53 @@ impl Llama {
                     Ok(None)
                 }
             };
-            let qb = bias(nh * hd, &mut rand_t)?;
-            let kb = bias(nkv * hd, &mut rand_t)?;
-            let vb = bias(nkv * hd, &mut rand_t)?;
+            let qkv = if fused {
+                QkvProj::Fused {
+                    qkv_proj: Linear::from_weights(rand_t(&[nh * hd + 2 * nkv * hd, h])?, None)?,
+                }
+            } else {
+                let qb = bias(nh * hd, &mut rand_t)?;
+                let kb = bias(nkv * hd, &mut rand_t)?;
+                let vb = bias(nkv * hd, &mut rand_t)?;
+                QkvProj::Split {
+                    q_proj: Linear::from_weights(rand_t(&[nh * hd, h])?, qb)?,
+                    k_proj: Linear::from_weights(rand_t(&[nkv * hd, h])?, kb)?,
+                    v_proj: Linear::from_weights(rand_t(&[nkv * hd, h])?, vb)?,
+                }
+            };
+            let o_proj = Linear::from_weights(rand_t(&[h, nh * hd])?, None)?;
+            let gate_up = if fused {
+                GateUpProj::Fused {
+                    gate_up_proj: Linear::from_weights(rand_t(&[2 * inter, h])?, None)?,
+                }
+            } else {
+                GateUpProj::Split {
+                    gate_proj: Linear::from_weights(rand_t(&[inter, h])?, None)?,
+                    up_proj: Linear::from_weights(rand_t(&[inter, h])?, None)?,
+                }
+            };
             let projections = BlockProjections {
-                q_proj: Linear::from_weights(rand_t(&[nh * hd, h])?, qb)?,
-                k_proj: Linear::from_weights(rand_t(&[nkv * hd, h])?, kb)?,
-                v_proj: Linear::from_weights(rand_t(&[nkv * hd, h])?, vb)?,
-                o_proj: Linear::from_weights(rand_t(&[h, nh * hd])?, None)?,
-                gate_proj: Linear::from_weights(rand_t(&[inter, h])?, None)?,
-                up_proj: Linear::from_weights(rand_t(&[inter, h])?, None)?,
+                qkv,
+                o_proj,
+                gate_up,
                 down_proj: Linear::from_weights(rand_t(&[h, inter])?, None)?,
             };
-            let ones = Tensor::ones(h, DType::F32, device)?;
-            layers.push(Block::new(cfg, ones.clone(), ones, projections)?);
+            let opt = |on: bool, n: usize| -> Result<Option<Tensor>> {
+                if on {
+                    Ok(Some(unit(n)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let norms = BlockNorms {
+                input: unit(h)?,
+                pre_mlp: unit(h)?,
+                q: opt(cfg.qk_norm, hd)?,
+                k: opt(cfg.qk_norm, hd)?,
+                post_attention: opt(cfg.sandwich_norms, h)?,
+                post_mlp: opt(cfg.sandwich_norms, h)?,
+            };
+            layers.push(Block::new(cfg, i, norms, projections)?);
         }
         let lm_head = if cfg.tie_word_embeddings {
             Linear::from_weights(embed.clone(), None)?
@@ -544,9 +1028,13 @@ impl Llama {
             Linear::from_weights(rand_t(&[cfg.vocab_size, h])?, None)?
         };
         let weights = LlamaWeights {
-            embed_tokens: Embedding::from_weight(embed)?,
+            embed_tokens: Embedding::from_weight(embed)?.scaled(embedding_scale(cfg)),
             layers,
-            norm: RmsNorm::new(Tensor::ones(h, DType::F32, device)?, cfg.rms_norm_eps)?,
+            norm: RmsNorm::with_offset(
+                unit(h)?,
+                cfg.rms_norm_eps,
+                if cfg.norm_plus_one { 1.0 } else { 0.0 },
+            )?,
             lm_head,
         };
         Self::from_parts(cfg.clone(), device.clone(), weights)
@@ -602,21 +1090,15 @@ impl Llama {
     }
 
     /// Every adaptable projection with its Hugging Face module name
-    /// (`model.layers.{i}.self_attn.q_proj`, ..., `model.layers.{i}.mlp.down_proj`); PEFT's LoRA
-    /// keys are `base_model.model.{name}.lora_{A,B}.weight`.
+    /// (`model.layers.{i}.self_attn.q_proj`, ..., `model.layers.{i}.mlp.down_proj`; Phi-3's
+    /// `self_attn.qkv_proj` and `mlp.gate_up_proj`); PEFT's LoRA keys are
+    /// `base_model.model.{name}.lora_{A,B}.weight`.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7);
         for (i, b) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut b.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut b.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            for (n, l) in b.linears_mut() {
+                out.push((format!("model.layers.{i}.{n}"), l));
+            }
         }
         out
     }
@@ -625,18 +1107,16 @@ impl Llama {
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7);
         for (i, b) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &b.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &a.o_proj));
-            let m = &b.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &m.down_proj));
+            for (n, l) in b.linears() {
+                out.push((format!("model.layers.{i}.{n}"), l));
+            }
         }
         out
+    }
+
+    /// The projections LoRA can target (short Hugging Face names).
+    pub fn lora_targets(&self) -> &'static [&'static str] {
+        self.cfg.lora_targets()
     }
 
     /// Detaches every LoRA branch.
@@ -681,21 +1161,19 @@ impl Llama {
             .is_some_and(|w| w.track_op())
             || self.norm.weight.track_op()
             || self.lm_head.is_trainable()
-            || self.layers.iter().any(|b| {
-                b.input_layernorm.weight.track_op()
-                    || b.post_attention_layernorm.weight.track_op()
-                    || [
-                        &b.self_attn.q_proj,
-                        &b.self_attn.k_proj,
-                        &b.self_attn.v_proj,
-                        &b.self_attn.o_proj,
-                        &b.mlp.gate_proj,
-                        &b.mlp.up_proj,
-                        &b.mlp.down_proj,
-                    ]
-                    .iter()
-                    .any(|l| l.is_trainable())
-            })
+            || self.layers.iter().any(|b| b.is_trainable())
+    }
+
+    /// Whether a forward of `seq` positions after `cached` ones in the KV cache must start over
+    /// from an empty cache: LongRoPE rotates with its long factors once a sequence runs past the
+    /// original context, and the keys cached before were rotated with the short ones
+    /// (transformers regenerates Phi-3's cache at that point; Attune's generation does too).
+    pub fn needs_recompute(&self, cached: usize, seq: usize) -> bool {
+        self.ropes.iter().any(|r| {
+            r.long
+                .as_ref()
+                .is_some_and(|(_, orig)| cached > 0 && cached <= *orig && cached + seq > *orig)
+        })
     }
 
     /// ids `[batch, seq]` u32; positions start at `cache.len()`; returns f32 logits
@@ -729,8 +1207,8 @@ impl Llama {
     }
 
     /// Soft prompts: `prefix` `[batch or 1, n_virtual, hidden]` is prepended before the token
-    /// embeddings; returns logits for all positions including the prefix
-    /// `[batch, n_virtual + seq, vocab]`.
+    /// embeddings (after Gemma's embedding scale, as PEFT prepends them); returns logits for all
+    /// positions including the prefix `[batch, n_virtual + seq, vocab]`.
     pub fn forward_with_prefix(
         &self,
         prefix: Option<&Tensor>,
@@ -808,43 +1286,62 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
-        let (cos, sin) = self.rope_tables(offset, seq)?;
-        // Only the differentiable path through a cache takes a mask; the others are causal by
-        // construction.
-        let mask = if seq > 1 && differentiable && cache.is_some() {
-            Some(causal_mask(seq, offset, &self.device)?)
-        } else {
-            None
-        };
+        let tables = self
+            .ropes
+            .iter()
+            .map(|r| r.tables(offset, seq, &self.device))
+            .collect::<Result<Vec<_>>>()?;
         for (i, block) in self.layers.iter().enumerate() {
+            let rope = match block.self_attn.rope {
+                Some(r) => Some(tables.get(r).ok_or_else(|| {
+                    Error::InvalidParams(format!("layer {i} names rope table {r}"))
+                })?),
+                None => None,
+            };
+            let rope = rope.map(|(c, s)| (c, s));
             if differentiable && cache.is_none() && self.layer_fusion != LayerFusion::Off {
                 let parts = block.fusable(self.layer_fusion == LayerFusion::All);
                 if let Some(parts) = parts {
                     if x.track_op() || parts.first_trained().is_some() {
-                        x = crate::kernels::block::fused_layer(&x, parts, &cos, &sin)?;
+                        x = crate::kernels::block::fused_layer(&x, parts, rope)?;
                         continue;
                     }
                 }
             }
+            // Only the differentiable path through a cache takes a mask; the others are causal
+            // by construction.
+            let mask = if seq > 1 && differentiable && cache.is_some() {
+                Some(causal_mask(
+                    seq,
+                    offset,
+                    block.self_attn.window,
+                    &self.device,
+                )?)
+            } else {
+                None
+            };
             let residual = &x;
             let hn = block.input_layernorm.forward(&x, differentiable)?;
-            let a = self.attention(
+            let mut a = self.attention(
                 &block.self_attn,
                 self.fused.get(i).and_then(|f| f.0.as_ref()),
                 &hn,
-                &cos,
-                &sin,
+                rope,
                 mask.as_ref(),
                 cache.as_deref_mut().map(|c| (c, i)),
                 differentiable,
             )?;
+            if let Some(n) = &block.post_attention_norm {
+                a = n.forward(&a, differentiable)?;
+            }
             let x1 = (residual + a)?;
-            let hn = block
-                .post_attention_layernorm
-                .forward(&x1, differentiable)?;
-            let m = block
+            let hn = block.pre_mlp_norm.forward(&x1, differentiable)?;
+            let mut m = block
                 .mlp
                 .forward(&hn, self.fused.get(i).and_then(|f| f.1.as_ref()))?;
+            if let Some(n) = &block.post_mlp_norm {
+                m = n.forward(&m, differentiable)?;
+            }
             x = (x1 + m)?;
         }
         if let Some(c) = cache {
@@ -853,80 +1350,69 @@ impl Llama {
         self.norm.forward(&x, differentiable)
     }
 
-    /// cos/sin `[seq, head_dim/2]` for positions `offset..offset+seq`.
-    fn rope_tables(&self, offset: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for t in offset..offset + seq {
-            for &f in &self.inv_freq {
-                let a = (t as f32 * f) as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (seq, half), &self.device)?,
-            Tensor::from_vec(sin, (seq, half), &self.device)?,
-        ))
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         a: &Attention,
         fused_qkv: Option<&FusedDecode>,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: Option<(&Tensor, &Tensor)>,
         mask: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
         differentiable: bool,
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
-        let qkv = FusedDecode::forward(fused_qkv, &[&a.q_proj, &a.k_proj, &a.v_proj], x)?;
-        let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
-            .map_err(|_| Error::InvalidParams("q/k/v product count".into()))?;
+        let (q, k, v) = a.qkv_forward(fused_qkv, x)?;
+        let q = Attention::norm_heads(q, &a.q_norm, nh, hd, differentiable)?;
+        let k = Attention::norm_heads(k, &a.k_norm, nkv, hd, differentiable)?;
+        let scale = a.scale as f32;
         if differentiable && cache.is_none() {
             // Training and scoring: fused rope and causal attention on the projections' own
             // [b, seq, heads * hd] layout (no reshapes, so no reshape nodes in the graph),
             // keeping no [seq, seq] tensors for the backward pass.
-            let q = crate::kernels::rope(&q, cos, sin)?;
-            let k = crate::kernels::rope(&k, cos, sin)?;
-            let scale = 1.0 / (hd as f32).sqrt();
-            let out = crate::kernels::attention_heads(&q, &k, &v, nh, nkv, scale)?;
+            let (q, k) = match rope {
+                Some((cos, sin)) => (
+                    crate::kernels::rope_partial(&q, cos, sin, hd)?,
+                    crate::kernels::rope_partial(&k, cos, sin, hd)?,
+                ),
+                None => (q, k),
+            };
+            let out = crate::kernels::attention_heads(&q, &k, &v, nh, nkv, scale, a.window)?;
             return a.o_proj.forward(&out);
         }
-        let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (q, k) = if differentiable {
-            (
-                candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
-            )
-        } else {
-            (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            )
+        // [b, l, n * hd] -> [b, n, l, hd], rotated.
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            let full = rope.is_some_and(|(c, _)| c.dim(1).ok() == Some(hd / 2));
+            let t = match rope {
+                Some((cos, sin)) if !full => crate::kernels::rope_partial(&t, cos, sin, hd)?,
+                _ => t,
+            };
+            let t = t.reshape((b, l, n, hd))?.transpose(1, 2)?.contiguous()?;
+            Ok(match rope {
+                Some((cos, sin)) if full && differentiable => {
+                    candle_nn::rotary_emb::rope_slow(&t, cos, sin)?
+                }
+                Some((cos, sin)) if full => candle_nn::rotary_emb::rope(&t, cos, sin)?,
+                _ => t,
+            })
         };
+        let q = heads(q, nh)?;
+        let k = heads(k, nkv)?;
+        let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {
             Some((c, i)) => c.append(i, &k, &v)?,
             None => (k, v),
         };
         if !differentiable {
-            let scale = 1.0 / (hd as f32).sqrt();
-            let out = crate::kernels::cached_attention(&q, &k, &v, scale)?;
+            let out = crate::kernels::cached_attention(&q, &k, &v, scale, a.window)?;
             return a.o_proj.forward(&out);
         }
         let t = k.dim(2)?;
         let groups = nh / nkv;
         // Group the query heads that share a kv head: [b, nkv, groups * l, hd]; no kv copies.
         let q = q.reshape((b, nkv, groups * l, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = (q.matmul(&k.t()?)? * a.scale)?;
         let scores = match mask {
             Some(m) => scores
                 .reshape((b, nkv, groups, l, t))?
@@ -944,44 +1430,38 @@ impl Llama {
     }
 }
 
+/// The factor the model multiplies its token embeddings by (Gemma 3: `sqrt(hidden_size)`).
+pub fn embedding_scale(cfg: &Config) -> Option<f64> {
+    cfg.scale_embeddings
+        .then(|| (cfg.hidden_size as f64).sqrt())
+}
+
+/// The final norm of a model with `cfg` (the `(1 + w)` kind for Gemma 3).
+pub fn final_norm(cfg: &Config, weight: Tensor) -> Result<RmsNorm> {
+    RmsNorm::with_offset(
+        weight,
+        cfg.rms_norm_eps,
+        if cfg.norm_plus_one { 1.0 } else { 0.0 },
+    )
+}
+
 /// Additive causal mask `[seq, offset + seq]`: query `i` (at position `offset + i`) sees keys
-/// `0..=offset + i`.
-fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Tensor> {
+/// `0..=offset + i`, or only the last `window` of them.
+fn causal_mask(
+    seq: usize,
+    offset: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let t = offset + seq;
     let mut m = vec![0f32; seq * t];
     for i in 0..seq {
-        for j in (offset + i + 1)..t {
-            m[i * t + j] = f32::NEG_INFINITY;
+        let pos = offset + i;
+        for j in 0..t {
+            if j > pos || window.is_some_and(|w| j + w <= pos) {
+                m[i * t + j] = f32::NEG_INFINITY;
+            }
         }
     }
     Ok(Tensor::from_vec(m, (seq, t), device)?)
-}
-
-/// Rotary inverse frequencies (HF's float32 formula), with llama3 scaling if configured.
-fn rope_inv_freq(cfg: &Config) -> Vec<f32> {
-    let d = cfg.head_dim();
-    let base = cfg.rope_theta as f32;
-    let mut inv: Vec<f32> = (0..d / 2)
-        .map(|i| 1.0f32 / base.powf((2 * i) as f32 / d as f32))
-        .collect();
-    if let Some(s) = &cfg.rope_scaling {
-        let old = s.original_max_position_embeddings as f32;
-        let low_wl = old / s.low_freq_factor as f32;
-        let high_wl = old / s.high_freq_factor as f32;
-        let factor = s.factor as f32;
-        for f in inv.iter_mut() {
-            let wl = 2.0 * std::f32::consts::PI / *f;
-            if wl < high_wl {
-                continue;
-            }
-            if wl > low_wl {
-                *f /= factor;
-            } else {
-                let smooth = (old / wl - s.low_freq_factor as f32)
-                    / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
-                *f = (1.0 - smooth) * *f / factor + smooth * *f;
-            }
-        }
-    }
-    inv
 }

@@ -186,11 +186,24 @@ impl Tok {
 
         // Control tokens are special (matched whole, skipped when decoding with
         // skip_special_tokens); user-defined tokens are matched whole but are ordinary text.
+        // Phi-3's tokenizer strips the whitespace after its special tokens (but <unk>, <s> and
+        // <|endoftext|>); GGUF does not store it, and llama.cpp applies the rule to files whose
+        // `general.name` names Phi-3. So does Attune.
+        let name = content
+            .metadata
+            .get("general.name")
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.to_ascii_lowercase())
+            .unwrap_or_default();
+        let phi3 = name.contains("phi-3") || name.contains("phi3");
         let specials: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
             .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL)
-            .map(|(s, _)| AddedToken::from(s.clone(), true))
+            .map(|(s, _)| {
+                let rstrip = phi3 && !matches!(s.as_str(), "<unk>" | "<s>" | "<|endoftext|>");
+                AddedToken::from(s.clone(), true).rstrip(rstrip)
+            })
             .collect();
         let user: Vec<AddedToken> = tokens
             .iter()

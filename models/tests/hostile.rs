@@ -31,6 +31,7 @@ fn tiny_config() -> attune_models::config::Config {
         eos_token_ids: vec![2],
         head_dim: None,
         rope_scaling: None,
+        ..Default::default()
     }
 }
 

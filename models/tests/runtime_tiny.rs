@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use attune_models::config::Config;
+use attune_models::config::{Config, Family, RopeScaling};
 use attune_models::gguf;
 use attune_models::linear::{ComputeMode, FusedDecode, Linear};
-use attune_models::llama::{LayerFusion, Llama};
+use attune_models::llama::{Block, LayerFusion, Llama, QkvProj};
 use attune_models::Error;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -27,8 +27,52 @@ fn tiny_config(arch: &str) -> Config {
         attention_bias: arch == "qwen2",
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
-        head_dim: None,
-        rope_scaling: None,
+        ..Config::default()
+    }
+}
+
+/// A tiny config of `family` with its switches on: Qwen3's q/k norms; Gemma 3's (1 + w) norms,
+/// norms around attention and MLP, scaled embeddings, GeGLU, query scale, and sliding-window
+/// layers (window 5) with their own rope base; Phi-3's fused projections, partial rotary and
+/// LongRoPE; SmolLM3's layer without rope.
+fn family_config(family: Family) -> Config {
+    let mut c = tiny_config("llama");
+    c.apply_family_defaults(family);
+    c.num_hidden_layers = 3;
+    match family {
+        Family::Gemma3 => {
+            c.head_dim = Some(16);
+            c.query_pre_attn_scalar = Some(12.0);
+            c.sliding_window = Some(5);
+            c.sliding_layers = vec![true, false, true];
+            c.rope_local_theta = Some(100.0);
+            c.rope_scaling = Some(RopeScaling::Linear { factor: 4.0 });
+        }
+        Family::Phi3 => {
+            c.rotary_dim = Some(6);
+            c.tie_word_embeddings = false;
+            c.rope_scaling = Some(RopeScaling::LongRope {
+                short_factor: vec![1.0, 1.5, 2.0],
+                long_factor: vec![2.0, 3.0, 5.0],
+                original_max_position_embeddings: 40,
+                attention_factor: 1.1,
+            });
+        }
+        Family::Smollm3 => c.rope_layers = vec![true, false, true],
+        _ => {}
+    }
+    c
+}
+
+/// Projections per layer (7, or 4 with fused q/k/v and gate/up).
+fn m_linears_per_layer(cfg: &Config) -> usize {
+    cfg.lora_targets().len()
+}
+
+fn q_proj(b: &Block) -> &Linear {
+    match &b.self_attn.qkv {
+        QkvProj::Split { q_proj, .. } => q_proj,
+        QkvProj::Fused { .. } => panic!("a fused qkv projection"),
     }
 }
 
@@ -231,10 +275,126 @@ fn layer_grads(
     (h, g)
 }
 
+/// `|a - b| / |b|` in the Frobenius norm: bf16 rounding's error over a whole tensor.
+fn rel_norm_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let norm = |t: &Tensor| -> f32 {
+        t.sqr()
+            .expect("sqr")
+            .sum_all()
+            .expect("sum")
+            .to_scalar::<f32>()
+            .expect("scalar")
+            .sqrt()
+    };
+    let scale = norm(b);
+    assert!(scale > 0.0, "an all-zero reference");
+    norm(&(a - b).expect("sub")) / scale
+}
+
 fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     let scale = max_abs(b);
     assert!(scale > 0.0, "an all-zero reference");
     max_abs_diff(a, b) / scale
+}
+
+/// Normal values (mean 0, `std`) from `seed`: the fused-layer cases are the same on every run.
+fn seeded_normal(std: f32, dims: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(1e-7);
+            let u2: f32 = rng.random::<f32>();
+            std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).expect("seeded tensor")
+}
+
+/// The families the fused layer is checked on (Llama's tiny config, the others' switches).
+const FUSED_FAMILIES: [Family; 5] = [
+    Family::Llama,
+    Family::Qwen3,
+    Family::Gemma3,
+    Family::Phi3,
+    Family::Smollm3,
+];
+
+/// A random model of `family` set up for one training case of the fused-layer tests: `prompt`
+/// (a soft prefix through frozen layers), `lora-all`, `lora-qv`, `lora-dropout` (layer 0's
+/// branches with dropout, so that layer stays separate ops) or `full` (weights and norm scales
+/// trained). Returns the model, the trained variables, the prefix and the sequence length.
+fn fused_case(family: Family, kind: &str) -> (Llama, Vec<Var>, Option<Var>, usize) {
+    let dev = Device::Cpu;
+    let mut seed = 0;
+    let mut var = |std: f32, dims: &[usize]| {
+        seed += 1;
+        Var::from_tensor(&seeded_normal(std, dims, seed)).expect("var")
+    };
+    let cfg = if family == Family::Llama {
+        tiny_config("llama")
+    } else {
+        family_config(family)
+    };
+    let per_layer = m_linears_per_layer(&cfg);
+    let mut m = Llama::new_random(&cfg, &dev, 21).expect("model");
+    // Norm scales away from their unit values, so the (1 + w) offset is exercised.
+    for block in m.layers_mut() {
+        for (_, norm) in block.norms_mut() {
+            norm.weight = (&norm.weight + 0.1).expect("shift");
+        }
+    }
+    let mut params = Vec::new();
+    let mut prefix = None;
+    let seq = if kind == "prompt" { 70 } else { 67 };
+    match kind {
+        "prompt" => prefix = Some(var(0.3, &[1, 3, 32])),
+        "lora-all" | "lora-qv" | "lora-dropout" => {
+            for (i, (name, lin)) in m.linears_mut().into_iter().enumerate() {
+                let wanted = match kind {
+                    "lora-qv" => {
+                        name.ends_with("q_proj")
+                            || name.ends_with("v_proj")
+                            || name.ends_with("qkv_proj")
+                    }
+                    _ => true,
+                };
+                if !wanted {
+                    continue;
+                }
+                let (out, inp) = (lin.out_dim(), lin.in_dim());
+                let a = var(0.2, &[4, inp]);
+                let b = var(0.2, &[out, 4]);
+                lin.attach_lora(a.as_tensor().clone(), b.as_tensor().clone(), 2.0)
+                    .expect("attach");
+                if kind == "lora-dropout" && i < per_layer {
+                    // Layer 0 with dropout (and a mask seed) stays separate ops.
+                    lin.lora_mut().expect("branch").dropout = 0.1;
+                    lin.lora_mut().expect("branch").dropout_seed = Some(3);
+                }
+                params.push(a);
+                params.push(b);
+            }
+        }
+        "full" => {
+            for (_, lin) in m.linears_mut() {
+                let v = Var::from_tensor(lin.weight().expect("weight")).expect("var");
+                lin.set_weight(v.as_tensor().clone()).expect("set");
+                params.push(v);
+            }
+            for block in m.layers_mut() {
+                for (_, norm) in block.norms_mut() {
+                    let w = (&norm.weight + 0.1).expect("shift");
+                    let v = Var::from_tensor(&w).expect("var");
+                    norm.weight = v.as_tensor().clone();
+                    params.push(v);
+                }
+            }
+        }
+        _ => unreachable!(),
+    }
+    (m, params, prefix, seq)
 }
 
 #[test]
@@ -247,57 +407,14 @@ fn layers_as_one_op_match_their_separate_ops() {
     let dev = Device::Cpu;
     let toks: Vec<u32> = (0..2 * 67).map(|i| (i * 7 + 3) % 64).collect();
     let toks = Tensor::from_vec(toks, (2, 67), &dev).expect("ids");
-    for case in ["prompt", "lora-all", "lora-qv", "lora-dropout", "full"] {
-        let mut m = Llama::new_random(&tiny_config("llama"), &dev, 21).expect("model");
-        let mut params = Vec::new();
-        let mut prefix = None;
-        let seq = if case == "prompt" { 70 } else { 67 };
-        match case {
-            "prompt" => prefix = Some(Var::randn(0f32, 0.3, (1, 3, 32), &dev).expect("prefix")),
-            "lora-all" | "lora-qv" | "lora-dropout" => {
-                for (i, (name, lin)) in m.linears_mut().into_iter().enumerate() {
-                    let wanted = match case {
-                        "lora-qv" => name.ends_with("q_proj") || name.ends_with("v_proj"),
-                        _ => true,
-                    };
-                    if !wanted {
-                        continue;
-                    }
-                    let (out, inp) = (lin.out_dim(), lin.in_dim());
-                    let a = Var::randn(0f32, 0.2, (4, inp), &dev).expect("a");
-                    let b = Var::randn(0f32, 0.2, (out, 4), &dev).expect("b");
-                    lin.attach_lora(a.as_tensor().clone(), b.as_tensor().clone(), 2.0)
-                        .expect("attach");
-                    if case == "lora-dropout" && i < 7 {
-                        // Layer 0 with dropout (and a mask seed) stays separate ops.
-                        lin.lora_mut().expect("branch").dropout = 0.1;
-                        lin.lora_mut().expect("branch").dropout_seed = Some(3);
-                    }
-                    params.push(a);
-                    params.push(b);
-                }
-            }
-            "full" => {
-                for (_, lin) in m.linears_mut() {
-                    let v = Var::from_tensor(lin.weight().expect("weight")).expect("var");
-                    lin.set_weight(v.as_tensor().clone()).expect("set");
-                    params.push(v);
-                }
-                for block in m.layers_mut() {
-                    for norm in [
-                        &mut block.input_layernorm,
-                        &mut block.post_attention_layernorm,
-                    ] {
-                        let w = (&norm.weight + 0.1).expect("shift");
-                        let v = Var::from_tensor(&w).expect("var");
-                        norm.weight = v.as_tensor().clone();
-                        params.push(v);
-                    }
-                }
-            }
-            _ => unreachable!(),
-        }
-        let probe = Tensor::randn(0f32, 1.0, (2, seq, 32), &dev).expect("probe");
+    let cases = ["prompt", "lora-all", "lora-qv", "lora-dropout", "full"];
+    for (family, kind) in FUSED_FAMILIES
+        .iter()
+        .flat_map(|f| cases.iter().map(move |c| (*f, *c)))
+    {
+        let case = &format!("{family:?} {kind}");
+        let (mut m, params, prefix, seq) = fused_case(family, kind);
+        let probe = seeded_normal(1.0, &[2, seq, 32], 99);
         let (h_sep, g_sep) = layer_grads(
             &mut m,
             LayerFusion::Off,
@@ -400,7 +517,7 @@ fn hf_folder_round_trip_single_sharded_and_bf16() {
             .collect();
         candle_core::safetensors::save(&bf, &file).expect("write bf16");
         let h = attune_models::hf::load(dir.path()).expect("load bf16");
-        let w = &h.model.layers()[0].self_attn.q_proj;
+        let w = q_proj(&h.model.layers()[0]);
         let orig = tensors["model.layers.0.self_attn.q_proj.weight"]
             .to_dtype(DType::BF16)
             .expect("bf")
@@ -459,25 +576,23 @@ fn write_gguf(m: &Llama, path: &std::path::Path, dtype: GgmlDType, arch: &str) {
                 w
             }
         };
-        tensors.push((
-            format!("{p}.attn_q.weight"),
-            q(&perm(&a.q_proj, a.num_heads), dtype),
-        ));
-        tensors.push((
-            format!("{p}.attn_k.weight"),
-            q(&perm(&a.k_proj, a.num_kv_heads), dtype),
-        ));
-        for (n, l) in [
-            ("attn_v", &a.v_proj),
-            ("attn_output", &a.o_proj),
-            ("ffn_gate", &b.mlp.gate_proj),
-            ("ffn_up", &b.mlp.up_proj),
-            ("ffn_down", &b.mlp.down_proj),
-        ] {
-            tensors.push((
-                format!("{p}.{n}.weight"),
-                q(&l.weight_f32().expect("w"), dtype),
-            ));
+        for (n, l) in b.linears() {
+            let w = match n.as_str() {
+                "self_attn.q_proj" => perm(l, a.num_heads),
+                "self_attn.k_proj" => perm(l, a.num_kv_heads),
+                _ => l.weight_f32().expect("w"),
+            };
+            let gguf_name = match n.as_str() {
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                other => panic!("no GGUF name for {other}"),
+            };
+            tensors.push((format!("{p}.{gguf_name}.weight"), q(&w, dtype)));
         }
         tensors.push((
             format!("{p}.attn_norm.weight"),
@@ -485,7 +600,7 @@ fn write_gguf(m: &Llama, path: &std::path::Path, dtype: GgmlDType, arch: &str) {
         ));
         tensors.push((
             format!("{p}.ffn_norm.weight"),
-            q(&b.post_attention_layernorm.weight, GgmlDType::F32),
+            q(&b.pre_mlp_norm.weight, GgmlDType::F32),
         ));
     }
     let a = arch.to_string();
@@ -538,6 +653,60 @@ fn write_gguf(m: &Llama, path: &std::path::Path, dtype: GgmlDType, arch: &str) {
 }
 
 #[test]
+fn k_quant_ggufs_decode_with_the_integer_kernels() {
+    // A model whose widths are whole K-quant super-blocks (256), written as Q4_K, Q5_K and Q6_K
+    // GGUFs: each loads, its projections get Attune's decode kernel, and decoding over the KV
+    // cache (few rows: the quantized path) stays close to the f32 model, closer for more bits.
+    let cfg = Config {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        ..tiny_config("llama")
+    };
+    let m = Llama::new_random(&cfg, &Device::Cpu, 12).expect("model");
+    let want = m.forward(&ids(&PROMPT), None).expect("want");
+    let want_last = want
+        .squeeze(0)
+        .expect("s")
+        .get(PROMPT.len() - 1)
+        .expect("r");
+    let scale = max_abs(&want_last);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut errors = Vec::new();
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        let path = dir.path().join(format!("{dtype:?}.gguf"));
+        write_gguf(&m, &path, dtype, "llama");
+        let g = gguf::load(&path, ComputeMode::Auto).expect("load");
+        for (name, l) in g.model.linears() {
+            assert!(
+                l.has_decode_kernel(),
+                "{dtype:?}: {name} has no decode kernel"
+            );
+        }
+        let mut cache = g.model.new_cache();
+        let (head, tail) = PROMPT.split_at(PROMPT.len() - 1);
+        g.model
+            .forward_last(&ids(head), &mut cache)
+            .expect("prompt");
+        let last = g
+            .model
+            .forward_last(&ids(tail), &mut cache)
+            .expect("decode");
+        let d = max_abs_diff(&last.squeeze(0).expect("s"), &want_last) / scale;
+        errors.push(d);
+    }
+    assert!(
+        errors[0] < 0.2 && errors[1] < 0.1 && errors[2] < 0.05,
+        "{errors:?}"
+    );
+    assert!(
+        errors[0] > errors[2],
+        "Q4_K should err more than Q6_K: {errors:?}"
+    );
+}
+
+#[test]
 fn gguf_loader_unpermutes_qk_and_matches_the_source_model() {
     let m = Llama::new_random(&tiny_config("llama"), &Device::Cpu, 9).expect("model");
     let want = m.forward(&ids(&PROMPT), None).expect("want");
@@ -562,7 +731,7 @@ fn gguf_loader_unpermutes_qk_and_matches_the_source_model() {
     let d = max_abs_diff(&last.squeeze(0).expect("s"), &want_last);
     assert!(d < 0.05, "Q8_0 GGUF differs by {d}");
     // The forward permutation undoes the inverse one on quantized data.
-    let w = m.layers()[0].self_attn.q_proj.weight_f32().expect("w");
+    let w = q_proj(&m.layers()[0]).weight_f32().expect("w");
     let qt = QTensor::quantize(&w, GgmlDType::Q8_0).expect("q");
     let round = gguf::unpermute_rows(&gguf::permute_rows(&qt, 4).expect("p"), 4).expect("u");
     assert_eq!(
@@ -649,12 +818,14 @@ fn real_model_truncated_copy_is_an_error() {
 fn llama3_rope_scaling_config_is_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = tiny_config("llama");
-    cfg.rope_scaling = Some(attune_models::config::Llama3RopeScaling {
-        factor: 8.0,
-        low_freq_factor: 1.0,
-        high_freq_factor: 4.0,
-        original_max_position_embeddings: 64,
-    });
+    cfg.rope_scaling = Some(RopeScaling::Llama3(
+        attune_models::config::Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        },
+    ));
     let m = Llama::new_random(&cfg, &Device::Cpu, 4).expect("model");
     attune_models::hf::save(&m, dir.path(), None).expect("save");
     let h = attune_models::hf::load(dir.path()).expect("load");
@@ -777,10 +948,12 @@ fn fused_decode_equals_separate_layers() {
 }
 
 #[test]
-fn full_fine_tuning_with_bf16_products_matches_f32() {
-    // Full fine-tuning in Auto on a CPU with matrix units: f32 master weights, the fused layers'
-    // products in bf16 (weights packed each pass, weight gradients in bf16 too). Against the
-    // same layers in f32: hidden states and every gradient within bf16 rounding.
+fn fused_layers_on_bf16_weights_match_f32_for_every_family() {
+    // In Auto on a CPU with matrix units, the fused layer multiplies in bf16: a frozen base's
+    // projections packed once (prompt tuning, LoRA), a trained weight packed anew each pass with
+    // its gradient in bf16 too (full fine-tuning: f32 master weights). Fused q/k/v and gate/up
+    // (Phi-3) are packed like separate ones. Against the same fused layers in f32: hidden states
+    // and every gradient within bf16 rounding, for every family's switches.
     if !attune_models::kernels::amx::available() {
         eprintln!(
             "note: no AMX-BF16 here (or ATTUNE_MATMUL=f32): Auto stays f32, nothing to compare"
@@ -790,29 +963,67 @@ fn full_fine_tuning_with_bf16_products_matches_f32() {
     let dev = Device::Cpu;
     let toks: Vec<u32> = (0..2 * 67).map(|i| (i * 7 + 3) % 64).collect();
     let toks = Tensor::from_vec(toks, (2, 67), &dev).expect("ids");
-    let mut m = Llama::new_random(&tiny_config("llama"), &dev, 21).expect("model");
-    let mut params = Vec::new();
-    for (_, lin) in m.linears_mut() {
-        let v = Var::from_tensor(lin.weight().expect("weight")).expect("var");
-        lin.set_weight(v.as_tensor().clone()).expect("set");
-        params.push(v);
-    }
-    let probe = Tensor::randn(0f32, 1.0, (2, 67, 32), &dev).expect("probe");
-    let (h32, g32) = layer_grads(&mut m, LayerFusion::All, None, &params, &toks, &probe);
-    for (_, lin) in m.linears_mut() {
-        lin.set_mode(ComputeMode::Auto).expect("mode");
-    }
-    let (h16, g16) = layer_grads(&mut m, LayerFusion::All, None, &params, &toks, &probe);
-    let dh = rel_diff(&h16, &h32);
-    eprintln!("hidden {dh}");
-    assert!(dh < 2e-2, "hidden states differ by {dh} (relative)");
-    for (i, (a, b)) in g16.iter().zip(&g32).enumerate() {
-        let d = rel_diff(a, b);
-        eprintln!("grad {i} {:?}: {d}", b.dims());
-        assert!(
-            d < 3e-2,
-            "gradient {i} {:?} differs by {d} (relative)",
-            b.dims()
+    for (family, kind) in FUSED_FAMILIES
+        .iter()
+        .flat_map(|f| ["prompt", "lora-all", "full"].map(move |c| (*f, c)))
+    {
+        let case = &format!("{family:?} {kind}");
+        let (mut m, params, prefix, seq) = fused_case(family, kind);
+        let probe = seeded_normal(1.0, &[2, seq, 32], 99);
+        let (h32, g32) = layer_grads(
+            &mut m,
+            LayerFusion::All,
+            prefix.as_ref(),
+            &params,
+            &toks,
+            &probe,
         );
+        // As `train::prepare` does: a frozen weight is packed, a trained one keeps its variable
+        // (and multiplies in bf16 from it).
+        m.set_compute_mode(ComputeMode::Auto).expect("mode");
+        for (name, lin) in m.linears() {
+            assert_eq!(
+                lin.packed().is_some(),
+                kind != "full",
+                "{case}: {name} packed for the matrix units"
+            );
+            assert!(lin.bf16_compute(), "{case}: {name} multiplies in bf16");
+        }
+        let (h16, g16) = layer_grads(
+            &mut m,
+            LayerFusion::All,
+            prefix.as_ref(),
+            &params,
+            &toks,
+            &probe,
+        );
+        // Against f32: bf16 rounding over two layers (errors of a few percent on the tiny
+        // model's gradients; a wrong weight, layout or switch gives errors near 1).
+        let worst = |a: &[Tensor], b: &[Tensor]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| rel_norm_diff(x, y))
+                .fold(0f32, f32::max)
+        };
+        let (dh, dg) = (rel_norm_diff(&h16, &h32), worst(&g16, &g32));
+        eprintln!("{case}: bf16 vs f32: hidden {dh}, worst gradient {dg} (relative)");
+        assert!(dh < 2e-2, "{case}: hidden states differ by {dh} (relative)");
+        assert!(dg < 0.1, "{case}: a gradient differs by {dg} (relative)");
+        if kind != "full" {
+            // The same packed weights as separate ops: the fused layer's own arithmetic.
+            let (hs, gs) = layer_grads(
+                &mut m,
+                LayerFusion::Off,
+                prefix.as_ref(),
+                &params,
+                &toks,
+                &probe,
+            );
+            let (dh, dg) = (rel_norm_diff(&h16, &hs), worst(&g16, &gs));
+            assert!(
+                dh < 1e-2 && dg < 1e-2,
+                "{case}: in bf16, fused and separate ops differ by {dh} (hidden), {dg} (gradients)"
+            );
+        }
     }
 }

@@ -36,6 +36,7 @@ pub fn run() -> tauri::Result<()> {
     let app = tauri::Builder::default()
         .plugin(tauri_plugin_dialog::init())
         .manage(state)
+        .manage(commands::export::ExportState::default())
         .on_window_event(|window, event| {
             // A file or folder dropped onto the window is the user's choice: grant it, so the
             // window may then classify and import it (see scope.rs).
@@ -62,6 +63,7 @@ pub fn run() -> tauri::Result<()> {
             commands::models::remove_model,
             commands::models::pull_model,
             commands::models::cancel_pull,
+            commands::models::hub_status,
             commands::models::classify_path,
             commands::models::pick_path,
             commands::models::confirm_path,
@@ -80,6 +82,7 @@ pub fn run() -> tauri::Result<()> {
             commands::templates::save_template,
             commands::templates::remove_template,
             commands::templates::preview_template,
+            commands::templates::preview_template_for_endpoint,
             commands::playground::render_sample,
             commands::arena::create_arena,
             commands::arena::list_arenas,
@@ -122,6 +125,11 @@ pub fn run() -> tauri::Result<()> {
             commands::adapters::list_evaluations,
             commands::advisor::machine_info,
             commands::advisor::advise,
+            commands::export::export_options,
+            commands::export::start_export,
+            commands::export::cancel_export,
+            commands::export::list_exports,
+            commands::export::show_in_folder,
         ])
         .build(tauri::generate_context!())?;
     app.run(|app, event| {

@@ -37,9 +37,33 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
         Ok(path)
     } else {
         Err(format!(
-            "{} is missing: run `scripts/setup.sh` (or `cargo build -p attune-app -p attune-cli`) first",
+            "{} is missing: run `scripts/setup.sh` (or `cargo build --release -p attune-app -p attune-cli`) first",
             path.display()
         ))
+    }
+}
+
+/// The environment variable naming the desktop app the end-to-end tests drive.
+pub const APP_ENV: &str = "ATTUNE_E2E_APP";
+
+/// The desktop app the end-to-end tests drive: `$ATTUNE_E2E_APP` when it is set
+/// (`scripts/test.sh` sets it to the installed package's `/usr/bin/attune-app`), else
+/// the workspace's build of `attune-app`.
+pub fn app_binary() -> Result<PathBuf> {
+    match std::env::var_os(APP_ENV).filter(|v| !v.is_empty()) {
+        Some(p) => {
+            let path = PathBuf::from(p);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "{APP_ENV}={} is not a file: install the package (`scripts/package.sh \
+                     --install`) or unset {APP_ENV} to test the workspace build",
+                    path.display()
+                ))
+            }
+        }
+        None => workspace_binary("attune-app"),
     }
 }
 
@@ -68,6 +92,34 @@ pub fn default_model() -> Result<PathBuf> {
             path.display()
         ))
     }
+}
+
+/// The running process named `name` (as /proc/PID/comm shows it) whose environment sets
+/// `key` to `value`: the app a test started on its own data directory.
+pub fn find_process(name: &str, key: &str, value: &Path) -> Option<u32> {
+    let want = format!("{key}={}", value.display()).into_bytes();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            comm.trim() == name
+                && std::fs::read(format!("/proc/{pid}/environ"))
+                    .map(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_slice()))
+                    .unwrap_or(false)
+        })
+}
+
+/// The peak resident memory (VmHWM) of process `pid` so far, in MiB.
+pub fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("read /proc/{pid}/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .ok_or_else(|| format!("no VmHWM in /proc/{pid}/status"))
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.

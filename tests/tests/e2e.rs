@@ -1,10 +1,15 @@
 //! End-to-end: the real `attune-app` window, driven over WebDriver
-//! (tauri-driver + WebKitWebDriver under Xvfb), on the real default model
-//! registered with the real `attune` CLI into a fresh data directory.
+//! (tauri-driver + WebKitWebDriver under Xvfb), on the real default model added
+//! from disk through the first-start screen of a fresh data directory.
+//!
+//! The app is the installed package's binary when `ATTUNE_E2E_APP` names it
+//! (`scripts/test.sh` builds the `.deb`, installs it with apt and sets it), else the
+//! workspace build. The Hub endpoint is a closed local port, so the first-start
+//! screen meets an offline machine wherever the test runs.
 
 use attune_tests::{
-    default_model, free_display, free_port, program, wait_for, workspace_binary, workspace_root,
-    Processes, WebDriver,
+    app_binary, default_model, find_process, free_display, free_port, peak_rss_mib, program,
+    wait_for, workspace_root, Processes, WebDriver,
 };
 use std::path::Path;
 use std::process::Command;
@@ -15,28 +20,6 @@ fn fail(e: String) -> ! {
     panic!("{e}")
 }
 
-/// Registers the default model with `attune models add` in `data_dir`.
-fn register_default_model(data_dir: &Path) -> Result<(), String> {
-    let model = default_model()?;
-    let attune = workspace_binary("attune")?;
-    let out = Command::new(&attune)
-        .args(["models", "add"])
-        .arg(&model)
-        .env("ATTUNE_DATA_DIR", data_dir)
-        .output()
-        .map_err(|e| format!("run {}: {e}", attune.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`attune models add {}` failed ({}): {}{}",
-            model.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
 /// App tests share the machine's display numbers, ports and two cores: one at a time.
 static ONE_APP_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -45,7 +28,8 @@ static ONE_APP_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// Each missing prerequisite fails with what to run.
 fn with_app(data_dir: &Path, logs: &Path, steps: impl FnOnce(&WebDriver) -> Result<(), String>) {
     let _serial = ONE_APP_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let app = workspace_binary("attune-app").unwrap_or_else(|e| fail(e));
+    let app = app_binary().unwrap_or_else(|e| fail(e));
+    println!("app under test: {}", app.display());
     let xvfb = program("Xvfb").unwrap_or_else(|e| fail(e));
     let tauri_driver = program("tauri-driver").unwrap_or_else(|e| fail(e));
     let webkit_driver = program("WebKitWebDriver").unwrap_or_else(|e| fail(e));
@@ -81,6 +65,14 @@ fn with_app(data_dir: &Path, logs: &Path, steps: impl FnOnce(&WebDriver) -> Resu
             break p;
         }
     };
+    // Nothing listens on this port: the Hub is "offline" for the app.
+    let offline_hub = free_port().unwrap_or_else(|e| fail(e));
+    // The test types the dataset's path (beside the data directory) and the default model's
+    // into the window; a user would allow them in the shell's native dialog, which WebDriver
+    // cannot click.
+    let model = default_model().unwrap_or_else(|e| fail(e));
+    let allowed = std::env::join_paths([data_dir.parent().unwrap_or(data_dir), model.as_path()])
+        .unwrap_or_else(|e| fail(format!("ATTUNE_ALLOW_PATHS: {e}")));
     let mut cmd = Command::new(&tauri_driver);
     cmd.args([
         "--port",
@@ -92,9 +84,10 @@ fn with_app(data_dir: &Path, logs: &Path, steps: impl FnOnce(&WebDriver) -> Resu
     .arg(&webkit_driver)
     .env("DISPLAY", format!(":{display}"))
     .env("ATTUNE_DATA_DIR", data_dir)
-    // The test types the dataset's path (beside the data directory) into the window; a user
-    // would allow it in the shell's native dialog, which WebDriver cannot click.
-    .env("ATTUNE_ALLOW_PATHS", data_dir.parent().unwrap_or(data_dir))
+    .env("HF_ENDPOINT", format!("http://127.0.0.1:{offline_hub}"))
+    .env("HF_HUB_CACHE", logs.join("hf-cache"))
+    .env_remove("HF_TOKEN")
+    .env("ATTUNE_ALLOW_PATHS", allowed)
     .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
     .env("LIBGL_ALWAYS_SOFTWARE", "1");
     procs
@@ -133,19 +126,21 @@ fn with_app(data_dir: &Path, logs: &Path, steps: impl FnOnce(&WebDriver) -> Resu
 fn a_domain_expert_goes_from_data_to_an_adapter_they_can_show() {
     let data = tempfile::tempdir().unwrap_or_else(|e| fail(format!("temp dir: {e}")));
     let data_dir = data.path().join("data");
-    register_default_model(&data_dir).unwrap_or_else(|e| fail(e));
+    let model = default_model().unwrap_or_else(|e| fail(e));
     let sample = workspace_root().join("tests/data/pubmedqa-sample.jsonl");
     let dataset = data.path().join("pubmedqa-sample.jsonl");
     std::fs::copy(&sample, &dataset)
         .unwrap_or_else(|e| fail(format!("copy {}: {e}", sample.display())));
     with_app(&data_dir, data.path(), |driver| {
+        first_start(driver, &model)?;
         library(driver)?;
         import_dataset(driver, &dataset)?;
-        train_lora(driver)?;
+        train_lora(driver, &data_dir)?;
         playground(driver)?;
         arena(driver)?;
         endpoint(driver)?;
         templates(driver)?;
+        export_gguf(driver, &data.path().join("exported"))?;
         Ok(())
     });
 }
@@ -233,7 +228,58 @@ fn wait_text(
     .map_err(|e| format!("{e}; {css} last showed {:?}", last.borrow()))
 }
 
-/// Library: the default model registered by the CLI is listed with its figures.
+/// First start on an empty library: the window offers the default model from the Hub
+/// or from a file; the Hub is offline here (a closed port), which the screen says and a
+/// download attempt confirms; the model is then added from disk and the screen goes.
+fn first_start(driver: &WebDriver, model: &Path) -> Result<(), String> {
+    wait_for("the first-start screen", Duration::from_secs(60), || {
+        Ok((!driver.find_all("#welcome")?.is_empty()).then_some(()))
+    })?;
+    let offline = wait_for("the offline notice", Duration::from_secs(30), || {
+        driver.text_of("#welcome-offline")
+    })?;
+    if !offline.contains("Offline") || !offline.contains("127.0.0.1") {
+        return Err(format!("the offline notice does not say so: {offline}"));
+    }
+    let offer = driver.text(&driver.find("#welcome-hub-pull")?)?;
+    if !offer.contains("SmolLM2-135M-Instruct") {
+        return Err(format!(
+            "the download button does not name the model: {offer}"
+        ));
+    }
+    if driver.find_all("#page-playground")?.is_empty() {
+        return Err("the pages should stay mounted under the first-start screen".into());
+    }
+    save_screenshot(driver, "e2e-0-first-start.png");
+    // The download fails, saying why.
+    click(driver, "#welcome-hub-pull")?;
+    let why = wait_for(
+        "the failed download's error",
+        Duration::from_secs(60),
+        || driver.text_of("#welcome .welcome-hub [data-testid=error]"),
+    )?;
+    if !why.contains("cannot reach the Hugging Face Hub") {
+        return Err(format!(
+            "the failed download does not say the Hub is unreachable: {why}"
+        ));
+    }
+    let input = driver.find("#welcome-model-path")?;
+    driver.type_text(&input, &model.to_string_lossy())?;
+    click(driver, "#welcome-add-model")?;
+    wait_for(
+        "the first-start screen to close",
+        Duration::from_secs(120),
+        || {
+            if let Some(err) = driver.text_of("#welcome .welcome-local [data-testid=error]")? {
+                return Err(format!("adding the model failed: {err}"));
+            }
+            Ok(driver.find_all("#welcome")?.is_empty().then_some(()))
+        },
+    )?;
+    Ok(())
+}
+
+/// Library: the default model added on first start is listed with its figures.
 fn library(driver: &WebDriver) -> Result<(), String> {
     click(driver, "#nav-library")?;
     wait_text(
@@ -298,8 +344,9 @@ fn import_dataset(driver: &WebDriver, path: &Path) -> Result<(), String> {
 }
 
 /// Adaptation wizard and monitor: the advisor's table, a short LoRA run started
-/// from it, its loss chart filling in, and the run completing with an adapter.
-fn train_lora(driver: &WebDriver) -> Result<(), String> {
+/// from it, its loss chart filling in, and the run completing with an adapter. The
+/// memory the wizard estimated for the run bounds the app's measured peak within 25%.
+fn train_lora(driver: &WebDriver, data_dir: &Path) -> Result<(), String> {
     click(driver, "#adapt-advise")?;
     wait_for("the advisor's estimates", Duration::from_secs(120), || {
         shown_error(driver, "#adapt-page")?;
@@ -335,6 +382,11 @@ fn train_lora(driver: &WebDriver) -> Result<(), String> {
             driver.text_of("#fit-verdict")?.unwrap_or_default()
         ));
     }
+    let estimate_mb: f64 = driver
+        .execute("return document.querySelector('#fit-verdict').dataset.peakMb;")?
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or("the verdict has no data-peak-mb")?;
     save_screenshot(driver, "e2e-3-advisor.png");
     click(driver, "#start-run")?;
 
@@ -372,6 +424,20 @@ fn train_lora(driver: &WebDriver) -> Result<(), String> {
         return Err(format!("the loss tile shows {loss:?}"));
     }
     println!("run completed, last loss {loss}, chart seen while training: {saw_live_chart}");
+    // The app's own peak so far: the dataset import, the advisor and this run.
+    let app = find_process("attune-app", "ATTUNE_DATA_DIR", data_dir)
+        .ok_or("cannot find the attune-app process of this test")?;
+    let peak = peak_rss_mib(app)?;
+    println!(
+        "memory: estimated peak {estimate_mb:.0} MiB, the app's measured peak (VmHWM) {peak:.0} MiB ({:.2}x)",
+        estimate_mb / peak
+    );
+    if estimate_mb < peak || estimate_mb > 1.25 * peak {
+        return Err(format!(
+            "the run's memory estimate {estimate_mb:.0} MiB is not within [1, 1.25] x the app's \
+             measured peak {peak:.0} MiB"
+        ));
+    }
     save_screenshot(driver, "e2e-4-run.png");
     Ok(())
 }
@@ -648,5 +714,64 @@ fn templates(driver: &WebDriver) -> Result<(), String> {
         return Err(format!("the theme toggle did not reach dark: {theme}"));
     }
     save_screenshot(driver, "e2e-8-dark.png");
+    Ok(())
+}
+
+/// Export: the trained adapter written as an F16 GGUF from its Export dialog; Attune
+/// reloads the file and shows the verification passing.
+fn export_gguf(driver: &WebDriver, dest: &Path) -> Result<(), String> {
+    click(driver, "#nav-library")?;
+    click(driver, "#tab-adapters")?;
+    // The row's name cell, looked up afresh: the list re-renders when the library changes.
+    click(
+        driver,
+        "#library-table[data-tab=adapters] tr[data-name='pubmed-lora'] td.name",
+    )?;
+    wait_for("the adapter's details", Duration::from_secs(60), || {
+        Ok(driver
+            .text_of("#library-details h2")?
+            .filter(|t| t.contains("pubmed-lora")))
+    })?;
+    click(driver, "#open-export")?;
+    wait_for("the export formats", Duration::from_secs(60), || {
+        shown_error(driver, "#export-panel")?;
+        Ok((!driver.find_all("#export-format option")?.is_empty()).then_some(()))
+    })?;
+    driver.select_option("#export-format", "LM Studio")?;
+    let quant = driver.select_option("#export-quant", "F16")?;
+    println!("export type: {quant}");
+    driver.set_value("#export-dest", &dest.to_string_lossy())?;
+    click(driver, "#start-export")?;
+    let verdict = wait_for(
+        "the export's verification",
+        Duration::from_secs(600),
+        || {
+            shown_error(driver, "#export-panel")?;
+            match driver.find_all("#export-verification")?.first() {
+                Some(e) => Ok(Some(driver.text(e)?)),
+                None => Ok(None),
+            }
+        },
+    )?;
+    println!("export verification: {verdict}");
+    if driver
+        .find_all("#export-verification[data-verdict=passed]")?
+        .is_empty()
+    {
+        let checks = driver
+            .text_of("#export-panel table.checks")?
+            .unwrap_or_default();
+        return Err(format!(
+            "the export's check did not pass: {verdict}\n{checks}"
+        ));
+    }
+    let file = dest.join("pubmed-lora-f16.gguf");
+    let size = std::fs::metadata(&file)
+        .map_err(|e| format!("the exported file {}: {e}", file.display()))?
+        .len();
+    if size < 100 << 20 {
+        return Err(format!("{} is only {size} bytes", file.display()));
+    }
+    save_screenshot(driver, "e2e-9-export.png");
     Ok(())
 }

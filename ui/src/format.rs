@@ -108,3 +108,29 @@ mod tests {
         assert!(line.ends_with("end of answer"), "{line}");
     }
 }
+
+/// What a model can do here: "chat · LoRA · soft prompt · full fine-tuning", or what is left.
+pub fn support(s: &attune_protocol::ModelSupport) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    if s.chat {
+        parts.push("chat");
+    }
+    for m in &s.methods {
+        parts.push(match m.as_str() {
+            "lora" => "LoRA",
+            "prompt" => "soft prompt",
+            "full" => "full fine-tuning",
+            other => other,
+        });
+    }
+    if parts.is_empty() {
+        "nothing on this machine (see below)".to_string()
+    } else if s.methods.is_empty() {
+        format!(
+            "{} — no training on this machine (see below)",
+            parts.join(" · ")
+        )
+    } else {
+        parts.join(" · ")
+    }
+}

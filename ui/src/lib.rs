@@ -99,6 +99,9 @@ pub struct AppCtx {
     pub focus_run: RwSignal<Option<i64>>,
     /// The dataset the adaptation wizard starts from (set after an import).
     pub focus_dataset: RwSignal<Option<i64>>,
+    /// The API model ("endpoint_id:model") the template editor previews and evaluates on,
+    /// set by the advisor's "API access only" path.
+    pub template_target: RwSignal<Option<String>>,
     /// Settings as stored in the library (theme, last page, playground panes...).
     pub settings: RwSignal<BTreeMap<String, String>>,
 }
@@ -161,6 +164,7 @@ pub fn App() -> impl IntoView {
         library_version: RwSignal::new(0),
         focus_run: RwSignal::new(None),
         focus_dataset: RwSignal::new(None),
+        template_target: RwSignal::new(None),
         settings: RwSignal::new(BTreeMap::new()),
     };
     provide_context(ctx);
@@ -235,12 +239,24 @@ pub fn App() -> impl IntoView {
         }
     };
 
+    // First start: while the library has no model, the window offers the default one
+    // (the pages stay mounted underneath, hidden).
+    let welcome_dismissed = RwSignal::new(false);
+    let welcome_open = Memo::new(move |_| {
+        !welcome_dismissed.get()
+            && ctx
+                .models
+                .with(|m| matches!(m, Some(Ok(list)) if list.is_empty()))
+    });
+
     let slot = move |target: Page, body: AnyView| {
         view! {
             <div
                 class="page-slot"
                 id=format!("page-{}", target.key())
-                style:display=move || if ctx.page.get() == target { "flex" } else { "none" }
+                style:display=move || {
+                    if ctx.page.get() == target && !welcome_open.get() { "flex" } else { "none" }
+                }
             >
                 {body}
             </div>
@@ -322,6 +338,11 @@ pub fn App() -> impl IntoView {
                             </div>
                         }
                     })
+                }}
+                {move || {
+                    welcome_open
+                        .get()
+                        .then(|| view! { <pages::welcome::Welcome dismissed=welcome_dismissed /> })
                 }}
                 {slot(Page::Playground, view! { <pages::playground::PlaygroundPage /> }.into_any())}
                 {slot(Page::Library, view! { <pages::library::LibraryPage /> }.into_any())}

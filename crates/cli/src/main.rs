@@ -19,6 +19,7 @@ use attune_protocol::{
 use clap::{Args, Parser, Subcommand};
 
 mod endpoints;
+mod export;
 mod templates;
 mod train;
 
@@ -62,6 +63,15 @@ enum Command {
     /// Evaluate a model, or an adapter on its base: mean NLL and perplexity on a split,
     /// label accuracy with --accuracy.
     Eval(train::EvalArgs),
+    /// Export an adapter or model as GGUF, LoRA GGUF, Ollama (GGUF + Modelfile) or a Hugging
+    /// Face folder; the files are reloaded and checked against the model in the app, and the
+    /// verification is printed last (exit code 1 when it failed; the files are kept).
+    Export(Box<export::ExportArgs>),
+    /// List past exports with their verification.
+    Exports {
+        #[arg(long)]
+        json: bool,
+    },
     /// Chat with a model: reads lines from stdin, `/exit` or end of input quits,
     /// `/reset` starts over, Ctrl-C stops the current answer.
     Chat {
@@ -121,7 +131,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
-    /// Register a .gguf file or a Hugging Face model folder (the file stays where it is).
+    /// Register a .gguf file or a Hugging Face model folder (the file stays where it is), or
+    /// what an Ollama Modelfile names (FROM as a model, ADAPTER as an adapter; TEMPLATE is
+    /// compared with the model's own chat template).
     Add { path: PathBuf },
     /// Download a model from the Hugging Face Hub (into the HF cache) and register it.
     Pull {
@@ -410,6 +422,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Templates(cmd) => templates::templates(&engine, cmd),
         Command::Endpoints(cmd) => endpoints::endpoints(&engine, cmd),
         Command::Eval(args) => train::eval(&actor(), args),
+        Command::Export(args) => {
+            // Ctrl-C cancels the export (nothing is left under a final name).
+            let cancel = CancelToken::new();
+            let _watch = interrupt::cancel_on_ctrl_c(&cancel);
+            export::export(&engine, *args, cancel.flag())
+        }
+        Command::Exports { json } => export::list(&engine, json),
         Command::Chat {
             model,
             adapter,
@@ -459,6 +478,9 @@ fn run(cli: Cli) -> Result<()> {
 
 fn models(engine: &Engine, cmd: ModelsCommand) -> Result<()> {
     match cmd {
+        ModelsCommand::Add { path } if export::is_modelfile(&path) => {
+            export::import_modelfile(engine, &path)?;
+        }
         ModelsCommand::Add { path } => {
             let out = engine.add_local_model(&path)?;
             report_added(&out.model, out.already_present);
@@ -787,7 +809,7 @@ fn print_stats(s: &DatasetStats) {
     }
 }
 
-fn report_added(m: &ModelSummary, already_present: bool) {
+pub(crate) fn report_added(m: &ModelSummary, already_present: bool) {
     if already_present {
         println!("already present: model {} '{}'", m.id, m.name);
     } else {
@@ -835,6 +857,7 @@ fn print_table(list: &[ModelSummary]) {
 fn print_model(m: &ModelSummary) {
     println!("id:             {}", m.id);
     println!("name:           {}", m.name);
+    println!("family:         {}", m.family);
     println!("architecture:   {}", m.architecture);
     println!("format:         {:?}", m.format);
     println!(
@@ -852,6 +875,25 @@ fn print_model(m: &ModelSummary) {
     println!("sha256:         {}", m.sha256);
     println!("source:         {}", source_text(&m.source));
     println!("added:          {}", m.added_at);
+    let mut can: Vec<&str> = Vec::new();
+    if m.support.chat {
+        can.push("chat");
+    }
+    can.extend(m.support.methods.iter().map(String::as_str));
+    println!(
+        "can:            {}",
+        if can.is_empty() {
+            "nothing on this machine".to_string()
+        } else {
+            can.join(", ")
+        }
+    );
+    if !m.support.lora_targets.is_empty() {
+        println!("lora targets:   {}", m.support.lora_targets.join(", "));
+    }
+    for l in &m.support.limits {
+        println!("limit:          {l}");
+    }
 }
 
 fn human_count(n: u64) -> String {
@@ -1316,7 +1358,7 @@ mod interrupt {
 }
 
 /// Prints `rows` under `header` in left-aligned columns two spaces apart.
-fn print_columns<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+pub(crate) fn print_columns<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {

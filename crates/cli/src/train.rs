@@ -195,7 +195,8 @@ pub enum AdaptersCommand {
     },
     /// Copy an adapter's PEFT folder (or full model folder) to DIR.
     Export { adapter: String, dir: PathBuf },
-    /// Import a PEFT LoRA or prompt-tuning folder trained for a base model.
+    /// Import a PEFT LoRA or prompt-tuning folder, or a llama.cpp adapter GGUF, trained for a
+    /// base model.
     Import {
         dir: PathBuf,
         /// The base model (id or name).

@@ -2,7 +2,7 @@
 //! method trained with the settings the advisor chooses for a time budget on this machine, then
 //! valid NLL and label accuracy beside the base model and a prompt-template baseline.
 //!
-//! `cargo bench -p attune-engine --bench budget`
+//! `cargo bench --workspace --bench budget`
 //!
 //! Environment: `ATTUNE_BUDGET_MINUTES` (default 15), `ATTUNE_BUDGET_METHODS` (default
 //! `lora,prompt,full`), `ATTUNE_BUDGET_EVAL_ROWS` (valid rows scored and answered; default all),

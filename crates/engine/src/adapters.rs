@@ -216,13 +216,33 @@ impl Engine {
     }
 
     /// Imports a PEFT LoRA or prompt-tuning folder for `base_model`, after checking every
-    /// tensor against the base (errors name the key); copied into the library.
+    /// tensor against the base (errors name the key); copied into the library. A file is
+    /// taken as llama.cpp's adapter GGUF and converted to PEFT.
     pub fn import_adapter(
         &self,
         dir: &Path,
         base_model: &str,
         name: Option<&str>,
     ) -> Result<AdapterSummary, EngineError> {
+        if dir.is_file() {
+            // Only a GGUF may stand for an adapter folder; anything else is named for what
+            // it is before the base model is loaded.
+            let mut magic = [0u8; 4];
+            let is_gguf = std::fs::File::open(dir)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                .is_ok()
+                && &magic == b"GGUF";
+            if !is_gguf {
+                return Err(EngineError::InvalidAdapter {
+                    path: dir.to_path_buf(),
+                    reason: "it is a file but not a GGUF, and not a folder: an adapter is a PEFT \
+                             folder (adapter_config.json and its weights) or a llama.cpp LoRA \
+                             GGUF file"
+                        .into(),
+                });
+            }
+            return self.import_adapter_gguf(dir, base_model, name);
+        }
         let base = self.find_model(base_model)?;
         let adapter = peft::load(dir).map_err(|e| EngineError::InvalidAdapter {
             path: dir.to_path_buf(),

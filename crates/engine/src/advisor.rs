@@ -28,8 +28,8 @@ use attune_protocol::{
 
 use crate::error::EngineError;
 use crate::runs::{
-    available_memory, estimate_memory, meminfo_field, model_config, models_loss, render_sample,
-    total_steps, trainable_params, validate, Smaller,
+    available_memory, meminfo_field, model_config, models_loss, render_sample, total_steps,
+    trainable_params, validate, Smaller,
 };
 use crate::Engine;
 
@@ -562,8 +562,8 @@ impl Engine {
         let mut estimates = Vec::with_capacity(4);
         for method in ["full", "lora", "prompt"] {
             let spec = preset(method, &model.id.to_string(), &dataset_key, max_len);
-            let est = estimate_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
-            let fits = available.is_none_or(|a| est.total <= a);
+            let est = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
+            let fits = available.is_none_or(|a| est.needed() <= a);
             let (tps, source) = self.throughput(&model, method, machine.threads)?;
             let tokens = lengths.as_ref().map(|l| tokens_at(l, max_len));
             let per_epoch = tokens.map(|t| t.per_epoch).unwrap_or(0);
@@ -681,6 +681,7 @@ impl Engine {
         }
         Ok(Advice {
             machine,
+            model: Some(model),
             recommended,
             reasons,
             estimates,
@@ -695,16 +696,16 @@ impl Engine {
         let model = self.find_model(&spec.model)?;
         let dataset = self.find_dataset(&spec.dataset)?;
         let cfg = self.model_shape(&model)?;
-        validate(spec, cfg.max_position_embeddings)?;
+        validate(spec, &cfg)?;
         if dataset.train_rows == 0 {
             return Err(EngineError::InvalidInput(format!(
                 "dataset '{}' has no training rows",
                 dataset.name
             )));
         }
-        let est = estimate_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
+        let est = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
         let available = available_memory();
-        let fits = available.is_none_or(|a| est.total <= a);
+        let fits = available.is_none_or(|a| est.needed() <= a);
         let total = total_steps(spec, dataset.train_rows) as u64;
         let threads = candle_core::utils::get_num_threads() as u64;
         let (tps, _) = self.throughput(&model, spec.method.name(), threads)?;
@@ -719,8 +720,8 @@ impl Engine {
         let estimated_seconds = if tps > 0.0 { tokens / tps } else { 0.0 };
         let suggestion = (!fits).then(|| {
             format!(
-                "This run needs about {} MB but only {} MB is free. {}",
-                est.total_mb(),
+                "This run needs about {} MB more but only {} MB is free. {}",
+                est.needed().div_ceil(1 << 20),
                 available.map(|a| a >> 20).unwrap_or(0),
                 plain_suggestion(spec)
             )

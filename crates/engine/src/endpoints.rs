@@ -299,6 +299,29 @@ impl Engine {
             .stream("/completions", &body, Kind::Text, cancel, on_event)
     }
 
+    /// The request body `endpoint_chat` would send for `messages` with the default sampling
+    /// settings, pretty-printed (the template editor's preview of an API model).
+    pub(crate) fn endpoint_request_preview(
+        &self,
+        endpoint: &attune_protocol::EndpointModel,
+        messages: &[ChatMessage],
+    ) -> Result<String, EngineError> {
+        self.store
+            .get_endpoint(endpoint.endpoint_id)?
+            .ok_or_else(|| EngineError::NotFound {
+                what: "endpoint",
+                id: endpoint.endpoint_id.to_string(),
+            })?;
+        let body = request_body(
+            &endpoint.model,
+            &SamplingParams::default(),
+            "messages",
+            json!(messages),
+        );
+        serde_json::to_string_pretty(&body)
+            .map_err(|e| EngineError::Internal(format!("request preview: {e}")))
+    }
+
     /// "model-name at endpoint-name".
     pub(crate) fn endpoint_label(
         &self,

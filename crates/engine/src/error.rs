@@ -93,7 +93,7 @@ pub enum EngineError {
     #[error("cannot remove {what}: {users}; remove those first")]
     InUse { what: String, users: String },
     #[error(
-        "run will not fit in memory: estimated peak {estimate_mb} MiB, available {available_mb} MiB \
+        "run will not fit in memory: it needs about {estimate_mb} MiB more, available {available_mb} MiB \
          (MemAvailable in /proc/meminfo); {suggestion}"
     )]
     WontFit {
@@ -146,6 +146,14 @@ pub enum EngineError {
         code: &'static str,
         message: String,
     },
+    /// A format that cannot carry this architecture, method or tokenizer.
+    #[error("cannot export '{what}': {reason}")]
+    ExportUnsupported { what: String, reason: String },
+    #[error(
+        "destination {path} is not empty ({entries}); choose an empty or new folder, or allow \
+         replacing files (--overwrite)"
+    )]
+    DestinationNotEmpty { path: PathBuf, entries: String },
     /// A template, conversation or arena that is not in the library.
     #[error("no {what} with id {id} in the library (it may have been removed)")]
     NotFound { what: &'static str, id: String },
@@ -199,6 +207,8 @@ impl EngineError {
             EngineError::Internal(_) => "internal",
             EngineError::Endpoint { code, .. } => code,
             EngineError::Write { .. } => "io",
+            EngineError::ExportUnsupported { .. } => "export_unsupported",
+            EngineError::DestinationNotEmpty { .. } => "destination_not_empty",
         }
     }
 

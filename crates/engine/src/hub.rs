@@ -259,6 +259,71 @@ pub(crate) fn pull(
     })
 }
 
+/// How long [`hub_status`] waits for a connection to the Hub.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Whether this machine can reach the Hugging Face Hub: the endpoint's host is
+/// resolved and a TCP connection to it is opened (no request is sent). Takes at most a
+/// few seconds; the first-start screen uses it to say "offline" before anyone clicks.
+pub fn hub_status() -> attune_protocol::HubStatus {
+    let endpoint = HubConfig::from_env()
+        .map(|c| c.endpoint)
+        .unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string());
+    let probed = probe(&endpoint, PROBE_TIMEOUT);
+    attune_protocol::HubStatus {
+        endpoint,
+        reachable: probed.is_ok(),
+        reason: probed.err(),
+    }
+}
+
+/// Resolves `endpoint`'s host and connects to its port within `timeout`.
+fn probe(endpoint: &str, timeout: Duration) -> Result<(), String> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let (scheme, rest) = endpoint
+        .split_once("://")
+        .ok_or_else(|| format!("{endpoint} is not a URL (set HF_ENDPOINT to https://...)"))?;
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "https" => 443,
+        "http" => 80,
+        other => return Err(format!("{endpoint}: unsupported scheme {other}")),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, tail) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{endpoint}: unclosed [ in the host"))?;
+        (host, tail.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{endpoint} names no host"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("{endpoint}: '{p}' is not a port"))?,
+        None => default_port,
+    };
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host} ({e}): no network, or no DNS"))?
+        .collect();
+    let mut last = format!("{host} has no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = format!("cannot connect to {host} port {port}: {e}"),
+        }
+    }
+    Err(last)
+}
+
 /// `owner/name` or `name`: letters, digits, `-`, `_`, `.`; no `..`.
 fn validate_repo_id(repo: &str) -> Result<(), EngineError> {
     let parts: Vec<&str> = repo.split('/').collect();
@@ -900,6 +965,32 @@ mod tests {
             err.to_string().contains("no .gguf or .safetensors"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_probe_connects_or_says_why_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let timeout = Duration::from_secs(2);
+        probe(&format!("http://127.0.0.1:{port}"), timeout).expect("a listening port");
+        probe(&format!("http://user@127.0.0.1:{port}/path?q"), timeout).expect("with a path");
+        drop(listener);
+        let err = probe(&format!("http://127.0.0.1:{port}"), timeout).expect_err("closed");
+        assert!(err.contains("cannot connect to 127.0.0.1 port"), "{err}");
+        for (bad, says) in [
+            ("huggingface.co", "not a URL"),
+            ("ftp://x.org", "unsupported scheme ftp"),
+            ("http://:80", "names no host"),
+            ("http://x.org:http", "'http' is not a port"),
+            ("http://[::1", "unclosed ["),
+            (
+                "https://no-such-host.invalid",
+                "cannot resolve no-such-host.invalid",
+            ),
+        ] {
+            let err = probe(bad, timeout).expect_err(bad);
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod datasets;
 mod endpoints;
 mod error;
 mod evaluate;
+mod export;
 mod files;
 mod hub;
 mod playground;
@@ -45,8 +46,9 @@ pub use clock::unix_from_rfc3339;
 pub use datasets::{DatasetRow, Sample, MAX_ROW_CHARS};
 pub use endpoints::{keys::env_var as endpoint_key_env_var, CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S};
 pub use error::EngineError;
+pub use export::{check_prompts, ModelfileImport, ATTUNE_VERSION};
 pub use files::classify_path;
-pub use hub::PullProgress;
+pub use hub::{hub_status, PullProgress};
 pub use runs::{
     available_memory, estimate_memory, process_memory_mb, trainable_params, MemoryEstimate,
     RunControl, FORGETTING_THRESHOLD,

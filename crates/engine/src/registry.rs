@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use attune_protocol::{ModelFormat, ModelSource, ModelSummary};
+use attune_protocol::{ModelFormat, ModelSource, ModelSummary, ModelSupport};
 use sha2::{Digest, Sha256};
 
 use crate::error::EngineError;
@@ -165,17 +165,192 @@ pub(crate) fn summary(row: &ModelRow, db: &Path) -> Result<ModelSummary, EngineE
         (other, _, _) => return Err(bad("source_kind", other)),
     };
     let unsigned = |field: &str, v: i64| u64::try_from(v).map_err(|_| bad(field, &v.to_string()));
+    let parameters = unsigned("parameters", row.parameters)?;
+    let file_size = unsigned("file_size", row.file_size)?;
+    let memory_total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| crate::runs::meminfo_field(&t, "MemTotal:"));
+    let (family, support) = support(
+        &row.architecture,
+        parameters,
+        file_size,
+        format,
+        memory_total,
+    );
     Ok(ModelSummary {
         id: row.id,
         name: row.name.clone(),
         architecture: row.architecture.clone(),
         format,
-        parameters: unsigned("parameters", row.parameters)?,
+        parameters,
         quantization: row.quantization.clone(),
         context_length: unsigned("context_length", row.context_length)?,
-        file_size: unsigned("file_size", row.file_size)?,
+        file_size,
         sha256: row.sha256.clone(),
         source,
         added_at: row.added_at.clone(),
+        family,
+        support,
     })
+}
+
+/// Runtime overhead beside the weights (tokenizer, buffers, the app), as the run estimate.
+const OVERHEAD: u64 = 300 << 20;
+
+fn gb(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
+/// The family of a model of `architecture` and what Attune can do with it on a machine with
+/// `memory_total` bytes (`None`: unknown, everything is taken to fit). Chatting keeps the stored
+/// weights and an f32 copy for prompts; LoRA and soft prompts train on an f32 copy (the
+/// gradients of a few extra weights aside); full fine-tuning also keeps a gradient and AdamW's
+/// two moments per weight, 16 bytes in all. These are floors: a run's own estimate (batch,
+/// length) is checked again when it starts.
+pub(crate) fn support(
+    architecture: &str,
+    parameters: u64,
+    file_size: u64,
+    format: ModelFormat,
+    memory_total: Option<u64>,
+) -> (String, ModelSupport) {
+    use attune_models::config::{Family, SUPPORTED_ARCHITECTURES};
+    let Some(family) = Family::from_architecture(architecture) else {
+        return (
+            architecture.to_string(),
+            ModelSupport {
+                chat: false,
+                methods: Vec::new(),
+                lora_targets: Vec::new(),
+                limits: vec![format!(
+                    "Attune does not run the '{architecture}' architecture (it runs {}): it can \
+                     stay in the library but cannot be loaded.",
+                    SUPPORTED_ARCHITECTURES.join(", ")
+                )],
+            },
+        );
+    };
+    let f32_weights = 4 * parameters;
+    let stored = match format {
+        ModelFormat::Gguf => file_size,
+        ModelFormat::Safetensors => 0,
+    };
+    let here = |need: u64| memory_total.is_none_or(|m| need <= m);
+    let total = memory_total.map(gb).unwrap_or_default();
+    let mut limits = Vec::new();
+    let chat_need = stored + f32_weights + OVERHEAD;
+    let chat = here(chat_need);
+    if !chat {
+        limits.push(format!(
+            "Answering keeps an f32 copy of the weights for prompts beside the file: about {}, \
+             more than this machine's {total} of memory.",
+            gb(chat_need)
+        ));
+    }
+    let mut methods = Vec::new();
+    let adapter_need = f32_weights + OVERHEAD;
+    if here(adapter_need) {
+        methods.push("lora".to_string());
+        methods.push("prompt".to_string());
+    } else {
+        limits.push(format!(
+            "LoRA and soft prompts train on an f32 copy of the weights: at least {}, more than \
+             this machine's {total} of memory.",
+            gb(adapter_need)
+        ));
+    }
+    let full_need = 16 * parameters + OVERHEAD;
+    if here(full_need) {
+        methods.push("full".to_string());
+    } else {
+        limits.push(format!(
+            "Full fine-tuning keeps the weights, their gradients and AdamW's two moments in f32: \
+             at least {}, more than this machine's {total} of memory.",
+            gb(full_need)
+        ));
+    }
+    (
+        family.display_name().to_string(),
+        ModelSupport {
+            chat,
+            methods,
+            lora_targets: family
+                .lora_targets()
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+            limits,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn support_names_the_family_and_why_a_method_does_not_fit() {
+        let gib = 1u64 << 30;
+        // Qwen3-1.7B as Q4_K_M on a 16 GB laptop: chat, LoRA and soft prompts, not full
+        // fine-tuning (16 bytes per weight).
+        let (family, s) = support(
+            "qwen3",
+            1_700_000_000,
+            1_100_000_000,
+            ModelFormat::Gguf,
+            Some(16 * gib),
+        );
+        assert_eq!(family, "Qwen3");
+        assert!(s.chat);
+        assert_eq!(s.methods, ["lora", "prompt"]);
+        assert_eq!(s.limits.len(), 1);
+        assert!(
+            s.limits[0].contains("Full fine-tuning") && s.limits[0].contains("27.5 GB"),
+            "{:?}",
+            s.limits
+        );
+        // Phi-3's LoRA targets are its fused projections; Phi-3.5-mini on 48 GiB: full
+        // fine-tuning needs 16 x 3.8e9 bytes.
+        let (family, s) = support(
+            "phi3",
+            3_800_000_000,
+            2_400_000_000,
+            ModelFormat::Gguf,
+            Some(48 * gib),
+        );
+        assert_eq!(family, "Phi-3");
+        assert_eq!(
+            s.lora_targets,
+            ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+        );
+        assert_eq!(s.methods, ["lora", "prompt"]);
+        // Too small for anything: it says so for chat and training.
+        let (_, s) = support(
+            "gemma3",
+            1_000_000_000,
+            800_000_000,
+            ModelFormat::Gguf,
+            Some(2 * gib),
+        );
+        assert!(!s.chat && s.methods.is_empty());
+        assert_eq!(s.limits.len(), 3);
+        // Unknown memory: everything is taken to fit.
+        let (_, s) = support("llama", 135_000_000, 92_000_000, ModelFormat::Gguf, None);
+        assert!(s.chat && s.methods.len() == 3 && s.limits.is_empty());
+        // An architecture Attune does not run.
+        let (family, s) = support(
+            "gemma2",
+            2_000_000_000,
+            1,
+            ModelFormat::Gguf,
+            Some(64 * gib),
+        );
+        assert_eq!(family, "gemma2");
+        assert!(!s.chat && s.methods.is_empty());
+        assert!(
+            s.limits[0].contains("does not run the 'gemma2' architecture"),
+            "{:?}",
+            s.limits
+        );
+    }
 }

@@ -9,19 +9,21 @@
 //! left by a crash are removed before resuming), `baseline.json` holds the
 //! general-domain NLL measured before training.
 //!
-//! Memory estimate (bytes), documented in [`estimate_memory`]:
-//! `4 P + 16 T + A + L + R`, with P the model's parameters (f32 weights), T the trained
-//! parameters (gradient, two AdamW moments and the optimizer's flattened copy, 4 bytes
-//! each), A = 4 * N * layers * (6 h + 2 i + heads * max_len) the activations kept for
-//! the backward pass over N = batch * max_len tokens (the fused attention, RMSNorm and
-//! frozen-linear ops keep far less than a naive autograd graph), L = 8 * N * vocab the
-//! logits and their gradient, and R = 300 MiB for the runtime. It is an upper bound for
-//! padded batches of full-length rows. Calibration against the measured peak (VmHWM in
-//! /proc/self/status, SmolLM2-135M, 2 cores, one optimizer step on PubMedQA rows):
-//! LoRA r 16 on every projection, batch 4, max_len 512: estimate 4266 MiB, measured
-//! 3246 MiB; full fine-tuning, batch 1, max_len 1024 (rows of 300-800 tokens): estimate
-//! 5095 MiB, measured 2651 MiB (the row was shorter than max_len). Reproduce with
-//! `ATTUNE_CALIBRATE=lora|full cargo test -p attune-engine runs_memory_calibration -- --nocapture`.
+//! Memory estimate (bytes), documented in [`estimate_memory`]: the f32 weights (for LoRA and
+//! prompt tuning also the quantized copies the `Auto` load keeps and, where the frozen base runs
+//! in bf16 on the CPU's matrix units, its packed copies), the optimizer's state per trained
+//! parameter, what every decoder layer keeps per position for the backward pass (counted from
+//! the fused training layer's saved tensors), the logits, one layer's backward buffers and the
+//! runtime, times a margin of 8%; [`Engine::run_memory`] adds what the process already holds (a
+//! desktop window, chat models kept loaded), since the run trains in it. It is an upper bound
+//! for batches of full-length rows. Checked by `crates/cli/tests/memory.rs`: `attune train` of
+//! the default model (SmolLM2-135M Q4_1) on packed PubMedQA blocks, its peak RSS from `wait4`,
+//! release build, shared 2-core machine (2026-12-03, after the AMX merge): with AMX (LoRA and
+//! prompt tuning's base in bf16) LoRA r 16 on every projection at 2 x 256 peaked at 1575 MiB
+//! against an estimate of 1753 MiB (1.11x), prompt tuning at 2 x 256 at 1470 MiB against 1631
+//! MiB (1.11x), full fine-tuning (f32) at 1 x 256 at 2289 MiB against 2613 MiB (1.14x); with
+//! `ATTUNE_MATMUL=f32` 1409 / 1476 (1.05x), 1294 / 1354 (1.05x), 2281 / 2613 MiB (1.15x). The test fails
+//! below 1.0x or above 1.25x; `ATTUNE_MEMORY_SWEEP=BxS,...` there measures other shapes.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,9 +49,6 @@ const KEEP_CHECKPOINTS: usize = 2;
 
 /// Relative worsening of the general-domain NLL that counts as forgetting.
 pub const FORGETTING_THRESHOLD: f64 = 0.05;
-
-/// Fixed runtime overhead in the memory estimate.
-const RUNTIME_OVERHEAD: u64 = 300 << 20;
 
 /// What the caller sets to stop a run between steps.
 #[derive(Debug, Default)]
@@ -138,19 +137,39 @@ fn pid_alive(pid: i64) -> bool {
 // Memory
 // ---------------------------------------------------------------------------------------
 
-/// The parts of a run's estimated peak memory, in bytes.
+/// The parts of a run's estimated peak resident memory, in bytes (see [`estimate_memory`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryEstimate {
+    /// The weights training holds: f32 (or their bf16 packings) and, for LoRA and prompt
+    /// tuning, the copies the model keeps beside them (see [`estimate_memory`]).
     pub weights: u64,
     pub trainable_params: u64,
+    /// Per trained parameter: its gradient and AdamW's two moments (and the parameter
+    /// itself where it is not a weight: LoRA matrices, the soft prompt).
     pub optimizer: u64,
+    /// What a step keeps for its backward pass, the logits included.
     pub activations: u64,
+    /// The program, the tokenizer, the library, thread stacks and the allocator's slack.
+    pub runtime: u64,
+    /// What this process already held beyond a bare runtime when the estimate was made (a
+    /// desktop window, chat models kept loaded): the run trains in this process, so its peak
+    /// includes it. 0 from [`estimate_memory`]; [`Engine::run_memory`] fills it in.
+    pub held: u64,
+    /// This process's resident memory when the estimate was made (0 when unknown).
+    pub resident: u64,
+    /// The peak: every part above but `resident`, times [`MEMORY_MARGIN`].
     pub total: u64,
 }
 
 impl MemoryEstimate {
     pub fn total_mb(&self) -> u64 {
         self.total.div_ceil(1 << 20)
+    }
+
+    /// Memory the run still has to get from the system: the peak less what this process
+    /// already holds (compared with `MemAvailable`).
+    pub fn needed(&self) -> u64 {
+        self.total.saturating_sub(self.resident)
     }
 }
 
@@ -165,13 +184,17 @@ pub fn trainable_params(cfg: &Config, method: &MethodSpec) -> u64 {
         MethodSpec::Full => cfg.num_parameters() as u64,
         MethodSpec::Prompt { virtual_tokens, .. } => (*virtual_tokens as u64).saturating_mul(h),
         MethodSpec::Lora { r, targets, .. } => {
-            let per_layer: u64 = targets
+            let per_layer: u64 = cfg
+                .resolve_lora_targets(targets)
+                .unwrap_or_default()
                 .iter()
                 .map(|t| match t.as_str() {
                     "q_proj" => h + q,
                     "k_proj" | "v_proj" => h + kv,
+                    "qkv_proj" => h + q + 2 * kv,
                     "o_proj" => q + h,
                     "gate_proj" | "up_proj" => h + i,
+                    "gate_up_proj" => h + 2 * i,
                     "down_proj" => i + h,
                     _ => 0,
                 })
@@ -183,13 +206,91 @@ pub fn trainable_params(cfg: &Config, method: &MethodSpec) -> u64 {
     }
 }
 
-/// Estimated peak resident memory of training (an upper bound: every row padded to
-/// `max_len`): f32 weights (4 bytes per parameter), per trained parameter a gradient, two
-/// AdamW moments and the optimizer's flattened copy (16 bytes), activations kept for the
-/// backward pass (per token and layer 6 hidden-size and 2 intermediate-size vectors plus
-/// one attention row of `max_len` scores per head, 4 bytes each), logits and their
-/// gradient (8 bytes per token per vocabulary entry), plus a fixed runtime overhead.
-/// Calibrated against measured peaks: see the module documentation.
+/// The runtime's own footprint in a training process (see [`MemoryEstimate::runtime`]).
+pub const TRAINING_RUNTIME: u64 = 64 << 20;
+
+/// Bytes per parameter that LoRA and prompt tuning hold beyond the f32 weights: the run loads
+/// the model in `Auto`, which keeps the file's quantized copy of every weight (for decoding;
+/// at most 1.0625 bytes per weight for 8-bit and smaller types) beside the dense one, and the
+/// allocator's slack around it. Measured with `ATTUNE_MATMUL=f32` on the default model: LoRA and
+/// prompt tuning peaked 135-175 MiB (1.05-1.36 bytes per parameter) above the f32-only sum.
+/// Full fine-tuning replaces every weight by its variable, which drops the copy.
+pub const KEPT_COPY_BYTES_PER_PARAM: f64 = 1.5;
+
+/// Bytes per parameter of the bf16 copies packed for the CPU's matrix units when LoRA's and
+/// prompt tuning's frozen base runs on them ([`bf16_frozen_base`]): the projections' f32 copies
+/// give way to their two packings (forward and input gradient, 4 bytes together), while the LM
+/// head keeps its f32 weight (tied to the embedding) beside its packings. Measured on the
+/// default model: 110-185 MiB above the same runs with `ATTUNE_MATMUL=f32` (the head's packings
+/// are 108 MiB of it); 2 bytes per parameter (256 MiB there) bounds it.
+pub const PACKED_BF16_BYTES_PER_PARAM: u64 = 2;
+
+/// Whether a run of `method` multiplies a frozen base in bf16 on the CPU's matrix units, as
+/// `attune_models::train::prepare` decides: LoRA and prompt tuning where the CPU has AMX and
+/// `ATTUNE_MATMUL=f32` is not set. (Full fine-tuning's opt-in bf16 products,
+/// `ATTUNE_FULL_BF16=1`, are not in the estimate.)
+pub fn bf16_frozen_base(method: &MethodSpec) -> bool {
+    !matches!(method, MethodSpec::Full) && attune_models::kernels::amx::available()
+}
+
+/// The estimate's margin over the parts' sum: the measured peaks lie 0-6% above the fitted
+/// parts (the allocator's timing, the longest row's attention scratch), and the estimate
+/// must stay an upper bound within 25% of the peak.
+pub const MEMORY_MARGIN: f64 = 1.08;
+
+/// f32 values one position keeps per decoder layer for the backward pass. Every decoder
+/// layer trains as one fused op (`attune_models::train::block`), which keeps the rotated q
+/// and k, v, the attention output and one log-sum-exp per head, the mid-layer residual,
+/// the gate and up products and the layer's output; LoRA adds both norms' outputs (the
+/// inputs its branches read) and `r` values per adapted projection; full fine-tuning adds
+/// the norms' outputs and the SwiGLU product (every projection's input, for its weight's
+/// gradient). LoRA with dropout trains on separate ops, which keep more: counted as twice
+/// as much (the memory test measures the fused path).
+fn kept_per_layer(cfg: &Config, method: &MethodSpec) -> u64 {
+    let m = |a: u64, b: u64| a.saturating_mul(b);
+    let h = cfg.hidden_size as u64;
+    let i = cfg.intermediate_size as u64;
+    let heads = cfg.num_attention_heads as u64;
+    let q = heads * cfg.head_dim() as u64;
+    let kv = cfg.num_key_value_heads as u64 * cfg.head_dim() as u64;
+    let fused = 2 * q + 2 * kv + heads + 2 * h + 2 * i;
+    match method {
+        MethodSpec::Prompt { .. } => fused,
+        MethodSpec::Lora {
+            r,
+            targets,
+            dropout,
+            ..
+        } => {
+            let lora = (fused + 2 * h).saturating_add(m(*r as u64, targets.len() as u64));
+            if *dropout > 0.0 {
+                m(UNFUSED_LORA_FACTOR, lora)
+            } else {
+                lora
+            }
+        }
+        MethodSpec::Full => fused + 2 * h + i,
+    }
+}
+
+/// How much more LoRA with dropout keeps per position than the fused layer (measured).
+const UNFUSED_LORA_FACTOR: u64 = 2;
+
+/// Estimated peak resident memory of a training run of `method` at `batch_size` rows of
+/// `max_len` tokens, in a process of its own (an upper bound: every batch full-length):
+/// - the f32 weights, 4 bytes per parameter; for LoRA and prompt tuning also the quantized
+///   copies the model keeps ([`KEPT_COPY_BYTES_PER_PARAM`]) and, where the frozen base runs
+///   in bf16 on the matrix units, the packed copies ([`PACKED_BF16_BYTES_PER_PARAM`]);
+/// - per trained parameter 12 bytes (gradient, two AdamW moments), 16 where the parameter
+///   is not one of the weights (LoRA matrices, the soft prompt);
+/// - per position of a step (rows x (max_len + virtual tokens)) 4 bytes for each value
+///   [`kept_per_layer`] keeps in every layer, for the logits of the vocabulary (the LM head
+///   and the loss keep them and turn them into their own gradient), and for one layer's
+///   backward buffers (input, q/k/v, gate/up and SwiGLU gradients);
+/// - [`TRAINING_RUNTIME`];
+///
+/// all times [`MEMORY_MARGIN`]. Calibrated against measured peaks: see the module
+/// documentation.
 pub fn estimate_memory(
     cfg: &Config,
     method: &MethodSpec,
@@ -198,31 +299,84 @@ pub fn estimate_memory(
 ) -> MemoryEstimate {
     let p = cfg.num_parameters() as u64;
     let t = trainable_params(cfg, method);
-    // Saturating: settings past any real machine give an estimate of u64::MAX, which no
+    // Saturating: settings past any real machine give an estimate near u64::MAX, which no
     // machine has, instead of a wrapped small number.
     let m = |a: u64, b: u64| a.saturating_mul(b);
-    let n = m(batch_size as u64, max_len as u64);
     let h = cfg.hidden_size as u64;
     let i = cfg.intermediate_size as u64;
-    let heads = cfg.num_attention_heads as u64;
+    let kv = cfg.num_key_value_heads as u64 * cfg.head_dim() as u64;
     let layers = cfg.num_hidden_layers as u64;
-    let weights = m(4, p);
-    let optimizer = m(16, t);
-    let per_token = m(6, h)
-        .saturating_add(m(2, i))
-        .saturating_add(m(heads, max_len as u64));
-    let activations =
-        m(m(m(4, n), layers), per_token).saturating_add(m(m(8, n), cfg.vocab_size as u64));
-    let total = weights
+    let prefix = match method {
+        MethodSpec::Prompt { virtual_tokens, .. } => *virtual_tokens as u64,
+        _ => 0,
+    };
+    let positions = m(batch_size as u64, (max_len as u64).saturating_add(prefix));
+    let frozen_base = !matches!(method, MethodSpec::Full);
+    let kept = if frozen_base {
+        (p as f64 * KEPT_COPY_BYTES_PER_PARAM).ceil() as u64
+    } else {
+        0
+    };
+    let packed = if bf16_frozen_base(method) {
+        m(PACKED_BF16_BYTES_PER_PARAM, p)
+    } else {
+        0
+    };
+    let weights = m(4, p).saturating_add(kept).saturating_add(packed);
+    let optimizer = match method {
+        MethodSpec::Full => m(12, t),
+        _ => m(16, t),
+    };
+    let backward_buffers = 4 * h + 2 * kv + 3 * i;
+    let per_position = m(
+        4,
+        m(layers, kept_per_layer(cfg, method))
+            .saturating_add(cfg.vocab_size as u64)
+            .saturating_add(backward_buffers),
+    );
+    let activations = m(positions, per_position);
+    let runtime = TRAINING_RUNTIME;
+    let sum = weights
         .saturating_add(optimizer)
         .saturating_add(activations)
-        .saturating_add(RUNTIME_OVERHEAD);
+        .saturating_add(runtime);
     MemoryEstimate {
         weights,
         trainable_params: t,
         optimizer,
         activations,
-        total,
+        runtime,
+        held: 0,
+        resident: 0,
+        total: (sum as f64 * MEMORY_MARGIN).ceil() as u64,
+    }
+}
+
+/// This process's resident memory (VmRSS), in bytes.
+pub fn process_resident_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    meminfo_field(&text, "VmRSS:")
+}
+
+impl Engine {
+    /// [`estimate_memory`] for a run this process will train: the peak grows by what the
+    /// process already holds beyond a bare runtime (the desktop window, models kept loaded
+    /// for chat), and `resident` records what it holds, so [`MemoryEstimate::needed`] is
+    /// what the run asks of the system. The one estimate `create_run`, the advisor and
+    /// `check_run` use.
+    pub fn run_memory(
+        &self,
+        cfg: &Config,
+        method: &MethodSpec,
+        batch_size: usize,
+        max_len: usize,
+    ) -> MemoryEstimate {
+        let mut est = estimate_memory(cfg, method, batch_size, max_len);
+        let resident = process_resident_bytes().unwrap_or(0);
+        est.held = resident.saturating_sub(est.runtime);
+        est.resident = resident;
+        est.total = est.total.saturating_add(est.held);
+        est
     }
 }
 
@@ -379,7 +533,8 @@ pub(crate) const MAX_LORA_RANK: usize = 4096;
 pub(crate) const MAX_TOKENS: usize = 1 << 20;
 
 /// Refuses impossible settings, naming the field.
-pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError> {
+pub(crate) fn validate(spec: &RunSpec, cfg: &Config) -> Result<(), EngineError> {
+    let context = cfg.max_position_embeddings;
     let bad = |m: String| Err(EngineError::InvalidInput(m));
     let range = |name: &str, v: usize, max: usize| -> Result<(), EngineError> {
         if v == 0 || v > max {
@@ -463,13 +618,9 @@ pub(crate) fn validate(spec: &RunSpec, context: usize) -> Result<(), EngineError
             if targets.is_empty() {
                 return bad("lora targets: name at least one module".into());
             }
-            for t in targets {
-                if !train::LORA_TARGETS.contains(&t.as_str()) {
-                    return bad(format!(
-                        "lora target '{t}' is not one of {}",
-                        train::LORA_TARGETS.join(", ")
-                    ));
-                }
+            // The model's own names (Phi-3: qkv_proj, gate_up_proj; either spelling is taken).
+            if let Err(e) = cfg.resolve_lora_targets(targets) {
+                return bad(format!("lora targets: {e}"));
             }
         }
         MethodSpec::Prompt {
@@ -719,18 +870,18 @@ impl Engine {
             path: model_path.clone(),
             source: Box::new(source),
         })?;
-        validate(spec, cfg.max_position_embeddings)?;
+        validate(spec, &cfg)?;
         if dataset.train_rows == 0 {
             return Err(EngineError::InvalidInput(format!(
                 "dataset '{}' has no training rows",
                 dataset.name
             )));
         }
-        let est = estimate_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
+        let est = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
         if let Some(avail) = available_memory() {
-            if est.total > avail {
+            if est.needed() > avail {
                 return Err(EngineError::WontFit {
-                    estimate_mb: est.total_mb(),
+                    estimate_mb: est.needed().div_ceil(1 << 20),
                     available_mb: avail >> 20,
                     suggestion: suggestion(spec),
                 });
@@ -1068,11 +1219,19 @@ impl Engine {
         })?;
         clean_temp_dirs(&ckpt_root);
         // Auto: `train::prepare` runs the frozen base (LoRA, prompt tuning) in bf16 on the CPU's
-        // matrix units where it has them, f32 elsewhere and for full fine-tuning.
+        // matrix units where it has them, f32 elsewhere. Full fine-tuning trains in f32 unless
+        // `ATTUNE_FULL_BF16=1`, so it loads in F32: no quantized or packed copies to build and
+        // drop again (loaded in Auto, its peak measured up to ~300 MiB higher and varying).
+        let full_f32 =
+            matches!(spec.method, MethodSpec::Full) && !attune_models::train::full_bf16_opted_in();
         let loaded: LoadedModel = attune_models::loader::load(
             &model_path,
             &LoadOptions {
-                compute: ComputeMode::Auto,
+                compute: if full_f32 {
+                    ComputeMode::F32
+                } else {
+                    ComputeMode::Auto
+                },
             },
         )
         .map_err(|source| EngineError::ModelLoad {

@@ -13,8 +13,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use crate::error::EngineError;
 
 mod endpoints;
+mod exports;
 mod workbench;
 pub(crate) use endpoints::{EndpointEvalRow, EndpointRow};
+pub(crate) use exports::ExportRow;
 pub(crate) use workbench::{
     ArenaItemRow, ArenaRecord, ConversationRow, NewArena, TemplateContent, TemplateVersionRow,
 };
@@ -34,6 +36,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0005_endpoints",
         include_str!("../migrations/0005_endpoints.sql"),
+    ),
+    (
+        "0006_exports",
+        include_str!("../migrations/0006_exports.sql"),
     ),
 ];
 
@@ -1214,6 +1220,7 @@ mod tests {
                 "endpoint_evaluations",
                 "endpoints",
                 "evaluations",
+                "exports",
                 "models",
                 "run_metrics",
                 "runs",

@@ -504,6 +504,31 @@ impl Engine {
             messages: expanded.messages,
         })
     }
+
+    /// What an API model receives for `draft` and `message`: the request body Attune sends
+    /// to the endpoint's `/chat/completions` (with the app's default sampling settings),
+    /// pretty-printed. An API applies its own chat template, so there is no token count
+    /// (`tokens` is 0) and no text beyond the messages.
+    pub fn preview_template_for_endpoint(
+        &self,
+        endpoint: &attune_protocol::EndpointModel,
+        draft: &TemplateDraft,
+        message: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<TemplatePreview, EngineError> {
+        let d = normalized(draft);
+        let t = draft_template(&d, values);
+        check_template(&t)?;
+        let expanded = expand(&t, &[msg("user", message.to_string())]);
+        let body = self.endpoint_request_preview(endpoint, &expanded.messages)?;
+        Ok(TemplatePreview {
+            text: body,
+            tokens: 0,
+            variables: expanded.variables,
+            missing: expanded.missing,
+            messages: expanded.messages,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod connect;
+mod export;
 mod studio;
 pub use connect::*;
+pub use export::*;
 pub use studio::*;
 
 /// Where a registered model came from.
@@ -49,6 +51,28 @@ pub struct ModelSummary {
     pub source: ModelSource,
     /// RFC 3339 UTC timestamp.
     pub added_at: String,
+    /// The family people know it by ("Qwen3", "Gemma 3", "Phi-3", "Llama", ...); the
+    /// architecture string when Attune does not know it.
+    #[serde(default)]
+    pub family: String,
+    /// What Attune can do with it on this machine.
+    #[serde(default)]
+    pub support: ModelSupport,
+}
+
+/// What Attune can do with a model on this machine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelSupport {
+    /// Attune runs its architecture and it fits in memory to answer.
+    pub chat: bool,
+    /// The training methods it can take here: "lora", "prompt", "full".
+    pub methods: Vec<String>,
+    /// The projections LoRA can adapt (Hugging Face names: Phi-3's are qkv_proj, o_proj,
+    /// gate_up_proj, down_proj).
+    pub lora_targets: Vec<String>,
+    /// Why chat or a method is not available, one sentence each (empty when all are).
+    pub limits: Vec<String>,
 }
 
 /// What registering a model answers.

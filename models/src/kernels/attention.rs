@@ -18,9 +18,16 @@ use super::{borrow_f32, f32_slice, CResult};
 /// Causal self-attention without a cache, in the layout the projections produce: `q`
 /// `[b, seq, heads, hd]`, `k`/`v` `[b, seq, kv_heads, hd]` (grouped-query: `heads / kv_heads`
 /// query heads share one kv head), contiguous f32. Returns `[b, seq, heads, hd]`, so no
-/// transposes are needed on either side. Differentiable in all three inputs.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> CResult<Tensor> {
-    attention_op(q, k, v, scale, None)
+/// transposes are needed on either side. Differentiable in all three inputs. With `window`, a
+/// query sees only the last `window` keys up to itself (sliding-window attention).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    window: Option<usize>,
+) -> CResult<Tensor> {
+    attention_op(q, k, v, scale, None, window)
 }
 
 /// [`attention`] on the projections' own `[b, seq, heads * hd]` outputs (no reshape, so no
@@ -33,8 +40,9 @@ pub fn attention_heads(
     heads: usize,
     kv_heads: usize,
     scale: f32,
+    window: Option<usize>,
 ) -> CResult<Tensor> {
-    attention_op(q, k, v, scale, Some((heads, kv_heads)))
+    attention_op(q, k, v, scale, Some((heads, kv_heads)), window)
 }
 
 fn attention_op(
@@ -43,7 +51,11 @@ fn attention_op(
     v: &Tensor,
     scale: f32,
     heads: Option<(usize, usize)>,
+    window: Option<usize>,
 ) -> CResult<Tensor> {
+    if window == Some(0) {
+        candle_core::bail!("attention: a sliding window of 0 keys")
+    }
     let q = q.contiguous()?;
     let k = k.contiguous()?;
     let v = v.contiguous()?;
@@ -53,6 +65,7 @@ fn attention_op(
         Attention {
             scale,
             heads,
+            window,
             lse: Mutex::new(None),
         },
     )
@@ -62,6 +75,8 @@ struct Attention {
     scale: f32,
     /// Head counts `(heads, kv_heads)` when the inputs are `[b, seq, heads * hd]`.
     heads: Option<(usize, usize)>,
+    /// Sliding window: keys a query sees, itself included.
+    window: Option<usize>,
     /// Log-sum-exp of every score row `[b, heads, seq]`, kept by the forward pass for the backward.
     lse: Mutex<Option<Vec<f32>>>,
 }
@@ -73,10 +88,18 @@ pub(crate) struct AttnDims {
     pub(crate) nkv: usize,
     pub(crate) l: usize,
     pub(crate) hd: usize,
+    /// Sliding window: keys a query sees, itself included (`None`: all earlier keys).
+    pub(crate) window: Option<usize>,
 }
 
 impl AttnDims {
-    fn of(q: &Shape, k: &Shape, v: &Shape, heads: Option<(usize, usize)>) -> CResult<AttnDims> {
+    fn of(
+        q: &Shape,
+        k: &Shape,
+        v: &Shape,
+        heads: Option<(usize, usize)>,
+        window: Option<usize>,
+    ) -> CResult<AttnDims> {
         let split = |s: &Shape, h: Option<usize>| -> CResult<(usize, usize, usize, usize)> {
             match h {
                 None => s.dims4(),
@@ -99,7 +122,14 @@ impl AttnDims {
                 v.dims()
             )
         }
-        Ok(AttnDims { b, nh, nkv, l, hd })
+        Ok(AttnDims {
+            b,
+            nh,
+            nkv,
+            l,
+            hd,
+            window,
+        })
     }
     pub(crate) fn groups(&self) -> usize {
         self.nh / self.nkv
@@ -122,7 +152,8 @@ fn attn_blocks(l: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// Scores `s = scale * q k^T` of query rows `r0..r1` against keys `0..r1` for one head, into
 /// `s` (row stride `l`; `q`, `k` rows `q_rs`/`k_rs` apart), then turns the causal part of each
-/// row into probabilities in place (zeros above the diagonal, up to column `r1`). With `lse_in`,
+/// row into probabilities in place (zeros above the diagonal, up to column `r1`, and left of a
+/// sliding window). With `lse_in`,
 /// uses it (the backward pass); otherwise writes it to `lse_out` (indexed by row).
 #[allow(clippy::too_many_arguments)]
 fn head_probs(
@@ -153,8 +184,11 @@ fn head_probs(
     );
     for i in r0..r1 {
         let row = &mut s[i * l..i * l + r1];
-        let (live, dead) = row.split_at_mut(i + 1);
+        let (seen, dead) = row.split_at_mut(i + 1);
         dead.fill(0.0);
+        let lo = d.window.map_or(0, |w| (i + 1).saturating_sub(w));
+        let (left, live) = seen.split_at_mut(lo);
+        left.fill(0.0);
         match lse_in {
             Some(lse) => {
                 super::simd::exp_scaled_sum(live, scale, lse[i]);
@@ -407,7 +441,7 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let _pg = prof("Attention.cpu_fwd");
-        let d = AttnDims::of(l1.shape(), l2.shape(), l3.shape(), self.heads)?;
+        let d = AttnDims::of(l1.shape(), l2.shape(), l3.shape(), self.heads, self.window)?;
         let q = f32_slice(s1, l1, "attention q")?;
         let k = f32_slice(s2, l2, "attention k")?;
         let v = f32_slice(s3, l3, "attention v")?;
@@ -425,7 +459,7 @@ impl CustomOp3 for Attention {
         grad_res: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _pg = prof("Attention.bwd");
-        let d = AttnDims::of(q.shape(), k.shape(), v.shape(), self.heads)?;
+        let d = AttnDims::of(q.shape(), k.shape(), v.shape(), self.heads, self.window)?;
         let lse_guard = self.lse.lock().unwrap_or_else(|e| e.into_inner());
         let Some(lse) = lse_guard.as_ref() else {
             candle_core::bail!("attention backward before forward")
@@ -451,11 +485,25 @@ impl CustomOp3 for Attention {
 /// `k`/`v` `[b, kv_heads, t, hd]` with `t >= l` (query `i` sits at position `t - l + i` and sees
 /// keys `0..=t - l + i`; the last dim contiguous, other strides free, so a narrowed cache view is
 /// read in place). Returns `[b, l, heads * hd]`, the layout `o_proj` takes: no transposes, no
-/// `[l, t]` mask, and only the causal part of the scores is exponentiated.
-pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> CResult<Tensor> {
+/// `[l, t]` mask, and only the causal part of the scores is exponentiated. With `window`, a
+/// query sees only the last `window` keys up to itself.
+pub fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    window: Option<usize>,
+) -> CResult<Tensor> {
     let (b, nh, l, hd) = q.dims4()?;
     let (kb, nkv, t, khd) = k.dims4()?;
-    if v.dims() != k.dims() || kb != b || khd != hd || nkv == 0 || nh % nkv != 0 || t < l {
+    if v.dims() != k.dims()
+        || kb != b
+        || khd != hd
+        || nkv == 0
+        || nh % nkv != 0
+        || t < l
+        || window == Some(0)
+    {
         candle_core::bail!(
             "cached attention: q {:?}, k {:?}, v {:?} do not fit",
             q.dims(),
@@ -464,11 +512,12 @@ pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> CResu
         )
     }
     q.contiguous()?
-        .apply_op3_no_bwd(k, v, &CachedAttention { scale })
+        .apply_op3_no_bwd(k, v, &CachedAttention { scale, window })
 }
 
 struct CachedAttention {
     scale: f32,
+    window: Option<usize>,
 }
 
 /// A `[b, heads, t, hd]` tensor's f32 data and its (batch, head, row) strides; the last dim must
@@ -505,7 +554,7 @@ impl CustomOp3 for CachedAttention {
         let (k, ks) = strided_4d(s2, l2, "attention k")?;
         let (v, vs) = strided_4d(s3, l3, "attention v")?;
         let (g, off, row) = (nh / nkv, t - l, nh * hd);
-        let scale = self.scale;
+        let (scale, window) = (self.scale, self.window);
         let mut out = vec![0f32; b * l * row];
         // Tasks of `chunk` query rows (all heads): rows later in the prompt see more keys, so
         // small chunks keep both threads busy to the end.
@@ -541,7 +590,10 @@ impl CustomOp3 for CachedAttention {
                             let seen = off + i0 + r + 1;
                             let srow = &mut s[r * live..(r + 1) * live];
                             let (p, dead) = srow.split_at_mut(seen);
+                            let lo = window.map_or(0, |w| seen.saturating_sub(w));
+                            let (left, p) = p.split_at_mut(lo);
                             super::simd::softmax_scaled(p, scale);
+                            left.fill(0.0);
                             dead.fill(0.0);
                         }
                         matmul(
@@ -584,42 +636,55 @@ mod tests {
         let vbuf = Tensor::randn(0f32, 1.0, (b, nkv, 32, hd), &dev).unwrap();
         let (k, v) = (kbuf.narrow(2, 0, t).unwrap(), vbuf.narrow(2, 0, t).unwrap());
         assert!(!k.is_contiguous());
-        let got = cached_attention(&q, &k, &v, 0.35).unwrap();
-        assert_eq!(got.dims(), &[b, l, nh * hd]);
-        let g = nh / nkv;
-        for bi in 0..b {
-            for h in 0..nh {
-                let qh = q.get(bi).unwrap().get(h).unwrap();
-                let kh = k.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
-                let vh = v.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
-                let s = (qh.matmul(&kh.t().unwrap()).unwrap() * 0.35).unwrap();
-                let mut m = vec![0f32; l * t];
-                for i in 0..l {
-                    for j in off + i + 1..t {
-                        m[i * t + j] = f32::NEG_INFINITY;
+        // Without a window, and with a sliding window of 4 keys (shorter than the cache).
+        for window in [None, Some(4)] {
+            let got = cached_attention(&q, &k, &v, 0.35, window).unwrap();
+            assert_eq!(got.dims(), &[b, l, nh * hd]);
+            let g = nh / nkv;
+            for bi in 0..b {
+                for h in 0..nh {
+                    let qh = q.get(bi).unwrap().get(h).unwrap();
+                    let kh = k.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
+                    let vh = v.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
+                    let s = (qh.matmul(&kh.t().unwrap()).unwrap() * 0.35).unwrap();
+                    let mut m = vec![0f32; l * t];
+                    for i in 0..l {
+                        for j in 0..t {
+                            let too_old = window.is_some_and(|w| j + w <= off + i);
+                            if j > off + i || too_old {
+                                m[i * t + j] = f32::NEG_INFINITY;
+                            }
+                        }
                     }
+                    let m = Tensor::from_vec(m, (l, t), &dev).unwrap();
+                    let p = candle_nn::ops::softmax(&(s + m).unwrap(), D::Minus1).unwrap();
+                    let want = p.matmul(&vh).unwrap();
+                    let have = got.get(bi).unwrap().narrow(1, h * hd, hd).unwrap();
+                    let diff = (want - have)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(diff < 1e-5, "window {window:?} batch {bi} head {h}: {diff}");
                 }
-                let m = Tensor::from_vec(m, (l, t), &dev).unwrap();
-                let p = candle_nn::ops::softmax(&(s + m).unwrap(), D::Minus1).unwrap();
-                let want = p.matmul(&vh).unwrap();
-                let have = got.get(bi).unwrap().narrow(1, h * hd, hd).unwrap();
-                let diff = (want - have)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(diff < 1e-5, "batch {bi} head {h}: {diff}");
             }
         }
         // Shapes that do not fit are an error, not a panic.
         let bad = Tensor::zeros((b, nkv, l - 1, hd), candle_core::DType::F32, &dev).unwrap();
-        assert!(cached_attention(&q, &bad, &bad, 1.0).is_err());
+        assert!(cached_attention(&q, &bad, &bad, 1.0, None).is_err());
+        assert!(cached_attention(&q, &k, &v, 1.0, Some(0)).is_err());
     }
 
-    fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+    fn naive_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        window: Option<usize>,
+    ) -> Tensor {
         let (b, nh, l, hd) = q.dims4().unwrap();
         let nkv = k.dim(1).unwrap();
         let g = nh / nkv;
@@ -640,8 +705,10 @@ mod tests {
         let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         let mut m = vec![0f32; l * l];
         for i in 0..l {
-            for j in i + 1..l {
-                m[i * l + j] = f32::NEG_INFINITY;
+            for j in 0..l {
+                if j > i || window.is_some_and(|w| j + w <= i) {
+                    m[i * l + j] = f32::NEG_INFINITY;
+                }
             }
         }
         let m = Tensor::from_vec(m, (l, l), &Device::Cpu).unwrap();
@@ -652,22 +719,28 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_forward_and_backward() {
-        // One block, and three causal blocks with a short last one.
+        // One block, and three causal blocks with a short last one; with sliding windows
+        // shorter than a block and spanning blocks.
         for dims in [(2, 6, 2, 13, 8), (1, 4, 2, 150, 8)] {
-            attention_case(dims);
+            for window in [None, Some(5), Some(70)] {
+                attention_case(dims, window);
+            }
         }
     }
 
-    fn attention_case((b, nh, nkv, l, hd): (usize, usize, usize, usize, usize)) {
+    fn attention_case(
+        (b, nh, nkv, l, hd): (usize, usize, usize, usize, usize),
+        window: Option<usize>,
+    ) {
         let dev = Device::Cpu;
         let q = Var::randn(0f32, 1., (b, l, nh, hd), &dev).unwrap();
         let k = Var::randn(0f32, 1., (b, l, nkv, hd), &dev).unwrap();
         let v = Var::randn(0f32, 1., (b, l, nkv, hd), &dev).unwrap();
         let w = Tensor::randn(0f32, 1., (b, l, nh, hd), &dev).unwrap();
         let scale = 1.0 / (hd as f64).sqrt();
-        let fast = attention(&q, &k, &v, scale as f32).unwrap();
+        let fast = attention(&q, &k, &v, scale as f32, window).unwrap();
         let t = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
-        let slow = t(&naive_attention(&t(&q), &t(&k), &t(&v), scale));
+        let slow = t(&naive_attention(&t(&q), &t(&k), &t(&v), scale, window));
         assert!(max_diff(&fast, &slow) < 1e-5);
         let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -683,8 +756,9 @@ mod tests {
         let q4 = rope(&q, &cos, &sin).unwrap();
         let q3 = rope(&flat(&q), &cos, &sin).unwrap();
         assert!(max_diff(&q4.flatten_from(2).unwrap(), &q3) < 1e-6);
-        let heads = attention_heads(&q3, &flat(&k), &flat(&v), nh, nkv, scale as f32).unwrap();
-        let four = attention(&q4, &k, &v, scale as f32).unwrap();
+        let heads =
+            attention_heads(&q3, &flat(&k), &flat(&v), nh, nkv, scale as f32, window).unwrap();
+        let four = attention(&q4, &k, &v, scale as f32, window).unwrap();
         assert_eq!(heads.dims(), &[b, l, nh * hd]);
         assert!(max_diff(&heads, &four.flatten_from(2).unwrap()) < 1e-6);
         let w3 = w.flatten_from(2).unwrap();
@@ -699,6 +773,6 @@ mod tests {
             let d = max_diff(gh.get(t).unwrap(), g4.get(t).unwrap());
             assert!(d < 1e-5, "gradient on the flat layout differs by {d}");
         }
-        assert!(attention_heads(&q3, &flat(&k), &flat(&v), 5, nkv, 1.0).is_err());
+        assert!(attention_heads(&q3, &flat(&k), &flat(&v), 5, nkv, 1.0, None).is_err());
     }
 }

@@ -2,13 +2,16 @@
 //!
 //! Built from one graph node per norm, projection, rotation and residual add, a layer costs
 //! candle's backward pass a zero-filled buffer and an add for every node's input, plus a tensor
-//! per intermediate. [`fused_layer`] runs the whole layer — RMSNorm, q/k/v, rotary embeddings,
-//! causal attention, `o_proj` and its residual, RMSNorm, gate/up, SwiGLU, `down_proj` and its
-//! residual — as one node with a hand-written backward pass. It keeps just what that pass reads
-//! (the rotated q and k, v, the attention output and log-sum-exp, the mid-layer residual, the
-//! gate and up products, and the projections' inputs where a weight or LoRA branch is trained),
-//! accumulates the q/k/v input gradients and the residual branches in place, and computes only
-//! the gradients something needs.
+//! per intermediate. [`fused_layer`] runs the whole layer — RMSNorm, q/k/v, the q/k norms
+//! (Qwen3, Gemma 3), rotary embeddings (full or partial, or none in a NoPE layer), causal
+//! attention (sliding-window or global, with the layer's score scale), `o_proj` (and Gemma's norm
+//! of its output) and its residual, RMSNorm, gate/up, SwiGLU or GeGLU, `down_proj` (and Gemma's
+//! norm of its output) and its residual — as one node with a hand-written backward pass. q/k/v
+//! and gate/up are separate projections or fused ones (Phi-3's `qkv_proj`, `gate_up_proj`). It
+//! keeps just what that pass reads (the rotated q and k, v, the attention output and log-sum-exp,
+//! the mid-layer residual, the gate and up products, the inputs of normed outputs and the
+//! projections' inputs where a weight or LoRA branch is trained), accumulates the q/k/v input
+//! gradients and the residual branches in place, and computes only the gradients something needs.
 //!
 //! The gradients of the layer's trained tensors (LoRA matrices, weights, norm scales) do not go
 //! through candle's graph: a custom op returns gradients for at most three inputs. The backward
@@ -35,7 +38,7 @@ use super::linear::{lora_branch_backward, lora_branch_forward, Act, Frozen, WRef
 use super::profile::prof;
 use super::rms_norm::{rms_backward, rms_forward};
 use super::rope::rope_in_place;
-use super::swiglu::{swiglu_backward, swiglu_forward};
+use super::swiglu::{gated_backward, gated_forward, GateAct};
 use super::{borrow_f32, f32_slice, threads, CResult};
 
 /// One projection `[out, in]` of a layer, with its LoRA branch `(A [r, in], B [out, r], scale)`
@@ -49,7 +52,8 @@ pub struct Proj<'a> {
 
 /// A projection's weight: f32, bf16 packed for the matrix units (frozen), or an f32 weight
 /// (trained: full fine-tuning) whose products run in bf16 on the matrix units, packed anew at
-/// every forward pass (`Mixed`: f32 master weight, bf16 compute, f32 gradient).
+/// every forward pass (`Mixed`: f32 master weight, bf16 compute, f32 gradient). A fused
+/// projection (`qkv_proj`, `gate_up_proj`) is any of the three, like a separate one.
 #[derive(Clone, Copy)]
 pub enum ProjWeight<'a> {
     F32(&'a Tensor),
@@ -74,35 +78,86 @@ impl<'a> ProjWeight<'a> {
     }
 }
 
-/// The parameters of one decoder layer: the two norms' scales `[hidden]` and the seven
-/// projections, all dense f32 (no bias, no dropout on a LoRA branch).
+/// An RMSNorm: its scale `w`, `eps`, and `offset` (1 for Gemma's `(1 + w)`, else 0). The scale is
+/// trained when it is a variable.
+#[derive(Clone, Copy)]
+pub struct Norm<'a> {
+    pub w: &'a Tensor,
+    pub eps: f32,
+    pub offset: f32,
+}
+
+/// Projections that read the same input: separate (`q_proj`, `k_proj`, `v_proj`) or one whose
+/// output rows are theirs stacked (`qkv_proj`).
+#[derive(Clone, Copy)]
+pub enum Stacked<'a, const N: usize> {
+    Split([Proj<'a>; N]),
+    Fused(Proj<'a>),
+}
+
+impl<'a, const N: usize> Stacked<'a, N> {
+    fn projs(&self) -> Vec<Proj<'a>> {
+        match self {
+            Stacked::Split(p) => p.to_vec(),
+            Stacked::Fused(p) => vec![*p],
+        }
+    }
+}
+
+/// The parameters of one decoder layer, all dense f32 (no bias, no dropout on a LoRA branch).
 #[derive(Clone, Copy)]
 pub struct LayerParts<'a> {
-    pub input_norm: &'a Tensor,
-    pub input_eps: f32,
-    pub q: Proj<'a>,
-    pub k: Proj<'a>,
-    pub v: Proj<'a>,
+    pub input_norm: Norm<'a>,
+    /// q, k, v (`[heads * hd, hidden]`, `[kv_heads * hd, hidden]` twice).
+    pub qkv: Stacked<'a, 3>,
+    /// Per-head norms of q and k (`[hd]`), before rope.
+    pub q_norm: Option<Norm<'a>>,
+    pub k_norm: Option<Norm<'a>>,
     pub o: Proj<'a>,
-    pub post_norm: &'a Tensor,
-    pub post_eps: f32,
-    pub gate: Proj<'a>,
-    pub up: Proj<'a>,
+    /// A norm of the attention output before its residual add (Gemma 3).
+    pub post_attn_norm: Option<Norm<'a>>,
+    pub pre_mlp_norm: Norm<'a>,
+    /// gate and up (`[inter, hidden]` each).
+    pub gate_up: Stacked<'a, 2>,
     pub down: Proj<'a>,
+    /// A norm of the MLP output before its residual add (Gemma 3).
+    pub post_mlp_norm: Option<Norm<'a>>,
+    pub act: GateAct,
     pub heads: usize,
     pub kv_heads: usize,
+    pub head_dim: usize,
+    /// The attention scores' scale.
+    pub scale: f32,
+    /// Sliding window (keys a query sees, itself included).
+    pub window: Option<usize>,
 }
 
 impl LayerParts<'_> {
-    fn projs(&self) -> [Proj<'_>; 7] {
+    fn projs(&self) -> Vec<Proj<'_>> {
+        let mut v = self.qkv.projs();
+        v.push(self.o);
+        v.extend(self.gate_up.projs());
+        v.push(self.down);
+        v
+    }
+
+    fn norms(&self) -> Vec<Norm<'_>> {
         [
-            self.q, self.k, self.v, self.o, self.gate, self.up, self.down,
+            Some(self.input_norm),
+            self.q_norm,
+            self.k_norm,
+            self.post_attn_norm,
+            Some(self.pre_mlp_norm),
+            self.post_mlp_norm,
         ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// The first tensor of the layer that is being trained, if any.
     pub fn first_trained(&self) -> Option<&Tensor> {
-        let mut all = vec![self.input_norm, self.post_norm];
+        let mut all: Vec<&Tensor> = self.norms().iter().map(|n| n.w).collect();
         for p in self.projs() {
             if let Some(w) = p.w.trained() {
                 all.push(w);
@@ -137,16 +192,34 @@ pub fn backward(loss: &Tensor) -> CResult<GradStore> {
     Ok(grads)
 }
 
-/// The layer `parts` applied to `x` `[b, seq, hidden]` (rotary tables `cos`/`sin`
-/// `[seq, hd / 2]`): differentiable in `x`, and in the layer's trained tensors through
-/// [`backward`].
-pub fn fused_layer(x: &Tensor, parts: LayerParts, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+/// The layer `parts` applied to `x` `[b, seq, hidden]`, with rotary tables `rope` = (cos, sin)
+/// `[seq, rd / 2]` (`None`: a layer without rope): differentiable in `x`, and in the layer's
+/// trained tensors through [`backward`].
+pub fn fused_layer(
+    x: &Tensor,
+    parts: LayerParts,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> CResult<Tensor> {
     let (_, l, hidden) = x.dims3()?;
-    let (seq, half) = cos.dims2()?;
-    let nq = parts.q.w.dims()[0];
-    let nkv = parts.k.w.dims()[0];
-    let inter = parts.gate.w.dims()[0];
-    let hd = half * 2;
+    let hd = parts.head_dim;
+    let (nq, nkv) = (parts.heads * hd, parts.kv_heads * hd);
+    let inter = match parts.gate_up {
+        Stacked::Split([g, _]) => g.w.dims()[0],
+        Stacked::Fused(p) => p.w.dims()[0] / 2,
+    };
+    let rd = match rope {
+        None => 0,
+        Some((cos, sin)) => {
+            let (seq, half) = cos.dims2()?;
+            if seq != l || sin.dims() != cos.dims() || half == 0 || 2 * half > hd {
+                candle_core::bail!(
+                    "fused layer: rope tables {:?} do not fit {l} positions of head size {hd}",
+                    cos.dims()
+                )
+            }
+            half * 2
+        }
+    };
     let lora_fits = |p: &Proj, out: usize, inp: usize| match p.lora {
         None => true,
         Some((a, b, _)) => {
@@ -154,35 +227,39 @@ pub fn fused_layer(x: &Tensor, parts: LayerParts, cos: &Tensor, sin: &Tensor) ->
             r > 0 && a.dims() == [r, inp] && b.dims() == [out, r]
         }
     };
-    let shapes_fit = seq == l
-        && sin.dims() == cos.dims()
-        && parts.heads > 0
+    let mut shaped: Vec<(Proj, usize, usize)> = match parts.qkv {
+        Stacked::Split([q, k, v]) => vec![(q, nq, hidden), (k, nkv, hidden), (v, nkv, hidden)],
+        Stacked::Fused(p) => vec![(p, nq + 2 * nkv, hidden)],
+    };
+    shaped.push((parts.o, hidden, nq));
+    match parts.gate_up {
+        Stacked::Split([g, u]) => {
+            shaped.push((g, inter, hidden));
+            shaped.push((u, inter, hidden));
+        }
+        Stacked::Fused(p) => shaped.push((p, 2 * inter, hidden)),
+    }
+    shaped.push((parts.down, hidden, inter));
+    let norm_fits = |n: &Option<Norm>, d: usize| n.is_none_or(|n| n.w.dims() == [d]);
+    let shapes_fit = parts.heads > 0
         && parts.kv_heads > 0
+        && hd > 0
         && parts.heads.is_multiple_of(parts.kv_heads)
-        && nq == parts.heads * hd
-        && nkv == parts.kv_heads * hd
-        && parts.input_norm.dims() == [hidden]
-        && parts.post_norm.dims() == [hidden]
-        && [
-            (&parts.q, nq, hidden),
-            (&parts.k, nkv, hidden),
-            (&parts.v, nkv, hidden),
-            (&parts.o, hidden, nq),
-            (&parts.gate, inter, hidden),
-            (&parts.up, inter, hidden),
-            (&parts.down, hidden, inter),
-        ]
-        .iter()
-        .all(|(p, out, inp)| p.w.dims() == [*out, *inp] && lora_fits(p, *out, *inp));
+        && parts.window != Some(0)
+        && norm_fits(&Some(parts.input_norm), hidden)
+        && norm_fits(&Some(parts.pre_mlp_norm), hidden)
+        && norm_fits(&parts.post_attn_norm, hidden)
+        && norm_fits(&parts.post_mlp_norm, hidden)
+        && norm_fits(&parts.q_norm, hd)
+        && norm_fits(&parts.k_norm, hd)
+        && shaped
+            .iter()
+            .all(|(p, out, inp)| p.w.dims() == [*out, *inp] && lora_fits(p, *out, *inp));
     if !shapes_fit {
         candle_core::bail!(
-            "fused layer: input {:?}, rope tables {:?}, q {:?}, k {:?}, gate {:?} do not fit \
-             {} heads / {} kv heads",
+            "fused layer: input {:?} and projections {:?} do not fit {} heads / {} kv heads of {hd}",
             x.dims(),
-            cos.dims(),
-            parts.q.w.dims(),
-            parts.k.w.dims(),
-            parts.gate.w.dims(),
+            shaped.iter().map(|(p, _, _)| p.w.dims()).collect::<Vec<_>>(),
             parts.heads,
             parts.kv_heads
         )
@@ -225,28 +302,46 @@ pub fn fused_layer(x: &Tensor, parts: LayerParts, cos: &Tensor, sin: &Tensor) ->
             bf16_dw,
         })
     };
-    let norm = |w: &Tensor, eps: f32| -> CResult<OwnedNorm> {
+    let norm = |n: Norm| -> CResult<OwnedNorm> {
         Ok(OwnedNorm {
-            vals: w.flatten_all()?.to_vec1()?,
-            param: w.track_op().then(|| w.clone()),
-            eps,
+            vals: n.w.flatten_all()?.to_vec1()?,
+            param: n.w.track_op().then(|| n.w.clone()),
+            eps: n.eps,
+            offset: n.offset,
         })
     };
+    let opt_norm = |n: Option<Norm>| n.map(norm).transpose();
+    let qkv = match parts.qkv {
+        Stacked::Split(p) => p.iter().map(|&p| proj(p)).collect::<CResult<Vec<_>>>()?,
+        Stacked::Fused(p) => vec![proj(p)?],
+    };
+    let gate_up = match parts.gate_up {
+        Stacked::Split(p) => p.iter().map(|&p| proj(p)).collect::<CResult<Vec<_>>>()?,
+        Stacked::Fused(p) => vec![proj(p)?],
+    };
+    let tables = match rope {
+        None => None,
+        Some((cos, sin)) => Some((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?)),
+    };
     let op = FusedLayer {
-        input_norm: norm(parts.input_norm, parts.input_eps)?,
-        q: proj(parts.q)?,
-        k: proj(parts.k)?,
-        v: proj(parts.v)?,
+        input_norm: norm(parts.input_norm)?,
+        qkv,
+        q_norm: opt_norm(parts.q_norm)?,
+        k_norm: opt_norm(parts.k_norm)?,
         o: proj(parts.o)?,
-        post_norm: norm(parts.post_norm, parts.post_eps)?,
-        gate: proj(parts.gate)?,
-        up: proj(parts.up)?,
+        post_attn_norm: opt_norm(parts.post_attn_norm)?,
+        pre_mlp_norm: norm(parts.pre_mlp_norm)?,
+        gate_up,
         down: proj(parts.down)?,
+        post_mlp_norm: opt_norm(parts.post_mlp_norm)?,
+        act: parts.act,
         heads: parts.heads,
         kv_heads: parts.kv_heads,
         hd,
-        cos: cos.flatten_all()?.to_vec1()?,
-        sin: sin.flatten_all()?.to_vec1()?,
+        rd,
+        scale: parts.scale,
+        window: parts.window,
+        rope: tables,
         kept: Mutex::new(None),
     };
     let x = x.contiguous()?;
@@ -288,23 +383,71 @@ struct OwnedNorm {
     /// The variable, when trained.
     param: Option<Tensor>,
     eps: f32,
+    offset: f32,
+}
+
+impl OwnedNorm {
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        rms_forward(x, &self.vals, self.eps, self.offset)
+    }
+
+    /// The input gradient for the output gradient `dy` (added to `dx` when `accumulate`); the
+    /// scale's gradient goes to `sink` when it is trained.
+    fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        accumulate: bool,
+        sink: &mut Vec<(Tensor, Vec<f32>)>,
+    ) {
+        let want_dw = self.param.is_some();
+        let dw = rms_backward(
+            x,
+            &self.vals,
+            self.eps,
+            self.offset,
+            dy,
+            dx,
+            accumulate,
+            want_dw,
+        );
+        if let Some(param) = &self.param {
+            sink.push((param.clone(), dw));
+        }
+    }
+
+    /// [`Self::backward`] into a new buffer.
+    fn backward_new(&self, x: &[f32], dy: &[f32], sink: &mut Vec<(Tensor, Vec<f32>)>) -> Vec<f32> {
+        let mut dx = vec![0f32; x.len()];
+        self.backward(x, dy, &mut dx, false, sink);
+        dx
+    }
 }
 
 struct FusedLayer {
     input_norm: OwnedNorm,
-    q: OwnedProj,
-    k: OwnedProj,
-    v: OwnedProj,
+    /// `[q, k, v]`, or `[qkv]`.
+    qkv: Vec<OwnedProj>,
+    q_norm: Option<OwnedNorm>,
+    k_norm: Option<OwnedNorm>,
     o: OwnedProj,
-    post_norm: OwnedNorm,
-    gate: OwnedProj,
-    up: OwnedProj,
+    post_attn_norm: Option<OwnedNorm>,
+    pre_mlp_norm: OwnedNorm,
+    /// `[gate, up]`, or `[gate_up]`.
+    gate_up: Vec<OwnedProj>,
     down: OwnedProj,
+    post_mlp_norm: Option<OwnedNorm>,
+    act: GateAct,
     heads: usize,
     kv_heads: usize,
     hd: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Rotated dims per head (0 without rope).
+    rd: usize,
+    scale: f32,
+    window: Option<usize>,
+    /// cos and sin `[seq, rd / 2]`.
+    rope: Option<(Vec<f32>, Vec<f32>)>,
     /// What the forward pass leaves for the backward pass.
     kept: Mutex<Option<Kept>>,
 }
@@ -315,19 +458,26 @@ struct Kept {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// q and k before their per-head norms, when the layer has them.
+    q_pre: Option<Vec<f32>>,
+    k_pre: Option<Vec<f32>>,
     /// Attention output `[rows, heads * hd]` and log-sum-exp `[b, heads, seq]`.
     att: Vec<f32>,
     lse: Vec<f32>,
+    /// `o_proj`'s output, when a norm follows it.
+    o_out: Option<Vec<f32>>,
     /// The residual stream after the attention half `[rows, hidden]`.
     x1: Vec<f32>,
     /// Gate and up products `[rows, inter]`.
     g: Vec<f32>,
     u: Vec<f32>,
+    /// `down_proj`'s output, when a norm follows it.
+    d_out: Option<Vec<f32>>,
     /// The normed inputs of q/k/v and of gate/up, when a trained projection reads them.
     hn1: Option<Vec<f32>>,
     hn2: Option<Vec<f32>>,
-    /// `x A^T` `[rows, r]` of each LoRA branch, in [q, k, v, o, gate, up, down] order.
-    xa: [Option<Vec<f32>>; 7],
+    /// `x A^T` `[rows, r]` of each LoRA branch: q/k/v (or qkv), o, gate/up (or gate_up), down.
+    xa: Vec<Option<Vec<f32>>>,
 }
 
 /// A projection's slices for one pass.
@@ -428,63 +578,117 @@ impl P<'_> {
     }
 }
 
-/// The layer's seven projections for one pass, and the q and k/v widths.
+/// The layer's projections for one pass, and the q and k/v widths.
 struct Projs<'s> {
-    q: P<'s>,
-    k: P<'s>,
-    v: P<'s>,
+    /// `[q, k, v]`, or `[qkv]`.
+    qkv: Vec<P<'s>>,
     o: P<'s>,
-    gate: P<'s>,
-    up: P<'s>,
+    /// `[gate, up]`, or `[gate_up]`.
+    gate_up: Vec<P<'s>>,
     down: P<'s>,
     nq: usize,
     nkv: usize,
+    inter: usize,
+}
+
+/// Copies the column blocks `widths` of `[rows, sum(widths)]` `y` into one buffer each.
+fn split_columns(y: &[f32], rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum();
+    let mut out: Vec<Vec<f32>> = widths
+        .iter()
+        .map(|w| Vec::with_capacity(rows * w))
+        .collect();
+    for r in 0..rows {
+        let mut start = r * total;
+        for (o, &w) in out.iter_mut().zip(widths) {
+            o.extend_from_slice(&y[start..start + w]);
+            start += w;
+        }
+    }
+    out
+}
+
+/// The inverse of [`split_columns`].
+fn join_columns(parts: &[&[f32]], rows: usize) -> Vec<f32> {
+    let widths: Vec<usize> = parts.iter().map(|p| p.len() / rows.max(1)).collect();
+    let total: usize = widths.iter().sum();
+    let mut out = Vec::with_capacity(rows * total);
+    for r in 0..rows {
+        for (p, &w) in parts.iter().zip(&widths) {
+            out.extend_from_slice(&p[r * w..(r + 1) * w]);
+        }
+    }
+    out
 }
 
 impl FusedLayer {
-    /// Runs `f` on the seven projections, their weights borrowed in place for the call.
+    /// Runs `f` on the layer's projections, their weights borrowed in place for the call.
     fn with_projs<R>(&self, f: impl FnOnce(&Projs) -> CResult<R>) -> CResult<R> {
-        // Binds each name to the projection's `WRef`: an f32 weight's slice borrowed in place (its
-        // storage guard lives on in the shadowed binding until the end of the function), or the
-        // packed bf16 copy.
-        macro_rules! borrow_w {
-            ($($v:ident = $w:expr, $what:expr);+ $(;)?) => {
-                $(
-                    let $v = match &$w {
-                        Frozen::F32(t) => Some(t.storage_and_layout()),
-                        Frozen::Bf16(_) => None,
-                    };
-                    let $v = match (&$w, &$v) {
-                        (Frozen::F32(_), Some((s, l))) => WRef::F32(super::cpu_f32(s, l, $what)?),
-                        (Frozen::Bf16(p), _) => WRef::Bf16(p),
-                        (Frozen::F32(_), None) => candle_core::bail!("{}: weight not borrowed", $what),
-                    };
-                )+
-            };
-        }
-        borrow_w!(
-            wq = self.q.w, "q_proj";
-            wk = self.k.w, "k_proj";
-            wv = self.v.w, "v_proj";
-            wo = self.o.w, "o_proj";
-            wg = self.gate.w, "gate_proj";
-            wu = self.up.w, "up_proj";
-            wd = self.down.w, "down_proj";
-        );
         let hidden = self.input_norm.vals.len();
         let (nq, nkv) = (self.heads * self.hd, self.kv_heads * self.hd);
-        let inter = self.gate.w.dims()?.0;
+        let inter = self.down.w.dims()?.1;
+        let all: Vec<&OwnedProj> = self
+            .qkv
+            .iter()
+            .chain([&self.o])
+            .chain(self.gate_up.iter())
+            .chain([&self.down])
+            .collect();
+        // Each weight's `WRef`: an f32 weight's slice borrowed in place (its storage guard lives
+        // in `guards` until the end of the function), or the packed bf16 copy.
+        let guards: Vec<_> = all
+            .iter()
+            .map(|p| match &p.w {
+                Frozen::F32(t) => Some(t.storage_and_layout()),
+                Frozen::Bf16(_) => None,
+            })
+            .collect();
+        let mut slices = Vec::with_capacity(guards.len());
+        for (p, g) in all.iter().zip(&guards) {
+            slices.push(match (&p.w, g) {
+                (Frozen::F32(_), Some(g)) => {
+                    WRef::F32(super::cpu_f32(&g.0, g.1, "a projection weight")?)
+                }
+                (Frozen::Bf16(pw), _) => WRef::Bf16(pw),
+                (Frozen::F32(_), None) => candle_core::bail!("fused layer: weight not borrowed"),
+            });
+        }
         let p = |w, proj, din, dout| P { w, proj, din, dout };
+        let nqkv = self.qkv.len();
+        let qkv_out: Vec<usize> = if nqkv == 1 {
+            vec![nq + 2 * nkv]
+        } else {
+            vec![nq, nkv, nkv]
+        };
+        let gu_out: Vec<usize> = if self.gate_up.len() == 1 {
+            vec![2 * inter]
+        } else {
+            vec![inter, inter]
+        };
+        let qkv = self
+            .qkv
+            .iter()
+            .zip(&slices)
+            .zip(&qkv_out)
+            .map(|((pr, w), &out)| p(*w, pr, hidden, out))
+            .collect();
+        let o = p(slices[nqkv], &self.o, nq, hidden);
+        let gate_up = self
+            .gate_up
+            .iter()
+            .zip(&slices[nqkv + 1..])
+            .zip(&gu_out)
+            .map(|((pr, w), &out)| p(*w, pr, hidden, out))
+            .collect();
+        let down = p(slices[slices.len() - 1], &self.down, inter, hidden);
         f(&Projs {
-            q: p(wq, &self.q, hidden, nq),
-            k: p(wk, &self.k, hidden, nkv),
-            v: p(wv, &self.v, hidden, nkv),
-            o: p(wo, &self.o, nq, hidden),
-            gate: p(wg, &self.gate, hidden, inter),
-            up: p(wu, &self.up, hidden, inter),
-            down: p(wd, &self.down, inter, hidden),
+            qkv,
+            o,
+            gate_up,
+            down,
             nq,
             nkv,
+            inter,
         })
     }
 
@@ -495,61 +699,136 @@ impl FusedLayer {
             nkv: self.kv_heads,
             l,
             hd: self.hd,
+            window: self.window,
+        }
+    }
+
+    fn rotate(&self, x: &mut [f32], width: usize, l: usize, sign: f32) {
+        if let Some((cos, sin)) = &self.rope {
+            rope_in_place(x, width, l, self.hd, self.rd, cos, sin, sign);
         }
     }
 
     /// The layer on `x` `[b * l, hidden]`: its output and what the backward pass needs.
     fn forward(&self, ps: &Projs, x: &[f32], b: usize, l: usize) -> CResult<(Vec<f32>, Kept)> {
-        let (nq, nkv) = (ps.nq, ps.nkv);
+        let (nq, nkv, inter) = (ps.nq, ps.nkv, ps.inter);
         let rows = b * l;
         let par = Parallelism::Rayon(threads());
+        let mut xa = Vec::with_capacity(ps.qkv.len() + ps.gate_up.len() + 2);
 
         let hidden = self.input_norm.vals.len();
-        let hn = rms_forward(x, &self.input_norm.vals, self.input_norm.eps);
+        let hn = self.input_norm.forward(x);
+        // One activation for q, k and v: its bf16 copy (for packed weights) is made once.
         let hn_act = Act::new(&hn, rows, hidden);
-        let (mut q, xa_q) = ps.q.fwd_new(&hn_act, par);
-        let (mut k, xa_k) = ps.k.fwd_new(&hn_act, par);
-        let (v, xa_v) = ps.v.fwd_new(&hn_act, par);
+        let (mut q, mut k, v) = if ps.qkv.len() == 1 {
+            let (y, a) = ps.qkv[0].fwd_new(&hn_act, par);
+            xa.push(a);
+            let mut parts = split_columns(&y, rows, &[nq, nkv, nkv]).into_iter();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(q), Some(k), Some(v)) => (q, k, v),
+                _ => candle_core::bail!("fused layer: qkv split"),
+            }
+        } else {
+            let mut outs = Vec::with_capacity(3);
+            for p in &ps.qkv {
+                let (y, a) = p.fwd_new(&hn_act, par);
+                outs.push(y);
+                xa.push(a);
+            }
+            let v = outs.pop().unwrap_or_default();
+            let k = outs.pop().unwrap_or_default();
+            let q = outs.pop().unwrap_or_default();
+            (q, k, v)
+        };
         drop(hn_act);
-        let hn1 = [&self.q, &self.k, &self.v]
-            .iter()
-            .any(|p| p.needs_input())
-            .then_some(hn);
-        rope_in_place(&mut q, nq, l, self.hd, &self.cos, &self.sin, 1.0);
-        rope_in_place(&mut k, nkv, l, self.hd, &self.cos, &self.sin, 1.0);
-        let scale = 1.0 / (self.hd as f32).sqrt();
-        let (att, lse) = attention_forward(self.dims(b, l), &q, &k, &v, scale);
-        // x1 = x + att Wo^T
-        let mut x1 = x.to_vec();
-        let xa_o = ps.o.fwd_add(&Act::new(&att, rows, nq), &mut x1, par);
-        let hn = rms_forward(&x1, &self.post_norm.vals, self.post_norm.eps);
+        let hn1 = self.qkv.iter().any(|p| p.needs_input()).then_some(hn);
+        let q_pre = self.q_norm.as_ref().map(|n| {
+            let normed = n.forward(&q);
+            std::mem::replace(&mut q, normed)
+        });
+        let k_pre = self.k_norm.as_ref().map(|n| {
+            let normed = n.forward(&k);
+            std::mem::replace(&mut k, normed)
+        });
+        self.rotate(&mut q, nq, l, 1.0);
+        self.rotate(&mut k, nkv, l, 1.0);
+        let (att, lse) = attention_forward(self.dims(b, l), &q, &k, &v, self.scale);
+        // x1 = x + att Wo^T, or x + norm(att Wo^T)
+        let att_act = Act::new(&att, rows, nq);
+        let (x1, o_out) = match &self.post_attn_norm {
+            None => {
+                let mut x1 = x.to_vec();
+                xa.push(ps.o.fwd_add(&att_act, &mut x1, par));
+                (x1, None)
+            }
+            Some(n) => {
+                let (o_out, a) = ps.o.fwd_new(&att_act, par);
+                xa.push(a);
+                let mut x1 = n.forward(&o_out);
+                for (y, &r) in x1.iter_mut().zip(x) {
+                    *y += r;
+                }
+                (x1, Some(o_out))
+            }
+        };
+        drop(att_act);
+        let hn = self.pre_mlp_norm.forward(&x1);
+        // One activation for gate and up.
         let hn_act = Act::new(&hn, rows, hidden);
-        let (g, xa_g) = ps.gate.fwd_new(&hn_act, par);
-        let (u, xa_u) = ps.up.fwd_new(&hn_act, par);
+        let (g, u) = if ps.gate_up.len() == 1 {
+            let (y, a) = ps.gate_up[0].fwd_new(&hn_act, par);
+            xa.push(a);
+            let mut parts = split_columns(&y, rows, &[inter, inter]).into_iter();
+            match (parts.next(), parts.next()) {
+                (Some(g), Some(u)) => (g, u),
+                _ => candle_core::bail!("fused layer: gate/up split"),
+            }
+        } else {
+            let (g, ag) = ps.gate_up[0].fwd_new(&hn_act, par);
+            let (u, au) = ps.gate_up[1].fwd_new(&hn_act, par);
+            xa.push(ag);
+            xa.push(au);
+            (g, u)
+        };
         drop(hn_act);
-        let hn2 = [&self.gate, &self.up]
-            .iter()
-            .any(|p| p.needs_input())
-            .then_some(hn);
-        let h = swiglu_forward(&g, &u);
-        // out = x1 + h Wd^T
-        let mut out = x1.clone();
-        let inter = g.len() / rows.max(1);
-        let xa_d = ps.down.fwd_add(&Act::new(&h, rows, inter), &mut out, par);
+        let hn2 = self.gate_up.iter().any(|p| p.needs_input()).then_some(hn);
+        let h = gated_forward(self.act, &g, &u);
+        // out = x1 + h Wd^T, or x1 + norm(h Wd^T)
+        let h_act = Act::new(&h, rows, inter);
+        let (out, d_out) = match &self.post_mlp_norm {
+            None => {
+                let mut out = x1.clone();
+                xa.push(ps.down.fwd_add(&h_act, &mut out, par));
+                (out, None)
+            }
+            Some(n) => {
+                let (d_out, a) = ps.down.fwd_new(&h_act, par);
+                xa.push(a);
+                let mut out = n.forward(&d_out);
+                for (y, &r) in out.iter_mut().zip(&x1) {
+                    *y += r;
+                }
+                (out, Some(d_out))
+            }
+        };
         Ok((
             out,
             Kept {
                 q,
                 k,
                 v,
+                q_pre,
+                k_pre,
                 att,
                 lse,
+                o_out,
                 x1,
                 g,
                 u,
+                d_out,
                 hn1,
                 hn2,
-                xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+                xa,
             },
         ))
     }
@@ -572,145 +851,155 @@ impl FusedLayer {
             q,
             k,
             v,
+            q_pre,
+            k_pre,
             att,
             lse,
+            o_out,
             x1,
             g,
             u,
+            d_out,
             hn1,
             hn2,
-            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+            xa,
         } = kept;
         let (nq, nkv) = (ps.nq, ps.nkv);
         let rows = b * l;
         let par = Parallelism::Rayon(threads());
+        let nqkv = ps.qkv.len();
+        let ngu = ps.gate_up.len();
+        let xa_at = |i: usize| xa.get(i).and_then(|a| a.as_deref());
+        let (i_o, i_gu, i_d) = (nqkv, nqkv + 1, nqkv + 1 + ngu);
 
-        // MLP half: dh = dy Wd (+ LoRA), then SwiGLU, then dhn = dg Wg + du Wu (+ LoRA).
-        let h = self.down.needs_input().then(|| swiglu_forward(&g, &u));
+        // MLP half: through the output norm, dh = dy Wd (+ LoRA), the gated activation, then
+        // dhn = dg Wg + du Wu (+ LoRA).
+        let d_down = match (&self.post_mlp_norm, &d_out) {
+            (Some(n), Some(d_out)) => Some(n.backward_new(d_out, dy, sink)),
+            _ => None,
+        };
+        drop(d_out);
+        let d_down_ref: &[f32] = d_down.as_deref().unwrap_or(dy);
+        let h = self
+            .down
+            .needs_input()
+            .then(|| gated_forward(self.act, &g, &u));
         let mut dh = None;
         ps.down.bwd(
             h.as_deref(),
-            xa_d.as_deref(),
-            dy,
+            xa_at(i_d),
+            d_down_ref,
             rows,
             &mut dh,
             true,
             sink,
             par,
         )?;
-        drop(h);
+        drop((h, d_down));
         let dh = dh.unwrap_or_default();
-        let (dg, du) = swiglu_backward(&g, &u, &dh);
+        let (dg, du) = gated_backward(self.act, &g, &u, &dh);
         drop((g, u, dh));
         let mut dhn = None;
-        ps.gate.bwd(
-            hn2.as_deref(),
-            xa_g.as_deref(),
-            &dg,
-            rows,
-            &mut dhn,
-            true,
-            sink,
-            par,
-        )?;
-        ps.up.bwd(
-            hn2.as_deref(),
-            xa_u.as_deref(),
-            &du,
-            rows,
-            &mut dhn,
-            true,
-            sink,
-            par,
-        )?;
+        if ngu == 1 {
+            let dgu = join_columns(&[&dg, &du], rows);
+            ps.gate_up[0].bwd(
+                hn2.as_deref(),
+                xa_at(i_gu),
+                &dgu,
+                rows,
+                &mut dhn,
+                true,
+                sink,
+                par,
+            )?;
+        } else {
+            for (j, d) in [&dg, &du].into_iter().enumerate() {
+                ps.gate_up[j].bwd(
+                    hn2.as_deref(),
+                    xa_at(i_gu + j),
+                    d,
+                    rows,
+                    &mut dhn,
+                    true,
+                    sink,
+                    par,
+                )?;
+            }
+        }
         drop((dg, du, hn2));
         let dhn = dhn.unwrap_or_default();
-        // dx1 = dy + the post-attention norm's backward pass.
+        // dx1 = dy + the pre-MLP norm's backward pass.
         let mut dx1 = dy.to_vec();
-        let dw = rms_backward(
-            &x1,
-            &self.post_norm.vals,
-            self.post_norm.eps,
-            &dhn,
-            &mut dx1,
-            true,
-            self.post_norm.param.is_some(),
-        );
-        if let Some(param) = &self.post_norm.param {
-            sink.push((param.clone(), dw));
-        }
+        self.pre_mlp_norm.backward(&x1, &dhn, &mut dx1, true, sink);
         drop((x1, dhn));
-        // Attention half: datt = dx1 Wo (+ LoRA), the attention's backward pass, the inverse
-        // rotations.
+        // Attention half: through the output norm, datt = dx1 Wo (+ LoRA), the attention's
+        // backward pass, the inverse rotations, the q/k norms.
+        let d_o = match (&self.post_attn_norm, &o_out) {
+            (Some(n), Some(o_out)) => Some(n.backward_new(o_out, &dx1, sink)),
+            _ => None,
+        };
+        drop(o_out);
         let mut datt = None;
         ps.o.bwd(
             Some(&att),
-            xa_o.as_deref(),
-            &dx1,
+            xa_at(i_o),
+            d_o.as_deref().unwrap_or(&dx1),
             rows,
             &mut datt,
             true,
             sink,
             par,
         )?;
+        drop(d_o);
         let datt = datt.unwrap_or_default();
-        let scale = 1.0 / (self.hd as f32).sqrt();
         let (mut dq, mut dk, dv) =
-            attention_backward(self.dims(b, l), &q, &k, &v, &att, &datt, &lse, scale);
+            attention_backward(self.dims(b, l), &q, &k, &v, &att, &datt, &lse, self.scale);
         drop((q, k, v, att, datt, lse));
-        rope_in_place(&mut dq, nq, l, self.hd, &self.cos, &self.sin, -1.0);
-        rope_in_place(&mut dk, nkv, l, self.hd, &self.cos, &self.sin, -1.0);
+        self.rotate(&mut dq, nq, l, -1.0);
+        self.rotate(&mut dk, nkv, l, -1.0);
+        if let (Some(n), Some(pre)) = (&self.q_norm, &q_pre) {
+            dq = n.backward_new(pre, &dq, sink);
+        }
+        if let (Some(n), Some(pre)) = (&self.k_norm, &k_pre) {
+            dk = n.backward_new(pre, &dk, sink);
+        }
+        drop((q_pre, k_pre));
         // dhn = dq Wq + dk Wk + dv Wv (+ LoRA), then dx = dx1 + the input norm's backward pass;
         // skipped when neither the input nor the norm needs it.
         let need_dhn = want_dx || self.input_norm.param.is_some();
         let mut dhn = None;
-        ps.q.bwd(
-            hn1.as_deref(),
-            xa_q.as_deref(),
-            &dq,
-            rows,
-            &mut dhn,
-            need_dhn,
-            sink,
-            par,
-        )?;
-        ps.k.bwd(
-            hn1.as_deref(),
-            xa_k.as_deref(),
-            &dk,
-            rows,
-            &mut dhn,
-            need_dhn,
-            sink,
-            par,
-        )?;
-        ps.v.bwd(
-            hn1.as_deref(),
-            xa_v.as_deref(),
-            &dv,
-            rows,
-            &mut dhn,
-            need_dhn,
-            sink,
-            par,
-        )?;
+        if nqkv == 1 {
+            let dqkv = join_columns(&[&dq, &dk, &dv], rows);
+            ps.qkv[0].bwd(
+                hn1.as_deref(),
+                xa_at(0),
+                &dqkv,
+                rows,
+                &mut dhn,
+                need_dhn,
+                sink,
+                par,
+            )?;
+        } else {
+            for (j, d) in [&dq, &dk, &dv].into_iter().enumerate() {
+                ps.qkv[j].bwd(
+                    hn1.as_deref(),
+                    xa_at(j),
+                    d,
+                    rows,
+                    &mut dhn,
+                    need_dhn,
+                    sink,
+                    par,
+                )?;
+            }
+        }
         drop((dq, dk, dv, hn1));
         let Some(dhn) = dhn else {
             return Ok(None);
         };
         let mut dx = dx1;
-        let dw = rms_backward(
-            x,
-            &self.input_norm.vals,
-            self.input_norm.eps,
-            &dhn,
-            &mut dx,
-            true,
-            self.input_norm.param.is_some(),
-        );
-        if let Some(param) = &self.input_norm.param {
-            sink.push((param.clone(), dw));
-        }
+        self.input_norm.backward(x, &dhn, &mut dx, true, sink);
         Ok(want_dx.then_some(dx))
     }
 

@@ -7,12 +7,14 @@
 //! ops, each keeping its own intermediate). Each op here is a custom op with a hand-written
 //! backward pass (or none, for inference), over slice-level functions that the fused decoder layer
 //! ([`block`]) shares:
-//! - [`attention`]: causal attention for training (FlashAttention-style) and over the KV cache;
-//! - [`rope`], [`swiglu`], [`rms_norm`]: the element-wise and row-wise ops;
+//! - [`attention`]: causal attention (global or sliding-window) for training (FlashAttention-style)
+//!   and over the KV cache;
+//! - [`rope`] (full or partial rotary), [`swiglu`] (SwiGLU and GeGLU), [`rms_norm`] (`w` or
+//!   Gemma's `1 + w`): the element-wise and row-wise ops;
 //! - [`linear`]: frozen, trained and LoRA projections for training;
 //! - [`loss`]: cross-entropy, and the LM head fused with it;
 //! - [`decode`]: ops sized for decoding (a LoRA branch in one op);
-//! - [`quant`]: the Q4_1/Q8_0 integer matmul (AVX-512 VNNI, AVX2, scalar);
+//! - [`quant`]: the Q4_1/Q8_0/Q4_K/Q5_K/Q6_K integer matmul (AVX-512 VNNI, AVX2, scalar);
 //! - [`amx`]: bf16 GEMM on the CPU's matrix units (Intel AMX tiles), for frozen weights;
 //! - [`block`]: a whole decoder layer as one training op;
 //! - [`gemm`] (the f32 GEMM wrappers), [`simd`] (AVX-512 `exp`, softmax, SiLU), [`profile`]
@@ -39,9 +41,9 @@ pub use decode::lora_add;
 pub use linear::{frozen_linear, linear, lora_linear};
 pub use loss::{cross_entropy, lm_head_nll, HeadBf16};
 pub use profile::take_profile;
-pub use rms_norm::rms_norm;
-pub use rope::rope;
-pub use swiglu::{gate_up_swiglu, swiglu};
+pub use rms_norm::{rms_norm, rms_norm_offset};
+pub use rope::{rope, rope_partial};
+pub use swiglu::{gate_up_swiglu, geglu, swiglu, GateAct};
 
 type CResult<T> = candle_core::Result<T>;
 

@@ -1,43 +1,94 @@
-//! The quantized matmul for decoding: Q4_1 and Q8_0 weights (GGUF) repacked for integer dot
-//! products against activations quantized per 32-block (as llama.cpp's Q8_1), with AVX-512 VNNI,
-//! AVX2 or scalar kernels chosen at run time, split over candle's thread pool by output row.
+//! The quantized matmul for decoding: Q4_1, Q8_0 and the K-quants Q4_K, Q5_K and Q6_K (GGUF)
+//! repacked for integer dot products against activations quantized per 32-block (as llama.cpp's
+//! Q8_1), with AVX-512 VNNI, AVX2 or scalar kernels chosen at run time, split over candle's thread
+//! pool by output row.
+//!
+//! The K-quants keep their packed codes as the file has them (a 64-weight chunk's 32 code bytes
+//! hold its first 32 weights in the low nibbles and the next 32 in the high ones, the order the
+//! activations come in), so a chunk is one 512-bit load, shift and mask; their 6-bit scales and
+//! mins are unpacked to bytes and the super-block scales to f32 at load: 4.75 bits per weight for
+//! Q4_K (4.5 in the file), 5.75 for Q5_K (5.5), 6.6 for Q6_K (6.56), against 6 for the repacked
+//! Q4_1 (5 in the file).
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::{Error, Result};
 
-/// candle multiplies Q4_1 with a scalar loop; this kernel quantizes the activation rows to 8 bits
-/// per 32-block (as llama.cpp's Q8_1) and uses AVX2 integer dot products, split over candle's
-/// thread pool by output row. Used for calls with few rows (decode).
+/// The block formats [`Q41Matrix`] multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `w = d * q + m`, 4-bit `q`, per 32 weights.
+    Q41,
+    /// `w = d * q`, `q` i8, per 32 weights.
+    Q80,
+    /// Super-blocks of 256: `w = d * sc_j * q - dmin * m_j`, 4-bit `q`, 6-bit `sc`/`m` per 32.
+    Q4K,
+    /// As Q4_K with a fifth bit per weight.
+    Q5K,
+    /// Super-blocks of 256: `w = d * sc_g * (q - 32)`, 6-bit `q`, i8 `sc` per 16.
+    Q6K,
+}
+
+/// candle multiplies Q4_1 and the K-quants with scalar or AVX2 loops on one thread per row block;
+/// this kernel quantizes the activation rows to 8 bits per 32-block (as llama.cpp's Q8_1) and uses
+/// AVX-512 VNNI (else AVX2) integer dot products, split over candle's thread pool by output row.
+/// Used for calls with few rows (decode).
 #[derive(Debug)]
 pub struct Q41Matrix {
+    /// Q4_1: 16 code bytes per 32 weights; Q8_0: 32; Q4_K/Q5_K: 128 per 256; Q6_K: the 128
+    /// low-nibble bytes per 256.
     qs: Vec<u8>,
+    /// Per block (Q4_1, Q8_0) or super-block (K-quants): the scale `d`.
     d: Vec<f32>,
+    /// Q4_1: the offset `m` per block; Q4_K/Q5_K: `dmin` per super-block.
     m: Vec<f32>,
+    /// Q5_K: 32 high-bit bytes per super-block; Q6_K: 64 bytes of 2-bit pairs.
+    qh: Vec<u8>,
+    /// Q4_K/Q5_K: 8 scales then 8 mins per super-block (6-bit values as bytes); Q6_K: 16 i8
+    /// scales.
+    sc: Vec<u8>,
     n: usize,
     k: usize,
-    /// Q8_0 blocks (`w = d * q`, `q` i8, no `m`) instead of Q4_1.
-    q8: bool,
+    kind: Kind,
 }
 
 const QK: usize = 32;
+const QK_K: usize = 256;
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K super-block's 12 scale bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
 
 impl Q41Matrix {
-    /// Repacks a Q4_1 or Q8_0 `[n, k]` tensor; `None` for other block types.
+    /// Repacks a Q4_1, Q8_0, Q4_K, Q5_K or Q6_K `[n, k]` tensor; `None` for other block types.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        use candle_core::quantized::GgmlDType;
-        let (block_bytes, codes) = match q.dtype() {
-            GgmlDType::Q4_1 => (20usize, 16usize),
-            GgmlDType::Q8_0 => (34, 32),
+        let (kind, block, block_bytes) = match q.dtype() {
+            GgmlDType::Q4_1 => (Kind::Q41, QK, 20usize),
+            GgmlDType::Q8_0 => (Kind::Q80, QK, 34),
+            GgmlDType::Q4K => (Kind::Q4K, QK_K, 144),
+            GgmlDType::Q5K => (Kind::Q5K, QK_K, 176),
+            GgmlDType::Q6K => (Kind::Q6K, QK_K, 210),
             _ => return Ok(None),
         };
         let (n, k) = q.shape().dims2()?;
-        if k % QK != 0 {
+        if k % block != 0 {
             return Ok(None);
         }
-        let nb = k / QK;
+        let nb = k / block;
         let data = q.data()?;
         if data.len() != n * nb * block_bytes {
             return Err(Error::InvalidParams(format!(
@@ -47,122 +98,272 @@ impl Q41Matrix {
                 n * nb * block_bytes
             )));
         }
-        let q8 = codes == 32;
-        let mut qs = Vec::with_capacity(n * nb * codes);
-        let mut d = Vec::with_capacity(n * nb);
-        let mut m = Vec::with_capacity(if q8 { 0 } else { n * nb });
+        let blocks = n * nb;
+        let mut out = Q41Matrix {
+            qs: Vec::with_capacity(blocks * block / 2),
+            d: Vec::with_capacity(blocks),
+            m: Vec::new(),
+            qh: Vec::new(),
+            sc: Vec::new(),
+            n,
+            k,
+            kind,
+        };
         for blk in data.chunks_exact(block_bytes) {
-            d.push(half::f16::from_le_bytes([blk[0], blk[1]]).to_f32());
-            if q8 {
-                qs.extend_from_slice(&blk[2..34]);
-            } else {
-                m.push(half::f16::from_le_bytes([blk[2], blk[3]]).to_f32());
-                qs.extend_from_slice(&blk[4..20]);
+            match kind {
+                Kind::Q41 => {
+                    out.d.push(f16_at(blk, 0));
+                    out.m.push(f16_at(blk, 2));
+                    out.qs.extend_from_slice(&blk[4..20]);
+                }
+                Kind::Q80 => {
+                    out.d.push(f16_at(blk, 0));
+                    out.qs.extend_from_slice(&blk[2..34]);
+                }
+                Kind::Q4K | Kind::Q5K => {
+                    out.d.push(f16_at(blk, 0));
+                    out.m.push(f16_at(blk, 2));
+                    let scales = &blk[4..16];
+                    let (sc, mn): (Vec<u8>, Vec<u8>) =
+                        (0..8).map(|j| scale_min_k4(j, scales)).unzip();
+                    out.sc.extend_from_slice(&sc);
+                    out.sc.extend_from_slice(&mn);
+                    if kind == Kind::Q4K {
+                        out.qs.extend_from_slice(&blk[16..144]);
+                    } else {
+                        out.qh.extend_from_slice(&blk[16..48]);
+                        out.qs.extend_from_slice(&blk[48..176]);
+                    }
+                }
+                Kind::Q6K => {
+                    out.qs.extend_from_slice(&blk[0..128]);
+                    out.qh.extend_from_slice(&blk[128..192]);
+                    out.sc.extend_from_slice(&blk[192..208]);
+                    out.d.push(f16_at(blk, 208));
+                }
             }
         }
-        Ok(Some(Self { qs, d, m, n, k, q8 }))
+        Ok(Some(out))
+    }
+
+    /// Bytes the kernel reads per output row (for comparing formats).
+    pub fn row_bytes(&self) -> usize {
+        let n = self.n.max(1);
+        (self.qs.len() + self.qh.len() + self.sc.len() + 4 * (self.d.len() + self.m.len())) / n
     }
 
     /// The rows of `parts` stacked in order; `None` if they differ in block type or width.
     pub(crate) fn concat(parts: &[Arc<Q41Matrix>]) -> Option<Self> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.k != first.k || p.q8 != first.q8) {
+        if parts.iter().any(|p| p.k != first.k || p.kind != first.kind) {
             return None;
         }
+        let sum = |f: fn(&Q41Matrix) -> usize| parts.iter().map(|p| f(p)).sum::<usize>();
         let mut out = Q41Matrix {
-            qs: Vec::with_capacity(parts.iter().map(|p| p.qs.len()).sum()),
-            d: Vec::with_capacity(parts.iter().map(|p| p.d.len()).sum()),
-            m: Vec::with_capacity(parts.iter().map(|p| p.m.len()).sum()),
+            qs: Vec::with_capacity(sum(|p| p.qs.len())),
+            d: Vec::with_capacity(sum(|p| p.d.len())),
+            m: Vec::with_capacity(sum(|p| p.m.len())),
+            qh: Vec::with_capacity(sum(|p| p.qh.len())),
+            sc: Vec::with_capacity(sum(|p| p.sc.len())),
             n: 0,
             k: first.k,
-            q8: first.q8,
+            kind: first.kind,
         };
         for p in parts {
             out.qs.extend_from_slice(&p.qs);
             out.d.extend_from_slice(&p.d);
             out.m.extend_from_slice(&p.m);
+            out.qh.extend_from_slice(&p.qh);
+            out.sc.extend_from_slice(&p.sc);
             out.n += p.n;
         }
         Some(out)
     }
 
+    /// Row `r`'s share of each array.
+    fn row(&self, r: usize) -> Row<'_> {
+        let nb = self.k / QK;
+        let nsb = self.k / QK_K;
+        fn at<T>(v: &[T], r: usize, per: usize) -> &[T] {
+            if v.is_empty() {
+                v
+            } else {
+                &v[r * per..(r + 1) * per]
+            }
+        }
+        match self.kind {
+            Kind::Q41 => Row {
+                qs: at(&self.qs, r, nb * 16),
+                d: at(&self.d, r, nb),
+                m: at(&self.m, r, nb),
+                qh: &[],
+                sc: &[],
+            },
+            Kind::Q80 => Row {
+                qs: at(&self.qs, r, nb * QK),
+                d: at(&self.d, r, nb),
+                m: &[],
+                qh: &[],
+                sc: &[],
+            },
+            Kind::Q4K | Kind::Q5K => Row {
+                qs: at(&self.qs, r, nsb * 128),
+                d: at(&self.d, r, nsb),
+                m: at(&self.m, r, nsb),
+                qh: at(&self.qh, r, nsb * 32),
+                sc: at(&self.sc, r, nsb * 16),
+            },
+            Kind::Q6K => Row {
+                qs: at(&self.qs, r, nsb * 128),
+                d: at(&self.d, r, nsb),
+                m: &[],
+                qh: at(&self.qh, r, nsb * 64),
+                sc: at(&self.sc, r, nsb * 16),
+            },
+        }
+    }
+
+    /// Row `r` times one quantized activation row (`xq` codes, `xd` scales and `xs` scaled sums
+    /// per 32-block), with the best kernel the CPU has.
+    fn dot(&self, r: usize, xq: &[i8], xd: &[f32], xs: &[f32], isa: Isa) -> f32 {
+        let w = self.row(r);
+        match (self.kind, isa) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY (every arm below): the ISA was detected at run time (`Isa::detect`).
+            (Kind::Q80, Isa::Vnni) => unsafe { dot_q80_vnni(w.qs, w.d, xq, xd) },
+            #[cfg(target_arch = "x86_64")]
+            (Kind::Q80, Isa::Avx2) => unsafe { dot_q80_avx2(w.qs, w.d, xq, xd) },
+            (Kind::Q80, _) => dot_q80_scalar(w.qs, w.d, xq, xd),
+            #[cfg(target_arch = "x86_64")]
+            (Kind::Q41, Isa::Vnni) => unsafe { dot_q41_vnni(w.qs, w.d, w.m, xq, xd, xs) },
+            #[cfg(target_arch = "x86_64")]
+            (Kind::Q41, Isa::Avx2) => unsafe { dot_q41_avx2(w.qs, w.d, w.m, xq, xd, xs) },
+            (Kind::Q41, _) => dot_q41_scalar(w.qs, w.d, w.m, xq, xd, xs),
+            #[cfg(target_arch = "x86_64")]
+            (Kind::Q4K | Kind::Q5K, Isa::Vnni) => unsafe { dot_q45k_vnni(&w, xq, xd, xs) },
+            #[cfg(target_arch = "x86_64")]
+            (Kind::Q4K | Kind::Q5K, Isa::Avx2) => unsafe { dot_q45k_avx2(&w, xq, xd, xs) },
+            (Kind::Q4K | Kind::Q5K, _) => dot_q45k_scalar(&w, xq, xd, xs),
+            #[cfg(target_arch = "x86_64")]
+            (Kind::Q6K, Isa::Vnni) => unsafe { dot_q6k_vnni(&w, xq, xd) },
+            #[cfg(target_arch = "x86_64")]
+            (Kind::Q6K, Isa::Avx2) => unsafe { dot_q6k_avx2(&w, xq, xd) },
+            (Kind::Q6K, _) => dot_q6k_scalar(&w, xq, xd),
+        }
+    }
+
     /// `out[i, r] = sum_j x[i, j] * w[r, j]` for `x` `[rows, k]`.
-    fn matmul(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+    fn matmul(&self, x: &[f32], rows: usize, out: &mut [f32], isa: Isa) {
         let (n, k) = (self.n, self.k);
         let nb = k / QK;
-        // Quantize the activations: i8 codes, per-block scale and scale * sum of codes.
-        let mut qx = vec![0i8; rows * k];
-        let mut dx = vec![0f32; rows * nb];
-        let mut sx = vec![0f32; rows * nb];
-        for i in 0..rows * nb {
-            let src = &x[i * QK..(i + 1) * QK];
-            let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (dst, &v) in qx[i * QK..(i + 1) * QK].iter_mut().zip(src) {
-                let q = (v * inv).round() as i8;
-                *dst = q;
-                sum += q as i32;
-            }
-            dx[i] = d;
-            sx[i] = d * sum as f32;
-        }
+        let (qx, dx, sx) = quantize_activations(x, rows * nb);
         struct OutPtr(*mut f32);
         // SAFETY: every (row, column) of `out` is written by exactly one work item below.
         unsafe impl Sync for OutPtr {}
         let ptr = OutPtr(out.as_mut_ptr());
         let ptr = &ptr;
         let (qx, dx, sx) = (&qx, &dx, &sx);
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        #[cfg(target_arch = "x86_64")]
-        let vnni = vnni512();
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-            let codes = if self.q8 { QK } else { 16 };
             for r in range {
-                let wq = &self.qs[r * nb * codes..(r + 1) * nb * codes];
-                let wd = &self.d[r * nb..(r + 1) * nb];
                 for i in 0..rows {
-                    let xq = &qx[i * k..(i + 1) * k];
-                    let xd = &dx[i * nb..(i + 1) * nb];
-                    let v = if self.q8 {
-                        #[cfg(target_arch = "x86_64")]
-                        let v = if vnni {
-                            // SAFETY: AVX-512 F/BW/VNNI were detected at run time.
-                            unsafe { dot_q80_vnni(wq, wd, xq, xd) }
-                        } else if avx2 {
-                            // SAFETY: AVX2 and FMA were detected at run time.
-                            unsafe { dot_q80_avx2(wq, wd, xq, xd) }
-                        } else {
-                            dot_q80_scalar(wq, wd, xq, xd)
-                        };
-                        #[cfg(not(target_arch = "x86_64"))]
-                        let v = dot_q80_scalar(wq, wd, xq, xd);
-                        v
-                    } else {
-                        let wm = &self.m[r * nb..(r + 1) * nb];
-                        let xs = &sx[i * nb..(i + 1) * nb];
-                        #[cfg(target_arch = "x86_64")]
-                        let v = if vnni {
-                            // SAFETY: AVX-512 F/BW/VNNI were detected at run time.
-                            unsafe { dot_q41_vnni(wq, wd, wm, xq, xd, xs) }
-                        } else if avx2 {
-                            // SAFETY: AVX2 and FMA were detected at run time.
-                            unsafe { dot_q41_avx2(wq, wd, wm, xq, xd, xs) }
-                        } else {
-                            dot_q41_scalar(wq, wd, wm, xq, xd, xs)
-                        };
-                        #[cfg(not(target_arch = "x86_64"))]
-                        let v = dot_q41_scalar(wq, wd, wm, xq, xd, xs);
-                        v
-                    };
+                    let v = self.dot(
+                        r,
+                        &qx[i * k..(i + 1) * k],
+                        &dx[i * nb..(i + 1) * nb],
+                        &sx[i * nb..(i + 1) * nb],
+                        isa,
+                    );
                     // SAFETY: i < rows, r < n: inside `out` (rows * n), written once.
                     unsafe { *ptr.0.add(i * n + r) = v };
                 }
             }
         });
     }
+}
+
+/// Activations quantized per 32-block (as llama.cpp's Q8_1): i8 codes, the scale of each block
+/// and the scale times the sum of its codes, for `blocks` blocks of `x`.
+fn quantize_activations(x: &[f32], blocks: usize) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+    let mut qx = vec![0i8; blocks * QK];
+    let mut dx = vec![0f32; blocks];
+    let mut sx = vec![0f32; blocks];
+    for i in 0..blocks {
+        let src = &x[i * QK..(i + 1) * QK];
+        let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (dst, &v) in qx[i * QK..(i + 1) * QK].iter_mut().zip(src) {
+            let q = (v * inv).round() as i8;
+            *dst = q;
+            sum += q as i32;
+        }
+        dx[i] = d;
+        sx[i] = d * sum as f32;
+    }
+    (qx, dx, sx)
+}
+
+/// One output row's share of a [`Q41Matrix`].
+struct Row<'a> {
+    qs: &'a [u8],
+    d: &'a [f32],
+    m: &'a [f32],
+    qh: &'a [u8],
+    sc: &'a [u8],
+}
+
+/// The instruction set the kernels run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F/BW/VNNI.
+    Vnni,
+    /// AVX2 + FMA.
+    Avx2,
+    Scalar,
+}
+
+impl Isa {
+    /// The best this CPU has.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if vnni512() {
+                return Isa::Vnni;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// Whether this CPU can run `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => vnni512(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// `x` `[rows, k]` times `w^T` with the kernels of `isa` (tests and benches compare them).
+pub fn matmul_with(w: &Q41Matrix, x: &[f32], rows: usize, isa: Isa) -> Result<Vec<f32>> {
+    if x.len() != rows * w.k || !isa.available() {
+        return Err(Error::InvalidParams(format!(
+            "quantized matmul: {} values for {rows} rows of {}, or {isa:?} not available",
+            x.len(),
+            w.k
+        )));
+    }
+    let mut out = vec![0f32; rows * w.n];
+    w.matmul(x, rows, &mut out, isa);
+    Ok(out)
 }
 
 fn dot_q80_scalar(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
@@ -383,6 +584,376 @@ unsafe fn dot_q41_vnni(
     _mm512_reduce_add_ps(acc) + acc_m + tail
 }
 
+// ---------------------------------------------------------------------------------------------
+// K-quants
+// ---------------------------------------------------------------------------------------------
+
+/// Q4_K / Q5_K row times quantized activations: per 32-weight sub-block
+/// `d * sc * xd * sum(q x) - dmin * m * xs`.
+fn dot_q45k_scalar(w: &Row, xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+    let five = !w.qh.is_empty();
+    let mut acc = 0f32;
+    for s in 0..w.d.len() {
+        let qs = &w.qs[s * 128..(s + 1) * 128];
+        let sc = &w.sc[s * 16..s * 16 + 16];
+        for sub in 0..8 {
+            let (j, half) = (sub / 2, sub % 2);
+            let b = s * 8 + sub;
+            let mut isum = 0i32;
+            for l in 0..32 {
+                let byte = qs[32 * j + l];
+                let mut q = if half == 0 { byte & 0xF } else { byte >> 4 } as i32;
+                if five {
+                    q |= (((w.qh[s * 32 + l] >> sub) & 1) as i32) << 4;
+                }
+                isum += q * xq[b * QK + l] as i32;
+            }
+            acc +=
+                w.d[s] * sc[sub] as f32 * xd[b] * isum as f32 - w.m[s] * sc[8 + sub] as f32 * xs[b];
+        }
+    }
+    acc
+}
+
+/// Q6_K row times quantized activations: per 16 weights `d * sc * xd * sum((q - 32) x)`.
+fn dot_q6k_scalar(w: &Row, xq: &[i8], xd: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for s in 0..w.d.len() {
+        for n in 0..2 {
+            let ql = &w.qs[s * 128 + 64 * n..s * 128 + 64 * (n + 1)];
+            let qh = &w.qh[s * 64 + 32 * n..s * 64 + 32 * (n + 1)];
+            for c in 0..2 {
+                for g in 0..4 {
+                    let scale = w.sc[s * 16 + 8 * n + 4 * c + g] as i8 as f32;
+                    let mut isum = 0i32;
+                    for l in 16 * g..16 * (g + 1) {
+                        let byte = ql[l];
+                        let lo = if c == 0 { byte & 0xF } else { byte >> 4 };
+                        let h = (qh[l % 32] >> (4 * c + 2 * (l / 32))) & 3;
+                        let q = (lo | (h << 4)) as i32 - 32;
+                        let e = s * QK_K + 128 * n + 64 * c + l;
+                        isum += q * xq[e] as i32;
+                    }
+                    let b = (s * QK_K + 128 * n + 64 * c + 16 * g) / QK;
+                    acc += w.d[s] * scale * xd[b] * isum as f32;
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// [`dot_q45k_scalar`] with AVX-512 VNNI: a 64-weight chunk's 32 code bytes twice in one
+/// register, the second copy shifted to its high nibbles (and Q5_K's fifth bits or'ed in), one
+/// `vpdpbusd` for all 64 products; lanes 0-7 are the first sub-block, 8-15 the second.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_q45k_vnni(w: &Row, xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nsb = w.d.len();
+    let five = !w.qh.is_empty();
+    assert!(
+        w.qs.len() >= nsb * 128
+            && w.sc.len() >= nsb * 16
+            && w.m.len() >= nsb
+            && xq.len() >= nsb * QK_K
+            && xd.len() >= nsb * 8
+            && xs.len() >= nsb * 8
+            && (!five || w.qh.len() >= nsb * 32)
+    );
+    let mask = _mm512_set1_epi8(0x0F);
+    let one = _mm512_set1_epi8(1);
+    // Shift the upper copy right by 4 (its high nibbles).
+    let nib = _mm512_set_epi64(
+        4 * 0x0001_0001_0001_0001,
+        4 * 0x0001_0001_0001_0001,
+        4 * 0x0001_0001_0001_0001,
+        4 * 0x0001_0001_0001_0001,
+        0,
+        0,
+        0,
+        0,
+    );
+    let zero = _mm512_setzero_si512();
+    let mut acc = _mm512_setzero_ps();
+    let mut acc_m = 0f32;
+    for s in 0..nsb {
+        let qh = if five {
+            // SAFETY: super-block s's 32 high-bit bytes lie inside `qh` (asserted).
+            let h = unsafe { _mm256_loadu_si256(w.qh.as_ptr().add(s * 32) as *const __m256i) };
+            _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1)
+        } else {
+            zero
+        };
+        let (d, dmin) = (w.d[s], w.m[s]);
+        let sc = &w.sc[s * 16..s * 16 + 16];
+        for j in 0..4 {
+            // SAFETY: chunk j of super-block s: 32 code bytes and 64 activation bytes inside the
+            // slices (asserted above).
+            let (raw, x) = unsafe {
+                (
+                    _mm256_loadu_si256(w.qs.as_ptr().add(s * 128 + 32 * j) as *const __m256i),
+                    _mm512_loadu_si512(xq.as_ptr().add(s * QK_K + 64 * j) as *const _),
+                )
+            };
+            let dup = _mm512_inserti64x4(_mm512_castsi256_si512(raw), raw, 1);
+            let mut wv = _mm512_and_si512(_mm512_srlv_epi16(dup, nib), mask);
+            if five {
+                let (lo, hi) = (2 * j as i64, 2 * j as i64 + 1);
+                let rep = |c: i64| c * 0x0001_0001_0001_0001;
+                let shifts = _mm512_set_epi64(
+                    rep(hi),
+                    rep(hi),
+                    rep(hi),
+                    rep(hi),
+                    rep(lo),
+                    rep(lo),
+                    rep(lo),
+                    rep(lo),
+                );
+                let bits = _mm512_and_si512(_mm512_srlv_epi16(qh, shifts), one);
+                wv = _mm512_or_si512(wv, _mm512_slli_epi16(bits, 4));
+            }
+            let dp = _mm512_dpbusd_epi32(zero, wv, x);
+            let b = s * 8 + 2 * j;
+            let scale = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(d * sc[2 * j] as f32 * xd[b]),
+                _mm512_set1_ps(d * sc[2 * j + 1] as f32 * xd[b + 1]),
+            );
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), scale, acc);
+            acc_m += dmin * (sc[8 + 2 * j] as f32 * xs[b] + sc[9 + 2 * j] as f32 * xs[b + 1]);
+        }
+    }
+    _mm512_reduce_add_ps(acc) - acc_m
+}
+
+/// [`dot_q6k_scalar`] with AVX-512 VNNI: 64 weights per `vpdpbusd` (codes 0..63 as unsigned
+/// bytes), less `32 * sum(x)` from a second `vpdpbusd`; each 4-lane group (16 weights) takes its
+/// own scale.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_q6k_vnni(w: &Row, xq: &[i8], xd: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nsb = w.d.len();
+    assert!(
+        w.qs.len() >= nsb * 128
+            && w.qh.len() >= nsb * 64
+            && w.sc.len() >= nsb * 16
+            && xq.len() >= nsb * QK_K
+            && xd.len() >= nsb * 8
+    );
+    let low4 = _mm512_set1_epi8(0x0F);
+    let low2 = _mm512_set1_epi8(0x03);
+    let c32 = _mm512_set1_epi8(32);
+    let zero = _mm512_setzero_si512();
+    let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let rep = |c: i64| c * 0x0001_0001_0001_0001;
+    let mut acc = _mm512_setzero_ps();
+    for s in 0..nsb {
+        let d = w.d[s];
+        for n in 0..2 {
+            // SAFETY: half n of super-block s: 64 low-nibble bytes and 32 high-bit bytes inside
+            // the slices (asserted above).
+            let (l, h) = unsafe {
+                (
+                    _mm512_loadu_si512(w.qs.as_ptr().add(s * 128 + 64 * n) as *const _),
+                    _mm256_loadu_si256(w.qh.as_ptr().add(s * 64 + 32 * n) as *const __m256i),
+                )
+            };
+            let hd = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+            for c in 0..2 {
+                let lo = if c == 0 {
+                    _mm512_and_si512(l, low4)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16(l, 4), low4)
+                };
+                let (a, b) = (4 * c as i64, 4 * c as i64 + 2);
+                let shifts = _mm512_set_epi64(
+                    rep(b),
+                    rep(b),
+                    rep(b),
+                    rep(b),
+                    rep(a),
+                    rep(a),
+                    rep(a),
+                    rep(a),
+                );
+                let hb = _mm512_and_si512(_mm512_srlv_epi16(hd, shifts), low2);
+                let wv = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));
+                let e = s * QK_K + 128 * n + 64 * c;
+                // SAFETY: 64 activation bytes at e inside `xq` (asserted).
+                let x = unsafe { _mm512_loadu_si512(xq.as_ptr().add(e) as *const _) };
+                let dp = _mm512_sub_epi32(
+                    _mm512_dpbusd_epi32(zero, wv, x),
+                    _mm512_dpbusd_epi32(zero, c32, x),
+                );
+                let at = s * 16 + 8 * n + 4 * c;
+                let four = i32::from_le_bytes([w.sc[at], w.sc[at + 1], w.sc[at + 2], w.sc[at + 3]]);
+                let scales = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(
+                    spread,
+                    _mm512_cvtepi8_epi32(_mm_cvtsi32_si128(four)),
+                ));
+                let blk = e / QK;
+                let dx = _mm512_mask_blend_ps(
+                    0xFF00,
+                    _mm512_set1_ps(d * xd[blk]),
+                    _mm512_set1_ps(d * xd[blk + 1]),
+                );
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_mul_ps(scales, dx), acc);
+            }
+        }
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+/// Horizontal sum of 8 f32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// [`dot_q45k_scalar`] with AVX2: one 32-weight sub-block per `maddubs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q45k_avx2(w: &Row, xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nsb = w.d.len();
+    let five = !w.qh.is_empty();
+    assert!(
+        w.qs.len() >= nsb * 128
+            && w.sc.len() >= nsb * 16
+            && w.m.len() >= nsb
+            && xq.len() >= nsb * QK_K
+            && xd.len() >= nsb * 8
+            && xs.len() >= nsb * 8
+            && (!five || w.qh.len() >= nsb * 32)
+    );
+    let mask = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = 0f32;
+    for s in 0..nsb {
+        // SAFETY: super-block s's high-bit bytes lie inside `qh` (asserted).
+        let qh = if five {
+            unsafe { _mm256_loadu_si256(w.qh.as_ptr().add(s * 32) as *const __m256i) }
+        } else {
+            _mm256_setzero_si256()
+        };
+        let (d, dmin) = (w.d[s], w.m[s]);
+        let sc = &w.sc[s * 16..s * 16 + 16];
+        for j in 0..4 {
+            // SAFETY: chunk j's 32 code bytes inside `qs` (asserted).
+            let raw = unsafe {
+                _mm256_loadu_si256(w.qs.as_ptr().add(s * 128 + 32 * j) as *const __m256i)
+            };
+            for half in 0..2 {
+                let sub = 2 * j + half;
+                let mut wv = if half == 0 {
+                    _mm256_and_si256(raw, mask)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask)
+                };
+                if five {
+                    let bits =
+                        _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(sub as i32)), one);
+                    wv = _mm256_or_si256(wv, _mm256_slli_epi16(bits, 4));
+                }
+                let b = s * 8 + sub;
+                // SAFETY: activation block b inside `xq` (asserted).
+                let x = unsafe { _mm256_loadu_si256(xq.as_ptr().add(b * QK) as *const __m256i) };
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x), ones);
+                acc = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(p),
+                    _mm256_set1_ps(d * sc[sub] as f32 * xd[b]),
+                    acc,
+                );
+                acc_m += dmin * sc[8 + sub] as f32 * xs[b];
+            }
+        }
+    }
+    // SAFETY: AVX2 is enabled for this function.
+    unsafe { hsum256(acc) - acc_m }
+}
+
+/// [`dot_q6k_scalar`] with AVX2: one 32-weight half-chunk per `maddubs`, less `32 * sum(x)`;
+/// lanes 0-3 and 4-7 take the scales of their 16 weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q6k_avx2(w: &Row, xq: &[i8], xd: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nsb = w.d.len();
+    assert!(
+        w.qs.len() >= nsb * 128
+            && w.qh.len() >= nsb * 64
+            && w.sc.len() >= nsb * 16
+            && xq.len() >= nsb * QK_K
+            && xd.len() >= nsb * 8
+    );
+    let low4 = _mm256_set1_epi8(0x0F);
+    let low2 = _mm256_set1_epi8(0x03);
+    let c32 = _mm256_set1_epi8(32);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    for s in 0..nsb {
+        let d = w.d[s];
+        for n in 0..2 {
+            // SAFETY: half n's 32 high-bit bytes inside `qh` (asserted).
+            let h =
+                unsafe { _mm256_loadu_si256(w.qh.as_ptr().add(s * 64 + 32 * n) as *const __m256i) };
+            for c in 0..2 {
+                for t in 0..2 {
+                    // SAFETY: 32 low-nibble bytes inside `qs` (asserted).
+                    let l = unsafe {
+                        _mm256_loadu_si256(
+                            w.qs.as_ptr().add(s * 128 + 64 * n + 32 * t) as *const __m256i
+                        )
+                    };
+                    let lo = if c == 0 {
+                        _mm256_and_si256(l, low4)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16(l, 4), low4)
+                    };
+                    let shift = _mm_cvtsi32_si128((4 * c + 2 * t) as i32);
+                    let hb = _mm256_and_si256(_mm256_srl_epi16(h, shift), low2);
+                    let wv = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4));
+                    let e = s * QK_K + 128 * n + 64 * c + 32 * t;
+                    // SAFETY: 32 activation bytes at e inside `xq` (asserted).
+                    let x = unsafe { _mm256_loadu_si256(xq.as_ptr().add(e) as *const __m256i) };
+                    let p = _mm256_sub_epi32(
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x), ones),
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(c32, x), ones),
+                    );
+                    let g = s * 16 + 8 * n + 4 * c + 2 * t;
+                    let scale = _mm256_blend_ps(
+                        _mm256_set1_ps(w.sc[g] as i8 as f32),
+                        _mm256_set1_ps(w.sc[g + 1] as i8 as f32),
+                        0xF0,
+                    );
+                    let dx = _mm256_set1_ps(d * xd[e / QK]);
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(scale, dx), acc);
+                }
+            }
+        }
+    }
+    // SAFETY: AVX2 is enabled for this function.
+    unsafe { hsum256(acc) }
+}
+
+/// [`Isa::detect`], once.
+fn detected_isa() -> Isa {
+    use std::sync::OnceLock;
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(Isa::detect)
+}
+
 impl candle_core::CustomOp1 for Q41Matrix {
     fn name(&self) -> &'static str {
         "attune-decode-matmul"
@@ -406,7 +977,7 @@ impl candle_core::CustomOp1 for Q41Matrix {
         }
         let rows = x.len() / self.k;
         let mut out = vec![0f32; rows * self.n];
-        self.matmul(x, rows, &mut out);
+        self.matmul(x, rows, &mut out, detected_isa());
         let mut od = dims.to_vec();
         if let Some(l) = od.last_mut() {
             *l = self.n;
@@ -462,5 +1033,120 @@ mod kernel_tests {
                 "q8_0 nb {nb}: {a8} vs {b8}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod format_tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// Every format against candle's own dequantization: the scalar kernel equals the dot product
+    /// of the dequantized weights with the dequantized activations (so the unpacking is right),
+    /// and the AVX2 and AVX-512 VNNI kernels equal the scalar one.
+    #[test]
+    fn kernels_equal_the_dequantized_product() {
+        let dev = Device::Cpu;
+        let (n, k, rows) = (24, 768, 3);
+        let w = (Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap()
+            + Tensor::randn(0.3f32, 0.05, (n, k), &dev).unwrap())
+        .unwrap();
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (rows, k), &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let deq: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let m = Q41Matrix::from_qtensor(&q).unwrap().unwrap();
+            let (qx, dx, _) = quantize_activations(&x, rows * k / QK);
+            let xdeq: Vec<f32> = qx
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| c as f32 * dx[i / QK])
+                .collect();
+            let scalar = matmul_with(&m, &x, rows, Isa::Scalar).unwrap();
+            for i in 0..rows {
+                for r in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|j| deq[r * k + j] as f64 * xdeq[i * k + j] as f64)
+                        .sum();
+                    let got = scalar[i * n + r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-3 * want.abs().max(1.0),
+                        "{dtype:?} row {r}: scalar {got} vs dequantized {want}"
+                    );
+                }
+            }
+            for isa in [Isa::Avx2, Isa::Vnni] {
+                if !isa.available() {
+                    eprintln!("{isa:?} not available on this CPU: not compared");
+                    continue;
+                }
+                let fast = matmul_with(&m, &x, rows, isa).unwrap();
+                for (a, b) in fast.iter().zip(&scalar) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                        "{dtype:?} {isa:?}: {a} vs scalar {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn k_quant_rows_are_compact_and_concatenate() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (8, 512), &dev).unwrap();
+        for (dtype, file_bits, max_bits) in [
+            (GgmlDType::Q4K, 4.5, 4.8),
+            (GgmlDType::Q5K, 5.5, 5.8),
+            (GgmlDType::Q6K, 6.5625, 6.7),
+            (GgmlDType::Q4_1, 5.0, 6.0),
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let m = Arc::new(Q41Matrix::from_qtensor(&q).unwrap().unwrap());
+            let bits = m.row_bytes() as f64 * 8.0 / 512.0;
+            assert!(
+                bits >= file_bits && bits <= max_bits,
+                "{dtype:?}: {bits} bits per weight"
+            );
+            let both = Q41Matrix::concat(&[m.clone(), m.clone()]).unwrap();
+            let x: Vec<f32> = (0..512).map(|i| (i as f32 * 0.37).sin()).collect();
+            let one = matmul_with(&m, &x, 1, Isa::Scalar).unwrap();
+            let two = matmul_with(&both, &x, 1, Isa::Scalar).unwrap();
+            assert_eq!(&two[..8], &one[..]);
+            assert_eq!(&two[8..], &one[..]);
+        }
+        // Formats do not mix, and widths that are not whole super-blocks are left to candle.
+        let a = Arc::new(
+            Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4K).unwrap())
+                .unwrap()
+                .unwrap(),
+        );
+        let b = Arc::new(
+            Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q6K).unwrap())
+                .unwrap()
+                .unwrap(),
+        );
+        assert!(Q41Matrix::concat(&[a, b]).is_none());
+        let narrow = Tensor::randn(0f32, 1.0, (4, 256 + 32), &dev).unwrap();
+        let q = QTensor::quantize(&narrow, GgmlDType::Q8_0).unwrap();
+        assert!(Q41Matrix::from_qtensor(&q).unwrap().is_some());
     }
 }

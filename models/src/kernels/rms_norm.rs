@@ -1,5 +1,7 @@
-//! RMSNorm, `x / sqrt(mean(x^2) + eps) * w`, as one op with its backward pass (instead of five,
-//! each keeping its own intermediate); the slice-level passes are shared with the fused layer.
+//! RMSNorm, `x / sqrt(mean(x^2) + eps) * (w + offset)`, as one op with its backward pass (instead
+//! of five, each keeping its own intermediate); the slice-level passes are shared with the fused
+//! layer. `offset` is 0, or 1 for Gemma's `(1 + w)` norms (the weight stays the checkpoint's `w`,
+//! so its gradient and its decay are the checkpoint's).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -9,13 +11,19 @@ use super::{borrow_f32, f32_slice, CResult};
 
 /// `x / sqrt(mean(x^2) + eps) * w` over the last dim; differentiable in `x` and `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> CResult<Tensor> {
+    rms_norm_offset(x, w, eps, 0.0)
+}
+
+/// `x / sqrt(mean(x^2) + eps) * (w + offset)` over the last dim; differentiable in `x` and `w`.
+pub fn rms_norm_offset(x: &Tensor, w: &Tensor, eps: f32, offset: f32) -> CResult<Tensor> {
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    x.apply_op2(&w, RmsNormOp { eps })
+    x.apply_op2(&w, RmsNormOp { eps, offset })
 }
 
 struct RmsNormOp {
     eps: f32,
+    offset: f32,
 }
 
 pub(crate) fn inv_rms(row: &[f32], eps: f32) -> f32 {
@@ -23,8 +31,8 @@ pub(crate) fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ss / row.len() as f32 + eps).sqrt()
 }
 
-/// `x * w / rms(x)` row by row (`w.len()` features per row).
-pub(crate) fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+/// `x * (w + offset) / rms(x)` row by row (`w.len()` features per row).
+pub(crate) fn rms_forward(x: &[f32], w: &[f32], eps: f32, offset: f32) -> Vec<f32> {
     let _pg = super::profile::prof("rms.fwd");
     let h = w.len();
     let mut out = vec![0f32; x.len()];
@@ -34,7 +42,7 @@ pub(crate) fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
             for (orow, xrow) in o.chunks_mut(h).zip(xi.chunks(h)) {
                 let r = inv_rms(xrow, eps);
                 for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
-                    *o = x * r * w;
+                    *o = x * r * (w + offset);
                 }
             }
         });
@@ -43,10 +51,12 @@ pub(crate) fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 
 /// The backward pass of [`rms_forward`] for the output gradient `dy`: writes `dx` (adds to it
 /// when `accumulate`) and returns `dw` when `want_dw` (empty otherwise).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rms_backward(
     x: &[f32],
     w: &[f32],
     eps: f32,
+    offset: f32,
     dy: &[f32],
     dx: &mut [f32],
     accumulate: bool,
@@ -71,16 +81,16 @@ pub(crate) fn rms_backward(
                 // g' = dy * w; dx = r g' - x r^3 mean(g' x)
                 let mut dot = 0f32;
                 for ((&g, &w), &x) in gr.iter().zip(w).zip(xr) {
-                    dot += g * w * x;
+                    dot += g * (w + offset) * x;
                 }
                 let c = r * r * r * dot / h as f32;
                 if accumulate {
                     for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
-                        *d += r * g * w - x * c;
+                        *d += r * g * (w + offset) - x * c;
                     }
                 } else {
                     for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
-                        *d = r * g * w - x * c;
+                        *d = r * g * (w + offset) - x * c;
                     }
                 }
                 if let Some(dwp) = dwp {
@@ -118,7 +128,7 @@ impl CustomOp2 for RmsNormOp {
         if h == 0 || l1.shape().dims().last() != Some(&h) {
             candle_core::bail!("rms norm: input {:?} and weight [{h}] differ", l1.shape())
         }
-        let out = rms_forward(x, w, self.eps);
+        let out = rms_forward(x, w, self.eps, self.offset);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -136,7 +146,7 @@ impl CustomOp2 for RmsNormOp {
             gv = grad, "rms norm grad";
         );
         let mut dx = vec![0f32; xv.len()];
-        let dw = rms_backward(xv, wv, self.eps, gv, &mut dx, false, true);
+        let dw = rms_backward(xv, wv, self.eps, self.offset, gv, &mut dx, false, true);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -161,9 +171,21 @@ mod tests {
         let a = rms_norm(&x, &nw, 1e-5).unwrap();
         let var = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
         let b = x
-            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .broadcast_div(&(&var + 1e-5).unwrap().sqrt().unwrap())
             .unwrap()
             .broadcast_mul(&nw)
+            .unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let ga = (a * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-4);
+        assert!(max_diff(ga.get(&nw).unwrap(), gb.get(&nw).unwrap()) < 1e-4);
+        // Gemma's (1 + w): the same as a plain norm of w + 1, gradients included.
+        let a = rms_norm_offset(&x, &nw, 1e-5, 1.0).unwrap();
+        let b = x
+            .broadcast_div(&(&var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&(nw.as_tensor() + 1.0).unwrap())
             .unwrap();
         assert!(max_diff(&a, &b) < 1e-5);
         let ga = (a * &gy).unwrap().sum_all().unwrap().backward().unwrap();

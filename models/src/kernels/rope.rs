@@ -1,5 +1,6 @@
 //! Rotary position embedding (Hugging Face's rotate-half form), differentiable, and the in-place
-//! rotation the fused layer shares.
+//! rotation the fused layer shares. Partial rotary (Phi-4-mini) rotates the first `rd` of each
+//! head's `hd` dimensions and passes the rest through.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -10,14 +11,23 @@ use super::{borrow_f32, f32_slice, tensor_vec, CResult};
 /// Rotary position embedding (Hugging Face's rotate-half form) on `x` `[b, seq, heads, hd]`;
 /// `cos`/`sin` are `[seq, hd / 2]`. Differentiable in `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    let (_, half) = cos.dims2()?;
+    rope_partial(x, cos, sin, half * 2)
+}
+
+/// [`rope`] for heads of `hd` dimensions of which the first `2 * cos.dim(1)` rotate (partial
+/// rotary); `x` `[b, seq, ...]` holds whole heads in each position's row.
+pub fn rope_partial(x: &Tensor, cos: &Tensor, sin: &Tensor, hd: usize) -> CResult<Tensor> {
     let (l, half) = cos.dims2()?;
     let dims = x.dims();
-    let hd = half * 2;
+    let rd = half * 2;
     let row: usize = dims.get(2..).map_or(0, |d| d.iter().product());
     if dims.len() < 3
         || dims[1] != l
         || sin.dims() != cos.dims()
         || hd == 0
+        || rd == 0
+        || rd > hd
         || !row.is_multiple_of(hd)
     {
         candle_core::bail!(
@@ -32,23 +42,27 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
         sin: tensor_vec(sin)?,
         l,
         hd,
+        rd,
     })
 }
 
-/// Rotates, in place, every head (`hd` values) of `x`'s position rows (`row` values each,
-/// sequences of `l` positions) by its position's angle from `cos`/`sin` `[l, hd / 2]`; `sign`
-/// -1 applies the inverse rotation, which is the backward pass (the rotation's transpose).
+/// Rotates, in place, the first `rd` values of every head (`hd` values) of `x`'s position rows
+/// (`row` values each, sequences of `l` positions) by its position's angle from `cos`/`sin`
+/// `[l, rd / 2]`; `sign` -1 applies the inverse rotation, which is the backward pass (the
+/// rotation's transpose).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rope_in_place(
     x: &mut [f32],
     row: usize,
     l: usize,
     hd: usize,
+    rd: usize,
     cos: &[f32],
     sin: &[f32],
     sign: f32,
 ) {
     let _pg = super::profile::prof("rope");
-    let half = hd / 2;
+    let half = rd / 2;
     if row == 0 || half == 0 {
         return;
     }
@@ -59,7 +73,7 @@ pub(crate) fn rope_in_place(
             &sin[pos * half..(pos + 1) * half],
         );
         for xh in xr.chunks_mut(hd) {
-            let (x1, x2) = xh.split_at_mut(half);
+            let (x1, x2) = xh[..rd].split_at_mut(half);
             for i in 0..half {
                 let sn = s[i] * sign;
                 let (a, b) = (x1[i], x2[i]);
@@ -73,9 +87,10 @@ pub(crate) fn rope_in_place(
 struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
-    /// Positions per sequence and the head size.
+    /// Positions per sequence, the head size and the rotated dims per head.
     l: usize,
     hd: usize,
+    rd: usize,
 }
 
 impl Rope {
@@ -84,7 +99,9 @@ impl Rope {
     /// transpose).
     fn apply(&self, x: &[f32], row: usize, sign: f32) -> Vec<f32> {
         let mut out = x.to_vec();
-        rope_in_place(&mut out, row, self.l, self.hd, &self.cos, &self.sin, sign);
+        rope_in_place(
+            &mut out, row, self.l, self.hd, self.rd, &self.cos, &self.sin, sign,
+        );
         out
     }
 
@@ -143,5 +160,25 @@ mod tests {
         let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(gf.get(&x).unwrap(), gs.get(&x).unwrap()) < 1e-5);
+        // Partial rotary: the first 4 of 8 dims rotate (with a [l, 2] table), the rest pass.
+        let (c2, s2) = (cos.narrow(1, 0, 2).unwrap(), sin.narrow(1, 0, 2).unwrap());
+        let part = rope_partial(&x, &c2, &s2, hd).unwrap();
+        let head = x
+            .narrow(3, 0, 4)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let rot = candle_nn::rotary_emb::rope_slow(&head, &c2, &s2)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let want = Tensor::cat(&[&rot, &x.narrow(3, 4, 4).unwrap()], 3).unwrap();
+        assert!(max_diff(&part, &want) < 1e-5);
+        let gp = (part * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(gp.get(&x).unwrap(), gw.get(&x).unwrap()) < 1e-5);
+        assert!(rope_partial(&x, &cos, &sin, 6).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! SwiGLU, `silu(gate) * up`, as an op with its backward pass, and gate, up and SwiGLU as one op
-//! ([`gate_up_swiglu`]); the slice-level passes are shared with the fused layer.
+//! ([`gate_up_swiglu`]); GeGLU, `gelu_tanh(gate) * up` (Gemma), as an op ([`geglu`]); the
+//! slice-level passes ([`gated_forward`], [`gated_backward`]) are shared with the fused layer.
 
 use std::sync::Mutex;
 
@@ -48,6 +49,126 @@ pub(crate) fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Ve
 
 /// Elements per task of the SwiGLU passes.
 const SWIGLU_CHUNK: usize = 1 << 14;
+
+/// The gate's activation in a gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateAct {
+    /// `silu(g) * u` (SwiGLU).
+    Silu,
+    /// `gelu_tanh(g) * u` (GeGLU with GELU's tanh approximation, PyTorch's `gelu(approximate="tanh")`).
+    GeluTanh,
+}
+
+const GELU_K: f32 = 0.797_884_6; // sqrt(2 / pi)
+const GELU_C: f32 = 0.044_715;
+
+/// `act(g) * u`.
+pub(crate) fn gated_forward(act: GateAct, g: &[f32], u: &[f32]) -> Vec<f32> {
+    match act {
+        GateAct::Silu => swiglu_forward(g, u),
+        GateAct::GeluTanh => {
+            let mut out = vec![0f32; g.len()];
+            out.par_chunks_mut(SWIGLU_CHUNK)
+                .zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK)))
+                .for_each(|(o, (g, u))| {
+                    for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
+                        let t = (GELU_K * (x + GELU_C * x * x * x)).tanh();
+                        *o = 0.5 * x * (1.0 + t) * u;
+                    }
+                });
+            out
+        }
+    }
+}
+
+/// The gradients `(dg, du)` of [`gated_forward`] for the output gradient `dy`.
+pub(crate) fn gated_backward(
+    act: GateAct,
+    g: &[f32],
+    u: &[f32],
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    match act {
+        GateAct::Silu => swiglu_backward(g, u, dy),
+        GateAct::GeluTanh => {
+            const C: usize = SWIGLU_CHUNK;
+            let mut dg = vec![0f32; g.len()];
+            let mut du = vec![0f32; g.len()];
+            dg.par_chunks_mut(C)
+                .zip(du.par_chunks_mut(C))
+                .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
+                .for_each(|((dg, du), ((g, u), dy))| {
+                    for ((((dg, du), &x), &u), &d) in
+                        dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy)
+                    {
+                        let t = (GELU_K * (x + GELU_C * x * x * x)).tanh();
+                        let gelu = 0.5 * x * (1.0 + t);
+                        let dgelu = 0.5 * (1.0 + t)
+                            + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * x * x);
+                        *du = d * gelu;
+                        *dg = d * u * dgelu;
+                    }
+                });
+            (dg, du)
+        }
+    }
+}
+
+/// `gelu_tanh(gate) * up`, differentiable in both.
+pub fn geglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
+    if gate.dims() != up.dims() {
+        candle_core::bail!(
+            "geglu: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        )
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, GeGlu)
+}
+
+struct GeGlu;
+
+impl CustomOp2 for GeGlu {
+    fn name(&self) -> &'static str {
+        "attune-geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("GeGlu.cpu_fwd");
+        let g = f32_slice(s1, l1, "geglu gate")?;
+        let u = f32_slice(s2, l2, "geglu up")?;
+        Ok((
+            CpuStorage::F32(gated_forward(GateAct::GeluTanh, g, u)),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let _pg = prof("GeGlu.bwd");
+        borrow_f32!(g = gate, "geglu gate"; u = up, "geglu up"; dy = grad, "geglu grad");
+        if u.len() != g.len() || dy.len() != g.len() {
+            candle_core::bail!("geglu backward: gate, up and grad sizes differ")
+        }
+        let (dg, du) = gated_backward(GateAct::GeluTanh, g, u, dy);
+        let dev = gate.device();
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), dev)?),
+            Some(Tensor::from_vec(du, up.shape(), dev)?),
+        ))
+    }
+}
 
 struct SwiGlu;
 
@@ -250,6 +371,22 @@ mod tests {
         let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(gf.get(&g).unwrap(), gs.get(&g).unwrap()) < 1e-5);
+        assert!(max_diff(gf.get(&u).unwrap(), gs.get(&u).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn geglu_matches_candle_gelu_tanh() {
+        let dev = Device::Cpu;
+        let g = Var::randn(0f32, 2., (7, 9), &dev).unwrap();
+        let u = Var::randn(0f32, 1., (7, 9), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (7, 9), &dev).unwrap();
+        let fast = geglu(&g, &u).unwrap();
+        // candle's `gelu` is the tanh approximation, with its own backward pass.
+        let slow = (g.gelu().unwrap() * u.as_tensor()).unwrap();
+        assert!(max_diff(&fast, &slow) < 1e-5);
+        let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(gf.get(&g).unwrap(), gs.get(&g).unwrap()) < 1e-4);
         assert!(max_diff(gf.get(&u).unwrap(), gs.get(&u).unwrap()) < 1e-5);
     }
 

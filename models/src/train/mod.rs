@@ -25,7 +25,9 @@ use crate::llama::Llama;
 use crate::tokenizer::Tok;
 use crate::{Error, Result};
 
-/// The projections LoRA can target, by their Hugging Face names.
+/// The projections LoRA can target in a model with separate q/k/v and gate/up projections, by
+/// their Hugging Face names (a model's own list: [`Llama::lora_targets`]; Phi-3's are
+/// `qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj`).
 pub const LORA_TARGETS: [&str; 7] = [
     "q_proj",
     "k_proj",
@@ -153,6 +155,8 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
     let mut rng = StdRng::seed_from_u64(seed);
     let mut params = Vec::new();
     let mut prefix = None;
+    // LoRA's targets as the model names them (see `Config::resolve_lora_targets`).
+    let mut resolved = None;
     match method {
         Method::Full => {
             // With bf16 products, the f32 master copies of the matrices the products read start
@@ -171,13 +175,7 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             let emb = Var::from_tensor(&master(model.embed_tokens().weight_f32()?)?)?;
             params.push(("model.embed_tokens.weight".to_string(), emb.clone()));
             for (i, block) in model.layers_mut().iter_mut().enumerate() {
-                for (name, norm) in [
-                    ("input_layernorm", &mut block.input_layernorm),
-                    (
-                        "post_attention_layernorm",
-                        &mut block.post_attention_layernorm,
-                    ),
-                ] {
+                for (name, norm) in block.norms_mut() {
                     let v = Var::from_tensor(&norm.weight)?;
                     norm.weight = v.as_tensor().clone();
                     params.push((format!("model.layers.{i}.{name}.weight"), v));
@@ -222,14 +220,14 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
                     "LoRA needs at least one target module".into(),
                 ));
             }
-            for t in &cfg.targets {
-                if !LORA_TARGETS.contains(&t.as_str()) {
-                    return Err(Error::InvalidParams(format!(
-                        "unknown LoRA target '{t}' (choose from {})",
-                        LORA_TARGETS.join(", ")
-                    )));
-                }
-            }
+            let targets = model
+                .config()
+                .resolve_lora_targets(&cfg.targets)
+                .map_err(Error::InvalidParams)?;
+            resolved = Some(Method::Lora(LoraConfig {
+                targets: targets.clone(),
+                ..cfg.clone()
+            }));
             if !(0.0..1.0).contains(&cfg.dropout) {
                 return Err(Error::InvalidParams(format!(
                     "LoRA dropout {} is not in [0, 1)",
@@ -239,7 +237,7 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             let device = model.device().clone();
             for (name, lin) in model.linears_mut() {
                 let short = name.rsplit('.').next().unwrap_or("");
-                if !cfg.targets.iter().any(|t| t == short) {
+                if !targets.iter().any(|t| t == short) {
                     continue;
                 }
                 let (din, dout) = (lin.in_dim(), lin.out_dim());
@@ -273,7 +271,9 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             let vocab = model.config().vocab_size;
             let ids: Vec<u32> = match &cfg.init {
                 PromptInit::Text(text) => {
-                    let base = tok.encode(text, false)?;
+                    // With the tokenizer's special tokens (a BOS where it adds one), as PEFT
+                    // tokenizes the init text.
+                    let base = tok.encode(text, true)?;
                     if base.is_empty() {
                         return Err(Error::InvalidParams(
                             "the prompt-tuning init text has no tokens".into(),
@@ -293,7 +293,7 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
         }
     }
     Ok(Trainable {
-        method: method.clone(),
+        method: resolved.unwrap_or_else(|| method.clone()),
         params,
         prefix,
     })

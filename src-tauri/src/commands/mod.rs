@@ -7,6 +7,7 @@ pub mod chat;
 pub mod datasets;
 pub mod diagnostics;
 pub mod endpoints;
+pub mod export;
 pub mod models;
 pub mod playground;
 pub mod runs;

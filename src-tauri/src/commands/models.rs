@@ -3,7 +3,7 @@
 
 use super::{blocking, invalid};
 use crate::AppState;
-use attune_protocol::{AddModelReply, DroppedFile, IpcError, ModelSummary, PullUpdate};
+use attune_protocol::{AddModelReply, DroppedFile, HubStatus, IpcError, ModelSummary, PullUpdate};
 use std::sync::atomic::Ordering;
 use tauri::ipc::Channel;
 use tauri::{AppHandle, State};
@@ -109,6 +109,13 @@ pub async fn pull_model(
 pub async fn cancel_pull(state: State<'_, AppState>) -> Result<(), IpcError> {
     state.pull_cancel.store(true, Ordering::SeqCst);
     Ok(())
+}
+
+/// Whether the Hugging Face Hub can be reached from this machine (a connection within
+/// a few seconds), so the first-start screen can say it is offline.
+#[tauri::command]
+pub async fn hub_status() -> Result<HubStatus, IpcError> {
+    blocking(|| Ok(attune_engine::hub_status())).await
 }
 
 /// What `path` is: a model, a dataset, an adapter, or unusable (with the reason). Only for a

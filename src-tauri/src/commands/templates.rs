@@ -41,6 +41,26 @@ pub async fn remove_template(state: State<'_, AppState>, id: i64) -> Result<(), 
     blocking(move || engine.remove_template(id).map_err(|e| IpcError::from(&e))).await
 }
 
+/// The request an API model receives for `draft` and `message` (it applies its own chat
+/// template).
+#[tauri::command]
+pub async fn preview_template_for_endpoint(
+    state: State<'_, AppState>,
+    endpoint: attune_protocol::EndpointModel,
+    draft: TemplateDraft,
+    message: String,
+    values: Option<BTreeMap<String, String>>,
+) -> Result<TemplatePreview, IpcError> {
+    let engine = state.engine()?;
+    let values = values.unwrap_or_default();
+    blocking(move || {
+        engine
+            .preview_template_for_endpoint(&endpoint, &draft, &message, &values)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
 /// The exact text model `model_id` receives for `draft` and `message`.
 #[tauri::command]
 pub async fn preview_template(

@@ -13,6 +13,7 @@ pub mod datasets;
 pub mod diagnostics;
 pub mod endpoints;
 pub mod events;
+pub mod export;
 pub mod models;
 pub mod runs;
 pub mod server;

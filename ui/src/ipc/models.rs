@@ -1,7 +1,7 @@
 //! Mirrors `src-tauri/src/commands/models.rs`: the model library and Hub pulls.
 
 use super::{invoke, invoke_with_channel};
-use attune_protocol::{AddModelReply, DroppedFile, IpcError, ModelSummary, PullUpdate};
+use attune_protocol::{AddModelReply, DroppedFile, HubStatus, IpcError, ModelSummary, PullUpdate};
 use serde_json::json;
 
 /// All registered models.
@@ -40,6 +40,12 @@ pub async fn pull_model(
 /// Stops the running pull; it fails with code "cancelled" and registers nothing.
 pub async fn cancel_pull() -> Result<(), IpcError> {
     invoke("cancel_pull", &json!({})).await
+}
+
+/// Whether the Hugging Face Hub can be reached from this machine (takes a few seconds
+/// at most).
+pub async fn hub_status() -> Result<HubStatus, IpcError> {
+    invoke("hub_status", &json!({})).await
 }
 
 /// What a path (dropped or picked) is: a model, a dataset, an adapter, or unusable.

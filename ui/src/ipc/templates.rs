@@ -37,3 +37,18 @@ pub async fn preview_template(
     )
     .await
 }
+
+/// The request an API model receives for `draft` and `message`: a JSON body whose
+/// `messages` the endpoint runs through its own chat template.
+pub async fn preview_template_for_endpoint(
+    endpoint: &attune_protocol::EndpointModel,
+    draft: &TemplateDraft,
+    message: &str,
+    values: &BTreeMap<String, String>,
+) -> Result<TemplatePreview, IpcError> {
+    invoke(
+        "preview_template_for_endpoint",
+        &json!({ "endpoint": endpoint, "draft": draft, "message": message, "values": values }),
+    )
+    .await
+}

@@ -121,6 +121,17 @@ pub fn AdaptWizard() -> impl IntoView {
     let datasets: RwSignal<Vec<DatasetSummary>> = RwSignal::new(Vec::new());
     let domains = RwSignal::new(DomainCount::One);
     let api_only = RwSignal::new(false);
+    // The API path: the endpoint model the template is written for ("endpoint_id:model").
+    let endpoint_model = RwSignal::new(String::new());
+    let endpoints: RwSignal<Vec<attune_protocol::EndpointSummary>> = RwSignal::new(Vec::new());
+    Effect::new(move |_| {
+        ctx.library_version.track();
+        spawn_local(async move {
+            if let Ok(list) = crate::ipc::endpoints::list_endpoints().await {
+                endpoints.set(list);
+            }
+        });
+    });
     let budget = RwSignal::new("15".to_string());
     let advice: RwSignal<Option<Advice>> = RwSignal::new(None);
     let advising = RwSignal::new(false);
@@ -361,10 +372,24 @@ pub fn AdaptWizard() -> impl IntoView {
                     m.gpu.clone().unwrap_or_else(|| "no GPU".into()),
                     if m.simd.is_empty() { String::new() } else { format!(" · {}", m.simd.join(", ")) },
                 );
+                let model = a.model.as_ref().map(|m| format!(
+                    "{} · {} context · {} · can: {}",
+                    m.family,
+                    crate::format::context(m.context_length),
+                    m.quantization,
+                    crate::format::support(&m.support),
+                ));
+                let limits = a.model.as_ref().map(|m| m.support.limits.clone()).unwrap_or_default();
                 view! {
                     <div class="card advice" id="adapt-advice">
                         <h2>"2 · Recommendation"</h2>
                         <p class="muted" id="machine-info">{machine}</p>
+                        {model.map(|m| view! { <p class="muted" id="model-info">{m}</p> })}
+                        {(!limits.is_empty()).then(|| view! {
+                            <ul class="limits" id="model-limits">
+                                {limits.iter().map(|l| view! { <li>{l.clone()}</li> }).collect_view()}
+                            </ul>
+                        })}
                         <p class="recommended" id="recommended-method">
                             "Recommended: " <strong>{method_title(&a.recommended)}</strong>
                             " — " {method_blurb(&a.recommended)}
@@ -392,7 +417,41 @@ pub fn AdaptWizard() -> impl IntoView {
                     <div class="card" id="adapt-template">
                         <h2>"3 · Write a template"</h2>
                         <p>{method_blurb("template")}</p>
-                        <button id="open-templates" on:click=move |_| ctx.go(Page::Templates)>"Open the template editor"</button>
+                        {move || api_only.get().then(|| {
+                            let models: Vec<(String, String)> = endpoints.get().into_iter().flat_map(|e| {
+                                let ename = e.name.clone();
+                                e.models.into_iter().map(move |m| (format!("{}:{m}", e.id), format!("{m} at {ename}")))
+                            }).collect();
+                            if models.is_empty() {
+                                view! {
+                                    <p id="adapt-no-endpoint">"Add the API you use (its address and key) on the Connect page; its models then appear here."</p>
+                                    <button class="secondary" id="adapt-add-endpoint" on:click=move |_| ctx.go(Page::Connect)>"Add an API endpoint"</button>
+                                }.into_any()
+                            } else {
+                                if endpoint_model.get_untracked().is_empty() {
+                                    endpoint_model.set(models[0].0.clone());
+                                }
+                                view! {
+                                    <Field label="The API model" hint="The template is previewed as the request this model receives, and evaluated by its answers (label accuracy) on your data.">
+                                        <select id="adapt-endpoint-model" on:change=move |ev| endpoint_model.set(event_target_value(&ev)) prop:value=move || endpoint_model.get()>
+                                            {models.into_iter().map(|(v, label)| {
+                                                let vv = v.clone();
+                                                view! { <option value=v selected=move || endpoint_model.get() == vv>{label}</option> }
+                                            }).collect_view()}
+                                        </select>
+                                    </Field>
+                                }.into_any()
+                            }
+                        })}
+                        <button id="open-templates" on:click=move |_| {
+                            if api_only.get_untracked() && !endpoint_model.get_untracked().is_empty() {
+                                ctx.template_target.set(Some(endpoint_model.get_untracked()));
+                            }
+                            if let Some(d) = dataset.get_untracked() {
+                                ctx.focus_dataset.set(Some(d));
+                            }
+                            ctx.go(Page::Templates)
+                        }>{move || if api_only.get() { "Write the template and evaluate it on the API model" } else { "Open the template editor" }}</button>
                     </div>
                 })
             }}
@@ -406,7 +465,7 @@ pub fn AdaptWizard() -> impl IntoView {
                         Some(Ok(c)) => {
                             let cls = if c.fits { "verdict fits" } else { "verdict too-big" };
                             view! {
-                                <div class=cls id="fit-verdict" data-fits=c.fits.to_string()>
+                                <div class=cls id="fit-verdict" data-fits=c.fits.to_string() data-peak-mb=c.peak_memory_mb.to_string()>
                                     <strong>{if c.fits { "✓ It fits." } else { "✗ It will not fit." }}</strong>
                                     {format!(
                                         " Peak memory about {} of {} available; {} steps, about {} at {:.0} tokens/s.",

@@ -3,14 +3,16 @@
 //! The models tab also adds models from a file, a folder or the Hugging Face Hub,
 //! and files dropped anywhere on the window are routed from here.
 
+pub mod add;
 mod details;
+mod export;
 pub mod logic;
 
-use crate::components::{error_note, Field, ModelSelect, Progress};
+use crate::components::{error_note, Field, ModelSelect};
 use crate::{ipc, AppCtx, Page};
+use add::{added_text, AddLocal, HubDownload};
 use attune_protocol::{
-    AdapterSummary, DatasetSummary, DroppedFile, EvalReport, IpcError, PullUpdate, RunSummary,
-    TemplateRecord,
+    AdapterSummary, DatasetSummary, DroppedFile, EvalReport, IpcError, RunSummary, TemplateRecord,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -287,212 +289,18 @@ pub fn LibraryPage() -> impl IntoView {
     }
 }
 
-/// "X was added to the library." or "X is already in the library."
-fn added_text(name: &str, already: bool) -> String {
-    if already {
-        format!("{name} is already in the library.")
-    } else {
-        format!("{name} was added to the library.")
-    }
-}
-
 /// Adding a model: a local file or folder, or a Hugging Face Hub download.
 #[component]
 fn AddModel(selected: RwSignal<Option<i64>>) -> impl IntoView {
-    let ctx = AppCtx::get();
-    let path = RwSignal::new(String::new());
-    let adding = RwSignal::new(false);
-    let local_note: RwSignal<Option<Banner>> = RwSignal::new(None);
-
-    let repo = RwSignal::new(String::new());
-    let revision = RwSignal::new(String::new());
-    let file = RwSignal::new(String::new());
-    let pulling = RwSignal::new(false);
-    let progress: RwSignal<Option<PullUpdate>> = RwSignal::new(None);
-    let hub_note: RwSignal<Option<Banner>> = RwSignal::new(None);
-
-    let browse = move |folder: bool| {
-        spawn_local(async move {
-            let picked = if folder {
-                ipc::models::pick_path("Choose a model folder", true, &[]).await
-            } else {
-                ipc::models::pick_path("Choose a model file", false, &["gguf"]).await
-            };
-            match picked {
-                Ok(Some(p)) => path.set(p),
-                Ok(None) => {}
-                Err(e) => local_note.set(Some(Banner::Error(e))),
-            }
-        });
-    };
-
-    let add = move || {
-        let p = path.get_untracked().trim().to_string();
-        if p.is_empty() || adding.get_untracked() {
-            return;
-        }
-        adding.set(true);
-        local_note.set(None);
-        spawn_local(async move {
-            match ipc::models::add_model(&p).await {
-                Ok(reply) => {
-                    local_note.set(Some(Banner::Ok(added_text(
-                        &reply.model.name,
-                        reply.already_present,
-                    ))));
-                    selected.set(Some(reply.model.id));
-                    path.set(String::new());
-                    ctx.library_changed();
-                }
-                Err(e) => local_note.set(Some(Banner::Error(e))),
-            }
-            adding.set(false);
-        });
-    };
-
-    let pull = move || {
-        let r = repo.get_untracked().trim().to_string();
-        if r.is_empty() || pulling.get_untracked() {
-            return;
-        }
-        let rev = revision.get_untracked().trim().to_string();
-        let f = file.get_untracked().trim().to_string();
-        pulling.set(true);
-        progress.set(None);
-        hub_note.set(None);
-        spawn_local(async move {
-            let result = ipc::models::pull_model(
-                &r,
-                (!rev.is_empty()).then_some(rev.as_str()),
-                (!f.is_empty()).then_some(f.as_str()),
-                move |update| match update {
-                    Ok(u) => progress.set(Some(u)),
-                    Err(e) => hub_note.set(Some(Banner::Error(e))),
-                },
-            )
-            .await;
-            match result {
-                Ok(reply) => {
-                    hub_note.set(Some(Banner::Ok(added_text(
-                        &reply.model.name,
-                        reply.already_present,
-                    ))));
-                    selected.set(Some(reply.model.id));
-                    ctx.library_changed();
-                }
-                Err(e) if e.code == "cancelled" => hub_note.set(Some(Banner::Ok(
-                    "Download cancelled; nothing was added.".into(),
-                ))),
-                Err(e) => hub_note.set(Some(Banner::Error(e))),
-            }
-            pulling.set(false);
-            progress.set(None);
-        });
-    };
-
-    let cancel = move |_| {
-        spawn_local(async move {
-            if let Err(e) = ipc::models::cancel_pull().await {
-                hub_note.set(Some(Banner::Error(e)));
-            }
-        });
-    };
-
-    let note = |n: RwSignal<Option<Banner>>| {
-        move || {
-            n.get().map(|b| match b {
-                Banner::Ok(t) => {
-                    view! { <div class="notice" data-testid="notice">{t}</div> }.into_any()
-                }
-                Banner::Error(e) => error_note(&e).into_any(),
-            })
-        }
-    };
-
     view! {
         <div class="card add-model-card grid-2">
             <div class="add-local">
                 <h3>"Add a model from this machine"</h3>
-                <Field label="File or folder" hint="A .gguf file, or a Hugging Face folder with config.json and safetensors. Files stay where they are.">
-                    <input
-                        type="text"
-                        id="model-path"
-                        placeholder="/path/to/model.gguf"
-                        prop:value=move || path.get()
-                        on:input=move |ev| path.set(event_target_value(&ev))
-                        on:keydown=move |ev| if ev.key() == "Enter" { add() }
-                    />
-                </Field>
-                <div class="row">
-                    <button class="secondary" id="browse-file" on:click=move |_| browse(false)>"Browse file…"</button>
-                    <button class="secondary" id="browse-folder" on:click=move |_| browse(true)>"Browse folder…"</button>
-                    <button
-                        id="add-model"
-                        disabled=move || adding.get() || path.get().trim().is_empty()
-                        on:click=move |_| add()
-                    >
-                        {move || if adding.get() { "Adding…" } else { "Add" }}
-                    </button>
-                </div>
-                {note(local_note)}
-                <p class="drop-hint muted" id="drop-hint">
-                    "Or drop a model file or folder anywhere on this window."
-                </p>
+                <AddLocal prefix="" selected=selected drop_hint=true />
             </div>
             <div class="add-hub">
                 <h3>"Download from the Hugging Face Hub"</h3>
-                <div class="grid-3">
-                    <Field label="Repository" hint="e.g. HuggingFaceTB/SmolLM2-135M-Instruct">
-                        <input
-                            type="text"
-                            id="hub-repo"
-                            prop:value=move || repo.get()
-                            on:input=move |ev| repo.set(event_target_value(&ev))
-                        />
-                    </Field>
-                    <Field label="Revision" hint="Branch, tag or commit (default main).">
-                        <input
-                            type="text"
-                            id="hub-revision"
-                            placeholder="main"
-                            prop:value=move || revision.get()
-                            on:input=move |ev| revision.set(event_target_value(&ev))
-                        />
-                    </Field>
-                    <Field label="File" hint="One .gguf of the repository (optional).">
-                        <input
-                            type="text"
-                            id="hub-file"
-                            prop:value=move || file.get()
-                            on:input=move |ev| file.set(event_target_value(&ev))
-                        />
-                    </Field>
-                </div>
-                <div class="row">
-                    <button
-                        id="hub-pull"
-                        disabled=move || pulling.get() || repo.get().trim().is_empty()
-                        on:click=move |_| pull()
-                    >
-                        {move || if pulling.get() { "Downloading…" } else { "Download" }}
-                    </button>
-                    {move || pulling.get().then(|| view! {
-                        <button class="secondary" id="hub-cancel" on:click=cancel>"Cancel"</button>
-                    })}
-                </div>
-                {move || pulling.get().then(|| {
-                    view! {
-                        <div id="hub-progress" data-testid="hub-progress">
-                            <Progress
-                                fraction=Signal::derive(move || progress.get().as_ref().and_then(logic::pull_fraction))
-                                label=Signal::derive(move || {
-                                    progress.get().as_ref().map(logic::pull_label).unwrap_or_else(|| "Connecting…".into())
-                                })
-                            />
-                        </div>
-                    }
-                })}
-                {note(hub_note)}
+                <HubDownload prefix="" selected=selected />
             </div>
         </div>
     }

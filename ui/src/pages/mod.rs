@@ -9,3 +9,4 @@ pub mod playground;
 pub mod runs;
 pub mod targets;
 pub mod templates;
+pub mod welcome;

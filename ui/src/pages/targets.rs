@@ -388,6 +388,8 @@ mod tests {
                 path: "m.gguf".into(),
             },
             added_at: String::new(),
+            family: "Llama".into(),
+            support: Default::default(),
         }
     }
 

@@ -7,9 +7,9 @@
 use crate::components::{error_note, ConfirmButton, ErrorSlot, Field, ModelSelect, Progress};
 use crate::{ipc, AppCtx};
 use attune_protocol::{
-    ChatMessage, DatasetSummary, EndpointEvalReport, EndpointSummary, EvalOptions, EvalProgress,
-    EvalReport, EvalSubject, IpcError, PromptTemplate, SplitName, TemplateDraft, TemplatePreview,
-    TemplateRecord,
+    ChatMessage, DatasetSummary, EndpointEvalReport, EndpointModel, EndpointSummary, EvalOptions,
+    EvalProgress, EvalReport, EvalSubject, IpcError, PromptTemplate, SplitName, TemplateDraft,
+    TemplatePreview, TemplateRecord,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -127,6 +127,8 @@ pub fn TemplatesPage() -> impl IntoView {
     let preview: RwSignal<Option<TemplatePreview>> = RwSignal::new(None);
     let preview_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
     let preview_ticket = StoredValue::new(0u64);
+    // Shown for: the local preview model (""), or an API model ("endpoint_id:model").
+    let preview_on = RwSignal::new(String::new());
     // Evaluation.
     let datasets: RwSignal<Vec<DatasetSummary>> = RwSignal::new(Vec::new());
     let eval_dataset: RwSignal<Option<i64>> = RwSignal::new(None);
@@ -152,6 +154,21 @@ pub fn TemplatesPage() -> impl IntoView {
                     endpoints.set(list);
                 }
             });
+        });
+    }
+
+    // The advisor's API path names the API model and the dataset to evaluate on.
+    {
+        let ctx = AppCtx::get();
+        Effect::new(move |_| {
+            if let Some(target) = ctx.template_target.get() {
+                preview_on.set(target.clone());
+                eval_on.set(target);
+                if let Some(d) = ctx.focus_dataset.get_untracked() {
+                    eval_dataset.set(Some(d));
+                }
+                ctx.template_target.set(None);
+            }
         });
     }
 
@@ -351,11 +368,12 @@ pub fn TemplatesPage() -> impl IntoView {
         let d = draft.get();
         let model = preview_model.get();
         let message = preview_message.get();
+        let remote = endpoint_choice(&preview_on.get());
         let ticket = preview_ticket.get_value() + 1;
         preview_ticket.set_value(ticket);
-        let Some(model_id) = model else {
+        if model.is_none() && remote.is_none() {
             return;
-        };
+        }
         set_timeout(
             move || {
                 if preview_ticket.get_value() != ticket {
@@ -363,8 +381,18 @@ pub fn TemplatesPage() -> impl IntoView {
                 }
                 spawn_local(async move {
                     let vals = d.variables.clone();
-                    let result =
-                        ipc::templates::preview_template(model_id, &d, &message, &vals).await;
+                    let result = match (&remote, model) {
+                        (Some(target), _) => {
+                            ipc::templates::preview_template_for_endpoint(
+                                target, &d, &message, &vals,
+                            )
+                            .await
+                        }
+                        (None, Some(model_id)) => {
+                            ipc::templates::preview_template(model_id, &d, &message, &vals).await
+                        }
+                        (None, None) => return,
+                    };
                     if preview_ticket.get_value() != ticket {
                         return;
                     }
@@ -386,13 +414,15 @@ pub fn TemplatesPage() -> impl IntoView {
             return;
         }
         let d = draft.get_untracked();
-        let Some(model_id) = preview_model.get_untracked() else {
+        let remote_choice = endpoint_choice(&eval_on.get_untracked());
+        let local_model = preview_model.get_untracked();
+        if remote_choice.is_none() && local_model.is_none() {
             eval_error.set(Some(IpcError {
                 code: "invalid_input".into(),
-                message: "Choose a model in the preview to evaluate the template on.".into(),
+                message: "Choose a model in the preview, or an API model under Answered by, to evaluate the template on.".into(),
             }));
             return;
-        };
+        }
         let Some(dataset_id) = eval_dataset.get_untracked() else {
             eval_error.set(Some(IpcError {
                 code: "invalid_input".into(),
@@ -428,10 +458,10 @@ pub fn TemplatesPage() -> impl IntoView {
             values: d.variables.clone(),
         };
         // An API model: label accuracy only.
-        let remote = eval_on.get_untracked();
-        if let Some((eid, model)) = remote
-            .split_once(':')
-            .and_then(|(e, m)| Some((e.parse::<i64>().ok()?, m.to_string())))
+        if let Some(EndpointModel {
+            endpoint_id: eid,
+            model,
+        }) = remote_choice
         {
             let options = EvalOptions {
                 split: eval_split.get_untracked(),
@@ -468,6 +498,9 @@ pub fn TemplatesPage() -> impl IntoView {
             });
             return;
         }
+        let Some(model_id) = local_model else {
+            return;
+        };
         let subject = EvalSubject::Template {
             model: model_id.to_string(),
             template,
@@ -763,6 +796,18 @@ pub fn TemplatesPage() -> impl IntoView {
                             <Field label="Model" hint="Its chat template is applied.">
                                 <ModelSelect selected=preview_model id="preview-model" />
                             </Field>
+                            <Field label="Shown for" hint="An API model applies its own chat template: the preview shows the request Attune sends.">
+                                <select id="preview-on" on:change=move |ev| { let v = event_target_value(&ev); eval_on.set(v.clone()); preview_on.set(v); } prop:value=move || preview_on.get()>
+                                    <option value="">"The model above (this computer)"</option>
+                                    {move || endpoints.get().into_iter().flat_map(|e| {
+                                        let ename = e.name.clone();
+                                        e.models.into_iter().map(move |m| {
+                                            let value = format!("{}:{m}", e.id);
+                                            view! { <option value=value.clone() selected=move || preview_on.get() == value>{format!("{m} at {ename}")}</option> }
+                                        })
+                                    }).collect_view()}
+                                </select>
+                            </Field>
                             <Field label="Sample message" hint="Stands for {{input}}.">
                                 <input type="text" id="preview-message" prop:value=move || preview_message.get() on:input=move |ev| preview_message.set(event_target_value(&ev)) />
                             </Field>
@@ -772,7 +817,7 @@ pub fn TemplatesPage() -> impl IntoView {
                             preview.get().map(|p| {
                                 view! {
                                     <p class="muted preview-meta">
-                                        <span id="preview-tokens">{format!("{} tokens", p.tokens)}</span>
+                                        <span id="preview-tokens">{if preview_on.get().is_empty() { format!("{} tokens", p.tokens) } else { "The request sent to the API (its server applies the chat template and counts the tokens)".to_string() }}</span>
                                         {(!p.missing.is_empty()).then(|| view! {
                                             <span class="preview-missing" id="preview-missing">{format!(" · no value for: {}", p.missing.join(", "))}</span>
                                         })}
@@ -933,4 +978,13 @@ mod tests {
         let odd = messages_to_pairs(&turns[..3]);
         assert_eq!(odd.last(), Some(&("2+2?".to_string(), String::new())));
     }
+}
+
+/// The API model of a select's value ("endpoint_id:model"), or None for the local model.
+fn endpoint_choice(value: &str) -> Option<EndpointModel> {
+    let (e, m) = value.split_once(':')?;
+    Some(EndpointModel {
+        endpoint_id: e.parse().ok()?,
+        model: m.to_string(),
+    })
 }

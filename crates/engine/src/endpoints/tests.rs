@@ -494,3 +494,75 @@ fn a_template_is_evaluated_against_an_endpoint_by_label_accuracy() {
     assert_eq!(body["messages"].as_array().map(Vec::len), Some(2));
     assert_eq!(body["temperature"], 0.0);
 }
+
+#[test]
+fn the_template_preview_of_an_api_model_is_the_request_attune_sends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = engine(dir.path());
+    let id = add(&e, "remote", "http://127.0.0.1:9/v1", None, None);
+    let draft = attune_protocol::TemplateDraft {
+        id: None,
+        name: "Terse".into(),
+        system: Some("You answer for {{audience}}.".into()),
+        examples: vec![
+            ChatMessage {
+                role: "user".into(),
+                content: "Is water wet?".into(),
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: "yes".into(),
+            },
+        ],
+        user: Some("Q: {{input}}".into()),
+        variables: [("audience".to_string(), "clinicians".to_string())].into(),
+        note: None,
+    };
+    let target = attune_protocol::EndpointModel {
+        endpoint_id: id,
+        model: "gpt-x".into(),
+    };
+    let p = e
+        .preview_template_for_endpoint(&target, &draft, "Is ice cold?", &draft.variables)
+        .expect("preview");
+    let body: serde_json::Value = serde_json::from_str(&p.text).expect("the preview is JSON");
+    assert_eq!(body["model"], "gpt-x");
+    let messages = body["messages"].as_array().expect("messages");
+    let turns: Vec<(String, String)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap_or_default().to_string(),
+                m["content"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        turns,
+        [
+            ("system", "You answer for clinicians."),
+            ("user", "Is water wet?"),
+            ("assistant", "yes"),
+            ("user", "Q: Is ice cold?"),
+        ]
+        .map(|(r, c)| (r.to_string(), c.to_string()))
+    );
+    assert_eq!(p.tokens, 0, "an API counts its own tokens");
+    let missing = attune_protocol::EndpointModel {
+        endpoint_id: id + 100,
+        model: "gpt-x".into(),
+    };
+    let err = e
+        .preview_template_for_endpoint(&missing, &draft, "x", &Default::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::NotFound {
+                what: "endpoint",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

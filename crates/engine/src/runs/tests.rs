@@ -727,52 +727,6 @@ fn runs_memory_estimate_grows_with_batch_length_and_method() {
     assert_eq!(full.trainable_params, cfg.num_parameters() as u64);
 }
 
-/// Measures the peak memory of one optimizer step against the estimate (the figures in
-/// `runs.rs`'s documentation): `ATTUNE_CALIBRATE=lora|full`, alone in its process.
-#[test]
-fn runs_memory_calibration() {
-    let Ok(which) = std::env::var("ATTUNE_CALIBRATE") else {
-        return;
-    };
-    let valid = shared().join("data/pubmedqa/valid.jsonl");
-    let (_, e) = engine();
-    let model = e.add_local_model(&real_model()).expect("add").model;
-    let ds = e
-        .import_dataset(
-            &valid,
-            &ImportOptions {
-                split: Split::AllTrain,
-                ..Default::default()
-            },
-        )
-        .expect("import");
-    let mut s = spec(model.id, ds.id, "cal", 1);
-    s.eval_limit = Some(0);
-    if which == "full" {
-        s.method = MethodSpec::Full;
-        s.batch_size = 1;
-        s.max_len = 1024;
-    } else {
-        s.method = MethodSpec::lora_default();
-        s.batch_size = 4;
-        s.max_len = 512;
-    }
-    let (rss0, _) = process_memory_mb();
-    let run = e.create_run(&s).expect("create");
-    e.execute_run(run.id, &mut |_| {}, &RunControl::new())
-        .expect("run");
-    let (_, hwm) = process_memory_mb();
-    let cfg = model_config(&real_model()).expect("config");
-    let est = estimate_memory(&cfg, &s.method, s.batch_size, s.max_len);
-    eprintln!(
-        "CAL {which}: rss before {rss0:?}, VmHWM {hwm:?} MiB, estimate {} MiB (w {} o {} a {})",
-        est.total_mb(),
-        est.weights >> 20,
-        est.optimizer >> 20,
-        est.activations >> 20
-    );
-}
-
 #[test]
 fn runs_prompt_and_full_runs_write_loadable_artifacts_and_lora_merges() {
     let (dir, e) = engine();

@@ -1,14 +1,16 @@
 //! The details panel of the library: everything about the selected item and what
 //! can be done with it (delete, export, merge, chat, open in the monitor...).
 
+use super::export::ExportDialog;
 use super::logic::{self, Tab};
 use super::Loaded;
 use crate::components::{error_note, ConfirmButton, Field, ModelSelect};
 use crate::pages::datasets::{sample_view, split_text, stats_table};
 use crate::{format, ipc, AppCtx, Page};
 use attune_protocol::{
-    AdapterKind, AdapterSummary, ChatTarget, DatasetStats, DatasetSummary, EvalReport, IpcError,
-    LossOn, ModelSummary, PreviewRow, RunSummary, SplitName, TemplateRecord,
+    AdapterKind, AdapterSummary, ChatTarget, DatasetStats, DatasetSummary, EvalReport,
+    ExportSubject, IpcError, LossOn, ModelSummary, PreviewRow, RunSummary, SplitName,
+    TemplateRecord,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -141,7 +143,9 @@ fn ModelDetails(model: ModelSummary, selected: RwSignal<Option<i64>>) -> impl In
     view! {
         <h2>{model.name.clone()}</h2>
         <dl class="facts">
+            {item("Family", model.family.clone())}
             {item("Architecture", model.architecture.clone())}
+            {item("Can", view! { <span id="model-support">{format::support(&model.support)}</span> })}
             {item("Parameters", format::parameters(model.parameters))}
             {item("Quantization", model.quantization.clone())}
             {item("Context", format::context(model.context_length))}
@@ -157,8 +161,14 @@ fn ModelDetails(model: ModelSummary, selected: RwSignal<Option<i64>>) -> impl In
                 on_confirm=Callback::new(move |_| remove(selected, error, ipc::models::remove_model(id)))
             />
         </div>
+        {(!model.support.limits.is_empty()).then(|| view! {
+            <ul class="limits" id="model-limits">
+                {model.support.limits.iter().map(|l| view! { <li>{l.clone()}</li> }).collect_view()}
+            </ul>
+        })}
         <p class="muted">"Deleting removes the model from the library; its files stay on disk."</p>
         {move || error.get().map(|e| error_note(&e))}
+        <ExportDialog subject=ExportSubject::Model { model: id.to_string() } name=model.name.clone() />
     }
 }
 
@@ -402,6 +412,8 @@ fn AdapterDetails(
             />
         </div>
         <h3>"Export"</h3>
+        <ExportDialog subject=ExportSubject::Adapter { adapter: id.to_string() } name=adapter.name.clone() />
+        <p class="muted">"Or copy the adapter as it is stored (PEFT's format; the only one a soft prompt fits):"</p>
         <div class="row">
             <input type="text" id="export-dir" placeholder="/path/to/folder"
                 prop:value=move || export_dir.get()

@@ -174,10 +174,11 @@ pub fn pull_label(u: &PullUpdate) -> String {
     } else {
         format::bytes(u.bytes_done)
     };
+    // `file_index` counts from 1 (the engine's `PullProgress`).
     format!(
         "File {} of {} · {} · {}",
-        u.file_index + 1,
-        u.file_count.max(u.file_index + 1),
+        u.file_index.max(1),
+        u.file_count.max(u.file_index),
         u.file,
         amount
     )
@@ -320,7 +321,7 @@ mod tests {
     fn pull_progress_counts_files_from_one() {
         let u = PullUpdate {
             file: "model.gguf".into(),
-            file_index: 1,
+            file_index: 2,
             file_count: 3,
             bytes_done: 512,
             total_bytes: 1024,
@@ -330,6 +331,17 @@ mod tests {
         assert_eq!(
             pull_label(&u),
             "File 2 of 3 · model.gguf · 512 B of 1.0 KiB"
+        );
+        // One file: "1 of 1", as the engine counts (it once read "2 of 2").
+        let single = PullUpdate {
+            file_index: 1,
+            file_count: 1,
+            ..u.clone()
+        };
+        assert!(
+            pull_label(&single).starts_with("File 1 of 1 ·"),
+            "{}",
+            pull_label(&single)
         );
         let unknown = PullUpdate {
             total_bytes: 0,
