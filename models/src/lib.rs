@@ -24,29 +24,33 @@ pub mod train;
 
 pub use error::{Error, Result};
 
-/// Where Attune keeps its data: `$ATTUNE_DATA_DIR`, else `$XDG_DATA_HOME/attune`
-/// (`~/.local/share/attune` on Linux). `scripts/fetch-model.sh` uses the same rule.
-pub fn default_data_dir() -> std::path::PathBuf {
-    if let Some(dir) = std::env::var_os("ATTUNE_DATA_DIR") {
-        return dir.into();
-    }
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/share")))
-        .unwrap_or_else(|| std::path::PathBuf::from("."));
-    base.join("attune")
-}
-
 /// The default model's file name inside `<data dir>/models/`.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Where `scripts/fetch-model.sh` puts the default model: `<data dir>/models/`, with the data
+/// directory chosen by the engine's rule (`attune_engine::default_data_dir`, which owns it;
+/// repeated here because models sit below the engine, and checked equal by an engine test).
+pub fn standard_model_path() -> std::path::PathBuf {
+    let data = match std::env::var_os("ATTUNE_DATA_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::env::var_os("XDG_DATA_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/share"))
+            })
+            .unwrap_or_else(|| std::path::PathBuf::from("."))
+            .join("attune"),
+    };
+    data.join("models").join(DEFAULT_MODEL_FILE)
+}
+
 /// Path of the default model for tests and benchmarks: `$ATTUNE_TEST_MODEL`, else
-/// `<data dir>/models/SmolLM2-135M-Instruct.Q4_1.gguf` as `scripts/fetch-model.sh` puts it.
+/// [`standard_model_path`].
 pub fn default_model_path() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("ATTUNE_TEST_MODEL") {
         return p.into();
     }
-    default_data_dir().join("models").join(DEFAULT_MODEL_FILE)
+    standard_model_path()
 }
 
 /// Tunes glibc's allocator for tensor work: training allocates and frees buffers of tens of

@@ -21,7 +21,7 @@ const PAUSE_ON_EXIT: Duration = Duration::from_secs(60);
 
 /// Opens the engine and runs the window until it is closed.
 pub fn run() -> tauri::Result<()> {
-    let data_dir = attune_models::default_data_dir();
+    let data_dir = attune_engine::default_data_dir();
     let state = AppState::open(&data_dir);
     let level = state
         .engine()

@@ -402,7 +402,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let data_dir = cli.data_dir.unwrap_or_else(attune_models::default_data_dir);
+    let data_dir = cli.data_dir.unwrap_or_else(attune_engine::default_data_dir);
     let engine = Arc::new(Engine::open(&data_dir)?);
     // Generation, runs and evaluations go through the engine actor (queues, one run at
     // a time across processes, per-request cancel); library reads and writes do not.

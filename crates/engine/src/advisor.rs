@@ -28,8 +28,8 @@ use attune_protocol::{
 
 use crate::error::EngineError;
 use crate::runs::{
-    available_memory, meminfo_field, model_config, models_loss, render_sample, total_steps,
-    trainable_params, validate, Smaller,
+    available_memory, meminfo_field, model_config, models_loss, render_sample, trainable_params,
+    Smaller,
 };
 use crate::Engine;
 
@@ -466,7 +466,7 @@ impl Engine {
         })
     }
 
-    fn model_shape(&self, model: &ModelSummary) -> Result<Config, EngineError> {
+    pub(crate) fn model_shape(&self, model: &ModelSummary) -> Result<Config, EngineError> {
         let path = model_path(model);
         if !path.exists() {
             return Err(EngineError::ModelFileMissing {
@@ -693,30 +693,15 @@ impl Engine {
     /// advisor's throughput for this model and method. When it will not fit,
     /// `suggestion` says by how much and what to change.
     pub fn check_run(&self, spec: &RunSpec) -> Result<RunCheck, EngineError> {
-        let model = self.find_model(&spec.model)?;
-        let dataset = self.find_dataset(&spec.dataset)?;
-        let cfg = self.model_shape(&model)?;
-        validate(spec, &cfg)?;
-        if dataset.train_rows == 0 {
-            return Err(EngineError::InvalidInput(format!(
-                "dataset '{}' has no training rows",
-                dataset.name
-            )));
-        }
-        let est = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
-        let available = available_memory();
-        let fits = available.is_none_or(|a| est.needed() <= a);
-        let total = total_steps(spec, dataset.train_rows) as u64;
+        let plan = self.plan_run(spec)?;
+        let (est, available, fits) = (&plan.memory, plan.available, plan.fits);
+        let total = plan.total_steps as u64;
         let threads = candle_core::utils::get_num_threads() as u64;
-        let (tps, _) = self.throughput(&model, spec.method.name(), threads)?;
-        let lengths = self.train_lengths(&dataset, &model)?;
-        let t = tokens_at(&lengths, spec.max_len);
-        let mean_row = if t.rows > 0 {
-            t.per_epoch as f64 / t.rows as f64
-        } else {
-            0.0
-        };
-        let tokens = total as f64 * spec.batch_size as f64 * spec.grad_accum as f64 * mean_row;
+        let (tps, _) = self.throughput(&plan.model, spec.method.name(), threads)?;
+        let tokens = total as f64
+            * spec.batch_size as f64
+            * spec.grad_accum as f64
+            * plan.mean_example_tokens;
         let estimated_seconds = if tps > 0.0 { tokens / tps } else { 0.0 };
         let suggestion = (!fits).then(|| {
             format!(

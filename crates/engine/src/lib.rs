@@ -55,6 +55,20 @@ pub use runs::{
 };
 pub use store::DATABASE_FILE;
 
+/// Where Attune keeps its library: `$ATTUNE_DATA_DIR`, else `$XDG_DATA_HOME/attune`
+/// (`~/.local/share/attune` on Linux). The app and the CLI open it; `scripts/fetch-model.sh`
+/// puts the default model in its `models/` folder by the same rule.
+pub fn default_data_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("ATTUNE_DATA_DIR") {
+        return dir.into();
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/share")))
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    base.join("attune")
+}
+
 /// Result of adding a model to the library.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AddOutcome {

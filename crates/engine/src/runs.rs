@@ -646,6 +646,21 @@ pub(crate) fn validate(spec: &RunSpec, cfg: &Config) -> Result<(), EngineError> 
     Ok(())
 }
 
+/// A run's pre-flight ([`Engine::plan_run`]).
+pub(crate) struct RunPlan {
+    pub model: attune_protocol::ModelSummary,
+    pub dataset: attune_protocol::DatasetSummary,
+    pub memory: MemoryEstimate,
+    /// Free memory now (None where the system does not say).
+    pub available: Option<u64>,
+    pub fits: bool,
+    /// Optimizer steps, from the examples per epoch (the training rows, or the blocks
+    /// packing makes of them).
+    pub total_steps: usize,
+    /// Mean tokens per example after truncation (or per packed block).
+    pub mean_example_tokens: f64,
+}
+
 pub(crate) fn total_steps(spec: &RunSpec, train_rows: u64) -> usize {
     match spec.steps {
         Some(s) => s,
@@ -849,27 +864,14 @@ impl Engine {
         })
     }
 
-    /// Checks `spec`, estimates its memory and records a queued run. A run that will
-    /// not fit in the available memory is refused and nothing is written.
-    pub fn create_run(&self, spec: &RunSpec) -> Result<RunSummary, EngineError> {
+    /// The pre-flight of `spec`, shared by the advisor's `check_run` and by `create_run` so
+    /// they cannot disagree: the model and dataset, the checked settings, the memory estimate
+    /// against what is available, the examples per epoch (rows, or the blocks packing makes)
+    /// and the optimizer steps.
+    pub(crate) fn plan_run(&self, spec: &RunSpec) -> Result<RunPlan, EngineError> {
         let model = self.find_model(&spec.model)?;
         let dataset = self.find_dataset(&spec.dataset)?;
-        let model_path = match &model.source {
-            attune_protocol::ModelSource::Local { path }
-            | attune_protocol::ModelSource::Hub { path, .. } => PathBuf::from(path),
-        };
-        if !model_path.exists() {
-            return Err(EngineError::ModelFileMissing {
-                id: model.id,
-                name: model.name,
-                path: model_path,
-            });
-        }
-        let cfg = model_config(&model_path).map_err(|source| EngineError::ModelLoad {
-            name: model.name.clone(),
-            path: model_path.clone(),
-            source: Box::new(source),
-        })?;
+        let cfg = self.model_shape(&model)?;
         validate(spec, &cfg)?;
         if dataset.train_rows == 0 {
             return Err(EngineError::InvalidInput(format!(
@@ -877,16 +879,55 @@ impl Engine {
                 dataset.name
             )));
         }
-        let est = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
-        if let Some(avail) = available_memory() {
-            if est.needed() > avail {
-                return Err(EngineError::WontFit {
-                    estimate_mb: est.needed().div_ceil(1 << 20),
-                    available_mb: avail >> 20,
-                    suggestion: suggestion(spec),
-                });
-            }
+        let memory = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
+        let available = available_memory();
+        let fits = available.is_none_or(|a| memory.needed() <= a);
+        let lengths = self.train_lengths(&dataset, &model)?;
+        let rows = lengths.len() as u64;
+        let (train_examples, example_tokens) = if spec.pack {
+            // Packed rows become blocks of `max_len` tokens: the split makes this many.
+            let blocks = train::packed_count(lengths.iter().copied(), spec.max_len);
+            (blocks, lengths.iter().sum::<u64>())
+        } else {
+            let truncated = lengths.iter().map(|&l| l.min(spec.max_len as u64)).sum();
+            (dataset.train_rows, truncated)
+        };
+        let examples_seen = if spec.pack { train_examples } else { rows };
+        let mean_example_tokens = if examples_seen > 0 {
+            example_tokens as f64 / examples_seen as f64
+        } else {
+            0.0
+        };
+        let total_steps = total_steps(spec, train_examples);
+        Ok(RunPlan {
+            model,
+            dataset,
+            memory,
+            available,
+            fits,
+            total_steps,
+            mean_example_tokens,
+        })
+    }
+
+    /// Checks `spec`, estimates its memory and records a queued run. A run that will
+    /// not fit in the available memory is refused and nothing is written.
+    pub fn create_run(&self, spec: &RunSpec) -> Result<RunSummary, EngineError> {
+        let plan = self.plan_run(spec)?;
+        if !plan.fits {
+            return Err(EngineError::WontFit {
+                estimate_mb: plan.memory.needed().div_ceil(1 << 20),
+                available_mb: plan.available.unwrap_or(0) >> 20,
+                suggestion: suggestion(spec),
+            });
         }
+        let RunPlan {
+            model,
+            dataset,
+            memory: est,
+            total_steps: total,
+            ..
+        } = plan;
         let name = match spec.name.as_deref().map(str::trim) {
             Some("") => return Err(EngineError::InvalidInput("the run name is empty".into())),
             Some(n) => {
@@ -928,14 +969,6 @@ impl Engine {
         };
         let mut stored = spec.clone();
         stored.name = Some(name.clone());
-        // Packed rows become blocks of `max_len` tokens: count the blocks the split makes.
-        let train_examples = if spec.pack && spec.steps.is_none() {
-            let lengths = self.train_lengths(&dataset, &model)?;
-            train::packed_count(lengths.iter().copied(), spec.max_len)
-        } else {
-            dataset.train_rows
-        };
-        let total = total_steps(spec, train_examples);
         let row = RunRow {
             id: 0,
             name,

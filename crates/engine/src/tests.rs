@@ -700,3 +700,13 @@ fn pull_from_a_hub_that_never_answers_times_out_and_stays_cancellable() {
     });
     assert!(engine.list_models().expect("list").is_empty());
 }
+
+#[test]
+fn the_models_crate_finds_the_default_model_by_the_engines_data_dir_rule() {
+    assert_eq!(
+        attune_models::standard_model_path(),
+        crate::default_data_dir()
+            .join("models")
+            .join(attune_models::DEFAULT_MODEL_FILE)
+    );
+}

@@ -316,3 +316,34 @@ fn advisor_without_a_dataset_or_with_few_rows_recommends_a_template() {
         .expect_err("unknown model");
     assert_eq!(err.code(), "not_found");
 }
+
+#[test]
+fn check_run_and_create_run_plan_a_packed_run_alike() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (e, model, ds) = library(dir.path(), 60);
+    let spec = RunSpec {
+        model: model.to_string(),
+        dataset: ds.to_string(),
+        batch_size: 2,
+        max_len: 64,
+        pack: true,
+        steps: None,
+        ..Default::default()
+    };
+    let check = e.check_run(&spec).expect("check");
+    let run = e.create_run(&spec).expect("create");
+    assert_eq!(
+        check.total_steps, run.total_steps,
+        "one plan, one step count"
+    );
+    // Packing makes fewer examples than the 60 rows (each row is far below 64 tokens), so
+    // counting rows (as check_run once did) would give 30 steps.
+    assert!(check.total_steps < 30, "{}", check.total_steps);
+    let unpacked = RunSpec {
+        pack: false,
+        name: Some("rows".into()),
+        ..spec
+    };
+    assert_eq!(e.check_run(&unpacked).expect("check").total_steps, 30);
+    assert_eq!(e.create_run(&unpacked).expect("create").total_steps, 30);
+}
