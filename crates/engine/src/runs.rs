@@ -879,10 +879,12 @@ impl Engine {
                 dataset.name
             )));
         }
+        // The lengths first: tokenizing loads the model into this process's cache, where it
+        // stays while the run trains here, so the estimate's `held` must see it.
+        let lengths = self.train_lengths(&dataset, &model)?;
         let memory = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
         let available = available_memory();
         let fits = available.is_none_or(|a| memory.needed() <= a);
-        let lengths = self.train_lengths(&dataset, &model)?;
         let rows = lengths.len() as u64;
         let (train_examples, example_tokens) = if spec.pack {
             // Packed rows become blocks of `max_len` tokens: the split makes this many.
