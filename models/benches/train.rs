@@ -10,7 +10,8 @@
 //! `../shared/data/pubmedqa/corpus.txt` from the workspace root), `ATTUNE_BENCH_JSON=<file>`
 //! (also write the figures there as JSON).
 //!
-//! `ATTUNE_PROFILE_OPS=1` adds each fused op's wall time per timed step.
+//! `ATTUNE_PROFILE_OPS=1` adds each fused op's wall time per timed step. `ATTUNE_MATMUL=f32`
+//! forces the f32 products where the CPU has AMX (A/B runs).
 //!
 //! Each method runs in a child process of this binary so that its peak RSS is its own.
 
@@ -80,10 +81,12 @@ fn method(name: &str) -> R<Method> {
 
 /// One method, in this process: prints one tab-separated result line.
 fn run_one(name: &str, steps: usize) -> R<()> {
+    // Auto, as the app trains: the frozen base in bf16 on the matrix units where the CPU has
+    // them (`ATTUNE_MATMUL=f32` forces the f32 path for A/B runs).
     let loaded = loader::load(
         &attune_models::default_model_path(),
         &LoadOptions {
-            compute: ComputeMode::F32,
+            compute: ComputeMode::Auto,
         },
     )?;
     let tok = loaded.tokenizer;

@@ -14,22 +14,30 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Tensor};
 
+use crate::kernels::amx::{self, PackedWeight};
+use crate::kernels::block::ProjWeight;
+use crate::kernels::linear::Frozen;
 use crate::kernels::quant::Q41Matrix;
 use crate::{Error, Result};
 
 /// Which weight form the matrix products use.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ComputeMode {
-    /// Quantized weights for calls with few rows (decode), f32 for many rows (prompts).
+    /// Quantized weights for calls with few rows (decode); for many rows (prompts), bf16 on the
+    /// CPU's matrix units where it has them ([`Linear::pack_bf16`]), else f32.
     #[default]
     Auto,
+    /// As `Auto`, but many-row products stay f32: scoring that must match the f32 figures
+    /// exactly while decoding on the quantized weights (evaluation with label accuracy).
+    AutoF32,
     /// f32 everywhere (dequantized once at load). The correctness tests use this.
     F32,
     /// Quantized weights everywhere (no f32 copy kept: smallest memory).
     Quantized,
 }
 
-/// In [`ComputeMode::Auto`], calls with at most this many rows use the quantized weights.
+/// In [`ComputeMode::Auto`] and `AutoF32`, calls with at most this many rows use the quantized
+/// weights.
 pub const AUTO_QUANTIZED_MAX_ROWS: usize = 8;
 
 /// A low-rank adapter on one linear layer: `scale * B (A x)`.
@@ -60,6 +68,8 @@ pub struct Linear {
     lora: Option<LoraBranch>,
     mode: ComputeMode,
     q41: Option<Arc<Q41Matrix>>,
+    /// The weight in bf16, packed for the CPU's matrix units (see [`Linear::pack_bf16`]).
+    packed: Option<Arc<PackedWeight>>,
 }
 
 impl Linear {
@@ -77,6 +87,7 @@ impl Linear {
             lora: None,
             mode: ComputeMode::F32,
             q41: None,
+            packed: None,
         })
     }
 
@@ -87,11 +98,13 @@ impl Linear {
         let bias = check_bias(bias, out_dim)?;
         let weight = match mode {
             ComputeMode::Quantized => None,
-            ComputeMode::Auto | ComputeMode::F32 => Some(q.dequantize(&q.device())?),
+            ComputeMode::Auto | ComputeMode::AutoF32 | ComputeMode::F32 => {
+                Some(q.dequantize(&q.device())?)
+            }
         };
         let qweight = match mode {
             ComputeMode::F32 => None,
-            ComputeMode::Auto | ComputeMode::Quantized => Some(q),
+            ComputeMode::Auto | ComputeMode::AutoF32 | ComputeMode::Quantized => Some(q),
         };
         Ok(Self {
             in_dim,
@@ -102,6 +115,7 @@ impl Linear {
             lora: None,
             mode,
             q41: None,
+            packed: None,
         })
     }
 
@@ -142,6 +156,7 @@ impl Linear {
             lora: None,
             mode,
             q41: None,
+            packed: None,
         })
     }
 
@@ -171,11 +186,94 @@ impl Linear {
     }
     /// The dense weight, dequantizing the quantized one if no f32 copy is kept.
     pub fn weight_f32(&self) -> Result<Tensor> {
-        match (&self.weight, &self.qweight) {
-            (Some(w), _) => Ok(w.contiguous()?),
-            (None, Some(q)) => Ok(q.dequantize(&q.device())?),
-            (None, None) => Err(Error::InvalidParams("linear layer has no weights".into())),
+        match (&self.weight, &self.qweight, &self.packed) {
+            (Some(w), _, _) => Ok(w.contiguous()?),
+            (None, Some(q), _) => Ok(q.dequantize(&q.device())?),
+            (None, None, Some(p)) => Ok(Tensor::from_vec(
+                p.to_f32(),
+                (self.out_dim, self.in_dim),
+                &candle_core::Device::Cpu,
+            )?),
+            (None, None, None) => Err(Error::InvalidParams("linear layer has no weights".into())),
         }
+    }
+    /// The bf16 copy packed for the matrix units, when one is kept.
+    pub fn packed(&self) -> Option<&Arc<PackedWeight>> {
+        self.packed.as_ref()
+    }
+
+    /// Keeps the weight as bf16 packed for the CPU's matrix units (AMX), which then serves every
+    /// many-row product of a frozen weight: prompt processing, and the forward pass and input
+    /// gradient of training's frozen base. With `drop_f32`, the f32 copy is dropped when a
+    /// quantized copy can restore it (a GGUF layer: half the memory); a weight being trained is
+    /// never packed. A no-op returning `false` where the matrix units are missing or
+    /// `ATTUNE_MATMUL=f32`, in `F32` and `Quantized` modes, or for a trained weight.
+    pub fn pack_bf16(&mut self, drop_f32: bool) -> Result<bool> {
+        if self.packed.is_some() {
+            return Ok(true);
+        }
+        let trained = self.weight.as_ref().is_some_and(|w| w.track_op());
+        if self.mode != ComputeMode::Auto || trained || !amx::available() {
+            return Ok(false);
+        }
+        let w = self.weight_f32()?.flatten_all()?.to_vec1::<f32>()?;
+        self.packed = Some(Arc::new(PackedWeight::new(&w, self.out_dim, self.in_dim)));
+        if drop_f32 && self.qweight.is_some() {
+            self.weight = None;
+        }
+        Ok(true)
+    }
+
+    /// A layer built with its packed bf16 weight (the loader packs from its own f32 values).
+    pub fn with_packed(mut self, packed: Arc<PackedWeight>) -> Result<Self> {
+        if (packed.out_dim(), packed.in_dim()) != (self.out_dim, self.in_dim) {
+            return Err(Error::InvalidParams(format!(
+                "packed weight [{}, {}] does not match layer [{}, {}]",
+                packed.out_dim(),
+                packed.in_dim(),
+                self.out_dim,
+                self.in_dim
+            )));
+        }
+        self.packed = Some(packed);
+        Ok(self)
+    }
+
+    /// The frozen weight the training kernels take: the packed bf16 copy, else a contiguous f32
+    /// weight that is not being trained.
+    fn frozen(&self) -> Option<Frozen> {
+        if let Some(p) = &self.packed {
+            return Some(Frozen::Bf16(p.clone()));
+        }
+        self.weight
+            .as_ref()
+            .filter(|w| !w.track_op() && w.is_contiguous())
+            .map(|w| Frozen::F32(w.clone()))
+    }
+
+    /// The weight as the fused layer takes it: packed bf16 (frozen), else a contiguous f32
+    /// weight (frozen or trained); `None` with a bias or in quantized mode.
+    pub fn fused_weight(&self) -> Option<ProjWeight<'_>> {
+        if self.bias.is_some() || self.mode == ComputeMode::Quantized {
+            return None;
+        }
+        if let Some(p) = &self.packed {
+            return Some(ProjWeight::Bf16(p));
+        }
+        let mixed = self.bf16_compute();
+        self.weight
+            .as_ref()
+            .filter(|w| w.is_contiguous())
+            .map(|w| match mixed && w.track_op() {
+                true => ProjWeight::Mixed(w),
+                false => ProjWeight::F32(w),
+            })
+    }
+
+    /// Whether products on this layer's f32 weight run in bf16 on the matrix units: `Auto`
+    /// mode on a CPU that has them (a trained weight then keeps its f32 master copy).
+    pub fn bf16_compute(&self) -> bool {
+        self.mode == ComputeMode::Auto && amx::available()
     }
     /// The quantized weight, when the layer was loaded from GGUF and keeps it.
     pub fn qweight(&self) -> Option<&Arc<QTensor>> {
@@ -199,9 +297,10 @@ impl Linear {
             )));
         }
         self.weight = Some(weight);
-        // The quantized copy no longer matches: drop it so no path reads stale weights.
+        // The quantized and bf16 copies no longer match: drop them so no path reads stale weights.
         self.qweight = None;
         self.q41 = None;
+        self.packed = None;
         Ok(())
     }
 
@@ -284,9 +383,14 @@ impl Linear {
     /// Changes the compute mode. Going to `F32`/`Auto` from a quantized-only layer dequantizes
     /// now; going to `Quantized` keeps the f32 copy if there is no quantized weight.
     pub fn set_mode(&mut self, mode: ComputeMode) -> Result<()> {
+        if mode == ComputeMode::Auto && self.mode == ComputeMode::Auto && self.packed.is_some() {
+            return Ok(());
+        }
         if mode != ComputeMode::Quantized && self.weight.is_none() {
             self.weight = Some(self.weight_f32()?);
         }
+        // The bf16 copy serves `Auto` only; [`Linear::pack_bf16`] makes it again.
+        self.packed = None;
         if mode == ComputeMode::F32 {
             // Training and exact scoring read the weight in its `[out, in]` storage.
             if let Some(w) = &self.weight {
@@ -314,22 +418,27 @@ impl Linear {
         let (x2, lead) = self.flatten_input(x)?;
         // Training: the fused ops take `x` with its leading dims as it is, so the graph gets no
         // reshape nodes (each would cost the backward pass a zero-filled buffer and an add).
-        if let Some(w) = &self.weight {
-            let trainable_w = w.track_op();
-            let usable = w.is_contiguous() && self.mode != ComputeMode::Quantized;
-            let y = match &self.lora {
-                Some(l) => {
+        if self.mode != ComputeMode::Quantized {
+            let trained = self
+                .weight
+                .as_ref()
+                .filter(|w| w.track_op() && w.is_contiguous());
+            let frozen = self.frozen();
+            let y = match (&self.lora, trained, &frozen) {
+                (Some(l), None, Some(fw)) => {
                     let no_dropout = l.dropout == 0.0 || l.dropout_seed.is_none();
                     let training = x.track_op() || l.a.track_op() || l.b.track_op();
-                    (training && no_dropout && !trainable_w && usable).then(|| {
+                    (training && no_dropout).then(|| {
                         // A LoRA branch on a frozen base: one fused op, no weight gradient.
-                        crate::kernels::lora_linear(x, w, &l.a, &l.b, l.scale as f32)
+                        crate::kernels::lora_linear(x, fw, &l.a, &l.b, l.scale as f32)
                     })
                 }
-                None if usable && trainable_w => Some(crate::kernels::linear(x, w)),
+                (None, Some(w), _) => Some(crate::kernels::linear(x, w)),
                 // A frozen weight under a tracked input (LoRA elsewhere, prompt tuning).
-                None if usable && x.track_op() => Some(crate::kernels::frozen_linear(x, w)),
-                None => None,
+                (None, None, Some(fw)) if x.track_op() => {
+                    Some(crate::kernels::frozen_linear(x, fw))
+                }
+                _ => None,
             };
             if let Some(y) = y {
                 let y = y?;
@@ -362,14 +471,19 @@ impl Linear {
     /// Whether a call on `x2` `[rows, in]` reads the quantized weights.
     fn uses_quantized(&self, x2: &Tensor) -> Result<bool> {
         let rows = x2.dim(0)?;
-        Ok(match (&self.weight, &self.qweight) {
-            (None, Some(_)) => true,
-            (Some(_), None) => false,
-            (None, None) => return Err(Error::InvalidParams("linear layer has no weights".into())),
-            (Some(_), Some(_)) => match self.mode {
+        let dense = self.weight.is_some() || self.packed.is_some();
+        Ok(match (dense, &self.qweight) {
+            (false, Some(_)) => true,
+            (true, None) => false,
+            (false, None) => {
+                return Err(Error::InvalidParams("linear layer has no weights".into()))
+            }
+            (true, Some(_)) => match self.mode {
                 ComputeMode::F32 => false,
                 ComputeMode::Quantized => !x2.track_op(),
-                ComputeMode::Auto => rows <= AUTO_QUANTIZED_MAX_ROWS && !x2.track_op(),
+                ComputeMode::Auto | ComputeMode::AutoF32 => {
+                    rows <= AUTO_QUANTIZED_MAX_ROWS && !x2.track_op()
+                }
             },
         })
     }
@@ -383,9 +497,14 @@ impl Linear {
                 None => return Err(Error::InvalidParams("decode kernel missing".into())),
             },
             (true, _, Some(q)) => x2.contiguous()?.apply_op1_no_bwd(q.as_ref())?,
+            // The bf16 copy on the matrix units (prompts; a frozen base under a tracked input).
+            (false, _, _) if self.packed.is_some() => match self.frozen() {
+                Some(fw) => crate::kernels::frozen_linear(x2, &fw)?,
+                None => return Err(Error::InvalidParams("packed weight missing".into())),
+            },
             // A frozen weight under a tracked input (LoRA, prompt tuning): no weight gradient.
             (_, Some(w), _) if x2.track_op() && !w.track_op() && w.is_contiguous() => {
-                crate::kernels::frozen_linear(x2, w)?
+                crate::kernels::frozen_linear(x2, &Frozen::F32(w.clone()))?
             }
             // A weight being trained (full fine-tuning): dW straight into its layout.
             (_, Some(w), _) if w.track_op() && w.is_contiguous() => crate::kernels::linear(x2, w)?,

@@ -489,7 +489,7 @@ impl Block {
     fn fusable(&self, trained: bool) -> Option<crate::kernels::block::LayerParts<'_>> {
         use crate::kernels::block::{LayerParts, Norm, Proj, Stacked};
         fn proj(l: &Linear) -> Option<Proj<'_>> {
-            let w = l.dense_weight()?;
+            let w = l.fused_weight()?;
             let lora = match l.lora() {
                 None => None,
                 Some(b) if b.dropout == 0.0 || b.dropout_seed.is_none() => {
@@ -1130,8 +1130,18 @@ impl Llama {
     pub fn set_compute_mode(&mut self, mode: ComputeMode) -> Result<()> {
         for (_, l) in self.linears_mut() {
             l.set_mode(mode)?;
+            // `Auto` keeps the projections in bf16 for the matrix units where the CPU has them.
+            l.pack_bf16(true)?;
         }
-        self.lm_head.set_mode(mode)
+        self.lm_head.set_mode(mode)?;
+        // The head keeps its f32 weight too: a tied head shares it with the embedding anyway.
+        self.lm_head.pack_bf16(false)?;
+        Ok(())
+    }
+
+    /// The compute mode the model was set to (its lm_head's, which every call sets).
+    pub fn compute_mode(&self) -> ComputeMode {
+        self.lm_head.mode()
     }
 
     /// Always use the differentiable (basic-op) kernels, even without tracked variables.

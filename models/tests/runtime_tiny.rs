@@ -275,10 +275,126 @@ fn layer_grads(
     (h, g)
 }
 
+/// `|a - b| / |b|` in the Frobenius norm: bf16 rounding's error over a whole tensor.
+fn rel_norm_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let norm = |t: &Tensor| -> f32 {
+        t.sqr()
+            .expect("sqr")
+            .sum_all()
+            .expect("sum")
+            .to_scalar::<f32>()
+            .expect("scalar")
+            .sqrt()
+    };
+    let scale = norm(b);
+    assert!(scale > 0.0, "an all-zero reference");
+    norm(&(a - b).expect("sub")) / scale
+}
+
 fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     let scale = max_abs(b);
     assert!(scale > 0.0, "an all-zero reference");
     max_abs_diff(a, b) / scale
+}
+
+/// Normal values (mean 0, `std`) from `seed`: the fused-layer cases are the same on every run.
+fn seeded_normal(std: f32, dims: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(1e-7);
+            let u2: f32 = rng.random::<f32>();
+            std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).expect("seeded tensor")
+}
+
+/// The families the fused layer is checked on (Llama's tiny config, the others' switches).
+const FUSED_FAMILIES: [Family; 5] = [
+    Family::Llama,
+    Family::Qwen3,
+    Family::Gemma3,
+    Family::Phi3,
+    Family::Smollm3,
+];
+
+/// A random model of `family` set up for one training case of the fused-layer tests: `prompt`
+/// (a soft prefix through frozen layers), `lora-all`, `lora-qv`, `lora-dropout` (layer 0's
+/// branches with dropout, so that layer stays separate ops) or `full` (weights and norm scales
+/// trained). Returns the model, the trained variables, the prefix and the sequence length.
+fn fused_case(family: Family, kind: &str) -> (Llama, Vec<Var>, Option<Var>, usize) {
+    let dev = Device::Cpu;
+    let mut seed = 0;
+    let mut var = |std: f32, dims: &[usize]| {
+        seed += 1;
+        Var::from_tensor(&seeded_normal(std, dims, seed)).expect("var")
+    };
+    let cfg = if family == Family::Llama {
+        tiny_config("llama")
+    } else {
+        family_config(family)
+    };
+    let per_layer = m_linears_per_layer(&cfg);
+    let mut m = Llama::new_random(&cfg, &dev, 21).expect("model");
+    // Norm scales away from their unit values, so the (1 + w) offset is exercised.
+    for block in m.layers_mut() {
+        for (_, norm) in block.norms_mut() {
+            norm.weight = (&norm.weight + 0.1).expect("shift");
+        }
+    }
+    let mut params = Vec::new();
+    let mut prefix = None;
+    let seq = if kind == "prompt" { 70 } else { 67 };
+    match kind {
+        "prompt" => prefix = Some(var(0.3, &[1, 3, 32])),
+        "lora-all" | "lora-qv" | "lora-dropout" => {
+            for (i, (name, lin)) in m.linears_mut().into_iter().enumerate() {
+                let wanted = match kind {
+                    "lora-qv" => {
+                        name.ends_with("q_proj")
+                            || name.ends_with("v_proj")
+                            || name.ends_with("qkv_proj")
+                    }
+                    _ => true,
+                };
+                if !wanted {
+                    continue;
+                }
+                let (out, inp) = (lin.out_dim(), lin.in_dim());
+                let a = var(0.2, &[4, inp]);
+                let b = var(0.2, &[out, 4]);
+                lin.attach_lora(a.as_tensor().clone(), b.as_tensor().clone(), 2.0)
+                    .expect("attach");
+                if kind == "lora-dropout" && i < per_layer {
+                    // Layer 0 with dropout (and a mask seed) stays separate ops.
+                    lin.lora_mut().expect("branch").dropout = 0.1;
+                    lin.lora_mut().expect("branch").dropout_seed = Some(3);
+                }
+                params.push(a);
+                params.push(b);
+            }
+        }
+        "full" => {
+            for (_, lin) in m.linears_mut() {
+                let v = Var::from_tensor(lin.weight().expect("weight")).expect("var");
+                lin.set_weight(v.as_tensor().clone()).expect("set");
+                params.push(v);
+            }
+            for block in m.layers_mut() {
+                for (_, norm) in block.norms_mut() {
+                    let w = (&norm.weight + 0.1).expect("shift");
+                    let v = Var::from_tensor(&w).expect("var");
+                    norm.weight = v.as_tensor().clone();
+                    params.push(v);
+                }
+            }
+        }
+        _ => unreachable!(),
+    }
+    (m, params, prefix, seq)
 }
 
 #[test]
@@ -291,83 +407,14 @@ fn layers_as_one_op_match_their_separate_ops() {
     let dev = Device::Cpu;
     let toks: Vec<u32> = (0..2 * 67).map(|i| (i * 7 + 3) % 64).collect();
     let toks = Tensor::from_vec(toks, (2, 67), &dev).expect("ids");
-    let families = [
-        Family::Llama,
-        Family::Qwen3,
-        Family::Gemma3,
-        Family::Phi3,
-        Family::Smollm3,
-    ];
     let cases = ["prompt", "lora-all", "lora-qv", "lora-dropout", "full"];
-    for (family, case) in families
+    for (family, kind) in FUSED_FAMILIES
         .iter()
         .flat_map(|f| cases.iter().map(move |c| (*f, *c)))
     {
-        let case = &format!("{family:?} {case}");
-        let cfg = if family == Family::Llama {
-            tiny_config("llama")
-        } else {
-            family_config(family)
-        };
-        let per_layer = m_linears_per_layer(&cfg);
-        let mut m = Llama::new_random(&cfg, &dev, 21).expect("model");
-        // Norm scales away from their unit values, so the (1 + w) offset is exercised.
-        for block in m.layers_mut() {
-            for (_, norm) in block.norms_mut() {
-                norm.weight = (&norm.weight + 0.1).expect("shift");
-            }
-        }
-        let mut params = Vec::new();
-        let mut prefix = None;
-        let kind = case.rsplit(' ').next().unwrap_or("");
-        let seq = if kind == "prompt" { 70 } else { 67 };
-        match kind {
-            "prompt" => prefix = Some(Var::randn(0f32, 0.3, (1, 3, 32), &dev).expect("prefix")),
-            "lora-all" | "lora-qv" | "lora-dropout" => {
-                for (i, (name, lin)) in m.linears_mut().into_iter().enumerate() {
-                    let wanted = match kind {
-                        "lora-qv" => {
-                            name.ends_with("q_proj")
-                                || name.ends_with("v_proj")
-                                || name.ends_with("qkv_proj")
-                        }
-                        _ => true,
-                    };
-                    if !wanted {
-                        continue;
-                    }
-                    let (out, inp) = (lin.out_dim(), lin.in_dim());
-                    let a = Var::randn(0f32, 0.2, (4, inp), &dev).expect("a");
-                    let b = Var::randn(0f32, 0.2, (out, 4), &dev).expect("b");
-                    lin.attach_lora(a.as_tensor().clone(), b.as_tensor().clone(), 2.0)
-                        .expect("attach");
-                    if kind == "lora-dropout" && i < per_layer {
-                        // Layer 0 with dropout (and a mask seed) stays separate ops.
-                        lin.lora_mut().expect("branch").dropout = 0.1;
-                        lin.lora_mut().expect("branch").dropout_seed = Some(3);
-                    }
-                    params.push(a);
-                    params.push(b);
-                }
-            }
-            "full" => {
-                for (_, lin) in m.linears_mut() {
-                    let v = Var::from_tensor(lin.weight().expect("weight")).expect("var");
-                    lin.set_weight(v.as_tensor().clone()).expect("set");
-                    params.push(v);
-                }
-                for block in m.layers_mut() {
-                    for (_, norm) in block.norms_mut() {
-                        let w = (&norm.weight + 0.1).expect("shift");
-                        let v = Var::from_tensor(&w).expect("var");
-                        norm.weight = v.as_tensor().clone();
-                        params.push(v);
-                    }
-                }
-            }
-            _ => unreachable!(),
-        }
-        let probe = Tensor::randn(0f32, 1.0, (2, seq, 32), &dev).expect("probe");
+        let case = &format!("{family:?} {kind}");
+        let (mut m, params, prefix, seq) = fused_case(family, kind);
+        let probe = seeded_normal(1.0, &[2, seq, 32], 99);
         let (h_sep, g_sep) = layer_grads(
             &mut m,
             LayerFusion::Off,
@@ -898,4 +945,85 @@ fn fused_decode_equals_separate_layers() {
     let x = Tensor::randn(0f32, 1.0, (1, 1, 64), &dev).expect("x");
     let got = FusedDecode::forward(Some(&fused), &[&a, &b, &c], &x).expect("fallback");
     assert!(max_abs_diff(&got[0], &a.forward(&x).expect("alone")) < 1e-5);
+}
+
+#[test]
+fn fused_layers_on_bf16_weights_match_f32_for_every_family() {
+    // In Auto on a CPU with matrix units, the fused layer multiplies in bf16: a frozen base's
+    // projections packed once (prompt tuning, LoRA), a trained weight packed anew each pass with
+    // its gradient in bf16 too (full fine-tuning: f32 master weights). Fused q/k/v and gate/up
+    // (Phi-3) are packed like separate ones. Against the same fused layers in f32: hidden states
+    // and every gradient within bf16 rounding, for every family's switches.
+    if !attune_models::kernels::amx::available() {
+        eprintln!(
+            "note: no AMX-BF16 here (or ATTUNE_MATMUL=f32): Auto stays f32, nothing to compare"
+        );
+        return;
+    }
+    let dev = Device::Cpu;
+    let toks: Vec<u32> = (0..2 * 67).map(|i| (i * 7 + 3) % 64).collect();
+    let toks = Tensor::from_vec(toks, (2, 67), &dev).expect("ids");
+    for (family, kind) in FUSED_FAMILIES
+        .iter()
+        .flat_map(|f| ["prompt", "lora-all", "full"].map(move |c| (*f, c)))
+    {
+        let case = &format!("{family:?} {kind}");
+        let (mut m, params, prefix, seq) = fused_case(family, kind);
+        let probe = seeded_normal(1.0, &[2, seq, 32], 99);
+        let (h32, g32) = layer_grads(
+            &mut m,
+            LayerFusion::All,
+            prefix.as_ref(),
+            &params,
+            &toks,
+            &probe,
+        );
+        // As `train::prepare` does: a frozen weight is packed, a trained one keeps its variable
+        // (and multiplies in bf16 from it).
+        m.set_compute_mode(ComputeMode::Auto).expect("mode");
+        for (name, lin) in m.linears() {
+            assert_eq!(
+                lin.packed().is_some(),
+                kind != "full",
+                "{case}: {name} packed for the matrix units"
+            );
+            assert!(lin.bf16_compute(), "{case}: {name} multiplies in bf16");
+        }
+        let (h16, g16) = layer_grads(
+            &mut m,
+            LayerFusion::All,
+            prefix.as_ref(),
+            &params,
+            &toks,
+            &probe,
+        );
+        // Against f32: bf16 rounding over two layers (errors of a few percent on the tiny
+        // model's gradients; a wrong weight, layout or switch gives errors near 1).
+        let worst = |a: &[Tensor], b: &[Tensor]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| rel_norm_diff(x, y))
+                .fold(0f32, f32::max)
+        };
+        let (dh, dg) = (rel_norm_diff(&h16, &h32), worst(&g16, &g32));
+        eprintln!("{case}: bf16 vs f32: hidden {dh}, worst gradient {dg} (relative)");
+        assert!(dh < 2e-2, "{case}: hidden states differ by {dh} (relative)");
+        assert!(dg < 0.1, "{case}: a gradient differs by {dg} (relative)");
+        if kind != "full" {
+            // The same packed weights as separate ops: the fused layer's own arithmetic.
+            let (hs, gs) = layer_grads(
+                &mut m,
+                LayerFusion::Off,
+                prefix.as_ref(),
+                &params,
+                &toks,
+                &probe,
+            );
+            let (dh, dg) = (rel_norm_diff(&h16, &hs), worst(&g16, &gs));
+            assert!(
+                dh < 1e-2 && dg < 1e-2,
+                "{case}: in bf16, fused and separate ops differ by {dh} (hidden), {dg} (gradients)"
+            );
+        }
+    }
 }

@@ -213,8 +213,9 @@ impl Engine {
                 options.max_len
             )));
         }
+        // With label accuracy: decode on the quantized weights, score on exact f32 (not bf16).
         let compute = if options.accuracy {
-            ComputeMode::Auto
+            ComputeMode::AutoF32
         } else {
             ComputeMode::F32
         };

@@ -9,17 +9,20 @@
 //! left by a crash are removed before resuming), `baseline.json` holds the
 //! general-domain NLL measured before training.
 //!
-//! Memory estimate (bytes), documented in [`estimate_memory`]: the f32 weights, the
-//! optimizer's state per trained parameter, what every decoder layer keeps per position for
-//! the backward pass (counted from the fused training layer's saved tensors), the logits, one
-//! layer's backward buffers and the runtime, times a margin of 8%; [`Engine::run_memory`]
-//! adds what the process already holds (a desktop window, chat models kept loaded), since the
-//! run trains in it. It is an upper bound for batches of full-length rows. Checked by
-//! `crates/cli/tests/memory.rs`: `attune train` of the default model (SmolLM2-135M Q4_1,
-//! trained in f32) on packed PubMedQA blocks, its peak RSS from `wait4`, release build,
-//! 2 cores (2026-12-03): LoRA r 16 on every projection at 2 x 256 peaked at 1144 MiB against
-//! an estimate of 1268 MiB (1.11x), prompt tuning at 2 x 256 at 1030 MiB against 1146 MiB
-//! (1.11x), full fine-tuning at 1 x 256 at 2255 MiB against 2613 MiB (1.16x). The test fails
+//! Memory estimate (bytes), documented in [`estimate_memory`]: the f32 weights (for LoRA and
+//! prompt tuning also the quantized copies the `Auto` load keeps and, where the frozen base runs
+//! in bf16 on the CPU's matrix units, its packed copies), the optimizer's state per trained
+//! parameter, what every decoder layer keeps per position for the backward pass (counted from
+//! the fused training layer's saved tensors), the logits, one layer's backward buffers and the
+//! runtime, times a margin of 8%; [`Engine::run_memory`] adds what the process already holds (a
+//! desktop window, chat models kept loaded), since the run trains in it. It is an upper bound
+//! for batches of full-length rows. Checked by `crates/cli/tests/memory.rs`: `attune train` of
+//! the default model (SmolLM2-135M Q4_1) on packed PubMedQA blocks, its peak RSS from `wait4`,
+//! release build, shared 2-core machine (2026-12-03, after the AMX merge): with AMX (LoRA and
+//! prompt tuning's base in bf16) LoRA r 16 on every projection at 2 x 256 peaked at 1575 MiB
+//! against an estimate of 1753 MiB (1.11x), prompt tuning at 2 x 256 at 1470 MiB against 1631
+//! MiB (1.11x), full fine-tuning (f32) at 1 x 256 at 2289 MiB against 2613 MiB (1.14x); with
+//! `ATTUNE_MATMUL=f32` 1409 / 1476 (1.05x), 1294 / 1354 (1.05x), 2281 / 2613 MiB (1.15x). The test fails
 //! below 1.0x or above 1.25x; `ATTUNE_MEMORY_SWEEP=BxS,...` there measures other shapes.
 
 use std::path::{Path, PathBuf};
@@ -137,7 +140,8 @@ fn pid_alive(pid: i64) -> bool {
 /// The parts of a run's estimated peak resident memory, in bytes (see [`estimate_memory`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryEstimate {
-    /// The f32 weights training loads.
+    /// The weights training holds: f32 (or their bf16 packings) and, for LoRA and prompt
+    /// tuning, the copies the model keeps beside them (see [`estimate_memory`]).
     pub weights: u64,
     pub trainable_params: u64,
     /// Per trained parameter: its gradient and AdamW's two moments (and the parameter
@@ -205,6 +209,30 @@ pub fn trainable_params(cfg: &Config, method: &MethodSpec) -> u64 {
 /// The runtime's own footprint in a training process (see [`MemoryEstimate::runtime`]).
 pub const TRAINING_RUNTIME: u64 = 64 << 20;
 
+/// Bytes per parameter that LoRA and prompt tuning hold beyond the f32 weights: the run loads
+/// the model in `Auto`, which keeps the file's quantized copy of every weight (for decoding;
+/// at most 1.0625 bytes per weight for 8-bit and smaller types) beside the dense one, and the
+/// allocator's slack around it. Measured with `ATTUNE_MATMUL=f32` on the default model: LoRA and
+/// prompt tuning peaked 135-175 MiB (1.05-1.36 bytes per parameter) above the f32-only sum.
+/// Full fine-tuning replaces every weight by its variable, which drops the copy.
+pub const KEPT_COPY_BYTES_PER_PARAM: f64 = 1.5;
+
+/// Bytes per parameter of the bf16 copies packed for the CPU's matrix units when LoRA's and
+/// prompt tuning's frozen base runs on them ([`bf16_frozen_base`]): the projections' f32 copies
+/// give way to their two packings (forward and input gradient, 4 bytes together), while the LM
+/// head keeps its f32 weight (tied to the embedding) beside its packings. Measured on the
+/// default model: 110-185 MiB above the same runs with `ATTUNE_MATMUL=f32` (the head's packings
+/// are 108 MiB of it); 2 bytes per parameter (256 MiB there) bounds it.
+pub const PACKED_BF16_BYTES_PER_PARAM: u64 = 2;
+
+/// Whether a run of `method` multiplies a frozen base in bf16 on the CPU's matrix units, as
+/// `attune_models::train::prepare` decides: LoRA and prompt tuning where the CPU has AMX and
+/// `ATTUNE_MATMUL=f32` is not set. (Full fine-tuning's opt-in bf16 products,
+/// `ATTUNE_FULL_BF16=1`, are not in the estimate.)
+pub fn bf16_frozen_base(method: &MethodSpec) -> bool {
+    !matches!(method, MethodSpec::Full) && attune_models::kernels::amx::available()
+}
+
 /// The estimate's margin over the parts' sum: the measured peaks lie 0-6% above the fitted
 /// parts (the allocator's timing, the longest row's attention scratch), and the estimate
 /// must stay an upper bound within 25% of the peak.
@@ -250,7 +278,9 @@ const UNFUSED_LORA_FACTOR: u64 = 2;
 
 /// Estimated peak resident memory of a training run of `method` at `batch_size` rows of
 /// `max_len` tokens, in a process of its own (an upper bound: every batch full-length):
-/// - the f32 weights, 4 bytes per parameter;
+/// - the f32 weights, 4 bytes per parameter; for LoRA and prompt tuning also the quantized
+///   copies the model keeps ([`KEPT_COPY_BYTES_PER_PARAM`]) and, where the frozen base runs
+///   in bf16 on the matrix units, the packed copies ([`PACKED_BF16_BYTES_PER_PARAM`]);
 /// - per trained parameter 12 bytes (gradient, two AdamW moments), 16 where the parameter
 ///   is not one of the weights (LoRA matrices, the soft prompt);
 /// - per position of a step (rows x (max_len + virtual tokens)) 4 bytes for each value
@@ -281,7 +311,18 @@ pub fn estimate_memory(
         _ => 0,
     };
     let positions = m(batch_size as u64, (max_len as u64).saturating_add(prefix));
-    let weights = m(4, p);
+    let frozen_base = !matches!(method, MethodSpec::Full);
+    let kept = if frozen_base {
+        (p as f64 * KEPT_COPY_BYTES_PER_PARAM).ceil() as u64
+    } else {
+        0
+    };
+    let packed = if bf16_frozen_base(method) {
+        m(PACKED_BF16_BYTES_PER_PARAM, p)
+    } else {
+        0
+    };
+    let weights = m(4, p).saturating_add(kept).saturating_add(packed);
     let optimizer = match method {
         MethodSpec::Full => m(12, t),
         _ => m(16, t),
@@ -838,10 +879,12 @@ impl Engine {
                 dataset.name
             )));
         }
+        // The lengths first: tokenizing loads the model into this process's cache, where it
+        // stays while the run trains here, so the estimate's `held` must see it.
+        let lengths = self.train_lengths(&dataset, &model)?;
         let memory = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
         let available = available_memory();
         let fits = available.is_none_or(|a| memory.needed() <= a);
-        let lengths = self.train_lengths(&dataset, &model)?;
         let rows = lengths.len() as u64;
         let (train_examples, example_tokens) = if spec.pack {
             // Packed rows become blocks of `max_len` tokens: the split makes this many.
@@ -1210,10 +1253,20 @@ impl Engine {
             source,
         })?;
         clean_temp_dirs(&ckpt_root);
+        // Auto: `train::prepare` runs the frozen base (LoRA, prompt tuning) in bf16 on the CPU's
+        // matrix units where it has them, f32 elsewhere. Full fine-tuning trains in f32 unless
+        // `ATTUNE_FULL_BF16=1`, so it loads in F32: no quantized or packed copies to build and
+        // drop again (loaded in Auto, its peak measured up to ~300 MiB higher and varying).
+        let full_f32 =
+            matches!(spec.method, MethodSpec::Full) && !attune_models::train::full_bf16_opted_in();
         let loaded: LoadedModel = attune_models::loader::load(
             &model_path,
             &LoadOptions {
-                compute: ComputeMode::F32,
+                compute: if full_f32 {
+                    ComputeMode::F32
+                } else {
+                    ComputeMode::Auto
+                },
             },
         )
         .map_err(|source| EngineError::ModelLoad {

@@ -177,10 +177,15 @@ pub fn quantized_linear(
     let q = QTensor::quantize(&w, dt)?;
     let dense = match mode {
         ComputeMode::Quantized => None,
-        ComputeMode::Auto => Some(q.dequantize(&dev)?.t()?.contiguous()?.t()?),
+        ComputeMode::Auto | ComputeMode::AutoF32 => {
+            Some(q.dequantize(&dev)?.t()?.contiguous()?.t()?)
+        }
         ComputeMode::F32 => Some(q.dequantize(&dev)?),
     };
-    Ok(Linear::from_parts(dense, Some(Arc::new(q)), None, mode)?.with_decode_kernel()?)
+    let mut lin = Linear::from_parts(dense, Some(Arc::new(q)), None, mode)?.with_decode_kernel()?;
+    // As the GGUF loader: `Auto` keeps the bf16 copy for the matrix units where the CPU has them.
+    lin.pack_bf16(true)?;
+    Ok(lin)
 }
 
 /// A random model of `cfg`, built layer by layer so the f32 values of one projection at a time

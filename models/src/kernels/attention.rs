@@ -215,6 +215,7 @@ pub(crate) fn attention_forward(
     v: &[f32],
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
+    let _pg = super::profile::prof("attention.fwd");
     let (l, hd, g) = (d.l, d.hd, d.groups());
     let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
     // One task per (batch, kv head): its query heads' outputs `[g, l, hd]` and lse `[g, l]`.
@@ -295,6 +296,7 @@ pub(crate) fn attention_backward(
     lse: &[f32],
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let _pg = super::profile::prof("attention.bwd");
     let (l, hd, g) = (d.l, d.hd, d.groups());
     let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
     // Per (batch, kv head): dq of its query heads `[g, l, hd]`, dk and dv `[l, hd]`.

@@ -29,9 +29,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use gemm::Parallelism;
 
+use std::sync::Arc;
+
+use super::amx::{self, PackedB, PackedWeight, RowsBf16};
 use super::attention::{attention_backward, attention_forward, AttnDims};
-use super::gemm::{matmul, product};
-use super::linear::{lora_branch_backward, lora_branch_forward};
+use super::gemm::product;
+use super::linear::{lora_branch_backward, lora_branch_forward, Act, Frozen, WRef};
 use super::profile::prof;
 use super::rms_norm::{rms_backward, rms_forward};
 use super::rope::rope_in_place;
@@ -39,11 +42,40 @@ use super::swiglu::{gated_backward, gated_forward, GateAct};
 use super::{borrow_f32, f32_slice, threads, CResult};
 
 /// One projection `[out, in]` of a layer, with its LoRA branch `(A [r, in], B [out, r], scale)`
-/// if it has one. The weight is trained when it is a variable (full fine-tuning).
+/// if it has one. An f32 weight is trained when it is a variable (full fine-tuning); a packed
+/// bf16 weight is frozen.
 #[derive(Clone, Copy)]
 pub struct Proj<'a> {
-    pub w: &'a Tensor,
+    pub w: ProjWeight<'a>,
     pub lora: Option<(&'a Tensor, &'a Tensor, f32)>,
+}
+
+/// A projection's weight: f32, bf16 packed for the matrix units (frozen), or an f32 weight
+/// (trained: full fine-tuning) whose products run in bf16 on the matrix units, packed anew at
+/// every forward pass (`Mixed`: f32 master weight, bf16 compute, f32 gradient). A fused
+/// projection (`qkv_proj`, `gate_up_proj`) is any of the three, like a separate one.
+#[derive(Clone, Copy)]
+pub enum ProjWeight<'a> {
+    F32(&'a Tensor),
+    Bf16(&'a Arc<PackedWeight>),
+    Mixed(&'a Tensor),
+}
+
+impl<'a> ProjWeight<'a> {
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            ProjWeight::F32(w) | ProjWeight::Mixed(w) => w.dims().to_vec(),
+            ProjWeight::Bf16(p) => vec![p.out_dim(), p.in_dim()],
+        }
+    }
+
+    /// The weight, when it is a trained variable.
+    fn trained(self) -> Option<&'a Tensor> {
+        match self {
+            ProjWeight::F32(w) | ProjWeight::Mixed(w) => w.track_op().then_some(w),
+            ProjWeight::Bf16(_) => None,
+        }
+    }
 }
 
 /// An RMSNorm: its scale `w`, `eps`, and `offset` (1 for Gemma's `(1 + w)`, else 0). The scale is
@@ -127,7 +159,9 @@ impl LayerParts<'_> {
     pub fn first_trained(&self) -> Option<&Tensor> {
         let mut all: Vec<&Tensor> = self.norms().iter().map(|n| n.w).collect();
         for p in self.projs() {
-            all.push(p.w);
+            if let Some(w) = p.w.trained() {
+                all.push(w);
+            }
             if let Some((a, b, _)) = p.lora {
                 all.push(a);
                 all.push(b);
@@ -170,8 +204,8 @@ pub fn fused_layer(
     let hd = parts.head_dim;
     let (nq, nkv) = (parts.heads * hd, parts.kv_heads * hd);
     let inter = match parts.gate_up {
-        Stacked::Split([g, _]) => g.w.dim(0)?,
-        Stacked::Fused(p) => p.w.dim(0)? / 2,
+        Stacked::Split([g, _]) => g.w.dims()[0],
+        Stacked::Fused(p) => p.w.dims()[0] / 2,
     };
     let rd = match rope {
         None => 0,
@@ -225,7 +259,7 @@ pub fn fused_layer(
         candle_core::bail!(
             "fused layer: input {:?} and projections {:?} do not fit {} heads / {} kv heads of {hd}",
             x.dims(),
-            shaped.iter().map(|(p, _, _)| p.w.dims().to_vec()).collect::<Vec<_>>(),
+            shaped.iter().map(|(p, _, _)| p.w.dims()).collect::<Vec<_>>(),
             parts.heads,
             parts.kv_heads
         )
@@ -242,10 +276,30 @@ pub fn fused_layer(
                 scale,
             }),
         };
+        let (w, param, bf16_dw) = match p.w {
+            ProjWeight::F32(w) => (
+                Frozen::F32(w.contiguous()?),
+                w.track_op().then(|| w.clone()),
+                false,
+            ),
+            ProjWeight::Bf16(pw) => (Frozen::Bf16(pw.clone()), None, false),
+            ProjWeight::Mixed(w) => {
+                let (out, inp) = w.dims2()?;
+                borrow_f32!(v = w, "projection weight");
+                let packed = PackedWeight::new_both(v, out, inp);
+                let trained = w.track_op();
+                (
+                    Frozen::Bf16(Arc::new(packed)),
+                    trained.then(|| w.clone()),
+                    trained,
+                )
+            }
+        };
         Ok(OwnedProj {
-            w: p.w.contiguous()?,
-            param: p.w.track_op().then(|| p.w.clone()),
+            w,
+            param,
             lora,
+            bf16_dw,
         })
     };
     let norm = |n: Norm| -> CResult<OwnedNorm> {
@@ -308,11 +362,13 @@ struct LoraParts {
 }
 
 struct OwnedProj {
-    /// `[out, in]`, contiguous.
-    w: Tensor,
+    /// `[out, in]`: a contiguous f32 tensor, or the packed bf16 copy.
+    w: Frozen,
     /// The weight variable, when trained (its gradient is keyed by it).
     param: Option<Tensor>,
     lora: Option<LoraParts>,
+    /// The weight gradient runs in bf16 on the matrix units (a `Mixed` weight).
+    bf16_dw: bool,
 }
 
 impl OwnedProj {
@@ -426,7 +482,7 @@ struct Kept {
 
 /// A projection's slices for one pass.
 struct P<'s> {
-    w: &'s [f32],
+    w: WRef<'s>,
     proj: &'s OwnedProj,
     din: usize,
     dout: usize,
@@ -449,36 +505,16 @@ impl P<'_> {
     }
 
     /// A new `[rows, out]` output `x W^T (+ LoRA)`, and the branch's `x A^T`.
-    fn fwd_new(&self, x: &[f32], rows: usize, par: Parallelism) -> (Vec<f32>, Option<Vec<f32>>) {
-        let (din, dout) = (self.din, self.dout);
-        let mut y = product(rows, dout, din, x, (din, 1), self.w, (1, din), par);
-        let xa = self.lora_fwd(x, rows, &mut y, par);
+    fn fwd_new(&self, x: &Act, par: Parallelism) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut y = self.w.forward_new(x, self.dout, par);
+        let xa = self.lora_fwd(x.x, x.rows, &mut y, par);
         (y, xa)
     }
 
     /// `dst += x W^T (+ LoRA)`; returns the branch's `x A^T`.
-    fn fwd_add(
-        &self,
-        x: &[f32],
-        rows: usize,
-        dst: &mut [f32],
-        par: Parallelism,
-    ) -> Option<Vec<f32>> {
-        let (din, dout) = (self.din, self.dout);
-        matmul(
-            rows,
-            dout,
-            din,
-            dst,
-            (dout, 1),
-            true,
-            x,
-            (din, 1),
-            self.w,
-            (1, din),
-            par,
-        );
-        self.lora_fwd(x, rows, dst, par)
+    fn fwd_add(&self, x: &Act, dst: &mut [f32], par: Parallelism) -> Option<Vec<f32>> {
+        self.w.forward_add(x, dst, self.dout, par);
+        self.lora_fwd(x.x, x.rows, dst, par)
     }
 
     /// The backward pass for the output gradient `dy`: adds `dy W (+ LoRA)` to `dx` (creating it
@@ -498,33 +534,7 @@ impl P<'_> {
     ) -> CResult<()> {
         let (din, dout) = (self.din, self.dout);
         if want_dx {
-            match dx {
-                Some(d) => matmul(
-                    rows,
-                    din,
-                    dout,
-                    d,
-                    (din, 1),
-                    true,
-                    dy,
-                    (dout, 1),
-                    self.w,
-                    (din, 1),
-                    par,
-                ),
-                None => {
-                    *dx = Some(product(
-                        rows,
-                        din,
-                        dout,
-                        dy,
-                        (dout, 1),
-                        self.w,
-                        (din, 1),
-                        par,
-                    ))
-                }
-            }
+            self.w.input_grad(&Act::new(dy, rows, dout), din, dx, par);
         }
         let input = || -> CResult<&[f32]> {
             match x {
@@ -536,7 +546,13 @@ impl P<'_> {
         };
         if let Some(w) = &self.proj.param {
             // dW = dy^T x
-            let dw = product(dout, din, rows, dy, (1, dout), input()?, (din, 1), par);
+            let x = input()?;
+            let dw = if self.proj.bf16_dw {
+                let a = RowsBf16::from_f32_transposed(dy, rows, dout);
+                amx::product(&a, &PackedB::from_cols(x, rows, din))
+            } else {
+                product(dout, din, rows, dy, (1, dout), x, (din, 1), par)
+            };
             sink.push((w.clone(), dw));
         }
         if let Some(l) = &self.proj.lora {
@@ -610,18 +626,32 @@ impl FusedLayer {
     fn with_projs<R>(&self, f: impl FnOnce(&Projs) -> CResult<R>) -> CResult<R> {
         let hidden = self.input_norm.vals.len();
         let (nq, nkv) = (self.heads * self.hd, self.kv_heads * self.hd);
-        let inter = self.down.w.dim(1)?;
-        let guards: Vec<_> = self
+        let inter = self.down.w.dims()?.1;
+        let all: Vec<&OwnedProj> = self
             .qkv
             .iter()
             .chain([&self.o])
             .chain(self.gate_up.iter())
             .chain([&self.down])
-            .map(|p| p.w.storage_and_layout())
+            .collect();
+        // Each weight's `WRef`: an f32 weight's slice borrowed in place (its storage guard lives
+        // in `guards` until the end of the function), or the packed bf16 copy.
+        let guards: Vec<_> = all
+            .iter()
+            .map(|p| match &p.w {
+                Frozen::F32(t) => Some(t.storage_and_layout()),
+                Frozen::Bf16(_) => None,
+            })
             .collect();
         let mut slices = Vec::with_capacity(guards.len());
-        for g in &guards {
-            slices.push(super::cpu_f32(&g.0, g.1, "a projection weight")?);
+        for (p, g) in all.iter().zip(&guards) {
+            slices.push(match (&p.w, g) {
+                (Frozen::F32(_), Some(g)) => {
+                    WRef::F32(super::cpu_f32(&g.0, g.1, "a projection weight")?)
+                }
+                (Frozen::Bf16(pw), _) => WRef::Bf16(pw),
+                (Frozen::F32(_), None) => candle_core::bail!("fused layer: weight not borrowed"),
+            });
         }
         let p = |w, proj, din, dout| P { w, proj, din, dout };
         let nqkv = self.qkv.len();
@@ -686,9 +716,12 @@ impl FusedLayer {
         let par = Parallelism::Rayon(threads());
         let mut xa = Vec::with_capacity(ps.qkv.len() + ps.gate_up.len() + 2);
 
+        let hidden = self.input_norm.vals.len();
         let hn = self.input_norm.forward(x);
+        // One activation for q, k and v: its bf16 copy (for packed weights) is made once.
+        let hn_act = Act::new(&hn, rows, hidden);
         let (mut q, mut k, v) = if ps.qkv.len() == 1 {
-            let (y, a) = ps.qkv[0].fwd_new(&hn, rows, par);
+            let (y, a) = ps.qkv[0].fwd_new(&hn_act, par);
             xa.push(a);
             let mut parts = split_columns(&y, rows, &[nq, nkv, nkv]).into_iter();
             match (parts.next(), parts.next(), parts.next()) {
@@ -698,7 +731,7 @@ impl FusedLayer {
         } else {
             let mut outs = Vec::with_capacity(3);
             for p in &ps.qkv {
-                let (y, a) = p.fwd_new(&hn, rows, par);
+                let (y, a) = p.fwd_new(&hn_act, par);
                 outs.push(y);
                 xa.push(a);
             }
@@ -707,6 +740,7 @@ impl FusedLayer {
             let q = outs.pop().unwrap_or_default();
             (q, k, v)
         };
+        drop(hn_act);
         let hn1 = self.qkv.iter().any(|p| p.needs_input()).then_some(hn);
         let q_pre = self.q_norm.as_ref().map(|n| {
             let normed = n.forward(&q);
@@ -720,14 +754,15 @@ impl FusedLayer {
         self.rotate(&mut k, nkv, l, 1.0);
         let (att, lse) = attention_forward(self.dims(b, l), &q, &k, &v, self.scale);
         // x1 = x + att Wo^T, or x + norm(att Wo^T)
+        let att_act = Act::new(&att, rows, nq);
         let (x1, o_out) = match &self.post_attn_norm {
             None => {
                 let mut x1 = x.to_vec();
-                xa.push(ps.o.fwd_add(&att, rows, &mut x1, par));
+                xa.push(ps.o.fwd_add(&att_act, &mut x1, par));
                 (x1, None)
             }
             Some(n) => {
-                let (o_out, a) = ps.o.fwd_new(&att, rows, par);
+                let (o_out, a) = ps.o.fwd_new(&att_act, par);
                 xa.push(a);
                 let mut x1 = n.forward(&o_out);
                 for (y, &r) in x1.iter_mut().zip(x) {
@@ -736,9 +771,12 @@ impl FusedLayer {
                 (x1, Some(o_out))
             }
         };
+        drop(att_act);
         let hn = self.pre_mlp_norm.forward(&x1);
+        // One activation for gate and up.
+        let hn_act = Act::new(&hn, rows, hidden);
         let (g, u) = if ps.gate_up.len() == 1 {
-            let (y, a) = ps.gate_up[0].fwd_new(&hn, rows, par);
+            let (y, a) = ps.gate_up[0].fwd_new(&hn_act, par);
             xa.push(a);
             let mut parts = split_columns(&y, rows, &[inter, inter]).into_iter();
             match (parts.next(), parts.next()) {
@@ -746,23 +784,25 @@ impl FusedLayer {
                 _ => candle_core::bail!("fused layer: gate/up split"),
             }
         } else {
-            let (g, ag) = ps.gate_up[0].fwd_new(&hn, rows, par);
-            let (u, au) = ps.gate_up[1].fwd_new(&hn, rows, par);
+            let (g, ag) = ps.gate_up[0].fwd_new(&hn_act, par);
+            let (u, au) = ps.gate_up[1].fwd_new(&hn_act, par);
             xa.push(ag);
             xa.push(au);
             (g, u)
         };
+        drop(hn_act);
         let hn2 = self.gate_up.iter().any(|p| p.needs_input()).then_some(hn);
         let h = gated_forward(self.act, &g, &u);
         // out = x1 + h Wd^T, or x1 + norm(h Wd^T)
+        let h_act = Act::new(&h, rows, inter);
         let (out, d_out) = match &self.post_mlp_norm {
             None => {
                 let mut out = x1.clone();
-                xa.push(ps.down.fwd_add(&h, rows, &mut out, par));
+                xa.push(ps.down.fwd_add(&h_act, &mut out, par));
                 (out, None)
             }
             Some(n) => {
-                let (d_out, a) = ps.down.fwd_new(&h, rows, par);
+                let (d_out, a) = ps.down.fwd_new(&h_act, par);
                 xa.push(a);
                 let mut out = n.forward(&d_out);
                 for (y, &r) in out.iter_mut().zip(&x1) {

@@ -3,30 +3,164 @@
 //! trained weight ([`linear`]: `dW` straight into the `[out, in]` layout), and with a LoRA branch
 //! ([`lora_linear`]: `dx`, `dA`, `dB`, never `dW`). The LoRA branch's slice-level passes are
 //! shared with the fused layer.
+//!
+//! A frozen weight is a [`Frozen`]: an f32 tensor (the f32 GEMM), or a bf16 copy packed for the
+//! CPU's matrix units ([`super::amx`]), whose products convert their activations to bf16 and
+//! accumulate in f32. [`WRef`] and [`Act`] are the slice-level forms the fused layer shares.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::gemm::{matmul_scaled, product};
+use super::amx::{PackedWeight, RowsBf16};
+use super::gemm::{matmul, matmul_scaled, product};
 use super::profile::prof;
 use super::{borrow_f32, f32_slice, rows_features, threads, with_features, CResult};
+
+// ---------------------------------------------------------------------------------------------
+// Frozen weights, f32 or bf16
+// ---------------------------------------------------------------------------------------------
+
+/// A frozen weight `[out, in]`: f32, or bf16 packed for the matrix units.
+#[derive(Clone, Debug)]
+pub enum Frozen {
+    F32(Tensor),
+    Bf16(Arc<PackedWeight>),
+}
+
+impl Frozen {
+    /// `(out, in)`.
+    pub fn dims(&self) -> CResult<(usize, usize)> {
+        match self {
+            Frozen::F32(w) => w.dims2(),
+            Frozen::Bf16(p) => Ok((p.out_dim(), p.in_dim())),
+        }
+    }
+
+    /// The f32 form made contiguous and detached (an op keeps it).
+    fn owned(&self) -> CResult<Frozen> {
+        Ok(match self {
+            Frozen::F32(w) => Frozen::F32(w.contiguous()?.detach()),
+            Frozen::Bf16(p) => Frozen::Bf16(p.clone()),
+        })
+    }
+
+    /// Runs `f` on the weight's slice-level form.
+    fn with_ref<R>(&self, f: impl FnOnce(WRef<'_>) -> CResult<R>) -> CResult<R> {
+        match self {
+            Frozen::F32(w) => {
+                borrow_f32!(w = w, "frozen weight");
+                f(WRef::F32(w))
+            }
+            Frozen::Bf16(p) => f(WRef::Bf16(p)),
+        }
+    }
+}
+
+/// A weight `[dout, din]` for one pass: f32 values, or the packed bf16 copy.
+#[derive(Clone, Copy)]
+pub(crate) enum WRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a PackedWeight),
+}
+
+/// An activation `[rows, features]` in f32, with its bf16 tiles made on first use, so the
+/// products that read one input (q, k and v; gate and up) convert it once.
+pub(crate) struct Act<'a> {
+    pub x: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    bf16: OnceLock<RowsBf16>,
+}
+
+impl<'a> Act<'a> {
+    pub fn new(x: &'a [f32], rows: usize, cols: usize) -> Self {
+        debug_assert_eq!(x.len(), rows * cols);
+        Self {
+            x,
+            rows,
+            cols,
+            bf16: OnceLock::new(),
+        }
+    }
+
+    fn bf16(&self) -> &RowsBf16 {
+        self.bf16
+            .get_or_init(|| RowsBf16::from_f32(self.x, self.rows, self.cols))
+    }
+}
+
+impl WRef<'_> {
+    /// A new `[rows, dout]` product `x W^T`.
+    pub fn forward_new(self, x: &Act, dout: usize, par: Parallelism) -> Vec<f32> {
+        let (rows, din) = (x.rows, x.cols);
+        match self {
+            WRef::F32(w) => product(rows, dout, din, x.x, (din, 1), w, (1, din), par),
+            WRef::Bf16(p) => p.forward_new(x.bf16()),
+        }
+    }
+
+    /// `dst[rows, dout] += x W^T`.
+    pub fn forward_add(self, x: &Act, dst: &mut [f32], dout: usize, par: Parallelism) {
+        let (rows, din) = (x.rows, x.cols);
+        match self {
+            WRef::F32(w) => matmul(
+                rows,
+                dout,
+                din,
+                dst,
+                (dout, 1),
+                true,
+                x.x,
+                (din, 1),
+                w,
+                (1, din),
+                par,
+            ),
+            WRef::Bf16(p) => p.forward(x.bf16(), dst, true),
+        }
+    }
+
+    /// The input gradient `dy W` `[rows, din]` for `dy` `[rows, dout]`: added to `dx`, or a new
+    /// buffer when `dx` is `None`.
+    pub fn input_grad(self, dy: &Act, din: usize, dx: &mut Option<Vec<f32>>, par: Parallelism) {
+        let (rows, dout) = (dy.rows, dy.cols);
+        match (self, dx) {
+            (WRef::F32(w), Some(d)) => matmul(
+                rows,
+                din,
+                dout,
+                d,
+                (din, 1),
+                true,
+                dy.x,
+                (dout, 1),
+                w,
+                (din, 1),
+                par,
+            ),
+            (WRef::F32(w), dx) => {
+                *dx = Some(product(rows, din, dout, dy.x, (dout, 1), w, (din, 1), par))
+            }
+            (WRef::Bf16(p), Some(d)) => p.input_grad(dy.bf16(), d, true),
+            (WRef::Bf16(p), dx) => *dx = Some(p.input_grad_new(dy.bf16())),
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Frozen linear
 // ---------------------------------------------------------------------------------------------
 
-/// `x W^T` for a frozen weight `w` `[out, in]`: differentiable in `x` only. `x` is `[rows, in]`.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+/// `x W^T` for a frozen weight `w` `[out, in]`: differentiable in `x` only. `x` is `[..., in]`.
+pub fn frozen_linear(x: &Tensor, w: &Frozen) -> CResult<Tensor> {
     let x = x.contiguous()?;
-    x.apply_op1(FrozenLinear {
-        w: w.contiguous()?.detach(),
-    })
+    x.apply_op1(FrozenLinear { w: w.owned()? })
 }
 
 struct FrozenLinear {
-    w: Tensor,
+    w: Frozen,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -38,31 +172,29 @@ impl CustomOp1 for FrozenLinear {
         let _pg = prof("FrozenLinear.cpu_fwd");
         let x = f32_slice(s, l, "frozen linear input")?;
         let (rows, din) = rows_features(l.shape())?;
-        let (dout, win) = self.w.dims2()?;
+        let (dout, win) = self.w.dims()?;
         if win != din {
             candle_core::bail!("frozen linear: input has {din} features, weight expects {win}")
         }
-        borrow_f32!(w = self.w, "frozen linear weight");
-        let out = product(
-            rows,
-            dout,
-            din,
-            x,
-            (din, 1),
-            w,
-            (1, din),
-            Parallelism::Rayon(threads()),
-        );
+        let par = Parallelism::Rayon(threads());
+        let out = self
+            .w
+            .with_ref(|w| Ok(w.forward_new(&Act::new(x, rows, din), dout, par)))?;
         Ok((CpuStorage::F32(out), with_features(l.shape(), dout)))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let _pg = prof("FrozenLinear.bwd");
-        let (dout, din) = self.w.dims2()?;
+        let (dout, din) = self.w.dims()?;
         let rows = grad.elem_count() / dout.max(1);
-        borrow_f32!(dy = grad, "frozen linear grad"; w = self.w, "frozen linear weight");
+        borrow_f32!(dy = grad, "frozen linear grad");
         let par = Parallelism::Rayon(threads());
-        let dx = product(rows, din, dout, dy, (dout, 1), w, (din, 1), par);
+        let mut dx = None;
+        self.w.with_ref(|w| {
+            w.input_grad(&Act::new(dy, rows, dout), din, &mut dx, par);
+            Ok(())
+        })?;
+        let dx = dx.unwrap_or_default();
         Ok(Some(Tensor::from_vec(dx, x.shape(), grad.device())?))
     }
 }
@@ -140,12 +272,12 @@ impl CustomOp2 for TrainedLinear {
 /// `x W^T + scale * (x A^T) B^T` for a frozen `w` `[out, in]` and LoRA `a` `[r, in]`, `b`
 /// `[out, r]`; `x` is `[rows, in]`. One op: the low-rank product is accumulated into the base
 /// product by the GEMM itself, and the backward pass computes `dx`, `dA`, `dB` (never `dW`).
-pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f32) -> CResult<Tensor> {
+pub fn lora_linear(x: &Tensor, w: &Frozen, a: &Tensor, b: &Tensor, scale: f32) -> CResult<Tensor> {
     x.contiguous()?.apply_op3(
         &a.contiguous()?,
         &b.contiguous()?,
         LoraLinear {
-            w: w.contiguous()?.detach(),
+            w: w.owned()?,
             scale,
             xa: Mutex::new(None),
         },
@@ -153,7 +285,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f32) -
 }
 
 struct LoraLinear {
-    w: Tensor,
+    w: Frozen,
     scale: f32,
     /// `x A^T` `[rows, r]` from the forward pass, which the backward pass needs again.
     xa: Mutex<Option<Vec<f32>>>,
@@ -172,6 +304,7 @@ pub(crate) fn lora_branch_forward(
     dst: &mut [f32],
     par: Parallelism,
 ) -> Vec<f32> {
+    let _pg = super::profile::prof("lora_branch.fwd");
     let xa = product(rows, r, din, x, (din, 1), a, (1, din), par);
     matmul_scaled(
         rows,
@@ -205,6 +338,7 @@ pub(crate) fn lora_branch_backward(
     xa: Option<&[f32]>,
     par: Parallelism,
 ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let _pg = super::profile::prof("lora_branch.bwd");
     // u = dy B [rows, r]
     let u = product(rows, r, dout, dy, (dout, 1), b, (r, 1), par);
     if let Some(dx) = dx {
@@ -283,13 +417,14 @@ impl CustomOp3 for LoraLinear {
         let (rows, din) = rows_features(l1.shape())?;
         let (r, a_in) = l2.shape().dims2()?;
         let (dout, b_r) = l3.shape().dims2()?;
-        let (w_out, w_in) = self.w.dims2()?;
+        let (w_out, w_in) = self.w.dims()?;
         if a_in != din || b_r != r || (w_out, w_in) != (dout, din) {
             candle_core::bail!("lora linear: shapes do not fit (x {rows}x{din}, A {r}x{a_in}, B {dout}x{b_r}, W {w_out}x{w_in})")
         }
-        borrow_f32!(w = self.w, "lora base weight");
         let par = Parallelism::Rayon(threads());
-        let mut y = product(rows, dout, din, x, (din, 1), w, (1, din), par);
+        let mut y = self
+            .w
+            .with_ref(|w| Ok(w.forward_new(&Act::new(x, rows, din), dout, par)))?;
         let t = lora_branch_forward((rows, din, dout, r), x, a, b, self.scale, &mut y, par);
         *self.xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         Ok((CpuStorage::F32(y), with_features(l1.shape(), dout)))
@@ -312,7 +447,6 @@ impl CustomOp3 for LoraLinear {
             av = a, "lora A";
             bv = b, "lora B";
             dy = grad, "lora grad";
-            w = self.w, "lora base weight";
         );
         let par = Parallelism::Rayon(threads());
         let kept = self.xa.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -321,7 +455,12 @@ impl CustomOp3 for LoraLinear {
             // A second backward through the same graph: recompute it.
             _ => product(rows, r, din, xv, (din, 1), av, (1, din), par),
         };
-        let mut dx = product(rows, din, dout, dy, (dout, 1), w, (din, 1), par);
+        let mut dx = None;
+        self.w.with_ref(|w| {
+            w.input_grad(&Act::new(dy, rows, dout), din, &mut dx, par);
+            Ok(())
+        })?;
+        let mut dx = dx.unwrap_or_default();
         let (da, db) = lora_branch_backward(
             (rows, din, dout, r),
             dy,
@@ -360,7 +499,7 @@ mod tests {
         let a = Var::randn(0f32, 1., (3, 6), &dev).unwrap();
         let b = Var::randn(0f32, 1., (5, 3), &dev).unwrap();
         let gy = Tensor::randn(0f32, 1., (9, 5), &dev).unwrap();
-        let fast = lora_linear(&x, &w, &a, &b, 2.0).unwrap();
+        let fast = lora_linear(&x, &Frozen::F32(w.clone()), &a, &b, 2.0).unwrap();
         let slow = (x.matmul(&w.t().unwrap()).unwrap()
             + (x.matmul(&a.t().unwrap())
                 .unwrap()
@@ -407,11 +546,58 @@ mod tests {
         let x = Var::randn(0f32, 1., (7, 5), &dev).unwrap();
         let w = Tensor::randn(0f32, 1., (3, 5), &dev).unwrap();
         let gy = Tensor::randn(0f32, 1., (7, 3), &dev).unwrap();
-        let a = frozen_linear(&x, &w).unwrap();
+        let a = frozen_linear(&x, &Frozen::F32(w.clone())).unwrap();
         let b = x.matmul(&w.t().unwrap()).unwrap();
         assert!(max_diff(&a, &b) < 1e-5);
         let ga = (a * &gy).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &gy).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-5);
+    }
+
+    /// The bf16 weight against the f32 one, forward and both gradients, on the layer shapes of
+    /// the default model. bf16 rounds each operand by at most 2^-9 relative, so each term of a
+    /// `k`-term sum of unit-variance products moves by up to 2^-8 of itself, and the sum by a
+    /// random error of standard deviation about 2^-8 / sqrt(3) * sqrt(k) = 0.0023 sqrt(k)
+    /// (measured maximum over 13,000 outputs at k = 576: 4.3 of those). Tolerance: 7 of them.
+    #[test]
+    fn bf16_weights_match_f32_within_rounding() {
+        if !crate::kernels::amx::available() {
+            eprintln!("note: no AMX-BF16 here (or ATTUNE_MATMUL=f32): the bf16 path is not tested, the f32 one is (above)");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (rows, din, dout) in [(70, 576, 192), (33, 96, 1536)] {
+            let x = Var::randn(0f32, 1., (rows, din), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1., (dout, din), &dev).unwrap();
+            let a = Var::randn(0f32, 1., (4, din), &dev).unwrap();
+            let b = Var::randn(0f32, 1., (dout, 4), &dev).unwrap();
+            let gy = Tensor::randn(0f32, 1., (rows, dout), &dev).unwrap();
+            let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let packed = Frozen::Bf16(std::sync::Arc::new(crate::kernels::amx::PackedWeight::new(
+                &wv, dout, din,
+            )));
+            let f32w = Frozen::F32(w.clone());
+            let tol = |k: usize| 7.0 * 0.0023 * (k as f32).sqrt();
+            let y16 = frozen_linear(&x, &packed).unwrap();
+            let y32 = frozen_linear(&x, &f32w).unwrap();
+            assert!(
+                max_diff(&y16, &y32) < tol(din),
+                "forward {}",
+                max_diff(&y16, &y32)
+            );
+            let g16 = (y16 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g32 = (y32 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = max_diff(g16.get(&x).unwrap(), g32.get(&x).unwrap());
+            assert!(d < tol(dout), "dx {d}");
+            let l16 = lora_linear(&x, &packed, &a, &b, 0.5).unwrap();
+            let l32 = lora_linear(&x, &f32w, &a, &b, 0.5).unwrap();
+            assert!(max_diff(&l16, &l32) < tol(din));
+            let g16 = (l16 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g32 = (l32 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(max_diff(g16.get(&x).unwrap(), g32.get(&x).unwrap()) < tol(dout));
+            // The LoRA gradients do not involve the base weight: equal up to f32 rounding.
+            assert!(max_diff(g16.get(&a).unwrap(), g32.get(&a).unwrap()) < 1e-3);
+            assert!(max_diff(g16.get(&b).unwrap(), g32.get(&b).unwrap()) < 1e-3);
+        }
     }
 }

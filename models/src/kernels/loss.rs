@@ -2,12 +2,13 @@
 //! cross-entropy in one op ([`lm_head_nll`]) that keeps its `[n, vocab]` logits and turns them into
 //! their own gradient in place.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::amx::{self, PackedB, PackedWeight, RowsBf16};
 use super::gemm::product;
 use super::profile::prof;
 use super::{borrow_f32, f32_slice, tensor_vec, threads, CResult};
@@ -104,7 +105,8 @@ impl CustomOp1 for CrossEntropy {
 /// `w`. The `[n, vocab]` logits never become a tensor of the graph: the op keeps them from the
 /// forward pass and turns them into their own gradient in place in the backward pass, so no
 /// second `[n, vocab]` buffer (nor autograd's zero-filled accumulator for it) is ever allocated.
-pub fn lm_head_nll(h: &Tensor, w: &Tensor, targets: &[u32]) -> CResult<Tensor> {
+/// `bf16` says whether the products run in bf16 on the matrix units (see [`HeadBf16`]).
+pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> CResult<Tensor> {
     let (n, hid) = h.dims2()?;
     let (vocab, w_hid) = w.dims2()?;
     if hid != w_hid {
@@ -116,17 +118,56 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, targets: &[u32]) -> CResult<Tensor> {
     if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("lm head: target id {t} outside the vocabulary of {vocab}")
     }
+    let w = w.contiguous()?;
+    let (packed, bf16_dw) = match bf16 {
+        HeadBf16::Off => (None, false),
+        HeadBf16::Frozen(p) => {
+            if (p.out_dim(), p.in_dim()) != (vocab, hid) {
+                candle_core::bail!(
+                    "lm head: packed weight [{}, {}] differs from [{vocab}, {hid}]",
+                    p.out_dim(),
+                    p.in_dim()
+                )
+            }
+            (Some(p.clone()), false)
+        }
+        HeadBf16::PerCall => {
+            borrow_f32!(wv = w, "lm head weight");
+            (
+                Some(Arc::new(PackedWeight::new_both(wv, vocab, hid))),
+                w.track_op(),
+            )
+        }
+    };
     h.contiguous()?.apply_op2(
-        &w.contiguous()?,
+        &w,
         LmHeadNll {
             targets: targets.to_vec(),
+            packed,
+            bf16_dw,
             kept: Mutex::new(None),
         },
     )
 }
 
+/// Whether the LM head's products run in bf16 on the matrix units, accumulated in f32.
+#[derive(Clone, Copy, Debug)]
+pub enum HeadBf16<'a> {
+    /// f32 products.
+    Off,
+    /// On this bf16 copy of the (frozen) weight.
+    Frozen(&'a Arc<PackedWeight>),
+    /// On a bf16 copy made from the f32 weight for this call (a trained head: its gradient is
+    /// computed in bf16 too and stays f32).
+    PerCall,
+}
+
 struct LmHeadNll {
     targets: Vec<u32>,
+    /// The weight in bf16, when the products run on the matrix units.
+    packed: Option<Arc<PackedWeight>>,
+    /// The weight gradient runs on the matrix units too.
+    bf16_dw: bool,
     /// The logits `[n, vocab]` and each row's log-sum-exp, from the forward pass.
     kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
@@ -134,17 +175,20 @@ struct LmHeadNll {
 impl LmHeadNll {
     /// Logits `h W^T` and the log-sum-exp of every row.
     fn logits(&self, h: &[f32], w: &[f32], n: usize, hid: usize) -> (Vec<f32>, Vec<f32>) {
-        let vocab = w.len() / hid.max(1);
-        let logits = product(
-            n,
-            vocab,
-            hid,
-            h,
-            (hid, 1),
-            w,
-            (1, hid),
-            Parallelism::Rayon(threads()),
-        );
+        let logits = match &self.packed {
+            Some(p) => p.forward_new(&RowsBf16::from_f32(h, n, hid)),
+            None => product(
+                n,
+                w.len() / hid.max(1),
+                hid,
+                h,
+                (hid, 1),
+                w,
+                (1, hid),
+                Parallelism::Rayon(threads()),
+            ),
+        };
+        let vocab = logits.len() / n.max(1);
         let mut lse = vec![0f32; n];
         if vocab > 0 {
             lse.par_iter_mut()
@@ -213,9 +257,17 @@ impl CustomOp2 for LmHeadNll {
                 row[t as usize] -= gr;
             });
         let par = Parallelism::Rayon(threads());
-        let dh = product(n, hid, vocab, &d, (vocab, 1), wv, (hid, 1), par);
+        let dh = match &self.packed {
+            Some(p) => p.input_grad_new(&RowsBf16::from_f32(&d, n, vocab)),
+            None => product(n, hid, vocab, &d, (vocab, 1), wv, (hid, 1), par),
+        };
         let dw = if w.track_op() {
-            let dw = product(vocab, hid, n, &d, (1, vocab), hv, (hid, 1), par);
+            let dw = if self.bf16_dw {
+                let a = RowsBf16::from_f32_transposed(&d, n, vocab);
+                amx::product(&a, &PackedB::from_cols(hv, n, hid))
+            } else {
+                product(vocab, hid, n, &d, (1, vocab), hv, (hid, 1), par)
+            };
             Some(Tensor::from_vec(dw, (vocab, hid), w.device())?)
         } else {
             None
@@ -261,7 +313,7 @@ mod tests {
         let w = Var::randn(0f32, 1., (37, 9), &dev).unwrap();
         let t = [0u32, 36, 17, 17, 4];
         let rw = Tensor::randn(0f32, 1., 5, &dev).unwrap();
-        let a = lm_head_nll(&h, &w, &t).unwrap();
+        let a = lm_head_nll(&h, &w, HeadBf16::Off, &t).unwrap();
         let logits = h.matmul(&w.t().unwrap()).unwrap();
         let ls = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let idx = Tensor::new(&t, &dev).unwrap().unsqueeze(1).unwrap();
@@ -282,9 +334,9 @@ mod tests {
         let again = la.backward().unwrap();
         assert!(max_diff(again.get(&h).unwrap(), gb.get(&h).unwrap()) < 1e-5);
         // A frozen weight gets no gradient.
-        let frozen = lm_head_nll(&h, w.as_tensor(), &t).unwrap();
+        let frozen = lm_head_nll(&h, w.as_tensor(), HeadBf16::Off, &t).unwrap();
         let w_plain = w.as_tensor().detach();
-        let g = lm_head_nll(&h, &w_plain, &t)
+        let g = lm_head_nll(&h, &w_plain, HeadBf16::Off, &t)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -292,7 +344,7 @@ mod tests {
             .unwrap();
         assert!(g.get(&w_plain).is_none() && g.get(&h).is_some());
         assert!(max_diff(&frozen, &a) < 1e-6);
-        assert!(lm_head_nll(&h, &w, &[37, 0, 0, 0, 0]).is_err());
-        assert!(lm_head_nll(&h, &w, &[0, 0]).is_err());
+        assert!(lm_head_nll(&h, &w, HeadBf16::Off, &[37, 0, 0, 0, 0]).is_err());
+        assert!(lm_head_nll(&h, &w, HeadBf16::Off, &[0, 0]).is_err());
     }
 }

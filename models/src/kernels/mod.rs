@@ -15,12 +15,14 @@
 //! - [`loss`]: cross-entropy, and the LM head fused with it;
 //! - [`decode`]: ops sized for decoding (a LoRA branch in one op);
 //! - [`quant`]: the Q4_1/Q8_0/Q4_K/Q5_K/Q6_K integer matmul (AVX-512 VNNI, AVX2, scalar);
+//! - [`amx`]: bf16 GEMM on the CPU's matrix units (Intel AMX tiles), for frozen weights;
 //! - [`block`]: a whole decoder layer as one training op;
 //! - [`gemm`] (the f32 GEMM wrappers), [`simd`] (AVX-512 `exp`, softmax, SiLU), [`profile`]
 //!   (`ATTUNE_PROFILE_OPS`).
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
+pub mod amx;
 pub mod attention;
 pub mod block;
 pub mod decode;
@@ -37,7 +39,7 @@ pub mod swiglu;
 pub use attention::{attention, attention_heads, cached_attention};
 pub use decode::lora_add;
 pub use linear::{frozen_linear, linear, lora_linear};
-pub use loss::{cross_entropy, lm_head_nll};
+pub use loss::{cross_entropy, lm_head_nll, HeadBf16};
 pub use profile::take_profile;
 pub use rms_norm::{rms_norm, rms_norm_offset};
 pub use rope::{rope, rope_partial};

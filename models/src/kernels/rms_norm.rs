@@ -33,6 +33,7 @@ pub(crate) fn inv_rms(row: &[f32], eps: f32) -> f32 {
 
 /// `x * (w + offset) / rms(x)` row by row (`w.len()` features per row).
 pub(crate) fn rms_forward(x: &[f32], w: &[f32], eps: f32, offset: f32) -> Vec<f32> {
+    let _pg = super::profile::prof("rms.fwd");
     let h = w.len();
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(h * 64)
@@ -61,6 +62,7 @@ pub(crate) fn rms_backward(
     accumulate: bool,
     want_dw: bool,
 ) -> Vec<f32> {
+    let _pg = super::profile::prof("rms.bwd");
     let h = w.len();
     let chunk = h * 64;
     let n_chunks = x.len().div_ceil(chunk);

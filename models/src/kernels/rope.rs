@@ -61,6 +61,7 @@ pub(crate) fn rope_in_place(
     sin: &[f32],
     sign: f32,
 ) {
+    let _pg = super::profile::prof("rope");
     let half = rd / 2;
     if row == 0 || half == 0 {
         return;

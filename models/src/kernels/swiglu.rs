@@ -26,6 +26,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
 
 /// `silu(g) * u`, in chunks across the thread pool.
 pub(crate) fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let _pg = super::profile::prof("swiglu.fwd");
     let mut out = vec![0f32; g.len()];
     out.par_chunks_mut(SWIGLU_CHUNK)
         .zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK)))
@@ -35,6 +36,7 @@ pub(crate) fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
 
 /// The gradients `(dg, du)` of [`swiglu_forward`] for the output gradient `dy`.
 pub(crate) fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let _pg = super::profile::prof("swiglu.bwd");
     const C: usize = SWIGLU_CHUNK;
     let mut dg = vec![0f32; g.len()];
     let mut du = vec![0f32; g.len()];

@@ -123,12 +123,35 @@ impl Trainable {
     }
 }
 
+/// Full fine-tuning runs its products in bf16 on the matrix units only when
+/// `ATTUNE_FULL_BF16=1` (see [`prepare`]); read once.
+pub fn full_bf16_opted_in() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ATTUNE_FULL_BF16").is_ok_and(|v| v == "1"))
+}
+
 /// Makes `model` trainable with `method`: full fine-tuning turns every weight into a variable
 /// (a tied embedding/lm_head stays one tensor); LoRA attaches `A` (Kaiming-uniform, as PEFT) and
 /// `B` (zero) to the target projections of a frozen base; prompt tuning creates the soft prompt.
-/// The model switches to f32 compute (the quantized decode path has no gradients).
+/// The model switches to dense compute (the quantized decode path has no gradients): a model
+/// loaded in [`ComputeMode::F32`] trains in f32 throughout (the correctness tests against
+/// PyTorch); otherwise, where the CPU has matrix units ([`kernels::amx::available`]), the frozen
+/// base runs in bf16 on them (forward pass and input gradient, accumulated in f32) while the
+/// trained tensors, their gradients and AdamW's state stay f32; elsewhere everything is f32.
 pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Result<Trainable> {
-    model.set_compute_mode(ComputeMode::F32)?;
+    let bf16 = model.compute_mode() != ComputeMode::F32 && kernels::amx::available();
+    // Full fine-tuning replaces every weight by a variable: start from contiguous f32 weights
+    // (nothing packed), and switch the layers to Auto once they hold their variables.
+    let full = matches!(method, Method::Full);
+    // Full fine-tuning's bf16 products (f32 master weights, every weight packed anew each step)
+    // are opt-in: on the shared 2-core development machine they measured no faster than f32
+    // (91 vs 90 and 74 vs 102 tok/s, 2026-12-03, load ~7) for ~580 MB more peak RSS.
+    let full_bf16 = bf16 && full_bf16_opted_in();
+    model.set_compute_mode(if bf16 && !full {
+        ComputeMode::Auto
+    } else {
+        ComputeMode::F32
+    })?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut params = Vec::new();
     let mut prefix = None;
@@ -136,8 +159,20 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
     let mut resolved = None;
     match method {
         Method::Full => {
+            // With bf16 products, the f32 master copies of the matrices the products read start
+            // on bf16 values: a GGUF base's weights come from f16 scales and a tenth of them sit
+            // exactly on a bf16 rounding tie, where AdamW's first update (far below bf16's
+            // resolution) would flip the rounding and move them half a bf16 step, an unintended
+            // extra step. Started on bf16 values, the products see the master copy move only
+            // as its updates accumulate (mixed precision as usual).
+            let master = |w: Tensor| -> Result<Tensor> {
+                Ok(match full_bf16 {
+                    true => w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+                    false => w,
+                })
+            };
             let tied = model.config().tie_word_embeddings;
-            let emb = Var::from_tensor(&model.embed_tokens().weight_f32()?)?;
+            let emb = Var::from_tensor(&master(model.embed_tokens().weight_f32()?)?)?;
             params.push(("model.embed_tokens.weight".to_string(), emb.clone()));
             for (i, block) in model.layers_mut().iter_mut().enumerate() {
                 for (name, norm) in block.norms_mut() {
@@ -150,7 +185,7 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             model.norm_mut().weight = norm.as_tensor().clone();
             params.push(("model.norm.weight".to_string(), norm));
             for (name, lin) in model.linears_mut() {
-                let v = Var::from_tensor(&lin.weight_f32()?)?;
+                let v = Var::from_tensor(&master(lin.weight_f32()?)?)?;
                 lin.set_weight(v.as_tensor().clone())?;
                 params.push((format!("{name}.weight"), v));
                 if let Some(b) = lin.bias().cloned() {
@@ -163,10 +198,17 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
             if tied {
                 model.lm_head_mut().set_weight(emb.as_tensor().clone())?;
             } else {
-                let w = model.lm_head().weight_f32()?;
+                let w = master(model.lm_head().weight_f32()?)?;
                 let v = Var::from_tensor(&w)?;
                 model.lm_head_mut().set_weight(v.as_tensor().clone())?;
                 params.push(("lm_head.weight".to_string(), v));
+            }
+            if full_bf16 {
+                // f32 master weights, bf16 products on the matrix units (packed every step).
+                for (_, lin) in model.linears_mut() {
+                    lin.set_mode(ComputeMode::Auto)?;
+                }
+                model.lm_head_mut().set_mode(ComputeMode::Auto)?;
             }
         }
         Method::Lora(cfg) => {
@@ -323,7 +365,12 @@ pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<
     match head.weight() {
         // A plain dense head (every Llama here): logits and loss in one op.
         Some(w) if head.bias().is_none() && head.lora().is_none() && w.is_contiguous() => {
-            Ok(kernels::lm_head_nll(&h, w, &batch.targets)?.sum_all()?)
+            let bf16 = match head.packed() {
+                Some(p) if !w.track_op() => kernels::HeadBf16::Frozen(p),
+                _ if head.bf16_compute() => kernels::HeadBf16::PerCall,
+                _ => kernels::HeadBf16::Off,
+            };
+            Ok(kernels::lm_head_nll(&h, w, bf16, &batch.targets)?.sum_all()?)
         }
         _ => {
             let logits = head.forward(&h)?;
