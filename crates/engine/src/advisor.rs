@@ -511,13 +511,12 @@ impl Engine {
                 path,
             });
         }
-        let (_, tokenizer, chat_template) = attune_models::loader::text_side(&path).map_err(
-            |source| EngineError::ModelLoad {
+        let (_, tokenizer, chat_template) =
+            attune_models::loader::text_side(&path).map_err(|source| EngineError::ModelLoad {
                 name: model.name.clone(),
                 path: path.clone(),
                 source: Box::new(source),
-            },
-        )?;
+            })?;
         let opts = RenderOptions {
             loss_on: models_loss(LossOn::All),
             max_len: usize::MAX / 2,
@@ -525,14 +524,15 @@ impl Engine {
         let rows = self.dataset_rows(ds.id, SplitName::Train)?;
         let mut lengths = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {
-            let e = render_sample(&tokenizer, &chat_template, &row.sample, &opts)
-                .map_err(|e| EngineError::InvalidDataset {
+            let e = render_sample(&tokenizer, &chat_template, &row.sample, &opts).map_err(|e| {
+                EngineError::InvalidDataset {
                     path: PathBuf::from(&ds.source_path),
                     reason: format!(
                         "'{}' train row {i} cannot be rendered for model '{}': {e}",
                         ds.name, model.name
                     ),
-                })?;
+                }
+            })?;
             lengths.push(e.full_len as u64);
         }
         let lengths = Arc::new(lengths);
