@@ -322,7 +322,10 @@ fn train_refusals_are_one_line_errors() {
         "--lora-targets",
         "foo",
     ]);
-    assert!(err.contains("lora target 'foo'"), "{err}");
+    assert!(
+        err.contains("unknown LoRA target 'foo'") && err.contains("choose from q_proj"),
+        "{err}"
+    );
     assert_eq!(env.json(&["runs", "list", "--json"]), serde_json::json!([]));
     let err = env.fails(&["runs", "show", "7"]);
     assert!(err.contains("no run '7'"), "{err}");
