@@ -284,6 +284,17 @@ fn normalized(d: &TemplateDraft) -> TemplateDraft {
 }
 
 /// The draft as a template, its default variables overridden by `values`.
+/// `draft` with `values`, checked, around one user `message`: what both previews show.
+fn expand_draft(
+    draft: &TemplateDraft,
+    message: &str,
+    values: &BTreeMap<String, String>,
+) -> Result<Expanded, EngineError> {
+    let t = draft_template(&normalized(draft), values);
+    check_template(&t)?;
+    Ok(expand(&t, &[msg("user", message.to_string())]))
+}
+
 fn draft_template(d: &TemplateDraft, values: &BTreeMap<String, String>) -> PromptTemplate {
     let mut merged = d.variables.clone();
     merged.extend(values.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -491,10 +502,7 @@ impl Engine {
         message: &str,
         values: &BTreeMap<String, String>,
     ) -> Result<TemplatePreview, EngineError> {
-        let d = normalized(draft);
-        let t = draft_template(&d, values);
-        check_template(&t)?;
-        let expanded = expand(&t, &[msg("user", message.to_string())]);
+        let expanded = expand_draft(draft, message, values)?;
         let (text, tokens) = self.render_for_model(model_id, &expanded.messages)?;
         Ok(TemplatePreview {
             text,
@@ -516,10 +524,7 @@ impl Engine {
         message: &str,
         values: &BTreeMap<String, String>,
     ) -> Result<TemplatePreview, EngineError> {
-        let d = normalized(draft);
-        let t = draft_template(&d, values);
-        check_template(&t)?;
-        let expanded = expand(&t, &[msg("user", message.to_string())]);
+        let expanded = expand_draft(draft, message, values)?;
         let body = self.endpoint_request_preview(endpoint, &expanded.messages)?;
         Ok(TemplatePreview {
             text: body,
