@@ -20,11 +20,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use attune_protocol::IpcError;
+use attune_protocol::{ErrorCode, IpcError};
 
-/// The code of the error a command returns for a path the user has not granted; the UI then
-/// asks the user (`confirm_path`) and tries again.
-pub const NOT_ALLOWED: &str = "path_not_allowed";
+// A path the user has not granted is refused with `ErrorCode::PathNotAllowed`; the UI then asks
+// the user (`confirm_path`) and tries again.
 
 /// The granted paths.
 pub struct PathScope {
@@ -80,7 +79,7 @@ impl PathScope {
     fn refuse(path: &Path, what: &str) -> IpcError {
         tracing::warn!(path = %path.display(), what, "path refused: not granted by the user");
         IpcError {
-            code: NOT_ALLOWED.into(),
+            code: ErrorCode::PathNotAllowed,
             message: format!(
                 "{} was not chosen in this window: choose it with the file chooser, drop it \
                  onto the window, or allow it when Attune asks (to {what} it)",
@@ -116,7 +115,7 @@ impl PathScope {
     pub fn writable(&self, path: &Path) -> Result<PathBuf, IpcError> {
         if std::fs::symlink_metadata(path).is_ok() {
             return Err(IpcError {
-                code: "already_exists".into(),
+                code: ErrorCode::AlreadyExists,
                 message: format!(
                     "{} already exists; Attune never replaces a file or folder: choose another \
                      name or remove it first",
@@ -163,15 +162,15 @@ mod tests {
 
         scope.readable(&data.join("models/m.gguf")).unwrap();
         let e = scope.readable(&home.join("secret")).unwrap_err();
-        assert_eq!(e.code, NOT_ALLOWED);
+        assert_eq!(e.code, ErrorCode::PathNotAllowed);
         assert_eq!(
             scope.readable(&home.join("docs/a.jsonl")).unwrap_err().code,
-            NOT_ALLOWED
+            ErrorCode::PathNotAllowed
         );
         // A missing file outside the scope does not say whether it exists.
         assert_eq!(
             scope.readable(&home.join("nope")).unwrap_err().code,
-            NOT_ALLOWED
+            ErrorCode::PathNotAllowed
         );
 
         scope.grant(&home.join("docs/a.jsonl"));
@@ -199,7 +198,7 @@ mod tests {
         let scope = PathScope::new(&data);
         assert_eq!(
             scope.writable(&out.join("new.jsonl")).unwrap_err().code,
-            NOT_ALLOWED
+            ErrorCode::PathNotAllowed
         );
         scope.grant(&out);
         scope.writable(&out.join("new.jsonl")).unwrap();

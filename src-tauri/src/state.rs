@@ -4,6 +4,7 @@
 
 use crate::scope::PathScope;
 use attune_engine::{Actor, ActorOptions, CancelToken, Engine, RunObserver};
+use attune_protocol::ErrorCode;
 use attune_protocol::IpcError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ impl AppState {
     /// command instead of stopping the app.
     pub fn open(data_dir: &Path) -> Self {
         let engine = Engine::open(data_dir).map(Arc::new).map_err(|e| IpcError {
-            code: e.code().to_string(),
+            code: e.code(),
             message: format!(
                 "could not open the Attune library in {}: {e}",
                 data_dir.display()
@@ -68,7 +69,7 @@ impl AppState {
     pub fn actor(&self) -> Result<Actor, IpcError> {
         self.engine()?;
         self.actor.get().cloned().ok_or_else(|| IpcError {
-            code: "internal".into(),
+            code: ErrorCode::Internal,
             message: "the engine has not started yet; try again in a moment".into(),
         })
     }
@@ -166,7 +167,7 @@ mod tests {
             Err(e) => e,
         };
         assert!(err.message.contains("not-a-dir"), "{}", err.message);
-        assert!(!err.code.is_empty());
+        assert_eq!(err.code, attune_protocol::ErrorCode::Io, "{}", err.message);
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub fn error_note(err: &IpcError) -> impl IntoView {
     view! {
         <div class="notice error" role="alert" data-testid="error">
             <span class="error-message">{err.message.clone()}</span>
-            <code class="error-code">{err.code.clone()}</code>
+            <code class="error-code">{err.code.as_str()}</code>
         </div>
     }
 }

@@ -334,7 +334,7 @@ pub fn App() -> impl IntoView {
                             <div class="banner error" id="engine-error" data-testid="engine-error">
                                 <strong>"Attune could not reach its library. "</strong>
                                 <span>{err.message.clone()}</span>
-                                <code class="error-code">{err.code.clone()}</code>
+                                <code class="error-code">{err.code.as_str()}</code>
                             </div>
                         }
                     })

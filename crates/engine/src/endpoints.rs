@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use crate::error::EngineError;
 use crate::store::EndpointRow;
 use crate::Engine;
+use attune_protocol::ErrorCode;
 
 /// Whether `target` is answered by a remote endpoint (no local compute).
 pub(crate) fn is_remote(target: &ChatTarget) -> bool {
@@ -44,7 +45,7 @@ const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
 /// How often a blocked read wakes up to look at the cancel flag.
 const POLL: Duration = Duration::from_millis(250);
 
-fn endpoint_error(name: &str, code: &'static str, message: impl Into<String>) -> EngineError {
+fn endpoint_error(name: &str, code: ErrorCode, message: impl Into<String>) -> EngineError {
     EngineError::Endpoint {
         endpoint: name.to_string(),
         code,
@@ -221,7 +222,7 @@ impl Engine {
                 None => {
                     return Err(endpoint_error(
                         &row.name,
-                        "endpoint_key_missing",
+                        ErrorCode::EndpointKeyMissing,
                         format!(
                             "the key of endpoint '{}' is not available (no keyring service \
                              kept it since Attune last started): add it again",
@@ -415,13 +416,13 @@ impl Client {
         }
     }
 
-    fn err(&self, code: &'static str, message: impl Into<String>) -> EngineError {
+    fn err(&self, code: ErrorCode, message: impl Into<String>) -> EngineError {
         endpoint_error(&self.name, code, message)
     }
 
     fn timeout(&self) -> EngineError {
         self.err(
-            "endpoint_timeout",
+            ErrorCode::EndpointTimeout,
             format!(
                 "{} at {} sent nothing for {:.0} s (the idle limit; raise it in the \
                  endpoint's settings for slow models)",
@@ -564,14 +565,14 @@ impl Client {
         };
         match code {
             401 | 403 => self.err(
-                "endpoint_auth",
+                ErrorCode::EndpointAuth,
                 format!(
                     "{} refused the request ({code}){said}; check the key you gave for it",
                     self.name
                 ),
             ),
             404 if model.is_some() => self.err(
-                "endpoint_model",
+                ErrorCode::EndpointModel,
                 format!(
                     "{} has no model '{}' (404){said}; refresh its model list",
                     self.name,
@@ -579,14 +580,14 @@ impl Client {
                 ),
             ),
             429 => self.err(
-                "endpoint_rate_limited",
+                ErrorCode::EndpointRateLimited,
                 format!(
                     "{} kept rate-limiting (429) after {RATE_LIMIT_RETRIES} retries{said}",
                     self.name
                 ),
             ),
             _ => self.err(
-                "endpoint_http",
+                ErrorCode::EndpointHttp,
                 format!("{} answered HTTP {code}{said}", self.name),
             ),
         }
@@ -597,7 +598,7 @@ impl Client {
         let timed_out = text.to_ascii_lowercase().contains("timed out");
         match t.kind() {
             ureq::ErrorKind::ConnectionFailed if timed_out => self.err(
-                "endpoint_timeout",
+                ErrorCode::EndpointTimeout,
                 format!(
                     "{} at {} did not accept the connection within {:.0} s",
                     self.name,
@@ -607,11 +608,11 @@ impl Client {
             ),
             _ if timed_out && started.elapsed() >= self.idle => self.timeout(),
             ureq::ErrorKind::Dns | ureq::ErrorKind::ConnectionFailed => self.err(
-                "endpoint_unreachable",
+                ErrorCode::EndpointUnreachable,
                 format!("cannot reach {} at {}: {text}", self.name, self.base),
             ),
             _ => self.err(
-                "endpoint_unreachable",
+                ErrorCode::EndpointUnreachable,
                 format!(
                     "the request to {} at {} failed: {text}",
                     self.name, self.base
@@ -625,7 +626,7 @@ impl Client {
             return self.timeout();
         }
         self.err(
-            "endpoint_protocol",
+            ErrorCode::EndpointProtocol,
             format!("reading {}'s answer failed: {e}", self.name),
         )
     }
@@ -667,7 +668,7 @@ impl Client {
                 Some(Msg::Retrying { .. }) => {}
                 Some(Msg::End) => {
                     return Err(self.err(
-                        "endpoint_protocol",
+                        ErrorCode::EndpointProtocol,
                         format!("{} ended the connection without an answer", self.name),
                     ))
                 }
@@ -675,13 +676,13 @@ impl Client {
         };
         let v: Value = serde_json::from_str(&body).map_err(|e| {
             self.err(
-                "endpoint_protocol",
+                ErrorCode::EndpointProtocol,
                 format!("{}'s model list is not JSON: {e}", self.name),
             )
         })?;
         let data = v.get("data").and_then(Value::as_array).ok_or_else(|| {
             self.err(
-                "endpoint_protocol",
+                ErrorCode::EndpointProtocol,
                 format!("{}'s model list has no 'data' array", self.name),
             )
         })?;
@@ -741,7 +742,7 @@ impl Client {
             }
             let v: Value = serde_json::from_str(data).map_err(|e| {
                 self.err(
-                    "endpoint_protocol",
+                    ErrorCode::EndpointProtocol,
                     format!(
                         "{} sent a chunk that is not JSON ({e}): {}",
                         self.name,
@@ -756,7 +757,7 @@ impl Client {
                     .map(str::to_string)
                     .unwrap_or_else(|| err.to_string());
                 return Err(self.err(
-                    "endpoint_http",
+                    ErrorCode::EndpointHttp,
                     format!("{} failed mid-answer: {msg}", self.name),
                 ));
             }
@@ -791,7 +792,7 @@ impl Client {
         }
         if !done && finish.is_none() {
             return Err(self.err(
-                "endpoint_protocol",
+                ErrorCode::EndpointProtocol,
                 format!(
                     "{}'s answer was cut off after {} characters (the stream ended before \
                      the answer finished)",

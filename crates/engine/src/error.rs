@@ -1,6 +1,7 @@
 //! The engine's error type: each variant names the file, model or repository at
 //! fault, and maps to one stable IPC code.
 
+use attune_protocol::ErrorCode;
 use std::path::PathBuf;
 
 /// Everything the engine can refuse or fail at.
@@ -143,7 +144,7 @@ pub enum EngineError {
     #[error("{message}")]
     Endpoint {
         endpoint: String,
-        code: &'static str,
+        code: ErrorCode,
         message: String,
     },
     /// A format that cannot carry this architecture, method or tokenizer.
@@ -171,44 +172,44 @@ fn with_path(path: &std::path::Path, source: &attune_models::Error) -> String {
 
 impl EngineError {
     /// A stable machine-readable code (the `code` of [`attune_protocol::IpcError`]).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            EngineError::DataDir { .. } | EngineError::Io { .. } => "io",
-            EngineError::Database { .. } => "database",
-            EngineError::SchemaTooNew { .. } => "schema_too_new",
-            EngineError::ModelNotFound(_) => "not_found",
-            EngineError::AmbiguousModel { .. } => "ambiguous",
-            EngineError::EmptyLibrary => "empty_library",
-            EngineError::InvalidModel { .. } => "invalid_model",
-            EngineError::ModelFileMissing { .. } => "model_missing",
-            EngineError::ModelLoad { .. } => "model_load",
-            EngineError::Generation(_) => "generation",
-            EngineError::HubUnreachable { .. } => "hub_unreachable",
-            EngineError::RepoNotFound { .. } => "repo_not_found",
-            EngineError::Hub { .. } => "hub",
-            EngineError::DatasetNotFound(_) => "not_found",
-            EngineError::DatasetExists { .. } => "already_exists",
-            EngineError::BadRows { .. } => "bad_rows",
-            EngineError::InvalidDataset { .. } => "invalid_dataset",
-            EngineError::InvalidInput(_) => "invalid_input",
-            EngineError::RunNotFound(_) | EngineError::AdapterNotFound(_) => "not_found",
-            EngineError::NameTaken { .. } => "already_exists",
-            EngineError::InUse { .. } => "in_use",
-            EngineError::WontFit { .. } => "wont_fit",
-            EngineError::RunState { .. } => "invalid_state",
-            EngineError::DatasetChanged { .. } => "dataset_changed",
-            EngineError::Training { .. } => "training",
-            EngineError::InvalidAdapter { .. } => "invalid_adapter",
-            EngineError::Cancelled => "cancelled",
-            EngineError::NotFound { .. } => "not_found",
-            EngineError::QueueFull { .. } => "queue_full",
-            EngineError::Closing => "closing",
-            EngineError::InvalidState(_) => "invalid_state",
-            EngineError::Internal(_) => "internal",
-            EngineError::Endpoint { code, .. } => code,
-            EngineError::Write { .. } => "io",
-            EngineError::ExportUnsupported { .. } => "export_unsupported",
-            EngineError::DestinationNotEmpty { .. } => "destination_not_empty",
+            EngineError::DataDir { .. } | EngineError::Io { .. } => ErrorCode::Io,
+            EngineError::Database { .. } => ErrorCode::Database,
+            EngineError::SchemaTooNew { .. } => ErrorCode::SchemaTooNew,
+            EngineError::ModelNotFound(_) => ErrorCode::NotFound,
+            EngineError::AmbiguousModel { .. } => ErrorCode::Ambiguous,
+            EngineError::EmptyLibrary => ErrorCode::EmptyLibrary,
+            EngineError::InvalidModel { .. } => ErrorCode::InvalidModel,
+            EngineError::ModelFileMissing { .. } => ErrorCode::ModelMissing,
+            EngineError::ModelLoad { .. } => ErrorCode::ModelLoad,
+            EngineError::Generation(_) => ErrorCode::Generation,
+            EngineError::HubUnreachable { .. } => ErrorCode::HubUnreachable,
+            EngineError::RepoNotFound { .. } => ErrorCode::RepoNotFound,
+            EngineError::Hub { .. } => ErrorCode::Hub,
+            EngineError::DatasetNotFound(_) => ErrorCode::NotFound,
+            EngineError::DatasetExists { .. } => ErrorCode::AlreadyExists,
+            EngineError::BadRows { .. } => ErrorCode::BadRows,
+            EngineError::InvalidDataset { .. } => ErrorCode::InvalidDataset,
+            EngineError::InvalidInput(_) => ErrorCode::InvalidInput,
+            EngineError::RunNotFound(_) | EngineError::AdapterNotFound(_) => ErrorCode::NotFound,
+            EngineError::NameTaken { .. } => ErrorCode::AlreadyExists,
+            EngineError::InUse { .. } => ErrorCode::InUse,
+            EngineError::WontFit { .. } => ErrorCode::WontFit,
+            EngineError::RunState { .. } => ErrorCode::InvalidState,
+            EngineError::DatasetChanged { .. } => ErrorCode::DatasetChanged,
+            EngineError::Training { .. } => ErrorCode::Training,
+            EngineError::InvalidAdapter { .. } => ErrorCode::InvalidAdapter,
+            EngineError::Cancelled => ErrorCode::Cancelled,
+            EngineError::NotFound { .. } => ErrorCode::NotFound,
+            EngineError::QueueFull { .. } => ErrorCode::QueueFull,
+            EngineError::Closing => ErrorCode::Closing,
+            EngineError::InvalidState(_) => ErrorCode::InvalidState,
+            EngineError::Internal(_) => ErrorCode::Internal,
+            EngineError::Endpoint { code, .. } => *code,
+            EngineError::Write { .. } => ErrorCode::Io,
+            EngineError::ExportUnsupported { .. } => ErrorCode::ExportUnsupported,
+            EngineError::DestinationNotEmpty { .. } => ErrorCode::DestinationNotEmpty,
         }
     }
 
@@ -223,7 +224,7 @@ impl EngineError {
 impl From<&EngineError> for attune_protocol::IpcError {
     fn from(e: &EngineError) -> Self {
         attune_protocol::IpcError {
-            code: e.code().to_string(),
+            code: e.code(),
             message: e.to_string(),
         }
     }

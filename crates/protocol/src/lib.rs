@@ -7,9 +7,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod connect;
+mod errors;
 mod export;
 mod studio;
 pub use connect::*;
+pub use errors::*;
 pub use export::*;
 pub use studio::*;
 
@@ -878,21 +880,6 @@ pub struct EvalReport {
     pub forgetting_warning: Option<String>,
     pub rows: Vec<RowScore>,
     pub created_at: String,
-}
-
-/// The one error shape returned over IPC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IpcError {
-    /// Stable machine-readable code, e.g. "not_found", "invalid_input", "model_load".
-    pub code: String,
-    /// A human sentence naming what and where.
-    pub message: String,
-}
-
-impl std::fmt::Display for IpcError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.message, self.code)
-    }
 }
 
 #[cfg(test)]

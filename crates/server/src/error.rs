@@ -2,6 +2,7 @@
 //! `{"error": {"message", "type", "param", "code"}}`.
 
 use attune_engine::EngineError;
+use attune_protocol::ErrorCode;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -128,11 +129,17 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         let code = e.code();
         let (status, kind) = match code {
-            "invalid_input" | "invalid_state" => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-            "not_found" | "model_missing" => (StatusCode::NOT_FOUND, "invalid_request_error"),
-            "queue_full" | "closing" => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+            ErrorCode::InvalidInput | ErrorCode::InvalidState => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
+            ErrorCode::NotFound | ErrorCode::ModelMissing => {
+                (StatusCode::NOT_FOUND, "invalid_request_error")
+            }
+            ErrorCode::QueueFull | ErrorCode::Closing => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error")
+            }
             // The client went away or stopped it; nobody reads this answer.
-            "cancelled" => (
+            ErrorCode::Cancelled => (
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
                 "server_error",
             ),

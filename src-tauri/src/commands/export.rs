@@ -4,6 +4,7 @@
 
 use super::{blocking, invalid};
 use crate::AppState;
+use attune_protocol::ErrorCode;
 use attune_protocol::{
     ExportOptions, ExportProgress, ExportRecord, ExportRequest, ExportSubject, IpcError,
 };
@@ -48,7 +49,7 @@ pub async fn start_export(
     }
     if exports.running.swap(true, Ordering::SeqCst) {
         return Err(IpcError {
-            code: "busy".into(),
+            code: ErrorCode::Busy,
             message: "an export is already running; wait for it or cancel it".into(),
         });
     }
@@ -132,7 +133,7 @@ pub async fn show_in_folder(path: String) -> Result<(), IpcError> {
             });
         })
         .map_err(|e| IpcError {
-            code: "io".into(),
+            code: ErrorCode::Io,
             message: format!("cannot open {} with {opener}: {e}", dir.display()),
         })
 }

@@ -15,6 +15,7 @@ pub mod server;
 pub mod settings;
 pub mod templates;
 
+use attune_protocol::ErrorCode;
 use attune_protocol::IpcError;
 
 /// Runs blocking engine work off the main thread and the async runtime.
@@ -24,13 +25,13 @@ pub(crate) async fn blocking<T: Send + 'static>(
     let out = tauri::async_runtime::spawn_blocking(work)
         .await
         .map_err(|e| IpcError {
-            code: "internal".into(),
+            code: ErrorCode::Internal,
             message: format!("the engine worker stopped unexpectedly: {e}"),
         })?;
     // Every failure a command reports is logged (code and message; never prompt text, which
     // no error message carries). Cancellations are the user's choice, not failures.
     if let Err(e) = &out {
-        if e.code == "cancelled" {
+        if e.code == ErrorCode::Cancelled {
             tracing::debug!(code = %e.code, "{}", e.message);
         } else {
             tracing::warn!(code = %e.code, "{}", e.message);
@@ -42,7 +43,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// An `invalid_input` error with `message` (which names the field at fault).
 pub(crate) fn invalid(message: impl Into<String>) -> IpcError {
     IpcError {
-        code: "invalid_input".into(),
+        code: ErrorCode::InvalidInput,
         message: message.into(),
     }
 }

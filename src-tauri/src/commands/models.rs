@@ -3,6 +3,7 @@
 
 use super::{blocking, invalid};
 use crate::AppState;
+use attune_protocol::ErrorCode;
 use attune_protocol::{AddModelReply, DroppedFile, HubStatus, IpcError, ModelSummary, PullUpdate};
 use std::sync::atomic::Ordering;
 use tauri::ipc::Channel;
@@ -212,7 +213,7 @@ pub async fn pick_path(
                 .into_path()
                 .map(|p| Some(p.display().to_string()))
                 .map_err(|e| IpcError {
-                    code: "io".into(),
+                    code: ErrorCode::Io,
                     message: format!("the chosen path cannot be used: {e}"),
                 }),
         }

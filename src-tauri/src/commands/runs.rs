@@ -3,6 +3,7 @@
 
 use super::blocking;
 use crate::AppState;
+use attune_protocol::ErrorCode;
 use attune_protocol::{IpcError, RunCheck, RunDetail, RunSpec, RunSummary};
 use tauri::State;
 
@@ -25,7 +26,7 @@ pub async fn start_run(state: State<'_, AppState>, spec: RunSpec) -> Result<RunS
             .map_err(|e| IpcError::from(&e))
         {
             Ok(run) => Ok(run),
-            Err(e) if e.code == "wont_fit" => {
+            Err(e) if e.code == ErrorCode::WontFit => {
                 // Say it in the app's words, with what to change.
                 match engine.check_run(&spec) {
                     Ok(check) => Err(IpcError {

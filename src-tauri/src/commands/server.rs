@@ -3,6 +3,7 @@
 //! tools using the server take turns on the model.
 
 use crate::AppState;
+use attune_protocol::ErrorCode;
 use attune_protocol::{IpcError, ServerSettings, ServerStatus};
 use attune_server::{RunningServer, ServerOptions};
 use tauri::State;
@@ -73,11 +74,11 @@ pub async fn server_start(
     })
     .await
     .map_err(|e| IpcError {
-        code: "internal".into(),
+        code: ErrorCode::Internal,
         message: format!("the server did not start: {e}"),
     })?
     .map_err(|e| IpcError {
-        code: "server".into(),
+        code: ErrorCode::Server,
         message: e.to_string(),
     })?;
     let mut slot = state.server.lock().unwrap_or_else(|p| p.into_inner());
@@ -97,7 +98,7 @@ pub async fn server_stop(state: State<'_, AppState>) -> Result<ServerStatus, Ipc
         tauri::async_runtime::spawn_blocking(move || server.stop())
             .await
             .map_err(|e| IpcError {
-                code: "internal".into(),
+                code: ErrorCode::Internal,
                 message: format!("the server did not stop cleanly: {e}"),
             })?;
     }

@@ -20,6 +20,7 @@ pub mod server;
 pub mod settings;
 pub mod templates;
 
+use attune_protocol::ErrorCode;
 use attune_protocol::IpcError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -29,7 +30,7 @@ use wasm_bindgen_futures::JsFuture;
 /// An error of the bridge itself, in the same shape the shell returns.
 pub(crate) fn bridge_error(message: impl Into<String>) -> IpcError {
     IpcError {
-        code: "ipc".into(),
+        code: ErrorCode::Ipc,
         message: message.into(),
     }
 }
@@ -119,7 +120,7 @@ pub(crate) async fn invoke_granted<A: Serialize, T: DeserializeOwned>(
     let mut asked = 0;
     loop {
         match invoke(cmd, args).await {
-            Err(e) if e.code == "path_not_allowed" && asked < 3 => {
+            Err(e) if e.code == ErrorCode::PathNotAllowed && asked < 3 => {
                 let Some((path, _)) = e.message.split_once(" was not chosen in this window") else {
                     return Err(e);
                 };

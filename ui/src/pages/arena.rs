@@ -7,6 +7,7 @@
 use crate::components::{error_note, ConfirmButton, ErrorSlot, Field};
 use crate::pages::targets::{TargetCatalog, TargetSelect};
 use crate::{ipc, markdown, AppCtx, Page};
+use attune_protocol::ErrorCode;
 use attune_protocol::{
     ArenaDetail, ArenaEvent, ArenaPrompts, ArenaSpec, ArenaSummary, ArenaTally, ChatTarget,
     DatasetSummary, IpcError, SamplingParams, SplitName, Vote,
@@ -267,7 +268,7 @@ pub fn ArenaPage() -> impl IntoView {
         setup_error.set(None);
         let fail = |message: String| {
             setup_error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message,
             }))
         };
@@ -449,7 +450,7 @@ pub fn ArenaPage() -> impl IntoView {
         let path = export_path.get_untracked().trim().to_string();
         if path.is_empty() {
             export_error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message: "Type the file to write the preference pairs to.".into(),
             }));
             return;

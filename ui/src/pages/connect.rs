@@ -7,6 +7,7 @@
 
 use crate::components::{ErrorSlot, Field};
 use crate::{ipc, AppCtx};
+use attune_protocol::ErrorCode;
 use attune_protocol::{
     EndpointDraft, EndpointSummary, IpcError, KeyStorage, ServerSettings, ServerStatus,
 };
@@ -65,7 +66,7 @@ pub fn ConnectPage() -> impl IntoView {
         let port_text = port.get_untracked();
         let Ok(port_n) = port_text.trim().parse::<u16>() else {
             error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message: format!("Port: '{port_text}' is not a port number (1-65535)."),
             }));
             return;

@@ -5,6 +5,7 @@
 
 use crate::components::{error_note, Field, ModelSelect};
 use crate::{ipc, AppCtx, Page};
+use attune_protocol::ErrorCode;
 use attune_protocol::{
     ColumnMap, DatasetFormat, DatasetPreview, DatasetStats, DatasetSummary, ImportOptions,
     IpcError, LossOn, RowSample, Split,
@@ -257,7 +258,7 @@ impl Form {
 /// A local (not IPC) problem with the form, in the error shape.
 fn form_error(message: String) -> IpcError {
     IpcError {
-        code: "invalid_input".into(),
+        code: ErrorCode::InvalidInput,
         message,
     }
 }

@@ -11,6 +11,7 @@ pub mod logic;
 use crate::components::{error_note, Field, ModelSelect};
 use crate::{ipc, AppCtx, Page};
 use add::{added_text, AddLocal, HubDownload};
+use attune_protocol::ErrorCode;
 use attune_protocol::{
     AdapterSummary, DatasetSummary, DroppedFile, EvalReport, IpcError, RunSummary, TemplateRecord,
 };
@@ -124,7 +125,7 @@ pub fn LibraryPage() -> impl IntoView {
                     Ok(DroppedFile::Unsupported { path, reason }) => {
                         ctx.go(Page::Library);
                         banner.set(Some(Banner::Error(IpcError {
-                            code: "unsupported".into(),
+                            code: ErrorCode::Unsupported,
                             message: format!(
                                 "Attune cannot use {}: {reason}",
                                 logic::file_name(&path)

@@ -8,6 +8,7 @@
 use crate::components::{error_note, ConfirmButton, ErrorSlot, Field};
 use crate::pages::targets::{TargetCatalog, TargetSelect};
 use crate::{format, ipc, markdown, AppCtx};
+use attune_protocol::ErrorCode;
 use attune_protocol::{
     ChatEvent, ChatMessage, ChatTarget, Conversation, ConversationPane, ConversationSummary,
     GenerationStats, IpcError, SamplingParams,
@@ -366,7 +367,7 @@ pub fn PlaygroundPage() -> impl IntoView {
         let list = panes.get_untracked();
         if list.iter().all(|p| p.target.get_untracked().is_none()) {
             page_error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message: "Choose who answers in at least one pane (add a model on the Library page first).".into(),
             }));
             return;
@@ -484,7 +485,7 @@ pub fn PlaygroundPage() -> impl IntoView {
             .map(|m| m.content.clone());
         let Some(first) = first else {
             page_error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message: "Nothing to save yet: send a message first.".into(),
             }));
             return;

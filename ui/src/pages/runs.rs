@@ -8,6 +8,7 @@
 use crate::chart::{ChartData, LineChart};
 use crate::components::{error_note, ConfirmButton, Progress};
 use crate::{ipc, AppCtx, Page};
+use attune_protocol::ErrorCode;
 use attune_protocol::{
     ChatTarget, IpcError, MetricKind, RunDetail, RunEvent, RunMetric, RunStatus, RunSummary,
 };
@@ -244,7 +245,7 @@ pub fn RunsPage() -> impl IntoView {
                         ctx.go(Page::Playground);
                     }
                     None => action_error.set(Some(IpcError {
-                        code: "not_found".into(),
+                        code: ErrorCode::NotFound,
                         message: format!("adapter '{adapter_name}' is no longer in the library"),
                     })),
                 },

@@ -9,6 +9,7 @@
 use super::logic;
 use crate::components::{error_note, Field, Progress};
 use crate::{format, ipc, AppCtx};
+use attune_protocol::ErrorCode;
 use attune_protocol::{DefaultModel, IpcError, PullUpdate};
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -173,7 +174,7 @@ pub fn HubDownload(
                     }
                     ctx.library_changed();
                 }
-                Err(e) if e.code == "cancelled" => note.set(Some(Note::Ok(
+                Err(e) if e.code == ErrorCode::Cancelled => note.set(Some(Note::Ok(
                     "Download cancelled; nothing was added.".into(),
                 ))),
                 Err(e) => note.set(Some(Note::Error(e))),
