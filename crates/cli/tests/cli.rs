@@ -2,73 +2,28 @@
 //! directory; the real default model is registered from where `scripts/fetch-model.sh`
 //! put it.
 
+use attune_test_support::Cli;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-fn real_model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
+struct Env(Cli);
 
-struct Env {
-    dir: tempfile::TempDir,
+impl std::ops::Deref for Env {
+    type Target = Cli;
+    fn deref(&self) -> &Cli {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
+        Env(Cli::new(env!("CARGO_BIN_EXE_attune")))
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_attune"));
-        c.arg("--data-dir").arg(self.data_dir()).args(args);
-        // Keep the Hub offline and away from the user's cache.
-        c.env("HF_ENDPOINT", closed_port_endpoint())
-            .env("HF_HUB_CACHE", self.dir.path().join("hf"))
-            .env_remove("HF_TOKEN");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run attune")
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "attune {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
-    }
-
-    /// Runs and expects exit code 1 with exactly one `error: ` line on stderr.
+    /// The CLI's errors are one `error: ` line, nothing on stdout.
     fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(out.status.code(), Some(1), "attune {args:?}: {out:?}");
-        assert!(out.stdout.is_empty(), "attune {args:?}: stdout {out:?}");
-        let err = String::from_utf8(out.stderr).expect("utf-8 stderr");
-        assert_eq!(
-            err.lines().count(),
-            1,
-            "attune {args:?}: not one line: {err}"
-        );
-        assert!(err.starts_with("error: "), "{err}");
-        err
+        self.0.fails_in_one_line(args)
     }
 
     fn list(&self) -> Vec<serde_json::Value> {
@@ -77,20 +32,13 @@ impl Env {
     }
 }
 
-fn closed_port_endpoint() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    drop(l);
-    format!("http://{addr}")
-}
-
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
 #[test]
 fn models_add_list_show_generate_rm() {
-    let model = real_model();
+    let model = attune_test_support::default_model();
     let env = Env::new();
     let out = env.ok(&["models", "add", path_str(&model)]);
     assert!(out.starts_with("added model 1 "), "{out}");
@@ -146,21 +94,21 @@ fn models_add_list_show_generate_rm() {
 
 #[test]
 fn bad_model_files_give_one_line_errors_and_change_nothing() {
-    let model = real_model();
+    let model = attune_test_support::default_model();
     let env = Env::new();
     env.ok(&["models", "add", path_str(&model)]);
     let before = env.list();
 
-    let missing = env.dir.path().join("missing.gguf");
+    let missing = env.root().join("missing.gguf");
     let err = env.fails(&["models", "add", path_str(&missing)]);
     assert!(err.contains("missing.gguf"), "{err}");
 
-    let garbage = env.dir.path().join("garbage.gguf");
+    let garbage = env.root().join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a model\n".repeat(100)).expect("write");
     let err = env.fails(&["models", "add", path_str(&garbage)]);
     assert!(err.contains("garbage.gguf"), "{err}");
 
-    let truncated = env.dir.path().join("truncated.gguf");
+    let truncated = env.root().join("truncated.gguf");
     let mut head = vec![0u8; 8 << 20];
     std::fs::File::open(&model)
         .and_then(|mut f| f.read_exact(&mut head))
@@ -215,7 +163,7 @@ fn a_newer_database_is_refused() {
 
 #[test]
 fn chat_repl_answers_and_ends_on_exit() {
-    let model = real_model();
+    let model = attune_test_support::default_model();
     let env = Env::new();
     env.ok(&["models", "add", path_str(&model)]);
     let mut child = env
@@ -247,10 +195,10 @@ fn chat_repl_answers_and_ends_on_exit() {
 
 #[test]
 fn pull_finds_a_model_already_in_the_hf_cache_offline() {
-    let model = real_model();
+    let model = attune_test_support::default_model();
     let env = Env::new();
     let commit = "00112233445566778899aabbccddeeff00112233";
-    let repo_dir = env.dir.path().join("hf/models--someone--smol-gguf");
+    let repo_dir = env.root().join("hf/models--someone--smol-gguf");
     let snapshot = repo_dir.join("snapshots").join(commit);
     std::fs::create_dir_all(&snapshot).expect("mkdir");
     std::fs::create_dir_all(repo_dir.join("refs")).expect("mkdir");

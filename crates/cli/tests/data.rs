@@ -1,58 +1,27 @@
 //! `attune data ...` as a subprocess: each test gets its own temporary data directory;
 //! real files, the real PubMedQA data and the real default model where present.
 
+use attune_test_support::Cli;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-struct Env {
-    dir: tempfile::TempDir,
+struct Env(Cli);
+
+impl std::ops::Deref for Env {
+    type Target = Cli;
+    fn deref(&self) -> &Cli {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
+        Env(Cli::new(env!("CARGO_BIN_EXE_attune")))
     }
 
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_attune"))
-            .arg("--data-dir")
-            .arg(self.dir.path().join("data"))
-            .args(args)
-            .env("HF_HUB_CACHE", self.dir.path().join("hf"))
-            .env_remove("HF_TOKEN")
-            .output()
-            .expect("run attune")
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "attune {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
-    }
-
-    /// Runs and expects exit code 1, nothing on stdout and a last `error: ` line on
-    /// stderr; returns stderr.
+    /// A failure prints nothing on stdout.
     fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(out.status.code(), Some(1), "attune {args:?}: {out:?}");
-        assert!(out.stdout.is_empty(), "attune {args:?}: stdout {out:?}");
-        let err = String::from_utf8(out.stderr).expect("utf-8 stderr");
-        let last = err.lines().last().unwrap_or_default();
-        assert!(last.starts_with("error: "), "{err}");
-        err
-    }
-
-    fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, bytes).expect("write");
-        p
+        self.0.fails_quietly(args)
     }
 
     fn list(&self) -> Vec<serde_json::Value> {
@@ -212,25 +181,16 @@ fn csv_text_and_bad_flags() {
     assert!(err.contains("question"), "{err}");
     let err = env.fails(&["data", "import", s(&csv), "--valid-fraction", "1.5"]);
     assert!(err.contains("--valid-fraction"), "{err}");
-    let err = env.fails(&["data", "import", s(&env.dir.path().join("none.jsonl"))]);
+    let err = env.fails(&["data", "import", s(&env.root().join("none.jsonl"))]);
     assert!(err.contains("none.jsonl"), "{err}");
     assert_eq!(env.list().len(), 3);
 }
 
 #[test]
 fn pubmedqa_import_and_token_stats() {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/pubmedqa");
-    let model = attune_models::default_model_path();
-    assert!(
-        data.join("train.jsonl").is_file(),
-        "{} is missing: this test needs the shared reference data beside the repository (../shared, as the project lays it out)",
-        data.display()
-    );
-    assert!(
-        model.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        model.display()
-    );
+    let data = attune_test_support::shared("data/pubmedqa");
+    attune_test_support::shared("data/pubmedqa/train.jsonl");
+    let model = attune_test_support::default_model();
     let env = Env::new();
     env.ok(&["models", "add", s(&model)]);
     let out = env.ok(&[

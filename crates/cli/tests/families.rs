@@ -6,6 +6,7 @@
 //! the training losses (step 1: LoRA's B starts at zero, so the loss is the base model's on the
 //! batch, which PyTorch computed; step 2 lower). Each test has its own data directory.
 
+use attune_test_support::Cli;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -32,45 +33,18 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-struct Env {
-    dir: tempfile::TempDir,
+struct Env(Cli);
+
+impl std::ops::Deref for Env {
+    type Target = Cli;
+    fn deref(&self) -> &Cli {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_attune"));
-        c.arg("--data-dir")
-            .arg(self.dir.path().join("data"))
-            .args(args)
-            .env("HF_HUB_CACHE", self.dir.path().join("hf"))
-            .env_remove("HF_TOKEN");
-        c
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out: Output = self.cmd(args).output().expect("run attune");
-        assert!(
-            out.status.success(),
-            "attune {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).expect("json")
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).expect("write");
-        p
+        Env(Cli::new(env!("CARGO_BIN_EXE_attune")))
     }
 }
 

@@ -3,89 +3,23 @@
 //! adapters that would poison every answer, and several processes writing one library at once.
 //! Each is a one-line error (or the right result) within seconds; none panics or hangs.
 
+use attune_test_support::Cli;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-struct Env {
-    dir: tempfile::TempDir,
+struct Env(Cli);
+
+impl std::ops::Deref for Env {
+    type Target = Cli;
+    fn deref(&self) -> &Cli {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_attune"));
-        c.arg("--data-dir")
-            .arg(self.dir.path().join("data"))
-            .args(args)
-            .env("HF_HUB_CACHE", self.dir.path().join("hf"))
-            .env_remove("HF_TOKEN")
-            .stdin(Stdio::null());
-        c
-    }
-
-    /// Runs with a 60 s limit: a hang fails the test instead of stalling it.
-    fn run(&self, args: &[&str]) -> Output {
-        let mut child = self
-            .cmd(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn attune");
-        let started = Instant::now();
-        loop {
-            if child.try_wait().expect("wait").is_some() {
-                return child.wait_with_output().expect("output");
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                let _ = child.kill();
-                let out = child.wait_with_output().expect("output");
-                panic!(
-                    "attune {args:?} hung for 60 s: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "attune {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
-    }
-
-    /// Expects exit code 1 with a last `error: ` line and no panic; returns stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let err = String::from_utf8(out.stderr).expect("utf-8 stderr");
-        assert_eq!(out.status.code(), Some(1), "attune {args:?}: {err}");
-        assert!(!err.contains("panicked"), "attune {args:?} panicked: {err}");
-        let last = err.lines().last().unwrap_or_default();
-        assert!(last.starts_with("error: "), "{err}");
-        err
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
-        let p = self.path(name);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).expect("mkdir");
-        }
-        std::fs::write(&p, bytes).expect("write");
-        p
+        Env(Cli::new(env!("CARGO_BIN_EXE_attune")).with_limit(Duration::from_secs(60)))
     }
 }
 
@@ -94,13 +28,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
+    attune_test_support::default_model()
 }
 
 fn chat_rows(n: usize, tag: &str) -> String {
@@ -173,7 +101,7 @@ fn a_fifo_as_dataset_or_model_is_refused_at_once() {
     let err = env.fails(&["models", "add", s(&gguf)]);
     assert!(err.contains("named pipe (FIFO)"), "{err}");
     // A folder where a file belongs, and a file where a folder belongs.
-    let err = env.fails(&["data", "import", s(env.dir.path())]);
+    let err = env.fails(&["data", "import", s(env.root())]);
     assert!(err.contains("folder"), "{err}");
     let f = env.write("not-a-dir", "x");
     env.ok(&["models", "add", s(&model())]);

@@ -8,31 +8,28 @@
 //! `ATTUNE_MEMORY_SWEEP=BxS,BxS,...` measures those shapes instead of the test's own, every
 //! method, and prints one line per run (how the estimate in `attune_engine::runs` was fitted).
 
+use attune_test_support::Cli;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The estimate may exceed the measured peak by at most this factor.
 const MAX_OVERESTIMATE: f64 = 1.25;
 
-struct Library {
-    dir: tempfile::TempDir,
+struct Library(Cli);
+
+impl std::ops::Deref for Library {
+    type Target = Cli;
+    fn deref(&self) -> &Cli {
+        &self.0
+    }
 }
 
 impl Library {
     /// A fresh library with the default model and the PubMedQA sample.
     fn new() -> Library {
-        let lib = Library {
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        let model = attune_models::default_model_path();
-        assert!(
-            model.is_file(),
-            "the default model is missing at {} (run scripts/fetch-model.sh)",
-            model.display()
-        );
-        lib.ok(&["models", "add", model.to_str().expect("utf-8 path")]);
-        let sample =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/pubmedqa-sample.jsonl");
+        let lib = Library(Cli::new(env!("CARGO_BIN_EXE_attune")));
+        lib.add_default_model();
+        let sample = attune_test_support::test_data("pubmedqa-sample.jsonl");
         lib.ok(&[
             "data",
             "import",
@@ -46,32 +43,12 @@ impl Library {
         lib
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_attune"));
-        c.arg("--data-dir").arg(self.data_dir()).args(args);
-        c
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().expect("run attune");
-        assert!(
-            out.status.success(),
-            "attune {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
-    }
-
     /// Trains `steps` steps of `method` at `batch` x `max_len` (packed blocks, loss on every
     /// token) in a child process; returns (its peak RSS, the run's estimate), in MiB.
     fn measure(&self, method: &str, batch: usize, max_len: usize, steps: usize) -> (f64, f64) {
         let name = format!("{method}-{batch}x{max_len}");
         let (b, l, s) = (batch.to_string(), max_len.to_string(), steps.to_string());
-        let log = self.dir.path().join(format!("{name}.log"));
+        let log = self.root().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let err = file.try_clone().expect("log file");
         let mut cmd = self.cmd(&[

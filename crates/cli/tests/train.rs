@@ -1,77 +1,29 @@
 //! `attune train`, `runs`, `adapters` and `eval` as subprocesses, on the real default
 //! model with tiny budgets (a few steps on short rows); each test has its own data dir.
 
+use attune_test_support::Cli;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-struct Env {
-    dir: tempfile::TempDir,
+struct Env(Cli);
+
+impl std::ops::Deref for Env {
+    type Target = Cli;
+    fn deref(&self) -> &Cli {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_attune"));
-        c.arg("--data-dir")
-            .arg(self.data_dir())
-            .args(args)
-            .env("HF_HUB_CACHE", self.dir.path().join("hf"))
-            .env_remove("HF_TOKEN");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run attune")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "attune {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(out.status.code(), Some(1), "attune {args:?}: {out:?}");
-        let err = String::from_utf8(out.stderr).expect("utf-8 stderr");
-        assert!(
-            err.lines()
-                .last()
-                .unwrap_or_default()
-                .starts_with("error: "),
-            "{err}"
-        );
-        err
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).expect("json")
+        Env(Cli::new(env!("CARGO_BIN_EXE_attune")))
     }
 
     /// The real model and a tiny labeled chat dataset named `tiny` (6 train, 2 valid).
     fn setup(&self) {
-        let model = attune_models::default_model_path();
-        assert!(
-            model.is_file(),
-            "the default model is missing at {}",
-            model.display()
-        );
-        self.ok(&["models", "add", model.to_str().expect("utf-8 path")]);
+        self.add_default_model();
         let rows = [
             ("What color is the sky?", "Blue. Final answer: yes"),
             ("Is water wet?", "Mostly. Final answer: maybe"),
@@ -96,7 +48,7 @@ impl Env {
                     + "\n"
             })
             .collect();
-        let path = self.dir.path().join("tiny.jsonl");
+        let path = self.root().join("tiny.jsonl");
         std::fs::write(&path, text).expect("write");
         self.ok(&[
             "data",
@@ -232,7 +184,7 @@ fn train_killed_with_sigkill_resumes_and_finishes() {
     ]);
     assert_eq!(report["subject_kind"], "adapter");
     assert!(report["mean_nll"].as_f64().expect("nll") > 0.0);
-    let out = env.dir.path().join("exported");
+    let out = env.root().join("exported");
     env.ok(&[
         "adapters",
         "export",

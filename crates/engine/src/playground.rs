@@ -217,16 +217,6 @@ mod tests {
 
     use super::*;
 
-    fn real_model() -> PathBuf {
-        let p = attune_models::default_model_path();
-        assert!(
-            p.is_file(),
-            "the default model is missing at {}: run scripts/fetch-model.sh",
-            p.display()
-        );
-        p
-    }
-
     fn greedy(max_tokens: usize) -> SamplingParams {
         SamplingParams {
             max_tokens,
@@ -244,14 +234,17 @@ mod tests {
     }
 
     fn reference_adapters() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/adapters")
+        attune_test_support::shared("reference/adapters")
     }
 
     #[test]
     fn playground_targets_answer_label_and_render() {
         let dir = tempfile::tempdir().expect("tempdir");
         let e = Engine::open(&dir.path().join("data")).expect("open");
-        let model = e.add_local_model(&real_model()).expect("add").model;
+        let model = e
+            .add_local_model(&attune_test_support::default_model())
+            .expect("add")
+            .model;
         let no = AtomicBool::new(false);
         let hi = [m("user", "What is the capital of France?")];
 
@@ -398,7 +391,10 @@ mod tests {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let e = Engine::open(&dir.path().join("data")).expect("open");
-        let model = e.add_local_model(&real_model()).expect("add").model;
+        let model = e
+            .add_local_model(&attune_test_support::default_model())
+            .expect("add")
+            .model;
         let lora = e
             .import_adapter(&refs.join("lora"), &model.name, Some("ref-lora"))
             .expect("lora");
@@ -449,7 +445,7 @@ mod tests {
         use crate::adapters::{AdaptedCache, AdaptedModel};
         // The cache only orders ids; a real adapted model is not needed to check the order,
         // but entries must be real models, so reuse one loaded model for every id.
-        let loaded = crate::chat::load("m", &real_model()).expect("load");
+        let loaded = crate::chat::load("m", &attune_test_support::default_model()).expect("load");
         let model = std::sync::Arc::new(AdaptedModel {
             model: loaded.model,
             tokenizer: loaded.tokenizer,

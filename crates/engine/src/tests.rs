@@ -1,6 +1,7 @@
 //! Engine tests over real SQLite files in temporary data directories and the real
 //! default model (`scripts/fetch-model.sh` fetches it).
 
+use attune_test_support::default_model;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -12,16 +13,6 @@ use attune_protocol::{
 };
 
 use super::*;
-
-fn real_model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
 
 fn engine() -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -90,7 +81,7 @@ fn engine_is_send_and_sync() {
 
 #[test]
 fn adds_the_real_gguf_once() {
-    let model = real_model();
+    let model = default_model();
     let (dir, engine) = engine();
     let out = engine.add_local_model(&model).expect("add");
     assert!(!out.already_present);
@@ -128,7 +119,7 @@ fn adds_the_real_gguf_once() {
 
 #[test]
 fn bad_files_are_refused_and_nothing_is_written() {
-    let model = real_model();
+    let model = default_model();
     let (dir, engine) = engine();
 
     let missing = dir.path().join("nope.gguf");
@@ -165,7 +156,7 @@ fn bad_files_are_refused_and_nothing_is_written() {
 
 #[test]
 fn finds_and_removes_models_but_never_their_files() {
-    let model = real_model();
+    let model = default_model();
     let (_dir, engine) = engine();
     let m = engine.add_local_model(&model).expect("add").model;
     assert_eq!(engine.find_model(&m.id.to_string()).expect("by id"), m);
@@ -192,7 +183,7 @@ fn finds_and_removes_models_but_never_their_files() {
 
 #[test]
 fn a_deleted_model_file_is_reported_by_path() {
-    let model = real_model();
+    let model = default_model();
     let (dir, engine) = engine();
     let copy = dir.path().join("copy.gguf");
     if std::fs::hard_link(&model, &copy).is_err() {
@@ -276,7 +267,7 @@ fn pull_of_an_unknown_repository_says_not_found() {
 
 #[test]
 fn pull_uses_the_hf_cache_when_offline() {
-    let model = real_model();
+    let model = default_model();
     let (dir, engine) = engine();
     let cache = dir.path().join("hf");
     let commit = "0123456789abcdef0123456789abcdef01234567";
@@ -344,7 +335,7 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 
 #[test]
 fn chat_streams_the_reference_greedy_answer() {
-    let model = real_model();
+    let model = default_model();
     let (_dir, engine) = engine();
     let id = engine.add_local_model(&model).expect("add").model.id;
     // The reference chat prompt of ../shared/reference/generate_reference.json.
@@ -401,7 +392,7 @@ fn chat_streams_the_reference_greedy_answer() {
 
 #[test]
 fn generate_continues_a_raw_prompt_and_honours_cancel() {
-    let model = real_model();
+    let model = default_model();
     let (_dir, engine) = engine();
     let id = engine.add_local_model(&model).expect("add").model.id;
     let cancel = AtomicBool::new(false);
@@ -544,7 +535,7 @@ fn serve_one(mut s: std::net::TcpStream, repo: &str, commit: &str, gguf: &Path, 
 
 #[test]
 fn pull_downloads_into_the_hf_cache_with_progress() {
-    let model = real_model();
+    let model = default_model();
     let (dir, engine) = engine();
     let commit = "89abcdef0123456789abcdef0123456789abcdef";
     let endpoint = fake_hub("fake-org/smol", commit, model.clone(), Duration::ZERO);
@@ -606,7 +597,7 @@ fn pull_downloads_into_the_hf_cache_with_progress() {
 
 #[test]
 fn pull_cancel_stops_mid_download_and_registers_nothing() {
-    let model = real_model();
+    let model = default_model();
     let (dir, engine) = engine();
     // ~94 MiB at 50 ms per MiB: about 5 s, much longer than the cancel may take.
     let endpoint = fake_hub(

@@ -8,6 +8,7 @@
 use crate::components::{error_note, Field, ModelSelect};
 use crate::pages::runs::duration_text;
 use crate::{ipc, AppCtx, Page};
+use attune_protocol::ErrorCode;
 use attune_protocol::{
     Advice, AdvisorGoal, DatasetSummary, DomainCount, IpcError, LossOn, LrSchedule, MethodEstimate,
     MethodSpec, RunCheck, RunSpec, SplitName,
@@ -167,7 +168,7 @@ pub fn AdaptWizard() -> impl IntoView {
     let ask = move || {
         let Some(model_id) = model.get_untracked() else {
             error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message: "Choose a model first (add one in the Library).".into(),
             }));
             return;
@@ -178,7 +179,7 @@ pub fn AdaptWizard() -> impl IntoView {
                 Ok(v) if v > 0.0 => Some(v),
                 _ => {
                     error.set(Some(IpcError {
-                        code: "invalid_input".into(),
+                        code: ErrorCode::InvalidInput,
                         message: format!("Time budget: '{b}' is not a number of minutes"),
                     }));
                     return;
@@ -418,10 +419,7 @@ pub fn AdaptWizard() -> impl IntoView {
                         <h2>"3 · Write a template"</h2>
                         <p>{method_blurb("template")}</p>
                         {move || api_only.get().then(|| {
-                            let models: Vec<(String, String)> = endpoints.get().into_iter().flat_map(|e| {
-                                let ename = e.name.clone();
-                                e.models.into_iter().map(move |m| (format!("{}:{m}", e.id), format!("{m} at {ename}")))
-                            }).collect();
+                            let models = endpoints.with(|e| super::targets::endpoint_model_choices(e));
                             if models.is_empty() {
                                 view! {
                                     <p id="adapt-no-endpoint">"Add the API you use (its address and key) on the Connect page; its models then appear here."</p>

@@ -506,3 +506,44 @@ mod tests {
         );
     }
 }
+
+/// Every model of every API endpoint, as a select's `(value, label)`: the value is
+/// "endpoint_id:model" ([`endpoint_choice`] reads it back), the label "model at endpoint".
+pub fn endpoint_model_choices(endpoints: &[EndpointSummary]) -> Vec<(String, String)> {
+    endpoints
+        .iter()
+        .flat_map(|e| {
+            e.models
+                .iter()
+                .map(move |m| (format!("{}:{m}", e.id), format!("{m} at {}", e.name)))
+        })
+        .collect()
+}
+
+/// The API model of an [`endpoint_model_choices`] value, or None (the empty value: a local
+/// model).
+pub fn endpoint_choice(value: &str) -> Option<EndpointModel> {
+    let (e, m) = value.split_once(':')?;
+    Some(EndpointModel {
+        endpoint_id: e.parse().ok()?,
+        model: m.to_string(),
+    })
+}
+
+/// The `<option>`s of [`endpoint_model_choices`], `selected` marking the chosen one.
+#[component]
+pub fn EndpointModelOptions(
+    endpoints: RwSignal<Vec<EndpointSummary>>,
+    selected: RwSignal<String>,
+) -> impl IntoView {
+    move || {
+        endpoints
+            .with(|e| endpoint_model_choices(e))
+            .into_iter()
+            .map(|(value, label)| {
+                let v = value.clone();
+                view! { <option value=value selected=move || selected.get() == v>{label}</option> }
+            })
+            .collect_view()
+    }
+}

@@ -4,8 +4,10 @@
 //! viewed and restored); a template can be evaluated on a dataset split like an
 //! adapter, next to the base model's past scores.
 
+use super::targets::{endpoint_choice, EndpointModelOptions};
 use crate::components::{error_note, ConfirmButton, ErrorSlot, Field, ModelSelect, Progress};
 use crate::{ipc, AppCtx};
+use attune_protocol::ErrorCode;
 use attune_protocol::{
     ChatMessage, DatasetSummary, EndpointEvalReport, EndpointModel, EndpointSummary, EvalOptions,
     EvalProgress, EvalReport, EvalSubject, IpcError, PromptTemplate, SplitName, TemplateDraft,
@@ -308,7 +310,7 @@ pub fn TemplatesPage() -> impl IntoView {
         let d = draft.get_untracked();
         if d.name.is_empty() {
             save_error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message: "Give the template a name before saving.".into(),
             }));
             return;
@@ -316,7 +318,7 @@ pub fn TemplatesPage() -> impl IntoView {
         if let Some(u) = &d.user {
             if !u.contains("{{input}}") && !u.contains("{{ input }}") {
                 save_error.set(Some(IpcError {
-                    code: "invalid_input".into(),
+                    code: ErrorCode::InvalidInput,
                     message: "The user wrapper must contain {{input}} (where the message goes), or be empty.".into(),
                 }));
                 return;
@@ -418,21 +420,21 @@ pub fn TemplatesPage() -> impl IntoView {
         let local_model = preview_model.get_untracked();
         if remote_choice.is_none() && local_model.is_none() {
             eval_error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message: "Choose a model in the preview, or an API model under Answered by, to evaluate the template on.".into(),
             }));
             return;
         }
         let Some(dataset_id) = eval_dataset.get_untracked() else {
             eval_error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message: "Import a dataset first (Import data page) to evaluate on.".into(),
             }));
             return;
         };
         if d.name.is_empty() {
             eval_error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: ErrorCode::InvalidInput,
                 message: "Give the template a name: evaluations are recorded under it.".into(),
             }));
             return;
@@ -443,7 +445,7 @@ pub fn TemplatesPage() -> impl IntoView {
                 Ok(n) if n > 0 => Some(n),
                 _ => {
                     eval_error.set(Some(IpcError {
-                        code: "invalid_input".into(),
+                        code: ErrorCode::InvalidInput,
                         message: format!("Row limit \"{t}\" must be a whole number above 0, or empty for every row."),
                     }));
                     return;
@@ -799,13 +801,7 @@ pub fn TemplatesPage() -> impl IntoView {
                             <Field label="Shown for" hint="An API model applies its own chat template: the preview shows the request Attune sends.">
                                 <select id="preview-on" on:change=move |ev| { let v = event_target_value(&ev); eval_on.set(v.clone()); preview_on.set(v); } prop:value=move || preview_on.get()>
                                     <option value="">"The model above (this computer)"</option>
-                                    {move || endpoints.get().into_iter().flat_map(|e| {
-                                        let ename = e.name.clone();
-                                        e.models.into_iter().map(move |m| {
-                                            let value = format!("{}:{m}", e.id);
-                                            view! { <option value=value.clone() selected=move || preview_on.get() == value>{format!("{m} at {ename}")}</option> }
-                                        })
-                                    }).collect_view()}
+                                    <EndpointModelOptions endpoints selected=preview_on />
                                 </select>
                             </Field>
                             <Field label="Sample message" hint="Stands for {{input}}.">
@@ -835,13 +831,7 @@ pub fn TemplatesPage() -> impl IntoView {
                         <Field label="Answered by" hint="An API model is scored by label accuracy only: an API does not return the probability of a given answer, so there is no NLL.">
                             <select id="eval-on" on:change=move |ev| eval_on.set(event_target_value(&ev)) prop:value=move || eval_on.get()>
                                 <option value="">"The preview model (this computer)"</option>
-                                {move || endpoints.get().into_iter().flat_map(|e| {
-                                    let ename = e.name.clone();
-                                    e.models.into_iter().map(move |m| {
-                                        let value = format!("{}:{m}", e.id);
-                                        view! { <option value=value.clone() selected=move || eval_on.get() == value>{format!("{m} at {ename}")}</option> }
-                                    })
-                                }).collect_view()}
+                                <EndpointModelOptions endpoints selected=eval_on />
                             </select>
                         </Field>
                         <div class="grid-3">
@@ -978,13 +968,4 @@ mod tests {
         let odd = messages_to_pairs(&turns[..3]);
         assert_eq!(odd.last(), Some(&("2+2?".to_string(), String::new())));
     }
-}
-
-/// The API model of a select's value ("endpoint_id:model"), or None for the local model.
-fn endpoint_choice(value: &str) -> Option<EndpointModel> {
-    let (e, m) = value.split_once(':')?;
-    Some(EndpointModel {
-        endpoint_id: e.parse().ok()?,
-        model: m.to_string(),
-    })
 }

@@ -2,6 +2,7 @@
 //! /proc/cpuinfo parsing, and the calibration on a real library in a temporary
 //! directory (the real default model, a tiny dataset, a completed run's metrics).
 
+use attune_test_support::default_model;
 use std::path::{Path, PathBuf};
 
 use attune_protocol::{AdvisorGoal, DomainCount, ImportOptions, MethodSpec, RunSpec, Split};
@@ -130,20 +131,13 @@ fn advisor_reads_cpuinfo_and_the_machine() {
     assert_eq!(preset_max_len(5000, 512), 512);
 }
 
-fn real_model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
-
 /// A library with the real model and a chat dataset of `n` rows (all train).
 fn library(dir: &Path, n: usize) -> (Engine, i64, i64) {
     let e = Engine::open(&dir.join("data")).expect("open engine");
-    let model = e.add_local_model(&real_model()).expect("add model").model;
+    let model = e
+        .add_local_model(&default_model())
+        .expect("add model")
+        .model;
     let text: String = (0..n)
         .map(|i| {
             serde_json::json!({"messages": [

@@ -1,22 +1,13 @@
 //! Arena tests: the tally's arithmetic by hand, the side assignment, and a whole arena
 //! on the real default model (SQLite on disk, 3-token greedy answers).
 
+use attune_test_support::default_model;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use attune_protocol::{ImportOptions, Split, SplitName, TemplateDraft};
 
 use super::*;
-
-fn real_model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
 
 fn close(x: Option<f64>, want: f64) {
     let x = x.expect("a value");
@@ -75,7 +66,7 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 fn arena_generates_stores_votes_tallies_and_exports() {
     let dir = tempfile::tempdir().expect("tempdir");
     let e = Engine::open(&dir.path().join("data")).expect("open");
-    let model = e.add_local_model(&real_model()).expect("add").model;
+    let model = e.add_local_model(&default_model()).expect("add").model;
     let template = e
         .save_template(&TemplateDraft {
             name: "Pirate".into(),
@@ -253,7 +244,7 @@ fn arena_generates_stores_votes_tallies_and_exports() {
 fn arena_prompts_from_a_dataset_and_refusals() {
     let dir = tempfile::tempdir().expect("tempdir");
     let e = Engine::open(&dir.path().join("data")).expect("open");
-    let model = e.add_local_model(&real_model()).expect("add").model;
+    let model = e.add_local_model(&default_model()).expect("add").model;
     let rows = [
         serde_json::json!({"messages": [
             {"role": "system", "content": "Be brief."},

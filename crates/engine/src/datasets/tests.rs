@@ -50,12 +50,8 @@ fn rows(e: &Engine, id: i64, split: SplitName) -> Vec<DatasetRow> {
 
 /// `../shared/data/pubmedqa`; fails the test (never skips it) when it is missing.
 fn pubmedqa() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/pubmedqa");
-    assert!(
-        dir.join("train.jsonl").is_file(),
-        "{} is missing: this test needs the shared reference data beside the repository (../shared, as the project lays it out)",
-        dir.display()
-    );
+    let dir = attune_test_support::shared("data/pubmedqa");
+    attune_test_support::shared("data/pubmedqa/train.jsonl");
     dir
 }
 

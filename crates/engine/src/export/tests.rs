@@ -1,6 +1,7 @@
 //! Export tests on the real default model and the reference PEFT LoRA adapter
 //! (`../shared/reference/adapters/lora`, r=8, trained 20 steps by PEFT).
 
+use attune_test_support::default_model;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -8,25 +9,15 @@ use attune_protocol::{ExportFormat, ExportQuant, ExportRequest, ExportSubject};
 
 use crate::Engine;
 
-fn real_model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
-
 fn reference_lora() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/adapters/lora")
+    attune_test_support::shared("reference/adapters/lora")
 }
 
 /// An engine with the default model and the reference LoRA adapter "ref-lora".
 fn engine_with_lora() -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = Engine::open(&dir.path().join("data")).expect("open engine");
-    let m = engine.add_local_model(&real_model()).expect("add model");
+    let m = engine.add_local_model(&default_model()).expect("add model");
     engine
         .import_adapter(&reference_lora(), &m.model.id.to_string(), Some("ref-lora"))
         .expect("import the reference LoRA");
@@ -84,8 +75,8 @@ fn check_python() -> PathBuf {
 /// Runs `scripts/check_exports.py` (PyPI's gguf and transformers) on exported files, with
 /// what Attune expects of them; fails with its output when a check fails.
 fn python_check(rec: &attune_protocol::ExportRecord, args: &[(&str, PathBuf)]) {
-    let (content, _) = attune_models::inspect::read_gguf_header(&real_model()).expect("header");
-    let cfg = attune_models::gguf::config_from_content(&content, &real_model()).expect("config");
+    let (content, _) = attune_models::inspect::read_gguf_header(&default_model()).expect("header");
+    let cfg = attune_models::gguf::config_from_content(&content, &default_model()).expect("config");
     let template = content.metadata["tokenizer.chat_template"]
         .to_string()
         .expect("template")
@@ -397,8 +388,7 @@ fn hf_folder_is_complete_verified_and_reimports() {
 #[test]
 fn formats_that_cannot_carry_a_subject_are_refused_before_any_work() {
     let (dir, engine) = engine_with_lora();
-    let prompt =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/adapters/prompt");
+    let prompt = attune_test_support::shared("reference/adapters/prompt");
     engine
         .import_adapter(&prompt, "1", Some("soft"))
         .expect("import the prompt adapter");

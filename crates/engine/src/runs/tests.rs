@@ -1,6 +1,7 @@
 //! Runs, adapters and evaluation on the real default model, with tiny budgets: a few
 //! optimizer steps on short rows (max length 128), real SQLite files on disk.
 
+use attune_test_support::default_model;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -12,18 +13,8 @@ use attune_protocol::{
 use super::*;
 use crate::evaluate::parse_final_answer;
 
-fn real_model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
-
 fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+    attune_test_support::shared("")
 }
 
 fn engine() -> (tempfile::TempDir, Engine) {
@@ -48,7 +39,10 @@ const QA: [(&str, &str); 8] = [
 
 /// Registers the real model and a tiny labeled chat dataset (6 train, 2 valid rows).
 fn setup(e: &Engine, dir: &Path) -> (i64, i64) {
-    let model = e.add_local_model(&real_model()).expect("add model").model;
+    let model = e
+        .add_local_model(&default_model())
+        .expect("add model")
+        .model;
     let text: String = QA
         .iter()
         .map(|(q, a)| {
@@ -226,7 +220,7 @@ fn runs_lora_completes_records_metrics_and_registers_a_loadable_adapter() {
 
     // Calibration of the memory estimate against the measured peak (VmHWM).
     let (_, hwm) = process_memory_mb();
-    let cfg = model_config(&real_model()).expect("config");
+    let cfg = model_config(&default_model()).expect("config");
     let est = estimate_memory(&cfg, &s.method, s.batch_size, s.max_len);
     eprintln!(
         "memory: estimate {} MiB (weights {} MiB, optimizer {} MiB, activations {} MiB), measured VmHWM {:?} MiB, recorded estimate {} MiB",
@@ -406,7 +400,7 @@ fn runs_refused_or_failed_leave_the_library_sound() {
     let copy_dir = dir.path().join("copy");
     std::fs::create_dir_all(&copy_dir).expect("mkdir");
     let copy = copy_dir.join("copy.gguf");
-    std::fs::copy(real_model(), &copy).expect("copy model");
+    std::fs::copy(default_model(), &copy).expect("copy model");
     let e2 = Engine::open(&dir.path().join("data2")).expect("open");
     let (m2, d2) = {
         let m = e2.add_local_model(&copy).expect("add copy").model;
@@ -471,7 +465,7 @@ fn runs_adapters_import_reference_peft_folders_export_and_remove() {
         refs.display()
     );
     let (dir, e) = engine();
-    let model = e.add_local_model(&real_model()).expect("add").model;
+    let model = e.add_local_model(&default_model()).expect("add").model;
     let lora = e
         .import_adapter(&refs.join("lora"), &model.name, Some("ref-lora"))
         .expect("import lora");
@@ -570,7 +564,7 @@ fn runs_eval_base_matches_the_reference_per_row_nll() {
         .expect("rows")
         .clone();
     let (_, e) = engine();
-    let model = e.add_local_model(&real_model()).expect("add").model;
+    let model = e.add_local_model(&default_model()).expect("add").model;
     let ds = e
         .import_dataset(
             &valid,
@@ -716,7 +710,7 @@ fn runs_final_answer_parsing() {
 
 #[test]
 fn runs_memory_estimate_grows_with_batch_length_and_method() {
-    let cfg = model_config(&real_model()).expect("config");
+    let cfg = model_config(&default_model()).expect("config");
     let lora = MethodSpec::lora_default();
     let small = estimate_memory(&cfg, &lora, 1, 128);
     let big = estimate_memory(&cfg, &lora, 4, 1024);
