@@ -4,8 +4,8 @@
 
 use attune_test_support::Cli;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 
 struct Env(Cli);
 

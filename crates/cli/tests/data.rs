@@ -2,8 +2,7 @@
 //! real files, the real PubMedQA data and the real default model where present.
 
 use attune_test_support::Cli;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 struct Env(Cli);
 

@@ -8,7 +8,6 @@
 
 use attune_test_support::Cli;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use attune_models::linear::ComputeMode;
 use attune_models::loader::{self, LoadOptions};

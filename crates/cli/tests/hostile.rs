@@ -5,7 +5,7 @@
 
 use attune_test_support::Cli;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 struct Env(Cli);

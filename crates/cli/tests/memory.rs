@@ -9,8 +9,7 @@
 //! method, and prints one line per run (how the estimate in `attune_engine::runs` was fitted).
 
 use attune_test_support::Cli;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 /// The estimate may exceed the measured peak by at most this factor.
 const MAX_OVERESTIMATE: f64 = 1.25;

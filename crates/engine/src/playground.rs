@@ -211,7 +211,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     use attune_protocol::{FinishReason, TemplateDraft};
 

@@ -3,7 +3,7 @@
 //! directory (the real default model, a tiny dataset, a completed run's metrics).
 
 use attune_test_support::default_model;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use attune_protocol::{AdvisorGoal, DomainCount, ImportOptions, MethodSpec, RunSpec, Split};
 

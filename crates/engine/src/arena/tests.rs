@@ -3,7 +3,6 @@
 
 use attune_test_support::default_model;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use attune_protocol::{ImportOptions, Split, SplitName, TemplateDraft};
 
