@@ -9,8 +9,8 @@ use anyhow::{bail, Result};
 use attune_engine::docs::{self, TeachPlan, DEFAULT_CHUNK_CHARS};
 use attune_engine::{Actor, CancelToken, Engine, EngineError};
 use attune_protocol::{
-    ChatMessage, ChatTarget, DocImportOptions, DocRow, DocRowStatus, DocsetSummary,
-    ReviewAction, SamplingParams, Split, TeacherMode,
+    ChatMessage, ChatTarget, DocImportOptions, DocRow, DocRowStatus, DocsetSummary, ReviewAction,
+    SamplingParams, Split, TeacherMode,
 };
 use clap::{Args, Subcommand};
 
@@ -168,7 +168,10 @@ impl TeacherArgs {
             bail!("--max-tokens must be at least 1");
         }
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            bail!("--temperature must be 0 (greedy) or positive, got {}", self.temperature);
+            bail!(
+                "--temperature must be 0 (greedy) or positive, got {}",
+                self.temperature
+            );
         }
         let target = self.target(engine)?;
         let template = engine.teacher_template(self.mode, self.prompt.as_deref())?;
@@ -261,7 +264,10 @@ fn from_docs(actor: &dyn Fn() -> Actor, engine: &Engine, args: FromDocsArgs) -> 
         if args.json {
             println!("{}", serde_json::to_string_pretty(&set)?);
         } else {
-            println!("document set '{}' (id {}): {} chunks", set.name, set.id, set.chunks);
+            println!(
+                "document set '{}' (id {}): {} chunks",
+                set.name, set.id, set.chunks
+            );
         }
         return Ok(());
     };

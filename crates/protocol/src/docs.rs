@@ -233,5 +233,7 @@ pub enum ReviewAction {
     Accept,
     Reject,
     /// Replace the row's turns (kept as `edited`).
-    Edit { messages: Vec<ChatMessage> },
+    Edit {
+        messages: Vec<ChatMessage>,
+    },
 }

@@ -173,8 +173,10 @@ mod tests {
             para("More.", None),
         ];
         let c = chunk(&blocks, 1000);
-        let got: Vec<(Option<&str>, &str)> =
-            c.iter().map(|c| (c.section.as_deref(), c.text.as_str())).collect();
+        let got: Vec<(Option<&str>, &str)> = c
+            .iter()
+            .map(|c| (c.section.as_deref(), c.text.as_str()))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -214,14 +216,21 @@ mod tests {
         let got: Vec<&str> = c.iter().map(|c| c.text.as_str()).collect();
         assert_eq!(
             got,
-            vec!["One sentence here.", "Another sentence here.", "A third one is here."]
+            vec![
+                "One sentence here.",
+                "Another sentence here.",
+                "A third one is here."
+            ]
         );
         // No sentence end: cut at spaces; no space: cut between characters (multi-byte safe).
         let words = "alpha beta gamma delta epsilon";
         let c = chunk(&[para(words, None)], 12);
         assert!(c.iter().all(|c| c.text.chars().count() <= 12), "{c:?}");
         assert_eq!(
-            c.iter().map(|c| c.text.as_str()).collect::<Vec<_>>().join(" "),
+            c.iter()
+                .map(|c| c.text.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
             words
         );
         let solid = "é".repeat(25);

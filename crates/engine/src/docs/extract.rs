@@ -194,7 +194,8 @@ fn plain(text: &str) -> Parts {
 // --- PDF -------------------------------------------------------------------------------
 
 fn pdf(bytes: &[u8]) -> Result<Parts, String> {
-    let mut doc = pdf_extract::Document::load_mem(bytes).map_err(|e| format!("malformed PDF: {e}"))?;
+    let mut doc =
+        pdf_extract::Document::load_mem(bytes).map_err(|e| format!("malformed PDF: {e}"))?;
     if doc.is_encrypted() && doc.decrypt("").is_err() {
         return Err("the PDF is encrypted with a password; save an unprotected copy".to_string());
     }
@@ -360,12 +361,12 @@ fn markdown(text: &str) -> Parts {
             }
             Event::Start(Tag::Paragraph | Tag::Item | Tag::CodeBlock(_) | Tag::TableRow)
             | Event::End(
-                TagEnd::Paragraph | TagEnd::Item | TagEnd::CodeBlock | TagEnd::TableRow | TagEnd::TableHead,
-            ) => {
-                if heading.is_none() {
-                    flush(&mut blocks, &mut cur, BlockKind::Paragraph);
-                }
-            }
+                TagEnd::Paragraph
+                | TagEnd::Item
+                | TagEnd::CodeBlock
+                | TagEnd::TableRow
+                | TagEnd::TableHead,
+            ) if heading.is_none() => flush(&mut blocks, &mut cur, BlockKind::Paragraph),
             Event::End(TagEnd::TableCell) => cur.push_str(" | "),
             Event::Text(t) | Event::Code(t) | Event::InlineMath(t) | Event::DisplayMath(t) => {
                 cur.push_str(&t)
@@ -394,12 +395,40 @@ const HTML_SKIP: &[&str] = &[
     "head", "script", "style", "noscript", "template", "svg", "nav", "iframe", "object",
 ];
 const HTML_BLOCK: &[&str] = &[
-    "p", "div", "li", "ul", "ol", "dl", "dt", "dd", "pre", "blockquote", "section", "article",
-    "main", "header", "footer", "aside", "table", "tr", "td", "th", "br", "hr", "figure",
-    "figcaption", "body", "form", "address",
+    "p",
+    "div",
+    "li",
+    "ul",
+    "ol",
+    "dl",
+    "dt",
+    "dd",
+    "pre",
+    "blockquote",
+    "section",
+    "article",
+    "main",
+    "header",
+    "footer",
+    "aside",
+    "table",
+    "tr",
+    "td",
+    "th",
+    "br",
+    "hr",
+    "figure",
+    "figcaption",
+    "body",
+    "form",
+    "address",
 ];
 
-fn walk_html(node: ego_tree::NodeRef<'_, scraper::Node>, blocks: &mut Vec<Block>, cur: &mut String) {
+fn walk_html(
+    node: ego_tree::NodeRef<'_, scraper::Node>,
+    blocks: &mut Vec<Block>,
+    cur: &mut String,
+) {
     for child in node.children() {
         match child.value() {
             scraper::Node::Text(t) => cur.push_str(t),

@@ -25,9 +25,8 @@ use std::path::{Path, PathBuf};
 
 use attune_protocol::{
     ChatEvent, ChatMessage, ChatTarget, DatasetFormat, DatasetSummary, DocChunk, DocFormat,
-    DocImportOptions, DocRow, DocRowStatus, DocSummary, DocsetSummary, ImportOptions,
-    Provenance, ReviewAction, SamplingParams, SkippedDoc, Split, TeachReport, TeacherMode,
-    TemplateRecord,
+    DocImportOptions, DocRow, DocRowStatus, DocSummary, DocsetSummary, ImportOptions, Provenance,
+    ReviewAction, SamplingParams, SkippedDoc, Split, TeachReport, TeacherMode, TemplateRecord,
 };
 use sha2::{Digest, Sha256};
 
@@ -153,7 +152,8 @@ impl Engine {
                 opts.max_chunk_chars
             )));
         }
-        attune_models::fsio::require_dir(dir).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        attune_models::fsio::require_dir(dir)
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
         if let Some(existing) = self
             .store
             .list_docsets()?
@@ -341,12 +341,20 @@ impl Engine {
 
     /// A set's chunks, by document then position.
     pub fn docset_chunks(&self, set_id: i64) -> Result<Vec<DocChunk>, EngineError> {
-        Ok(self.store.docset_chunks(set_id)?.iter().map(chunk_dto).collect())
+        Ok(self
+            .store
+            .docset_chunks(set_id)?
+            .iter()
+            .map(chunk_dto)
+            .collect())
     }
 
     fn doc_row_dto(&self, r: &DocRowRow) -> Result<DocRow, EngineError> {
         let status = DocRowStatus::parse(&r.status).ok_or_else(|| {
-            EngineError::db(self.store.path(), format!("doc row {}: status '{}'", r.id, r.status))
+            EngineError::db(
+                self.store.path(),
+                format!("doc row {}: status '{}'", r.id, r.status),
+            )
         })?;
         let messages = match &r.messages_json {
             Some(j) => {
@@ -386,11 +394,18 @@ impl Engine {
 
     /// Accepts, rejects or edits one row. A failed row cannot be reviewed (regenerate it).
     /// An edit must stay a user turn then an assistant turn, neither empty.
-    pub fn review_doc_row(&self, row_id: i64, action: &ReviewAction) -> Result<DocRow, EngineError> {
-        let (row, _) = self.store.doc_row(row_id)?.ok_or_else(|| EngineError::NotFound {
-            what: "generated row",
-            id: row_id.to_string(),
-        })?;
+    pub fn review_doc_row(
+        &self,
+        row_id: i64,
+        action: &ReviewAction,
+    ) -> Result<DocRow, EngineError> {
+        let (row, _) = self
+            .store
+            .doc_row(row_id)?
+            .ok_or_else(|| EngineError::NotFound {
+                what: "generated row",
+                id: row_id.to_string(),
+            })?;
         if row.status == DocRowStatus::Failed.as_str() {
             return Err(EngineError::InvalidState(format!(
                 "row {row_id} failed ({}); regenerate it instead",
@@ -404,7 +419,8 @@ impl Engine {
             ReviewAction::Edit { messages } => {
                 check_edit(row_id, messages)?;
                 let json = turns_json(messages);
-                self.store.review_doc_row(row_id, "edited", Some(&json), &now)?
+                self.store
+                    .review_doc_row(row_id, "edited", Some(&json), &now)?
             }
         };
         if !done {
@@ -413,10 +429,13 @@ impl Engine {
                 id: row_id.to_string(),
             });
         }
-        let (row, _) = self.store.doc_row(row_id)?.ok_or_else(|| EngineError::NotFound {
-            what: "generated row",
-            id: row_id.to_string(),
-        })?;
+        let (row, _) = self
+            .store
+            .doc_row(row_id)?
+            .ok_or_else(|| EngineError::NotFound {
+                what: "generated row",
+                id: row_id.to_string(),
+            })?;
         self.doc_row_dto(&row)
     }
 
@@ -547,10 +566,21 @@ impl Engine {
         }
     }
 
-    fn write_docset_file(&self, set_id: i64, file: &str, text: &str) -> Result<PathBuf, EngineError> {
+    fn write_docset_file(
+        &self,
+        set_id: i64,
+        file: &str,
+        text: &str,
+    ) -> Result<PathBuf, EngineError> {
         let safe: String = file
             .chars()
-            .map(|c| if c.is_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
+            .map(|c| {
+                if c.is_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let dir = self.data_dir().join("docsets").join(set_id.to_string());
         std::fs::create_dir_all(&dir).map_err(|e| EngineError::Write {
@@ -600,7 +630,11 @@ fn teach_chunk(
     values.insert("document".to_string(), prov.document.clone());
     let where_ = match (&prov.section, prov.page_start) {
         (Some(s), _) => s.clone(),
-        (None, Some(_)) => prov.describe().trim_start_matches(&prov.document).trim_start_matches(", ").to_string(),
+        (None, Some(_)) => prov
+            .describe()
+            .trim_start_matches(&prov.document)
+            .trim_start_matches(", ")
+            .to_string(),
         (None, None) => "(none)".to_string(),
     };
     values.insert("section".to_string(), where_);
@@ -705,16 +739,24 @@ pub fn regenerate(
     cancel: &CancelToken,
 ) -> Result<Vec<DocRow>, EngineError> {
     let engine = actor.engine();
-    let (row, set_id) = engine.store.doc_row(row_id)?.ok_or_else(|| EngineError::NotFound {
-        what: "generated row",
-        id: row_id.to_string(),
-    })?;
+    let (row, set_id) = engine
+        .store
+        .doc_row(row_id)?
+        .ok_or_else(|| EngineError::NotFound {
+            what: "generated row",
+            id: row_id.to_string(),
+        })?;
     let teacher = engine.target_label(&plan.target)?;
-    let before: std::collections::HashSet<i64> =
-        engine.store.doc_rows(set_id)?.iter().map(|r| r.id).collect();
+    let before: std::collections::HashSet<i64> = engine
+        .store
+        .doc_rows(set_id)?
+        .iter()
+        .map(|r| r.id)
+        .collect();
     let rows = teach_chunk(actor, plan, &teacher, &row.chunk, cancel)?;
     engine.store.insert_doc_rows(&rows)?;
-    if row.status != DocRowStatus::Rejected.as_str() && row.status != DocRowStatus::Failed.as_str() {
+    if row.status != DocRowStatus::Rejected.as_str() && row.status != DocRowStatus::Failed.as_str()
+    {
         engine
             .store
             .review_doc_row(row_id, "rejected", None, &now_rfc3339())?;

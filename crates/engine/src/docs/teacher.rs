@@ -81,7 +81,14 @@ impl Pair {
 }
 
 const QUESTION_KEYS: &[&str] = &["question", "instruction", "prompt", "q", "input", "user"];
-const ANSWER_KEYS: &[&str] = &["answer", "response", "completion", "a", "output", "assistant"];
+const ANSWER_KEYS: &[&str] = &[
+    "answer",
+    "response",
+    "completion",
+    "a",
+    "output",
+    "assistant",
+];
 
 /// The rows in `answer` (see the module docs), or why there are none.
 pub fn parse_answer(answer: &str) -> Result<Vec<Pair>, String> {
@@ -129,7 +136,11 @@ fn quote(s: &str) -> String {
 fn json_pairs(text: &str) -> Option<Vec<Pair>> {
     // The outermost JSON value: from the first '[' or '{' to the last matching bracket.
     let start = text.find(['[', '{'])?;
-    let close = if text[start..].starts_with('[') { ']' } else { '}' };
+    let close = if text[start..].starts_with('[') {
+        ']'
+    } else {
+        '}'
+    };
     let end = text.rfind(close)?;
     if end <= start {
         return None;
@@ -291,7 +302,10 @@ mod tests {
     fn labelled_lines() {
         assert_eq!(
             pairs("Q: What is X?\nA: A thing.\n\nQ: Why?\nA: Because.\nIt is so."),
-            vec![p("What is X?", "A thing."), p("Why?", "Because.\nIt is so.")]
+            vec![
+                p("What is X?", "A thing."),
+                p("Why?", "Because.\nIt is so.")
+            ]
         );
         assert_eq!(
             pairs("Here are pairs:\n1. **Question:** Who?\n   **Answer:** Her.\n2. Q2: When? \nA2: Now"),
@@ -317,11 +331,14 @@ mod tests {
 
     #[test]
     fn bad_answers_say_why() {
-        assert_eq!(parse_answer("  \n").unwrap_err(), "the teacher wrote nothing");
-        let e = parse_answer("The passage talks about hands.").unwrap_err();
+        assert_eq!(
+            parse_answer("  \n").expect_err("an error"),
+            "the teacher wrote nothing"
+        );
+        let e = parse_answer("The passage talks about hands.").expect_err("an error");
         assert!(e.starts_with("no question-answer pair found"), "{e}");
         assert!(e.contains("The passage talks about hands."), "{e}");
-        let e = parse_answer("Q: What is cut").unwrap_err();
+        let e = parse_answer("Q: What is cut").expect_err("an error");
         assert!(e.starts_with("a question without an answer"), "{e}");
         // An answer without a question, and an empty answer, give no row.
         assert!(parse_answer("A: orphan").is_err());

@@ -52,8 +52,11 @@ fn import(engine: &Engine, dir: &Path, name: &str, max: usize) -> DocsetSummary 
 fn folder_with(names: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for n in names {
-        std::fs::copy(fixtures().join(n), dir.path().join(Path::new(n).file_name().expect("name")))
-            .expect("copy fixture");
+        std::fs::copy(
+            fixtures().join(n),
+            dir.path().join(Path::new(n).file_name().expect("name")),
+        )
+        .expect("copy fixture");
     }
     dir
 }
@@ -63,16 +66,32 @@ fn pdf_text_is_read_page_by_page() {
     let x = read("hand-hygiene.pdf").expect("pdf");
     assert_eq!(x.format, DocFormat::Pdf);
     assert_eq!(x.pages, Some(2));
-    let text: Vec<(Option<u32>, &str)> = x.blocks.iter().map(|b| (b.page, b.text.as_str())).collect();
-    let all = x.blocks.iter().map(|b| b.text.as_str()).collect::<Vec<_>>().join(" ");
-    assert!(all.contains("Clean hands are the most effective way to stop"), "{text:?}");
-    assert!(all.contains("alcohol-based hand rub for at least 20 seconds"), "{text:?}");
+    let text: Vec<(Option<u32>, &str)> =
+        x.blocks.iter().map(|b| (b.page, b.text.as_str())).collect();
+    let all = x
+        .blocks
+        .iter()
+        .map(|b| b.text.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
     assert!(
-        x.blocks.iter().any(|b| b.page == Some(2) && b.text.contains("single-use towel")),
+        all.contains("Clean hands are the most effective way to stop"),
         "{text:?}"
     );
     assert!(
-        x.blocks.iter().all(|b| b.page == Some(1) || !b.text.contains("Hand hygiene")),
+        all.contains("alcohol-based hand rub for at least 20 seconds"),
+        "{text:?}"
+    );
+    assert!(
+        x.blocks
+            .iter()
+            .any(|b| b.page == Some(2) && b.text.contains("single-use towel")),
+        "{text:?}"
+    );
+    assert!(
+        x.blocks
+            .iter()
+            .all(|b| b.page == Some(1) || !b.text.contains("Hand hygiene")),
         "{text:?}"
     );
 }
@@ -93,7 +112,10 @@ fn malformed_files_are_errors_naming_the_file() {
         ("bad/not-a-zip.docx", "not a DOCX file"),
     ] {
         let msg = read(name).expect_err(name).to_string();
-        assert!(msg.contains(name.rsplit('/').next().unwrap_or(name)), "{msg}");
+        assert!(
+            msg.contains(name.rsplit('/').next().unwrap_or(name)),
+            "{msg}"
+        );
         assert!(msg.contains(says), "{name}: {msg}");
     }
     // Bytes no parser expects, under each extension: an error, never a panic.
@@ -103,7 +125,9 @@ fn malformed_files_are_errors_naming_the_file() {
         std::fs::write(&p, [0xff, 0xfe, 0x00, 0x25, 0x50, 0x44, 0x46, 0x80]).expect("write");
         let format = extract::format_of(&p).expect("format");
         let bytes = extract::read_document(&p).expect("read");
-        let msg = extract::extract(&p, format, &bytes).expect_err(ext).to_string();
+        let msg = extract::extract(&p, format, &bytes)
+            .expect_err(ext)
+            .to_string();
         assert!(msg.contains(&format!("junk.{ext}")), "{msg}");
     }
 }
@@ -116,8 +140,13 @@ fn only_regular_files_are_read() {
     let c = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).expect("path");
     // SAFETY: mkfifo with a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let msg = extract::read_document(&fifo).expect_err("a FIFO").to_string();
-    assert!(msg.contains("pipe.txt") && msg.contains("not a regular file"), "{msg}");
+    let msg = extract::read_document(&fifo)
+        .expect_err("a FIFO")
+        .to_string();
+    assert!(
+        msg.contains("pipe.txt") && msg.contains("not a regular file"),
+        "{msg}"
+    );
     std::fs::create_dir(dir.path().join("folder.pdf")).expect("mkdir");
     let msg = extract::read_document(&dir.path().join("folder.pdf"))
         .expect_err("a folder")
@@ -163,7 +192,10 @@ fn docx_html_markdown_and_text_keep_their_headings() {
     let h = read("gloves.html").expect("html");
     assert_eq!(
         heads(&h),
-        vec![(1, "Glove use".to_string()), (2, "When to change gloves".to_string())]
+        vec![
+            (1, "Glove use".to_string()),
+            (2, "When to change gloves".to_string())
+        ]
     );
     assert_eq!(
         paras(&h),
@@ -196,7 +228,13 @@ fn a_folder_becomes_a_set_with_provenance_and_the_unreadable_files_are_listed() 
     let docs: Vec<&str> = set.documents.iter().map(|d| d.path.as_str()).collect();
     assert_eq!(
         docs,
-        ["cleaning.txt", "gloves.html", "hand-hygiene.pdf", "sharps.md", "sterile-field.docx"]
+        [
+            "cleaning.txt",
+            "gloves.html",
+            "hand-hygiene.pdf",
+            "sharps.md",
+            "sterile-field.docx"
+        ]
     );
     let skipped: Vec<(&str, &str)> = set
         .skipped
@@ -209,7 +247,11 @@ fn a_folder_becomes_a_set_with_provenance_and_the_unreadable_files_are_listed() 
         .any(|(p, r)| p.ends_with("scan.pdf") && r.starts_with("no text layer (scanned?)")));
     assert!(skipped.iter().any(|(p, _)| p.ends_with("truncated.pdf")));
     assert!(skipped.iter().any(|(p, _)| p.ends_with("not-a-zip.docx")));
-    let pdf = set.documents.iter().find(|d| d.format == DocFormat::Pdf).expect("pdf");
+    let pdf = set
+        .documents
+        .iter()
+        .find(|d| d.format == DocFormat::Pdf)
+        .expect("pdf");
     assert_eq!(pdf.pages, Some(2));
     assert_eq!(pdf.sha256.len(), 64);
 
@@ -266,7 +308,10 @@ fn a_folder_becomes_a_set_with_provenance_and_the_unreadable_files_are_listed() 
         )
         .expect_err("nothing readable");
     let msg = e.to_string();
-    assert!(msg.contains("truncated.pdf") && msg.contains("not-a-zip.docx"), "{msg}");
+    assert!(
+        msg.contains("truncated.pdf") && msg.contains("not-a-zip.docx"),
+        "{msg}"
+    );
     assert_eq!(engine.list_docsets().expect("list").len(), 1);
 }
 
@@ -277,12 +322,15 @@ fn teacher_server(answers: Vec<String>) -> String {
     let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
     std::thread::spawn(move || {
         for answer in answers {
-            let Ok((mut s, _)) = listener.accept() else { return };
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
             read_request(&mut s);
             let mut out = String::from(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
             );
-            let delta = json!({"choices":[{"index":0,"delta":{"content":answer},"finish_reason":null}]});
+            let delta =
+                json!({"choices":[{"index":0,"delta":{"content":answer},"finish_reason":null}]});
             let end = json!({"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]});
             out.push_str(&format!("data: {delta}\n\ndata: {end}\n\ndata: [DONE]\n\n"));
             let _ = s.write_all(out.as_bytes());
@@ -303,7 +351,10 @@ fn read_request(s: &mut TcpStream) {
     let head = String::from_utf8_lossy(&buf).to_lowercase();
     let len = head
         .lines()
-        .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0usize);
     let mut body = vec![0u8; len];
     let _ = s.read_exact(&mut body);
@@ -351,16 +402,29 @@ fn teacher_rows_are_held_for_review_and_the_accepted_become_a_dataset_with_prove
         .expect("add endpoint")
         .endpoint
         .id;
-    let actor = Actor::start(Arc::clone(&engine), ActorOptions::default(), Arc::new(|_| {}));
+    let actor = Actor::start(
+        Arc::clone(&engine),
+        ActorOptions::default(),
+        Arc::new(|_| {}),
+    );
     let target = ChatTarget::Endpoint {
         endpoint_id,
         model: "teacher-model".into(),
     };
     let p = plan(&engine, target, 10, 64);
     let mut progress = Vec::new();
-    let report = teach(&actor, set.id, &p, &CancelToken::new(), &mut |d, t| progress.push((d, t)))
-        .expect("teach");
-    assert_eq!(report, TeachReport { chunks: 3, rows: 3, failed: 1 });
+    let report = teach(&actor, set.id, &p, &CancelToken::new(), &mut |d, t| {
+        progress.push((d, t))
+    })
+    .expect("teach");
+    assert_eq!(
+        report,
+        TeachReport {
+            chunks: 3,
+            rows: 3,
+            failed: 1
+        }
+    );
     assert_eq!(progress, [(1, 3), (2, 3), (3, 3)]);
 
     let rows = engine.docset_rows(set.id).expect("rows");
@@ -374,15 +438,25 @@ fn teacher_rows_are_held_for_review_and_the_accepted_become_a_dataset_with_prove
             (DocRowStatus::Pending, Some("Sharps safety"), 2),
             (DocRowStatus::Pending, Some("Sharps safety > Disposal"), 2),
             (DocRowStatus::Pending, Some("Sharps safety > Disposal"), 2),
-            (DocRowStatus::Failed, Some("Sharps safety > After an injury"), 0),
+            (
+                DocRowStatus::Failed,
+                Some("Sharps safety > After an injury"),
+                0
+            ),
         ]
     );
     assert_eq!(rows[1].messages[0].content, "Where do used sharps go?");
-    assert_eq!(rows[1].messages[1].content, "Into a puncture-proof container.");
+    assert_eq!(
+        rows[1].messages[1].content,
+        "Into a puncture-proof container."
+    );
     let failed = &rows[3];
     assert_eq!(failed.raw_output, "I cannot help with that.");
     assert!(
-        failed.error.as_deref().is_some_and(|e| e.starts_with("no question-answer pair")),
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("no question-answer pair")),
         "{failed:?}"
     );
     assert!(rows.iter().all(|r| r.teacher.contains("teacher-model")
@@ -401,7 +475,9 @@ fn teacher_rows_are_held_for_review_and_the_accepted_become_a_dataset_with_prove
     assert!(e.to_string().contains("no accepted rows"), "{e}");
 
     // Review: accept one, edit one, reject one; a failed row cannot be accepted.
-    engine.review_doc_row(rows[0].id, &ReviewAction::Accept).expect("accept");
+    engine
+        .review_doc_row(rows[0].id, &ReviewAction::Accept)
+        .expect("accept");
     let edited = vec![
         ChatMessage {
             role: "user".into(),
@@ -413,29 +489,49 @@ fn teacher_rows_are_held_for_review_and_the_accepted_become_a_dataset_with_prove
         },
     ];
     let r = engine
-        .review_doc_row(rows[1].id, &ReviewAction::Edit { messages: edited.clone() })
+        .review_doc_row(
+            rows[1].id,
+            &ReviewAction::Edit {
+                messages: edited.clone(),
+            },
+        )
         .expect("edit");
     assert_eq!(r.status, DocRowStatus::Edited);
     assert!(r.reviewed_at.is_some());
-    engine.review_doc_row(rows[2].id, &ReviewAction::Reject).expect("reject");
+    engine
+        .review_doc_row(rows[2].id, &ReviewAction::Reject)
+        .expect("reject");
     let e = engine
         .review_doc_row(failed.id, &ReviewAction::Accept)
         .expect_err("failed rows are not reviewed");
     assert!(e.to_string().contains("regenerate"), "{e}");
     let e = engine
-        .review_doc_row(rows[0].id, &ReviewAction::Edit { messages: edited[..1].to_vec() })
+        .review_doc_row(
+            rows[0].id,
+            &ReviewAction::Edit {
+                messages: edited[..1].to_vec(),
+            },
+        )
         .expect_err("an edit keeps the shape");
-    assert!(e.to_string().contains("user turn then an assistant turn"), "{e}");
+    assert!(
+        e.to_string().contains("user turn then an assistant turn"),
+        "{e}"
+    );
 
     let ds = engine
         .docset_dataset(set.id, "sharps-qa", Split::AllTrain)
         .expect("dataset");
     assert_eq!(ds.train_rows, 2);
-    let stored = engine.dataset_rows(ds.id, SplitName::Train).expect("dataset rows");
+    let stored = engine
+        .dataset_rows(ds.id, SplitName::Train)
+        .expect("dataset rows");
     let ids: Vec<String> = stored.iter().filter_map(|r| r.source_id.clone()).collect();
     assert_eq!(
         ids,
-        [format!("doc-row-{}", rows[0].id), format!("doc-row-{}", rows[1].id)]
+        [
+            format!("doc-row-{}", rows[0].id),
+            format!("doc-row-{}", rows[1].id)
+        ]
     );
     assert_eq!(stored[1].sample, crate::datasets::Sample::Chat(edited));
     let prov = engine
@@ -443,7 +539,10 @@ fn teacher_rows_are_held_for_review_and_the_accepted_become_a_dataset_with_prove
         .expect("provenance")
         .expect("a doc row");
     assert_eq!(prov.provenance.document, "sharps.md");
-    assert_eq!(prov.provenance.section.as_deref(), Some("Sharps safety > Disposal"));
+    assert_eq!(
+        prov.provenance.section.as_deref(),
+        Some("Sharps safety > Disposal")
+    );
     assert_eq!(prov.template_version, 1);
 
     // Regenerate the failed chunk: the new answer is read; the failed row stays failed.
@@ -484,7 +583,9 @@ fn teacher_rows_are_held_for_review_and_the_accepted_become_a_dataset_with_prove
         .docset_pretrain_dataset(set.id, "sharps-text", Split::AllTrain)
         .expect("pretrain dataset");
     assert_eq!(pt.train_rows, 3);
-    let text_rows = engine.dataset_rows(pt.id, SplitName::Train).expect("text rows");
+    let text_rows = engine
+        .dataset_rows(pt.id, SplitName::Train)
+        .expect("text rows");
     assert_eq!(
         text_rows[0].sample,
         crate::datasets::Sample::Text("Never recap a used needle.".into())
@@ -505,7 +606,11 @@ fn the_default_model_teaches_a_few_chunks() {
     let folder = folder_with(&["hand-hygiene.pdf"]);
     let set = import(&engine, folder.path(), "hygiene", 300);
     assert!(set.chunks >= 2, "{set:?}");
-    let actor = Actor::start(Arc::clone(&engine), ActorOptions::default(), Arc::new(|_| {}));
+    let actor = Actor::start(
+        Arc::clone(&engine),
+        ActorOptions::default(),
+        Arc::new(|_| {}),
+    );
     let p = plan(&engine, ChatTarget::Base { model_id }, 2, 40);
     let report = teach(&actor, set.id, &p, &CancelToken::new(), &mut |_, _| {}).expect("teach");
     assert_eq!(report.chunks, 2);
