@@ -95,7 +95,8 @@ fn chunk_dto(c: &DocChunkRow) -> DocChunk {
     }
 }
 
-/// The files of `dir` (and its sub-folders) in path order, skipping hidden ones.
+/// The files of `dir` (and its sub-folders) in path order, skipping hidden ones; links are
+/// listed, never followed.
 fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), EngineError> {
     let entries = std::fs::read_dir(dir).map_err(|e| EngineError::Io {
         path: dir.to_path_buf(),
@@ -179,6 +180,15 @@ impl Engine {
                 .unwrap_or(&path)
                 .to_string_lossy()
                 .into_owned();
+            // A link could lead outside the folder the user chose: not followed.
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+                skipped.push(SkippedDoc {
+                    path: rel,
+                    reason: "a symbolic link (not followed: it may lead outside the folder)"
+                        .to_string(),
+                });
+                continue;
+            }
             let Some(format) = extract::format_of(&path) else {
                 skipped.push(SkippedDoc {
                     path: rel,

@@ -147,6 +147,16 @@ fn only_regular_files_are_read() {
         msg.contains("pipe.txt") && msg.contains("not a regular file"),
         "{msg}"
     );
+    // A link in a chosen folder is not followed (it could lead anywhere).
+    let folder = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(fixtures().join("sharps.md"), folder.path().join("sharps.md")).expect("copy");
+    std::os::unix::fs::symlink(fixtures().join("cleaning.txt"), folder.path().join("link.txt"))
+        .expect("symlink");
+    let (_d, engine) = engine();
+    let set = import(&engine, folder.path(), "links", 400);
+    assert_eq!(set.documents.len(), 1);
+    assert_eq!(set.skipped.len(), 1);
+    assert!(set.skipped[0].reason.starts_with("a symbolic link"), "{:?}", set.skipped);
     std::fs::create_dir(dir.path().join("folder.pdf")).expect("mkdir");
     let msg = extract::read_document(&dir.path().join("folder.pdf"))
         .expect_err("a folder")
