@@ -232,15 +232,9 @@ fn pubmedqa_import_and_token_stats() {
 
 #[test]
 fn documents_become_rows_for_review_then_datasets() {
-    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/docs");
-    let model = attune_models::default_model_path();
-    assert!(
-        model.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        model.display()
-    );
+    let docs = attune_test_support::test_data("docs");
     let env = Env::new();
-    env.ok(&["models", "add", s(&model)]);
+    env.add_default_model();
     // A teacher that does not exist is refused before anything is read.
     let err = env.fails(&[
         "data",

@@ -19,7 +19,7 @@ use super::*;
 use crate::actor::{Actor, ActorOptions};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/docs")
+    attune_test_support::test_data("docs")
 }
 
 fn read(name: &str) -> Result<extract::Extracted, EngineError> {
@@ -149,14 +149,25 @@ fn only_regular_files_are_read() {
     );
     // A link in a chosen folder is not followed (it could lead anywhere).
     let folder = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(fixtures().join("sharps.md"), folder.path().join("sharps.md")).expect("copy");
-    std::os::unix::fs::symlink(fixtures().join("cleaning.txt"), folder.path().join("link.txt"))
-        .expect("symlink");
+    std::fs::copy(
+        fixtures().join("sharps.md"),
+        folder.path().join("sharps.md"),
+    )
+    .expect("copy");
+    std::os::unix::fs::symlink(
+        fixtures().join("cleaning.txt"),
+        folder.path().join("link.txt"),
+    )
+    .expect("symlink");
     let (_d, engine) = engine();
     let set = import(&engine, folder.path(), "links", 400);
     assert_eq!(set.documents.len(), 1);
     assert_eq!(set.skipped.len(), 1);
-    assert!(set.skipped[0].reason.starts_with("a symbolic link"), "{:?}", set.skipped);
+    assert!(
+        set.skipped[0].reason.starts_with("a symbolic link"),
+        "{:?}",
+        set.skipped
+    );
     std::fs::create_dir(dir.path().join("folder.pdf")).expect("mkdir");
     let msg = extract::read_document(&dir.path().join("folder.pdf"))
         .expect_err("a folder")
@@ -605,12 +616,7 @@ fn teacher_rows_are_held_for_review_and_the_accepted_become_a_dataset_with_prove
 
 #[test]
 fn the_default_model_teaches_a_few_chunks() {
-    let model = attune_models::default_model_path();
-    assert!(
-        model.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        model.display()
-    );
+    let model = attune_test_support::default_model();
     let (_d, engine) = engine();
     let model_id = engine.add_local_model(&model).expect("add model").model.id;
     let folder = folder_with(&["hand-hygiene.pdf"]);
