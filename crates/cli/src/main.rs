@@ -18,6 +18,7 @@ use attune_protocol::{
 };
 use clap::{Args, Parser, Subcommand};
 
+mod docs;
 mod endpoints;
 mod export;
 mod templates;
@@ -234,6 +235,9 @@ enum DataCommand {
         /// Dataset id or name.
         dataset: String,
     },
+    // Documents to data: `from-docs`, `review`, `docsets`.
+    #[command(flatten)]
+    Docs(docs::DocsCommand),
 }
 
 fn parse_format(s: &str) -> Result<DatasetFormat, String> {
@@ -415,7 +419,7 @@ fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Command::Models(cmd) => models(&engine, cmd),
-        Command::Data(cmd) => data(&engine, cmd),
+        Command::Data(cmd) => data(&engine, &actor, cmd),
         Command::Train(args) => train::train(&actor(), *args),
         Command::Runs(cmd) => train::runs(&actor(), cmd),
         Command::Adapters(cmd) => train::adapters(&engine, cmd),
@@ -530,8 +534,9 @@ fn models(engine: &Engine, cmd: ModelsCommand) -> Result<()> {
     Ok(())
 }
 
-fn data(engine: &Engine, cmd: DataCommand) -> Result<()> {
+fn data(engine: &Engine, actor: &dyn Fn() -> Actor, cmd: DataCommand) -> Result<()> {
     match cmd {
+        DataCommand::Docs(cmd) => docs::run(actor, engine, cmd)?,
         DataCommand::Import {
             path,
             name,

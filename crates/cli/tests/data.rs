@@ -229,3 +229,112 @@ fn pubmedqa_import_and_token_stats() {
         "{text}"
     );
 }
+
+#[test]
+fn documents_become_rows_for_review_then_datasets() {
+    let docs = attune_test_support::test_data("docs");
+    let env = Env::new();
+    env.add_default_model();
+    // A teacher that does not exist is refused before anything is read.
+    let err = env.fails(&[
+        "data",
+        "from-docs",
+        s(&docs),
+        "--name",
+        "ic",
+        "--teacher",
+        "no-such-model",
+    ]);
+    assert!(err.contains("no model or adapter 'no-such-model'"), "{err}");
+    assert!(env.ok(&["data", "docsets"]).contains("no document sets"));
+
+    // The real default model teaches two chunks with a few tokens each.
+    let out = env.run(&[
+        "data",
+        "from-docs",
+        s(&docs),
+        "--name",
+        "ic",
+        "--teacher",
+        "1",
+        "--max-chunks",
+        "2",
+        "--max-tokens",
+        "24",
+        "--chunk-chars",
+        "300",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for doc in [
+        "hand-hygiene.pdf (pdf, 2 pages",
+        "sterile-field.docx (docx",
+        "gloves.html (html",
+        "sharps.md (markdown",
+        "cleaning.txt (text",
+    ] {
+        assert!(stdout.contains(&format!("read {doc}")), "{doc}: {stdout}");
+    }
+    assert!(
+        stderr.contains("skipped scanned/scan.pdf: no text layer (scanned?)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("skipped bad/truncated.pdf: malformed PDF"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("skipped bad/not-a-zip.docx: not a DOCX file"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("template 'docs-teacher-qa' v1"), "{stderr}");
+    assert!(stdout.contains("2 chunks taught"), "{stdout}");
+
+    let review: serde_json::Value =
+        serde_json::from_str(&env.ok(&["data", "review", "ic", "--json"])).expect("review json");
+    let rows = review["rows"].as_array().expect("rows");
+    assert!(!rows.is_empty());
+    for r in rows {
+        assert!(
+            r["teacher"].as_str().is_some_and(|t| t.contains("SmolLM2")),
+            "{r}"
+        );
+        assert_eq!(r["template"], "docs-teacher-qa");
+        assert!(r["passage"].as_str().is_some_and(|p| !p.is_empty()), "{r}");
+        let status = r["status"].as_str().expect("status");
+        assert!(status == "pending" || status == "failed", "{r}");
+        if status == "failed" {
+            assert!(r["error"].as_str().is_some_and(|e| !e.is_empty()), "{r}");
+        }
+    }
+    let pending: Vec<i64> = rows
+        .iter()
+        .filter(|r| r["status"] == "pending")
+        .filter_map(|r| r["id"].as_i64())
+        .collect();
+
+    // The plain-text dataset needs no review; the chat dataset needs accepted rows.
+    let out = env.run(&["data", "review", "ic", "--pretrain", "ic-text"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed = env.list();
+    let text = listed
+        .iter()
+        .find(|d| d["name"] == "ic-text")
+        .expect("ic-text listed");
+    assert_eq!(text["kind"], "text");
+    if pending.is_empty() {
+        let err = env.fails(&["data", "review", "ic", "--dataset", "ic-qa"]);
+        assert!(err.contains("no accepted rows"), "{err}");
+    } else {
+        env.ok(&["data", "review", "ic", "--accept-all", "--dataset", "ic-qa"]);
+        let listed = env.list();
+        let qa = listed
+            .iter()
+            .find(|d| d["name"] == "ic-qa")
+            .expect("ic-qa listed");
+        assert_eq!(qa["kind"], "chat");
+    }
+    let err = env.fails(&["data", "review", "ic", "--accept", "99999"]);
+    assert!(err.contains("no row 99999"), "{err}");
+}

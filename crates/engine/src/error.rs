@@ -58,6 +58,9 @@ pub enum EngineError {
         #[source]
         source: Box<attune_models::Error>,
     },
+    /// A document that cannot be read as text (documents to data).
+    #[error("cannot read the document {path}: {reason}")]
+    InvalidDocument { path: PathBuf, reason: String },
     #[error("generation failed: {0}")]
     Generation(#[source] Box<attune_models::Error>),
     #[error("cannot reach the Hugging Face Hub at {endpoint}: {reason}; check your network (or HF_ENDPOINT)")]
@@ -210,6 +213,7 @@ impl EngineError {
             EngineError::Write { .. } => ErrorCode::Io,
             EngineError::ExportUnsupported { .. } => ErrorCode::ExportUnsupported,
             EngineError::DestinationNotEmpty { .. } => ErrorCode::DestinationNotEmpty,
+            EngineError::InvalidDocument { .. } => ErrorCode::InvalidDocument,
         }
     }
 

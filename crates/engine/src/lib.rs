@@ -14,6 +14,7 @@ mod chat;
 mod clock;
 mod conversations;
 mod datasets;
+pub mod docs;
 mod endpoints;
 mod error;
 mod evaluate;

@@ -12,9 +12,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use crate::error::EngineError;
 
+mod docs;
 mod endpoints;
 mod exports;
 mod workbench;
+pub(crate) use docs::{DocChunkRow, DocDocumentRow, DocRowRow, DocsetRow, NewDocRow};
 pub(crate) use endpoints::{EndpointEvalRow, EndpointRow};
 pub(crate) use exports::ExportRow;
 pub(crate) use workbench::{
@@ -41,6 +43,7 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         "0006_exports",
         include_str!("../migrations/0006_exports.sql"),
     ),
+    ("0007_docs", include_str!("../migrations/0007_docs.sql")),
 ];
 
 /// How long a statement waits for another process's write lock before failing. Imports of
@@ -1217,6 +1220,10 @@ mod tests {
                 "conversations",
                 "dataset_rows",
                 "datasets",
+                "doc_chunks",
+                "doc_documents",
+                "doc_rows",
+                "docsets",
                 "endpoint_evaluations",
                 "endpoints",
                 "evaluations",

@@ -40,6 +40,8 @@ pub enum ErrorCode {
     BadRows,
     /// A dataset that cannot be used for this.
     InvalidDataset,
+    /// A document that cannot be read as text (documents to data).
+    InvalidDocument,
     /// A value the user gave is out of range or malformed.
     InvalidInput,
     /// Something else still uses it.
@@ -95,7 +97,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 42] = [
+    pub const ALL: [ErrorCode; 43] = [
         ErrorCode::Io,
         ErrorCode::Database,
         ErrorCode::SchemaTooNew,
@@ -112,6 +114,7 @@ impl ErrorCode {
         ErrorCode::AlreadyExists,
         ErrorCode::BadRows,
         ErrorCode::InvalidDataset,
+        ErrorCode::InvalidDocument,
         ErrorCode::InvalidInput,
         ErrorCode::InUse,
         ErrorCode::WontFit,
@@ -159,6 +162,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::BadRows => "bad_rows",
             ErrorCode::InvalidDataset => "invalid_dataset",
+            ErrorCode::InvalidDocument => "invalid_document",
             ErrorCode::InvalidInput => "invalid_input",
             ErrorCode::InUse => "in_use",
             ErrorCode::WontFit => "wont_fit",

@@ -7,10 +7,12 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod connect;
+mod docs;
 mod errors;
 mod export;
 mod studio;
 pub use connect::*;
+pub use docs::*;
 pub use errors::*;
 pub use export::*;
 pub use studio::*;
