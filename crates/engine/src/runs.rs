@@ -809,7 +809,7 @@ impl Engine {
         })
     }
 
-    fn run_row(&self, id_or_name: &str) -> Result<RunRow, EngineError> {
+    pub(crate) fn run_row(&self, id_or_name: &str) -> Result<RunRow, EngineError> {
         let key = id_or_name.trim();
         if let Ok(id) = key.parse::<i64>() {
             if let Some(r) = self.store.get_run(id)? {

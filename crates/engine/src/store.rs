@@ -12,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use crate::error::EngineError;
 
+pub(crate) mod bundles;
 mod endpoints;
 mod exports;
 mod workbench;
@@ -40,6 +41,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0006_exports",
         include_str!("../migrations/0006_exports.sql"),
+    ),
+    (
+        "0007_bundles",
+        include_str!("../migrations/0007_bundles.sql"),
     ),
 ];
 
@@ -1222,6 +1227,7 @@ mod tests {
                 "evaluations",
                 "exports",
                 "models",
+                "run_bundles",
                 "run_metrics",
                 "runs",
                 "settings",

@@ -6,10 +6,12 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod bundle;
 mod connect;
 mod errors;
 mod export;
 mod studio;
+pub use bundle::*;
 pub use connect::*;
 pub use errors::*;
 pub use export::*;
