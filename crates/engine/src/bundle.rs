@@ -27,8 +27,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use attune_protocol::{
-    BundleEngine, BundleReply, ChatMessage, ImportResultReply, LossOn, LrSchedule, MethodSpec,
-    ModelSource, ModelSummary, RunSpec, SplitName,
+    BundleEngine, BundleReply, ChatMessage, GpuNeed, GpuOffer, ImportResultReply, LossOn,
+    LrSchedule, MethodSpec, ModelSource, ModelSummary, RunSpec, SplitName,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -990,6 +990,117 @@ fn write_bundle(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), EngineErr
         let _ = std::fs::remove_dir_all(&tmp);
     }
     res
+}
+
+// ---------------------------------------------------------------------------------------
+// GPU memory
+// ---------------------------------------------------------------------------------------
+
+/// The CUDA context, cuBLAS workspaces and the caching allocator's slack, per GPU.
+const GPU_RUNTIME: u64 = 1 << 30;
+
+/// Estimated peak GPU memory per GPU, in bytes, of the bundle's TRL recipe for `method` on a
+/// model shaped like `cfg` at `batch_size` rows of `max_len` tokens per GPU, spread over `gpus`
+/// GPUs (more than one: DeepSpeed ZeRO-3, which shards weights, gradients and optimizer state
+/// evenly). A formula, not a measurement (no GPU was at hand when it was written):
+/// - the f32 weights (train_trl.py loads f32; 4 bytes per parameter) and their bf16 copies
+///   that autocast keeps for the step (2 bytes);
+/// - per trained parameter its f32 gradient and AdamW's two moments (12 bytes), and 4 more
+///   where it is not a weight (LoRA matrices, the soft prompt);
+/// - per token, in bf16, what each decoder layer keeps for the backward pass with PyTorch's
+///   SDPA (no attention matrix): the norms' outputs and residuals (4h), q, k, v and the
+///   attention output (2q + 2kv), the MLP's gate, up and product (3i) and its input (h);
+/// - the logits in bf16 and in f32 with their f32 gradient (10 bytes per vocabulary entry);
+/// - [`GPU_RUNTIME`]; all times 1.15.
+pub fn gpu_memory_estimate(
+    cfg: &attune_models::config::Config,
+    method: &MethodSpec,
+    batch_size: usize,
+    max_len: usize,
+    gpus: u64,
+) -> u64 {
+    let m = |a: u64, b: u64| a.saturating_mul(b);
+    let p = cfg.num_parameters() as u64;
+    let t = crate::runs::trainable_params(cfg, method);
+    let shard = gpus.max(1);
+    let h = cfg.hidden_size as u64;
+    let i = cfg.intermediate_size as u64;
+    let q = cfg.num_attention_heads as u64 * cfg.head_dim() as u64;
+    let kv = cfg.num_key_value_heads as u64 * cfg.head_dim() as u64;
+    let prefix = match method {
+        MethodSpec::Prompt { virtual_tokens, .. } => *virtual_tokens as u64,
+        _ => 0,
+    };
+    let tokens = m(batch_size as u64, (max_len as u64).saturating_add(prefix));
+    let weights = m(6, p) / shard;
+    let optimizer = match method {
+        MethodSpec::Full => m(12, t),
+        _ => m(16, t),
+    } / shard;
+    let per_layer = 2 * (5 * h + 2 * q + 2 * kv + 3 * i);
+    let activations = m(
+        tokens,
+        m(per_layer, cfg.num_hidden_layers as u64).saturating_add(m(10, cfg.vocab_size as u64)),
+    );
+    let sum = weights
+        .saturating_add(optimizer)
+        .saturating_add(activations)
+        .saturating_add(GPU_RUNTIME);
+    (sum as f64 * 1.15).ceil() as u64
+}
+
+/// What `spec`'s run would need on one GPU and sharded over eight, for each training method
+/// (LoRA keeps `spec`'s settings when it is LoRA, else Attune's default LoRA; prompt tuning
+/// likewise with 20 virtual tokens).
+pub(crate) fn gpu_needs(cfg: &attune_models::config::Config, spec: &RunSpec) -> Vec<GpuNeed> {
+    let lora = match &spec.method {
+        m @ MethodSpec::Lora { .. } => m.clone(),
+        _ => MethodSpec::lora_default(),
+    };
+    let prompt = match &spec.method {
+        m @ MethodSpec::Prompt { .. } => m.clone(),
+        _ => MethodSpec::Prompt {
+            virtual_tokens: 20,
+            init_text: None,
+        },
+    };
+    let mut out = Vec::new();
+    for method in [MethodSpec::Full, lora, prompt] {
+        for gpus in [1u64, 8] {
+            out.push(GpuNeed {
+                method: method.name().to_string(),
+                gpus,
+                memory_mb: gpu_memory_estimate(cfg, &method, spec.batch_size, spec.max_len, gpus)
+                    .div_ceil(1 << 20),
+            });
+        }
+    }
+    out
+}
+
+/// The offer the advisor makes when a run will not fit here or exceeds the budget.
+pub(crate) fn gpu_offer(
+    reason: String,
+    cfg: &attune_models::config::Config,
+    spec: &RunSpec,
+) -> GpuOffer {
+    let needs = gpu_needs(cfg, spec);
+    let this = needs
+        .iter()
+        .find(|n| n.method == spec.method.name() && n.gpus == 1)
+        .map(|n| n.memory_mb)
+        .unwrap_or(0);
+    GpuOffer {
+        reason,
+        how: format!(
+            "Hand it to a GPU machine as a bundle (TRL + accelerate, or Axolotl; about {} GiB \
+             on one GPU for this run): \"Export to a GPU machine\" on the run, or `attune train \
+             ... --create-only` then `attune runs export ID --engine trl --out DIR`; bring the \
+             result back with `attune runs import-result ID DIR/output`.",
+            this.div_ceil(1024).max(1)
+        ),
+        needs,
+    }
 }
 
 // ---------------------------------------------------------------------------------------

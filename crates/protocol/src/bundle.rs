@@ -69,3 +69,28 @@ pub struct ImportResultReply {
     /// Optimizer steps the engine ran.
     pub steps: u64,
 }
+
+/// GPU memory a run would need per GPU on a GPU machine (the bundle's TRL recipe: f32
+/// weights, bf16 autocast, AdamW), for one method at one scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuNeed {
+    /// "full", "lora" or "prompt".
+    pub method: String,
+    /// GPUs the run is spread over (1: one GPU; more: DeepSpeed ZeRO-3, which shards the
+    /// weights, gradients and optimizer state).
+    pub gpus: u64,
+    /// Per GPU, in MiB.
+    pub memory_mb: u64,
+}
+
+/// The advisor's offer to train a run on a GPU machine through a bundle, when it will not fit
+/// here or would take longer than the budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuOffer {
+    /// Why, in one sentence.
+    pub reason: String,
+    /// What the run would need, per method, on one GPU and sharded over eight.
+    pub needs: Vec<GpuNeed>,
+    /// How to hand it over (the CLI commands; the app's "Export to a GPU machine").
+    pub how: String,
+}

@@ -129,6 +129,14 @@ def main():
     # f32 weights always (a GGUF is dequantized); bf16 runs as autocast over them.
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **load_kwargs)
     model.config.use_cache = False
+    if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in load_kwargs:
+        # transformers dequantizes a GGUF to dense f32 weights on load but keeps its GGUF
+        # "quantizer" as a label, which the Trainer refuses to train; the weights are plain
+        # tensors, the same ones Attune trains on, so drop the label.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if args.save_base:
         model.save_pretrained(args.save_base)
         tok.save_pretrained(args.save_base)
