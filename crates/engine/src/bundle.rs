@@ -1395,6 +1395,14 @@ impl Engine {
                 reason: "it is training here; a result from elsewhere cannot replace it".into(),
             });
         }
+        let bundles = self.store.run_bundles(r.id)?;
+        if bundles.is_empty() {
+            return Err(EngineError::InvalidInput(format!(
+                "run '{}' was never exported: `attune runs export {} --engine trl --out DIR` \
+                 writes the bundle whose result comes back here",
+                r.name, r.id
+            )));
+        }
         if let Some(a) = self
             .store
             .list_adapters()?
@@ -1406,14 +1414,6 @@ impl Engine {
                 status: r.status,
                 reason: format!("it already has an adapter ('{}')", a.name),
             });
-        }
-        let bundles = self.store.run_bundles(r.id)?;
-        if bundles.is_empty() {
-            return Err(EngineError::InvalidInput(format!(
-                "run '{}' was never exported: `attune runs export {} --engine trl --out DIR` \
-                 writes the bundle whose result comes back here",
-                r.name, r.id
-            )));
         }
         let layout = result_layout(dir)?;
         let sha = layout
