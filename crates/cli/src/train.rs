@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use attune_engine::{Actor, CancelToken, Engine, Request};
 use attune_protocol::{
-    AdapterSummary, BundleEngine, EvalOptions, EvalReport, EvalSubject, LossOn, LrSchedule, MethodSpec,
-    RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
+    AdapterSummary, BundleEngine, EvalOptions, EvalReport, EvalSubject, LossOn, LrSchedule,
+    MethodSpec, RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
 };
 use clap::{Args, Subcommand};
 
@@ -515,7 +515,10 @@ pub fn runs(actor: &Actor, cmd: RunsCommand) -> Result<()> {
                     b.sha256
                 );
                 println!("model: {}", b.model_source);
-                println!("train it: {}/run.sh (see README.md for several GPUs and nodes)", b.dir);
+                println!(
+                    "train it: {}/run.sh (see README.md for several GPUs and nodes)",
+                    b.dir
+                );
                 if !b.unmapped.is_empty() {
                     println!("not one to one (also in README.md):");
                     for u in &b.unmapped {

@@ -298,7 +298,14 @@ fn train_refusals_are_one_line_errors() {
 fn bundle_export_then_result_import_with_provenance() {
     let env = Env::new();
     env.setup();
-    env.ok(&args(&["--steps", "1", "--name", "own", "--checkpoint-every", "0"]));
+    env.ok(&args(&[
+        "--steps",
+        "1",
+        "--name",
+        "own",
+        "--checkpoint-every",
+        "0",
+    ]));
     let out = env.ok(&args(&["--steps", "2", "--name", "far", "--create-only"]));
     assert!(out.contains("not trained here"), "{out}");
     let far = env.json(&["runs", "show", "far", "--json"]);
@@ -307,11 +314,19 @@ fn bundle_export_then_result_import_with_provenance() {
 
     let bundle = env.dir.path().join("bundle");
     let b = bundle.to_str().expect("utf-8");
-    let reply = env.json(&["runs", "export", "far", "--engine", "trl", "--out", b, "--json"]);
+    let reply = env.json(&[
+        "runs", "export", "far", "--engine", "trl", "--out", b, "--json",
+    ]);
     let sha = reply["sha256"].as_str().expect("sha").to_string();
     assert_eq!(sha.len(), 64);
     assert_eq!(reply["train_rows"], 6);
-    for f in ["run.sh", "train_trl.py", "axolotl.yaml", "README.md", "data/train.jsonl"] {
+    for f in [
+        "run.sh",
+        "train_trl.py",
+        "axolotl.yaml",
+        "README.md",
+        "data/train.jsonl",
+    ] {
         assert!(bundle.join(f).is_file(), "{f} missing");
     }
     let manifest: serde_json::Value =
@@ -370,7 +385,13 @@ fn bundle_export_then_result_import_with_provenance() {
     assert_eq!(reply["kind"], "lora");
     assert_eq!(reply["engine_version"], "trl 1.16.0");
     assert_eq!(reply["bundle_sha256"], sha.as_str());
-    assert_eq!((reply["train_points"].as_u64(), reply["eval_points"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(
+        (
+            reply["train_points"].as_u64(),
+            reply["eval_points"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
 
     // The run is completed with the engine's log as its charts and the adapter linked.
     let far = env.json(&["runs", "show", "far", "--json"]);
@@ -412,8 +433,18 @@ fn bundle_export_then_result_import_with_provenance() {
     assert!(ev["mean_nll"].as_f64().expect("nll").is_finite());
     // Axolotl has no prompt tuning.
     env.ok(&[
-        "train", "--model", "1", "--data", "tiny", "--method", "prompt", "--steps", "1",
-        "--name", "soft", "--create-only",
+        "train",
+        "--model",
+        "1",
+        "--data",
+        "tiny",
+        "--method",
+        "prompt",
+        "--steps",
+        "1",
+        "--name",
+        "soft",
+        "--create-only",
     ]);
     let err = env.fails(&[
         "runs",

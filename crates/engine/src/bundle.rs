@@ -354,11 +354,7 @@ fn axolotl_yaml(b: &BundleInput<'_>, m: &ModelRef) -> String {
     }
     let _ = writeln!(s, "dataset_prepared_path: last_run_prepared");
     let _ = writeln!(s, "output_dir: ./output");
-    let _ = writeln!(
-        s,
-        "train_on_inputs: {}",
-        y(spec.loss_on == LossOn::All)
-    );
+    let _ = writeln!(s, "train_on_inputs: {}", y(spec.loss_on == LossOn::All));
     let _ = writeln!(s, "sequence_len: {}", spec.max_len);
     let _ = writeln!(s, "sample_packing: {}", y(spec.pack));
     if let MethodSpec::Lora {
@@ -380,7 +376,10 @@ fn axolotl_yaml(b: &BundleInput<'_>, m: &ModelRef) -> String {
     let _ = writeln!(s, "gradient_accumulation_steps: {}", spec.grad_accum);
     let _ = writeln!(s, "max_steps: {}", b.total_steps);
     let _ = writeln!(s, "optimizer: adamw_torch");
-    let _ = writeln!(s, "adam_beta1: 0.9\nadam_beta2: 0.999\nadam_epsilon: 1.0e-8");
+    let _ = writeln!(
+        s,
+        "adam_beta1: 0.9\nadam_beta2: 0.999\nadam_epsilon: 1.0e-8"
+    );
     let _ = writeln!(s, "learning_rate: {}", y(peak_lr(spec)));
     match spec.schedule {
         LrSchedule::Cosine => {
@@ -647,12 +646,7 @@ fn readme(b: &BundleInput<'_>, m: &ModelRef, unmapped: &[String], has_axolotl: b
         "gradient_accumulation_steps",
         "gradient_accumulation_steps",
     );
-    row(
-        "steps",
-        b.total_steps.to_string(),
-        "max_steps",
-        "max_steps",
-    );
+    row("steps", b.total_steps.to_string(), "max_steps", "max_steps");
     row(
         "lr",
         format!("{}", peak_lr(spec)),
@@ -661,7 +655,11 @@ fn readme(b: &BundleInput<'_>, m: &ModelRef, unmapped: &[String], has_axolotl: b
     );
     row(
         "schedule, final_lr_fraction",
-        format!("{}, {}", schedule_name(spec.schedule), spec.final_lr_fraction),
+        format!(
+            "{}, {}",
+            schedule_name(spec.schedule),
+            spec.final_lr_fraction
+        ),
         "Attune's own LambdaLR (nearest: cosine_with_min_lr, min_lr_rate)",
         "lr_scheduler, cosine_min_lr_ratio",
     );
@@ -712,14 +710,24 @@ fn readme(b: &BundleInput<'_>, m: &ModelRef, unmapped: &[String], has_axolotl: b
         } => {
             row("lora r", r.to_string(), "LoraConfig.r", "lora_r");
             row("lora alpha", alpha.to_string(), "lora_alpha", "lora_alpha");
-            row("lora dropout", dropout.to_string(), "lora_dropout", "lora_dropout");
+            row(
+                "lora dropout",
+                dropout.to_string(),
+                "lora_dropout",
+                "lora_dropout",
+            );
             row(
                 "lora targets",
                 targets.join(", "),
                 "target_modules",
                 "lora_target_modules",
             );
-            row("rslora", rslora.to_string(), "use_rslora", "peft_use_rslora");
+            row(
+                "rslora",
+                rslora.to_string(),
+                "use_rslora",
+                "peft_use_rslora",
+            );
         }
         MethodSpec::Prompt {
             virtual_tokens,
@@ -790,10 +798,7 @@ pub(crate) fn bundle_files(b: &BundleInput<'_>) -> BundleFiles {
     let unmapped = unmapped(b, &m);
     let has_axolotl = !matches!(b.spec.method, MethodSpec::Prompt { .. });
     let (gguf_file, local_path) = if m.gguf {
-        (
-            m.hub.as_ref().map(|(_, _, f)| f.clone()),
-            m.local.clone(),
-        )
+        (m.hub.as_ref().map(|(_, _, f)| f.clone()), m.local.clone())
     } else {
         (None, m.local.clone())
     };
@@ -860,12 +865,18 @@ pub(crate) fn bundle_files(b: &BundleInput<'_>) -> BundleFiles {
         .replace("@LAUNCH@", &launch);
 
     let mut files: Vec<(String, Vec<u8>)> = vec![
-        ("README.md".into(), readme(b, &m, &unmapped, has_axolotl).into_bytes()),
+        (
+            "README.md".into(),
+            readme(b, &m, &unmapped, has_axolotl).into_bytes(),
+        ),
         (
             "attune_run.json".into(),
             serde_json::to_vec_pretty(&run_json).unwrap_or_default(),
         ),
-        ("chat_template.jinja".into(), b.chat_template.as_bytes().to_vec()),
+        (
+            "chat_template.jinja".into(),
+            b.chat_template.as_bytes().to_vec(),
+        ),
         ("data/train.jsonl".into(), jsonl(b.train)),
         ("data/valid.jsonl".into(), jsonl(b.valid)),
         ("train_trl.py".into(), TRAIN_TRL_PY.as_bytes().to_vec()),
@@ -935,20 +946,17 @@ fn write_bundle(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), EngineErr
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| {
-            EngineError::InvalidInput(format!(
-                "{}: name a folder for the bundle",
-                dir.display()
-            ))
-        })?;
+    let name = dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        EngineError::InvalidInput(format!("{}: name a folder for the bundle", dir.display()))
+    })?;
     std::fs::create_dir_all(&parent).map_err(|source| EngineError::Write {
         path: parent.clone(),
         source,
     })?;
-    let tmp = parent.join(format!(".{name}.attune-bundle-{}.partial", std::process::id()));
+    let tmp = parent.join(format!(
+        ".{name}.attune-bundle-{}.partial",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     let write = |path: &Path, bytes: &[u8]| -> Result<(), EngineError> {
         let w = |source| EngineError::Write {
@@ -1124,9 +1132,8 @@ fn read_json(path: &Path) -> Result<Value, EngineError> {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| {
-        EngineError::InvalidInput(format!("{}: not valid JSON ({e})", path.display()))
-    })
+    serde_json::from_str(&text)
+        .map_err(|e| EngineError::InvalidInput(format!("{}: not valid JSON ({e})", path.display())))
 }
 
 /// The newest `checkpoint-N` folder under `dir` holding `file`.
@@ -1169,16 +1176,15 @@ fn result_layout(dir: &Path) -> Result<ResultLayout, EngineError> {
         .map(|d| dir.join(d));
     let candidates: Vec<PathBuf> = named
         .into_iter()
-        .chain([
-            dir.join("adapter"),
-            dir.join("model"),
-            dir.to_path_buf(),
-        ])
+        .chain([dir.join("adapter"), dir.join("model"), dir.to_path_buf()])
         .collect();
     let weights = candidates
         .into_iter()
         .find(|d| d.join("adapter_config.json").is_file() || d.join("config.json").is_file())
-        .or_else(|| newest_checkpoint_with(dir, "adapter_config.json").and_then(|p| p.parent().map(Path::to_path_buf)))
+        .or_else(|| {
+            newest_checkpoint_with(dir, "adapter_config.json")
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+        })
         .ok_or_else(|| {
             EngineError::InvalidInput(format!(
                 "{}: no adapter (adapter_config.json) or model (config.json) here, nor in \
@@ -1430,18 +1436,22 @@ impl Engine {
                     dir.display()
                 ))
             })?;
-        let bundle = bundles.iter().rev().find(|b| b.sha256 == sha).ok_or_else(|| {
-            EngineError::InvalidInput(format!(
-                "{}: trained from bundle {sha}, which is not one of run '{}''s exports ({})",
-                dir.display(),
-                r.name,
-                bundles
-                    .iter()
-                    .map(|b| format!("{} at {}", &b.sha256[..12], b.path))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
+        let bundle = bundles
+            .iter()
+            .rev()
+            .find(|b| b.sha256 == sha)
+            .ok_or_else(|| {
+                EngineError::InvalidInput(format!(
+                    "{}: trained from bundle {sha}, which is not one of run '{}''s exports ({})",
+                    dir.display(),
+                    r.name,
+                    bundles
+                        .iter()
+                        .map(|b| format!("{} at {}", &b.sha256[..12], b.path))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
         let engine_version = layout
             .result
             .as_ref()
@@ -1479,7 +1489,13 @@ impl Engine {
             .as_ref()
             .and_then(|p| read_json(p).ok())
             .and_then(|s| s.get("global_step").and_then(Value::as_i64))
-            .or_else(|| metrics.iter().filter(|m| m.kind == "train").map(|m| m.step).max())
+            .or_else(|| {
+                metrics
+                    .iter()
+                    .filter(|m| m.kind == "train")
+                    .map(|m| m.step)
+                    .max()
+            })
             .unwrap_or(0);
         let name = r.name.clone();
         if self.store.find_adapter_by_name(&name)?.is_some() {

@@ -371,7 +371,10 @@ fn a_run_too_big_for_this_machine_is_offered_a_gpu_bundle() {
             .memory_mb
     };
     for m in ["full", "lora", "prompt"] {
-        assert!(need(m, 8) < need(m, 1), "{m}: ZeRO-3 over 8 GPUs needs less per GPU");
+        assert!(
+            need(m, 8) < need(m, 1),
+            "{m}: ZeRO-3 over 8 GPUs needs less per GPU"
+        );
     }
     assert!(need("full", 1) > need("lora", 1));
     // The default model at a desktop's shape: full fine-tuning of 4 x 1024 is a few GiB.

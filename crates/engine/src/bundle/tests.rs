@@ -222,7 +222,10 @@ fn bad_trainer_state_is_refused_with_the_entry() {
     assert!(e.to_string().contains("ts.json: no log_history"), "{e}");
     let no_step = json!({"log_history": [{"loss": 1.0}]});
     let e = metrics_from_trainer_state(&no_step, Path::new("ts.json"), "now").unwrap_err();
-    assert!(e.to_string().contains("entry 0 has a loss but no step"), "{e}");
+    assert!(
+        e.to_string().contains("entry 0 has a loss but no step"),
+        "{e}"
+    );
 }
 
 #[test]
