@@ -218,10 +218,11 @@ fn trainer_state_becomes_metrics() {
 #[test]
 fn bad_trainer_state_is_refused_with_the_entry() {
     let no_history = json!({"global_step": 1});
-    let e = metrics_from_trainer_state(&no_history, Path::new("ts.json"), "now").unwrap_err();
+    let e =
+        metrics_from_trainer_state(&no_history, Path::new("ts.json"), "now").expect_err("refused");
     assert!(e.to_string().contains("ts.json: no log_history"), "{e}");
     let no_step = json!({"log_history": [{"loss": 1.0}]});
-    let e = metrics_from_trainer_state(&no_step, Path::new("ts.json"), "now").unwrap_err();
+    let e = metrics_from_trainer_state(&no_step, Path::new("ts.json"), "now").expect_err("refused");
     assert!(
         e.to_string().contains("entry 0 has a loss but no step"),
         "{e}"
@@ -234,8 +235,8 @@ fn destination_must_be_new_or_empty() {
     assert!(check_empty_destination(&dir.path().join("new")).is_ok());
     assert!(check_empty_destination(dir.path()).is_ok());
     std::fs::write(dir.path().join("x"), "1").expect("write");
-    let e = check_empty_destination(dir.path()).unwrap_err();
+    let e = check_empty_destination(dir.path()).expect_err("refused");
     assert!(e.to_string().contains("is not empty"), "{e}");
-    let e = check_empty_destination(&dir.path().join("x")).unwrap_err();
+    let e = check_empty_destination(&dir.path().join("x")).expect_err("refused");
     assert!(e.to_string().contains("is not a folder"), "{e}");
 }
