@@ -312,7 +312,7 @@ fn bundle_export_then_result_import_with_provenance() {
     assert_eq!(far["run"]["status"], "paused");
     assert_eq!(far["run"]["step"], 0);
 
-    let bundle = env.dir.path().join("bundle");
+    let bundle = env.path("bundle");
     let b = bundle.to_str().expect("utf-8");
     let reply = env.json(&[
         "runs", "export", "far", "--engine", "trl", "--out", b, "--json",
@@ -453,7 +453,7 @@ fn bundle_export_then_result_import_with_provenance() {
         "--engine",
         "axolotl",
         "--out",
-        env.dir.path().join("b2").to_str().expect("utf-8"),
+        env.path("b2").to_str().expect("utf-8"),
     ]);
     assert!(err.contains("Axolotl does not have"), "{err}");
 }
