@@ -20,3 +20,7 @@ echo "test: the end-to-end test drives the installed $app"
 ATTUNE_E2E_APP="$app" cargo test --release --workspace "$@"
 # The official OpenAI Python client against `attune serve`.
 scripts/test-openai.sh
+# A run bundle's CPU round trip: export for TRL, run.sh under accelerate on one CPU process,
+# first-step loss against Attune's, import, evaluate; the Axolotl YAML through Axolotl's own
+# config loader (a few minutes; its Python environment comes from scripts/setup-trl.sh).
+scripts/check-bundle.sh target/release/attune

@@ -106,6 +106,7 @@ pub fn run() -> tauri::Result<()> {
             commands::runs::resume_run,
             commands::runs::cancel_run,
             commands::runs::remove_run,
+            commands::runs::export_run_bundle,
             commands::endpoints::list_endpoints,
             commands::endpoints::add_endpoint,
             commands::endpoints::refresh_endpoint_models,

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use attune_engine::{Actor, CancelToken, Engine, Request};
 use attune_protocol::{
-    AdapterSummary, EvalOptions, EvalReport, EvalSubject, LossOn, LrSchedule, MethodSpec,
-    RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
+    AdapterSummary, BundleEngine, EvalOptions, EvalReport, EvalSubject, LossOn, LrSchedule,
+    MethodSpec, RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
 };
 use clap::{Args, Subcommand};
 
@@ -93,6 +93,11 @@ pub struct TrainArgs {
     /// Rows of the general-domain sample scored before and after (0 = off).
     #[arg(long, default_value_t = 30)]
     forgetting_rows: usize,
+    /// Record the run without training it here (status paused), to export it with
+    /// `attune runs export` for a GPU machine or resume it later. A run that would not fit in
+    /// this machine's memory is recorded too.
+    #[arg(long)]
+    create_only: bool,
 }
 
 fn parse_schedule(s: &str) -> Result<LrSchedule, String> {
@@ -183,6 +188,36 @@ pub enum RunsCommand {
     /// Remove a run that is not executing (its adapter stays).
     #[command(alias = "remove")]
     Rm { run: String },
+    /// Write the run as a bundle for a GPU machine: the data as chat-messages JSONL, a TRL
+    /// SFTTrainer script (accelerate launch), an Axolotl YAML, DeepSpeed and FSDP configs,
+    /// run.sh and a README with the commands.
+    Export {
+        /// Run id or name.
+        run: String,
+        /// trl or axolotl: what run.sh launches (the bundle holds both where both apply).
+        #[arg(long, value_parser = parse_bundle_engine, default_value = "trl")]
+        engine: BundleEngine,
+        /// A new or empty folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import what a bundle's engine produced (its output/ folder: a PEFT adapter or a full
+    /// checkpoint, and trainer_state.json) as the run's adapter, with the run's charts and the
+    /// bundle's provenance.
+    ImportResult {
+        /// Run id or name.
+        run: String,
+        /// The bundle's output/ folder (or the adapter folder an engine wrote).
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_bundle_engine(s: &str) -> Result<BundleEngine, String> {
+    BundleEngine::parse(s).ok_or_else(|| format!("unknown engine '{s}' (choose trl or axolotl)"))
 }
 
 #[derive(Subcommand)]
@@ -259,16 +294,22 @@ pub struct EvalArgs {
 }
 
 fn metric_line(m: &RunMetric, total: u64) -> String {
-    format!(
-        "step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s  {:.0} MiB",
+    let mut line = format!(
+        "step {}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}",
         m.step,
         total,
         m.loss,
         m.lr.unwrap_or(0.0),
         m.grad_norm.unwrap_or(0.0),
-        m.tokens_per_s.unwrap_or(0.0),
-        m.memory_mb.unwrap_or(0.0)
-    )
+    );
+    // A run trained elsewhere (an imported bundle result) has no speed or memory figures.
+    if let Some(t) = m.tokens_per_s {
+        line.push_str(&format!("  {t:.0} tok/s"));
+    }
+    if let Some(mb) = m.memory_mb {
+        line.push_str(&format!("  {mb:.0} MiB"));
+    }
+    line
 }
 
 /// What [`drive`] follows.
@@ -389,6 +430,16 @@ fn print_adapter_metrics(a: &AdapterSummary) {
 }
 
 pub fn train(actor: &Actor, args: TrainArgs) -> Result<()> {
+    if args.create_only {
+        let r = actor.engine().create_run_for_export(&args.spec())?;
+        println!(
+            "recorded run {} '{}' ({} steps, estimated peak {} MiB), not trained here: \
+             `attune runs export {} --engine trl --out DIR` writes it for a GPU machine, \
+             `attune runs resume {}` trains it here",
+            r.id, r.name, r.total_steps, r.memory_estimate_mb, r.id, r.id
+        );
+        return Ok(());
+    }
     drive(actor, Drive::New(Box::new(args.spec())))
 }
 
@@ -440,6 +491,61 @@ pub fn runs(actor: &Actor, cmd: RunsCommand) -> Result<()> {
             let r = engine.find_run(&run)?;
             engine.remove_run(&r.id.to_string())?;
             println!("removed run {} '{}'", r.id, r.name);
+        }
+        RunsCommand::Export {
+            run,
+            engine: which,
+            out,
+            json,
+        } => {
+            let b = engine.export_bundle(&run, which, &out)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                println!(
+                    "wrote run {} '{}' for {} to {} ({} files, {} training rows, {} validation \
+                     rows; bundle sha256 {})",
+                    b.run_id,
+                    b.run,
+                    b.engine.as_str(),
+                    b.dir,
+                    b.files.len(),
+                    b.train_rows,
+                    b.valid_rows,
+                    b.sha256
+                );
+                println!("model: {}", b.model_source);
+                println!(
+                    "train it: {}/run.sh (see README.md for several GPUs and nodes)",
+                    b.dir
+                );
+                if !b.unmapped.is_empty() {
+                    println!("not one to one (also in README.md):");
+                    for u in &b.unmapped {
+                        println!("  - {u}");
+                    }
+                }
+            }
+        }
+        RunsCommand::ImportResult { run, dir, json } => {
+            let r = engine.import_bundle_result(&run, &dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "imported {} adapter '{}' for run {} '{}' ({}, {} steps, {} training and {} \
+                     evaluation points; bundle sha256 {})",
+                    r.kind,
+                    r.adapter,
+                    r.run_id,
+                    r.run,
+                    r.engine_version,
+                    r.steps,
+                    r.train_points,
+                    r.eval_points,
+                    r.bundle_sha256
+                );
+            }
         }
     }
     Ok(())

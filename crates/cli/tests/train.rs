@@ -265,6 +265,11 @@ fn train_refusals_are_one_line_errors() {
         "4096",
     ]);
     assert!(err.contains("will not fit") && err.contains("MiB"), "{err}");
+    // The refusal offers the GPU machine, with the GPU memory it would take.
+    assert!(
+        err.contains("GiB of GPU memory") && err.contains("--create-only"),
+        "{err}"
+    );
     let err = env.fails(&[
         "train",
         "--model",
@@ -283,4 +288,172 @@ fn train_refusals_are_one_line_errors() {
     assert!(err.contains("no run '7'"), "{err}");
     let err = env.fails(&["adapters", "rm", "nope"]);
     assert!(err.contains("no adapter 'nope'"), "{err}");
+}
+
+/// A run exported as a bundle and its result imported back, without Python: the "engine
+/// output" is a PEFT adapter Attune trained (exported with `adapters export`), a
+/// trainer_state.json and the attune_result.json train_trl.py writes. (scripts/check-bundle.sh
+/// runs the real TRL round trip.)
+#[test]
+fn bundle_export_then_result_import_with_provenance() {
+    let env = Env::new();
+    env.setup();
+    env.ok(&args(&[
+        "--steps",
+        "1",
+        "--name",
+        "own",
+        "--checkpoint-every",
+        "0",
+    ]));
+    let out = env.ok(&args(&["--steps", "2", "--name", "far", "--create-only"]));
+    assert!(out.contains("not trained here"), "{out}");
+    let far = env.json(&["runs", "show", "far", "--json"]);
+    assert_eq!(far["run"]["status"], "paused");
+    assert_eq!(far["run"]["step"], 0);
+
+    let bundle = env.path("bundle");
+    let b = bundle.to_str().expect("utf-8");
+    let reply = env.json(&[
+        "runs", "export", "far", "--engine", "trl", "--out", b, "--json",
+    ]);
+    let sha = reply["sha256"].as_str().expect("sha").to_string();
+    assert_eq!(sha.len(), 64);
+    assert_eq!(reply["train_rows"], 6);
+    for f in [
+        "run.sh",
+        "train_trl.py",
+        "axolotl.yaml",
+        "README.md",
+        "data/train.jsonl",
+    ] {
+        assert!(bundle.join(f).is_file(), "{f} missing");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("bundle.json")).expect("read"))
+            .expect("json");
+    assert_eq!(manifest["sha256"], sha.as_str());
+    let run: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(bundle.join("attune_run.json")).expect("read"),
+    )
+    .expect("json");
+    assert_eq!(run["hyperparameters"]["lora"]["r"], 4);
+    assert_eq!(run["hyperparameters"]["peak_lr"], 1e-3);
+    assert_eq!(run["hyperparameters"]["total_steps"], 2);
+    // A second export into the same folder is refused; the folder is left alone.
+    let err = env.fails(&["runs", "export", "far", "--out", b]);
+    assert!(err.contains("is not empty"), "{err}");
+
+    // Nothing to import yet, and a run never exported has no bundle.
+    let output = bundle.join("output");
+    let o = output.to_str().expect("utf-8");
+    let err = env.fails(&["runs", "import-result", "far", o]);
+    assert!(err.contains("is not a folder"), "{err}");
+    let err = env.fails(&["runs", "import-result", "own", o]);
+    assert!(err.contains("was never exported"), "{err}");
+
+    // The engine's output: a PEFT adapter, its log and its provenance.
+    env.ok(&[
+        "adapters",
+        "export",
+        "own",
+        output.join("adapter").to_str().expect("utf-8"),
+    ]);
+    let state = serde_json::json!({
+        "global_step": 2,
+        "log_history": [
+            {"step": 1, "loss": 3.25, "learning_rate": 1e-3, "grad_norm": 2.0},
+            {"step": 2, "loss": 2.75, "learning_rate": 1e-4, "grad_norm": 1.5},
+            {"step": 2, "eval_loss": 2.9},
+            {"step": 2, "train_loss": 3.0, "train_runtime": 1.0}
+        ]
+    });
+    std::fs::write(output.join("trainer_state.json"), state.to_string()).expect("write");
+    let result = |sha: &str| {
+        serde_json::json!({
+            "bundle_sha256": sha, "engine": "trl", "engine_version": "trl 1.16.0",
+            "kind": "lora", "result_dir": "adapter", "steps": 2
+        })
+        .to_string()
+    };
+    std::fs::write(output.join("attune_result.json"), result(&"0".repeat(64))).expect("write");
+    let err = env.fails(&["runs", "import-result", "far", o]);
+    assert!(err.contains("not one of run 'far''s exports"), "{err}");
+    std::fs::write(output.join("attune_result.json"), result(&sha)).expect("write");
+    let reply = env.json(&["runs", "import-result", "far", o, "--json"]);
+    assert_eq!(reply["adapter"], "far");
+    assert_eq!(reply["kind"], "lora");
+    assert_eq!(reply["engine_version"], "trl 1.16.0");
+    assert_eq!(reply["bundle_sha256"], sha.as_str());
+    assert_eq!(
+        (
+            reply["train_points"].as_u64(),
+            reply["eval_points"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+
+    // The run is completed with the engine's log as its charts and the adapter linked.
+    let far = env.json(&["runs", "show", "far", "--json"]);
+    assert_eq!(far["run"]["status"], "completed");
+    assert_eq!(far["run"]["step"], 2);
+    assert_eq!(far["adapter"], "far");
+    let losses: Vec<(u64, String, f64)> = far["metrics"]
+        .as_array()
+        .expect("metrics")
+        .iter()
+        .map(|m| {
+            (
+                m["step"].as_u64().expect("step"),
+                m["kind"].as_str().expect("kind").to_string(),
+                m["loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        losses,
+        [
+            (1, "train".to_string(), 3.25),
+            (2, "train".to_string(), 2.75),
+            (2, "eval".to_string(), 2.9)
+        ]
+    );
+    let adapters = env.json(&["adapters", "list", "--json"]);
+    let a = adapters
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|a| a["name"] == "far")
+        .expect("adapter far");
+    assert_eq!(a["run_id"], far["run"]["id"]);
+    // Once is enough; and the imported adapter evaluates.
+    let err = env.fails(&["runs", "import-result", "far", o]);
+    assert!(err.contains("already has an adapter"), "{err}");
+    let ev = env.json(&["eval", "--adapter", "far", "--data", "tiny", "--json"]);
+    assert!(ev["mean_nll"].as_f64().expect("nll").is_finite());
+    // Axolotl has no prompt tuning.
+    env.ok(&[
+        "train",
+        "--model",
+        "1",
+        "--data",
+        "tiny",
+        "--method",
+        "prompt",
+        "--steps",
+        "1",
+        "--name",
+        "soft",
+        "--create-only",
+    ]);
+    let err = env.fails(&[
+        "runs",
+        "export",
+        "soft",
+        "--engine",
+        "axolotl",
+        "--out",
+        env.path("b2").to_str().expect("utf-8"),
+    ]);
+    assert!(err.contains("Axolotl does not have"), "{err}");
 }

@@ -244,10 +244,6 @@ impl Engine {
             return self.import_adapter_gguf(dir, base_model, name);
         }
         let base = self.find_model(base_model)?;
-        let adapter = peft::load(dir).map_err(|e| EngineError::InvalidAdapter {
-            path: dir.to_path_buf(),
-            reason: e.to_string(),
-        })?;
         let name = match name.map(str::trim) {
             Some("") => {
                 return Err(EngineError::InvalidInput(
@@ -274,7 +270,40 @@ impl Engine {
                 name,
             });
         }
-        // Validate against the base model.
+        let kind = self.check_peft_adapter(dir, &base)?;
+        let dst = self.copy_into_library(dir, &name)?;
+        let row = AdapterRow {
+            id: 0,
+            name: name.clone(),
+            kind: kind.to_string(),
+            base_model_id: base.id,
+            run_id: None,
+            dataset_id: None,
+            path: dst.to_string_lossy().into_owned(),
+            created_at: crate::clock::now_rfc3339(),
+            metrics_json: "{}".into(),
+        };
+        match self.store.insert_adapter(&row) {
+            Ok(a) => self.adapter_summary(&a),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dst);
+                Err(e)
+            }
+        }
+    }
+
+    /// Loads the PEFT folder `dir` and checks every tensor against `base` (errors name the
+    /// key): a LoRA adapter must attach to the base model, a soft prompt must match its
+    /// hidden size. Returns the adapter's kind ("lora" or "prompt").
+    pub(crate) fn check_peft_adapter(
+        &self,
+        dir: &Path,
+        base: &ModelSummary,
+    ) -> Result<&'static str, EngineError> {
+        let adapter = peft::load(dir).map_err(|e| EngineError::InvalidAdapter {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let loaded = self.model_for(base.id, &mut |_: ChatEvent| {})?;
         let invalid = |reason: String| EngineError::InvalidAdapter {
             path: dir.to_path_buf(),
@@ -298,29 +327,11 @@ impl Engine {
                 }
             }
         }
-        let dst = self.copy_into_library(dir, &name)?;
-        let row = AdapterRow {
-            id: 0,
-            name: name.clone(),
-            kind: adapter.kind().to_string(),
-            base_model_id: base.id,
-            run_id: None,
-            dataset_id: None,
-            path: dst.to_string_lossy().into_owned(),
-            created_at: crate::clock::now_rfc3339(),
-            metrics_json: "{}".into(),
-        };
-        match self.store.insert_adapter(&row) {
-            Ok(a) => self.adapter_summary(&a),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dst);
-                Err(e)
-            }
-        }
+        Ok(adapter.kind())
     }
 
     /// Copies `src`'s files to `<data_dir>/adapters/<name>` through a temporary folder.
-    fn copy_into_library(&self, src: &Path, name: &str) -> Result<PathBuf, EngineError> {
+    pub(crate) fn copy_into_library(&self, src: &Path, name: &str) -> Result<PathBuf, EngineError> {
         let dst = self.data_dir.join("adapters").join(name);
         publish_dir(&dst, |tmp| copy_files(src, tmp))?;
         Ok(dst)

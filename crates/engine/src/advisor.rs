@@ -695,12 +695,47 @@ impl Engine {
                 ));
             }
         }
+        // Beyond this machine: a GPU machine through a run bundle (issue 18).
+        let too_big: Vec<&str> = estimates
+            .iter()
+            .filter(|e| e.spec.is_some() && !e.fits)
+            .map(|e| e.method.as_str())
+            .collect();
+        let over_budget = goal.budget_minutes.and_then(|b| {
+            estimates
+                .iter()
+                .find(|e| e.method == recommended && e.seconds_per_epoch > b * 60.0)
+                .map(|e| (e, b))
+        });
+        let offer_reason = match (too_big.is_empty(), over_budget) {
+            (false, _) => Some(format!(
+                "{} will not fit in this machine's memory.",
+                too_big.join(", ")
+            )),
+            (true, Some((e, b))) => Some(format!(
+                "One pass with {} takes about {} here, more than your {} budget.",
+                e.method,
+                minutes(e.seconds_per_epoch),
+                minutes(b * 60.0)
+            )),
+            (true, None) => None,
+        };
+        let gpu_offer = offer_reason.map(|reason| {
+            let spec = estimates
+                .iter()
+                .find(|e| e.method == recommended && e.spec.is_some())
+                .or_else(|| estimates.iter().find(|e| e.method == "lora"))
+                .and_then(|e| e.spec.clone())
+                .unwrap_or_else(|| preset("lora", &model.id.to_string(), &dataset_key, max_len));
+            crate::bundle::gpu_offer(reason, &cfg, &spec)
+        });
         Ok(Advice {
             machine,
             model: Some(model),
             recommended,
             reasons,
             estimates,
+            gpu_offer,
         })
     }
 
@@ -727,6 +762,18 @@ impl Engine {
                 plain_suggestion(spec)
             )
         });
+        let gpu_offer = (!fits).then(|| {
+            let cfg = self.model_shape(&plan.model)?;
+            Ok::<_, EngineError>(crate::bundle::gpu_offer(
+                format!(
+                    "This run needs about {} MB, more than the {} MB free here.",
+                    est.total_mb(),
+                    available.map(|a| a >> 20).unwrap_or(0)
+                ),
+                &cfg,
+                spec,
+            ))
+        });
         Ok(RunCheck {
             peak_memory_mb: est.total_mb(),
             available_mb: available.map(|a| a >> 20).unwrap_or(0),
@@ -735,6 +782,7 @@ impl Engine {
             tokens_per_s: tps,
             estimated_seconds,
             suggestion,
+            gpu_offer: gpu_offer.transpose()?,
         })
     }
 }

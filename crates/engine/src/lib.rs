@@ -10,6 +10,7 @@ mod actor;
 mod adapters;
 mod advisor;
 mod arena;
+mod bundle;
 mod chat;
 mod clock;
 mod conversations;

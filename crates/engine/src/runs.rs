@@ -809,7 +809,7 @@ impl Engine {
         })
     }
 
-    fn run_row(&self, id_or_name: &str) -> Result<RunRow, EngineError> {
+    pub(crate) fn run_row(&self, id_or_name: &str) -> Result<RunRow, EngineError> {
         let key = id_or_name.trim();
         if let Ok(id) = key.parse::<i64>() {
             if let Some(r) = self.store.get_run(id)? {
@@ -915,12 +915,44 @@ impl Engine {
     /// Checks `spec`, estimates its memory and records a queued run. A run that will
     /// not fit in the available memory is refused and nothing is written.
     pub fn create_run(&self, spec: &RunSpec) -> Result<RunSummary, EngineError> {
+        self.create_run_row(spec, true)
+    }
+
+    /// Checks `spec` and records it as a `paused` run that this process does not train: a
+    /// run to export as a bundle for a GPU machine (`export_bundle`), or to resume here later.
+    /// Unlike [`Engine::create_run`], a run that would not fit in this machine's memory is
+    /// recorded too (its estimate is kept); every other check is the same.
+    pub fn create_run_for_export(&self, spec: &RunSpec) -> Result<RunSummary, EngineError> {
+        let run = self.create_run_row(spec, false)?;
+        self.store
+            .finish_run(run.id, "paused", None, &crate::clock::now_rfc3339())?;
+        self.find_run(&run.id.to_string())
+    }
+
+    fn create_run_row(&self, spec: &RunSpec, require_fit: bool) -> Result<RunSummary, EngineError> {
         let plan = self.plan_run(spec)?;
-        if !plan.fits {
+        if require_fit && !plan.fits {
+            let gpu = self
+                .model_shape(&plan.model)
+                .map(|cfg| {
+                    let bytes = crate::bundle::gpu_memory_estimate(
+                        &cfg,
+                        &spec.method,
+                        spec.batch_size,
+                        spec.max_len,
+                        1,
+                    );
+                    format!(
+                        "; or train it on a GPU machine (about {} GiB of GPU memory): add \
+                         --create-only, then `attune runs export ID --engine trl --out DIR`",
+                        bytes.div_ceil(1 << 30).max(1)
+                    )
+                })
+                .unwrap_or_default();
             return Err(EngineError::WontFit {
                 estimate_mb: plan.memory.needed().div_ceil(1 << 20),
                 available_mb: plan.available.unwrap_or(0) >> 20,
-                suggestion: suggestion(spec),
+                suggestion: format!("{}{gpu}", suggestion(spec)),
             });
         }
         let RunPlan {

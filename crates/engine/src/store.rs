@@ -12,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use crate::error::EngineError;
 
+pub(crate) mod bundles;
 mod docs;
 mod endpoints;
 mod exports;
@@ -44,6 +45,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/0006_exports.sql"),
     ),
     ("0007_docs", include_str!("../migrations/0007_docs.sql")),
+    (
+        "0008_bundles",
+        include_str!("../migrations/0008_bundles.sql"),
+    ),
 ];
 
 /// How long a statement waits for another process's write lock before failing. Imports of
@@ -1229,6 +1234,7 @@ mod tests {
                 "evaluations",
                 "exports",
                 "models",
+                "run_bundles",
                 "run_metrics",
                 "runs",
                 "settings",

@@ -6,11 +6,13 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod bundle;
 mod connect;
 mod docs;
 mod errors;
 mod export;
 mod studio;
+pub use bundle::*;
 pub use connect::*;
 pub use docs::*;
 pub use errors::*;

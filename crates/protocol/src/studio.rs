@@ -317,6 +317,10 @@ pub struct Advice {
     pub reasons: Vec<String>,
     /// Every method, the recommended one included.
     pub estimates: Vec<MethodEstimate>,
+    /// A GPU machine through a run bundle, when a method does not fit here or the
+    /// recommended one exceeds the time budget.
+    #[serde(default)]
+    pub gpu_offer: Option<crate::GpuOffer>,
 }
 
 /// "Will it fit" for a run about to start.
@@ -330,6 +334,9 @@ pub struct RunCheck {
     pub estimated_seconds: f64,
     /// Why it does not fit and what to change (None when it fits).
     pub suggestion: Option<String>,
+    /// A GPU machine through a run bundle, when it does not fit here.
+    #[serde(default)]
+    pub gpu_offer: Option<crate::GpuOffer>,
 }
 
 // ---------------------------------------------------------------------------

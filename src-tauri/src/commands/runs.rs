@@ -1,10 +1,12 @@
 //! Run commands: check, start and steer fine-tuning runs through the engine actor
 //! (one run at a time, FIFO); progress reaches the window as `run-event`s.
 
-use super::blocking;
+use super::{blocking, invalid};
 use crate::AppState;
 use attune_protocol::ErrorCode;
-use attune_protocol::{IpcError, RunCheck, RunDetail, RunSpec, RunSummary};
+use attune_protocol::{
+    BundleEngine, BundleReply, IpcError, RunCheck, RunDetail, RunSpec, RunSummary,
+};
 use tauri::State;
 
 /// Memory, steps, time and "will it fit" for `spec`, before it starts.
@@ -89,4 +91,38 @@ pub async fn cancel_run(state: State<'_, AppState>, id: i64) -> Result<(), IpcEr
 pub async fn remove_run(state: State<'_, AppState>, id: i64) -> Result<(), IpcError> {
     let actor = state.actor()?;
     blocking(move || actor.remove_run(id).map_err(|e| IpcError::from(&e))).await
+}
+
+/// Writes the run as a bundle for a GPU machine (TRL + accelerate, or Axolotl) into a new
+/// folder `<dir>/<run name>-<engine>-bundle` inside the folder the user chose (`scope.rs`:
+/// never an existing folder, never outside a granted one).
+#[tauri::command]
+pub async fn export_run_bundle(
+    state: State<'_, AppState>,
+    id: i64,
+    engine: BundleEngine,
+    dir: String,
+) -> Result<BundleReply, IpcError> {
+    let eng = state.engine()?;
+    if dir.trim().is_empty() {
+        return Err(invalid("folder: choose where to write the bundle"));
+    }
+    let run = {
+        let eng = eng.clone();
+        blocking(move || {
+            eng.find_run(&id.to_string())
+                .map_err(|e| IpcError::from(&e))
+        })
+        .await?
+    };
+    let target = state.scope.writable(&super::user_path(&dir).join(format!(
+        "{}-{}-bundle",
+        run.name,
+        engine.as_str()
+    )))?;
+    blocking(move || {
+        eng.export_bundle(&id.to_string(), engine, &target)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
 }

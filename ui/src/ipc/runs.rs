@@ -2,7 +2,9 @@
 //! Progress arrives as `run-event`s (see [`super::events::listen_runs`]).
 
 use super::invoke;
-use attune_protocol::{IpcError, RunCheck, RunDetail, RunSpec, RunSummary};
+use attune_protocol::{
+    BundleEngine, BundleReply, IpcError, RunCheck, RunDetail, RunSpec, RunSummary,
+};
 use serde_json::json;
 
 /// Memory, time and "will it fit" for a run, before it starts.
@@ -42,4 +44,19 @@ pub async fn cancel_run(id: i64) -> Result<(), IpcError> {
 /// Removes a finished run and its metrics (its adapter stays).
 pub async fn remove_run(id: i64) -> Result<(), IpcError> {
     invoke("remove_run", &json!({ "id": id })).await
+}
+
+/// Writes the run as a bundle for a GPU machine into a new folder inside `dir` (a folder
+/// the user chose); returns what was written.
+pub async fn export_run_bundle(
+    id: i64,
+    engine: BundleEngine,
+    dir: &str,
+) -> Result<BundleReply, IpcError> {
+    super::invoke_granted(
+        "export_run_bundle",
+        &json!({ "id": id, "engine": engine, "dir": dir }),
+        true,
+    )
+    .await
 }

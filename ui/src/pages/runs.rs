@@ -10,7 +10,8 @@ use crate::components::{error_note, ConfirmButton, Progress};
 use crate::{ipc, AppCtx, Page};
 use attune_protocol::ErrorCode;
 use attune_protocol::{
-    ChatTarget, IpcError, MetricKind, RunDetail, RunEvent, RunMetric, RunStatus, RunSummary,
+    BundleEngine, ChatTarget, IpcError, MetricKind, RunDetail, RunEvent, RunMetric, RunStatus,
+    RunSummary,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -109,6 +110,8 @@ pub fn RunsPage() -> impl IntoView {
     let detail: RwSignal<Option<RunDetail>> = RwSignal::new(None);
     let action_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
     let busy = RwSignal::new(false);
+    // What the last "Export to a GPU machine" wrote.
+    let bundle_note: RwSignal<Option<String>> = RwSignal::new(None);
 
     // The list follows the library.
     Effect::new(move |_| {
@@ -228,6 +231,41 @@ pub fn RunsPage() -> impl IntoView {
                     }
                     ctx.library_changed();
                 }
+                Err(e) => action_error.set(Some(e)),
+            }
+        });
+    };
+
+    // The run as a bundle for TRL + accelerate (and Axolotl), into a new folder inside one
+    // the user chooses in the system's folder chooser.
+    let export_bundle = move |id: i64| {
+        action_error.set(None);
+        bundle_note.set(None);
+        spawn_local(async move {
+            let dir = match ipc::models::pick_path(
+                "Write the run's bundle for a GPU machine into this folder",
+                true,
+                &[],
+            )
+            .await
+            {
+                Ok(Some(dir)) => dir,
+                Ok(None) => return,
+                Err(e) => {
+                    action_error.set(Some(e));
+                    return;
+                }
+            };
+            busy.set(true);
+            let result = ipc::runs::export_run_bundle(id, BundleEngine::Trl, &dir).await;
+            busy.set(false);
+            match result {
+                Ok(b) => bundle_note.set(Some(format!(
+                    "Wrote the bundle to {} ({} training rows). On the GPU machine run ./run.sh \
+                     there (its README.md has the commands for several GPUs and nodes), then \
+                     bring output/ back with `attune runs import-result {} DIR/output`.",
+                    b.dir, b.train_rows, b.run_id
+                ))),
                 Err(e) => action_error.set(Some(e)),
             }
         });
@@ -433,7 +471,7 @@ pub fn RunsPage() -> impl IntoView {
                     <ConfirmButton label="Delete run" id="run-remove".to_string()
                         on_confirm=Callback::new(move |_| act("remove", id)) />
                 })}
-                {adapter.map(|a| {
+                {adapter.clone().map(|a| {
                     let name = a.clone();
                     view! {
                         <button class="secondary" id="run-chat" on:click=move |_| chat_with(name.clone())>
@@ -441,7 +479,15 @@ pub fn RunsPage() -> impl IntoView {
                         </button>
                     }
                 })}
+                {(can_remove && adapter.is_none()).then(|| view! {
+                    <button class="secondary" id="run-export-bundle" disabled=move || busy.get()
+                        title="TRL + accelerate (and Axolotl) with DeepSpeed and FSDP configs; its result comes back with `attune runs import-result`"
+                        on:click=move |_| export_bundle(id)>
+                        "Export to a GPU machine"
+                    </button>
+                })}
             </div>
+            {move || bundle_note.get().map(|n| view! { <p class="notice" id="run-bundle-note">{n}</p> })}
             {move || action_error.get().map(|e| error_note(&e))}
         })
     };

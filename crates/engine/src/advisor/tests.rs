@@ -265,6 +265,7 @@ fn advisor_calibrates_throughput_from_a_completed_run() {
     assert_eq!(check.tokens_per_s, 250.0);
     assert!(check.estimated_seconds > 0.0);
     assert_eq!(check.fits, check.suggestion.is_none());
+    assert_eq!(check.fits, check.gpu_offer.is_none());
     // A bad spec is refused naming the field.
     let err = e
         .check_run(&RunSpec {
@@ -340,4 +341,50 @@ fn check_run_and_create_run_plan_a_packed_run_alike() {
     };
     assert_eq!(e.check_run(&unpacked).expect("check").total_steps, 30);
     assert_eq!(e.create_run(&unpacked).expect("create").total_steps, 30);
+}
+
+#[test]
+fn a_run_too_big_for_this_machine_is_offered_a_gpu_bundle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (e, model, ds) = library(dir.path(), 40);
+    // Full fine-tuning of 4096 rows of 8192 tokens fits no desktop.
+    let check = e
+        .check_run(&RunSpec {
+            model: model.to_string(),
+            dataset: ds.to_string(),
+            method: MethodSpec::Full,
+            batch_size: 4096,
+            max_len: 8192,
+            ..Default::default()
+        })
+        .expect("check");
+    assert!(!check.fits);
+    let offer = check.gpu_offer.expect("a GPU offer");
+    assert!(offer.reason.contains("more than the"), "{}", offer.reason);
+    assert!(offer.how.contains("attune runs export"), "{}", offer.how);
+    let need = |m: &str, g: u64| {
+        offer
+            .needs
+            .iter()
+            .find(|n| n.method == m && n.gpus == g)
+            .unwrap_or_else(|| panic!("no need for {m} on {g}"))
+            .memory_mb
+    };
+    for m in ["full", "lora", "prompt"] {
+        assert!(
+            need(m, 8) < need(m, 1),
+            "{m}: ZeRO-3 over 8 GPUs needs less per GPU"
+        );
+    }
+    assert!(need("full", 1) > need("lora", 1));
+    // The default model at a desktop's shape: full fine-tuning of 4 x 1024 is a few GiB.
+    let cfg = e
+        .model_shape(&e.find_model(&model.to_string()).expect("model"))
+        .expect("shape");
+    let small = crate::bundle::gpu_memory_estimate(&cfg, &MethodSpec::Full, 4, 1024, 1);
+    assert!(
+        (2u64 << 30..12u64 << 30).contains(&small),
+        "full 4 x 1024 on SmolLM2-135M: {} MiB",
+        small >> 20
+    );
 }
