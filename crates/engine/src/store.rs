@@ -14,9 +14,11 @@ use crate::error::EngineError;
 
 mod endpoints;
 mod exports;
+mod judge;
 mod workbench;
 pub(crate) use endpoints::{EndpointEvalRow, EndpointRow};
 pub(crate) use exports::ExportRow;
+pub(crate) use judge::{JudgeVoteRow, RubricRow};
 pub(crate) use workbench::{
     ArenaItemRow, ArenaRecord, ConversationRow, NewArena, TemplateContent, TemplateVersionRow,
 };
@@ -41,6 +43,7 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         "0006_exports",
         include_str!("../migrations/0006_exports.sql"),
     ),
+    ("0007_judge", include_str!("../migrations/0007_judge.sql")),
 ];
 
 /// How long a statement waits for another process's write lock before failing. Imports of
@@ -1213,6 +1216,7 @@ mod tests {
             [
                 "adapters",
                 "arena_items",
+                "arena_judge_votes",
                 "arenas",
                 "conversations",
                 "dataset_rows",
@@ -1221,6 +1225,7 @@ mod tests {
                 "endpoints",
                 "evaluations",
                 "exports",
+                "judge_rubrics",
                 "models",
                 "run_metrics",
                 "runs",
