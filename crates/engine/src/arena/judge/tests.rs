@@ -411,7 +411,8 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
             &mut |_| {},
         )
         .expect_err("no such judge");
-    assert_eq!(err.code(), "model_not_found", "{err}");
+    assert_eq!(err.code(), "not_found", "{err}");
+    assert!(err.to_string().contains("999"), "{err}");
     let err = e
         .judge_arena(
             &JudgeSpec {
