@@ -158,7 +158,12 @@ fn parse_vote(s: &str) -> Result<Vote, String> {
 
 /// A candidate written as `NAME`, `model:NAME`, `adapter:NAME` or `endpoint:NAME:MODEL`,
 /// with an optional template.
-fn candidate(engine: &Engine, spec: &str, template: Option<String>, flag: &str) -> Result<ChatTarget> {
+fn candidate(
+    engine: &Engine,
+    spec: &str,
+    template: Option<String>,
+    flag: &str,
+) -> Result<ChatTarget> {
     let mut t = Target {
         model: None,
         adapter: None,
@@ -168,7 +173,9 @@ fn candidate(engine: &Engine, spec: &str, template: Option<String>, flag: &str) 
     if let Some(a) = spec.strip_prefix("adapter:") {
         t.adapter = Some(a.to_string());
     } else if let Some(rest) = spec.strip_prefix("endpoint:") {
-        let Some((e, m)) = rest.split_once(':').filter(|(e, m)| !e.is_empty() && !m.is_empty())
+        let Some((e, m)) = rest
+            .split_once(':')
+            .filter(|(e, m)| !e.is_empty() && !m.is_empty())
         else {
             bail!("{flag} '{spec}': write an endpoint's model as endpoint:NAME:MODEL");
         };
@@ -181,7 +188,9 @@ fn candidate(engine: &Engine, spec: &str, template: Option<String>, flag: &str) 
         }
         t.model = Some(m.to_string());
     }
-    Ok(t.resolve(engine).with_context(|| format!("{flag} '{spec}'"))?.target)
+    Ok(t.resolve(engine)
+        .with_context(|| format!("{flag} '{spec}'"))?
+        .target)
 }
 
 pub fn arena(actor: &Actor, cmd: ArenaCommand) -> Result<()> {
@@ -297,7 +306,11 @@ pub fn arena(actor: &Actor, cmd: ArenaCommand) -> Result<()> {
                 eprintln!("no judge has voted in arena {id} yet: `attune arena judge {id} --judge-model M`");
             } else {
                 for v in &votes {
-                    let orders = if v.both_orders { "both orders" } else { "one order" };
+                    let orders = if v.both_orders {
+                        "both orders"
+                    } else {
+                        "one order"
+                    };
                     println!(
                         "prompt {} · {} · rubric v{} · {orders} · vote {}",
                         v.index,
@@ -305,10 +318,18 @@ pub fn arena(actor: &Actor, cmd: ArenaCommand) -> Result<()> {
                         v.rubric_version,
                         v.vote.as_deref().unwrap_or("none")
                     );
-                    let first = if v.first_a_first { "A first" } else { "B first" };
+                    let first = if v.first_a_first {
+                        "A first"
+                    } else {
+                        "B first"
+                    };
                     println!("  [{first}] {}", one_line(&v.verdict));
                     if let Some(s) = &v.verdict_swapped {
-                        let second = if v.first_a_first { "B first" } else { "A first" };
+                        let second = if v.first_a_first {
+                            "B first"
+                        } else {
+                            "A first"
+                        };
                         println!("  [{second}] {}", one_line(s));
                     }
                     if let Some(e) = &v.error {
@@ -328,7 +349,10 @@ pub fn arena(actor: &Actor, cmd: ArenaCommand) -> Result<()> {
                 (None, None) => engine.judge_rubric()?,
             };
             let default = if r.is_default { ", the default" } else { "" };
-            eprintln!("rubric version {}{default} (saved {})", r.version, r.created_at);
+            eprintln!(
+                "rubric version {}{default} (saved {})",
+                r.version, r.created_at
+            );
             println!("{}", r.text);
         }
         ArenaCommand::Rm { id } => {
@@ -352,11 +376,15 @@ fn judge(actor: &Actor, args: JudgeArgs) -> Result<()> {
     }
     let judge = target.resolve(engine)?;
     if args.max_tokens == 0 || args.max_tokens > MAX_JUDGE_TOKENS {
-        bail!("--max-tokens must be 1 to {MAX_JUDGE_TOKENS}, got {}", args.max_tokens);
+        bail!(
+            "--max-tokens must be 1 to {MAX_JUDGE_TOKENS}, got {}",
+            args.max_tokens
+        );
     }
     let rubric = match &args.rubric {
         Some(path) => Some(
-            std::fs::read_to_string(path).with_context(|| format!("--rubric {}", path.display()))?,
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--rubric {}", path.display()))?,
         ),
         None => None,
     };
@@ -394,7 +422,8 @@ fn judge(actor: &Actor, args: JudgeArgs) -> Result<()> {
                 total,
             } => eprintln!(
                 "  [{done}/{total}] prompt {index}: {}",
-                vote.as_deref().unwrap_or("unparseable verdict (see `attune arena verdicts`)")
+                vote.as_deref()
+                    .unwrap_or("unparseable verdict (see `attune arena verdicts`)")
             ),
         }),
     )?;
@@ -474,11 +503,18 @@ fn print_results(r: &ArenaResults) {
     println!("win rates, 95% Wilson intervals (a tie is half a win; both bad left out):");
     println!("  human votes ({}): {}", a.votes, rates_line(&r.human));
     if r.judges.is_empty() {
-        println!("no judge votes yet: `attune arena judge {} --judge-model M`", a.id);
+        println!(
+            "no judge votes yet: `attune arena judge {} --judge-model M`",
+            a.id
+        );
         return;
     }
     for j in &r.judges {
-        let orders = if j.both_orders { "both orders" } else { "one order" };
+        let orders = if j.both_orders {
+            "both orders"
+        } else {
+            "one order"
+        };
         println!(
             "judge {} (rubric v{}, {orders}): {} votes, {} unparseable",
             j.judge_label, j.rubric_version, j.votes, j.unparsed
@@ -495,10 +531,9 @@ fn print_results(r: &ArenaResults) {
             println!("  agreement: no prompt has both a human and a parsed judge vote");
         } else {
             let kappa = match (&g.kappa, g.kappa_se) {
-                (Some(k), Some(se)) => format!(
-                    "{:.3} [{:.3}, {:.3}] (SE {se:.3})",
-                    k.value, k.low, k.high
-                ),
+                (Some(k), Some(se)) => {
+                    format!("{:.3} [{:.3}, {:.3}] (SE {se:.3})", k.value, k.low, k.high)
+                }
                 _ => "undefined (every vote in one category)".into(),
             };
             println!(

@@ -129,9 +129,7 @@ fn verdict_token(s: &str) -> Option<Verdict> {
 fn undecorate(s: &str) -> &str {
     let mut s = s;
     loop {
-        let t = s.trim_start_matches(|c: char| {
-            c.is_whitespace() || ":*_`'\"[(<=-#>".contains(c)
-        });
+        let t = s.trim_start_matches(|c: char| c.is_whitespace() || ":*_`'\"[(<=-#>".contains(c));
         let t = t.strip_prefix("is ").unwrap_or(t);
         if t.len() == s.len() {
             return t;
@@ -194,9 +192,9 @@ pub(crate) fn judge_message(
     text.push_str("<rubric>\n");
     text.push_str(rubric.trim());
     text.push_str("\n</rubric>\n\n");
-    let (question, earlier) = context.split_last().map_or(("", &[][..]), |(last, rest)| {
-        (last.content.as_str(), rest)
-    });
+    let (question, earlier) = context
+        .split_last()
+        .map_or(("", &[][..]), |(last, rest)| (last.content.as_str(), rest));
     if !earlier.is_empty() {
         text.push_str("<conversation>\n");
         for m in earlier {
@@ -399,20 +397,21 @@ impl Engine {
             let context: Vec<ChatMessage> = serde_json::from_str(&item.context_json)
                 .map_err(|e| self.corrupt_arena(&arena, &format!("prompt {index}"), e))?;
             let a_first = judge_a_first(arena.seed, index);
-            let mut ask = |a_first: bool| -> Result<(String, Result<&'static str, String>), EngineError> {
-                let (first, second) = if a_first {
-                    (a_answer, b_answer)
-                } else {
-                    (b_answer, a_answer)
+            let mut ask =
+                |a_first: bool| -> Result<(String, Result<&'static str, String>), EngineError> {
+                    let (first, second) = if a_first {
+                        (a_answer, b_answer)
+                    } else {
+                        (b_answer, a_answer)
+                    };
+                    let message = judge_message(&rubric.text, &context, first, second);
+                    let stats = generate(&spec.judge, &[message], &params, cancel, &mut |_| {})?;
+                    if stats.finish_reason == FinishReason::Cancelled {
+                        return Err(EngineError::Cancelled);
+                    }
+                    let vote = parse_verdict(&stats.text).map(|v| v.stored(a_first));
+                    Ok((stats.text, vote))
                 };
-                let message = judge_message(&rubric.text, &context, first, second);
-                let stats = generate(&spec.judge, &[message], &params, cancel, &mut |_| {})?;
-                if stats.finish_reason == FinishReason::Cancelled {
-                    return Err(EngineError::Cancelled);
-                }
-                let vote = parse_verdict(&stats.text).map(|v| v.stored(a_first));
-                Ok((stats.text, vote))
-            };
             let (verdict, first_vote) = ask(a_first)?;
             let swapped = if spec.both_orders {
                 Some(ask(!a_first)?)
@@ -482,8 +481,7 @@ impl Engine {
             .iter()
             .filter_map(|i| i.vote.as_deref().map(|v| (i.idx, v)))
             .collect();
-        let mut groups: BTreeMap<(String, String, i64, bool), Vec<JudgeVoteRow>> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<(String, String, i64, bool), Vec<JudgeVoteRow>> = BTreeMap::new();
         for v in self.store.judge_votes(arena.id)? {
             groups
                 .entry((

@@ -51,7 +51,10 @@ fn verdicts_parse_however_they_are_decorated() {
         ("Verdict: 1/2", "no verdict"),
         ("Verdict: 10", "no verdict"),
         ("Verdict: tied", "no verdict"),
-        ("Verdict: 1\nOn reflection, verdict: 2", "conflicting verdicts: 1, 2"),
+        (
+            "Verdict: 1\nOn reflection, verdict: 2",
+            "conflicting verdicts: 1, 2",
+        ),
         (
             "Verdict: 1\", \"Verdict: 2\", \"Verdict: tie\"",
             "conflicting verdicts: 1, 2, tie",
@@ -96,12 +99,18 @@ fn verdicts_map_to_candidates_and_both_orders_combine() {
 #[test]
 fn the_judges_order_is_seeded_balanced_and_not_the_humans() {
     let first: Vec<bool> = (0..400).map(|i| judge_a_first(9, i)).collect();
-    assert_eq!(first, (0..400).map(|i| judge_a_first(9, i)).collect::<Vec<_>>());
+    assert_eq!(
+        first,
+        (0..400).map(|i| judge_a_first(9, i)).collect::<Vec<_>>()
+    );
     let n = first.iter().filter(|&&f| f).count();
     assert!((160..=240).contains(&n), "{n} of 400 with A first");
     let human: Vec<bool> = (0..400).map(|i| left_is_a(9, i)).collect();
     let same = first.iter().zip(&human).filter(|(a, b)| a == b).count();
-    assert!((160..=240).contains(&same), "{same} of 400 equal to the human's sides");
+    assert!(
+        (160..=240).contains(&same),
+        "{same} of 400 equal to the human's sides"
+    );
 }
 
 #[test]
@@ -231,7 +240,13 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
     let never = &|_: u64, _: &str| -> String { unreachable!("no judge yet") };
     for (i, want) in [(0u64, "b"), (1, "a"), (2, "tie"), (3, "b")] {
         let item = e
-            .arena_item_via(id, i, &AtomicBool::new(false), no_events, &mut scripted(never, &calls))
+            .arena_item_via(
+                id,
+                i,
+                &AtomicBool::new(false),
+                no_events,
+                &mut scripted(never, &calls),
+            )
             .expect("answers");
         let a_left = item.left == format!("A{i}");
         let vote = match (want, a_left) {
@@ -250,7 +265,10 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
         }
         let want_b = i % 2 == 0;
         let first_is_b = first.starts_with('B');
-        format!("Verdict: {}\nIt is better.", if want_b == first_is_b { 1 } else { 2 })
+        format!(
+            "Verdict: {}\nIt is better.",
+            if want_b == first_is_b { 1 } else { 2 }
+        )
     };
     let mut events = Vec::new();
     let spec = JudgeSpec {
@@ -274,7 +292,11 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
     // Only the prompts without a human vote: 4 and 5 (their answers generated first).
     assert_eq!((report.judged, report.skipped, report.unparsed), (2, 4, 1));
     assert_eq!(report.rubric_version, 1);
-    assert!(report.judge_label.contains("SmolLM2"), "{}", report.judge_label);
+    assert!(
+        report.judge_label.contains("SmolLM2"),
+        "{}",
+        report.judge_label
+    );
     assert_eq!(
         events.first(),
         Some(&JudgeEvent::Started {
@@ -290,7 +312,11 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
         total: 2
     }));
     let c = calls.borrow();
-    assert_eq!(c.iter().filter(|c| c.starts_with("judge")).count(), 2, "{c:?}");
+    assert_eq!(
+        c.iter().filter(|c| c.starts_with("judge")).count(),
+        2,
+        "{c:?}"
+    );
     drop(c);
 
     // The human votes are untouched; the judge's are stored apart with their raw text.
@@ -303,11 +329,19 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
     let votes = e.arena_judge_votes(id).expect("votes");
     assert_eq!(votes.len(), 2);
     assert_eq!((votes[0].index, votes[0].vote.as_deref()), (4, Some("b")));
-    assert!(votes[0].verdict.starts_with("Verdict: "), "{}", votes[0].verdict);
+    assert!(
+        votes[0].verdict.starts_with("Verdict: "),
+        "{}",
+        votes[0].verdict
+    );
     assert_eq!(votes[0].first_a_first, judge_a_first(11, 4));
     assert_eq!((votes[1].index, votes[1].vote.as_deref()), (5, None));
     assert_eq!(votes[1].verdict, "I would rather not say.");
-    assert!(votes[1].error.as_deref().unwrap_or("").contains("no verdict"));
+    assert!(votes[1]
+        .error
+        .as_deref()
+        .unwrap_or("")
+        .contains("no verdict"));
 
     // Filled: 4 human votes + 1 judge vote (prompt 5's verdict did not parse).
     let r = e.arena_results(id).expect("results");
@@ -317,7 +351,11 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
     assert_eq!((j.votes, j.unparsed), (2, 1));
     assert_eq!((j.combined_human, j.combined_judge), (4, 1));
     assert_eq!(
-        (j.combined.tally.a_wins, j.combined.tally.b_wins, j.combined.tally.ties),
+        (
+            j.combined.tally.a_wins,
+            j.combined.tally.b_wins,
+            j.combined.tally.ties
+        ),
         (1, 3, 1)
     );
     // No prompt has both kinds of vote yet.
@@ -352,7 +390,10 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
     // statsmodels 0.15 `cohens_kappa` on this table: std_kappa 0.329848, 95% interval
     // [-0.446491, 0.846491].
     assert!((j.agreement.kappa_se.expect("se") - 0.329848).abs() < 1e-6);
-    assert!((k.low + 0.446491).abs() < 1e-6 && (k.high - 0.846491).abs() < 1e-6, "{k:?}");
+    assert!(
+        (k.low + 0.446491).abs() < 1e-6 && (k.high - 0.846491).abs() < 1e-6,
+        "{k:?}"
+    );
     assert!(j.agreement.method.contains("Fleiss, Cohen and Everitt"));
 
     // Both orders with a judge that always says "1": position bias, so every vote is a
@@ -371,7 +412,10 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
             &mut scripted(&always_first, &calls),
         )
         .expect("both orders");
-    assert_eq!((both.judged, both.order_disagreements, both.rubric_version), (6, 6, 2));
+    assert_eq!(
+        (both.judged, both.order_disagreements, both.rubric_version),
+        (6, 6, 2)
+    );
     assert_eq!(
         e.judge_rubric().expect("rubric").text,
         "Prefer the shorter answer."
@@ -387,7 +431,9 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
     let v = e.arena_judge_votes(id).expect("votes");
     let swapped: Vec<_> = v.iter().filter(|v| v.both_orders).collect();
     assert_eq!(swapped.len(), 6);
-    assert!(swapped.iter().all(|v| v.verdict_swapped.as_deref() == Some("Verdict: 1")));
+    assert!(swapped
+        .iter()
+        .all(|v| v.verdict_swapped.as_deref() == Some("Verdict: 1")));
 
     // Refusals name what is wrong; removing the arena removes its judge votes.
     let err = e
@@ -425,7 +471,10 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
         .expect_err("no such arena");
     assert_eq!(err.code(), "not_found");
     e.remove_arena(id).expect("remove");
-    assert_eq!(e.arena_judge_votes(id).expect_err("gone").code(), "not_found");
+    assert_eq!(
+        e.arena_judge_votes(id).expect_err("gone").code(),
+        "not_found"
+    );
     assert!(e.store.judge_votes(id).expect("rows").is_empty());
 }
 
@@ -437,12 +486,18 @@ fn the_rubric_is_versioned_and_checked() {
     assert_eq!((r.version, r.is_default), (1, true));
     assert_eq!(r.text, DEFAULT_RUBRIC);
     // Saving the same text adds nothing; a change adds a version; old ones stay readable.
-    assert_eq!(e.save_judge_rubric(DEFAULT_RUBRIC).expect("same").version, 1);
+    assert_eq!(
+        e.save_judge_rubric(DEFAULT_RUBRIC).expect("same").version,
+        1
+    );
     let r2 = e.save_judge_rubric("Correct beats fluent.").expect("edit");
     assert_eq!((r2.version, r2.is_default), (2, false));
     assert_eq!(e.judge_rubric().expect("now").version, 2);
     assert_eq!(e.judge_rubric_version(1).expect("v1").text, DEFAULT_RUBRIC);
-    assert_eq!(e.judge_rubric_version(7).expect_err("no v7").code(), "not_found");
+    assert_eq!(
+        e.judge_rubric_version(7).expect_err("no v7").code(),
+        "not_found"
+    );
     for (bad, why) in [
         ("   \n", "empty"),
         ("a\u{7}b", "U+0007"),
@@ -455,7 +510,10 @@ fn the_rubric_is_versioned_and_checked() {
     // Survives a reopen.
     drop(e);
     let e = Engine::open(&dir.path().join("data")).expect("reopen");
-    assert_eq!(e.judge_rubric().expect("kept").text, "Correct beats fluent.");
+    assert_eq!(
+        e.judge_rubric().expect("kept").text,
+        "Correct beats fluent."
+    );
 }
 
 #[test]
@@ -482,12 +540,17 @@ fn the_default_model_judges_an_arena_in_both_orders() {
     let votes = e.arena_judge_votes(id).expect("votes");
     assert_eq!(votes.len(), 2);
     for v in &votes {
-        assert!(!v.verdict.is_empty() && v.verdict_swapped.is_some(), "{v:?}");
+        assert!(
+            !v.verdict.is_empty() && v.verdict_swapped.is_some(),
+            "{v:?}"
+        );
         match (&v.vote, &v.error) {
             (Some(vote), None) => {
                 assert!(category(vote).is_some(), "{vote}");
                 // A parsed vote is what the raw texts say.
-                let first = parse_verdict(&v.verdict).expect("parses").stored(v.first_a_first);
+                let first = parse_verdict(&v.verdict)
+                    .expect("parses")
+                    .stored(v.first_a_first);
                 let second = parse_verdict(v.verdict_swapped.as_deref().unwrap_or(""))
                     .expect("parses")
                     .stored(!v.first_a_first);
@@ -500,7 +563,10 @@ fn the_default_model_judges_an_arena_in_both_orders() {
     }
     // The answers were generated and stored for the human voter too.
     let detail = e.arena_detail(id).expect("detail");
-    assert!(detail.rows.iter().all(|r| r.a_answer.is_some() && r.b_answer.is_some()));
+    assert!(detail
+        .rows
+        .iter()
+        .all(|r| r.a_answer.is_some() && r.b_answer.is_some()));
     let r = e.arena_results(id).expect("results");
     let j = &r.judges[0];
     assert_eq!(j.votes, 2);
