@@ -79,15 +79,12 @@ pub(crate) fn cohen_kappa<const K: usize>(table: &[[u64; K]; K]) -> Option<(f64,
     let a: f64 = (0..K)
         .map(|i| p(i, i) * (1.0 - (row[i] + col[i]) * (1.0 - kappa)).powi(2))
         .sum();
-    let mut b = 0.0;
-    for i in 0..K {
-        for j in 0..K {
-            if i != j {
-                b += p(i, j) * (col[i] + row[j]).powi(2);
-            }
-        }
-    }
-    let b = (1.0 - kappa).powi(2) * b;
+    let off_diagonal: f64 = (0..K)
+        .flat_map(|i| (0..K).map(move |j| (i, j)))
+        .filter(|(i, j)| i != j)
+        .map(|(i, j)| p(i, j) * (col[i] + row[j]).powi(2))
+        .sum();
+    let b = (1.0 - kappa).powi(2) * off_diagonal;
     let c = (kappa - pe * (1.0 - kappa)).powi(2);
     let var = ((a + b - c) / ((1.0 - pe).powi(2) * nf)).max(0.0);
     Some((kappa, var.sqrt()))
@@ -153,7 +150,7 @@ mod tests {
         // The same counts in the arena's 4x4 table (only a and b used) give the same.
         let mut pairs = Vec::new();
         for (h, j, n) in [(0, 0, 20), (0, 1, 5), (1, 0, 10), (1, 1, 15)] {
-            pairs.extend(std::iter::repeat((h, j)).take(n));
+            pairs.extend(std::iter::repeat_n((h, j), n));
         }
         let ag = agreement(&pairs);
         assert_eq!((ag.n, ag.agreed), (50, 35));

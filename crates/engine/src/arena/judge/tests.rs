@@ -186,49 +186,48 @@ fn arena_fixture(prompts: &[&str]) -> (tempfile::TempDir, Engine, i64, ChatTarge
 fn scripted<'a>(
     judge: &'a dyn Fn(u64, &str) -> String,
     calls: &'a std::cell::RefCell<Vec<String>>,
-) -> impl FnMut(
-    &ChatTarget,
-    &[ChatMessage],
-    &SamplingParams,
-    &AtomicBool,
-    &mut dyn FnMut(ChatEvent),
-) -> Result<GenerationStats, EngineError>
-       + 'a {
-    move |target, messages, _params, _cancel, _events| {
-        let last = &messages.last().expect("a message").content;
-        let text = if let Some(q) = last.strip_prefix("You are an impartial expert judge") {
-            let q_idx: u64 = q
-                .split("<question>\nQ")
-                .nth(1)
-                .and_then(|r| r.split('\n').next())
-                .and_then(|n| n.parse().ok())
-                .expect("question number");
-            let first = q
-                .split("<answer_1>\n")
-                .nth(1)
-                .and_then(|r| r.split('\n').next())
-                .expect("answer 1");
-            calls.borrow_mut().push(format!("judge {q_idx} {first}"));
-            judge(q_idx, first)
-        } else {
-            let side = match target {
-                ChatTarget::Base { .. } => "A",
-                _ => "B",
+) -> Box<Answerer<'a>> {
+    Box::new(
+        move |target: &ChatTarget,
+              messages: &[ChatMessage],
+              _params: &SamplingParams,
+              _cancel: &AtomicBool,
+              _events: &mut dyn FnMut(ChatEvent)| {
+            let last = &messages.last().expect("a message").content;
+            let text = if let Some(q) = last.strip_prefix("You are an impartial expert judge") {
+                let q_idx: u64 = q
+                    .split("<question>\nQ")
+                    .nth(1)
+                    .and_then(|r| r.split('\n').next())
+                    .and_then(|n| n.parse().ok())
+                    .expect("question number");
+                let first = q
+                    .split("<answer_1>\n")
+                    .nth(1)
+                    .and_then(|r| r.split('\n').next())
+                    .expect("answer 1");
+                calls.borrow_mut().push(format!("judge {q_idx} {first}"));
+                judge(q_idx, first)
+            } else {
+                let side = match target {
+                    ChatTarget::Base { .. } => "A",
+                    _ => "B",
+                };
+                calls.borrow_mut().push(format!("answer {side} {last}"));
+                format!("{side}{}", last.trim_start_matches('Q'))
             };
-            calls.borrow_mut().push(format!("answer {side} {last}"));
-            format!("{side}{}", last.trim_start_matches('Q'))
-        };
-        Ok(GenerationStats {
-            text,
-            finish_reason: FinishReason::Length,
-            prompt_tokens: 0,
-            generated_tokens: 0,
-            prompt_ms: 0.0,
-            generate_ms: 0.0,
-            prompt_tok_per_s: 0.0,
-            generate_tok_per_s: 0.0,
-        })
-    }
+            Ok(GenerationStats {
+                text,
+                finish_reason: FinishReason::Length,
+                prompt_tokens: 0,
+                generated_tokens: 0,
+                prompt_ms: 0.0,
+                generate_ms: 0.0,
+                prompt_tok_per_s: 0.0,
+                generate_tok_per_s: 0.0,
+            })
+        },
+    )
 }
 
 #[test]
@@ -245,7 +244,7 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
                 i,
                 &AtomicBool::new(false),
                 no_events,
-                &mut scripted(never, &calls),
+                &mut *scripted(never, &calls),
             )
             .expect("answers");
         let a_left = item.left == format!("A{i}");
@@ -263,7 +262,7 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
         if i == 5 {
             return "I would rather not say.".into();
         }
-        let want_b = i % 2 == 0;
+        let want_b = i.is_multiple_of(2);
         let first_is_b = first.starts_with('B');
         format!(
             "Verdict: {}\nIt is better.",
@@ -286,7 +285,7 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
             &spec,
             &AtomicBool::new(false),
             &mut |ev| events.push(ev),
-            &mut scripted(&judge_says, &calls),
+            &mut *scripted(&judge_says, &calls),
         )
         .expect("judge");
     // Only the prompts without a human vote: 4 and 5 (their answers generated first).
@@ -371,7 +370,7 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
             },
             &AtomicBool::new(false),
             &mut |_| {},
-            &mut scripted(&judge_says, &calls),
+            &mut *scripted(&judge_says, &calls),
         )
         .expect("judge all");
     assert_eq!((again.judged, again.skipped), (4, 2));
@@ -409,7 +408,7 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
             },
             &AtomicBool::new(false),
             &mut |_| {},
-            &mut scripted(&always_first, &calls),
+            &mut *scripted(&always_first, &calls),
         )
         .expect("both orders");
     assert_eq!(
