@@ -1,78 +1,16 @@
 //! `attune arena ...` as a subprocess with the real default model as candidates and as
 //! the judge (3-token answers, 8-token verdicts), each test in its own data directory.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use attune_test_support::Cli;
 
-use serde_json::Value;
-
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_attune"))
-            .arg("--data-dir")
-            .arg(self.dir.path().join("data"))
-            .args(args)
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .expect("run attune")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "attune {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.ok(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("attune {args:?}: {e}: {out}"))
-    }
-
-    /// Exit code 1 with exactly one `error: ` line on stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(out.status.code(), Some(1), "attune {args:?}: {out:?}");
-        let err = String::from_utf8(out.stderr).expect("utf-8 stderr");
-        assert_eq!(err.lines().count(), 1, "attune {args:?}: {err}");
-        assert!(err.starts_with("error: "), "{err}");
-        err
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).expect("write");
-        p
-    }
-}
-
-fn real_model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().expect("utf-8 path")
 }
 
 #[test]
 fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
-    let env = Env::new();
-    env.ok(&["models", "add", real_model().to_str().expect("utf-8")]);
+    let env = Cli::new(env!("CARGO_BIN_EXE_attune"));
+    env.add_default_model();
     let list = env.json(&["models", "list", "--json"]);
     let model = list[0]["name"].as_str().expect("model name").to_string();
     env.ok(&[
@@ -96,7 +34,7 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
         "--b-template",
         "Brief",
         "--prompts",
-        prompts.to_str().expect("utf-8"),
+        path(&prompts),
         "--max-tokens",
         "3",
         "--temperature",
@@ -131,7 +69,7 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
         "--judge-model",
         &model,
         "--rubric",
-        edited.to_str().expect("utf-8"),
+        path(&edited),
         "--both-orders",
         "--max-tokens",
         "8",
@@ -198,11 +136,11 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
     );
 
     // Refusals are one line naming the problem.
-    let err = env.fails(&["arena", "judge", "999", "--judge-model", &model]);
+    let err = env.fails_in_one_line(&["arena", "judge", "999", "--judge-model", &model]);
     assert!(err.contains("arena") && err.contains("999"), "{err}");
-    let err = env.fails(&["arena", "judge", &id]);
+    let err = env.fails_in_one_line(&["arena", "judge", &id]);
     assert!(err.contains("--judge-model"), "{err}");
-    let err = env.fails(&[
+    let err = env.fails_in_one_line(&[
         "arena",
         "judge",
         &id,
@@ -212,19 +150,19 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
         "0",
     ]);
     assert!(err.contains("--max-tokens"), "{err}");
-    let err = env.fails(&["arena", "judge", &id, "--judge-model", "no-such-model"]);
+    let err = env.fails_in_one_line(&["arena", "judge", &id, "--judge-model", "no-such-model"]);
     assert!(err.contains("no-such-model"), "{err}");
     let empty = env.write("empty.txt", " \n");
-    let err = env.fails(&[
+    let err = env.fails_in_one_line(&[
         "arena",
         "judge",
         &id,
         "--judge-model",
         &model,
         "--rubric",
-        empty.to_str().expect("utf-8"),
+        path(&empty),
     ]);
     assert!(err.contains("rubric"), "{err}");
-    let err = env.fails(&["arena", "results", "999"]);
+    let err = env.fails_in_one_line(&["arena", "results", "999"]);
     assert!(err.contains("999"), "{err}");
 }

@@ -14,13 +14,7 @@ use super::*;
 use crate::arena::left_is_a;
 
 fn real_model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
+    attune_test_support::default_model()
 }
 
 #[test]
