@@ -120,7 +120,7 @@ pub fn JudgePanel(
         judge_error.set(None);
         let fail = |message: &str| {
             judge_error.set(Some(IpcError {
-                code: "invalid_input".into(),
+                code: attune_protocol::ErrorCode::InvalidInput,
                 message: message.into(),
             }))
         };
