@@ -18,6 +18,8 @@ use attune_protocol::{
 };
 use clap::{Args, Parser, Subcommand};
 
+// The arena and its judge (issue 17).
+mod arena;
 mod docs;
 mod endpoints;
 mod export;
@@ -68,6 +70,10 @@ enum Command {
     /// Face folder; the files are reloaded and checked against the model in the app, and the
     /// verification is printed last (exit code 1 when it failed; the files are kept).
     Export(Box<export::ExportArgs>),
+    /// Blind A/B arenas: create, show, vote, let a judge vote, results with agreement
+    /// and intervals, the judging rubric.
+    #[command(subcommand)]
+    Arena(arena::ArenaCommand),
     /// List past exports with their verification.
     Exports {
         #[arg(long)]
@@ -433,6 +439,7 @@ fn run(cli: Cli) -> Result<()> {
             export::export(&engine, *args, cancel.flag())
         }
         Command::Exports { json } => export::list(&engine, json),
+        Command::Arena(cmd) => arena::arena(&actor(), cmd),
         Command::Chat {
             model,
             adapter,

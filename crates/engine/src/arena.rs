@@ -533,5 +533,10 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, EngineError> {
         .map_err(|e| EngineError::InvalidInput(format!("arena: cannot store a value: {e}")))
 }
 
+// The judge beside the human voter, and the statistics comparing them (issue 17).
+mod judge;
+mod stats;
+pub use judge::{DEFAULT_RUBRIC, MAX_JUDGE_TOKENS, MAX_RUBRIC_CHARS};
+
 #[cfg(test)]
 mod tests;

@@ -56,6 +56,8 @@ pub use runs::{
     RunControl, FORGETTING_THRESHOLD,
 };
 pub use store::DATABASE_FILE;
+// The arena's judge (issue 17).
+pub use arena::{DEFAULT_RUBRIC, MAX_JUDGE_TOKENS, MAX_RUBRIC_CHARS};
 
 /// Where Attune keeps its library: `$ATTUNE_DATA_DIR`, else `$XDG_DATA_HOME/attune`
 /// (`~/.local/share/attune` on Linux). The app and the CLI open it; `scripts/fetch-model.sh`

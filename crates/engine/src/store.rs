@@ -16,10 +16,12 @@ pub(crate) mod bundles;
 mod docs;
 mod endpoints;
 mod exports;
+mod judge;
 mod workbench;
 pub(crate) use docs::{DocChunkRow, DocDocumentRow, DocRowRow, DocsetRow, NewDocRow};
 pub(crate) use endpoints::{EndpointEvalRow, EndpointRow};
 pub(crate) use exports::ExportRow;
+pub(crate) use judge::{JudgeVoteRow, RubricRow};
 pub(crate) use workbench::{
     ArenaItemRow, ArenaRecord, ConversationRow, NewArena, TemplateContent, TemplateVersionRow,
 };
@@ -49,6 +51,7 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         "0008_bundles",
         include_str!("../migrations/0008_bundles.sql"),
     ),
+    ("0009_judge", include_str!("../migrations/0009_judge.sql")),
 ];
 
 /// How long a statement waits for another process's write lock before failing. Imports of
@@ -1221,6 +1224,7 @@ mod tests {
             [
                 "adapters",
                 "arena_items",
+                "arena_judge_votes",
                 "arenas",
                 "conversations",
                 "dataset_rows",
@@ -1233,6 +1237,7 @@ mod tests {
                 "endpoints",
                 "evaluations",
                 "exports",
+                "judge_rubrics",
                 "models",
                 "run_bundles",
                 "run_metrics",

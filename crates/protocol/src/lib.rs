@@ -18,6 +18,9 @@ pub use docs::*;
 pub use errors::*;
 pub use export::*;
 pub use studio::*;
+// The arena's judge (issue 17).
+mod judge;
+pub use judge::*;
 
 /// Where a registered model came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,7 +5,8 @@ use super::{blocking, invalid};
 use crate::AppState;
 use attune_engine::Request;
 use attune_protocol::{
-    ArenaDetail, ArenaEvent, ArenaItem, ArenaSpec, ArenaSummary, IpcError, Vote,
+    ArenaDetail, ArenaEvent, ArenaItem, ArenaResults, ArenaSpec, ArenaSummary, IpcError,
+    JudgeEvent, JudgeReport, JudgeSpec, JudgeVote, Rubric, Vote,
 };
 use std::sync::Arc;
 use tauri::ipc::Channel;
@@ -124,6 +125,86 @@ pub async fn remove_arena(state: State<'_, AppState>, arena_id: i64) -> Result<(
     blocking(move || {
         engine
             .remove_arena(arena_id)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+// -- The judge (issue 17) -------------------------------------------------------------
+
+/// The judging rubric in use (the default one is saved as version 1 on first use).
+#[tauri::command]
+pub async fn judge_rubric(state: State<'_, AppState>) -> Result<Rubric, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || engine.judge_rubric().map_err(|e| IpcError::from(&e))).await
+}
+
+/// Saves the rubric's text (a new version when it changed).
+#[tauri::command]
+pub async fn save_judge_rubric(
+    state: State<'_, AppState>,
+    text: String,
+) -> Result<Rubric, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || {
+        engine
+            .save_judge_rubric(&text)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// A judge votes on the arena's prompts as `spec` says; progress streams on
+/// `on_event`; `cancel_chat(request_id)` stops it (votes made so far are kept).
+#[tauri::command]
+pub async fn judge_arena(
+    state: State<'_, AppState>,
+    request_id: String,
+    spec: JudgeSpec,
+    on_event: Channel<JudgeEvent>,
+) -> Result<JudgeReport, IpcError> {
+    let actor = state.actor()?;
+    let requests = Arc::clone(&state.requests);
+    blocking(move || {
+        let (cancel, _done) = requests.begin(&request_id);
+        let window_gone = cancel.clone();
+        let on_event = Box::new(move |event: JudgeEvent| {
+            if on_event.send(event).is_err() {
+                window_gone.cancel();
+            }
+        });
+        actor
+            .judge_arena(spec, &cancel, on_event)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// The arena's results: human and judge win rates, agreement and Cohen's kappa.
+#[tauri::command]
+pub async fn arena_results(
+    state: State<'_, AppState>,
+    arena_id: i64,
+) -> Result<ArenaResults, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || {
+        engine
+            .arena_results(arena_id)
+            .map_err(|e| IpcError::from(&e))
+    })
+    .await
+}
+
+/// Every judge vote of the arena with the judge's raw verdict.
+#[tauri::command]
+pub async fn arena_judge_votes(
+    state: State<'_, AppState>,
+    arena_id: i64,
+) -> Result<Vec<JudgeVote>, IpcError> {
+    let engine = state.engine()?;
+    blocking(move || {
+        engine
+            .arena_judge_votes(arena_id)
             .map_err(|e| IpcError::from(&e))
     })
     .await

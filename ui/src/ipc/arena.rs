@@ -2,7 +2,8 @@
 
 use super::{invoke, invoke_with_channel};
 use attune_protocol::{
-    ArenaDetail, ArenaEvent, ArenaItem, ArenaSpec, ArenaSummary, IpcError, Vote,
+    ArenaDetail, ArenaEvent, ArenaItem, ArenaResults, ArenaSpec, ArenaSummary, IpcError,
+    JudgeEvent, JudgeReport, JudgeSpec, JudgeVote, Rubric, Vote,
 };
 use serde_json::json;
 
@@ -58,4 +59,42 @@ pub async fn export_preferences(arena_id: i64, path: &str) -> Result<u64, IpcErr
 
 pub async fn remove_arena(arena_id: i64) -> Result<(), IpcError> {
     invoke("remove_arena", &json!({ "arenaId": arena_id })).await
+}
+
+// -- The judge (issue 17) -------------------------------------------------------------
+
+/// The judging rubric in use.
+pub async fn judge_rubric() -> Result<Rubric, IpcError> {
+    invoke("judge_rubric", &json!({})).await
+}
+
+/// Saves the rubric's text (a new version when it changed).
+pub async fn save_judge_rubric(text: &str) -> Result<Rubric, IpcError> {
+    invoke("save_judge_rubric", &json!({ "text": text })).await
+}
+
+/// A judge votes on the arena's prompts; progress streams to `on_event`;
+/// `cancel_chat(request_id)` stops it.
+pub async fn judge_arena(
+    request_id: &str,
+    spec: &JudgeSpec,
+    on_event: impl FnMut(Result<JudgeEvent, IpcError>) + 'static,
+) -> Result<JudgeReport, IpcError> {
+    invoke_with_channel(
+        "judge_arena",
+        &json!({ "requestId": request_id, "spec": spec }),
+        "onEvent",
+        on_event,
+    )
+    .await
+}
+
+/// Human and judge win rates, agreement and Cohen's kappa.
+pub async fn arena_results(arena_id: i64) -> Result<ArenaResults, IpcError> {
+    invoke("arena_results", &json!({ "arenaId": arena_id })).await
+}
+
+/// Every judge vote with the judge's raw verdict.
+pub async fn arena_judge_votes(arena_id: i64) -> Result<Vec<JudgeVote>, IpcError> {
+    invoke("arena_judge_votes", &json!({ "arenaId": arena_id })).await
 }

@@ -17,6 +17,10 @@ use leptos::task::spawn_local;
 use std::cell::Cell;
 use std::rc::Rc;
 
+// The judge beside the human voter (issue 17).
+mod judge;
+pub use judge::JudgePanel;
+
 /// Typed prompts: one per non-blank line, trimmed.
 pub fn parse_prompts(text: &str) -> Vec<String> {
     text.lines()
@@ -723,6 +727,7 @@ pub fn ArenaPage() -> impl IntoView {
                         }
                     }}
                     {results}
+                    <JudgePanel catalog=catalog current=current />
                 </div>
             </div>
         </section>

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use attune_protocol::{
     ArenaEvent, ArenaItem, ChatEvent, ChatMessage, ChatTarget, EndpointEvalReport, EvalOptions,
-    EvalProgress, EvalReport, EvalSubject, GenerationStats, PromptTemplate, RunEvent, RunSpec,
-    RunSummary, RunUpdate, SamplingParams,
+    EvalProgress, EvalReport, EvalSubject, GenerationStats, JudgeEvent, JudgeReport, JudgeSpec,
+    PromptTemplate, RunEvent, RunSpec, RunSummary, RunUpdate, SamplingParams,
 };
 
 use crate::error::EngineError;
@@ -142,6 +142,14 @@ pub enum Request {
         cancel: CancelToken,
         on_event: Sink<ArenaEvent>,
         reply: Reply<ArenaItem>,
+    },
+    /// A judge votes on an arena's prompts (generating missing answers first); each
+    /// answer and verdict is its own generation request.
+    ArenaJudge {
+        spec: Box<JudgeSpec>,
+        cancel: CancelToken,
+        on_event: Sink<JudgeEvent>,
+        reply: Reply<JudgeReport>,
     },
     /// Evaluates a subject on a dataset.
     Evaluate {
@@ -382,6 +390,23 @@ impl Actor {
         Err(EngineError::Closing)
     }
 
+    /// Lets a judge vote on an arena (see [`Request::ArenaJudge`]) and waits for the
+    /// report; events go to `on_event` on the judging thread.
+    pub fn judge_arena(
+        &self,
+        spec: JudgeSpec,
+        cancel: &CancelToken,
+        on_event: Sink<JudgeEvent>,
+    ) -> Result<JudgeReport, EngineError> {
+        let cancel = cancel.clone();
+        self.call(move |reply| Request::ArenaJudge {
+            spec: Box::new(spec),
+            cancel,
+            on_event,
+            reply,
+        })
+    }
+
     pub fn start_run(
         &self,
         spec: RunSpec,
@@ -451,6 +476,7 @@ impl Request {
         match self {
             Request::Generate { reply, .. } => reply(Err(err)),
             Request::ArenaItem { reply, .. } => reply(Err(err)),
+            Request::ArenaJudge { reply, .. } => reply(Err(err)),
             Request::Evaluate { reply, .. } => reply(Err(err)),
             Request::EvaluateEndpoint { reply, .. } => reply(Err(err)),
             Request::StartRun { reply, .. } | Request::ResumeRun { reply, .. } => reply(Err(err)),
@@ -597,6 +623,45 @@ impl State {
                     });
                 if let Err(e) = spawned {
                     eprintln!("attune: cannot start an arena thread: {e}");
+                }
+            }
+            Request::ArenaJudge {
+                spec,
+                cancel,
+                mut on_event,
+                reply,
+            } => {
+                // Orchestration only, as for an arena item: every answer and verdict
+                // waits its turn as its own generation.
+                let actor = Actor {
+                    tx: self.tx.clone(),
+                    engine: Arc::clone(&self.engine),
+                };
+                let spawned = std::thread::Builder::new()
+                    .name("attune-judge".into())
+                    .spawn(move || {
+                        let engine = Arc::clone(&actor.engine);
+                        let result = engine.judge_arena_via(
+                            &spec,
+                            cancel.flag(),
+                            &mut *on_event,
+                            &mut |target, context, params, _, events| {
+                                actor.generate_here(
+                                    Generation {
+                                        client: "app:judge".into(),
+                                        target: target.clone(),
+                                        prompt: Prompt::Chat(context.to_vec()),
+                                        params: params.clone(),
+                                    },
+                                    &cancel,
+                                    events,
+                                )
+                            },
+                        );
+                        reply(result);
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("attune: cannot start a judge thread: {e}");
                 }
             }
             Request::Evaluate {
