@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod examples;
 pub mod optim;
 pub mod peft;
+pub mod pref;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
@@ -351,6 +352,16 @@ pub fn collate(
 /// Sum of the target tokens' negative log-likelihoods (a scalar tensor, differentiable when the
 /// model or the prefix holds variables). The lm_head runs on the scored positions only.
 pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<Tensor> {
+    if batch.targets.is_empty() {
+        return Ok(Tensor::zeros((), DType::F32, model.device())?);
+    }
+    Ok(token_nll(model, batch, prefix)?.sum_all()?)
+}
+
+/// The negative log-likelihood of each target token, `[n]` in the batch's row order
+/// (differentiable when the model or the prefix holds variables; preference training weighs
+/// them per sequence). The lm_head runs on the scored positions only.
+pub fn token_nll(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<Tensor> {
     let h = model.hidden_states(
         prefix.map(|p| p.unsqueeze(0)).transpose()?.as_ref(),
         &batch.ids,
@@ -358,7 +369,7 @@ pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<
     )?;
     let (b, w, hid) = h.dims3()?;
     if batch.targets.is_empty() {
-        return Ok(Tensor::zeros((), DType::F32, model.device())?);
+        return Ok(Tensor::zeros(0, DType::F32, model.device())?);
     }
     let h = h.reshape((b * w, hid))?.index_select(&batch.rows, 0)?;
     let head = model.lm_head();
@@ -370,11 +381,11 @@ pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<
                 _ if head.bf16_compute() => kernels::HeadBf16::PerCall,
                 _ => kernels::HeadBf16::Off,
             };
-            Ok(kernels::lm_head_nll(&h, w, bf16, &batch.targets)?.sum_all()?)
+            Ok(kernels::lm_head_nll(&h, w, bf16, &batch.targets)?)
         }
         _ => {
             let logits = head.forward(&h)?;
-            Ok(kernels::cross_entropy(&logits, &batch.targets)?.sum_all()?)
+            Ok(kernels::cross_entropy(&logits, &batch.targets)?)
         }
     }
 }
@@ -450,6 +461,39 @@ fn epoch_order(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
     order
 }
 
+/// The items (examples, preference pairs) of optimizer step `step` (0-based) out of `n`, as
+/// index lists per micro-batch: a function of the seed and the step only.
+pub fn batch_order(
+    n: usize,
+    step: usize,
+    batch_size: usize,
+    grad_accum: usize,
+    seed: u64,
+    shuffle: bool,
+) -> Vec<Vec<usize>> {
+    let per = batch_size * grad_accum;
+    let mut out = Vec::with_capacity(grad_accum);
+    let mut cur = Vec::with_capacity(batch_size);
+    let mut cached: Option<(usize, Vec<usize>)> = None;
+    if n == 0 {
+        return out;
+    }
+    for k in 0..per {
+        let global = step * per + k;
+        let epoch = global / n;
+        let order = match cached.take() {
+            Some((e, o)) if e == epoch => o,
+            _ => epoch_order(n, seed, epoch, shuffle),
+        };
+        cur.push(order[global % n]);
+        cached = Some((epoch, order));
+        if cur.len() == batch_size {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    out
+}
+
 /// Drives training one optimizer step at a time.
 pub struct Trainer {
     pub model: Llama,
@@ -510,25 +554,14 @@ impl Trainer {
 
     /// The examples of optimizer step `step` (0-based), as index lists per micro-batch.
     pub fn batch_indices(&self, step: usize) -> Vec<Vec<usize>> {
-        let n = self.examples.len();
-        let per = self.examples_per_step();
-        let mut out = Vec::with_capacity(self.config.grad_accum);
-        let mut cur = Vec::with_capacity(self.config.batch_size);
-        let mut cached: Option<(usize, Vec<usize>)> = None;
-        for k in 0..per {
-            let global = step * per + k;
-            let epoch = global / n;
-            let order = match cached.take() {
-                Some((e, o)) if e == epoch => o,
-                _ => epoch_order(n, self.config.seed, epoch, self.config.shuffle),
-            };
-            cur.push(order[global % n]);
-            cached = Some((epoch, order));
-            if cur.len() == self.config.batch_size {
-                out.push(std::mem::take(&mut cur));
-            }
-        }
-        out
+        batch_order(
+            self.examples.len(),
+            step,
+            self.config.batch_size,
+            self.config.grad_accum,
+            self.config.seed,
+            self.config.shuffle,
+        )
     }
 
     /// Epochs completed (fractional).
