@@ -15,10 +15,11 @@ use attune_models::chat_template::Message;
 use attune_models::linear::ComputeMode;
 use attune_models::loader::{self, LoadOptions};
 use attune_models::train::pref::{
-    render_pair, DpoLoss, PrefObjective, PrefPair, PrefText, PrefTrainer, Reference,
+    render_pair, DpoLoss, PrefObjective, PrefPair, PrefText, Reference,
 };
 use attune_models::train::{
-    self, AdamWConfig, LoraConfig, Method, Schedule, ScheduleKind, TrainConfig, LORA_TARGETS,
+    self, AdamWConfig, LoraConfig, Method, Schedule, ScheduleKind, TrainConfig, Trainer,
+    LORA_TARGETS,
 };
 use candle_core::Tensor;
 use common::model_path;
@@ -170,7 +171,7 @@ fn dpo_first_steps_match_trl() {
         loss: DpoLoss::Sigmoid,
     };
     let pad = loaded.tokenizer.eos_token_ids()[0];
-    let mut t = PrefTrainer::new(
+    let mut t = Trainer::new_preference(
         model,
         trainable,
         config,
@@ -182,15 +183,16 @@ fn dpo_first_steps_match_trl() {
     .expect("trainer");
     let want = r["steps"].as_array().expect("steps");
     for (i, w) in want.iter().enumerate().take(steps) {
-        let got = t.train_step().expect("step");
+        let m = t.train_step().expect("step");
+        let got = m.pref.clone().expect("preference figures");
         let f = |k: &str| w[k].as_f64().expect(k);
         eprintln!(
             "step {}: loss {:.6} (TRL {:.6}) grad_norm {:.5} ({:.5}) rewards {:.6}/{:.6} ({:.6}/{:.6}) \
              margin {:.6} ({:.6}) acc {} ({}) logps {:.4}/{:.4} ({:.4}/{:.4})",
             i + 1,
-            got.loss,
+            m.loss,
             f("loss"),
-            got.grad_norm,
+            m.grad_norm,
             f("grad_norm"),
             got.rewards_chosen,
             got.rewards_rejected,
@@ -220,7 +222,7 @@ fn dpo_first_steps_match_trl() {
             2e-3,
             &format!("{step} logps/rejected"),
         );
-        close(got.loss, f("loss"), 1e-4, &format!("{step} loss"));
+        close(m.loss, f("loss"), 1e-4, &format!("{step} loss"));
         close(
             got.rewards_chosen,
             f("rewards/chosen"),
@@ -246,7 +248,7 @@ fn dpo_first_steps_match_trl() {
             &format!("{step} accuracy"),
         );
         close(
-            got.grad_norm,
+            m.grad_norm,
             f("grad_norm"),
             1e-3 * f("grad_norm"),
             &format!("{step} grad_norm"),

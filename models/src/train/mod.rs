@@ -447,6 +447,10 @@ pub struct StepMetrics {
     /// Real tokens processed (forward + backward).
     pub tokens: usize,
     pub seconds: f64,
+    /// Preference training's figures (rewards, margin, accuracy, log-probs); `loss` is then
+    /// the preference loss.
+    #[serde(default)]
+    pub pref: Option<pref::PrefFigures>,
 }
 
 /// The position in the data: the order is a function of the seed and the epoch, so a step count
@@ -504,6 +508,8 @@ pub struct Trainer {
     pad_id: u32,
     /// Optimizer steps done.
     step: usize,
+    /// Set when training on preference pairs ([`Trainer::new_preference`]).
+    pref: Option<Box<pref::PrefState>>,
 }
 
 impl Trainer {
@@ -540,6 +546,7 @@ impl Trainer {
             examples,
             pad_id,
             step: 0,
+            pref: None,
         })
     }
 
@@ -587,6 +594,11 @@ impl Trainer {
 
     /// One optimizer step: forward and backward over `grad_accum` micro-batches, clip, AdamW.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
+        if let Some(mut st) = self.pref.take() {
+            let r = self.pref_step(&mut st);
+            self.pref = Some(st);
+            return r;
+        }
         let started = std::time::Instant::now();
         let micro = self.batch_indices(self.step);
         let n_prefix = self.trainable.prefix.as_ref().map_or(Ok(0), |p| p.dim(0))?;
@@ -651,6 +663,7 @@ impl Trainer {
             target_tokens: total_targets,
             tokens,
             seconds: started.elapsed().as_secs_f64(),
+            pref: None,
         })
     }
 

@@ -29,7 +29,8 @@ use std::collections::HashMap;
 use candle_core::{Tensor, Var};
 
 use super::{
-    batch_order, collate, optim, token_nll, AdamW, Batch, Example, Method, TrainConfig, Trainable,
+    batch_order, collate, optim, token_nll, Batch, Example, Method, StepMetrics, TrainConfig,
+    Trainable, Trainer,
 };
 use crate::chat_template::{ChatTemplate, Message};
 use crate::kernels;
@@ -232,15 +233,14 @@ pub enum Reference {
     None,
 }
 
-/// What one preference step did (means over the step's pairs, TRL's metrics).
+/// What one preference step measured, besides the loss (means over the step's pairs, TRL's
+/// metrics).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PrefStepMetrics {
-    pub step: usize,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
+pub struct PrefFigures {
+    /// beta (log pi - log ref) of the chosen answers (ORPO: beta times the mean token log-prob).
     pub rewards_chosen: f64,
     pub rewards_rejected: f64,
+    /// `rewards_chosen - rewards_rejected`.
     pub margin: f64,
     /// Fraction of pairs whose chosen reward is strictly above the rejected one.
     pub accuracy: f64,
@@ -248,9 +248,22 @@ pub struct PrefStepMetrics {
     pub logps_chosen: f64,
     pub logps_rejected: f64,
     pub pairs: usize,
-    pub target_tokens: usize,
-    pub tokens: usize,
-    pub seconds: f64,
+}
+
+/// A [`Trainer`]'s preference side: the objective, the pairs, the reference and its
+/// log-probs.
+pub struct PrefState {
+    pub objective: PrefObjective,
+    reference: Reference,
+    pairs: Vec<PrefPair>,
+    /// Reference log-probs (chosen, rejected) by pair index.
+    ref_logps: HashMap<usize, (f64, f64)>,
+}
+
+impl PrefState {
+    pub fn pairs(&self) -> &[PrefPair] {
+        &self.pairs
+    }
 }
 
 /// Per-sequence sums over the scored tokens, in `collate`'s row order.
@@ -336,41 +349,23 @@ fn pair_loss(
     }
 }
 
-/// Drives preference training one optimizer step at a time (the counterpart of
-/// [`super::Trainer`], with the same data order, AdamW, schedule and clipping).
-pub struct PrefTrainer {
-    pub model: Llama,
-    pub trainable: Trainable,
-    pub config: TrainConfig,
-    pub optimizer: AdamW,
-    pub objective: PrefObjective,
-    reference: Reference,
-    pairs: Vec<PrefPair>,
-    pad_id: u32,
-    /// Reference log-probs (chosen, rejected) by pair index.
-    ref_logps: HashMap<usize, (f64, f64)>,
-    step: usize,
-}
-
-impl PrefTrainer {
-    /// `model` must already be [`super::prepare`]d into `trainable`. DPO needs `reference`:
-    /// [`Reference::AdapterOff`] for LoRA and soft prompts, [`Reference::Copy`] for full
-    /// fine-tuning.
-    pub fn new(
-        mut model: Llama,
+impl Trainer {
+    /// A trainer of `objective` on preference `pairs` (`model` already [`super::prepare`]d into
+    /// `trainable`), with the same data order, AdamW, schedule, clipping and checkpoints as
+    /// supervised training; [`Trainer::train_step`] then returns [`PrefFigures`] with each step.
+    /// DPO needs `reference`: [`Reference::AdapterOff`] for LoRA and soft prompts,
+    /// [`Reference::Copy`] for full fine-tuning. Evaluation scores the chosen answers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_preference(
+        model: Llama,
         trainable: Trainable,
         config: TrainConfig,
         objective: PrefObjective,
         reference: Reference,
         pairs: Vec<PrefPair>,
         pad_id: u32,
-    ) -> Result<PrefTrainer> {
+    ) -> Result<Trainer> {
         objective.check()?;
-        if config.batch_size == 0 || config.grad_accum == 0 {
-            return Err(Error::InvalidParams(
-                "batch size and gradient accumulation must be at least 1".into(),
-            ));
-        }
         if pairs.is_empty() {
             return Err(Error::InvalidParams("no preference pairs".into()));
         }
@@ -399,60 +394,31 @@ impl PrefTrainer {
             }
             _ => {}
         }
-        crate::tune_allocator();
-        model.set_layer_fusion(crate::llama::LayerFusion::All);
-        let optimizer = AdamW::new(&trainable.params, config.optimizer.clone())?;
-        Ok(PrefTrainer {
-            model,
-            trainable,
-            config,
-            optimizer,
+        let chosen = pairs.iter().map(|p| p.chosen.clone()).collect();
+        let mut t = Trainer::new(model, trainable, config, chosen, pad_id)?;
+        t.pref = Some(Box::new(PrefState {
             objective,
             reference,
             pairs,
-            pad_id,
             ref_logps: HashMap::new(),
-            step: 0,
-        })
+        }));
+        Ok(t)
     }
 
-    pub fn step(&self) -> usize {
-        self.step
-    }
-
-    pub fn set_step(&mut self, step: usize) {
-        self.step = step;
-    }
-
-    pub fn pairs(&self) -> &[PrefPair] {
-        &self.pairs
-    }
-
-    /// Epochs completed (fractional).
-    pub fn epoch(&self) -> f64 {
-        (self.step * self.config.batch_size * self.config.grad_accum) as f64
-            / self.pairs.len() as f64
-    }
-
-    fn prefix_tensor(&self) -> Option<Tensor> {
-        self.trainable
-            .prefix
-            .as_ref()
-            .map(|v| v.as_tensor().clone())
-    }
-
-    fn set_dropout_seed(&mut self, seed: Option<u64>) {
-        for (i, (_, lin)) in self.model.linears_mut().into_iter().enumerate() {
-            if let Some(l) = lin.lora_mut() {
-                l.dropout_seed =
-                    seed.map(|s| s ^ ((i as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93)));
-            }
-        }
+    /// The preference side, when this trainer trains on pairs.
+    pub fn preference(&self) -> Option<&PrefState> {
+        self.pref.as_deref()
     }
 
     /// The reference's summed answer log-probs of the sequences of `batch`.
-    fn reference_sums(&mut self, batch: &Batch, seq: &[usize], n_seq: usize) -> Result<Vec<f64>> {
-        let nll = match &self.reference {
+    fn reference_sums(
+        &mut self,
+        st: &PrefState,
+        batch: &Batch,
+        seq: &[usize],
+        n_seq: usize,
+    ) -> Result<Vec<f64>> {
+        let nll = match &st.reference {
             Reference::Copy(m) => token_nll(m, batch, None)?,
             Reference::AdapterOff => {
                 // The LoRA branches with scale 0: the base's own product plus an exact zero,
@@ -483,11 +449,10 @@ impl PrefTrainer {
         Ok(sums(&v, seq, n_seq).into_iter().map(|s| -s).collect())
     }
 
-    /// One optimizer step over `batch_size * grad_accum` pairs.
-    pub fn train_step(&mut self) -> Result<PrefStepMetrics> {
+    pub(super) fn pref_step(&mut self, st: &mut PrefState) -> Result<StepMetrics> {
         let started = std::time::Instant::now();
         let micro = batch_order(
-            self.pairs.len(),
+            st.pairs.len(),
             self.step,
             self.config.batch_size,
             self.config.grad_accum,
@@ -506,8 +471,8 @@ impl PrefTrainer {
             // TRL's batch layout: every chosen sequence, then every rejected one.
             let owned: Vec<Example> = idx
                 .iter()
-                .map(|&i| self.pairs[i].chosen.clone())
-                .chain(idx.iter().map(|&i| self.pairs[i].rejected.clone()))
+                .map(|&i| st.pairs[i].chosen.clone())
+                .chain(idx.iter().map(|&i| st.pairs[i].rejected.clone()))
                 .collect();
             let ex: Vec<&Example> = owned.iter().collect();
             let batch = collate(&ex, self.pad_id, 0, &device)?;
@@ -517,14 +482,14 @@ impl PrefTrainer {
                 .collect();
             tokens += batch.n_tokens;
             target_tokens += batch.targets.len();
-            let refs: Vec<(f64, f64)> = if self.objective.needs_reference() {
-                if idx.iter().any(|i| !self.ref_logps.contains_key(i)) {
-                    let r = self.reference_sums(&batch, &seq, 2 * b)?;
+            let refs: Vec<(f64, f64)> = if st.objective.needs_reference() {
+                if idx.iter().any(|i| !st.ref_logps.contains_key(i)) {
+                    let r = self.reference_sums(st, &batch, &seq, 2 * b)?;
                     for (k, &i) in idx.iter().enumerate() {
-                        self.ref_logps.insert(i, (r[k], r[b + k]));
+                        st.ref_logps.insert(i, (r[k], r[b + k]));
                     }
                 }
-                idx.iter().map(|i| self.ref_logps[i]).collect()
+                idx.iter().map(|i| st.ref_logps[i]).collect()
             } else {
                 vec![(0.0, 0.0); b]
             };
@@ -545,7 +510,7 @@ impl PrefTrainer {
             let mut dlogp = vec![0f64; 2 * b];
             for k in 0..b {
                 let (l, dc, dr, rc_, rr_) = pair_loss(
-                    &self.objective,
+                    &st.objective,
                     lp[k],
                     lp[b + k],
                     refs[k].0,
@@ -564,7 +529,7 @@ impl PrefTrainer {
             }
             // logp = -sum nll: the weight of each token's NLL is -dL/dlogp of its sequence.
             let mut g: Vec<f32> = seq.iter().map(|&s| (-dlogp[s]) as f32).collect();
-            if let PrefObjective::Orpo { .. } = self.objective {
+            if let PrefObjective::Orpo { .. } = st.objective {
                 // The chosen answers' mean token NLL (over the micro-batch, as TRL), averaged
                 // over the micro-batches.
                 let chosen_tokens: usize = counts[..b].iter().sum();
@@ -609,21 +574,23 @@ impl PrefTrainer {
         self.optimizer
             .step(&self.trainable.params, &grads, lr, clip)?;
         self.step += 1;
-        Ok(PrefStepMetrics {
+        Ok(StepMetrics {
             step: self.step,
             loss,
             lr,
             grad_norm,
-            rewards_chosen: rw_c,
-            rewards_rejected: rw_r,
-            margin: rw_c - rw_r,
-            accuracy: acc,
-            logps_chosen: lp_c,
-            logps_rejected: lp_r,
-            pairs: total_pairs,
             target_tokens,
             tokens,
             seconds: started.elapsed().as_secs_f64(),
+            pref: Some(PrefFigures {
+                rewards_chosen: rw_c,
+                rewards_rejected: rw_r,
+                margin: rw_c - rw_r,
+                accuracy: acc,
+                logps_chosen: lp_c,
+                logps_rejected: lp_r,
+                pairs: total_pairs,
+            }),
         })
     }
 }
