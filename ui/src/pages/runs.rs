@@ -201,6 +201,7 @@ pub fn RunsPage() -> impl IntoView {
                         tokens_per_s: None,
                         memory_mb: None,
                         at: String::new(),
+                        pref: None,
                     });
                 }
             }),
