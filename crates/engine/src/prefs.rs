@@ -367,3 +367,6 @@ impl Engine {
         self.store_pref_set(&name, &format!("arena:{}", a.id), rows, info)
     }
 }
+
+#[cfg(test)]
+mod tests;
