@@ -326,11 +326,16 @@ fn train_dpo_from_a_preference_file_prints_rewards() {
         "{text}"
     );
     // Step 1: the adapter starts at zero, so the policy is its reference.
-    assert!(text.contains("loss 0.6931") && text.contains("margin 0.0000"), "{text}");
+    assert!(
+        text.contains("loss 0.6931") && text.contains("margin 0.0000"),
+        "{text}"
+    );
     // Supervised training on the pairs, DPO on single answers, --arena without dpo.
     let err = env.fails(&["train", "--model", "1", "--data", "prefs-sample"]);
     assert!(err.contains("--method dpo|orpo"), "{err}");
-    let err = env.fails(&["train", "--model", "1", "--data", "tiny", "--method", "orpo"]);
+    let err = env.fails(&[
+        "train", "--model", "1", "--data", "tiny", "--method", "orpo",
+    ]);
     assert!(err.contains("single answers"), "{err}");
     let err = env.fails(&["train", "--model", "1", "--arena", "1"]);
     assert!(err.contains("--method dpo or orpo"), "{err}");

@@ -238,6 +238,26 @@ fn prefs_dpo_and_orpo_runs_record_rewards_and_register_adapters() {
         dpo_full.total > orpo_full.total + copy,
         "{dpo_full:?} vs {orpo_full:?}"
     );
+    // And it trains: at step 1 the copy and the model agree (the copy runs the inference
+    // kernels, so to rounding, not exactly), so the loss is ln 2.
+    full.steps = Some(1);
+    full.lr = Some(1e-5);
+    let run = e.create_run(&full).expect("create full dpo");
+    let done = e
+        .execute_run(run.id, &mut |_| {}, &RunControl::new())
+        .expect("execute full dpo");
+    assert_eq!(done.status, RunStatus::Completed, "{done:?}");
+    let m = e.run_detail("full").expect("detail").metrics;
+    let first = m
+        .iter()
+        .find(|m| m.kind == MetricKind::Train)
+        .expect("step");
+    let p = first.pref.expect("figures");
+    assert!(
+        (first.loss - std::f64::consts::LN_2).abs() < 1e-4,
+        "{first:?}"
+    );
+    assert!(p.margin.abs() < 1e-3, "{p:?}");
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
