@@ -291,7 +291,7 @@ fn train_refusals_are_one_line_errors() {
 fn train_dpo_from_a_preference_file_prints_rewards() {
     let env = Env::new();
     env.setup();
-    let prefs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prefs-sample.jsonl");
+    let prefs = attune_test_support::test_data("prefs-sample.jsonl");
     let prefs = prefs.to_str().expect("utf-8");
     let dpo = [
         "train",

@@ -1,7 +1,7 @@
 //! Preference sets and DPO/ORPO runs on the real default model (SQLite on disk, tiny budgets).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use attune_protocol::{
@@ -12,16 +12,6 @@ use attune_protocol::{
 use super::*;
 use crate::runs::RunControl;
 
-fn real_model() -> PathBuf {
-    let p = attune_models::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
-
 fn engine() -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = Engine::open(&dir.path().join("data")).expect("open engine");
@@ -29,7 +19,7 @@ fn engine() -> (tempfile::TempDir, Engine) {
 }
 
 fn sample() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prefs-sample.jsonl")
+    attune_test_support::test_data("prefs-sample.jsonl")
 }
 
 fn stored(e: &Engine, set: &PreferenceSet) -> Vec<Value> {
@@ -122,7 +112,10 @@ fn pref_spec(model: i64, dataset: i64, name: &str, objective: PreferenceObjectiv
 #[test]
 fn prefs_dpo_and_orpo_runs_record_rewards_and_register_adapters() {
     let (dir, e) = engine();
-    let model = e.add_local_model(&real_model()).expect("model").model;
+    let model = e
+        .add_local_model(&attune_test_support::default_model())
+        .expect("model")
+        .model;
     let set = e.import_preferences(&sample(), "prefs").expect("import");
     let run = e
         .create_run(&pref_spec(
@@ -272,7 +265,10 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 #[test]
 fn prefs_from_arena_votes_leave_out_ties_both_bad_and_unvoted() {
     let (_dir, e) = engine();
-    let model = e.add_local_model(&real_model()).expect("add").model;
+    let model = e
+        .add_local_model(&attune_test_support::default_model())
+        .expect("add")
+        .model;
     let template = e
         .save_template(&TemplateDraft {
             name: "Pirate".into(),
