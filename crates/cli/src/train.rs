@@ -9,7 +9,8 @@ use anyhow::{bail, Result};
 use attune_engine::{Actor, CancelToken, Engine, Request};
 use attune_protocol::{
     AdapterSummary, BundleEngine, EvalOptions, EvalReport, EvalSubject, LossOn, LrSchedule,
-    MethodSpec, RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
+    MethodSpec, PreferenceLoss, PreferenceObjective, PreferenceSet, PreferenceSpec, RunDetail,
+    RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
 };
 use clap::{Args, Subcommand};
 
@@ -20,12 +21,29 @@ pub struct TrainArgs {
     /// Model id or name.
     #[arg(long, short)]
     model: String,
-    /// Dataset id or name.
-    #[arg(long, short)]
-    data: String,
-    /// full, lora or prompt.
-    #[arg(long, value_parser = ["full", "lora", "prompt"], default_value = "lora")]
+    /// Dataset id or name; with --method dpo|orpo, a preference set or a preference JSONL
+    /// file (`prompt`/`chosen`/`rejected`, strings or chat messages, as TRL reads it), which
+    /// is imported under its file name.
+    #[arg(long, short, required_unless_present = "arena")]
+    data: Option<String>,
+    /// full, lora or prompt; or dpo / orpo: preference training on chosen/rejected pairs
+    /// (what is trained then: --adapter).
+    #[arg(long, value_parser = ["full", "lora", "prompt", "dpo", "orpo"], default_value = "lora")]
     method: String,
+    /// DPO / ORPO on the pairs made from this arena's votes (ties, "both bad" and unvoted
+    /// prompts are left out and counted).
+    #[arg(long, conflicts_with = "data")]
+    arena: Option<i64>,
+    /// With --method dpo|orpo: what is trained (lora, full or prompt). DPO's reference is the
+    /// base with the adapter off (lora, prompt) or a frozen copy of the model (full).
+    #[arg(long, value_parser = ["full", "lora", "prompt"], default_value = "lora")]
+    adapter: String,
+    /// DPO: the pull towards the reference; ORPO: the odds-ratio weight.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// DPO's loss: sigmoid (the paper's), hinge or ipo.
+    #[arg(long, value_parser = ["sigmoid", "hinge", "ipo"], default_value = "sigmoid")]
+    loss_type: String,
     /// Run name (default: <method>-<dataset>); the adapter gets the same name.
     #[arg(long)]
     name: Option<String>,
@@ -112,8 +130,31 @@ fn parse_schedule(s: &str) -> Result<LrSchedule, String> {
 }
 
 impl TrainArgs {
-    fn spec(&self) -> RunSpec {
-        let method = match self.method.as_str() {
+    /// The preference settings when --method is dpo or orpo.
+    fn preference(&self) -> Option<PreferenceSpec> {
+        let objective = match self.method.as_str() {
+            "dpo" => PreferenceObjective::Dpo,
+            "orpo" => PreferenceObjective::Orpo,
+            _ => return None,
+        };
+        Some(PreferenceSpec {
+            objective,
+            beta: self.beta,
+            loss: match self.loss_type.as_str() {
+                "hinge" => PreferenceLoss::Hinge,
+                "ipo" => PreferenceLoss::Ipo,
+                _ => PreferenceLoss::Sigmoid,
+            },
+        })
+    }
+
+    fn spec(&self, dataset: String) -> RunSpec {
+        let preference = self.preference();
+        let trained = match preference {
+            Some(_) => self.adapter.as_str(),
+            None => self.method.as_str(),
+        };
+        let method = match trained {
             "full" => MethodSpec::Full,
             "prompt" => MethodSpec::Prompt {
                 virtual_tokens: self.virtual_tokens,
@@ -142,8 +183,9 @@ impl TrainArgs {
         RunSpec {
             name: self.name.clone(),
             model: self.model.clone(),
-            dataset: self.data.clone(),
+            dataset,
             method,
+            preference,
             batch_size: self.batch_size,
             grad_accum: self.grad_accum,
             steps: self.steps,
@@ -309,6 +351,17 @@ fn metric_line(m: &RunMetric, total: u64) -> String {
     if let Some(mb) = m.memory_mb {
         line.push_str(&format!("  {mb:.0} MiB"));
     }
+    if let Some(p) = &m.pref {
+        line.push_str(&format!(
+            "  margin {:.4}  acc {:.2}  rewards {:.4}/{:.4}  logps {:.2}/{:.2}",
+            p.margin,
+            p.accuracy,
+            p.rewards_chosen,
+            p.rewards_rejected,
+            p.logps_chosen,
+            p.logps_rejected
+        ));
+    }
     line
 }
 
@@ -430,8 +483,28 @@ fn print_adapter_metrics(a: &AdapterSummary) {
 }
 
 pub fn train(actor: &Actor, args: TrainArgs) -> Result<()> {
+    let dataset = match (&args.data, args.arena, args.preference()) {
+        (_, Some(_), None) => bail!("--arena trains on preference pairs: add --method dpo or orpo"),
+        (_, Some(arena), Some(_)) => {
+            let set = actor.engine().preferences_from_arena(arena, None)?;
+            print_preference_set(&set);
+            set.dataset.name
+        }
+        (Some(d), None, Some(_)) if std::path::Path::new(d).is_file() => {
+            let path = std::path::Path::new(d);
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "preferences".into());
+            let set = actor.engine().import_preferences(path, &name)?;
+            print_preference_set(&set);
+            set.dataset.name
+        }
+        (Some(d), None, _) => d.clone(),
+        (None, None, _) => bail!("name the training data: --data D (or --arena ID with dpo/orpo)"),
+    };
     if args.create_only {
-        let r = actor.engine().create_run_for_export(&args.spec())?;
+        let r = actor.engine().create_run_for_export(&args.spec(dataset))?;
         println!(
             "recorded run {} '{}' ({} steps, estimated peak {} MiB), not trained here: \
              `attune runs export {} --engine trl --out DIR` writes it for a GPU machine, \
@@ -440,7 +513,23 @@ pub fn train(actor: &Actor, args: TrainArgs) -> Result<()> {
         );
         return Ok(());
     }
-    drive(actor, Drive::New(Box::new(args.spec())))
+    drive(actor, Drive::New(Box::new(args.spec(dataset))))
+}
+
+fn print_preference_set(s: &PreferenceSet) {
+    eprintln!(
+        "preference set '{}' (id {}): {} pairs",
+        s.dataset.name, s.dataset.id, s.pairs
+    );
+    if s.source == "arena" {
+        eprintln!(
+            "  from arena {}: left out {} ties, {} 'both bad', {} not voted",
+            s.arena_id.map_or("?".to_string(), |a| a.to_string()),
+            s.ties_skipped,
+            s.both_bad_skipped,
+            s.unvoted_skipped
+        );
+    }
 }
 
 pub fn runs(actor: &Actor, cmd: RunsCommand) -> Result<()> {

@@ -457,3 +457,72 @@ fn bundle_export_then_result_import_with_provenance() {
     ]);
     assert!(err.contains("Axolotl does not have"), "{err}");
 }
+
+/// `attune train --method dpo|orpo` on a preference JSONL (imported under its file name) and
+/// the refusals that name what to do instead.
+#[test]
+fn train_dpo_from_a_preference_file_prints_rewards() {
+    let env = Env::new();
+    env.setup();
+    let prefs = attune_test_support::test_data("prefs-sample.jsonl");
+    let prefs = prefs.to_str().expect("utf-8");
+    let dpo = [
+        "train",
+        "--model",
+        "1",
+        "--method",
+        "dpo",
+        "--data",
+        prefs,
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-len",
+        "128",
+        "--lora-r",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--forgetting-rows",
+        "0",
+    ];
+    let out = env.run(&dpo);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("preference set 'prefs-sample'") && text.contains("6 pairs"),
+        "{text}"
+    );
+    // Step 1: the adapter starts at zero, so the policy is its reference.
+    assert!(
+        text.contains("loss 0.6931") && text.contains("margin 0.0000"),
+        "{text}"
+    );
+    // Supervised training on the pairs, DPO on single answers, --arena without dpo.
+    let err = env.fails(&["train", "--model", "1", "--data", "prefs-sample"]);
+    assert!(err.contains("--method dpo|orpo"), "{err}");
+    let err = env.fails(&[
+        "train", "--model", "1", "--data", "tiny", "--method", "orpo",
+    ]);
+    assert!(err.contains("single answers"), "{err}");
+    let err = env.fails(&["train", "--model", "1", "--arena", "1"]);
+    assert!(err.contains("--method dpo or orpo"), "{err}");
+    // A bundle carries supervised fine-tuning only: the DPO run is refused, nothing written.
+    let bundle = env.path("dpo-bundle");
+    let err = env.fails(&[
+        "runs",
+        "export",
+        "1",
+        "--engine",
+        "trl",
+        "--out",
+        bundle.to_str().expect("utf-8"),
+    ]);
+    assert!(err.contains("preference training"), "{err}");
+    assert!(!bundle.exists(), "nothing may be written");
+}

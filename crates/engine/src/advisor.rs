@@ -188,7 +188,7 @@ fn preset_max_len(longest: u64, context: usize) -> usize {
         .min(context.max(2))
 }
 
-fn model_path(m: &ModelSummary) -> PathBuf {
+pub(crate) fn model_path(m: &ModelSummary) -> PathBuf {
     match &m.source {
         ModelSource::Local { path } | ModelSource::Hub { path, .. } => PathBuf::from(path),
     }

@@ -1261,6 +1261,7 @@ pub(crate) fn metrics_from_trainer_state(
                 grad_norm: h.get("grad_norm").and_then(Value::as_f64),
                 tokens_per_s: None,
                 memory_mb: None,
+                pref: None,
                 at: now.to_string(),
             },
         );
@@ -1291,6 +1292,16 @@ impl Engine {
                  --engine trl (PEFT's prompt tuning)",
                 r.name
             )));
+        }
+        if spec.preference.is_some() {
+            // The bundle's scripts are supervised fine-tuning (SFTTrainer, Axolotl's SFT); a
+            // preference run exported as one would silently train something else.
+            return Err(EngineError::ExportUnsupported {
+                what: format!("run '{}'", r.name),
+                reason: "it is preference training (DPO/ORPO), and bundles carry supervised \
+                         fine-tuning only (TRL's SFTTrainer, Axolotl's SFT) for now"
+                    .into(),
+            });
         }
         check_empty_destination(out)?;
         let model = self.find_model(&r.model_id.to_string())?;

@@ -1116,7 +1116,7 @@ fn plan(path: &Path, opts: &ImportOptions) -> Result<Plan, EngineError> {
     })
 }
 
-fn absolute(path: &Path) -> String {
+pub(crate) fn absolute(path: &Path) -> String {
     std::fs::canonicalize(path)
         .or_else(|_| std::path::absolute(path))
         .unwrap_or_else(|_| path.to_path_buf())
@@ -1125,7 +1125,9 @@ fn absolute(path: &Path) -> String {
 }
 
 /// SHA-256 over `{split}\t{data}\t{label as JSON}\n` for every row, in order.
-fn content_hash<'a>(rows: impl Iterator<Item = (&'a str, &'a str, Option<&'a str>)>) -> String {
+pub(crate) fn content_hash<'a>(
+    rows: impl Iterator<Item = (&'a str, &'a str, Option<&'a str>)>,
+) -> String {
     let mut h = Sha256::new();
     for (split, data, label) in rows {
         h.update(split.as_bytes());
@@ -1138,7 +1140,7 @@ fn content_hash<'a>(rows: impl Iterator<Item = (&'a str, &'a str, Option<&'a str
     hex::encode(h.finalize())
 }
 
-fn summary(rec: &DatasetRecord, db: &Path) -> Result<DatasetSummary, EngineError> {
+pub(crate) fn summary(rec: &DatasetRecord, db: &Path) -> Result<DatasetSummary, EngineError> {
     let bad = |field: &str, value: &str| {
         EngineError::db(
             db,

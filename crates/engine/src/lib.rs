@@ -23,6 +23,7 @@ mod export;
 mod files;
 mod hub;
 mod playground;
+mod prefs;
 mod registry;
 mod runs;
 mod settings;

@@ -157,11 +157,26 @@ pub struct MemoryEstimate {
     pub held: u64,
     /// This process's resident memory when the estimate was made (0 when unknown).
     pub resident: u64,
+    /// DPO on full fine-tuning: the frozen f32 reference copy of the model (0 otherwise;
+    /// LoRA's and soft prompts' reference is the base itself). Set by
+    /// [`MemoryEstimate::with_reference_copy`].
+    pub reference: u64,
     /// The peak: every part above but `resident`, times [`MEMORY_MARGIN`].
     pub total: u64,
 }
 
 impl MemoryEstimate {
+    /// Adds a frozen f32 copy of a model shaped like `cfg` (DPO's reference on full
+    /// fine-tuning) to the peak.
+    pub fn with_reference_copy(mut self, cfg: &Config) -> MemoryEstimate {
+        let bytes = (cfg.num_parameters() as u64).saturating_mul(4);
+        self.reference = bytes;
+        self.total = self
+            .total
+            .saturating_add((bytes as f64 * MEMORY_MARGIN).ceil() as u64);
+        self
+    }
+
     pub fn total_mb(&self) -> u64 {
         self.total.div_ceil(1 << 20)
     }
@@ -348,6 +363,7 @@ pub fn estimate_memory(
         runtime,
         held: 0,
         resident: 0,
+        reference: 0,
         total: (sum as f64 * MEMORY_MARGIN).ceil() as u64,
     }
 }
@@ -744,6 +760,14 @@ fn metric_dto(m: &MetricRow) -> RunMetric {
         tokens_per_s: m.tokens_per_s,
         memory_mb: m.memory_mb,
         at: m.at.clone(),
+        pref: m.pref.map(|p| attune_protocol::PrefMetric {
+            rewards_chosen: p[0],
+            rewards_rejected: p[1],
+            margin: p[2],
+            accuracy: p[3],
+            logps_chosen: p[4],
+            logps_rejected: p[5],
+        }),
     }
 }
 
@@ -761,6 +785,32 @@ fn metric_row(m: &RunMetric) -> MetricRow {
         tokens_per_s: m.tokens_per_s,
         memory_mb: m.memory_mb,
         at: m.at.clone(),
+        pref: m.pref.map(|p| {
+            [
+                p.rewards_chosen,
+                p.rewards_rejected,
+                p.margin,
+                p.accuracy,
+                p.logps_chosen,
+                p.logps_rejected,
+            ]
+        }),
+    }
+}
+
+/// The models crate's preference objective for a run's settings.
+pub(crate) fn pref_objective(p: &attune_protocol::PreferenceSpec) -> train::pref::PrefObjective {
+    use attune_protocol::{PreferenceLoss, PreferenceObjective};
+    match p.objective {
+        PreferenceObjective::Dpo => train::pref::PrefObjective::Dpo {
+            beta: p.beta,
+            loss: match p.loss {
+                PreferenceLoss::Sigmoid => train::pref::DpoLoss::Sigmoid,
+                PreferenceLoss::Hinge => train::pref::DpoLoss::Hinge,
+                PreferenceLoss::Ipo => train::pref::DpoLoss::Ipo,
+            },
+        },
+        PreferenceObjective::Orpo => train::pref::PrefObjective::Orpo { beta: p.beta },
     }
 }
 
@@ -881,6 +931,40 @@ impl Engine {
         }
         // The lengths first: tokenizing loads the model into this process's cache, where it
         // stays while the run trains here, so the estimate's `held` must see it.
+        let pref_set = self.store.pref_set(dataset.id)?;
+        match (&spec.preference, &pref_set) {
+            (None, Some(_)) => {
+                return Err(EngineError::InvalidInput(format!(
+                    "dataset '{}' is a preference set (chosen/rejected pairs): train it with DPO \
+                     or ORPO (`attune train --method dpo|orpo`)",
+                    dataset.name
+                )))
+            }
+            (Some(p), None) => {
+                return Err(EngineError::InvalidInput(format!(
+                    "{} trains on a preference set and dataset '{}' holds single answers: import \
+                     chosen/rejected pairs (`attune train --data PREFS.jsonl`) or make them from \
+                     an arena's votes (`--arena ID`)",
+                    p.objective.as_str(),
+                    dataset.name
+                )))
+            }
+            (Some(p), Some(_)) => {
+                if !(p.beta.is_finite() && p.beta > 0.0) {
+                    return Err(EngineError::InvalidInput(format!(
+                        "beta {} must be a positive number",
+                        p.beta
+                    )));
+                }
+                if spec.pack {
+                    return Err(EngineError::InvalidInput(
+                        "preference pairs cannot be packed: turn packing off".into(),
+                    ));
+                }
+                return self.plan_preference_run(spec, p, model, dataset, &cfg);
+            }
+            (None, None) => {}
+        }
         let lengths = self.train_lengths(&dataset, &model)?;
         let memory = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
         let available = available_memory();
@@ -909,6 +993,56 @@ impl Engine {
             fits,
             total_steps,
             mean_example_tokens,
+        })
+    }
+
+    /// [`Engine::plan_run`] for a preference run: the pairs as TRL tokenizes them (a pair
+    /// whose prompt fills `max_len` is left out), a step of `batch_size` pairs runs
+    /// `2 * batch_size` sequences, and DPO on full fine-tuning holds a frozen reference copy.
+    fn plan_preference_run(
+        &self,
+        spec: &RunSpec,
+        p: &attune_protocol::PreferenceSpec,
+        model: attune_protocol::ModelSummary,
+        dataset: attune_protocol::DatasetSummary,
+        cfg: &Config,
+    ) -> Result<RunPlan, EngineError> {
+        let path = crate::advisor::model_path(&model);
+        let (_, tok, tmpl) =
+            attune_models::loader::text_side(&path).map_err(|source| EngineError::ModelLoad {
+                name: model.name.clone(),
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        let rows = self.store.dataset_rows(dataset.id, "train")?;
+        let (pairs, _) =
+            crate::prefs::render_rows(&tok, &tmpl, &rows, spec.max_len, &dataset.name)?;
+        if pairs.is_empty() {
+            return Err(EngineError::InvalidInput(format!(
+                "every pair of '{}' has a prompt of at least {} tokens: raise the max length",
+                dataset.name, spec.max_len
+            )));
+        }
+        let mut memory = self.run_memory(cfg, &spec.method, 2 * spec.batch_size, spec.max_len);
+        if p.objective == attune_protocol::PreferenceObjective::Dpo
+            && matches!(spec.method, MethodSpec::Full)
+        {
+            memory = memory.with_reference_copy(cfg);
+        }
+        let available = available_memory();
+        let fits = available.is_none_or(|a| memory.needed() <= a);
+        let tokens: usize = pairs
+            .iter()
+            .map(|q| q.chosen.ids.len() + q.rejected.ids.len())
+            .sum();
+        Ok(RunPlan {
+            total_steps: total_steps(spec, pairs.len() as u64),
+            mean_example_tokens: tokens as f64 / (2 * pairs.len()) as f64,
+            model,
+            dataset,
+            memory,
+            available,
+            fits,
         })
     }
 
@@ -1345,7 +1479,17 @@ impl Engine {
                 })
                 .collect::<Result<Vec<Example>, EngineError>>()
         };
-        let mut train_examples = render_split(SplitName::Train, None, &train_opts)?;
+        let pref_pairs = match &spec.preference {
+            Some(_) => {
+                let rows = self.store.dataset_rows(ds.id, "train")?;
+                Some(crate::prefs::render_rows(&tok, &tmpl, &rows, spec.max_len, &ds.name)?.0)
+            }
+            None => None,
+        };
+        let mut train_examples = match pref_pairs {
+            Some(_) => Vec::new(),
+            None => render_split(SplitName::Train, None, &train_opts)?,
+        };
         if spec.pack {
             train_examples = train::pack_all(&train_examples, spec.max_len);
         }
@@ -1381,8 +1525,38 @@ impl Engine {
             seed: spec.seed,
             shuffle: true,
         };
-        let mut trainer =
-            train::Trainer::new(llama, trainable, config, train_examples, pad_id).map_err(terr)?;
+        let mut trainer = match (pref_pairs, &spec.preference) {
+            (Some(pairs), Some(p)) => {
+                let objective = pref_objective(p);
+                let reference = match (&objective, &spec.method) {
+                    (train::pref::PrefObjective::Orpo { .. }, _) => train::pref::Reference::None,
+                    (_, MethodSpec::Full) => {
+                        // A frozen copy of the starting model, as the memory estimate counts.
+                        let copy = attune_models::loader::load(
+                            &model_path,
+                            &LoadOptions {
+                                compute: ComputeMode::F32,
+                            },
+                        )
+                        .map_err(|source| EngineError::ModelLoad {
+                            name: model_row.name.clone(),
+                            path: model_path.clone(),
+                            source: Box::new(source),
+                        })?;
+                        let mut m = copy.model;
+                        m.set_layer_fusion(attune_models::llama::LayerFusion::All);
+                        train::pref::Reference::Copy(Box::new(m))
+                    }
+                    _ => train::pref::Reference::AdapterOff,
+                };
+                train::Trainer::new_preference(
+                    llama, trainable, config, objective, reference, pairs, pad_id,
+                )
+                .map_err(terr)?
+            }
+            _ => train::Trainer::new(llama, trainable, config, train_examples, pad_id)
+                .map_err(terr)?,
+        };
         if let Some((_, dir)) = train::checkpoint::latest(&ckpt_root) {
             trainer.load_checkpoint(&dir).map_err(terr)?;
         }
@@ -1426,6 +1600,7 @@ impl Engine {
                         tokens_per_s: None,
                         memory_mb: rss,
                         at: crate::clock::now_rfc3339(),
+                        pref: None,
                     },
                 )?;
                 observer(RunEvent::Eval {
@@ -1478,6 +1653,14 @@ impl Engine {
                 tokens_per_s: (m.seconds > 0.0).then(|| m.tokens as f64 / m.seconds),
                 memory_mb: rss,
                 at: crate::clock::now_rfc3339(),
+                pref: m.pref.as_ref().map(|p| attune_protocol::PrefMetric {
+                    rewards_chosen: p.rewards_chosen,
+                    rewards_rejected: p.rewards_rejected,
+                    margin: p.margin,
+                    accuracy: p.accuracy,
+                    logps_chosen: p.logps_chosen,
+                    logps_rejected: p.logps_rejected,
+                }),
             };
             self.store.record_metric(r.id, &metric_row(&metric))?;
             observer(RunEvent::Step { metric });

@@ -17,11 +17,13 @@ mod docs;
 mod endpoints;
 mod exports;
 mod judge;
+mod prefs;
 mod workbench;
 pub(crate) use docs::{DocChunkRow, DocDocumentRow, DocRowRow, DocsetRow, NewDocRow};
 pub(crate) use endpoints::{EndpointEvalRow, EndpointRow};
 pub(crate) use exports::ExportRow;
 pub(crate) use judge::{JudgeVoteRow, RubricRow};
+pub(crate) use prefs::{insert_pref_set, PrefSetRow};
 pub(crate) use workbench::{
     ArenaItemRow, ArenaRecord, ConversationRow, NewArena, TemplateContent, TemplateVersionRow,
 };
@@ -52,6 +54,7 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/0008_bundles.sql"),
     ),
     ("0009_judge", include_str!("../migrations/0009_judge.sql")),
+    ("0010_dpo", include_str!("../migrations/0010_dpo.sql")),
 ];
 
 /// How long a statement waits for another process's write lock before failing. Imports of
@@ -431,6 +434,17 @@ impl Store {
         new: &NewDataset,
         rows: &[StoredRow],
     ) -> Result<InsertDataset, EngineError> {
+        self.insert_dataset_with(new, rows, |_, _| Ok(()))
+    }
+
+    /// [`Store::insert_dataset`], with `extra` writing more rows about the new dataset (its
+    /// id given) in the same transaction.
+    pub(crate) fn insert_dataset_with(
+        &self,
+        new: &NewDataset,
+        rows: &[StoredRow],
+        extra: impl FnOnce(&Transaction<'_>, i64) -> rusqlite::Result<()>,
+    ) -> Result<InsertDataset, EngineError> {
         let mut conn = self.conn();
         let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         let existing = tx
@@ -491,6 +505,7 @@ impl Store {
                 })?;
             }
         }
+        extra(&tx, id).map_err(|e| self.err(format!("dataset '{}': {e}", new.name)))?;
         let row = tx
             .query_row(
                 &format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE id = ?1"),
@@ -618,6 +633,9 @@ pub(crate) struct MetricRow {
     pub tokens_per_s: Option<f64>,
     pub memory_mb: Option<f64>,
     pub at: String,
+    /// Preference runs' train steps: rewards chosen, rejected, margin, accuracy, log-probs
+    /// chosen, rejected (migration 0007).
+    pub pref: Option<[f64; 6]>,
 }
 
 /// An `adapters` row (`id` is ignored on insert).
@@ -822,7 +840,9 @@ impl Store {
         let tx = write_tx(&mut conn).map_err(|e| self.err(e))?;
         tx.execute(
             "INSERT OR REPLACE INTO run_metrics (run_id, step, kind, loss, lr, grad_norm, \
-             tokens_per_s, memory_mb, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             tokens_per_s, memory_mb, at, rewards_chosen, rewards_rejected, reward_margin, \
+             reward_accuracy, logps_chosen, logps_rejected) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 run_id,
                 m.step,
@@ -832,7 +852,13 @@ impl Store {
                 m.grad_norm,
                 m.tokens_per_s,
                 m.memory_mb,
-                m.at
+                m.at,
+                m.pref.map(|p| p[0]),
+                m.pref.map(|p| p[1]),
+                m.pref.map(|p| p[2]),
+                m.pref.map(|p| p[3]),
+                m.pref.map(|p| p[4]),
+                m.pref.map(|p| p[5]),
             ],
         )
         .map_err(|e| self.err(e))?;
@@ -850,8 +876,9 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
-                "SELECT step, kind, loss, lr, grad_norm, tokens_per_s, memory_mb, at \
-                 FROM run_metrics WHERE run_id = ?1 ORDER BY step, kind DESC",
+                "SELECT step, kind, loss, lr, grad_norm, tokens_per_s, memory_mb, at, \
+                 rewards_chosen, rewards_rejected, reward_margin, reward_accuracy, logps_chosen, \
+                 logps_rejected FROM run_metrics WHERE run_id = ?1 ORDER BY step, kind DESC",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
@@ -865,6 +892,22 @@ impl Store {
                     tokens_per_s: r.get(5)?,
                     memory_mb: r.get(6)?,
                     at: r.get(7)?,
+                    pref: {
+                        let v: [Option<f64>; 6] = [
+                            r.get(8)?,
+                            r.get(9)?,
+                            r.get(10)?,
+                            r.get(11)?,
+                            r.get(12)?,
+                            r.get(13)?,
+                        ];
+                        match v {
+                            [Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)] => {
+                                Some([a, b, c, d, e, f])
+                            }
+                            _ => None,
+                        }
+                    },
                 })
             })
             .map_err(|e| self.err(e))?
@@ -1239,6 +1282,7 @@ mod tests {
                 "exports",
                 "judge_rubrics",
                 "models",
+                "preference_sets",
                 "run_bundles",
                 "run_metrics",
                 "runs",

@@ -574,6 +574,9 @@ pub struct RunSpec {
     /// Rows of the built-in general-domain sample scored before and after training to
     /// detect forgetting (0 = off).
     pub forgetting_rows: usize,
+    /// Train on a preference set's chosen/rejected pairs (DPO or ORPO) instead of supervised
+    /// next-token loss; `method` still says what is trained (LoRA, full, soft prompt).
+    pub preference: Option<PreferenceSpec>,
 }
 
 impl Default for RunSpec {
@@ -602,6 +605,7 @@ impl Default for RunSpec {
             eval_split: SplitName::Valid,
             eval_limit: None,
             forgetting_rows: 30,
+            preference: None,
         }
     }
 }
@@ -679,6 +683,106 @@ pub enum MetricKind {
     Eval,
 }
 
+// ---------------------------------------------------------------------------------------
+// Preference training (DPO, ORPO)
+// ---------------------------------------------------------------------------------------
+
+/// The preference objective.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreferenceObjective {
+    /// Direct Preference Optimization against a reference model (LoRA: the base with the
+    /// adapter off; full fine-tuning: a frozen copy).
+    #[default]
+    Dpo,
+    /// Odds-ratio preference optimization: reference-free, with the chosen answers' NLL.
+    Orpo,
+}
+
+impl PreferenceObjective {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreferenceObjective::Dpo => "dpo",
+            PreferenceObjective::Orpo => "orpo",
+        }
+    }
+}
+
+/// DPO's loss, TRL's names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreferenceLoss {
+    #[default]
+    Sigmoid,
+    Hinge,
+    Ipo,
+}
+
+impl PreferenceLoss {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreferenceLoss::Sigmoid => "sigmoid",
+            PreferenceLoss::Hinge => "hinge",
+            PreferenceLoss::Ipo => "ipo",
+        }
+    }
+}
+
+/// A run's preference settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PreferenceSpec {
+    pub objective: PreferenceObjective,
+    /// DPO: the strength of the pull towards the reference; ORPO: the odds-ratio weight
+    /// (TRL's default 0.1 for both).
+    pub beta: f64,
+    /// DPO only.
+    pub loss: PreferenceLoss,
+}
+
+impl Default for PreferenceSpec {
+    fn default() -> Self {
+        PreferenceSpec {
+            objective: PreferenceObjective::Dpo,
+            beta: 0.1,
+            loss: PreferenceLoss::Sigmoid,
+        }
+    }
+}
+
+/// A preference step's figures (TRL's names in the comments).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PrefMetric {
+    /// `rewards/chosen`: beta (log pi - log ref) of the chosen answers (ORPO: beta times their
+    /// mean token log-prob).
+    pub rewards_chosen: f64,
+    /// `rewards/rejected`.
+    pub rewards_rejected: f64,
+    /// `rewards/margins`.
+    pub margin: f64,
+    /// `rewards/accuracies`: pairs whose chosen reward is above the rejected one.
+    pub accuracy: f64,
+    /// `logps/chosen`: summed answer log-probs under the model being trained.
+    pub logps_chosen: f64,
+    /// `logps/rejected`.
+    pub logps_rejected: f64,
+}
+
+/// A dataset of chosen/rejected pairs: imported from a preference JSONL or made from an
+/// arena's votes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreferenceSet {
+    pub dataset: DatasetSummary,
+    /// "jsonl" or "arena".
+    pub source: String,
+    pub arena_id: Option<i64>,
+    pub pairs: u64,
+    /// Arena items left out: ties, "both bad", and items nobody voted on (0 for a JSONL).
+    pub ties_skipped: u64,
+    pub both_bad_skipped: u64,
+    pub unvoted_skipped: u64,
+}
+
 /// One recorded step or evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunMetric {
@@ -693,6 +797,9 @@ pub struct RunMetric {
     /// Resident memory of the process when it was recorded, in MiB.
     pub memory_mb: Option<f64>,
     pub at: String,
+    /// Preference runs' train steps (then `loss` is the preference loss).
+    #[serde(default)]
+    pub pref: Option<PrefMetric>,
 }
 
 /// A run with its settings and every metric.

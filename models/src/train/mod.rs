@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod examples;
 pub mod optim;
 pub mod peft;
+pub mod pref;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
@@ -351,6 +352,16 @@ pub fn collate(
 /// Sum of the target tokens' negative log-likelihoods (a scalar tensor, differentiable when the
 /// model or the prefix holds variables). The lm_head runs on the scored positions only.
 pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<Tensor> {
+    if batch.targets.is_empty() {
+        return Ok(Tensor::zeros((), DType::F32, model.device())?);
+    }
+    Ok(token_nll(model, batch, prefix)?.sum_all()?)
+}
+
+/// The negative log-likelihood of each target token, `[n]` in the batch's row order
+/// (differentiable when the model or the prefix holds variables; preference training weighs
+/// them per sequence). The lm_head runs on the scored positions only.
+pub fn token_nll(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<Tensor> {
     let h = model.hidden_states(
         prefix.map(|p| p.unsqueeze(0)).transpose()?.as_ref(),
         &batch.ids,
@@ -358,7 +369,7 @@ pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<
     )?;
     let (b, w, hid) = h.dims3()?;
     if batch.targets.is_empty() {
-        return Ok(Tensor::zeros((), DType::F32, model.device())?);
+        return Ok(Tensor::zeros(0, DType::F32, model.device())?);
     }
     let h = h.reshape((b * w, hid))?.index_select(&batch.rows, 0)?;
     let head = model.lm_head();
@@ -370,11 +381,11 @@ pub fn nll_sum(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Result<
                 _ if head.bf16_compute() => kernels::HeadBf16::PerCall,
                 _ => kernels::HeadBf16::Off,
             };
-            Ok(kernels::lm_head_nll(&h, w, bf16, &batch.targets)?.sum_all()?)
+            Ok(kernels::lm_head_nll(&h, w, bf16, &batch.targets)?)
         }
         _ => {
             let logits = head.forward(&h)?;
-            Ok(kernels::cross_entropy(&logits, &batch.targets)?.sum_all()?)
+            Ok(kernels::cross_entropy(&logits, &batch.targets)?)
         }
     }
 }
@@ -436,6 +447,10 @@ pub struct StepMetrics {
     /// Real tokens processed (forward + backward).
     pub tokens: usize,
     pub seconds: f64,
+    /// Preference training's figures (rewards, margin, accuracy, log-probs); `loss` is then
+    /// the preference loss.
+    #[serde(default)]
+    pub pref: Option<pref::PrefFigures>,
 }
 
 /// The position in the data: the order is a function of the seed and the epoch, so a step count
@@ -450,6 +465,39 @@ fn epoch_order(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
     order
 }
 
+/// The items (examples, preference pairs) of optimizer step `step` (0-based) out of `n`, as
+/// index lists per micro-batch: a function of the seed and the step only.
+pub fn batch_order(
+    n: usize,
+    step: usize,
+    batch_size: usize,
+    grad_accum: usize,
+    seed: u64,
+    shuffle: bool,
+) -> Vec<Vec<usize>> {
+    let per = batch_size * grad_accum;
+    let mut out = Vec::with_capacity(grad_accum);
+    let mut cur = Vec::with_capacity(batch_size);
+    let mut cached: Option<(usize, Vec<usize>)> = None;
+    if n == 0 {
+        return out;
+    }
+    for k in 0..per {
+        let global = step * per + k;
+        let epoch = global / n;
+        let order = match cached.take() {
+            Some((e, o)) if e == epoch => o,
+            _ => epoch_order(n, seed, epoch, shuffle),
+        };
+        cur.push(order[global % n]);
+        cached = Some((epoch, order));
+        if cur.len() == batch_size {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    out
+}
+
 /// Drives training one optimizer step at a time.
 pub struct Trainer {
     pub model: Llama,
@@ -460,6 +508,8 @@ pub struct Trainer {
     pad_id: u32,
     /// Optimizer steps done.
     step: usize,
+    /// Set when training on preference pairs ([`Trainer::new_preference`]).
+    pref: Option<Box<pref::PrefState>>,
 }
 
 impl Trainer {
@@ -496,6 +546,7 @@ impl Trainer {
             examples,
             pad_id,
             step: 0,
+            pref: None,
         })
     }
 
@@ -510,25 +561,14 @@ impl Trainer {
 
     /// The examples of optimizer step `step` (0-based), as index lists per micro-batch.
     pub fn batch_indices(&self, step: usize) -> Vec<Vec<usize>> {
-        let n = self.examples.len();
-        let per = self.examples_per_step();
-        let mut out = Vec::with_capacity(self.config.grad_accum);
-        let mut cur = Vec::with_capacity(self.config.batch_size);
-        let mut cached: Option<(usize, Vec<usize>)> = None;
-        for k in 0..per {
-            let global = step * per + k;
-            let epoch = global / n;
-            let order = match cached.take() {
-                Some((e, o)) if e == epoch => o,
-                _ => epoch_order(n, self.config.seed, epoch, self.config.shuffle),
-            };
-            cur.push(order[global % n]);
-            cached = Some((epoch, order));
-            if cur.len() == self.config.batch_size {
-                out.push(std::mem::take(&mut cur));
-            }
-        }
-        out
+        batch_order(
+            self.examples.len(),
+            step,
+            self.config.batch_size,
+            self.config.grad_accum,
+            self.config.seed,
+            self.config.shuffle,
+        )
     }
 
     /// Epochs completed (fractional).
@@ -554,6 +594,11 @@ impl Trainer {
 
     /// One optimizer step: forward and backward over `grad_accum` micro-batches, clip, AdamW.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
+        if let Some(mut st) = self.pref.take() {
+            let r = self.pref_step(&mut st);
+            self.pref = Some(st);
+            return r;
+        }
         let started = std::time::Instant::now();
         let micro = self.batch_indices(self.step);
         let n_prefix = self.trainable.prefix.as_ref().map_or(Ok(0), |p| p.dim(0))?;
@@ -618,6 +663,7 @@ impl Trainer {
             target_tokens: total_targets,
             tokens,
             seconds: started.elapsed().as_secs_f64(),
+            pref: None,
         })
     }
 

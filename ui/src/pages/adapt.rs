@@ -11,7 +11,7 @@ use crate::{ipc, AppCtx, Page};
 use attune_protocol::ErrorCode;
 use attune_protocol::{
     Advice, AdvisorGoal, DatasetSummary, DomainCount, IpcError, LossOn, LrSchedule, MethodEstimate,
-    MethodSpec, RunCheck, RunSpec, SplitName,
+    MethodSpec, PreferenceObjective, PreferenceSpec, RunCheck, RunSpec, SplitName,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -619,6 +619,33 @@ fn Settings(
                             " pack rows into blocks"
                         </label>
                     </Field>
+                    <Field label="Objective" hint="Supervised learns the dataset's answers. DPO and ORPO learn from a preference set (chosen and rejected answers per prompt, from a preference JSONL or an arena's votes): DPO against the base model with the adapter off, ORPO without a reference.">
+                        <select id="run-objective"
+                            prop:value=move || spec.with(|s| s.as_ref().and_then(|s| s.preference).map(|p| p.objective.as_str()).unwrap_or("sft"))
+                            on:change=move |ev| {
+                                let v = event_target_value(&ev);
+                                spec.update(|s| if let Some(s) = s {
+                                    let beta = s.preference.map_or(0.1, |p| p.beta);
+                                    s.preference = match v.as_str() {
+                                        "dpo" => Some(PreferenceSpec { objective: PreferenceObjective::Dpo, beta, ..PreferenceSpec::default() }),
+                                        "orpo" => Some(PreferenceSpec { objective: PreferenceObjective::Orpo, beta, ..PreferenceSpec::default() }),
+                                        _ => None,
+                                    };
+                                });
+                            }>
+                            <option value="sft">"supervised"</option>
+                            <option value="dpo">"DPO (preference pairs)"</option>
+                            <option value="orpo">"ORPO (preference pairs, no reference)"</option>
+                        </select>
+                    </Field>
+                    {num("run-beta", "Beta (DPO, ORPO)", "DPO: how strongly the model is held near the reference; ORPO: the weight of the preference term. 0.1 is TRL's default.",
+                        |s| s.preference.map_or(0.1, |p| p.beta).to_string(),
+                        |s, t| {
+                            let b: f64 = parse_num("Beta", t)?;
+                            if !(b.is_finite() && b > 0.0) { return Err("Beta must be a positive number".into()) }
+                            if let Some(p) = s.preference.as_mut() { p.beta = b; }
+                            Ok(())
+                        })}
                     {num("run-eval-every", "Evaluate every N steps", "How often the held-out loss is measured (0: start and end only).",
                         |s| s.eval_every.to_string(),
                         |s, t| { s.eval_every = parse_num("Evaluate every", t)?; Ok(()) })}

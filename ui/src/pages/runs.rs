@@ -204,6 +204,7 @@ pub fn RunsPage() -> impl IntoView {
                         tokens_per_s: None,
                         memory_mb: None,
                         at: String::new(),
+                        pref: None,
                     });
                 }
             }),
@@ -320,6 +321,59 @@ pub fn RunsPage() -> impl IntoView {
     });
     let tps_data = Signal::derive(move || {
         metrics.with(|m| single("tokens/s", PALETTE[4], train_points(m, |x| x.tokens_per_s)))
+    });
+    // Preference runs (DPO, ORPO): TRL's rewards, their accuracy and the answers' log-probs.
+    let is_pref = Memo::new(move |_| metrics.with(|m| m.iter().any(|x| x.pref.is_some())));
+    let rewards_data = Signal::derive(move || {
+        metrics.with(|m| {
+            ChartData::from_points(vec![
+                (
+                    "chosen".into(),
+                    PALETTE[0].into(),
+                    false,
+                    train_points(m, |x| x.pref.map(|p| p.rewards_chosen)),
+                ),
+                (
+                    "rejected".into(),
+                    PALETTE[1].into(),
+                    false,
+                    train_points(m, |x| x.pref.map(|p| p.rewards_rejected)),
+                ),
+                (
+                    "margin".into(),
+                    PALETTE[2].into(),
+                    false,
+                    train_points(m, |x| x.pref.map(|p| p.margin)),
+                ),
+            ])
+        })
+    });
+    let acc_data = Signal::derive(move || {
+        metrics.with(|m| {
+            single(
+                "reward accuracy",
+                PALETTE[3],
+                train_points(m, |x| x.pref.map(|p| p.accuracy)),
+            )
+        })
+    });
+    let logps_data = Signal::derive(move || {
+        metrics.with(|m| {
+            ChartData::from_points(vec![
+                (
+                    "chosen".into(),
+                    PALETTE[0].into(),
+                    false,
+                    train_points(m, |x| x.pref.map(|p| p.logps_chosen)),
+                ),
+                (
+                    "rejected".into(),
+                    PALETTE[1].into(),
+                    false,
+                    train_points(m, |x| x.pref.map(|p| p.logps_rejected)),
+                ),
+            ])
+        })
     });
 
     let run_row = move |r: RunSummary| {
@@ -517,6 +571,11 @@ pub fn RunsPage() -> impl IntoView {
                             <LineChart title="Learning rate" data=lr_data id="chart-lr".to_string() />
                             <LineChart title="Gradient norm" data=gn_data id="chart-grad".to_string() />
                             <LineChart title="Tokens per second" data=tps_data id="chart-tps".to_string() />
+                            {move || is_pref.get().then(|| view! {
+                                <LineChart title="Rewards (chosen, rejected, margin)" data=rewards_data id="chart-rewards".to_string() />
+                                <LineChart title="Reward accuracy" data=acc_data id="chart-reward-acc".to_string() />
+                                <LineChart title="Answer log-probs" data=logps_data id="chart-logps".to_string() />
+                            })}
                         </div>
                         <details class="card run-settings">
                             <summary>"Settings of this run"</summary>

@@ -227,6 +227,7 @@ fn advisor_calibrates_throughput_from_a_completed_run() {
                     tokens_per_s: Some(tps),
                     memory_mb: None,
                     at: crate::clock::now_rfc3339(),
+                    pref: None,
                 },
             )
             .expect("record metric");

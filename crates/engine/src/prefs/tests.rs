@@ -1,0 +1,353 @@
+//! Preference sets and DPO/ORPO runs on the real default model (SQLite on disk, tiny budgets).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use attune_protocol::{
+    ArenaPrompts, ArenaSpec, ChatTarget, MethodSpec, MetricKind, PreferenceLoss,
+    PreferenceObjective, PreferenceSpec, RunSpec, RunStatus, SamplingParams, TemplateDraft, Vote,
+};
+
+use super::*;
+use crate::runs::RunControl;
+
+fn engine() -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(&dir.path().join("data")).expect("open engine");
+    (dir, engine)
+}
+
+fn sample() -> PathBuf {
+    attune_test_support::test_data("prefs-sample.jsonl")
+}
+
+fn stored(e: &Engine, set: &PreferenceSet) -> Vec<Value> {
+    e.store
+        .dataset_rows(set.dataset.id, "train")
+        .expect("rows")
+        .iter()
+        .map(|r| serde_json::from_str(&r.data).expect("json"))
+        .collect()
+}
+
+#[test]
+fn prefs_import_trl_formats_and_refuse_bad_lines() {
+    let (dir, e) = engine();
+    let set = e.import_preferences(&sample(), "prefs").expect("import");
+    assert_eq!((set.pairs, set.source.as_str()), (6, "jsonl"));
+    assert_eq!(set.dataset.train_rows, 6);
+    let rows = stored(&e, &set);
+    assert_eq!(rows[1]["chosen"][0]["role"], "assistant");
+    assert!(rows[1]["chosen"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("vitamin C"));
+    // The same file again under the same name: the same set, nothing added.
+    let again = e.import_preferences(&sample(), "prefs").expect("again");
+    assert_eq!(again.dataset.id, set.dataset.id);
+    assert_eq!(e.list_datasets().expect("list").len(), 1);
+    // Plain strings are TRL's other format.
+    let plain = dir.path().join("plain.jsonl");
+    std::fs::write(
+        &plain,
+        "{\"prompt\": \"2+2=\", \"chosen\": \"4\", \"rejected\": \"5\"}\n\n",
+    )
+    .expect("write");
+    let p = e.import_preferences(&plain, "plain").expect("plain");
+    assert_eq!(p.pairs, 1);
+    // Bad lines name the line and the field; nothing is written.
+    for (text, want) in [
+        (
+            "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": [{\"role\": \"assistant\", \"content\": \"b\"}], \"rejected\": \"c\"}\n",
+            "line 2",
+        ),
+        ("{\"prompt\": \"a\", \"chosen\": \"b\"}\n", "\"rejected\" is missing"),
+        ("{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"b\"}\n", "same answer"),
+        ("not json\n", "line 1: not JSON"),
+        ("\n", "no preference rows"),
+        (
+            "{\"prompt\": [{\"role\": \"robot\", \"content\": \"x\"}], \"chosen\": [{\"role\": \"assistant\", \"content\": \"b\"}], \"rejected\": [{\"role\": \"assistant\", \"content\": \"c\"}]}\n",
+            "role 'robot'",
+        ),
+    ] {
+        let f = dir.path().join("bad.jsonl");
+        std::fs::write(&f, text).expect("write");
+        let err = e.import_preferences(&f, "bad").expect_err(want);
+        assert!(err.to_string().contains(want), "{want}: {err}");
+    }
+    assert_eq!(e.list_datasets().expect("list").len(), 2);
+    // A name taken by other pairs is refused.
+    let err = e.import_preferences(&plain, "prefs").expect_err("taken");
+    assert!(err.to_string().contains("prefs"), "{err}");
+}
+
+fn pref_spec(model: i64, dataset: i64, name: &str, objective: PreferenceObjective) -> RunSpec {
+    RunSpec {
+        name: Some(name.to_string()),
+        model: model.to_string(),
+        dataset: dataset.to_string(),
+        method: MethodSpec::Lora {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            rslora: false,
+        },
+        preference: Some(PreferenceSpec {
+            objective,
+            beta: 0.1,
+            loss: PreferenceLoss::Sigmoid,
+        }),
+        batch_size: 2,
+        steps: Some(2),
+        lr: Some(1e-3),
+        max_len: 128,
+        checkpoint_every: 0,
+        forgetting_rows: 0,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn prefs_dpo_and_orpo_runs_record_rewards_and_register_adapters() {
+    let (dir, e) = engine();
+    let model = e
+        .add_local_model(&attune_test_support::default_model())
+        .expect("model")
+        .model;
+    let set = e.import_preferences(&sample(), "prefs").expect("import");
+    let run = e
+        .create_run(&pref_spec(
+            model.id,
+            set.dataset.id,
+            "dpo-run",
+            PreferenceObjective::Dpo,
+        ))
+        .expect("create");
+    assert_eq!(run.total_steps, 2);
+    let done = e
+        .execute_run(run.id, &mut |_| {}, &RunControl::new())
+        .expect("execute");
+    assert_eq!(done.status, RunStatus::Completed, "{done:?}");
+    let detail = e.run_detail("dpo-run").expect("detail");
+    assert_eq!(
+        detail.spec.preference.map(|p| p.objective),
+        Some(PreferenceObjective::Dpo)
+    );
+    let train: Vec<_> = detail
+        .metrics
+        .iter()
+        .filter(|m| m.kind == MetricKind::Train)
+        .collect();
+    assert_eq!(train.len(), 2);
+    // Step 1: LoRA's B is zero, so the policy is its reference: loss ln 2, no margin.
+    let p1 = train[0].pref.expect("step 1 figures");
+    assert!(
+        (train[0].loss - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        train[0].loss
+    );
+    assert!(p1.margin.abs() < 1e-6 && p1.accuracy == 0.0, "{p1:?}");
+    assert!(p1.logps_chosen < 0.0 && p1.logps_rejected < 0.0, "{p1:?}");
+    // Step 2 ran on updated weights: the rewards moved off zero.
+    let p2 = train[1].pref.expect("step 2 figures");
+    assert!(
+        p2.rewards_chosen != 0.0 && p2.rewards_rejected != 0.0,
+        "{p2:?}"
+    );
+    assert!((p2.margin - (p2.rewards_chosen - p2.rewards_rejected)).abs() < 1e-9);
+    assert_eq!(detail.adapter.as_deref(), Some("dpo-run"));
+    // ORPO: reference-free; its loss includes the chosen answers' NLL, so it is far above ln 2.
+    let run = e
+        .create_run(&pref_spec(
+            model.id,
+            set.dataset.id,
+            "orpo-run",
+            PreferenceObjective::Orpo,
+        ))
+        .expect("create orpo");
+    let done = e
+        .execute_run(run.id, &mut |_| {}, &RunControl::new())
+        .expect("execute orpo");
+    assert_eq!(done.status, RunStatus::Completed, "{done:?}");
+    let m = e.run_detail("orpo-run").expect("detail").metrics;
+    let first = m
+        .iter()
+        .find(|m| m.kind == MetricKind::Train)
+        .expect("step");
+    assert!(first.loss > 1.0 && first.pref.is_some(), "{first:?}");
+
+    // Supervised training on a preference set, and DPO on single answers, are refused.
+    let mut sft = pref_spec(model.id, set.dataset.id, "sft", PreferenceObjective::Dpo);
+    sft.preference = None;
+    let err = e.create_run(&sft).expect_err("sft on pairs");
+    assert!(err.to_string().contains("preference set"), "{err}");
+    let chat = dir.path().join("chat.jsonl");
+    let lines: String = (0..4)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("hi {i}")},
+                {"role": "assistant", "content": format!("hello {i}")},
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&chat, lines).expect("write");
+    let ds = e
+        .import_dataset(&chat, &attune_protocol::ImportOptions::default())
+        .expect("chat dataset");
+    let err = e
+        .create_run(&pref_spec(
+            model.id,
+            ds.id,
+            "dpo-chat",
+            PreferenceObjective::Dpo,
+        ))
+        .expect_err("dpo on chat");
+    assert!(err.to_string().contains("single answers"), "{err}");
+    let mut bad_beta = pref_spec(model.id, set.dataset.id, "beta", PreferenceObjective::Dpo);
+    bad_beta.preference = Some(PreferenceSpec {
+        beta: 0.0,
+        ..PreferenceSpec::default()
+    });
+    let err = e.create_run(&bad_beta).expect_err("beta 0");
+    assert!(err.to_string().contains("beta"), "{err}");
+
+    // DPO on full fine-tuning holds a reference copy: the estimate counts it.
+    let mut full = pref_spec(model.id, set.dataset.id, "full", PreferenceObjective::Dpo);
+    full.method = MethodSpec::Full;
+    let dpo_full = e.plan_run(&full).expect("plan").memory;
+    let mut orpo_full = full.clone();
+    orpo_full.preference = Some(PreferenceSpec {
+        objective: PreferenceObjective::Orpo,
+        ..PreferenceSpec::default()
+    });
+    let orpo_full = e.plan_run(&orpo_full).expect("plan orpo").memory;
+    let copy = 4 * e.model_shape(&model).expect("shape").num_parameters() as u64;
+    assert_eq!((dpo_full.reference, orpo_full.reference), (copy, 0));
+    assert!(
+        dpo_full.total > orpo_full.total + copy,
+        "{dpo_full:?} vs {orpo_full:?}"
+    );
+    // And it trains: at step 1 the copy and the model agree (the copy runs the inference
+    // kernels, so to rounding, not exactly), so the loss is ln 2.
+    full.steps = Some(1);
+    full.lr = Some(1e-5);
+    let run = e.create_run(&full).expect("create full dpo");
+    let done = e
+        .execute_run(run.id, &mut |_| {}, &RunControl::new())
+        .expect("execute full dpo");
+    assert_eq!(done.status, RunStatus::Completed, "{done:?}");
+    let m = e.run_detail("full").expect("detail").metrics;
+    let first = m
+        .iter()
+        .find(|m| m.kind == MetricKind::Train)
+        .expect("step");
+    let p = first.pref.expect("figures");
+    assert!(
+        (first.loss - std::f64::consts::LN_2).abs() < 1e-4,
+        "{first:?}"
+    );
+    assert!(p.margin.abs() < 1e-3, "{p:?}");
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        temperature: 0.0,
+        repetition_penalty: 1.0,
+        ..SamplingParams::default()
+    }
+}
+
+#[test]
+fn prefs_from_arena_votes_leave_out_ties_both_bad_and_unvoted() {
+    let (_dir, e) = engine();
+    let model = e
+        .add_local_model(&attune_test_support::default_model())
+        .expect("add")
+        .model;
+    let template = e
+        .save_template(&TemplateDraft {
+            name: "Pirate".into(),
+            system: Some("Talk like a pirate.".into()),
+            ..Default::default()
+        })
+        .expect("template");
+    let arena = e
+        .create_arena(&ArenaSpec {
+            name: None,
+            a: ChatTarget::Base { model_id: model.id },
+            b: ChatTarget::Template {
+                model_id: model.id,
+                template_id: template.id,
+                version: None,
+                values: BTreeMap::new(),
+                endpoint: None,
+            },
+            prompts: ArenaPrompts::Typed {
+                prompts: vec![
+                    "Say hi.".into(),
+                    "Name a color.".into(),
+                    "Name a fruit.".into(),
+                    "Name a number.".into(),
+                    "Name a planet.".into(),
+                ],
+            },
+            params: greedy(4),
+            seed: 3,
+        })
+        .expect("arena");
+    let err = e
+        .preferences_from_arena(arena.id, None)
+        .expect_err("no votes");
+    assert!(err.to_string().contains("no decisive votes"), "{err}");
+    let no = AtomicBool::new(false);
+    let mut items = Vec::new();
+    for i in 0..4 {
+        items.push(
+            e.arena_item(arena.id, i, &no, &mut |_| {})
+                .expect("generate"),
+        );
+    }
+    e.arena_vote(arena.id, 0, Vote::Left).expect("vote");
+    e.arena_vote(arena.id, 1, Vote::Right).expect("vote");
+    e.arena_vote(arena.id, 2, Vote::Tie).expect("vote");
+    e.arena_vote(arena.id, 3, Vote::BothBad).expect("vote");
+    // Prompt 4 is never shown nor voted on.
+    let set = e.preferences_from_arena(arena.id, None).expect("pairs");
+    assert_eq!(
+        (
+            set.pairs,
+            set.ties_skipped,
+            set.both_bad_skipped,
+            set.unvoted_skipped
+        ),
+        (2, 1, 1, 1)
+    );
+    assert_eq!(
+        (set.source.as_str(), set.arena_id),
+        ("arena", Some(arena.id))
+    );
+    let rows = stored(&e, &set);
+    assert_eq!(rows[0]["chosen"][0]["content"], items[0].left.as_str());
+    assert_eq!(rows[0]["rejected"][0]["content"], items[0].right.as_str());
+    assert_eq!(rows[1]["chosen"][0]["content"], items[1].right.as_str());
+    assert_eq!(rows[0]["prompt"].as_array().map(|a| a.len()), Some(1));
+    assert_eq!(rows[0]["prompt"][0]["content"], "Say hi.");
+    // The same votes give the same set; its name says where it came from.
+    let again = e.preferences_from_arena(arena.id, None).expect("again");
+    assert_eq!(again.dataset.id, set.dataset.id);
+    assert!(set
+        .dataset
+        .name
+        .starts_with(&format!("arena-{}-", arena.id)));
+    let shown = e
+        .preference_set(set.dataset.id)
+        .expect("read")
+        .expect("a set");
+    assert_eq!(shown, set);
+    assert_eq!(e.preference_set(999).expect("read"), None);
+}

@@ -1,0 +1,67 @@
+//! The `preference_sets` table of migration 0010: which datasets are preference sets, where
+//! their pairs came from, and what an arena's conversion left out.
+
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::Store;
+use crate::error::EngineError;
+
+/// A `preference_sets` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PrefSetRow {
+    pub dataset_id: i64,
+    /// "jsonl" or "arena".
+    pub source: String,
+    pub arena_id: Option<i64>,
+    pub pairs: i64,
+    pub ties_skipped: i64,
+    pub both_bad_skipped: i64,
+    pub unvoted_skipped: i64,
+}
+
+/// Writes `row` (its `dataset_id` replaced by `id`) inside a dataset's insert transaction.
+pub(crate) fn insert_pref_set(
+    tx: &Transaction<'_>,
+    id: i64,
+    row: &PrefSetRow,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO preference_sets (dataset_id, source, arena_id, pairs, ties_skipped, \
+         both_bad_skipped, unvoted_skipped) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            id,
+            row.source,
+            row.arena_id,
+            row.pairs,
+            row.ties_skipped,
+            row.both_bad_skipped,
+            row.unvoted_skipped
+        ],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// The preference-set row of a dataset; `None` for an ordinary dataset.
+    pub(crate) fn pref_set(&self, dataset_id: i64) -> Result<Option<PrefSetRow>, EngineError> {
+        self.conn()
+            .query_row(
+                "SELECT dataset_id, source, arena_id, pairs, ties_skipped, both_bad_skipped, \
+                 unvoted_skipped FROM preference_sets WHERE dataset_id = ?1",
+                [dataset_id],
+                |r| {
+                    Ok(PrefSetRow {
+                        dataset_id: r.get(0)?,
+                        source: r.get(1)?,
+                        arena_id: r.get(2)?,
+                        pairs: r.get(3)?,
+                        ties_skipped: r.get(4)?,
+                        both_bad_skipped: r.get(5)?,
+                        unvoted_skipped: r.get(6)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}
