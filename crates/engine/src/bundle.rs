@@ -1305,30 +1305,7 @@ impl Engine {
         }
         check_empty_destination(out)?;
         let model = self.find_model(&r.model_id.to_string())?;
-        let model_row = self
-            .store
-            .get_model(r.model_id)?
-            .ok_or_else(|| EngineError::ModelNotFound(r.model_id.to_string()))?;
-        let ds = self
-            .store
-            .get_dataset(r.dataset_id)?
-            .ok_or_else(|| EngineError::DatasetNotFound(r.dataset_id.to_string()))?;
-        if ds.content_hash != r.dataset_hash {
-            return Err(EngineError::DatasetChanged {
-                name: ds.name,
-                run: r.name.clone(),
-                expected: r.dataset_hash.clone(),
-                found: ds.content_hash,
-            });
-        }
-        let model_path = PathBuf::from(&model_row.path);
-        if !model_path.exists() {
-            return Err(EngineError::ModelFileMissing {
-                id: model_row.id,
-                name: model_row.name,
-                path: model_path,
-            });
-        }
+        let (_, ds, model_path) = self.run_inputs(&r)?;
         let (_, tok, tmpl) = attune_models::loader::text_side(&model_path).map_err(|source| {
             EngineError::ModelLoad {
                 name: model.name.clone(),

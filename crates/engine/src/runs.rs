@@ -41,7 +41,7 @@ use attune_protocol::{
 
 use crate::datasets::Sample;
 use crate::error::EngineError;
-use crate::store::{AdapterRow, MetricRow, RunRow};
+use crate::store::{AdapterRow, DatasetRecord, MetricRow, ModelRow, RunRow};
 use crate::Engine;
 
 /// How many checkpoints a run keeps.
@@ -1370,23 +1370,13 @@ impl Engine {
         self.find_run(&id.to_string())
     }
 
-    fn train_loop(
+    /// A run's model and dataset as they are now: both still registered, the dataset's
+    /// content the one the run was planned on, the model's file on disk. Returns them and the
+    /// model's path.
+    pub(crate) fn run_inputs(
         &self,
         r: &RunRow,
-        observer: &mut dyn FnMut(RunEvent),
-        control: &RunControl,
-    ) -> Result<Outcome, EngineError> {
-        let terr = |e: attune_models::Error| EngineError::Training {
-            run: r.name.clone(),
-            message: e.to_string(),
-        };
-        let spec: RunSpec = serde_json::from_str(&r.config_json).map_err(|e| {
-            EngineError::db(
-                self.store.path(),
-                format!("run id {}: bad config: {e}", r.id),
-            )
-        })?;
-        // The model and dataset as they are now.
+    ) -> Result<(ModelRow, DatasetRecord, PathBuf), EngineError> {
         let model_row = self
             .store
             .get_model(r.model_id)?
@@ -1411,6 +1401,26 @@ impl Engine {
                 path: model_path,
             });
         }
+        Ok((model_row, ds, model_path))
+    }
+
+    fn train_loop(
+        &self,
+        r: &RunRow,
+        observer: &mut dyn FnMut(RunEvent),
+        control: &RunControl,
+    ) -> Result<Outcome, EngineError> {
+        let terr = |e: attune_models::Error| EngineError::Training {
+            run: r.name.clone(),
+            message: e.to_string(),
+        };
+        let spec: RunSpec = serde_json::from_str(&r.config_json).map_err(|e| {
+            EngineError::db(
+                self.store.path(),
+                format!("run id {}: bad config: {e}", r.id),
+            )
+        })?;
+        let (model_row, ds, model_path) = self.run_inputs(r)?;
         attune_models::tune_allocator();
         let run_dir = PathBuf::from(&r.run_dir);
         let ckpt_root = run_dir.join("checkpoints");

@@ -583,6 +583,31 @@ impl Trainer {
             .map(|v| v.as_tensor().clone())
     }
 
+    /// One optimizer step on the accumulated gradients (a parameter that got none counts as
+    /// zero): the global norm, clipping to `max_grad_norm`, the schedule's rate for the next
+    /// step, AdamW. Returns (gradient norm before clipping, learning rate).
+    pub(crate) fn apply_step(&mut self, grads: Vec<Option<Tensor>>) -> Result<(f64, f64)> {
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.trainable.params)
+            .map(|(g, (_, v))| match g {
+                Some(g) => Ok(g),
+                None => Ok(v.zeros_like()?),
+            })
+            .collect::<Result<_>>()?;
+        let grad_norm = optim::global_norm(&grads)?;
+        let clip = if self.config.max_grad_norm > 0.0 && grad_norm > self.config.max_grad_norm {
+            self.config.max_grad_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let lr = self.config.schedule.lr(self.step + 1);
+        self.optimizer
+            .step(&self.trainable.params, &grads, lr, clip)?;
+        self.step += 1;
+        Ok((grad_norm, lr))
+    }
+
     fn set_dropout_seed(&mut self, seed: Option<u64>) {
         for (i, (_, lin)) in self.model.linears_mut().into_iter().enumerate() {
             if let Some(l) = lin.lora_mut() {
@@ -637,24 +662,7 @@ impl Trainer {
             }
         }
         self.set_dropout_seed(None);
-        let grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&self.trainable.params)
-            .map(|(g, (_, v))| match g {
-                Some(g) => Ok(g),
-                None => Ok(v.zeros_like()?),
-            })
-            .collect::<Result<_>>()?;
-        let grad_norm = optim::global_norm(&grads)?;
-        let clip = if self.config.max_grad_norm > 0.0 && grad_norm > self.config.max_grad_norm {
-            self.config.max_grad_norm / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
-        let lr = self.config.schedule.lr(self.step + 1);
-        self.optimizer
-            .step(&self.trainable.params, &grads, lr, clip)?;
-        self.step += 1;
+        let (grad_norm, lr) = self.apply_step(grads)?;
         Ok(StepMetrics {
             step: self.step,
             loss: loss_sum / total_targets.max(1) as f64,

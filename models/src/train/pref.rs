@@ -26,11 +26,11 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 
 use super::{
-    batch_order, collate, optim, token_nll, Batch, Example, Method, StepMetrics, TrainConfig,
-    Trainable, Trainer,
+    batch_order, collate, token_nll, Batch, Example, Method, StepMetrics, TrainConfig, Trainable,
+    Trainer,
 };
 use crate::chat_template::{ChatTemplate, Message};
 use crate::kernels;
@@ -556,24 +556,7 @@ impl Trainer {
             }
         }
         self.set_dropout_seed(None);
-        let grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&self.trainable.params)
-            .map(|(g, (_, v)): (Option<Tensor>, &(String, Var))| match g {
-                Some(g) => Ok(g),
-                None => Ok(v.zeros_like()?),
-            })
-            .collect::<Result<_>>()?;
-        let grad_norm = optim::global_norm(&grads)?;
-        let clip = if self.config.max_grad_norm > 0.0 && grad_norm > self.config.max_grad_norm {
-            self.config.max_grad_norm / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
-        let lr = self.config.schedule.lr(self.step + 1);
-        self.optimizer
-            .step(&self.trainable.params, &grads, lr, clip)?;
-        self.step += 1;
+        let (grad_norm, lr) = self.apply_step(grads)?;
         Ok(StepMetrics {
             step: self.step,
             loss,
