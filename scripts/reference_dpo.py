@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""TRL's DPOTrainer on the default model: the reference figures of Attune's DPO parity test.
+"""TRL's DPOTrainer (or, with --trainer orpo, its ORPOTrainer) on the default model: the
+reference figures of Attune's DPO and ORPO parity tests.
 
 Runs PyPI's trl (scripts/setup-trl.sh prints the interpreter) on the first rows of
 tests/data/prefs-sample.jsonl (conversational prompt/chosen/rejected) with LoRA (r=8, alpha=16,
@@ -12,7 +13,12 @@ The reference model is TRL's own choice for a PEFT model: the same model with th
 disabled. PEFT draws lora_A from torch's RNG, which Attune cannot reproduce, so both sides set
 lora_A to the same formula (`lora_a_value`); lora_B starts at zero as in PEFT.
 
-Usage: $(scripts/setup-trl.sh) scripts/reference_dpo.py [--gguf PATH] [--out models/tests/data/dpo_reference.json]
+ORPO (`trl.experimental.orpo.ORPOTrainer`) needs no reference model; it tokenizes differently
+from DPOTrainer (the chat-formatted prompt and answer as strings, BOS/EOS added when missing), so
+its tokenized rows carry the label mask too, and the Rust test trains on those very ids.
+
+Usage: $(scripts/setup-trl.sh) scripts/reference_dpo.py [--trainer dpo|orpo] [--gguf PATH] [--out FILE]
+(default FILE: models/tests/data/dpo_reference.json, or orpo_reference.json for ORPO)
 """
 import argparse
 import json
@@ -35,8 +41,8 @@ def main():
         "~/.local/share/attune/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data",
                                                    "prefs-sample.jsonl"))
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "models", "tests",
-                                                  "data", "dpo_reference.json"))
+    ap.add_argument("--trainer", choices=["dpo", "orpo"], default="dpo")
+    ap.add_argument("--out", default=None)
     ap.add_argument("--rows", type=int, default=6)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)
@@ -44,6 +50,9 @@ def main():
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(__file__), "..", "models", "tests", "data",
+                                f"{args.trainer}_reference.json")
 
     import numpy as np
     import torch
@@ -100,11 +109,17 @@ def main():
 
     logs_list = logs
 
-    class Sequential(DPOTrainer):
+    if args.trainer == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        Base, Config, extra = ORPOTrainer, ORPOConfig, {}
+    else:
+        Base, Config, extra = DPOTrainer, DPOConfig, {"loss_type": ["sigmoid"]}
+
+    class Sequential(Base):
         def _get_train_sampler(self, *a, **k):
             return SequentialSampler(self.train_dataset)
 
-    cfg = DPOConfig(
+    cfg = Config(
         output_dir="/tmp/attune-reference-dpo",
         per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1,
@@ -118,7 +133,7 @@ def main():
         adam_epsilon=1e-8,
         max_grad_norm=1.0,
         beta=args.beta,
-        loss_type=["sigmoid"],
+        **extra,
         max_length=1024,
         logging_steps=1,
         save_strategy="no",
@@ -133,20 +148,30 @@ def main():
     trainer = Sequential(model=model, args=cfg, train_dataset=ds, processing_class=tok,
                          callbacks=[Keep()])
     # The tokenized rows, so the Rust side can check its tokenization first.
-    tokenized = [{"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"],
-                  "rejected_ids": r["rejected_ids"]} for r in trainer.train_dataset]
+    if args.trainer == "orpo":
+        # Whole sequences with their labels (-100: not scored).
+        tokenized = [{"prompt_ids": r["prompt_input_ids"],
+                      "chosen_input_ids": r["chosen_input_ids"], "chosen_labels": r["chosen_labels"],
+                      "rejected_input_ids": r["rejected_input_ids"],
+                      "rejected_labels": r["rejected_labels"]} for r in trainer.train_dataset]
+    else:
+        tokenized = [{"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"],
+                      "rejected_ids": r["rejected_ids"]} for r in trainer.train_dataset]
     trainer.train()
 
     keys = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
-            "rewards/accuracies", "logps/chosen", "logps/rejected"]
+            "rewards/accuracies", "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio",
+            "log_odds_chosen"]
     steps = [{k: float(l[k]) for k in keys if k in l} | {"step": l["step"]} for l in logs]
     out = {
-        "about": "TRL DPOTrainer, first steps on tests/data/prefs-sample.jsonl; written by scripts/reference_dpo.py",
+        "about": f"TRL {Base.__name__}, first steps on tests/data/prefs-sample.jsonl; written by "
+                 f"scripts/reference_dpo.py --trainer {args.trainer}",
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "torch": torch.__version__},
         "gguf": os.path.basename(args.gguf),
         "settings": {"rows": args.rows, "batch": args.batch, "steps": args.steps, "lr": args.lr,
-                     "beta": args.beta, "loss_type": "sigmoid", "schedule": "constant",
+                     "beta": args.beta, "trainer": args.trainer,
+                     "loss_type": "sigmoid" if args.trainer == "dpo" else "orpo", "schedule": "constant",
                      "weight_decay": 0.0, "max_grad_norm": 1.0, "lora_r": 8, "lora_alpha": 16,
                      "targets": TARGETS, "lora_a": "sin(0.37 k + 1.3 layer + 2.1 module + 0.5) / sqrt(in)",
                      "order": "sequential"},
