@@ -147,6 +147,7 @@ pub fn JudgePanel(
             },
             max_tokens: max,
             redo: false,
+            verdict: Default::default(),
         };
         running.set(true);
         progress.set(Some("Starting…".into()));
