@@ -37,7 +37,9 @@ pub struct JudgeSpec {
     #[serde(default)]
     pub rubric: Option<String>,
     /// Judge each prompt twice, the answers in both orders; when the two verdicts
-    /// disagree the vote is a tie (position bias cancels out).
+    /// disagree the vote is a tie (position bias cancels out). With a constrained verdict
+    /// the vote is instead the one whose log-prob averaged over both orders is highest
+    /// (position-balanced); disagreements are still counted.
     #[serde(default)]
     pub both_orders: bool,
     pub scope: JudgeScope,

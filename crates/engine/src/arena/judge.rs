@@ -402,38 +402,45 @@ impl Engine {
             let context: Vec<ChatMessage> = serde_json::from_str(&item.context_json)
                 .map_err(|e| self.corrupt_arena(&arena, &format!("prompt {index}"), e))?;
             let a_first = judge_a_first(arena.seed, index);
-            let mut ask =
-                |a_first: bool| -> Result<(String, Result<&'static str, String>), EngineError> {
-                    let (first, second) = if a_first {
-                        (a_answer, b_answer)
-                    } else {
-                        (b_answer, a_answer)
-                    };
-                    let message = judge_message(&rubric.text, &context, first, second);
-                    if spec.verdict == VerdictMode::Constrained {
-                        let options: Vec<&str> = constrained::VERDICT_OPTIONS
-                            .iter()
-                            .map(|(t, _)| *t)
-                            .collect();
-                        let lps =
-                            self.target_continuation_logprobs(&spec.judge, &[message], &options)?;
-                        let (v, reply) = constrained::constrained_reply(&lps);
-                        return Ok((reply, Ok(v.stored(a_first))));
-                    }
-                    let stats = generate(&spec.judge, &[message], &params, cancel, &mut |_| {})?;
-                    if stats.finish_reason == FinishReason::Cancelled {
-                        return Err(EngineError::Cancelled);
-                    }
-                    let vote = parse_verdict(&stats.text).map(|v| v.stored(a_first));
-                    Ok((stats.text, vote))
+            type Pass = (String, Result<&'static str, String>, Option<[f64; 4]>);
+            let mut ask = |a_first: bool| -> Result<Pass, EngineError> {
+                let (first, second) = if a_first {
+                    (a_answer, b_answer)
+                } else {
+                    (b_answer, a_answer)
                 };
-            let (verdict, first_vote) = ask(a_first)?;
+                let message = judge_message(&rubric.text, &context, first, second);
+                if spec.verdict == VerdictMode::Constrained {
+                    let options: Vec<&str> = constrained::VERDICT_OPTIONS
+                        .iter()
+                        .map(|(t, _)| *t)
+                        .collect();
+                    let lps =
+                        self.target_continuation_logprobs(&spec.judge, &[message], &options)?;
+                    let (v, reply) = constrained::constrained_reply(&lps);
+                    let by_vote = constrained::by_stored_vote(&lps, a_first);
+                    return Ok((reply, Ok(v.stored(a_first)), Some(by_vote)));
+                }
+                let stats = generate(&spec.judge, &[message], &params, cancel, &mut |_| {})?;
+                if stats.finish_reason == FinishReason::Cancelled {
+                    return Err(EngineError::Cancelled);
+                }
+                let vote = parse_verdict(&stats.text).map(|v| v.stored(a_first));
+                Ok((stats.text, vote, None))
+            };
+            let (verdict, first_vote, first_scores) = ask(a_first)?;
             let swapped = if spec.both_orders {
                 Some(ask(!a_first)?)
             } else {
                 None
             };
-            let (vote, disagreed) = combine(&first_vote, swapped.as_ref().map(|(_, v)| v));
+            let (mut vote, disagreed) = combine(&first_vote, swapped.as_ref().map(|(_, v, _)| v));
+            // A constrained judge in both orders: the vote with the highest log-prob averaged
+            // over the two orders (position-balanced), not a tie whenever the orders disagree.
+            if let (Some(x), Some((_, _, Some(y)))) = (first_scores, swapped.as_ref()) {
+                vote = Ok(constrained::balanced_vote(&x, y));
+            }
+            let swapped = swapped.map(|(text, _, _)| text);
             report.judged += 1;
             report.order_disagreements += u64::from(disagreed);
             report.unparsed += u64::from(vote.is_err());
@@ -449,7 +456,7 @@ impl Engine {
                 first_a_first: a_first,
                 vote: stored.clone(),
                 verdict,
-                verdict_swapped: swapped.map(|(text, _)| text),
+                verdict_swapped: swapped,
                 error: vote.err(),
                 created_at: now_rfc3339(),
             })?;

@@ -3,6 +3,9 @@
 //! with its generation prompt, exactly what free generation would continue) by its summed
 //! log-probability under the judge model, and the most likely one is the vote. No sampling:
 //! one prefill of the prompt into a KV cache, then each option's tokens on top of it.
+//! With both orders the vote is position-balanced ([`balanced_vote`]): the verdict whose
+//! log-prob averaged over the two orders is highest (a small judge that always prefers
+//! "Answer 1" would otherwise make every vote a tie); each pass's log-probs are stored.
 //!
 //! The figures are those of one uncached `Llama::forward` over prompt and option: a forward
 //! of at most `AUTO_QUANTIZED_MAX_ROWS` rows would run on the quantized weights while
@@ -231,4 +234,33 @@ pub(crate) fn constrained_reply(logprobs: &[f64]) -> (Verdict, String) {
             listed.join(", ")
         ),
     )
+}
+
+/// One pass's option log-probs (in [`VERDICT_OPTIONS`] order: 1, 2, tie, both bad) as the
+/// stored votes' scores, in the order a, b, tie, both bad.
+pub(crate) fn by_stored_vote(logprobs: &[f64], a_first: bool) -> [f64; 4] {
+    let (a, b) = if a_first {
+        (logprobs[0], logprobs[1])
+    } else {
+        (logprobs[1], logprobs[0])
+    };
+    [a, b, logprobs[2], logprobs[3]]
+}
+
+/// The position-balanced vote of two passes in opposite orders: the stored vote whose
+/// log-prob, averaged over both orders, is highest. A judge that prefers a position adds the
+/// same amount to A and to B, so it cancels out; what remains is its preference between the
+/// answers. A and B exactly level (identical answers) is a tie.
+pub(crate) fn balanced_vote(x: &[f64; 4], y: &[f64; 4]) -> &'static str {
+    let avg: Vec<f64> = x.iter().zip(y).map(|(p, q)| (p + q) / 2.0).collect();
+    let mut best = 0;
+    for i in 1..4 {
+        if avg[i] > avg[best] {
+            best = i;
+        }
+    }
+    if best < 2 && (avg[0] - avg[1]).abs() < 1e-9 {
+        return "tie";
+    }
+    crate::arena::stats::CATEGORIES[best]
 }

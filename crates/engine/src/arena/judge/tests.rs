@@ -702,13 +702,16 @@ fn a_constrained_judge_votes_in_both_orders_from_its_log_probs() {
         .collect();
     let votes = e.arena_judge_votes(id).expect("votes");
     assert_eq!(votes.len(), 2);
+    let mut disagreed = 0;
     for v in &votes {
         assert_eq!(v.verdict_mode, VerdictMode::Constrained);
         let item = e.arena_item_row(&arena, v.index).expect("item");
         let (a, b) = (item.a_answer.expect("a"), item.b_answer.expect("b"));
         let context: Vec<ChatMessage> = serde_json::from_str(&item.context_json).expect("ctx");
-        // Each pass's stored reply is the verdict its own order's log-probs give.
+        // Each pass's stored reply is the verdict its own order's log-probs give; the vote
+        // is the option with the highest log-prob averaged over both orders.
         let mut stored = Vec::new();
+        let mut sum = [0f64; 4];
         for (reply, a_first) in [
             (&v.verdict, v.first_a_first),
             (
@@ -727,17 +730,46 @@ fn a_constrained_judge_votes_in_both_orders_from_its_log_probs() {
             let (verdict, expected) = constrained::constrained_reply(&lps);
             assert_eq!(reply, &expected);
             stored.push(verdict.stored(a_first));
+            // 1 and 2 mapped to A and B by this pass's order.
+            let (a_lp, b_lp) = if a_first {
+                (lps[0], lps[1])
+            } else {
+                (lps[1], lps[0])
+            };
+            for (s, lp) in sum.iter_mut().zip([a_lp, b_lp, lps[2], lps[3]]) {
+                *s += lp;
+            }
         }
-        let want = if stored[0] == stored[1] {
-            stored[0]
-        } else {
+        let best = (0..4)
+            .max_by(|&i, &j| sum[i].total_cmp(&sum[j]).then(j.cmp(&i)))
+            .expect("four");
+        let want = if best < 2 && sum[0] == sum[1] {
             "tie"
+        } else {
+            ["a", "b", "tie", "both_bad"][best]
         };
-        assert_eq!(v.vote.as_deref(), Some(want), "{v:?}");
+        assert_eq!(v.vote.as_deref(), Some(want), "{v:?} {sum:?}");
+        disagreed += u64::from(stored[0] != stored[1]);
     }
+    assert_eq!(report.order_disagreements, disagreed);
     let r = e.arena_results(id).expect("results");
     assert_eq!(r.judges.len(), 1);
     assert_eq!(r.judges[0].verdict, VerdictMode::Constrained);
+    // Position balance by hand: a judge that prefers "1" by 2 nats in both orders but B by
+    // 0.5 votes B; exactly level A and B is a tie; a clear "both bad" stays.
+    let a_first = constrained::by_stored_vote(&[-1.0, -3.5, -9.0, -9.0], true);
+    let b_first = constrained::by_stored_vote(&[-0.5, -3.0, -9.0, -9.0], false);
+    assert_eq!(a_first, [-1.0, -3.5, -9.0, -9.0]);
+    assert_eq!(b_first, [-3.0, -0.5, -9.0, -9.0]);
+    assert_eq!(constrained::balanced_vote(&a_first, &b_first), "b");
+    assert_eq!(
+        constrained::balanced_vote(&[-1.0, -2.0, -5.0, -5.0], &[-2.0, -1.0, -5.0, -5.0]),
+        "tie"
+    );
+    assert_eq!(
+        constrained::balanced_vote(&[-4.0, -5.0, -6.0, -1.0], &[-5.0, -4.0, -6.0, -1.5]),
+        "both_bad"
+    );
 
     // The same judge in free text is another judge: its votes do not replace these.
     let free = e
