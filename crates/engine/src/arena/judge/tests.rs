@@ -755,12 +755,13 @@ fn a_constrained_judge_votes_in_both_orders_from_its_log_probs() {
     let r = e.arena_results(id).expect("results");
     assert_eq!(r.judges.len(), 1);
     assert_eq!(r.judges[0].verdict, VerdictMode::Constrained);
-    // Position balance by hand: a judge that prefers "1" by 2 nats in both orders but B by
-    // 0.5 votes B; exactly level A and B is a tie; a clear "both bad" stays.
+    // Position balance by hand: a judge that prefers "1" in both orders (by 2.5 and 3 nats)
+    // but B by 0.25 on average votes B; exactly level A and B is a tie; a clear "both bad"
+    // stays.
     let a_first = constrained::by_stored_vote(&[-1.0, -3.5, -9.0, -9.0], true);
-    let b_first = constrained::by_stored_vote(&[-0.5, -3.0, -9.0, -9.0], false);
+    let b_first = constrained::by_stored_vote(&[-0.5, -3.5, -9.0, -9.0], false);
     assert_eq!(a_first, [-1.0, -3.5, -9.0, -9.0]);
-    assert_eq!(b_first, [-3.0, -0.5, -9.0, -9.0]);
+    assert_eq!(b_first, [-3.5, -0.5, -9.0, -9.0]);
     assert_eq!(constrained::balanced_vote(&a_first, &b_first), "b");
     assert_eq!(
         constrained::balanced_vote(&[-1.0, -2.0, -5.0, -5.0], &[-2.0, -1.0, -5.0, -5.0]),
