@@ -163,7 +163,15 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
     assert!(listed.contains("summed log-probs"), "{listed}");
     // Preference pairs from a judge's votes: with two judges, --judge names one.
     let err = env.fails(&[
-        "train", "--model", "1", "--method", "dpo", "--arena", &id, "--votes", "judge",
+        "train",
+        "--model",
+        "1",
+        "--method",
+        "dpo",
+        "--arena",
+        &id,
+        "--votes",
+        "judge",
         "--create-only",
     ]);
     assert!(
@@ -171,8 +179,18 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
         "{err}"
     );
     let err = env.fails(&[
-        "train", "--model", "1", "--method", "dpo", "--arena", &id, "--votes", "judge",
-        "--judge", "7", "--create-only",
+        "train",
+        "--model",
+        "1",
+        "--method",
+        "dpo",
+        "--arena",
+        &id,
+        "--votes",
+        "judge",
+        "--judge",
+        "7",
+        "--create-only",
     ]);
     assert!(err.contains("judges 1 to 2"), "{err}");
     let judges = env.json(&["arena", "results", &id, "--json"]);
@@ -214,9 +232,22 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
     ]);
     assert!(err.contains("--votes judge or combined"), "{err}");
     // An endpoint cannot give a constrained verdict.
-    env.ok(&["endpoints", "add", "remote", "--url", &attune_test_support::closed_port_endpoint()]);
+    env.ok(&[
+        "endpoints",
+        "add",
+        "remote",
+        "--url",
+        &attune_test_support::closed_port_endpoint(),
+    ]);
     let err = env.fails_in_one_line(&[
-        "arena", "judge", &id, "--endpoint", "remote", "--model", "gpt-x", "--verdict",
+        "arena",
+        "judge",
+        &id,
+        "--endpoint",
+        "remote",
+        "--model",
+        "gpt-x",
+        "--verdict",
         "constrained",
     ]);
     assert!(err.contains("free text"), "{err}");

@@ -635,9 +635,12 @@ fn constrained_verdict_scores_are_the_models_own_log_probs() {
         .collect();
     for (first, second) in [("4", "Five, I think."), ("Five, I think.", "4")] {
         let message = judge_message(DEFAULT_RUBRIC, &context, first, second);
-        let (_, prompt) =
-            crate::chat::render_prompt(parts.chat_template, parts.tokenizer, &[message.clone()])
-                .expect("render");
+        let (_, prompt) = crate::chat::render_prompt(
+            parts.chat_template,
+            parts.tokenizer,
+            std::slice::from_ref(&message),
+        )
+        .expect("render");
         let lps = constrained::continuation_logprobs(&parts, &prompt, &options).expect("score");
         let via_target = e
             .target_continuation_logprobs(&judge, &[message], &options)
