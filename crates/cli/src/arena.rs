@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use attune_engine::{Actor, CancelToken, Engine, MAX_JUDGE_TOKENS};
 use attune_protocol::{
-    ArenaEvent, ArenaPrompts, ArenaResults, ArenaSpec, ChatTarget, Estimate, JudgeEvent,
-    JudgeScope, JudgeSpec, SplitName, Vote, WinRates,
+    ArenaEvent, ArenaPrompts, ArenaResults, ArenaSpec, ChatTarget, Estimate, JudgeEvent, JudgeKey,
+    JudgeScope, JudgeSpec, JudgeStats, SplitName, VerdictMode, Vote, VoteSource, WinRates,
 };
 use clap::{Args, Subcommand};
 
@@ -142,8 +142,17 @@ pub struct JudgeArgs {
     /// The longest verdict, in tokens.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
+    /// free: the judge writes a reply read for its `Verdict:` line; constrained: no
+    /// generation, each verdict (`Verdict: 1`, `2`, `tie`, `both bad`) is scored by its
+    /// log-probability under the judge and the most likely taken (local judges only).
+    #[arg(long, value_parser = parse_verdict_mode, default_value = "free")]
+    verdict: VerdictMode,
     #[arg(long)]
     json: bool,
+}
+
+fn parse_verdict_mode(s: &str) -> Result<VerdictMode, String> {
+    VerdictMode::parse(s).ok_or_else(|| format!("'{s}': expected free or constrained"))
 }
 
 fn parse_vote(s: &str) -> Result<Vote, String> {
@@ -400,6 +409,7 @@ fn judge(actor: &Actor, args: JudgeArgs) -> Result<()> {
         },
         max_tokens: args.max_tokens,
         redo: args.redo,
+        verdict: args.verdict,
     };
     let cancel = CancelToken::new();
     let _watch = interrupt::cancel_on_ctrl_c(&cancel);
@@ -509,15 +519,20 @@ fn print_results(r: &ArenaResults) {
         );
         return;
     }
-    for j in &r.judges {
+    for (n, j) in r.judges.iter().enumerate() {
         let orders = if j.both_orders {
             "both orders"
         } else {
             "one order"
         };
         println!(
-            "judge {} (rubric v{}, {orders}): {} votes, {} unparseable",
-            j.judge_label, j.rubric_version, j.votes, j.unparsed
+            "judge {}: {} (rubric v{}, {orders}, {} verdict): {} votes, {} unparseable",
+            n + 1,
+            j.judge_label,
+            j.rubric_version,
+            j.verdict.as_str(),
+            j.votes,
+            j.unparsed
         );
         println!("  judge votes: {}", rates_line(&j.rates));
         println!(
@@ -546,5 +561,98 @@ fn print_results(r: &ArenaResults) {
     }
     if let Some(j) = r.judges.first() {
         println!("method: {}", j.agreement.method);
+    }
+}
+
+/// The judge `sel` names in arena `arena_id`: its number as `attune arena results` prints
+/// them (1, 2, …) or a part of its label; None when the arena has exactly one judge.
+pub fn judge_key(engine: &Engine, arena_id: i64, sel: Option<&str>) -> Result<JudgeKey> {
+    let r = engine.arena_results(arena_id)?;
+    let key = |j: &JudgeStats| JudgeKey {
+        judge: j.judge.clone(),
+        rubric_version: j.rubric_version,
+        both_orders: j.both_orders,
+        verdict: j.verdict,
+    };
+    let listing = || {
+        r.judges
+            .iter()
+            .enumerate()
+            .map(|(n, j)| {
+                format!(
+                    "  {}: {} (rubric v{}, {}, {} verdict)",
+                    n + 1,
+                    j.judge_label,
+                    j.rubric_version,
+                    if j.both_orders {
+                        "both orders"
+                    } else {
+                        "one order"
+                    },
+                    j.verdict.as_str()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if r.judges.is_empty() {
+        bail!(
+            "arena {arena_id} has no judge votes: `attune arena judge {arena_id} --judge-model M` first"
+        );
+    }
+    let found: Vec<&JudgeStats> = match sel {
+        None => r.judges.iter().collect(),
+        Some(s) => match s.trim().parse::<usize>() {
+            Ok(n) if (1..=r.judges.len()).contains(&n) => vec![&r.judges[n - 1]],
+            Ok(n) => bail!(
+                "--judge {n}: arena {arena_id} has judges 1 to {}:\n{}",
+                r.judges.len(),
+                listing()
+            ),
+            Err(_) => {
+                let want = s.trim().to_lowercase();
+                r.judges
+                    .iter()
+                    .filter(|j| j.judge_label.to_lowercase().contains(&want))
+                    .collect()
+            }
+        },
+    };
+    match found.as_slice() {
+        [j] => Ok(key(j)),
+        [] => bail!(
+            "--judge '{}': no judge of arena {arena_id} matches; its judges:\n{}",
+            sel.unwrap_or_default(),
+            listing()
+        ),
+        _ => bail!(
+            "arena {arena_id} has several judges{}: name one with --judge N:\n{}",
+            sel.map(|s| format!(" matching '{s}'")).unwrap_or_default(),
+            listing()
+        ),
+    }
+}
+
+/// The vote source `--votes` (human, judge, combined) and `--judge` name.
+pub fn vote_source(
+    engine: &Engine,
+    arena_id: i64,
+    votes: &str,
+    judge: Option<&str>,
+) -> Result<VoteSource> {
+    match votes {
+        "human" => {
+            if judge.is_some() {
+                bail!("--judge goes with --votes judge or combined");
+            }
+            Ok(VoteSource::Human)
+        }
+        "judge" => Ok(VoteSource::Judge {
+            judge: judge_key(engine, arena_id, judge)?,
+        }),
+        "combined" => Ok(VoteSource::Combined {
+            judge: judge_key(engine, arena_id, judge)?,
+        }),
+        other => bail!("--votes '{other}': human, judge or combined"),
     }
 }

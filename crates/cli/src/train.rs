@@ -34,6 +34,14 @@ pub struct TrainArgs {
     /// prompts are left out and counted).
     #[arg(long, conflicts_with = "data")]
     arena: Option<i64>,
+    /// With --arena: whose votes make the pairs: human, judge (one judge's votes) or
+    /// combined (the human's vote where there is one, else the judge's).
+    #[arg(long, value_parser = ["human", "judge", "combined"], default_value = "human", requires = "arena")]
+    votes: String,
+    /// With --votes judge|combined: which judge, as `attune arena results` numbers them
+    /// (1, 2, …) or a part of its label; may be left out when the arena has one judge.
+    #[arg(long, requires = "arena")]
+    judge: Option<String>,
     /// With --method dpo|orpo: what is trained (lora, full or prompt). DPO's reference is the
     /// base with the adapter off (lora, prompt) or a frozen copy of the model (full).
     #[arg(long, value_parser = ["full", "lora", "prompt"], default_value = "lora")]
@@ -486,7 +494,15 @@ pub fn train(actor: &Actor, args: TrainArgs) -> Result<()> {
     let dataset = match (&args.data, args.arena, args.preference()) {
         (_, Some(_), None) => bail!("--arena trains on preference pairs: add --method dpo or orpo"),
         (_, Some(arena), Some(_)) => {
-            let set = actor.engine().preferences_from_arena(arena, None)?;
+            let source = crate::arena::vote_source(
+                actor.engine(),
+                arena,
+                &args.votes,
+                args.judge.as_deref(),
+            )?;
+            let set = actor
+                .engine()
+                .preferences_from_arena(arena, None, &source)?;
             print_preference_set(&set);
             set.dataset.name
         }
@@ -522,12 +538,21 @@ fn print_preference_set(s: &PreferenceSet) {
         s.dataset.name, s.dataset.id, s.pairs
     );
     if s.source == "arena" {
+        let whose = match (&s.votes, &s.judge_label) {
+            (Some(v), Some(j)) => format!("{} votes, judge {j}", v.kind()),
+            (Some(v), None) => format!("{} votes", v.kind()),
+            (None, _) => "votes".into(),
+        };
         eprintln!(
-            "  from arena {}: left out {} ties, {} 'both bad', {} not voted",
+            "  from arena {} ({whose}; {} pairs from human votes, {} from the judge's): \
+             left out {} ties, {} 'both bad', {} not voted, {} unparseable verdicts",
             s.arena_id.map_or("?".to_string(), |a| a.to_string()),
+            s.human_pairs,
+            s.judge_pairs,
             s.ties_skipped,
             s.both_bad_skipped,
-            s.unvoted_skipped
+            s.unvoted_skipped,
+            s.unparseable_skipped
         );
     }
 }

@@ -135,6 +135,123 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
         "{listed}"
     );
 
+    // A constrained judge (each verdict scored by its log-prob, no generation) is another
+    // judge beside the free-text one; it never leaves a verdict unread.
+    let c = env.json(&[
+        "arena",
+        "judge",
+        &id,
+        "--judge-model",
+        &model,
+        "--verdict",
+        "constrained",
+        "--both-orders",
+        "--all",
+        "--json",
+    ]);
+    assert_eq!(
+        (c["judged"].as_u64(), c["unparsed"].as_u64()),
+        (Some(3), Some(0))
+    );
+    assert_eq!(c["verdict"], "constrained");
+    let text = env.ok(&["arena", "results", &id]);
+    assert!(
+        text.contains("judge 2:") && text.contains("constrained verdict"),
+        "{text}"
+    );
+    let listed = env.ok(&["arena", "verdicts", &id]);
+    assert!(listed.contains("summed log-probs"), "{listed}");
+    // Preference pairs from a judge's votes: with two judges, --judge names one.
+    let err = env.fails(&[
+        "train",
+        "--model",
+        "1",
+        "--method",
+        "dpo",
+        "--arena",
+        &id,
+        "--votes",
+        "judge",
+        "--create-only",
+    ]);
+    assert!(
+        err.contains("several judges") && err.contains("2: "),
+        "{err}"
+    );
+    let err = env.fails(&[
+        "train",
+        "--model",
+        "1",
+        "--method",
+        "dpo",
+        "--arena",
+        &id,
+        "--votes",
+        "judge",
+        "--judge",
+        "7",
+        "--create-only",
+    ]);
+    assert!(err.contains("judges 1 to 2"), "{err}");
+    let judges = env.json(&["arena", "results", &id, "--json"]);
+    let constrained_n = judges["judges"]
+        .as_array()
+        .expect("judges")
+        .iter()
+        .position(|j| j["verdict"] == "constrained")
+        .expect("the constrained judge")
+        + 1;
+    let out = env.run(&[
+        "train",
+        "--model",
+        "1",
+        "--method",
+        "dpo",
+        "--arena",
+        &id,
+        "--votes",
+        "combined",
+        "--judge",
+        &constrained_n.to_string(),
+        "--steps",
+        "1",
+        "--create-only",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        assert!(
+            stderr.contains("combined votes, judge") && stderr.contains("unparseable"),
+            "{stderr}"
+        );
+    } else {
+        // Every vote was a tie or both bad: refused, naming the counts.
+        assert!(stderr.contains("no decisive combined votes"), "{stderr}");
+    }
+    let err = env.fails_in_one_line(&[
+        "train", "--model", "1", "--method", "dpo", "--arena", &id, "--judge", "1",
+    ]);
+    assert!(err.contains("--votes judge or combined"), "{err}");
+    // An endpoint cannot give a constrained verdict.
+    env.ok(&[
+        "endpoints",
+        "add",
+        "remote",
+        "--url",
+        &attune_test_support::closed_port_endpoint(),
+    ]);
+    let err = env.fails_in_one_line(&[
+        "arena",
+        "judge",
+        &id,
+        "--endpoint",
+        "remote",
+        "--model",
+        "gpt-x",
+        "--verdict",
+        "constrained",
+    ]);
+    assert!(err.contains("free text"), "{err}");
+
     // Refusals are one line naming the problem.
     let err = env.fails_in_one_line(&["arena", "judge", "999", "--judge-model", &model]);
     assert!(err.contains("arena") && err.contains("999"), "{err}");

@@ -12,7 +12,7 @@ use std::path::Path;
 use attune_models::chat_template::{ChatTemplate, Message};
 use attune_models::tokenizer::Tok;
 use attune_models::train::pref::{render_pair, PrefPair, PrefText};
-use attune_protocol::{ChatMessage, PreferenceSet, Split};
+use attune_protocol::{ChatMessage, JudgeKey, PreferenceSet, Split, VoteSource};
 use serde_json::Value;
 
 use crate::error::EngineError;
@@ -151,6 +151,27 @@ impl Engine {
             .ok_or_else(|| EngineError::DatasetNotFound(dataset_id.to_string()))?;
         let dataset = crate::datasets::summary(&rec, self.store.path())?;
         let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        let judge: Option<JudgeKey> = match &row.judge_key_json {
+            Some(j) => Some(serde_json::from_str(j).map_err(|e| {
+                EngineError::db(
+                    self.store.path(),
+                    format!("preference set {dataset_id}: bad judge key: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        let votes = match (row.votes.as_deref(), judge) {
+            (Some("human"), _) => Some(VoteSource::Human),
+            (Some("judge"), Some(judge)) => Some(VoteSource::Judge { judge }),
+            (Some("combined"), Some(judge)) => Some(VoteSource::Combined { judge }),
+            (None, _) => None,
+            (Some(other), _) => {
+                return Err(EngineError::db(
+                    self.store.path(),
+                    format!("preference set {dataset_id}: vote source '{other}' without its judge"),
+                ))
+            }
+        };
         Ok(Some(PreferenceSet {
             dataset,
             source: row.source,
@@ -159,6 +180,11 @@ impl Engine {
             ties_skipped: n(row.ties_skipped),
             both_bad_skipped: n(row.both_bad_skipped),
             unvoted_skipped: n(row.unvoted_skipped),
+            votes,
+            judge_label: row.judge_label,
+            unparseable_skipped: n(row.unparseable_skipped),
+            human_pairs: n(row.human_pairs),
+            judge_pairs: n(row.judge_pairs),
         }))
     }
 
@@ -215,9 +241,13 @@ impl Engine {
             .insert_dataset_with(&new, &stored, |tx, id| insert_pref_set(tx, id, &info))?
         {
             InsertDataset::Inserted(r) => r,
-            // The same pairs imported again under the same name: the set already there.
+            // The same pairs imported again under the same name: the set already there
+            // (when it records the same provenance).
             InsertDataset::NameTaken(r)
-                if r.content_hash == new.content_hash && self.store.pref_set(r.id)?.is_some() =>
+                if r.content_hash == new.content_hash
+                    && self.store.pref_set(r.id)?.is_some_and(|p| {
+                        p.votes == info.votes && p.judge_key_json == info.judge_key_json
+                    }) =>
             {
                 r
             }
@@ -273,40 +303,110 @@ impl Engine {
             ties_skipped: 0,
             both_bad_skipped: 0,
             unvoted_skipped: 0,
+            votes: None,
+            judge_key_json: None,
+            judge_label: None,
+            unparseable_skipped: 0,
+            human_pairs: 0,
+            judge_pairs: 0,
         };
         let source = crate::datasets::absolute(path);
         self.store_pref_set(name, &source, rows, info)
     }
 
     /// Makes a preference set from an arena's votes: per prompt the winner's answer is chosen
-    /// and the loser's rejected (the prompt is the conversation the voter saw). Ties, "both
-    /// bad" and unvoted prompts are left out and counted in the result. `name` defaults to
-    /// `arena-<id>-<first 8 hex digits of the pairs' hash>`, so the same votes give the same set
-    /// and new votes a new one.
+    /// and the loser's rejected (the prompt is the conversation the voter saw). `source` says
+    /// whose votes: the human's, one judge's (identified as the arena's results group its
+    /// votes: target, rubric version, order setting, verdict mode), or combined (the human's
+    /// vote where there is one, else the judge's). Ties, "both bad", unvoted prompts and
+    /// judge verdicts that could not be parsed are left out and counted in the result, which
+    /// also records the source and the judge. `name` defaults to
+    /// `arena-<id>-<first 8 hex digits of the pairs' hash>` for human votes and
+    /// `arena-<id>-<judge|combined>-<hash>` otherwise, so the same votes give the same set and
+    /// new votes a new one.
     pub fn preferences_from_arena(
         &self,
         arena_id: i64,
         name: Option<&str>,
+        source: &VoteSource,
     ) -> Result<PreferenceSet, EngineError> {
         let a = self
             .store
             .get_arena(arena_id)?
             .ok_or_else(|| EngineError::InvalidInput(format!("no arena with id {arena_id}")))?;
+        // The judge's votes by prompt (None: voted, verdict unparseable).
+        let mut judge_votes: std::collections::BTreeMap<i64, Option<String>> = Default::default();
+        let mut judge_label = None;
+        if let Some(key) = source.judge() {
+            let judge_json = serde_json::to_string(&key.judge)
+                .map_err(|e| EngineError::InvalidInput(format!("judge: {e}")))?;
+            for v in self.store.judge_votes(a.id)? {
+                if v.judge_json == judge_json
+                    && v.rubric_version == i64::from(key.rubric_version)
+                    && v.both_orders == key.both_orders
+                    && v.verdict_mode == key.verdict.as_str()
+                {
+                    judge_label = Some(v.judge_label.clone());
+                    judge_votes.insert(v.idx, v.vote);
+                }
+            }
+            if judge_votes.is_empty() {
+                let label = self
+                    .target_label(&key.judge)
+                    .unwrap_or_else(|_| judge_json.clone());
+                return Err(EngineError::InvalidInput(format!(
+                    "arena '{}' has no votes from judge {label} (rubric v{}, {}, {} verdict): \
+                     see `attune arena results {}` for its judges",
+                    a.name,
+                    key.rubric_version,
+                    if key.both_orders {
+                        "both orders"
+                    } else {
+                        "one order"
+                    },
+                    key.verdict.as_str(),
+                    a.id
+                )));
+            }
+        }
         let mut rows = Vec::new();
-        let (mut ties, mut both_bad, mut unvoted) = (0i64, 0i64, 0i64);
+        let (mut ties, mut both_bad, mut unvoted, mut unparseable) = (0i64, 0i64, 0i64, 0i64);
+        let (mut human_pairs, mut judge_pairs) = (0i64, 0i64);
         for item in self.store.arena_items(a.id)? {
             let (Some(a_answer), Some(b_answer)) = (&item.a_answer, &item.b_answer) else {
                 unvoted += 1;
                 continue;
             };
-            let (chosen, rejected) = match item.vote.as_deref() {
-                Some("a") => (a_answer, b_answer),
-                Some("b") => (b_answer, a_answer),
-                Some("tie") => {
+            let human = match source {
+                VoteSource::Human | VoteSource::Combined { .. } => item.vote.clone(),
+                VoteSource::Judge { .. } => None,
+            };
+            let (vote, from_judge) = match (human, source) {
+                (Some(h), _) => (h, false),
+                (None, VoteSource::Human) => {
+                    unvoted += 1;
+                    continue;
+                }
+                (None, _) => match judge_votes.get(&item.idx) {
+                    None => {
+                        unvoted += 1;
+                        continue;
+                    }
+                    Some(None) => {
+                        unparseable += 1;
+                        continue;
+                    }
+                    Some(Some(j)) => (j.clone(), true),
+                },
+            };
+            let (chosen, rejected) = match vote.as_str() {
+                "a" => (a_answer, b_answer),
+                "b" => (b_answer, a_answer),
+                "tie" => {
                     ties += 1;
                     continue;
                 }
-                Some("both_bad") => {
+                "both_bad" => {
                     both_bad += 1;
                     continue;
                 }
@@ -329,7 +429,14 @@ impl Engine {
             });
             let at = format!("arena '{}' prompt {}", a.name, item.idx);
             match canonical_row(&v, &at) {
-                Ok(v) => rows.push((v, None)),
+                Ok(v) => {
+                    rows.push((v, None));
+                    if from_judge {
+                        judge_pairs += 1;
+                    } else {
+                        human_pairs += 1;
+                    }
+                }
                 // Two identical answers teach nothing: count them with the ties.
                 Err(_) if chosen == rejected => ties += 1,
                 Err(e) => return Err(e),
@@ -337,11 +444,19 @@ impl Engine {
         }
         if rows.is_empty() {
             return Err(EngineError::InvalidInput(format!(
-                "arena '{}' has no decisive votes yet ({ties} ties, {both_bad} 'both bad', \
-                 {unvoted} not voted): nothing to train on",
-                a.name
+                "arena '{}' has no decisive {} votes yet ({ties} ties, {both_bad} 'both bad', \
+                 {unvoted} not voted, {unparseable} unparseable): nothing to train on",
+                a.name,
+                source.kind()
             )));
         }
+        let judge_key_json = match source.judge() {
+            Some(k) => Some(
+                serde_json::to_string(k)
+                    .map_err(|e| EngineError::InvalidInput(format!("judge: {e}")))?,
+            ),
+            None => None,
+        };
         let info = PrefSetRow {
             dataset_id: 0,
             source: "arena".into(),
@@ -350,6 +465,12 @@ impl Engine {
             ties_skipped: ties,
             both_bad_skipped: both_bad,
             unvoted_skipped: unvoted,
+            votes: Some(source.kind().to_string()),
+            judge_key_json,
+            judge_label,
+            unparseable_skipped: unparseable,
+            human_pairs,
+            judge_pairs,
         };
         let name = match name {
             Some(n) => n.to_string(),
@@ -361,7 +482,10 @@ impl Engine {
                         .iter()
                         .map(|d| ("train", d.as_str(), None)),
                 );
-                format!("arena-{}-{}", a.id, &hash[..8])
+                match source {
+                    VoteSource::Human => format!("arena-{}-{}", a.id, &hash[..8]),
+                    other => format!("arena-{}-{}-{}", a.id, other.kind(), &hash[..8]),
+                }
             }
         };
         self.store_pref_set(&name, &format!("arena:{}", a.id), rows, info)

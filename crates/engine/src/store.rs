@@ -55,6 +55,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     ),
     ("0009_judge", include_str!("../migrations/0009_judge.sql")),
     ("0010_dpo", include_str!("../migrations/0010_dpo.sql")),
+    (
+        "0011_measure",
+        include_str!("../migrations/0011_measure.sql"),
+    ),
 ];
 
 /// How long a statement waits for another process's write lock before failing. Imports of

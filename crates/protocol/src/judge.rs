@@ -37,7 +37,9 @@ pub struct JudgeSpec {
     #[serde(default)]
     pub rubric: Option<String>,
     /// Judge each prompt twice, the answers in both orders; when the two verdicts
-    /// disagree the vote is a tie (position bias cancels out).
+    /// disagree the vote is a tie (position bias cancels out). With a constrained verdict
+    /// the vote is instead the one whose log-prob averaged over both orders is highest
+    /// (position-balanced); disagreements are still counted.
     #[serde(default)]
     pub both_orders: bool,
     pub scope: JudgeScope,
@@ -47,6 +49,10 @@ pub struct JudgeSpec {
     /// again, replacing those votes; otherwise they are skipped.
     #[serde(default)]
     pub redo: bool,
+    /// Free text (any target) or a constrained verdict scored by log-probability (local
+    /// targets only).
+    #[serde(default)]
+    pub verdict: VerdictMode,
 }
 
 /// Streamed while a judge works.
@@ -74,6 +80,8 @@ pub struct JudgeVote {
     pub judge_label: String,
     pub rubric_version: u32,
     pub both_orders: bool,
+    #[serde(default)]
+    pub verdict_mode: VerdictMode,
     /// The judge saw candidate A as "Answer 1" in its first (or only) pass.
     pub first_a_first: bool,
     /// "a", "b", "tie", "both_bad"; None when the verdict could not be parsed.
@@ -93,6 +101,8 @@ pub struct JudgeReport {
     pub judge_label: String,
     pub rubric_version: u32,
     pub both_orders: bool,
+    #[serde(default)]
+    pub verdict: VerdictMode,
     /// Prompts judged now.
     pub judged: u64,
     /// Prompts skipped: a human vote exists (scope `unvoted`) or this judge voted before.
@@ -148,6 +158,8 @@ pub struct JudgeStats {
     pub judge_label: String,
     pub rubric_version: u32,
     pub both_orders: bool,
+    #[serde(default)]
+    pub verdict: VerdictMode,
     /// Prompts it voted on, parsed or not.
     pub votes: u64,
     /// Of them, verdicts that could not be parsed.
@@ -168,4 +180,78 @@ pub struct ArenaResults {
     pub arena: ArenaSummary,
     pub human: WinRates,
     pub judges: Vec<JudgeStats>,
+}
+
+/// How a judge's verdict is obtained.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum VerdictMode {
+    /// The judge writes a reply, read for a `Verdict: …` line (any target).
+    #[default]
+    Free,
+    /// No generation: each verdict continuation (`Verdict: 1`, `Verdict: 2`,
+    /// `Verdict: tie`, `Verdict: both bad`) is scored after the judge prompt by its summed
+    /// log-probability under the judge model (one forward pass), and the most likely one is
+    /// the vote. Local models, adapters and templates on a local model only.
+    Constrained,
+}
+
+impl VerdictMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerdictMode::Free => "free",
+            VerdictMode::Constrained => "constrained",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VerdictMode> {
+        match s {
+            "free" => Some(VerdictMode::Free),
+            "constrained" => Some(VerdictMode::Constrained),
+            _ => None,
+        }
+    }
+}
+
+/// One judge of an arena, identified as the arena's results group its votes: the target,
+/// the rubric version, the order setting and the verdict mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeKey {
+    pub judge: ChatTarget,
+    pub rubric_version: u32,
+    pub both_orders: bool,
+    #[serde(default)]
+    pub verdict: VerdictMode,
+}
+
+/// Whose votes a preference set is made from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VoteSource {
+    /// The human votes only.
+    Human,
+    /// One judge's votes only.
+    Judge { judge: JudgeKey },
+    /// Per prompt the human's vote where there is one, else the judge's.
+    Combined { judge: JudgeKey },
+}
+
+impl VoteSource {
+    /// "human", "judge" or "combined".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VoteSource::Human => "human",
+            VoteSource::Judge { .. } => "judge",
+            VoteSource::Combined { .. } => "combined",
+        }
+    }
+
+    pub fn judge(&self) -> Option<&JudgeKey> {
+        match self {
+            VoteSource::Human => None,
+            VoteSource::Judge { judge } | VoteSource::Combined { judge } => Some(judge),
+        }
+    }
 }

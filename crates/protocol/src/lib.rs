@@ -781,6 +781,20 @@ pub struct PreferenceSet {
     pub ties_skipped: u64,
     pub both_bad_skipped: u64,
     pub unvoted_skipped: u64,
+    /// For an arena's set: whose votes made it ("human", "judge" or "combined") and, with a
+    /// judge, which one (its key and label).
+    #[serde(default)]
+    pub votes: Option<VoteSource>,
+    #[serde(default)]
+    pub judge_label: Option<String>,
+    /// Prompts whose judge vote could not be parsed (left out; judge and combined sources).
+    #[serde(default)]
+    pub unparseable_skipped: u64,
+    /// Of the pairs, how many come from a human vote and how many from the judge's.
+    #[serde(default)]
+    pub human_pairs: u64,
+    #[serde(default)]
+    pub judge_pairs: u64,
 }
 
 /// One recorded step or evaluation.

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use attune_protocol::{
     ArenaResults, ChatMessage, ChatTarget, FinishReason, JudgeEvent, JudgeReport, JudgeScope,
-    JudgeSpec, JudgeStats, JudgeVote, Rubric, SamplingParams,
+    JudgeSpec, JudgeStats, JudgeVote, Rubric, SamplingParams, VerdictMode,
 };
 
 use super::stats::{agreement, category, win_rates_of};
@@ -335,6 +335,9 @@ impl Engine {
             )));
         }
         let judge_label = self.target_label(&spec.judge)?;
+        if spec.verdict == VerdictMode::Constrained {
+            self.check_constrained_judge(&spec.judge)?;
+        }
         let judge_json = to_json(&spec.judge)?;
         let rubric = match &spec.rubric {
             Some(text) => self.save_judge_rubric(text)?,
@@ -349,6 +352,7 @@ impl Engine {
                 v.judge_json == judge_json
                     && v.rubric_version == rubric_version
                     && v.both_orders == spec.both_orders
+                    && v.verdict_mode == spec.verdict.as_str()
             })
             .map(|v| v.idx)
             .collect();
@@ -364,6 +368,7 @@ impl Engine {
             judge_label: judge_label.clone(),
             rubric_version: rubric.version,
             both_orders: spec.both_orders,
+            verdict: spec.verdict,
             judged: 0,
             skipped: (items.len() - todo.len()) as u64,
             unparsed: 0,
@@ -397,28 +402,45 @@ impl Engine {
             let context: Vec<ChatMessage> = serde_json::from_str(&item.context_json)
                 .map_err(|e| self.corrupt_arena(&arena, &format!("prompt {index}"), e))?;
             let a_first = judge_a_first(arena.seed, index);
-            let mut ask =
-                |a_first: bool| -> Result<(String, Result<&'static str, String>), EngineError> {
-                    let (first, second) = if a_first {
-                        (a_answer, b_answer)
-                    } else {
-                        (b_answer, a_answer)
-                    };
-                    let message = judge_message(&rubric.text, &context, first, second);
-                    let stats = generate(&spec.judge, &[message], &params, cancel, &mut |_| {})?;
-                    if stats.finish_reason == FinishReason::Cancelled {
-                        return Err(EngineError::Cancelled);
-                    }
-                    let vote = parse_verdict(&stats.text).map(|v| v.stored(a_first));
-                    Ok((stats.text, vote))
+            type Pass = (String, Result<&'static str, String>, Option<[f64; 4]>);
+            let mut ask = |a_first: bool| -> Result<Pass, EngineError> {
+                let (first, second) = if a_first {
+                    (a_answer, b_answer)
+                } else {
+                    (b_answer, a_answer)
                 };
-            let (verdict, first_vote) = ask(a_first)?;
+                let message = judge_message(&rubric.text, &context, first, second);
+                if spec.verdict == VerdictMode::Constrained {
+                    let options: Vec<&str> = constrained::VERDICT_OPTIONS
+                        .iter()
+                        .map(|(t, _)| *t)
+                        .collect();
+                    let lps =
+                        self.target_continuation_logprobs(&spec.judge, &[message], &options)?;
+                    let (v, reply) = constrained::constrained_reply(&lps);
+                    let by_vote = constrained::by_stored_vote(&lps, a_first);
+                    return Ok((reply, Ok(v.stored(a_first)), Some(by_vote)));
+                }
+                let stats = generate(&spec.judge, &[message], &params, cancel, &mut |_| {})?;
+                if stats.finish_reason == FinishReason::Cancelled {
+                    return Err(EngineError::Cancelled);
+                }
+                let vote = parse_verdict(&stats.text).map(|v| v.stored(a_first));
+                Ok((stats.text, vote, None))
+            };
+            let (verdict, first_vote, first_scores) = ask(a_first)?;
             let swapped = if spec.both_orders {
                 Some(ask(!a_first)?)
             } else {
                 None
             };
-            let (vote, disagreed) = combine(&first_vote, swapped.as_ref().map(|(_, v)| v));
+            let (mut vote, disagreed) = combine(&first_vote, swapped.as_ref().map(|(_, v, _)| v));
+            // A constrained judge in both orders: the vote with the highest log-prob averaged
+            // over the two orders (position-balanced), not a tie whenever the orders disagree.
+            if let (Some(x), Some((_, _, Some(y)))) = (first_scores, swapped.as_ref()) {
+                vote = Ok(constrained::balanced_vote(&x, y));
+            }
+            let swapped = swapped.map(|(text, _, _)| text);
             report.judged += 1;
             report.order_disagreements += u64::from(disagreed);
             report.unparsed += u64::from(vote.is_err());
@@ -430,10 +452,11 @@ impl Engine {
                 judge_label: judge_label.clone(),
                 rubric_version,
                 both_orders: spec.both_orders,
+                verdict_mode: spec.verdict.as_str().to_string(),
                 first_a_first: a_first,
                 vote: stored.clone(),
                 verdict,
-                verdict_swapped: swapped.map(|(text, _)| text),
+                verdict_swapped: swapped,
                 error: vote.err(),
                 created_at: now_rfc3339(),
             })?;
@@ -459,6 +482,7 @@ impl Engine {
                 judge_label: v.judge_label,
                 rubric_version: u32::try_from(v.rubric_version).unwrap_or(0),
                 both_orders: v.both_orders,
+                verdict_mode: VerdictMode::parse(&v.verdict_mode).unwrap_or_default(),
                 first_a_first: v.first_a_first,
                 vote: v.vote,
                 verdict: v.verdict,
@@ -481,7 +505,8 @@ impl Engine {
             .iter()
             .filter_map(|i| i.vote.as_deref().map(|v| (i.idx, v)))
             .collect();
-        let mut groups: BTreeMap<(String, String, i64, bool), Vec<JudgeVoteRow>> = BTreeMap::new();
+        type Group = (String, String, i64, bool, String);
+        let mut groups: BTreeMap<Group, Vec<JudgeVoteRow>> = BTreeMap::new();
         for v in self.store.judge_votes(arena.id)? {
             groups
                 .entry((
@@ -489,12 +514,13 @@ impl Engine {
                     v.judge_json.clone(),
                     v.rubric_version,
                     v.both_orders,
+                    v.verdict_mode.clone(),
                 ))
                 .or_default()
                 .push(v);
         }
         let mut judges = Vec::with_capacity(groups.len());
-        for ((label, json, rubric_version, both_orders), votes) in groups {
+        for ((label, json, rubric_version, both_orders, mode), votes) in groups {
             let judge: ChatTarget = serde_json::from_str(&json)
                 .map_err(|e| self.corrupt_arena(&arena, &format!("judge '{label}'"), e))?;
             let parsed: BTreeMap<i64, &str> = votes
@@ -521,6 +547,7 @@ impl Engine {
                 judge_label: label,
                 rubric_version: u32::try_from(rubric_version).unwrap_or(0),
                 both_orders,
+                verdict: VerdictMode::parse(&mode).unwrap_or_default(),
                 votes: votes.len() as u64,
                 unparsed: (votes.len() - parsed.len()) as u64,
                 rates: win_rates_of(parsed.values().copied()),
@@ -537,6 +564,9 @@ impl Engine {
         })
     }
 }
+
+// Verdicts scored by log-probability instead of generated (local judges).
+mod constrained;
 
 #[cfg(test)]
 mod tests;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use attune_protocol::{
-    ArenaPrompts, ArenaSpec, ChatTarget, MethodSpec, MetricKind, PreferenceLoss,
-    PreferenceObjective, PreferenceSpec, RunSpec, RunStatus, SamplingParams, TemplateDraft, Vote,
+    ArenaPrompts, ArenaSpec, ChatTarget, JudgeKey, MethodSpec, MetricKind, PreferenceLoss,
+    PreferenceObjective, PreferenceSpec, RunSpec, RunStatus, SamplingParams, TemplateDraft,
+    VerdictMode, Vote,
 };
 
 use super::*;
@@ -301,9 +302,9 @@ fn prefs_from_arena_votes_leave_out_ties_both_bad_and_unvoted() {
         })
         .expect("arena");
     let err = e
-        .preferences_from_arena(arena.id, None)
+        .preferences_from_arena(arena.id, None, &VoteSource::Human)
         .expect_err("no votes");
-    assert!(err.to_string().contains("no decisive votes"), "{err}");
+    assert!(err.to_string().contains("no decisive human votes"), "{err}");
     let no = AtomicBool::new(false);
     let mut items = Vec::new();
     for i in 0..4 {
@@ -317,7 +318,9 @@ fn prefs_from_arena_votes_leave_out_ties_both_bad_and_unvoted() {
     e.arena_vote(arena.id, 2, Vote::Tie).expect("vote");
     e.arena_vote(arena.id, 3, Vote::BothBad).expect("vote");
     // Prompt 4 is never shown nor voted on.
-    let set = e.preferences_from_arena(arena.id, None).expect("pairs");
+    let set = e
+        .preferences_from_arena(arena.id, None, &VoteSource::Human)
+        .expect("pairs");
     assert_eq!(
         (
             set.pairs,
@@ -338,7 +341,9 @@ fn prefs_from_arena_votes_leave_out_ties_both_bad_and_unvoted() {
     assert_eq!(rows[0]["prompt"].as_array().map(|a| a.len()), Some(1));
     assert_eq!(rows[0]["prompt"][0]["content"], "Say hi.");
     // The same votes give the same set; its name says where it came from.
-    let again = e.preferences_from_arena(arena.id, None).expect("again");
+    let again = e
+        .preferences_from_arena(arena.id, None, &VoteSource::Human)
+        .expect("again");
     assert_eq!(again.dataset.id, set.dataset.id);
     assert!(set
         .dataset
@@ -350,4 +355,214 @@ fn prefs_from_arena_votes_leave_out_ties_both_bad_and_unvoted() {
         .expect("a set");
     assert_eq!(shown, set);
     assert_eq!(e.preference_set(999).expect("read"), None);
+    assert_eq!(set.votes, Some(VoteSource::Human));
+    assert_eq!((set.human_pairs, set.judge_pairs), (2, 0));
+}
+
+/// A judge vote written as the judge pass writes it.
+fn judge_vote(
+    arena_id: i64,
+    idx: i64,
+    judge: &JudgeKey,
+    vote: Option<&str>,
+) -> crate::store::JudgeVoteRow {
+    crate::store::JudgeVoteRow {
+        arena_id,
+        idx,
+        judge_json: serde_json::to_string(&judge.judge).expect("json"),
+        judge_label: "the judge".into(),
+        rubric_version: i64::from(judge.rubric_version),
+        both_orders: judge.both_orders,
+        verdict_mode: judge.verdict.as_str().into(),
+        first_a_first: true,
+        vote: vote.map(str::to_string),
+        verdict: "Verdict: …".into(),
+        verdict_swapped: judge.both_orders.then(|| "Verdict: …".into()),
+        error: vote.is_none().then(|| "no verdict found".into()),
+        created_at: "2026-12-03T00:00:00Z".into(),
+    }
+}
+
+#[test]
+fn prefs_from_arena_take_one_judges_votes_or_the_human_ones_first() {
+    let (_dir, e) = engine();
+    let model = e
+        .add_local_model(&attune_test_support::default_model())
+        .expect("add")
+        .model;
+    let template = e
+        .save_template(&TemplateDraft {
+            name: "Terse".into(),
+            system: Some("Answer in one word.".into()),
+            ..Default::default()
+        })
+        .expect("template");
+    let arena = e
+        .create_arena(&ArenaSpec {
+            name: None,
+            a: ChatTarget::Base { model_id: model.id },
+            b: ChatTarget::Template {
+                model_id: model.id,
+                template_id: template.id,
+                version: None,
+                values: BTreeMap::new(),
+                endpoint: None,
+            },
+            prompts: ArenaPrompts::Typed {
+                prompts: vec![
+                    "Say hi.".into(),
+                    "Name a color.".into(),
+                    "Name a fruit.".into(),
+                    "Name a number.".into(),
+                    "Name a planet.".into(),
+                ],
+            },
+            params: greedy(4),
+            seed: 5,
+        })
+        .expect("arena");
+    let no = AtomicBool::new(false);
+    for i in 0..4 {
+        e.arena_item(arena.id, i, &no, &mut |_| {})
+            .expect("generate");
+    }
+    let items = e.store.arena_items(arena.id).expect("items");
+    let answer = |idx: usize, side: &str| -> String {
+        let it = &items[idx];
+        match side {
+            "a" => it.a_answer.clone().expect("a"),
+            _ => it.b_answer.clone().expect("b"),
+        }
+    };
+    // Humans voted on prompts 0 and 3 only.
+    e.arena_vote(arena.id, 0, Vote::Left).expect("vote");
+    e.arena_vote(arena.id, 3, Vote::BothBad).expect("vote");
+    let human0 = e.store.arena_items(arena.id).expect("items")[0]
+        .vote
+        .clone()
+        .expect("voted");
+    let version = e.judge_rubric().expect("rubric").version;
+    let constrained = JudgeKey {
+        judge: ChatTarget::Base { model_id: model.id },
+        rubric_version: version,
+        both_orders: true,
+        verdict: VerdictMode::Constrained,
+    };
+    // The same model judging in free text is another judge, with other votes.
+    let free = JudgeKey {
+        verdict: VerdictMode::Free,
+        both_orders: false,
+        ..constrained.clone()
+    };
+    let flip = if human0 == "a" { "b" } else { "a" };
+    for (idx, vote) in [(0, Some(flip)), (1, None), (2, Some("a")), (3, Some("tie"))] {
+        e.store
+            .put_judge_vote(&judge_vote(arena.id, idx, &constrained, vote))
+            .expect("judge vote");
+    }
+    for (idx, vote) in [(0, Some(human0.as_str())), (2, Some("b"))] {
+        e.store
+            .put_judge_vote(&judge_vote(arena.id, idx, &free, vote))
+            .expect("judge vote");
+    }
+    let counts = |s: &PreferenceSet| {
+        (
+            s.pairs,
+            s.ties_skipped,
+            s.both_bad_skipped,
+            s.unvoted_skipped,
+            s.unparseable_skipped,
+            s.human_pairs,
+            s.judge_pairs,
+        )
+    };
+
+    // The constrained judge alone: 0 (its vote, against the human's) and 2 are pairs; 1 is
+    // unparseable, 3 a tie, 4 never answered.
+    let by_judge = VoteSource::Judge {
+        judge: constrained.clone(),
+    };
+    let set = e
+        .preferences_from_arena(arena.id, None, &by_judge)
+        .expect("judge pairs");
+    assert_eq!(counts(&set), (2, 1, 0, 1, 1, 0, 2));
+    assert_eq!(set.votes.as_ref(), Some(&by_judge));
+    assert_eq!(set.judge_label.as_deref(), Some("the judge"));
+    assert!(
+        set.dataset
+            .name
+            .starts_with(&format!("arena-{}-judge-", arena.id)),
+        "{}",
+        set.dataset.name
+    );
+    let rows = stored(&e, &set);
+    assert_eq!(rows[0]["chosen"][0]["content"], answer(0, flip).as_str());
+    assert_eq!(
+        rows[0]["rejected"][0]["content"],
+        answer(0, &human0).as_str()
+    );
+    assert_eq!(rows[1]["chosen"][0]["content"], answer(2, "a").as_str());
+    assert_eq!(
+        e.preference_set(set.dataset.id).expect("read"),
+        Some(set.clone())
+    );
+
+    // Combined: the human's vote on 0 and 3, the judge's elsewhere.
+    let combined = VoteSource::Combined {
+        judge: constrained.clone(),
+    };
+    let set = e
+        .preferences_from_arena(arena.id, None, &combined)
+        .expect("combined pairs");
+    assert_eq!(counts(&set), (2, 0, 1, 1, 1, 1, 1));
+    let rows = stored(&e, &set);
+    assert_eq!(rows[0]["chosen"][0]["content"], answer(0, &human0).as_str());
+    assert_eq!(rows[1]["chosen"][0]["content"], answer(2, "a").as_str());
+    assert!(set
+        .dataset
+        .name
+        .starts_with(&format!("arena-{}-combined-", arena.id)));
+
+    // The free-text judge is told apart by its verdict mode and order setting.
+    let set = e
+        .preferences_from_arena(
+            arena.id,
+            Some("free-judge"),
+            &VoteSource::Judge { judge: free },
+        )
+        .expect("free judge pairs");
+    assert_eq!(counts(&set), (2, 0, 0, 3, 0, 0, 2));
+    let rows = stored(&e, &set);
+    assert_eq!(rows[0]["chosen"][0]["content"], answer(0, &human0).as_str());
+    assert_eq!(rows[1]["chosen"][0]["content"], answer(2, "b").as_str());
+
+    // Human votes only: one pair (prompt 0).
+    let set = e
+        .preferences_from_arena(arena.id, None, &VoteSource::Human)
+        .expect("human pairs");
+    assert_eq!(counts(&set), (1, 0, 1, 3, 0, 1, 0));
+
+    // A judge that never voted here is refused, naming what is missing.
+    let err = e
+        .preferences_from_arena(
+            arena.id,
+            None,
+            &VoteSource::Judge {
+                judge: JudgeKey {
+                    rubric_version: version + 7,
+                    ..constrained.clone()
+                },
+            },
+        )
+        .expect_err("no such judge");
+    assert!(err.to_string().contains("no votes from judge"), "{err}");
+    assert!(
+        err.to_string().contains(&format!("v{}", version + 7)),
+        "{err}"
+    );
+    // The same name for other provenance is refused, not silently reused.
+    let err = e
+        .preferences_from_arena(arena.id, Some("free-judge"), &by_judge)
+        .expect_err("name taken");
+    assert!(err.to_string().contains("free-judge"), "{err}");
 }

@@ -24,6 +24,8 @@ pub(crate) struct JudgeVoteRow {
     pub judge_label: String,
     pub rubric_version: i64,
     pub both_orders: bool,
+    /// "free" or "constrained" (migration 0011).
+    pub verdict_mode: String,
     pub first_a_first: bool,
     pub vote: Option<String>,
     pub verdict: String,
@@ -33,7 +35,7 @@ pub(crate) struct JudgeVoteRow {
 }
 
 const VOTE_COLUMNS: &str = "arena_id, idx, judge_json, judge_label, rubric_version, \
-     both_orders, first_a_first, vote, verdict, verdict_swapped, error, created_at";
+     both_orders, first_a_first, vote, verdict, verdict_swapped, error, created_at, verdict_mode";
 
 fn vote_row(r: &Row<'_>) -> rusqlite::Result<JudgeVoteRow> {
     Ok(JudgeVoteRow {
@@ -49,6 +51,7 @@ fn vote_row(r: &Row<'_>) -> rusqlite::Result<JudgeVoteRow> {
         verdict_swapped: r.get(9)?,
         error: r.get(10)?,
         created_at: r.get(11)?,
+        verdict_mode: r.get(12)?,
     })
 }
 
@@ -123,7 +126,7 @@ impl Store {
         let mut stmt = conn
             .prepare(&format!(
                 "SELECT {VOTE_COLUMNS} FROM arena_judge_votes WHERE arena_id = ?1 \
-                 ORDER BY idx, judge_label, rubric_version, both_orders"
+                 ORDER BY idx, judge_label, rubric_version, both_orders, verdict_mode"
             ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
@@ -135,13 +138,13 @@ impl Store {
     }
 
     /// Records a judge's vote, replacing the same judge's earlier vote on that prompt
-    /// (same target, rubric version and order setting).
+    /// (same target, rubric version, order setting and verdict mode).
     pub fn put_judge_vote(&self, v: &JudgeVoteRow) -> Result<(), EngineError> {
         self.conn()
             .execute(
                 &format!(
                     "INSERT OR REPLACE INTO arena_judge_votes ({VOTE_COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
                 ),
                 params![
                     v.arena_id,
@@ -155,7 +158,8 @@ impl Store {
                     v.verdict,
                     v.verdict_swapped,
                     v.error,
-                    v.created_at
+                    v.created_at,
+                    v.verdict_mode
                 ],
             )
             .map_err(|e| {

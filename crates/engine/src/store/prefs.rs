@@ -17,6 +17,14 @@ pub(crate) struct PrefSetRow {
     pub ties_skipped: i64,
     pub both_bad_skipped: i64,
     pub unvoted_skipped: i64,
+    /// Migration 0011: "human", "judge" or "combined" for an arena's set.
+    pub votes: Option<String>,
+    /// The judge as a `JudgeKey` JSON, and its label.
+    pub judge_key_json: Option<String>,
+    pub judge_label: Option<String>,
+    pub unparseable_skipped: i64,
+    pub human_pairs: i64,
+    pub judge_pairs: i64,
 }
 
 /// Writes `row` (its `dataset_id` replaced by `id`) inside a dataset's insert transaction.
@@ -27,7 +35,9 @@ pub(crate) fn insert_pref_set(
 ) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO preference_sets (dataset_id, source, arena_id, pairs, ties_skipped, \
-         both_bad_skipped, unvoted_skipped) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         both_bad_skipped, unvoted_skipped, votes, judge_key_json, judge_label, \
+         unparseable_skipped, human_pairs, judge_pairs) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         params![
             id,
             row.source,
@@ -35,7 +45,13 @@ pub(crate) fn insert_pref_set(
             row.pairs,
             row.ties_skipped,
             row.both_bad_skipped,
-            row.unvoted_skipped
+            row.unvoted_skipped,
+            row.votes,
+            row.judge_key_json,
+            row.judge_label,
+            row.unparseable_skipped,
+            row.human_pairs,
+            row.judge_pairs
         ],
     )?;
     Ok(())
@@ -47,7 +63,8 @@ impl Store {
         self.conn()
             .query_row(
                 "SELECT dataset_id, source, arena_id, pairs, ties_skipped, both_bad_skipped, \
-                 unvoted_skipped FROM preference_sets WHERE dataset_id = ?1",
+                 unvoted_skipped, votes, judge_key_json, judge_label, unparseable_skipped, \
+                 human_pairs, judge_pairs FROM preference_sets WHERE dataset_id = ?1",
                 [dataset_id],
                 |r| {
                     Ok(PrefSetRow {
@@ -58,6 +75,12 @@ impl Store {
                         ties_skipped: r.get(4)?,
                         both_bad_skipped: r.get(5)?,
                         unvoted_skipped: r.get(6)?,
+                        votes: r.get(7)?,
+                        judge_key_json: r.get(8)?,
+                        judge_label: r.get(9)?,
+                        unparseable_skipped: r.get(10)?,
+                        human_pairs: r.get(11)?,
+                        judge_pairs: r.get(12)?,
                     })
                 },
             )

@@ -1,6 +1,6 @@
 //! The arena's judge panel: the rubric editor (versioned), "Let a judge vote" (a model,
 //! adapter, template or endpoint model; only prompts without a human vote, or all;
-//! optionally both orders), its progress with Stop, and the results beside the human
+//! optionally both orders; a free-text or a constrained verdict), its progress with Stop, and the results beside the human
 //! votes: win rates of both sides with 95% intervals, how many votes are human and how
 //! many the judge's, percent agreement and Cohen's kappa with their intervals.
 
@@ -9,7 +9,7 @@ use crate::ipc;
 use crate::pages::targets::{TargetCatalog, TargetSelect};
 use attune_protocol::{
     Agreement, ArenaResults, ArenaSummary, ChatTarget, Estimate, IpcError, JudgeEvent, JudgeScope,
-    JudgeSpec, WinRates,
+    JudgeSpec, VerdictMode, WinRates,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -68,6 +68,7 @@ pub fn JudgePanel(
     let rubric_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
     let both_orders = RwSignal::new(true);
     let every_prompt = RwSignal::new(false);
+    let verdict = RwSignal::new(VerdictMode::Free);
     let max_tokens = RwSignal::new("128".to_string());
     let running = RwSignal::new(false);
     let progress: RwSignal<Option<String>> = RwSignal::new(None);
@@ -147,6 +148,7 @@ pub fn JudgePanel(
             },
             max_tokens: max,
             redo: false,
+            verdict: verdict.get_untracked(),
         };
         running.set(true);
         progress.set(Some("Starting…".into()));
@@ -169,8 +171,12 @@ pub fn JudgePanel(
             match ipc::arena::judge_arena(&request_id, &spec, on_event).await {
                 Ok(r) => {
                     let orders = if r.both_orders {
+                        let counted = match r.verdict {
+                            VerdictMode::Free => "counted as ties",
+                            VerdictMode::Constrained => "the vote balances both orders",
+                        };
                         format!(
-                            "; both orders, {} disagreed (counted as ties)",
+                            "; both orders, {} disagreed ({counted})",
                             r.order_disagreements
                         )
                     } else {
@@ -226,6 +232,12 @@ pub fn JudgePanel(
             </div>
             <div class="row">
                 <label><input type="checkbox" id="judge-both-orders" prop:checked=move || both_orders.get() on:change=move |ev| both_orders.set(event_target_checked(&ev)) />" Judge both orders (disagreement counts as a tie)"</label>
+                <label>"Verdict "
+                    <select id="judge-verdict" on:change=move |ev| verdict.set(VerdictMode::parse(&event_target_value(&ev)).unwrap_or_default())>
+                        <option value="free" selected=move || verdict.get() == VerdictMode::Free>"written (any judge)"</option>
+                        <option value="constrained" selected=move || verdict.get() == VerdictMode::Constrained>"constrained: the most likely verdict (local judges)"</option>
+                    </select>
+                </label>
                 <label><input type="checkbox" id="judge-all" prop:checked=move || every_prompt.get() on:change=move |ev| every_prompt.set(event_target_checked(&ev)) />" Also prompts you voted on (to measure agreement)"</label>
             </div>
             <div class="row">
@@ -243,6 +255,7 @@ pub fn JudgePanel(
                         <p id="judge-human-rates">{format!("Your votes ({human_n}): {human}")}</p>
                         {r.judges.into_iter().enumerate().map(|(i, j)| {
                             let orders = if j.both_orders { "both orders" } else { "one order" };
+                            let orders = format!("{orders} · {} verdict", j.verdict.as_str());
                             view! {
                                 <div class="judge-stats" id=format!("judge-stats-{i}")>
                                     <h4>{format!("{} · rubric v{} · {orders}", j.judge_label, j.rubric_version)}</h4>

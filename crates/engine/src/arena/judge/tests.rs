@@ -272,6 +272,7 @@ fn a_judge_fills_the_arena_stores_apart_and_is_compared_with_the_humans() {
         scope: JudgeScope::Unvoted,
         max_tokens: 16,
         redo: false,
+        verdict: Default::default(),
     };
     calls.borrow_mut().clear();
     let report = e
@@ -524,6 +525,7 @@ fn the_default_model_judges_an_arena_in_both_orders() {
                 scope: JudgeScope::Unvoted,
                 max_tokens: 12,
                 redo: false,
+                verdict: Default::default(),
             },
             &AtomicBool::new(false),
             &mut |_| {},
@@ -565,4 +567,267 @@ fn the_default_model_judges_an_arena_in_both_orders() {
     assert_eq!(j.votes, 2);
     assert_eq!(j.combined_human, 0);
     assert_eq!(j.combined_judge, 2 - j.unparsed);
+}
+
+/// The summed log-prob of `option` after `prompt` from one uncached forward over both
+/// (`Llama::forward`'s logits, log-softmax in f64).
+fn forward_logprob(parts: &crate::chat::Parts<'_>, prompt: &[u32], option: &str) -> f64 {
+    let opt = parts.tokenizer.encode(option, false).expect("encode");
+    let mut ids = prompt.to_vec();
+    ids.extend_from_slice(&opt[..opt.len() - 1]);
+    let t = candle_core::Tensor::new(ids.as_slice(), parts.model.device())
+        .and_then(|t| t.unsqueeze(0))
+        .expect("ids");
+    let rows: Vec<Vec<f32>> = parts
+        .model
+        .forward(&t, None)
+        .and_then(|l| Ok(l.squeeze(0)?.narrow(0, prompt.len() - 1, opt.len())?))
+        .and_then(|l| Ok(l.to_vec2()?))
+        .expect("forward");
+    rows.iter()
+        .zip(&opt)
+        .map(|(row, &id)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            row[id as usize] as f64 - lse
+        })
+        .sum()
+}
+
+/// The summed log-prob of `option` after `prompt` by the engine's own NLL path
+/// (`train::evaluate`, no cache, the option's tokens the targets).
+fn nll_path_logprob(parts: &crate::chat::Parts<'_>, prompt: &[u32], option: &str) -> f64 {
+    let ids_opt = parts.tokenizer.encode(option, false).expect("encode");
+    let mut ids = prompt.to_vec();
+    ids.extend_from_slice(&ids_opt);
+    let mut targets = vec![false; prompt.len()];
+    targets.extend(std::iter::repeat_n(true, ids_opt.len()));
+    let full_len = ids.len();
+    let e = attune_models::train::Example {
+        ids,
+        targets,
+        full_len,
+        truncated: false,
+    };
+    let (sum, n) =
+        attune_models::train::evaluate(parts.model, &[e], None, 0, |_, _| true).expect("evaluate");
+    assert_eq!(n, ids_opt.len());
+    -sum
+}
+
+#[test]
+fn constrained_verdict_scores_are_the_models_own_log_probs() {
+    let (_dir, e, _id, judge) = arena_fixture(&["What is 2 + 2?"]);
+    let ChatTarget::Base { model_id } = judge else {
+        unreachable!()
+    };
+    let m = e.model_for(model_id, &mut |_| {}).expect("model");
+    let parts = crate::chat::Parts::of(&m);
+    let context = [user("What is 2 + 2?")];
+    let options: Vec<&str> = constrained::VERDICT_OPTIONS
+        .iter()
+        .map(|(t, _)| *t)
+        .collect();
+    for (first, second) in [("4", "Five, I think."), ("Five, I think.", "4")] {
+        let message = judge_message(DEFAULT_RUBRIC, &context, first, second);
+        let (_, prompt) = crate::chat::render_prompt(
+            parts.chat_template,
+            parts.tokenizer,
+            std::slice::from_ref(&message),
+        )
+        .expect("render");
+        let lps = constrained::continuation_logprobs(&parts, &prompt, &options).expect("score");
+        let via_target = e
+            .target_continuation_logprobs(&judge, &[message], &options)
+            .expect("score via target");
+        assert_eq!(lps, via_target);
+        // The same figures as one uncached forward over prompt and option, and as the
+        // engine's NLL path (whose fused LM-head kernel differs in the last digits: 0.01-0.02
+        // nats measured on this model).
+        for (option, lp) in options.iter().zip(&lps) {
+            let forward = forward_logprob(&parts, &prompt, option);
+            let nll = nll_path_logprob(&parts, &prompt, option);
+            assert!(
+                lp.is_finite() && *lp < 0.0 && (lp - forward).abs() < 1e-4,
+                "{option}: cached scoring {lp}, uncached forward {forward}"
+            );
+            assert!(
+                (lp - nll).abs() < 0.05,
+                "{option}: cached scoring {lp}, NLL path {nll}"
+            );
+        }
+        // The options differ: the scores are not a constant.
+        assert!(lps.iter().any(|l| (l - lps[0]).abs() > 1e-3), "{lps:?}");
+        // A short prompt (no prefilled head) is scored the same way.
+        let short = &prompt[..5];
+        let lps = constrained::continuation_logprobs(&parts, short, &options[..2]).expect("short");
+        for (option, lp) in options.iter().zip(&lps) {
+            let want = forward_logprob(&parts, short, option);
+            assert!((lp - want).abs() < 1e-4, "{option}: {lp} vs {want}");
+        }
+    }
+    // The raw reply names the most likely option first, then every option's log-prob.
+    let (v, reply) = constrained::constrained_reply(&[-3.0, -1.5, -2.0, -9.0]);
+    assert_eq!(v, Verdict::Second);
+    assert!(reply.starts_with("Verdict: 2\n"), "{reply}");
+    assert!(reply.contains("\"both bad\" -9.0000"), "{reply}");
+    assert_eq!(parse_verdict(&reply), Ok(Verdict::Second));
+}
+
+#[test]
+fn a_constrained_judge_votes_in_both_orders_from_its_log_probs() {
+    let (_dir, e, id, judge) = arena_fixture(&["What is 2 + 2?", "Name a primary color."]);
+    let spec = JudgeSpec {
+        arena_id: id,
+        judge: judge.clone(),
+        rubric: None,
+        both_orders: true,
+        scope: JudgeScope::Unvoted,
+        max_tokens: 12,
+        redo: false,
+        verdict: VerdictMode::Constrained,
+    };
+    let report = e
+        .judge_arena(&spec, &AtomicBool::new(false), &mut |_| {})
+        .expect("judge");
+    assert_eq!((report.judged, report.unparsed), (2, 0));
+    assert_eq!(report.verdict, VerdictMode::Constrained);
+    let rubric = e.judge_rubric().expect("rubric");
+    let arena = e.arena_record(id).expect("arena");
+    let options: Vec<&str> = constrained::VERDICT_OPTIONS
+        .iter()
+        .map(|(t, _)| *t)
+        .collect();
+    let votes = e.arena_judge_votes(id).expect("votes");
+    assert_eq!(votes.len(), 2);
+    let mut disagreed = 0;
+    for v in &votes {
+        assert_eq!(v.verdict_mode, VerdictMode::Constrained);
+        let item = e.arena_item_row(&arena, v.index).expect("item");
+        let (a, b) = (item.a_answer.expect("a"), item.b_answer.expect("b"));
+        let context: Vec<ChatMessage> = serde_json::from_str(&item.context_json).expect("ctx");
+        // Each pass's stored reply is the verdict its own order's log-probs give; the vote
+        // is the option with the highest log-prob averaged over both orders.
+        let mut stored = Vec::new();
+        let mut sum = [0f64; 4];
+        for (reply, a_first) in [
+            (&v.verdict, v.first_a_first),
+            (
+                v.verdict_swapped.as_ref().expect("swapped"),
+                !v.first_a_first,
+            ),
+        ] {
+            let (first, second) = if a_first { (&a, &b) } else { (&b, &a) };
+            let lps = e
+                .target_continuation_logprobs(
+                    &judge,
+                    &[judge_message(&rubric.text, &context, first, second)],
+                    &options,
+                )
+                .expect("score");
+            let (verdict, expected) = constrained::constrained_reply(&lps);
+            assert_eq!(reply, &expected);
+            stored.push(verdict.stored(a_first));
+            // 1 and 2 mapped to A and B by this pass's order.
+            let (a_lp, b_lp) = if a_first {
+                (lps[0], lps[1])
+            } else {
+                (lps[1], lps[0])
+            };
+            for (s, lp) in sum.iter_mut().zip([a_lp, b_lp, lps[2], lps[3]]) {
+                *s += lp;
+            }
+        }
+        let best = (0..4)
+            .max_by(|&i, &j| sum[i].total_cmp(&sum[j]).then(j.cmp(&i)))
+            .expect("four");
+        let want = if best < 2 && sum[0] == sum[1] {
+            "tie"
+        } else {
+            ["a", "b", "tie", "both_bad"][best]
+        };
+        assert_eq!(v.vote.as_deref(), Some(want), "{v:?} {sum:?}");
+        disagreed += u64::from(stored[0] != stored[1]);
+    }
+    assert_eq!(report.order_disagreements, disagreed);
+    let r = e.arena_results(id).expect("results");
+    assert_eq!(r.judges.len(), 1);
+    assert_eq!(r.judges[0].verdict, VerdictMode::Constrained);
+    // Position balance by hand: a judge that prefers "1" in both orders (by 2.5 and 3 nats)
+    // but B by 0.25 on average votes B; exactly level A and B is a tie; a clear "both bad"
+    // stays.
+    let a_first = constrained::by_stored_vote(&[-1.0, -3.5, -9.0, -9.0], true);
+    let b_first = constrained::by_stored_vote(&[-0.5, -3.5, -9.0, -9.0], false);
+    assert_eq!(a_first, [-1.0, -3.5, -9.0, -9.0]);
+    assert_eq!(b_first, [-3.5, -0.5, -9.0, -9.0]);
+    assert_eq!(constrained::balanced_vote(&a_first, &b_first), "b");
+    assert_eq!(
+        constrained::balanced_vote(&[-1.0, -2.0, -5.0, -5.0], &[-2.0, -1.0, -5.0, -5.0]),
+        "tie"
+    );
+    assert_eq!(
+        constrained::balanced_vote(&[-4.0, -5.0, -6.0, -1.0], &[-5.0, -4.0, -6.0, -1.5]),
+        "both_bad"
+    );
+
+    // The same judge in free text is another judge: its votes do not replace these.
+    let free = e
+        .judge_arena_via(
+            &JudgeSpec {
+                verdict: VerdictMode::Free,
+                ..spec.clone()
+            },
+            &AtomicBool::new(false),
+            &mut |_| {},
+            &mut |_, _, _, _, _| {
+                Ok(GenerationStats {
+                    text: "Verdict: tie".into(),
+                    finish_reason: FinishReason::Length,
+                    prompt_tokens: 0,
+                    generated_tokens: 0,
+                    prompt_ms: 0.0,
+                    generate_ms: 0.0,
+                    prompt_tok_per_s: 0.0,
+                    generate_tok_per_s: 0.0,
+                })
+            },
+        )
+        .expect("free judge");
+    assert_eq!(free.judged, 2);
+    assert_eq!(e.arena_judge_votes(id).expect("votes").len(), 4);
+    assert_eq!(e.arena_results(id).expect("results").judges.len(), 2);
+
+    // An endpoint cannot give log-probs: refused before anything is judged.
+    let ep = e
+        .add_endpoint(&attune_protocol::EndpointDraft {
+            name: "remote".into(),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            api_key: None,
+            connect_timeout_s: None,
+            idle_timeout_s: None,
+        })
+        .expect("endpoint")
+        .endpoint;
+    let err = e
+        .judge_arena(
+            &JudgeSpec {
+                judge: ChatTarget::Endpoint {
+                    endpoint_id: ep.id,
+                    model: "gpt-x".into(),
+                },
+                redo: true,
+                ..spec.clone()
+            },
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .expect_err("endpoint refused");
+    assert_eq!(err.code(), "invalid_input", "{err}");
+    assert!(err.to_string().contains("free text"), "{err}");
+    assert_eq!(e.arena_judge_votes(id).expect("votes").len(), 4);
 }
