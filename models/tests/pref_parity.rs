@@ -18,7 +18,7 @@ use attune_models::train::pref::{
     render_pair, DpoLoss, PrefObjective, PrefPair, PrefText, Reference,
 };
 use attune_models::train::{
-    self, AdamWConfig, LoraConfig, Method, Schedule, ScheduleKind, TrainConfig, Trainer,
+    self, AdamWConfig, Example, LoraConfig, Method, Schedule, ScheduleKind, TrainConfig, Trainer,
     LORA_TARGETS,
 };
 use candle_core::Tensor;
@@ -43,9 +43,9 @@ fn messages(v: &serde_json::Value) -> PrefText {
     )
 }
 
-fn reference() -> serde_json::Value {
-    let p = repo_file("tests/data/dpo_reference.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).expect("dpo_reference.json")).expect("json")
+fn reference(name: &str) -> serde_json::Value {
+    let p = repo_file(&format!("tests/data/{name}"));
+    serde_json::from_str(&std::fs::read_to_string(&p).expect(name)).expect("json")
 }
 
 /// lora_A's value in `scripts/reference_dpo.py` (`lora_a_value`).
@@ -61,9 +61,73 @@ fn close(got: f64, want: f64, tol: f64, what: &str) {
     );
 }
 
+/// The default model with the reference script's LoRA: r=8, alpha=16 on the seven projections,
+/// lora_A by `lora_a`, lora_B zero.
+fn lora_model(
+    mut model: attune_models::llama::Llama,
+    tok: &attune_models::tokenizer::Tok,
+) -> (attune_models::llama::Llama, train::Trainable) {
+    let method = Method::Lora(LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
+        rslora: false,
+    });
+    let trainable = train::prepare(&mut model, tok, &method, 42).expect("prepare");
+    let mut set = 0;
+    for (name, v) in &trainable.params {
+        if !name.ends_with("lora_A.weight") {
+            continue;
+        }
+        let layer: usize = name
+            .split("layers.")
+            .nth(1)
+            .and_then(|t| t.split('.').next())
+            .and_then(|t| t.parse().ok())
+            .expect("layer");
+        let module = LORA_TARGETS
+            .iter()
+            .position(|t| name.contains(&format!(".{t}.")))
+            .expect("module");
+        let (rank, fan_in) = v.dims2().expect("dims");
+        let vals: Vec<f32> = (0..rank * fan_in)
+            .map(|k| lora_a(layer, module, k, fan_in))
+            .collect();
+        v.set(&Tensor::from_vec(vals, (rank, fan_in), v.device()).expect("t"))
+            .expect("set");
+        set += 1;
+    }
+    assert_eq!(set, 30 * 7, "lora_A tensors set");
+    (model, trainable)
+}
+
+/// The reference script's settings: batch, constant learning rate, AdamW defaults, clipping at
+/// 1.0, the rows in file order.
+fn config(s: &serde_json::Value) -> TrainConfig {
+    let steps = s["steps"].as_u64().expect("steps") as usize;
+    let lr = s["lr"].as_f64().expect("lr");
+    TrainConfig {
+        batch_size: s["batch"].as_u64().expect("batch") as usize,
+        grad_accum: 1,
+        steps,
+        optimizer: AdamWConfig::default(),
+        schedule: Schedule {
+            kind: ScheduleKind::Constant,
+            peak_lr: lr,
+            warmup_steps: 0,
+            total_steps: steps,
+            final_frac: 1.0,
+        },
+        max_grad_norm: s["max_grad_norm"].as_f64().unwrap_or(1.0),
+        seed: 42,
+        shuffle: false,
+    }
+}
+
 #[test]
 fn dpo_first_steps_match_trl() {
-    let r = reference();
+    let r = reference("dpo_reference.json");
     let s = &r["settings"];
     let loaded = loader::load(
         &model_path(),
@@ -115,57 +179,9 @@ fn dpo_first_steps_match_trl() {
         assert_eq!(p.rejected.ids, rejected, "row {i} prompt + rejected");
     }
 
-    let mut model = loaded.model;
-    let method = Method::Lora(LoraConfig {
-        r: 8,
-        alpha: 16.0,
-        dropout: 0.0,
-        targets: LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
-        rslora: false,
-    });
-    let trainable = train::prepare(&mut model, &loaded.tokenizer, &method, 42).expect("prepare");
-    let mut set = 0;
-    for (name, v) in &trainable.params {
-        if !name.ends_with("lora_A.weight") {
-            continue;
-        }
-        let layer: usize = name
-            .split("layers.")
-            .nth(1)
-            .and_then(|t| t.split('.').next())
-            .and_then(|t| t.parse().ok())
-            .expect("layer");
-        let module = LORA_TARGETS
-            .iter()
-            .position(|t| name.contains(&format!(".{t}.")))
-            .expect("module");
-        let (rank, fan_in) = v.dims2().expect("dims");
-        let vals: Vec<f32> = (0..rank * fan_in)
-            .map(|k| lora_a(layer, module, k, fan_in))
-            .collect();
-        v.set(&Tensor::from_vec(vals, (rank, fan_in), v.device()).expect("t"))
-            .expect("set");
-        set += 1;
-    }
-    assert_eq!(set, 30 * 7, "lora_A tensors set");
+    let (model, trainable) = lora_model(loaded.model, &loaded.tokenizer);
     let steps = s["steps"].as_u64().expect("steps") as usize;
-    let lr = s["lr"].as_f64().expect("lr");
-    let config = TrainConfig {
-        batch_size: s["batch"].as_u64().expect("batch") as usize,
-        grad_accum: 1,
-        steps,
-        optimizer: AdamWConfig::default(),
-        schedule: Schedule {
-            kind: ScheduleKind::Constant,
-            peak_lr: lr,
-            warmup_steps: 0,
-            total_steps: steps,
-            final_frac: 1.0,
-        },
-        max_grad_norm: 1.0,
-        seed: 42,
-        shuffle: false,
-    };
+    let config = config(s);
     let objective = PrefObjective::Dpo {
         beta: s["beta"].as_f64().expect("beta"),
         loss: DpoLoss::Sigmoid,
@@ -222,6 +238,124 @@ fn dpo_first_steps_match_trl() {
             2e-3,
             &format!("{step} logps/rejected"),
         );
+        close(m.loss, f("loss"), 1e-4, &format!("{step} loss"));
+        close(
+            got.rewards_chosen,
+            f("rewards/chosen"),
+            1e-4,
+            &format!("{step} rewards/chosen"),
+        );
+        close(
+            got.rewards_rejected,
+            f("rewards/rejected"),
+            1e-4,
+            &format!("{step} rewards/rejected"),
+        );
+        close(
+            got.margin,
+            f("rewards/margins"),
+            1e-4,
+            &format!("{step} margin"),
+        );
+        close(
+            got.accuracy,
+            f("rewards/accuracies"),
+            0.0,
+            &format!("{step} accuracy"),
+        );
+        close(
+            m.grad_norm,
+            f("grad_norm"),
+            1e-3 * f("grad_norm"),
+            &format!("{step} grad_norm"),
+        );
+    }
+}
+
+/// ORPO against TRL 1.16's `ORPOTrainer` (`models/tests/data/orpo_reference.json`, written by
+/// `scripts/reference_dpo.py --trainer orpo`): the same rows, LoRA and settings as the DPO test,
+/// no reference model. TRL's ORPO tokenization differs from its DPO one (an EOS token after the
+/// end of turn), so the pairs here are TRL's own token ids, answer tokens where its labels are
+/// not -100. Checks TRL's loss (the chosen sequences' mean token NLL, prompt included, minus
+/// beta times the mean log-sigmoid of the log odds ratio), rewards (beta times the answers'
+/// mean token log-probs), margin, accuracy and gradient norm over three steps.
+#[test]
+fn orpo_first_steps_match_trl() {
+    let r = reference("orpo_reference.json");
+    let s = &r["settings"];
+    assert_eq!(s["trainer"], "orpo");
+    let loaded = loader::load(
+        &model_path(),
+        &LoadOptions {
+            compute: ComputeMode::F32,
+        },
+    )
+    .expect("model");
+    let side = |t: &serde_json::Value, which: &str| -> Example {
+        let ids: Vec<u32> = t[format!("{which}_input_ids")]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect();
+        let targets: Vec<bool> = t[format!("{which}_labels")]
+            .as_array()
+            .expect("labels")
+            .iter()
+            .map(|x| x.as_i64().expect("label") != -100)
+            .collect();
+        assert_eq!(ids.len(), targets.len(), "{which} ids and labels");
+        Example {
+            full_len: ids.len(),
+            ids,
+            targets,
+            truncated: false,
+        }
+    };
+    let pairs: Vec<PrefPair> = r["tokenized"]
+        .as_array()
+        .expect("tokenized")
+        .iter()
+        .map(|t| PrefPair {
+            chosen: side(t, "chosen"),
+            rejected: side(t, "rejected"),
+            prompt_len: t["prompt_ids"].as_array().expect("prompt ids").len(),
+        })
+        .collect();
+    assert_eq!(pairs.len() as u64, s["rows"].as_u64().expect("rows"));
+    let (model, trainable) = lora_model(loaded.model, &loaded.tokenizer);
+    let beta = s["beta"].as_f64().expect("beta");
+    let pad = loaded.tokenizer.eos_token_ids()[0];
+    let mut t = Trainer::new_preference(
+        model,
+        trainable,
+        config(s),
+        PrefObjective::Orpo { beta },
+        Reference::None,
+        pairs,
+        pad,
+    )
+    .expect("trainer");
+    for (i, w) in r["steps"].as_array().expect("steps").iter().enumerate() {
+        let m = t.train_step().expect("step");
+        let got = m.pref.clone().expect("preference figures");
+        let f = |k: &str| w[k].as_f64().expect(k);
+        eprintln!(
+            "step {}: loss {:.6} (TRL {:.6}) grad_norm {:.5} ({:.5}) rewards {:.6}/{:.6} ({:.6}/{:.6}) \
+             acc {} ({})",
+            i + 1,
+            m.loss,
+            f("loss"),
+            m.grad_norm,
+            f("grad_norm"),
+            got.rewards_chosen,
+            got.rewards_rejected,
+            f("rewards/chosen"),
+            f("rewards/rejected"),
+            got.accuracy,
+            f("rewards/accuracies"),
+        );
+        let step = format!("step {}", i + 1);
         close(m.loss, f("loss"), 1e-4, &format!("{step} loss"));
         close(
             got.rewards_chosen,

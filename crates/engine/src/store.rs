@@ -1295,6 +1295,29 @@ mod tests {
                 "templates"
             ]
         );
+        // 0011 rebuilt arena_judge_votes to put the verdict mode in its key (SQLite cannot
+        // change a primary key in place): the rebuilt table has the whole key, in order.
+        let mut stmt = conn
+            .prepare(
+                "SELECT name FROM pragma_table_info('arena_judge_votes') WHERE pk > 0 ORDER BY pk",
+            )
+            .expect("prepare");
+        let key: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("key");
+        assert_eq!(
+            key,
+            [
+                "arena_id",
+                "idx",
+                "judge_json",
+                "rubric_version",
+                "both_orders",
+                "verdict_mode"
+            ]
+        );
         // Names follow NNNN_ and are numbered 1..=N without gaps.
         for (i, (name, _)) in MIGRATIONS.iter().enumerate() {
             assert_eq!(&name[..4], format!("{:04}", i + 1), "{name}");

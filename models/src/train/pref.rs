@@ -16,9 +16,11 @@
 //!   answer, the margin, the accuracy (chosen reward strictly above rejected), the policy's
 //!   summed log-probs.
 //!
-//! ORPO follows TRL's `ORPOTrainer` (`trl.experimental.orpo`): the NLL of the chosen answers (mean
-//! over their tokens) minus beta times the mean log-sigmoid of the log odds ratio of the
-//! per-token average log-probs; its rewards are beta times those averages.
+//! ORPO follows TRL's `ORPOTrainer` (`trl.experimental.orpo`): the NLL of the chosen sequences
+//! (mean over all their tokens, the prompt's included, as TRL's labels are the input ids) minus
+//! beta times the mean log-sigmoid of the log odds ratio of the answers' per-token average
+//! log-probs; its rewards are beta times those averages. (TRL's ORPO tokenization also appends an
+//! EOS token after the chat template's end of turn; Attune's pairs keep DPO's tokenization.)
 //!
 //! The loss is a function of the per-token NLLs, which the fused LM-head op gives as a vector:
 //! the loss and its derivative by each sequence's log-prob are computed in f64 on the host, and
@@ -281,6 +283,29 @@ fn seq_of_rows(examples: &[&Example]) -> Vec<usize> {
     out
 }
 
+/// For each scored token of `scored` (in [`seq_of_rows`]' order), whether `answers` (the same
+/// sequences) score it too.
+fn answer_rows(scored: &[&Example], answers: &[&Example]) -> Vec<bool> {
+    let mut out = Vec::new();
+    for (s, a) in scored.iter().zip(answers) {
+        for (pos, (&t, &ta)) in s.targets.iter().zip(&a.targets).enumerate() {
+            if t && pos > 0 {
+                out.push(ta);
+            }
+        }
+    }
+    out
+}
+
+/// `values` where `keep`, else 0.
+fn masked(values: &[f32], keep: &[bool]) -> Vec<f32> {
+    values
+        .iter()
+        .zip(keep)
+        .map(|(&v, &k)| if k { v } else { 0.0 })
+        .collect()
+}
+
 fn sums(values: &[f32], seq: &[usize], n_seq: usize) -> Vec<f64> {
     let mut s = vec![0f64; n_seq];
     for (&v, &i) in values.iter().zip(seq) {
@@ -469,16 +494,37 @@ impl Trainer {
         for (m, idx) in micro.iter().enumerate() {
             let b = idx.len();
             // TRL's batch layout: every chosen sequence, then every rejected one.
-            let owned: Vec<Example> = idx
+            let answers: Vec<&Example> = idx
                 .iter()
-                .map(|&i| st.pairs[i].chosen.clone())
-                .chain(idx.iter().map(|&i| st.pairs[i].rejected.clone()))
+                .map(|&i| &st.pairs[i].chosen)
+                .chain(idx.iter().map(|&i| &st.pairs[i].rejected))
+                .collect();
+            // ORPO's NLL term scores every token of the chosen sequences, the prompt's too (TRL's
+            // `ORPOTrainer` takes the input ids where the attention mask is 1 as its labels);
+            // log-probs and odds ratios stay on the answer tokens.
+            let orpo = matches!(st.objective, PrefObjective::Orpo { .. });
+            let owned: Vec<Example> = answers
+                .iter()
+                .enumerate()
+                .map(|(s, e)| {
+                    let mut e = (*e).clone();
+                    if orpo && s < b {
+                        e.targets.iter_mut().for_each(|t| *t = true);
+                    }
+                    e
+                })
                 .collect();
             let ex: Vec<&Example> = owned.iter().collect();
             let batch = collate(&ex, self.pad_id, 0, &device)?;
             let seq = seq_of_rows(&ex);
+            let answer = answer_rows(&ex, &answers);
             let counts: Vec<usize> = (0..2 * b)
-                .map(|s| seq.iter().filter(|&&x| x == s).count())
+                .map(|s| {
+                    seq.iter()
+                        .zip(&answer)
+                        .filter(|&(&x, &a)| x == s && a)
+                        .count()
+                })
                 .collect();
             tokens += batch.n_tokens;
             target_tokens += batch.targets.len();
@@ -505,7 +551,10 @@ impl Trainer {
             };
             let nll = token_nll(&self.model, &policy_batch, prefix.as_ref())?;
             let nll_v = nll.detach().to_vec1::<f32>()?;
-            let lp: Vec<f64> = sums(&nll_v, &seq, 2 * b).into_iter().map(|s| -s).collect();
+            let lp: Vec<f64> = sums(&masked(&nll_v, &answer), &seq, 2 * b)
+                .into_iter()
+                .map(|s| -s)
+                .collect();
             // dL/dlogp per sequence (the loss is the mean over the step's pairs).
             let mut dlogp = vec![0f64; 2 * b];
             for k in 0..b {
@@ -528,11 +577,15 @@ impl Trainer {
                 lp_r += lp[b + k] / total_pairs as f64;
             }
             // logp = -sum nll: the weight of each token's NLL is -dL/dlogp of its sequence.
-            let mut g: Vec<f32> = seq.iter().map(|&s| (-dlogp[s]) as f32).collect();
-            if let PrefObjective::Orpo { .. } = st.objective {
-                // The chosen answers' mean token NLL (over the micro-batch, as TRL), averaged
+            let mut g: Vec<f32> = seq
+                .iter()
+                .zip(&answer)
+                .map(|(&s, &a)| if a { (-dlogp[s]) as f32 } else { 0.0 })
+                .collect();
+            if orpo {
+                // The chosen sequences' mean token NLL (over the micro-batch, as TRL), averaged
                 // over the micro-batches.
-                let chosen_tokens: usize = counts[..b].iter().sum();
+                let chosen_tokens = seq.iter().filter(|&&s| s < b).count();
                 let w = 1.0 / (chosen_tokens.max(1) as f64 * micro.len() as f64);
                 let mut nll_c = 0f64;
                 for (t, &s) in seq.iter().enumerate() {

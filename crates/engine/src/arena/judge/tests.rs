@@ -570,7 +570,8 @@ fn the_default_model_judges_an_arena_in_both_orders() {
 }
 
 /// The summed log-prob of `option` after `prompt` from one uncached forward over both
-/// (`Llama::forward`'s logits, log-softmax in f64).
+/// (`Llama::forward`'s logits through candle's own `log_softmax`, an oracle independent of the
+/// hand-written one in `constrained.rs`).
 fn forward_logprob(parts: &crate::chat::Parts<'_>, prompt: &[u32], option: &str) -> f64 {
     let opt = parts.tokenizer.encode(option, false).expect("encode");
     let mut ids = prompt.to_vec();
@@ -582,20 +583,12 @@ fn forward_logprob(parts: &crate::chat::Parts<'_>, prompt: &[u32], option: &str)
         .model
         .forward(&t, None)
         .and_then(|l| Ok(l.squeeze(0)?.narrow(0, prompt.len() - 1, opt.len())?))
+        .and_then(|l| Ok(candle_nn::ops::log_softmax(&l, candle_core::D::Minus1)?))
         .and_then(|l| Ok(l.to_vec2()?))
         .expect("forward");
     rows.iter()
         .zip(&opt)
-        .map(|(row, &id)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            row[id as usize] as f64 - lse
-        })
+        .map(|(row, &id)| f64::from(row[id as usize]))
         .sum()
 }
 
