@@ -38,11 +38,11 @@ impl DeviceChoice {
             "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
             _ => match t.strip_prefix("cuda:") {
                 Some(n) => n.parse::<usize>().map(DeviceChoice::Cuda).map_err(|_| {
-                    Error::InvalidParams(format!(
+                    Error::Device(format!(
                         "{ENV}={s}: the GPU ordinal after 'cuda:' must be a number (cuda:0, cuda:1, ...)"
                     ))
                 }),
-                None => Err(Error::InvalidParams(format!(
+                None => Err(Error::Device(format!(
                     "{ENV}={s}: expected cpu, cuda, cuda:N or auto"
                 ))),
             },
@@ -62,7 +62,7 @@ impl DeviceChoice {
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| {
-        Error::InvalidParams(format!(
+        Error::Device(format!(
             "{ENV}: CUDA device {ordinal} is not available: {e}"
         ))
     })
@@ -70,7 +70,7 @@ fn cuda(ordinal: usize) -> Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(ordinal: usize) -> Result<Device> {
-    Err(Error::InvalidParams(format!(
+    Err(Error::Device(format!(
         "{ENV} asks for CUDA device {ordinal}, but this build has no GPU support: rebuild with \
          the `cuda` cargo feature (`cargo build --release --features cuda`; README, \"GPU (CUDA)\")"
     )))
@@ -82,7 +82,7 @@ pub fn select() -> Result<Device> {
         Ok(v) => DeviceChoice::parse(&v)?.resolve(),
         Err(std::env::VarError::NotPresent) => Ok(Device::Cpu),
         Err(std::env::VarError::NotUnicode(_)) => {
-            Err(Error::InvalidParams(format!("{ENV} is not valid UTF-8")))
+            Err(Error::Device(format!("{ENV} is not valid UTF-8")))
         }
     }
 }
