@@ -102,12 +102,21 @@ mod tests {
 
     #[test]
     fn parses_every_spelling_and_refuses_the_rest() {
-        assert_eq!(DeviceChoice::parse("").unwrap(), DeviceChoice::Cpu);
-        assert_eq!(DeviceChoice::parse(" CPU ").unwrap(), DeviceChoice::Cpu);
-        assert_eq!(DeviceChoice::parse("auto").unwrap(), DeviceChoice::Auto);
-        assert_eq!(DeviceChoice::parse("cuda").unwrap(), DeviceChoice::Cuda(0));
+        assert_eq!(DeviceChoice::parse("").expect("device"), DeviceChoice::Cpu);
         assert_eq!(
-            DeviceChoice::parse("cuda:3").unwrap(),
+            DeviceChoice::parse(" CPU ").expect("device"),
+            DeviceChoice::Cpu
+        );
+        assert_eq!(
+            DeviceChoice::parse("auto").expect("device"),
+            DeviceChoice::Auto
+        );
+        assert_eq!(
+            DeviceChoice::parse("cuda").expect("device"),
+            DeviceChoice::Cuda(0)
+        );
+        assert_eq!(
+            DeviceChoice::parse("cuda:3").expect("device"),
             DeviceChoice::Cuda(3)
         );
         for bad in ["cuda:", "cuda:x", "cuda:-1", "tpu", "cuda0"] {
@@ -118,8 +127,8 @@ mod tests {
 
     #[test]
     fn cpu_resolves_and_auto_always_gives_a_device() {
-        assert!(DeviceChoice::Cpu.resolve().unwrap().is_cpu());
-        let d = DeviceChoice::Auto.resolve().unwrap();
+        assert!(DeviceChoice::Cpu.resolve().expect("device").is_cpu());
+        let d = DeviceChoice::Auto.resolve().expect("device");
         if !CUDA_BUILT {
             assert!(d.is_cpu());
         }

@@ -404,18 +404,30 @@ mod tests {
             ..AdamWConfig::default()
         };
         let run = |tensor_ops: bool| {
-            let p = Var::from_vec(init.clone(), (5, 8), &dev).unwrap();
+            let p = Var::from_vec(init.clone(), (5, 8), &dev).expect("adamw");
             let params = vec![("p".to_string(), p.clone())];
-            let mut opt = AdamW::new(&params, cfg.clone()).unwrap();
+            let mut opt = AdamW::new(&params, cfg.clone()).expect("adamw");
             opt.set_tensor_ops(tensor_ops);
             for k in 0..4 {
                 let g: Vec<f32> = (0..40).map(|i| ((i * 7 + k) as f32 * 0.11).cos()).collect();
-                let g = Tensor::from_vec(g, (5, 8), &dev).unwrap();
-                opt.step(&params, &[g], 1e-2, 0.5).unwrap();
+                let g = Tensor::from_vec(g, (5, 8), &dev).expect("adamw");
+                opt.step(&params, &[g], 1e-2, 0.5).expect("adamw");
             }
-            let (state, t) = opt.state(&params).unwrap();
-            let m = state[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            (p.flatten_all().unwrap().to_vec1::<f32>().unwrap(), m, t)
+            let (state, t) = opt.state(&params).expect("adamw");
+            let m = state[0]
+                .1
+                .flatten_all()
+                .expect("adamw")
+                .to_vec1::<f32>()
+                .expect("adamw");
+            (
+                p.flatten_all()
+                    .expect("adamw")
+                    .to_vec1::<f32>()
+                    .expect("adamw"),
+                m,
+                t,
+            )
         };
         let (a, ma, ta) = run(false);
         let (b, mb, tb) = run(true);
