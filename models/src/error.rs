@@ -36,6 +36,9 @@ pub enum Error {
     Adapter { path: PathBuf, reason: String },
     #[error("invalid generation settings: {0}")]
     InvalidParams(String),
+    /// The compute device cannot be had (`ATTUNE_DEVICE`, see [`crate::device`]).
+    #[error("device: {0}")]
+    Device(String),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
     /// A long operation (an export) was stopped by its cancel flag.

@@ -5,6 +5,7 @@
 
 pub mod chat_template;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod export;
 pub mod fsio;

@@ -213,7 +213,8 @@ impl Linear {
             return Ok(true);
         }
         let trained = self.weight.as_ref().is_some_and(|w| w.track_op());
-        if self.mode != ComputeMode::Auto || trained || !amx::available() {
+        if self.mode != ComputeMode::Auto || trained || !amx::available() || !self.device().is_cpu()
+        {
             return Ok(false);
         }
         let w = self.weight_f32()?.flatten_all()?.to_vec1::<f32>()?;
@@ -323,9 +324,12 @@ impl Linear {
                 "LoRA scale {scale} is not finite"
             )));
         }
+        // Onto the layer's device (a no-op, sharing the tensor, when it is there already, so a
+        // `Var`'s tensor stays the variable).
+        let device = self.device();
         self.lora = Some(LoraBranch {
-            a: a.to_dtype(DType::F32)?,
-            b: b.to_dtype(DType::F32)?,
+            a: a.to_dtype(DType::F32)?.to_device(&device)?,
+            b: b.to_dtype(DType::F32)?.to_device(&device)?,
             scale,
             dropout: 0.0,
             dropout_seed: None,
@@ -528,21 +532,81 @@ impl Linear {
                 out_dims.push(self.out_dim);
                 return Ok(y.reshape(out_dims)?);
             }
-            let dropped;
-            let x2 = match l.dropout_seed {
-                Some(seed) if l.dropout > 0.0 => {
-                    dropped = dropout(x2, l.dropout, seed)?;
-                    &dropped
-                }
-                _ => x2,
-            };
-            let ax = x2.matmul(&l.a.t()?)?;
-            let bax = ax.matmul(&l.b.t()?)?;
-            y = (y + (bax * l.scale)?)?;
+            y = (y + l.branch(x2)?)?;
         }
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_dim);
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// The device the layer's weights live on.
+    pub fn device(&self) -> candle_core::Device {
+        match (&self.weight, &self.qweight) {
+            (Some(w), _) => w.device().clone(),
+            (None, Some(q)) => q.device(),
+            // Only the packed bf16 copy: a CPU structure.
+            (None, None) => candle_core::Device::Cpu,
+        }
+    }
+
+    /// `x` `[..., in]` -> `[..., out]` through candle's own ops only (matmul, add; candle's
+    /// quantized matmul for a quantized-only layer under an untracked input), on whatever device
+    /// the weights are: the path of a model that is not on the CPU, and of the CPU model when
+    /// [`crate::llama::Llama::set_portable`] asks for it. Differentiable in every tracked tensor.
+    pub fn forward_portable(&self, x: &Tensor) -> Result<Tensor> {
+        let (x2, lead) = self.flatten_input(x)?;
+        let mut y = match (&self.weight, &self.qweight) {
+            (Some(w), _) => x2.matmul(&w.t()?)?,
+            (None, Some(q)) if !x2.track_op() => x2.contiguous()?.apply_op1_no_bwd(q.as_ref())?,
+            _ => x2.matmul(&self.weight_f32()?.t()?)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            y = (y + l.branch(&x2)?)?;
+        }
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_dim);
+        Ok(y.reshape(out_dims)?)
+    }
+
+    /// This layer on `device` for the portable path: the dense weight in f32 (a quantized
+    /// weight dequantized; no packed or decode-kernel copies, which are CPU structures), bias
+    /// and LoRA branch moved, [`ComputeMode::F32`]. Tensors already on `device` are shared.
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        let w = self.weight_f32()?.to_device(device)?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_device(device)?),
+            None => None,
+        };
+        let mut out = Linear::from_parts(Some(w), None, bias, ComputeMode::F32)?;
+        if let Some(l) = &self.lora {
+            out.lora = Some(LoraBranch {
+                a: l.a.to_device(device)?,
+                b: l.b.to_device(device)?,
+                ..l.clone()
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl LoraBranch {
+    /// `scale * B (A x)` for `x2` `[rows, in]` (with the step's dropout on `x2` while training),
+    /// from candle's own ops.
+    pub fn branch(&self, x2: &Tensor) -> Result<Tensor> {
+        let dropped;
+        let x2 = match self.dropout_seed {
+            Some(seed) if self.dropout > 0.0 => {
+                dropped = dropout(x2, self.dropout, seed)?;
+                &dropped
+            }
+            _ => x2,
+        };
+        let ax = x2.matmul(&self.a.t()?)?;
+        let bax = ax.matmul(&self.b.t()?)?;
+        Ok((bax * self.scale)?)
     }
 }
 

@@ -125,6 +125,28 @@ pub fn text_side(path: &Path) -> Result<(Config, Tok, ChatTemplate)> {
     })
 }
 
+/// [`load`], then the model moved to `device` ([`Llama::to_device`](crate::llama::Llama::to_device):
+/// dense f32 weights there, the portable path); the CPU keeps the model exactly as loaded, with
+/// its fused kernels. Chat, evaluation and training load this way, with the device
+/// [`crate::device::select`] reads from `ATTUNE_DEVICE`; exports and their checks use [`load`],
+/// which always loads on the CPU.
+pub fn load_on(
+    path: &Path,
+    opts: &LoadOptions,
+    device: &candle_core::Device,
+) -> Result<LoadedModel> {
+    let mut m = load(path, opts)?;
+    if !device.is_cpu() {
+        m.model = m.model.to_device(device)?;
+    }
+    Ok(m)
+}
+
+/// [`load_on`] the device `ATTUNE_DEVICE` names ([`crate::device::select`]; the CPU when unset).
+pub fn load_on_selected(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    load_on(path, opts, &crate::device::select()?)
+}
+
 /// Loads a model. `path`: a `.gguf` file, or a Hugging Face folder (`config.json` +
 /// `*.safetensors`, single or sharded via `model.safetensors.index.json`, + `tokenizer.json` +
 /// `tokenizer_config.json`).

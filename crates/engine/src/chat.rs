@@ -17,7 +17,7 @@ use crate::error::EngineError;
 
 /// Loads the model at `path` (a `.gguf` file or a Hugging Face folder).
 pub(crate) fn load(name: &str, path: &Path) -> Result<LoadedModel, EngineError> {
-    attune_models::loader::load(path, &LoadOptions::default()).map_err(|source| {
+    attune_models::loader::load_on_selected(path, &LoadOptions::default()).map_err(|source| {
         EngineError::ModelLoad {
             name: name.to_string(),
             path: path.to_path_buf(),

@@ -73,7 +73,7 @@ fn load(name: &str, path: &Path, compute: ComputeMode) -> Result<LoadedModel, En
             path.display()
         )));
     }
-    attune_models::loader::load(path, &LoadOptions { compute }).map_err(|source| {
+    attune_models::loader::load_on_selected(path, &LoadOptions { compute }).map_err(|source| {
         EngineError::ModelLoad {
             name: name.to_string(),
             path: path.to_path_buf(),

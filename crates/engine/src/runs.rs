@@ -1435,7 +1435,7 @@ impl Engine {
         // drop again (loaded in Auto, its peak measured up to ~300 MiB higher and varying).
         let full_f32 =
             matches!(spec.method, MethodSpec::Full) && !attune_models::train::full_bf16_opted_in();
-        let loaded: LoadedModel = attune_models::loader::load(
+        let loaded: LoadedModel = attune_models::loader::load_on_selected(
             &model_path,
             &LoadOptions {
                 compute: if full_f32 {
@@ -1542,7 +1542,7 @@ impl Engine {
                     (train::pref::PrefObjective::Orpo { .. }, _) => train::pref::Reference::None,
                     (_, MethodSpec::Full) => {
                         // A frozen copy of the starting model, as the memory estimate counts.
-                        let copy = attune_models::loader::load(
+                        let copy = attune_models::loader::load_on_selected(
                             &model_path,
                             &LoadOptions {
                                 compute: ComputeMode::F32,

@@ -179,7 +179,7 @@ impl Trainer {
                     ),
                 ));
             }
-            var.set(t)?;
+            var.set(&t.to_device(var.device())?)?;
         }
         let op = dir.join(OPTIM);
         let opt = candle_core::safetensors::load(&op, &Device::Cpu)

@@ -140,7 +140,10 @@ pub fn full_bf16_opted_in() -> bool {
 /// base runs in bf16 on them (forward pass and input gradient, accumulated in f32) while the
 /// trained tensors, their gradients and AdamW's state stay f32; elsewhere everything is f32.
 pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Result<Trainable> {
-    let bf16 = model.compute_mode() != ComputeMode::F32 && kernels::amx::available();
+    // The portable path (a GPU, or `Llama::set_portable`) multiplies in f32 with candle's ops.
+    let bf16 = model.compute_mode() != ComputeMode::F32
+        && kernels::amx::available()
+        && !model.is_portable();
     // Full fine-tuning replaces every weight by a variable: start from contiguous f32 weights
     // (nothing packed), and switch the layers to Auto once they hold their variables.
     let full = matches!(method, Method::Full);
@@ -373,6 +376,13 @@ pub fn token_nll(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Resul
     }
     let h = h.reshape((b * w, hid))?.index_select(&batch.rows, 0)?;
     let head = model.lm_head();
+    if model.is_portable() {
+        // candle's ops on any device: logits, log-softmax, the targets' entries.
+        let logits = head.forward_portable(&h)?;
+        let targets = Tensor::new(batch.targets.as_slice(), model.device())?.unsqueeze(1)?;
+        let lsm = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        return Ok(lsm.gather(&targets, 1)?.squeeze(1)?.neg()?);
+    }
     match head.weight() {
         // A plain dense head (every Llama here): logits and loss in one op.
         Some(w) if head.bias().is_none() && head.lora().is_none() && w.is_contiguous() => {
@@ -537,7 +547,10 @@ impl Trainer {
         crate::tune_allocator();
         // Every layer it can as one op; `train_step` collects the gradients that leaves.
         model.set_layer_fusion(crate::llama::LayerFusion::All);
-        let optimizer = AdamW::new(&trainable.params, config.optimizer.clone())?;
+        let mut optimizer = AdamW::new(&trainable.params, config.optimizer.clone())?;
+        // The portable path's update: tensor ops, as on a GPU (also for a CPU model set portable,
+        // so the CPU checks the GPU's arithmetic).
+        optimizer.set_tensor_ops(model.is_portable());
         Ok(Trainer {
             model,
             trainable,

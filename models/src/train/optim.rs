@@ -66,10 +66,15 @@ impl Schedule {
     }
 }
 
-/// sqrt of the sum of squares of every gradient (read in place, summed in f64).
+/// sqrt of the sum of squares of every gradient (read in place, summed in f64; on another
+/// device, each gradient's sum of squares in f32 there).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut ss = 0f64;
     for g in grads {
+        if !g.device().is_cpu() {
+            ss += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            continue;
+        }
         let g = g.contiguous()?;
         let (st, l) = g.storage_and_layout();
         let v = f32_data(&st, l)?;
@@ -155,9 +160,14 @@ impl candle_core::InplaceOp2 for AdamWUpdate<'_> {
 /// AdamW with its moment estimates, which a checkpoint saves and restores.
 pub struct AdamW {
     pub config: AdamWConfig,
-    /// First and second moments per parameter, flattened.
+    /// First and second moments per parameter, flattened (the CPU's in-place update).
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// The moments as tensors on the parameter's device (the tensor-op update: parameters off
+    /// the CPU, or [`AdamW::set_tensor_ops`]); made from `m`/`v` at the first such step.
+    mt: Vec<Option<(Tensor, Tensor)>>,
+    /// Update CPU parameters with tensor ops too (the GPU's update, checkable on the CPU).
+    tensor_ops: bool,
     /// Updates applied so far.
     t: usize,
 }
@@ -179,9 +189,50 @@ impl AdamW {
                 .iter()
                 .map(|(_, p)| vec![0f32; p.elem_count()])
                 .collect(),
+            mt: params.iter().map(|_| None).collect(),
+            tensor_ops: false,
             config,
             t: 0,
         })
+    }
+
+    /// Updates CPU parameters with candle tensor ops, as parameters on any other device always
+    /// are (the CPU's default is an in-place update of the storage).
+    pub fn set_tensor_ops(&mut self, on: bool) {
+        self.tensor_ops = on;
+    }
+
+    /// One parameter's update with candle's tensor ops (any device): the same arithmetic as
+    /// [`AdamWUpdate`], the moments kept as tensors on the parameter's device.
+    #[allow(clippy::too_many_arguments)]
+    fn step_tensors(
+        p: &Var,
+        g: &Tensor,
+        slot: &mut Option<(Tensor, Tensor)>,
+        host: (&[f32], &[f32]),
+        (b1, b2): (f64, f64),
+        step_size: f64,
+        bc2_sqrt: f64,
+        decay: f64,
+        eps: f64,
+        gs: f64,
+    ) -> Result<()> {
+        let (m, v) = match slot.take() {
+            Some(mv) => mv,
+            None => (
+                Tensor::from_slice(host.0, p.shape(), p.device())?,
+                Tensor::from_slice(host.1, p.shape(), p.device())?,
+            ),
+        };
+        let g = (g.reshape(p.shape())?.to_dtype(candle_core::DType::F32)? * gs)?;
+        let m = ((m * b1)? + (&g * (1.0 - b1))?)?;
+        let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+        let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
+        let upd = ((&m / denom)? * step_size)?;
+        let next = ((p.as_tensor() * decay)? - upd)?;
+        p.set(&next)?;
+        *slot = Some((m, v));
+        Ok(())
     }
 
     pub fn steps_done(&self) -> usize {
@@ -212,15 +263,32 @@ impl AdamW {
         let decay = (1.0 - lr * c.weight_decay) as f32;
         let eps = c.eps as f32;
         let gs = grad_scale as f32;
-        for (((_, p), g), (m, v)) in params
+        for ((((_, p), g), (m, v)), mt) in params
             .iter()
             .zip(grads)
             .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .zip(self.mt.iter_mut())
         {
             if g.elem_count() != p.elem_count() {
                 return Err(Error::InvalidParams(
                     "optimizer: gradient shape differs from its parameter".into(),
                 ));
+            }
+            if self.tensor_ops || !p.device().is_cpu() {
+                let f = |x: f32| x as f64;
+                Self::step_tensors(
+                    p,
+                    g,
+                    mt,
+                    (m.as_slice(), v.as_slice()),
+                    (c.beta1, c.beta2),
+                    f(step_size),
+                    f(bc2_sqrt),
+                    f(decay),
+                    c.eps,
+                    grad_scale,
+                )?;
+                continue;
             }
             let g = g.contiguous()?;
             let update = AdamWUpdate {
@@ -242,14 +310,15 @@ impl AdamW {
     pub fn state(&self, params: &[(String, Var)]) -> Result<(Vec<(String, Tensor)>, usize)> {
         let mut out = Vec::new();
         for (i, (_, p)) in params.iter().enumerate() {
-            out.push((
-                format!("m.{i}"),
-                Tensor::from_slice(&self.m[i], p.shape(), p.device())?,
-            ));
-            out.push((
-                format!("v.{i}"),
-                Tensor::from_slice(&self.v[i], p.shape(), p.device())?,
-            ));
+            let (m, v) = match self.mt.get(i) {
+                Some(Some((m, v))) => (m.copy()?, v.copy()?),
+                _ => (
+                    Tensor::from_slice(&self.m[i], p.shape(), p.device())?,
+                    Tensor::from_slice(&self.v[i], p.shape(), p.device())?,
+                ),
+            };
+            out.push((format!("m.{i}"), m));
+            out.push((format!("v.{i}"), v));
         }
         Ok((out, self.t))
     }
@@ -275,6 +344,10 @@ impl AdamW {
                     )));
                 }
                 *dst = src.flatten_all()?.to_vec1::<f32>()?;
+            }
+            // The tensor-op update starts again from the restored host moments.
+            if let Some(slot) = self.mt.get_mut(i) {
+                *slot = None;
             }
         }
         self.t = t;
@@ -318,5 +391,50 @@ mod tests {
         let got = p.as_tensor().to_vec1::<f32>().unwrap();
         // Bias-corrected first step: -lr * sign(g) (0 where g = 0).
         assert!((got[0] - 0.9).abs() < 1e-5 && (got[1] + 1.9).abs() < 1e-5 && got[2] == 3.0);
+    }
+
+    /// The tensor-op update (a GPU's, `set_tensor_ops` on the CPU) follows the in-place one over
+    /// several steps with weight decay and clipping, and its moments checkpoint and restore.
+    #[test]
+    fn adamw_tensor_ops_match_the_in_place_update() {
+        let dev = candle_core::Device::Cpu;
+        let init: Vec<f32> = (0..40).map(|i| (i as f32 * 0.37).sin()).collect();
+        let cfg = AdamWConfig {
+            weight_decay: 0.01,
+            ..AdamWConfig::default()
+        };
+        let run = |tensor_ops: bool| {
+            let p = Var::from_vec(init.clone(), (5, 8), &dev).expect("adamw");
+            let params = vec![("p".to_string(), p.clone())];
+            let mut opt = AdamW::new(&params, cfg.clone()).expect("adamw");
+            opt.set_tensor_ops(tensor_ops);
+            for k in 0..4 {
+                let g: Vec<f32> = (0..40).map(|i| ((i * 7 + k) as f32 * 0.11).cos()).collect();
+                let g = Tensor::from_vec(g, (5, 8), &dev).expect("adamw");
+                opt.step(&params, &[g], 1e-2, 0.5).expect("adamw");
+            }
+            let (state, t) = opt.state(&params).expect("adamw");
+            let m = state[0]
+                .1
+                .flatten_all()
+                .expect("adamw")
+                .to_vec1::<f32>()
+                .expect("adamw");
+            (
+                p.flatten_all()
+                    .expect("adamw")
+                    .to_vec1::<f32>()
+                    .expect("adamw"),
+                m,
+                t,
+            )
+        };
+        let (a, ma, ta) = run(false);
+        let (b, mb, tb) = run(true);
+        assert_eq!(ta, tb);
+        assert_ne!(a, init, "the parameters moved");
+        for (x, y) in a.iter().zip(&b).chain(ma.iter().zip(&mb)) {
+            assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+        }
     }
 }

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod families;
+
 /// The default model; fails the test (never skips it) when set-up has not fetched it.
 pub fn model_path() -> PathBuf {
     let p = attune_models::default_model_path();

@@ -15,11 +15,17 @@
 //! (`model.layers.{i}.self_attn.q_proj`), every [`Linear`] can carry a LoRA branch, and
 //! [`Llama::forward_with_prefix`] takes soft-prompt embeddings (PEFT prompt tuning).
 //!
+//! On a device other than the CPU, and on the CPU when [`Llama::set_portable`] or
+//! `ATTUNE_PORTABLE=1` asks, the model runs the portable path ([`portable`]): candle's own ops,
+//! trained through candle's autograd, since Attune's kernels are CPU code.
+//!
 //! Two kernels per op: for inference, fused ops with no backward pass (candle's `rms_norm` and
 //! `rope`, Attune's causal attention over the KV cache and SwiGLU in `kernels`); for training,
 //! ops with a backward pass (Attune's fused ones in `kernels`, or compositions of candle's). The differentiable path
 //! is taken automatically when any weight, LoRA tensor or the prefix is a tracked variable, or
 //! when [`Llama::set_force_differentiable`] asks for it.
+
+mod portable;
 
 use candle_core::{DType, Device, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -829,6 +835,14 @@ pub struct Llama {
     layer_fusion: LayerFusion,
     /// Per layer: q/k/v and gate/up fused for the decode kernel (see [`FusedDecode`]).
     fused: Vec<(Option<FusedDecode>, Option<FusedDecode>)>,
+    /// Run the portable path on the CPU too (see [`Llama::set_portable`]).
+    portable: bool,
+}
+
+/// `ATTUNE_PORTABLE=1`: CPU models start on the portable path (read once).
+fn portable_by_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ATTUNE_PORTABLE").is_ok_and(|v| v == "1"))
 }
 
 /// Initial KV-cache capacity in positions (grown by doubling).
@@ -929,7 +943,119 @@ impl Llama {
             force_differentiable: false,
             layer_fusion: LayerFusion::Frozen,
             fused,
+            portable: portable_by_default(),
         })
+    }
+
+    /// Whether the model runs the portable path (candle's ops, [`portable`]): always off the
+    /// CPU, and on the CPU when [`Llama::set_portable`] asked.
+    pub fn is_portable(&self) -> bool {
+        self.portable || !self.device.is_cpu()
+    }
+
+    /// Runs the CPU model on the portable path (`true`) or on Attune's fused CPU kernels
+    /// (`false`, the default unless `ATTUNE_PORTABLE=1`). A model on another device always runs
+    /// the portable path.
+    pub fn set_portable(&mut self, on: bool) {
+        self.portable = on;
+    }
+
+    /// The model on `device` for the portable path ([`Llama::dense_on`]); on its own device the
+    /// model is returned as it is (a cheap clone: tensors are shared). Call it before
+    /// [`crate::train::prepare`]: variables made before the move would not follow it.
+    pub fn to_device(&self, device: &Device) -> Result<Llama> {
+        if device.same_device(&self.device) {
+            return Ok(self.clone());
+        }
+        self.dense_on(device)
+    }
+
+    /// A copy on `device` (its own device included) with every weight dense f32 there:
+    /// quantized weights dequantized, the CPU's packed bf16 and decode-kernel copies dropped,
+    /// LoRA branches moved along, every projection in [`ComputeMode::F32`]. What
+    /// [`Llama::to_device`] builds for a GPU; on the CPU, the same conversion the tests check.
+    pub fn dense_on(&self, device: &Device) -> Result<Llama> {
+        let mv = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+        let norm = |n: &RmsNorm| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: mv(&n.weight)?,
+                ..n.clone()
+            })
+        };
+        let opt_norm =
+            |n: &Option<RmsNorm>| -> Result<Option<RmsNorm>> { n.as_ref().map(norm).transpose() };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for b in &self.layers {
+            let a = &b.self_attn;
+            let qkv = match &a.qkv {
+                QkvProj::Split {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                } => QkvProj::Split {
+                    q_proj: q_proj.to_device(device)?,
+                    k_proj: k_proj.to_device(device)?,
+                    v_proj: v_proj.to_device(device)?,
+                },
+                QkvProj::Fused { qkv_proj } => QkvProj::Fused {
+                    qkv_proj: qkv_proj.to_device(device)?,
+                },
+            };
+            let gate_up = match &b.mlp.gate_up {
+                GateUpProj::Split { gate_proj, up_proj } => GateUpProj::Split {
+                    gate_proj: gate_proj.to_device(device)?,
+                    up_proj: up_proj.to_device(device)?,
+                },
+                GateUpProj::Fused { gate_up_proj } => GateUpProj::Fused {
+                    gate_up_proj: gate_up_proj.to_device(device)?,
+                },
+            };
+            layers.push(Block {
+                input_layernorm: norm(&b.input_layernorm)?,
+                self_attn: Attention {
+                    qkv,
+                    o_proj: a.o_proj.to_device(device)?,
+                    q_norm: opt_norm(&a.q_norm)?,
+                    k_norm: opt_norm(&a.k_norm)?,
+                    ..a.clone()
+                },
+                post_attention_norm: opt_norm(&b.post_attention_norm)?,
+                pre_mlp_norm: norm(&b.pre_mlp_norm)?,
+                post_mlp_norm: opt_norm(&b.post_mlp_norm)?,
+                mlp: Mlp {
+                    gate_up,
+                    down_proj: b.mlp.down_proj.to_device(device)?,
+                    act: b.mlp.act,
+                },
+            });
+        }
+        let embed_tokens = Embedding {
+            weight: Some(mv(&self.embed_tokens.weight_f32()?)?),
+            qweight: None,
+            ..self.embed_tokens.clone()
+        };
+        Ok(Llama {
+            cfg: self.cfg.clone(),
+            device: device.clone(),
+            embed_tokens,
+            fused: layers.iter().map(|_| (None, None)).collect(),
+            layers,
+            norm: norm(&self.norm)?,
+            lm_head: self.lm_head.to_device(device)?,
+            ropes: self.ropes.clone(),
+            force_differentiable: self.force_differentiable,
+            layer_fusion: self.layer_fusion,
+            portable: self.portable,
+        })
+    }
+
+    /// The lm_head on `h` `[..., hidden]`, on the model's path.
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        if self.is_portable() {
+            self.lm_head.forward_portable(h)
+        } else {
+            self.lm_head.forward(h)
+        }
     }
 
     /// A randomly initialised model (normal(0, 0.02) weights, unit norms: `w = 1`, or `w = 0`
@@ -1182,7 +1308,7 @@ impl Llama {
         let h = self.hidden_states(None, ids, Some(cache))?;
         let l = h.dim(1)?;
         let last = h.narrow(1, l - 1, 1)?;
-        let logits = self.lm_head.forward(&last)?;
+        let logits = self.head(&last)?;
         Ok(logits.squeeze(1)?)
     }
 
@@ -1198,7 +1324,7 @@ impl Llama {
         let h = self.hidden_states(Some(prefix), ids, Some(cache))?;
         let l = h.dim(1)?;
         let last = h.narrow(1, l - 1, 1)?;
-        Ok(self.lm_head.forward(&last)?.squeeze(1)?)
+        Ok(self.head(&last)?.squeeze(1)?)
     }
 
     /// Logits for every position `[batch, seq, vocab]`.
@@ -1216,7 +1342,7 @@ impl Llama {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let h = self.hidden_states(prefix, ids, cache)?;
-        self.lm_head.forward(&h)
+        self.head(&h)
     }
 
     /// Final-norm hidden states `[batch, n_virtual + seq, hidden]` (before the lm_head), so a
@@ -1261,7 +1387,8 @@ impl Llama {
                     self.cfg.hidden_size
                 )));
             }
-            let p = p.to_dtype(DType::F32)?;
+            // Onto the model's device (a no-op keeping a variable tracked when it is there).
+            let p = p.to_dtype(DType::F32)?.to_device(&self.device)?;
             let p = if pb == 1 && b != 1 {
                 p.broadcast_as((b, p.dim(1)?, ph))?.contiguous()?
             } else {
@@ -1291,6 +1418,13 @@ impl Llama {
             .iter()
             .map(|r| r.tables(offset, seq, &self.device))
             .collect::<Result<Vec<_>>>()?;
+        if self.is_portable() {
+            let out = self.layers_portable(x, &tables, cache.as_deref_mut(), offset)?;
+            if let Some(c) = cache {
+                c.len = offset + seq;
+            }
+            return Ok(out);
+        }
         for (i, block) in self.layers.iter().enumerate() {
             let rope = match block.self_attn.rope {
                 Some(r) => Some(tables.get(r).ok_or_else(|| {
