@@ -485,7 +485,7 @@ fn docs_to_data(driver: &WebDriver, dir: &Path) -> Result<(), String> {
         "#docs-page",
         "#docs-made",
         Duration::from_secs(60),
-        |t| t.contains("training rows"),
+        |t| t.contains(" training row"),
     )?;
     println!("dataset: {made}");
     let (train, valid) = (
@@ -504,7 +504,7 @@ fn docs_to_data(driver: &WebDriver, dir: &Path) -> Result<(), String> {
         "#docs-page",
         "#docs-made-pretrain",
         Duration::from_secs(60),
-        |t| t.contains("training rows"),
+        |t| t.contains(" training row"),
     )?;
     println!("continued pre-training: {text}");
     save_screenshot(driver, "e2e-2c-docs-dataset.png");

@@ -155,13 +155,18 @@ pub fn edited_messages(messages: &[ChatMessage], question: &str, answer: &str) -
     out
 }
 
+/// "1 row", "2 rows".
+fn rows_word(n: u64, what: &str) -> String {
+    format!("{n} {what} {}", if n == 1 { "row" } else { "rows" })
+}
+
 /// A dataset made here, in one line.
 pub fn made_text(d: &DatasetSummary) -> String {
     format!(
-        "Dataset “{}”: {} training rows, {} validation rows ({}).",
+        "Dataset “{}”: {}, {} ({}).",
         d.name,
-        d.train_rows,
-        d.valid_rows,
+        rows_word(d.train_rows, "training"),
+        rows_word(d.valid_rows, "validation"),
         split_text(&d.split)
     )
 }
@@ -1052,6 +1057,25 @@ mod tests {
             })
         );
         assert!(dataset_split("100").is_err());
+        let d = DatasetSummary {
+            id: 1,
+            name: "h-qa".into(),
+            format: attune_protocol::DatasetFormat::Chat,
+            kind: attune_protocol::SampleKind::Chat,
+            source_path: String::new(),
+            content_hash: String::new(),
+            created_at: String::new(),
+            train_rows: 1,
+            valid_rows: 2,
+            test_rows: 0,
+            duplicates_removed: 0,
+            bad_rows_skipped: 0,
+            split: Split::AllTrain,
+        };
+        assert_eq!(
+            made_text(&d),
+            "Dataset “h-qa”: 1 training row, 2 validation rows (all rows train)."
+        );
         assert!(dataset_split("abc").is_err());
     }
 
