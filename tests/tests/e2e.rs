@@ -131,10 +131,13 @@ fn a_domain_expert_goes_from_data_to_an_adapter_they_can_show() {
     let dataset = data.path().join("pubmedqa-sample.jsonl");
     std::fs::copy(&sample, &dataset)
         .unwrap_or_else(|e| fail(format!("copy {}: {e}", sample.display())));
+    let docs = data.path().join("docs");
+    copy_dir(&workspace_root().join("tests/data/docs"), &docs).unwrap_or_else(|e| fail(e));
     with_app(&data_dir, data.path(), |driver| {
         first_start(driver, &model)?;
         library(driver)?;
         import_dataset(driver, &dataset)?;
+        docs_to_data(driver, &docs)?;
         train_lora(driver, &data_dir)?;
         playground(driver)?;
         arena(driver)?;
@@ -340,6 +343,189 @@ fn import_dataset(driver: &WebDriver, path: &Path) -> Result<(), String> {
     )?;
     println!("dataset statistics: {stats}");
     save_screenshot(driver, "e2e-2-dataset.png");
+    click(driver, "#adapt-with-dataset")
+}
+
+/// Copies the folder `from` (files and sub-folders) to `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| format!("create {}: {e}", to.display()))?;
+    let entries = std::fs::read_dir(from).map_err(|e| format!("read {}: {e}", from.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("read {}: {e}", from.display()))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if src.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(|e| format!("copy {}: {e}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The number before `word` in `text` ("3 rows: 1 to review" -> rows = 3).
+fn count_before(text: &str, word: &str) -> Option<u64> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[1].trim_matches(|c: char| !c.is_alphanumeric()) == word)
+        .and_then(|w| w[0].parse().ok())
+}
+
+/// Documents to data: the fixture folder read (the scanned PDF and the broken files
+/// listed with their reasons), the default model teaching two chunks, one row edited and
+/// the rest accepted, the dataset made with a validation split (its counts shown) and the
+/// Adapt page opened on it. The journey then goes on with the imported PubMedQA sample.
+fn docs_to_data(driver: &WebDriver, dir: &Path) -> Result<(), String> {
+    click(driver, "#nav-docs")?;
+    let input = driver.find("#docs-path")?;
+    driver.type_text(&input, &dir.to_string_lossy())?;
+    driver.set_value("#docs-name", "hygiene")?;
+    click(driver, "#docs-import")?;
+    let read = wait_text(
+        driver,
+        "the documents read",
+        "#docs-page",
+        "#docs-counts-read",
+        Duration::from_secs(60),
+        |t| t.contains("documents read"),
+    )?;
+    println!("documents: {read}");
+    if count_before(&read, "documents") != Some(5) {
+        return Err(format!("the five readable fixtures should be read: {read}"));
+    }
+    let skipped = driver.texts("#docs-skipped [data-testid=docs-skipped-file]")?;
+    let scan = skipped.iter().find(|s| s.contains("scan.pdf"));
+    if !scan.is_some_and(|s| s.contains("no text layer")) {
+        return Err(format!(
+            "the scanned PDF should be skipped for having no text layer: {skipped:?}"
+        ));
+    }
+    if skipped.len() != 3 {
+        return Err(format!(
+            "the scanned PDF and the two broken files are skipped: {skipped:?}"
+        ));
+    }
+
+    // The default model teaches two chunks; short answers keep it quick on a CPU.
+    driver.select_option("#docs-teacher-target", "SmolLM2")?;
+    for (field, value) in [
+        ("#docs-max-chunks", "2"),
+        ("#docs-count", "2"),
+        ("#docs-max-tokens", "96"),
+        ("#docs-temperature", "0"),
+    ] {
+        driver.set_value(field, value)?;
+    }
+    click(driver, "#docs-generate")?;
+    let note = wait_text(
+        driver,
+        "the teacher to finish two chunks",
+        "#docs-page",
+        "#docs-teach-note",
+        Duration::from_secs(600),
+        |t| t.starts_with("Taught"),
+    )?;
+    println!("teacher: {note}");
+    if !note.starts_with("Taught 2 chunks") {
+        return Err(format!("two chunks should be taught: {note}"));
+    }
+    let counts = driver.text_of("#docs-row-counts")?.unwrap_or_default();
+    println!("rows: {counts}");
+    let pending = count_before(&counts, "to").unwrap_or(0);
+    if pending == 0 {
+        return Err(format!(
+            "the default model should write at least one readable row: {counts}"
+        ));
+    }
+    save_screenshot(driver, "e2e-2b-docs-review.png");
+
+    // Edit the first row to review, then accept the rest.
+    let row = driver
+        .execute(
+            "const r = document.querySelector('[data-testid=docs-row][data-status=pending]');              return r ? r.id : null;",
+        )?
+        .as_str()
+        .map(str::to_string)
+        .ok_or("no row to review in the grid")?;
+    click(driver, &format!("#{row} .docs-edit-start"))?;
+    driver.set_value(
+        &format!("#{row} .docs-edit-a"),
+        "Clean hands before and after every patient contact.",
+    )?;
+    click(driver, &format!("#{row} .docs-edit-save"))?;
+    wait_for("the edited row", Duration::from_secs(30), || {
+        shown_error(driver, "#docs-page")?;
+        Ok((!driver
+            .find_all(&format!("#{row}[data-status=edited]"))?
+            .is_empty())
+        .then_some(()))
+    })?;
+    if pending > 1 {
+        click(driver, "#docs-accept-all")?;
+    }
+    let counts = wait_text(
+        driver,
+        "every row reviewed",
+        "#docs-page",
+        "#docs-row-counts",
+        Duration::from_secs(30),
+        |t| t.contains(" 0 to review") && t.contains("1 edited"),
+    )?;
+    let kept = count_before(&counts, "accepted").unwrap_or(0) + 1;
+    if kept != pending {
+        return Err(format!("{pending} rows reviewed, {kept} kept: {counts}"));
+    }
+
+    // The dataset, with a validation split when there are rows enough for one.
+    driver.set_value("#docs-valid", if kept >= 2 { "10" } else { "0" })?;
+    click(driver, "#docs-make-dataset")?;
+    let made = wait_text(
+        driver,
+        "the dataset made from the rows",
+        "#docs-page",
+        "#docs-made",
+        Duration::from_secs(60),
+        |t| t.contains(" training row"),
+    )?;
+    println!("dataset: {made}");
+    let (train, valid) = (
+        count_before(&made, "training").unwrap_or(0),
+        count_before(&made, "validation").unwrap_or(0),
+    );
+    if train + valid != kept || (kept >= 2 && valid == 0) {
+        return Err(format!(
+            "{kept} kept rows should be split into the dataset: {made}"
+        ));
+    }
+    click(driver, "#docs-make-pretrain")?;
+    let text = wait_text(
+        driver,
+        "the continued-pretraining dataset",
+        "#docs-page",
+        "#docs-made-pretrain",
+        Duration::from_secs(60),
+        |t| t.contains(" training row"),
+    )?;
+    println!("continued pre-training: {text}");
+    save_screenshot(driver, "e2e-2c-docs-dataset.png");
+
+    // The Adapt page opens on the new dataset.
+    click(driver, "#docs-adapt")?;
+    wait_for(
+        "the Adapt page on the new dataset",
+        Duration::from_secs(30),
+        || {
+            let chosen = driver.execute(
+            "const s = document.querySelector('#adapt-dataset');              return s && s.selectedIndex >= 0 ? s.options[s.selectedIndex].text : null;",
+        )?;
+            Ok(chosen
+                .as_str()
+                .is_some_and(|t| t.contains("hygiene-qa"))
+                .then_some(()))
+        },
+    )?;
+    // The journey goes on with the PubMedQA sample.
+    click(driver, "#nav-datasets")?;
     click(driver, "#adapt-with-dataset")
 }
 

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 pub enum Page {
     Library,
     Datasets,
+    Docs,
     Adapt,
     Runs,
     Playground,
@@ -32,10 +33,11 @@ pub enum Page {
 }
 
 impl Page {
-    pub const ALL: [Page; 8] = [
+    pub const ALL: [Page; 9] = [
         Page::Playground,
         Page::Library,
         Page::Datasets,
+        Page::Docs,
         Page::Adapt,
         Page::Runs,
         Page::Templates,
@@ -49,6 +51,7 @@ impl Page {
         match self {
             Page::Library => "library",
             Page::Datasets => "datasets",
+            Page::Docs => "docs",
             Page::Adapt => "adapt",
             Page::Runs => "runs",
             Page::Playground => "playground",
@@ -62,6 +65,7 @@ impl Page {
         match self {
             Page::Library => "Library",
             Page::Datasets => "Import data",
+            Page::Docs => "Documents",
             Page::Adapt => "Adapt",
             Page::Runs => "Runs",
             Page::Playground => "Playground",
@@ -347,6 +351,7 @@ pub fn App() -> impl IntoView {
                 {slot(Page::Playground, view! { <pages::playground::PlaygroundPage /> }.into_any())}
                 {slot(Page::Library, view! { <pages::library::LibraryPage /> }.into_any())}
                 {slot(Page::Datasets, view! { <pages::datasets::DatasetWizard /> }.into_any())}
+                {slot(Page::Docs, view! { <pages::docs::DocsPage /> }.into_any())}
                 {slot(Page::Adapt, view! { <pages::adapt::AdaptWizard /> }.into_any())}
                 {slot(Page::Runs, view! { <pages::runs::RunsPage /> }.into_any())}
                 {slot(Page::Templates, view! { <pages::templates::TemplatesPage /> }.into_any())}

@@ -10,7 +10,7 @@ use attune_engine::docs::{self, TeachPlan, DEFAULT_CHUNK_CHARS};
 use attune_engine::{Actor, CancelToken, Engine, EngineError};
 use attune_protocol::{
     ChatMessage, ChatTarget, DocImportOptions, DocRow, DocRowStatus, DocsetSummary, ReviewAction,
-    SamplingParams, Split, TeacherMode,
+    Split, TeachSpec, TeacherMode,
 };
 use clap::{Args, Subcommand};
 
@@ -164,6 +164,7 @@ impl TeacherArgs {
     }
 
     fn plan(&self, engine: &Engine, max_chunks: Option<usize>) -> Result<TeachPlan> {
+        // The flags' own words for what the engine would refuse in its own.
         if self.max_tokens == 0 {
             bail!("--max-tokens must be at least 1");
         }
@@ -173,20 +174,17 @@ impl TeacherArgs {
                 self.temperature
             );
         }
-        let target = self.target(engine)?;
-        let template = engine.teacher_template(self.mode, self.prompt.as_deref())?;
-        Ok(TeachPlan {
-            target,
-            template,
-            values: [("count".to_string(), self.count.to_string())].into(),
-            params: SamplingParams {
-                max_tokens: self.max_tokens,
-                temperature: self.temperature,
-                seed: self.seed,
-                ..SamplingParams::default()
-            },
-            max_chunks,
-        })
+        let spec = TeachSpec {
+            target: self.target(engine)?,
+            mode: self.mode,
+            template: self.prompt.clone(),
+            count: self.count,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            seed: self.seed,
+            max_chunks: max_chunks.map(|n| n as u64),
+        };
+        Ok(engine.teach_plan(&spec)?)
     }
 }
 
@@ -283,7 +281,11 @@ fn from_docs(actor: &dyn Fn() -> Actor, engine: &Engine, args: FromDocsArgs) -> 
         );
     }
     let report = docs::teach(&actor, set.id, &plan, &cancel, &mut |done, total| {
-        eprintln!("chunk {done}/{total}");
+        if done == 0 {
+            eprintln!("teaching {total} chunks");
+        } else {
+            eprintln!("chunk {done}/{total}");
+        }
     })?;
     let set = engine.find_docset(&set.id.to_string())?;
     if args.json {

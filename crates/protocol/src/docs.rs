@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ChatMessage;
+use crate::{ChatMessage, ChatTarget};
 
 /// A document's file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -236,4 +236,33 @@ pub enum ReviewAction {
     Edit {
         messages: Vec<ChatMessage>,
     },
+}
+
+/// How a teacher pass runs: who teaches, with which prompt, how much (the window's form;
+/// the engine checks it and turns it into a plan).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeachSpec {
+    pub target: ChatTarget,
+    pub mode: TeacherMode,
+    /// A stored template (id or name); None = the mode's default template.
+    pub template: Option<String>,
+    /// Rows asked for per chunk (the template's `{{count}}`), 1 to 20.
+    pub count: u32,
+    /// Most tokens the teacher writes per chunk.
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub seed: u64,
+    /// Only the first this many chunks without rows (None: all of them).
+    pub max_chunks: Option<u64>,
+}
+
+/// Progress of a teacher pass, streamed to the window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TeachEvent {
+    /// `total` chunks will be taught.
+    Started { total: u64 },
+    /// `done` of `total` chunks taught; their rows are stored.
+    Chunk { done: u64, total: u64 },
 }

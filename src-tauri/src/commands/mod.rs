@@ -6,6 +6,7 @@ pub mod arena;
 pub mod chat;
 pub mod datasets;
 pub mod diagnostics;
+pub mod docs;
 pub mod endpoints;
 pub mod export;
 pub mod models;

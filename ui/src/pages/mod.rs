@@ -4,6 +4,7 @@ pub mod adapt;
 pub mod arena;
 pub mod connect;
 pub mod datasets;
+pub mod docs;
 pub mod library;
 pub mod playground;
 pub mod runs;

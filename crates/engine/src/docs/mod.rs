@@ -25,8 +25,9 @@ use std::path::{Path, PathBuf};
 
 use attune_protocol::{
     ChatEvent, ChatMessage, ChatTarget, DatasetFormat, DatasetSummary, DocChunk, DocFormat,
-    DocImportOptions, DocRow, DocRowStatus, DocSummary, DocsetSummary, ImportOptions, Provenance,
-    ReviewAction, SamplingParams, SkippedDoc, Split, TeachReport, TeacherMode, TemplateRecord,
+    DocImportOptions, DocRow, DocRowStatus, DocSummary, DocsetSummary, FinishReason, ImportOptions,
+    Provenance, ReviewAction, SamplingParams, SkippedDoc, Split, TeachReport, TeachSpec,
+    TeacherMode, TemplateRecord,
 };
 use sha2::{Digest, Sha256};
 
@@ -472,6 +473,49 @@ impl Engine {
         }
     }
 
+    /// The plan of a teacher pass as `spec` describes it (its figures checked, the template
+    /// looked up, or the mode's default one saved on first use).
+    pub fn teach_plan(&self, spec: &TeachSpec) -> Result<TeachPlan, EngineError> {
+        if !(1..=teacher::MAX_ROWS_PER_CHUNK as u32).contains(&spec.count) {
+            return Err(EngineError::InvalidInput(format!(
+                "rows per chunk {}: between 1 and {}",
+                spec.count,
+                teacher::MAX_ROWS_PER_CHUNK
+            )));
+        }
+        if spec.max_tokens == 0 {
+            return Err(EngineError::InvalidInput(
+                "most tokens per chunk: at least 1".to_string(),
+            ));
+        }
+        if !spec.temperature.is_finite() || spec.temperature < 0.0 {
+            return Err(EngineError::InvalidInput(format!(
+                "temperature {}: 0 (greedy) or positive",
+                spec.temperature
+            )));
+        }
+        if spec.max_chunks == Some(0) {
+            return Err(EngineError::InvalidInput(
+                "how many chunks: at least 1".to_string(),
+            ));
+        }
+        let template = self.teacher_template(spec.mode, spec.template.as_deref())?;
+        Ok(TeachPlan {
+            target: spec.target.clone(),
+            template,
+            values: [("count".to_string(), spec.count.to_string())].into(),
+            params: SamplingParams {
+                max_tokens: spec.max_tokens,
+                temperature: spec.temperature,
+                seed: spec.seed,
+                ..SamplingParams::default()
+            },
+            max_chunks: spec
+                .max_chunks
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        })
+    }
+
     /// Makes the chat dataset `name` from a set's accepted and edited rows, through the
     /// dataset import (a JSON Lines file written under `<data dir>/docsets/<set id>/`, each
     /// record with `id` = `doc-row-<row id>` and its `provenance`). The rows keep their
@@ -663,6 +707,10 @@ fn teach_chunk(
         params: plan.params.clone(),
     };
     let stats = actor.generate_here(generation, cancel, &mut |_: ChatEvent| {})?;
+    // An answer cut off by Cancel is not the teacher's answer: nothing is stored for it.
+    if stats.finish_reason == FinishReason::Cancelled || cancel.is_cancelled() {
+        return Err(EngineError::Cancelled);
+    }
     let base = NewDocRow {
         chunk_id: chunk.id,
         status: String::new(),
@@ -694,8 +742,9 @@ fn teach_chunk(
 
 /// Runs the teacher over a set's chunks that have no rows yet (the first
 /// `plan.max_chunks` of them), storing each chunk's rows as soon as they are read;
-/// `on_chunk` hears (chunks done, chunks to do) after each. Cancel stops after the current
-/// chunk (what is stored stays).
+/// `on_chunk` hears (0, chunks to do) first, then (chunks done, chunks to do) after each.
+/// Cancel stops the current chunk's answer (nothing is stored for it; the rows of the
+/// chunks before it stay) and the pass ends with [`EngineError::Cancelled`].
 pub fn teach(
     actor: &Actor,
     set_id: i64,
@@ -723,6 +772,7 @@ pub fn teach(
     }
     let total = todo.len() as u64;
     let mut report = TeachReport::default();
+    on_chunk(0, total);
     for chunk in &todo {
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
@@ -742,6 +792,7 @@ pub fn teach(
 
 /// Asks the teacher again for the chunk of row `row_id`: the row (unless already rejected)
 /// is rejected and the new rows are added as pending (or one failed row). Returns the new rows.
+/// A cancelled answer changes nothing.
 pub fn regenerate(
     actor: &Actor,
     row_id: i64,

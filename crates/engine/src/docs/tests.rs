@@ -446,7 +446,7 @@ fn teacher_rows_are_held_for_review_and_the_accepted_become_a_dataset_with_prove
             failed: 1
         }
     );
-    assert_eq!(progress, [(1, 3), (2, 3), (3, 3)]);
+    assert_eq!(progress, [(0, 3), (1, 3), (2, 3), (3, 3)]);
 
     let rows = engine.docset_rows(set.id).expect("rows");
     let summary: Vec<(DocRowStatus, Option<&str>, usize)> = rows
@@ -612,6 +612,174 @@ fn teacher_rows_are_held_for_review_and_the_accepted_become_a_dataset_with_prove
         crate::datasets::Sample::Text("Never recap a used needle.".into())
     );
     actor.shutdown(std::time::Duration::from_secs(10));
+}
+
+/// A teacher on loopback that answers the first chat request in full with `first`, then
+/// streams `partial` for the second and stalls (never finishing) until the client goes.
+fn stalling_teacher_server(first: String, partial: String) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        let head =
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+        let delta = |text: &str| json!({"choices":[{"index":0,"delta":{"content":text},"finish_reason":null}]});
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        read_request(&mut s);
+        let end = json!({"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]});
+        let _ = s.write_all(
+            format!(
+                "{head}data: {}\n\ndata: {end}\n\ndata: [DONE]\n\n",
+                delta(&first)
+            )
+            .as_bytes(),
+        );
+        drop(s);
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        read_request(&mut s);
+        let _ = s.write_all(format!("{head}data: {}\n\n", delta(&partial)).as_bytes());
+        let _ = s.flush();
+        // Stall: the answer never finishes; the client cancels.
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    });
+    url
+}
+
+#[test]
+fn an_answer_cut_off_by_cancel_is_not_stored_and_the_rows_before_it_stay() {
+    let (_d, engine) = engine();
+    let folder = folder_with(&["sharps.md"]);
+    let set = import(&engine, folder.path(), "sharps", 400);
+    assert_eq!(set.chunks, 3);
+    // The second answer is cut off where it still reads as a whole pair.
+    let url = stalling_teacher_server(
+        "Q: What must never be done with a used needle?\nA: It must never be recapped.".into(),
+        "Q: Where do used sharps go?\nA: Into a".into(),
+    );
+    let endpoint_id = engine
+        .add_endpoint(&EndpointDraft {
+            name: "teacher".into(),
+            base_url: url,
+            api_key: None,
+            connect_timeout_s: Some(5.0),
+            idle_timeout_s: Some(60.0),
+        })
+        .expect("add endpoint")
+        .endpoint
+        .id;
+    let actor = Actor::start(
+        Arc::clone(&engine),
+        ActorOptions::default(),
+        Arc::new(|_| {}),
+    );
+    let target = ChatTarget::Endpoint {
+        endpoint_id,
+        model: "teacher-model".into(),
+    };
+    let p = plan(&engine, target, 10, 64);
+    let cancel = CancelToken::new();
+    let canceller = cancel.clone();
+    let mut progress = Vec::new();
+    let started = std::time::Instant::now();
+    let result = teach(&actor, set.id, &p, &cancel, &mut |d, t| {
+        progress.push((d, t));
+        if d == 1 {
+            // Cancel while the second chunk's answer is streaming.
+            let c = canceller.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(700));
+                c.cancel();
+            });
+        }
+    });
+    assert!(
+        matches!(result, Err(EngineError::Cancelled)),
+        "a cancelled pass ends cancelled: {result:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "cancel stops the stalled answer at once"
+    );
+    assert_eq!(progress, [(0, 3), (1, 3)]);
+    let rows = engine.docset_rows(set.id).expect("rows");
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.status, r.messages.len()))
+            .collect::<Vec<_>>(),
+        [(DocRowStatus::Pending, 2)],
+        "only the first chunk's row is kept; the cut-off answer is not a row: {rows:?}"
+    );
+    assert_eq!(rows[0].messages[1].content, "It must never be recapped.");
+    actor.shutdown(std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn a_teach_spec_is_checked_and_names_the_default_template() {
+    let (_d, engine) = engine();
+    let spec = TeachSpec {
+        target: ChatTarget::Base { model_id: 1 },
+        mode: TeacherMode::Instructions,
+        template: None,
+        count: 4,
+        max_tokens: 100,
+        temperature: 0.0,
+        seed: 1,
+        max_chunks: Some(2),
+    };
+    let p = engine.teach_plan(&spec).expect("plan");
+    assert_eq!(p.template.name, DEFAULT_INSTRUCTIONS_TEMPLATE);
+    assert_eq!(p.values.get("count").map(String::as_str), Some("4"));
+    assert_eq!((p.params.max_tokens, p.max_chunks), (100, Some(2)));
+    for (bad, field) in [
+        (
+            TeachSpec {
+                count: 0,
+                ..spec.clone()
+            },
+            "rows per chunk",
+        ),
+        (
+            TeachSpec {
+                count: 21,
+                ..spec.clone()
+            },
+            "rows per chunk",
+        ),
+        (
+            TeachSpec {
+                max_tokens: 0,
+                ..spec.clone()
+            },
+            "most tokens",
+        ),
+        (
+            TeachSpec {
+                temperature: -1.0,
+                ..spec.clone()
+            },
+            "temperature",
+        ),
+        (
+            TeachSpec {
+                max_chunks: Some(0),
+                ..spec.clone()
+            },
+            "how many chunks",
+        ),
+    ] {
+        let e = engine.teach_plan(&bad).expect_err("refused");
+        assert!(e.to_string().contains(field), "{e}");
+    }
+    let e = engine
+        .teach_plan(&TeachSpec {
+            template: Some("no-such-template".into()),
+            ..spec
+        })
+        .expect_err("unknown template");
+    assert!(e.to_string().contains("no-such-template"), "{e}");
 }
 
 #[test]
