@@ -132,6 +132,44 @@ pub(crate) fn render_rows(
     Ok((pairs, dropped))
 }
 
+/// A preference set's rows as the samples a preference run evaluates: the prompt followed by
+/// the chosen answer (chat sets: the prompt's messages then the chosen ones; plain-string sets:
+/// the prompt's text then the chosen text), so the run's eval loss is the NLL of the preferred
+/// answers.
+pub(crate) fn chosen_samples(
+    rows: &[StoredRow],
+    dataset: &str,
+) -> Result<Vec<crate::datasets::Sample>, EngineError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let at = format!("preference set '{dataset}' row {}", r.idx);
+        let v: Value = serde_json::from_str(&r.data)
+            .map_err(|e| EngineError::InvalidInput(format!("{at}: stored row is not JSON: {e}")))?;
+        let v = canonical_row(&v, &at)?;
+        let sample = match (&v["prompt"], &v["chosen"]) {
+            (Value::String(p), Value::String(c)) => {
+                crate::datasets::Sample::Text(format!("{p}{c}"))
+            }
+            (Value::Array(p), Value::Array(c)) => crate::datasets::Sample::Chat(
+                p.iter()
+                    .chain(c.iter())
+                    .map(|m| ChatMessage {
+                        role: m["role"].as_str().unwrap_or_default().to_string(),
+                        content: m["content"].as_str().unwrap_or_default().to_string(),
+                    })
+                    .collect(),
+            ),
+            _ => {
+                return Err(EngineError::InvalidInput(format!(
+                    "{at}: \"prompt\" and \"chosen\" must both be strings or both message lists"
+                )))
+            }
+        };
+        out.push(sample);
+    }
+    Ok(out)
+}
+
 fn assistant(content: &str) -> ChatMessage {
     ChatMessage {
         role: "assistant".into(),
@@ -186,6 +224,21 @@ impl Engine {
             human_pairs: n(row.human_pairs),
             judge_pairs: n(row.judge_pairs),
         }))
+    }
+
+    /// Every preference set in the library, newest first.
+    pub fn list_preference_sets(&self) -> Result<Vec<PreferenceSet>, EngineError> {
+        let mut out = Vec::new();
+        for id in self.store.pref_set_ids()? {
+            // A set whose dataset row went away meanwhile (another process removed it) is
+            // simply not listed.
+            match self.preference_set(id) {
+                Ok(Some(set)) => out.push(set),
+                Ok(None) | Err(EngineError::DatasetNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Stores `rows` (canonical preference rows) as a new preference set, in one transaction.
