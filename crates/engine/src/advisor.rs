@@ -653,6 +653,12 @@ impl Engine {
                 human_count(trainable),
                 est.total_mb()
             );
+            if est.reference > 0 {
+                summary.push_str(&format!(
+                    " (with DPO's frozen reference copy, {} MB)",
+                    est.reference.div_ceil(1 << 20)
+                ));
+            }
             if !fits {
                 summary.push_str(&format!(
                     " (more than the {} MB free)",
