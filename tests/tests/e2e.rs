@@ -617,7 +617,54 @@ fn vote_on(driver: &WebDriver, n: usize, total: usize, vote: &str) -> Result<(),
 /// votes (counts shown) and opens the Adapt page with it; a short DPO run on LoRA trains
 /// from it, and the monitor shows the preference figures.
 fn judge_then_dpo(driver: &WebDriver) -> Result<(), String> {
-    // Still on the arena page, the human-voted arena open.
+    // The short LoRA above answers greedily word for word as the base does (3 steps at
+    // LoRA's usual 2e-4), so its arena's votes make no pairs; the engine says so (identical
+    // answers count as ties). The loop's own LoRA trains at a higher rate so the two differ.
+    click(driver, "#nav-adapt")?;
+    click(driver, "#learn-dataset")?;
+    click(driver, "#adapt-advise")?;
+    // The earlier advice is still shown: wait for the new one (the button comes back).
+    wait_for("the advisor's answer", Duration::from_secs(120), || {
+        shown_error(driver, "#adapt-page")?;
+        let button = driver.find("#adapt-advise")?;
+        Ok(
+            (driver.enabled(&button)? && driver.find_all("[data-testid=estimate-row]")?.len() >= 4)
+                .then_some(()),
+        )
+    })?;
+    click(driver, "#method-lora")?;
+    click(driver, "#preset-quick")?;
+    for (field, value) in [
+        ("#run-name", "pubmed-lora-2"),
+        ("#run-steps", "3"),
+        ("#run-lr", "3e-3"),
+        ("#run-batch", "1"),
+        ("#run-max-len", "96"),
+        ("#run-loss-on", "all"),
+        ("#run-eval-limit", "1"),
+        ("#run-forgetting", "0"),
+    ] {
+        driver.set_value(field, value)?;
+    }
+    wait_for("the will-it-fit verdict", Duration::from_secs(60), || {
+        shown_error(driver, "#adapt-page")?;
+        Ok((!driver.find_all("#fit-verdict[data-fits=true]")?.is_empty()).then_some(()))
+    })?;
+    click(driver, "#start-run")?;
+    wait_run(driver, "pubmed-lora-2")?;
+
+    // A human-voted arena of the base against it: one decisive vote and a tie.
+    click(driver, "#nav-arena")?;
+    driver.select_option("#arena-a", "(base)")?;
+    driver.select_option("#arena-b", "pubmed-lora-2")?;
+    driver.set_value(
+        "#arena-prompts",
+        "Is smoking a risk factor for lung cancer?\nDoes regular exercise help with depression?",
+    )?;
+    driver.set_value("#arena-max-tokens", "32")?;
+    click(driver, "#arena-create")?;
+    vote_on(driver, 1, 2, "#vote-left")?;
+    vote_on(driver, 2, 2, "#vote-tie")?;
     driver.select_option("#judge-target", "(base)")?;
     driver.select_option("#judge-verdict", "constrained")?;
     driver.set_value("#judge-both-orders", "false")?;
@@ -710,23 +757,7 @@ fn judge_then_dpo(driver: &WebDriver) -> Result<(), String> {
     })?;
     save_screenshot(driver, "e2e-6c-dpo-settings.png");
     click(driver, "#start-run")?;
-    let status = wait_for("the DPO run to complete", Duration::from_secs(600), || {
-        if let Some(err) = driver.text_of("#run-error")? {
-            return Err(format!("the DPO run failed: {err}"));
-        }
-        shown_error(driver, "#runs-page")?;
-        let title = driver.text_of("#run-title")?.unwrap_or_default();
-        let status = driver
-            .text_of("#run-status")?
-            .unwrap_or_default()
-            .to_lowercase();
-        Ok((title == "pubmed-dpo"
-            && (status == "completed" || status == "failed" || status == "cancelled"))
-            .then_some(status))
-    })?;
-    if status != "completed" {
-        return Err(format!("the DPO run ended {status}"));
-    }
+    wait_run(driver, "pubmed-dpo")?;
     let margin = driver.text_of("#tile-margin")?.unwrap_or_default();
     let accuracy = driver.text_of("#tile-accuracy")?.unwrap_or_default();
     let chosen = driver.text_of("#tile-logp-chosen")?.unwrap_or_default();
@@ -752,6 +783,32 @@ fn judge_then_dpo(driver: &WebDriver) -> Result<(), String> {
         "DPO run: loss {loss}, margin {margin}, accuracy {accuracy}, log-probs {chosen} / {rejected}"
     );
     save_screenshot(driver, "e2e-6d-dpo-run.png");
+    Ok(())
+}
+
+/// Waits on the Runs page until run `name` completes.
+fn wait_run(driver: &WebDriver, name: &str) -> Result<(), String> {
+    let status = wait_for(
+        &format!("run {name} to complete"),
+        Duration::from_secs(600),
+        || {
+            if let Some(err) = driver.text_of("#run-error")? {
+                return Err(format!("run {name} failed: {err}"));
+            }
+            shown_error(driver, "#runs-page")?;
+            let title = driver.text_of("#run-title")?.unwrap_or_default();
+            let status = driver
+                .text_of("#run-status")?
+                .unwrap_or_default()
+                .to_lowercase();
+            Ok((title == name
+                && (status == "completed" || status == "failed" || status == "cancelled"))
+                .then_some(status))
+        },
+    )?;
+    if status != "completed" {
+        return Err(format!("run {name} ended {status}"));
+    }
     Ok(())
 }
 

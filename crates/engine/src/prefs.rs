@@ -425,6 +425,7 @@ impl Engine {
         let mut rows = Vec::new();
         let (mut ties, mut both_bad, mut unvoted, mut unparseable) = (0i64, 0i64, 0i64, 0i64);
         let (mut human_pairs, mut judge_pairs) = (0i64, 0i64);
+        let mut identical = 0i64;
         for item in self.store.arena_items(a.id)? {
             let (Some(a_answer), Some(b_answer)) = (&item.a_answer, &item.b_answer) else {
                 unvoted += 1;
@@ -491,14 +492,25 @@ impl Engine {
                     }
                 }
                 // Two identical answers teach nothing: count them with the ties.
-                Err(_) if chosen == rejected => ties += 1,
+                Err(_) if chosen == rejected => {
+                    ties += 1;
+                    identical += 1;
+                }
                 Err(e) => return Err(e),
             }
         }
         if rows.is_empty() {
+            let same = if identical > 0 {
+                format!(
+                    "; {identical} of the ties are prompts whose two answers are the same text, \
+                     which no vote can turn into a pair"
+                )
+            } else {
+                String::new()
+            };
             return Err(EngineError::InvalidInput(format!(
                 "arena '{}' has no decisive {} votes yet ({ties} ties, {both_bad} 'both bad', \
-                 {unvoted} not voted, {unparseable} unparseable): nothing to train on",
+                 {unvoted} not voted, {unparseable} unparseable{same}): nothing to train on",
                 a.name,
                 source.kind()
             )));
