@@ -148,6 +148,9 @@ pub fn run() -> tauri::Result<()> {
             commands::export::cancel_export,
             commands::export::list_exports,
             commands::export::show_in_folder,
+            commands::prefs::import_preferences,
+            commands::prefs::preferences_from_arena,
+            commands::prefs::list_preference_sets,
         ])
         .build(tauri::generate_context!())?;
     app.run(|app, event| {

@@ -141,6 +141,8 @@ fn a_domain_expert_goes_from_data_to_an_adapter_they_can_show() {
         train_lora(driver, &data_dir)?;
         playground(driver)?;
         arena(driver)?;
+        judge_then_dpo(driver)?;
+        arena_after_dpo(driver)?;
         endpoint(driver)?;
         templates(driver)?;
         export_gguf(driver, &data.path().join("exported"))?;
@@ -767,6 +769,267 @@ fn arena(driver: &WebDriver) -> Result<(), String> {
     let ci = driver.text_of("#arena-ci")?.unwrap_or_default();
     println!("arena: A wins {rate}, 95% interval {ci}");
     save_screenshot(driver, "e2e-6-arena.png");
+    Ok(())
+}
+
+/// Waits for both answers of prompt `n` of `total` in the open arena, checks that the
+/// voting view names no candidate, and casts `vote`.
+fn vote_on(driver: &WebDriver, n: usize, total: usize, vote: &str) -> Result<(), String> {
+    wait_for(
+        &format!("both answers to prompt {n}"),
+        Duration::from_secs(300),
+        || {
+            shown_error(driver, "#arena-page")?;
+            let progress = driver.text_of("#arena-progress")?.unwrap_or_default();
+            let left = driver.text_of("#arena-left")?.unwrap_or_default();
+            let right = driver.text_of("#arena-right")?.unwrap_or_default();
+            let ready = progress.contains(&format!("Prompt {n} of {total}"))
+                && !left.trim().is_empty()
+                && !right.trim().is_empty()
+                && driver
+                    .find_all(vote)?
+                    .first()
+                    .map(|b| driver.enabled(b))
+                    .transpose()?
+                    .unwrap_or(false);
+            Ok(ready.then_some(()))
+        },
+    )?;
+    click(driver, vote)
+}
+
+/// The loop (issue 17): a judge (the default model, constrained verdict) votes on the arena
+/// the human voted on; "Train from these votes" makes a preference set from the combined
+/// votes (counts shown) and opens the Adapt page with it; a short DPO run on LoRA trains
+/// from it, and the monitor shows the preference figures.
+fn judge_then_dpo(driver: &WebDriver) -> Result<(), String> {
+    // The short LoRA above answers greedily word for word as the base does (3 steps at
+    // LoRA's usual 2e-4), so its arena's votes make no pairs; the engine says so (identical
+    // answers count as ties). The loop's own LoRA trains at a higher rate so the two differ.
+    click(driver, "#nav-adapt")?;
+    click(driver, "#learn-dataset")?;
+    click(driver, "#adapt-advise")?;
+    // The earlier advice is still shown: wait for the new one (the button comes back).
+    wait_for("the advisor's answer", Duration::from_secs(120), || {
+        shown_error(driver, "#adapt-page")?;
+        let button = driver.find("#adapt-advise")?;
+        Ok(
+            (driver.enabled(&button)? && driver.find_all("[data-testid=estimate-row]")?.len() >= 4)
+                .then_some(()),
+        )
+    })?;
+    click(driver, "#method-lora")?;
+    click(driver, "#preset-quick")?;
+    for (field, value) in [
+        ("#run-name", "pubmed-lora-2"),
+        ("#run-steps", "3"),
+        ("#run-lr", "3e-3"),
+        ("#run-batch", "1"),
+        ("#run-max-len", "96"),
+        ("#run-loss-on", "all"),
+        ("#run-eval-limit", "1"),
+        ("#run-forgetting", "0"),
+    ] {
+        driver.set_value(field, value)?;
+    }
+    wait_for("the will-it-fit verdict", Duration::from_secs(60), || {
+        shown_error(driver, "#adapt-page")?;
+        Ok((!driver.find_all("#fit-verdict[data-fits=true]")?.is_empty()).then_some(()))
+    })?;
+    click(driver, "#start-run")?;
+    wait_run(driver, "pubmed-lora-2")?;
+
+    // A human-voted arena of the base against it: one decisive vote and a tie.
+    click(driver, "#nav-arena")?;
+    driver.select_option("#arena-a", "(base)")?;
+    driver.select_option("#arena-b", "pubmed-lora-2")?;
+    driver.set_value(
+        "#arena-prompts",
+        "Is smoking a risk factor for lung cancer?\nDoes regular exercise help with depression?",
+    )?;
+    driver.set_value("#arena-max-tokens", "32")?;
+    click(driver, "#arena-create")?;
+    vote_on(driver, 1, 2, "#vote-left")?;
+    vote_on(driver, 2, 2, "#vote-tie")?;
+    driver.select_option("#judge-target", "(base)")?;
+    driver.select_option("#judge-verdict", "constrained")?;
+    driver.set_value("#judge-both-orders", "false")?;
+    driver.set_value("#judge-all", "true")?;
+    click(driver, "#judge-start")?;
+    let judged = wait_text(
+        driver,
+        "the judge to finish",
+        "#arena-judge",
+        "#judge-progress",
+        Duration::from_secs(600),
+        |t| t.starts_with("Judged"),
+    )?;
+    println!("judge: {judged}");
+    let stats = wait_text(
+        driver,
+        "the judge's results",
+        "#arena-judge",
+        "#judge-stats-0",
+        Duration::from_secs(60),
+        |t| t.contains("Agreement on"),
+    )?;
+    println!("judge results: {stats}");
+
+    driver.select_option("#arena-pref-source", "Combined")?;
+    driver.set_value("#arena-pref-name", "arena-combined")?;
+    save_screenshot(driver, "e2e-6b-train-from-votes.png");
+    click(driver, "#arena-train-dpo")?;
+    // The Adapt page opens on the new set, its counts shown.
+    let info = wait_text(
+        driver,
+        "the preference set on the Adapt page",
+        "#adapt-page",
+        "#adapt-prefset-info",
+        Duration::from_secs(60),
+        |t| t.contains("pair") && t.contains("combined votes"),
+    )?;
+    println!("preference set: {info}");
+    let counts = driver.execute(
+        "const d = document.querySelector('#arena-pref-counts').dataset; \
+         return [d.pairs, d.ties, d.bothBad, d.unvoted, d.unparseable].join(',');",
+    )?;
+    // Two prompts: the human's decisive vote is a pair, the human's tie is left out (the
+    // human's vote comes first where there is one).
+    if counts.as_str() != Some("1,1,0,0,0") {
+        return Err(format!(
+            "combined votes on (win, tie) should give 1 pair and 1 tie, got {counts}"
+        ));
+    }
+    if !info.contains("1 pair") || !info.contains("1 tie") {
+        return Err(format!("the Adapt page's counts: {info}"));
+    }
+    if driver.find_all("#learn-prefs")?.is_empty()
+        || driver.execute("return document.querySelector('#learn-prefs').checked;")?
+            != serde_json::Value::Bool(true)
+    {
+        return Err("the Adapt page should learn from preferences".into());
+    }
+    click(driver, "#adapt-advise")?;
+    // Full fine-tuning, LoRA and soft prompt (a template cannot learn from pairs).
+    wait_for("the advisor's estimates", Duration::from_secs(120), || {
+        shown_error(driver, "#adapt-page")?;
+        Ok((driver.find_all("[data-testid=estimate-row]")?.len() == 3).then_some(()))
+    })?;
+    click(driver, "#method-lora")?;
+    click(driver, "#preset-quick")?;
+    wait_for("the preference settings", Duration::from_secs(30), || {
+        Ok((!driver.find_all("#pref-fields #run-objective")?.is_empty()).then_some(()))
+    })?;
+    let reference = driver.text_of("#pref-reference")?.unwrap_or_default();
+    if !reference.contains("adapter switched off") {
+        return Err(format!("LoRA's DPO reference: {reference}"));
+    }
+    driver.select_option("#run-objective", "DPO")?;
+    driver.set_value("#run-beta", "0.1")?;
+    driver.select_option("#run-loss", "sigmoid")?;
+    for (field, value) in [
+        ("#run-name", "pubmed-dpo"),
+        ("#run-steps", "4"),
+        ("#run-batch", "1"),
+        ("#run-max-len", "96"),
+        ("#run-eval-limit", "1"),
+        ("#run-forgetting", "0"),
+    ] {
+        driver.set_value(field, value)?;
+    }
+    wait_for("the will-it-fit verdict", Duration::from_secs(60), || {
+        shown_error(driver, "#adapt-page")?;
+        Ok((!driver.find_all("#fit-verdict[data-fits=true]")?.is_empty()).then_some(()))
+    })?;
+    save_screenshot(driver, "e2e-6c-dpo-settings.png");
+    click(driver, "#start-run")?;
+    wait_run(driver, "pubmed-dpo")?;
+    let margin = driver.text_of("#tile-margin")?.unwrap_or_default();
+    let accuracy = driver.text_of("#tile-accuracy")?.unwrap_or_default();
+    let chosen = driver.text_of("#tile-logp-chosen")?.unwrap_or_default();
+    let rejected = driver.text_of("#tile-logp-rejected")?.unwrap_or_default();
+    let loss = driver.text_of("#tile-loss")?.unwrap_or_default();
+    for (what, v) in [
+        ("margin", &margin),
+        ("log-prob chosen", &chosen),
+        ("log-prob rejected", &rejected),
+        ("loss", &loss),
+    ] {
+        if v.parse::<f64>().map_or(true, |x| !x.is_finite()) {
+            return Err(format!("the DPO run's {what} tile shows {v:?}"));
+        }
+    }
+    if !accuracy.ends_with('%') {
+        return Err(format!("the reward accuracy tile shows {accuracy:?}"));
+    }
+    if driver.find_all("#chart-rewards")?.is_empty() {
+        return Err("the rewards chart is missing from a preference run".into());
+    }
+    println!(
+        "DPO run: loss {loss}, margin {margin}, accuracy {accuracy}, log-probs {chosen} / {rejected}"
+    );
+    save_screenshot(driver, "e2e-6d-dpo-run.png");
+    Ok(())
+}
+
+/// Waits on the Runs page until run `name` completes.
+fn wait_run(driver: &WebDriver, name: &str) -> Result<(), String> {
+    let status = wait_for(
+        &format!("run {name} to complete"),
+        Duration::from_secs(600),
+        || {
+            if let Some(err) = driver.text_of("#run-error")? {
+                return Err(format!("run {name} failed: {err}"));
+            }
+            shown_error(driver, "#runs-page")?;
+            let title = driver.text_of("#run-title")?.unwrap_or_default();
+            let status = driver
+                .text_of("#run-status")?
+                .unwrap_or_default()
+                .to_lowercase();
+            Ok((title == name
+                && (status == "completed" || status == "failed" || status == "cancelled"))
+                .then_some(status))
+        },
+    )?;
+    if status != "completed" {
+        return Err(format!("run {name} ended {status}"));
+    }
+    Ok(())
+}
+
+/// The arena again: the base against the DPO adapter, a few human votes, the win rate with
+/// its interval.
+fn arena_after_dpo(driver: &WebDriver) -> Result<(), String> {
+    click(driver, "#nav-arena")?;
+    driver.select_option("#arena-a", "(base)")?;
+    driver.select_option("#arena-b", "pubmed-dpo")?;
+    driver.set_value(
+        "#arena-prompts",
+        "Does aspirin reduce the risk of heart attack?\nIs vitamin D linked to bone health?",
+    )?;
+    driver.set_value("#arena-max-tokens", "24")?;
+    click(driver, "#arena-create")?;
+    vote_on(driver, 1, 2, "#vote-left")?;
+    vote_on(driver, 2, 2, "#vote-right")?;
+    // One vote for each side shown: whichever sides they were, A's rate is 0%, 50% or 100%.
+    let rate = wait_text(
+        driver,
+        "the win rate after the votes",
+        "#arena-page",
+        "#arena-win-rate",
+        Duration::from_secs(60),
+        |t| t.ends_with('%'),
+    )?;
+    let line = driver.text_of(".arena-rate")?.unwrap_or_default();
+    if !line.contains("95% interval") || driver.find_all("#arena-ci .ci-range")?.is_empty() {
+        return Err(format!(
+            "the win rate is shown without its interval: {line}"
+        ));
+    }
+    println!("arena after DPO: {line}");
+    save_screenshot(driver, "e2e-6e-arena-after-dpo.png");
+    let _ = rate;
     Ok(())
 }
 

@@ -104,6 +104,7 @@ fn main() -> R<()> {
         domains: DomainCount::One,
         api_only: false,
         budget_minutes: Some(minutes),
+        preference: None,
     })?;
     println!(
         "budget {minutes} min per method on {} ({} threads); advisor recommends {}",

@@ -543,6 +543,28 @@ impl Engine {
         Ok(lengths)
     }
 
+    /// Token lengths of a preference set's sequences under `model`: per pair, prompt +
+    /// chosen and prompt + rejected, as TRL tokenizes them (no cut).
+    fn pair_lengths(
+        &self,
+        ds: &DatasetSummary,
+        model: &ModelSummary,
+    ) -> Result<Vec<u64>, EngineError> {
+        let path = model_path(model);
+        let (_, tok, tmpl) =
+            attune_models::loader::text_side(&path).map_err(|source| EngineError::ModelLoad {
+                name: model.name.clone(),
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        let rows = self.store.dataset_rows(ds.id, "train")?;
+        let (pairs, _) = crate::prefs::render_rows(&tok, &tmpl, &rows, usize::MAX / 4, &ds.name)?;
+        Ok(pairs
+            .iter()
+            .flat_map(|p| [p.chosen.ids.len() as u64, p.rejected.ids.len() as u64])
+            .collect())
+    }
+
     /// Recommends a way to adapt `goal.model_id` (see [`recommend`] for the rules) with
     /// every method's preset, memory, throughput and time on this machine.
     pub fn advise(&self, goal: &AdvisorGoal) -> Result<Advice, EngineError> {
@@ -560,10 +582,20 @@ impl Engine {
             .dataset_id
             .map(|id| self.find_dataset(&id.to_string()))
             .transpose()?;
-        let lengths = match &dataset {
-            Some(ds) => Some(self.train_lengths(ds, &model)?),
-            None => None,
+        // A preference set trains DPO or ORPO: a step of `batch` pairs runs 2 x batch
+        // sequences (prompt + chosen, prompt + rejected), each counted as a row here.
+        let preference = match &dataset {
+            Some(ds) if self.store.pref_set(ds.id)?.is_some() => {
+                Some(goal.preference.unwrap_or_default())
+            }
+            _ => None,
         };
+        let lengths = match (&dataset, preference) {
+            (Some(ds), Some(_)) => Some(Arc::new(self.pair_lengths(ds, &model)?)),
+            (Some(ds), None) => Some(self.train_lengths(ds, &model)?),
+            (None, _) => None,
+        };
+        let seqs_per_row = if preference.is_some() { 2 } else { 1 };
         let longest = lengths
             .as_ref()
             .map(|l| tokens_at(l, usize::MAX).longest)
@@ -577,8 +609,23 @@ impl Engine {
             .unwrap_or_default();
         let mut estimates = Vec::with_capacity(4);
         for method in ["full", "lora", "prompt"] {
-            let spec = preset(method, &model.id.to_string(), &dataset_key, max_len);
-            let est = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
+            let mut spec = preset(method, &model.id.to_string(), &dataset_key, max_len);
+            let mut est = self.run_memory(
+                &cfg,
+                &spec.method,
+                seqs_per_row * spec.batch_size,
+                spec.max_len,
+            );
+            if let Some(p) = preference {
+                spec.preference = Some(p);
+                // A preference set has one split: its evaluation scores the chosen answers
+                // of (at most 32 of) the training pairs.
+                spec.eval_split = SplitName::Train;
+                spec.eval_limit = Some(32);
+                if p.objective == attune_protocol::PreferenceObjective::Dpo && method == "full" {
+                    est = est.with_reference_copy(&cfg);
+                }
+            }
             let fits = available.is_none_or(|a| est.needed() <= a);
             let (tps, source) = self.throughput(&model, method, machine.threads)?;
             let tokens = lengths.as_ref().map(|l| tokens_at(l, max_len));
@@ -592,9 +639,9 @@ impl Engine {
             // (or at the max length without a dataset).
             let tokens_per_step = match tokens {
                 Some(t) if t.rows > 0 => {
-                    spec.batch_size as f64 * (t.per_epoch as f64 / t.rows as f64)
+                    (seqs_per_row * spec.batch_size) as f64 * (t.per_epoch as f64 / t.rows as f64)
                 }
-                _ => spec.batch_size as f64 * max_len as f64,
+                _ => (seqs_per_row * spec.batch_size) as f64 * max_len as f64,
             };
             let steps_in_budget = goal
                 .budget_minutes
@@ -606,6 +653,12 @@ impl Engine {
                 human_count(trainable),
                 est.total_mb()
             );
+            if est.reference > 0 {
+                summary.push_str(&format!(
+                    " (with DPO's frozen reference copy, {} MB)",
+                    est.reference.div_ceil(1 << 20)
+                ));
+            }
             if !fits {
                 summary.push_str(&format!(
                     " (more than the {} MB free)",
@@ -678,7 +731,24 @@ impl Engine {
             prompt_mb: mb("prompt"),
             template_mb,
         };
-        let (recommended, mut reasons) = recommend(&facts);
+        let (mut recommended, mut reasons) = recommend(&facts);
+        if preference.is_some() {
+            // Pairs train weights: a prompt template cannot learn from them.
+            estimates.retain(|e| e.method != "template");
+            if recommended == "template" {
+                let fallback = if estimates.iter().any(|e| e.method == "lora" && e.fits) {
+                    "lora"
+                } else {
+                    "prompt"
+                };
+                reasons.push(format!(
+                    "A preference set trains the model (DPO or ORPO); a prompt template cannot \
+                     learn from chosen/rejected pairs, so {} is proposed instead.",
+                    method_title(fallback)
+                ));
+                recommended = fallback.to_string();
+            }
+        }
         if let (Some(budget), Some(e)) = (
             goal.budget_minutes,
             estimates.iter().find(|e| e.method == recommended),

@@ -132,6 +132,44 @@ pub(crate) fn render_rows(
     Ok((pairs, dropped))
 }
 
+/// A preference set's rows as the samples a preference run evaluates: the prompt followed by
+/// the chosen answer (chat sets: the prompt's messages then the chosen ones; plain-string sets:
+/// the prompt's text then the chosen text), so the run's eval loss is the NLL of the preferred
+/// answers.
+pub(crate) fn chosen_samples(
+    rows: &[StoredRow],
+    dataset: &str,
+) -> Result<Vec<crate::datasets::Sample>, EngineError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let at = format!("preference set '{dataset}' row {}", r.idx);
+        let v: Value = serde_json::from_str(&r.data)
+            .map_err(|e| EngineError::InvalidInput(format!("{at}: stored row is not JSON: {e}")))?;
+        let v = canonical_row(&v, &at)?;
+        let sample = match (&v["prompt"], &v["chosen"]) {
+            (Value::String(p), Value::String(c)) => {
+                crate::datasets::Sample::Text(format!("{p}{c}"))
+            }
+            (Value::Array(p), Value::Array(c)) => crate::datasets::Sample::Chat(
+                p.iter()
+                    .chain(c.iter())
+                    .map(|m| ChatMessage {
+                        role: m["role"].as_str().unwrap_or_default().to_string(),
+                        content: m["content"].as_str().unwrap_or_default().to_string(),
+                    })
+                    .collect(),
+            ),
+            _ => {
+                return Err(EngineError::InvalidInput(format!(
+                    "{at}: \"prompt\" and \"chosen\" must both be strings or both message lists"
+                )))
+            }
+        };
+        out.push(sample);
+    }
+    Ok(out)
+}
+
 fn assistant(content: &str) -> ChatMessage {
     ChatMessage {
         role: "assistant".into(),
@@ -186,6 +224,21 @@ impl Engine {
             human_pairs: n(row.human_pairs),
             judge_pairs: n(row.judge_pairs),
         }))
+    }
+
+    /// Every preference set in the library, newest first.
+    pub fn list_preference_sets(&self) -> Result<Vec<PreferenceSet>, EngineError> {
+        let mut out = Vec::new();
+        for id in self.store.pref_set_ids()? {
+            // A set whose dataset row went away meanwhile (another process removed it) is
+            // simply not listed.
+            match self.preference_set(id) {
+                Ok(Some(set)) => out.push(set),
+                Ok(None) | Err(EngineError::DatasetNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Stores `rows` (canonical preference rows) as a new preference set, in one transaction.
@@ -372,6 +425,7 @@ impl Engine {
         let mut rows = Vec::new();
         let (mut ties, mut both_bad, mut unvoted, mut unparseable) = (0i64, 0i64, 0i64, 0i64);
         let (mut human_pairs, mut judge_pairs) = (0i64, 0i64);
+        let mut identical = 0i64;
         for item in self.store.arena_items(a.id)? {
             let (Some(a_answer), Some(b_answer)) = (&item.a_answer, &item.b_answer) else {
                 unvoted += 1;
@@ -438,14 +492,25 @@ impl Engine {
                     }
                 }
                 // Two identical answers teach nothing: count them with the ties.
-                Err(_) if chosen == rejected => ties += 1,
+                Err(_) if chosen == rejected => {
+                    ties += 1;
+                    identical += 1;
+                }
                 Err(e) => return Err(e),
             }
         }
         if rows.is_empty() {
+            let same = if identical > 0 {
+                format!(
+                    "; {identical} of the ties are prompts whose two answers are the same text, \
+                     which no vote can turn into a pair"
+                )
+            } else {
+                String::new()
+            };
             return Err(EngineError::InvalidInput(format!(
                 "arena '{}' has no decisive {} votes yet ({ties} ties, {both_bad} 'both bad', \
-                 {unvoted} not voted, {unparseable} unparseable): nothing to train on",
+                 {unvoted} not voted, {unparseable} unparseable{same}): nothing to train on",
                 a.name,
                 source.kind()
             )));

@@ -1503,7 +1503,31 @@ impl Engine {
         if spec.pack {
             train_examples = train::pack_all(&train_examples, spec.max_len);
         }
-        let eval_examples = render_split(spec.eval_split, spec.eval_limit, &opts)?;
+        // A preference set's rows are pairs, not samples: its evaluation scores the prompts
+        // with their chosen answers (the NLL of the preferred answers).
+        let eval_examples = match &spec.preference {
+            Some(_) => {
+                let rows = self.store.dataset_rows(ds.id, spec.eval_split.as_str())?;
+                let rows = &rows[..rows.len().min(spec.eval_limit.unwrap_or(usize::MAX))];
+                crate::prefs::chosen_samples(rows, &ds.name)?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, sample)| {
+                        render_sample(&tok, &tmpl, sample, &opts).map_err(|e| {
+                            EngineError::InvalidDataset {
+                                path: PathBuf::from(&ds.source_path),
+                                reason: format!(
+                                    "'{}' {} pair {i} cannot be rendered: {e}",
+                                    ds.name,
+                                    spec.eval_split.as_str()
+                                ),
+                            }
+                        })
+                    })
+                    .collect::<Result<Vec<Example>, EngineError>>()?
+            }
+            None => render_split(spec.eval_split, spec.eval_limit, &opts)?,
+        };
         let general = if spec.forgetting_rows > 0 {
             general_examples(&tok, &tmpl, spec.forgetting_rows).map_err(terr)?
         } else {

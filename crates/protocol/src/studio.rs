@@ -279,6 +279,10 @@ pub struct AdvisorGoal {
     pub api_only: bool,
     /// Time the user is willing to spend, in minutes.
     pub budget_minutes: Option<f64>,
+    /// Preference training (DPO or ORPO) when `dataset_id` is a preference set: the presets
+    /// get it, the estimates count two sequences per pair and DPO's reference copy on full
+    /// fine-tuning. None with a preference set: DPO with TRL's defaults.
+    pub preference: Option<crate::PreferenceSpec>,
 }
 
 /// The cost of one method on this machine.

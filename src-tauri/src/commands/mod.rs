@@ -11,6 +11,7 @@ pub mod endpoints;
 pub mod export;
 pub mod models;
 pub mod playground;
+pub mod prefs;
 pub mod runs;
 pub mod server;
 pub mod settings;

@@ -16,6 +16,7 @@ pub mod endpoints;
 pub mod events;
 pub mod export;
 pub mod models;
+pub mod prefs;
 pub mod runs;
 pub mod server;
 pub mod settings;

@@ -11,7 +11,8 @@ use crate::{ipc, AppCtx, Page};
 use attune_protocol::ErrorCode;
 use attune_protocol::{
     Advice, AdvisorGoal, DatasetSummary, DomainCount, IpcError, LossOn, LrSchedule, MethodEstimate,
-    MethodSpec, PreferenceObjective, PreferenceSpec, RunCheck, RunSpec, SplitName,
+    MethodSpec, PreferenceLoss, PreferenceObjective, PreferenceSet, PreferenceSpec, RunCheck,
+    RunSpec, SplitName,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -120,6 +121,16 @@ pub fn AdaptWizard() -> impl IntoView {
     let model: RwSignal<Option<i64>> = RwSignal::new(None);
     let dataset: RwSignal<Option<i64>> = RwSignal::new(None);
     let datasets: RwSignal<Vec<DatasetSummary>> = RwSignal::new(Vec::new());
+    // "Learn from": a dataset of examples (supervised) or a preference set (DPO or ORPO).
+    let learn_prefs = RwSignal::new(false);
+    let pref_sets: RwSignal<Vec<PreferenceSet>> = RwSignal::new(Vec::new());
+    let pref_set: RwSignal<Option<i64>> = RwSignal::new(None);
+    // The preference settings, kept across advice (the advisor counts DPO's reference copy).
+    let pref_choice = RwSignal::new(PreferenceSpec::default());
+    let import_path = RwSignal::new(String::new());
+    let import_name = RwSignal::new(String::new());
+    let importing = RwSignal::new(false);
+    let import_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
     let domains = RwSignal::new(DomainCount::One);
     let api_only = RwSignal::new(false);
     // The API path: the endpoint model the template is written for ("endpoint_id:model").
@@ -146,24 +157,118 @@ pub fn AdaptWizard() -> impl IntoView {
     let starting = RwSignal::new(false);
     let start_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
 
-    // Datasets follow the library; a freshly imported one is preselected.
+    // Datasets and preference sets follow the library (a preference set is a dataset of
+    // pairs: it is listed under "preferences" only); a freshly imported one is preselected.
     Effect::new(move |_| {
         ctx.library_version.track();
         spawn_local(async move {
+            let sets = ipc::prefs::list_preference_sets().await.unwrap_or_default();
             if let Ok(list) = ipc::datasets::list_datasets().await {
+                let list: Vec<DatasetSummary> = list
+                    .into_iter()
+                    .filter(|d| !sets.iter().any(|s| s.dataset.id == d.id))
+                    .collect();
                 if dataset.get_untracked().is_none() {
                     dataset.set(list.last().map(|d| d.id));
                 }
                 datasets.set(list);
             }
+            if pref_set
+                .get_untracked()
+                .is_none_or(|p| !sets.iter().any(|s| s.dataset.id == p))
+            {
+                pref_set.set(sets.first().map(|s| s.dataset.id));
+            }
+            pref_sets.set(sets);
         });
     });
+    // A focused dataset (just imported, or a preference set made from an arena's votes).
     Effect::new(move |_| {
         if let Some(id) = ctx.focus_dataset.get() {
-            dataset.set(Some(id));
             advice.set(None);
+            spawn_local(async move {
+                let sets = ipc::prefs::list_preference_sets().await.unwrap_or_default();
+                if sets.iter().any(|s| s.dataset.id == id) {
+                    pref_sets.set(sets);
+                    pref_set.set(Some(id));
+                    learn_prefs.set(true);
+                } else {
+                    dataset.set(Some(id));
+                    learn_prefs.set(false);
+                }
+            });
         }
     });
+    // The data the advice was for changed: advise again.
+    let goal_data = Memo::new(move |_| {
+        if learn_prefs.get() {
+            (true, pref_set.get())
+        } else {
+            (false, dataset.get())
+        }
+    });
+    Effect::new(move |prev: Option<(bool, Option<i64>)>| {
+        let now = goal_data.get();
+        if prev.is_some_and(|p| p != now) {
+            advice.set(None);
+        }
+        now
+    });
+    let chosen_set = Memo::new(move |_| {
+        let id = pref_set.get();
+        pref_sets.with(|l| l.iter().find(|s| Some(s.dataset.id) == id).cloned())
+    });
+    let import_prefs = move || {
+        import_error.set(None);
+        let path = import_path.get_untracked();
+        let name = import_name.get_untracked();
+        if path.trim().is_empty() || name.trim().is_empty() {
+            import_error.set(Some(IpcError {
+                code: ErrorCode::InvalidInput,
+                message: "Give the preference JSONL's path and a name for the set.".into(),
+            }));
+            return;
+        }
+        importing.set(true);
+        spawn_local(async move {
+            match ipc::prefs::import_preferences(&path, &name).await {
+                Ok(set) => {
+                    let id = set.dataset.id;
+                    pref_sets.update(|l| {
+                        l.retain(|s| s.dataset.id != id);
+                        l.insert(0, set);
+                    });
+                    pref_set.set(Some(id));
+                    import_path.set(String::new());
+                    import_name.set(String::new());
+                    ctx.library_changed();
+                }
+                Err(e) => import_error.set(Some(e)),
+            }
+            importing.set(false);
+        });
+    };
+    let browse_prefs = move |_| {
+        spawn_local(async move {
+            match ipc::models::pick_path("Choose a preference JSONL", false, &["jsonl", "json"])
+                .await
+            {
+                Ok(Some(p)) => {
+                    if import_name.get_untracked().trim().is_empty() {
+                        let stem = std::path::Path::new(&p)
+                            .file_stem()
+                            .and_then(|s| s.to_str())
+                            .unwrap_or_default()
+                            .to_string();
+                        import_name.set(stem);
+                    }
+                    import_path.set(p);
+                }
+                Ok(None) => {}
+                Err(e) => import_error.set(Some(e)),
+            }
+        });
+    };
 
     let ask = move || {
         let Some(model_id) = model.get_untracked() else {
@@ -186,12 +291,27 @@ pub fn AdaptWizard() -> impl IntoView {
                 }
             },
         };
+        let prefs = learn_prefs.get_untracked();
+        if prefs && pref_set.get_untracked().is_none() {
+            error.set(Some(IpcError {
+                code: ErrorCode::InvalidInput,
+                message: "Choose a preference set (import a preference JSONL below, or make one \
+                          from an arena's votes on the A/B arena page)."
+                    .into(),
+            }));
+            return;
+        }
         let goal = AdvisorGoal {
             model_id,
-            dataset_id: dataset.get_untracked(),
+            dataset_id: if prefs {
+                pref_set.get_untracked()
+            } else {
+                dataset.get_untracked()
+            },
             domains: domains.get_untracked(),
             api_only: api_only.get_untracked(),
             budget_minutes,
+            preference: prefs.then(|| pref_choice.get_untracked()),
         };
         advising.set(true);
         error.set(None);
@@ -321,6 +441,7 @@ pub fn AdaptWizard() -> impl IntoView {
                     <Field label="Model" hint="The model to adapt.">
                         <ModelSelect selected=model id="adapt-model".to_string() />
                     </Field>
+                    <div style:display=move || if learn_prefs.get() { "none" } else { "block" }>
                     <Field label="Your data" hint="The dataset the model learns from (import one on the Import data page).">
                         <select id="adapt-dataset"
                             on:change=move |ev| dataset.set(event_target_value(&ev).parse().ok())
@@ -334,11 +455,71 @@ pub fn AdaptWizard() -> impl IntoView {
                             }).collect_view()}
                         </select>
                     </Field>
+                    </div>
+                    <div style:display=move || if learn_prefs.get() { "block" } else { "none" }>
+                    <Field label="Preference set" hint="Chosen and rejected answers per prompt: made from an arena's votes, or imported from a preference JSONL.">
+                        <select id="adapt-prefset"
+                            on:change=move |ev| pref_set.set(event_target_value(&ev).parse().ok())
+                            prop:value=move || pref_set.get().map(|d| d.to_string()).unwrap_or_default()>
+                            <option value="">"No preference set yet"</option>
+                            {move || pref_sets.get().into_iter().map(|p| {
+                                let id = p.dataset.id;
+                                view! { <option value=id.to_string() selected=move || pref_set.get() == Some(id)>
+                                    {format!("{} ({} pairs)", p.dataset.name, p.pairs)}
+                                </option> }
+                            }).collect_view()}
+                        </select>
+                    </Field>
+                    </div>
                     <Field label="Time budget (minutes)" hint="How long you are willing to let it train on this machine.">
                         <input id="adapt-budget" type="number" min="1" prop:value=move || budget.get()
                             on:input=move |ev| budget.set(event_target_value(&ev)) />
                     </Field>
                 </div>
+                <div class="row learn-from" id="adapt-learn-from">
+                    <span class="field-label">"Learn from"</span>
+                    <label class="check" title="Supervised fine-tuning: the model learns to write the dataset's answers.">
+                        <input type="radio" name="learn-from" id="learn-dataset" prop:checked=move || !learn_prefs.get()
+                            on:change=move |_| learn_prefs.set(false) />
+                        "Examples: a dataset of questions and answers (supervised)"
+                    </label>
+                    <label class="check" title="Preference training: the model learns to favour the chosen answer over the rejected one.">
+                        <input type="radio" name="learn-from" id="learn-prefs" prop:checked=move || learn_prefs.get()
+                            on:change=move |_| learn_prefs.set(true) />
+                        "Preferences: chosen vs rejected answers (DPO or ORPO)"
+                    </label>
+                </div>
+                {move || learn_prefs.get().then(|| view! {
+                    <div class="pref-source" id="adapt-pref-source">
+                        <p class="muted" id="adapt-prefset-info" data-prefset=move || pref_set.get().map(|p| p.to_string()).unwrap_or_default()>
+                            {move || match chosen_set.get() {
+                                Some(s) => {
+                                    let from = match (&s.votes, s.arena_id) {
+                                        (Some(v), Some(a)) => format!(" · from arena {a}, {} votes{}", v.kind(), s.judge_label.as_ref().map(|j| format!(" (judge: {j})")).unwrap_or_default()),
+                                        _ => String::new(),
+                                    };
+                                    format!("{}{from}", crate::pages::arena::pref_counts_text(&s))
+                                }
+                                None => "No preference set chosen. Make one from an arena's votes (A/B arena page, \"Train from these votes\") or import a preference JSONL:".into(),
+                            }}
+                        </p>
+                        <details class="pref-import" id="adapt-pref-import">
+                            <summary>"Import a preference JSONL"</summary>
+                            <p class="field-hint">"One JSON object a line with \"prompt\", \"chosen\" and \"rejected\": all plain strings, or all lists of chat messages (TRL's DPO formats)."</p>
+                            <div class="row">
+                                <input type="text" class="grow" id="adapt-pref-path" placeholder="~/preferences.jsonl"
+                                    prop:value=move || import_path.get() on:input=move |ev| import_path.set(event_target_value(&ev)) />
+                                <button class="secondary" id="adapt-pref-browse" on:click=browse_prefs>"Browse…"</button>
+                                <input type="text" id="adapt-pref-import-name" placeholder="name"
+                                    prop:value=move || import_name.get() on:input=move |ev| import_name.set(event_target_value(&ev)) />
+                                <button class="secondary" id="adapt-pref-import-go" disabled=move || importing.get() on:click=move |_| import_prefs()>
+                                    {move || if importing.get() { "Importing…" } else { "Import" }}
+                                </button>
+                            </div>
+                            {move || import_error.get().map(|e| error_note(&e))}
+                        </details>
+                    </div>
+                })}
                 <div class="row">
                     <label class="check">
                         <input type="radio" name="domains" id="domains-one" prop:checked=move || domains.get() == DomainCount::One
@@ -455,7 +636,7 @@ pub fn AdaptWizard() -> impl IntoView {
             }}
 
             {move || has_spec.get().then(|| view! {
-                <Settings spec=spec level=level field_error=field_error />
+                <Settings spec=spec level=level field_error=field_error pref_choice=pref_choice />
                 <div class="card verdict-card">
                     {move || match check.get() {
                         None => view! { <p class="muted" id="fit-verdict">"Checking memory…"</p> }.into_any(),
@@ -497,6 +678,7 @@ fn Settings(
     spec: RwSignal<Option<RunSpec>>,
     level: RwSignal<String>,
     field_error: RwSignal<Option<String>>,
+    pref_choice: RwSignal<PreferenceSpec>,
 ) -> impl IntoView {
     // A text input bound to one field of the spec.
     let num = move |id: &'static str,
@@ -524,6 +706,8 @@ fn Settings(
 
     let method_name =
         Memo::new(move |_| spec.with(|s| s.as_ref().map(|s| s.method.name()).unwrap_or("")));
+    let is_pref =
+        Memo::new(move |_| spec.with(|s| s.as_ref().is_some_and(|s| s.preference.is_some())));
 
     view! {
         <div class="card settings" id="adapt-settings">
@@ -562,6 +746,7 @@ fn Settings(
                 "prompt" => view! { <PromptFields spec=spec field_error=field_error /> }.into_any(),
                 _ => view! { <p class="muted">"Full fine-tuning trains every weight; no method settings."</p> }.into_any(),
             }}
+            {move || is_pref.get().then(|| view! { <PrefFields spec=spec field_error=field_error pref_choice=pref_choice /> })}
             <details class="advanced" id="advanced">
                 <summary>"Advanced"</summary>
                 <div class="grid-3">
@@ -619,33 +804,6 @@ fn Settings(
                             " pack rows into blocks"
                         </label>
                     </Field>
-                    <Field label="Objective" hint="Supervised learns the dataset's answers. DPO and ORPO learn from a preference set (chosen and rejected answers per prompt, from a preference JSONL or an arena's votes): DPO against the base model with the adapter off, ORPO without a reference.">
-                        <select id="run-objective"
-                            prop:value=move || spec.with(|s| s.as_ref().and_then(|s| s.preference).map(|p| p.objective.as_str()).unwrap_or("sft"))
-                            on:change=move |ev| {
-                                let v = event_target_value(&ev);
-                                spec.update(|s| if let Some(s) = s {
-                                    let beta = s.preference.map_or(0.1, |p| p.beta);
-                                    s.preference = match v.as_str() {
-                                        "dpo" => Some(PreferenceSpec { objective: PreferenceObjective::Dpo, beta, ..PreferenceSpec::default() }),
-                                        "orpo" => Some(PreferenceSpec { objective: PreferenceObjective::Orpo, beta, ..PreferenceSpec::default() }),
-                                        _ => None,
-                                    };
-                                });
-                            }>
-                            <option value="sft">"supervised"</option>
-                            <option value="dpo">"DPO (preference pairs)"</option>
-                            <option value="orpo">"ORPO (preference pairs, no reference)"</option>
-                        </select>
-                    </Field>
-                    {num("run-beta", "Beta (DPO, ORPO)", "DPO: how strongly the model is held near the reference; ORPO: the weight of the preference term. 0.1 is TRL's default.",
-                        |s| s.preference.map_or(0.1, |p| p.beta).to_string(),
-                        |s, t| {
-                            let b: f64 = parse_num("Beta", t)?;
-                            if !(b.is_finite() && b > 0.0) { return Err("Beta must be a positive number".into()) }
-                            if let Some(p) = s.preference.as_mut() { p.beta = b; }
-                            Ok(())
-                        })}
                     {num("run-eval-every", "Evaluate every N steps", "How often the held-out loss is measured (0: start and end only).",
                         |s| s.eval_every.to_string(),
                         |s, t| { s.eval_every = parse_num("Evaluate every", t)?; Ok(()) })}
@@ -673,6 +831,86 @@ fn Settings(
                 </div>
             </details>
             {move || field_error.get().map(|e| view! { <div class="notice error" id="field-error">{e}</div> })}
+        </div>
+    }
+}
+
+/// One line on what each preference objective does.
+pub fn objective_blurb(o: PreferenceObjective) -> &'static str {
+    match o {
+        PreferenceObjective::Dpo => "DPO raises the chosen answers' probability relative to the rejected ones, measured against a frozen reference model so the model does not drift far from where it started.",
+        PreferenceObjective::Orpo => "ORPO learns the chosen answers (their usual loss) plus an odds-ratio term that pushes the rejected ones down; it needs no reference model, so it is cheaper.",
+    }
+}
+
+/// What serves as DPO's reference for a method.
+pub fn reference_text(method: &MethodSpec, o: PreferenceObjective) -> &'static str {
+    match (o, method) {
+        (PreferenceObjective::Orpo, _) => "No reference model: ORPO is reference-free.",
+        (_, MethodSpec::Full) => "Reference: a frozen copy of the starting model, held beside the one that trains (its memory is in the estimate below).",
+        _ => "Reference: the base model itself with the adapter switched off; no second copy of the weights.",
+    }
+}
+
+/// The preference objective's settings: DPO or ORPO, beta, DPO's loss type.
+#[component]
+fn PrefFields(
+    spec: RwSignal<Option<RunSpec>>,
+    field_error: RwSignal<Option<String>>,
+    pref_choice: RwSignal<PreferenceSpec>,
+) -> impl IntoView {
+    let pref = move || spec.with(|s| s.as_ref().and_then(|s| s.preference).unwrap_or_default());
+    let set = move |f: &dyn Fn(&mut PreferenceSpec)| {
+        spec.update(|s| {
+            if let Some(p) = s.as_mut().and_then(|s| s.preference.as_mut()) {
+                f(p);
+                pref_choice.set(*p);
+            }
+        });
+    };
+    view! {
+        <div class="method-fields pref-fields" id="pref-fields">
+            <h3>"Preference training"</h3>
+            <div class="grid-3">
+                <Field label="Objective" hint="DPO compares against a reference model; ORPO needs none.">
+                    <select id="run-objective"
+                        prop:value=move || pref().objective.as_str()
+                        on:change=move |ev| {
+                            let o = if event_target_value(&ev) == "orpo" { PreferenceObjective::Orpo } else { PreferenceObjective::Dpo };
+                            set(&|p| p.objective = o);
+                        }>
+                        <option value="dpo" selected=move || pref().objective == PreferenceObjective::Dpo>"DPO (direct preference optimization)"</option>
+                        <option value="orpo" selected=move || pref().objective == PreferenceObjective::Orpo>"ORPO (odds-ratio, no reference)"</option>
+                    </select>
+                </Field>
+                <Field label="Beta" hint="DPO: how far the model may move from the reference (lower lets it move more); ORPO: the weight of the preference term. TRL's default is 0.1.">
+                    <input id="run-beta"
+                        prop:value=move || pref().beta.to_string()
+                        on:change=move |ev| {
+                            match parse_num::<f64>("Beta", &event_target_value(&ev)) {
+                                Ok(b) if b.is_finite() && b > 0.0 => { field_error.set(None); set(&|p| p.beta = b); }
+                                Ok(_) => field_error.set(Some("Beta must be a positive number".into())),
+                                Err(e) => field_error.set(Some(e)),
+                            }
+                        } />
+                </Field>
+                <Field label="DPO loss" hint="sigmoid: the original DPO loss; hinge: a margin loss (SLiC); IPO: a squared loss that overfits less on few, decisive pairs.">
+                    <select id="run-loss"
+                        disabled=move || pref().objective == PreferenceObjective::Orpo
+                        prop:value=move || pref().loss.as_str()
+                        on:change=move |ev| {
+                            let l = match event_target_value(&ev).as_str() { "hinge" => PreferenceLoss::Hinge, "ipo" => PreferenceLoss::Ipo, _ => PreferenceLoss::Sigmoid };
+                            set(&|p| p.loss = l);
+                        }>
+                        <option value="sigmoid" selected=move || pref().loss == PreferenceLoss::Sigmoid>"sigmoid"</option>
+                        <option value="hinge" selected=move || pref().loss == PreferenceLoss::Hinge>"hinge"</option>
+                        <option value="ipo" selected=move || pref().loss == PreferenceLoss::Ipo>"IPO"</option>
+                    </select>
+                </Field>
+            </div>
+            <p class="muted" id="pref-objective-blurb">{move || objective_blurb(pref().objective)}</p>
+            <p class="muted" id="pref-reference">{move || { let o = pref().objective; spec.with(|s| s.as_ref().map(|s| reference_text(&s.method, o)).unwrap_or_default()) }}</p>
+            <p class="field-hint">"A step trains on a batch of pairs: two sequences each (prompt + chosen, prompt + rejected). The evaluation scores the prompts with their chosen answers."</p>
         </div>
     }
 }

@@ -20,6 +20,9 @@ use std::rc::Rc;
 // The judge beside the human voter (issue 17).
 mod judge;
 pub use judge::JudgePanel;
+// Preference sets from the votes, for DPO/ORPO (issue 17).
+mod train;
+pub use train::{pref_counts_text, TrainFromVotes};
 
 /// Typed prompts: one per non-blank line, trimmed.
 pub fn parse_prompts(text: &str) -> Vec<String> {
@@ -127,6 +130,8 @@ pub fn ArenaPage() -> impl IntoView {
     let list_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
     // Voting.
     let current: RwSignal<Option<ArenaSummary>> = RwSignal::new(None);
+    // The open arena's results with every judge (loaded by the judge panel).
+    let judge_results: RwSignal<Option<attune_protocol::ArenaResults>> = RwSignal::new(None);
     let prompts: RwSignal<Vec<String>> = RwSignal::new(Vec::new());
     let voted: RwSignal<Vec<bool>> = RwSignal::new(Vec::new());
     let index = RwSignal::new(0usize);
@@ -727,7 +732,8 @@ pub fn ArenaPage() -> impl IntoView {
                         }
                     }}
                     {results}
-                    <JudgePanel catalog=catalog current=current />
+                    <JudgePanel catalog=catalog current=current results=judge_results />
+                    <TrainFromVotes current=current results=judge_results />
                 </div>
             </div>
         </section>

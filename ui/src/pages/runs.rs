@@ -487,6 +487,7 @@ pub fn RunsPage() -> impl IntoView {
                         </span>
                         <span class="tile-sub muted">{format!("estimated {} MiB", r.memory_estimate_mb)}</span></div>
                 </div>
+                {pref_tiles(&d.spec, last.as_ref())}
             </div>
         }
         .into_any()
@@ -587,6 +588,45 @@ pub fn RunsPage() -> impl IntoView {
             </div>
         </section>
     }
+}
+
+/// A preference run's last step: its objective, the reward margin, the implicit reward's
+/// accuracy and the answers' log-probs (tiles under the usual ones; `None` for supervised runs).
+fn pref_tiles(spec: &attune_protocol::RunSpec, last: Option<&RunMetric>) -> Option<AnyView> {
+    let p = spec.preference?;
+    let m = last.and_then(|m| m.pref);
+    let fig = |f: fn(&attune_protocol::PrefMetric) -> f64, digits: usize| {
+        m.as_ref()
+            .map(|m| format!("{:.*}", digits, f(m)))
+            .unwrap_or_else(|| "—".into())
+    };
+    let objective = match p.objective {
+        attune_protocol::PreferenceObjective::Dpo => {
+            format!("DPO ({} loss), beta {}", p.loss.as_str(), p.beta)
+        }
+        attune_protocol::PreferenceObjective::Orpo => format!("ORPO, beta {}", p.beta),
+    };
+    Some(
+        view! {
+            <div class="tiles pref-tiles" id="pref-tiles" data-testid="pref-tiles">
+                <div class="tile"><span class="tile-label">"Objective"</span>
+                    <span class="tile-value small" id="tile-objective">{objective}</span></div>
+                <div class="tile" title="Reward of the chosen answers minus that of the rejected ones, averaged over the batch: grows as the model prefers the chosen answers more than the reference does.">
+                    <span class="tile-label">"Reward margin"</span>
+                    <span class="tile-value" id="tile-margin">{fig(|m| m.margin, 4)}</span>
+                    <span class="tile-sub muted">{format!("chosen {} · rejected {}", fig(|m| m.rewards_chosen, 4), fig(|m| m.rewards_rejected, 4))}</span></div>
+                <div class="tile" title="Share of the batch's pairs whose chosen answer has the higher implicit reward.">
+                    <span class="tile-label">"Reward accuracy"</span>
+                    <span class="tile-value" id="tile-accuracy">{m.map(|m| format!("{:.0}%", m.accuracy * 100.0)).unwrap_or_else(|| "—".into())}</span></div>
+                <div class="tile" title="Summed log-probabilities of the answers under the model being trained.">
+                    <span class="tile-label">"Log-prob chosen"</span>
+                    <span class="tile-value" id="tile-logp-chosen">{fig(|m| m.logps_chosen, 2)}</span></div>
+                <div class="tile"><span class="tile-label">"Log-prob rejected"</span>
+                    <span class="tile-value" id="tile-logp-rejected">{fig(|m| m.logps_rejected, 2)}</span></div>
+            </div>
+        }
+        .into_any(),
+    )
 }
 
 /// Finished (or any) runs on one chart: eval loss and training loss per run.

@@ -83,6 +83,52 @@ fn prefs_import_trl_formats_and_refuse_bad_lines() {
     assert!(err.to_string().contains("prefs"), "{err}");
 }
 
+#[test]
+fn prefs_list_shows_only_preference_sets_newest_first() {
+    let (dir, e) = engine();
+    assert!(e.list_preference_sets().expect("empty").is_empty());
+    // An ordinary dataset is not a preference set.
+    let plain = dir.path().join("chat.jsonl");
+    std::fs::write(
+        &plain,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n",
+    )
+    .expect("write");
+    let ordinary = e
+        .import_dataset(
+            &plain,
+            &attune_protocol::ImportOptions {
+                name: Some("ordinary".into()),
+                split: attune_protocol::Split::AllTrain,
+                ..Default::default()
+            },
+        )
+        .expect("ordinary dataset");
+    let first = e.import_preferences(&sample(), "first").expect("import");
+    let pairs = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"prompt\": \"2+2=\", \"chosen\": \"4\", \"rejected\": \"5\"}\n",
+    )
+    .expect("write");
+    let second = e.import_preferences(&pairs, "second").expect("import");
+    let listed = e.list_preference_sets().expect("list");
+    let names: Vec<&str> = listed.iter().map(|s| s.dataset.name.as_str()).collect();
+    assert_eq!(names, ["second", "first"]);
+    assert_eq!(listed[0], second);
+    assert_eq!(listed[1], first);
+    assert!(listed.iter().all(|s| s.dataset.id != ordinary.id));
+    // A removed set leaves the list.
+    e.remove_dataset(first.dataset.id).expect("remove");
+    let names: Vec<String> = e
+        .list_preference_sets()
+        .expect("list")
+        .into_iter()
+        .map(|s| s.dataset.name)
+        .collect();
+    assert_eq!(names, ["second"]);
+}
+
 fn pref_spec(model: i64, dataset: i64, name: &str, objective: PreferenceObjective) -> RunSpec {
     RunSpec {
         name: Some(name.to_string()),
@@ -107,6 +153,130 @@ fn pref_spec(model: i64, dataset: i64, name: &str, objective: PreferenceObjectiv
         checkpoint_every: 0,
         forgetting_rows: 0,
         ..Default::default()
+    }
+}
+
+/// The advisor on a preference set: presets train DPO (or the goal's objective), evaluate the
+/// chosen answers, and full fine-tuning's DPO estimate holds the reference copy.
+#[test]
+fn prefs_advisor_presets_train_preferences_and_count_the_reference() {
+    let (_dir, e) = engine();
+    let model = e
+        .add_local_model(&attune_test_support::default_model())
+        .expect("model")
+        .model;
+    let set = e.import_preferences(&sample(), "prefs").expect("import");
+    let goal = |objective: Option<PreferenceObjective>| attune_protocol::AdvisorGoal {
+        model_id: model.id,
+        dataset_id: Some(set.dataset.id),
+        preference: objective.map(|objective| PreferenceSpec {
+            objective,
+            ..PreferenceSpec::default()
+        }),
+        ..Default::default()
+    };
+    let dpo = e.advise(&goal(None)).expect("advise dpo");
+    let orpo = e
+        .advise(&goal(Some(PreferenceObjective::Orpo)))
+        .expect("advise orpo");
+    let est = |a: &attune_protocol::Advice, m: &str| {
+        a.estimates
+            .iter()
+            .find(|x| x.method == m)
+            .cloned()
+            .expect("estimate")
+    };
+    assert!(dpo.estimates.iter().all(|x| x.method != "template"));
+    assert_ne!(dpo.recommended, "template");
+    let lora = est(&dpo, "lora");
+    let spec = lora.spec.expect("lora preset");
+    assert_eq!(
+        spec.preference.map(|p| p.objective),
+        Some(PreferenceObjective::Dpo)
+    );
+    assert_eq!(spec.eval_split, attune_protocol::SplitName::Train);
+    assert!(lora.tokens_per_epoch > 0);
+    assert_eq!(
+        est(&orpo, "lora")
+            .spec
+            .and_then(|s| s.preference)
+            .map(|p| p.objective),
+        Some(PreferenceObjective::Orpo)
+    );
+    // DPO on full fine-tuning holds a frozen copy, which the estimate names; ORPO and LoRA
+    // hold none. (The peaks themselves include this test process's resident memory, which
+    // the other tests running beside it move, so they are not compared here.)
+    let copy_mb =
+        (4 * e.model_shape(&model).expect("shape").num_parameters() as u64).div_ceil(1 << 20);
+    let dpo_full = est(&dpo, "full");
+    assert!(
+        dpo_full
+            .summary
+            .contains(&format!("reference copy, {copy_mb} MB")),
+        "{}",
+        dpo_full.summary
+    );
+    assert!(!est(&orpo, "full").summary.contains("reference copy"));
+    assert!(!est(&dpo, "lora").summary.contains("reference copy"));
+    let full_spec = dpo_full.spec.expect("full preset");
+    assert_eq!(
+        e.plan_run(&full_spec)
+            .expect("plan full")
+            .memory
+            .reference
+            .div_ceil(1 << 20),
+        copy_mb
+    );
+    // The preset is accepted as it is by the run's own pre-flight.
+    let mut run = spec.clone();
+    run.steps = Some(1);
+    e.plan_run(&run)
+        .expect("the advisor's preference preset plans");
+}
+
+/// A preference run evaluated on "train" scores the prompts with their chosen answers (it
+/// used to fail: a pair is not a sample).
+#[test]
+fn prefs_run_evaluated_on_train_scores_the_chosen_answers() {
+    let (_dir, e) = engine();
+    let model = e
+        .add_local_model(&attune_test_support::default_model())
+        .expect("model")
+        .model;
+    let set = e.import_preferences(&sample(), "prefs").expect("import");
+    let mut spec = pref_spec(
+        model.id,
+        set.dataset.id,
+        "dpo-eval",
+        PreferenceObjective::Dpo,
+    );
+    spec.steps = Some(1);
+    spec.eval_split = attune_protocol::SplitName::Train;
+    spec.eval_limit = Some(2);
+    let run = e.create_run(&spec).expect("create");
+    let done = e
+        .execute_run(run.id, &mut |_| {}, &RunControl::new())
+        .expect("execute");
+    assert_eq!(done.status, RunStatus::Completed, "{done:?}");
+    let evals: Vec<f64> = e
+        .run_detail("dpo-eval")
+        .expect("detail")
+        .metrics
+        .iter()
+        .filter(|m| m.kind == MetricKind::Eval)
+        .map(|m| m.loss)
+        .collect();
+    assert!(!evals.is_empty(), "no evaluation recorded");
+    assert!(evals.iter().all(|l| l.is_finite() && *l > 0.0), "{evals:?}");
+    // The chosen answers of the two rows, as chat samples: prompt then chosen.
+    let rows = e.store.dataset_rows(set.dataset.id, "train").expect("rows");
+    let samples = chosen_samples(&rows[..2], "prefs").expect("samples");
+    match &samples[1] {
+        crate::datasets::Sample::Chat(m) => {
+            assert_eq!(m.last().map(|m| m.role.as_str()), Some("assistant"));
+            assert!(m.last().is_some_and(|m| m.content.contains("vitamin C")));
+        }
+        other => panic!("expected a chat sample, got {other:?}"),
     }
 }
 

@@ -87,4 +87,18 @@ impl Store {
             .optional()
             .map_err(|e| self.err(e))
     }
+
+    /// The dataset ids of every preference set, newest first.
+    pub(crate) fn pref_set_ids(&self) -> Result<Vec<i64>, EngineError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT dataset_id FROM preference_sets ORDER BY dataset_id DESC")
+            .map_err(|e| self.err(e))?;
+        let ids = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<i64>>>()
+            .map_err(|e| self.err(e));
+        ids
+    }
 }

@@ -61,6 +61,8 @@ pub fn agreement_text(g: &Agreement) -> String {
 pub fn JudgePanel(
     catalog: TargetCatalog,
     current: RwSignal<Option<ArenaSummary>>,
+    /// The open arena's results (shared with "Train from these votes").
+    results: RwSignal<Option<ArenaResults>>,
 ) -> impl IntoView {
     let judge: RwSignal<Option<ChatTarget>> = RwSignal::new(None);
     let rubric = RwSignal::new(String::new());
@@ -73,7 +75,6 @@ pub fn JudgePanel(
     let running = RwSignal::new(false);
     let progress: RwSignal<Option<String>> = RwSignal::new(None);
     let judge_error: RwSignal<Option<IpcError>> = RwSignal::new(None);
-    let results: RwSignal<Option<ArenaResults>> = RwSignal::new(None);
     let request = StoredValue::new(None::<String>);
 
     let show_rubric = move |r: attune_protocol::Rubric| {
