@@ -803,11 +803,14 @@ fn vote_on(driver: &WebDriver, n: usize, total: usize, vote: &str) -> Result<(),
 /// votes (counts shown) and opens the Adapt page with it; a short DPO run on LoRA trains
 /// from it, and the monitor shows the preference figures.
 fn judge_then_dpo(driver: &WebDriver) -> Result<(), String> {
-    // The short LoRA above answers greedily word for word as the base does (3 steps at
-    // LoRA's usual 2e-4), so its arena's votes make no pairs; the engine says so (identical
-    // answers count as ties). The loop's own LoRA trains at a higher rate so the two differ.
+    // The loop: the dataset made from the documents (docs_to_data) -> a LoRA -> an arena with
+    // human and judge votes -> DPO from the votes -> an arena again. The short PubMedQA LoRA
+    // above answers greedily word for word as the base does (3 steps at LoRA's usual 2e-4), so
+    // its arena's votes would make no pairs (the engine says so: identical answers count as
+    // ties); the loop's LoRA trains at a higher rate so the two differ.
     click(driver, "#nav-adapt")?;
     click(driver, "#learn-dataset")?;
+    driver.select_option("#adapt-dataset", "hygiene-qa")?;
     click(driver, "#adapt-advise")?;
     // The earlier advice is still shown: wait for the new one (the button comes back).
     wait_for("the advisor's answer", Duration::from_secs(120), || {
@@ -821,7 +824,7 @@ fn judge_then_dpo(driver: &WebDriver) -> Result<(), String> {
     click(driver, "#method-lora")?;
     click(driver, "#preset-quick")?;
     for (field, value) in [
-        ("#run-name", "pubmed-lora-2"),
+        ("#run-name", "hygiene-lora"),
         ("#run-steps", "3"),
         ("#run-lr", "3e-3"),
         ("#run-batch", "1"),
@@ -837,12 +840,12 @@ fn judge_then_dpo(driver: &WebDriver) -> Result<(), String> {
         Ok((!driver.find_all("#fit-verdict[data-fits=true]")?.is_empty()).then_some(()))
     })?;
     click(driver, "#start-run")?;
-    wait_run(driver, "pubmed-lora-2")?;
+    wait_run(driver, "hygiene-lora")?;
 
     // A human-voted arena of the base against it: one decisive vote and a tie.
     click(driver, "#nav-arena")?;
     driver.select_option("#arena-a", "(base)")?;
-    driver.select_option("#arena-b", "pubmed-lora-2")?;
+    driver.select_option("#arena-b", "hygiene-lora")?;
     driver.set_value(
         "#arena-prompts",
         "Is smoking a risk factor for lung cancer?\nDoes regular exercise help with depression?",
