@@ -62,8 +62,11 @@ impl DeviceChoice {
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| {
+        // candle's error carries a backtrace after its first line: the reason is the first line.
+        let e = e.to_string();
+        let reason = e.lines().next().unwrap_or_default().trim();
         Error::Device(format!(
-            "{ENV}: CUDA device {ordinal} is not available: {e}"
+            "{ENV}: CUDA device {ordinal} is not available: {reason}"
         ))
     })
 }
