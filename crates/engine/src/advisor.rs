@@ -736,6 +736,20 @@ impl Engine {
             // Pairs train weights: a prompt template cannot learn from them.
             estimates.retain(|e| e.method != "template");
             if recommended == "template" {
+                // The small-data rule's advice (worked examples in a template) does not apply
+                // to pairs: say what a small preference set means instead.
+                if let Some(rows) = facts.train_rows.filter(|&r| r < MIN_TRAINING_ROWS) {
+                    reasons.retain(|r| !r.starts_with("The dataset has only"));
+                    reasons.insert(
+                        0,
+                        format!(
+                            "The preference set has only {rows} {}. Preference training \
+                             learns reliably from about {MIN_TRAINING_ROWS} or more; with fewer, \
+                             expect a small effect.",
+                            if rows == 1 { "pair" } else { "pairs" }
+                        ),
+                    );
+                }
                 let fallback = if estimates.iter().any(|e| e.method == "lora" && e.fits) {
                     "lora"
                 } else {

@@ -188,6 +188,22 @@ fn prefs_advisor_presets_train_preferences_and_count_the_reference() {
     };
     assert!(dpo.estimates.iter().all(|x| x.method != "template"));
     assert_ne!(dpo.recommended, "template");
+    // Six pairs: the set is said to be small, in pairs, without the advice to put worked
+    // examples into a template (which cannot learn from pairs).
+    assert!(
+        dpo.reasons
+            .iter()
+            .any(|r| r.starts_with("The preference set has only 6 pairs")),
+        "{:?}",
+        dpo.reasons
+    );
+    assert!(
+        dpo.reasons
+            .iter()
+            .all(|r| !r.starts_with("The dataset has only")),
+        "{:?}",
+        dpo.reasons
+    );
     let lora = est(&dpo, "lora");
     let spec = lora.spec.expect("lora preset");
     assert_eq!(
