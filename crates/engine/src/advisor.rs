@@ -550,16 +550,8 @@ impl Engine {
         ds: &DatasetSummary,
         model: &ModelSummary,
     ) -> Result<Vec<u64>, EngineError> {
-        let path = model_path(model);
-        let (_, tok, tmpl) =
-            attune_models::loader::text_side(&path).map_err(|source| EngineError::ModelLoad {
-                name: model.name.clone(),
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
-        let rows = self.store.dataset_rows(ds.id, "train")?;
-        let (pairs, _) = crate::prefs::render_rows(&tok, &tmpl, &rows, usize::MAX / 4, &ds.name)?;
-        Ok(pairs
+        Ok(self
+            .train_pairs(ds, model, usize::MAX / 4)?
             .iter()
             .flat_map(|p| [p.chosen.ids.len() as u64, p.rejected.ids.len() as u64])
             .collect())

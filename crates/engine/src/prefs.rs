@@ -178,6 +178,25 @@ fn assistant(content: &str) -> ChatMessage {
 }
 
 impl Engine {
+    /// The train split of preference set `ds` tokenized for `model` as TRL does (pairs whose
+    /// prompt fills `max_len` left out): what the advisor measures and a run's pre-flight plans.
+    pub(crate) fn train_pairs(
+        &self,
+        ds: &attune_protocol::DatasetSummary,
+        model: &attune_protocol::ModelSummary,
+        max_len: usize,
+    ) -> Result<Vec<PrefPair>, EngineError> {
+        let path = crate::advisor::model_path(model);
+        let (_, tok, tmpl) =
+            attune_models::loader::text_side(&path).map_err(|source| EngineError::ModelLoad {
+                name: model.name.clone(),
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        let rows = self.store.dataset_rows(ds.id, "train")?;
+        Ok(render_rows(&tok, &tmpl, &rows, max_len, &ds.name)?.0)
+    }
+
     /// The preference-set side of a dataset; `None` for an ordinary dataset.
     pub fn preference_set(&self, dataset_id: i64) -> Result<Option<PreferenceSet>, EngineError> {
         let Some(row) = self.store.pref_set(dataset_id)? else {

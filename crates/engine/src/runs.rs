@@ -1007,16 +1007,7 @@ impl Engine {
         dataset: attune_protocol::DatasetSummary,
         cfg: &Config,
     ) -> Result<RunPlan, EngineError> {
-        let path = crate::advisor::model_path(&model);
-        let (_, tok, tmpl) =
-            attune_models::loader::text_side(&path).map_err(|source| EngineError::ModelLoad {
-                name: model.name.clone(),
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
-        let rows = self.store.dataset_rows(dataset.id, "train")?;
-        let (pairs, _) =
-            crate::prefs::render_rows(&tok, &tmpl, &rows, spec.max_len, &dataset.name)?;
+        let pairs = self.train_pairs(&dataset, &model, spec.max_len)?;
         if pairs.is_empty() {
             return Err(EngineError::InvalidInput(format!(
                 "every pair of '{}' has a prompt of at least {} tokens: raise the max length",
