@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --workspace --bench inference`
 //! Environment: `ATTUNE_BENCH_MODE=auto|f32|quantized` (default auto), `ATTUNE_BENCH_RUNS`,
-//! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling), `ATTUNE_BENCH_JSON=<file>`
+//! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling) or `load` (3 loads), `ATTUNE_BENCH_JSON=<file>`
 //! (also write the figures there as JSON).
 //!
 //! Other models and weight types, one row each (each in a child process, so its peak RSS is its
@@ -196,10 +196,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let t = Instant::now();
-    let g = gguf::load(&path, mode)?;
-    let load_s = t.elapsed().as_secs_f64();
-    let model = g.model;
+    // Load time: the median of 3 loads (the file in the page cache after the first), each
+    // model dropped before the next; `ATTUNE_BENCH_ONLY=load` stops after printing them.
+    let mut loads = Vec::new();
+    let mut g = None;
+    for _ in 0..3 {
+        drop(g.take());
+        let t = Instant::now();
+        g = Some(gguf::load(&path, mode)?);
+        loads.push(t.elapsed().as_secs_f64());
+    }
+    let load_s = median(loads.clone());
+    if std::env::var("ATTUNE_BENCH_ONLY").as_deref() == Ok("load") {
+        println!("load_s {load_s:.3} (runs: {loads:.3?})");
+        return Ok(());
+    }
+    let model = g.ok_or("no model loaded")?.model;
 
     // The reference chat prompt (41 tokens) from shared/reference, else a fixed id sequence.
     let ref_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -436,121 +436,49 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
     let shift = if config.norm_plus_one { 1.0 } else { 0.0 };
 
     let embd_q = Arc::new(t.qtensor("token_embd.weight")?);
-    let embd_f32 = match mode {
-        ComputeMode::Quantized => None,
-        _ => Some(embd_q.dequantize(&device)?),
-    };
-    let embed_tokens = Embedding {
-        weight: embd_f32.clone(),
-        qweight: Some(embd_q.clone()),
-        vocab_size: config.vocab_size,
-        hidden_size: config.hidden_size,
-        scale: embedding_scale(&config),
-    };
-    let lm_head = if config.tie_word_embeddings {
-        let q = match mode {
-            ComputeMode::F32 => None,
-            _ => Some(embd_q.clone()),
-        };
-        Linear::from_parts(embd_f32.clone(), q, None, mode)?.with_decode_kernel()?
+    let head_q = if config.tie_word_embeddings {
+        None
     } else {
-        Linear::from_qtensor(Arc::new(t.qtensor("output.weight")?), None, mode)?
-            .with_decode_kernel()?
-    };
-    let embed_tokens = if mode == ComputeMode::F32 {
-        Embedding {
-            qweight: None,
-            ..embed_tokens
-        }
-    } else {
-        embed_tokens
+        Some(Arc::new(t.qtensor("output.weight")?))
     };
 
-    let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    // Pass 1 (serial, the file): each layer's projections as stored, and its norms.
+    let mut plans = Vec::with_capacity(config.num_hidden_layers);
+    let mut raws = Vec::new();
     for i in 0..config.num_hidden_layers {
         let p = format!("blk.{i}");
-        let mut proj = |name: &str, heads: Option<usize>| -> Result<Linear> {
-            let wname = format!("{p}.{name}.weight");
-            let mut q = t.qtensor(&wname)?;
-            let mut bias = t.opt_f32(&format!("{p}.{name}.bias"))?;
-            if let (true, Some(n)) = (permuted, heads) {
-                q = unpermute_rows(&q, n).map_err(|e| Error::field(path, &wname, e))?;
-                if let Some(b) = bias {
-                    bias = Some(unpermute_vec(&b, n)?);
-                }
-            }
-            let lin = if mode == ComputeMode::F32 {
-                Linear::from_qtensor(Arc::new(q), bias, mode)
-            } else {
-                // f32 copy from the file's exact values; decode kernel on a fast block type.
-                let dense = q.dequantize(&device)?;
-                // Auto keeps the copy for many-row products as bf16 packed for the matrix units
-                // where the CPU has them (half the bytes; the quantized copy restores f32), else
-                // as f32 `[out, in]` stored transposed (contiguous `[in, out]`): GEMM reads W^T
-                // row by row, 1.1-1.9x faster on prompt-sized inputs.
-                let packed = match mode {
-                    ComputeMode::Auto if amx::available() => {
-                        let (out, inp) = dense.dims2()?;
-                        let vals = dense.flatten_all()?.to_vec1::<f32>()?;
-                        Some(Arc::new(PackedWeight::new(&vals, out, inp)))
-                    }
-                    _ => None,
-                };
-                let w = match mode {
-                    ComputeMode::Auto | ComputeMode::AutoF32 if packed.is_none() => {
-                        Some(dense.t()?.contiguous()?.t()?)
-                    }
-                    _ => None,
-                };
-                let lin = if q.dtype() == GgmlDType::Q4_1 {
-                    Linear::from_parts(w, Some(Arc::new(q)), bias, mode)
-                        .and_then(|l| l.with_decode_kernel())
-                } else {
-                    let fast = Arc::new(decode_form(q, &dense)?);
-                    Linear::from_parts(w, Some(fast), bias, mode)
-                        .and_then(|l| l.with_decode_kernel())
-                };
-                match packed {
-                    Some(p) => lin.and_then(|l| l.with_packed(p)),
-                    None => lin,
-                }
-            };
-            lin.map_err(|e| Error::field(path, &wname, e))
-        };
         let has = |n: &str| {
             content
                 .tensor_infos
                 .contains_key(&format!("{p}.{n}.weight"))
         };
-        let qkv = if has("attn_qkv") {
-            QkvProj::Fused {
-                qkv_proj: proj("attn_qkv", None)?,
-            }
-        } else {
-            QkvProj::Split {
-                q_proj: proj("attn_q", Some(nh))?,
-                k_proj: proj("attn_k", Some(nkv))?,
-                v_proj: proj("attn_v", None)?,
-            }
-        };
-        let o_proj = proj("attn_output", None)?;
+        let fused_qkv = has("attn_qkv");
         // Phi-3 stores gate and up stacked in `ffn_up` (and no `ffn_gate`).
-        let gate_up = if family.fused_projections() && !has("ffn_gate") {
-            GateUpProj::Fused {
-                gate_up_proj: proj("ffn_up", None)?,
-            }
+        let fused_gate_up = family.fused_projections() && !has("ffn_gate");
+        let mut read = |name: &str, heads: Option<usize>| -> Result<()> {
+            raws.push(read_projection(
+                &mut t,
+                &p,
+                name,
+                heads.filter(|_| permuted),
+            )?);
+            Ok(())
+        };
+        if fused_qkv {
+            read("attn_qkv", None)?;
         } else {
-            GateUpProj::Split {
-                gate_proj: proj("ffn_gate", None)?,
-                up_proj: proj("ffn_up", None)?,
-            }
-        };
-        let projections = BlockProjections {
-            qkv,
-            o_proj,
-            gate_up,
-            down_proj: proj("ffn_down", None)?,
-        };
+            read("attn_q", Some(nh))?;
+            read("attn_k", Some(nkv))?;
+            read("attn_v", None)?;
+        }
+        read("attn_output", None)?;
+        if fused_gate_up {
+            read("ffn_up", None)?;
+        } else {
+            read("ffn_gate", None)?;
+            read("ffn_up", None)?;
+        }
+        read("ffn_down", None)?;
         let mut norm = |n: &str, on: bool| -> Result<Option<Tensor>> {
             if !on {
                 return Ok(None);
@@ -569,6 +497,78 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
             post_attention: norm("post_attention_norm", config.sandwich_norms)?,
             post_mlp: norm("post_ffw_norm", config.sandwich_norms)?,
         };
+        plans.push((norms, fused_qkv, fused_gate_up));
+    }
+    let out_norm = t.f32("output_norm.weight")?;
+    // Pass 2 (parallel, the CPU): every projection's compute forms (dequantized, packed for the
+    // matrix units, decode kernel) at once, beside the embedding's f32 copy and the head.
+    let (head, built) = rayon::join(
+        || -> Result<(Embedding, Linear)> {
+            let embd_f32 = match mode {
+                ComputeMode::Quantized => None,
+                _ => Some(embd_q.dequantize(&device)?),
+            };
+            let lm_head = match head_q {
+                None => {
+                    let q = match mode {
+                        ComputeMode::F32 => None,
+                        _ => Some(embd_q.clone()),
+                    };
+                    Linear::from_parts(embd_f32.clone(), q, None, mode)?.with_decode_kernel()?
+                }
+                Some(q) => Linear::from_qtensor(q, None, mode)?.with_decode_kernel()?,
+            };
+            let embed_tokens = Embedding {
+                weight: embd_f32,
+                qweight: (mode != ComputeMode::F32).then(|| embd_q.clone()),
+                vocab_size: config.vocab_size,
+                hidden_size: config.hidden_size,
+                scale: embedding_scale(&config),
+            };
+            Ok((embed_tokens, lm_head))
+        },
+        || -> Result<Vec<Linear>> {
+            use rayon::prelude::*;
+            raws.into_par_iter()
+                .map(|raw| build_projection(raw, mode, &device, path))
+                .collect()
+        },
+    );
+    let (embed_tokens, lm_head) = head?;
+    let mut built = built?.into_iter();
+    let mut next = || {
+        built
+            .next()
+            .ok_or_else(|| Error::InvalidParams("a projection was not built".into()))
+    };
+    let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    for (i, (norms, fused_qkv, fused_gate_up)) in plans.into_iter().enumerate() {
+        let qkv = if fused_qkv {
+            QkvProj::Fused { qkv_proj: next()? }
+        } else {
+            QkvProj::Split {
+                q_proj: next()?,
+                k_proj: next()?,
+                v_proj: next()?,
+            }
+        };
+        let o_proj = next()?;
+        let gate_up = if fused_gate_up {
+            GateUpProj::Fused {
+                gate_up_proj: next()?,
+            }
+        } else {
+            GateUpProj::Split {
+                gate_proj: next()?,
+                up_proj: next()?,
+            }
+        };
+        let projections = BlockProjections {
+            qkv,
+            o_proj,
+            gate_up,
+            down_proj: next()?,
+        };
         layers.push(
             Block::new(&config, i, norms, projections).map_err(|e| Error::Format {
                 path: path.to_path_buf(),
@@ -577,7 +577,6 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
             })?,
         );
     }
-    let out_norm = t.f32("output_norm.weight")?;
     let out_norm = if shift != 0.0 {
         (out_norm - shift)?
     } else {
@@ -601,6 +600,81 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
         content,
         path: path.to_path_buf(),
     })
+}
+
+/// A projection as the file stores it (rows un-permuted where llama.cpp permuted them).
+struct RawProjection {
+    name: String,
+    q: QTensor,
+    bias: Option<Tensor>,
+}
+
+/// Reads `{prefix}.{name}.weight` and its optional bias; `heads` un-permutes Q/K rows.
+fn read_projection<R: Read + Seek>(
+    t: &mut TensorReader<'_, R>,
+    prefix: &str,
+    name: &str,
+    heads: Option<usize>,
+) -> Result<RawProjection> {
+    let wname = format!("{prefix}.{name}.weight");
+    let mut q = t.qtensor(&wname)?;
+    let mut bias = t.opt_f32(&format!("{prefix}.{name}.bias"))?;
+    if let Some(n) = heads {
+        q = unpermute_rows(&q, n).map_err(|e| Error::field(t.path, &wname, e))?;
+        if let Some(b) = bias {
+            bias = Some(unpermute_vec(&b, n)?);
+        }
+    }
+    Ok(RawProjection {
+        name: wname,
+        q,
+        bias,
+    })
+}
+
+/// A projection's compute forms for `mode`: the quantized blocks with a decode kernel, and for
+/// many-row products an f32 copy from the file's exact values or, where the CPU has matrix
+/// units, that copy packed as bf16 (half the bytes; the quantized copy restores f32). The f32
+/// copy is stored transposed (contiguous `[in, out]`): GEMM reads W^T row by row, 1.1-1.9x
+/// faster on prompt-sized inputs.
+fn build_projection(
+    raw: RawProjection,
+    mode: ComputeMode,
+    device: &Device,
+    path: &Path,
+) -> Result<Linear> {
+    let RawProjection { name, q, bias } = raw;
+    let lin = if mode == ComputeMode::F32 {
+        Linear::from_qtensor(Arc::new(q), bias, mode)
+    } else {
+        let dense = q.dequantize(device)?;
+        let packed = match mode {
+            ComputeMode::Auto if amx::available() => {
+                let (out, inp) = dense.dims2()?;
+                let vals = dense.flatten_all()?.to_vec1::<f32>()?;
+                Some(Arc::new(PackedWeight::new(&vals, out, inp)))
+            }
+            _ => None,
+        };
+        let w = match mode {
+            ComputeMode::Auto | ComputeMode::AutoF32 if packed.is_none() => {
+                Some(dense.t()?.contiguous()?.t()?)
+            }
+            _ => None,
+        };
+        let q = if q.dtype() == GgmlDType::Q4_1 {
+            q
+        } else {
+            decode_form(q, &dense)?
+        };
+        let lin = Linear::from_parts(w, Some(Arc::new(q)), bias, mode)
+            .and_then(|l| l.with_decode_kernel());
+        match packed {
+            Some(p) => lin.and_then(|l| l.with_packed(p)),
+            None => lin,
+        }
+    };
+    lin.map_err(|e| Error::field(path, &name, e))
 }
 
 struct TensorReader<'a, R: Read + Seek> {
