@@ -15,6 +15,10 @@
 //! [`ComputeMode::F32`] an f32 copy is dequantized for prompt processing. Embeddings and norms are
 //! dequantized to f32. SmolLM2 ties its embeddings: without `output.weight` the lm_head shares
 //! `token_embd.weight`.
+//!
+//! [`load`] runs in two passes: the file is read serially (every projection's blocks, its bias
+//! and the norms), then each projection's compute forms are built in parallel on rayon's pool,
+//! beside the embedding's f32 copy and the head (0.49 -> 0.19-0.22 s for the default model).
 
 use std::borrow::Cow;
 use std::io::{BufReader, Read, Seek};

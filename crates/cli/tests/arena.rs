@@ -227,11 +227,7 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
         // Every vote was a tie or both bad: refused, naming the counts.
         assert!(stderr.contains("no decisive combined votes"), "{stderr}");
     }
-    let err = env.fails_in_one_line(&[
-        "train", "--model", "1", "--method", "dpo", "--arena", &id, "--judge", "1",
-    ]);
-    assert!(err.contains("--votes judge or combined"), "{err}");
-    // An endpoint cannot give a constrained verdict.
+    // Refusals are one line naming the problem.
     env.ok(&[
         "endpoints",
         "add",
@@ -239,47 +235,67 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
         "--url",
         &attune_test_support::closed_port_endpoint(),
     ]);
-    let err = env.fails_in_one_line(&[
-        "arena",
-        "judge",
-        &id,
-        "--endpoint",
-        "remote",
-        "--model",
-        "gpt-x",
-        "--verdict",
-        "constrained",
-    ]);
-    assert!(err.contains("free text"), "{err}");
-
-    // Refusals are one line naming the problem.
-    let err = env.fails_in_one_line(&["arena", "judge", "999", "--judge-model", &model]);
-    assert!(err.contains("arena") && err.contains("999"), "{err}");
-    let err = env.fails_in_one_line(&["arena", "judge", &id]);
-    assert!(err.contains("--judge-model"), "{err}");
-    let err = env.fails_in_one_line(&[
-        "arena",
-        "judge",
-        &id,
-        "--judge-model",
-        &model,
-        "--max-tokens",
-        "0",
-    ]);
-    assert!(err.contains("--max-tokens"), "{err}");
-    let err = env.fails_in_one_line(&["arena", "judge", &id, "--judge-model", "no-such-model"]);
-    assert!(err.contains("no-such-model"), "{err}");
     let empty = env.write("empty.txt", " \n");
-    let err = env.fails_in_one_line(&[
-        "arena",
-        "judge",
-        &id,
-        "--judge-model",
-        &model,
-        "--rubric",
-        path(&empty),
-    ]);
-    assert!(err.contains("rubric"), "{err}");
-    let err = env.fails_in_one_line(&["arena", "results", "999"]);
-    assert!(err.contains("999"), "{err}");
+    let (id, model, empty) = (id.as_str(), model.as_str(), path(&empty));
+    let refusals: &[(&[&str], &[&str])] = &[
+        (
+            &[
+                "train", "--model", "1", "--method", "dpo", "--arena", id, "--judge", "1",
+            ],
+            &["--votes judge or combined"],
+        ),
+        // An endpoint cannot give a constrained verdict.
+        (
+            &[
+                "arena",
+                "judge",
+                id,
+                "--endpoint",
+                "remote",
+                "--model",
+                "gpt-x",
+                "--verdict",
+                "constrained",
+            ],
+            &["free text"],
+        ),
+        (
+            &["arena", "judge", "999", "--judge-model", model],
+            &["arena", "999"],
+        ),
+        (&["arena", "judge", id], &["--judge-model"]),
+        (
+            &[
+                "arena",
+                "judge",
+                id,
+                "--judge-model",
+                model,
+                "--max-tokens",
+                "0",
+            ],
+            &["--max-tokens"],
+        ),
+        (
+            &["arena", "judge", id, "--judge-model", "no-such-model"],
+            &["no-such-model"],
+        ),
+        (
+            &[
+                "arena",
+                "judge",
+                id,
+                "--judge-model",
+                model,
+                "--rubric",
+                empty,
+            ],
+            &["rubric"],
+        ),
+        (&["arena", "results", "999"], &["999"]),
+    ];
+    for (args, wanted) in refusals {
+        let err = env.fails_in_one_line(args);
+        assert!(wanted.iter().all(|w| err.contains(w)), "{args:?}: {err}");
+    }
 }
