@@ -18,7 +18,8 @@
 //!
 //! [`load`] runs in two passes: the file is read serially (every projection's blocks, its bias
 //! and the norms), then each projection's compute forms are built in parallel on rayon's pool,
-//! beside the embedding's f32 copy and the head (0.49 -> 0.19-0.22 s for the default model).
+//! beside the embedding's f32 copy and the head (0.49 -> 0.19-0.22 s for the default model);
+//! an F32 load (full fine-tuning) builds them serially, for its memory (see `load`).
 
 use std::borrow::Cow;
 use std::io::{BufReader, Read, Seek};
