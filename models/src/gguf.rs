@@ -533,10 +533,11 @@ pub fn load(path: &Path, mode: ComputeMode) -> Result<GgufModel> {
     };
     let build = |raw| build_projection(raw, mode, &device, path);
     let (head, built): (Result<_>, Result<Vec<Linear>>) = if mode == ComputeMode::F32 {
-        // Serially, on this thread: F32 builds little (a dequantized copy each), and full
-        // fine-tuning copies these weights into its variables and drops them; allocated here, the
-        // freed memory serves the copies, while weights built on rayon's workers left it in
-        // their malloc arenas (full fine-tuning at 1 x 256: peak 2385 -> 2702 MiB, above its estimate).
+        // Serially, on this thread: F32 builds little worth spreading (a dequantized copy each),
+        // and full fine-tuning copies these weights into its variables and drops them; kept on
+        // the loading thread, their memory stays in the malloc arena those copies come from.
+        // (Whether the parallel build raised full fine-tuning's peak was not settled: the peak
+        // varies by 300 MiB between runs; see `FULL_SPREAD_BYTES_PER_PARAM` in the engine.)
         (head(), raws.into_iter().map(build).collect())
     } else {
         use rayon::prelude::*;
