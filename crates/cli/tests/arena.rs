@@ -237,61 +237,16 @@ fn a_judge_fills_an_arena_and_the_results_compare_it_with_the_human() {
     ]);
     let empty = env.write("empty.txt", " \n");
     let (id, model, empty) = (id.as_str(), model.as_str(), path(&empty));
+    #[rustfmt::skip]
     let refusals: &[(&[&str], &[&str])] = &[
-        (
-            &[
-                "train", "--model", "1", "--method", "dpo", "--arena", id, "--judge", "1",
-            ],
-            &["--votes judge or combined"],
-        ),
+        (&["train", "--model", "1", "--method", "dpo", "--arena", id, "--judge", "1"], &["--votes judge or combined"]),
         // An endpoint cannot give a constrained verdict.
-        (
-            &[
-                "arena",
-                "judge",
-                id,
-                "--endpoint",
-                "remote",
-                "--model",
-                "gpt-x",
-                "--verdict",
-                "constrained",
-            ],
-            &["free text"],
-        ),
-        (
-            &["arena", "judge", "999", "--judge-model", model],
-            &["arena", "999"],
-        ),
+        (&["arena", "judge", id, "--endpoint", "remote", "--model", "gpt-x", "--verdict", "constrained"], &["free text"]),
+        (&["arena", "judge", "999", "--judge-model", model], &["arena", "999"]),
         (&["arena", "judge", id], &["--judge-model"]),
-        (
-            &[
-                "arena",
-                "judge",
-                id,
-                "--judge-model",
-                model,
-                "--max-tokens",
-                "0",
-            ],
-            &["--max-tokens"],
-        ),
-        (
-            &["arena", "judge", id, "--judge-model", "no-such-model"],
-            &["no-such-model"],
-        ),
-        (
-            &[
-                "arena",
-                "judge",
-                id,
-                "--judge-model",
-                model,
-                "--rubric",
-                empty,
-            ],
-            &["rubric"],
-        ),
+        (&["arena", "judge", id, "--judge-model", model, "--max-tokens", "0"], &["--max-tokens"]),
+        (&["arena", "judge", id, "--judge-model", "no-such-model"], &["no-such-model"]),
+        (&["arena", "judge", id, "--judge-model", model, "--rubric", empty], &["rubric"]),
         (&["arena", "results", "999"], &["999"]),
     ];
     for (args, wanted) in refusals {
