@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use attune_models::chat_template::Message;
-use attune_models::linear::ComputeMode;
+use attune_models::linear::{BaseForm, ComputeMode};
 use attune_models::loader::{self, LoadOptions};
 use attune_models::train::{
     self, AdamWConfig, Example, LoraConfig, Method, PromptConfig, PromptInit, RenderOptions,
@@ -70,13 +70,33 @@ fn main() -> R<()> {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/quality.json")
         });
 
+    // `ATTUNE_QUALITY_BASE=bf16|quantized`: the frozen base of LoRA and prompt tuning held in
+    // that form (loaded with its quantized blocks, then made compact); default f32, exact.
+    let base_form = match std::env::var("ATTUNE_QUALITY_BASE") {
+        Ok(v) => Some(BaseForm::parse(&v).ok_or(format!(
+            "ATTUNE_QUALITY_BASE={v}: expected f32, bf16 or quantized"
+        ))?),
+        Err(_) => None,
+    }
+    .filter(|f| *f != BaseForm::F32);
     let started = Instant::now();
-    let base = loader::load(
+    let mut base = loader::load(
         &model_path,
         &LoadOptions {
-            compute: ComputeMode::F32,
+            compute: match base_form {
+                Some(_) => ComputeMode::Quantized,
+                None => ComputeMode::F32,
+            },
         },
     )?;
+    if let Some(form) = base_form {
+        base.model.set_base_form(form)?;
+        eprintln!(
+            "base held as {}: {:.0} MiB of weights",
+            form.as_str(),
+            base.model.held_bytes() as f64 / (1 << 20) as f64
+        );
+    }
     let opts = RenderOptions::default();
     let train_rows: HashMap<String, Vec<Message>> =
         read_rows(&shared().join("data/pubmedqa/train.jsonl"))?
@@ -186,6 +206,10 @@ fn main() -> R<()> {
         );
     }
     json.insert("base_valid_nll".into(), serde_json::json!(base_nll));
+    json.insert(
+        "base_form".into(),
+        serde_json::json!(base_form.unwrap_or(BaseForm::F32).as_str()),
+    );
     if let Some(dir) = out_path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -195,7 +219,8 @@ fn main() -> R<()> {
     )?;
 
     println!(
-        "PubMedQA valid (100 rows), mean NLL per assistant token; QUALITY.md recipe, 2 threads"
+        "PubMedQA valid (100 rows), mean NLL per assistant token; QUALITY.md recipe, 2 threads; base held as {}",
+        base_form.unwrap_or(BaseForm::F32).as_str()
     );
     println!("| model | valid NLL | drop vs base | PEFT valid NLL | PEFT drop | pass (>= PEFT - 1 pp) | loss step 1 -> 40 | train s | train tok/s |");
     println!("|---|---|---|---|---|---|---|---|---|");

@@ -10,6 +10,14 @@
 //! `../shared/data/pubmedqa/corpus.txt` from the workspace root), `ATTUNE_BENCH_JSON=<file>`
 //! (also write the figures there as JSON).
 //!
+//! `ATTUNE_BENCH_BASE=f32,bf16,quantized` runs LoRA and prompt tuning once per form of the
+//! frozen base (`Llama::set_base_form`; default `f32`, the app's default). `ATTUNE_BENCH_ARCH=
+//! qwen3-0.6b,qwen3-1.7b,llama3.2-3b` trains those families at their real dimensions with random
+//! weights (projections in `ATTUNE_BENCH_QUANT`, default q4_k; the embedding Q8_0) on random
+//! token ids instead of the default model, at `ATTUNE_BENCH_BATCH` x `ATTUNE_BENCH_SEQ` (default
+//! 1 x 256 there, 4 x 256 on the default model); its peak RSS is the training's (the peak is
+//! reset after the random weights are built, which a file load does not need).
+//!
 //! `ATTUNE_PROFILE_OPS=1` adds each fused op's wall time per timed step. `ATTUNE_MATMUL=f32`
 //! forces the f32 products where the CPU has AMX (A/B runs).
 //!
@@ -18,7 +26,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use attune_models::linear::ComputeMode;
+#[path = "common/arch.rs"]
+mod arch;
+
+use attune_models::linear::{BaseForm, ComputeMode};
 use attune_models::loader::{self, LoadOptions};
 use attune_models::train::{
     self, AdamWConfig, Example, LoraConfig, Method, PromptConfig, PromptInit, Schedule,
@@ -79,33 +90,107 @@ fn method(name: &str) -> R<Method> {
     })
 }
 
-/// One method, in this process: prints one tab-separated result line.
-fn run_one(name: &str, steps: usize) -> R<()> {
-    // Auto, as the app trains: the frozen base in bf16 on the matrix units where the CPU has
-    // them (`ATTUNE_MATMUL=f32` forces the f32 path for A/B runs).
-    let loaded = loader::load(
-        &attune_models::default_model_path(),
-        &LoadOptions {
-            compute: ComputeMode::Auto,
-        },
-    )?;
-    let tok = loaded.tokenizer;
-    let mut model = loaded.model;
-    let text = std::fs::read_to_string(corpus_path())?;
-    let opts = train::RenderOptions {
-        loss_on: train::LossOn::All,
-        max_len: usize::MAX,
-    };
-    let docs: Vec<Example> = text
-        .lines()
-        .map(|l| train::render_text(&tok, l, &opts))
-        .collect::<Result<_, _>>()?;
-    let blocks = train::pack(&docs, 256);
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Resets this process's peak RSS (VmHWM) to its current RSS.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// One method on one base form and model (`default` or an `ATTUNE_BENCH_ARCH` preset), in
+/// this process: prints one tab-separated result line.
+fn run_one(name: &str, base: BaseForm, arch: &str, steps: usize) -> R<()> {
     let m = method(name)?;
+    let compact = base != BaseForm::F32 && !matches!(m, Method::Full);
+    let (mut model, tok, blocks, batch) = if arch == "default" {
+        // Auto, as the app trains an f32 base: the frozen base in bf16 on the matrix units
+        // where the CPU has them (`ATTUNE_MATMUL=f32` forces the f32 path for A/B runs); a
+        // compact base loads with its quantized blocks only, as the engine loads it.
+        let loaded = loader::load(
+            &attune_models::default_model_path(),
+            &LoadOptions {
+                compute: if compact {
+                    ComputeMode::Quantized
+                } else {
+                    ComputeMode::Auto
+                },
+            },
+        )?;
+        let tok = loaded.tokenizer;
+        let mut model = loaded.model;
+        if compact {
+            model.set_base_form(base)?;
+        }
+        let text = std::fs::read_to_string(corpus_path())?;
+        let opts = train::RenderOptions {
+            loss_on: train::LossOn::All,
+            max_len: usize::MAX,
+        };
+        let docs: Vec<Example> = text
+            .lines()
+            .map(|l| train::render_text(&tok, l, &opts))
+            .collect::<Result<_, _>>()?;
+        let seq = env_usize("ATTUNE_BENCH_SEQ", 256);
+        let blocks = train::pack(&docs, seq);
+        (model, Some(tok), blocks, env_usize("ATTUNE_BENCH_BATCH", 4))
+    } else {
+        let cfg = arch::preset(arch)?;
+        let quant = std::env::var("ATTUNE_BENCH_QUANT").unwrap_or_else(|_| "q4_k".into());
+        let dtype = arch::dtype(&quant)?;
+        let mode = if compact {
+            ComputeMode::Quantized
+        } else {
+            ComputeMode::Auto
+        };
+        let (mut model, _) = arch::random_model(&cfg, Some(dtype), mode, 7)?;
+        if compact {
+            model.set_base_form(base)?;
+        }
+        let seq = env_usize("ATTUNE_BENCH_SEQ", 256);
+        let batch = env_usize("ATTUNE_BENCH_BATCH", 1);
+        let mut s = 0x9e37_79b9_u64;
+        let blocks: Vec<Example> = (0..batch * (steps + 2))
+            .map(|_| {
+                let ids: Vec<u32> = (0..seq)
+                    .map(|_| {
+                        s = s
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((s >> 33) % cfg.vocab_size as u64) as u32
+                    })
+                    .collect();
+                Example {
+                    targets: vec![true; seq],
+                    full_len: seq,
+                    truncated: false,
+                    ids,
+                }
+            })
+            .collect();
+        // The default model's tokenizer serves prompt tuning's init text (its ids lie inside
+        // every preset's vocabulary).
+        let (_, tok, _) = loader::text_side(&attune_models::default_model_path())?;
+        (model, Some(tok), blocks, batch)
+    };
+    let built = arch != "default";
+    eprintln!(
+        "{arch} {name} on a {} base: weights held {:.0} MiB",
+        base.as_str(),
+        model.held_bytes() as f64 / 1048576.0
+    );
+    let tok = tok.ok_or("no tokenizer")?;
     let trainable = train::prepare(&mut model, &tok, &m, 42)?;
+    if built {
+        reset_peak_rss();
+    }
     let total = steps + 2;
     let cfg = TrainConfig {
-        batch_size: 4,
+        batch_size: batch,
         grad_accum: 1,
         steps: total,
         optimizer: AdamWConfig {
@@ -149,7 +234,8 @@ fn run_one(name: &str, steps: usize) -> R<()> {
     }
     let med = median(times);
     println!(
-        "RESULT\t{name}\t{:.1}\t{:.0}\t{first_loss:.4}\t{med:.2}",
+        "RESULT\t{name}/{}\t{:.1}\t{:.0}\t{first_loss:.4}\t{med:.2}",
+        base.as_str(),
         tokens as f64 / med,
         peak_rss_mb()
     );
@@ -163,7 +249,8 @@ fn main() -> R<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     if let Some(pos) = args.iter().position(|a| a == "--child") {
-        return run_one(&args[pos + 1], steps);
+        let base = BaseForm::parse(&args[pos + 2]).ok_or("--child METHOD BASE ARCH")?;
+        return run_one(&args[pos + 1], base, &args[pos + 3], steps);
     }
     let model = attune_models::default_model_path();
     if !model.is_file() {
@@ -175,31 +262,72 @@ fn main() -> R<()> {
     }
     let methods =
         std::env::var("ATTUNE_BENCH_METHODS").unwrap_or_else(|_| "lora,full,prompt".into());
+    let bases = std::env::var("ATTUNE_BENCH_BASE").unwrap_or_else(|_| "f32".into());
+    let archs = std::env::var("ATTUNE_BENCH_ARCH").unwrap_or_else(|_| "default".into());
+    for b in bases.split(',') {
+        BaseForm::parse(b).ok_or(format!(
+            "ATTUNE_BENCH_BASE: '{b}' is not f32, bf16 or quantized"
+        ))?;
+    }
+    let shape = |d: usize| {
+        format!(
+            "{} x {}",
+            env_usize("ATTUNE_BENCH_BATCH", d),
+            env_usize("ATTUNE_BENCH_SEQ", 256)
+        )
+    };
     println!(
-        "training, batch 4 x 256 tokens, {steps} timed steps after 2 warm-up, {} threads",
+        "training, batch {} tokens (default model; {} on ATTUNE_BENCH_ARCH models), {steps} timed steps after 2 warm-up, {} threads",
+        shape(4),
+        shape(1),
         candle_core::utils::get_num_threads()
     );
     println!(
-        "{:<8} {:>10} {:>12} {:>12} {:>10}",
-        "method", "tok/s", "peak RSS", "loss step 1", "step s"
+        "{:<14} {:<18} {:>10} {:>12} {:>12} {:>10}",
+        "model", "method/base", "tok/s", "peak RSS", "loss step 1", "step s"
     );
     let mut results = serde_json::Map::new();
-    for m in methods.split(',') {
+    let mut runs: Vec<(String, String, String)> = Vec::new();
+    for a in archs.split(',') {
+        for m in methods.split(',') {
+            // Full fine-tuning trains f32 weights whatever the base form.
+            let forms: Vec<&str> = if m == "full" {
+                vec!["f32"]
+            } else {
+                bases.split(',').collect()
+            };
+            for b in forms {
+                runs.push((a.trim().into(), m.trim().into(), b.trim().into()));
+            }
+        }
+    }
+    for (a, m, b) in &runs {
         let out = std::process::Command::new(std::env::current_exe()?)
-            .args(["--child", m])
+            .args(["--child", m, b, a])
             .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let Some(line) = stdout.lines().find(|l| l.starts_with("RESULT\t")) else {
-            return Err(format!("{m}: failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+            return Err(format!(
+                "{a} {m} {b}: failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
         };
         let f: Vec<&str> = line.split('\t').collect();
         println!(
-            "{:<8} {:>10} {:>9} MB {:>12} {:>10}",
-            m, f[2], f[3], f[4], f[5]
+            "{:<14} {:<18} {:>10} {:>9} MB {:>12} {:>10}",
+            a, f[1], f[2], f[3], f[4], f[5]
         );
         let num = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
+        let key = if a == "default" && b == "f32" {
+            m.to_string()
+        } else if a == "default" {
+            format!("{m}/{b}")
+        } else {
+            format!("{a}/{m}/{b}")
+        };
         results.insert(
-            m.to_string(),
+            key,
             serde_json::json!({
                 "tok_s": num(f[2]),
                 "peak_rss_mb": num(f[3]),

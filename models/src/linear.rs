@@ -18,6 +18,7 @@ use crate::kernels::amx::{self, PackedWeight};
 use crate::kernels::block::ProjWeight;
 use crate::kernels::linear::Frozen;
 use crate::kernels::quant::Q41Matrix;
+use crate::kernels::stream::{Bf16Matrix, Streamed};
 use crate::{Error, Result};
 
 /// Which weight form the matrix products use.
@@ -34,6 +35,43 @@ pub enum ComputeMode {
     F32,
     /// Quantized weights everywhere (no f32 copy kept: smallest memory).
     Quantized,
+}
+
+/// How the frozen base's projections are held while LoRA or prompt tuning trains on it (and
+/// while the adapted model answers): the memory a run takes against its speed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseForm {
+    /// Four bytes per weight: an f32 copy, or where the CPU has AMX, bf16 packed for the matrix
+    /// units in both orientations (the forward product and the input gradient). The fastest.
+    #[default]
+    F32,
+    /// bf16 values, two bytes per weight, expanded panel by panel inside each product.
+    Bf16,
+    /// The GGUF blocks themselves (about 0.6 bytes per weight for Q4_K, 0.75 for Q4_1),
+    /// expanded panel by panel inside each product; a projection whose block type has no
+    /// kernel here (Q4_0, Q5_0, F16, a Hugging Face folder's f32) is held in bf16.
+    Quantized,
+}
+
+impl BaseForm {
+    pub const ALL: [BaseForm; 3] = [BaseForm::F32, BaseForm::Bf16, BaseForm::Quantized];
+
+    /// The name the command line and the window use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaseForm::F32 => "f32",
+            BaseForm::Bf16 => "bf16",
+            BaseForm::Quantized => "quantized",
+        }
+    }
+
+    /// Parses [`Self::as_str`]'s names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.as_str().eq_ignore_ascii_case(s.trim()))
+    }
 }
 
 /// In [`ComputeMode::Auto`] and `AutoF32`, calls with at most this many rows use the quantized
@@ -70,6 +108,9 @@ pub struct Linear {
     q41: Option<Arc<Q41Matrix>>,
     /// The weight in bf16, packed for the CPU's matrix units (see [`Linear::pack_bf16`]).
     packed: Option<Arc<PackedWeight>>,
+    /// The frozen weight kept compact (a quantized or bf16 base, [`Linear::set_base_form`]),
+    /// expanded panel by panel by the many-row products.
+    streamed: Option<Arc<Streamed>>,
 }
 
 impl Linear {
@@ -88,6 +129,7 @@ impl Linear {
             mode: ComputeMode::F32,
             q41: None,
             packed: None,
+            streamed: None,
         })
     }
 
@@ -116,6 +158,7 @@ impl Linear {
             mode,
             q41: None,
             packed: None,
+            streamed: None,
         })
     }
 
@@ -157,6 +200,7 @@ impl Linear {
             mode,
             q41: None,
             packed: None,
+            streamed: None,
         })
     }
 
@@ -186,16 +230,101 @@ impl Linear {
     }
     /// The dense weight, dequantizing the quantized one if no f32 copy is kept.
     pub fn weight_f32(&self) -> Result<Tensor> {
-        match (&self.weight, &self.qweight, &self.packed) {
-            (Some(w), _, _) => Ok(w.contiguous()?),
-            (None, Some(q), _) => Ok(q.dequantize(&q.device())?),
-            (None, None, Some(p)) => Ok(Tensor::from_vec(
-                p.to_f32(),
-                (self.out_dim, self.in_dim),
-                &candle_core::Device::Cpu,
-            )?),
-            (None, None, None) => Err(Error::InvalidParams("linear layer has no weights".into())),
+        let dims = (self.out_dim, self.in_dim);
+        let cpu = &candle_core::Device::Cpu;
+        match (&self.weight, &self.qweight, &self.packed, &self.streamed) {
+            (Some(w), _, _, _) => Ok(w.contiguous()?),
+            (None, Some(q), _, _) => Ok(q.dequantize(&q.device())?),
+            (None, None, Some(p), _) => Ok(Tensor::from_vec(p.to_f32(), dims, cpu)?),
+            (None, None, None, Some(s)) => Ok(Tensor::from_vec(s.to_f32(), dims, cpu)?),
+            (None, None, None, None) => {
+                Err(Error::InvalidParams("linear layer has no weights".into()))
+            }
         }
+    }
+
+    /// Holds the frozen weight in `form` (see [`BaseForm`]): `Quantized` keeps only the decode
+    /// kernel's blocks or bf16 values where there is no kernel; `Bf16` bf16 values beside the
+    /// decode kernel's blocks (few-row products still read them); both drop every dense copy
+    /// and the quantized tensor the kernel's blocks were made from; `F32` back to the dense copy of the layer's mode. A layer
+    /// being trained (full fine-tuning) or off the CPU is left as it is.
+    pub fn set_base_form(&mut self, form: BaseForm) -> Result<()> {
+        if self.weight.as_ref().is_some_and(|w| w.track_op()) || !self.device().is_cpu() {
+            return Ok(());
+        }
+        if form == BaseForm::F32 {
+            if self.streamed.is_some() {
+                if self.weight.is_none() && self.qweight.is_none() {
+                    self.weight = Some(self.weight_f32()?);
+                }
+                self.streamed = None;
+                let mode = self.mode;
+                self.mode = ComputeMode::F32;
+                self.set_mode(mode)?;
+                if mode == ComputeMode::Auto {
+                    self.pack_bf16(true)?;
+                }
+            }
+            return Ok(());
+        }
+        let streamed = match (&self.q41, form) {
+            (Some(k), BaseForm::Quantized) => Arc::new(Streamed::Quant(k.clone())),
+            // bf16 values: kept if the layer holds them already, else from its exact values.
+            _ => match &self.streamed {
+                Some(s) if matches!(s.as_ref(), Streamed::Bf16(_)) => s.clone(),
+                _ => {
+                    let w = self.weight_f32()?.flatten_all()?.to_vec1::<f32>()?;
+                    Arc::new(Streamed::Bf16(Bf16Matrix::from_f32(
+                        &w,
+                        self.out_dim,
+                        self.in_dim,
+                    )))
+                }
+            },
+        };
+        self.streamed = Some(streamed);
+        self.finish_base_form()
+    }
+
+    /// Drops every copy the compact form replaces.
+    fn finish_base_form(&mut self) -> Result<()> {
+        self.weight = None;
+        self.packed = None;
+        // The decode kernel's blocks serve few-row products; the tensor they came from is not
+        // needed beside them.
+        if self.q41.is_some() {
+            self.qweight = None;
+        }
+        // Few rows decode on the blocks; many rows expand the compact form.
+        if matches!(self.mode, ComputeMode::F32 | ComputeMode::Quantized) {
+            self.mode = ComputeMode::Auto;
+        }
+        Ok(())
+    }
+
+    /// How the weight is held: `Quantized`/`Bf16` when it is kept compact, else `F32`.
+    pub fn base_form(&self) -> BaseForm {
+        match self.streamed.as_deref() {
+            Some(Streamed::Quant(_)) => BaseForm::Quantized,
+            Some(Streamed::Bf16(_)) => BaseForm::Bf16,
+            None => BaseForm::F32,
+        }
+    }
+
+    /// Bytes the layer's weights hold in memory (every form it keeps).
+    pub fn held_bytes(&self) -> usize {
+        self.weight.as_ref().map_or(0, |w| w.elem_count() * 4)
+            + self
+                .qweight
+                .as_ref()
+                .map_or(0, |q| q.storage_size_in_bytes())
+            + self.q41.as_ref().map_or(0, |k| k.bytes())
+            + self.packed.as_ref().map_or(0, |p| p.bytes())
+            + self.streamed.as_ref().map_or(0, |s| match s.as_ref() {
+                // The blocks are the decode kernel's own, counted above.
+                Streamed::Quant(_) => 0,
+                Streamed::Bf16(_) => s.bytes(),
+            })
     }
     /// The bf16 copy packed for the matrix units, when one is kept.
     pub fn packed(&self) -> Option<&Arc<PackedWeight>> {
@@ -211,6 +340,9 @@ impl Linear {
     pub fn pack_bf16(&mut self, drop_f32: bool) -> Result<bool> {
         if self.packed.is_some() {
             return Ok(true);
+        }
+        if self.streamed.is_some() {
+            return Ok(false);
         }
         let trained = self.weight.as_ref().is_some_and(|w| w.track_op());
         if self.mode != ComputeMode::Auto || trained || !amx::available() || !self.device().is_cpu()
@@ -240,11 +372,14 @@ impl Linear {
         Ok(self)
     }
 
-    /// The frozen weight the training kernels take: the packed bf16 copy, else a contiguous f32
-    /// weight that is not being trained.
-    fn frozen(&self) -> Option<Frozen> {
+    /// The frozen weight the training kernels take: the packed bf16 copy, the compact base, else
+    /// a contiguous f32 weight that is not being trained.
+    pub(crate) fn frozen(&self) -> Option<Frozen> {
         if let Some(p) = &self.packed {
             return Some(Frozen::Bf16(p.clone()));
+        }
+        if let Some(s) = &self.streamed {
+            return Some(Frozen::Streamed(s.clone()));
         }
         self.weight
             .as_ref()
@@ -260,6 +395,9 @@ impl Linear {
         }
         if let Some(p) = &self.packed {
             return Some(ProjWeight::Bf16(p));
+        }
+        if let Some(s) = &self.streamed {
+            return Some(ProjWeight::Streamed(s));
         }
         let mixed = self.bf16_compute();
         self.weight
@@ -302,6 +440,7 @@ impl Linear {
         self.qweight = None;
         self.q41 = None;
         self.packed = None;
+        self.streamed = None;
         Ok(())
     }
 
@@ -390,9 +529,15 @@ impl Linear {
         if mode == ComputeMode::Auto && self.mode == ComputeMode::Auto && self.packed.is_some() {
             return Ok(());
         }
+        // A compact base serves every mode but `F32` as it is (its products expand it).
+        if self.streamed.is_some() && mode != ComputeMode::F32 {
+            self.mode = mode;
+            return Ok(());
+        }
         if mode != ComputeMode::Quantized && self.weight.is_none() {
             self.weight = Some(self.weight_f32()?);
         }
+        self.streamed = None;
         // The bf16 copy serves `Auto` only; [`Linear::pack_bf16`] makes it again.
         self.packed = None;
         if mode == ComputeMode::F32 {
@@ -475,14 +620,15 @@ impl Linear {
     /// Whether a call on `x2` `[rows, in]` reads the quantized weights.
     fn uses_quantized(&self, x2: &Tensor) -> Result<bool> {
         let rows = x2.dim(0)?;
-        let dense = self.weight.is_some() || self.packed.is_some();
-        Ok(match (dense, &self.qweight) {
-            (false, Some(_)) => true,
-            (true, None) => false,
-            (false, None) => {
+        let dense = self.weight.is_some() || self.packed.is_some() || self.streamed.is_some();
+        let quant = self.qweight.is_some() || self.q41.is_some();
+        Ok(match (dense, quant) {
+            (false, true) => true,
+            (true, false) => false,
+            (false, false) => {
                 return Err(Error::InvalidParams("linear layer has no weights".into()))
             }
-            (true, Some(_)) => match self.mode {
+            (true, true) => match self.mode {
                 ComputeMode::F32 => false,
                 ComputeMode::Quantized => !x2.track_op(),
                 ComputeMode::Auto | ComputeMode::AutoF32 => {
@@ -496,16 +642,38 @@ impl Linear {
     fn base_product(&self, x2: &Tensor) -> Result<Tensor> {
         let use_q = self.uses_quantized(x2)?;
         Ok(match (use_q, &self.weight, &self.qweight) {
-            (true, _, Some(_)) if self.q41.is_some() => match &self.q41 {
+            (true, _, _) if self.q41.is_some() => match &self.q41 {
                 Some(k) => x2.contiguous()?.apply_op1_no_bwd(k.as_ref())?,
                 None => return Err(Error::InvalidParams("decode kernel missing".into())),
             },
             (true, _, Some(q)) => x2.contiguous()?.apply_op1_no_bwd(q.as_ref())?,
-            // The bf16 copy on the matrix units (prompts; a frozen base under a tracked input).
-            (false, _, _) if self.packed.is_some() => match self.frozen() {
-                Some(fw) => crate::kernels::frozen_linear(x2, &fw)?,
-                None => return Err(Error::InvalidParams("packed weight missing".into())),
-            },
+            // Scoring that must match f32 (`AutoF32`, and a compact LM head, which the dense
+            // model multiplies in f32 outside training): the compact base expanded to f32.
+            (false, _, _)
+                if self.mode == ComputeMode::AutoF32
+                    && self.packed.is_none()
+                    && !x2.track_op()
+                    && self.streamed.is_some() =>
+            {
+                match &self.streamed {
+                    Some(s) => {
+                        let rows = x2.dim(0)?;
+                        let x = x2.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                        let mut y = vec![0f32; rows * self.out_dim];
+                        s.forward(&x, None, rows, &mut y, false);
+                        Tensor::from_vec(y, (rows, self.out_dim), x2.device())?
+                    }
+                    None => return Err(Error::InvalidParams("compact weight missing".into())),
+                }
+            }
+            // The bf16 copy on the matrix units, or the compact base expanded panel by panel
+            // (prompts; a frozen base under a tracked input).
+            (false, _, _) if self.packed.is_some() || self.streamed.is_some() => {
+                match self.frozen() {
+                    Some(fw) => crate::kernels::frozen_linear(x2, &fw)?,
+                    None => return Err(Error::InvalidParams("packed weight missing".into())),
+                }
+            }
             // A frozen weight under a tracked input (LoRA, prompt tuning): no weight gradient.
             (_, Some(w), _) if x2.track_op() && !w.track_op() && w.is_contiguous() => {
                 crate::kernels::frozen_linear(x2, &Frozen::F32(w.clone()))?

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use attune_engine::{Actor, CancelToken, Engine, Request};
 use attune_protocol::{
-    AdapterSummary, BundleEngine, EvalOptions, EvalReport, EvalSubject, LossOn, LrSchedule,
-    MethodSpec, PreferenceLoss, PreferenceObjective, PreferenceSet, PreferenceSpec, RunDetail,
-    RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
+    AdapterSummary, BaseFormSpec, BundleEngine, EvalOptions, EvalReport, EvalSubject, LossOn,
+    LrSchedule, MethodSpec, PreferenceLoss, PreferenceObjective, PreferenceSet, PreferenceSpec,
+    RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, SplitName,
 };
 use clap::{Args, Subcommand};
 
@@ -119,11 +119,21 @@ pub struct TrainArgs {
     /// Rows of the general-domain sample scored before and after (0 = off).
     #[arg(long, default_value_t = 30)]
     forgetting_rows: usize,
+    /// How LoRA and prompt tuning hold the frozen base: f32 (fastest), bf16 (half the
+    /// memory), or quantized (the GGUF file's blocks: the least memory). Default: f32 when it
+    /// fits in free memory, else the most compact form.
+    #[arg(long, value_parser = parse_base)]
+    base: Option<BaseFormSpec>,
     /// Record the run without training it here (status paused), to export it with
     /// `attune runs export` for a GPU machine or resume it later. A run that would not fit in
     /// this machine's memory is recorded too.
     #[arg(long)]
     create_only: bool,
+}
+
+fn parse_base(s: &str) -> Result<BaseFormSpec, String> {
+    BaseFormSpec::parse(s)
+        .ok_or_else(|| format!("unknown base form '{s}' (choose f32, bf16 or quantized)"))
 }
 
 fn parse_schedule(s: &str) -> Result<LrSchedule, String> {
@@ -211,6 +221,7 @@ impl TrainArgs {
             checkpoint_every: self.checkpoint_every,
             eval_limit: self.eval_limit,
             forgetting_rows: self.forgetting_rows,
+            base: self.base,
             ..Default::default()
         }
     }

@@ -44,13 +44,18 @@ impl Library {
 
     /// Trains `steps` steps of `method` at `batch` x `max_len` (packed blocks, loss on every
     /// token) in a child process; returns (its peak RSS, the run's estimate), in MiB.
+    /// `method` may name the base form after a colon (`lora:quantized`).
     fn measure(&self, method: &str, batch: usize, max_len: usize, steps: usize) -> (f64, f64) {
-        let name = format!("{method}-{batch}x{max_len}");
+        let name = format!("{}-{batch}x{max_len}", method.replace(':', "-"));
+        let (method, base) = match method.split_once(':') {
+            Some((m, b)) => (m, Some(b)),
+            None => (method, None),
+        };
         let (b, l, s) = (batch.to_string(), max_len.to_string(), steps.to_string());
         let log = self.root().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let err = file.try_clone().expect("log file");
-        let mut cmd = self.cmd(&[
+        let mut args = vec![
             "train",
             "--model",
             "1",
@@ -73,7 +78,11 @@ impl Library {
             "2",
             "--forgetting-rows",
             "4",
-        ]);
+        ];
+        if let Some(b) = base {
+            args.extend(["--base", b]);
+        }
+        let mut cmd = self.cmd(&args);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
@@ -132,7 +141,14 @@ fn check(lib: &Library, method: &str, batch: usize, max_len: usize) {
 fn the_memory_estimate_bounds_each_methods_peak_within_25_percent() {
     let lib = Library::new();
     if let Ok(shapes) = std::env::var("ATTUNE_MEMORY_SWEEP") {
-        for method in ["lora", "prompt", "full"] {
+        for method in [
+            "lora",
+            "prompt",
+            "full",
+            "lora:quantized",
+            "prompt:quantized",
+            "lora:bf16",
+        ] {
             for shape in shapes.split(',') {
                 let (b, l) = shape
                     .split_once('x')
@@ -150,4 +166,8 @@ fn the_memory_estimate_bounds_each_methods_peak_within_25_percent() {
     check(&lib, "lora", 2, 256);
     check(&lib, "prompt", 2, 256);
     check(&lib, "full", 1, 256);
+    // The compact bases: the GGUF blocks, and bf16.
+    check(&lib, "lora:quantized", 2, 256);
+    check(&lib, "prompt:quantized", 2, 256);
+    check(&lib, "lora:bf16", 2, 256);
 }

@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use attune_models::config::Config;
 use attune_models::train::RenderOptions;
 use attune_protocol::{
-    Advice, AdvisorGoal, DatasetSummary, DomainCount, LossOn, MachineInfo, MethodEstimate,
-    MethodSpec, ModelFormat, ModelSource, ModelSummary, RunCheck, RunSpec, RunStatus, SplitName,
+    Advice, AdvisorGoal, BaseFormEstimate, BaseFormSpec, DatasetSummary, DomainCount, LossOn,
+    MachineInfo, MethodEstimate, MethodSpec, ModelFormat, ModelSource, ModelSummary, RunCheck,
+    RunSpec, RunStatus, SplitName,
 };
 
 use crate::error::EngineError;
@@ -373,6 +374,33 @@ pub fn recommend(f: &Facts) -> (String, Vec<String>) {
 
 /// The advisor's preset for `method`: LoRA r 16 alpha 32 on every projection (lr 2e-4),
 /// a soft prompt of 20 virtual tokens (lr 3e-2) or full fine-tuning (lr 2e-5); batch 4.
+/// Training speed with the frozen base held in `form`, relative to the f32 form: the compact
+/// forms expand the base panel by panel inside every product. Measured with the training
+/// bench on the default model (`ATTUNE_BENCH_BASE`, see README "Training on a quantized
+/// base").
+pub fn compact_base_speed(form: BaseFormSpec) -> f64 {
+    match form {
+        BaseFormSpec::F32 => 1.0,
+        BaseFormSpec::Bf16 => BF16_BASE_SPEED,
+        BaseFormSpec::Quantized => QUANTIZED_BASE_SPEED,
+    }
+}
+
+/// LoRA's tokens/s on a bf16 base over its tokens/s on the f32 base (see
+/// [`compact_base_speed`]).
+pub const BF16_BASE_SPEED: f64 = 0.85;
+/// LoRA's tokens/s on the quantized base over its tokens/s on the f32 base.
+pub const QUANTIZED_BASE_SPEED: f64 = 0.8;
+
+/// "in bf16" / "in its quantized blocks".
+fn base_form_words(form: BaseFormSpec) -> &'static str {
+    match form {
+        BaseFormSpec::F32 => "in f32",
+        BaseFormSpec::Bf16 => "in bf16",
+        BaseFormSpec::Quantized => "in its quantized blocks",
+    }
+}
+
 pub fn preset(method: &str, model: &str, dataset: &str, max_len: usize) -> RunSpec {
     let method = match method {
         "full" => MethodSpec::Full,
@@ -602,12 +630,42 @@ impl Engine {
         let mut estimates = Vec::with_capacity(4);
         for method in ["full", "lora", "prompt"] {
             let mut spec = preset(method, &model.id.to_string(), &dataset_key, max_len);
-            let mut est = self.run_memory(
-                &cfg,
-                &spec.method,
-                seqs_per_row * spec.batch_size,
-                spec.max_len,
-            );
+            let memory_on = |spec: &RunSpec, base| {
+                self.run_memory(
+                    &cfg,
+                    &spec.method,
+                    seqs_per_row * spec.batch_size,
+                    spec.max_len,
+                    base,
+                    &model,
+                )
+            };
+            let mut est = memory_on(&spec, BaseFormSpec::F32);
+            let (tps, source) = self.throughput(&model, method, machine.threads)?;
+            // LoRA and prompt tuning: each way to hold the frozen base; where f32 does not fit,
+            // the preset takes the most compact one.
+            let mut base_forms = Vec::new();
+            if method != "full" {
+                let forms: &[BaseFormSpec] = match model.format {
+                    ModelFormat::Gguf => &BaseFormSpec::ALL,
+                    ModelFormat::Safetensors => &[BaseFormSpec::F32, BaseFormSpec::Bf16],
+                };
+                for &form in forms {
+                    let e = memory_on(&spec, form);
+                    base_forms.push(BaseFormEstimate {
+                        form,
+                        peak_memory_mb: e.total_mb(),
+                        fits: available.is_none_or(|a| e.needed() <= a),
+                        tokens_per_s: tps * compact_base_speed(form),
+                    });
+                }
+                let dense_fits = base_forms.first().is_some_and(|f| f.fits);
+                if let (false, Some(last)) = (dense_fits, base_forms.last()) {
+                    spec.base = Some(last.form);
+                    est = memory_on(&spec, last.form);
+                }
+            }
+            let tps = tps * compact_base_speed(spec.base.unwrap_or_default());
             if let Some(p) = preference {
                 spec.preference = Some(p);
                 // A preference set has one split: its evaluation scores the chosen answers
@@ -619,7 +677,6 @@ impl Engine {
                 }
             }
             let fits = available.is_none_or(|a| est.needed() <= a);
-            let (tps, source) = self.throughput(&model, method, machine.threads)?;
             let tokens = lengths.as_ref().map(|l| tokens_at(l, max_len));
             let per_epoch = tokens.map(|t| t.per_epoch).unwrap_or(0);
             let seconds_per_epoch = if per_epoch > 0 && tps > 0.0 {
@@ -649,6 +706,19 @@ impl Engine {
                 summary.push_str(&format!(
                     " (with DPO's frozen reference copy, {} MB)",
                     est.reference.div_ceil(1 << 20)
+                ));
+            }
+            if let Some(b) = spec.base.filter(|b| *b != BaseFormSpec::F32) {
+                summary.push_str(&format!(
+                    " with the base held {} (an f32 base needs {} MB)",
+                    base_form_words(b),
+                    base_forms.first().map_or(0, |f| f.peak_memory_mb)
+                ));
+            } else if let Some(q) = base_forms.last().filter(|f| f.form != BaseFormSpec::F32) {
+                summary.push_str(&format!(
+                    " (about {} MB with the base held {})",
+                    q.peak_memory_mb,
+                    base_form_words(q.form)
                 ));
             }
             if !fits {
@@ -686,11 +756,13 @@ impl Engine {
                 seconds_per_epoch,
                 steps_in_budget,
                 summary,
+                base_forms,
             });
         }
         let template_mb = inference_memory(&model).div_ceil(1 << 20);
         let template_fits = available_mb.is_none_or(|a| template_mb <= a);
         estimates.push(MethodEstimate {
+            base_forms: Vec::new(),
             method: "template".into(),
             spec: None,
             trainable_params: 0,
@@ -876,6 +948,7 @@ fn plain_suggestion(spec: &RunSpec) -> String {
             ),
             Smaller::MaxLen(n) => format!("a max length of {n}"),
             Smaller::Lora => "LoRA instead of full fine-tuning".to_string(),
+            Smaller::QuantizedBase => "the base held in its quantized blocks".to_string(),
         })
         .collect();
     if s.is_empty() {

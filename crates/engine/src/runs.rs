@@ -35,8 +35,8 @@ use attune_models::loader::{ComputeMode, LoadOptions, LoadedModel};
 use attune_models::tokenizer::Tok;
 use attune_models::train::{self, Example, RenderOptions};
 use attune_protocol::{
-    AdapterMetrics, ChatMessage, LossOn, LrSchedule, MethodSpec, MetricKind, RunDetail, RunEvent,
-    RunMetric, RunSpec, RunStatus, RunSummary, SplitName,
+    AdapterMetrics, BaseFormSpec, ChatMessage, LossOn, LrSchedule, MethodSpec, MetricKind,
+    RunDetail, RunEvent, RunMetric, RunSpec, RunStatus, RunSummary, SplitName,
 };
 
 use crate::datasets::Sample;
@@ -320,6 +320,56 @@ pub fn estimate_memory(
     batch_size: usize,
     max_len: usize,
 ) -> MemoryEstimate {
+    estimate_memory_on(cfg, method, batch_size, max_len, BaseFormSpec::F32, 0)
+}
+
+/// Bytes a compact base holds per byte of the GGUF file it came from: the decode kernel's
+/// blocks (Q4_1 repacked to 6 bits per weight from the file's 5; the K-quants' scales unpacked,
+/// 4.75 bits for Q4_K's 4.5), the embedding table's own blocks, and the allocator's slack.
+pub const QUANTIZED_BASE_BYTES_PER_FILE_BYTE: f64 = 1.3;
+
+/// Bytes per weight of a bf16 base: its values (2) beside the quantized blocks the decode
+/// kernel keeps (see [`KEPT_COPY_BYTES_PER_PARAM`]).
+pub const BF16_BASE_BYTES_PER_PARAM: f64 = 2.0;
+
+/// The frozen base's bytes for LoRA and prompt tuning held in `base` (see
+/// [`estimate_memory_on`]); `None` for the f32 form, whose parts [`estimate_memory_on`] sums.
+fn compact_base_bytes(cfg: &Config, base: BaseFormSpec, stored_bytes: u64) -> Option<u64> {
+    let p = cfg.num_parameters() as f64;
+    let tied_head = if cfg.tie_word_embeddings {
+        // The tied head's decode kernel holds the table's blocks a second time.
+        (cfg.vocab_size * cfg.hidden_size) as f64 * 1.1
+    } else {
+        0.0
+    };
+    match base {
+        BaseFormSpec::F32 => None,
+        // A file Attune cannot keep in blocks (a Hugging Face folder) is held in bf16.
+        BaseFormSpec::Quantized if stored_bytes > 0 => Some(
+            (stored_bytes as f64 * QUANTIZED_BASE_BYTES_PER_FILE_BYTE + tied_head).ceil() as u64,
+        ),
+        BaseFormSpec::Quantized | BaseFormSpec::Bf16 => {
+            let kept = if stored_bytes > 0 {
+                KEPT_COPY_BYTES_PER_PARAM
+            } else {
+                0.0
+            };
+            Some((p * (BF16_BASE_BYTES_PER_PARAM + kept)).ceil() as u64)
+        }
+    }
+}
+
+/// [`estimate_memory`] with LoRA's and prompt tuning's frozen base held in `base`
+/// (`stored_bytes`: the size of the GGUF file the model loads from, 0 for a Hugging Face
+/// folder). Full fine-tuning ignores `base`.
+pub fn estimate_memory_on(
+    cfg: &Config,
+    method: &MethodSpec,
+    batch_size: usize,
+    max_len: usize,
+    base: BaseFormSpec,
+    stored_bytes: u64,
+) -> MemoryEstimate {
     let p = cfg.num_parameters() as u64;
     let t = trainable_params(cfg, method);
     // Saturating: settings past any real machine give an estimate near u64::MAX, which no
@@ -345,7 +395,14 @@ pub fn estimate_memory(
     } else {
         0
     };
-    let weights = m(4, p).saturating_add(kept).saturating_add(packed);
+    let compact = match method {
+        MethodSpec::Full => None,
+        _ => compact_base_bytes(cfg, base, stored_bytes),
+    };
+    let weights = match compact {
+        Some(bytes) => bytes,
+        None => m(4, p).saturating_add(kept).saturating_add(packed),
+    };
     let optimizer = match method {
         MethodSpec::Full => m(12, t),
         _ => m(16, t),
@@ -394,8 +451,14 @@ impl Engine {
         method: &MethodSpec,
         batch_size: usize,
         max_len: usize,
+        base: BaseFormSpec,
+        model: &attune_protocol::ModelSummary,
     ) -> MemoryEstimate {
-        let mut est = estimate_memory(cfg, method, batch_size, max_len);
+        let stored = match model.format {
+            attune_protocol::ModelFormat::Gguf => model.file_size,
+            attune_protocol::ModelFormat::Safetensors => 0,
+        };
+        let mut est = estimate_memory_on(cfg, method, batch_size, max_len, base, stored);
         let resident = process_resident_bytes().unwrap_or(0);
         est.held = resident.saturating_sub(est.runtime);
         est.resident = resident;
@@ -570,6 +633,15 @@ pub(crate) fn validate(spec: &RunSpec, cfg: &Config) -> Result<(), EngineError> 
     };
     range("batch_size", spec.batch_size, MAX_BATCH_SIZE)?;
     range("grad_accum", spec.grad_accum, MAX_GRAD_ACCUM)?;
+    if let (MethodSpec::Full, Some(b)) = (&spec.method, spec.base) {
+        if b != BaseFormSpec::F32 {
+            return bad(format!(
+                "full fine-tuning trains every weight in f32: a {} base applies to LoRA and \
+                 prompt tuning only",
+                b.as_str()
+            ));
+        }
+    }
     if let Some(steps) = spec.steps {
         range("steps", steps, MAX_STEPS)?;
     }
@@ -683,6 +755,8 @@ pub(crate) struct RunPlan {
     pub total_steps: usize,
     /// Mean tokens per example after truncation (or per packed block).
     pub mean_example_tokens: f64,
+    /// How LoRA and prompt tuning hold the frozen base: the spec's, or the engine's choice.
+    pub base: BaseFormSpec,
 }
 
 pub(crate) fn total_steps(spec: &RunSpec, train_rows: u64) -> usize {
@@ -708,6 +782,8 @@ pub(crate) enum Smaller {
     },
     MaxLen(usize),
     Lora,
+    /// LoRA or prompt tuning on the quantized base.
+    QuantizedBase,
 }
 
 /// The changes that would shrink `spec`, most effective first.
@@ -724,6 +800,8 @@ pub(crate) fn smaller_settings(spec: &RunSpec) -> Vec<Smaller> {
     }
     if matches!(spec.method, MethodSpec::Full) {
         s.push(Smaller::Lora);
+    } else if spec.base != Some(BaseFormSpec::Quantized) {
+        s.push(Smaller::QuantizedBase);
     }
     s
 }
@@ -741,6 +819,9 @@ fn suggestion(spec: &RunSpec) -> String {
             }
             Smaller::MaxLen(n) => format!("a shorter --max-len (e.g. {n})"),
             Smaller::Lora => "--method lora instead of full fine-tuning".to_string(),
+            Smaller::QuantizedBase => {
+                "--base quantized (the base kept in its file's blocks)".to_string()
+            }
         })
         .collect();
     if s.is_empty() {
@@ -974,8 +1055,17 @@ impl Engine {
             (None, None) => {}
         }
         let lengths = self.train_lengths(&dataset, &model)?;
-        let memory = self.run_memory(&cfg, &spec.method, spec.batch_size, spec.max_len);
         let available = available_memory();
+        let (base, memory) = self.choose_base(spec, &model, available, |base| {
+            self.run_memory(
+                &cfg,
+                &spec.method,
+                spec.batch_size,
+                spec.max_len,
+                base,
+                &model,
+            )
+        });
         let fits = available.is_none_or(|a| memory.needed() <= a);
         let rows = lengths.len() as u64;
         let (train_examples, example_tokens) = if spec.pack {
@@ -1001,7 +1091,35 @@ impl Engine {
             fits,
             total_steps,
             mean_example_tokens,
+            base,
         })
+    }
+
+    /// The frozen base's form for `spec` and the estimate with it: the spec's form, else f32
+    /// when it fits in `available`, else the most compact form (the quantized blocks of a GGUF
+    /// model, bf16 for a Hugging Face folder). Full fine-tuning is always f32.
+    fn choose_base(
+        &self,
+        spec: &RunSpec,
+        model: &attune_protocol::ModelSummary,
+        available: Option<u64>,
+        estimate: impl Fn(BaseFormSpec) -> MemoryEstimate,
+    ) -> (BaseFormSpec, MemoryEstimate) {
+        if matches!(spec.method, MethodSpec::Full) {
+            return (BaseFormSpec::F32, estimate(BaseFormSpec::F32));
+        }
+        if let Some(b) = spec.base {
+            return (b, estimate(b));
+        }
+        let dense = estimate(BaseFormSpec::F32);
+        if available.is_none_or(|a| dense.needed() <= a) {
+            return (BaseFormSpec::F32, dense);
+        }
+        let smallest = match model.format {
+            attune_protocol::ModelFormat::Gguf => BaseFormSpec::Quantized,
+            attune_protocol::ModelFormat::Safetensors => BaseFormSpec::Bf16,
+        };
+        (smallest, estimate(smallest))
     }
 
     /// [`Engine::plan_run`] for a preference run: the pairs as TRL tokenizes them (a pair
@@ -1022,13 +1140,22 @@ impl Engine {
                 dataset.name, spec.max_len
             )));
         }
-        let mut memory = self.run_memory(cfg, &spec.method, 2 * spec.batch_size, spec.max_len);
+        let available = available_memory();
+        let (base, mut memory) = self.choose_base(spec, &model, available, |base| {
+            self.run_memory(
+                cfg,
+                &spec.method,
+                2 * spec.batch_size,
+                spec.max_len,
+                base,
+                &model,
+            )
+        });
         if p.objective == attune_protocol::PreferenceObjective::Dpo
             && matches!(spec.method, MethodSpec::Full)
         {
             memory = memory.with_reference_copy(cfg);
         }
-        let available = available_memory();
         let fits = available.is_none_or(|a| memory.needed() <= a);
         let tokens: usize = pairs
             .iter()
@@ -1042,6 +1169,7 @@ impl Engine {
             memory,
             available,
             fits,
+            base,
         })
     }
 
@@ -1093,6 +1221,7 @@ impl Engine {
             dataset,
             memory: est,
             total_steps: total,
+            base,
             ..
         } = plan;
         let name = match spec.name.as_deref().map(str::trim) {
@@ -1136,6 +1265,10 @@ impl Engine {
         };
         let mut stored = spec.clone();
         stored.name = Some(name.clone());
+        // The form chosen now is the one the run trains with, resumed or not.
+        if !matches!(spec.method, MethodSpec::Full) {
+            stored.base = Some(base);
+        }
         let row = RunRow {
             id: 0,
             name,
@@ -1434,16 +1567,29 @@ impl Engine {
         // drop again (loaded in Auto, its peak measured up to ~300 MiB higher and varying).
         let full_f32 =
             matches!(spec.method, MethodSpec::Full) && !attune_models::train::full_bf16_opted_in();
+        // A compact base (LoRA, prompt tuning) loads with its quantized blocks only and is then
+        // held in its form: no dense or packed copy of the whole model is ever built.
+        let compact = match (&spec.method, spec.base) {
+            (MethodSpec::Full, _) | (_, None | Some(BaseFormSpec::F32)) => None,
+            (_, Some(BaseFormSpec::Bf16)) => Some(attune_models::linear::BaseForm::Bf16),
+            (_, Some(BaseFormSpec::Quantized)) => Some(attune_models::linear::BaseForm::Quantized),
+        };
         let loaded: LoadedModel = attune_models::loader::load_on_selected(
             &model_path,
             &LoadOptions {
-                compute: if full_f32 {
-                    ComputeMode::F32
-                } else {
-                    ComputeMode::Auto
+                compute: match (full_f32, compact) {
+                    (true, _) => ComputeMode::F32,
+                    (false, Some(_)) => ComputeMode::Quantized,
+                    (false, None) => ComputeMode::Auto,
                 },
             },
         )
+        .and_then(|mut m| {
+            if let Some(form) = compact {
+                m.model.set_base_form(form)?;
+            }
+            Ok(m)
+        })
         .map_err(|source| EngineError::ModelLoad {
             name: model_row.name.clone(),
             path: model_path.clone(),

@@ -529,6 +529,46 @@ pub enum LrSchedule {
     Constant,
 }
 
+/// How a run holds the frozen base of LoRA and prompt tuning: the memory it takes against its
+/// speed. Full fine-tuning always trains f32 weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseFormSpec {
+    /// Four bytes per weight (an f32 copy, or bf16 packed for the matrix units both ways): the
+    /// fastest.
+    #[default]
+    F32,
+    /// Two bytes per weight, expanded panel by panel inside each product.
+    Bf16,
+    /// The GGUF file's blocks (about 0.6 bytes per weight for Q4_K), expanded panel by panel
+    /// inside each product: the least memory.
+    Quantized,
+}
+
+impl BaseFormSpec {
+    pub const ALL: [BaseFormSpec; 3] = [
+        BaseFormSpec::F32,
+        BaseFormSpec::Bf16,
+        BaseFormSpec::Quantized,
+    ];
+
+    /// The command line's and the window's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaseFormSpec::F32 => "f32",
+            BaseFormSpec::Bf16 => "bf16",
+            BaseFormSpec::Quantized => "quantized",
+        }
+    }
+
+    /// Parses [`Self::as_str`]'s names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+}
+
 /// Everything a fine-tuning run is: what to train, on what, and how. Stored whole with
 /// the run so a resumed run continues with exactly the same settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -577,6 +617,10 @@ pub struct RunSpec {
     /// Train on a preference set's chosen/rejected pairs (DPO or ORPO) instead of supervised
     /// next-token loss; `method` still says what is trained (LoRA, full, soft prompt).
     pub preference: Option<PreferenceSpec>,
+    /// How LoRA and prompt tuning hold the frozen base; `None` lets the engine choose (f32 when
+    /// it fits in free memory, else the most compact form). A created run stores the form it
+    /// chose, so a resumed run trains as it started.
+    pub base: Option<BaseFormSpec>,
 }
 
 impl Default for RunSpec {
@@ -606,6 +650,7 @@ impl Default for RunSpec {
             eval_limit: None,
             forgetting_rows: 30,
             preference: None,
+            base: None,
         }
     }
 }

@@ -306,6 +306,21 @@ pub struct MethodEstimate {
     pub steps_in_budget: Option<u64>,
     /// One sentence: what it costs and what it gives.
     pub summary: String,
+    /// LoRA and prompt tuning: each way to hold the frozen base, with its memory and speed
+    /// (the preset's `spec.base` says which one the advisor chose). Empty for full
+    /// fine-tuning and templates.
+    #[serde(default)]
+    pub base_forms: Vec<BaseFormEstimate>,
+}
+
+/// One way to hold a run's frozen base ([`crate::BaseFormSpec`]), as the advisor estimates it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseFormEstimate {
+    pub form: crate::BaseFormSpec,
+    pub peak_memory_mb: u64,
+    pub fits: bool,
+    /// Training throughput with this form.
+    pub tokens_per_s: f64,
 }
 
 /// The advisor's answer.

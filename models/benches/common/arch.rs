@@ -26,6 +26,7 @@ pub const PRESETS: &[&str] = &[
     "gemma3-270m",
     "gemma3-1b",
     "llama3.2-1b",
+    "llama3.2-3b",
     "phi4-mini",
     "smollm3-3b",
 ];
@@ -91,6 +92,17 @@ pub fn preset(name: &str) -> R<Config> {
         }
         "llama3.2-1b" => {
             let mut c = shape(Family::Llama, 128_256, 2048, 8192, 16, 32, 8, 64);
+            c.rope_theta = 500_000.0;
+            c.rope_scaling = Some(RopeScaling::Llama3(Llama3RopeScaling {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            }));
+            c
+        }
+        "llama3.2-3b" => {
+            let mut c = shape(Family::Llama, 128_256, 3072, 8192, 28, 24, 8, 128);
             c.rope_theta = 500_000.0;
             c.rope_scaling = Some(RopeScaling::Llama3(Llama3RopeScaling {
                 factor: 32.0,

@@ -38,6 +38,7 @@ use super::linear::{lora_branch_backward, lora_branch_forward, Act, Frozen, WRef
 use super::profile::prof;
 use super::rms_norm::{rms_backward, rms_forward};
 use super::rope::rope_in_place;
+use super::stream::Streamed;
 use super::swiglu::{gated_backward, gated_forward, GateAct};
 use super::{borrow_f32, f32_slice, threads, CResult};
 
@@ -59,6 +60,8 @@ pub enum ProjWeight<'a> {
     F32(&'a Tensor),
     Bf16(&'a Arc<PackedWeight>),
     Mixed(&'a Tensor),
+    /// Frozen, kept compact (a quantized or bf16 base) and expanded panel by panel.
+    Streamed(&'a Arc<Streamed>),
 }
 
 impl<'a> ProjWeight<'a> {
@@ -66,6 +69,10 @@ impl<'a> ProjWeight<'a> {
         match self {
             ProjWeight::F32(w) | ProjWeight::Mixed(w) => w.dims().to_vec(),
             ProjWeight::Bf16(p) => vec![p.out_dim(), p.in_dim()],
+            ProjWeight::Streamed(s) => {
+                let (o, i) = s.dims();
+                vec![o, i]
+            }
         }
     }
 
@@ -73,7 +80,7 @@ impl<'a> ProjWeight<'a> {
     fn trained(self) -> Option<&'a Tensor> {
         match self {
             ProjWeight::F32(w) | ProjWeight::Mixed(w) => w.track_op().then_some(w),
-            ProjWeight::Bf16(_) => None,
+            ProjWeight::Bf16(_) | ProjWeight::Streamed(_) => None,
         }
     }
 }
@@ -283,6 +290,7 @@ pub fn fused_layer(
                 false,
             ),
             ProjWeight::Bf16(pw) => (Frozen::Bf16(pw.clone()), None, false),
+            ProjWeight::Streamed(sw) => (Frozen::Streamed(sw.clone()), None, false),
             ProjWeight::Mixed(w) => {
                 let (out, inp) = w.dims2()?;
                 borrow_f32!(v = w, "projection weight");
@@ -640,7 +648,7 @@ impl FusedLayer {
             .iter()
             .map(|p| match &p.w {
                 Frozen::F32(t) => Some(t.storage_and_layout()),
-                Frozen::Bf16(_) => None,
+                Frozen::Bf16(_) | Frozen::Streamed(_) => None,
             })
             .collect();
         let mut slices = Vec::with_capacity(guards.len());
@@ -650,6 +658,7 @@ impl FusedLayer {
                     WRef::F32(super::cpu_f32(&g.0, g.1, "a projection weight")?)
                 }
                 (Frozen::Bf16(pw), _) => WRef::Bf16(pw),
+                (Frozen::Streamed(sw), _) => WRef::Streamed(sw),
                 (Frozen::F32(_), None) => candle_core::bail!("fused layer: weight not borrowed"),
             });
         }

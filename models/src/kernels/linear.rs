@@ -16,17 +16,20 @@ use gemm::Parallelism;
 use super::amx::{PackedWeight, RowsBf16};
 use super::gemm::{matmul, matmul_scaled, product};
 use super::profile::prof;
+use super::stream::Streamed;
 use super::{borrow_f32, f32_slice, rows_features, threads, with_features, CResult};
 
 // ---------------------------------------------------------------------------------------------
 // Frozen weights, f32 or bf16
 // ---------------------------------------------------------------------------------------------
 
-/// A frozen weight `[out, in]`: f32, or bf16 packed for the matrix units.
+/// A frozen weight `[out, in]`: f32, bf16 packed for the matrix units, or kept compact
+/// (quantized blocks or bf16) and expanded a panel at a time ([`super::stream`]).
 #[derive(Clone, Debug)]
 pub enum Frozen {
     F32(Tensor),
     Bf16(Arc<PackedWeight>),
+    Streamed(Arc<Streamed>),
 }
 
 impl Frozen {
@@ -35,34 +38,39 @@ impl Frozen {
         match self {
             Frozen::F32(w) => w.dims2(),
             Frozen::Bf16(p) => Ok((p.out_dim(), p.in_dim())),
+            Frozen::Streamed(s) => Ok(s.dims()),
         }
     }
 
     /// The f32 form made contiguous and detached (an op keeps it).
-    fn owned(&self) -> CResult<Frozen> {
+    pub(crate) fn owned(&self) -> CResult<Frozen> {
         Ok(match self {
             Frozen::F32(w) => Frozen::F32(w.contiguous()?.detach()),
             Frozen::Bf16(p) => Frozen::Bf16(p.clone()),
+            Frozen::Streamed(s) => Frozen::Streamed(s.clone()),
         })
     }
 
     /// Runs `f` on the weight's slice-level form.
-    fn with_ref<R>(&self, f: impl FnOnce(WRef<'_>) -> CResult<R>) -> CResult<R> {
+    pub(crate) fn with_ref<R>(&self, f: impl FnOnce(WRef<'_>) -> CResult<R>) -> CResult<R> {
         match self {
             Frozen::F32(w) => {
                 borrow_f32!(w = w, "frozen weight");
                 f(WRef::F32(w))
             }
             Frozen::Bf16(p) => f(WRef::Bf16(p)),
+            Frozen::Streamed(s) => f(WRef::Streamed(s)),
         }
     }
 }
 
-/// A weight `[dout, din]` for one pass: f32 values, or the packed bf16 copy.
+/// A weight `[dout, din]` for one pass: f32 values, the packed bf16 copy, or a compact form
+/// expanded panel by panel.
 #[derive(Clone, Copy)]
 pub(crate) enum WRef<'a> {
     F32(&'a [f32]),
     Bf16(&'a PackedWeight),
+    Streamed(&'a Streamed),
 }
 
 /// An activation `[rows, features]` in f32, with its bf16 tiles made on first use, so the
@@ -89,6 +97,11 @@ impl<'a> Act<'a> {
         self.bf16
             .get_or_init(|| RowsBf16::from_f32(self.x, self.rows, self.cols))
     }
+
+    /// The bf16 tiles when a streamed weight's products run on the matrix units.
+    fn streamed_bf16(&self) -> Option<&RowsBf16> {
+        super::amx::available().then(|| self.bf16())
+    }
 }
 
 impl WRef<'_> {
@@ -98,6 +111,11 @@ impl WRef<'_> {
         match self {
             WRef::F32(w) => product(rows, dout, din, x.x, (din, 1), w, (1, din), par),
             WRef::Bf16(p) => p.forward_new(x.bf16()),
+            WRef::Streamed(s) => {
+                let mut y = vec![0f32; rows * dout];
+                s.forward(x.x, x.streamed_bf16(), rows, &mut y, false);
+                y
+            }
         }
     }
 
@@ -119,6 +137,7 @@ impl WRef<'_> {
                 par,
             ),
             WRef::Bf16(p) => p.forward(x.bf16(), dst, true),
+            WRef::Streamed(s) => s.forward(x.x, x.streamed_bf16(), rows, dst, true),
         }
     }
 
@@ -145,6 +164,12 @@ impl WRef<'_> {
             }
             (WRef::Bf16(p), Some(d)) => p.input_grad(dy.bf16(), d, true),
             (WRef::Bf16(p), dx) => *dx = Some(p.input_grad_new(dy.bf16())),
+            (WRef::Streamed(s), Some(d)) => s.input_grad(dy.x, dy.streamed_bf16(), rows, d, true),
+            (WRef::Streamed(s), dx) => {
+                let mut d = vec![0f32; rows * din];
+                s.input_grad(dy.x, dy.streamed_bf16(), rows, &mut d, false);
+                *dx = Some(d);
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::amx::{self, PackedB, PackedWeight, RowsBf16};
 use super::gemm::product;
+use super::linear::{Act, Frozen};
 use super::profile::prof;
 use super::{borrow_f32, f32_slice, tensor_vec, threads, CResult};
 
@@ -188,15 +189,40 @@ impl LmHeadNll {
                 Parallelism::Rayon(threads()),
             ),
         };
-        let vocab = logits.len() / n.max(1);
-        let mut lse = vec![0f32; n];
-        if vocab > 0 {
-            lse.par_iter_mut()
-                .zip(logits.par_chunks(vocab))
-                .for_each(|(o, row)| *o = row_lse(row));
-        }
+        let lse = rows_lse(&logits, n);
         (logits, lse)
     }
+}
+
+/// The log-sum-exp of each of the `n` rows of `logits`.
+fn rows_lse(logits: &[f32], n: usize) -> Vec<f32> {
+    let vocab = logits.len() / n.max(1);
+    let mut lse = vec![0f32; n];
+    if vocab > 0 {
+        lse.par_iter_mut()
+            .zip(logits.par_chunks(vocab))
+            .for_each(|(o, row)| *o = row_lse(row));
+    }
+    lse
+}
+
+/// Each row's NLL of its target, from its logits and log-sum-exp.
+fn rows_nll(logits: &[f32], lse: &[f32], targets: &[u32], vocab: usize) -> Vec<f32> {
+    lse.iter()
+        .zip(logits.chunks(vocab.max(1)))
+        .zip(targets)
+        .map(|((&lse, row), &t)| lse - row[t as usize])
+        .collect()
+}
+
+/// d logits = (softmax - onehot(target)) * grad, in place over the logits.
+fn logits_to_grad(d: &mut [f32], g: &[f32], targets: &[u32], lse: &[f32], vocab: usize) {
+    d.par_chunks_mut(vocab.max(1))
+        .zip(g.par_iter().zip(targets.par_iter()).zip(lse.par_iter()))
+        .for_each(|(row, ((&gr, &t), &lse))| {
+            super::simd::exp_in_place(row, lse, gr);
+            row[t as usize] -= gr;
+        });
 }
 
 impl CustomOp2 for LmHeadNll {
@@ -217,12 +243,7 @@ impl CustomOp2 for LmHeadNll {
         let (n, hid) = l1.shape().dims2()?;
         let (vocab, _) = l2.shape().dims2()?;
         let (logits, lse) = self.logits(h, w, n, hid);
-        let out = lse
-            .iter()
-            .zip(logits.chunks(vocab.max(1)))
-            .zip(&self.targets)
-            .map(|((&lse, row), &t)| lse - row[t as usize])
-            .collect();
+        let out = rows_nll(&logits, &lse, &self.targets, vocab);
         *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((logits, lse));
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -245,17 +266,7 @@ impl CustomOp2 for LmHeadNll {
             Some(k) => k,
             None => self.logits(hv, wv, n, hid),
         };
-        // d logits = (softmax - onehot(target)) * grad, in place over the logits.
-        d.par_chunks_mut(vocab.max(1))
-            .zip(
-                g.par_iter()
-                    .zip(self.targets.par_iter())
-                    .zip(lse.par_iter()),
-            )
-            .for_each(|(row, ((&gr, &t), &lse))| {
-                super::simd::exp_in_place(row, lse, gr);
-                row[t as usize] -= gr;
-            });
+        logits_to_grad(&mut d, &g, &self.targets, &lse, vocab);
         let par = Parallelism::Rayon(threads());
         let dh = match &self.packed {
             Some(p) => p.input_grad_new(&RowsBf16::from_f32(&d, n, vocab)),
@@ -273,6 +284,91 @@ impl CustomOp2 for LmHeadNll {
             None
         };
         Ok((Some(Tensor::from_vec(dh, (n, hid), h.device())?), dw))
+    }
+}
+
+/// As [`lm_head_nll`] for a frozen head in any [`Frozen`] form (a packed bf16 copy, or a
+/// compact quantized or bf16 base expanded panel by panel): differentiable in `h` only, and no
+/// f32 copy of the head is needed.
+pub fn lm_head_nll_frozen(h: &Tensor, w: &Frozen, targets: &[u32]) -> CResult<Tensor> {
+    let (n, hid) = h.dims2()?;
+    let (vocab, w_hid) = w.dims()?;
+    if hid != w_hid {
+        candle_core::bail!("lm head: hidden states have {hid} features, the weight {w_hid}")
+    }
+    if n != targets.len() {
+        candle_core::bail!("lm head: {n} rows but {} targets", targets.len())
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("lm head: target id {t} outside the vocabulary of {vocab}")
+    }
+    h.contiguous()?.apply_op1(LmHeadNllFrozen {
+        w: w.owned()?,
+        targets: targets.to_vec(),
+        kept: Mutex::new(None),
+    })
+}
+
+struct LmHeadNllFrozen {
+    w: Frozen,
+    targets: Vec<u32>,
+    /// The logits `[n, vocab]` and each row's log-sum-exp, from the forward pass.
+    kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl LmHeadNllFrozen {
+    fn logits(&self, h: &[f32], n: usize, hid: usize) -> CResult<(Vec<f32>, Vec<f32>)> {
+        let (vocab, _) = self.w.dims()?;
+        let par = Parallelism::Rayon(threads());
+        let logits = self
+            .w
+            .with_ref(|w| Ok(w.forward_new(&Act::new(h, n, hid), vocab, par)))?;
+        let lse = rows_lse(&logits, n);
+        Ok((logits, lse))
+    }
+}
+
+impl CustomOp1 for LmHeadNllFrozen {
+    fn name(&self) -> &'static str {
+        "attune-lm-head-nll-frozen"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("LmHeadNllFrozen.cpu_fwd");
+        let h = f32_slice(s, l, "lm head hidden states")?;
+        let (n, hid) = l.shape().dims2()?;
+        let (vocab, _) = self.w.dims()?;
+        let (logits, lse) = self.logits(h, n, hid)?;
+        let out = rows_nll(&logits, &lse, &self.targets, vocab);
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((logits, lse));
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let _pg = prof("LmHeadNllFrozen.bwd");
+        let (n, hid) = h.dims2()?;
+        let (vocab, _) = self.w.dims()?;
+        let g = tensor_vec(grad)?;
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (mut d, lse) = match kept {
+            Some(k) => k,
+            None => {
+                borrow_f32!(hv = h, "lm head hidden states");
+                self.logits(hv, n, hid)?
+            }
+        };
+        logits_to_grad(&mut d, &g, &self.targets, &lse, vocab);
+        let par = Parallelism::Rayon(threads());
+        let mut dh = None;
+        self.w.with_ref(|w| {
+            w.input_grad(&Act::new(&d, n, vocab), hid, &mut dh, par);
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(
+            dh.unwrap_or_default(),
+            (n, hid),
+            h.device(),
+        )?))
     }
 }
 
@@ -346,5 +442,31 @@ mod tests {
         assert!(max_diff(&frozen, &a) < 1e-6);
         assert!(lm_head_nll(&h, &w, HeadBf16::Off, &[37, 0, 0, 0, 0]).is_err());
         assert!(lm_head_nll(&h, &w, HeadBf16::Off, &[0, 0]).is_err());
+    }
+
+    /// The frozen-head op on an f32 weight and on a compact bf16 copy gives the f32 op's NLL and
+    /// input gradient (the bf16 copy within bf16's rounding).
+    #[test]
+    fn lm_head_nll_frozen_matches_the_f32_op() {
+        use crate::kernels::stream::{Bf16Matrix, Streamed};
+        let dev = Device::Cpu;
+        let h = Var::randn(0f32, 1., (7, 64), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.5, (300, 64), &dev).unwrap();
+        let t = [0u32, 299, 17, 17, 4, 256, 100];
+        let want = lm_head_nll(&h, &w, HeadBf16::Off, &t).unwrap();
+        let gw = want.sum_all().unwrap().backward().unwrap();
+        let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let compact =
+            Frozen::Streamed(Arc::new(Streamed::Bf16(Bf16Matrix::from_f32(&wv, 300, 64))));
+        for (form, tol) in [(Frozen::F32(w.clone()), 1e-5), (compact, 0.1)] {
+            let got = lm_head_nll_frozen(&h, &form, &t).unwrap();
+            assert!(max_diff(&got, &want) < tol, "nll {}", max_diff(&got, &want));
+            let g = got.sum_all().unwrap().backward().unwrap();
+            let d = max_diff(g.get(&h).unwrap(), gw.get(&h).unwrap());
+            assert!(d < tol, "dh {d}");
+        }
+        let f = Frozen::F32(w);
+        assert!(lm_head_nll_frozen(&h, &f, &[300, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(lm_head_nll_frozen(&h, &f, &[0, 0]).is_err());
     }
 }

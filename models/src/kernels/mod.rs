@@ -34,12 +34,13 @@ pub mod quant;
 pub mod rms_norm;
 pub mod rope;
 pub mod simd;
+pub mod stream;
 pub mod swiglu;
 
 pub use attention::{attention, attention_heads, cached_attention};
 pub use decode::lora_add;
 pub use linear::{frozen_linear, linear, lora_linear};
-pub use loss::{cross_entropy, lm_head_nll, HeadBf16};
+pub use loss::{cross_entropy, lm_head_nll, lm_head_nll_frozen, HeadBf16};
 pub use profile::take_profile;
 pub use rms_norm::{rms_norm, rms_norm_offset};
 pub use rope::{rope, rope_partial};

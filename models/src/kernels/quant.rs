@@ -180,6 +180,115 @@ impl Q41Matrix {
         Some(out)
     }
 
+    /// Output rows `n` and contraction length `k` (the weight is `[n, k]`).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Weights per block along a row: 32 (Q4_1, Q8_0) or 256 (the K-quants). A column range
+    /// [`Self::cols_f32`] expands starts and ends on these boundaries (or at `k`).
+    pub fn block_len(&self) -> usize {
+        match self.kind {
+            Kind::Q41 | Kind::Q80 => QK,
+            Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + self.qh.len() + self.sc.len() + 4 * (self.d.len() + self.m.len())
+    }
+
+    /// Block `b` of row `r` as f32 into `out` (`block_len` values), as the GGUF formats define
+    /// them (the same values candle's `dequantize` gives).
+    fn dequant_block(&self, r: usize, b: usize, out: &mut [f32]) {
+        let w = self.row(r);
+        match self.kind {
+            Kind::Q41 => {
+                let (d, m) = (w.d[b], w.m[b]);
+                let q = &w.qs[b * 16..(b + 1) * 16];
+                for j in 0..16 {
+                    out[j] = d * (q[j] & 0x0F) as f32 + m;
+                    out[j + 16] = d * (q[j] >> 4) as f32 + m;
+                }
+            }
+            Kind::Q80 => {
+                let d = w.d[b];
+                for (o, &q) in out[..QK].iter_mut().zip(&w.qs[b * QK..(b + 1) * QK]) {
+                    *o = d * (q as i8) as f32;
+                }
+            }
+            Kind::Q4K | Kind::Q5K => {
+                let five = self.kind == Kind::Q5K;
+                let qs = &w.qs[b * 128..(b + 1) * 128];
+                let sc = &w.sc[b * 16..b * 16 + 16];
+                for sub in 0..8 {
+                    let (j, half) = (sub / 2, sub % 2);
+                    let dl = w.d[b] * sc[sub] as f32;
+                    let ml = w.m[b] * sc[8 + sub] as f32;
+                    for l in 0..32 {
+                        let byte = qs[32 * j + l];
+                        let mut q = if half == 0 { byte & 0xF } else { byte >> 4 };
+                        if five {
+                            q |= ((w.qh[b * 32 + l] >> sub) & 1) << 4;
+                        }
+                        out[32 * sub + l] = dl * q as f32 - ml;
+                    }
+                }
+            }
+            Kind::Q6K => {
+                for n in 0..2 {
+                    let ql = &w.qs[b * 128 + 64 * n..b * 128 + 64 * (n + 1)];
+                    let qh = &w.qh[b * 64 + 32 * n..b * 64 + 32 * (n + 1)];
+                    for c in 0..2 {
+                        for l in 0..64 {
+                            let scale = w.sc[b * 16 + 8 * n + 4 * c + l / 16] as i8 as f32;
+                            let byte = ql[l];
+                            let lo = if c == 0 { byte & 0xF } else { byte >> 4 };
+                            let h = (qh[l % 32] >> (4 * c + 2 * (l / 32))) & 3;
+                            let q = (lo | (h << 4)) as i32 - 32;
+                            out[128 * n + 64 * c + l] = w.d[b] * scale * q as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows `r0..r1` as f32, row-major `[r1 - r0, k]` into `out`, rows in parallel.
+    pub fn rows_f32(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        use rayon::prelude::*;
+        let (k, bl) = (self.k, self.block_len());
+        out[..(r1 - r0) * k]
+            .par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(i, row)| {
+                for (b, blk) in row.chunks_exact_mut(bl).enumerate() {
+                    self.dequant_block(r0 + i, b, blk);
+                }
+            });
+    }
+
+    /// Columns `c0..c1` of every row as f32, row-major `[n, c1 - c0]` into `out`, rows in
+    /// parallel. `c0` and `c1` lie on block boundaries (`c1` may be `k`).
+    pub fn cols_f32(&self, c0: usize, c1: usize, out: &mut [f32]) {
+        use rayon::prelude::*;
+        let bl = self.block_len();
+        assert!(
+            c0 % bl == 0 && (c1 % bl == 0 || c1 == self.k) && c0 <= c1 && c1 <= self.k,
+            "Q41Matrix::cols_f32: columns {c0}..{c1} are not whole blocks of {bl}"
+        );
+        let w = c1 - c0;
+        out[..self.n * w]
+            .par_chunks_mut(w.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                for (i, blk) in row.chunks_exact_mut(bl).enumerate() {
+                    self.dequant_block(r, c0 / bl + i, blk);
+                }
+            });
+    }
+
     /// Row `r`'s share of each array.
     fn row(&self, r: usize) -> Row<'_> {
         let nb = self.k / QK;

@@ -31,7 +31,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::config::{Activation, Config, RopeScaling};
-use crate::linear::{ComputeMode, FusedDecode, Linear};
+use crate::linear::{BaseForm, ComputeMode, FusedDecode, Linear};
 use crate::{Error, Result};
 
 /// Root-mean-square layer norm with a learned scale: `x / rms(x) * w`, or `* (1 + w)` for
@@ -114,7 +114,8 @@ impl Embedding {
         let (b, l) = ids.dims2()?;
         let flat = ids.flatten_all()?;
         let e = match (&self.weight, &self.qweight) {
-            (Some(w), _) => w.index_select(&flat, 0)?,
+            // An f32 table, or a bf16 one (a compact base) widened row by row.
+            (Some(w), _) => w.index_select(&flat, 0)?.to_dtype(DType::F32)?,
             (None, Some(q)) => q.embedding(&flat)?,
             (None, None) => return Err(Error::InvalidParams("embedding has no weights".into())),
         };
@@ -129,7 +130,7 @@ impl Embedding {
     /// The dense table, dequantizing if only the quantized one is kept.
     pub fn weight_f32(&self) -> Result<Tensor> {
         match (&self.weight, &self.qweight) {
-            (Some(w), _) => Ok(w.clone()),
+            (Some(w), _) => Ok(w.to_dtype(DType::F32)?),
             (None, Some(q)) => Ok(q.dequantize(&q.device())?),
             (None, None) => Err(Error::InvalidParams("embedding has no weights".into())),
         }
@@ -1263,6 +1264,79 @@ impl Llama {
         // The head keeps its f32 weight too: a tied head shares it with the embedding anyway.
         self.lm_head.pack_bf16(false)?;
         Ok(())
+    }
+
+    /// Holds the frozen base in `form` (see [`BaseForm`]): every projection and the LM head
+    /// (through [`Linear::set_base_form`]), and for either compact form the embedding table
+    /// too: its GGUF blocks only (rows are expanded as they are looked up), or bf16 values where
+    /// it has none. Going back to `F32` restores dense copies. LoRA and prompt tuning train on any
+    /// form; full fine-tuning replaces the weights with f32 variables whatever the form.
+    pub fn set_base_form(&mut self, form: BaseForm) -> Result<()> {
+        for (_, l) in self.linears_mut() {
+            l.set_base_form(form)?;
+        }
+        self.lm_head.set_base_form(form)?;
+        if form == BaseForm::F32 && self.lm_head.mode() == ComputeMode::AutoF32 {
+            self.lm_head.set_mode(ComputeMode::Auto)?;
+        } else if form != BaseForm::F32 {
+            // The dense model multiplies its head in f32 outside training (the bf16 packing is
+            // made for training only): so does the compact one (training runs the head's loss
+            // on the matrix units either way, `kernels::lm_head_nll_frozen`).
+            self.lm_head.set_mode(ComputeMode::AutoF32)?;
+        }
+        let e = &mut self.embed_tokens;
+        if e.weight.as_ref().is_some_and(|w| w.track_op()) || !self.device.is_cpu() {
+            return Ok(());
+        }
+        match form {
+            BaseForm::F32 => {
+                if e.weight.is_none() || e.weight.as_ref().is_some_and(|w| w.dtype() != DType::F32)
+                {
+                    e.weight = Some(e.weight_f32()?);
+                }
+            }
+            // The table's blocks give exact rows (rounding the table to bf16 moved a decode
+            // step's logits by up to 0.8 on the default model: the residual stream carries the
+            // embedding unnormalized); a table without blocks (a Hugging Face folder, most often
+            // stored in bf16 already) is kept in bf16.
+            BaseForm::Quantized | BaseForm::Bf16 if e.qweight.is_some() => e.weight = None,
+            BaseForm::Quantized | BaseForm::Bf16 => {
+                let w = e.weight_f32()?.to_dtype(DType::BF16)?;
+                e.weight = Some(w);
+                e.qweight = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// How the frozen base is held (the LM head's form, which [`Self::set_base_form`] sets with
+    /// the projections').
+    pub fn base_form(&self) -> BaseForm {
+        self.lm_head.base_form()
+    }
+
+    /// Bytes the model's weights hold in memory: every projection's and the head's forms, the
+    /// embedding table's, and the norms.
+    pub fn held_bytes(&self) -> usize {
+        let e = &self.embed_tokens;
+        // A tied head built from the table shares its f32 tensor.
+        let shared = self.cfg.tie_word_embeddings
+            && e.weight.as_ref().is_some_and(|w| w.dtype() == DType::F32)
+            && self.lm_head.weight().is_some();
+        let head = if shared {
+            self.lm_head.held_bytes() - self.lm_head.weight().map_or(0, |w| w.elem_count() * 4)
+        } else {
+            self.lm_head.held_bytes()
+        };
+        self.linears()
+            .iter()
+            .map(|(_, l)| l.held_bytes())
+            .sum::<usize>()
+            + head
+            + e.weight
+                .as_ref()
+                .map_or(0, |w| w.elem_count() * w.dtype().size_in_bytes())
+            + e.qweight.as_ref().map_or(0, |q| q.storage_size_in_bytes())
     }
 
     /// The compute mode the model was set to (its lm_head's, which every call sets).

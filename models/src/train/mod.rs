@@ -21,7 +21,7 @@ pub use examples::{
 pub use optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 
 use crate::kernels;
-use crate::linear::ComputeMode;
+use crate::linear::{BaseForm, ComputeMode};
 use crate::llama::Llama;
 use crate::tokenizer::Tok;
 use crate::{Error, Result};
@@ -151,11 +151,17 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
     // are opt-in: on the shared 2-core development machine they measured no faster than f32
     // (91 vs 90 and 74 vs 102 tok/s, 2026-12-03, load ~7) for ~580 MB more peak RSS.
     let full_bf16 = bf16 && full_bf16_opted_in();
-    model.set_compute_mode(if bf16 && !full {
-        ComputeMode::Auto
-    } else {
-        ComputeMode::F32
-    })?;
+    // A compact base (quantized or bf16, `Llama::set_base_form`) stays as it is for LoRA and
+    // prompt tuning: its products expand it panel by panel, on the matrix units where the CPU
+    // has them. Full fine-tuning makes f32 variables of every weight whatever the form.
+    let compact = model.base_form() != BaseForm::F32 && !full;
+    if !compact {
+        model.set_compute_mode(if bf16 && !full {
+            ComputeMode::Auto
+        } else {
+            ComputeMode::F32
+        })?;
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut params = Vec::new();
     let mut prefix = None;
@@ -393,6 +399,11 @@ pub fn token_nll(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Resul
             };
             Ok(kernels::lm_head_nll(&h, w, bf16, &batch.targets)?)
         }
+        // A frozen head with no f32 copy (packed bf16, or a compact base): the same one op.
+        None if head.bias().is_none() && head.lora().is_none() => match head.frozen() {
+            Some(f) => Ok(kernels::lm_head_nll_frozen(&h, &f, &batch.targets)?),
+            None => Ok(kernels::cross_entropy(&head.forward(&h)?, &batch.targets)?),
+        },
         _ => {
             let logits = head.forward(&h)?;
             Ok(kernels::cross_entropy(&logits, &batch.targets)?)

@@ -10,9 +10,9 @@ use crate::pages::runs::duration_text;
 use crate::{ipc, AppCtx, Page};
 use attune_protocol::ErrorCode;
 use attune_protocol::{
-    Advice, AdvisorGoal, DatasetSummary, DomainCount, IpcError, LossOn, LrSchedule, MethodEstimate,
-    MethodSpec, PreferenceLoss, PreferenceObjective, PreferenceSet, PreferenceSpec, RunCheck,
-    RunSpec, SplitName,
+    Advice, AdvisorGoal, BaseFormSpec, DatasetSummary, DomainCount, IpcError, LossOn, LrSchedule,
+    MethodEstimate, MethodSpec, PreferenceLoss, PreferenceObjective, PreferenceSet, PreferenceSpec,
+    RunCheck, RunSpec, SplitName,
 };
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -746,6 +746,21 @@ fn Settings(
                 "prompt" => view! { <PromptFields spec=spec field_error=field_error /> }.into_any(),
                 _ => view! { <p class="muted">"Full fine-tuning trains every weight; no method settings."</p> }.into_any(),
             }}
+            {move || (method_name.get() != "full" && !method_name.get().is_empty()).then(|| view! {
+                <Field label="Base held as" hint="How the frozen model is kept while its adapter trains: f32 is fastest; bf16 takes half its memory; quantized keeps the file's blocks, the least memory, a little slower. The memory check below follows the choice.">
+                    <select id="run-base"
+                        prop:value=move || spec.with(|s| s.as_ref().and_then(|s| s.base).map(|b| b.as_str()).unwrap_or("auto"))
+                        on:change=move |ev| {
+                            let v = event_target_value(&ev);
+                            spec.update(|s| if let Some(s) = s { s.base = BaseFormSpec::parse(&v); });
+                        }>
+                        <option value="auto">"automatic (f32 when it fits)"</option>
+                        <option value="f32">"f32 (fastest)"</option>
+                        <option value="bf16">"bf16 (half the memory)"</option>
+                        <option value="quantized">"quantized (least memory)"</option>
+                    </select>
+                </Field>
+            })}
             {move || is_pref.get().then(|| view! { <PrefFields spec=spec field_error=field_error pref_choice=pref_choice /> })}
             <details class="advanced" id="advanced">
                 <summary>"Advanced"</summary>
