@@ -54,6 +54,18 @@ pub fn default_model_path() -> std::path::PathBuf {
     standard_model_path()
 }
 
+/// Hands the allocator's free memory back to the system (glibc's `malloc_trim`): after a large
+/// set of buffers is dropped for good (a model made compact drops every dense copy and the
+/// tensors its blocks were read into), which [`tune_allocator`]'s trim threshold would
+/// otherwise keep resident. A no-op off glibc.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the system; it is safe to call any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Tunes glibc's allocator for tensor work: training allocates and frees buffers of tens of
 /// megabytes per op, which glibc by default hands back to the kernel (mmap/munmap) every time,
 /// so every op pays page faults on fresh memory (measured: the LoRA backward pass 3x slower).

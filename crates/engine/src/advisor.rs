@@ -897,6 +897,7 @@ impl Engine {
         let total = plan.total_steps as u64;
         let threads = candle_core::utils::get_num_threads() as u64;
         let (tps, _) = self.throughput(&plan.model, spec.method.name(), threads)?;
+        let tps = tps * compact_base_speed(plan.base);
         let tokens = total as f64
             * spec.batch_size as f64
             * spec.grad_accum as f64
@@ -931,6 +932,7 @@ impl Engine {
             estimated_seconds,
             suggestion,
             gpu_offer: gpu_offer.transpose()?,
+            base: plan.base,
         })
     }
 }

@@ -249,14 +249,34 @@ pub(crate) fn support(
     }
     let mut methods = Vec::new();
     let adapter_need = f32_weights + OVERHEAD;
+    // LoRA and soft prompts on the base held compact: the file's blocks (GGUF), else bf16.
+    let compact_need = match format {
+        ModelFormat::Gguf => {
+            (stored as f64 * crate::runs::QUANTIZED_BASE_BYTES_PER_FILE_BYTE) as u64 + OVERHEAD
+        }
+        ModelFormat::Safetensors => 2 * parameters + OVERHEAD,
+    };
+    let compact_words = match format {
+        ModelFormat::Gguf => "in its quantized blocks",
+        ModelFormat::Safetensors => "in bf16",
+    };
     if here(adapter_need) {
         methods.push("lora".to_string());
         methods.push("prompt".to_string());
+    } else if here(compact_need) {
+        methods.push("lora".to_string());
+        methods.push("prompt".to_string());
+        limits.push(format!(
+            "LoRA and soft prompts fit with the base held {compact_words} (about {}), not on an \
+             f32 copy ({}, more than this machine's {total}).",
+            gb(compact_need),
+            gb(adapter_need)
+        ));
     } else {
         limits.push(format!(
-            "LoRA and soft prompts train on an f32 copy of the weights: at least {}, more than \
-             this machine's {total} of memory.",
-            gb(adapter_need)
+            "LoRA and soft prompts need at least {} even with the base held {compact_words}, \
+             more than this machine's {total} of memory.",
+            gb(compact_need)
         ));
     }
     let full_need = 16 * parameters + OVERHEAD;
@@ -334,6 +354,23 @@ mod tests {
         );
         assert!(!s.chat && s.methods.is_empty());
         assert_eq!(s.limits.len(), 3);
+        // Llama-3.2-3B as Q4_K_M (2.0 GB) on an 8 GiB laptop: an f32 copy (12.8 GB) does not
+        // fit, the base in its quantized blocks does.
+        let (_, s) = support(
+            "llama",
+            3_200_000_000,
+            2_000_000_000,
+            ModelFormat::Gguf,
+            Some(8 * gib),
+        );
+        assert_eq!(s.methods, ["lora", "prompt"]);
+        assert!(
+            s.limits
+                .iter()
+                .any(|l| l.contains("held in its quantized blocks")),
+            "{:?}",
+            s.limits
+        );
         // Unknown memory: everything is taken to fit.
         let (_, s) = support("llama", 135_000_000, 92_000_000, ModelFormat::Gguf, None);
         assert!(s.chat && s.methods.len() == 3 && s.limits.is_empty());

@@ -328,8 +328,8 @@ pub fn estimate_memory(
 /// 4.75 bits for Q4_K's 4.5), the embedding table's own blocks, and the allocator's slack.
 pub const QUANTIZED_BASE_BYTES_PER_FILE_BYTE: f64 = 1.3;
 
-/// Bytes per weight of a bf16 base: its values (2) beside the quantized blocks the decode
-/// kernel keeps (see [`KEPT_COPY_BYTES_PER_PARAM`]).
+/// Bytes per weight of a bf16 base's values (a GGUF model keeps its decode kernel's blocks
+/// beside them).
 pub const BF16_BASE_BYTES_PER_PARAM: f64 = 2.0;
 
 /// The frozen base's bytes for LoRA and prompt tuning held in `base` (see
@@ -342,21 +342,24 @@ fn compact_base_bytes(cfg: &Config, base: BaseFormSpec, stored_bytes: u64) -> Op
     } else {
         0.0
     };
-    match base {
-        BaseFormSpec::F32 => None,
-        // A file Attune cannot keep in blocks (a Hugging Face folder) is held in bf16.
-        BaseFormSpec::Quantized if stored_bytes > 0 => Some(
-            (stored_bytes as f64 * QUANTIZED_BASE_BYTES_PER_FILE_BYTE + tied_head).ceil() as u64,
-        ),
-        BaseFormSpec::Quantized | BaseFormSpec::Bf16 => {
-            let kept = if stored_bytes > 0 {
-                KEPT_COPY_BYTES_PER_PARAM
-            } else {
-                0.0
-            };
-            Some((p * (BF16_BASE_BYTES_PER_PARAM + kept)).ceil() as u64)
-        }
-    }
+    // The LM head's input gradient expands one panel of the head at a time: `vocab` x 256 in
+    // f32 and again packed as bf16.
+    let head_panel = (cfg.vocab_size * attune_models::kernels::stream::PANEL * 6) as f64;
+    // A GGUF model's decode kernel keeps its blocks (Q4_1 repacked to 6 bits per weight from
+    // the file's 5; the K-quants' scales unpacked).
+    let blocks = if stored_bytes > 0 {
+        stored_bytes as f64 * QUANTIZED_BASE_BYTES_PER_FILE_BYTE + tied_head
+    } else {
+        0.0
+    };
+    let held = match base {
+        BaseFormSpec::F32 => return None,
+        BaseFormSpec::Quantized if stored_bytes > 0 => blocks,
+        // bf16 values beside the blocks; a file Attune cannot keep in blocks (a Hugging Face
+        // folder) is held in bf16 for either compact form.
+        BaseFormSpec::Quantized | BaseFormSpec::Bf16 => p * BF16_BASE_BYTES_PER_PARAM + blocks,
+    };
+    Some((held + head_panel).ceil() as u64)
 }
 
 /// [`estimate_memory`] with LoRA's and prompt tuning's frozen base held in `base`
@@ -414,7 +417,14 @@ pub fn estimate_memory_on(
             .saturating_add(cfg.vocab_size as u64)
             .saturating_add(backward_buffers),
     );
-    let activations = m(positions, per_position);
+    // A compact head's loss converts the logits' gradient to bf16 for its panels (the dense
+    // head's packed copy is counted with its weights).
+    let compact_head = if compact.is_some() {
+        m(positions, 2 * cfg.vocab_size as u64)
+    } else {
+        0
+    };
+    let activations = m(positions, per_position).saturating_add(compact_head);
     let runtime = TRAINING_RUNTIME;
     let sum = weights
         .saturating_add(optimizer)

@@ -356,6 +356,10 @@ pub struct RunCheck {
     /// A GPU machine through a run bundle, when it does not fit here.
     #[serde(default)]
     pub gpu_offer: Option<crate::GpuOffer>,
+    /// How LoRA and prompt tuning would hold the frozen base: the spec's form, or the one the
+    /// engine takes when the spec leaves it open (f32 when it fits, else the most compact).
+    #[serde(default)]
+    pub base: crate::BaseFormSpec,
 }
 
 // ---------------------------------------------------------------------------

@@ -1306,6 +1306,11 @@ impl Llama {
                 e.qweight = None;
             }
         }
+        if form != BaseForm::F32 {
+            // The dropped copies would otherwise stay resident under the allocator's trim
+            // threshold (`tune_allocator`).
+            crate::release_free_memory();
+        }
         Ok(())
     }
 

@@ -651,6 +651,10 @@ pub fn AdaptWizard() -> impl IntoView {
                                         fmt_mb(c.peak_memory_mb), fmt_mb(c.available_mb), c.total_steps,
                                         duration_text(c.estimated_seconds), c.tokens_per_s,
                                     )}
+                                    {(c.base != BaseFormSpec::F32).then(|| format!(
+                                        " The base is held {}.",
+                                        if c.base == BaseFormSpec::Quantized { "in its quantized blocks" } else { "in bf16" }
+                                    ))}
                                     {c.suggestion.clone().map(|s| view! { <p class="suggestion">{s}</p> })}
                                 </div>
                             }.into_any()

@@ -5,7 +5,9 @@
 use attune_test_support::default_model;
 use std::path::Path;
 
-use attune_protocol::{AdvisorGoal, DomainCount, ImportOptions, MethodSpec, RunSpec, Split};
+use attune_protocol::{
+    AdvisorGoal, BaseFormSpec, DomainCount, ImportOptions, MethodSpec, RunSpec, Split,
+};
 
 use super::*;
 use crate::store::MetricRow;
@@ -387,5 +389,92 @@ fn a_run_too_big_for_this_machine_is_offered_a_gpu_bundle() {
         (2u64 << 30..12u64 << 30).contains(&small),
         "full 4 x 1024 on SmolLM2-135M: {} MiB",
         small >> 20
+    );
+}
+
+#[test]
+fn lora_and_prompt_are_offered_each_base_form_and_a_run_keeps_its_form() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (e, model, ds) = library(dir.path(), 40);
+    let advice = e
+        .advise(&AdvisorGoal {
+            model_id: model,
+            dataset_id: Some(ds),
+            ..Default::default()
+        })
+        .expect("advise");
+    for m in ["lora", "prompt"] {
+        let est = advice.estimates.iter().find(|x| x.method == m).expect(m);
+        let forms: Vec<BaseFormSpec> = est.base_forms.iter().map(|f| f.form).collect();
+        assert_eq!(
+            forms,
+            BaseFormSpec::ALL,
+            "{m}: a GGUF model offers every form"
+        );
+        let mb = |f: BaseFormSpec| {
+            est.base_forms
+                .iter()
+                .find(|x| x.form == f)
+                .map(|x| x.peak_memory_mb)
+                .expect("form")
+        };
+        assert!(
+            mb(BaseFormSpec::Quantized) < mb(BaseFormSpec::Bf16)
+                && mb(BaseFormSpec::Bf16) < mb(BaseFormSpec::F32),
+            "{m}: {:?}",
+            est.base_forms
+        );
+        // The default model fits in f32 here: the preset leaves the form to the engine and
+        // its estimate is the f32 one.
+        let spec = est.spec.clone().expect("preset");
+        assert_eq!(spec.base, None);
+        assert_eq!(est.peak_memory_mb, mb(BaseFormSpec::F32));
+        assert!(est.summary.contains("quantized blocks"), "{}", est.summary);
+    }
+    let full = advice
+        .estimates
+        .iter()
+        .find(|x| x.method == "full")
+        .expect("full");
+    assert!(full.base_forms.is_empty());
+
+    // A run left to the engine stores the form it took; one that names a form keeps it.
+    let spec = |name: &str, base| RunSpec {
+        name: Some(name.into()),
+        model: model.to_string(),
+        dataset: ds.to_string(),
+        batch_size: 2,
+        max_len: 64,
+        steps: Some(1),
+        base,
+        ..Default::default()
+    };
+    let stored = |name: &str| -> RunSpec {
+        let row = e.store.find_run_by_name(name).expect("store").expect("run");
+        serde_json::from_str(&row.config_json).expect("spec")
+    };
+    let auto = e.check_run(&spec("auto", None)).expect("check");
+    assert_eq!(auto.base, BaseFormSpec::F32);
+    e.create_run(&spec("auto", None)).expect("create");
+    assert_eq!(stored("auto").base, Some(BaseFormSpec::F32));
+    let q = e
+        .check_run(&spec("q", Some(BaseFormSpec::Quantized)))
+        .expect("check");
+    assert_eq!(q.base, BaseFormSpec::Quantized);
+    assert!(q.peak_memory_mb < auto.peak_memory_mb, "{q:?} vs {auto:?}");
+    e.create_run(&spec("q", Some(BaseFormSpec::Quantized)))
+        .expect("create");
+    assert_eq!(stored("q").base, Some(BaseFormSpec::Quantized));
+    // Full fine-tuning trains f32 weights: a compact base is refused, in words.
+    let err = e
+        .check_run(&RunSpec {
+            method: MethodSpec::Full,
+            ..spec("full", Some(BaseFormSpec::Quantized))
+        })
+        .expect_err("full on a quantized base");
+    assert!(
+        err.to_string()
+            .contains("full fine-tuning trains every weight in f32"),
+        "{err}"
     );
 }
