@@ -204,6 +204,73 @@ fn logits_match_pytorch_from_gguf_and_safetensors() {
     }
 }
 
+/// Every family on a compact base (`Llama::set_base_form`): the GGUF's blocks (bf16 where a
+/// block type has no kernel) and bf16 values, and a Hugging Face folder in bf16: PyTorch's
+/// logits within bf16's tolerance, and a LoRA step's loss beside the f32 model's.
+#[test]
+fn families_on_a_compact_base_match_pytorch_and_train() {
+    use attune_models::linear::BaseForm;
+    use attune_models::train::{self, Example, LoraConfig, Method};
+    for f in FAMILIES {
+        let r = reference(f);
+        let exact = load(f, true, ComputeMode::F32);
+        let ids = ids_of(&r["generate"]["prompt_ids"]);
+        let ex = vec![Example {
+            targets: vec![true; ids.len()],
+            full_len: ids.len(),
+            truncated: false,
+            ids,
+        }];
+        let lora = Method::Lora(LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: exact
+                .model
+                .lora_targets()
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+            rslora: false,
+        });
+        let first_loss = |m: &loader::LoadedModel| {
+            let mut model = m.model.clone();
+            let tr = train::prepare(&mut model, &m.tokenizer, &lora, 1).expect("prepare");
+            let refs: Vec<&Example> = ex.iter().collect();
+            let batch = train::collate(&refs, 0, 0, model.device()).expect("collate");
+            let _ = tr;
+            train::nll_sum(&model, &batch, None)
+                .and_then(|t| Ok(t.to_scalar::<f32>()?))
+                .expect("loss") as f64
+        };
+        let want = first_loss(&exact);
+        for (source, gguf, form) in [
+            ("gguf quantized", true, BaseForm::Quantized),
+            ("gguf bf16", true, BaseForm::Bf16),
+            ("safetensors bf16", false, BaseForm::Quantized),
+        ] {
+            let what = format!("{f} {source}");
+            let mut m = load(
+                f,
+                gguf,
+                if gguf {
+                    ComputeMode::Quantized
+                } else {
+                    ComputeMode::F32
+                },
+            );
+            m.model.set_base_form(form).expect("base form");
+            check_prompts_within(&m.model, &m.tokenizer, &r["prompts"], 2e-2, 0.1, &what);
+            let got = first_loss(&m);
+            eprintln!("{what}: LoRA step-1 loss {got:.5}, f32 {want:.5}");
+            assert!(
+                (got - want).abs() <= 2e-2 * want.abs().max(1.0),
+                "{what}: LoRA's first loss {got} against f32's {want}"
+            );
+        }
+    }
+}
+
 #[test]
 fn chat_templates_render_as_transformers_does() {
     for f in FAMILIES {
