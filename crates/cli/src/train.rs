@@ -685,6 +685,9 @@ fn print_run(d: &RunDetail) {
         println!("error:     {e}");
     }
     println!("method:    {}", r.method);
+    if let (false, Some(b)) = (matches!(d.spec.method, MethodSpec::Full), d.spec.base) {
+        println!("base:      held as {}", b.as_str());
+    }
     println!("model:     {} (id {})", r.model, r.model_id);
     println!("dataset:   {} (id {})", r.dataset, r.dataset_id);
     println!("step:      {} of {}", r.step, r.total_steps);

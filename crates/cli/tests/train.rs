@@ -283,11 +283,41 @@ fn train_refusals_are_one_line_errors() {
         err.contains("unknown LoRA target 'foo'") && err.contains("choose from q_proj"),
         "{err}"
     );
+    let err = env.fails(&args(&["--base", "q4"]));
+    assert!(
+        err.contains("unknown base form 'q4'") && err.contains("f32, bf16 or quantized"),
+        "{err}"
+    );
+    let err = env.fails(&[
+        "train", "--model", "1", "--data", "tiny", "--method", "full", "--base", "quantized",
+    ]);
+    assert!(
+        err.contains("full fine-tuning trains every weight in f32"),
+        "{err}"
+    );
     assert_eq!(env.json(&["runs", "list", "--json"]), serde_json::json!([]));
     let err = env.fails(&["runs", "show", "7"]);
     assert!(err.contains("no run '7'"), "{err}");
     let err = env.fails(&["adapters", "rm", "nope"]);
     assert!(err.contains("no adapter 'nope'"), "{err}");
+}
+
+/// LoRA on the quantized base from the command line: the run trains, records its form and
+/// loads as an adapter like any other.
+#[test]
+fn train_on_a_quantized_base_records_its_form() {
+    let env = Env::new();
+    env.setup();
+    let out = env.ok(&args(&["--steps", "2", "--name", "qbase", "--base", "quantized"]));
+    assert!(out.contains("step 2/2"), "{out}");
+    let show = env.ok(&["runs", "show", "qbase"]);
+    assert!(show.contains("base:      held as quantized"), "{show}");
+    let spec = &env.json(&["runs", "show", "qbase", "--json"])["spec"];
+    assert_eq!(spec["base"], "quantized", "{spec}");
+    let g = env.json(&[
+        "generate", "--adapter", "qbase", "--max-tokens", "4", "--json", "Hello",
+    ]);
+    assert!(g["text"].as_str().is_some(), "{g}");
 }
 
 /// A run exported as a bundle and its result imported back, without Python: the "engine
