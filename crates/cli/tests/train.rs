@@ -289,7 +289,15 @@ fn train_refusals_are_one_line_errors() {
         "{err}"
     );
     let err = env.fails(&[
-        "train", "--model", "1", "--data", "tiny", "--method", "full", "--base", "quantized",
+        "train",
+        "--model",
+        "1",
+        "--data",
+        "tiny",
+        "--method",
+        "full",
+        "--base",
+        "quantized",
     ]);
     assert!(
         err.contains("full fine-tuning trains every weight in f32"),
@@ -308,14 +316,27 @@ fn train_refusals_are_one_line_errors() {
 fn train_on_a_quantized_base_records_its_form() {
     let env = Env::new();
     env.setup();
-    let out = env.ok(&args(&["--steps", "2", "--name", "qbase", "--base", "quantized"]));
+    let out = env.ok(&args(&[
+        "--steps",
+        "2",
+        "--name",
+        "qbase",
+        "--base",
+        "quantized",
+    ]));
     assert!(out.contains("step 2/2"), "{out}");
     let show = env.ok(&["runs", "show", "qbase"]);
     assert!(show.contains("base:      held as quantized"), "{show}");
     let spec = &env.json(&["runs", "show", "qbase", "--json"])["spec"];
     assert_eq!(spec["base"], "quantized", "{spec}");
     let g = env.json(&[
-        "generate", "--adapter", "qbase", "--max-tokens", "4", "--json", "Hello",
+        "generate",
+        "--adapter",
+        "qbase",
+        "--max-tokens",
+        "4",
+        "--json",
+        "Hello",
     ]);
     assert!(g["text"].as_str().is_some(), "{g}");
 }

@@ -350,7 +350,7 @@ mod tests {
             1_000_000_000,
             800_000_000,
             ModelFormat::Gguf,
-            Some(2 * gib),
+            Some(gib),
         );
         assert!(!s.chat && s.methods.is_empty());
         assert_eq!(s.limits.len(), 3);
