@@ -244,10 +244,11 @@ impl Linear {
     }
 
     /// Holds the frozen weight in `form` (see [`BaseForm`]): `Quantized` keeps only the decode
-    /// kernel's blocks or bf16 values where there is no kernel; `Bf16` bf16 values beside the
+    /// kernel's blocks, or bf16 values where there is no kernel; `Bf16` bf16 values beside the
     /// decode kernel's blocks (few-row products still read them); both drop every dense copy
-    /// and the quantized tensor the kernel's blocks were made from; `F32` back to the dense copy of the layer's mode. A layer
-    /// being trained (full fine-tuning) or off the CPU is left as it is.
+    /// and the quantized tensor the kernel's blocks were made from. `F32` goes back to the dense
+    /// copy of the layer's mode. A layer being trained (full fine-tuning) or off the CPU is left
+    /// as it is.
     pub fn set_base_form(&mut self, form: BaseForm) -> Result<()> {
         if self.weight.as_ref().is_some_and(|w| w.track_op()) || !self.device().is_cpu() {
             return Ok(());
