@@ -387,12 +387,12 @@ pub fn compact_base_speed(form: BaseFormSpec) -> f64 {
 }
 
 /// Training tokens/s on a bf16 base over the f32 base's (see [`compact_base_speed`]): the
-/// training bench on the default model, 2026-12-04, idle 2-core Xeon with AMX, batch 4 x 256:
-/// LoRA 376.8 / 579.8 (0.65), prompt tuning 413.7 / 673.2 (0.61); the lower one.
-pub const BF16_BASE_SPEED: f64 = 0.61;
-/// The same for the quantized base: LoRA 379.9 / 579.8 (0.66), prompt tuning 416.3 / 673.2
-/// (0.62).
-pub const QUANTIZED_BASE_SPEED: f64 = 0.62;
+/// training bench on the default model, 2026-12-04 16:25 UTC, idle 2-core Xeon with AMX, batch
+/// 4 x 256: LoRA 424.9 / 561.0 (0.76), prompt tuning 480.7 / 677.1 (0.71); the lower one.
+pub const BF16_BASE_SPEED: f64 = 0.71;
+/// The same for the quantized base: LoRA 440.1 / 561.0 (0.78), prompt tuning 492.9 / 677.1
+/// (0.73).
+pub const QUANTIZED_BASE_SPEED: f64 = 0.73;
 
 /// "in bf16" / "in its quantized blocks".
 fn base_form_words(form: BaseFormSpec) -> &'static str {

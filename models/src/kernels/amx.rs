@@ -129,11 +129,33 @@ fn convert_32(src: &[f32], dst: &mut [u16]) {
         unsafe { convert_32_avx512(src, dst) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if src.len() == TILE_MN && dst.len() >= TILE_K && available() {
+        // Half a row (`PackedB::from_cols` converts 16 columns at a time).
+        // SAFETY: available() checked AVX512F and AVX512-BF16; `src` holds 16 values and
+        // `dst` at least 32.
+        unsafe { convert_16_avx512(src, dst) };
+        dst[TILE_MN..TILE_K].fill(0);
+        return;
+    }
     for (d, s) in dst
         .iter_mut()
         .zip(src.iter().chain(std::iter::repeat(&0.0)))
     {
         *d = to_bf16(*s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert_16_avx512(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= 16 && dst.len() >= 16);
+    // SAFETY: both slices hold at least 16 values (asserted); unaligned load and store.
+    unsafe {
+        let v = _mm512_loadu_ps(src.as_ptr());
+        let packed: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(dst.as_mut_ptr().cast(), packed);
     }
 }
 

@@ -147,11 +147,17 @@ impl Streamed {
         for r0 in (0..dout).step_by(PANEL) {
             let r1 = (r0 + PANEL).min(dout);
             let buf = &mut panel[..(r1 - r0) * din];
-            self.rows_f32(r0, r1, buf);
+            {
+                let _pg = prof("stream.expand_rows");
+                self.rows_f32(r0, r1, buf);
+            }
             let out = &mut dst[r0..];
             match xb {
                 Some(xb) => {
-                    let b = PackedB::from_rows(buf, r1 - r0, din);
+                    let b = {
+                        let _pg = prof("stream.pack_rows");
+                        PackedB::from_rows(buf, r1 - r0, din)
+                    };
                     amx::matmul(xb, &b, out, dout, accumulate);
                 }
                 None => matmul(
@@ -192,11 +198,17 @@ impl Streamed {
             let c1 = (c0 + step).min(din);
             let w = c1 - c0;
             let buf = &mut panel[..dout * w];
-            self.cols_f32(c0, c1, buf);
+            {
+                let _pg = prof("stream.expand_cols");
+                self.cols_f32(c0, c1, buf);
+            }
             let out = &mut dx[c0..];
             match dyb {
                 Some(dyb) => {
-                    let b = PackedB::from_cols(buf, dout, w);
+                    let b = {
+                        let _pg = prof("stream.pack_cols");
+                        PackedB::from_cols(buf, dout, w)
+                    };
                     amx::matmul(dyb, &b, out, din, accumulate);
                 }
                 None => matmul(
