@@ -283,6 +283,34 @@ fn train_refusals_are_one_line_errors() {
         err.contains("unknown LoRA target 'foo'") && err.contains("choose from q_proj"),
         "{err}"
     );
+    // LoRA too big even on the quantized base, which the engine took when f32 did not fit:
+    // the refusal does not offer the form it already tried; on an f32 base it does.
+    let huge = [
+        "--batch-size",
+        "4096",
+        "--max-len",
+        "4096",
+        "--lora-targets",
+        "q_proj",
+    ];
+    let base_args = |b: &'static str| -> Vec<&str> {
+        let mut v = vec!["train", "--model", "1", "--data", "tiny"];
+        v.extend(huge);
+        if !b.is_empty() {
+            v.extend(["--base", b]);
+        }
+        v
+    };
+    let err = env.fails(&base_args(""));
+    assert!(
+        err.contains("will not fit") && !err.contains("--base quantized"),
+        "{err}"
+    );
+    let err = env.fails(&base_args("f32"));
+    assert!(
+        err.contains("will not fit") && err.contains("--base quantized"),
+        "{err}"
+    );
     let err = env.fails(&args(&["--base", "q4"]));
     assert!(
         err.contains("unknown base form 'q4'") && err.contains("f32, bf16 or quantized"),

@@ -910,7 +910,10 @@ impl Engine {
                 "This run needs about {} MB more but only {} MB is free. {}",
                 est.needed().div_ceil(1 << 20),
                 available.map(|a| a >> 20).unwrap_or(0),
-                plain_suggestion(spec)
+                plain_suggestion(&RunSpec {
+                    base: Some(plan.base),
+                    ..spec.clone()
+                })
             )
         });
         let gpu_offer = (!fits).then(|| {

@@ -1223,7 +1223,15 @@ impl Engine {
             return Err(EngineError::WontFit {
                 estimate_mb: plan.memory.needed().div_ceil(1 << 20),
                 available_mb: plan.available.unwrap_or(0) >> 20,
-                suggestion: format!("{}{gpu}", suggestion(spec)),
+                // What to change, from the form the plan took (a run left to the engine that
+                // is already on the quantized base is not told to take it).
+                suggestion: format!(
+                    "{}{gpu}",
+                    suggestion(&RunSpec {
+                        base: Some(plan.base),
+                        ..spec.clone()
+                    })
+                ),
             });
         }
         let RunPlan {
