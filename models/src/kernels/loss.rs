@@ -101,15 +101,9 @@ impl CustomOp1 for CrossEntropy {
 // LM head and cross-entropy in one op
 // ---------------------------------------------------------------------------------------------
 
-/// Per-row negative log-likelihood of `targets` under the logits `h W^T`: `h` `[n, hidden]`,
-/// `w` `[vocab, hidden]`; returns `[n]`. Differentiable in `h` and, when it is a variable, in
-/// `w`. The `[n, vocab]` logits never become a tensor of the graph: the op keeps them from the
-/// forward pass and turns them into their own gradient in place in the backward pass, so no
-/// second `[n, vocab]` buffer (nor autograd's zero-filled accumulator for it) is ever allocated.
-/// `bf16` says whether the products run in bf16 on the matrix units (see [`HeadBf16`]).
-pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> CResult<Tensor> {
-    let (n, hid) = h.dims2()?;
-    let (vocab, w_hid) = w.dims2()?;
+/// The LM head's inputs agree: `n` rows of `hid` features, a `[vocab, w_hid]` weight, one
+/// target id inside the vocabulary per row.
+fn check_head(n: usize, hid: usize, vocab: usize, w_hid: usize, targets: &[u32]) -> CResult<()> {
     if hid != w_hid {
         candle_core::bail!("lm head: hidden states have {hid} features, the weight {w_hid}")
     }
@@ -119,6 +113,19 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
     if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("lm head: target id {t} outside the vocabulary of {vocab}")
     }
+    Ok(())
+}
+
+/// Per-row negative log-likelihood of `targets` under the logits `h W^T`: `h` `[n, hidden]`,
+/// `w` `[vocab, hidden]`; returns `[n]`. Differentiable in `h` and, when it is a variable, in
+/// `w`. The `[n, vocab]` logits never become a tensor of the graph: the op keeps them from the
+/// forward pass and turns them into their own gradient in place in the backward pass, so no
+/// second `[n, vocab]` buffer (nor autograd's zero-filled accumulator for it) is ever allocated.
+/// `bf16` says whether the products run in bf16 on the matrix units (see [`HeadBf16`]).
+pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> CResult<Tensor> {
+    let (n, hid) = h.dims2()?;
+    let (vocab, w_hid) = w.dims2()?;
+    check_head(n, hid, vocab, w_hid, targets)?;
     let w = w.contiguous()?;
     let (packed, bf16_dw) = match bf16 {
         HeadBf16::Off => (None, false),
@@ -293,15 +300,7 @@ impl CustomOp2 for LmHeadNll {
 pub fn lm_head_nll_frozen(h: &Tensor, w: &Frozen, targets: &[u32]) -> CResult<Tensor> {
     let (n, hid) = h.dims2()?;
     let (vocab, w_hid) = w.dims()?;
-    if hid != w_hid {
-        candle_core::bail!("lm head: hidden states have {hid} features, the weight {w_hid}")
-    }
-    if n != targets.len() {
-        candle_core::bail!("lm head: {n} rows but {} targets", targets.len())
-    }
-    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("lm head: target id {t} outside the vocabulary of {vocab}")
-    }
+    check_head(n, hid, vocab, w_hid, targets)?;
     h.contiguous()?.apply_op1(LmHeadNllFrozen {
         w: w.owned()?,
         targets: targets.to_vec(),
