@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --workspace --bench inference`
 //! Environment: `ATTUNE_BENCH_MODE=auto|f32|quantized` (default auto), `ATTUNE_BENCH_RUNS`,
-//! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling) or `load` (3 loads), `ATTUNE_BENCH_JSON=<file>`
+//! `ATTUNE_BENCH_ONLY=pp` (prompt processing only, for profiling), `decode` (decode without
+//! and with the reference LoRA, each with its op profile under `ATTUNE_PROFILE_OPS=1`) or `load` (3 loads), `ATTUNE_BENCH_JSON=<file>`
 //! (also write the figures there as JSON).
 //!
 //! Other models and weight types, one row each (each in a child process, so its peak RSS is its
@@ -81,6 +82,32 @@ fn decode(
     }
     rates.remove(0); // first run warms the allocator and caches
     Ok((median(rates), out))
+}
+
+/// The model with the reference PEFT LoRA (r=8, all seven projections) attached, as the
+/// playground runs an adapter; `None` when `shared/reference` has no such adapter.
+fn with_reference_lora(model: &Llama) -> Result<Option<Llama>, Box<dyn std::error::Error>> {
+    let lora_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/reference/adapters/lora");
+    Ok(match attune_models::train::peft::load(&lora_dir) {
+        Ok(attune_models::train::peft::Adapter::Lora {
+            config, tensors, ..
+        }) => {
+            let mut adapted = model.clone();
+            attune_models::train::peft::apply_lora(&mut adapted, &config, &tensors)?;
+            Some(adapted)
+        }
+        _ => None,
+    })
+}
+
+/// Prints and clears the op profile (empty unless `ATTUNE_PROFILE_OPS=1`).
+fn print_profile() {
+    let mut p = attune_models::kernels::take_profile();
+    p.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (op, s, calls) in p {
+        println!("  {op:<32} {s:>8.3} s {calls:>8} calls");
+    }
 }
 
 fn peak_rss_mb() -> f64 {
@@ -242,6 +269,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         candle_core::utils::get_num_threads(),
         load_s
     );
+    if std::env::var("ATTUNE_BENCH_ONLY").as_deref() == Ok("decode") {
+        // Decode alone, without and with the reference LoRA, each followed by its op profile
+        // (`ATTUNE_PROFILE_OPS=1`): for profiling the per-token path.
+        let _ = attune_models::kernels::take_profile();
+        let (d64, _) = decode(&model, &chat, 64, runs)?;
+        println!("decode, 64 tokens: {d64:.1} tok/s");
+        print_profile();
+        if let Some(adapted) = with_reference_lora(&model)? {
+            let (d, _) = decode(&adapted, &chat, 64, runs)?;
+            println!("decode, 64 tokens, LoRA r=8 on 7 projections: {d:.1} tok/s");
+            print_profile();
+        }
+        return Ok(());
+    }
     let pp41 = pp(&model, &p41, runs * 2)?;
     let pp512 = pp(&model, &p512, runs.div_ceil(2).max(2))?;
     let mut json = serde_json::json!({
@@ -262,17 +303,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (d128, _) = decode(&model, &chat, 128, runs)?;
     // The same decode with the reference PEFT LoRA (r=8, all seven projections) attached, as the
     // playground runs an adapter: quantized base plus the low-rank branch.
-    let lora_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference/adapters/lora");
-    let lora_decode = match attune_models::train::peft::load(&lora_dir) {
-        Ok(attune_models::train::peft::Adapter::Lora {
-            config, tensors, ..
-        }) => {
-            let mut adapted = model.clone();
-            attune_models::train::peft::apply_lora(&mut adapted, &config, &tensors)?;
-            Some(decode(&adapted, &chat, 64, runs)?.0)
-        }
-        _ => None,
+    let lora_decode = match with_reference_lora(&model)? {
+        Some(adapted) => Some(decode(&adapted, &chat, 64, runs)?.0),
+        None => None,
     };
     println!("| work | attune |");
     println!("|---|---|");

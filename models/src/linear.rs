@@ -12,10 +12,11 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, TensorId};
 
 use crate::kernels::amx::{self, PackedWeight};
 use crate::kernels::block::ProjWeight;
+use crate::kernels::decode::LoraBf16;
 use crate::kernels::linear::Frozen;
 use crate::kernels::quant::Q41Matrix;
 use crate::kernels::stream::{Bf16Matrix, Streamed};
@@ -92,6 +93,25 @@ pub struct LoraBranch {
     /// Seed of the current training step's dropout mask; `None` (inference, evaluation) means no
     /// dropout. Derived per step by the trainer, so a resumed run draws the same masks.
     pub dropout_seed: Option<u64>,
+    /// The decode op's bf16 copy of `a` and `b` ([`DecodeCopy`]).
+    decode: DecodeCopy,
+}
+
+/// The bf16 copy of a branch's matrices that decode reads ([`crate::kernels::LoraBf16`]: half
+/// the bytes, and decode is bound by memory). Built on the first decode call and used while the
+/// branch holds the very tensors it was built from (compared by id: a branch given new `a` or
+/// `b` builds a new copy). Only untracked tensors take the decode op, and candle's tensors are
+/// immutable unless they are a `Var` (which tracks), so the copy cannot go stale. Clones of the
+/// branch share it.
+#[derive(Clone, Default)]
+struct DecodeCopy(Arc<DecodeSlot>);
+
+type DecodeSlot = std::sync::Mutex<Option<(TensorId, TensorId, Option<Arc<LoraBf16>>)>>;
+
+impl std::fmt::Debug for DecodeCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DecodeCopy")
+    }
 }
 
 /// A linear layer `y = x W^T (+ bias) (+ LoRA)`.
@@ -473,6 +493,7 @@ impl Linear {
             scale,
             dropout: 0.0,
             dropout_seed: None,
+            decode: DecodeCopy::default(),
         });
         Ok(())
     }
@@ -695,8 +716,19 @@ impl Linear {
             let tracked = x2.track_op() || l.a.track_op() || l.b.track_op();
             let dropout_on = l.dropout > 0.0 && l.dropout_seed.is_some();
             if !tracked && !dropout_on && x2.dim(0)? <= AUTO_QUANTIZED_MAX_ROWS {
-                // Decode: the branch in one op (dispatch, not arithmetic, is the cost here).
-                let y = crate::kernels::lora_add(&y, x2, &l.a, &l.b, l.scale as f32)?;
+                // Decode: the branch in one op (dispatch, not arithmetic, is the cost here). On
+                // the branch's bf16 copy where the base product took the quantized kernel, whose
+                // 8-bit activations round far more than bf16 weights on the branch do; an f32
+                // base keeps the f32 branch, so its decode still equals the full forward.
+                let bf16 = if self.uses_quantized(x2)? {
+                    l.decode_copy()?
+                } else {
+                    None
+                };
+                let y = match bf16 {
+                    Some(w) => crate::kernels::lora_add_bf16(&y, x2, &w, l.scale as f32)?,
+                    None => crate::kernels::lora_add(&y, x2, &l.a, &l.b, l.scale as f32)?,
+                };
                 let mut out_dims = lead.to_vec();
                 out_dims.push(self.out_dim);
                 return Ok(y.reshape(out_dims)?);
@@ -754,6 +786,7 @@ impl Linear {
             out.lora = Some(LoraBranch {
                 a: l.a.to_device(device)?,
                 b: l.b.to_device(device)?,
+                decode: DecodeCopy::default(),
                 ..l.clone()
             });
         }
@@ -762,6 +795,24 @@ impl Linear {
 }
 
 impl LoraBranch {
+    /// The bf16 copy decode reads ([`DecodeCopy`]), built on first use; `None` off the CPU or
+    /// where the CPU has no vector path for it.
+    fn decode_copy(&self) -> Result<Option<Arc<LoraBf16>>> {
+        if !self.a.device().is_cpu() {
+            return Ok(None);
+        }
+        let ids = (self.a.id(), self.b.id());
+        let mut slot = self.decode.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some((a, b, w)) if (*a, *b) == ids => Ok(w.clone()),
+            _ => {
+                let w = LoraBf16::new(&self.a, &self.b)?.map(Arc::new);
+                *slot = Some((ids.0, ids.1, w.clone()));
+                Ok(w)
+            }
+        }
+    }
+
     /// `scale * B (A x)` for `x2` `[rows, in]` (with the step's dropout on `x2` while training),
     /// from candle's own ops.
     pub fn branch(&self, x2: &Tensor) -> Result<Tensor> {

@@ -390,6 +390,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if matches!(cli.command, Command::Train(_)) {
+        // A training process: its peak memory as the estimate expects, before threads start.
+        attune_engine::single_arena();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

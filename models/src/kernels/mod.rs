@@ -38,7 +38,7 @@ pub mod stream;
 pub mod swiglu;
 
 pub use attention::{attention, attention_heads, cached_attention};
-pub use decode::lora_add;
+pub use decode::{lora_add, lora_add_bf16, LoraBf16};
 pub use linear::{frozen_linear, linear, lora_linear};
 pub use loss::{cross_entropy, lm_head_nll, lm_head_nll_frozen, HeadBf16};
 pub use profile::take_profile;
