@@ -36,14 +36,14 @@ fn check(y: &Tensor, x: &Tensor, r: usize, ain: usize, b: (usize, usize)) -> CRe
 pub fn lora_add(y: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, scale: f32) -> CResult<Tensor> {
     let (r, ain) = a.dims2()?;
     check(y, x, r, ain, b.dims2()?)?;
-    y.contiguous()?.apply_op2_no_bwd(
-        &x.contiguous()?,
-        &LoraAdd {
+    let op = LoraAdd {
+        weights: Branch::F32 {
             a: a.contiguous()?,
             b: b.contiguous()?,
-            scale,
         },
-    )
+        scale,
+    };
+    y.contiguous()?.apply_op2_no_bwd(&x.contiguous()?, &op)
 }
 
 /// A LoRA branch's `A` `[r, in]` and `B` `[out, r]` rounded to bf16 (nearest even), for
@@ -88,23 +88,21 @@ impl LoraBf16 {
 /// [`lora_add`] on the branch's bf16 copy.
 pub fn lora_add_bf16(y: &Tensor, x: &Tensor, w: &Arc<LoraBf16>, scale: f32) -> CResult<Tensor> {
     check(y, x, w.r, w.inp, (w.out, w.r))?;
-    y.contiguous()?.apply_op2_no_bwd(
-        &x.contiguous()?,
-        &LoraAddBf16 {
-            w: Arc::clone(w),
-            scale,
-        },
-    )
+    let op = LoraAdd {
+        weights: Branch::Bf16(Arc::clone(w)),
+        scale,
+    };
+    y.contiguous()?.apply_op2_no_bwd(&x.contiguous()?, &op)
+}
+
+/// The branch's matrices as the op reads them.
+enum Branch {
+    F32 { a: Tensor, b: Tensor },
+    Bf16(Arc<LoraBf16>),
 }
 
 struct LoraAdd {
-    a: Tensor,
-    b: Tensor,
-    scale: f32,
-}
-
-struct LoraAddBf16 {
-    w: Arc<LoraBf16>,
+    weights: Branch,
     scale: f32,
 }
 
@@ -394,33 +392,16 @@ impl CustomOp2 for LoraAdd {
         let _pg = prof("LoraAdd.cpu_fwd");
         let y = f32_slice(s1, l1, "lora_add y")?;
         let x = f32_slice(s2, l2, "lora_add x")?;
-        borrow_f32!(a = self.a, "lora_add A"; b = self.b, "lora_add B");
         let (rows, out) = l1.shape().dims2()?;
         let inp = l2.shape().dims2()?.1;
-        let r = a.len() / inp.max(1);
-        let res = branch_rows(a, b, y, x, (rows, inp, out, r), self.scale);
-        Ok((CpuStorage::F32(res), l1.shape().clone()))
-    }
-}
-
-impl CustomOp2 for LoraAddBf16 {
-    fn name(&self) -> &'static str {
-        "attune-lora-add-bf16"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let _pg = prof("LoraAddBf16.cpu_fwd");
-        let y = f32_slice(s1, l1, "lora_add y")?;
-        let x = f32_slice(s2, l2, "lora_add x")?;
-        let rows = l1.shape().dims2()?.0;
-        let w = &self.w;
-        let res = branch_rows(&w.a, &w.b, y, x, (rows, w.inp, w.out, w.r), self.scale);
+        let res = match &self.weights {
+            Branch::F32 { a, b } => {
+                borrow_f32!(a = a, "lora_add A"; b = b, "lora_add B");
+                let r = a.len() / inp.max(1);
+                branch_rows(a, b, y, x, (rows, inp, out, r), self.scale)
+            }
+            Branch::Bf16(w) => branch_rows(&w.a, &w.b, y, x, (rows, w.inp, w.out, w.r), self.scale),
+        };
         Ok((CpuStorage::F32(res), l1.shape().clone()))
     }
 }
@@ -429,7 +410,14 @@ impl CustomOp2 for LoraAddBf16 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::kernels::max_diff;
     use candle_core::Device;
+
+    /// `y + scale * (x A^T) B^T` from candle's matmuls.
+    fn reference(y: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Tensor {
+        let t = x.matmul(&a.t().unwrap()).unwrap();
+        (y + (t.matmul(&b.t().unwrap()).unwrap() * scale).unwrap()).unwrap()
+    }
 
     #[test]
     fn lora_add_equals_the_two_matmuls() {
@@ -474,22 +462,7 @@ mod tests {
                     .unwrap()
             };
             let got = lora_add_bf16(&y, &x, &Arc::new(w), 0.7).unwrap();
-            let want = (&y
-                + (x.matmul(&round(&a).t().unwrap())
-                    .unwrap()
-                    .matmul(&round(&b).t().unwrap())
-                    .unwrap()
-                    * 0.7)
-                    .unwrap())
-            .unwrap();
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&got, &reference(&y, &x, &round(&a), &round(&b), 0.7));
             assert!(
                 diff < 1e-4 * (inp as f32).sqrt(),
                 "{rows}x{inp} -> {out}, r {r}: {diff}"
@@ -507,22 +480,7 @@ mod tests {
         let a = Tensor::randn(0f32, 1.0, (r, inp), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, (out, r), &dev).unwrap();
         let got = lora_add(&y, &x, &a, &b, 0.7).unwrap();
-        let want = (&y
-            + (x.matmul(&a.t().unwrap())
-                .unwrap()
-                .matmul(&b.t().unwrap())
-                .unwrap()
-                * 0.7)
-                .unwrap())
-        .unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&got, &reference(&y, &x, &a, &b, 0.7));
         assert!(
             diff < 1e-4 * (inp as f32).sqrt(),
             "{rows}x{inp} -> {out}, r {r}: {diff}"
