@@ -392,23 +392,20 @@ impl RowsBf16 {
         let mt = m.div_ceil(2 * TILE_MN) * 2;
         let kt = k.div_ceil(TILE_K);
         let mut tiles = uninit_tiles(mt * kt);
-        tiles
-            .par_chunks_mut(kt.max(1))
-            .enumerate()
-            .for_each(|(i, row_tiles)| {
-                for (c, tile) in row_tiles.iter_mut().enumerate() {
-                    let out = tile.write(ZERO_TILE);
-                    let (k0, k1) = (c * TILE_K, ((c + 1) * TILE_K).min(k));
-                    for r in 0..TILE_MN {
-                        let row = i * TILE_MN + r;
-                        if row >= m {
-                            break;
-                        }
-                        let dst = &mut out.0[r * TILE_K..(r + 1) * TILE_K];
-                        convert_32(&x[row * k + k0..row * k + k1], dst);
+        super::pool::chunks_mut(&mut tiles, kt.max(1), |i, row_tiles| {
+            for (c, tile) in row_tiles.iter_mut().enumerate() {
+                let out = tile.write(ZERO_TILE);
+                let (k0, k1) = (c * TILE_K, ((c + 1) * TILE_K).min(k));
+                for r in 0..TILE_MN {
+                    let row = i * TILE_MN + r;
+                    if row >= m {
+                        break;
                     }
+                    let dst = &mut out.0[r * TILE_K..(r + 1) * TILE_K];
+                    convert_32(&x[row * k + k0..row * k + k1], dst);
                 }
-            });
+            }
+        });
         Self {
             tiles: assume_init(tiles),
             m,
@@ -430,33 +427,30 @@ impl RowsBf16 {
         let mt = m.div_ceil(2 * TILE_MN) * 2;
         let kt = k.div_ceil(TILE_K);
         let mut tiles = uninit_tiles(mt * kt);
-        tiles
-            .par_chunks_mut(kt.max(1))
-            .enumerate()
-            .for_each(|(i, row_tiles)| {
-                let (m0, m1) = (i * TILE_MN, ((i + 1) * TILE_MN).min(m));
-                // 32 rows of x (k) x 16 values (m), converted, then transposed into the tile.
-                let mut blk = [[0u16; TILE_K]; TILE_K];
-                for (c, tile) in row_tiles.iter_mut().enumerate() {
-                    let out = tile.write(ZERO_TILE);
-                    if m0 >= m {
-                        continue;
-                    }
-                    for (t, b) in blk.iter_mut().enumerate() {
-                        let kk = c * TILE_K + t;
-                        if kk < k {
-                            convert_32(&x[kk * m + m0..kk * m + m1], b);
-                        } else {
-                            *b = [0; TILE_K];
-                        }
-                    }
-                    for r in 0..TILE_MN {
-                        for (t, b) in blk.iter().enumerate() {
-                            out.0[r * TILE_K + t] = b[r];
-                        }
+        super::pool::chunks_mut(&mut tiles, kt.max(1), |i, row_tiles| {
+            let (m0, m1) = (i * TILE_MN, ((i + 1) * TILE_MN).min(m));
+            // 32 rows of x (k) x 16 values (m), converted, then transposed into the tile.
+            let mut blk = [[0u16; TILE_K]; TILE_K];
+            for (c, tile) in row_tiles.iter_mut().enumerate() {
+                let out = tile.write(ZERO_TILE);
+                if m0 >= m {
+                    continue;
+                }
+                for (t, b) in blk.iter_mut().enumerate() {
+                    let kk = c * TILE_K + t;
+                    if kk < k {
+                        convert_32(&x[kk * m + m0..kk * m + m1], b);
+                    } else {
+                        *b = [0; TILE_K];
                     }
                 }
-            });
+                for r in 0..TILE_MN {
+                    for (t, b) in blk.iter().enumerate() {
+                        out.0[r * TILE_K + t] = b[r];
+                    }
+                }
+            }
+        });
         Self {
             tiles: assume_init(tiles),
             m,
@@ -610,25 +604,13 @@ pub fn matmul(a: &RowsBf16, b: &PackedB, out: &mut [f32], out_rs: usize, accumul
         return;
     }
     let pairs = b.nt / 2;
-    let threads = super::threads().min(pairs).max(1);
-    // Column pairs per task: a few tasks per thread so uneven progress evens out.
-    let per = pairs.div_ceil(threads * 2).max(1);
     let ptr = OutPtr(out.as_mut_ptr());
-    let tasks: Vec<(usize, usize)> = (0..pairs)
-        .step_by(per)
-        .map(|s| (s, (s + per).min(pairs)))
-        .collect();
-    let run = |&(p0, p1): &(usize, usize)| {
+    super::pool::for_range(pairs, |r| {
         // SAFETY: available() holds (asserted), so the tile permission was granted and the CPU
-        // has AMX; the task writes only columns 32 * p0 .. 32 * p1 of `out`, inside its bounds
-        // (asserted above), and reads `a` and `b` within their tiles.
-        unsafe { kernel(a, b, ptr.get(), out_rs, m, n, p0, p1, accumulate) }
-    };
-    if tasks.len() == 1 {
-        run(&tasks[0]);
-    } else {
-        tasks.par_iter().for_each(run);
-    }
+        // has AMX; the task writes only columns 32 * r.start .. 32 * r.end of `out`, inside its
+        // bounds (asserted above), and reads `a` and `b` within their tiles.
+        unsafe { kernel(a, b, ptr.get(), out_rs, m, n, r.start, r.end, accumulate) }
+    });
 }
 
 /// A new row-major `[a.m, b.n]` product `a · b`, written without a zero-fill first.

@@ -9,7 +9,6 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use super::gemm::matmul;
 use super::profile::prof;
@@ -219,49 +218,46 @@ pub(crate) fn attention_forward(
     let (l, hd, g) = (d.l, d.hd, d.groups());
     let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
     // One task per (batch, kv head): its query heads' outputs `[g, l, hd]` and lse `[g, l]`.
-    let results: Vec<(Vec<f32>, Vec<f32>)> = (0..d.b * d.nkv)
-        .into_par_iter()
-        .map(|task| {
-            let (bi, kh) = (task / d.nkv, task % d.nkv);
-            let kg = &k[d.at(bi, kh, d.nkv)..];
-            let vg = &v[d.at(bi, kh, d.nkv)..];
-            let mut s = vec![0f32; l * l];
-            let mut out = vec![0f32; g * l * hd];
-            let mut lse = vec![0f32; g * l];
-            for j in 0..g {
-                let qh = &q[d.at(bi, kh * g + j, d.nh)..];
-                for (r0, r1) in attn_blocks(l) {
-                    head_probs(
-                        d,
-                        (r0, r1),
-                        qh,
-                        q_rs,
-                        kg,
-                        kv_rs,
-                        scale,
-                        &mut s,
-                        None,
-                        &mut lse[j * l..(j + 1) * l],
-                    );
-                    // out[r0..r1] = P[r0..r1, 0..r1] V[0..r1]
-                    matmul(
-                        r1 - r0,
-                        hd,
-                        r1,
-                        &mut out[(j * l + r0) * hd..(j + 1) * l * hd],
-                        (hd, 1),
-                        false,
-                        &s[r0 * l..],
-                        (l, 1),
-                        vg,
-                        (kv_rs, 1),
-                        Parallelism::None,
-                    );
-                }
+    let results: Vec<(Vec<f32>, Vec<f32>)> = super::pool::map(d.b * d.nkv, |task| {
+        let (bi, kh) = (task / d.nkv, task % d.nkv);
+        let kg = &k[d.at(bi, kh, d.nkv)..];
+        let vg = &v[d.at(bi, kh, d.nkv)..];
+        let mut s = vec![0f32; l * l];
+        let mut out = vec![0f32; g * l * hd];
+        let mut lse = vec![0f32; g * l];
+        for j in 0..g {
+            let qh = &q[d.at(bi, kh * g + j, d.nh)..];
+            for (r0, r1) in attn_blocks(l) {
+                head_probs(
+                    d,
+                    (r0, r1),
+                    qh,
+                    q_rs,
+                    kg,
+                    kv_rs,
+                    scale,
+                    &mut s,
+                    None,
+                    &mut lse[j * l..(j + 1) * l],
+                );
+                // out[r0..r1] = P[r0..r1, 0..r1] V[0..r1]
+                matmul(
+                    r1 - r0,
+                    hd,
+                    r1,
+                    &mut out[(j * l + r0) * hd..(j + 1) * l * hd],
+                    (hd, 1),
+                    false,
+                    &s[r0 * l..],
+                    (l, 1),
+                    vg,
+                    (kv_rs, 1),
+                    Parallelism::None,
+                );
             }
-            (out, lse)
-        })
-        .collect();
+        }
+        (out, lse)
+    });
     let mut out = vec![0f32; d.b * l * d.nh * hd];
     let mut lse = vec![0f32; d.b * d.nh * l];
     for (task, (o, ls)) in results.iter().enumerate() {
@@ -300,111 +296,108 @@ pub(crate) fn attention_backward(
     let (l, hd, g) = (d.l, d.hd, d.groups());
     let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
     // Per (batch, kv head): dq of its query heads `[g, l, hd]`, dk and dv `[l, hd]`.
-    let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.b * d.nkv)
-        .into_par_iter()
-        .map(|task| {
-            let (bi, kh) = (task / d.nkv, task % d.nkv);
-            let kg = &k[d.at(bi, kh, d.nkv)..];
-            let vg = &v[d.at(bi, kh, d.nkv)..];
-            let mut p = vec![0f32; l * l];
-            let mut dp = vec![0f32; l * l];
-            let mut dq = vec![0f32; g * l * hd];
-            let mut dk = vec![0f32; l * hd];
-            let mut dv = vec![0f32; l * hd];
-            let mut unused = vec![0f32; 0];
-            for j in 0..g {
-                let h = kh * g + j;
-                let off = d.at(bi, h, d.nh);
-                let (qh, oh, doh) = (&q[off..], &o[off..], &dout[off..]);
-                let lse_h = &lse[(bi * d.nh + h) * l..(bi * d.nh + h + 1) * l];
-                for (r0, r1) in attn_blocks(l) {
-                    let rb = r1 - r0;
-                    head_probs(
-                        d,
-                        (r0, r1),
-                        qh,
-                        q_rs,
-                        kg,
-                        kv_rs,
-                        scale,
-                        &mut p,
-                        Some(lse_h),
-                        &mut unused,
-                    );
-                    // dV[0..r1] += P_blk^T dO_blk
-                    matmul(
-                        r1,
-                        hd,
-                        rb,
-                        &mut dv,
-                        (hd, 1),
-                        true,
-                        &p[r0 * l..],
-                        (1, l),
-                        &doh[r0 * q_rs..],
-                        (q_rs, 1),
-                        Parallelism::None,
-                    );
-                    // dP_blk = dO_blk V[0..r1]^T
-                    matmul(
-                        rb,
-                        r1,
-                        hd,
-                        &mut dp[r0 * l..],
-                        (l, 1),
-                        false,
-                        &doh[r0 * q_rs..],
-                        (q_rs, 1),
-                        vg,
-                        (1, kv_rs),
-                        Parallelism::None,
-                    );
-                    // dS = P * (dP - rowsum(dO * O)) * scale (P is zero above the diagonal)
-                    for i in r0..r1 {
-                        let di: f32 = doh[i * q_rs..i * q_rs + hd]
-                            .iter()
-                            .zip(&oh[i * q_rs..i * q_rs + hd])
-                            .map(|(a, b)| a * b)
-                            .sum();
-                        let pr = &p[i * l..i * l + i + 1];
-                        let dr = &mut dp[i * l..i * l + r1];
-                        for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
-                            *x = pp * (*x - di) * scale;
-                        }
-                        dr[i + 1..].fill(0.0);
+    let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = super::pool::map(d.b * d.nkv, |task| {
+        let (bi, kh) = (task / d.nkv, task % d.nkv);
+        let kg = &k[d.at(bi, kh, d.nkv)..];
+        let vg = &v[d.at(bi, kh, d.nkv)..];
+        let mut p = vec![0f32; l * l];
+        let mut dp = vec![0f32; l * l];
+        let mut dq = vec![0f32; g * l * hd];
+        let mut dk = vec![0f32; l * hd];
+        let mut dv = vec![0f32; l * hd];
+        let mut unused = vec![0f32; 0];
+        for j in 0..g {
+            let h = kh * g + j;
+            let off = d.at(bi, h, d.nh);
+            let (qh, oh, doh) = (&q[off..], &o[off..], &dout[off..]);
+            let lse_h = &lse[(bi * d.nh + h) * l..(bi * d.nh + h + 1) * l];
+            for (r0, r1) in attn_blocks(l) {
+                let rb = r1 - r0;
+                head_probs(
+                    d,
+                    (r0, r1),
+                    qh,
+                    q_rs,
+                    kg,
+                    kv_rs,
+                    scale,
+                    &mut p,
+                    Some(lse_h),
+                    &mut unused,
+                );
+                // dV[0..r1] += P_blk^T dO_blk
+                matmul(
+                    r1,
+                    hd,
+                    rb,
+                    &mut dv,
+                    (hd, 1),
+                    true,
+                    &p[r0 * l..],
+                    (1, l),
+                    &doh[r0 * q_rs..],
+                    (q_rs, 1),
+                    Parallelism::None,
+                );
+                // dP_blk = dO_blk V[0..r1]^T
+                matmul(
+                    rb,
+                    r1,
+                    hd,
+                    &mut dp[r0 * l..],
+                    (l, 1),
+                    false,
+                    &doh[r0 * q_rs..],
+                    (q_rs, 1),
+                    vg,
+                    (1, kv_rs),
+                    Parallelism::None,
+                );
+                // dS = P * (dP - rowsum(dO * O)) * scale (P is zero above the diagonal)
+                for i in r0..r1 {
+                    let di: f32 = doh[i * q_rs..i * q_rs + hd]
+                        .iter()
+                        .zip(&oh[i * q_rs..i * q_rs + hd])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    let pr = &p[i * l..i * l + i + 1];
+                    let dr = &mut dp[i * l..i * l + r1];
+                    for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
+                        *x = pp * (*x - di) * scale;
                     }
-                    // dQ_blk = dS_blk K[0..r1] ; dK[0..r1] += dS_blk^T Q_blk
-                    matmul(
-                        rb,
-                        hd,
-                        r1,
-                        &mut dq[(j * l + r0) * hd..(j + 1) * l * hd],
-                        (hd, 1),
-                        false,
-                        &dp[r0 * l..],
-                        (l, 1),
-                        kg,
-                        (kv_rs, 1),
-                        Parallelism::None,
-                    );
-                    matmul(
-                        r1,
-                        hd,
-                        rb,
-                        &mut dk,
-                        (hd, 1),
-                        true,
-                        &dp[r0 * l..],
-                        (1, l),
-                        &qh[r0 * q_rs..],
-                        (q_rs, 1),
-                        Parallelism::None,
-                    );
+                    dr[i + 1..].fill(0.0);
                 }
+                // dQ_blk = dS_blk K[0..r1] ; dK[0..r1] += dS_blk^T Q_blk
+                matmul(
+                    rb,
+                    hd,
+                    r1,
+                    &mut dq[(j * l + r0) * hd..(j + 1) * l * hd],
+                    (hd, 1),
+                    false,
+                    &dp[r0 * l..],
+                    (l, 1),
+                    kg,
+                    (kv_rs, 1),
+                    Parallelism::None,
+                );
+                matmul(
+                    r1,
+                    hd,
+                    rb,
+                    &mut dk,
+                    (hd, 1),
+                    true,
+                    &dp[r0 * l..],
+                    (1, l),
+                    &qh[r0 * q_rs..],
+                    (q_rs, 1),
+                    Parallelism::None,
+                );
             }
-            (dq, dk, dv)
-        })
-        .collect();
+        }
+        (dq, dk, dv)
+    });
     let mut dq = vec![0f32; q.len()];
     let mut dk = vec![0f32; k.len()];
     let mut dv = vec![0f32; v.len()];
@@ -557,13 +550,13 @@ impl CustomOp3 for CachedAttention {
         let (scale, window) = (self.scale, self.window);
         let mut out = vec![0f32; b * l * row];
         // Tasks of `chunk` query rows (all heads): rows later in the prompt see more keys, so
-        // small chunks keep both threads busy to the end.
-        let chunk = if l >= 64 { 16 } else { l.max(1) };
+        // small chunks keep both threads busy to the end; a short prompt in quarters.
+        let chunk = if l >= 64 { 16 } else { l.div_ceil(4).max(1) };
         for bi in 0..b {
-            out[bi * l * row..(bi + 1) * l * row]
-                .par_chunks_mut(chunk * row)
-                .enumerate()
-                .for_each(|(c, dst)| {
+            super::pool::chunks_mut(
+                &mut out[bi * l * row..(bi + 1) * l * row],
+                chunk * row,
+                |c, dst| {
                     let i0 = c * chunk;
                     let rows = dst.len() / row;
                     let live = off + i0 + rows; // keys the chunk's last row sees
@@ -610,7 +603,8 @@ impl CustomOp3 for CachedAttention {
                             Parallelism::None,
                         );
                     }
-                });
+                },
+            );
         }
         Ok((CpuStorage::F32(out), Shape::from((b, l, row))))
     }

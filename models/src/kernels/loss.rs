@@ -206,9 +206,9 @@ fn rows_lse(logits: &[f32], n: usize) -> Vec<f32> {
     let vocab = logits.len() / n.max(1);
     let mut lse = vec![0f32; n];
     if vocab > 0 {
-        lse.par_iter_mut()
-            .zip(logits.par_chunks(vocab))
-            .for_each(|(o, row)| *o = row_lse(row));
+        super::pool::chunks_mut(&mut lse, 1, |i, o| {
+            o[0] = row_lse(&logits[i * vocab..(i + 1) * vocab])
+        });
     }
     lse
 }
@@ -224,12 +224,11 @@ fn rows_nll(logits: &[f32], lse: &[f32], targets: &[u32], vocab: usize) -> Vec<f
 
 /// d logits = (softmax - onehot(target)) * grad, in place over the logits.
 fn logits_to_grad(d: &mut [f32], g: &[f32], targets: &[u32], lse: &[f32], vocab: usize) {
-    d.par_chunks_mut(vocab.max(1))
-        .zip(g.par_iter().zip(targets.par_iter()).zip(lse.par_iter()))
-        .for_each(|(row, ((&gr, &t), &lse))| {
-            super::simd::exp_in_place(row, lse, gr);
-            row[t as usize] -= gr;
-        });
+    super::pool::chunks_mut(d, vocab.max(1), |i, row| {
+        let (gr, t) = (g[i], targets[i]);
+        super::simd::exp_in_place(row, lse[i], gr);
+        row[t as usize] -= gr;
+    });
 }
 
 impl CustomOp2 for LmHeadNll {

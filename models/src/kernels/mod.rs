@@ -29,6 +29,7 @@ pub mod decode;
 pub(crate) mod gemm;
 pub mod linear;
 pub mod loss;
+pub(crate) mod pool;
 pub mod profile;
 pub mod quant;
 pub mod rms_norm;

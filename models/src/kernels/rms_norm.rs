@@ -4,7 +4,6 @@
 //! so its gradient and its decay are the checkpoint's).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::profile::prof;
 use super::{borrow_f32, f32_slice, CResult};
@@ -36,16 +35,15 @@ pub(crate) fn rms_forward(x: &[f32], w: &[f32], eps: f32, offset: f32) -> Vec<f3
     let _pg = super::profile::prof("rms.fwd");
     let h = w.len();
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(h * 64)
-        .zip(x.par_chunks(h * 64))
-        .for_each(|(o, xi)| {
-            for (orow, xrow) in o.chunks_mut(h).zip(xi.chunks(h)) {
-                let r = inv_rms(xrow, eps);
-                for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
-                    *o = x * r * (w + offset);
-                }
+    super::pool::chunks_mut(&mut out, h * 64, |i, o| {
+        let xi = &x[i * h * 64..i * h * 64 + o.len()];
+        for (orow, xrow) in o.chunks_mut(h).zip(xi.chunks(h)) {
+            let r = inv_rms(xrow, eps);
+            for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
+                *o = x * r * (w + offset);
             }
-        });
+        }
+    });
     out
 }
 
@@ -72,34 +70,33 @@ pub(crate) fn rms_backward(
     } else {
         (0..n_chunks).map(|_| None).collect()
     };
-    dx.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-        .zip(dw_chunks.par_iter_mut())
-        .for_each(|((dxc, (xc, gc)), dwp)| {
-            for ((dxr, xr), gr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h)) {
-                let r = inv_rms(xr, eps);
-                // g' = dy * w; dx = r g' - x r^3 mean(g' x)
-                let mut dot = 0f32;
-                for ((&g, &w), &x) in gr.iter().zip(w).zip(xr) {
-                    dot += g * (w + offset) * x;
+    super::pool::chunks_mut2(dx, chunk, &mut dw_chunks, 1, |i, dxc, dwp| {
+        let s = i * chunk..i * chunk + dxc.len();
+        let (xc, gc, dwp) = (&x[s.clone()], &dy[s], &mut dwp[0]);
+        for ((dxr, xr), gr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h)) {
+            let r = inv_rms(xr, eps);
+            // g' = dy * w; dx = r g' - x r^3 mean(g' x)
+            let mut dot = 0f32;
+            for ((&g, &w), &x) in gr.iter().zip(w).zip(xr) {
+                dot += g * (w + offset) * x;
+            }
+            let c = r * r * r * dot / h as f32;
+            if accumulate {
+                for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
+                    *d += r * g * (w + offset) - x * c;
                 }
-                let c = r * r * r * dot / h as f32;
-                if accumulate {
-                    for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
-                        *d += r * g * (w + offset) - x * c;
-                    }
-                } else {
-                    for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
-                        *d = r * g * (w + offset) - x * c;
-                    }
-                }
-                if let Some(dwp) = dwp {
-                    for ((dw, &g), &x) in dwp.iter_mut().zip(gr).zip(xr) {
-                        *dw += g * x * r;
-                    }
+            } else {
+                for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
+                    *d = r * g * (w + offset) - x * c;
                 }
             }
-        });
+            if let Some(dwp) = dwp {
+                for ((dw, &g), &x) in dwp.iter_mut().zip(gr).zip(xr) {
+                    *dw += g * x * r;
+                }
+            }
+        }
+    });
     let mut dw = vec![0f32; if want_dw { h } else { 0 }];
     for part in dw_parts.chunks(h.max(1)) {
         for (a, b) in dw.iter_mut().zip(part) {

@@ -3,7 +3,6 @@
 //! head's `hd` dimensions and passes the rest through.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::profile::prof;
 use super::{borrow_f32, f32_slice, tensor_vec, CResult};
@@ -66,7 +65,7 @@ pub(crate) fn rope_in_place(
     if row == 0 || half == 0 {
         return;
     }
-    x.par_chunks_mut(row).enumerate().for_each(|(r, xr)| {
+    super::pool::chunks_mut(x, row, |r, xr| {
         let pos = r % l;
         let (c, s) = (
             &cos[pos * half..(pos + 1) * half],

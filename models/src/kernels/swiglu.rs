@@ -6,7 +6,6 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use super::gemm::{matmul, product};
 use super::profile::prof;
@@ -28,9 +27,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
 pub(crate) fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
     let _pg = super::profile::prof("swiglu.fwd");
     let mut out = vec![0f32; g.len()];
-    out.par_chunks_mut(SWIGLU_CHUNK)
-        .zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK)))
-        .for_each(|(o, (g, u))| super::simd::silu_mul(g, u, o));
+    super::pool::chunks_mut(&mut out, SWIGLU_CHUNK, |i, o| {
+        let s = i * SWIGLU_CHUNK..i * SWIGLU_CHUNK + o.len();
+        super::simd::silu_mul(&g[s.clone()], &u[s], o)
+    });
     out
 }
 
@@ -40,10 +40,10 @@ pub(crate) fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Ve
     const C: usize = SWIGLU_CHUNK;
     let mut dg = vec![0f32; g.len()];
     let mut du = vec![0f32; g.len()];
-    dg.par_chunks_mut(C)
-        .zip(du.par_chunks_mut(C))
-        .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
-        .for_each(|((dg, du), ((g, u), dy))| super::simd::silu_mul_bwd(g, u, dy, dg, du));
+    super::pool::chunks_mut2(&mut dg, C, &mut du, C, |i, dg, du| {
+        let s = i * C..i * C + dg.len();
+        super::simd::silu_mul_bwd(&g[s.clone()], &u[s.clone()], &dy[s], dg, du)
+    });
     (dg, du)
 }
 
@@ -68,14 +68,14 @@ pub(crate) fn gated_forward(act: GateAct, g: &[f32], u: &[f32]) -> Vec<f32> {
         GateAct::Silu => swiglu_forward(g, u),
         GateAct::GeluTanh => {
             let mut out = vec![0f32; g.len()];
-            out.par_chunks_mut(SWIGLU_CHUNK)
-                .zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK)))
-                .for_each(|(o, (g, u))| {
-                    for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
-                        let t = (GELU_K * (x + GELU_C * x * x * x)).tanh();
-                        *o = 0.5 * x * (1.0 + t) * u;
-                    }
-                });
+            super::pool::chunks_mut(&mut out, SWIGLU_CHUNK, |i, o| {
+                let s = i * SWIGLU_CHUNK..i * SWIGLU_CHUNK + o.len();
+                let (g, u) = (&g[s.clone()], &u[s]);
+                for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
+                    let t = (GELU_K * (x + GELU_C * x * x * x)).tanh();
+                    *o = 0.5 * x * (1.0 + t) * u;
+                }
+            });
             out
         }
     }
@@ -94,21 +94,20 @@ pub(crate) fn gated_backward(
             const C: usize = SWIGLU_CHUNK;
             let mut dg = vec![0f32; g.len()];
             let mut du = vec![0f32; g.len()];
-            dg.par_chunks_mut(C)
-                .zip(du.par_chunks_mut(C))
-                .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
-                .for_each(|((dg, du), ((g, u), dy))| {
-                    for ((((dg, du), &x), &u), &d) in
-                        dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy)
-                    {
-                        let t = (GELU_K * (x + GELU_C * x * x * x)).tanh();
-                        let gelu = 0.5 * x * (1.0 + t);
-                        let dgelu = 0.5 * (1.0 + t)
-                            + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * x * x);
-                        *du = d * gelu;
-                        *dg = d * u * dgelu;
-                    }
-                });
+            super::pool::chunks_mut2(&mut dg, C, &mut du, C, |i, dg, du| {
+                let s = i * C..i * C + dg.len();
+                let (g, u, dy) = (&g[s.clone()], &u[s.clone()], &dy[s]);
+                for ((((dg, du), &x), &u), &d) in
+                    dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy)
+                {
+                    let t = (GELU_K * (x + GELU_C * x * x * x)).tanh();
+                    let gelu = 0.5 * x * (1.0 + t);
+                    let dgelu = 0.5 * (1.0 + t)
+                        + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * x * x);
+                    *du = d * gelu;
+                    *dg = d * u * dgelu;
+                }
+            });
             (dg, du)
         }
     }
