@@ -316,6 +316,19 @@ struct LoraLinear {
     xa: Mutex<Option<Vec<f32>>>,
 }
 
+/// Rows per task of the LoRA branch's passes: a task runs all of the branch's thin products on
+/// its rows while they are in cache (one pass over `x`, `dy` and `dst` instead of one per product),
+/// and the tasks share the kernels' pool ([`super::pool`]).
+const LORA_ROWS: usize = 128;
+
+/// Rows per task: [`LORA_ROWS`], or all of them in one task under `Parallelism::None`.
+fn lora_block(rows: usize, par: Parallelism) -> usize {
+    match par {
+        Parallelism::None => rows.max(1),
+        _ => LORA_ROWS,
+    }
+}
+
 /// The LoRA branch of a projection, `dst += scale * (x A^T) B^T` for `x` `[rows, in]`, `A`
 /// `[r, in]`, `B` `[out, r]` (`dims` = `(rows, in, out, r)`); returns `x A^T` `[rows, r]`, which
 /// the backward pass reads.
@@ -330,27 +343,56 @@ pub(crate) fn lora_branch_forward(
     par: Parallelism,
 ) -> Vec<f32> {
     let _pg = super::profile::prof("lora_branch.fwd");
-    let xa = product(rows, r, din, x, (din, 1), a, (1, din), par);
-    matmul_scaled(
-        rows,
-        dout,
-        r,
-        dst,
-        (dout, 1),
-        true,
-        &xa,
-        (r, 1),
-        b,
-        (1, r),
-        scale,
-        par,
+    let mut xa = vec![0f32; rows * r];
+    if rows == 0 || din == 0 || dout == 0 || r == 0 {
+        return xa;
+    }
+    assert!(
+        x.len() >= rows * din && dst.len() >= rows * dout,
+        "lora branch: x holds {} values and dst {}, for [{rows}, {din}] -> [{rows}, {dout}]",
+        x.len(),
+        dst.len()
     );
+    let blk = lora_block(rows, par);
+    let dst = &mut dst[..rows * dout];
+    super::pool::chunks_mut2(&mut xa, blk * r, dst, blk * dout, |i, xa, dst| {
+        let (r0, n) = (i * blk, dst.len() / dout);
+        let x = &x[r0 * din..(r0 + n) * din];
+        matmul(
+            n,
+            r,
+            din,
+            xa,
+            (r, 1),
+            false,
+            x,
+            (din, 1),
+            a,
+            (1, din),
+            Parallelism::None,
+        );
+        matmul_scaled(
+            n,
+            dout,
+            r,
+            dst,
+            (dout, 1),
+            true,
+            xa,
+            (r, 1),
+            b,
+            (1, r),
+            scale,
+            Parallelism::None,
+        );
+    });
     xa
 }
 
 /// The backward pass of [`lora_branch_forward`] for the output gradient `dy` `[rows, out]`: adds
 /// `scale * (dy B) A` to `dx` when given, and returns `dA = scale * (dy B)^T x` when `x` is given
-/// and `dB = scale * dy^T (x A^T)` when `xa` is.
+/// and `dB = scale * dy^T (x A^T)` when `xa` is. Each task takes a block of rows, computes its
+/// `dy B`, its share of `dx`, and its partial `dA`/`dB`, summed after.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lora_branch_backward(
     (rows, din, dout, r): (usize, usize, usize, usize),
@@ -364,61 +406,114 @@ pub(crate) fn lora_branch_backward(
     par: Parallelism,
 ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
     let _pg = super::profile::prof("lora_branch.bwd");
-    // u = dy B [rows, r]
-    let u = product(rows, r, dout, dy, (dout, 1), b, (r, 1), par);
-    if let Some(dx) = dx {
-        matmul_scaled(
-            rows,
-            din,
-            r,
-            dx,
-            (din, 1),
-            true,
-            &u,
-            (r, 1),
-            a,
-            (din, 1),
-            scale,
-            par,
-        );
+    let (n_da, n_db) = (x.map_or(0, |_| r * din), xa.map_or(0, |_| dout * r));
+    if rows == 0 || din == 0 || dout == 0 || r == 0 {
+        return (x.map(|_| vec![0f32; n_da]), xa.map(|_| vec![0f32; n_db]));
     }
-    let da = x.map(|x| {
-        let mut da = vec![0f32; r * din];
-        matmul_scaled(
+    assert!(
+        dy.len() >= rows * dout
+            && x.is_none_or(|x| x.len() >= rows * din)
+            && xa.is_none_or(|t| t.len() >= rows * r)
+            && dx.as_ref().is_none_or(|d| d.len() >= rows * din),
+        "lora branch backward: operands too short for [{rows}, {din}] -> [{rows}, {dout}], r {r}"
+    );
+    let blk = lora_block(rows, par);
+    let nb = rows.div_ceil(blk);
+    // Per block: its partial dA then dB (one slot at least, so the chunks line up).
+    let part = (n_da + n_db).max(1);
+    let mut parts = vec![0f32; nb * part];
+    let body = |i: usize, p: &mut [f32], dx: Option<&mut [f32]>| {
+        let r0 = i * blk;
+        let n = blk.min(rows - r0);
+        let dy = &dy[r0 * dout..(r0 + n) * dout];
+        // u = dy B [n, r]
+        let mut u = vec![0f32; n * r];
+        matmul(
+            n,
             r,
-            din,
-            rows,
-            &mut da,
-            (din, 1),
-            false,
-            &u,
-            (1, r),
-            x,
-            (din, 1),
-            scale,
-            par,
-        );
-        da
-    });
-    let db = xa.map(|xa| {
-        let mut db = vec![0f32; dout * r];
-        matmul_scaled(
             dout,
-            r,
-            rows,
-            &mut db,
+            &mut u,
             (r, 1),
             false,
             dy,
-            (1, dout),
-            xa,
+            (dout, 1),
+            b,
             (r, 1),
-            scale,
-            par,
+            Parallelism::None,
         );
-        db
-    });
-    (da, db)
+        if let Some(dx) = dx {
+            let dx = &mut dx[..n * din];
+            matmul_scaled(
+                n,
+                din,
+                r,
+                dx,
+                (din, 1),
+                true,
+                &u,
+                (r, 1),
+                a,
+                (din, 1),
+                scale,
+                Parallelism::None,
+            );
+        }
+        let (da, db) = p.split_at_mut(n_da);
+        if let Some(x) = x {
+            let x = &x[r0 * din..(r0 + n) * din];
+            matmul_scaled(
+                r,
+                din,
+                n,
+                da,
+                (din, 1),
+                false,
+                &u,
+                (1, r),
+                x,
+                (din, 1),
+                scale,
+                Parallelism::None,
+            );
+        }
+        if let Some(xa) = xa {
+            let xa = &xa[r0 * r..(r0 + n) * r];
+            matmul_scaled(
+                dout,
+                r,
+                n,
+                &mut db[..n_db],
+                (r, 1),
+                false,
+                dy,
+                (1, dout),
+                xa,
+                (r, 1),
+                scale,
+                Parallelism::None,
+            );
+        }
+    };
+    match dx {
+        Some(dx) => super::pool::chunks_mut2(
+            &mut parts,
+            part,
+            &mut dx[..rows * din],
+            blk * din,
+            |i, p, d| body(i, p, Some(d)),
+        ),
+        None => super::pool::chunks_mut(&mut parts, part, |i, p| body(i, p, None)),
+    }
+    let sum = |off: usize, len: usize| {
+        let mut acc = vec![0f32; len];
+        for p in parts.chunks(part) {
+            for (a, v) in acc.iter_mut().zip(&p[off..off + len]) {
+                *a += v;
+            }
+        }
+        acc
+    };
+    (x.map(|_| sum(0, n_da)), xa.map(|_| sum(n_da, n_db)))
 }
 
 impl CustomOp3 for LoraLinear {
