@@ -283,7 +283,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
+    let _ = attune_models::kernels::take_profile();
     let pp41 = pp(&model, &p41, runs * 2)?;
+    if std::env::var("ATTUNE_BENCH_ONLY").as_deref() == Ok("pp") {
+        println!("op profile of the 41-token prompts:");
+        print_profile();
+    }
     let pp512 = pp(&model, &p512, runs.div_ceil(2).max(2))?;
     let mut json = serde_json::json!({
         "mode": format!("{mode:?}"),
@@ -297,6 +302,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     if std::env::var("ATTUNE_BENCH_ONLY").as_deref() == Ok("pp") {
         println!("prompt processing, 41 tokens: {pp41:.0} tok/s; 512 tokens: {pp512:.0} tok/s");
+        print_profile();
         return write_json(&json);
     }
     let (d64, toks) = decode(&model, &chat, 64, runs)?;
