@@ -435,6 +435,14 @@ impl Linear {
     pub fn bf16_compute(&self) -> bool {
         self.mode == ComputeMode::Auto && amx::available()
     }
+
+    /// Whether a prompt's (many-row) products on this frozen layer run in bf16: `Auto` mode
+    /// with a bf16 copy packed for the matrix units or a compact base expanded panel by panel.
+    /// The attention beside it then runs in bf16 too ([`crate::kernels::cached_attention_bf16`]).
+    pub fn prompts_in_bf16(&self) -> bool {
+        self.mode == ComputeMode::Auto && (self.packed.is_some() || self.streamed.is_some())
+    }
+
     /// The quantized weight, when the layer was loaded from GGUF and keeps it.
     pub fn qweight(&self) -> Option<&Arc<QTensor>> {
         self.qweight.as_ref()

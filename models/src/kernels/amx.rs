@@ -232,6 +232,15 @@ impl PackedB {
 
     /// The `B` of `x · W^T` for a weight `w` `[n, k]` (row-major; a linear layer's `[out, in]`).
     pub fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
+        Self::rows_packed(w, n, k, true)
+    }
+
+    /// [`PackedB::from_rows`] on the calling thread alone (inside a kernel's own task).
+    pub fn from_rows_serial(w: &[f32], n: usize, k: usize) -> Self {
+        Self::rows_packed(w, n, k, false)
+    }
+
+    fn rows_packed(w: &[f32], n: usize, k: usize, parallel: bool) -> Self {
         assert_eq!(
             w.len(),
             n * k,
@@ -241,32 +250,40 @@ impl PackedB {
         let nt = n.div_ceil(2 * TILE_MN) * 2;
         let kt = k.div_ceil(TILE_K);
         let mut tiles = uninit_tiles(nt * kt);
-        tiles
-            .par_chunks_mut(kt.max(1))
-            .enumerate()
-            .for_each(|(j, col)| {
-                // 16 weight rows (output columns) x 32 values, converted, then transposed by
-                // (k, k + 1) pairs: tile row r, column jj = rows[jj][2r..2r + 2].
-                let mut rows = [[0u16; TILE_K]; TILE_MN];
-                for (c, tile) in col.iter_mut().enumerate() {
-                    let (k0, k1) = (c * TILE_K, ((c + 1) * TILE_K).min(k));
-                    for (jj, row) in rows.iter_mut().enumerate() {
-                        let nn = j * TILE_MN + jj;
-                        if nn < n {
-                            convert_32(&w[nn * k + k0..nn * k + k1], row);
-                        } else {
-                            *row = [0; TILE_K];
-                        }
-                    }
-                    let out = tile.write(ZERO_TILE);
-                    for r in 0..TILE_K / 2 {
-                        for (jj, row) in rows.iter().enumerate() {
-                            out.0[r * TILE_K + 2 * jj] = row[2 * r];
-                            out.0[r * TILE_K + 2 * jj + 1] = row[2 * r + 1];
-                        }
+        let fill = |j: usize, col: &mut [std::mem::MaybeUninit<Tile>]| {
+            // 16 weight rows (output columns) x 32 values, converted, then transposed by
+            // (k, k + 1) pairs: tile row r, column jj = rows[jj][2r..2r + 2].
+            let mut rows = [[0u16; TILE_K]; TILE_MN];
+            for (c, tile) in col.iter_mut().enumerate() {
+                let (k0, k1) = (c * TILE_K, ((c + 1) * TILE_K).min(k));
+                for (jj, row) in rows.iter_mut().enumerate() {
+                    let nn = j * TILE_MN + jj;
+                    if nn < n {
+                        convert_32(&w[nn * k + k0..nn * k + k1], row);
+                    } else {
+                        *row = [0; TILE_K];
                     }
                 }
-            });
+                let out = tile.write(ZERO_TILE);
+                for r in 0..TILE_K / 2 {
+                    for (jj, row) in rows.iter().enumerate() {
+                        out.0[r * TILE_K + 2 * jj] = row[2 * r];
+                        out.0[r * TILE_K + 2 * jj + 1] = row[2 * r + 1];
+                    }
+                }
+            }
+        };
+        if parallel {
+            tiles
+                .par_chunks_mut(kt.max(1))
+                .enumerate()
+                .for_each(|(j, col)| fill(j, col));
+        } else {
+            tiles
+                .chunks_mut(kt.max(1))
+                .enumerate()
+                .for_each(|(j, col)| fill(j, col));
+        }
         Self {
             tiles: assume_init(tiles),
             n,
@@ -278,6 +295,15 @@ impl PackedB {
 
     /// The `B` of `dy · W` for a weight `w` `[n, k]`: contraction over `n`, `k` output columns.
     pub fn from_cols(w: &[f32], n: usize, k: usize) -> Self {
+        Self::cols_packed(w, n, k, true)
+    }
+
+    /// [`PackedB::from_cols`] on the calling thread alone (inside a kernel's own task).
+    pub fn from_cols_serial(w: &[f32], n: usize, k: usize) -> Self {
+        Self::cols_packed(w, n, k, false)
+    }
+
+    fn cols_packed(w: &[f32], n: usize, k: usize, parallel: bool) -> Self {
         assert_eq!(
             w.len(),
             n * k,
@@ -288,35 +314,43 @@ impl PackedB {
         let nt = k.div_ceil(2 * TILE_MN) * 2;
         let kt = n.div_ceil(TILE_K);
         let mut tiles = uninit_tiles(nt * kt);
-        tiles
-            .par_chunks_mut(kt.max(1))
-            .enumerate()
-            .for_each(|(j, col)| {
-                let (c0, c1) = (j * TILE_MN, ((j + 1) * TILE_MN).min(k));
-                let mut a = [0u16; TILE_K];
-                let mut b = [0u16; TILE_K];
-                for (c, tile) in col.iter_mut().enumerate() {
-                    let out = tile.write(ZERO_TILE);
-                    if c0 >= k {
-                        continue;
+        let fill = |j: usize, col: &mut [std::mem::MaybeUninit<Tile>]| {
+            let (c0, c1) = (j * TILE_MN, ((j + 1) * TILE_MN).min(k));
+            let mut a = [0u16; TILE_K];
+            let mut b = [0u16; TILE_K];
+            for (c, tile) in col.iter_mut().enumerate() {
+                let out = tile.write(ZERO_TILE);
+                if c0 >= k {
+                    continue;
+                }
+                for r in 0..TILE_K / 2 {
+                    // Tile row r pairs w's rows 32c + 2r and 32c + 2r + 1, column by column.
+                    let n0 = c * TILE_K + 2 * r;
+                    for (buf, nn) in [(&mut a, n0), (&mut b, n0 + 1)] {
+                        if nn < n {
+                            convert_32(&w[nn * k + c0..nn * k + c1], buf);
+                        } else {
+                            *buf = [0; TILE_K];
+                        }
                     }
-                    for r in 0..TILE_K / 2 {
-                        // Tile row r pairs w's rows 32c + 2r and 32c + 2r + 1, column by column.
-                        let n0 = c * TILE_K + 2 * r;
-                        for (buf, nn) in [(&mut a, n0), (&mut b, n0 + 1)] {
-                            if nn < n {
-                                convert_32(&w[nn * k + c0..nn * k + c1], buf);
-                            } else {
-                                *buf = [0; TILE_K];
-                            }
-                        }
-                        for jj in 0..TILE_MN {
-                            out.0[r * TILE_K + 2 * jj] = a[jj];
-                            out.0[r * TILE_K + 2 * jj + 1] = b[jj];
-                        }
+                    for jj in 0..TILE_MN {
+                        out.0[r * TILE_K + 2 * jj] = a[jj];
+                        out.0[r * TILE_K + 2 * jj + 1] = b[jj];
                     }
                 }
-            });
+            }
+        };
+        if parallel {
+            tiles
+                .par_chunks_mut(kt.max(1))
+                .enumerate()
+                .for_each(|(j, col)| fill(j, col));
+        } else {
+            tiles
+                .chunks_mut(kt.max(1))
+                .enumerate()
+                .for_each(|(j, col)| fill(j, col));
+        }
         Self {
             tiles: assume_init(tiles),
             n: k,
@@ -577,11 +611,33 @@ impl OutPtr {
 /// `out[m, n] (+)= a · b` with `out` row-major, rows `out_rs` apart. Panics unless
 /// [`available`] (callers check it) and the shapes agree.
 pub fn matmul(a: &RowsBf16, b: &PackedB, out: &mut [f32], out_rs: usize, accumulate: bool) {
+    assert_eq!(a.k, b.k, "amx::matmul: contraction {} vs {}", a.k, b.k);
+    matmul_prefix(a, b, b.n, out, out_rs, accumulate)
+}
+
+/// `out[m, n] (+)= a · b[..a.k, ..n]`: the product with the first `n` columns of `b` and its
+/// first `a.k` rows (`a.k <= b.k`; `a`'s padding past `a.k` is zero, so `b`'s rows there only
+/// meet zeros). What attention over a KV cache needs: the keys a block of queries sees are a
+/// prefix of the packed cache. Panics unless [`available`] and the shapes agree.
+pub fn matmul_prefix(
+    a: &RowsBf16,
+    b: &PackedB,
+    n: usize,
+    out: &mut [f32],
+    out_rs: usize,
+    accumulate: bool,
+) {
     let _pg = super::profile::prof("amx.matmul");
     assert!(available(), "amx::matmul called without AMX");
-    assert_eq!(a.k, b.k, "amx::matmul: contraction {} vs {}", a.k, b.k);
-    assert_eq!(a.kt, b.kt);
-    let (m, n) = (a.m, b.n);
+    assert!(
+        a.k <= b.k && a.kt <= b.kt && n <= b.n,
+        "amx::matmul: a [{}, {}] by the first {n} columns of b [{}, {}]",
+        a.m,
+        a.k,
+        b.k,
+        b.n
+    );
+    let m = a.m;
     if m == 0 || n == 0 {
         return;
     }
@@ -603,7 +659,12 @@ pub fn matmul(a: &RowsBf16, b: &PackedB, out: &mut [f32], out_rs: usize, accumul
         }
         return;
     }
-    let pairs = b.nt / 2;
+    let pairs = n.div_ceil(2 * TILE_MN);
+    assert!(
+        2 * pairs <= b.nt,
+        "amx::matmul: {pairs} column pairs of {}",
+        b.nt
+    );
     let ptr = OutPtr(out.as_mut_ptr());
     super::pool::for_range(pairs, |r| {
         // SAFETY: available() holds (asserted), so the tile permission was granted and the CPU
@@ -641,9 +702,8 @@ struct TileConfig {
 /// Computes output column pairs `p0..p1` (32 columns each) for all rows.
 ///
 /// # Safety
-/// The CPU must have AMX-BF16 with the tile permission granted; `out` must be valid for writes
-/// of rows `0..m` (stride `out_rs`), columns `0..n`; no other thread may touch these columns.
-#[cfg(target_arch = "x86_64")]
+/// The CPU must have AMX-BF16 with the tile permission granted; `a.kt <= b.kt` and
+/// `2 * p1 <= b.nt`; `out` must be valid for writes#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel(
     a: &RowsBf16,
@@ -668,19 +728,21 @@ unsafe fn kernel(
         cfg.colsb[t] = 64;
         cfg.rows[t] = 16;
     }
-    let kt = a.kt;
+    // A's contraction tiles, and B's per column tile (B may hold more rows than A reads).
+    let (kt, bkt) = (a.kt, b.kt);
     let stride = 64usize;
     // A 32 x 32 f32 block for edge blocks (rows past `m` or columns past `n`).
     let mut scratch = [0f32; 32 * 32];
     // SAFETY (whole body): the caller guarantees AMX and the permission; tile loads read whole
-    // tiles of `a.tiles`/`b.tiles` (indices below their lengths: i < a.mt, j < b.nt, c < kt);
+    // tiles of `a.tiles`/`b.tiles` (indices below their lengths: i < a.mt, j < b.nt,
+    // c < kt <= bkt);
     // C loads and stores touch `out` rows < m and columns < n only (full blocks), or `scratch`.
     unsafe {
         asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack));
         for p in p0..p1 {
             let n0 = p * 32;
-            let b0 = b.tiles.as_ptr().add(2 * p * kt);
-            let b1 = b.tiles.as_ptr().add((2 * p + 1) * kt);
+            let b0 = b.tiles.as_ptr().add(2 * p * bkt);
+            let b1 = b.tiles.as_ptr().add((2 * p + 1) * bkt);
             for i in (0..a.mt).step_by(2) {
                 let m0 = i * TILE_MN;
                 let a0 = a.tiles.as_ptr().add(i * kt);

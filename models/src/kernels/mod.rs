@@ -38,7 +38,7 @@ pub mod simd;
 pub mod stream;
 pub mod swiglu;
 
-pub use attention::{attention, attention_heads, cached_attention};
+pub use attention::{attention, attention_heads, cached_attention, cached_attention_bf16};
 pub use decode::{lora_add, lora_add_bf16, LoraBf16};
 pub use linear::{frozen_linear, linear, lora_linear};
 pub use loss::{cross_entropy, lm_head_nll, lm_head_nll_frozen, HeadBf16};

@@ -1618,7 +1618,13 @@ impl Llama {
             None => (k, v),
         };
         if !differentiable {
-            let out = crate::kernels::cached_attention(&q, &k, &v, scale, a.window)?;
+            // bf16 on the matrix units where the projections already take them (prompts on
+            // `ComputeMode::Auto`'s packed or compact weights); f32 where scores must match f32.
+            let out = if a.o_proj.prompts_in_bf16() {
+                crate::kernels::cached_attention_bf16(&q, &k, &v, scale, a.window)?
+            } else {
+                crate::kernels::cached_attention(&q, &k, &v, scale, a.window)?
+            };
             return a.o_proj.forward(&out);
         }
         let t = k.dim(2)?;
