@@ -1618,9 +1618,15 @@ impl Llama {
             None => (k, v),
         };
         if !differentiable {
-            // bf16 on the matrix units where the projections already take them (prompts on
-            // `ComputeMode::Auto`'s packed or compact weights); f32 where scores must match f32.
-            let out = if a.o_proj.prompts_in_bf16() {
+            // Opt-in (`ATTUNE_ATTENTION=bf16`): bf16 on the matrix units where the projections
+            // take them too (prompts, more rows than the quantized path takes, on
+            // `ComputeMode::Auto`'s packed or compact weights). Off by default: greedy decoding
+            // of the reference chat prompt then parts from f32 after 13 tokens instead of 43
+            // (`models/tests/generate.rs`).
+            let bf16 = crate::kernels::attention::bf16_opted_in()
+                && a.o_proj.prompts_in_bf16()
+                && q.dim(2)? > crate::linear::AUTO_QUANTIZED_MAX_ROWS;
+            let out = if bf16 {
                 crate::kernels::cached_attention_bf16(&q, &k, &v, scale, a.window)?
             } else {
                 crate::kernels::cached_attention(&q, &k, &v, scale, a.window)?
