@@ -194,6 +194,27 @@ impl std::fmt::Debug for PackedB {
     }
 }
 
+/// Fills a packed `B`'s tiles one column tile (`kt` tiles) at a time with `fill(j, tiles)`: on
+/// rayon's pool (load-time packing) or on the calling thread (inside a kernel's own task).
+fn fill_column_tiles(
+    tiles: &mut [std::mem::MaybeUninit<Tile>],
+    kt: usize,
+    parallel: bool,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<Tile>]) + Sync,
+) {
+    if parallel {
+        tiles
+            .par_chunks_mut(kt.max(1))
+            .enumerate()
+            .for_each(|(j, col)| fill(j, col));
+    } else {
+        tiles
+            .chunks_mut(kt.max(1))
+            .enumerate()
+            .for_each(|(j, col)| fill(j, col));
+    }
+}
+
 impl PackedB {
     /// Packs `B[kk][nn] = get(nn, kk)` for `nn < n`, `kk < k` (bf16 values).
     fn from_fn(n: usize, k: usize, get: impl Fn(usize, usize) -> u16 + Sync) -> Self {
@@ -273,17 +294,7 @@ impl PackedB {
                 }
             }
         };
-        if parallel {
-            tiles
-                .par_chunks_mut(kt.max(1))
-                .enumerate()
-                .for_each(|(j, col)| fill(j, col));
-        } else {
-            tiles
-                .chunks_mut(kt.max(1))
-                .enumerate()
-                .for_each(|(j, col)| fill(j, col));
-        }
+        fill_column_tiles(&mut tiles, kt, parallel, fill);
         Self {
             tiles: assume_init(tiles),
             n,
@@ -340,17 +351,7 @@ impl PackedB {
                 }
             }
         };
-        if parallel {
-            tiles
-                .par_chunks_mut(kt.max(1))
-                .enumerate()
-                .for_each(|(j, col)| fill(j, col));
-        } else {
-            tiles
-                .chunks_mut(kt.max(1))
-                .enumerate()
-                .for_each(|(j, col)| fill(j, col));
-        }
+        fill_column_tiles(&mut tiles, kt, parallel, fill);
         Self {
             tiles: assume_init(tiles),
             n: k,
