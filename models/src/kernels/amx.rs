@@ -40,10 +40,21 @@ const ZERO_TILE: Tile = Tile([0; TILE_LEN]);
 /// `n` tiles of uninitialised memory: the packers write every tile whole (`MaybeUninit::write`)
 /// instead of zero-filling first.
 fn uninit_tiles(n: usize) -> Vec<std::mem::MaybeUninit<Tile>> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: MaybeUninit<Tile> needs no initialisation; the length is within the capacity.
-    unsafe { v.set_len(n) };
-    v
+    let mut v = std::mem::ManuallyDrop::new(TILES.take(n));
+    let (ptr, cap) = (v.as_mut_ptr(), v.capacity());
+    // SAFETY: an empty Vec<Tile> with capacity >= n (`Cache::take`) becomes a Vec of
+    // MaybeUninit<Tile> (the same layout) of length n, within the capacity; MaybeUninit needs
+    // no initialisation.
+    unsafe { Vec::from_raw_parts(ptr.cast::<std::mem::MaybeUninit<Tile>>(), n, cap) }
+}
+
+/// Freed large activation tiles ([`RowsBf16`] of the LM head's gradient), for reuse
+/// ([`super::scratch`]). Packed weights are never kept: they live as long as their model.
+static TILES: super::scratch::Cache<Tile> = super::scratch::Cache::new();
+
+/// Frees the kept activation tiles.
+pub(crate) fn release_scratch() {
+    TILES.clear();
 }
 
 /// The tiles once every one has been written.
@@ -495,6 +506,13 @@ impl RowsBf16 {
         }
     }
 
+    /// Hands a large buffer of tiles on to the next conversion of a similar size instead of
+    /// freeing it ([`super::scratch`]): for activations made afresh every training step (the
+    /// LM head's gradient).
+    pub fn recycle(self) {
+        TILES.give(self.tiles);
+    }
+
     pub fn m(&self) -> usize {
         self.m
     }
@@ -678,7 +696,8 @@ pub fn matmul_prefix(
 /// A new row-major `[a.m, b.n]` product `a · b`, written without a zero-fill first.
 pub fn product(a: &RowsBf16, b: &PackedB) -> Vec<f32> {
     let len = a.m * b.n;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
+    // A large output (the LM head's logits) reuses a kept buffer: see `scratch`.
+    let mut out: Vec<f32> = super::scratch::F32.take(len);
     // SAFETY: with `accumulate` false, `matmul` writes every element of rows 0..m, columns 0..n
     // (full blocks by tile stores, edge blocks by copies from the scratch block) and reads none
     // of them, so the spare capacity is fully initialised before the length is set.

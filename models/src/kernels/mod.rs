@@ -18,7 +18,7 @@
 //! - [`amx`]: bf16 GEMM on the CPU's matrix units (Intel AMX tiles), for frozen weights;
 //! - [`block`]: a whole decoder layer as one training op;
 //! - [`gemm`] (the f32 GEMM wrappers), [`simd`] (AVX-512 `exp`, softmax, SiLU), [`profile`]
-//!   (`ATTUNE_PROFILE_OPS`).
+//!   (`ATTUNE_PROFILE_OPS`), [`scratch`] (reuse of the per-step buffers over 32 MB).
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
@@ -34,6 +34,7 @@ pub mod profile;
 pub mod quant;
 pub mod rms_norm;
 pub mod rope;
+pub mod scratch;
 pub mod simd;
 pub mod stream;
 pub mod swiglu;

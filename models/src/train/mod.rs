@@ -533,6 +533,14 @@ pub struct Trainer {
     pref: Option<Box<pref::PrefState>>,
 }
 
+/// A finished (or abandoned) run frees the large step buffers the kernels kept for its next
+/// step ([`crate::kernels::scratch`]).
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        crate::kernels::scratch::release();
+    }
+}
+
 impl Trainer {
     /// `model` must already be [`prepare`]d into `trainable`.
     pub fn new(
