@@ -205,6 +205,14 @@ impl std::fmt::Debug for PackedB {
     }
 }
 
+/// `len` values hold `rows` rows of `cols` values starting `rs` apart.
+fn assert_strided(len: usize, rows: usize, cols: usize, rs: usize, what: &str) {
+    assert!(
+        rs >= cols && (rows == 0 || len >= (rows - 1) * rs + cols),
+        "{what}: {len} values for {rows} rows of {cols} at stride {rs}"
+    );
+}
+
 /// Fills a packed `B`'s tiles one column tile (`kt` tiles) at a time with `fill(j, tiles)`: on
 /// rayon's pool (load-time packing) or on the calling thread (inside a kernel's own task).
 fn fill_column_tiles(
@@ -264,21 +272,34 @@ impl PackedB {
 
     /// The `B` of `x · W^T` for a weight `w` `[n, k]` (row-major; a linear layer's `[out, in]`).
     pub fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
-        Self::rows_packed(w, n, k, true)
-    }
-
-    /// [`PackedB::from_rows`] on the calling thread alone (inside a kernel's own task).
-    pub fn from_rows_serial(w: &[f32], n: usize, k: usize) -> Self {
-        Self::rows_packed(w, n, k, false)
-    }
-
-    fn rows_packed(w: &[f32], n: usize, k: usize, parallel: bool) -> Self {
         assert_eq!(
             w.len(),
             n * k,
             "PackedB::from_rows: {} values for [{n}, {k}]",
             w.len()
         );
+        Self::rows_packed(w, n, k, k, true)
+    }
+
+    /// [`PackedB::from_rows`] on the calling thread alone (inside a kernel's own task).
+    pub fn from_rows_serial(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            n * k,
+            "PackedB::from_rows: {} values for [{n}, {k}]",
+            w.len()
+        );
+        Self::rows_packed(w, n, k, k, false)
+    }
+
+    /// [`PackedB::from_rows_serial`] of `n` rows of `k` values that start `rs` apart in `w` (one
+    /// head of a `[seq, heads * hd]` activation).
+    pub fn from_rows_strided_serial(w: &[f32], n: usize, k: usize, rs: usize) -> Self {
+        assert_strided(w.len(), n, k, rs, "PackedB::from_rows_strided_serial");
+        Self::rows_packed(w, n, k, rs, false)
+    }
+
+    fn rows_packed(w: &[f32], n: usize, k: usize, rs: usize, parallel: bool) -> Self {
         let nt = n.div_ceil(2 * TILE_MN) * 2;
         let kt = k.div_ceil(TILE_K);
         let mut tiles = uninit_tiles(nt * kt);
@@ -291,7 +312,7 @@ impl PackedB {
                 for (jj, row) in rows.iter_mut().enumerate() {
                     let nn = j * TILE_MN + jj;
                     if nn < n {
-                        convert_32(&w[nn * k + k0..nn * k + k1], row);
+                        convert_32(&w[nn * rs + k0..nn * rs + k1], row);
                     } else {
                         *row = [0; TILE_K];
                     }
@@ -317,21 +338,33 @@ impl PackedB {
 
     /// The `B` of `dy · W` for a weight `w` `[n, k]`: contraction over `n`, `k` output columns.
     pub fn from_cols(w: &[f32], n: usize, k: usize) -> Self {
-        Self::cols_packed(w, n, k, true)
-    }
-
-    /// [`PackedB::from_cols`] on the calling thread alone (inside a kernel's own task).
-    pub fn from_cols_serial(w: &[f32], n: usize, k: usize) -> Self {
-        Self::cols_packed(w, n, k, false)
-    }
-
-    fn cols_packed(w: &[f32], n: usize, k: usize, parallel: bool) -> Self {
         assert_eq!(
             w.len(),
             n * k,
             "PackedB::from_cols: {} values for [{n}, {k}]",
             w.len()
         );
+        Self::cols_packed(w, n, k, k, true)
+    }
+
+    /// [`PackedB::from_cols`] on the calling thread alone (inside a kernel's own task).
+    pub fn from_cols_serial(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            n * k,
+            "PackedB::from_cols: {} values for [{n}, {k}]",
+            w.len()
+        );
+        Self::cols_packed(w, n, k, k, false)
+    }
+
+    /// [`PackedB::from_cols_serial`] of `n` rows of `k` values that start `rs` apart in `w`.
+    pub fn from_cols_strided_serial(w: &[f32], n: usize, k: usize, rs: usize) -> Self {
+        assert_strided(w.len(), n, k, rs, "PackedB::from_cols_strided_serial");
+        Self::cols_packed(w, n, k, rs, false)
+    }
+
+    fn cols_packed(w: &[f32], n: usize, k: usize, rs: usize, parallel: bool) -> Self {
         // B[nn][kk] = w[nn][kk]: output columns are w's columns, contraction its rows.
         let nt = k.div_ceil(2 * TILE_MN) * 2;
         let kt = n.div_ceil(TILE_K);
@@ -350,7 +383,7 @@ impl PackedB {
                     let n0 = c * TILE_K + 2 * r;
                     for (buf, nn) in [(&mut a, n0), (&mut b, n0 + 1)] {
                         if nn < n {
-                            convert_32(&w[nn * k + c0..nn * k + c1], buf);
+                            convert_32(&w[nn * rs + c0..nn * rs + c1], buf);
                         } else {
                             *buf = [0; TILE_K];
                         }
@@ -428,13 +461,20 @@ pub struct RowsBf16 {
 impl RowsBf16 {
     /// Converts `x` `[m, k]` (row-major) to bf16 tiles.
     pub fn from_f32(x: &[f32], m: usize, k: usize) -> Self {
-        let _pg = super::profile::prof("amx.to_bf16");
         assert_eq!(
             x.len(),
             m * k,
             "RowsBf16::from_f32: {} values for [{m}, {k}]",
             x.len()
         );
+        Self::from_f32_strided(x, m, k, k)
+    }
+
+    /// Converts `m` rows of `k` values that start `rs` apart in `x` (one head of a
+    /// `[seq, heads * hd]` activation, or a block of a wider score matrix).
+    pub fn from_f32_strided(x: &[f32], m: usize, k: usize, rs: usize) -> Self {
+        let _pg = super::profile::prof("amx.to_bf16");
+        assert_strided(x.len(), m, k, rs, "RowsBf16::from_f32_strided");
         let mt = m.div_ceil(2 * TILE_MN) * 2;
         let kt = k.div_ceil(TILE_K);
         let mut tiles = uninit_tiles(mt * kt);
@@ -448,7 +488,7 @@ impl RowsBf16 {
                         break;
                     }
                     let dst = &mut out.0[r * TILE_K..(r + 1) * TILE_K];
-                    convert_32(&x[row * k + k0..row * k + k1], dst);
+                    convert_32(&x[row * rs + k0..row * rs + k1], dst);
                 }
             }
         });

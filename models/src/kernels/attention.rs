@@ -207,14 +207,21 @@ fn scatter_head(dst: &mut [f32], off: usize, rs: usize, src: &[f32], l: usize, h
 /// The causal attention of `q`, `k`, `v` (the projections' `[b, l, heads * hd]` layout, or
 /// `[b, l, heads, hd]`, the same memory): the output in `q`'s layout and the log-sum-exp of
 /// every score row `[b, heads, l]`.
+///
+/// With `bf16` (and AMX present), the products run in bf16 on the matrix units
+/// ([`attention_forward_bf16`]); the backward pass must then take the same `bf16`.
 pub(crate) fn attention_forward(
     d: AttnDims,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     scale: f32,
+    bf16: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let _pg = super::profile::prof("attention.fwd");
+    if bf16 && super::amx::available() {
+        return attention_forward_bf16(d, q, k, v, scale);
+    }
     let (l, hd, g) = (d.l, d.hd, d.groups());
     let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
     // One task per (batch, kv head): its query heads' outputs `[g, l, hd]` and lse `[g, l]`.
@@ -258,6 +265,13 @@ pub(crate) fn attention_forward(
         }
         (out, lse)
     });
+    gather_forward(d, &results)
+}
+
+/// The forward pass's per-(batch, kv head) outputs `[g, l, hd]` and lse `[g, l]` in place: the
+/// output in `q`'s layout and the lse `[b, heads, l]`.
+fn gather_forward(d: AttnDims, results: &[(Vec<f32>, Vec<f32>)]) -> (Vec<f32>, Vec<f32>) {
+    let (l, hd, g) = (d.l, d.hd, d.groups());
     let mut out = vec![0f32; d.b * l * d.nh * hd];
     let mut lse = vec![0f32; d.b * d.nh * l];
     for (task, (o, ls)) in results.iter().enumerate() {
@@ -267,7 +281,7 @@ pub(crate) fn attention_forward(
             scatter_head(
                 &mut out,
                 d.at(bi, h, d.nh),
-                q_rs,
+                d.nh * hd,
                 &o[j * l * hd..(j + 1) * l * hd],
                 l,
                 hd,
@@ -277,6 +291,196 @@ pub(crate) fn attention_forward(
         }
     }
     (out, lse)
+}
+
+/// Query rows per block of the bf16 attention (two tile rows).
+const BF16_BLOCK: usize = 32;
+
+/// The row blocks `(r0, r1)` of `l` positions, `n` rows each.
+fn row_blocks(l: usize, n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..l.div_ceil(n)).map(move |i| (i * n, ((i + 1) * n).min(l)))
+}
+
+/// Rows `r0..r0 + rows` of one head's scores, `s` (row stride `rs`, the keys `0..live` each)
+/// into probabilities in place, as [`head_probs`] does: zero above the diagonal and left of a
+/// sliding window; with `lse_in` (the backward pass) from the kept log-sum-exp, otherwise
+/// writing each row's to `lse_out[row - r0]`.
+#[allow(clippy::too_many_arguments)]
+fn probs_rows(
+    d: AttnDims,
+    r0: usize,
+    rows: usize,
+    live: usize,
+    s: &mut [f32],
+    rs: usize,
+    scale: f32,
+    lse_in: Option<&[f32]>,
+    lse_out: &mut [f32],
+) {
+    for r in 0..rows {
+        let i = r0 + r;
+        let row = &mut s[r * rs..r * rs + live];
+        let (seen, dead) = row.split_at_mut(i + 1);
+        dead.fill(0.0);
+        let lo = d.window.map_or(0, |w| (i + 1).saturating_sub(w));
+        let (left, p) = seen.split_at_mut(lo);
+        left.fill(0.0);
+        match lse_in {
+            Some(lse) => {
+                super::simd::exp_scaled_sum(p, scale, lse[i]);
+            }
+            None => lse_out[r] = super::simd::softmax_scaled(p, scale),
+        }
+    }
+}
+
+/// [`attention_forward`] with its products on the matrix units: per (batch, kv head), the keys
+/// and values packed once, then per query head and block of 32 queries `s = q k^T` over the
+/// keys the block sees, the softmax in f32 (its lse kept), `o = p v` with `p` in bf16. f32
+/// accumulation throughout; only the products' operands are rounded to bf16, as PyTorch's
+/// autocast does.
+fn attention_forward_bf16(
+    d: AttnDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    use super::amx::{matmul_prefix, PackedB, RowsBf16};
+    let (l, hd, g) = (d.l, d.hd, d.groups());
+    let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
+    let results: Vec<(Vec<f32>, Vec<f32>)> = super::pool::map(d.b * d.nkv, |task| {
+        let (bi, kh) = (task / d.nkv, task % d.nkv);
+        let kg = &k[d.at(bi, kh, d.nkv)..];
+        let vg = &v[d.at(bi, kh, d.nkv)..];
+        // The B of q k^T (keys as columns) and of p v (contraction over the keys).
+        let kp = PackedB::from_rows_strided_serial(kg, l, hd, kv_rs);
+        let vp = PackedB::from_cols_strided_serial(vg, l, hd, kv_rs);
+        let mut s = vec![0f32; BF16_BLOCK * l];
+        let mut out = vec![0f32; g * l * hd];
+        let mut lse = vec![0f32; g * l];
+        for j in 0..g {
+            let qh = &q[d.at(bi, kh * g + j, d.nh)..];
+            for (r0, r1) in row_blocks(l, BF16_BLOCK) {
+                let (rows, live) = (r1 - r0, r1);
+                let qa = RowsBf16::from_f32_strided(&qh[r0 * q_rs..], rows, hd, q_rs);
+                matmul_prefix(&qa, &kp, live, &mut s, live, false);
+                let lse_rows = &mut lse[j * l + r0..j * l + r1];
+                probs_rows(d, r0, rows, live, &mut s, live, scale, None, lse_rows);
+                let pa = RowsBf16::from_f32(&s[..rows * live], rows, live);
+                matmul_prefix(&pa, &vp, hd, &mut out[(j * l + r0) * hd..], hd, false);
+            }
+        }
+        (out, lse)
+    });
+    gather_forward(d, &results)
+}
+
+/// [`attention_backward`] with its products on the matrix units, the counterpart of
+/// [`attention_forward_bf16`] (whose lse it takes): per (batch, kv head) and query head, block by
+/// block of 32 queries `p` (recomputed), `dp = dO v^T`, `ds = p (dp - rowsum(dO o)) scale` and
+/// `dq = ds k`; then over the whole head `dv += p^T dO` and `dk += ds^T q`.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_bf16(
+    d: AttnDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use super::amx::{matmul_prefix, PackedB, RowsBf16};
+    use super::gemm::matmul as f32_matmul;
+    let (l, hd, g) = (d.l, d.hd, d.groups());
+    let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
+    let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = super::pool::map(d.b * d.nkv, |task| {
+        let (bi, kh) = (task / d.nkv, task % d.nkv);
+        let kg = &k[d.at(bi, kh, d.nkv)..];
+        let vg = &v[d.at(bi, kh, d.nkv)..];
+        // The B of q k^T and of dO v^T (keys/values as columns), and of ds k (contraction over
+        // the keys).
+        let kp = PackedB::from_rows_strided_serial(kg, l, hd, kv_rs);
+        let vtp = PackedB::from_rows_strided_serial(vg, l, hd, kv_rs);
+        let kc = PackedB::from_cols_strided_serial(kg, l, hd, kv_rs);
+        // A head's p and ds, `[l, l]`: each block writes its rows' keys `0..r1`, so what lies
+        // right of that stays zero from here on (the transposed products read whole rows).
+        let mut p = vec![0f32; l * l];
+        let mut ds = vec![0f32; l * l];
+        let mut dq = vec![0f32; g * l * hd];
+        let mut dk = vec![0f32; l * hd];
+        let mut dv = vec![0f32; l * hd];
+        for j in 0..g {
+            let h = kh * g + j;
+            let off = d.at(bi, h, d.nh);
+            let (qh, oh, doh) = (&q[off..], &o[off..], &dout[off..]);
+            let lse_h = &lse[(bi * d.nh + h) * l..(bi * d.nh + h + 1) * l];
+            for (r0, r1) in row_blocks(l, BF16_BLOCK) {
+                let (rows, live) = (r1 - r0, r1);
+                let qa = RowsBf16::from_f32_strided(&qh[r0 * q_rs..], rows, hd, q_rs);
+                matmul_prefix(&qa, &kp, live, &mut p[r0 * l..], l, false);
+                probs_rows(
+                    d,
+                    r0,
+                    rows,
+                    live,
+                    &mut p[r0 * l..],
+                    l,
+                    scale,
+                    Some(lse_h),
+                    &mut [],
+                );
+                let da = RowsBf16::from_f32_strided(&doh[r0 * q_rs..], rows, hd, q_rs);
+                matmul_prefix(&da, &vtp, live, &mut ds[r0 * l..], l, false);
+                for i in r0..r1 {
+                    let di: f32 = doh[i * q_rs..i * q_rs + hd]
+                        .iter()
+                        .zip(&oh[i * q_rs..i * q_rs + hd])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    let pr = &p[i * l..i * l + i + 1];
+                    let dr = &mut ds[i * l..i * l + live];
+                    for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
+                        *x = pp * (*x - di) * scale;
+                    }
+                    dr[i + 1..].fill(0.0);
+                }
+                let sa = RowsBf16::from_f32_strided(&ds[r0 * l..], rows, live, l);
+                matmul_prefix(&sa, &kc, hd, &mut dq[(j * l + r0) * hd..], hd, false);
+                // dV[0..r1] += P_blk^T dO_blk, dK[0..r1] += dS_blk^T Q_blk: in f32, where the
+                // transposes are free (in bf16 each needs a transposed copy of p and ds).
+                f32_matmul(
+                    live,
+                    hd,
+                    rows,
+                    &mut dv,
+                    (hd, 1),
+                    true,
+                    &p[r0 * l..],
+                    (1, l),
+                    &doh[r0 * q_rs..],
+                    (q_rs, 1),
+                    Parallelism::None,
+                );
+                f32_matmul(
+                    live,
+                    hd,
+                    rows,
+                    &mut dk,
+                    (hd, 1),
+                    true,
+                    &ds[r0 * l..],
+                    (1, l),
+                    &qh[r0 * q_rs..],
+                    (q_rs, 1),
+                    Parallelism::None,
+                );
+            }
+        }
+        (dq, dk, dv)
+    });
+    gather_backward(d, q.len(), k.len(), &results)
 }
 
 /// The gradients `(dq, dk, dv)` of [`attention_forward`] given the output `o`, its gradient
@@ -291,8 +495,12 @@ pub(crate) fn attention_backward(
     dout: &[f32],
     lse: &[f32],
     scale: f32,
+    bf16: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let _pg = super::profile::prof("attention.bwd");
+    if bf16 && super::amx::available() {
+        return attention_backward_bf16(d, q, k, v, o, dout, lse, scale);
+    }
     let (l, hd, g) = (d.l, d.hd, d.groups());
     let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
     // Per (batch, kv head): dq of its query heads `[g, l, hd]`, dk and dv `[l, hd]`.
@@ -398,9 +606,22 @@ pub(crate) fn attention_backward(
         }
         (dq, dk, dv)
     });
-    let mut dq = vec![0f32; q.len()];
-    let mut dk = vec![0f32; k.len()];
-    let mut dv = vec![0f32; v.len()];
+    gather_backward(d, q.len(), k.len(), &results)
+}
+
+/// The backward pass's per-(batch, kv head) `dq` `[g, l, hd]`, `dk` and `dv` `[l, hd]` in place
+/// in the inputs' layouts (`nq` and `nkv` values).
+fn gather_backward(
+    d: AttnDims,
+    nq: usize,
+    nkv: usize,
+    results: &[(Vec<f32>, Vec<f32>, Vec<f32>)],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (l, hd, g) = (d.l, d.hd, d.groups());
+    let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
+    let mut dq = vec![0f32; nq];
+    let mut dk = vec![0f32; nkv];
+    let mut dv = vec![0f32; nkv];
     for (task, (tq, tk, tv)) in results.iter().enumerate() {
         let (bi, kh) = (task / d.nkv, task % d.nkv);
         for j in 0..g {
@@ -438,7 +659,7 @@ impl CustomOp3 for Attention {
         let q = f32_slice(s1, l1, "attention q")?;
         let k = f32_slice(s2, l2, "attention k")?;
         let v = f32_slice(s3, l3, "attention v")?;
-        let (out, lse) = attention_forward(d, q, k, v, self.scale);
+        let (out, lse) = attention_forward(d, q, k, v, self.scale, false);
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -464,7 +685,7 @@ impl CustomOp3 for Attention {
             ov = res, "attention output";
             dov = grad_res, "attention grad";
         );
-        let (dq, dk, dv) = attention_backward(d, qv, kv, vv, ov, dov, lse, self.scale);
+        let (dq, dk, dv) = attention_backward(d, qv, kv, vv, ov, dov, lse, self.scale, false);
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
@@ -750,6 +971,65 @@ mod tests {
             eprintln!("bf16 attention: max diff {d}");
             assert!(d < 3e-2, "b {b} heads {nh}/{nkv} l {l} off {off}: {d}");
             assert!(d > 0.0, "the bf16 path was not taken");
+        }
+    }
+
+    /// The training attention's bf16 forward and backward passes against the f32 ones on
+    /// unit-normal inputs: blocks of 32 queries with a partial last one, grouped heads, a batch
+    /// of 2, a sliding window shorter than a block and one spanning blocks.
+    #[test]
+    fn bf16_training_attention_is_within_bf16_rounding_of_f32() {
+        if !crate::kernels::amx::available() {
+            eprintln!("no AMX here: the bf16 attention falls back to f32, nothing to compare");
+            return;
+        }
+        let vals = |n: usize| -> Vec<f32> {
+            let t = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+            t.to_vec1().unwrap()
+        };
+        for (b, nh, nkv, l, window) in [
+            (2, 6, 2, 77, None),
+            (1, 3, 3, 64, Some(20)),
+            (1, 4, 2, 100, Some(45)),
+        ] {
+            let hd = 64;
+            let d = AttnDims {
+                b,
+                nh,
+                nkv,
+                l,
+                hd,
+                window,
+            };
+            let (q, k, v) = (
+                vals(b * l * nh * hd),
+                vals(b * l * nkv * hd),
+                vals(b * l * nkv * hd),
+            );
+            let dout = vals(b * l * nh * hd);
+            let scale = 1.0 / (hd as f32).sqrt();
+            let (of, lf) = attention_forward(d, &q, &k, &v, scale, false);
+            let (oh, lh) = attention_forward(d, &q, &k, &v, scale, true);
+            let diff = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max)
+            };
+            // As the cached op: averages of unit-normal values, bf16 operands: ~1e-2.
+            let (d_o, d_l) = (diff(&of, &oh), diff(&lf, &lh));
+            let gf = attention_backward(d, &q, &k, &v, &of, &dout, &lf, scale, false);
+            let gh = attention_backward(d, &q, &k, &v, &oh, &dout, &lh, scale, true);
+            let (dq, dk, dv) = (diff(&gf.0, &gh.0), diff(&gf.1, &gh.1), diff(&gf.2, &gh.2));
+            eprintln!("bf16 training attention: out {d_o}, lse {d_l}, dq {dq}, dk {dk}, dv {dv}");
+            assert!(d_o < 3e-2 && d_l < 3e-2, "{d:?}: out {d_o}, lse {d_l}");
+            assert!(d_o > 0.0, "the bf16 path was not taken");
+            // Gradients are sums over up to l positions (dv, dk) of unit-sized terms: within
+            // a few hundredths (a wrong mask, block or head would be off by ~1).
+            assert!(
+                dq < 6e-2 && dk < 6e-2 && dv < 6e-2,
+                "{d:?}: dq {dq}, dk {dk}, dv {dv}"
+            );
         }
     }
 

@@ -599,6 +599,15 @@ struct Projs<'s> {
     inter: usize,
 }
 
+impl Projs<'_> {
+    /// Whether the layer's products run in bf16 on the matrix units (packed or compact frozen
+    /// weights, with AMX): then its attention does too. f32 weights (`ComputeMode::F32`, full
+    /// fine-tuning's trained projections) keep the f32 attention.
+    fn bf16(&self) -> bool {
+        matches!(self.o.w, WRef::Bf16(_) | WRef::Streamed(_)) && amx::available()
+    }
+}
+
 /// Copies the column blocks `widths` of `[rows, sum(widths)]` `y` into one buffer each.
 fn split_columns(y: &[f32], rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
     let total: usize = widths.iter().sum();
@@ -761,7 +770,7 @@ impl FusedLayer {
         });
         self.rotate(&mut q, nq, l, 1.0);
         self.rotate(&mut k, nkv, l, 1.0);
-        let (att, lse) = attention_forward(self.dims(b, l), &q, &k, &v, self.scale);
+        let (att, lse) = attention_forward(self.dims(b, l), &q, &k, &v, self.scale, ps.bf16());
         // x1 = x + att Wo^T, or x + norm(att Wo^T)
         let att_act = Act::new(&att, rows, nq);
         let (x1, o_out) = match &self.post_attn_norm {
@@ -961,8 +970,17 @@ impl FusedLayer {
         )?;
         drop(d_o);
         let datt = datt.unwrap_or_default();
-        let (mut dq, mut dk, dv) =
-            attention_backward(self.dims(b, l), &q, &k, &v, &att, &datt, &lse, self.scale);
+        let (mut dq, mut dk, dv) = attention_backward(
+            self.dims(b, l),
+            &q,
+            &k,
+            &v,
+            &att,
+            &datt,
+            &lse,
+            self.scale,
+            ps.bf16(),
+        );
         drop((q, k, v, att, datt, lse));
         self.rotate(&mut dq, nq, l, -1.0);
         self.rotate(&mut dk, nkv, l, -1.0);

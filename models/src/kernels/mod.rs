@@ -96,8 +96,13 @@ fn tensor_vec(t: &Tensor) -> CResult<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// The kernels' thread count, read once: candle's `get_num_threads` reads `RAYON_NUM_THREADS`
+/// and, when it is unset (the app, `attune train`), parses `/proc/cpuinfo` on every call, ~20 us
+/// that every pool call paid (a bf16 attention pass making ~20,000 small products per step spent
+/// most of its time there). The pools it sizes are built once too.
 pub(crate) fn threads() -> usize {
-    candle_core::utils::get_num_threads().max(1)
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
 pub(crate) fn cpu_f32<'a>(
