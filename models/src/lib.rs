@@ -85,6 +85,20 @@ pub fn tune_allocator() {
     }
 }
 
+/// Fixes the CPU thread count for the whole process, first thing in `main`: when
+/// `RAYON_NUM_THREADS` is unset, sets it to the count candle would pick. candle reads that
+/// variable in every f32 matmul (and, through `get_num_threads`, for every split of work) and,
+/// when it is unset, falls back to counting physical cores by parsing `/proc/cpuinfo` each
+/// time, ~20 us per call; the benches set it, so without this the app and the CLI ran slower than
+/// the figures they quote. Must run before any other thread starts (it writes the environment).
+/// A no-op when the variable is already set.
+pub fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads().max(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 /// One allocator arena for every thread, for a process that trains. With glibc's default (an
 /// arena per thread under contention) a buffer freed by one pool's worker cannot serve the next
 /// allocation on another, and which thread allocates what varies run to run: the same training

@@ -4,6 +4,8 @@
 #![cfg_attr(not(debug_assertions), windows_subsystem = "windows")]
 
 fn main() {
+    // Before any thread starts: see `fix_thread_count`.
+    attune_engine::fix_thread_count();
     if let Err(err) = attune_app::run() {
         if attune_app::logs::current_dir().is_some() {
             tracing::error!("{err}");

@@ -372,6 +372,7 @@ impl SamplingArgs {
 }
 
 fn main() -> ExitCode {
+    attune_engine::fix_thread_count();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help, --version, or a missing subcommand: clap prints the help.

@@ -45,7 +45,7 @@ pub use actor::{
 pub use advisor::{
     benchmark_throughput, machine_info, preset, recommend, Facts, FULL_MIN_ROWS, MIN_TRAINING_ROWS,
 };
-pub use attune_models::single_arena;
+pub use attune_models::{fix_thread_count, single_arena};
 pub use clock::unix_from_rfc3339;
 pub use datasets::{DatasetRow, Sample, MAX_ROW_CHARS};
 pub use endpoints::{keys::env_var as endpoint_key_env_var, CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S};
