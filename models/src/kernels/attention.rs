@@ -392,7 +392,6 @@ fn attention_backward_bf16(
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     use super::amx::{matmul_prefix, PackedB, RowsBf16};
-    use super::gemm::matmul as f32_matmul;
     let (l, hd, g) = (d.l, d.hd, d.groups());
     let (q_rs, kv_rs) = (d.nh * hd, d.nkv * hd);
     let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = super::pool::map(d.b * d.nkv, |task| {
@@ -404,8 +403,7 @@ fn attention_backward_bf16(
         let kp = PackedB::from_rows_strided_serial(kg, l, hd, kv_rs);
         let vtp = PackedB::from_rows_strided_serial(vg, l, hd, kv_rs);
         let kc = PackedB::from_cols_strided_serial(kg, l, hd, kv_rs);
-        // A head's p and ds, `[l, l]`: each block writes its rows' keys `0..r1`, so what lies
-        // right of that stays zero from here on (the transposed products read whole rows).
+        // A head's p and ds, `[l, l]` (each block writes its rows, keys `0..r1`).
         let mut p = vec![0f32; l * l];
         let mut ds = vec![0f32; l * l];
         let mut dq = vec![0f32; g * l * hd];
@@ -433,49 +431,12 @@ fn attention_backward_bf16(
                 );
                 let da = RowsBf16::from_f32_strided(&doh[r0 * q_rs..], rows, hd, q_rs);
                 matmul_prefix(&da, &vtp, live, &mut ds[r0 * l..], l, false);
-                for i in r0..r1 {
-                    let di: f32 = doh[i * q_rs..i * q_rs + hd]
-                        .iter()
-                        .zip(&oh[i * q_rs..i * q_rs + hd])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    let pr = &p[i * l..i * l + i + 1];
-                    let dr = &mut ds[i * l..i * l + live];
-                    for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
-                        *x = pp * (*x - di) * scale;
-                    }
-                    dr[i + 1..].fill(0.0);
-                }
+                scores_grad(&p, &mut ds, l, (r0, r1), (doh, oh, q_rs, hd), scale);
                 let sa = RowsBf16::from_f32_strided(&ds[r0 * l..], rows, live, l);
                 matmul_prefix(&sa, &kc, hd, &mut dq[(j * l + r0) * hd..], hd, false);
-                // dV[0..r1] += P_blk^T dO_blk, dK[0..r1] += dS_blk^T Q_blk: in f32, where the
-                // transposes are free (in bf16 each needs a transposed copy of p and ds).
-                f32_matmul(
-                    live,
-                    hd,
-                    rows,
-                    &mut dv,
-                    (hd, 1),
-                    true,
-                    &p[r0 * l..],
-                    (1, l),
-                    &doh[r0 * q_rs..],
-                    (q_rs, 1),
-                    Parallelism::None,
-                );
-                f32_matmul(
-                    live,
-                    hd,
-                    rows,
-                    &mut dk,
-                    (hd, 1),
-                    true,
-                    &ds[r0 * l..],
-                    (1, l),
-                    &qh[r0 * q_rs..],
-                    (q_rs, 1),
-                    Parallelism::None,
-                );
+                // In f32, where the transposes are free (in bf16 each would need a transposed
+                // copy of p and ds).
+                accumulate_dv_dk(&mut dv, &mut dk, &p, &ds, l, (r0, r1), (doh, qh, q_rs, hd));
             }
         }
         (dq, dk, dv)
@@ -533,20 +494,6 @@ pub(crate) fn attention_backward(
                     Some(lse_h),
                     &mut unused,
                 );
-                // dV[0..r1] += P_blk^T dO_blk
-                matmul(
-                    r1,
-                    hd,
-                    rb,
-                    &mut dv,
-                    (hd, 1),
-                    true,
-                    &p[r0 * l..],
-                    (1, l),
-                    &doh[r0 * q_rs..],
-                    (q_rs, 1),
-                    Parallelism::None,
-                );
                 // dP_blk = dO_blk V[0..r1]^T
                 matmul(
                     rb,
@@ -561,21 +508,8 @@ pub(crate) fn attention_backward(
                     (1, kv_rs),
                     Parallelism::None,
                 );
-                // dS = P * (dP - rowsum(dO * O)) * scale (P is zero above the diagonal)
-                for i in r0..r1 {
-                    let di: f32 = doh[i * q_rs..i * q_rs + hd]
-                        .iter()
-                        .zip(&oh[i * q_rs..i * q_rs + hd])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    let pr = &p[i * l..i * l + i + 1];
-                    let dr = &mut dp[i * l..i * l + r1];
-                    for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
-                        *x = pp * (*x - di) * scale;
-                    }
-                    dr[i + 1..].fill(0.0);
-                }
-                // dQ_blk = dS_blk K[0..r1] ; dK[0..r1] += dS_blk^T Q_blk
+                scores_grad(&p, &mut dp, l, (r0, r1), (doh, oh, q_rs, hd), scale);
+                // dQ_blk = dS_blk K[0..r1]
                 matmul(
                     rb,
                     hd,
@@ -589,24 +523,68 @@ pub(crate) fn attention_backward(
                     (kv_rs, 1),
                     Parallelism::None,
                 );
-                matmul(
-                    r1,
-                    hd,
-                    rb,
-                    &mut dk,
-                    (hd, 1),
-                    true,
-                    &dp[r0 * l..],
-                    (1, l),
-                    &qh[r0 * q_rs..],
-                    (q_rs, 1),
-                    Parallelism::None,
-                );
+                accumulate_dv_dk(&mut dv, &mut dk, &p, &dp, l, (r0, r1), (doh, qh, q_rs, hd));
             }
         }
         (dq, dk, dv)
     });
     gather_backward(d, q.len(), k.len(), &results)
+}
+
+/// `ds = p * (dp - rowsum(dO * O)) * scale` for query rows `r0..r1`, in place over `dp` (`p`
+/// and `dp` rows `l` apart, keys `0..r1`; zero above the diagonal). `rows` is the head's `dO`
+/// and `O` (rows `q_rs` apart) and its width `hd`.
+fn scores_grad(
+    p: &[f32],
+    dp: &mut [f32],
+    l: usize,
+    (r0, r1): (usize, usize),
+    (doh, oh, q_rs, hd): (&[f32], &[f32], usize, usize),
+    scale: f32,
+) {
+    for i in r0..r1 {
+        let di: f32 = doh[i * q_rs..i * q_rs + hd]
+            .iter()
+            .zip(&oh[i * q_rs..i * q_rs + hd])
+            .map(|(a, b)| a * b)
+            .sum();
+        let pr = &p[i * l..i * l + i + 1];
+        let dr = &mut dp[i * l..i * l + r1];
+        for (x, &pp) in dr[..=i].iter_mut().zip(pr) {
+            *x = pp * (*x - di) * scale;
+        }
+        dr[i + 1..].fill(0.0);
+    }
+}
+
+/// `dV[0..r1] += P_blk^T dO_blk` and `dK[0..r1] += dS_blk^T Q_blk` for the query block `r0..r1`
+/// (f32 GEMMs that read `p` and `ds`, rows `l` apart, transposed in place; the head's `dO` and
+/// `Q` rows `q_rs` apart, `hd` wide).
+#[allow(clippy::too_many_arguments)]
+fn accumulate_dv_dk(
+    dv: &mut [f32],
+    dk: &mut [f32],
+    p: &[f32],
+    ds: &[f32],
+    l: usize,
+    (r0, r1): (usize, usize),
+    (doh, qh, q_rs, hd): (&[f32], &[f32], usize, usize),
+) {
+    for (dst, a, b) in [(dv, p, doh), (dk, ds, qh)] {
+        matmul(
+            r1,
+            hd,
+            r1 - r0,
+            dst,
+            (hd, 1),
+            true,
+            &a[r0 * l..],
+            (1, l),
+            &b[r0 * q_rs..],
+            (q_rs, 1),
+            Parallelism::None,
+        );
+    }
 }
 
 /// The backward pass's per-(batch, kv head) `dq` `[g, l, hd]`, `dk` and `dv` `[l, hd]` in place
