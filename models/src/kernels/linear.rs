@@ -93,13 +93,6 @@ impl<'a> Act<'a> {
         }
     }
 
-    /// Recycles its bf16 tiles, if it made any ([`RowsBf16::recycle`]).
-    pub fn recycle(self) {
-        if let Some(t) = self.bf16.into_inner() {
-            t.recycle();
-        }
-    }
-
     fn bf16(&self) -> &RowsBf16 {
         self.bf16
             .get_or_init(|| RowsBf16::from_f32(self.x, self.rows, self.cols))
