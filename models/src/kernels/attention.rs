@@ -698,7 +698,8 @@ pub fn cached_attention(
     )
 }
 
-/// Whether prompts take [`cached_attention_bf16`]: `ATTUNE_ATTENTION=bf16` (read once).
+/// Whether prompts take [`cached_attention_bf16`], and training layers on bf16 projections
+/// [`attention_forward_bf16`]: `ATTUNE_ATTENTION=bf16` (read once).
 pub fn bf16_opted_in() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("ATTUNE_ATTENTION").is_ok_and(|v| v == "bf16"))
