@@ -181,20 +181,21 @@ fn head_probs(
         (1, k_rs),
         Parallelism::None,
     );
-    for i in r0..r1 {
-        let row = &mut s[i * l..i * l + r1];
-        let (seen, dead) = row.split_at_mut(i + 1);
-        dead.fill(0.0);
-        let lo = d.window.map_or(0, |w| (i + 1).saturating_sub(w));
-        let (left, live) = seen.split_at_mut(lo);
-        left.fill(0.0);
-        match lse_in {
-            Some(lse) => {
-                super::simd::exp_scaled_sum(live, scale, lse[i]);
-            }
-            None => lse_out[i] = super::simd::softmax_scaled(live, scale),
-        }
-    }
+    let lse_rows: &mut [f32] = match lse_in {
+        Some(_) => &mut [],
+        None => &mut lse_out[r0..r1],
+    };
+    probs_rows(
+        d,
+        r0,
+        r1 - r0,
+        r1,
+        &mut s[r0 * l..],
+        l,
+        scale,
+        lse_in,
+        lse_rows,
+    );
 }
 
 /// Copies a contiguous `[l, hd]` head into its place in a `[b, l, heads, hd]` buffer.
@@ -302,8 +303,7 @@ fn row_blocks(l: usize, n: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// Rows `r0..r0 + rows` of one head's scores, `s` (row stride `rs`, the keys `0..live` each)
-/// into probabilities in place, as [`head_probs`] does: zero above the diagonal and left of a
-/// sliding window; with `lse_in` (the backward pass) from the kept log-sum-exp, otherwise
+/// into probabilities in place: zero above the diagonal and left of a sliding window; with `lse_in` (the backward pass) from the kept log-sum-exp, otherwise
 /// writing each row's to `lse_out[row - r0]`.
 #[allow(clippy::too_many_arguments)]
 fn probs_rows(
