@@ -7,7 +7,9 @@
 //!
 //! `cargo bench --workspace --bench quality`
 //! Environment: `ATTUNE_QUALITY_METHODS=lora,prompt,full` (default), `ATTUNE_QUALITY_OUT`
-//! (JSON of every per-step loss and the valid NLLs; default `target/quality.json`).
+//! (JSON of every per-step loss and the valid NLLs; default `target/quality.json`),
+//! `ATTUNE_QUALITY_COMPUTE=auto` (the products as the app runs them, bf16 on AMX; default f32),
+//! `ATTUNE_QUALITY_BASE=bf16|quantized` (LoRA's and prompt tuning's frozen base in that form).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -79,13 +81,23 @@ fn main() -> R<()> {
         Err(_) => None,
     }
     .filter(|f| *f != BaseForm::F32);
+    // `ATTUNE_QUALITY_COMPUTE=auto`: the products as the app runs them (bf16 on the CPU's
+    // matrix units where it has them: the frozen base, full fine-tuning's packed weights);
+    // default f32 throughout, the exact comparison with PEFT.
+    let auto = match std::env::var("ATTUNE_QUALITY_COMPUTE") {
+        Ok(v) if v.eq_ignore_ascii_case("auto") => true,
+        Ok(v) if v.eq_ignore_ascii_case("f32") => false,
+        Ok(v) => return Err(format!("ATTUNE_QUALITY_COMPUTE={v}: expected auto or f32").into()),
+        Err(_) => false,
+    };
     let started = Instant::now();
     let mut base = loader::load(
         &model_path,
         &LoadOptions {
-            compute: match base_form {
-                Some(_) => ComputeMode::Quantized,
-                None => ComputeMode::F32,
+            compute: match (base_form, auto) {
+                (Some(_), _) => ComputeMode::Quantized,
+                (None, true) => ComputeMode::Auto,
+                (None, false) => ComputeMode::F32,
             },
         },
     )?;
@@ -210,6 +222,11 @@ fn main() -> R<()> {
         "base_form".into(),
         serde_json::json!(base_form.unwrap_or(BaseForm::F32).as_str()),
     );
+    let app_products = auto || base_form.is_some();
+    json.insert(
+        "compute".into(),
+        serde_json::json!(if app_products { "auto" } else { "f32" }),
+    );
     if let Some(dir) = out_path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -219,8 +236,9 @@ fn main() -> R<()> {
     )?;
 
     println!(
-        "PubMedQA valid (100 rows), mean NLL per assistant token; QUALITY.md recipe, 2 threads; base held as {}",
-        base_form.unwrap_or(BaseForm::F32).as_str()
+        "PubMedQA valid (100 rows), mean NLL per assistant token; QUALITY.md recipe, 2 threads; base held as {}; products {}",
+        base_form.unwrap_or(BaseForm::F32).as_str(),
+        if app_products { "as the app runs them (bf16 on AMX where present)" } else { "f32" }
     );
     println!("| model | valid NLL | drop vs base | PEFT valid NLL | PEFT drop | pass (>= PEFT - 1 pp) | loss step 1 -> 40 | train s | train tok/s |");
     println!("|---|---|---|---|---|---|---|---|---|");

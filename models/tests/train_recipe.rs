@@ -274,9 +274,9 @@ fn bf16_base_training_stays_close_to_pytorch() {
     // Full fine-tuning: f32 master weights (started on bf16 values, see `train::prepare`), bf16
     // products (weights packed every step, weight gradients on the matrix units too). Step 1's
     // loss and gradient norm as above; its update checked by scoring step 2 in f32.
-    // Opt-in (ATTUNE_FULL_BF16=1, see train::prepare); otherwise full fine-tuning is f32 and
-    // `full_fine_tuning_first_steps_match_pytorch` covers it.
-    if train::full_bf16_opted_in() && attune_models::kernels::amx::available() {
+    // The default where the CPU has AMX (`ATTUNE_FULL_BF16=0` turns it off, see
+    // train::prepare); f32 full fine-tuning is `full_fine_tuning_first_steps_match_pytorch`'s.
+    if train::full_bf16_enabled() && attune_models::kernels::amx::available() {
         let loaded = loader::load(
             &model_path(),
             &LoadOptions {
@@ -318,7 +318,7 @@ fn bf16_base_training_stays_close_to_pytorch() {
             "bf16 full step 1's update",
         );
     } else {
-        eprintln!("note: full fine-tuning in bf16 not checked (set ATTUNE_FULL_BF16=1)");
+        eprintln!("note: full fine-tuning in bf16 not checked (no AMX, or ATTUNE_FULL_BF16=0)");
     }
     let got = run_in(
         ComputeMode::Auto,

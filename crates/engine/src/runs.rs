@@ -249,10 +249,21 @@ pub const PACKED_BF16_BYTES_PER_PARAM: u64 = 2;
 
 /// Whether a run of `method` multiplies a frozen base in bf16 on the CPU's matrix units, as
 /// `attune_models::train::prepare` decides: LoRA and prompt tuning where the CPU has AMX and
-/// `ATTUNE_MATMUL=f32` is not set. (Full fine-tuning's opt-in bf16 products,
-/// `ATTUNE_FULL_BF16=1`, are not in the estimate.)
+/// `ATTUNE_MATMUL=f32` is not set.
 pub fn bf16_frozen_base(method: &MethodSpec) -> bool {
     !matches!(method, MethodSpec::Full) && attune_models::kernels::amx::available()
+}
+
+/// Whether a run of `method` multiplies in bf16 on the CPU's matrix units: a frozen base
+/// ([`bf16_frozen_base`]), or full fine-tuning's f32 master weights packed every step, unless
+/// `ATTUNE_FULL_BF16=0` (`attune_models::train::full_bf16_enabled`).
+pub fn bf16_products(method: &MethodSpec) -> bool {
+    match method {
+        MethodSpec::Full => {
+            attune_models::kernels::amx::available() && attune_models::train::full_bf16_enabled()
+        }
+        _ => bf16_frozen_base(method),
+    }
 }
 
 /// The estimate's margin over the parts' sum: the measured peaks lie 0-6% above the fitted
@@ -393,7 +404,7 @@ pub fn estimate_memory_on(
     } else {
         m(FULL_SPREAD_BYTES_PER_PARAM, p)
     };
-    let packed = if bf16_frozen_base(method) {
+    let packed = if bf16_products(method) {
         m(PACKED_BF16_BYTES_PER_PARAM, p)
     } else {
         0
@@ -1579,12 +1590,11 @@ impl Engine {
             source,
         })?;
         clean_temp_dirs(&ckpt_root);
-        // Auto: `train::prepare` runs the frozen base (LoRA, prompt tuning) in bf16 on the CPU's
-        // matrix units where it has them, f32 elsewhere. Full fine-tuning trains in f32 unless
-        // `ATTUNE_FULL_BF16=1`, so it loads in F32: no quantized or packed copies to build and
-        // drop again (loaded in Auto, its peak measured up to ~300 MiB higher and varying).
-        let full_f32 =
-            matches!(spec.method, MethodSpec::Full) && !attune_models::train::full_bf16_opted_in();
+        // Auto: `train::prepare` runs the products in bf16 on the CPU's matrix units where it
+        // has them (LoRA's and prompt tuning's frozen base; full fine-tuning's f32 master
+        // weights packed every step), f32 elsewhere. Full fine-tuning in f32 (no matrix units,
+        // or `ATTUNE_FULL_BF16=0`) loads in F32: no quantized or packed copies to build and drop.
+        let full_f32 = matches!(spec.method, MethodSpec::Full) && !bf16_products(&spec.method);
         // A compact base (LoRA, prompt tuning) loads with its quantized blocks only and is then
         // held in its form: no dense or packed copy of the whole model is ever built.
         let compact = match (&spec.method, spec.base) {

@@ -294,7 +294,10 @@ pub fn fused_layer(
             ProjWeight::Mixed(w) => {
                 let (out, inp) = w.dims2()?;
                 borrow_f32!(v = w, "projection weight");
-                let packed = PackedWeight::new_both(v, out, inp);
+                // The forward product's packing only: a trained weight's input-gradient packing
+                // is built in the backward pass and dropped at once (`OwnedProj::bwd`), so a
+                // step never holds both packings of every layer (2 bytes per weight of peak).
+                let packed = PackedWeight::new(v, out, inp);
                 let trained = w.track_op();
                 (
                     Frozen::Bf16(Arc::new(packed)),
@@ -541,8 +544,20 @@ impl P<'_> {
         par: Parallelism,
     ) -> CResult<()> {
         let (din, dout) = (self.din, self.dout);
-        if want_dx {
-            self.w.input_grad(&Act::new(dy, rows, dout), din, dx, par);
+        match (&self.proj.param, self.proj.bf16_dw) {
+            (Some(w), true) if want_dx => {
+                // A trained weight in bf16 products: packed for this product from its f32
+                // master copy, dropped when it is done (see the `Mixed` arm where the op is built).
+                borrow_f32!(v = w, "projection weight");
+                let packed = PackedB::from_cols(v, dout, din);
+                let dy = Act::new(dy, rows, dout);
+                match dx {
+                    Some(d) => amx::matmul(dy.bf16(), &packed, d, din, true),
+                    None => *dx = Some(amx::product(dy.bf16(), &packed)),
+                }
+            }
+            _ if want_dx => self.w.input_grad(&Act::new(dy, rows, dout), din, dx, par),
+            _ => {}
         }
         let input = || -> CResult<&[f32]> {
             match x {

@@ -93,7 +93,8 @@ impl<'a> Act<'a> {
         }
     }
 
-    fn bf16(&self) -> &RowsBf16 {
+    /// The rows as bf16 tiles (converted once, on first use).
+    pub(super) fn bf16(&self) -> &RowsBf16 {
         self.bf16
             .get_or_init(|| RowsBf16::from_f32(self.x, self.rows, self.cols))
     }
