@@ -11,7 +11,8 @@
 //!
 //! Memory estimate (bytes), documented in [`estimate_memory`]: the f32 weights (for LoRA and
 //! prompt tuning also the quantized copies the `Auto` load keeps and, where the frozen base runs
-//! in bf16 on the CPU's matrix units, its packed copies), the optimizer's state per trained
+//! in bf16 on the CPU's matrix units, its packed copies; for full fine-tuning in bf16 its
+//! per-step packings), the optimizer's state per trained
 //! parameter, what every decoder layer keeps per position for the backward pass (counted from
 //! the fused training layer's saved tensors), the logits, one layer's backward buffers and the
 //! runtime, times a margin of 8%; [`Engine::run_memory`] adds what the process already holds (a
@@ -22,7 +23,9 @@
 //! prompt tuning's base in bf16) LoRA r 16 on every projection at 2 x 256 peaked at 1575 MiB
 //! against an estimate of 1753 MiB (1.11x), prompt tuning at 2 x 256 at 1470 MiB against 1631
 //! MiB (1.11x), full fine-tuning (f32) at 1 x 256 at 2289 MiB against 2613 MiB (1.14x); with
-//! `ATTUNE_MATMUL=f32` 1409 / 1476 (1.05x), 1294 / 1354 (1.05x), 2281 / 2613 MiB (1.15x). The test fails
+//! `ATTUNE_MATMUL=f32` 1409 / 1476 (1.05x), 1294 / 1354 (1.05x), 2281 / 2613 MiB (1.15x). Full
+//! fine-tuning in bf16 (the default with AMX since 2026-12-05): 2812 MiB at 1 x 256, 3385 at
+//! 4 x 256, against 3168 / 4149 MiB (1.13x / 1.23x). The test fails
 //! below 1.0x or above 1.25x; `ATTUNE_MEMORY_SWEEP=BxS,...` there measures other shapes.
 
 use std::path::{Path, PathBuf};
@@ -247,6 +250,16 @@ pub const FULL_SPREAD_BYTES_PER_PARAM: u64 = 1;
 /// are 108 MiB of it); 2 bytes per parameter (256 MiB there) bounds it.
 pub const PACKED_BF16_BYTES_PER_PARAM: u64 = 2;
 
+/// Bytes per parameter full fine-tuning's bf16 products hold beyond its f32 parts: every
+/// projection's forward packing (2 bytes) from its forward pass to the end of the step, the LM
+/// head's two packings and its rounding residual (6 bytes per head weight; the projections'
+/// input-gradient packings and residuals are built and dropped one at a time). Measured on the
+/// default model (2026-12-05): 1 x 256 peaked 2812 MiB and 4 x 256 3385 MiB (2305-2702 MiB at
+/// 1 x 256 with f32 products); 3 bytes per parameter, one more than measured, leaves room for
+/// the spread the f32 runs showed between a test alone and after the whole suite (see
+/// [`FULL_SPREAD_BYTES_PER_PARAM`]).
+pub const FULL_BF16_PACKED_BYTES_PER_PARAM: u64 = 3;
+
 /// Whether a run of `method` multiplies a frozen base in bf16 on the CPU's matrix units, as
 /// `attune_models::train::prepare` decides: LoRA and prompt tuning where the CPU has AMX and
 /// `ATTUNE_MATMUL=f32` is not set.
@@ -314,7 +327,8 @@ const UNFUSED_LORA_FACTOR: u64 = 2;
 /// - the f32 weights, 4 bytes per parameter; for full fine-tuning [`FULL_SPREAD_BYTES_PER_PARAM`]
 ///   more; for LoRA and prompt tuning the quantized
 ///   copies the model keeps ([`KEPT_COPY_BYTES_PER_PARAM`]) and, where the frozen base runs
-///   in bf16 on the matrix units, the packed copies ([`PACKED_BF16_BYTES_PER_PARAM`]);
+///   in bf16 on the matrix units, the packed copies ([`PACKED_BF16_BYTES_PER_PARAM`]; full
+///   fine-tuning's per-step packings, [`FULL_BF16_PACKED_BYTES_PER_PARAM`]);
 /// - per trained parameter 12 bytes (gradient, two AdamW moments), 16 where the parameter
 ///   is not one of the weights (LoRA matrices, the soft prompt);
 /// - per position of a step (rows x (max_len + virtual tokens)) 4 bytes for each value
@@ -404,10 +418,10 @@ pub fn estimate_memory_on(
     } else {
         m(FULL_SPREAD_BYTES_PER_PARAM, p)
     };
-    let packed = if bf16_products(method) {
-        m(PACKED_BF16_BYTES_PER_PARAM, p)
-    } else {
-        0
+    let packed = match (bf16_products(method), method) {
+        (false, _) => 0,
+        (true, MethodSpec::Full) => m(FULL_BF16_PACKED_BYTES_PER_PARAM, p),
+        (true, _) => m(PACKED_BF16_BYTES_PER_PARAM, p),
     };
     let compact = match method {
         MethodSpec::Full => None,

@@ -184,6 +184,47 @@ unsafe fn convert_32_avx512(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// `dst[i] = bf16(src[i] - bf16(src[i]))`: what rounding `src` to bf16 left out, itself in
+/// bf16, zero past `src` (at most 32 values). `bf16(x) + residual` holds `x` to ~16 bits.
+fn convert_residual_32(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if src.len() == TILE_K && available() {
+        // SAFETY: available() checked AVX512F and AVX512-BF16; both slices hold 32 values.
+        unsafe { convert_residual_32_avx512(src, dst) };
+        return;
+    }
+    for (d, s) in dst
+        .iter_mut()
+        .zip(src.iter().chain(std::iter::repeat(&0.0)))
+    {
+        *d = to_bf16(*s - from_bf16(to_bf16(*s)));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert_residual_32_avx512(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= 32 && dst.len() >= 32);
+    // SAFETY: both slices hold at least 32 values (asserted); unaligned loads and stores.
+    unsafe {
+        let lo = _mm512_loadu_ps(src.as_ptr());
+        let hi = _mm512_loadu_ps(src.as_ptr().add(16));
+        let rounded: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        // The rounded values back in f32 (bf16 bits in the top half of each lane).
+        let widen = |half: __m256i| {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
+        };
+        let lo_r = widen(_mm512_castsi512_si256(rounded));
+        let hi_r = widen(_mm512_extracti64x4_epi64::<1>(rounded));
+        let rest: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
+            _mm512_sub_ps(hi, hi_r),
+            _mm512_sub_ps(lo, lo_r),
+        ));
+        _mm512_storeu_si512(dst.as_mut_ptr().cast(), rest);
+    }
+}
+
 /// A weight packed as the `B` operand of `out = a · B`: `B` is `[k, n]` (contraction `k`), stored
 /// as tiles of 32 (k) x 16 (n) in VNNI pair order, `n` padded to a multiple of 32 and `k` to a
 /// multiple of 32 with zeros. Tile `(j, c)` (columns `16 j..`, rows `32 c..`) holds, at row `r`,
@@ -278,7 +319,20 @@ impl PackedB {
             "PackedB::from_rows: {} values for [{n}, {k}]",
             w.len()
         );
-        Self::rows_packed(w, n, k, k, true)
+        Self::rows_packed(w, n, k, k, true, false)
+    }
+
+    /// [`PackedB::from_rows`] of what rounding `w` to bf16 leaves out (`w - bf16(w)`, in bf16):
+    /// `x · (bf16(w) + residual)` sees `w` to ~16 bits of mantissa, so a trained weight's small
+    /// updates reach the forward product before they add up to a bf16 step.
+    pub fn from_rows_residual(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            n * k,
+            "PackedB::from_rows_residual: {} values for [{n}, {k}]",
+            w.len()
+        );
+        Self::rows_packed(w, n, k, k, true, true)
     }
 
     /// [`PackedB::from_rows`] on the calling thread alone (inside a kernel's own task).
@@ -289,17 +343,29 @@ impl PackedB {
             "PackedB::from_rows: {} values for [{n}, {k}]",
             w.len()
         );
-        Self::rows_packed(w, n, k, k, false)
+        Self::rows_packed(w, n, k, k, false, false)
     }
 
     /// [`PackedB::from_rows_serial`] of `n` rows of `k` values that start `rs` apart in `w` (one
     /// head of a `[seq, heads * hd]` activation).
     pub fn from_rows_strided_serial(w: &[f32], n: usize, k: usize, rs: usize) -> Self {
         assert_strided(w.len(), n, k, rs, "PackedB::from_rows_strided_serial");
-        Self::rows_packed(w, n, k, rs, false)
+        Self::rows_packed(w, n, k, rs, false, false)
     }
 
-    fn rows_packed(w: &[f32], n: usize, k: usize, rs: usize, parallel: bool) -> Self {
+    fn rows_packed(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        rs: usize,
+        parallel: bool,
+        residual: bool,
+    ) -> Self {
+        let convert = if residual {
+            convert_residual_32
+        } else {
+            convert_32
+        };
         let nt = n.div_ceil(2 * TILE_MN) * 2;
         let kt = k.div_ceil(TILE_K);
         let mut tiles = uninit_tiles(nt * kt);
@@ -312,7 +378,7 @@ impl PackedB {
                 for (jj, row) in rows.iter_mut().enumerate() {
                     let nn = j * TILE_MN + jj;
                     if nn < n {
-                        convert_32(&w[nn * rs + k0..nn * rs + k1], row);
+                        convert(&w[nn * rs + k0..nn * rs + k1], row);
                     } else {
                         *row = [0; TILE_K];
                     }
@@ -1094,6 +1160,72 @@ mod tests {
             matmul(&at, &pb, &mut out_t, n, false);
             assert_eq!(out, out_t, "from_f32_transposed differs from from_f32");
         }
+    }
+
+    /// The rounding residual's packing: bf16(w) + residual holds w to ~16 bits (every value of
+    /// it, vectorised rows of 32 and the scalar tail of a `k` off the 32 grid), and a product on
+    /// both sees w's small changes that the rounded weight alone misses.
+    #[test]
+    fn rounding_residual_holds_what_bf16_leaves_out() {
+        let (n, k) = (40, 75);
+        let w = values(n * k, 9);
+        let hi = PackedB::from_rows(&w, n, k).to_f32_kn();
+        let lo = PackedB::from_rows_residual(&w, n, k).to_f32_kn();
+        let mut nonzero = 0;
+        for nn in 0..n {
+            for kk in 0..k {
+                let (x, i) = (w[nn * k + kk], kk * n + nn);
+                assert_eq!(hi[i], from_bf16(to_bf16(x)));
+                assert_eq!(lo[i], from_bf16(to_bf16(x - hi[i])), "({nn}, {kk})");
+                // Within 2^-16 of x relative (bf16's 8 bits twice, and ties).
+                assert!(((hi[i] + lo[i]) - x).abs() <= x.abs() / 65536.0 + 1e-30);
+                nonzero += usize::from(lo[i] != 0.0);
+            }
+        }
+        assert!(nonzero > n * k / 2, "residual mostly zero: {nonzero}");
+        // A weight already on bf16 values has no residual.
+        let exact = round(&w);
+        let r = PackedB::from_rows_residual(&exact, n, k).to_f32_kn();
+        assert!(r.iter().all(|&v| v == 0.0));
+        if !available() {
+            return;
+        }
+        // An update a tenth of a bf16 step: invisible to the rounded weight, seen with the
+        // residual. x on bf16 values, so the activations' rounding does not blur it.
+        let (m, k) = (32, 64);
+        let x = round(&values(m * k, 4));
+        let w0 = round(&values(n * k, 6));
+        let w1: Vec<f32> = w0.iter().map(|&v| v + v.abs() / 2560.0).collect();
+        let a = RowsBf16::from_f32(&x, m, k);
+        let product_of = |w: &[f32], residual: bool| {
+            let mut out = vec![0f32; m * n];
+            matmul(&a, &PackedB::from_rows(w, n, k), &mut out, n, false);
+            if residual {
+                matmul(&a, &PackedB::from_rows_residual(w, n, k), &mut out, n, true);
+            }
+            out
+        };
+        let (y0, y1, y1r) = (
+            product_of(&w0, false),
+            product_of(&w1, false),
+            product_of(&w1, true),
+        );
+        assert_eq!(y0, y1, "the update moved the rounded weight");
+        let want = reference(&x, &w1, m, n, k);
+        let delta = reference(&x, &w1, m, n, k)
+            .iter()
+            .zip(reference(&x, &w0, m, n, k))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let err = y1r
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (*g as f64 - w).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            delta > 0.0 && err < delta / 10.0,
+            "residual product off by {err}, update {delta}"
+        );
     }
 
     #[test]

@@ -127,6 +127,7 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
     let (vocab, w_hid) = w.dims2()?;
     check_head(n, hid, vocab, w_hid, targets)?;
     let w = w.contiguous()?;
+    let mut residual = None;
     let (packed, bf16_dw) = match bf16 {
         HeadBf16::Off => (None, false),
         HeadBf16::Frozen(p) => {
@@ -141,6 +142,9 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
         }
         HeadBf16::PerCall => {
             borrow_f32!(wv = w, "lm head weight");
+            if w.track_op() {
+                residual = Some(PackedB::from_rows_residual(wv, vocab, hid));
+            }
             (
                 Some(Arc::new(PackedWeight::new_both(wv, vocab, hid))),
                 w.track_op(),
@@ -152,6 +156,7 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
         LmHeadNll {
             targets: targets.to_vec(),
             packed,
+            residual,
             bf16_dw,
             recycle: matches!(bf16, HeadBf16::Frozen(_)) && !w.track_op(),
             kept: Mutex::new(None),
@@ -175,6 +180,9 @@ struct LmHeadNll {
     targets: Vec<u32>,
     /// The weight in bf16, when the products run on the matrix units.
     packed: Option<Arc<PackedWeight>>,
+    /// A trained head's bf16 rounding residual, added to the logits: see the fused layer's
+    /// `OwnedProj::residual` (`super::block`).
+    residual: Option<PackedB>,
     /// The weight gradient runs on the matrix units too.
     bf16_dw: bool,
     /// A frozen head on its packed bf16 copy (LoRA and prompt tuning on a dense base, where the
@@ -194,7 +202,14 @@ impl LmHeadNll {
     /// Logits `h W^T` and the log-sum-exp of every row.
     fn logits(&self, h: &[f32], w: &[f32], n: usize, hid: usize) -> (Vec<f32>, Vec<f32>) {
         let logits = match &self.packed {
-            Some(p) => p.forward_new(&RowsBf16::from_f32(h, n, hid)),
+            Some(p) => {
+                let x = RowsBf16::from_f32(h, n, hid);
+                let mut logits = p.forward_new(&x);
+                if let Some(r) = &self.residual {
+                    amx::matmul(&x, r, &mut logits, p.out_dim(), true);
+                }
+                logits
+            }
             None => product(
                 n,
                 w.len() / hid.max(1),
