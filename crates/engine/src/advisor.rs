@@ -6,12 +6,16 @@
 //! Memory comes from the engine's own estimate ([`estimate_memory`]), the figure a run
 //! is refused on. Throughput is **measured** where this library already trained the
 //! same model with the same method (the median `tokens_per_s` of the completed runs'
-//! train steps), else a **benchmark** figure (SmolLM2-135M on a 2-thread AVX-512 Xeon:
-//! LoRA 184, full 153, soft prompt 201 tokens/s) scaled by model size and thread count.
-//! These are the train bench's figures before the last round of speed-ups (the README now
-//! gives 222 / 167 / 217): the 15-minute budget runs showed the bench's 256-token blocks
-//! overstate the rate of a real run (longer rows, evaluation, checkpoints), so the older,
-//! lower figures stay as the conservative estimate until a run is measured. Token counts come from the dataset rendered with the model's
+//! train steps), else a **benchmark** figure scaled by model size and thread count: the rate
+//! of real `attune train` runs of SmolLM2-135M with the advisor's preset (batch 4, PubMedQA
+//! rows up to 1024 tokens) on a 2-thread Xeon, the median of steps 2-10 as the measured path
+//! would take it. With AMX (bf16 products; 2026-12-05, `scripts/measure-advisor-throughput.sh`,
+//! twice): LoRA 513 / 550, soft prompt 602 / 601, full 352 / 251 tokens/s, taken as 500 / 550
+//! / 300 (a step's rate moves by 2x with the machine's load and the batch's lengths). Without
+//! AMX (f32 products) the train bench's figures of 2026-11-28, LoRA 184, full 153, soft prompt
+//! 201, which the 15-minute budget runs found 15-25% above the real rate. The bench's 256-token
+//! packed blocks run faster than real rows (857 / 906 / 392 in the same session), so its
+//! figures are not used. Token counts come from the dataset rendered with the model's
 //! chat template, exactly as training renders it; they are cached per dataset content
 //! and model, so asking twice costs nothing.
 
@@ -56,10 +60,18 @@ const INFERENCE_OVERHEAD: u64 = 300 << 20;
 
 /// Training throughput on the benchmark machine, tokens/s (see the module docs).
 fn benchmark_tokens_per_s(method: &str) -> f64 {
-    match method {
-        "full" => 153.0,
-        "prompt" => 201.0,
-        _ => 184.0,
+    benchmark_tokens_per_s_on(method, attune_models::kernels::amx::available())
+}
+
+/// [`benchmark_tokens_per_s`] on a CPU with (`amx`) or without the matrix units.
+fn benchmark_tokens_per_s_on(method: &str, amx: bool) -> f64 {
+    match (method, amx) {
+        ("full", true) => 300.0,
+        ("prompt", true) => 550.0,
+        (_, true) => 500.0,
+        ("full", false) => 153.0,
+        ("prompt", false) => 201.0,
+        (_, false) => 184.0,
     }
 }
 
