@@ -1611,7 +1611,8 @@ impl Engine {
         // So does preference training of the full model: its frozen reference copy scores
         // with the inference kernels, and with bf16 products the policy's log-probabilities of
         // the answers parted from the copy's by ~0.23 nats at step 1 (DPO's loss 0.682 against
-        // ln 2 at beta 0.1), a bias in every reward; in f32 they agree to 1e-4. (Its memory estimate still counts the bf16 packings: an upper bound.)
+        // ln 2 at beta 0.1), a bias in every reward; in f32 they agree to 1e-4. (Its memory
+        // estimate still counts the bf16 packings: an upper bound.)
         let full_f32 = matches!(spec.method, MethodSpec::Full)
             && (!bf16_products(&spec.method) || spec.preference.is_some());
         // A compact base (LoRA, prompt tuning) loads with its quantized blocks only and is then

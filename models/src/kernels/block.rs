@@ -295,7 +295,7 @@ pub fn fused_layer(
                 let (out, inp) = w.dims2()?;
                 borrow_f32!(v = w, "projection weight");
                 // The forward product's packing only: a trained weight's input-gradient packing
-                // is built in the backward pass and dropped at once (`OwnedProj::bwd`), so a
+                // is built in the backward pass and dropped at once (`P::bwd`), so a
                 // step never holds both packings of every layer (2 bytes per weight of peak).
                 let packed = PackedWeight::new(v, out, inp);
                 let trained = w.track_op();

@@ -181,7 +181,7 @@ struct LmHeadNll {
     /// The weight in bf16, when the products run on the matrix units.
     packed: Option<Arc<PackedWeight>>,
     /// A trained head's bf16 rounding residual, added to the logits: see the fused layer's
-    /// `OwnedProj::residual` (`super::block`).
+    /// `P::residual_add` (`super::block`).
     residual: Option<PackedB>,
     /// The weight gradient runs on the matrix units too.
     bf16_dw: bool,
