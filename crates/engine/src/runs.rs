@@ -252,8 +252,8 @@ pub const PACKED_BF16_BYTES_PER_PARAM: u64 = 2;
 
 /// Bytes per parameter full fine-tuning's bf16 products hold beyond its f32 parts: every
 /// projection's forward packing (2 bytes) from its forward pass to the end of the step, the LM
-/// head's two packings and its rounding residual (6 bytes per head weight; the projections'
-/// input-gradient packings and residuals are built and dropped one at a time). Measured on the
+/// head's two packings (4 bytes per head weight; the rounding residuals and the projections'
+/// input-gradient packings are built and dropped one product at a time). Measured on the
 /// default model (2026-12-05): 1 x 256 peaked 2812 MiB and 4 x 256 3385 MiB (2305-2702 MiB at
 /// 1 x 256 with f32 products); 3 bytes per parameter, one more than measured, leaves room for
 /// the spread the f32 runs showed between a test alone and after the whole suite (see

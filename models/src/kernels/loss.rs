@@ -127,7 +127,6 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
     let (vocab, w_hid) = w.dims2()?;
     check_head(n, hid, vocab, w_hid, targets)?;
     let w = w.contiguous()?;
-    let mut residual = None;
     let (packed, bf16_dw) = match bf16 {
         HeadBf16::Off => (None, false),
         HeadBf16::Frozen(p) => {
@@ -142,9 +141,6 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
         }
         HeadBf16::PerCall => {
             borrow_f32!(wv = w, "lm head weight");
-            if w.track_op() {
-                residual = Some(PackedB::from_rows_residual(wv, vocab, hid));
-            }
             (
                 Some(Arc::new(PackedWeight::new_both(wv, vocab, hid))),
                 w.track_op(),
@@ -156,7 +152,6 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
         LmHeadNll {
             targets: targets.to_vec(),
             packed,
-            residual,
             bf16_dw,
             recycle: matches!(bf16, HeadBf16::Frozen(_)) && !w.track_op(),
             kept: Mutex::new(None),
@@ -180,10 +175,9 @@ struct LmHeadNll {
     targets: Vec<u32>,
     /// The weight in bf16, when the products run on the matrix units.
     packed: Option<Arc<PackedWeight>>,
-    /// A trained head's bf16 rounding residual, added to the logits: see the fused layer's
-    /// `P::residual_add` (`super::block`).
-    residual: Option<PackedB>,
-    /// The weight gradient runs on the matrix units too.
+    /// The weight is trained (its f32 master copy packed per call): the weight gradient runs on
+    /// the matrix units too, and the logits add the weight's bf16 rounding residual, as the
+    /// fused layer's products do (`P::residual_add` in `super::block`).
     bf16_dw: bool,
     /// A frozen head on its packed bf16 copy (LoRA and prompt tuning on a dense base, where the
     /// step's peak is the head's): its backward pass hands the logits and their bf16 gradient,
@@ -205,8 +199,10 @@ impl LmHeadNll {
             Some(p) => {
                 let x = RowsBf16::from_f32(h, n, hid);
                 let mut logits = p.forward_new(&x);
-                if let Some(r) = &self.residual {
-                    amx::matmul(&x, r, &mut logits, p.out_dim(), true);
+                if self.bf16_dw {
+                    // Packed from the master copy for this product and dropped.
+                    let r = PackedB::from_rows_residual(w, p.out_dim(), hid);
+                    amx::matmul(&x, &r, &mut logits, p.out_dim(), true);
                 }
                 logits
             }
