@@ -100,6 +100,24 @@ fn tensor_vec(t: &Tensor) -> CResult<Vec<f32>> {
 /// and, when it is unset (the app, `attune train`), parses `/proc/cpuinfo` on every call, ~20 us
 /// that every pool call paid (a bf16 attention pass making ~20,000 small products per step spent
 /// most of its time there). The pools it sizes are built once too.
+/// Asks the CPU to bring every cache line of `v` into L1 (a hint: nothing is read, nothing can
+/// fault). The decode kernels read small matrices once per token, each in a short run the
+/// hardware prefetchers did not pick up on the machines measured (see `quant::dot_rows_vnni`).
+#[inline]
+pub(crate) fn prefetch<T>(v: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = v.as_ptr() as *const i8;
+        for at in (0..std::mem::size_of_val(v)).step_by(64) {
+            // SAFETY: `at` lies inside the slice, and a prefetch reads nothing either way.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(at)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 pub(crate) fn threads() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| candle_core::utils::get_num_threads().max(1))

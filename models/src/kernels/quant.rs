@@ -411,23 +411,13 @@ impl Q41Matrix {
     /// Asks the CPU to bring row `r`'s bytes into cache (nothing past the last row): the
     /// one-row kernels' loads otherwise wait on memory (see [`dot_rows_vnni`]).
     fn prefetch_row(&self, r: usize) {
-        #[cfg(target_arch = "x86_64")]
         if r < self.n {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
             let w = self.row(r);
-            fn lines<T>(v: &[T]) {
-                let bytes = std::mem::size_of_val(v);
-                let p = v.as_ptr() as *const i8;
-                for at in (0..bytes).step_by(64) {
-                    // SAFETY: `at` lies inside the slice; a prefetch reads nothing either way.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(at)) };
-                }
-            }
-            lines(w.qs);
-            lines(w.d);
-            lines(w.m);
-            lines(w.qh);
-            lines(w.sc);
+            super::prefetch(w.qs);
+            super::prefetch(w.d);
+            super::prefetch(w.m);
+            super::prefetch(w.qh);
+            super::prefetch(w.sc);
         }
     }
 
