@@ -184,6 +184,89 @@ unsafe fn convert_32_avx512(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// One tile of `x^T` in bf16: tile row `r` (of 16) holds `x[t][r]` for `t` in `0..32`, read
+/// from `x` rows `t` (`ld` values apart) at columns `0..cols`, rows `t >= rows` and columns
+/// `>= cols` zero. Pairs of `x` rows convert to bf16 together and interleave into 32-bit
+/// lanes (lane `r` of pair `s` holds `x[2s][r]` then `x[2s + 1][r]`, the tile's pair order);
+/// a 16 x 16 transpose of those lanes makes the tile's rows.
+///
+/// # Safety
+/// The CPU must have AVX512F/BW and AVX512-BF16; `x` must be valid for reads of `rows` rows of
+/// `cols` values at stride `ld` (`rows <= 32`, `cols <= 16`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn transposed_tile_avx512(
+    x: *const f32,
+    ld: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut Tile,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(rows <= TILE_K && cols <= TILE_MN);
+    let mask: __mmask16 = ((1u32 << cols) - 1) as u16;
+    // u16 lane 2r takes lane r (the even row), lane 2r + 1 lane 16 + r (the odd row).
+    let mut order = [0u16; 32];
+    for r in 0..16 {
+        order[2 * r] = r as u16;
+        order[2 * r + 1] = 16 + r as u16;
+    }
+    // SAFETY: `order` holds 32 u16 (one vector); row loads are masked to `cols` values of rows
+    // below `rows` (the caller's bounds); the stores write the tile's 16 rows of 64 bytes.
+    unsafe {
+        let order = _mm512_loadu_si512(order.as_ptr().cast());
+        let load = |t: usize| {
+            if t < rows {
+                _mm512_maskz_loadu_ps(mask, x.add(t * ld))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        let mut w = [_mm512_setzero_si512(); 16];
+        for (s, ws) in w.iter_mut().enumerate() {
+            let bf: __m512i =
+                std::mem::transmute(_mm512_cvtne2ps_pbh(load(2 * s + 1), load(2 * s)));
+            *ws = _mm512_permutexvar_epi16(order, bf);
+        }
+        transpose_16x16_epi32(&mut w);
+        for (r, wr) in w.iter().enumerate() {
+            _mm512_storeu_si512(out.0.as_mut_ptr().add(r * TILE_K).cast(), *wr);
+        }
+    }
+}
+
+/// Transposes 16 vectors of 16 32-bit lanes in place (`w[i]` lane `j` ends in `w[j]` lane `i`):
+/// 32-bit then 64-bit interleaves within 128-bit lanes, then two rounds of 128-bit shuffles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16_epi32(w: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(w[2 * i], w[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(w[2 * i], w[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let b = 4 * i;
+        w[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+        w[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+        w[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+        w[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+    }
+    // w[4i + j] holds rows 4i..4i+4, column j of every 128-bit lane (columns j, 4 + j, ...).
+    for i in 0..2 {
+        let b = 8 * i;
+        for j in 0..4 {
+            t[b + j] = _mm512_shuffle_i32x4::<0x88>(w[b + j], w[b + 4 + j]);
+            t[b + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(w[b + j], w[b + 4 + j]);
+        }
+    }
+    for j in 0..8 {
+        w[j] = _mm512_shuffle_i32x4::<0x88>(t[j], t[8 + j]);
+        w[8 + j] = _mm512_shuffle_i32x4::<0xdd>(t[j], t[8 + j]);
+    }
+}
+
 /// `dst[i] = bf16(src[i] - bf16(src[i]))`: what rounding `src` to bf16 left out, itself in
 /// bf16, zero past `src` (at most 32 values). `bf16(x) + residual` holds `x` to ~16 bits.
 fn convert_residual_32(src: &[f32], dst: &mut [u16]) {
@@ -579,6 +662,10 @@ impl RowsBf16 {
         let mt = m.div_ceil(2 * TILE_MN) * 2;
         let kt = k.div_ceil(TILE_K);
         let mut tiles = uninit_tiles(mt * kt);
+        #[cfg(target_arch = "x86_64")]
+        let vector = available() && is_x86_feature_detected!("avx512bw");
+        #[cfg(not(target_arch = "x86_64"))]
+        let vector = false;
         super::pool::chunks_mut(&mut tiles, kt.max(1), |i, row_tiles| {
             let (m0, m1) = (i * TILE_MN, ((i + 1) * TILE_MN).min(m));
             // 32 rows of x (k) x 16 values (m), converted, then transposed into the tile.
@@ -586,6 +673,22 @@ impl RowsBf16 {
             for (c, tile) in row_tiles.iter_mut().enumerate() {
                 let out = tile.write(ZERO_TILE);
                 if m0 >= m {
+                    continue;
+                }
+                #[cfg(target_arch = "x86_64")]
+                if vector {
+                    let k0 = c * TILE_K;
+                    // SAFETY: AMX (with AVX512F/BF16) and AVX512BW checked above; rows
+                    // k0..k0 + rows of x hold columns m0..m1 (x is [k, m], length asserted).
+                    unsafe {
+                        transposed_tile_avx512(
+                            x.as_ptr().add(k0 * m + m0),
+                            m,
+                            (k - k0).min(TILE_K),
+                            m1 - m0,
+                            out,
+                        )
+                    };
                     continue;
                 }
                 for (t, b) in blk.iter_mut().enumerate() {
@@ -1050,6 +1153,60 @@ mod tests {
 
     fn round(v: &[f32]) -> Vec<f32> {
         v.iter().map(|&x| from_bf16(to_bf16(x))).collect()
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn lane_transpose_is_a_transpose() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let mut w = [unsafe { _mm512_setzero_si512() }; 16];
+        for (i, wi) in w.iter_mut().enumerate() {
+            let v: Vec<i32> = (0..16).map(|j| (i * 16 + j) as i32).collect();
+            // SAFETY: 16 i32 values.
+            *wi = unsafe { _mm512_loadu_si512(v.as_ptr().cast()) };
+        }
+        // SAFETY: AVX512F checked above.
+        unsafe { transpose_16x16_epi32(&mut w) };
+        for (j, wj) in w.iter().enumerate() {
+            let mut v = [0i32; 16];
+            // SAFETY: 16 i32 values.
+            unsafe { _mm512_storeu_si512(v.as_mut_ptr().cast(), *wj) };
+            let want: Vec<i32> = (0..16).map(|i| (i * 16 + j) as i32).collect();
+            assert_eq!(v.to_vec(), want, "row {j}");
+        }
+    }
+
+    /// The transposed packing holds `bf16(x[t][r])` at tile row `r`, position `t`, and zeros past
+    /// the edges, bit for bit, for shapes with and without partial tiles in both directions.
+    #[test]
+    fn transposed_packing_holds_every_value_in_place() {
+        for (k, m) in [(64, 32), (45, 20), (576, 48), (7, 3), (33, 17)] {
+            let x = values(k * m, 5);
+            let a = RowsBf16::from_f32_transposed(&x, k, m);
+            for i in 0..a.mt {
+                for c in 0..a.kt {
+                    let tile = &a.tiles[i * a.kt + c].0;
+                    for r in 0..TILE_MN {
+                        for t in 0..TILE_K {
+                            let (row, col) = (c * TILE_K + t, i * TILE_MN + r);
+                            let want = if row < k && col < m {
+                                to_bf16(x[row * m + col])
+                            } else {
+                                0
+                            };
+                            assert_eq!(
+                                tile[r * TILE_K + t],
+                                want,
+                                "[{k}, {m}] tile ({i}, {c}) row {r} pos {t}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
