@@ -870,32 +870,43 @@ impl CustomOp3 for CachedAttention {
                     let i0 = c * chunk;
                     let rows = dst.len() / row;
                     let live = off + i0 + rows; // keys the chunk's last row sees
-                    let mut s = vec![0f32; rows * live];
-                    for h in 0..nh {
-                        let kh = h / g;
-                        let qh = &q[((bi * nh + h) * l + i0) * hd..];
+                                                // The `g` query heads that share a kv head as one product each way: their
+                                                // rows stacked (`[g * rows, hd]`), so each key and value is read once per
+                                                // group, not once per query head.
+                    let gr = g * rows;
+                    let mut s = vec![0f32; gr * live];
+                    let mut qg = vec![0f32; gr * hd];
+                    let mut og = vec![0f32; gr * hd];
+                    for kh in 0..nkv {
+                        for j in 0..g {
+                            let h = kh * g + j;
+                            let qh = &q[((bi * nh + h) * l + i0) * hd..][..rows * hd];
+                            qg[j * rows * hd..(j + 1) * rows * hd].copy_from_slice(qh);
+                        }
                         let kg = &k[bi * ks[0] + kh * ks[1]..];
                         let vg = &v[bi * vs[0] + kh * vs[1]..];
                         matmul(
-                            rows,
+                            gr,
                             live,
                             hd,
                             &mut s,
                             (live, 1),
                             false,
-                            qh,
+                            &qg,
                             (hd, 1),
                             kg,
                             (1, ks[2]),
                             Parallelism::None,
                         );
-                        block_softmax(&mut s, rows, live, off + i0, scale, window);
+                        for sj in s.chunks_exact_mut(rows * live) {
+                            block_softmax(sj, rows, live, off + i0, scale, window);
+                        }
                         matmul(
-                            rows,
+                            gr,
                             hd,
                             live,
-                            &mut dst[h * hd..],
-                            (row, 1),
+                            &mut og,
+                            (hd, 1),
                             false,
                             &s,
                             (live, 1),
@@ -903,6 +914,13 @@ impl CustomOp3 for CachedAttention {
                             (vs[2], 1),
                             Parallelism::None,
                         );
+                        for j in 0..g {
+                            let h = kh * g + j;
+                            for r in 0..rows {
+                                dst[r * row + h * hd..][..hd]
+                                    .copy_from_slice(&og[(j * rows + r) * hd..][..hd]);
+                            }
+                        }
                     }
                 },
             );
@@ -1015,55 +1033,61 @@ mod tests {
     #[test]
     fn cached_attention_equals_masked_softmax_over_the_whole_cache() {
         let dev = Device::Cpu;
-        // Grouped heads, a cache holding 7 earlier positions, read through a narrowed view of a
-        // larger buffer (as the KV cache hands it over), and a batch of 2.
-        let (b, nh, nkv, l, hd, off) = (2, 6, 2, 5, 8, 7);
-        let t = off + l;
-        let q = Tensor::randn(0f32, 1.0, (b, nh, l, hd), &dev).unwrap();
-        let kbuf = Tensor::randn(0f32, 1.0, (b, nkv, 32, hd), &dev).unwrap();
-        let vbuf = Tensor::randn(0f32, 1.0, (b, nkv, 32, hd), &dev).unwrap();
-        let (k, v) = (kbuf.narrow(2, 0, t).unwrap(), vbuf.narrow(2, 0, t).unwrap());
-        assert!(!k.is_contiguous());
-        // Without a window, and with a sliding window of 4 keys (shorter than the cache).
-        for window in [None, Some(4)] {
-            let got = cached_attention(&q, &k, &v, 0.35, window).unwrap();
-            assert_eq!(got.dims(), &[b, l, nh * hd]);
-            let g = nh / nkv;
-            for bi in 0..b {
-                for h in 0..nh {
-                    let qh = q.get(bi).unwrap().get(h).unwrap();
-                    let kh = k.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
-                    let vh = v.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
-                    let s = (qh.matmul(&kh.t().unwrap()).unwrap() * 0.35).unwrap();
-                    let mut m = vec![0f32; l * t];
-                    for i in 0..l {
-                        for j in 0..t {
-                            let too_old = window.is_some_and(|w| j + w <= off + i);
-                            if j > off + i || too_old {
-                                m[i * t + j] = f32::NEG_INFINITY;
+        // Grouped heads, a cache holding earlier positions, read through a narrowed view of a
+        // larger buffer (as the KV cache hands it over), and a batch of 2; a short call (one
+        // block of queries) and a long one (blocks of 16 query rows, the last one partial).
+        for (l, off) in [(5, 7), (70, 3)] {
+            let (b, nh, nkv, hd) = (2, 6, 2, 8);
+            let t = off + l;
+            let q = Tensor::randn(0f32, 1.0, (b, nh, l, hd), &dev).unwrap();
+            let kbuf = Tensor::randn(0f32, 1.0, (b, nkv, t + 8, hd), &dev).unwrap();
+            let vbuf = Tensor::randn(0f32, 1.0, (b, nkv, t + 8, hd), &dev).unwrap();
+            let (k, v) = (kbuf.narrow(2, 0, t).unwrap(), vbuf.narrow(2, 0, t).unwrap());
+            assert!(!k.is_contiguous());
+            // Without a window, and with a sliding window of 4 keys (shorter than the cache).
+            for window in [None, Some(4)] {
+                let got = cached_attention(&q, &k, &v, 0.35, window).unwrap();
+                assert_eq!(got.dims(), &[b, l, nh * hd]);
+                let g = nh / nkv;
+                for bi in 0..b {
+                    for h in 0..nh {
+                        let qh = q.get(bi).unwrap().get(h).unwrap();
+                        let kh = k.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
+                        let vh = v.get(bi).unwrap().get(h / g).unwrap().contiguous().unwrap();
+                        let s = (qh.matmul(&kh.t().unwrap()).unwrap() * 0.35).unwrap();
+                        let mut m = vec![0f32; l * t];
+                        for i in 0..l {
+                            for j in 0..t {
+                                let too_old = window.is_some_and(|w| j + w <= off + i);
+                                if j > off + i || too_old {
+                                    m[i * t + j] = f32::NEG_INFINITY;
+                                }
                             }
                         }
+                        let m = Tensor::from_vec(m, (l, t), &dev).unwrap();
+                        let p = candle_nn::ops::softmax(&(s + m).unwrap(), D::Minus1).unwrap();
+                        let want = p.matmul(&vh).unwrap();
+                        let have = got.get(bi).unwrap().narrow(1, h * hd, hd).unwrap();
+                        let diff = (want - have)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
+                        assert!(
+                            diff < 1e-5,
+                            "l {l} window {window:?} batch {bi} head {h}: {diff}"
+                        );
                     }
-                    let m = Tensor::from_vec(m, (l, t), &dev).unwrap();
-                    let p = candle_nn::ops::softmax(&(s + m).unwrap(), D::Minus1).unwrap();
-                    let want = p.matmul(&vh).unwrap();
-                    let have = got.get(bi).unwrap().narrow(1, h * hd, hd).unwrap();
-                    let diff = (want - have)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                    assert!(diff < 1e-5, "window {window:?} batch {bi} head {h}: {diff}");
                 }
             }
+            // Shapes that do not fit are an error, not a panic.
+            let bad = Tensor::zeros((b, nkv, l - 1, hd), candle_core::DType::F32, &dev).unwrap();
+            assert!(cached_attention(&q, &bad, &bad, 1.0, None).is_err());
+            assert!(cached_attention(&q, &k, &v, 1.0, Some(0)).is_err());
         }
-        // Shapes that do not fit are an error, not a panic.
-        let bad = Tensor::zeros((b, nkv, l - 1, hd), candle_core::DType::F32, &dev).unwrap();
-        assert!(cached_attention(&q, &bad, &bad, 1.0, None).is_err());
-        assert!(cached_attention(&q, &k, &v, 1.0, Some(0)).is_err());
     }
 
     fn naive_attention(
