@@ -699,6 +699,34 @@ unsafe fn dot_q80_vnni(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc) + tail
 }
 
+/// Two consecutive Q4_1 blocks' 32 code bytes at `p` as 64 unsigned bytes in the activations'
+/// order: the 64-bit lanes spread to [0, 1, 0, 1, 2, 3, 2, 3] (block b's codes twice, then block
+/// b + 1's twice), the second copy of each shifted right by 4 (its high nibbles), masked to 4 bits.
+///
+/// # Safety
+/// The CPU must have AVX512F/BW; `p` must be valid for reads of 32 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn q41_pair_codes(p: *const u8) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
+    let shifts = _mm512_set_epi64(
+        0x0004_0004_0004_0004,
+        0x0004_0004_0004_0004,
+        0,
+        0,
+        0x0004_0004_0004_0004,
+        0x0004_0004_0004_0004,
+        0,
+        0,
+    );
+    // SAFETY: the caller guarantees 32 readable bytes at `p`.
+    let raw = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+    let dup = _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(raw));
+    _mm512_and_si512(_mm512_srlv_epi16(dup, shifts), _mm512_set1_epi8(0x0F))
+}
+
 /// Q4_1 x Q8 dot product, two blocks per step: the 32 code bytes of two blocks are spread to
 /// 128-bit lanes (low nibbles, high nibbles, low, high) matching the 64 activation bytes, and one
 /// `vpdpbusd` does all 64 products.
@@ -721,34 +749,18 @@ unsafe fn dot_q41_vnni(
             && xd.len() >= nb
             && xs.len() >= nb
     );
-    let mask = _mm512_set1_epi8(0x0F);
-    // 64-bit lanes [0, 1, 0, 1, 2, 3, 2, 3]: block b's codes twice, then block b + 1's twice.
-    let spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
-    // Shift the second copy of each block's codes right by 4 (its high nibbles).
-    let shifts = _mm512_set_epi64(
-        0x0004_0004_0004_0004,
-        0x0004_0004_0004_0004,
-        0,
-        0,
-        0x0004_0004_0004_0004,
-        0x0004_0004_0004_0004,
-        0,
-        0,
-    );
     let zero = _mm512_setzero_si512();
     let mut acc = _mm512_setzero_ps();
     let mut acc_m = 0f32;
     let mut b = 0;
     while b + 1 < nb {
         // SAFETY: blocks b and b + 1 lie inside both slices (asserted above).
-        let (raw, x) = unsafe {
+        let (w, x) = unsafe {
             (
-                _mm256_loadu_si256(wq.as_ptr().add(b * 16) as *const __m256i),
+                q41_pair_codes(wq.as_ptr().add(b * 16)),
                 _mm512_loadu_si512(xq.as_ptr().add(b * QK) as *const _),
             )
         };
-        let dup = _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(raw));
-        let w = _mm512_and_si512(_mm512_srlv_epi16(dup, shifts), mask);
         let dp = _mm512_dpbusd_epi32(zero, w, x);
         let s = _mm512_mask_blend_ps(
             0xFF00,
@@ -808,18 +820,6 @@ unsafe fn dot_rows_vnni<const R: usize, const Q4: bool>(
             && xd.len() >= nb
             && xs.len() >= nb
     );
-    let nibbles = _mm512_set1_epi8(0x0F);
-    let spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
-    let shifts = _mm512_set_epi64(
-        0x0004_0004_0004_0004,
-        0x0004_0004_0004_0004,
-        0,
-        0,
-        0x0004_0004_0004_0004,
-        0x0004_0004_0004_0004,
-        0,
-        0,
-    );
     let bias = _mm512_set1_epi8(-128i8);
     let zero = _mm512_setzero_si512();
     // Lanes 0-7 take a pair's first block's scale, lanes 8-15 its second's.
@@ -858,11 +858,7 @@ unsafe fn dot_rows_vnni<const R: usize, const Q4: bool>(
                     qs.as_ptr().wrapping_add(((j + ahead) * nb + b) * code) as *const i8,
                 );
                 let w = if Q4 {
-                    let raw = unsafe {
-                        _mm256_loadu_si256(qs.as_ptr().add((j * nb + b) * 16) as *const __m256i)
-                    };
-                    let dup = _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(raw));
-                    _mm512_and_si512(_mm512_srlv_epi16(dup, shifts), nibbles)
+                    unsafe { q41_pair_codes(qs.as_ptr().add((j * nb + b) * 16)) }
                 } else {
                     unsafe { _mm512_loadu_si512(qs.as_ptr().add((j * nb + b) * QK) as *const _) }
                 };
