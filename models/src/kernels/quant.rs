@@ -836,7 +836,7 @@ unsafe fn dot_rows_vnni<const R: usize, const Q4: bool>(
         // activation arrays (asserted above; masked lanes are not read).
         let xdc = unsafe { _mm512_maskz_loadu_ps(mask, xd.as_ptr().add(c)) };
         let mut prod = [_mm512_setzero_ps(); R];
-        for j in 0..R {
+        for (j, pj) in prod.iter_mut().enumerate() {
             // Two row groups ahead (a hint: an address past the end is not read).
             _mm_prefetch::<_MM_HINT_T0>(d.as_ptr().wrapping_add((j + ahead) * nb + c) as *const i8);
             if Q4 {
@@ -845,7 +845,7 @@ unsafe fn dot_rows_vnni<const R: usize, const Q4: bool>(
                 );
             }
             let wd = unsafe { _mm512_maskz_loadu_ps(mask, d.as_ptr().add(j * nb + c)) };
-            prod[j] = _mm512_mul_ps(wd, xdc);
+            *pj = _mm512_mul_ps(wd, xdc);
         }
         let mut idx = first_pair;
         let mut b = c;
