@@ -339,12 +339,12 @@ impl Q41Matrix {
         match (self.kind, isa) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY (every arm below): the ISA was detected at run time (`Isa::detect`).
-            (Kind::Q80, Isa::Vnni) => unsafe { dot_q80_vnni(w.qs, w.d, xq, xd) },
+            (Kind::Q80, Isa::Vnni) => unsafe { dot_row_vnni::<false>(&w, xq, xd, xs) },
             #[cfg(target_arch = "x86_64")]
             (Kind::Q80, Isa::Avx2) => unsafe { dot_q80_avx2(w.qs, w.d, xq, xd) },
             (Kind::Q80, _) => dot_q80_scalar(w.qs, w.d, xq, xd),
             #[cfg(target_arch = "x86_64")]
-            (Kind::Q41, Isa::Vnni) => unsafe { dot_q41_vnni(w.qs, w.d, w.m, xq, xd, xs) },
+            (Kind::Q41, Isa::Vnni) => unsafe { dot_row_vnni::<true>(&w, xq, xd, xs) },
             #[cfg(target_arch = "x86_64")]
             (Kind::Q41, Isa::Avx2) => unsafe { dot_q41_avx2(w.qs, w.d, w.m, xq, xd, xs) },
             (Kind::Q41, _) => dot_q41_scalar(w.qs, w.d, w.m, xq, xd, xs),
@@ -659,46 +659,6 @@ fn vnni512() -> bool {
     })
 }
 
-/// Q8_0 x Q8 dot product, two blocks per step: `vpdpbusd` multiplies unsigned by signed bytes,
-/// so `x + 128` (as u8) times `w`, less `128 * sum(w)` (one more `vpdpbusd`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot_q80_vnni(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let nb = wd.len();
-    assert!(wq.len() >= nb * QK && xq.len() >= nb * QK && xd.len() >= nb);
-    let bias = _mm512_set1_epi8(-128i8); // 0x80: flips x's sign bit, i.e. x + 128 as u8
-    let zero = _mm512_setzero_si512();
-    let mut acc = _mm512_setzero_ps();
-    let mut b = 0;
-    while b + 1 < nb {
-        // SAFETY: blocks b and b + 1 (64 bytes) lie inside both slices (asserted above).
-        let (w, x) = unsafe {
-            (
-                _mm512_loadu_si512(wq.as_ptr().add(b * QK) as *const _),
-                _mm512_loadu_si512(xq.as_ptr().add(b * QK) as *const _),
-            )
-        };
-        let xu = _mm512_xor_si512(x, bias);
-        let dp = _mm512_sub_epi32(
-            _mm512_dpbusd_epi32(zero, xu, w),
-            _mm512_dpbusd_epi32(zero, bias, w),
-        );
-        let s = _mm512_mask_blend_ps(
-            0xFF00,
-            _mm512_set1_ps(wd[b] * xd[b]),
-            _mm512_set1_ps(wd[b + 1] * xd[b + 1]),
-        );
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc);
-        b += 2;
-    }
-    let mut tail = 0f32;
-    if b < nb {
-        tail = dot_q80_scalar(&wq[b * QK..], &wd[b..], &xq[b * QK..], &xd[b..]);
-    }
-    _mm512_reduce_add_ps(acc) + tail
-}
-
 /// Two consecutive Q4_1 blocks' 32 code bytes at `p` as 64 unsigned bytes in the activations'
 /// order: the 64-bit lanes spread to [0, 1, 0, 1, 2, 3, 2, 3] (block b's codes twice, then block
 /// b + 1's twice), the second copy of each shifted right by 4 (its high nibbles), masked to 4 bits.
@@ -727,69 +687,26 @@ unsafe fn q41_pair_codes(p: *const u8) -> std::arch::x86_64::__m512i {
     _mm512_and_si512(_mm512_srlv_epi16(dup, shifts), _mm512_set1_epi8(0x0F))
 }
 
-/// Q4_1 x Q8 dot product, two blocks per step: the 32 code bytes of two blocks are spread to
-/// 128-bit lanes (low nibbles, high nibbles, low, high) matching the 64 activation bytes, and one
-/// `vpdpbusd` does all 64 products.
+/// One row of a Q4_1 (`Q4`) or Q8_0 matrix times one quantized activation row: the row-group
+/// kernel with one row ([`Q41Matrix::dot`]'s VNNI arm).
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VNNI.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot_q41_vnni(
-    wq: &[u8],
-    wd: &[f32],
-    wm: &[f32],
-    xq: &[i8],
-    xd: &[f32],
-    xs: &[f32],
-) -> f32 {
-    use std::arch::x86_64::*;
-    let nb = wd.len();
-    assert!(
-        wq.len() >= nb * 16
-            && xq.len() >= nb * QK
-            && wm.len() >= nb
-            && xd.len() >= nb
-            && xs.len() >= nb
-    );
-    let zero = _mm512_setzero_si512();
-    let mut acc = _mm512_setzero_ps();
-    let mut acc_m = 0f32;
-    let mut b = 0;
-    while b + 1 < nb {
-        // SAFETY: blocks b and b + 1 lie inside both slices (asserted above).
-        let (w, x) = unsafe {
-            (
-                q41_pair_codes(wq.as_ptr().add(b * 16)),
-                _mm512_loadu_si512(xq.as_ptr().add(b * QK) as *const _),
-            )
-        };
-        let dp = _mm512_dpbusd_epi32(zero, w, x);
-        let s = _mm512_mask_blend_ps(
-            0xFF00,
-            _mm512_set1_ps(wd[b] * xd[b]),
-            _mm512_set1_ps(wd[b + 1] * xd[b + 1]),
-        );
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc);
-        acc_m += wm[b] * xs[b] + wm[b + 1] * xs[b + 1];
-        b += 2;
-    }
-    let mut tail = 0f32;
-    if b < nb {
-        tail = dot_q41_scalar(
-            &wq[b * 16..],
-            &wd[b..],
-            &wm[b..],
-            &xq[b * QK..],
-            &xd[b..],
-            &xs[b..],
-        );
-    }
-    _mm512_reduce_add_ps(acc) + acc_m + tail
+unsafe fn dot_row_vnni<const Q4: bool>(w: &Row<'_>, xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+    let mut out = [0f32; 1];
+    // SAFETY: the caller guarantees the CPU features; the kernel asserts its bounds.
+    unsafe { dot_rows_vnni::<1, Q4>(w.qs, w.d, w.m, w.d.len(), xq, xd, xs, &mut out) };
+    out[0]
 }
 
 /// `R` consecutive rows of a Q4_1 (`Q4`) or Q8_0 matrix times one quantized activation row, the
 /// decode path's kernel: each 64 activation bytes are loaded once for the `R` rows, and the
 /// per-block scales are multiplied sixteen blocks at a time in vectors (`wd * xd`, then one lane
-/// permute per block pair) rather than as scalars per block. Q8_0's signed activations enter `vpdpbusd` as `x + 128` (unsigned), and a
-/// second `vpdpbusd` takes `128 * sum(w)` back out, in integers (exact).
+/// permute per block pair) rather than as scalars per block. Q8_0's signed activations enter
+/// `vpdpbusd` as `x + 128` (unsigned), and a second `vpdpbusd` takes `128 * sum(w)` back out, in
+/// integers (exact). Its sums run in the order of the one-row kernel it replaced, so decode's
+/// outputs did not move (2026-12-05).
 ///
 /// The next row groups' bytes are prefetched: on this kernel's test machine (a 2-vCPU VM) the
 /// hardware prefetchers left the decode loads waiting, and software prefetch took decode from
@@ -897,9 +814,9 @@ unsafe fn dot_rows_vnni<const R: usize, const Q4: bool>(
         } else {
             0.0
         };
-        // Q4_1's offset term summed as [`dot_q41_vnni`] sums it (pairs in order, in scalars):
-        // the same bits as that kernel, so greedy decoding is unchanged by the row groups (a
-        // vector sum in another order flipped a near-tie in `models/tests/generate.rs`).
+        // Q4_1's offset term summed in scalars, pairs in order, as the one-row kernel this one
+        // replaced did (a vector sum in another order flipped a near-tie of greedy decoding in
+        // `models/tests/generate.rs`).
         let mut offsets = 0f32;
         if Q4 {
             let wm = &m[j * nb..j * nb + paired];
@@ -1343,12 +1260,12 @@ mod kernel_tests {
             let w4 = bytes(nb * 16, 11);
             let w8 = bytes(nb * QK, 13);
             // SAFETY: vnni512() checked the CPU features.
-            let (a4, a8) = unsafe {
-                (
-                    dot_q41_vnni(&w4, &wd, &wm, &xq, &xd, &xs),
-                    dot_q80_vnni(&w8, &wd, &xq, &xd),
-                )
-            };
+            let (mut a4, mut a8) = ([0f32; 1], [0f32; 1]);
+            unsafe {
+                dot_rows_vnni::<1, true>(&w4, &wd, &wm, nb, &xq, &xd, &xs, &mut a4);
+                dot_rows_vnni::<1, false>(&w8, &wd, &[], nb, &xq, &xd, &xs, &mut a8);
+            }
+            let (a4, a8) = (a4[0], a8[0]);
             let b4 = dot_q41_scalar(&w4, &wd, &wm, &xq, &xd, &xs);
             let b8 = dot_q80_scalar(&w8, &wd, &xq, &xd);
             assert!(
@@ -1363,7 +1280,8 @@ mod kernel_tests {
     }
 
     /// The decode kernel on four rows at once and on one: every row equals the scalar kernel, and
-    /// the one-row VNNI kernels bit for bit, for rows shorter than one 16-block chunk, longer than one, and with an odd tail block.
+    /// each row of a group equals that row alone bit for bit, for rows shorter than one 16-block
+    /// chunk, longer than one, and with an odd tail block.
     #[test]
     fn row_group_kernel_equals_the_scalar_one_per_row() {
         if !vnni512() {
@@ -1429,23 +1347,34 @@ mod kernel_tests {
                 let b8 = dot_q80_scalar(&w8[j * nb * QK..(j + 1) * nb * QK], &wd[r], &xq, &xd);
                 assert!(close(a4[j], b4), "q4_1 nb {nb} row {j}: {} vs {b4}", a4[j]);
                 assert!(close(a8[j], b8), "q8_0 nb {nb} row {j}: {} vs {b8}", a8[j]);
-                // And bit for bit the one-row VNNI kernels (the same sums in the same order).
+                // And bit for bit the same row taken alone (the same sums in the same order, so
+                // how rows fall into groups never changes a result).
+                let (mut v4, mut v8) = ([0f32; 1], [0f32; 1]);
                 // SAFETY: vnni512() checked the CPU features.
-                let (v4, v8) = unsafe {
-                    (
-                        dot_q41_vnni(
-                            &w4[j * nb * 16..],
-                            &wd[j * nb..(j + 1) * nb],
-                            &wm[j * nb..(j + 1) * nb],
-                            &xq,
-                            &xd,
-                            &xs,
-                        ),
-                        dot_q80_vnni(&w8[j * nb * QK..], &wd[j * nb..(j + 1) * nb], &xq, &xd),
-                    )
-                };
-                assert_eq!(a4[j].to_bits(), v4.to_bits(), "q4_1 nb {nb} row {j}");
-                assert_eq!(a8[j].to_bits(), v8.to_bits(), "q8_0 nb {nb} row {j}");
+                unsafe {
+                    dot_rows_vnni::<1, true>(
+                        &w4[j * nb * 16..],
+                        &wd[j * nb..],
+                        &wm[j * nb..],
+                        nb,
+                        &xq,
+                        &xd,
+                        &xs,
+                        &mut v4,
+                    );
+                    dot_rows_vnni::<1, false>(
+                        &w8[j * nb * QK..],
+                        &wd[j * nb..],
+                        &[],
+                        nb,
+                        &xq,
+                        &xd,
+                        &xs,
+                        &mut v8,
+                    );
+                }
+                assert_eq!(a4[j].to_bits(), v4[0].to_bits(), "q4_1 nb {nb} row {j}");
+                assert_eq!(a8[j].to_bits(), v8[0].to_bits(), "q8_0 nb {nb} row {j}");
                 if j == 3 {
                     assert!(close(o4[0], b4), "q4_1 nb {nb} one row: {} vs {b4}", o4[0]);
                     assert!(close(o8[0], b8), "q8_0 nb {nb} one row: {} vs {b8}", o8[0]);
