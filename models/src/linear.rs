@@ -647,6 +647,19 @@ impl Linear {
         Ok((x.reshape((rows, self.in_dim))?, lead))
     }
 
+    /// The decode kernel's matrix when a call on as many rows as `x2` holds (`[rows, any]`) is
+    /// that kernel's product alone (no bias, no LoRA): what a fused decode layer may run in its
+    /// place (it checks the widths).
+    pub(crate) fn plain_decode_kernel(&self, x2: &Tensor) -> Result<Option<&Arc<Q41Matrix>>> {
+        if self.bias.is_some() || self.lora.is_some() {
+            return Ok(None);
+        }
+        match &self.q41 {
+            Some(k) if self.uses_quantized(x2)? => Ok(Some(k)),
+            _ => Ok(None),
+        }
+    }
+
     /// Whether a call on `x2` `[rows, in]` reads the quantized weights.
     fn uses_quantized(&self, x2: &Tensor) -> Result<bool> {
         let rows = x2.dim(0)?;
@@ -862,6 +875,25 @@ impl FusedDecode {
             kernel: Arc::new(kernel),
             parts,
         })
+    }
+
+    /// The fused matrix when `layers` (the ones it was built from) each compute their decode
+    /// kernel's product alone on `x2` `[rows, in]` ([`Linear::plain_decode_kernel`]).
+    pub(crate) fn plain_kernel(
+        &self,
+        layers: &[&Linear],
+        x2: &Tensor,
+    ) -> Result<Option<&Q41Matrix>> {
+        if layers.len() != self.parts.len() {
+            return Ok(None);
+        }
+        for (l, k) in layers.iter().zip(&self.parts) {
+            match l.plain_decode_kernel(x2)? {
+                Some(own) if Arc::ptr_eq(own, k) => {}
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(self.kernel.as_ref()))
     }
 
     /// `layers[i].forward(x)` for each layer, fused when possible.

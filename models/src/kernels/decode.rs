@@ -1,6 +1,7 @@
 //! Ops sized for decoding, where a call multiplies a handful of rows and per-op dispatch costs
 //! more than the arithmetic: a LoRA branch added in one op ([`lora_add`], or [`lora_add_bf16`] on
-//! the branch's bf16 copy, [`LoraBf16`]). (The quantized decode matmul is in [`super::quant`].)
+//! the branch's bf16 copy, [`LoraBf16`]), and a plain decoder layer on the quantized kernels in two
+//! ops ([`layer_qkv`], [`layer_mlp`]). (The quantized decode matmul is in [`super::quant`].)
 //!
 //! Decode reads every adapted matrix once per token: the reference r=8 adapter on all seven
 //! projections of the default model is 9.8 MB in f32, read by one thread, and the LoRA op was
@@ -14,7 +15,219 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::amx::to_bf16;
 use super::profile::prof;
+use super::quant::Q41Matrix;
 use super::{borrow_f32, f32_slice, CResult};
+
+/// One token's pass through a plain decoder layer (RMSNorm, q/k/v, rotary embedding; then the
+/// output projection, residual, RMSNorm, gate/up, SwiGLU, down, residual) in two ops around the
+/// KV cache's append and the cached attention, where the unfused layer dispatches about twenty
+/// candle ops a token, each allocating its output and, for the parallel ones, waking the pool:
+/// on a 135M model the per-op cost was about a third of decode time. Each step computes what the
+/// op it replaces computes, in the same order (candle's `rms_norm` and `rope`, the quantized
+/// kernels, candle's add, [`super::simd::silu_mul`]), so the fused layer's outputs equal the
+/// unfused one's bit for bit (`models/tests/decode_layer.rs`).
+///
+/// `x` `[1, 1, hidden]`, `norm` the input norm's weight `[hidden]`, `qkv` the q, k and v
+/// projections' rows concatenated (`[(nh + 2 nkv) hd, hidden]`), `cos`/`sin` the rotary tables'
+/// row at the token's position (`[1, hd / 2]`). Returns `[1, nh + 2 nkv, 1, hd]`: the rotated
+/// query heads, the rotated key heads, the value heads.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_qkv(
+    x: &Tensor,
+    norm: &Tensor,
+    eps: f32,
+    qkv: &Q41Matrix,
+    (nh, nkv, hd): (usize, usize, usize),
+    cos: &Tensor,
+    sin: &Tensor,
+) -> CResult<Tensor> {
+    let hidden = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / hidden.max(1);
+    let (n, k) = qkv.dims();
+    if rows != 1
+        || k != hidden
+        || n != (nh + 2 * nkv) * hd
+        || hd % 2 != 0
+        || norm.elem_count() != hidden
+        || cos.elem_count() != hd / 2
+        || sin.elem_count() != hd / 2
+    {
+        candle_core::bail!(
+            "decode layer: x {:?}, norm {:?}, q/k/v [{n}, {k}] for ({nh}, {nkv}, {hd}) heads, \
+             rope {:?} do not fit",
+            x.dims(),
+            norm.dims(),
+            cos.dims()
+        )
+    }
+    borrow_f32!(w = norm, "decode layer norm");
+    FUSED_LAYERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let op = LayerQkv {
+        norm: w,
+        eps,
+        qkv,
+        heads: (nh, nkv, hd),
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)
+}
+
+/// The second half of [`layer_qkv`]'s layer: `x1 = x + attn W_o^T`, then
+/// `x1 + down(silu(gate(h)) * up(h))` with `h = rms_norm(x1)`. `attn` `[1, 1, nh hd]` (the
+/// cached attention's output), `x` `[1, 1, hidden]` (the layer's input, the residual),
+/// `gate_up` the gate and up projections' rows concatenated (`[2 inter, hidden]`).
+pub fn layer_mlp(
+    attn: &Tensor,
+    x: &Tensor,
+    o: &Q41Matrix,
+    norm: &Tensor,
+    eps: f32,
+    gate_up: &Q41Matrix,
+    down: &Q41Matrix,
+) -> CResult<Tensor> {
+    let hidden = x.dim(candle_core::D::Minus1)?;
+    let (on, ok) = o.dims();
+    let (gn, gk) = gate_up.dims();
+    let (dn, dk) = down.dims();
+    if x.elem_count() != hidden
+        || attn.elem_count() != ok
+        || on != hidden
+        || gk != hidden
+        || gn % 2 != 0
+        || dk != gn / 2
+        || dn != hidden
+        || norm.elem_count() != hidden
+    {
+        candle_core::bail!(
+            "decode layer: attention {:?}, x {:?}, o [{on}, {ok}], gate/up [{gn}, {gk}], \
+             down [{dn}, {dk}] do not fit",
+            attn.dims(),
+            x.dims()
+        )
+    }
+    borrow_f32!(w = norm, "decode layer norm");
+    let op = LayerMlp {
+        o,
+        norm: w,
+        eps,
+        gate_up,
+        down,
+    };
+    attn.contiguous()?.apply_op2_no_bwd(&x.contiguous()?, &op)
+}
+
+static FUSED_LAYERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many layer steps [`layer_qkv`] has run in this process (tests check that a decode took
+/// the fused ops).
+pub fn fused_layer_calls() -> usize {
+    FUSED_LAYERS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// candle's `rms_norm` of one row, step for step (`candle_nn::ops::RmsNorm`): the sum of squares
+/// in order, `sqrt(sum / n + eps)`, then `x / m * w`.
+fn rms_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
+    let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+    let m = (sum2 / src.len() as f32 + eps).sqrt();
+    for ((d, s), w) in dst.iter_mut().zip(src).zip(w) {
+        *d = *s / m * *w
+    }
+}
+
+/// candle's rotary embedding of one head at one position (`candle_nn::rotary_emb::rope`, the
+/// non-interleaved form), in place.
+fn rope_head(v: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = v.len() / 2;
+    let (a, b) = v.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x1 * sin[i] + x2 * cos[i];
+    }
+}
+
+struct LayerQkv<'a> {
+    norm: &'a [f32],
+    eps: f32,
+    qkv: &'a Q41Matrix,
+    heads: (usize, usize, usize),
+}
+
+impl candle_core::CustomOp3 for LayerQkv<'_> {
+    fn name(&self) -> &'static str {
+        "attune-decode-layer-qkv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("LayerQkv.cpu_fwd");
+        let x = f32_slice(s1, l1, "decode layer x")?;
+        let cos = f32_slice(s2, l2, "decode layer cos")?;
+        let sin = f32_slice(s3, l3, "decode layer sin")?;
+        let (nh, nkv, hd) = self.heads;
+        let mut h = vec![0f32; x.len()];
+        rms_row(x, self.norm, self.eps, &mut h);
+        let mut out = vec![0f32; (nh + 2 * nkv) * hd];
+        self.qkv.forward_into(&h, 1, &mut out);
+        for head in out[..(nh + nkv) * hd].chunks_exact_mut(hd) {
+            rope_head(head, cos, sin);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((1, nh + 2 * nkv, 1, hd))))
+    }
+}
+
+struct LayerMlp<'a> {
+    o: &'a Q41Matrix,
+    norm: &'a [f32],
+    eps: f32,
+    gate_up: &'a Q41Matrix,
+    down: &'a Q41Matrix,
+}
+
+impl CustomOp2 for LayerMlp<'_> {
+    fn name(&self) -> &'static str {
+        "attune-decode-layer-mlp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let _pg = prof("LayerMlp.cpu_fwd");
+        let attn = f32_slice(s1, l1, "decode layer attention")?;
+        let x = f32_slice(s2, l2, "decode layer x")?;
+        let hidden = x.len();
+        let mut x1 = vec![0f32; hidden];
+        self.o.forward_into(attn, 1, &mut x1);
+        for (a, r) in x1.iter_mut().zip(x) {
+            *a += *r;
+        }
+        let mut h = vec![0f32; hidden];
+        rms_row(&x1, self.norm, self.eps, &mut h);
+        let inter = self.gate_up.dims().0 / 2;
+        let mut gu = vec![0f32; 2 * inter];
+        self.gate_up.forward_into(&h, 1, &mut gu);
+        let (g, u) = gu.split_at(inter);
+        let mut act = vec![0f32; inter];
+        super::simd::silu_mul(g, u, &mut act);
+        let mut y = vec![0f32; hidden];
+        self.down.forward_into(&act, 1, &mut y);
+        for (a, r) in y.iter_mut().zip(&x1) {
+            *a += *r;
+        }
+        Ok((CpuStorage::F32(y), l2.shape().clone()))
+    }
+}
 
 fn check(y: &Tensor, x: &Tensor, r: usize, ain: usize, b: (usize, usize)) -> CResult<()> {
     let (rows, out) = y.dims2()?;

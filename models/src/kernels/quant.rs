@@ -74,6 +74,20 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 impl Q41Matrix {
+    /// `out = x W^T` for `rows` rows of `x` (`[rows, k]`) on the kernels this CPU runs: the
+    /// product the op computes, for an op that fuses it with others (a decode layer).
+    pub(crate) fn forward_into(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        assert!(
+            x.len() == rows * self.k && out.len() == rows * self.n,
+            "quantized matmul: {} inputs and {} outputs for {rows} rows of [{}, {}]",
+            x.len(),
+            out.len(),
+            self.n,
+            self.k
+        );
+        self.matmul(x, rows, out, detected_isa());
+    }
+
     /// Repacks a Q4_1, Q8_0, Q4_K, Q5_K or Q6_K `[n, k]` tensor; `None` for other block types.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
         let (kind, block, block_bytes) = match q.dtype() {

@@ -838,6 +838,15 @@ pub struct Llama {
     fused: Vec<(Option<FusedDecode>, Option<FusedDecode>)>,
     /// Run the portable path on the CPU too (see [`Llama::set_portable`]).
     portable: bool,
+    /// Decode plain layers in the fused ops (see [`Llama::set_decode_fusion`]).
+    decode_fusion: bool,
+}
+
+/// `ATTUNE_DECODE_FUSION=off`: models start with the fused decode layer off (A/B runs; read
+/// once).
+fn decode_fusion_by_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ATTUNE_DECODE_FUSION").map_or(true, |v| v != "off"))
 }
 
 /// `ATTUNE_PORTABLE=1`: CPU models start on the portable path (read once).
@@ -945,6 +954,7 @@ impl Llama {
             layer_fusion: LayerFusion::Frozen,
             fused,
             portable: portable_by_default(),
+            decode_fusion: decode_fusion_by_default(),
         })
     }
 
@@ -1047,6 +1057,7 @@ impl Llama {
             force_differentiable: self.force_differentiable,
             layer_fusion: self.layer_fusion,
             portable: self.portable,
+            decode_fusion: self.decode_fusion,
         })
     }
 
@@ -1359,6 +1370,13 @@ impl Llama {
         self.layer_fusion = fusion;
     }
 
+    /// Whether one-token steps through a KV cache run plain layers in two fused ops
+    /// ([`crate::kernels::decode::layer_qkv`] and [`crate::kernels::decode::layer_mlp`]) instead
+    /// of op by op; on by default. Both compute the same values; the switch is for comparisons.
+    pub fn set_decode_fusion(&mut self, on: bool) {
+        self.decode_fusion = on;
+    }
+
     fn is_trainable(&self) -> bool {
         self.embed_tokens
             .weight
@@ -1533,6 +1551,14 @@ impl Llama {
             } else {
                 None
             };
+            if self.decode_fusion && !differentiable && seq == 1 {
+                if let Some(c) = cache.as_deref_mut() {
+                    if let Some(y) = self.decode_layer(i, block, &x, rope, c)? {
+                        x = y;
+                        continue;
+                    }
+                }
+            }
             let residual = &x;
             let hn = block.input_layernorm.forward(&x, differentiable)?;
             let mut a = self.attention(
@@ -1561,6 +1587,80 @@ impl Llama {
             c.len = offset + seq;
         }
         self.norm.forward(&x, differentiable)
+    }
+
+    /// One token through layer `i` in the fused decode ops ([`crate::kernels::decode::layer_qkv`],
+    /// the cache append, the cached attention, [`crate::kernels::decode::layer_mlp`]) when the
+    /// layer is a plain one on the quantized decode kernels: no biases, LoRA, per-head or extra
+    /// norms, norm offsets or partial rotary, SiLU gating, separate q/k/v and gate/up with their
+    /// fused kernels. `None` (nothing done) otherwise; the caller then runs the layer op by op,
+    /// which computes the same values.
+    fn decode_layer(
+        &self,
+        i: usize,
+        block: &Block,
+        x: &Tensor,
+        rope: Option<(&Tensor, &Tensor)>,
+        cache: &mut KvCache,
+    ) -> Result<Option<Tensor>> {
+        let a = &block.self_attn;
+        let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        let (Some((Some(fqkv), Some(fgu))), Some((cos, sin))) = (self.fused.get(i), rope) else {
+            return Ok(None);
+        };
+        let (
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            },
+            GateUpProj::Split { gate_proj, up_proj },
+        ) = (&a.qkv, &block.mlp.gate_up)
+        else {
+            return Ok(None);
+        };
+        let (n1, n2) = (&block.input_layernorm, &block.pre_mlp_norm);
+        let hidden = self.cfg.hidden_size;
+        if x.dims() != [1, 1, hidden]
+            || block.post_attention_norm.is_some()
+            || block.post_mlp_norm.is_some()
+            || a.q_norm.is_some()
+            || a.k_norm.is_some()
+            || block.mlp.act != Activation::Silu
+            || n1.offset != 0.0
+            || n2.offset != 0.0
+            || cos.dims() != [1, hd / 2]
+        {
+            return Ok(None);
+        }
+        let x2 = x.reshape((1, hidden))?;
+        let (Some(qkv), Some(gu), Some(o), Some(down)) = (
+            fqkv.plain_kernel(&[q_proj, k_proj, v_proj], &x2)?,
+            fgu.plain_kernel(&[gate_proj, up_proj], &x2)?,
+            a.o_proj.plain_decode_kernel(&x2)?,
+            block.mlp.down_proj.plain_decode_kernel(&x2)?,
+        ) else {
+            return Ok(None);
+        };
+        let qkv_out = crate::kernels::decode::layer_qkv(
+            x,
+            &n1.weight,
+            n1.eps as f32,
+            qkv,
+            (nh, nkv, hd),
+            cos,
+            sin,
+        )?;
+        let q = qkv_out.narrow(1, 0, nh)?;
+        let (k, v) = cache.append(
+            i,
+            &qkv_out.narrow(1, nh, nkv)?,
+            &qkv_out.narrow(1, nh + nkv, nkv)?,
+        )?;
+        // The unfused layer's choice for one row: the f32 op (bf16 attention is for prompts).
+        let out = crate::kernels::cached_attention(&q, &k, &v, a.scale as f32, a.window)?;
+        let y = crate::kernels::decode::layer_mlp(&out, x, o, &n2.weight, n2.eps as f32, gu, down)?;
+        Ok(Some(y))
     }
 
     #[allow(clippy::too_many_arguments)]
