@@ -647,17 +647,31 @@ impl Linear {
         Ok((x.reshape((rows, self.in_dim))?, lead))
     }
 
-    /// The decode kernel's matrix when a call on as many rows as `x2` holds (`[rows, any]`) is
-    /// that kernel's product alone (no bias, no LoRA): what a fused decode layer may run in its
-    /// place (it checks the widths).
-    pub(crate) fn plain_decode_kernel(&self, x2: &Tensor) -> Result<Option<&Arc<Q41Matrix>>> {
-        if self.bias.is_some() || self.lora.is_some() {
+    /// What a one-row decode call on `x2` (`[rows, any]`) computes when it is the decode
+    /// kernel's product plus, if the layer has a LoRA branch, the branch on its bf16 copy
+    /// (`finish`'s decode path): the kernel's matrix and the branch with its scale. `None` for
+    /// any other call (a bias, a tracked or dropped-out branch, no bf16 copy, the f32 path): a
+    /// fused decode layer then leaves the layer to run op by op (it checks the widths).
+    pub(crate) fn decode_parts(&self, x2: &Tensor) -> Result<Option<DecodeParts<'_>>> {
+        // A trained weight (tracked) takes `forward`'s f32 path, not the kernel.
+        if self.bias.is_some() || self.weight.as_ref().is_some_and(|w| w.track_op()) {
             return Ok(None);
         }
-        match &self.q41 {
-            Some(k) if self.uses_quantized(x2)? => Ok(Some(k)),
-            _ => Ok(None),
+        let Some(k) = &self.q41 else {
+            return Ok(None);
+        };
+        if !self.uses_quantized(x2)? || x2.dim(0)? > AUTO_QUANTIZED_MAX_ROWS {
+            return Ok(None);
         }
+        let Some(l) = &self.lora else {
+            return Ok(Some((k, None)));
+        };
+        let tracked = x2.track_op() || l.a.track_op() || l.b.track_op();
+        let dropout_on = l.dropout > 0.0 && l.dropout_seed.is_some();
+        if tracked || dropout_on {
+            return Ok(None);
+        }
+        Ok(l.decode_copy()?.map(|w| (k, Some((w, l.scale as f32)))))
     }
 
     /// Whether a call on `x2` `[rows, in]` reads the quantized weights.
@@ -851,6 +865,10 @@ impl LoraBranch {
     }
 }
 
+/// A layer's decode kernel and its LoRA branch on the bf16 copy with the branch's scale
+/// ([`Linear::decode_parts`]).
+pub(crate) type DecodeParts<'a> = (&'a Arc<Q41Matrix>, Option<(Arc<LoraBf16>, f32)>);
+
 /// Several layers that read the same input (q/k/v, or gate/up), multiplied by the decode kernel
 /// in one pass over their concatenated rows: one thread-pool dispatch instead of one per layer.
 /// Each layer's bias and LoRA are added after the split, so the result equals calling each
@@ -877,23 +895,26 @@ impl FusedDecode {
         })
     }
 
-    /// The fused matrix when `layers` (the ones it was built from) each compute their decode
-    /// kernel's product alone on `x2` `[rows, in]` ([`Linear::plain_decode_kernel`]).
-    pub(crate) fn plain_kernel(
+    /// The fused matrix and, per layer, its output width and LoRA branch, when `layers` (the
+    /// ones it was built from) each compute their decode kernel's product on `x2` `[rows, in]`,
+    /// with or without a branch ([`Linear::decode_parts`]).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn decode_parts(
         &self,
         layers: &[&Linear],
         x2: &Tensor,
-    ) -> Result<Option<&Q41Matrix>> {
+    ) -> Result<Option<(&Q41Matrix, Vec<(usize, Option<(Arc<LoraBf16>, f32)>)>)>> {
         if layers.len() != self.parts.len() {
             return Ok(None);
         }
+        let mut parts = Vec::with_capacity(layers.len());
         for (l, k) in layers.iter().zip(&self.parts) {
-            match l.plain_decode_kernel(x2)? {
-                Some(own) if Arc::ptr_eq(own, k) => {}
+            match l.decode_parts(x2)? {
+                Some((own, lora)) if Arc::ptr_eq(own, k) => parts.push((l.out_dim, lora)),
                 _ => return Ok(None),
             }
         }
-        Ok(Some(self.kernel.as_ref()))
+        Ok(Some((self.kernel.as_ref(), parts)))
     }
 
     /// `layers[i].forward(x)` for each layer, fused when possible.

@@ -1,7 +1,8 @@
 //! The fused decode layer (`kernels::decode::layer_qkv` / `layer_mlp`) against the same model
 //! decoding op by op: on the real default model (Q4_1, `ComputeMode::Auto`, so one-token steps
 //! take the quantized kernels), every step's logits must be equal bit for bit, and the fused ops
-//! must have run once per layer and step.
+//! must have run once per layer and step; the same with the reference PEFT LoRA attached (the
+//! branches on their bf16 copies, as the unfused decode adds them).
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,7 +13,7 @@ use attune_models::loader::{load, LoadOptions};
 use candle_core::{Device, Tensor, D};
 
 mod common;
-use common::model_path;
+use common::{model_path, reference_dir};
 
 /// Greedy steps from `prompt`: each step's logits as bits, and the chosen ids.
 fn decode(model: &Llama, prompt: &[u32], steps: usize) -> (Vec<Vec<u32>>, Vec<u32>) {
@@ -48,6 +49,58 @@ fn decode(model: &Llama, prompt: &[u32], steps: usize) -> (Vec<Vec<u32>>, Vec<u3
     (all, chosen)
 }
 
+/// Decodes `steps` tokens with the fused layer off, then on: equal logits bit for bit, and the
+/// fused ops ran for every layer of every one-token step (none with fusion off).
+fn check_equal(model: &mut Llama, prompt: &[u32], layers: usize, what: &str) {
+    check_equal_fused(model, prompt, steps_fused(layers), what)
+}
+
+/// Fused layer steps expected for 24 decoded tokens.
+fn steps_fused(layers: usize) -> usize {
+    24 * layers
+}
+
+/// Whether the CPU has the vector path of the LoRA branches' bf16 copies (AVX-512 F/BW/VL),
+/// without which LoRA layers decode op by op.
+fn lora_copies() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn check_equal_fused(model: &mut Llama, prompt: &[u32], expect: usize, what: &str) {
+    let steps = 24;
+    model.set_decode_fusion(false);
+    let before = fused_layer_calls();
+    let (plain, plain_ids) = decode(model, prompt, steps);
+    assert_eq!(
+        fused_layer_calls(),
+        before,
+        "{what}: the fused ops ran with fusion off"
+    );
+
+    model.set_decode_fusion(true);
+    let before = fused_layer_calls();
+    let (fused, fused_ids) = decode(model, prompt, steps);
+    assert_eq!(
+        fused_layer_calls() - before,
+        expect,
+        "{what}: every layer of every one-token step (not the prompt) takes the fused ops"
+    );
+
+    assert_eq!(plain_ids, fused_ids, "{what}: greedy ids differ");
+    for (i, (a, b)) in plain.iter().zip(&fused).enumerate() {
+        let differing = a.iter().zip(b).filter(|(x, y)| x != y).count();
+        assert_eq!(differing, 0, "{what}, step {i}: {differing} logits differ");
+    }
+}
+
+// One test: the checks count the fused ops' calls in this process.
 #[test]
 fn fused_decode_layer_equals_the_layer_op_by_op() {
     let mut m = load(&model_path(), &LoadOptions::default()).unwrap();
@@ -63,29 +116,21 @@ fn fused_decode_layer_equals_the_layer_op_by_op() {
         .unwrap();
     let prompt = m.tokenizer.encode(&text, false).unwrap();
     let layers = m.config.num_hidden_layers;
-    let steps = 24;
+    check_equal(&mut m.model, &prompt, layers, "base model");
 
-    m.model.set_decode_fusion(false);
-    let before = fused_layer_calls();
-    let (plain, plain_ids) = decode(&m.model, &prompt, steps);
-    assert_eq!(
-        fused_layer_calls(),
-        before,
-        "the fused ops ran with fusion off"
-    );
-
-    m.model.set_decode_fusion(true);
-    let before = fused_layer_calls();
-    let (fused, fused_ids) = decode(&m.model, &prompt, steps);
-    assert_eq!(
-        fused_layer_calls() - before,
-        steps * layers,
-        "every layer of every one-token step (not the prompt) takes the fused ops"
-    );
-
-    assert_eq!(plain_ids, fused_ids, "greedy ids differ");
-    for (i, (a, b)) in plain.iter().zip(&fused).enumerate() {
-        let differing = a.iter().zip(b).filter(|(x, y)| x != y).count();
-        assert_eq!(differing, 0, "step {i}: {differing} logits differ");
-    }
+    let dir = reference_dir().join("adapters/lora");
+    let attune_models::train::peft::Adapter::Lora {
+        config, tensors, ..
+    } = attune_models::train::peft::load(&dir).unwrap()
+    else {
+        panic!("{} is not a LoRA adapter", dir.display())
+    };
+    let mut adapted = m.model.clone();
+    attune_models::train::peft::apply_lora(&mut adapted, &config, &tensors).unwrap();
+    let expect = if lora_copies() {
+        steps_fused(layers)
+    } else {
+        0
+    };
+    check_equal_fused(&mut adapted, &prompt, expect, "reference LoRA attached");
 }

@@ -857,73 +857,89 @@ impl CustomOp3 for CachedAttention {
             }
             return Ok((CpuStorage::F32(out), Shape::from((b, l, row))));
         }
+        // The `g` query heads that share a kv head as one product each way: their rows stacked
+        // (`[g * rows, hd]`), so each key and value is read once per group, not once per query
+        // head. `group` computes kv head `kh`'s group for query rows `i0..i0 + rows` of batch
+        // `bi` into `og` (`[g * rows, hd]`, head by head).
+        let group = |bi: usize, kh: usize, i0: usize, rows: usize, og: &mut [f32]| {
+            let live = off + i0 + rows; // keys the block's last row sees
+            let gr = g * rows;
+            let mut s = vec![0f32; gr * live];
+            let mut qg = vec![0f32; gr * hd];
+            for j in 0..g {
+                let h = kh * g + j;
+                let qh = &q[((bi * nh + h) * l + i0) * hd..][..rows * hd];
+                qg[j * rows * hd..(j + 1) * rows * hd].copy_from_slice(qh);
+            }
+            let kg = &k[bi * ks[0] + kh * ks[1]..];
+            let vg = &v[bi * vs[0] + kh * vs[1]..];
+            matmul(
+                gr,
+                live,
+                hd,
+                &mut s,
+                (live, 1),
+                false,
+                &qg,
+                (hd, 1),
+                kg,
+                (1, ks[2]),
+                Parallelism::None,
+            );
+            for sj in s.chunks_exact_mut(rows * live) {
+                block_softmax(sj, rows, live, off + i0, scale, window);
+            }
+            matmul(
+                gr,
+                hd,
+                live,
+                og,
+                (hd, 1),
+                false,
+                &s,
+                (live, 1),
+                vg,
+                (vs[2], 1),
+                Parallelism::None,
+            );
+        };
+        // `og`'s rows into `dst` (`rows` rows of `row` values), at kv head `kh`'s query heads.
+        let scatter = |kh: usize, rows: usize, og: &[f32], dst: &mut [f32]| {
+            for j in 0..g {
+                let h = kh * g + j;
+                for r in 0..rows {
+                    dst[r * row + h * hd..][..hd].copy_from_slice(&og[(j * rows + r) * hd..][..hd]);
+                }
+            }
+        };
         // Tasks of `chunk` query rows (all heads): rows later in the prompt see more keys, so
-        // small chunks keep both threads busy to the end. A short prompt stays one task: split
-        // in quarters, its products' shapes (and so their rounding) changed, and the judge's
-        // cached and uncached scores of the same rows parted by 6.6e-4 against its test's 1e-4.
+        // small chunks keep both threads busy to the end. A short prompt stays one block of
+        // rows: split in quarters, its products' shapes (and so their rounding) changed, and the
+        // judge's cached and uncached scores of the same rows parted by 6.6e-4 against its
+        // test's 1e-4. Its kv-head groups are the tasks instead (each group's products as
+        // before): a decoded token's attention was one thread's work while the other waited.
         let chunk = if l >= 64 { 16 } else { l.max(1) };
         for bi in 0..b {
-            super::pool::chunks_mut(
-                &mut out[bi * l * row..(bi + 1) * l * row],
-                chunk * row,
-                |c, dst| {
-                    let i0 = c * chunk;
-                    let rows = dst.len() / row;
-                    let live = off + i0 + rows; // keys the chunk's last row sees
-                                                // The `g` query heads that share a kv head as one product each way: their
-                                                // rows stacked (`[g * rows, hd]`), so each key and value is read once per
-                                                // group, not once per query head.
-                    let gr = g * rows;
-                    let mut s = vec![0f32; gr * live];
-                    let mut qg = vec![0f32; gr * hd];
-                    let mut og = vec![0f32; gr * hd];
-                    for kh in 0..nkv {
-                        for j in 0..g {
-                            let h = kh * g + j;
-                            let qh = &q[((bi * nh + h) * l + i0) * hd..][..rows * hd];
-                            qg[j * rows * hd..(j + 1) * rows * hd].copy_from_slice(qh);
-                        }
-                        let kg = &k[bi * ks[0] + kh * ks[1]..];
-                        let vg = &v[bi * vs[0] + kh * vs[1]..];
-                        matmul(
-                            gr,
-                            live,
-                            hd,
-                            &mut s,
-                            (live, 1),
-                            false,
-                            &qg,
-                            (hd, 1),
-                            kg,
-                            (1, ks[2]),
-                            Parallelism::None,
-                        );
-                        for sj in s.chunks_exact_mut(rows * live) {
-                            block_softmax(sj, rows, live, off + i0, scale, window);
-                        }
-                        matmul(
-                            gr,
-                            hd,
-                            live,
-                            &mut og,
-                            (hd, 1),
-                            false,
-                            &s,
-                            (live, 1),
-                            vg,
-                            (vs[2], 1),
-                            Parallelism::None,
-                        );
-                        for j in 0..g {
-                            let h = kh * g + j;
-                            for r in 0..rows {
-                                dst[r * row + h * hd..][..hd]
-                                    .copy_from_slice(&og[(j * rows + r) * hd..][..hd]);
-                            }
-                        }
-                    }
-                },
-            );
+            let dst_b = &mut out[bi * l * row..(bi + 1) * l * row];
+            if chunk == l && nkv > 1 {
+                let groups = super::pool::map(nkv, |kh| {
+                    let mut og = vec![0f32; g * l * hd];
+                    group(bi, kh, 0, l, &mut og);
+                    og
+                });
+                for (kh, og) in groups.iter().enumerate() {
+                    scatter(kh, l, og, dst_b);
+                }
+                continue;
+            }
+            super::pool::chunks_mut(dst_b, chunk * row, |c, dst| {
+                let rows = dst.len() / row;
+                let mut og = vec![0f32; g * rows * hd];
+                for kh in 0..nkv {
+                    group(bi, kh, c * chunk, rows, &mut og);
+                    scatter(kh, rows, &og, dst);
+                }
+            });
         }
         Ok((CpuStorage::F32(out), Shape::from((b, l, row))))
     }

@@ -18,6 +18,51 @@ use super::profile::prof;
 use super::quant::Q41Matrix;
 use super::{borrow_f32, f32_slice, CResult};
 
+/// A projection of the fused decode layer: the decode kernel's matrix (one projection's rows,
+/// or several projections' concatenated) and, per projection in order, its output width and
+/// its LoRA branch on the bf16 copy with the branch's scale, if it has one.
+pub struct DecodeProj<'a> {
+    pub kernel: &'a Q41Matrix,
+    pub parts: Vec<(usize, Option<(&'a LoraBf16, f32)>)>,
+}
+
+impl<'a> DecodeProj<'a> {
+    /// The projection over `kernel` with `parts` as the model holds them (branches shared).
+    pub fn new(kernel: &'a Q41Matrix, parts: &'a [(usize, Option<(Arc<LoraBf16>, f32)>)]) -> Self {
+        Self {
+            kernel,
+            parts: parts
+                .iter()
+                .map(|(n, l)| (*n, l.as_ref().map(|(w, s)| (w.as_ref(), *s))))
+                .collect(),
+        }
+    }
+
+    /// Whether the parts fill the kernel's outputs and each branch fits its part and `inp`.
+    fn fits(&self, inp: usize) -> bool {
+        let (n, k) = self.kernel.dims();
+        k == inp
+            && self.parts.iter().map(|p| p.0).sum::<usize>() == n
+            && self
+                .parts
+                .iter()
+                .all(|(w, l)| l.is_none_or(|(b, _)| b.inp == inp && b.out == *w))
+    }
+
+    /// `out = x W^T`, then each part's branch added to its outputs (what the unfused layer's
+    /// quantized product and [`lora_add_bf16`] compute).
+    fn apply(&self, x: &[f32], out: &mut [f32]) {
+        self.kernel.forward_into(x, 1, out);
+        let mut start = 0;
+        for &(n, lora) in &self.parts {
+            if let Some((w, scale)) = lora {
+                lora_row_into(w, x, &mut out[start..start + n], scale);
+            }
+            start += n;
+        }
+    }
+}
+
 /// One token's pass through a plain decoder layer (RMSNorm, q/k/v, rotary embedding; then the
 /// output projection, residual, RMSNorm, gate/up, SwiGLU, down, residual) in two ops around the
 /// KV cache's append and the cached attention, where the unfused layer dispatches about twenty
@@ -26,6 +71,9 @@ use super::{borrow_f32, f32_slice, CResult};
 /// op it replaces computes, in the same order (candle's `rms_norm` and `rope`, the quantized
 /// kernels, candle's add, [`super::simd::silu_mul`]), so the fused layer's outputs equal the
 /// unfused one's bit for bit (`models/tests/decode_layer.rs`).
+///
+/// LoRA branches on the projections are added as the unfused layer adds them on the decode
+/// path ([`lora_add_bf16`], the branch's bf16 copy), after each projection's product.
 ///
 /// `x` `[1, 1, hidden]`, `norm` the input norm's weight `[hidden]`, `qkv` the q, k and v
 /// projections' rows concatenated (`[(nh + 2 nkv) hd, hidden]`), `cos`/`sin` the rotary tables'
@@ -36,16 +84,16 @@ pub fn layer_qkv(
     x: &Tensor,
     norm: &Tensor,
     eps: f32,
-    qkv: &Q41Matrix,
+    qkv: &DecodeProj,
     (nh, nkv, hd): (usize, usize, usize),
     cos: &Tensor,
     sin: &Tensor,
 ) -> CResult<Tensor> {
     let hidden = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / hidden.max(1);
-    let (n, k) = qkv.dims();
+    let (n, k) = qkv.kernel.dims();
     if rows != 1
-        || k != hidden
+        || !qkv.fits(hidden)
         || n != (nh + 2 * nkv) * hd
         || hd % 2 != 0
         || norm.elem_count() != hidden
@@ -79,17 +127,20 @@ pub fn layer_qkv(
 pub fn layer_mlp(
     attn: &Tensor,
     x: &Tensor,
-    o: &Q41Matrix,
+    o: &DecodeProj,
     norm: &Tensor,
     eps: f32,
-    gate_up: &Q41Matrix,
-    down: &Q41Matrix,
+    gate_up: &DecodeProj,
+    down: &DecodeProj,
 ) -> CResult<Tensor> {
     let hidden = x.dim(candle_core::D::Minus1)?;
-    let (on, ok) = o.dims();
-    let (gn, gk) = gate_up.dims();
-    let (dn, dk) = down.dims();
+    let (on, ok) = o.kernel.dims();
+    let (gn, gk) = gate_up.kernel.dims();
+    let (dn, dk) = down.kernel.dims();
     if x.elem_count() != hidden
+        || !o.fits(ok)
+        || !gate_up.fits(hidden)
+        || !down.fits(dk)
         || attn.elem_count() != ok
         || on != hidden
         || gk != hidden
@@ -149,7 +200,7 @@ fn rope_head(v: &mut [f32], cos: &[f32], sin: &[f32]) {
 struct LayerQkv<'a> {
     norm: &'a [f32],
     eps: f32,
-    qkv: &'a Q41Matrix,
+    qkv: &'a DecodeProj<'a>,
     heads: (usize, usize, usize),
 }
 
@@ -175,7 +226,7 @@ impl candle_core::CustomOp3 for LayerQkv<'_> {
         let mut h = vec![0f32; x.len()];
         rms_row(x, self.norm, self.eps, &mut h);
         let mut out = vec![0f32; (nh + 2 * nkv) * hd];
-        self.qkv.forward_into(&h, 1, &mut out);
+        self.qkv.apply(&h, &mut out);
         for head in out[..(nh + nkv) * hd].chunks_exact_mut(hd) {
             rope_head(head, cos, sin);
         }
@@ -184,11 +235,11 @@ impl candle_core::CustomOp3 for LayerQkv<'_> {
 }
 
 struct LayerMlp<'a> {
-    o: &'a Q41Matrix,
+    o: &'a DecodeProj<'a>,
     norm: &'a [f32],
     eps: f32,
-    gate_up: &'a Q41Matrix,
-    down: &'a Q41Matrix,
+    gate_up: &'a DecodeProj<'a>,
+    down: &'a DecodeProj<'a>,
 }
 
 impl CustomOp2 for LayerMlp<'_> {
@@ -208,20 +259,20 @@ impl CustomOp2 for LayerMlp<'_> {
         let x = f32_slice(s2, l2, "decode layer x")?;
         let hidden = x.len();
         let mut x1 = vec![0f32; hidden];
-        self.o.forward_into(attn, 1, &mut x1);
+        self.o.apply(attn, &mut x1);
         for (a, r) in x1.iter_mut().zip(x) {
             *a += *r;
         }
         let mut h = vec![0f32; hidden];
         rms_row(&x1, self.norm, self.eps, &mut h);
-        let inter = self.gate_up.dims().0 / 2;
+        let inter = self.gate_up.kernel.dims().0 / 2;
         let mut gu = vec![0f32; 2 * inter];
-        self.gate_up.forward_into(&h, 1, &mut gu);
+        self.gate_up.apply(&h, &mut gu);
         let (g, u) = gu.split_at(inter);
         let mut act = vec![0f32; inter];
         super::simd::silu_mul(g, u, &mut act);
         let mut y = vec![0f32; hidden];
-        self.down.forward_into(&act, 1, &mut y);
+        self.down.apply(&act, &mut y);
         for (a, r) in y.iter_mut().zip(&x1) {
             *a += *r;
         }
@@ -360,10 +411,29 @@ fn branch_rows<W: Weight>(
     b: &[W],
     y: &[f32],
     x: &[f32],
-    (rows, inp, out, r): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     scale: f32,
 ) -> Vec<f32> {
     let mut res = y.to_vec();
+    branch_rows_into(a, b, &mut res, x, dims, scale);
+    res
+}
+
+/// A LoRA branch on its bf16 copy for one row: `y += scale * B (A x)`, as [`lora_add_bf16`]
+/// adds it (the fused decode layer's projections).
+fn lora_row_into(w: &LoraBf16, x: &[f32], y: &mut [f32], scale: f32) {
+    branch_rows_into(&w.a, &w.b, y, x, (1, w.inp, w.out, w.r), scale);
+}
+
+/// [`branch_rows`] added to `res` in place.
+fn branch_rows_into<W: Weight>(
+    a: &[W],
+    b: &[W],
+    res: &mut [f32],
+    x: &[f32],
+    (rows, inp, out, r): (usize, usize, usize, usize),
+    scale: f32,
+) {
     let mut t = vec![0f32; r];
     for m in 0..rows {
         let xm = &x[m * inp..(m + 1) * inp];
@@ -389,7 +459,6 @@ fn branch_rows<W: Weight>(
             *yn += row.iter().zip(&t).map(|(w, t)| w.f32() * t).sum::<f32>();
         }
     }
-    res
 }
 
 fn down_scalar<W: Weight>(a: &[W], x: &[f32], scale: f32, t: &mut [f32]) {

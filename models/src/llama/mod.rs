@@ -1591,9 +1591,10 @@ impl Llama {
 
     /// One token through layer `i` in the fused decode ops ([`crate::kernels::decode::layer_qkv`],
     /// the cache append, the cached attention, [`crate::kernels::decode::layer_mlp`]) when the
-    /// layer is a plain one on the quantized decode kernels: no biases, LoRA, per-head or extra
-    /// norms, norm offsets or partial rotary, SiLU gating, separate q/k/v and gate/up with their
-    /// fused kernels. `None` (nothing done) otherwise; the caller then runs the layer op by op,
+    /// layer is a plain one on the quantized decode kernels, LoRA branches included (on their
+    /// bf16 copies, as the unfused decode adds them): no biases, per-head or extra norms, norm
+    /// offsets or partial rotary, SiLU gating, separate q/k/v and gate/up with their fused
+    /// kernels. `None` (nothing done) otherwise; the caller then runs the layer op by op,
     /// which computes the same values.
     fn decode_layer(
         &self,
@@ -1635,18 +1636,26 @@ impl Llama {
         }
         let x2 = x.reshape((1, hidden))?;
         let (Some(qkv), Some(gu), Some(o), Some(down)) = (
-            fqkv.plain_kernel(&[q_proj, k_proj, v_proj], &x2)?,
-            fgu.plain_kernel(&[gate_proj, up_proj], &x2)?,
-            a.o_proj.plain_decode_kernel(&x2)?,
-            block.mlp.down_proj.plain_decode_kernel(&x2)?,
+            fqkv.decode_parts(&[q_proj, k_proj, v_proj], &x2)?,
+            fgu.decode_parts(&[gate_proj, up_proj], &x2)?,
+            a.o_proj.decode_parts(&x2)?,
+            block.mlp.down_proj.decode_parts(&x2)?,
         ) else {
             return Ok(None);
         };
+        use crate::kernels::decode::DecodeProj;
+        let (ok, oparts) = (o.0.clone(), vec![(a.o_proj.out_dim(), o.1)]);
+        let (dk, dparts) = (
+            down.0.clone(),
+            vec![(block.mlp.down_proj.out_dim(), down.1)],
+        );
+        let (qkv, gu) = (DecodeProj::new(qkv.0, &qkv.1), DecodeProj::new(gu.0, &gu.1));
+        let (o, down) = (DecodeProj::new(&ok, &oparts), DecodeProj::new(&dk, &dparts));
         let qkv_out = crate::kernels::decode::layer_qkv(
             x,
             &n1.weight,
             n1.eps as f32,
-            qkv,
+            &qkv,
             (nh, nkv, hd),
             cos,
             sin,
@@ -1659,7 +1668,8 @@ impl Llama {
         )?;
         // The unfused layer's choice for one row: the f32 op (bf16 attention is for prompts).
         let out = crate::kernels::cached_attention(&q, &k, &v, a.scale as f32, a.window)?;
-        let y = crate::kernels::decode::layer_mlp(&out, x, o, &n2.weight, n2.eps as f32, gu, down)?;
+        let y =
+            crate::kernels::decode::layer_mlp(&out, x, &o, &n2.weight, n2.eps as f32, &gu, &down)?;
         Ok(Some(y))
     }
 
