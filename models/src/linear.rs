@@ -898,12 +898,11 @@ impl FusedDecode {
     /// The fused matrix and, per layer, its output width and LoRA branch, when `layers` (the
     /// ones it was built from) each compute their decode kernel's product on `x2` `[rows, in]`,
     /// with or without a branch ([`Linear::decode_parts`]).
-    #[allow(clippy::type_complexity)]
     pub(crate) fn decode_parts(
         &self,
         layers: &[&Linear],
         x2: &Tensor,
-    ) -> Result<Option<(&Q41Matrix, Vec<(usize, Option<(Arc<LoraBf16>, f32)>)>)>> {
+    ) -> Result<Option<(&Q41Matrix, Vec<crate::kernels::decode::DecodePart>)>> {
         if layers.len() != self.parts.len() {
             return Ok(None);
         }

@@ -21,6 +21,10 @@ use super::{borrow_f32, f32_slice, CResult};
 /// A projection of the fused decode layer: the decode kernel's matrix (one projection's rows,
 /// or several projections' concatenated) and, per projection in order, its output width and
 /// its LoRA branch on the bf16 copy with the branch's scale, if it has one.
+/// A projection's output width and LoRA branch (the bf16 copy and the branch's scale), as the
+/// model holds them for a [`DecodeProj`].
+pub type DecodePart = (usize, Option<(Arc<LoraBf16>, f32)>);
+
 pub struct DecodeProj<'a> {
     pub kernel: &'a Q41Matrix,
     pub parts: Vec<(usize, Option<(&'a LoraBf16, f32)>)>,
@@ -28,7 +32,7 @@ pub struct DecodeProj<'a> {
 
 impl<'a> DecodeProj<'a> {
     /// The projection over `kernel` with `parts` as the model holds them (branches shared).
-    pub fn new(kernel: &'a Q41Matrix, parts: &'a [(usize, Option<(Arc<LoraBf16>, f32)>)]) -> Self {
+    pub fn new(kernel: &'a Q41Matrix, parts: &'a [DecodePart]) -> Self {
         Self {
             kernel,
             parts: parts
