@@ -674,6 +674,25 @@ impl Linear {
         Ok(l.decode_copy()?.map(|w| (k, Some((w, l.scale as f32)))))
     }
 
+    /// The frozen weight a prompt's call on `x2` (`[rows, any]`) multiplies when that call is
+    /// [`crate::kernels::frozen_linear`] on the packed bf16 copy or the compact base alone (no
+    /// bias, no LoRA, not the quantized or the f32-expanded path, an untracked input and
+    /// weight): what a fused prompt layer may run in its place. `None` otherwise.
+    pub(crate) fn prompt_weight(&self, x2: &Tensor) -> Result<Option<Frozen>> {
+        if self.bias.is_some()
+            || self.lora.is_some()
+            || x2.track_op()
+            || self.mode == ComputeMode::Quantized
+            || self.weight.as_ref().is_some_and(|w| w.track_op())
+            || (self.packed.is_none() && self.streamed.is_none())
+            || (self.mode == ComputeMode::AutoF32 && self.packed.is_none())
+            || self.uses_quantized(x2)?
+        {
+            return Ok(None);
+        }
+        Ok(self.frozen())
+    }
+
     /// Whether a call on `x2` `[rows, in]` reads the quantized weights.
     fn uses_quantized(&self, x2: &Tensor) -> Result<bool> {
         let rows = x2.dim(0)?;

@@ -1,13 +1,17 @@
-//! The fused decode layer (`kernels::decode::layer_qkv` / `layer_mlp`) against the same model
-//! decoding op by op: on the real default model (Q4_1, `ComputeMode::Auto`, so one-token steps
-//! take the quantized kernels), every step's logits must be equal bit for bit, and the fused ops
-//! must have run once per layer and step; the same with the reference PEFT LoRA attached (the
-//! branches on their bf16 copies, as the unfused decode adds them).
+//! The fused inference layers (`kernels::decode::layer_qkv` / `layer_mlp` for one-token steps,
+//! `kernels::prompt::layer_qkv` / `layer_mlp` for prompts) against the same model running its
+//! layers op by op: on the real default model (Q4_1, `ComputeMode::Auto`, so one-token steps take
+//! the quantized kernels and prompts the bf16 products), the prompt's logits (through the cache
+//! and without one) and every step's logits must be equal bit for bit, and the fused ops must
+//! have run once per layer and pass; the same with the reference PEFT LoRA attached (decode fuses
+//! the branches, on their bf16 copies as the unfused decode adds them; prompts with a LoRA run op
+//! by op).
 
 #![allow(clippy::unwrap_used)]
 
 use attune_models::chat_template::Message;
 use attune_models::kernels::decode::fused_layer_calls;
+use attune_models::kernels::prompt::fused_layer_calls as fused_prompt_calls;
 use attune_models::llama::Llama;
 use attune_models::loader::{load, LoadOptions};
 use candle_core::{Device, Tensor, D};
@@ -15,15 +19,28 @@ use candle_core::{Device, Tensor, D};
 mod common;
 use common::{model_path, reference_dir};
 
-/// Greedy steps from `prompt`: each step's logits as bits, and the chosen ids.
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// Greedy steps from `prompt`: the prompt's logits scored without a cache and through it (every
+/// position), then each step's logits (the first: the prompt's last position), as bits, and the
+/// chosen ids.
 fn decode(model: &Llama, prompt: &[u32], steps: usize) -> (Vec<Vec<u32>>, Vec<u32>) {
     let mut cache = model.new_cache();
     let ids = Tensor::new(prompt, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap();
+    let scored = model.forward(&ids, None).unwrap();
     let mut logits = model.forward(&ids, Some(&mut cache)).unwrap();
-    let (mut all, mut chosen) = (Vec::new(), Vec::new());
+    let (mut all, mut chosen) = (vec![bits(&scored), bits(&logits)], Vec::new());
     for _ in 0..steps {
         let last = logits.squeeze(0).unwrap();
         let last = if last.rank() == 2 {
@@ -52,7 +69,7 @@ fn decode(model: &Llama, prompt: &[u32], steps: usize) -> (Vec<Vec<u32>>, Vec<u3
 /// Decodes `steps` tokens with the fused layer off, then on: equal logits bit for bit, and the
 /// fused ops ran for every layer of every one-token step (none with fusion off).
 fn check_equal(model: &mut Llama, prompt: &[u32], layers: usize, what: &str) {
-    check_equal_fused(model, prompt, steps_fused(layers), what)
+    check_equal_fused(model, prompt, (steps_fused(layers), 2 * layers), what)
 }
 
 /// Fused layer steps expected for 24 decoded tokens.
@@ -73,30 +90,42 @@ fn lora_copies() -> bool {
     false
 }
 
-fn check_equal_fused(model: &mut Llama, prompt: &[u32], expect: usize, what: &str) {
+/// `expect`: fused one-token layer steps, fused prompt layer passes (the prompt scored without
+/// a cache, then through it).
+fn check_equal_fused(model: &mut Llama, prompt: &[u32], expect: (usize, usize), what: &str) {
     let steps = 24;
     model.set_decode_fusion(false);
-    let before = fused_layer_calls();
+    let before = (fused_layer_calls(), fused_prompt_calls());
     let (plain, plain_ids) = decode(model, prompt, steps);
     assert_eq!(
-        fused_layer_calls(),
+        (fused_layer_calls(), fused_prompt_calls()),
         before,
         "{what}: the fused ops ran with fusion off"
     );
 
     model.set_decode_fusion(true);
-    let before = fused_layer_calls();
+    let before = (fused_layer_calls(), fused_prompt_calls());
     let (fused, fused_ids) = decode(model, prompt, steps);
     assert_eq!(
-        fused_layer_calls() - before,
+        (
+            fused_layer_calls() - before.0,
+            fused_prompt_calls() - before.1
+        ),
         expect,
-        "{what}: every layer of every one-token step (not the prompt) takes the fused ops"
+        "{what}: every layer of every one-token step and of both prompt passes takes the fused \
+         ops"
     );
 
     assert_eq!(plain_ids, fused_ids, "{what}: greedy ids differ");
     for (i, (a, b)) in plain.iter().zip(&fused).enumerate() {
         let differing = a.iter().zip(b).filter(|(x, y)| x != y).count();
-        assert_eq!(differing, 0, "{what}, step {i}: {differing} logits differ");
+        let at = match i {
+            0 => "the prompt scored without a cache".to_string(),
+            1 => "the prompt through the cache".to_string(),
+            2 => "the prompt's last position".to_string(),
+            i => format!("decode step {}", i - 2),
+        };
+        assert_eq!(differing, 0, "{what}, {at}: {differing} logits differ");
     }
 }
 
@@ -132,5 +161,10 @@ fn fused_decode_layer_equals_the_layer_op_by_op() {
     } else {
         0
     };
-    check_equal_fused(&mut adapted, &prompt, expect, "reference LoRA attached");
+    check_equal_fused(
+        &mut adapted,
+        &prompt,
+        (expect, 0),
+        "reference LoRA attached",
+    );
 }

@@ -181,7 +181,7 @@ pub fn fused_layer_calls() -> usize {
 
 /// candle's `rms_norm` of one row, step for step (`candle_nn::ops::RmsNorm`): the sum of squares
 /// in order, `sqrt(sum / n + eps)`, then `x / m * w`.
-fn rms_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
+pub(crate) fn rms_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
     let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
     let m = (sum2 / src.len() as f32 + eps).sqrt();
     for ((d, s), w) in dst.iter_mut().zip(src).zip(w) {
@@ -191,7 +191,7 @@ fn rms_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
 
 /// candle's rotary embedding of one head at one position (`candle_nn::rotary_emb::rope`, the
 /// non-interleaved form), in place.
-fn rope_head(v: &mut [f32], cos: &[f32], sin: &[f32]) {
+pub(crate) fn rope_head(v: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = v.len() / 2;
     let (a, b) = v.split_at_mut(half);
     for i in 0..half {

@@ -31,6 +31,7 @@ pub mod linear;
 pub mod loss;
 pub(crate) mod pool;
 pub mod profile;
+pub mod prompt;
 pub mod quant;
 pub mod rms_norm;
 pub mod rope;

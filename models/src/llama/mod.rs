@@ -1551,6 +1551,13 @@ impl Llama {
             } else {
                 None
             };
+            if self.decode_fusion && !differentiable && seq > crate::linear::AUTO_QUANTIZED_MAX_ROWS
+            {
+                if let Some(y) = self.prompt_layer(i, block, &x, rope, cache.as_deref_mut())? {
+                    x = y;
+                    continue;
+                }
+            }
             if self.decode_fusion && !differentiable && seq == 1 {
                 if let Some(c) = cache.as_deref_mut() {
                     if let Some(y) = self.decode_layer(i, block, &x, rope, c)? {
@@ -1670,6 +1677,98 @@ impl Llama {
         let out = crate::kernels::cached_attention(&q, &k, &v, a.scale as f32, a.window)?;
         let y =
             crate::kernels::decode::layer_mlp(&out, x, &o, &n2.weight, n2.eps as f32, &gu, &down)?;
+        Ok(Some(y))
+    }
+
+    /// A prompt's rows through layer `i` in the fused prompt ops ([`crate::kernels::prompt`]),
+    /// when the layer is a plain one whose projections all run [`crate::kernels::frozen_linear`]
+    /// on their packed bf16 copies or compact bases (no LoRA, no biases; the structural
+    /// conditions of [`Llama::decode_layer`]); `None` (nothing done) otherwise.
+    fn prompt_layer(
+        &self,
+        i: usize,
+        block: &Block,
+        x: &Tensor,
+        rope: Option<(&Tensor, &Tensor)>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Option<Tensor>> {
+        let a = &block.self_attn;
+        let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        let Some((cos, sin)) = rope else {
+            return Ok(None);
+        };
+        let (
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            },
+            GateUpProj::Split { gate_proj, up_proj },
+        ) = (&a.qkv, &block.mlp.gate_up)
+        else {
+            return Ok(None);
+        };
+        let (n1, n2) = (&block.input_layernorm, &block.pre_mlp_norm);
+        let (b, l, hidden) = x.dims3()?;
+        if b != 1
+            || hidden != self.cfg.hidden_size
+            || block.post_attention_norm.is_some()
+            || block.post_mlp_norm.is_some()
+            || a.q_norm.is_some()
+            || a.k_norm.is_some()
+            || block.mlp.act != Activation::Silu
+            || n1.offset != 0.0
+            || n2.offset != 0.0
+            || cos.dims() != [l, hd / 2]
+        {
+            return Ok(None);
+        }
+        let x2 = x.reshape((l, hidden))?;
+        let mut w = Vec::with_capacity(7);
+        for p in [
+            q_proj,
+            k_proj,
+            v_proj,
+            &a.o_proj,
+            gate_proj,
+            up_proj,
+            &block.mlp.down_proj,
+        ] {
+            match p.prompt_weight(&x2)? {
+                Some(f) => w.push(f),
+                None => return Ok(None),
+            }
+        }
+        let qkv = crate::kernels::prompt::layer_qkv(
+            x,
+            &n1.weight,
+            n1.eps as f32,
+            [&w[0], &w[1], &w[2]],
+            (nh, nkv, hd),
+            cos,
+            sin,
+        )?;
+        let q = qkv.narrow(1, 0, nh)?;
+        let (k, v) = (qkv.narrow(1, nh, nkv)?, qkv.narrow(1, nh + nkv, nkv)?);
+        let (k, v) = match cache {
+            Some(c) => c.append(i, &k, &v)?,
+            None => (k, v),
+        };
+        // The unfused layer's choice of attention for a prompt.
+        let bf16 = crate::kernels::attention::bf16_opted_in() && a.o_proj.prompts_in_bf16();
+        let out = if bf16 {
+            crate::kernels::cached_attention_bf16(&q, &k, &v, a.scale as f32, a.window)?
+        } else {
+            crate::kernels::cached_attention(&q, &k, &v, a.scale as f32, a.window)?
+        };
+        let y = crate::kernels::prompt::layer_mlp(
+            &out,
+            x,
+            &w[3],
+            &n2.weight,
+            n2.eps as f32,
+            [&w[4], &w[5], &w[6]],
+        )?;
         Ok(Some(y))
     }
 
