@@ -360,7 +360,54 @@ pub struct BlockNorms {
     pub post_mlp: Option<Tensor>,
 }
 
+/// A decoder layer's parts when it is plain enough for the fused inference ops
+/// ([`Llama::decode_layer`], [`Llama::prompt_layer`]): separate q/k/v and gate/up projections,
+/// SiLU gating, no per-head or extra norms, norms without an offset.
+struct PlainLayer<'a> {
+    q_proj: &'a Linear,
+    k_proj: &'a Linear,
+    v_proj: &'a Linear,
+    gate_proj: &'a Linear,
+    up_proj: &'a Linear,
+    n1: &'a RmsNorm,
+    n2: &'a RmsNorm,
+}
+
 impl Block {
+    /// The layer's parts for the fused inference ops, or `None` when it is not plain
+    /// ([`PlainLayer`]).
+    fn plain(&self) -> Option<PlainLayer<'_>> {
+        let a = &self.self_attn;
+        let (
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            },
+            GateUpProj::Split { gate_proj, up_proj },
+        ) = (&a.qkv, &self.mlp.gate_up)
+        else {
+            return None;
+        };
+        let (n1, n2) = (&self.input_layernorm, &self.pre_mlp_norm);
+        let plain = self.post_attention_norm.is_none()
+            && self.post_mlp_norm.is_none()
+            && a.q_norm.is_none()
+            && a.k_norm.is_none()
+            && self.mlp.act == Activation::Silu
+            && n1.offset == 0.0
+            && n2.offset == 0.0;
+        plain.then_some(PlainLayer {
+            q_proj,
+            k_proj,
+            v_proj,
+            gate_proj,
+            up_proj,
+            n1,
+            n2,
+        })
+    }
+
     /// Layer `layer` from its norms and projections, with head counts, window and rope from
     /// `cfg` (every loader builds layers this way; `Llama::from_parts` checks the shapes).
     pub fn new(cfg: &Config, layer: usize, norms: BlockNorms, p: BlockProjections) -> Result<Self> {
@@ -1613,38 +1660,19 @@ impl Llama {
     ) -> Result<Option<Tensor>> {
         let a = &block.self_attn;
         let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
-        let (Some((Some(fqkv), Some(fgu))), Some((cos, sin))) = (self.fused.get(i), rope) else {
-            return Ok(None);
-        };
-        let (
-            QkvProj::Split {
-                q_proj,
-                k_proj,
-                v_proj,
-            },
-            GateUpProj::Split { gate_proj, up_proj },
-        ) = (&a.qkv, &block.mlp.gate_up)
+        let (Some((Some(fqkv), Some(fgu))), Some((cos, sin)), Some(p)) =
+            (self.fused.get(i), rope, block.plain())
         else {
             return Ok(None);
         };
-        let (n1, n2) = (&block.input_layernorm, &block.pre_mlp_norm);
         let hidden = self.cfg.hidden_size;
-        if x.dims() != [1, 1, hidden]
-            || block.post_attention_norm.is_some()
-            || block.post_mlp_norm.is_some()
-            || a.q_norm.is_some()
-            || a.k_norm.is_some()
-            || block.mlp.act != Activation::Silu
-            || n1.offset != 0.0
-            || n2.offset != 0.0
-            || cos.dims() != [1, hd / 2]
-        {
+        if x.dims() != [1, 1, hidden] || cos.dims() != [1, hd / 2] {
             return Ok(None);
         }
         let x2 = x.reshape((1, hidden))?;
         let (Some(qkv), Some(gu), Some(o), Some(down)) = (
-            fqkv.decode_parts(&[q_proj, k_proj, v_proj], &x2)?,
-            fgu.decode_parts(&[gate_proj, up_proj], &x2)?,
+            fqkv.decode_parts(&[p.q_proj, p.k_proj, p.v_proj], &x2)?,
+            fgu.decode_parts(&[p.gate_proj, p.up_proj], &x2)?,
             a.o_proj.decode_parts(&x2)?,
             block.mlp.down_proj.decode_parts(&x2)?,
         ) else {
@@ -1660,8 +1688,8 @@ impl Llama {
         let (o, down) = (DecodeProj::new(&ok, &oparts), DecodeProj::new(&dk, &dparts));
         let qkv_out = crate::kernels::decode::layer_qkv(
             x,
-            &n1.weight,
-            n1.eps as f32,
+            &p.n1.weight,
+            p.n1.eps as f32,
             &qkv,
             (nh, nkv, hd),
             cos,
@@ -1675,8 +1703,15 @@ impl Llama {
         )?;
         // The unfused layer's choice for one row: the f32 op (bf16 attention is for prompts).
         let out = crate::kernels::cached_attention(&q, &k, &v, a.scale as f32, a.window)?;
-        let y =
-            crate::kernels::decode::layer_mlp(&out, x, &o, &n2.weight, n2.eps as f32, &gu, &down)?;
+        let y = crate::kernels::decode::layer_mlp(
+            &out,
+            x,
+            &o,
+            &p.n2.weight,
+            p.n2.eps as f32,
+            &gu,
+            &down,
+        )?;
         Ok(Some(y))
     }
 
@@ -1694,55 +1729,33 @@ impl Llama {
     ) -> Result<Option<Tensor>> {
         let a = &block.self_attn;
         let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
-        let Some((cos, sin)) = rope else {
+        let (Some((cos, sin)), Some(p)) = (rope, block.plain()) else {
             return Ok(None);
         };
-        let (
-            QkvProj::Split {
-                q_proj,
-                k_proj,
-                v_proj,
-            },
-            GateUpProj::Split { gate_proj, up_proj },
-        ) = (&a.qkv, &block.mlp.gate_up)
-        else {
-            return Ok(None);
-        };
-        let (n1, n2) = (&block.input_layernorm, &block.pre_mlp_norm);
         let (b, l, hidden) = x.dims3()?;
-        if b != 1
-            || hidden != self.cfg.hidden_size
-            || block.post_attention_norm.is_some()
-            || block.post_mlp_norm.is_some()
-            || a.q_norm.is_some()
-            || a.k_norm.is_some()
-            || block.mlp.act != Activation::Silu
-            || n1.offset != 0.0
-            || n2.offset != 0.0
-            || cos.dims() != [l, hd / 2]
-        {
+        if b != 1 || hidden != self.cfg.hidden_size || cos.dims() != [l, hd / 2] {
             return Ok(None);
         }
         let x2 = x.reshape((l, hidden))?;
         let mut w = Vec::with_capacity(7);
-        for p in [
-            q_proj,
-            k_proj,
-            v_proj,
+        for proj in [
+            p.q_proj,
+            p.k_proj,
+            p.v_proj,
             &a.o_proj,
-            gate_proj,
-            up_proj,
+            p.gate_proj,
+            p.up_proj,
             &block.mlp.down_proj,
         ] {
-            match p.prompt_weight(&x2)? {
+            match proj.prompt_weight(&x2)? {
                 Some(f) => w.push(f),
                 None => return Ok(None),
             }
         }
         let qkv = crate::kernels::prompt::layer_qkv(
             x,
-            &n1.weight,
-            n1.eps as f32,
+            &p.n1.weight,
+            p.n1.eps as f32,
             [&w[0], &w[1], &w[2]],
             (nh, nkv, hd),
             cos,
@@ -1765,8 +1778,8 @@ impl Llama {
             &out,
             x,
             &w[3],
-            &n2.weight,
-            n2.eps as f32,
+            &p.n2.weight,
+            p.n2.eps as f32,
             [&w[4], &w[5], &w[6]],
         )?;
         Ok(Some(y))
