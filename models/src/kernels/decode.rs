@@ -16,15 +16,17 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use super::amx::to_bf16;
 use super::profile::prof;
 use super::quant::Q41Matrix;
+use super::rms_norm::rms_row;
+use super::rope::rope_head;
 use super::{borrow_f32, f32_slice, CResult};
 
-/// A projection of the fused decode layer: the decode kernel's matrix (one projection's rows,
-/// or several projections' concatenated) and, per projection in order, its output width and
-/// its LoRA branch on the bf16 copy with the branch's scale, if it has one.
 /// A projection's output width and LoRA branch (the bf16 copy and the branch's scale), as the
 /// model holds them for a [`DecodeProj`].
 pub type DecodePart = (usize, Option<(Arc<LoraBf16>, f32)>);
 
+/// A projection of the fused decode layer: the decode kernel's matrix (one projection's rows,
+/// or several projections' concatenated) and, per projection in order, its output width and
+/// its LoRA branch on the bf16 copy with the branch's scale, if it has one.
 pub struct DecodeProj<'a> {
     pub kernel: &'a Q41Matrix,
     pub parts: Vec<(usize, Option<(&'a LoraBf16, f32)>)>,
@@ -83,7 +85,6 @@ impl<'a> DecodeProj<'a> {
 /// projections' rows concatenated (`[(nh + 2 nkv) hd, hidden]`), `cos`/`sin` the rotary tables'
 /// row at the token's position (`[1, hd / 2]`). Returns `[1, nh + 2 nkv, 1, hd]`: the rotated
 /// query heads, the rotated key heads, the value heads.
-#[allow(clippy::too_many_arguments)]
 pub fn layer_qkv(
     x: &Tensor,
     norm: &Tensor,
@@ -147,7 +148,6 @@ pub fn layer_mlp(
         || !down.fits(dk)
         || attn.elem_count() != ok
         || on != hidden
-        || gk != hidden
         || gn % 2 != 0
         || dk != gn / 2
         || dn != hidden
@@ -177,28 +177,6 @@ static FUSED_LAYERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicU
 /// the fused ops).
 pub fn fused_layer_calls() -> usize {
     FUSED_LAYERS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// candle's `rms_norm` of one row, step for step (`candle_nn::ops::RmsNorm`): the sum of squares
-/// in order, `sqrt(sum / n + eps)`, then `x / m * w`.
-pub(crate) fn rms_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
-    let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
-    let m = (sum2 / src.len() as f32 + eps).sqrt();
-    for ((d, s), w) in dst.iter_mut().zip(src).zip(w) {
-        *d = *s / m * *w
-    }
-}
-
-/// candle's rotary embedding of one head at one position (`candle_nn::rotary_emb::rope`, the
-/// non-interleaved form), in place.
-pub(crate) fn rope_head(v: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let half = v.len() / 2;
-    let (a, b) = v.split_at_mut(half);
-    for i in 0..half {
-        let (x1, x2) = (a[i], b[i]);
-        a[i] = x1 * cos[i] - x2 * sin[i];
-        b[i] = x1 * sin[i] + x2 * cos[i];
-    }
 }
 
 struct LayerQkv<'a> {

@@ -14,9 +14,10 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::decode::{rms_row, rope_head};
 use super::linear::{Act, Frozen};
 use super::profile::prof;
+use super::rms_norm::rms_row;
+use super::rope::rope_head;
 use super::{borrow_f32, f32_slice, threads, CResult};
 
 /// `x` `[1, l, hidden]` through the input norm (`norm`, `eps`), the q, k and v products on the

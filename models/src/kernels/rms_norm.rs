@@ -25,6 +25,16 @@ struct RmsNormOp {
     offset: f32,
 }
 
+/// candle's `rms_norm` of one row, step for step (`candle_nn::ops::RmsNorm`): the sum of squares
+/// in order, `sqrt(sum / n + eps)`, then `x / m * w`.
+pub(crate) fn rms_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
+    let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+    let m = (sum2 / src.len() as f32 + eps).sqrt();
+    for ((d, s), w) in dst.iter_mut().zip(src).zip(w) {
+        *d = *s / m * *w
+    }
+}
+
 pub(crate) fn inv_rms(row: &[f32], eps: f32) -> f32 {
     let ss: f32 = row.iter().map(|v| v * v).sum();
     1.0 / (ss / row.len() as f32 + eps).sqrt()

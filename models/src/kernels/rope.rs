@@ -7,6 +7,18 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use super::profile::prof;
 use super::{borrow_f32, f32_slice, tensor_vec, CResult};
 
+/// candle's rotary embedding of one head at one position (`candle_nn::rotary_emb::rope`, the
+/// non-interleaved form), in place.
+pub(crate) fn rope_head(v: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = v.len() / 2;
+    let (a, b) = v.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x1 * sin[i] + x2 * cos[i];
+    }
+}
+
 /// Rotary position embedding (Hugging Face's rotate-half form) on `x` `[b, seq, heads, hd]`;
 /// `cos`/`sin` are `[seq, hd / 2]`. Differentiable in `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {

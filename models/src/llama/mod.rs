@@ -206,6 +206,24 @@ impl Attention {
         v
     }
 
+    /// Inference attention of `q` over the cache's `k`/`v` (`[b, heads, rows, hd]`), as every
+    /// inference path (op by op, the fused decode and prompt layers) takes it: in f32, or opted in
+    /// (`ATTUNE_ATTENTION=bf16`) in bf16 on the matrix units for prompts (more rows than the
+    /// quantized path takes) on `ComputeMode::Auto`'s packed or compact weights. Off by default:
+    /// greedy decoding of the reference chat prompt then parts from f32 after 13 tokens instead
+    /// of 43 (`models/tests/generate.rs`).
+    fn cached_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (scale, window) = (self.scale as f32, self.window);
+        let bf16 = crate::kernels::attention::bf16_opted_in()
+            && self.o_proj.prompts_in_bf16()
+            && q.dim(2)? > crate::linear::AUTO_QUANTIZED_MAX_ROWS;
+        Ok(if bf16 {
+            crate::kernels::cached_attention_bf16(q, k, v, scale, window)?
+        } else {
+            crate::kernels::cached_attention(q, k, v, scale, window)?
+        })
+    }
+
     /// q, k, v `[b, l, heads * hd]` for `x` `[b, l, hidden]`.
     fn qkv_forward(
         &self,
@@ -1701,8 +1719,7 @@ impl Llama {
             &qkv_out.narrow(1, nh, nkv)?,
             &qkv_out.narrow(1, nh + nkv, nkv)?,
         )?;
-        // The unfused layer's choice for one row: the f32 op (bf16 attention is for prompts).
-        let out = crate::kernels::cached_attention(&q, &k, &v, a.scale as f32, a.window)?;
+        let out = a.cached_attention(&q, &k, &v)?;
         let y = crate::kernels::decode::layer_mlp(
             &out,
             x,
@@ -1767,13 +1784,7 @@ impl Llama {
             Some(c) => c.append(i, &k, &v)?,
             None => (k, v),
         };
-        // The unfused layer's choice of attention for a prompt.
-        let bf16 = crate::kernels::attention::bf16_opted_in() && a.o_proj.prompts_in_bf16();
-        let out = if bf16 {
-            crate::kernels::cached_attention_bf16(&q, &k, &v, a.scale as f32, a.window)?
-        } else {
-            crate::kernels::cached_attention(&q, &k, &v, a.scale as f32, a.window)?
-        };
+        let out = a.cached_attention(&q, &k, &v)?;
         let y = crate::kernels::prompt::layer_mlp(
             &out,
             x,
@@ -1840,19 +1851,7 @@ impl Llama {
             None => (k, v),
         };
         if !differentiable {
-            // Opt-in (`ATTUNE_ATTENTION=bf16`): bf16 on the matrix units where the projections
-            // take them too (prompts, more rows than the quantized path takes, on
-            // `ComputeMode::Auto`'s packed or compact weights). Off by default: greedy decoding
-            // of the reference chat prompt then parts from f32 after 13 tokens instead of 43
-            // (`models/tests/generate.rs`).
-            let bf16 = crate::kernels::attention::bf16_opted_in()
-                && a.o_proj.prompts_in_bf16()
-                && q.dim(2)? > crate::linear::AUTO_QUANTIZED_MAX_ROWS;
-            let out = if bf16 {
-                crate::kernels::cached_attention_bf16(&q, &k, &v, scale, a.window)?
-            } else {
-                crate::kernels::cached_attention(&q, &k, &v, scale, a.window)?
-            };
+            let out = a.cached_attention(&q, &k, &v)?;
             return a.o_proj.forward(&out);
         }
         let t = k.dim(2)?;
