@@ -194,6 +194,8 @@ fn matrix(mode: ComputeMode, runs: usize) -> Result<(), Box<dyn std::error::Erro
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The allocator as the app and `attune train` set it (before any thread starts).
+    attune_models::single_arena();
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "2");
     }

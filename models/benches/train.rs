@@ -243,6 +243,8 @@ fn run_one(name: &str, base: BaseForm, arch: &str, steps: usize) -> R<()> {
 }
 
 fn main() -> R<()> {
+    // The allocator as the app and `attune train` set it (before any thread starts).
+    attune_models::single_arena();
     let args: Vec<String> = std::env::args().collect();
     let steps: usize = std::env::var("ATTUNE_BENCH_STEPS")
         .ok()

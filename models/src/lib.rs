@@ -104,10 +104,16 @@ pub fn fix_thread_count() {
 /// allocation on another, and which thread allocates what varies run to run: the same training
 /// run's peak memory varied by up to 18% (prompt tuning at 2 x 256: 1495 or 1761 MiB; full
 /// fine-tuning: 2300 or 2700 MiB). With one arena from the process's start, repeated runs lay
-/// within 1-2% (`crates/cli/tests/memory.rs`) at the same training speed. Not for inference:
-/// prompt processing ran ~10% slower on one arena (its workers allocate at the same time). It
-/// holds for threads that have not allocated yet, so call it first thing: `attune train` does;
-/// the app, whose process also runs the playground, keeps glibc's default. A no-op off glibc.
+/// within 1-2% (`crates/cli/tests/memory.rs`) at the same training speed. `attune train`, the
+/// app and the benches call it first thing (it holds for threads that have not allocated yet).
+/// The app took glibc's default until 2026-12-05, when on a CPU without AMX its LoRA run in the
+/// end-to-end journey peaked at 2376-2386 MiB against an estimate of 1969 (the run's 1,330 MiB
+/// on top of the 1,056 the app held, where `attune train` peaks at 969 MiB whole); on one arena
+/// 1873 MiB (estimate 1.02x); two arenas were not enough (2112 MiB). Its price, measured there
+/// (`MALLOC_ARENA_MAX=1` against the default, interleaved, two runs each): LoRA training 325-329
+/// -> 318-320 tok/s (peak 2290 -> 1880 MB), prompt processing at 512 tokens 828 / 882 -> 805 /
+/// 849 tok/s, at 41 tokens unchanged (an earlier measurement on AMX saw prompts ~10% slower).
+/// A no-op off glibc.
 pub fn single_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.

@@ -409,7 +409,8 @@ impl Linear {
     }
 
     /// The weight as the fused layer takes it: packed bf16 (frozen), else a contiguous f32
-    /// weight (frozen or trained); `None` with a bias or in quantized mode.
+    /// weight (frozen or trained) or a frozen one held transposed (`Auto`'s f32 copy on a CPU
+    /// without matrix units, read in place); `None` with a bias or in quantized mode.
     pub fn fused_weight(&self) -> Option<ProjWeight<'_>> {
         if self.bias.is_some() || self.mode == ComputeMode::Quantized {
             return None;
@@ -423,7 +424,9 @@ impl Linear {
         let mixed = self.bf16_compute();
         self.weight
             .as_ref()
-            .filter(|w| w.is_contiguous())
+            .filter(|w| {
+                w.is_contiguous() || (!w.track_op() && crate::kernels::linear::f32_in_place(w))
+            })
             .map(|w| match mixed && w.track_op() {
                 true => ProjWeight::Mixed(w),
                 false => ProjWeight::F32(w),
@@ -675,19 +678,31 @@ impl Linear {
     }
 
     /// The frozen weight a prompt's call on `x2` (`[rows, any]`) multiplies when that call is
-    /// [`crate::kernels::frozen_linear`] on the packed bf16 copy or the compact base alone (no
-    /// bias, no LoRA, not the quantized or the f32-expanded path, an untracked input and
-    /// weight): what a fused prompt layer may run in its place. `None` otherwise.
+    /// [`crate::kernels::frozen_linear`] on the packed bf16 copy or the compact base alone, or,
+    /// on a CPU without matrix units, the f32 GEMM on `Auto`'s dense copy (no bias, no LoRA, not
+    /// the quantized or the f32-expanded path, an untracked input and weight): what a fused
+    /// prompt layer may run in its place. `None` otherwise.
     pub(crate) fn prompt_weight(&self, x2: &Tensor) -> Result<Option<Frozen>> {
         if self.bias.is_some()
             || self.lora.is_some()
             || x2.track_op()
             || self.mode == ComputeMode::Quantized
             || self.weight.as_ref().is_some_and(|w| w.track_op())
-            || (self.packed.is_none() && self.streamed.is_none())
-            || (self.mode == ComputeMode::AutoF32 && self.packed.is_none())
             || self.uses_quantized(x2)?
         {
+            return Ok(None);
+        }
+        if self.packed.is_none() && self.streamed.is_none() {
+            // No matrix units: `Auto`'s dense f32 copy (held transposed), which the unfused
+            // layer multiplies with the same GEMM call (`x2.matmul(&w.t())`).
+            return Ok(match (&self.weight, self.mode) {
+                (Some(w), ComputeMode::Auto | ComputeMode::AutoF32) if w.rank() == 2 => {
+                    Some(Frozen::F32(w.clone()))
+                }
+                _ => None,
+            });
+        }
+        if self.mode == ComputeMode::AutoF32 && self.packed.is_none() {
             return Ok(None);
         }
         Ok(self.frozen())

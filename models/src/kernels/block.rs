@@ -285,7 +285,11 @@ pub fn fused_layer(
         };
         let (w, param, bf16_dw) = match p.w {
             ProjWeight::F32(w) => (
-                Frozen::F32(w.contiguous()?),
+                // Read in place where it is contiguous or held transposed (`f32_strided`).
+                Frozen::F32(match super::linear::f32_in_place(w) {
+                    true => w.clone(),
+                    false => w.contiguous()?,
+                }),
                 w.track_op().then(|| w.clone()),
                 false,
             ),
@@ -693,18 +697,22 @@ impl FusedLayer {
             .collect();
         // Each weight's `WRef`: an f32 weight's slice borrowed in place (its storage guard lives
         // in `guards` until the end of the function), or the packed bf16 copy.
-        let guards: Vec<_> = all
+        let f32w: Vec<Option<(Tensor, (usize, usize))>> = all
             .iter()
             .map(|p| match &p.w {
-                Frozen::F32(t) => Some(t.storage_and_layout()),
-                Frozen::Bf16(_) | Frozen::Streamed(_) => None,
+                Frozen::F32(t) => super::linear::f32_strided(t).map(Some),
+                Frozen::Bf16(_) | Frozen::Streamed(_) => Ok(None),
             })
+            .collect::<CResult<_>>()?;
+        let guards: Vec<_> = f32w
+            .iter()
+            .map(|w| w.as_ref().map(|(t, st)| (t.storage_and_layout(), *st)))
             .collect();
         let mut slices = Vec::with_capacity(guards.len());
         for (p, g) in all.iter().zip(&guards) {
             slices.push(match (&p.w, g) {
-                (Frozen::F32(_), Some(g)) => {
-                    WRef::F32(super::cpu_f32(&g.0, g.1, "a projection weight")?)
+                (Frozen::F32(_), Some((g, st))) => {
+                    WRef::F32(super::cpu_f32(&g.0, g.1, "a projection weight")?, *st)
                 }
                 (Frozen::Bf16(pw), _) => WRef::Bf16(pw),
                 (Frozen::Streamed(sw), _) => WRef::Streamed(sw),

@@ -55,8 +55,9 @@ impl Frozen {
     pub(crate) fn with_ref<R>(&self, f: impl FnOnce(WRef<'_>) -> CResult<R>) -> CResult<R> {
         match self {
             Frozen::F32(w) => {
+                let (w, strides) = f32_strided(w)?;
                 borrow_f32!(w = w, "frozen weight");
-                f(WRef::F32(w))
+                f(WRef::F32(w, strides))
             }
             Frozen::Bf16(p) => f(WRef::Bf16(p)),
             Frozen::Streamed(s) => f(WRef::Streamed(s)),
@@ -64,11 +65,32 @@ impl Frozen {
     }
 }
 
+/// A weight `[out, in]` as a contiguous tensor of its values and their strides for
+/// [`WRef::F32`]: itself, `(in, 1)`; a weight held transposed (`[in, out]` contiguous, as the
+/// GGUF loader keeps its f32 copies) read in place, `(1, out)`; anything else copied.
+pub(crate) fn f32_strided(w: &Tensor) -> CResult<(Tensor, (usize, usize))> {
+    let (out, din) = w.dims2()?;
+    Ok(if w.is_contiguous() {
+        (w.clone(), (din, 1))
+    } else if w.t()?.is_contiguous() {
+        (w.t()?, (1, out))
+    } else {
+        (w.contiguous()?, (din, 1))
+    })
+}
+
+/// Whether [`f32_strided`] reads `w` in place.
+pub(crate) fn f32_in_place(w: &Tensor) -> bool {
+    w.rank() == 2 && (w.is_contiguous() || w.t().is_ok_and(|t| t.is_contiguous()))
+}
+
 /// A weight `[dout, din]` for one pass: f32 values, the packed bf16 copy, or a compact form
 /// expanded panel by panel.
 #[derive(Clone, Copy)]
 pub(crate) enum WRef<'a> {
-    F32(&'a [f32]),
+    /// f32 values with their strides (output, input): `W[o][i] = w[o * s.0 + i * s.1]`,
+    /// `(din, 1)` row-major, `(1, dout)` held transposed.
+    F32(&'a [f32], (usize, usize)),
     Bf16(&'a PackedWeight),
     Streamed(&'a Streamed),
 }
@@ -110,7 +132,7 @@ impl WRef<'_> {
     pub fn forward_new(self, x: &Act, dout: usize, par: Parallelism) -> Vec<f32> {
         let (rows, din) = (x.rows, x.cols);
         match self {
-            WRef::F32(w) => product(rows, dout, din, x.x, (din, 1), w, (1, din), par),
+            WRef::F32(w, (so, si)) => product(rows, dout, din, x.x, (din, 1), w, (si, so), par),
             WRef::Bf16(p) => p.forward_new(x.bf16()),
             WRef::Streamed(s) => {
                 let mut y = vec![0f32; rows * dout];
@@ -124,7 +146,7 @@ impl WRef<'_> {
     pub fn forward_add(self, x: &Act, dst: &mut [f32], dout: usize, par: Parallelism) {
         let (rows, din) = (x.rows, x.cols);
         match self {
-            WRef::F32(w) => matmul(
+            WRef::F32(w, (so, si)) => matmul(
                 rows,
                 dout,
                 din,
@@ -134,7 +156,7 @@ impl WRef<'_> {
                 x.x,
                 (din, 1),
                 w,
-                (1, din),
+                (si, so),
                 par,
             ),
             WRef::Bf16(p) => p.forward(x.bf16(), dst, true),
@@ -147,7 +169,7 @@ impl WRef<'_> {
     pub fn input_grad(self, dy: &Act, din: usize, dx: &mut Option<Vec<f32>>, par: Parallelism) {
         let (rows, dout) = (dy.rows, dy.cols);
         match (self, dx) {
-            (WRef::F32(w), Some(d)) => matmul(
+            (WRef::F32(w, st), Some(d)) => matmul(
                 rows,
                 din,
                 dout,
@@ -157,11 +179,11 @@ impl WRef<'_> {
                 dy.x,
                 (dout, 1),
                 w,
-                (din, 1),
+                st,
                 par,
             ),
-            (WRef::F32(w), dx) => {
-                *dx = Some(product(rows, din, dout, dy.x, (dout, 1), w, (din, 1), par))
+            (WRef::F32(w, st), dx) => {
+                *dx = Some(product(rows, din, dout, dy.x, (dout, 1), w, st, par))
             }
             (WRef::Bf16(p), Some(d)) => p.input_grad(dy.bf16(), d, true),
             (WRef::Bf16(p), dx) => *dx = Some(p.input_grad_new(dy.bf16())),
