@@ -72,7 +72,7 @@ pub(crate) fn f32_strided(w: &Tensor) -> CResult<(Tensor, (usize, usize))> {
     let (out, din) = w.dims2()?;
     Ok(if w.is_contiguous() {
         (w.clone(), (din, 1))
-    } else if w.t()?.is_contiguous() {
+    } else if held_transposed(w) {
         (w.t()?, (1, out))
     } else {
         (w.contiguous()?, (din, 1))
@@ -81,7 +81,12 @@ pub(crate) fn f32_strided(w: &Tensor) -> CResult<(Tensor, (usize, usize))> {
 
 /// Whether [`f32_strided`] reads `w` in place.
 pub(crate) fn f32_in_place(w: &Tensor) -> bool {
-    w.rank() == 2 && (w.is_contiguous() || w.t().is_ok_and(|t| t.is_contiguous()))
+    w.rank() == 2 && (w.is_contiguous() || held_transposed(w))
+}
+
+/// A `[out, in]` view of `[in, out]` contiguous values.
+fn held_transposed(w: &Tensor) -> bool {
+    w.t().is_ok_and(|t| t.is_contiguous())
 }
 
 /// A weight `[dout, din]` for one pass: f32 values, the packed bf16 copy, or a compact form
