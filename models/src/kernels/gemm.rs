@@ -3,6 +3,117 @@
 
 use gemm::Parallelism;
 
+use super::pool;
+
+/// Below this many multiply-adds a product runs on the calling thread alone (the `gemm` crate's
+/// own threading threshold).
+const THREADING_THRESHOLD: usize = 48 * 48 * 256;
+
+/// Columns per unit when a product is split by columns: whole 64-byte lines of a row-major
+/// destination, and the `gemm` crate's AVX-512 microkernel height (it computes the transposed
+/// problem, so our columns are its vectorised rows).
+const COLUMN_UNIT: usize = 16;
+
+/// The destination pointer, handed to the pool's tasks (each writes its own block).
+#[derive(Clone, Copy)]
+struct Raw(*mut f32);
+// SAFETY: every task writes a disjoint block of the destination (see `split_gemm`).
+unsafe impl Send for Raw {}
+// SAFETY: as above.
+unsafe impl Sync for Raw {}
+
+impl Raw {
+    /// The pointer (a method, so closures capture the whole wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst (+)= beta * lhs * rhs` on raw operands, spread over the kernels' pool: the columns in
+/// blocks of [`COLUMN_UNIT`] (each task reads its share of `rhs`, the weight in every projection,
+/// and all of `lhs`), or the rows where there are too few columns. Each block is one serial
+/// `gemm` call. The `gemm` crate's own threading runs on rayon's pool, whose workers a product
+/// wakes through a futex while this pool's workers spin between the kernels' ops: on two cores
+/// the two pools took each other's cores (a fifth of a prompt's samples spent spinning).
+///
+/// # Safety
+/// Every element the strides reach lies inside the allocations behind `dst`, `lhs` and `rhs`,
+/// and `dst` aliases neither operand.
+#[allow(clippy::too_many_arguments)]
+unsafe fn split_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Raw,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+    par: Parallelism,
+) {
+    let threads = match par {
+        Parallelism::None => 1,
+        Parallelism::Rayon(0) => super::threads(),
+        Parallelism::Rayon(t) => t,
+    };
+    let (lhs, rhs) = (lhs as usize, rhs as usize);
+    // One block: rows `r`, columns `c`.
+    let block = |r: std::ops::Range<usize>, c: std::ops::Range<usize>| {
+        let d = dst.get().wrapping_add(r.start * dst_rs + c.start * dst_cs);
+        let l = (lhs as *const f32).wrapping_add(r.start * lhs_rs);
+        let w = (rhs as *const f32).wrapping_add(c.start * rhs_cs);
+        // SAFETY: the block lies inside the whole product, which the caller vouches for; blocks
+        // of one call do not overlap.
+        unsafe {
+            gemm::gemm(
+                r.len(),
+                c.len(),
+                k,
+                d,
+                dst_cs as isize,
+                dst_rs as isize,
+                accumulate,
+                l,
+                lhs_cs as isize,
+                lhs_rs as isize,
+                w,
+                rhs_cs as isize,
+                rhs_rs as isize,
+                1.0,
+                beta,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            )
+        }
+    };
+    let units = n.div_ceil(COLUMN_UNIT);
+    if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < THREADING_THRESHOLD {
+        block(0..m, 0..n);
+    } else if units >= 2 * threads {
+        // Contiguous column ranges, as even as whole units allow.
+        let tasks = threads.min(units);
+        pool::for_range(tasks, |t| {
+            for t in t {
+                let c0 = (units * t / tasks * COLUMN_UNIT).min(n);
+                let c1 = (units * (t + 1) / tasks * COLUMN_UNIT).min(n);
+                block(0..m, c0..c1);
+            }
+        });
+    } else {
+        let tasks = threads.min(m);
+        pool::for_range(tasks, |t| {
+            for t in t {
+                block(m * t / tasks..m * (t + 1) / tasks, 0..n);
+            }
+        });
+    }
+}
+
 /// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]`, every operand addressed by (row stride, column stride).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
@@ -72,25 +183,18 @@ pub(crate) fn matmul_scaled(
     // SAFETY: the asserts above keep every access the strides describe inside the slices, and
     // `dst` does not alias `lhs` or `rhs` (a `&mut` and two `&`).
     unsafe {
-        gemm::gemm(
+        split_gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
+            Raw(dst.as_mut_ptr()),
+            (dst_rs, dst_cs),
             accumulate,
             lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
+            (lhs_rs, lhs_cs),
             rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
+            (rhs_rs, rhs_cs),
             beta,
-            false,
-            false,
-            false,
             par,
         )
     }
@@ -125,30 +229,139 @@ pub(crate) fn product(
     let mut out: Vec<f32> = Vec::with_capacity(len);
     // SAFETY: the asserts keep every read inside `lhs` and `rhs`; `out` has room for the `m * n`
     // elements of a row-major `[m, n]` destination, which the GEMM writes without reading
-    // (`read_dst` false) before the length is set.
+    // (`accumulate` false) before the length is set.
     unsafe {
-        gemm::gemm(
+        split_gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
+            Raw(out.as_mut_ptr()),
+            (n, 1),
             false,
             lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
+            (lhs_rs, lhs_cs),
             rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
+            (rhs_rs, rhs_cs),
             1.0,
-            1.0,
-            false,
-            false,
-            false,
             par,
         );
         out.set_len(len);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random fill in [-1, 1).
+    fn fill(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// The product element by element in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        m: usize,
+        n: usize,
+        k: usize,
+        lhs: &[f32],
+        (lrs, lcs): (usize, usize),
+        rhs: &[f32],
+        (rrs, rcs): (usize, usize),
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| lhs[i * lrs + p * lcs] as f64 * rhs[p * rrs + j * rcs] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn close(got: &[f32], want: &[f64], k: usize, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        // Each term is below 1 in magnitude: f32 sums of k of them stay within k * 2^-22.
+        let tol = k as f64 * 2f64.powi(-22) + 1e-6;
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() <= tol,
+                "{what}: element {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    /// Split by columns (many columns), by rows (few columns), and on one thread (small), with
+    /// operands row-major and transposed, fresh and accumulated, each against the f64 product.
+    #[test]
+    fn split_products_equal_the_whole_product() {
+        let shapes = [
+            (41, 576, 576),
+            (7, 1536, 96),
+            (300, 24, 2000),
+            (3, 5, 7),
+            (1, 40, 64),
+            (129, 33, 577),
+        ];
+        for (si, &(m, n, k)) in shapes.iter().enumerate() {
+            let lhs = fill(m * k, si as u64 + 1);
+            let rhs = fill(k * n, si as u64 + 100);
+            for (ls, rs) in [((k, 1), (n, 1)), ((1, m), (1, k)), ((k, 1), (1, k))] {
+                let want = naive(m, n, k, &lhs, ls, &rhs, rs);
+                let what = format!("{m}x{n}x{k} lhs {ls:?} rhs {rs:?}");
+                for par in [
+                    Parallelism::None,
+                    Parallelism::Rayon(2),
+                    Parallelism::Rayon(3),
+                ] {
+                    let got = product(m, n, k, &lhs, ls, &rhs, rs, par);
+                    close(&got, &want, k, &format!("product {what} {par:?}"));
+                    // dst (+)= beta * product on a destination with a wider row stride.
+                    let stride = n + 3;
+                    let base = fill(m * stride, 7);
+                    let mut dst = base.clone();
+                    matmul_scaled(
+                        m,
+                        n,
+                        k,
+                        &mut dst,
+                        (stride, 1),
+                        true,
+                        &lhs,
+                        ls,
+                        &rhs,
+                        rs,
+                        0.5,
+                        par,
+                    );
+                    for i in 0..m {
+                        let row: Vec<f64> = (0..n)
+                            .map(|j| base[i * stride + j] as f64 + 0.5 * want[i * n + j])
+                            .collect();
+                        close(
+                            &dst[i * stride..i * stride + n],
+                            &row,
+                            k,
+                            &format!("{what} row {i}"),
+                        );
+                        // The padding past each row is untouched.
+                        assert_eq!(
+                            &dst[i * stride + n..(i + 1) * stride],
+                            &base[i * stride + n..(i + 1) * stride]
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
