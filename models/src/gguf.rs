@@ -31,6 +31,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, Family, RopeScaling, SUPPORTED_ARCHITECTURES};
+use crate::kernels;
 use crate::kernels::amx::{self, PackedWeight};
 use crate::linear::{ComputeMode, Linear};
 use crate::llama::{
@@ -657,15 +658,22 @@ fn build_projection(
         Linear::from_qtensor(Arc::new(q), bias, mode)
     } else {
         let dense = q.dequantize(device)?;
+        let (out, inp) = dense.dims2()?;
         let packed = match mode {
             ComputeMode::Auto if amx::available() => {
-                let (out, inp) = dense.dims2()?;
                 let vals = dense.flatten_all()?.to_vec1::<f32>()?;
                 Some(Arc::new(PackedWeight::new(&vals, out, inp)))
             }
             _ => None,
         };
         let w = match mode {
+            ComputeMode::Auto | ComputeMode::AutoF32 if packed.is_none() && device.is_cpu() => {
+                let (st, layout) = dense.storage_and_layout();
+                let vals = kernels::cpu_f32(&st, layout, "dequantized weight")?;
+                let t = kernels::transpose(vals, out, inp);
+                drop(st);
+                Some(Tensor::from_vec(t, (inp, out), device)?.t()?)
+            }
             ComputeMode::Auto | ComputeMode::AutoF32 if packed.is_none() => {
                 Some(dense.t()?.contiguous()?.t()?)
             }

@@ -93,14 +93,159 @@ macro_rules! borrow_f32 {
 }
 pub(crate) use borrow_f32;
 
+/// `src` `[rows, cols]` row-major, transposed: `[cols, rows]` row-major. In 16 x 16 tiles
+/// (in registers on AVX-512, through L1 otherwise), where candle's strided copy
+/// (`t().contiguous()`) walks an index per element: the GGUF loader's transposed f32 copies took
+/// two fifths of a model load that way.
+pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(
+        src.len(),
+        rows * cols,
+        "transpose: {rows} x {cols} from {}",
+        src.len()
+    );
+    let mut out: Vec<f32> = Vec::with_capacity(rows * cols);
+    let dst = out.spare_capacity_mut();
+    #[cfg(target_arch = "x86_64")]
+    let whole = if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; `dst` holds `rows * cols` elements.
+        unsafe { transpose_avx512(src, rows, cols, dst) }
+    } else {
+        (0, 0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let whole = (0, 0);
+    transpose_tiles(src, rows, cols, whole, dst);
+    // SAFETY: `transpose_avx512` wrote the whole 16 x 16 tiles of its first `whole.0` rows and
+    // `whole.1` columns, and `transpose_tiles` every other element, so all `rows * cols` are set.
+    unsafe { out.set_len(rows * cols) };
+    out
+}
+
+/// The elements outside the block of `whole` (rows, columns) already written, tile by tile.
+fn transpose_tiles(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    whole: (usize, usize),
+    dst: &mut [std::mem::MaybeUninit<f32>],
+) {
+    const T: usize = 16;
+    for r0 in (0..rows).step_by(T) {
+        let r1 = (r0 + T).min(rows);
+        for c0 in (0..cols).step_by(T) {
+            if r1 <= whole.0 && c0 + T <= whole.1 {
+                continue;
+            }
+            for c in c0..(c0 + T).min(cols) {
+                let row = &mut dst[c * rows + r0..c * rows + r1];
+                for (d, r) in row.iter_mut().zip(r0..r1) {
+                    d.write(src[r * cols + c]);
+                }
+            }
+        }
+    }
+}
+
+/// The whole 16 x 16 tiles, each as 16 row loads, three rounds of shuffles and 16 column stores;
+/// returns how many rows and columns that covered.
+///
+/// # Safety
+/// The CPU has AVX-512F; `src` and `dst` hold `rows * cols` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_avx512(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    dst: &mut [std::mem::MaybeUninit<f32>],
+) -> (usize, usize) {
+    use std::arch::x86_64::*;
+    let (wr, wc) = (rows / 16 * 16, cols / 16 * 16);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr() as *mut f32);
+    for r0 in (0..wr).step_by(16) {
+        for c0 in (0..wc).step_by(16) {
+            // SAFETY (the loads and stores below): rows r0..r0 + 16 and columns c0..c0 + 16 lie
+            // inside `src` `[rows, cols]`, and their transposes inside `dst` `[cols, rows]`.
+            let r: [__m512; 16] =
+                std::array::from_fn(|i| unsafe { _mm512_loadu_ps(sp.add((r0 + i) * cols + c0)) });
+            // a[2p], a[2p + 1]: rows 2p and 2p + 1 interleaved, columns 4l + {0, 1} and
+            // 4l + {2, 3} of each 128-bit lane l.
+            let a: [__m512; 16] = std::array::from_fn(|i| {
+                let (x, y) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_ps(x, y)
+                } else {
+                    _mm512_unpackhi_ps(x, y)
+                }
+            });
+            // b[4g + m], lane l: column 4l + m of rows 4g..4g + 4.
+            let b: [__m512; 16] = std::array::from_fn(|i| {
+                let (g, m) = (i / 4, i % 4);
+                let (x, y) = (
+                    _mm512_castps_pd(a[4 * g + m / 2]),
+                    _mm512_castps_pd(a[4 * g + 2 + m / 2]),
+                );
+                _mm512_castpd_ps(if m % 2 == 0 {
+                    _mm512_unpacklo_pd(x, y)
+                } else {
+                    _mm512_unpackhi_pd(x, y)
+                })
+            });
+            for m in 0..4 {
+                let c0_ = _mm512_shuffle_f32x4::<0x44>(b[m], b[4 + m]);
+                let c1_ = _mm512_shuffle_f32x4::<0xEE>(b[m], b[4 + m]);
+                let c2_ = _mm512_shuffle_f32x4::<0x44>(b[8 + m], b[12 + m]);
+                let c3_ = _mm512_shuffle_f32x4::<0xEE>(b[8 + m], b[12 + m]);
+                // Column 4l + m of the tile, rows 0..16: output row c0 + 4l + m.
+                let outs = [
+                    _mm512_shuffle_f32x4::<0x88>(c0_, c2_),
+                    _mm512_shuffle_f32x4::<0xDD>(c0_, c2_),
+                    _mm512_shuffle_f32x4::<0x88>(c1_, c3_),
+                    _mm512_shuffle_f32x4::<0xDD>(c1_, c3_),
+                ];
+                for (l, v) in outs.into_iter().enumerate() {
+                    unsafe { _mm512_storeu_ps(dp.add((c0 + 4 * l + m) * rows + r0), v) };
+                }
+            }
+        }
+    }
+    (wr, wc)
+}
+
+#[cfg(test)]
+mod transpose_tests {
+    #[test]
+    fn transposes_every_shape_exactly() {
+        for (rows, cols) in [
+            (0, 5),
+            (1, 1),
+            (16, 16),
+            (32, 48),
+            (576, 192),
+            (17, 33),
+            (5, 40),
+            (40, 3),
+        ] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let t = super::transpose(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t[c * rows + r],
+                        src[r * cols + c],
+                        "{rows} x {cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
+}
+
 fn tensor_vec(t: &Tensor) -> CResult<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-/// The kernels' thread count, read once: candle's `get_num_threads` reads `RAYON_NUM_THREADS`
-/// and, when it is unset (the app, `attune train`), parses `/proc/cpuinfo` on every call, ~20 us
-/// that every pool call paid (a bf16 attention pass making ~20,000 small products per step spent
-/// most of its time there). The pools it sizes are built once too.
 /// Asks the CPU to bring every cache line of `v` into L1 (a hint: nothing is read, nothing can
 /// fault). The decode kernels read small matrices once per token, each in a short run the
 /// hardware prefetchers did not pick up on the machines measured (see `quant::dot_rows_vnni`).
@@ -119,6 +264,10 @@ pub(crate) fn prefetch<T>(v: &[T]) {
     let _ = v;
 }
 
+/// The kernels' thread count, read once: candle's `get_num_threads` reads `RAYON_NUM_THREADS`
+/// and, when it is unset (the app, `attune train`), parses `/proc/cpuinfo` on every call, ~20 us
+/// that every pool call paid (a bf16 attention pass making ~20,000 small products per step spent
+/// most of its time there). The pools it sizes are built once too.
 pub(crate) fn threads() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| candle_core::utils::get_num_threads().max(1))
