@@ -12,9 +12,11 @@
 //! would take it. With AMX (bf16 products; 2026-12-05, `scripts/measure-advisor-throughput.sh`,
 //! twice): LoRA 513 / 550, soft prompt 602 / 601, full 352 / 251 tokens/s, taken as 500 / 550
 //! / 300 (a step's rate moves by 2x with the machine's load and the batch's lengths). Without
-//! AMX (f32 products; the same script on a Xeon whose VM hides AMX, 2026-12-05 afternoon):
-//! LoRA 301, soft prompt 325, full 237 tokens/s, taken as 300 / 320 / 230 (the figures of
-//! 2026-11-28, 184 / 201 / 153, predate the fused training layer's f32 path). The bench's
+//! AMX (f32 products; the same script on a Xeon whose VM hides AMX, 2026-12-05 evening, twice,
+//! after the f32 products moved onto the kernels' pool): LoRA 335 / 347, soft prompt 370 / 380,
+//! full 269 / 271 tokens/s, taken as 340 / 370 / 270 (the afternoon's 301 / 325 / 237 ran the
+//! products on the gemm crate's rayon threads; 2026-11-28's 184 / 201 / 153 predate the fused
+//! training layer's f32 path). The bench's
 //! 256-token packed blocks run faster than real rows with AMX (857 / 906 / 392 in the same
 //! session), so its figures are not used. Token counts come from the dataset rendered with the model's
 //! chat template, exactly as training renders it; they are cached per dataset content
@@ -70,9 +72,9 @@ fn benchmark_tokens_per_s_on(method: &str, amx: bool) -> f64 {
         ("full", true) => 300.0,
         ("prompt", true) => 550.0,
         (_, true) => 500.0,
-        ("full", false) => 230.0,
-        ("prompt", false) => 320.0,
-        (_, false) => 300.0,
+        ("full", false) => 270.0,
+        ("prompt", false) => 370.0,
+        (_, false) => 340.0,
     }
 }
 

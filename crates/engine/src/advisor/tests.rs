@@ -97,16 +97,18 @@ fn advisor_benchmark_scales_with_model_size_and_threads() {
     let (lora, full, prompt) = if amx {
         (500.0, 300.0, 550.0)
     } else {
-        (300.0, 230.0, 320.0)
+        (340.0, 270.0, 370.0)
     };
     for (m, want) in [("lora", lora), ("full", full), ("prompt", prompt)] {
         assert_eq!(benchmark_tokens_per_s_on(m, amx), want, "{m}");
     }
-    // The matrix units make every method faster, full fine-tuning least.
+    // The matrix units make every method faster: the frozen-base methods by more than a fifth,
+    // full fine-tuning (whose trained weights keep f32 products) least.
     let gain = |m| benchmark_tokens_per_s_on(m, true) / benchmark_tokens_per_s_on(m, false);
-    for m in ["lora", "full", "prompt"] {
+    for m in ["lora", "prompt"] {
         assert!(gain(m) > 1.2, "{m}: {}", gain(m));
     }
+    assert!(gain("full") > 1.0, "full: {}", gain("full"));
     assert!(gain("full") < gain("lora") && gain("full") < gain("prompt"));
     let base = benchmark_throughput("lora", BENCH_PARAMS as u64, 2);
     assert!((base - lora).abs() < 1e-9);
