@@ -21,6 +21,15 @@ const COLUMN_UNIT: usize = 16;
 /// thread read every weight).
 const ROWS_PER_TASK: usize = 128;
 
+/// The `gemm` crate's single-thread lhs packing threshold (its default 8): it computes our
+/// products transposed, so its lhs is the weight, which it reads in place unless the share has
+/// more than 6 times this many of our rows (6: its microkernel's width). At 41 rows the weight
+/// was read in place, one stride of a weight row per step of the contraction; packed, a
+/// 41-token prompt ran 633 -> 699 tok/s (two interleaved runs, no AMX); 512-token prompts,
+/// training and decode level. Set once, at the first product (it is a process-wide setting;
+/// packing copies values, the sums are the same).
+const LHS_PACKING_THRESHOLD: usize = 1;
+
 /// The destination pointer, handed to the pool's tasks (each writes its own block).
 #[derive(Clone, Copy)]
 struct Raw(*mut f32);
@@ -61,6 +70,8 @@ unsafe fn split_gemm(
     beta: f32,
     par: Parallelism,
 ) {
+    static PACKING: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    PACKING.get_or_init(|| gemm::set_lhs_packing_threshold_single_thread(LHS_PACKING_THRESHOLD));
     let threads = match par {
         Parallelism::None => 1,
         Parallelism::Rayon(0) => super::threads(),
