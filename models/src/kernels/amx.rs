@@ -821,21 +821,6 @@ impl PackedWeight {
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own column range of the output (see `matmul`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `out[m, n] (+)= a · b` with `out` row-major, rows `out_rs` apart. Panics unless
 /// [`available`] (callers check it) and the shapes agree.
 pub fn matmul(a: &RowsBf16, b: &PackedB, out: &mut [f32], out_rs: usize, accumulate: bool) {
@@ -893,7 +878,7 @@ pub fn matmul_prefix(
         "amx::matmul: {pairs} column pairs of {}",
         b.nt
     );
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = super::pool::SharedMut(out.as_mut_ptr());
     let kt = a.kt;
     super::pool::for_range(pairs, |r| {
         // SAFETY: available() holds (asserted), so the tile permission was granted and the CPU

@@ -3,7 +3,7 @@
 
 use gemm::Parallelism;
 
-use super::pool;
+use super::pool::{self, SharedMut};
 
 /// Below this many multiply-adds a product runs on the calling thread alone (the `gemm` crate's
 /// own threading threshold).
@@ -30,27 +30,13 @@ const ROWS_PER_TASK: usize = 128;
 /// packing copies values, the sums are the same).
 const LHS_PACKING_THRESHOLD: usize = 1;
 
-/// The destination pointer, handed to the pool's tasks (each writes its own block).
-#[derive(Clone, Copy)]
-struct Raw(*mut f32);
-// SAFETY: every task writes a disjoint block of the destination (see `split_gemm`).
-unsafe impl Send for Raw {}
-// SAFETY: as above.
-unsafe impl Sync for Raw {}
-
-impl Raw {
-    /// The pointer (a method, so closures capture the whole wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `dst (+)= beta * lhs * rhs` on raw operands, spread over the kernels' pool: the rows where
 /// there are many ([`ROWS_PER_TASK`]) or too few columns, otherwise the columns in blocks of
-/// [`COLUMN_UNIT`] (each task reads its share of `rhs`, the weight in every projection). Each block is one serial
-/// `gemm` call. The `gemm` crate's own threading runs on rayon's pool, whose workers a product
-/// wakes through a futex while this pool's workers spin between the kernels' ops: on two cores
-/// the two pools took each other's cores (a fifth of a prompt's samples spent spinning).
+/// [`COLUMN_UNIT`] (each task reads its share of `rhs`, the weight in every projection). Each
+/// block is one serial `gemm` call. The `gemm` crate's own threading runs on rayon's pool,
+/// whose workers a product wakes through a futex while this pool's workers spin between the
+/// kernels' ops: on two cores the two pools took each other's cores (a fifth of a prompt's
+/// samples spent spinning).
 ///
 /// # Safety
 /// Every element the strides reach lies inside the allocations behind `dst`, `lhs` and `rhs`,
@@ -60,7 +46,7 @@ unsafe fn split_gemm(
     m: usize,
     n: usize,
     k: usize,
-    dst: Raw,
+    dst: SharedMut<f32>,
     (dst_rs, dst_cs): (usize, usize),
     accumulate: bool,
     lhs: *const f32,
@@ -205,7 +191,7 @@ pub(crate) fn matmul_scaled(
             m,
             n,
             k,
-            Raw(dst.as_mut_ptr()),
+            SharedMut(dst.as_mut_ptr()),
             (dst_rs, dst_cs),
             accumulate,
             lhs.as_ptr(),
@@ -253,7 +239,7 @@ pub(crate) fn product(
             m,
             n,
             k,
-            Raw(out.as_mut_ptr()),
+            SharedMut(out.as_mut_ptr()),
             (n, 1),
             false,
             lhs.as_ptr(),

@@ -45,8 +45,9 @@ pub(crate) fn for_range(n: usize, f: impl Fn(Range<usize>) + Sync) {
     });
 }
 
-/// A raw pointer handed to pool tasks that touch disjoint parts of what it points to.
-struct SharedMut<T>(*mut T);
+/// A raw pointer handed to pool tasks that touch disjoint parts of what it points to (the
+/// creator's promise: each task its own part).
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
 
 impl<T> Clone for SharedMut<T> {
     fn clone(&self) -> Self {
@@ -55,14 +56,16 @@ impl<T> Clone for SharedMut<T> {
 }
 
 impl<T> Copy for SharedMut<T> {}
-// SAFETY: the callers below give each task a disjoint range of the slice.
+// SAFETY: whoever makes one gives each task a disjoint part of what it points to (here: a
+// disjoint range of the slice; `gemm::split_gemm`: disjoint blocks of the product; `amx::matmul`:
+// disjoint column ranges).
 unsafe impl<T: Send> Send for SharedMut<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
     /// The pointer (a method, so closures capture the whole wrapper).
-    fn get(&self) -> *mut T {
+    pub(crate) fn get(&self) -> *mut T {
         self.0
     }
 }
