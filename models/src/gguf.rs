@@ -660,22 +660,15 @@ fn build_projection(
         let dense = q.dequantize(device)?;
         let (out, inp) = dense.dims2()?;
         let packed = match mode {
-            ComputeMode::Auto if amx::available() => {
-                let vals = dense.flatten_all()?.to_vec1::<f32>()?;
-                Some(Arc::new(PackedWeight::new(&vals, out, inp)))
-            }
+            ComputeMode::Auto if amx::available() => Some(Arc::new(with_host_f32(&dense, |v| {
+                PackedWeight::new(v, out, inp)
+            })?)),
             _ => None,
         };
         let w = match mode {
-            ComputeMode::Auto | ComputeMode::AutoF32 if packed.is_none() && device.is_cpu() => {
-                let (st, layout) = dense.storage_and_layout();
-                let vals = kernels::cpu_f32(&st, layout, "dequantized weight")?;
-                let t = kernels::transpose(vals, out, inp);
-                drop(st);
-                Some(Tensor::from_vec(t, (inp, out), device)?.t()?)
-            }
             ComputeMode::Auto | ComputeMode::AutoF32 if packed.is_none() => {
-                Some(dense.t()?.contiguous()?.t()?)
+                let t = with_host_f32(&dense, |v| kernels::transpose(v, out, inp))?;
+                Some(Tensor::from_vec(t, (inp, out), device)?.t()?)
             }
             _ => None,
         };
@@ -692,6 +685,17 @@ fn build_projection(
         }
     };
     lin.map_err(|e| Error::field(path, &name, e))
+}
+
+/// Runs `f` on the values of `t`, a contiguous f32 tensor: borrowed where it lies on the CPU
+/// (a weight's dequantized copy is not copied again), fetched to the host elsewhere.
+fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.device().is_cpu() {
+        let (st, layout) = t.storage_and_layout();
+        Ok(f(kernels::cpu_f32(&st, layout, "dequantized weight")?))
+    } else {
+        Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+    }
 }
 
 struct TensorReader<'a, R: Read + Seek> {

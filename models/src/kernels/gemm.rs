@@ -258,18 +258,7 @@ pub(crate) fn product(
 mod tests {
     use super::*;
 
-    /// A deterministic pseudo-random fill in [-1, 1).
-    fn fill(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as fill;
 
     /// The product element by element in f64.
     #[allow(clippy::too_many_arguments)]
@@ -320,8 +309,8 @@ mod tests {
             (260, 160, 96),
         ];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
-            let lhs = fill(m * k, si as u64 + 1);
-            let rhs = fill(k * n, si as u64 + 100);
+            let lhs = fill(m * k, si as u32 + 1);
+            let rhs = fill(k * n, si as u32 + 100);
             for (ls, rs) in [((k, 1), (n, 1)), ((1, m), (1, k)), ((k, 1), (1, k))] {
                 let want = naive(m, n, k, &lhs, ls, &rhs, rs);
                 let what = format!("{m}x{n}x{k} lhs {ls:?} rhs {rs:?}");

@@ -213,35 +213,6 @@ unsafe fn transpose_avx512(
     (wr, wc)
 }
 
-#[cfg(test)]
-mod transpose_tests {
-    #[test]
-    fn transposes_every_shape_exactly() {
-        for (rows, cols) in [
-            (0, 5),
-            (1, 1),
-            (16, 16),
-            (32, 48),
-            (576, 192),
-            (17, 33),
-            (5, 40),
-            (40, 3),
-        ] {
-            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.5 - 7.0).collect();
-            let t = super::transpose(&src, rows, cols);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(
-                        t[c * rows + r],
-                        src[r * cols + c],
-                        "{rows} x {cols} at ({r}, {c})"
-                    );
-                }
-            }
-        }
-    }
-}
-
 fn tensor_vec(t: &Tensor) -> CResult<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -284,6 +255,20 @@ pub(crate) fn cpu_f32<'a>(
     }
 }
 
+/// Values in [-1, 1) from a fixed sequence (tests).
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 /// The largest absolute difference of two tensors (tests).
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -298,4 +283,33 @@ pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+#[cfg(test)]
+mod transpose_tests {
+    #[test]
+    fn transposes_every_shape_exactly() {
+        for (rows, cols) in [
+            (0, 5),
+            (1, 1),
+            (16, 16),
+            (32, 48),
+            (576, 192),
+            (17, 33),
+            (5, 40),
+            (40, 3),
+        ] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let t = super::transpose(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t[c * rows + r],
+                        src[r * cols + c],
+                        "{rows} x {cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
 }
