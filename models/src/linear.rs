@@ -17,7 +17,9 @@ use candle_core::{DType, Tensor, TensorId};
 use crate::kernels::amx::{self, PackedWeight};
 use crate::kernels::block::ProjWeight;
 use crate::kernels::decode::LoraBf16;
+use crate::kernels::int8::{self, I8Weight};
 use crate::kernels::linear::Frozen;
+use crate::kernels::prompt::PromptWeight;
 use crate::kernels::quant::Q41Matrix;
 use crate::kernels::stream::{Bf16Matrix, Streamed};
 use crate::{Error, Result};
@@ -131,6 +133,20 @@ pub struct Linear {
     /// The frozen weight kept compact (a quantized or bf16 base, [`Linear::set_base_form`]),
     /// expanded panel by panel by the many-row products.
     streamed: Option<Arc<Streamed>>,
+    /// `Auto`'s dense weight in i8 for the int8 prompt products on a CPU without AMX (see
+    /// [`Linear::int8_weight`]), made on the first prompt.
+    int8: Int8Slot,
+}
+
+/// The i8 copy of a layer's dense weight, made once and shared by the layer's clones. A layer
+/// given another weight or mode takes a fresh slot.
+#[derive(Clone, Default)]
+struct Int8Slot(Arc<std::sync::OnceLock<Arc<I8Weight>>>);
+
+impl std::fmt::Debug for Int8Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "Int8Slot(made)" } else { "Int8Slot" })
+    }
 }
 
 impl Linear {
@@ -150,6 +166,7 @@ impl Linear {
             q41: None,
             packed: None,
             streamed: None,
+            int8: Int8Slot::default(),
         })
     }
 
@@ -179,6 +196,7 @@ impl Linear {
             q41: None,
             packed: None,
             streamed: None,
+            int8: Int8Slot::default(),
         })
     }
 
@@ -221,6 +239,7 @@ impl Linear {
             q41: None,
             packed: None,
             streamed: None,
+            int8: Int8Slot::default(),
         })
     }
 
@@ -311,6 +330,7 @@ impl Linear {
     fn finish_base_form(&mut self) -> Result<()> {
         self.weight = None;
         self.packed = None;
+        self.int8 = Int8Slot::default();
         // The decode kernel's blocks serve few-row products; the tensor they came from is not
         // needed beside them.
         if self.q41.is_some() {
@@ -341,6 +361,7 @@ impl Linear {
                 .map_or(0, |q| q.storage_size_in_bytes())
             + self.q41.as_ref().map_or(0, |k| k.bytes())
             + self.packed.as_ref().map_or(0, |p| p.bytes())
+            + self.int8.0.get().map_or(0, |w| w.bytes())
             + self.streamed.as_ref().map_or(0, |s| match s.as_ref() {
                 // The blocks are the decode kernel's own, counted above.
                 Streamed::Quant(_) => 0,
@@ -446,6 +467,41 @@ impl Linear {
         self.mode == ComputeMode::Auto && (self.packed.is_some() || self.streamed.is_some())
     }
 
+    /// The i8 copy the many-row products of a frozen weight take on a CPU with AVX-512 VNNI but
+    /// no AMX ([`crate::kernels::int8`]): `Auto` mode with only the dense f32 copy for them (no
+    /// packed bf16, no compact base), on the CPU, not being trained. Made from the f32 weight on
+    /// the first call (about 1 ms per million weights on two cores); `None` otherwise, or with
+    /// `ATTUNE_MATMUL=f32`. `AutoF32` keeps f32 (its scores must match f32's).
+    pub fn int8_weight(&self) -> Option<Arc<I8Weight>> {
+        if self.mode != ComputeMode::Auto
+            || self.packed.is_some()
+            || self.streamed.is_some()
+            || !int8::available()
+        {
+            return None;
+        }
+        let w = self.weight.as_ref()?;
+        if w.track_op() || !w.device().is_cpu() || !crate::kernels::linear::f32_in_place(w) {
+            return None;
+        }
+        if let Some(q) = self.int8.0.get() {
+            return Some(q.clone());
+        }
+        let built = Frozen::F32(w.clone())
+            .with_ref(|r| match r {
+                crate::kernels::linear::WRef::F32(v, strides) => Ok(Some(Arc::new(I8Weight::new(
+                    v,
+                    self.out_dim,
+                    self.in_dim,
+                    strides,
+                )))),
+                _ => Ok(None),
+            })
+            .ok()
+            .flatten()?;
+        Some(self.int8.0.get_or_init(|| built).clone())
+    }
+
     /// The quantized weight, when the layer was loaded from GGUF and keeps it.
     pub fn qweight(&self) -> Option<&Arc<QTensor>> {
         self.qweight.as_ref()
@@ -473,6 +529,7 @@ impl Linear {
         self.q41 = None;
         self.packed = None;
         self.streamed = None;
+        self.int8 = Int8Slot::default();
         Ok(())
     }
 
@@ -571,8 +628,10 @@ impl Linear {
             self.weight = Some(self.weight_f32()?);
         }
         self.streamed = None;
-        // The bf16 copy serves `Auto` only; [`Linear::pack_bf16`] makes it again.
+        // The bf16 copy serves `Auto` only; [`Linear::pack_bf16`] makes it again. So does the
+        // i8 copy ([`Linear::int8_weight`]).
         self.packed = None;
+        self.int8 = Int8Slot::default();
         if mode == ComputeMode::F32 {
             // Training and exact scoring read the weight in its `[out, in]` storage.
             if let Some(w) = &self.weight {
@@ -679,10 +738,11 @@ impl Linear {
 
     /// The frozen weight a prompt's call on `x2` (`[rows, any]`) multiplies when that call is
     /// [`crate::kernels::frozen_linear`] on the packed bf16 copy or the compact base alone, or,
-    /// on a CPU without matrix units, the f32 GEMM on `Auto`'s dense copy (no bias, no LoRA, not
-    /// the quantized or the f32-expanded path, an untracked input and weight): what a fused
-    /// prompt layer may run in its place. `None` otherwise.
-    pub(crate) fn prompt_weight(&self, x2: &Tensor) -> Result<Option<Frozen>> {
+    /// on a CPU without matrix units, the int8 product on `Auto`'s i8 copy (VNNI) or the f32
+    /// GEMM on its dense copy (no bias, no LoRA, not the quantized or the f32-expanded path, an
+    /// untracked input and weight): what a fused prompt layer may run in its place. `None`
+    /// otherwise.
+    pub(crate) fn prompt_weight(&self, x2: &Tensor) -> Result<Option<PromptWeight>> {
         if self.bias.is_some()
             || self.lora.is_some()
             || x2.track_op()
@@ -692,12 +752,16 @@ impl Linear {
         {
             return Ok(None);
         }
+        if let Some(q) = self.int8_weight() {
+            // `base_product`'s int8 op.
+            return Ok(Some(PromptWeight::Int8(q)));
+        }
         if self.packed.is_none() && self.streamed.is_none() {
             // No matrix units: `Auto`'s dense f32 copy (held transposed), which the unfused
             // layer multiplies with the same GEMM call (`x2.matmul(&w.t())`).
             return Ok(match (&self.weight, self.mode) {
                 (Some(w), ComputeMode::Auto | ComputeMode::AutoF32) if w.rank() == 2 => {
-                    Some(Frozen::F32(w.clone()))
+                    Some(PromptWeight::Frozen(Frozen::F32(w.clone())))
                 }
                 _ => None,
             });
@@ -705,7 +769,7 @@ impl Linear {
         if self.mode == ComputeMode::AutoF32 && self.packed.is_none() {
             return Ok(None);
         }
-        Ok(self.frozen())
+        Ok(self.frozen().map(PromptWeight::Frozen))
     }
 
     /// Whether a call on `x2` `[rows, in]` reads the quantized weights.
@@ -732,6 +796,13 @@ impl Linear {
     /// `x2 W^T` `[rows, out]`, without bias or LoRA.
     fn base_product(&self, x2: &Tensor) -> Result<Tensor> {
         let use_q = self.uses_quantized(x2)?;
+        // A prompt on `Auto`'s dense copy without matrix units: the int8 product where the CPU
+        // has VNNI.
+        if !use_q && !x2.track_op() {
+            if let Some(q) = self.int8_weight() {
+                return Ok(x2.contiguous()?.apply_op1_no_bwd(q.as_ref())?);
+            }
+        }
         Ok(match (use_q, &self.weight, &self.qweight) {
             (true, _, _) if self.q41.is_some() => match &self.q41 {
                 Some(k) => x2.contiguous()?.apply_op1_no_bwd(k.as_ref())?,

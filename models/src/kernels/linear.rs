@@ -100,13 +100,14 @@ pub(crate) enum WRef<'a> {
     Streamed(&'a Streamed),
 }
 
-/// An activation `[rows, features]` in f32, with its bf16 tiles made on first use, so the
-/// products that read one input (q, k and v; gate and up) convert it once.
+/// An activation `[rows, features]` in f32, with its bf16 tiles (or int8 rows) made on first
+/// use, so the products that read one input (q, k and v; gate and up) convert it once.
 pub(crate) struct Act<'a> {
     pub x: &'a [f32],
     pub rows: usize,
     pub cols: usize,
     bf16: OnceLock<RowsBf16>,
+    int8: OnceLock<super::int8::I8Rows>,
 }
 
 impl<'a> Act<'a> {
@@ -117,7 +118,14 @@ impl<'a> Act<'a> {
             rows,
             cols,
             bf16: OnceLock::new(),
+            int8: OnceLock::new(),
         }
+    }
+
+    /// The rows quantized for the int8 products (once, on first use).
+    pub(super) fn int8(&self) -> &super::int8::I8Rows {
+        self.int8
+            .get_or_init(|| super::int8::I8Rows::new(self.x, self.rows, self.cols))
     }
 
     /// The rows as bf16 tiles (converted once, on first use).

@@ -27,6 +27,7 @@ pub mod attention;
 pub mod block;
 pub mod decode;
 pub(crate) mod gemm;
+pub mod int8;
 pub mod linear;
 pub mod loss;
 pub(crate) mod pool;

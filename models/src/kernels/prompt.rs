@@ -11,14 +11,34 @@
 //! [`super::swiglu`]'s forward), so the outputs equal the unfused layer's bit for bit
 //! (`models/tests/decode_layer.rs`).
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
 
+use super::int8::I8Weight;
 use super::linear::{Act, Frozen};
 use super::profile::prof;
 use super::rms_norm::rms_row;
 use super::rope::rope_head;
 use super::{borrow_f32, f32_slice, threads, CResult};
+
+/// A projection's weight as the prompt layer multiplies it: a frozen weight as the training
+/// kernels take it, or the i8 copy of the int8 products (a CPU with VNNI but no AMX).
+pub enum PromptWeight {
+    Frozen(Frozen),
+    Int8(Arc<I8Weight>),
+}
+
+impl PromptWeight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> CResult<(usize, usize)> {
+        match self {
+            PromptWeight::Frozen(w) => w.dims(),
+            PromptWeight::Int8(q) => Ok((q.out_dim(), q.in_dim())),
+        }
+    }
+}
 
 /// `x` `[1, l, hidden]` through the input norm (`norm`, `eps`), the q, k and v products on the
 /// frozen weights `qkv`, and the rotary embedding at the rows' positions (`cos`/`sin`
@@ -28,7 +48,7 @@ pub fn layer_qkv(
     x: &Tensor,
     norm: &Tensor,
     eps: f32,
-    qkv: [&Frozen; 3],
+    qkv: [&PromptWeight; 3],
     (nh, nkv, hd): (usize, usize, usize),
     cos: &Tensor,
     sin: &Tensor,
@@ -68,10 +88,10 @@ pub fn layer_qkv(
 pub fn layer_mlp(
     attn: &Tensor,
     x: &Tensor,
-    o: &Frozen,
+    o: &PromptWeight,
     norm: &Tensor,
     eps: f32,
-    [gate, up, down]: [&Frozen; 3],
+    [gate, up, down]: [&PromptWeight; 3],
 ) -> CResult<Tensor> {
     let (b, l, hidden) = x.dims3()?;
     let (od, oi) = o.dims()?;
@@ -136,15 +156,21 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
 /// Rows per pool task in the row-wise steps.
 const ROWS_PER_TASK: usize = 16;
 
-/// `x W^T` on a frozen weight, as [`super::linear::frozen_linear`] computes it.
-fn product(w: &Frozen, x: &Act, dout: usize) -> CResult<Vec<f32>> {
-    w.with_ref(|w| Ok(w.forward_new(x, dout, Parallelism::Rayon(threads()))))
+/// `x W^T` on a frozen weight, as [`super::linear::frozen_linear`] computes it, or on the i8
+/// copy as the layer's int8 op does.
+fn product(w: &PromptWeight, x: &Act, dout: usize) -> CResult<Vec<f32>> {
+    match w {
+        PromptWeight::Frozen(w) => {
+            w.with_ref(|w| Ok(w.forward_new(x, dout, Parallelism::Rayon(threads()))))
+        }
+        PromptWeight::Int8(q) => Ok(q.forward_new(x.int8())),
+    }
 }
 
 struct LayerQkv<'a> {
     norm: &'a [f32],
     eps: f32,
-    qkv: [&'a Frozen; 3],
+    qkv: [&'a PromptWeight; 3],
     heads: (usize, usize, usize),
 }
 
@@ -198,10 +224,10 @@ impl CustomOp3 for LayerQkv<'_> {
 }
 
 struct LayerMlp<'a> {
-    o: &'a Frozen,
+    o: &'a PromptWeight,
     norm: &'a [f32],
     eps: f32,
-    gate_up_down: [&'a Frozen; 3],
+    gate_up_down: [&'a PromptWeight; 3],
 }
 
 impl CustomOp2 for LayerMlp<'_> {
