@@ -1,12 +1,13 @@
 //! What one core's vector units multiply per second: AVX-512 f32 FMA (`vfmadd231ps`) against
-//! AVX512-BF16's dot product (`vdpbf16ps`), each as 12 independent chains (throughput, not
+//! AVX512-BF16's dot product (`vdpbf16ps`) and AVX-512 VNNI's int8 dot product (`vpdpbusd`, the
+//! int8 prompt products of `kernels::int8`), each as 12 independent chains (throughput, not
 //! latency), and whether the CPU offers AMX tiles (`kernels::amx::cpu_has_amx_bf16`).
 //!
 //! Why it exists: the bf16 products (`kernels::amx`) run on AMX tiles only; without them the
 //! model takes the f32 GEMMs. A bf16 GEMM on `vdpbf16ps` pays only where that instruction
 //! outruns f32 FMA in flops (it does twice the flops per instruction). On the Xeon (Emerald
 //! Rapids, AMX hidden by its VM) this bench was first run on, it did not: 86 against 188
-//! GFLOP/s per core. Run: `cargo bench -p attune-models --bench isa`.
+//! GFLOP/s per core; `vpdpbusd` did 740 int8 GOP/s (3.9x). Run: `cargo bench -p attune-models --bench isa`.
 
 use std::time::Instant;
 
@@ -76,9 +77,11 @@ unsafe fn dpbf16_rate() -> (f64, f32) {
 unsafe fn dpbusd_rate() -> (f64, f32) {
     use std::arch::x86_64::*;
     let (u, i) = (_mm512_set1_epi8(1), _mm512_set1_epi8(-1));
-    let (s, sum) = chains!(_mm512_setzero_si512(), |a| _mm512_dpbusd_epi32(a, u, i), |a| {
-        _mm512_reduce_add_epi32(a) as f32
-    });
+    let (s, sum) = chains!(
+        _mm512_setzero_si512(),
+        |a| _mm512_dpbusd_epi32(a, u, i),
+        |a| { _mm512_reduce_add_epi32(a) as f32 }
+    );
     ((CHAINS * ITERS * 128) as f64 / s / 1e9, sum)
 }
 

@@ -145,7 +145,11 @@ struct Int8Slot(Arc<std::sync::OnceLock<Arc<I8Weight>>>);
 
 impl std::fmt::Debug for Int8Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() { "Int8Slot(made)" } else { "Int8Slot" })
+        f.write_str(if self.0.get().is_some() {
+            "Int8Slot(made)"
+        } else {
+            "Int8Slot"
+        })
     }
 }
 
@@ -469,13 +473,17 @@ impl Linear {
 
     /// The i8 copy the many-row products of a frozen weight take on a CPU with AVX-512 VNNI but
     /// no AMX ([`crate::kernels::int8`]): `Auto` mode with only the dense f32 copy for them (no
-    /// packed bf16, no compact base), on the CPU, not being trained. Made from the f32 weight on
-    /// the first call (about 1 ms per million weights on two cores); `None` otherwise, or with
-    /// `ATTUNE_MATMUL=f32`. `AutoF32` keeps f32 (its scores must match f32's).
+    /// packed bf16, no compact base), on the CPU, not being trained, for a weight the file holds
+    /// in 8 bits or fewer (GGUF blocks the decode kernel reads: Q4_1, Q8_0, Q4_K, Q5_K, Q6_K),
+    /// where rounding to 8 bits per 32 adds little to the file's own rounding; a bf16, f16 or
+    /// f32 weight keeps its f32 products. Made from the f32 weight on the first call (about
+    /// 1 ms per million weights on two cores); `None` otherwise, or with `ATTUNE_MATMUL=f32`.
+    /// `AutoF32` keeps f32 (its scores must match f32's).
     pub fn int8_weight(&self) -> Option<Arc<I8Weight>> {
         if self.mode != ComputeMode::Auto
             || self.packed.is_some()
             || self.streamed.is_some()
+            || self.q41.is_none()
             || !int8::available()
         {
             return None;
@@ -487,18 +495,16 @@ impl Linear {
         if let Some(q) = self.int8.0.get() {
             return Some(q.clone());
         }
-        let built = Frozen::F32(w.clone())
-            .with_ref(|r| match r {
-                crate::kernels::linear::WRef::F32(v, strides) => Ok(Some(Arc::new(I8Weight::new(
-                    v,
-                    self.out_dim,
-                    self.in_dim,
-                    strides,
-                )))),
-                _ => Ok(None),
-            })
-            .ok()
-            .flatten()?;
+        let built =
+            Frozen::F32(w.clone())
+                .with_ref(|r| match r {
+                    crate::kernels::linear::WRef::F32(v, strides) => Ok(Some(Arc::new(
+                        I8Weight::new(v, self.out_dim, self.in_dim, strides),
+                    ))),
+                    _ => Ok(None),
+                })
+                .ok()
+                .flatten()?;
         Some(self.int8.0.get_or_init(|| built).clone())
     }
 

@@ -219,6 +219,12 @@ fn compact_bases_answer_as_the_dense_base_in_less_memory() {
         .expect("ids");
     let want = dense.model.forward(&t, None).expect("dense logits");
     let want_f32 = exact.model.forward(&t, None).expect("f32 logits");
+    // Without AMX but with VNNI the dense form's prompts take the int8 products, which round
+    // the weights and activations to 8 bits: the quantized form's exact values are then
+    // compared with exact f32.
+    let int8 =
+        attune_models::kernels::int8::available() && !attune_models::kernels::amx::available();
+    let same_values = if int8 { &want_f32 } else { &want };
     let dense_bytes = dense.model.held_bytes();
     let f32_bytes = exact.model.held_bytes();
     for form in [BaseForm::Quantized, BaseForm::Bf16] {
@@ -234,13 +240,13 @@ fn compact_bases_answer_as_the_dense_base_in_less_memory() {
             // Rounding the weights alone moved them 0.16 with f32 products (no AMX).
             2.0 * max_abs_diff(&want, &want_f32) + 0.25
         };
-        let d = max_abs_diff(&got, &want);
+        let d = max_abs_diff(&got, same_values);
         let d_exact = max_abs_diff(&got, &want_f32);
         eprintln!("{what}: prompt logits {d:e} from the dense form's, {d_exact:e} from exact f32");
         if form == BaseForm::Quantized {
             assert!(
                 d <= tol,
-                "{what}: prompt logits differ from the dense base's by {d}"
+                "{what}: prompt logits differ from the dense base's by {d} (int8 products: {int8})"
             );
         } else {
             assert!(

@@ -4,27 +4,31 @@
 //! FMA ports: 16 multiply-adds per instruction. `vpdpbusd` does 64 (four u8 x i8 products per
 //! 32-bit lane) at the same rate: 740 int8 GOP/s per core against 190 f32 GFLOP/s on the Xeon
 //! this was written on (`cargo bench -p attune-models --bench isa`). The weight is quantized
-//! once (on the first prompt) to i8 per output column and [`KC`]-long stretch of the input
-//! dimension, the activations per row and stretch (symmetric, as llama.cpp's Q8 activations
-//! for its quantized products; decoding here already rounds its activations to 8 bits per 32).
-//! A stretch's integer sums are exact; each is scaled by its two scales and added in f32.
+//! once (on the first prompt) to i8 per output column and [`KC`] (32) inputs, the activations
+//! per row and 32 inputs (symmetric, the granularity of llama.cpp's Q8 activations and of this
+//! crate's decode kernel, which every generated token already goes through). A stretch's
+//! integer sums are exact; each is scaled by its two scales and added in f32. Stretches of 128
+//! ran ~10% faster but strayed ~3x further from f32 (`models/tests/int8_prompts.rs` holds the
+//! products to the decode kernel's distance from f32). [`crate::linear::Linear::int8_weight`]
+//! says which weights take it (those a GGUF holds in 8 bits or fewer).
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes, so an activation `q` goes in as `q + 128`
 //! and each stretch's accumulator starts at `-128 * sum(w)` for its column (stored with the
 //! weight), which takes the offset back out exactly.
 //!
-//! The register tile is [`MR`] rows by 64 columns (four 16-lane accumulators per row, 24 in
-//! all); work is split over the kernels' pool in tiles, the tiles of one 64-column block
-//! consecutive so a thread's share reuses the block's weights from its caches.
+//! The register tile is [`MR`] (3) rows by 64 columns: twelve integer accumulators for the
+//! stretch and twelve f32 sums across stretches, all in registers. Work is split over the
+//! kernels' pool in tiles, the tiles of one 64-column block consecutive so a thread's share
+//! reuses the block's weights from its caches.
 
 use std::sync::OnceLock;
 
 use super::pool::{self, SharedMut};
 
 /// The input stretch that shares one scale per column (weights) or per row (activations).
-pub const KC: usize = 128;
+pub const KC: usize = 32;
 /// Rows per register tile.
-const MR: usize = 6;
+const MR: usize = 3;
 /// Columns per register tile (and per packed block of the weight).
 const NB: usize = 64;
 
@@ -126,7 +130,13 @@ impl I8Weight {
                     // SAFETY: AVX-512 checked above; the tile's `len` rows, the stretch's part
                     // of `q`.
                     unsafe {
-                        quantize_stretch(&tile, len, &max, &mut q[s * KC * NB..][..KC * NB], &mut sum)
+                        quantize_stretch(
+                            &tile,
+                            len,
+                            &max,
+                            &mut q[s * KC * NB..][..KC * NB],
+                            &mut sum,
+                        )
                     };
                     for j in 0..cols {
                         scale[s * NB + j] = max[j] / 127.0;
@@ -217,9 +227,6 @@ impl I8Weight {
                         y_stride: stride,
                     };
                     match mr {
-                        6 => tile::<6>(&args),
-                        5 => tile::<5>(&args),
-                        4 => tile::<4>(&args),
                         3 => tile::<3>(&args),
                         2 => tile::<2>(&args),
                         _ => tile::<1>(&args),
@@ -259,7 +266,10 @@ impl candle_core::CustomOp1 for I8Weight {
         let x = super::f32_slice(storage, layout, "int8 matmul input")?;
         let dims = layout.shape().dims();
         if dims.last() != Some(&self.in_dim) {
-            candle_core::bail!("int8 matmul: input {dims:?} does not end in {}", self.in_dim);
+            candle_core::bail!(
+                "int8 matmul: input {dims:?} does not end in {}",
+                self.in_dim
+            );
         }
         if !available() {
             candle_core::bail!("int8 matmul: this CPU has no AVX-512 VNNI");
@@ -289,7 +299,12 @@ pub struct I8Rows {
 impl I8Rows {
     /// Quantizes `x` `[rows, cols]` (row-major) over the kernels' pool. Needs [`available`].
     pub fn new(x: &[f32], rows: usize, cols: usize) -> Self {
-        assert_eq!(x.len(), rows * cols, "int8 rows: {rows} x {cols} against {}", x.len());
+        assert_eq!(
+            x.len(),
+            rows * cols,
+            "int8 rows: {rows} x {cols} against {}",
+            x.len()
+        );
         assert!(available() || cpu_has_vnni512(), "int8 rows need AVX-512");
         let ns = stretches(cols);
         let stride = ns * KC;
@@ -345,7 +360,13 @@ impl I8Rows {
 /// values to `sum`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_stretch(tile: &[f32], len: usize, max: &[f32; NB], q: &mut [i8], sum: &mut [i32; NB]) {
+unsafe fn quantize_stretch(
+    tile: &[f32],
+    len: usize,
+    max: &[f32; NB],
+    q: &mut [i8],
+    sum: &mut [i32; NB],
+) {
     use std::arch::x86_64::*;
     let inv: [f32; NB] = std::array::from_fn(|j| if max[j] > 0.0 { 127.0 / max[j] } else { 0.0 });
     let byte = _mm512_set1_epi32(0xff);
@@ -370,7 +391,10 @@ unsafe fn quantize_stretch(tile: &[f32], len: usize, max: &[f32; NB], q: &mut [i
                 _mm512_storeu_si512(q.as_mut_ptr().add(t * NB * 4 + v * 64) as *mut _, lane);
             }
             let prev = _mm512_loadu_si512(sum.as_ptr().add(v * 16) as *const _);
-            _mm512_storeu_si512(sum.as_mut_ptr().add(v * 16) as *mut _, _mm512_add_epi32(prev, total));
+            _mm512_storeu_si512(
+                sum.as_mut_ptr().add(v * 16) as *mut _,
+                _mm512_add_epi32(prev, total),
+            );
         }
     }
 }
@@ -435,10 +459,10 @@ struct TileArgs {
     y_stride: usize,
 }
 
-/// `y[R rows, 64 columns] = x W^T` for one tile: per stretch, 24 integer accumulators (`R` x 4
+/// `y[R rows, 64 columns] = x W^T` for one tile: per stretch, the integer accumulators (`R` x 4
 /// registers of 16 columns) start at the stretch's `-128 * sum(w)`, take `KC / 4` rounds of
 /// `vpdpbusd` (four weight registers, one broadcast of four activation bytes per row), and are
-/// scaled into `y` (stored on the first stretch, added after).
+/// scaled into the f32 sums, which are stored at the end.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile<const R: usize>(a: &TileArgs) {
@@ -446,6 +470,7 @@ unsafe fn tile<const R: usize>(a: &TileArgs) {
     // SAFETY (whole body): the caller's bounds (see `run`).
     unsafe {
         let mut acc = [[_mm512_setzero_si512(); 4]; R];
+        let mut sum = [[_mm512_setzero_ps(); 4]; R];
         for s in 0..a.ns {
             let st = a.start.add(s * NB);
             let starts = [
@@ -484,18 +509,21 @@ unsafe fn tile<const R: usize>(a: &TileArgs) {
                 _mm512_loadu_ps(ws.add(32)),
                 _mm512_loadu_ps(ws.add(48)),
             ];
-            for (r, row) in acc.iter().enumerate() {
+            for r in 0..R {
                 let xs = _mm512_set1_ps(*a.xs.add(r * a.ns + s));
-                let y = a.y.add(r * a.y_stride);
                 for v in 0..4 {
-                    let f = _mm512_mul_ps(_mm512_cvtepi32_ps(row[v]), _mm512_mul_ps(wsv[v], xs));
-                    let yv = y.add(v * 16);
-                    if s == 0 {
-                        _mm512_storeu_ps(yv, f);
-                    } else {
-                        _mm512_storeu_ps(yv, _mm512_add_ps(_mm512_loadu_ps(yv), f));
-                    }
+                    sum[r][v] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(acc[r][v]),
+                        _mm512_mul_ps(wsv[v], xs),
+                        sum[r][v],
+                    );
                 }
+            }
+        }
+        for (r, row) in sum.iter().enumerate() {
+            let y = a.y.add(r * a.y_stride);
+            for (v, f) in row.iter().enumerate() {
+                _mm512_storeu_ps(y.add(v * 16), *f);
             }
         }
     }
@@ -533,7 +561,9 @@ mod tests {
         ] {
             let x = test_values(rows * inp, 3);
             let w = test_values(out * inp, 7);
-            let wt: Vec<f32> = (0..inp * out).map(|t| w[(t % out) * inp + t / out]).collect();
+            let wt: Vec<f32> = (0..inp * out)
+                .map(|t| w[(t % out) * inp + t / out])
+                .collect();
             let xq = I8Rows::new(&x, rows, inp);
             let xv = xq.to_f32();
             for (held, strides) in [(&w, (inp, 1)), (&wt, (1, out))] {
@@ -559,7 +589,10 @@ mod tests {
                 for o in 0..out {
                     for s in 0..inp.div_ceil(KC) {
                         let range = s * KC..(s * KC + KC).min(inp);
-                        let max = range.clone().map(|i| w[o * inp + i].abs()).fold(0f32, f32::max);
+                        let max = range
+                            .clone()
+                            .map(|i| w[o * inp + i].abs())
+                            .fold(0f32, f32::max);
                         for i in range {
                             let err = (wv[o * inp + i] - w[o * inp + i]).abs();
                             assert!(err <= max / 254.0 * 1.0001, "weight ({o}, {i}): {err}");
@@ -570,7 +603,10 @@ mod tests {
             for r in 0..rows {
                 for s in 0..inp.div_ceil(KC) {
                     let range = s * KC..(s * KC + KC).min(inp);
-                    let max = range.clone().map(|i| x[r * inp + i].abs()).fold(0f32, f32::max);
+                    let max = range
+                        .clone()
+                        .map(|i| x[r * inp + i].abs())
+                        .fold(0f32, f32::max);
                     for i in range {
                         let err = (xv[r * inp + i] - x[r * inp + i]).abs();
                         assert!(err <= max / 254.0 * 1.0001, "activation ({r}, {i}): {err}");
@@ -592,4 +628,3 @@ mod tests {
         assert!(y.iter().all(|v| *v == 0.0));
     }
 }
-
