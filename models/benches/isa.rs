@@ -7,7 +7,8 @@
 //! model takes the f32 GEMMs. A bf16 GEMM on `vdpbf16ps` pays only where that instruction
 //! outruns f32 FMA in flops (it does twice the flops per instruction). On the Xeon (Emerald
 //! Rapids, AMX hidden by its VM) this bench was first run on, it did not: 86 against 188
-//! GFLOP/s per core; `vpdpbusd` did 740 int8 GOP/s (3.9x). Run: `cargo bench -p attune-models --bench isa`.
+//! GFLOP/s per core; `vpdpbusd` did 740 int8 GOP/s (3.9x).
+//! Run: `cargo bench -p attune-models --bench isa`.
 
 use std::time::Instant;
 
