@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor, TensorId};
 use crate::kernels::amx::{self, PackedWeight};
 use crate::kernels::block::ProjWeight;
 use crate::kernels::decode::LoraBf16;
-use crate::kernels::int8::{self, I8Weight};
+use crate::kernels::int8::{self, I8Pair, I8Weight};
 use crate::kernels::linear::Frozen;
 use crate::kernels::prompt::PromptWeight;
 use crate::kernels::quant::Q41Matrix;
@@ -136,6 +136,9 @@ pub struct Linear {
     /// `Auto`'s dense weight in i8 for the int8 prompt products on a CPU without AMX (see
     /// [`Linear::int8_weight`]), made on the first prompt.
     int8: Int8Slot,
+    /// The frozen weight in i8 in both orientations for training on it without AMX
+    /// ([`Linear::pack_int8`]); its forward orientation also fills `int8`.
+    int8_pair: Option<Arc<I8Pair>>,
 }
 
 /// The i8 copy of a layer's dense weight, made once and shared by the layer's clones. A layer
@@ -171,6 +174,7 @@ impl Linear {
             packed: None,
             streamed: None,
             int8: Int8Slot::default(),
+            int8_pair: None,
         })
     }
 
@@ -201,6 +205,7 @@ impl Linear {
             packed: None,
             streamed: None,
             int8: Int8Slot::default(),
+            int8_pair: None,
         })
     }
 
@@ -244,6 +249,7 @@ impl Linear {
             packed: None,
             streamed: None,
             int8: Int8Slot::default(),
+            int8_pair: None,
         })
     }
 
@@ -335,6 +341,7 @@ impl Linear {
         self.weight = None;
         self.packed = None;
         self.int8 = Int8Slot::default();
+        self.int8_pair = None;
         // The decode kernel's blocks serve few-row products; the tensor they came from is not
         // needed beside them.
         if self.q41.is_some() {
@@ -365,7 +372,10 @@ impl Linear {
                 .map_or(0, |q| q.storage_size_in_bytes())
             + self.q41.as_ref().map_or(0, |k| k.bytes())
             + self.packed.as_ref().map_or(0, |p| p.bytes())
-            + self.int8.0.get().map_or(0, |w| w.bytes())
+            + match &self.int8_pair {
+                Some(p) => p.bytes(),
+                None => self.int8.0.get().map_or(0, |w| w.bytes()),
+            }
             + self.streamed.as_ref().map_or(0, |s| match s.as_ref() {
                 // The blocks are the decode kernel's own, counted above.
                 Streamed::Quant(_) => 0,
@@ -418,11 +428,66 @@ impl Linear {
         Ok(self)
     }
 
-    /// The frozen weight the training kernels take: the packed bf16 copy, the compact base, else
-    /// a contiguous f32 weight that is not being trained.
+    /// Whether this layer's frozen products may run in int8 (see [`Linear::int8_weight`]).
+    fn int8_eligible(&self) -> bool {
+        self.mode == ComputeMode::Auto
+            && self.packed.is_none()
+            && self.streamed.is_none()
+            && self.q41.is_some()
+            && int8::available()
+    }
+
+    /// The dense weight an i8 copy is made from: untracked, on the CPU, readable in place.
+    fn int8_source(&self) -> Option<&Tensor> {
+        self.weight.as_ref().filter(|w| {
+            !w.track_op() && w.device().is_cpu() && crate::kernels::linear::f32_in_place(w)
+        })
+    }
+
+    /// Keeps the frozen weight in i8 in both orientations ([`I8Pair`]) for training on it (LoRA,
+    /// soft prompts) on a CPU with VNNI and no AMX: the forward product and the input gradient
+    /// then run as int8 products, and so do prompts. Where the layer keeps its quantized blocks
+    /// the f32 copy is dropped (`weight_f32` dequantizes them again). `false`, a no-op, unless
+    /// [`Linear::int8_weight`] would give a weight here (`Auto` mode, a GGUF-quantized weight,
+    /// not trained, nothing packed or compact).
+    pub fn pack_int8(&mut self) -> Result<bool> {
+        if self.int8_pair.is_some() {
+            return Ok(true);
+        }
+        if amx::available() || !self.int8_eligible() {
+            return Ok(false);
+        }
+        let Some(w) = self.int8_source() else {
+            return Ok(false);
+        };
+        let (out, inp) = (self.out_dim, self.in_dim);
+        let pair = Frozen::F32(w.clone()).with_ref(|r| match r {
+            crate::kernels::linear::WRef::F32(v, strides) => {
+                Ok(Some(Arc::new(I8Pair::new(v, out, inp, strides))))
+            }
+            _ => Ok(None),
+        })?;
+        let Some(pair) = pair else {
+            return Ok(false);
+        };
+        let slot = Int8Slot::default();
+        let _ = slot.0.set(pair.fwd().clone());
+        self.int8 = slot;
+        self.int8_pair = Some(pair);
+        if self.qweight.is_some() {
+            self.weight = None;
+        }
+        Ok(true)
+    }
+
+    /// The frozen weight the training kernels take: the packed bf16 copy, the compact base, the
+    /// i8 pair, else a contiguous f32 weight that is not being trained.
     pub(crate) fn frozen(&self) -> Option<Frozen> {
         if let Some(p) = &self.packed {
             return Some(Frozen::Bf16(p.clone()));
+        }
+        if let Some(q) = &self.int8_pair {
+            return Some(Frozen::Int8(q.clone()));
         }
         if let Some(s) = &self.streamed {
             return Some(Frozen::Streamed(s.clone()));
@@ -445,6 +510,9 @@ impl Linear {
         }
         if let Some(s) = &self.streamed {
             return Some(ProjWeight::Streamed(s));
+        }
+        if let Some(q) = &self.int8_pair {
+            return Some(ProjWeight::Int8(q));
         }
         let mixed = self.bf16_compute();
         self.weight
@@ -480,21 +548,13 @@ impl Linear {
     /// 1 ms per million weights on two cores); `None` otherwise, or with `ATTUNE_MATMUL=f32`.
     /// `AutoF32` keeps f32 (its scores must match f32's).
     pub fn int8_weight(&self) -> Option<Arc<I8Weight>> {
-        if self.mode != ComputeMode::Auto
-            || self.packed.is_some()
-            || self.streamed.is_some()
-            || self.q41.is_none()
-            || !int8::available()
-        {
-            return None;
-        }
-        let w = self.weight.as_ref()?;
-        if w.track_op() || !w.device().is_cpu() || !crate::kernels::linear::f32_in_place(w) {
+        if !self.int8_eligible() {
             return None;
         }
         if let Some(q) = self.int8.0.get() {
             return Some(q.clone());
         }
+        let w = self.int8_source()?;
         let built =
             Frozen::F32(w.clone())
                 .with_ref(|r| match r {
@@ -536,6 +596,7 @@ impl Linear {
         self.packed = None;
         self.streamed = None;
         self.int8 = Int8Slot::default();
+        self.int8_pair = None;
         Ok(())
     }
 
@@ -622,7 +683,10 @@ impl Linear {
     /// Changes the compute mode. Going to `F32`/`Auto` from a quantized-only layer dequantizes
     /// now; going to `Quantized` keeps the f32 copy if there is no quantized weight.
     pub fn set_mode(&mut self, mode: ComputeMode) -> Result<()> {
-        if mode == ComputeMode::Auto && self.mode == ComputeMode::Auto && self.packed.is_some() {
+        if mode == ComputeMode::Auto
+            && self.mode == ComputeMode::Auto
+            && (self.packed.is_some() || self.int8_pair.is_some())
+        {
             return Ok(());
         }
         // A compact base serves every mode but `F32` as it is (its products expand it).
@@ -638,6 +702,7 @@ impl Linear {
         // i8 copy ([`Linear::int8_weight`]).
         self.packed = None;
         self.int8 = Int8Slot::default();
+        self.int8_pair = None;
         if mode == ComputeMode::F32 {
             // Training and exact scoring read the weight in its `[out, in]` storage.
             if let Some(w) = &self.weight {
@@ -781,7 +846,10 @@ impl Linear {
     /// Whether a call on `x2` `[rows, in]` reads the quantized weights.
     fn uses_quantized(&self, x2: &Tensor) -> Result<bool> {
         let rows = x2.dim(0)?;
-        let dense = self.weight.is_some() || self.packed.is_some() || self.streamed.is_some();
+        let dense = self.weight.is_some()
+            || self.packed.is_some()
+            || self.streamed.is_some()
+            || self.int8_pair.is_some();
         let quant = self.qweight.is_some() || self.q41.is_some();
         Ok(match (dense, quant) {
             (false, true) => true,
@@ -836,7 +904,9 @@ impl Linear {
             }
             // The bf16 copy on the matrix units, or the compact base expanded panel by panel
             // (prompts; a frozen base under a tracked input).
-            (false, _, _) if self.packed.is_some() || self.streamed.is_some() => {
+            (false, _, _)
+                if self.packed.is_some() || self.streamed.is_some() || self.int8_pair.is_some() =>
+            {
                 match self.frozen() {
                     Some(fw) => crate::kernels::frozen_linear(x2, &fw)?,
                     None => return Err(Error::InvalidParams("packed weight missing".into())),

@@ -138,14 +138,20 @@ fn compact_bases_train_as_the_dense_base_does() {
     let dense = load(ComputeMode::Auto);
     let exact = load(ComputeMode::F32);
     let ex = rows(&dense);
+    // Without AMX but with VNNI the dense base trains on int8 products: the quantized form's
+    // exact values then train as exact f32 does.
+    let int8 = attune_models::train::int8_frozen_base();
     for form in [BaseForm::Quantized, BaseForm::Bf16] {
         let m = compact(form);
         for method in methods(&dense) {
             let what = format!("{} on a {} base", method.name(), form.as_str());
-            let (want, wp) = train3(&dense, &method, &ex);
+            let (want, wp) = train3(if int8 { &exact } else { &dense }, &method, &ex);
             let (got, gp) = train3(&m, &method, &ex);
             let (f32_steps, _) = train3(&exact, &method, &ex);
-            eprintln!("{what}: (loss, grad norm) {got:?}, dense {want:?}, exact f32 {f32_steps:?}");
+            eprintln!(
+                "{what}: (loss, grad norm) {got:?}, dense {want:?} (int8 products: {int8}), exact \
+                 f32 {f32_steps:?}"
+            );
             // The quantized form holds the dense form's very values: the same steps. bf16 rounds
             // them: each step may stray from exact f32 at most twice as far as the dense form's
             // bf16 products do (plus 1% of the loss, 15% of the gradient norm).

@@ -246,6 +246,11 @@ fn bf16_base_training_stays_close_to_pytorch() {
         num_virtual_tokens: 20,
         init: PromptInit::Text(text),
     });
+    // Without AMX but with VNNI the frozen base trains on int8 products (weights and
+    // activations rounded to 8 bits per 32; `train::int8_frozen_base`): held to twice the bf16
+    // tolerances.
+    let int8 = attune_models::train::int8_frozen_base();
+    let k = if int8 { 2.0 } else { 1.0 };
     let got = run_in(ComputeMode::Auto, m, 3e-2, 2);
     let r = reference("prompt");
     let g0 = r["grad_norm_preclip"][0].as_f64().expect("g");
@@ -256,19 +261,19 @@ fn bf16_base_training_stays_close_to_pytorch() {
     close(
         got[0].loss,
         r["losses"][0].as_f64().expect("l"),
-        1e-2,
+        k * 1e-2,
         "bf16 prompt step 1 loss",
     );
     close(
         got[0].grad_norm,
         g0,
-        0.03 * g0,
+        k * 0.03 * g0,
         "bf16 prompt step 1 grad norm",
     );
     close(
         got[1].loss,
         r["losses"][1].as_f64().expect("l"),
-        1.5e-2,
+        k * 1.5e-2,
         "bf16 prompt step 2 loss",
     );
     // Full fine-tuning: f32 master weights (started on bf16 values, see `train::prepare`), bf16
@@ -334,7 +339,7 @@ fn bf16_base_training_stays_close_to_pytorch() {
     close(
         got[0].loss,
         r["losses"][0].as_f64().expect("l"),
-        1e-2,
+        k * 1e-2,
         "bf16 lora step 1 loss",
     );
     assert!(got[1].loss.is_finite() && got[0].grad_norm > 0.1 && got[0].grad_norm < 10.0);

@@ -32,6 +32,7 @@ use gemm::Parallelism;
 use std::sync::Arc;
 
 use super::amx::{self, PackedB, PackedWeight, RowsBf16};
+use super::int8::I8Pair;
 use super::attention::{attention_backward, attention_forward, AttnDims};
 use super::gemm::product;
 use super::linear::{lora_branch_backward, lora_branch_forward, Act, Frozen, WRef};
@@ -62,6 +63,8 @@ pub enum ProjWeight<'a> {
     Mixed(&'a Tensor),
     /// Frozen, kept compact (a quantized or bf16 base) and expanded panel by panel.
     Streamed(&'a Arc<Streamed>),
+    /// Frozen, in i8 in both orientations (VNNI without AMX, [`super::int8`]).
+    Int8(&'a Arc<I8Pair>),
 }
 
 impl<'a> ProjWeight<'a> {
@@ -73,6 +76,7 @@ impl<'a> ProjWeight<'a> {
                 let (o, i) = s.dims();
                 vec![o, i]
             }
+            ProjWeight::Int8(q) => vec![q.out_dim(), q.in_dim()],
         }
     }
 
@@ -80,7 +84,7 @@ impl<'a> ProjWeight<'a> {
     fn trained(self) -> Option<&'a Tensor> {
         match self {
             ProjWeight::F32(w) | ProjWeight::Mixed(w) => w.track_op().then_some(w),
-            ProjWeight::Bf16(_) | ProjWeight::Streamed(_) => None,
+            ProjWeight::Bf16(_) | ProjWeight::Streamed(_) | ProjWeight::Int8(_) => None,
         }
     }
 }
@@ -295,6 +299,7 @@ pub fn fused_layer(
             ),
             ProjWeight::Bf16(pw) => (Frozen::Bf16(pw.clone()), None, false),
             ProjWeight::Streamed(sw) => (Frozen::Streamed(sw.clone()), None, false),
+            ProjWeight::Int8(q) => (Frozen::Int8(q.clone()), None, false),
             ProjWeight::Mixed(w) => {
                 let (out, inp) = w.dims2()?;
                 borrow_f32!(v = w, "projection weight");
@@ -701,7 +706,7 @@ impl FusedLayer {
             .iter()
             .map(|p| match &p.w {
                 Frozen::F32(t) => super::linear::f32_strided(t).map(Some),
-                Frozen::Bf16(_) | Frozen::Streamed(_) => Ok(None),
+                Frozen::Bf16(_) | Frozen::Streamed(_) | Frozen::Int8(_) => Ok(None),
             })
             .collect::<CResult<_>>()?;
         let guards: Vec<_> = f32w
@@ -716,6 +721,7 @@ impl FusedLayer {
                 }
                 (Frozen::Bf16(pw), _) => WRef::Bf16(pw),
                 (Frozen::Streamed(sw), _) => WRef::Streamed(sw),
+                (Frozen::Int8(q), _) => WRef::Int8(q),
                 (Frozen::F32(_), None) => candle_core::bail!("fused layer: weight not borrowed"),
             });
         }

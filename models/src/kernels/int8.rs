@@ -21,7 +21,7 @@
 //! kernels' pool in tiles, the tiles of one 64-column block consecutive so a thread's share
 //! reuses the block's weights from its caches.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::pool::{self, SharedMut};
 
@@ -176,6 +176,11 @@ impl I8Weight {
 
     /// `y[rows, out] = x W^T` (overwritten).
     pub fn forward(&self, x: &I8Rows, y: &mut [f32]) {
+        self.forward_into(x, y, false)
+    }
+
+    /// `y[rows, out] (+)= x W^T`: added to `y` with `accumulate`, else overwriting it.
+    pub fn forward_into(&self, x: &I8Rows, y: &mut [f32], accumulate: bool) {
         assert_eq!(
             x.cols, self.in_dim,
             "int8 product: rows of {} inputs against a weight of {}",
@@ -187,21 +192,28 @@ impl I8Weight {
         }
         let padded = self.out_dim.div_ceil(NB) * NB;
         if padded == self.out_dim {
-            self.run(x, y, padded);
+            self.run(x, y, padded, accumulate);
         } else {
             let mut full = vec![0f32; x.rows * padded];
-            self.run(x, &mut full, padded);
+            self.run(x, &mut full, padded, false);
             for (d, s) in y
                 .chunks_exact_mut(self.out_dim)
                 .zip(full.chunks_exact(padded))
             {
-                d.copy_from_slice(&s[..self.out_dim]);
+                if accumulate {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d += *s;
+                    }
+                } else {
+                    d.copy_from_slice(&s[..self.out_dim]);
+                }
             }
         }
     }
 
-    /// The product into `y` with `stride` (a multiple of 64) columns per row.
-    fn run(&self, x: &I8Rows, y: &mut [f32], stride: usize) {
+    /// The product into (or, with `accumulate`, added to) `y` with `stride` (a multiple of 64)
+    /// columns per row.
+    fn run(&self, x: &I8Rows, y: &mut [f32], stride: usize, accumulate: bool) {
         let blocks = stride / NB;
         let tiles = x.rows.div_ceil(MR);
         let ns = stretches(self.in_dim);
@@ -225,6 +237,7 @@ impl I8Weight {
                         start: self.start.as_ptr().add(b * ns * NB),
                         y: yp.get().add(r0 * stride + b * NB),
                         y_stride: stride,
+                        accumulate,
                     };
                     match mr {
                         3 => tile::<3>(&args),
@@ -249,6 +262,54 @@ impl I8Weight {
             }
         }
         w
+    }
+}
+
+/// A frozen weight `W` `[out, in]` in i8 in both orientations, for training on a frozen base
+/// (LoRA, soft prompts) without AMX: the forward product `x W^T` and the input gradient
+/// `dy W`, each quantized along its own sums' direction (per 32 inputs, per 32 outputs).
+#[derive(Debug)]
+pub struct I8Pair {
+    fwd: Arc<I8Weight>,
+    /// `W^T`, `[in, out]`.
+    bwd: I8Weight,
+}
+
+impl I8Pair {
+    /// Both orientations of `W[o][i] = w[o * strides.0 + i * strides.1]`.
+    pub fn new(w: &[f32], out_dim: usize, in_dim: usize, strides: (usize, usize)) -> Self {
+        Self {
+            fwd: Arc::new(I8Weight::new(w, out_dim, in_dim, strides)),
+            bwd: I8Weight::new(w, in_dim, out_dim, (strides.1, strides.0)),
+        }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.fwd.out_dim
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.fwd.in_dim
+    }
+
+    /// The forward orientation (what a prompt's products take).
+    pub fn fwd(&self) -> &Arc<I8Weight> {
+        &self.fwd
+    }
+
+    /// `y[rows, out] (+)= x W^T`.
+    pub fn forward(&self, x: &I8Rows, y: &mut [f32], accumulate: bool) {
+        self.fwd.forward_into(x, y, accumulate)
+    }
+
+    /// `dx[rows, in] (+)= dy W`.
+    pub fn input_grad(&self, dy: &I8Rows, dx: &mut [f32], accumulate: bool) {
+        self.bwd.forward_into(dy, dx, accumulate)
+    }
+
+    /// Bytes held (both orientations).
+    pub fn bytes(&self) -> usize {
+        self.fwd.bytes() + self.bwd.bytes()
     }
 }
 
@@ -457,6 +518,8 @@ struct TileArgs {
     start: *const i32,
     y: *mut f32,
     y_stride: usize,
+    /// Add the tile to `y` rather than store it.
+    accumulate: bool,
 }
 
 /// `y[R rows, 64 columns] = x W^T` for one tile: per stretch, the integer accumulators (`R` x 4
@@ -523,7 +586,12 @@ unsafe fn tile<const R: usize>(a: &TileArgs) {
         for (r, row) in sum.iter().enumerate() {
             let y = a.y.add(r * a.y_stride);
             for (v, f) in row.iter().enumerate() {
-                _mm512_storeu_ps(y.add(v * 16), *f);
+                let yv = y.add(v * 16);
+                if a.accumulate {
+                    _mm512_storeu_ps(yv, _mm512_add_ps(_mm512_loadu_ps(yv), *f));
+                } else {
+                    _mm512_storeu_ps(yv, *f);
+                }
             }
         }
     }

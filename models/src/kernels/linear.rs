@@ -4,9 +4,10 @@
 //! ([`lora_linear`]: `dx`, `dA`, `dB`, never `dW`). The LoRA branch's slice-level passes are
 //! shared with the fused layer.
 //!
-//! A frozen weight is a [`Frozen`]: an f32 tensor (the f32 GEMM), or a bf16 copy packed for the
+//! A frozen weight is a [`Frozen`]: an f32 tensor (the f32 GEMM), a bf16 copy packed for the
 //! CPU's matrix units ([`super::amx`]), whose products convert their activations to bf16 and
-//! accumulate in f32. [`WRef`] and [`Act`] are the slice-level forms the fused layer shares.
+//! accumulate in f32, or, on a CPU with VNNI but no AMX, i8 copies in both orientations
+//! ([`super::int8`]), whose products round their activations to 8 bits per 32. [`WRef`] and [`Act`] are the slice-level forms the fused layer shares.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -14,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use gemm::Parallelism;
 
 use super::amx::{PackedWeight, RowsBf16};
+use super::int8::I8Pair;
 use super::gemm::{matmul, matmul_scaled, product};
 use super::profile::prof;
 use super::stream::Streamed;
@@ -30,6 +32,7 @@ pub enum Frozen {
     F32(Tensor),
     Bf16(Arc<PackedWeight>),
     Streamed(Arc<Streamed>),
+    Int8(Arc<I8Pair>),
 }
 
 impl Frozen {
@@ -39,6 +42,7 @@ impl Frozen {
             Frozen::F32(w) => w.dims2(),
             Frozen::Bf16(p) => Ok((p.out_dim(), p.in_dim())),
             Frozen::Streamed(s) => Ok(s.dims()),
+            Frozen::Int8(q) => Ok((q.out_dim(), q.in_dim())),
         }
     }
 
@@ -48,6 +52,7 @@ impl Frozen {
             Frozen::F32(w) => Frozen::F32(w.contiguous()?.detach()),
             Frozen::Bf16(p) => Frozen::Bf16(p.clone()),
             Frozen::Streamed(s) => Frozen::Streamed(s.clone()),
+            Frozen::Int8(q) => Frozen::Int8(q.clone()),
         })
     }
 
@@ -61,6 +66,7 @@ impl Frozen {
             }
             Frozen::Bf16(p) => f(WRef::Bf16(p)),
             Frozen::Streamed(s) => f(WRef::Streamed(s)),
+            Frozen::Int8(q) => f(WRef::Int8(q)),
         }
     }
 }
@@ -98,6 +104,7 @@ pub(crate) enum WRef<'a> {
     F32(&'a [f32], (usize, usize)),
     Bf16(&'a PackedWeight),
     Streamed(&'a Streamed),
+    Int8(&'a I8Pair),
 }
 
 /// An activation `[rows, features]` in f32, with its bf16 tiles (or int8 rows) made on first
@@ -152,6 +159,7 @@ impl WRef<'_> {
                 s.forward(x.x, x.streamed_bf16(), rows, &mut y, false);
                 y
             }
+            WRef::Int8(q) => q.fwd().forward_new(x.int8()),
         }
     }
 
@@ -174,6 +182,7 @@ impl WRef<'_> {
             ),
             WRef::Bf16(p) => p.forward(x.bf16(), dst, true),
             WRef::Streamed(s) => s.forward(x.x, x.streamed_bf16(), rows, dst, true),
+            WRef::Int8(q) => q.forward(x.int8(), dst, true),
         }
     }
 
@@ -204,6 +213,12 @@ impl WRef<'_> {
             (WRef::Streamed(s), dx) => {
                 let mut d = vec![0f32; rows * din];
                 s.input_grad(dy.x, dy.streamed_bf16(), rows, &mut d, false);
+                *dx = Some(d);
+            }
+            (WRef::Int8(q), Some(d)) => q.input_grad(dy.int8(), d, true),
+            (WRef::Int8(q), dx) => {
+                let mut d = vec![0f32; rows * din];
+                q.input_grad(dy.int8(), &mut d, false);
                 *dx = Some(d);
             }
         }

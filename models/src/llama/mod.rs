@@ -1342,6 +1342,18 @@ impl Llama {
         Ok(())
     }
 
+    /// Keeps every projection in `Auto` mode with i8 copies in both orientations for training on
+    /// the frozen base without AMX ([`Linear::pack_int8`]); the head stays as it is. Returns
+    /// whether any projection took them.
+    pub fn pack_int8(&mut self) -> Result<bool> {
+        let mut any = false;
+        for (_, l) in self.linears_mut() {
+            l.set_mode(ComputeMode::Auto)?;
+            any |= l.pack_int8()?;
+        }
+        Ok(any)
+    }
+
     /// Holds the frozen base in `form` (see [`BaseForm`]): every projection and the LM head
     /// (through [`Linear::set_base_form`]), and for either compact form the embedding table
     /// too: its GGUF blocks only (rows are expanded as they are looked up), or bf16 values where

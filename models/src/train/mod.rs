@@ -133,6 +133,15 @@ pub fn full_bf16_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("ATTUNE_FULL_BF16").map_or(true, |v| v.trim() != "0"))
 }
 
+/// Whether [`prepare`] runs LoRA's and prompt tuning's frozen base (of a model loaded in
+/// `Auto`) as int8 products: a CPU with AVX-512 VNNI and no AMX (`kernels::int8::available`,
+/// `ATTUNE_MATMUL=f32` turns both off), unless `ATTUNE_TRAIN_INT8=0`.
+pub fn int8_frozen_base() -> bool {
+    !kernels::amx::available()
+        && kernels::int8::available()
+        && std::env::var("ATTUNE_TRAIN_INT8").map_or(true, |v| v.trim() != "0")
+}
+
 /// Makes `model` trainable with `method`: full fine-tuning turns every weight into a variable
 /// (a tied embedding/lm_head stays one tensor); LoRA attaches `A` (Kaiming-uniform, as PEFT) and
 /// `B` (zero) to the target projections of a frozen base; prompt tuning creates the soft prompt.
@@ -140,7 +149,9 @@ pub fn full_bf16_enabled() -> bool {
 /// loaded in [`ComputeMode::F32`] trains in f32 throughout (the correctness tests against
 /// PyTorch); otherwise, where the CPU has matrix units ([`kernels::amx::available`]), the frozen
 /// base runs in bf16 on them (forward pass and input gradient, accumulated in f32) while the
-/// trained tensors, their gradients and AdamW's state stay f32; elsewhere everything is f32.
+/// trained tensors, their gradients and AdamW's state stay f32; where it has AVX-512 VNNI but no
+/// AMX, LoRA and prompt tuning run the frozen base's products in int8 ([`Llama::pack_int8`]);
+/// elsewhere everything is f32.
 pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Result<Trainable> {
     // The portable path (a GPU, or `Llama::set_portable`) multiplies in f32 with candle's ops.
     let bf16 = model.compute_mode() != ComputeMode::F32
@@ -158,12 +169,23 @@ pub fn prepare(model: &mut Llama, tok: &Tok, method: &Method, seed: u64) -> Resu
     // prompt tuning: its products expand it panel by panel, on the matrix units where the CPU
     // has them. Full fine-tuning makes f32 variables of every weight whatever the form.
     let compact = model.base_form() != BaseForm::F32 && !full;
+    // Without AMX but with AVX-512 VNNI, LoRA and prompt tuning run the frozen base's forward
+    // products and input gradients as int8 products (`kernels::int8`: weights and activations
+    // rounded to 8 bits per 32, exact integer sums); `ATTUNE_TRAIN_INT8=0` keeps f32.
+    let int8 = !full
+        && !compact
+        && model.compute_mode() != ComputeMode::F32
+        && !model.is_portable()
+        && int8_frozen_base();
     if !compact {
         model.set_compute_mode(if bf16 && !full {
             ComputeMode::Auto
         } else {
             ComputeMode::F32
         })?;
+    }
+    if int8 {
+        model.pack_int8()?;
     }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut params = Vec::new();
