@@ -8,7 +8,8 @@
 //! `cargo bench --workspace --bench quality`
 //! Environment: `ATTUNE_QUALITY_METHODS=lora,prompt,full` (default), `ATTUNE_QUALITY_OUT`
 //! (JSON of every per-step loss and the valid NLLs; default `target/quality.json`),
-//! `ATTUNE_QUALITY_COMPUTE=auto` (the products as the app runs them, bf16 on AMX; default f32),
+//! `ATTUNE_QUALITY_COMPUTE=auto` (the products as the app runs them: bf16 on AMX, else int8 on
+//! VNNI for LoRA's and prompt tuning's frozen base; default f32),
 //! `ATTUNE_QUALITY_BASE=bf16|quantized` (LoRA's and prompt tuning's frozen base in that form).
 
 use std::collections::HashMap;
@@ -238,7 +239,7 @@ fn main() -> R<()> {
     println!(
         "PubMedQA valid (100 rows), mean NLL per assistant token; QUALITY.md recipe, 2 threads; base held as {}; products {}",
         base_form.unwrap_or(BaseForm::F32).as_str(),
-        if app_products { "as the app runs them (bf16 on AMX where present)" } else { "f32" }
+        if app_products { "as the app runs them (bf16 on AMX, else int8 on VNNI for a frozen base, where present)" } else { "f32" }
     );
     println!("| model | valid NLL | drop vs base | PEFT valid NLL | PEFT drop | pass (>= PEFT - 1 pp) | loss step 1 -> 40 | train s | train tok/s |");
     println!("|---|---|---|---|---|---|---|---|---|");

@@ -246,11 +246,15 @@ fn bf16_base_training_stays_close_to_pytorch() {
         num_virtual_tokens: 20,
         init: PromptInit::Text(text),
     });
-    // Without AMX but with VNNI the frozen base trains on int8 products (weights and
-    // activations rounded to 8 bits per 32; `train::int8_frozen_base`): held to twice the bf16
-    // tolerances.
+    // Without AMX but with VNNI the frozen base trains on int8 products (weights, activations
+    // and output gradients rounded to 8 bits per 32; `train::int8_frozen_base`): held to twice
+    // the bf16 tolerances on the losses and 10% on the gradient norm (measured on the 2-vCPU
+    // Xeon, 2026-12-05: prompt step 1 loss 2.5319 against 2.5211, gradient norm 0.1423 against
+    // 0.1317, +8%: the input gradients through 30 layers' int8 products add their rounding
+    // noise to it; the QUALITY recipe still ends within 1 point of PEFT, README).
     let int8 = attune_models::train::int8_frozen_base();
     let k = if int8 { 2.0 } else { 1.0 };
+    let norm_tol = if int8 { 0.10 } else { 0.03 };
     let got = run_in(ComputeMode::Auto, m, 3e-2, 2);
     let r = reference("prompt");
     let g0 = r["grad_norm_preclip"][0].as_f64().expect("g");
@@ -267,7 +271,7 @@ fn bf16_base_training_stays_close_to_pytorch() {
     close(
         got[0].grad_norm,
         g0,
-        k * 0.03 * g0,
+        norm_tol * g0,
         "bf16 prompt step 1 grad norm",
     );
     close(

@@ -16,7 +16,10 @@
 //! after the f32 products moved onto the kernels' pool): LoRA 335 / 347, soft prompt 370 / 380,
 //! full 269 / 271 tokens/s, taken as 340 / 370 / 270 (the afternoon's 301 / 325 / 237 ran the
 //! products on the gemm crate's rayon threads; 2026-11-28's 184 / 201 / 153 predate the fused
-//! training layer's f32 path). The bench's
+//! training layer's f32 path). Without AMX but with AVX-512 VNNI, LoRA and prompt tuning train
+//! on int8 products (`attune_models::train::int8_frozen_base`; the same script, same machine,
+//! 2026-12-05 19:20Z, twice): LoRA 459 / 487, soft prompt 518 / 510, full (f32) 267 / 257
+//! tokens/s, taken as 470 / 510 / 270. The bench's
 //! 256-token packed blocks run faster than real rows with AMX (857 / 906 / 392 in the same
 //! session), so its figures are not used. Token counts come from the dataset rendered with the model's
 //! chat template, exactly as training renders it; they are cached per dataset content
@@ -63,18 +66,39 @@ const INFERENCE_OVERHEAD: u64 = 300 << 20;
 
 /// Training throughput on the benchmark machine, tokens/s (see the module docs).
 fn benchmark_tokens_per_s(method: &str) -> f64 {
-    benchmark_tokens_per_s_on(method, attune_models::kernels::amx::available())
+    let products = if attune_models::kernels::amx::available() {
+        Products::Amx
+    } else if attune_models::train::int8_frozen_base() {
+        Products::Int8
+    } else {
+        Products::F32
+    };
+    benchmark_tokens_per_s_on(method, products)
 }
 
-/// [`benchmark_tokens_per_s`] on a CPU with (`amx`) or without the matrix units.
-fn benchmark_tokens_per_s_on(method: &str, amx: bool) -> f64 {
-    match (method, amx) {
-        ("full", true) => 300.0,
-        ("prompt", true) => 550.0,
-        (_, true) => 500.0,
-        ("full", false) => 270.0,
-        ("prompt", false) => 370.0,
-        (_, false) => 340.0,
+/// What a training run's products run on, as `train::prepare` decides for this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Products {
+    /// bf16 on the AMX tiles (every method).
+    Amx,
+    /// int8 on AVX-512 VNNI for LoRA's and prompt tuning's frozen base, f32 for full
+    /// fine-tuning (no AMX).
+    Int8,
+    /// f32 everywhere.
+    F32,
+}
+
+/// [`benchmark_tokens_per_s`] for `products`.
+fn benchmark_tokens_per_s_on(method: &str, products: Products) -> f64 {
+    match (method, products) {
+        ("full", Products::Amx) => 300.0,
+        ("prompt", Products::Amx) => 550.0,
+        (_, Products::Amx) => 500.0,
+        ("full", _) => 270.0,
+        ("prompt", Products::Int8) => 510.0,
+        (_, Products::Int8) => 470.0,
+        ("prompt", Products::F32) => 370.0,
+        (_, Products::F32) => 340.0,
     }
 }
 

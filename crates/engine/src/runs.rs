@@ -11,8 +11,9 @@
 //!
 //! Memory estimate (bytes), documented in [`estimate_memory`]: the f32 weights (for LoRA and
 //! prompt tuning also the quantized copies the `Auto` load keeps and, where the frozen base runs
-//! in bf16 on the CPU's matrix units, its packed copies; for full fine-tuning in bf16 its
-//! per-step packings), the optimizer's state per trained
+//! in bf16 on the CPU's matrix units, its packed copies, or where it runs on int8 products
+//! (VNNI, no AMX) its i8 copies in place of the projections' f32 ones; for full fine-tuning in
+//! bf16 its per-step packings), the optimizer's state per trained
 //! parameter, what every decoder layer keeps per position for the backward pass (counted from
 //! the fused training layer's saved tensors), the logits, one layer's backward buffers and the
 //! runtime, times a margin of 8%; [`Engine::run_memory`] adds what the process already holds (a
@@ -260,6 +261,28 @@ pub const PACKED_BF16_BYTES_PER_PARAM: u64 = 2;
 /// [`FULL_SPREAD_BYTES_PER_PARAM`]).
 pub const FULL_BF16_PACKED_BYTES_PER_PARAM: u64 = 3;
 
+/// Bytes per projection weight that LoRA's and prompt tuning's frozen base saves where it trains
+/// on int8 products ([`int8_frozen_base`]): each projection's f32 copy (4 bytes) gives way to
+/// its two i8 orientations (1 byte each, plus a scale and an accumulator start per 32 weights:
+/// 2.5 bytes together); the quantized copy stays (decode), the head keeps its f32 weight.
+pub const INT8_SAVED_BYTES_PER_PROJ_PARAM: f64 = 1.5;
+
+/// Whether a run of `method` trains a frozen base on int8 products (`train::prepare`: LoRA and
+/// prompt tuning on a CPU with AVX-512 VNNI and no AMX, `attune_models::train::int8_frozen_base`).
+pub fn int8_frozen_base(method: &MethodSpec) -> bool {
+    !matches!(method, MethodSpec::Full) && attune_models::train::int8_frozen_base()
+}
+
+/// The weights of the decoder layers' projections (what a frozen base's products read).
+fn projection_params(cfg: &Config) -> u64 {
+    let h = cfg.hidden_size as u64;
+    let i = cfg.intermediate_size as u64;
+    let hd = cfg.head_dim() as u64;
+    let q = cfg.num_attention_heads as u64 * hd;
+    let kv = cfg.num_key_value_heads as u64 * hd;
+    (h * (q + 2 * kv) + q * h + 3 * h * i).saturating_mul(cfg.num_hidden_layers as u64)
+}
+
 /// Whether a run of `method` multiplies a frozen base in bf16 on the CPU's matrix units, as
 /// `attune_models::train::prepare` decides: LoRA and prompt tuning where the CPU has AMX and
 /// `ATTUNE_MATMUL=f32` is not set.
@@ -328,7 +351,8 @@ const UNFUSED_LORA_FACTOR: u64 = 2;
 ///   more; for LoRA and prompt tuning the quantized
 ///   copies the model keeps ([`KEPT_COPY_BYTES_PER_PARAM`]) and, where the frozen base runs
 ///   in bf16 on the matrix units, the packed copies ([`PACKED_BF16_BYTES_PER_PARAM`]; full
-///   fine-tuning's per-step packings, [`FULL_BF16_PACKED_BYTES_PER_PARAM`]);
+///   fine-tuning's per-step packings, [`FULL_BF16_PACKED_BYTES_PER_PARAM`]); where it runs on
+///   int8 products, less [`INT8_SAVED_BYTES_PER_PROJ_PARAM`] per projection weight;
 /// - per trained parameter 12 bytes (gradient, two AdamW moments), 16 where the parameter
 ///   is not one of the weights (LoRA matrices, the soft prompt);
 /// - per position of a step (rows x (max_len + virtual tokens)) 4 bytes for each value
@@ -427,9 +451,17 @@ pub fn estimate_memory_on(
         MethodSpec::Full => None,
         _ => compact_base_bytes(cfg, base, stored_bytes),
     };
+    let int8_saved = if int8_frozen_base(method) {
+        (projection_params(cfg) as f64 * INT8_SAVED_BYTES_PER_PROJ_PARAM) as u64
+    } else {
+        0
+    };
     let weights = match compact {
         Some(bytes) => bytes,
-        None => m(4, p).saturating_add(kept).saturating_add(packed),
+        None => m(4, p)
+            .saturating_add(kept)
+            .saturating_add(packed)
+            .saturating_sub(int8_saved),
     };
     let optimizer = match method {
         MethodSpec::Full => m(12, t),

@@ -32,9 +32,9 @@ use gemm::Parallelism;
 use std::sync::Arc;
 
 use super::amx::{self, PackedB, PackedWeight, RowsBf16};
-use super::int8::I8Pair;
 use super::attention::{attention_backward, attention_forward, AttnDims};
 use super::gemm::product;
+use super::int8::I8Pair;
 use super::linear::{lora_branch_backward, lora_branch_forward, Act, Frozen, WRef};
 use super::profile::prof;
 use super::rms_norm::{rms_backward, rms_forward};

@@ -15,8 +15,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use gemm::Parallelism;
 
 use super::amx::{PackedWeight, RowsBf16};
-use super::int8::I8Pair;
 use super::gemm::{matmul, matmul_scaled, product};
+use super::int8::I8Pair;
 use super::profile::prof;
 use super::stream::Streamed;
 use super::{borrow_f32, f32_slice, rows_features, threads, with_features, CResult};
