@@ -26,7 +26,9 @@
 //! MiB (1.11x), full fine-tuning (f32) at 1 x 256 at 2289 MiB against 2613 MiB (1.14x); with
 //! `ATTUNE_MATMUL=f32` 1409 / 1476 (1.05x), 1294 / 1354 (1.05x), 2281 / 2613 MiB (1.15x). Full
 //! fine-tuning in bf16 (the default with AMX since 2026-12-05): 2812 MiB at 1 x 256, 3385 at
-//! 4 x 256, against 3168 / 4149 MiB (1.13x / 1.23x). The test fails
+//! 4 x 256, against 3168 / 4149 MiB (1.13x / 1.23x). Without AMX, with VNNI (LoRA's and prompt
+//! tuning's base on int8 products, 2026-12-05 19:25Z): LoRA 1249 / 1312 MiB (1.05x), prompt
+//! tuning 1130 / 1190 MiB (1.05x). The test fails
 //! below 1.0x or above 1.25x; `ATTUNE_MEMORY_SWEEP=BxS,...` there measures other shapes.
 
 use std::path::{Path, PathBuf};
