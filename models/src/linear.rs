@@ -428,13 +428,15 @@ impl Linear {
         Ok(self)
     }
 
-    /// Whether this layer's frozen products may run in int8 (see [`Linear::int8_weight`]).
+    /// Whether this layer's frozen products may run in int8 (see [`Linear::int8_weight`]): never
+    /// where the CPU has AMX (bf16 on the tiles is the faster and closer path there).
     fn int8_eligible(&self) -> bool {
         self.mode == ComputeMode::Auto
             && self.packed.is_none()
             && self.streamed.is_none()
             && self.q41.is_some()
             && int8::available()
+            && !amx::available()
     }
 
     /// The dense weight an i8 copy is made from: untracked, on the CPU, readable in place.
@@ -454,7 +456,7 @@ impl Linear {
         if self.int8_pair.is_some() {
             return Ok(true);
         }
-        if amx::available() || !self.int8_eligible() {
+        if !self.int8_eligible() {
             return Ok(false);
         }
         let Some(w) = self.int8_source() else {
@@ -539,7 +541,7 @@ impl Linear {
         self.mode == ComputeMode::Auto && (self.packed.is_some() || self.streamed.is_some())
     }
 
-    /// The i8 copy the many-row products of a frozen weight take on a CPU with AVX-512 VNNI but
+    /// The i8 copy the many-row products of a frozen weight take on a CPU with AVX-512 VNNI and
     /// no AMX ([`crate::kernels::int8`]): `Auto` mode with only the dense f32 copy for them (no
     /// packed bf16, no compact base), on the CPU, not being trained, for a weight the file holds
     /// in 8 bits or fewer (GGUF blocks the decode kernel reads: Q4_1, Q8_0, Q4_K, Q5_K, Q6_K),

@@ -66,14 +66,7 @@ const INFERENCE_OVERHEAD: u64 = 300 << 20;
 
 /// Training throughput on the benchmark machine, tokens/s (see the module docs).
 fn benchmark_tokens_per_s(method: &str) -> f64 {
-    let products = if attune_models::kernels::amx::available() {
-        Products::Amx
-    } else if attune_models::train::int8_frozen_base() {
-        Products::Int8
-    } else {
-        Products::F32
-    };
-    benchmark_tokens_per_s_on(method, products)
+    benchmark_tokens_per_s_on(method, Products::here())
 }
 
 /// What a training run's products run on, as `train::prepare` decides for this CPU.
@@ -86,6 +79,20 @@ enum Products {
     Int8,
     /// f32 everywhere.
     F32,
+}
+
+impl Products {
+    /// What this CPU's runs take (bf16 with AMX; else int8 where the frozen base may run on
+    /// it; else f32).
+    fn here() -> Self {
+        if attune_models::kernels::amx::available() {
+            Products::Amx
+        } else if attune_models::train::int8_frozen_base() {
+            Products::Int8
+        } else {
+            Products::F32
+        }
+    }
 }
 
 /// [`benchmark_tokens_per_s`] for `products`.

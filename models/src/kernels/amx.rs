@@ -70,11 +70,7 @@ fn assume_init(v: Vec<std::mem::MaybeUninit<Tile>>) -> Vec<Tile> {
 /// AVX512-BF16, Linux granted the tile data, and `ATTUNE_MATMUL` is not `f32`. Checked once.
 pub fn available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        let forced_off =
-            std::env::var("ATTUNE_MATMUL").is_ok_and(|v| v.eq_ignore_ascii_case("f32"));
-        !forced_off && detect()
-    })
+    *ON.get_or_init(|| !super::f32_products_forced() && detect())
 }
 
 /// What the CPU offers, without the `ATTUNE_MATMUL` override (for diagnostics).

@@ -36,11 +36,7 @@ const NB: usize = 64;
 /// off with `ATTUNE_MATMUL=f32` (the f32 GEMMs then, as on any other CPU). Checked once.
 pub fn available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        let forced_off =
-            std::env::var("ATTUNE_MATMUL").is_ok_and(|v| v.eq_ignore_ascii_case("f32"));
-        !forced_off && cpu_has_vnni512()
-    })
+    *ON.get_or_init(|| !super::f32_products_forced() && cpu_has_vnni512())
 }
 
 /// Whether the CPU has what the kernel runs on (AVX-512 F and BW, AVX-512 VNNI).

@@ -52,6 +52,12 @@ pub use swiglu::{gate_up_swiglu, geglu, swiglu, GateAct};
 
 type CResult<T> = candle_core::Result<T>;
 
+/// Whether `ATTUNE_MATMUL=f32` asks for the f32 products everywhere (A/B runs): the AMX bf16
+/// and the VNNI int8 products are then off.
+pub(crate) fn f32_products_forced() -> bool {
+    std::env::var("ATTUNE_MATMUL").is_ok_and(|v| v.eq_ignore_ascii_case("f32"))
+}
+
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: expected f32, got another dtype")

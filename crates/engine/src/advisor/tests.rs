@@ -94,13 +94,11 @@ fn advisor_rules_pick_the_method_a_clinician_would_be_told() {
 fn advisor_benchmark_scales_with_model_size_and_threads() {
     // The figure this CPU gets: bf16 products with AMX; without, int8 products for the frozen
     // base where the CPU has VNNI, else f32.
-    let products = if attune_models::kernels::amx::available() {
-        Products::Amx
-    } else if attune_models::train::int8_frozen_base() {
-        Products::Int8
-    } else {
-        Products::F32
-    };
+    let products = Products::here();
+    assert_eq!(
+        products == Products::Amx,
+        attune_models::kernels::amx::available()
+    );
     let at = |m, p| benchmark_tokens_per_s_on(m, p);
     let (lora, full, prompt) = (
         at("lora", products),
