@@ -501,10 +501,24 @@ fn prefs_from_arena_votes_leave_out_ties_both_bad_and_unvoted() {
                 .expect("generate"),
         );
     }
-    e.arena_vote(arena.id, 0, Vote::Left).expect("vote");
-    e.arena_vote(arena.id, 1, Vote::Right).expect("vote");
-    e.arena_vote(arena.id, 2, Vote::Tie).expect("vote");
-    e.arena_vote(arena.id, 3, Vote::BothBad).expect("vote");
+    // Two items whose answers differ get the decisive votes (two identical answers count as a
+    // tie whatever the vote, and which greedy answers coincide depends on the products' rounding:
+    // f32, bf16 or int8), the other two a tie and "both bad".
+    let differ: Vec<usize> = (0..4)
+        .filter(|&i| items[i].left != items[i].right)
+        .collect();
+    assert!(
+        differ.len() >= 2,
+        "fewer than two items with different answers: {items:?}"
+    );
+    let (l, r) = (differ[0], differ[1]);
+    let rest: Vec<usize> = (0..4).filter(|&i| i != l && i != r).collect();
+    e.arena_vote(arena.id, l as u64, Vote::Left).expect("vote");
+    e.arena_vote(arena.id, r as u64, Vote::Right).expect("vote");
+    e.arena_vote(arena.id, rest[0] as u64, Vote::Tie)
+        .expect("vote");
+    e.arena_vote(arena.id, rest[1] as u64, Vote::BothBad)
+        .expect("vote");
     // Prompt 4 is never shown nor voted on.
     let set = e
         .preferences_from_arena(arena.id, None, &VoteSource::Human)
@@ -523,11 +537,17 @@ fn prefs_from_arena_votes_leave_out_ties_both_bad_and_unvoted() {
         ("arena", Some(arena.id))
     );
     let rows = stored(&e, &set);
-    assert_eq!(rows[0]["chosen"][0]["content"], items[0].left.as_str());
-    assert_eq!(rows[0]["rejected"][0]["content"], items[0].right.as_str());
-    assert_eq!(rows[1]["chosen"][0]["content"], items[1].right.as_str());
+    assert_eq!(rows[0]["chosen"][0]["content"], items[l].left.as_str());
+    assert_eq!(rows[0]["rejected"][0]["content"], items[l].right.as_str());
+    assert_eq!(rows[1]["chosen"][0]["content"], items[r].right.as_str());
     assert_eq!(rows[0]["prompt"].as_array().map(|a| a.len()), Some(1));
-    assert_eq!(rows[0]["prompt"][0]["content"], "Say hi.");
+    let prompts = [
+        "Say hi.",
+        "Name a color.",
+        "Name a fruit.",
+        "Name a number.",
+    ];
+    assert_eq!(rows[0]["prompt"][0]["content"], prompts[l]);
     // The same votes give the same set; its name says where it came from.
     let again = e
         .preferences_from_arena(arena.id, None, &VoteSource::Human)

@@ -641,7 +641,12 @@ fn constrained_verdict_scores_are_the_models_own_log_probs() {
         assert_eq!(lps, via_target);
         // The same figures as one uncached forward over prompt and option, and as the
         // engine's NLL path (whose fused LM-head kernel differs in the last digits: 0.01-0.02
-        // nats measured on this model).
+        // nats measured on this model; the fused training layers it runs take f32 products
+        // where a prompt takes int8 ones on a CPU with VNNI and no AMX: 0.05 nats measured
+        // there, 2026-12-05).
+        let int8 =
+            attune_models::kernels::int8::available() && !attune_models::kernels::amx::available();
+        let nll_tol = if int8 { 0.1 } else { 0.05 };
         for (option, lp) in options.iter().zip(&lps) {
             let forward = forward_logprob(&parts, &prompt, option);
             let nll = nll_path_logprob(&parts, &prompt, option);
@@ -650,7 +655,7 @@ fn constrained_verdict_scores_are_the_models_own_log_probs() {
                 "{option}: cached scoring {lp}, uncached forward {forward}"
             );
             assert!(
-                (lp - nll).abs() < 0.05,
+                (lp - nll).abs() < nll_tol,
                 "{option}: cached scoring {lp}, NLL path {nll}"
             );
         }
