@@ -439,11 +439,25 @@ impl Linear {
             && !amx::available()
     }
 
-    /// The dense weight an i8 copy is made from: untracked, on the CPU, readable in place.
-    fn int8_source(&self) -> Option<&Tensor> {
-        self.weight.as_ref().filter(|w| {
+    /// Runs `make` on the dense weight an i8 copy is made from (untracked, on the CPU, read in
+    /// place): its values, `out`, `in` and strides. `None` without such a weight.
+    fn make_from_int8_source<T>(
+        &self,
+        make: impl FnOnce(&[f32], usize, usize, (usize, usize)) -> T,
+    ) -> Option<T> {
+        let w = self.weight.as_ref().filter(|w| {
             !w.track_op() && w.device().is_cpu() && crate::kernels::linear::f32_in_place(w)
-        })
+        })?;
+        let (out, inp) = (self.out_dim, self.in_dim);
+        Frozen::F32(w.clone())
+            .with_ref(|r| match r {
+                crate::kernels::linear::WRef::F32(v, strides) => {
+                    Ok(Some(make(v, out, inp, strides)))
+                }
+                _ => Ok(None),
+            })
+            .ok()
+            .flatten()
     }
 
     /// Keeps the frozen weight in i8 in both orientations ([`I8Pair`]) for training on it (LoRA,
@@ -459,17 +473,9 @@ impl Linear {
         if !self.int8_eligible() {
             return Ok(false);
         }
-        let Some(w) = self.int8_source() else {
-            return Ok(false);
-        };
-        let (out, inp) = (self.out_dim, self.in_dim);
-        let pair = Frozen::F32(w.clone()).with_ref(|r| match r {
-            crate::kernels::linear::WRef::F32(v, strides) => {
-                Ok(Some(Arc::new(I8Pair::new(v, out, inp, strides))))
-            }
-            _ => Ok(None),
-        })?;
-        let Some(pair) = pair else {
+        let Some(pair) =
+            self.make_from_int8_source(|v, o, i, st| Arc::new(I8Pair::new(v, o, i, st)))
+        else {
             return Ok(false);
         };
         let slot = Int8Slot::default();
@@ -556,17 +562,8 @@ impl Linear {
         if let Some(q) = self.int8.0.get() {
             return Some(q.clone());
         }
-        let w = self.int8_source()?;
         let built =
-            Frozen::F32(w.clone())
-                .with_ref(|r| match r {
-                    crate::kernels::linear::WRef::F32(v, strides) => Ok(Some(Arc::new(
-                        I8Weight::new(v, self.out_dim, self.in_dim, strides),
-                    ))),
-                    _ => Ok(None),
-                })
-                .ok()
-                .flatten()?;
+            self.make_from_int8_source(|v, o, i, st| Arc::new(I8Weight::new(v, o, i, st)))?;
         Some(self.int8.0.get_or_init(|| built).clone())
     }
 

@@ -166,13 +166,8 @@ impl I8Weight {
     /// A new `[rows, out]` product `x W^T` for the quantized rows `x`.
     pub fn forward_new(&self, x: &I8Rows) -> Vec<f32> {
         let mut y = vec![0f32; x.rows * self.out_dim];
-        self.forward(x, &mut y);
+        self.forward_into(x, &mut y, false);
         y
-    }
-
-    /// `y[rows, out] = x W^T` (overwritten).
-    pub fn forward(&self, x: &I8Rows, y: &mut [f32]) {
-        self.forward_into(x, y, false)
     }
 
     /// `y[rows, out] (+)= x W^T`: added to `y` with `accumulate`, else overwriting it.
@@ -362,7 +357,7 @@ impl I8Rows {
             "int8 rows: {rows} x {cols} against {}",
             x.len()
         );
-        assert!(available() || cpu_has_vnni512(), "int8 rows need AVX-512");
+        assert!(cpu_has_vnni512(), "int8 rows need AVX-512 VNNI");
         let ns = stretches(cols);
         let stride = ns * KC;
         let mut q = vec![128u8; rows * stride];
@@ -386,14 +381,6 @@ impl I8Rows {
             q,
             scale,
         }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
     }
 
     /// The rows' values as the products see them (`scale * q`), `[rows, cols]` (tests).
