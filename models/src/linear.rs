@@ -523,14 +523,16 @@ impl Linear {
             return Some(ProjWeight::Int8(q));
         }
         let mixed = self.bf16_compute();
+        let int8 = self.int8_compute();
         self.weight
             .as_ref()
             .filter(|w| {
                 w.is_contiguous() || (!w.track_op() && crate::kernels::linear::f32_in_place(w))
             })
-            .map(|w| match mixed && w.track_op() {
-                true => ProjWeight::Mixed(w),
-                false => ProjWeight::F32(w),
+            .map(|w| match (mixed, int8, w.track_op()) {
+                (true, _, true) => ProjWeight::Mixed(w),
+                (_, true, true) => ProjWeight::MixedInt8(w),
+                _ => ProjWeight::F32(w),
             })
     }
 
@@ -538,6 +540,13 @@ impl Linear {
     /// mode on a CPU that has them (a trained weight then keeps its f32 master copy).
     pub fn bf16_compute(&self) -> bool {
         self.mode == ComputeMode::Auto && amx::available()
+    }
+
+    /// Whether products on this layer's trained f32 weight run in int8 (full fine-tuning on a
+    /// CPU with AVX-512 VNNI and no AMX, [`crate::kernels::int8`]): `Auto` mode there (the
+    /// trained weight keeps its f32 master copy and its f32 gradient).
+    pub fn int8_compute(&self) -> bool {
+        self.mode == ComputeMode::Auto && !amx::available() && int8::available()
     }
 
     /// Whether a prompt's (many-row) products on this frozen layer run in bf16: `Auto` mode

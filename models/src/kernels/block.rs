@@ -34,7 +34,7 @@ use std::sync::Arc;
 use super::amx::{self, PackedB, PackedWeight, RowsBf16};
 use super::attention::{attention_backward, attention_forward, AttnDims};
 use super::gemm::product;
-use super::int8::I8Pair;
+use super::int8::{I8Pair, I8Weight};
 use super::linear::{lora_branch_backward, lora_branch_forward, Act, Frozen, WRef};
 use super::profile::prof;
 use super::rms_norm::{rms_backward, rms_forward};
@@ -61,6 +61,9 @@ pub enum ProjWeight<'a> {
     F32(&'a Tensor),
     Bf16(&'a Arc<PackedWeight>),
     Mixed(&'a Tensor),
+    /// An f32 weight (trained: full fine-tuning) whose products run in int8 on AVX-512 VNNI
+    /// (no AMX), quantized anew at every forward pass (f32 master weight, f32 gradient).
+    MixedInt8(&'a Tensor),
     /// Frozen, kept compact (a quantized or bf16 base) and expanded panel by panel.
     Streamed(&'a Arc<Streamed>),
     /// Frozen, in i8 in both orientations (VNNI without AMX, [`super::int8`]).
@@ -70,7 +73,9 @@ pub enum ProjWeight<'a> {
 impl<'a> ProjWeight<'a> {
     fn dims(&self) -> Vec<usize> {
         match self {
-            ProjWeight::F32(w) | ProjWeight::Mixed(w) => w.dims().to_vec(),
+            ProjWeight::F32(w) | ProjWeight::Mixed(w) | ProjWeight::MixedInt8(w) => {
+                w.dims().to_vec()
+            }
             ProjWeight::Bf16(p) => vec![p.out_dim(), p.in_dim()],
             ProjWeight::Streamed(s) => {
                 let (o, i) = s.dims();
@@ -83,7 +88,9 @@ impl<'a> ProjWeight<'a> {
     /// The weight, when it is a trained variable.
     fn trained(self) -> Option<&'a Tensor> {
         match self {
-            ProjWeight::F32(w) | ProjWeight::Mixed(w) => w.track_op().then_some(w),
+            ProjWeight::F32(w) | ProjWeight::Mixed(w) | ProjWeight::MixedInt8(w) => {
+                w.track_op().then_some(w)
+            }
             ProjWeight::Bf16(_) | ProjWeight::Streamed(_) | ProjWeight::Int8(_) => None,
         }
     }
@@ -287,6 +294,7 @@ pub fn fused_layer(
                 scale,
             }),
         };
+        let mut int8_dw = false;
         let (w, param, bf16_dw) = match p.w {
             ProjWeight::F32(w) => (
                 // Read in place where it is contiguous or held transposed (`f32_strided`).
@@ -300,6 +308,21 @@ pub fn fused_layer(
             ProjWeight::Bf16(pw) => (Frozen::Bf16(pw.clone()), None, false),
             ProjWeight::Streamed(sw) => (Frozen::Streamed(sw.clone()), None, false),
             ProjWeight::Int8(q) => (Frozen::Int8(q.clone()), None, false),
+            ProjWeight::MixedInt8(w) => {
+                let (out, inp) = w.dims2()?;
+                borrow_f32!(v = w, "projection weight");
+                // The forward orientation only: a trained weight's input-gradient copy is made
+                // in the backward pass and dropped at once (`P::bwd`), as the `Mixed` arm's
+                // packing is, so an evaluation never makes it and a step never holds both.
+                let fwd = I8Weight::new(v, out, inp, (inp, 1));
+                int8_dw = w.track_op();
+                let param = w.track_op().then(|| w.clone());
+                (
+                    Frozen::Int8(Arc::new(I8Pair::forward_only(fwd))),
+                    param,
+                    false,
+                )
+            }
             ProjWeight::Mixed(w) => {
                 let (out, inp) = w.dims2()?;
                 borrow_f32!(v = w, "projection weight");
@@ -320,6 +343,7 @@ pub fn fused_layer(
             param,
             lora,
             bf16_dw,
+            int8_dw,
         })
     };
     let norm = |n: Norm| -> CResult<OwnedNorm> {
@@ -391,6 +415,10 @@ struct OwnedProj {
     /// gradient runs there too, its forward product adds the rounding residual
     /// ([`P::residual_add`]) and its input-gradient packing is built in the backward pass.
     bf16_dw: bool,
+    /// The weight is trained with int8 products (a `MixedInt8` weight): `w` holds its forward
+    /// orientation only, the input gradient's is quantized in the backward pass, and the weight
+    /// gradient runs as an int8 product too (both operands quantized per 32 rows).
+    int8_dw: bool,
 }
 
 impl OwnedProj {
@@ -563,7 +591,7 @@ impl P<'_> {
     #[allow(clippy::too_many_arguments)]
     fn bwd(
         &self,
-        x: Option<&[f32]>,
+        x: Option<&Act>,
         xa: Option<&[f32]>,
         dy: &[f32],
         rows: usize,
@@ -585,10 +613,21 @@ impl P<'_> {
                     None => *dx = Some(amx::product(dy.bf16(), &packed)),
                 }
             }
+            (Some(w), false) if want_dx && self.proj.int8_dw => {
+                // A trained weight in int8 products: `W^T` quantized for this product from the
+                // f32 master copy (along the outputs, the sums' direction), dropped when done.
+                borrow_f32!(v = w, "projection weight");
+                let wt = I8Weight::new(v, din, dout, (1, din));
+                let dy = Act::new(dy, rows, dout);
+                match dx {
+                    Some(d) => wt.forward_into(dy.int8(), d, true),
+                    None => *dx = Some(wt.forward_new(dy.int8())),
+                }
+            }
             _ if want_dx => self.w.input_grad(&Act::new(dy, rows, dout), din, dx, par),
             _ => {}
         }
-        let input = || -> CResult<&[f32]> {
+        let input = || -> CResult<&Act> {
             match x {
                 Some(x) => Ok(x),
                 None => {
@@ -601,14 +640,16 @@ impl P<'_> {
             let x = input()?;
             let dw = if self.proj.bf16_dw {
                 let a = RowsBf16::from_f32_transposed(dy, rows, dout);
-                amx::product(&a, &PackedB::from_cols(x, rows, din))
+                amx::product(&a, &PackedB::from_cols(x.x, rows, din))
+            } else if self.proj.int8_dw && super::int8::train_dw() {
+                super::int8::weight_grad(dy, x.int8_columns(), rows, dout)
             } else {
-                product(dout, din, rows, dy, (1, dout), x, (din, 1), par)
+                product(dout, din, rows, dy, (1, dout), x.x, (din, 1), par)
             };
             sink.push((w.clone(), dw));
         }
         if let Some(l) = &self.proj.lora {
-            let x = l.a.as_ref().map(|_| input()).transpose()?;
+            let x = l.a.as_ref().map(|_| input().map(|a| a.x)).transpose()?;
             let xa = match (&l.b, xa) {
                 (None, _) => None,
                 (Some(_), Some(xa)) => Some(xa),
@@ -957,8 +998,11 @@ impl FusedLayer {
             .needs_input()
             .then(|| gated_forward(self.act, &g, &u));
         let mut dh = None;
+        let h_act = h
+            .as_deref()
+            .map(|h| Act::new(h, rows, h.len() / rows.max(1)));
         ps.down.bwd(
-            h.as_deref(),
+            h_act.as_ref(),
             xa_at(i_d),
             d_down_ref,
             rows,
@@ -967,15 +1011,19 @@ impl FusedLayer {
             sink,
             par,
         )?;
+        drop(h_act);
         drop((h, d_down));
         let dh = dh.unwrap_or_default();
         let (dg, du) = gated_backward(self.act, &g, &u, &dh);
         drop((g, u, dh));
         let mut dhn = None;
+        let hn2_act = hn2
+            .as_deref()
+            .map(|h| Act::new(h, rows, h.len() / rows.max(1)));
         if ngu == 1 {
             let dgu = join_columns(&[&dg, &du], rows);
             ps.gate_up[0].bwd(
-                hn2.as_deref(),
+                hn2_act.as_ref(),
                 xa_at(i_gu),
                 &dgu,
                 rows,
@@ -987,7 +1035,7 @@ impl FusedLayer {
         } else {
             for (j, d) in [&dg, &du].into_iter().enumerate() {
                 ps.gate_up[j].bwd(
-                    hn2.as_deref(),
+                    hn2_act.as_ref(),
                     xa_at(i_gu + j),
                     d,
                     rows,
@@ -998,6 +1046,7 @@ impl FusedLayer {
                 )?;
             }
         }
+        drop(hn2_act);
         drop((dg, du, hn2));
         let dhn = dhn.unwrap_or_default();
         // dx1 = dy + the pre-MLP norm's backward pass.
@@ -1013,7 +1062,7 @@ impl FusedLayer {
         drop(o_out);
         let mut datt = None;
         ps.o.bwd(
-            Some(&att),
+            Some(&Act::new(&att, rows, nq)),
             xa_at(i_o),
             d_o.as_deref().unwrap_or(&dx1),
             rows,
@@ -1049,10 +1098,13 @@ impl FusedLayer {
         // skipped when neither the input nor the norm needs it.
         let need_dhn = want_dx || self.input_norm.param.is_some();
         let mut dhn = None;
+        let hn1_act = hn1
+            .as_deref()
+            .map(|h| Act::new(h, rows, h.len() / rows.max(1)));
         if nqkv == 1 {
             let dqkv = join_columns(&[&dq, &dk, &dv], rows);
             ps.qkv[0].bwd(
-                hn1.as_deref(),
+                hn1_act.as_ref(),
                 xa_at(0),
                 &dqkv,
                 rows,
@@ -1064,7 +1116,7 @@ impl FusedLayer {
         } else {
             for (j, d) in [&dq, &dk, &dv].into_iter().enumerate() {
                 ps.qkv[j].bwd(
-                    hn1.as_deref(),
+                    hn1_act.as_ref(),
                     xa_at(j),
                     d,
                     rows,
@@ -1075,6 +1127,7 @@ impl FusedLayer {
                 )?;
             }
         }
+        drop(hn1_act);
         drop((dq, dk, dv, hn1));
         let Some(dhn) = dhn else {
             return Ok(None);

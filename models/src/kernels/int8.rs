@@ -114,14 +114,10 @@ impl I8Weight {
                     let k0 = s * KC;
                     let len = KC.min(in_dim - k0);
                     let mut max = [0f32; NB];
-                    for kk in 0..len {
-                        let row = &mut tile[kk * NB..][..cols];
-                        let base = (k0 + kk) * si + b * NB * so;
-                        for (j, (v, m)) in row.iter_mut().zip(&mut max).enumerate() {
-                            *v = w[base + j * so];
-                            *m = m.max(v.abs());
-                        }
-                    }
+                    let base = k0 * si + b * NB * so;
+                    // SAFETY: AVX-512 checked above; the stretch's `len` rows of `cols` columns
+                    // lie inside `w` (the assert above), the tile holds `KC x NB`.
+                    unsafe { gather_stretch(w, base, (so, si), len, cols, &mut tile, &mut max) };
                     let mut sum = [0i32; NB];
                     // SAFETY: AVX-512 checked above; the tile's `len` rows, the stretch's part
                     // of `q`.
@@ -150,6 +146,12 @@ impl I8Weight {
         }
     }
 
+    /// An input `x` `[rows, cols]` (row-major) for [`weight_grad`]: `x^T` `[cols, rows]` as a
+    /// weight, each feature quantized per 32 rows.
+    pub fn of_columns(x: &[f32], rows: usize, cols: usize) -> Self {
+        Self::new(x, cols, rows, (1, cols))
+    }
+
     pub fn out_dim(&self) -> usize {
         self.out_dim
     }
@@ -172,6 +174,7 @@ impl I8Weight {
 
     /// `y[rows, out] (+)= x W^T`: added to `y` with `accumulate`, else overwriting it.
     pub fn forward_into(&self, x: &I8Rows, y: &mut [f32], accumulate: bool) {
+        let _g = super::profile::prof("int8.product");
         assert_eq!(
             x.cols, self.in_dim,
             "int8 product: rows of {} inputs against a weight of {}",
@@ -262,16 +265,28 @@ impl I8Weight {
 #[derive(Debug)]
 pub struct I8Pair {
     fwd: Arc<I8Weight>,
-    /// `W^T`, `[in, out]`.
-    bwd: I8Weight,
+    /// `W^T`, `[in, out]`; `None` in a pair made for forward products only
+    /// ([`I8Pair::forward_only`]).
+    bwd: Option<I8Weight>,
 }
 
 impl I8Pair {
     /// Both orientations of `W[o][i] = w[o * strides.0 + i * strides.1]`.
     pub fn new(w: &[f32], out_dim: usize, in_dim: usize, strides: (usize, usize)) -> Self {
+        let _g = super::profile::prof("int8.pair.new");
         Self {
             fwd: Arc::new(I8Weight::new(w, out_dim, in_dim, strides)),
-            bwd: I8Weight::new(w, in_dim, out_dim, (strides.1, strides.0)),
+            bwd: Some(I8Weight::new(w, in_dim, out_dim, (strides.1, strides.0))),
+        }
+    }
+
+    /// A pair whose input gradient is taken elsewhere (a trained weight, whose transposed copy
+    /// the fused layer's backward pass makes from its f32 master copy): `input_grad` on it is a
+    /// bug and panics.
+    pub fn forward_only(fwd: I8Weight) -> Self {
+        Self {
+            fwd: Arc::new(fwd),
+            bwd: None,
         }
     }
 
@@ -295,13 +310,36 @@ impl I8Pair {
 
     /// `dx[rows, in] (+)= dy W`.
     pub fn input_grad(&self, dy: &I8Rows, dx: &mut [f32], accumulate: bool) {
-        self.bwd.forward_into(dy, dx, accumulate)
+        match &self.bwd {
+            Some(b) => b.forward_into(dy, dx, accumulate),
+            None => panic!("int8 pair: an input gradient on a pair made for forward products"),
+        }
     }
 
     /// Bytes held (both orientations).
     pub fn bytes(&self) -> usize {
-        self.fwd.bytes() + self.bwd.bytes()
+        self.fwd.bytes() + self.bwd.as_ref().map_or(0, |b| b.bytes())
     }
+}
+
+/// Whether a weight trained with int8 products takes its gradient as an int8 product too
+/// (`ATTUNE_INT8_DW=0` keeps it f32; A/B runs).
+pub fn train_dw() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ATTUNE_INT8_DW").map_or(true, |v| v.trim() != "0"))
+}
+
+/// The weight gradient `dy^T x` `[dout, din]` of a projection for its output gradient `dy`
+/// `[rows, dout]` and its input `x` `[rows, din]` as [`I8Weight::of_columns`] holds it, as an
+/// int8 product: both quantized per 32 rows (the sums run over the rows), `dy` per output
+/// feature, `x` per input feature.
+pub fn weight_grad(dy: &[f32], x: &I8Weight, rows: usize, dout: usize) -> Vec<f32> {
+    assert_eq!(
+        x.in_dim, rows,
+        "int8 weight gradient: input of {} rows, not {rows}",
+        x.in_dim
+    );
+    x.forward_new(&I8Rows::from_columns(dy, rows, dout))
 }
 
 impl candle_core::CustomOp1 for I8Weight {
@@ -358,6 +396,7 @@ impl I8Rows {
             x.len()
         );
         assert!(cpu_has_vnni512(), "int8 rows need AVX-512 VNNI");
+        let _g = super::profile::prof("int8.rows.new");
         let ns = stretches(cols);
         let stride = ns * KC;
         let mut q = vec![128u8; rows * stride];
@@ -377,6 +416,42 @@ impl I8Rows {
         Self {
             rows,
             cols,
+            stride,
+            q,
+            scale,
+        }
+    }
+
+    /// The rows of `src^T` for `src` `[rows, cols]` (row-major): `cols` rows of `rows` values,
+    /// each quantized per 32 of `src`'s rows, as [`Self::new`] would quantize the transposed
+    /// copy, without making it. Over the kernels' pool, 16 columns per task.
+    pub fn from_columns(src: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            src.len(),
+            rows * cols,
+            "int8 rows: {rows} x {cols} against {}",
+            src.len()
+        );
+        assert!(cpu_has_vnni512(), "int8 rows need AVX-512 VNNI");
+        let _g = super::profile::prof("int8.rows.columns");
+        let ns = stretches(rows);
+        let stride = ns * KC;
+        let mut q = vec![128u8; cols * stride];
+        let mut scale = vec![0f32; cols * ns];
+        let sp = SharedMut(scale.as_mut_ptr());
+        pool::chunks_mut(&mut q, stride * 16, |c, dst| {
+            let c0 = c * 16;
+            // SAFETY: columns `c0..c0 + 16`'s scales, one task per 16 columns; AVX-512 checked
+            // above; `dst` holds those columns' rows of `stride` bytes.
+            unsafe {
+                let n = dst.len() / stride;
+                let s = std::slice::from_raw_parts_mut(sp.get().add(c0 * ns), n * ns);
+                quantize_columns(src, rows, cols, c0, n, dst, s);
+            }
+        });
+        Self {
+            rows: cols,
+            cols: rows,
             stride,
             q,
             scale,
@@ -448,6 +523,102 @@ unsafe fn quantize_stretch(_: &[f32], _: usize, _: &[f32; NB], _: &mut [i8], _: 
     unreachable!("int8 products need x86-64 AVX-512 VNNI")
 }
 
+/// A stretch of a weight, `W[o][k] = w[base + (o - o0) * so + (k - k0) * si]` for its `len`
+/// inputs and `cols` outputs, into `tile` (`[KC][NB]`, inputs by rows; columns past `cols` are
+/// left as they are), with each column's largest magnitude in `max`. A weight held transposed
+/// (`so == 1`) is copied row by row; a row-major one (`si == 1`) whole is transposed in 16 x 16
+/// register tiles; anything else element by element.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_stretch(
+    w: &[f32],
+    base: usize,
+    (so, si): (usize, usize),
+    len: usize,
+    cols: usize,
+    tile: &mut [f32],
+    max: &mut [f32; NB],
+) {
+    use std::arch::x86_64::*;
+    if so == 1 {
+        let mask = |c: usize| -> __mmask16 {
+            let n = 16.min(cols.saturating_sub(c));
+            if n == 16 {
+                !0
+            } else {
+                (1u16 << n) - 1
+            }
+        };
+        let mut m = [_mm512_setzero_ps(); NB / 16];
+        for kk in 0..len {
+            for (v, mv) in m.iter_mut().enumerate() {
+                let k = mask(16 * v);
+                // SAFETY: the caller's bounds; the mask keeps the load within `cols`.
+                unsafe {
+                    let x = _mm512_maskz_loadu_ps(k, w.as_ptr().add(base + kk * si + 16 * v));
+                    _mm512_mask_storeu_ps(tile.as_mut_ptr().add(kk * NB + 16 * v), k, x);
+                    *mv = _mm512_max_ps(*mv, _mm512_abs_ps(x));
+                }
+            }
+        }
+        for (v, mv) in m.iter().enumerate() {
+            // SAFETY: 16 floats of `max`.
+            unsafe { _mm512_storeu_ps(max.as_mut_ptr().add(16 * v), *mv) };
+        }
+        return;
+    }
+    if si == 1 && len == KC && cols == NB {
+        for j0 in (0..NB).step_by(16) {
+            for k0 in (0..KC).step_by(16) {
+                // SAFETY: rows `j0..j0 + 16` of the block (`so` apart), inputs `k0..k0 + 16`,
+                // all inside `w`; their transposes inside the tile.
+                unsafe {
+                    super::transpose16(
+                        w.as_ptr().add(base + j0 * so + k0),
+                        so,
+                        tile.as_mut_ptr().add(k0 * NB + j0),
+                        NB,
+                    )
+                };
+            }
+        }
+        let mut m = [_mm512_setzero_ps(); NB / 16];
+        for kk in 0..KC {
+            for (v, mv) in m.iter_mut().enumerate() {
+                // SAFETY: inside the tile.
+                let x = unsafe { _mm512_loadu_ps(tile.as_ptr().add(kk * NB + 16 * v)) };
+                *mv = _mm512_max_ps(*mv, _mm512_abs_ps(x));
+            }
+        }
+        for (v, mv) in m.iter().enumerate() {
+            // SAFETY: 16 floats of `max`.
+            unsafe { _mm512_storeu_ps(max.as_mut_ptr().add(16 * v), *mv) };
+        }
+        return;
+    }
+    for kk in 0..len {
+        let row = &mut tile[kk * NB..][..cols];
+        let at = base + kk * si;
+        for (j, (v, m)) in row.iter_mut().zip(max.iter_mut()).enumerate() {
+            *v = w[at + j * so];
+            *m = m.max(v.abs());
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn gather_stretch(
+    _: &[f32],
+    _: usize,
+    _: (usize, usize),
+    _: usize,
+    _: usize,
+    _: &mut [f32],
+    _: &mut [f32; NB],
+) {
+    unreachable!("int8 products need x86-64 AVX-512 VNNI")
+}
+
 /// One row: per stretch, the largest magnitude sets the scale (`max / 127`), each value is
 /// rounded to the nearest step (ties to even) and stored plus 128.
 #[cfg(target_arch = "x86_64")]
@@ -483,6 +654,102 @@ unsafe fn quantize_row(x: &[f32], dst: &mut [u8], scales: &mut [f32]) {
             }
         }
     }
+}
+
+/// Columns `c0..c0 + n` (`n <= 16`) of `src` `[rows, cols]` quantized along the rows: per
+/// stretch of 32 rows, each column's largest magnitude sets its scale (`max / 127`), its values
+/// rounded to the nearest step (ties to even) and stored plus 128 in its row of `dst`
+/// (`stride` bytes per column), the scales in `scales` (`[column][stretch]`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_columns(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    c0: usize,
+    n: usize,
+    dst: &mut [u8],
+    scales: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let ns = stretches(rows);
+    let stride = ns * KC;
+    let mask: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
+    let off = _mm512_set1_epi32(128);
+    // One stretch's quantized bytes, `[32 rows][16 columns]`, then written column by column.
+    let mut tile = [[128u8; 16]; KC];
+    // A whole stretch of 16 columns, transposed: `[16 columns][32 rows]`.
+    let mut cols_f32 = [0f32; 16 * KC];
+    for s in 0..ns {
+        let r0 = s * KC;
+        let len = KC.min(rows - r0);
+        if n == 16 && len == KC {
+            let cp = cols_f32.as_mut_ptr();
+            // SAFETY: rows `r0..r0 + 32` and columns `c0..c0 + 16` lie inside `src`; their
+            // transposes fill `cols_f32`; each column's 32 bytes lie inside its row of `dst`.
+            unsafe {
+                let at = src.as_ptr().add(r0 * cols + c0);
+                super::transpose16(at, cols, cp, KC);
+                super::transpose16(at.add(16 * cols), cols, cp.add(16), KC);
+                for j in 0..16 {
+                    let (lo, hi) = (
+                        _mm512_loadu_ps(cp.add(j * KC)),
+                        _mm512_loadu_ps(cp.add(j * KC + 16)),
+                    );
+                    let max =
+                        _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+                    scales[j * ns + s] = max / 127.0;
+                    let inv = _mm512_set1_ps(if max > 0.0 { 127.0 / max } else { 0.0 });
+                    let out = dst.as_mut_ptr().add(j * stride + r0);
+                    for (h, v) in [lo, hi].into_iter().enumerate() {
+                        let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), off);
+                        _mm_storeu_si128(out.add(16 * h) as *mut _, _mm512_cvtepi32_epi8(q));
+                    }
+                }
+            }
+            continue;
+        }
+        let mut m = _mm512_setzero_ps();
+        for kk in 0..len {
+            // SAFETY: row `r0 + kk < rows`, columns `c0..c0 + n` within `cols` (the mask).
+            let v = unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().add((r0 + kk) * cols + c0)) };
+            m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        }
+        let mut max = [0f32; 16];
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(max.as_mut_ptr(), m) };
+        for j in 0..n {
+            scales[j * ns + s] = max[j] / 127.0;
+        }
+        let nonzero = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_setzero_ps());
+        let inv = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(127.0), m);
+        for (kk, t) in tile.iter_mut().enumerate().take(len) {
+            // SAFETY: as above; `t` is 16 bytes.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().add((r0 + kk) * cols + c0));
+                let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), off);
+                _mm_storeu_si128(t.as_mut_ptr() as *mut _, _mm512_cvtepi32_epi8(q));
+            }
+        }
+        for (j, row) in dst.chunks_exact_mut(stride).take(n).enumerate() {
+            for (kk, d) in row[r0..r0 + len].iter_mut().enumerate() {
+                *d = tile[kk][j];
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn quantize_columns(
+    _: &[f32],
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: &mut [u8],
+    _: &mut [f32],
+) {
+    unreachable!("int8 products need x86-64 AVX-512 VNNI")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -663,6 +930,52 @@ mod tests {
                         assert!(err <= max / 254.0 * 1.0001, "activation ({r}, {i}): {err}");
                     }
                 }
+            }
+        }
+    }
+
+    /// `I8Rows::from_columns` holds exactly what `I8Rows::new` makes of the transposed copy
+    /// (bytes and scales), for column counts below, at and past 16 and row counts with partial
+    /// stretches, a zero column included; and `weight_grad` equals the f64 product of those
+    /// quantized values.
+    #[test]
+    fn column_quantization_equals_the_transposed_rows() {
+        if !cpu_has_vnni512() {
+            return;
+        }
+        for &(rows, cols) in &[(32, 16), (70, 5), (64, 37), (1, 40), (100, 576)] {
+            let mut src = test_values(rows * cols, 11);
+            for r in 0..rows {
+                src[r * cols + cols / 2] = 0.0;
+            }
+            let t = crate::kernels::transpose(&src, rows, cols);
+            let (a, b) = (
+                I8Rows::from_columns(&src, rows, cols),
+                I8Rows::new(&t, cols, rows),
+            );
+            assert_eq!((a.rows, a.cols, a.stride), (b.rows, b.cols, b.stride));
+            assert!(a.q == b.q, "[{rows}, {cols}]: bytes differ");
+            assert!(a.scale == b.scale, "[{rows}, {cols}]: scales differ");
+        }
+        let (rows, dout, din) = (70, 40, 24);
+        let dy = test_values(rows * dout, 5);
+        let x = test_values(rows * din, 6);
+        let dw = weight_grad(&dy, &I8Weight::of_columns(&x, rows, din), rows, dout);
+        let a = I8Rows::from_columns(&dy, rows, dout).to_f32(); // [dout, rows]
+        let b = I8Weight::new(&x, din, rows, (1, din)).to_f32(); // [din, rows]
+        for o in 0..dout {
+            for i in 0..din {
+                let exact: f64 = (0..rows)
+                    .map(|t| a[o * rows + t] as f64 * b[i * rows + t] as f64)
+                    .sum();
+                let mag: f64 = (0..rows)
+                    .map(|t| (a[o * rows + t] as f64 * b[i * rows + t] as f64).abs())
+                    .sum();
+                let got = dw[o * din + i] as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-5 * mag + 1e-30,
+                    "dW ({o}, {i}): {got} vs {exact}"
+                );
             }
         }
     }

@@ -115,6 +115,7 @@ pub(crate) struct Act<'a> {
     pub cols: usize,
     bf16: OnceLock<RowsBf16>,
     int8: OnceLock<super::int8::I8Rows>,
+    int8_columns: OnceLock<super::int8::I8Weight>,
 }
 
 impl<'a> Act<'a> {
@@ -126,7 +127,15 @@ impl<'a> Act<'a> {
             cols,
             bf16: OnceLock::new(),
             int8: OnceLock::new(),
+            int8_columns: OnceLock::new(),
         }
+    }
+
+    /// The input quantized along its rows for int8 weight gradients
+    /// ([`super::int8::weight_grad`]), once, on first use (q, k and v share it).
+    pub(super) fn int8_columns(&self) -> &super::int8::I8Weight {
+        self.int8_columns
+            .get_or_init(|| super::int8::I8Weight::of_columns(self.x, self.rows, self.cols))
     }
 
     /// The rows quantized for the int8 products (once, on first use).

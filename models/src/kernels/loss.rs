@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::amx::{self, PackedB, PackedWeight, RowsBf16};
 use super::gemm::product;
+use super::int8::{I8Rows, I8Weight};
 use super::linear::{Act, Frozen};
 use super::profile::prof;
 use super::{borrow_f32, f32_slice, tensor_vec, threads, CResult};
@@ -127,8 +128,17 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
     let (vocab, w_hid) = w.dims2()?;
     check_head(n, hid, vocab, w_hid, targets)?;
     let w = w.contiguous()?;
+    let mut int8 = None;
     let (packed, bf16_dw) = match bf16 {
         HeadBf16::Off => (None, false),
+        HeadBf16::Int8PerCall => {
+            if !super::int8::available() {
+                candle_core::bail!("lm head: int8 products need AVX-512 VNNI")
+            }
+            borrow_f32!(wv = w, "lm head weight");
+            int8 = Some(I8Weight::new(wv, vocab, hid, (hid, 1)));
+            (None, false)
+        }
         HeadBf16::Frozen(p) => {
             if (p.out_dim(), p.in_dim()) != (vocab, hid) {
                 candle_core::bail!(
@@ -153,6 +163,7 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
             targets: targets.to_vec(),
             packed,
             bf16_dw,
+            int8,
             recycle: matches!(bf16, HeadBf16::Frozen(_)) && !w.track_op(),
             kept: Mutex::new(None),
         },
@@ -169,6 +180,9 @@ pub enum HeadBf16<'a> {
     /// On a bf16 copy made from the f32 weight for this call (a trained head: its gradient is
     /// computed in bf16 too and stays f32).
     PerCall,
+    /// In int8 on AVX-512 VNNI (no AMX), on i8 copies of the f32 weight made for this call (a
+    /// trained head: its gradient is an int8 product too, and stays f32).
+    Int8PerCall,
 }
 
 struct LmHeadNll {
@@ -179,6 +193,10 @@ struct LmHeadNll {
     /// the matrix units too, and the logits add the weight's bf16 rounding residual, as the
     /// fused layer's products do (`P::residual_add` in `super::block`).
     bf16_dw: bool,
+    /// The weight in i8 for the logits, when the products run in int8
+    /// ([`HeadBf16::Int8PerCall`]); the input gradient's transposed copy is made in the
+    /// backward pass (so an evaluation never makes it).
+    int8: Option<I8Weight>,
     /// A frozen head on its packed bf16 copy (LoRA and prompt tuning on a dense base, where the
     /// step's peak is the head's): its backward pass hands the logits and their bf16 gradient,
     /// made afresh every step, to [`super::scratch`] for the next step's. (A forward pass alone,
@@ -195,8 +213,9 @@ struct LmHeadNll {
 impl LmHeadNll {
     /// Logits `h W^T` and the log-sum-exp of every row.
     fn logits(&self, h: &[f32], w: &[f32], n: usize, hid: usize) -> (Vec<f32>, Vec<f32>) {
-        let logits = match &self.packed {
-            Some(p) => {
+        let logits = match (&self.packed, &self.int8) {
+            (_, Some(q)) => q.forward_new(&I8Rows::new(h, n, hid)),
+            (Some(p), _) => {
                 let x = RowsBf16::from_f32(h, n, hid);
                 let mut logits = p.forward_new(&x);
                 if self.bf16_dw {
@@ -206,7 +225,7 @@ impl LmHeadNll {
                 }
                 logits
             }
-            None => product(
+            (None, None) => product(
                 n,
                 w.len() / hid.max(1),
                 hid,
@@ -295,8 +314,11 @@ impl CustomOp2 for LmHeadNll {
         };
         logits_to_grad(&mut d, &g, &self.targets, &lse, vocab);
         let par = Parallelism::Rayon(threads());
-        let dh = match &self.packed {
-            Some(p) => {
+        let dh = match (&self.packed, &self.int8) {
+            (_, Some(_)) => {
+                I8Weight::new(wv, hid, vocab, (1, hid)).forward_new(&I8Rows::new(&d, n, vocab))
+            }
+            (Some(p), _) => {
                 let a = RowsBf16::from_f32(&d, n, vocab);
                 let dh = p.input_grad_new(&a);
                 if self.recycle {
@@ -304,12 +326,14 @@ impl CustomOp2 for LmHeadNll {
                 }
                 dh
             }
-            None => product(n, hid, vocab, &d, (vocab, 1), wv, (hid, 1), par),
+            (None, None) => product(n, hid, vocab, &d, (vocab, 1), wv, (hid, 1), par),
         };
         let dw = if w.track_op() {
             let dw = if self.bf16_dw {
                 let a = RowsBf16::from_f32_transposed(&d, n, vocab);
                 amx::product(&a, &PackedB::from_cols(hv, n, hid))
+            } else if self.int8.is_some() && super::int8::train_dw() {
+                super::int8::weight_grad(&d, &I8Weight::of_columns(hv, n, hid), n, vocab)
             } else {
                 product(vocab, hid, n, &d, (1, vocab), hv, (hid, 1), par)
             };

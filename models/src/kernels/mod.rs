@@ -167,57 +167,75 @@ unsafe fn transpose_avx512(
     cols: usize,
     dst: &mut [std::mem::MaybeUninit<f32>],
 ) -> (usize, usize) {
-    use std::arch::x86_64::*;
     let (wr, wc) = (rows / 16 * 16, cols / 16 * 16);
     let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr() as *mut f32);
     for r0 in (0..wr).step_by(16) {
         for c0 in (0..wc).step_by(16) {
-            // SAFETY (the loads and stores below): rows r0..r0 + 16 and columns c0..c0 + 16 lie
-            // inside `src` `[rows, cols]`, and their transposes inside `dst` `[cols, rows]`.
-            let r: [__m512; 16] =
-                std::array::from_fn(|i| unsafe { _mm512_loadu_ps(sp.add((r0 + i) * cols + c0)) });
-            // a[2p], a[2p + 1]: rows 2p and 2p + 1 interleaved, columns 4l + {0, 1} and
-            // 4l + {2, 3} of each 128-bit lane l.
-            let a: [__m512; 16] = std::array::from_fn(|i| {
-                let (x, y) = (r[i & !1], r[i | 1]);
-                if i % 2 == 0 {
-                    _mm512_unpacklo_ps(x, y)
-                } else {
-                    _mm512_unpackhi_ps(x, y)
-                }
-            });
-            // b[4g + m], lane l: column 4l + m of rows 4g..4g + 4.
-            let b: [__m512; 16] = std::array::from_fn(|i| {
-                let (g, m) = (i / 4, i % 4);
-                let (x, y) = (
-                    _mm512_castps_pd(a[4 * g + m / 2]),
-                    _mm512_castps_pd(a[4 * g + 2 + m / 2]),
-                );
-                _mm512_castpd_ps(if m % 2 == 0 {
-                    _mm512_unpacklo_pd(x, y)
-                } else {
-                    _mm512_unpackhi_pd(x, y)
-                })
-            });
-            for m in 0..4 {
-                let c0_ = _mm512_shuffle_f32x4::<0x44>(b[m], b[4 + m]);
-                let c1_ = _mm512_shuffle_f32x4::<0xEE>(b[m], b[4 + m]);
-                let c2_ = _mm512_shuffle_f32x4::<0x44>(b[8 + m], b[12 + m]);
-                let c3_ = _mm512_shuffle_f32x4::<0xEE>(b[8 + m], b[12 + m]);
-                // Column 4l + m of the tile, rows 0..16: output row c0 + 4l + m.
-                let outs = [
-                    _mm512_shuffle_f32x4::<0x88>(c0_, c2_),
-                    _mm512_shuffle_f32x4::<0xDD>(c0_, c2_),
-                    _mm512_shuffle_f32x4::<0x88>(c1_, c3_),
-                    _mm512_shuffle_f32x4::<0xDD>(c1_, c3_),
-                ];
-                for (l, v) in outs.into_iter().enumerate() {
-                    unsafe { _mm512_storeu_ps(dp.add((c0 + 4 * l + m) * rows + r0), v) };
-                }
-            }
+            // SAFETY: rows r0..r0 + 16 and columns c0..c0 + 16 lie inside `src` `[rows, cols]`,
+            // and their transposes inside `dst` `[cols, rows]`.
+            unsafe { transpose16(sp.add(r0 * cols + c0), cols, dp.add(c0 * rows + r0), rows) };
         }
     }
     (wr, wc)
+}
+
+/// One 16 x 16 tile transposed in registers: 16 row loads from `src` (`src_stride` floats
+/// apart), three rounds of shuffles, 16 row stores to `dst` (`dst_stride` apart).
+///
+/// # Safety
+/// The CPU has AVX-512F; the 16 rows of 16 floats at `src` and at `dst` lie inside their
+/// buffers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose16(
+    src: *const f32,
+    src_stride: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (the loads and stores below): the caller's bounds.
+    let r: [__m512; 16] =
+        std::array::from_fn(|i| unsafe { _mm512_loadu_ps(src.add(i * src_stride)) });
+    // a[2p], a[2p + 1]: rows 2p and 2p + 1 interleaved, columns 4l + {0, 1} and
+    // 4l + {2, 3} of each 128-bit lane l.
+    let a: [__m512; 16] = std::array::from_fn(|i| {
+        let (x, y) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(x, y)
+        } else {
+            _mm512_unpackhi_ps(x, y)
+        }
+    });
+    // b[4g + m], lane l: column 4l + m of rows 4g..4g + 4.
+    let b: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, m) = (i / 4, i % 4);
+        let (x, y) = (
+            _mm512_castps_pd(a[4 * g + m / 2]),
+            _mm512_castps_pd(a[4 * g + 2 + m / 2]),
+        );
+        _mm512_castpd_ps(if m % 2 == 0 {
+            _mm512_unpacklo_pd(x, y)
+        } else {
+            _mm512_unpackhi_pd(x, y)
+        })
+    });
+    for m in 0..4 {
+        let c0_ = _mm512_shuffle_f32x4::<0x44>(b[m], b[4 + m]);
+        let c1_ = _mm512_shuffle_f32x4::<0xEE>(b[m], b[4 + m]);
+        let c2_ = _mm512_shuffle_f32x4::<0x44>(b[8 + m], b[12 + m]);
+        let c3_ = _mm512_shuffle_f32x4::<0xEE>(b[8 + m], b[12 + m]);
+        // Column 4l + m of the tile, rows 0..16: output row 4l + m.
+        let outs = [
+            _mm512_shuffle_f32x4::<0x88>(c0_, c2_),
+            _mm512_shuffle_f32x4::<0xDD>(c0_, c2_),
+            _mm512_shuffle_f32x4::<0x88>(c1_, c3_),
+            _mm512_shuffle_f32x4::<0xDD>(c1_, c3_),
+        ];
+        for (l, v) in outs.into_iter().enumerate() {
+            unsafe { _mm512_storeu_ps(dst.add((4 * l + m) * dst_stride), v) };
+        }
+    }
 }
 
 fn tensor_vec(t: &Tensor) -> CResult<Vec<f32>> {
