@@ -19,7 +19,10 @@
 //! training layer's f32 path). Without AMX but with AVX-512 VNNI, LoRA and prompt tuning train
 //! on int8 products (`attune_models::train::int8_frozen_base`; the same script, same machine,
 //! 2026-12-05 19:20Z, twice): LoRA 459 / 487, soft prompt 518 / 510, full (f32) 267 / 257
-//! tokens/s, taken as 470 / 510 / 270. The bench's
+//! tokens/s, taken as 470 / 510 / 270; full fine-tuning on int8 products too
+//! (`attune_models::train::int8_full_fine_tuning`; same script and machine, 2026-12-05 22:10Z,
+//! twice): 377 / 383, taken as 380 (LoRA 467 / 464 and soft prompt 513 / 492 in those runs).
+//! The bench's
 //! 256-token packed blocks run faster than real rows with AMX (857 / 906 / 392 in the same
 //! session), so its figures are not used. Token counts come from the dataset rendered with the model's
 //! chat template, exactly as training renders it; they are cached per dataset content
@@ -66,7 +69,7 @@ const INFERENCE_OVERHEAD: u64 = 300 << 20;
 
 /// Training throughput on the benchmark machine, tokens/s (see the module docs).
 fn benchmark_tokens_per_s(method: &str) -> f64 {
-    benchmark_tokens_per_s_on(method, Products::here())
+    benchmark_tokens_per_s_on(method, Products::here(method))
 }
 
 /// What a training run's products run on, as `train::prepare` decides for this CPU.
@@ -74,20 +77,24 @@ fn benchmark_tokens_per_s(method: &str) -> f64 {
 enum Products {
     /// bf16 on the AMX tiles (every method).
     Amx,
-    /// int8 on AVX-512 VNNI for LoRA's and prompt tuning's frozen base, f32 for full
-    /// fine-tuning (no AMX).
+    /// int8 on AVX-512 VNNI (no AMX): LoRA's and prompt tuning's frozen base, full
+    /// fine-tuning's master weights quantized every step.
     Int8,
     /// f32 everywhere.
     F32,
 }
 
 impl Products {
-    /// What this CPU's runs take (bf16 with AMX; else int8 where the frozen base may run on
-    /// it; else f32).
-    fn here() -> Self {
+    /// What this CPU's runs of `method` take (bf16 with AMX; else int8 where `train::prepare`
+    /// takes it for the method; else f32).
+    fn here(method: &str) -> Self {
+        let int8 = match method {
+            "full" => attune_models::train::int8_full_fine_tuning(),
+            _ => attune_models::train::int8_frozen_base(),
+        };
         if attune_models::kernels::amx::available() {
             Products::Amx
-        } else if attune_models::train::int8_frozen_base() {
+        } else if int8 {
             Products::Int8
         } else {
             Products::F32
@@ -101,7 +108,8 @@ fn benchmark_tokens_per_s_on(method: &str, products: Products) -> f64 {
         ("full", Products::Amx) => 300.0,
         ("prompt", Products::Amx) => 550.0,
         (_, Products::Amx) => 500.0,
-        ("full", _) => 270.0,
+        ("full", Products::Int8) => 380.0,
+        ("full", Products::F32) => 270.0,
         ("prompt", Products::Int8) => 510.0,
         (_, Products::Int8) => 470.0,
         ("prompt", Products::F32) => 370.0,

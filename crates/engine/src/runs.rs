@@ -263,6 +263,14 @@ pub const PACKED_BF16_BYTES_PER_PARAM: u64 = 2;
 /// [`FULL_SPREAD_BYTES_PER_PARAM`]).
 pub const FULL_BF16_PACKED_BYTES_PER_PARAM: u64 = 3;
 
+/// Bytes per parameter full fine-tuning's int8 products ([`int8_full_fine_tuning`]) hold
+/// beyond its f32 parts: every weight's forward i8 copy (1.25 bytes with its scales) from its
+/// forward pass to the end of the step (the input-gradient copies are made and dropped one
+/// product at a time), and what the model's load in `Auto` leaves behind (its quantized copies,
+/// dropped when the weights become variables). Measured on the default model (2026-12-05):
+/// 1 x 256 peaked 2518 MiB against 2260 with f32 products, 1.9 bytes per parameter more.
+pub const FULL_INT8_BYTES_PER_PARAM: u64 = 2;
+
 /// Bytes per projection weight that LoRA's and prompt tuning's frozen base saves where it trains
 /// on int8 products ([`int8_frozen_base`]): each projection's f32 copy (4 bytes) gives way to
 /// its two i8 orientations (1 byte each, plus a scale and an accumulator start per 32 weights:
@@ -307,6 +315,12 @@ pub fn bf16_products(method: &MethodSpec) -> bool {
         }
         _ => bf16_frozen_base(method),
     }
+}
+
+/// Whether a run of `method` is full fine-tuning on int8 products (f32 master weights quantized
+/// every step: a CPU with AVX-512 VNNI and no AMX, `attune_models::train::int8_full_fine_tuning`).
+pub fn int8_full_fine_tuning(method: &MethodSpec) -> bool {
+    matches!(method, MethodSpec::Full) && attune_models::train::int8_full_fine_tuning()
 }
 
 /// The estimate's margin over the parts' sum: the measured peaks lie 0-6% above the fitted
@@ -359,7 +373,8 @@ const UNFUSED_LORA_FACTOR: u64 = 2;
 ///   copies the model keeps ([`KEPT_COPY_BYTES_PER_PARAM`]) and, where the frozen base runs
 ///   in bf16 on the matrix units, the packed copies ([`PACKED_BF16_BYTES_PER_PARAM`]; full
 ///   fine-tuning's per-step packings, [`FULL_BF16_PACKED_BYTES_PER_PARAM`]); where it runs on
-///   int8 products, less [`INT8_SAVED_BYTES_PER_PROJ_PARAM`] per projection weight;
+///   int8 products, less [`INT8_SAVED_BYTES_PER_PROJ_PARAM`] per projection weight (full
+///   fine-tuning's per-step i8 copies, [`FULL_INT8_BYTES_PER_PARAM`]);
 /// - per trained parameter 12 bytes (gradient, two AdamW moments), 16 where the parameter
 ///   is not one of the weights (LoRA matrices, the soft prompt);
 /// - per position of a step (rows x (max_len + virtual tokens)) 4 bytes for each value
@@ -450,6 +465,7 @@ pub fn estimate_memory_on(
         m(FULL_SPREAD_BYTES_PER_PARAM, p)
     };
     let packed = match (bf16_products(method), method) {
+        (false, _) if int8_full_fine_tuning(method) => m(FULL_INT8_BYTES_PER_PARAM, p),
         (false, _) => 0,
         (true, MethodSpec::Full) => m(FULL_BF16_PACKED_BYTES_PER_PARAM, p),
         (true, _) => m(PACKED_BF16_BYTES_PER_PARAM, p),
@@ -1645,15 +1661,18 @@ impl Engine {
         clean_temp_dirs(&ckpt_root);
         // Auto: `train::prepare` runs the products in bf16 on the CPU's matrix units where it
         // has them (LoRA's and prompt tuning's frozen base; full fine-tuning's f32 master
-        // weights packed every step), f32 elsewhere. Full fine-tuning in f32 (no matrix units,
-        // or `ATTUNE_FULL_BF16=0`) loads in F32: no quantized or packed copies to build and drop.
+        // weights packed every step), in int8 where it has AVX-512 VNNI and no AMX (the frozen
+        // base; full fine-tuning's master weights quantized every step), f32 elsewhere. Full
+        // fine-tuning in f32 (neither, or `ATTUNE_FULL_BF16=0` / `ATTUNE_FULL_INT8=0`) loads in
+        // F32: no quantized or packed copies to build and drop.
         // So does preference training of the full model: its frozen reference copy scores
         // with the inference kernels, and with bf16 products the policy's log-probabilities of
         // the answers parted from the copy's by ~0.23 nats at step 1 (DPO's loss 0.682 against
         // ln 2 at beta 0.1), a bias in every reward; in f32 they agree to 1e-4. (Its memory
         // estimate still counts the bf16 packings: an upper bound.)
         let full_f32 = matches!(spec.method, MethodSpec::Full)
-            && (!bf16_products(&spec.method) || spec.preference.is_some());
+            && (!(bf16_products(&spec.method) || int8_full_fine_tuning(&spec.method))
+                || spec.preference.is_some());
         // A compact base (LoRA, prompt tuning) loads with its quantized blocks only and is then
         // held in its form: no dense or packed copy of the whole model is ever built.
         let compact = match (&spec.method, spec.base) {

@@ -92,9 +92,9 @@ fn advisor_rules_pick_the_method_a_clinician_would_be_told() {
 
 #[test]
 fn advisor_benchmark_scales_with_model_size_and_threads() {
-    // The figure this CPU gets: bf16 products with AMX; without, int8 products for the frozen
-    // base where the CPU has VNNI, else f32.
-    let products = Products::here();
+    // The figure this CPU gets: bf16 products with AMX; without, int8 products where the CPU
+    // has VNNI, else f32.
+    let products = Products::here("lora");
     assert_eq!(
         products == Products::Amx,
         attune_models::kernels::amx::available()
@@ -102,13 +102,13 @@ fn advisor_benchmark_scales_with_model_size_and_threads() {
     let at = |m, p| benchmark_tokens_per_s_on(m, p);
     let (lora, full, prompt) = (
         at("lora", products),
-        at("full", products),
-        at("prompt", products),
+        at("full", Products::here("full")),
+        at("prompt", Products::here("prompt")),
     );
     assert_eq!(benchmark_tokens_per_s("lora"), lora);
     // The matrix units make every method faster than f32: the frozen-base methods by more than
-    // a fifth, full fine-tuning (whose trained weights keep f32 products) least; int8 products
-    // speed the frozen-base methods up too, and leave full fine-tuning's f32.
+    // a fifth, full fine-tuning (whose weights are packed every step) least; int8 products
+    // speed every method up too, full fine-tuning (quantized every step) by more than a fifth.
     let gain = |m, p| at(m, p) / at(m, Products::F32);
     for m in ["lora", "prompt"] {
         assert!(
@@ -123,7 +123,7 @@ fn advisor_benchmark_scales_with_model_size_and_threads() {
         );
     }
     assert!(gain("full", Products::Amx) > 1.0);
-    assert_eq!(gain("full", Products::Int8), 1.0);
+    assert!(gain("full", Products::Int8) > 1.2);
     assert!(gain("full", Products::Amx) < gain("lora", Products::Amx));
     let base = benchmark_throughput("lora", BENCH_PARAMS as u64, 2);
     assert!((base - lora).abs() < 1e-9);
