@@ -314,14 +314,14 @@ pub fn fused_layer(
                 // The forward orientation only: a trained weight's input-gradient copy is made
                 // in the backward pass and dropped at once (`P::bwd`), as the `Mixed` arm's
                 // packing is, so an evaluation never makes it and a step never holds both.
-                let fwd = I8Weight::new(v, out, inp, (inp, 1));
                 int8_dw = w.track_op();
+                let pair = match int8_dw {
+                    true => I8Pair::forward_only(I8Weight::new(v, out, inp, (inp, 1))),
+                    // Untracked (not what `Linear::fused_weight` gives): both orientations.
+                    false => I8Pair::new(v, out, inp, (inp, 1)),
+                };
                 let param = w.track_op().then(|| w.clone());
-                (
-                    Frozen::Int8(Arc::new(I8Pair::forward_only(fwd))),
-                    param,
-                    false,
-                )
+                (Frozen::Int8(Arc::new(pair)), param, false)
             }
             ProjWeight::Mixed(w) => {
                 let (out, inp) = w.dims2()?;
