@@ -857,6 +857,26 @@ mod tests {
     use super::*;
     use crate::kernels::test_values;
 
+    /// `got` `[m, n]` equals `a b^T` for `a` `[m, k]` and `b` `[n, k]` (the quantized values)
+    /// summed in f64, within 1e-5 of the terms' magnitudes (the integer sums are exact; only
+    /// the f32 scaling rounds).
+    fn assert_product_of(a: &[f32], b: &[f32], k: usize, got: &[f32], what: &str) {
+        let (m, n) = (a.len() / k, b.len() / k);
+        assert_eq!(got.len(), m * n, "{what}: output size");
+        for r in 0..m {
+            for c in 0..n {
+                let terms = (0..k).map(|t| a[r * k + t] as f64 * b[c * k + t] as f64);
+                let exact: f64 = terms.clone().sum();
+                let mag: f64 = terms.map(f64::abs).sum();
+                let v = got[r * n + c] as f64;
+                assert!(
+                    (v - exact).abs() <= 1e-5 * mag + 1e-30,
+                    "{what} ({r}, {c}): {v} vs {exact}"
+                );
+            }
+        }
+    }
+
     /// The products equal an f64 product of the quantized values the kernel holds (the integer
     /// sums are exact; only the f32 scaling rounds), for every tile height, a column count that
     /// is not a multiple of 64, input widths with and without a partial stretch, and weights
@@ -888,21 +908,8 @@ mod tests {
                 let wq = I8Weight::new(held, out, inp, strides);
                 let wv = wq.to_f32();
                 let y = wq.forward_new(&xq);
-                for r in 0..rows {
-                    for o in 0..out {
-                        let exact: f64 = (0..inp)
-                            .map(|i| xv[r * inp + i] as f64 * wv[o * inp + i] as f64)
-                            .sum();
-                        let mag: f64 = (0..inp)
-                            .map(|i| (xv[r * inp + i] as f64 * wv[o * inp + i] as f64).abs())
-                            .sum();
-                        let got = y[r * out + o] as f64;
-                        assert!(
-                            (got - exact).abs() <= 1e-5 * mag + 1e-30,
-                            "[{rows}, {out}, {inp}] {strides:?} row {r} col {o}: {got} vs {exact}"
-                        );
-                    }
-                }
+                let what = format!("[{rows}, {out}, {inp}] {strides:?}");
+                assert_product_of(&xv, &wv, inp, &y, &what);
                 // Half a step of the column's stretch scale (the largest magnitude / 127).
                 for o in 0..out {
                     for s in 0..inp.div_ceil(KC) {
@@ -963,21 +970,7 @@ mod tests {
         let dw = weight_grad(&dy, &I8Weight::of_columns(&x, rows, din), rows, dout);
         let a = I8Rows::from_columns(&dy, rows, dout).to_f32(); // [dout, rows]
         let b = I8Weight::new(&x, din, rows, (1, din)).to_f32(); // [din, rows]
-        for o in 0..dout {
-            for i in 0..din {
-                let exact: f64 = (0..rows)
-                    .map(|t| a[o * rows + t] as f64 * b[i * rows + t] as f64)
-                    .sum();
-                let mag: f64 = (0..rows)
-                    .map(|t| (a[o * rows + t] as f64 * b[i * rows + t] as f64).abs())
-                    .sum();
-                let got = dw[o * din + i] as f64;
-                assert!(
-                    (got - exact).abs() <= 1e-5 * mag + 1e-30,
-                    "dW ({o}, {i}): {got} vs {exact}"
-                );
-            }
-        }
+        assert_product_of(&a, &b, rows, &dw, "dW");
     }
 
     /// Zero rows and zero stretches quantize to zero (no division by a zero scale).
