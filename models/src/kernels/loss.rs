@@ -122,7 +122,8 @@ fn check_head(n: usize, hid: usize, vocab: usize, w_hid: usize, targets: &[u32])
 /// `w`. The `[n, vocab]` logits never become a tensor of the graph: the op keeps them from the
 /// forward pass and turns them into their own gradient in place in the backward pass, so no
 /// second `[n, vocab]` buffer (nor autograd's zero-filled accumulator for it) is ever allocated.
-/// `bf16` says whether the products run in bf16 on the matrix units (see [`HeadBf16`]).
+/// `bf16` says whether the products run in bf16 on the matrix units or in int8 (see
+/// [`HeadBf16`]).
 pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> CResult<Tensor> {
     let (n, hid) = h.dims2()?;
     let (vocab, w_hid) = w.dims2()?;
@@ -170,7 +171,8 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
     )
 }
 
-/// Whether the LM head's products run in bf16 on the matrix units, accumulated in f32.
+/// How the LM head's products run: f32, bf16 on the matrix units, or int8 on AVX-512 VNNI
+/// (each accumulated in f32).
 #[derive(Clone, Copy, Debug)]
 pub enum HeadBf16<'a> {
     /// f32 products.
