@@ -294,8 +294,7 @@ pub fn fused_layer(
                 scale,
             }),
         };
-        let mut int8_dw = false;
-        let (w, param, bf16_dw) = match p.w {
+        let (w, param, on) = match p.w {
             ProjWeight::F32(w) => (
                 // Read in place where it is contiguous or held transposed (`f32_strided`).
                 Frozen::F32(match super::linear::f32_in_place(w) {
@@ -303,25 +302,35 @@ pub fn fused_layer(
                     false => w.contiguous()?,
                 }),
                 w.track_op().then(|| w.clone()),
-                false,
+                TrainedOn::F32,
             ),
-            ProjWeight::Bf16(pw) => (Frozen::Bf16(pw.clone()), None, false),
-            ProjWeight::Streamed(sw) => (Frozen::Streamed(sw.clone()), None, false),
-            ProjWeight::Int8(q) => (Frozen::Int8(q.clone()), None, false),
+            ProjWeight::Bf16(pw) => (Frozen::Bf16(pw.clone()), None, TrainedOn::F32),
+            ProjWeight::Streamed(sw) => (Frozen::Streamed(sw.clone()), None, TrainedOn::F32),
+            ProjWeight::Int8(q) => (Frozen::Int8(q.clone()), None, TrainedOn::F32),
             ProjWeight::MixedInt8(w) => {
                 let (out, inp) = w.dims2()?;
                 borrow_f32!(v = w, "projection weight");
                 // The forward orientation only: a trained weight's input-gradient copy is made
                 // in the backward pass and dropped at once (`P::bwd`), as the `Mixed` arm's
                 // packing is, so an evaluation never makes it and a step never holds both.
-                int8_dw = w.track_op();
-                let pair = match int8_dw {
-                    true => I8Pair::forward_only(I8Weight::new(v, out, inp, (inp, 1))),
+                match w.track_op() {
+                    true => (
+                        Frozen::Int8(Arc::new(I8Pair::forward_only(I8Weight::new(
+                            v,
+                            out,
+                            inp,
+                            (inp, 1),
+                        )))),
+                        Some(w.clone()),
+                        TrainedOn::Int8,
+                    ),
                     // Untracked (not what `Linear::fused_weight` gives): both orientations.
-                    false => I8Pair::new(v, out, inp, (inp, 1)),
-                };
-                let param = w.track_op().then(|| w.clone());
-                (Frozen::Int8(Arc::new(pair)), param, false)
+                    false => (
+                        Frozen::Int8(Arc::new(I8Pair::new(v, out, inp, (inp, 1)))),
+                        None,
+                        TrainedOn::F32,
+                    ),
+                }
             }
             ProjWeight::Mixed(w) => {
                 let (out, inp) = w.dims2()?;
@@ -334,17 +343,14 @@ pub fn fused_layer(
                 (
                     Frozen::Bf16(Arc::new(packed)),
                     trained.then(|| w.clone()),
-                    trained,
+                    match trained {
+                        true => TrainedOn::Bf16,
+                        false => TrainedOn::F32,
+                    },
                 )
             }
         };
-        Ok(OwnedProj {
-            w,
-            param,
-            lora,
-            bf16_dw,
-            int8_dw,
-        })
+        Ok(OwnedProj { w, param, lora, on })
     };
     let norm = |n: Norm| -> CResult<OwnedNorm> {
         Ok(OwnedNorm {
@@ -411,14 +417,23 @@ struct OwnedProj {
     /// The weight variable, when trained (its gradient is keyed by it).
     param: Option<Tensor>,
     lora: Option<LoraParts>,
-    /// The weight runs in bf16 on the matrix units and is trained (a `Mixed` weight): its
-    /// gradient runs there too, its forward product adds the rounding residual
-    /// ([`P::residual_add`]) and its input-gradient packing is built in the backward pass.
-    bf16_dw: bool,
-    /// The weight is trained with int8 products (a `MixedInt8` weight): `w` holds its forward
-    /// orientation only, the input gradient's is quantized in the backward pass, and the weight
-    /// gradient runs as an int8 product too (both operands quantized per 32 rows).
-    int8_dw: bool,
+    /// What a trained weight's products run on (`F32` for a frozen one).
+    on: TrainedOn,
+}
+
+/// What the products of a trained weight (`OwnedProj::param`) run on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TrainedOn {
+    /// f32 (or a frozen weight, whose products `OwnedProj::w` says).
+    F32,
+    /// bf16 on the matrix units (a `Mixed` weight): its gradient runs there too, its forward
+    /// product adds the rounding residual ([`P::residual_add`]) and its input-gradient packing
+    /// is built in the backward pass.
+    Bf16,
+    /// int8 on VNNI (a `MixedInt8` weight): `w` holds its forward orientation only, the input
+    /// gradient's is quantized in the backward pass, and the weight gradient runs as an int8
+    /// product too (both operands quantized per 32 rows).
+    Int8,
 }
 
 impl OwnedProj {
@@ -577,7 +592,7 @@ impl P<'_> {
     /// by 12.13%, against 13.78% in f32 and with PEFT. The input gradient takes the rounded
     /// weight alone, as bf16 products do elsewhere.
     fn residual_add(&self, x: &Act, dst: &mut [f32]) -> CResult<()> {
-        if let (true, Some(w)) = (self.proj.bf16_dw, &self.proj.param) {
+        if let (TrainedOn::Bf16, Some(w)) = (self.proj.on, &self.proj.param) {
             borrow_f32!(v = w, "projection weight");
             let r = PackedB::from_rows_residual(v, self.dout, self.din);
             amx::matmul(x.bf16(), &r, dst, self.dout, true);
@@ -601,8 +616,8 @@ impl P<'_> {
         par: Parallelism,
     ) -> CResult<()> {
         let (din, dout) = (self.din, self.dout);
-        match (&self.proj.param, self.proj.bf16_dw) {
-            (Some(w), true) if want_dx => {
+        match (&self.proj.param, self.proj.on) {
+            (Some(w), TrainedOn::Bf16) if want_dx => {
                 // A trained weight in bf16 products: packed for this product from its f32
                 // master copy, dropped when it is done (see the `Mixed` arm where the op is built).
                 borrow_f32!(v = w, "projection weight");
@@ -613,7 +628,7 @@ impl P<'_> {
                     None => *dx = Some(amx::product(dy.bf16(), &packed)),
                 }
             }
-            (Some(w), false) if want_dx && self.proj.int8_dw => {
+            (Some(w), TrainedOn::Int8) if want_dx => {
                 // A trained weight in int8 products: `W^T` quantized for this product from the
                 // f32 master copy (along the outputs, the sums' direction), dropped when done.
                 borrow_f32!(v = w, "projection weight");
@@ -638,13 +653,13 @@ impl P<'_> {
         if let Some(w) = &self.proj.param {
             // dW = dy^T x
             let x = input()?;
-            let dw = if self.proj.bf16_dw {
-                let a = RowsBf16::from_f32_transposed(dy, rows, dout);
-                amx::product(&a, &PackedB::from_cols(x.x, rows, din))
-            } else if self.proj.int8_dw && super::int8::train_dw() {
-                super::int8::weight_grad(dy, x.int8_columns(), rows, dout)
-            } else {
-                product(dout, din, rows, dy, (1, dout), x.x, (din, 1), par)
+            let dw = match self.proj.on {
+                TrainedOn::Bf16 => {
+                    let a = RowsBf16::from_f32_transposed(dy, rows, dout);
+                    amx::product(&a, &PackedB::from_cols(x.x, rows, din))
+                }
+                TrainedOn::Int8 => super::int8::weight_grad(dy, x.int8_columns(), rows, dout),
+                TrainedOn::F32 => product(dout, din, rows, dy, (1, dout), x.x, (din, 1), par),
             };
             sink.push((w.clone(), dw));
         }
@@ -696,6 +711,11 @@ impl Projs<'_> {
             && amx::available()
             && super::attention::bf16_opted_in()
     }
+}
+
+/// A kept input `[rows, features]` as the backward pass's products take it.
+fn kept_act(x: Option<&[f32]>, rows: usize) -> Option<Act<'_>> {
+    x.map(|x| Act::new(x, rows, x.len() / rows.max(1)))
 }
 
 /// Copies the column blocks `widths` of `[rows, sum(widths)]` `y` into one buffer each.
@@ -998,9 +1018,7 @@ impl FusedLayer {
             .needs_input()
             .then(|| gated_forward(self.act, &g, &u));
         let mut dh = None;
-        let h_act = h
-            .as_deref()
-            .map(|h| Act::new(h, rows, h.len() / rows.max(1)));
+        let h_act = kept_act(h.as_deref(), rows);
         ps.down.bwd(
             h_act.as_ref(),
             xa_at(i_d),
@@ -1017,9 +1035,7 @@ impl FusedLayer {
         let (dg, du) = gated_backward(self.act, &g, &u, &dh);
         drop((g, u, dh));
         let mut dhn = None;
-        let hn2_act = hn2
-            .as_deref()
-            .map(|h| Act::new(h, rows, h.len() / rows.max(1)));
+        let hn2_act = kept_act(hn2.as_deref(), rows);
         if ngu == 1 {
             let dgu = join_columns(&[&dg, &du], rows);
             ps.gate_up[0].bwd(
@@ -1098,9 +1114,7 @@ impl FusedLayer {
         // skipped when neither the input nor the norm needs it.
         let need_dhn = want_dx || self.input_norm.param.is_some();
         let mut dhn = None;
-        let hn1_act = hn1
-            .as_deref()
-            .map(|h| Act::new(h, rows, h.len() / rows.max(1)));
+        let hn1_act = kept_act(hn1.as_deref(), rows);
         if nqkv == 1 {
             let dqkv = join_columns(&[&dq, &dk, &dv], rows);
             ps.qkv[0].bwd(

@@ -322,13 +322,6 @@ impl I8Pair {
     }
 }
 
-/// Whether a weight trained with int8 products takes its gradient as an int8 product too
-/// (`ATTUNE_INT8_DW=0` keeps it f32; A/B runs).
-pub fn train_dw() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ATTUNE_INT8_DW").map_or(true, |v| v.trim() != "0"))
-}
-
 /// The weight gradient `dy^T x` `[dout, din]` of a projection for its output gradient `dy`
 /// `[rows, dout]` and its input `x` `[rows, din]` as [`I8Weight::of_columns`] holds it, as an
 /// int8 product: both quantized per 32 rows (the sums run over the rows), `dy` per output

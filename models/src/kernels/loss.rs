@@ -122,17 +122,22 @@ fn check_head(n: usize, hid: usize, vocab: usize, w_hid: usize, targets: &[u32])
 /// `w`. The `[n, vocab]` logits never become a tensor of the graph: the op keeps them from the
 /// forward pass and turns them into their own gradient in place in the backward pass, so no
 /// second `[n, vocab]` buffer (nor autograd's zero-filled accumulator for it) is ever allocated.
-/// `bf16` says whether the products run in bf16 on the matrix units or in int8 (see
-/// [`HeadBf16`]).
-pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> CResult<Tensor> {
+/// `products` says whether the products run in f32, in bf16 on the matrix units or in int8 (see
+/// [`HeadProducts`]).
+pub fn lm_head_nll(
+    h: &Tensor,
+    w: &Tensor,
+    products: HeadProducts,
+    targets: &[u32],
+) -> CResult<Tensor> {
     let (n, hid) = h.dims2()?;
     let (vocab, w_hid) = w.dims2()?;
     check_head(n, hid, vocab, w_hid, targets)?;
     let w = w.contiguous()?;
     let mut int8 = None;
-    let (packed, bf16_dw) = match bf16 {
-        HeadBf16::Off => (None, false),
-        HeadBf16::Int8PerCall => {
+    let (packed, bf16_dw) = match products {
+        HeadProducts::Off => (None, false),
+        HeadProducts::Int8PerCall => {
             if !super::int8::available() {
                 candle_core::bail!("lm head: int8 products need AVX-512 VNNI")
             }
@@ -140,7 +145,7 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
             int8 = Some(I8Weight::new(wv, vocab, hid, (hid, 1)));
             (None, false)
         }
-        HeadBf16::Frozen(p) => {
+        HeadProducts::Frozen(p) => {
             if (p.out_dim(), p.in_dim()) != (vocab, hid) {
                 candle_core::bail!(
                     "lm head: packed weight [{}, {}] differs from [{vocab}, {hid}]",
@@ -150,7 +155,7 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
             }
             (Some(p.clone()), false)
         }
-        HeadBf16::PerCall => {
+        HeadProducts::PerCall => {
             borrow_f32!(wv = w, "lm head weight");
             (
                 Some(Arc::new(PackedWeight::new_both(wv, vocab, hid))),
@@ -165,7 +170,7 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
             packed,
             bf16_dw,
             int8,
-            recycle: matches!(bf16, HeadBf16::Frozen(_)) && !w.track_op(),
+            recycle: matches!(products, HeadProducts::Frozen(_)) && !w.track_op(),
             kept: Mutex::new(None),
         },
     )
@@ -174,7 +179,7 @@ pub fn lm_head_nll(h: &Tensor, w: &Tensor, bf16: HeadBf16, targets: &[u32]) -> C
 /// How the LM head's products run: f32, bf16 on the matrix units, or int8 on AVX-512 VNNI
 /// (each accumulated in f32).
 #[derive(Clone, Copy, Debug)]
-pub enum HeadBf16<'a> {
+pub enum HeadProducts<'a> {
     /// f32 products.
     Off,
     /// On this bf16 copy of the (frozen) weight.
@@ -196,7 +201,7 @@ struct LmHeadNll {
     /// fused layer's products do (`P::residual_add` in `super::block`).
     bf16_dw: bool,
     /// The weight in i8 for the logits, when the products run in int8
-    /// ([`HeadBf16::Int8PerCall`]); the input gradient's transposed copy is made in the
+    /// ([`HeadProducts::Int8PerCall`]); the input gradient's transposed copy is made in the
     /// backward pass (so an evaluation never makes it).
     int8: Option<I8Weight>,
     /// A frozen head on its packed bf16 copy (LoRA and prompt tuning on a dense base, where the
@@ -334,7 +339,7 @@ impl CustomOp2 for LmHeadNll {
             let dw = if self.bf16_dw {
                 let a = RowsBf16::from_f32_transposed(&d, n, vocab);
                 amx::product(&a, &PackedB::from_cols(hv, n, hid))
-            } else if self.int8.is_some() && super::int8::train_dw() {
+            } else if self.int8.is_some() {
                 super::int8::weight_grad(&d, &I8Weight::of_columns(hv, n, hid), n, vocab)
             } else {
                 product(vocab, hid, n, &d, (1, vocab), hv, (hid, 1), par)
@@ -464,7 +469,7 @@ mod tests {
         let w = Var::randn(0f32, 1., (37, 9), &dev).unwrap();
         let t = [0u32, 36, 17, 17, 4];
         let rw = Tensor::randn(0f32, 1., 5, &dev).unwrap();
-        let a = lm_head_nll(&h, &w, HeadBf16::Off, &t).unwrap();
+        let a = lm_head_nll(&h, &w, HeadProducts::Off, &t).unwrap();
         let logits = h.matmul(&w.t().unwrap()).unwrap();
         let ls = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let idx = Tensor::new(&t, &dev).unwrap().unsqueeze(1).unwrap();
@@ -485,9 +490,9 @@ mod tests {
         let again = la.backward().unwrap();
         assert!(max_diff(again.get(&h).unwrap(), gb.get(&h).unwrap()) < 1e-5);
         // A frozen weight gets no gradient.
-        let frozen = lm_head_nll(&h, w.as_tensor(), HeadBf16::Off, &t).unwrap();
+        let frozen = lm_head_nll(&h, w.as_tensor(), HeadProducts::Off, &t).unwrap();
         let w_plain = w.as_tensor().detach();
-        let g = lm_head_nll(&h, &w_plain, HeadBf16::Off, &t)
+        let g = lm_head_nll(&h, &w_plain, HeadProducts::Off, &t)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -495,8 +500,8 @@ mod tests {
             .unwrap();
         assert!(g.get(&w_plain).is_none() && g.get(&h).is_some());
         assert!(max_diff(&frozen, &a) < 1e-6);
-        assert!(lm_head_nll(&h, &w, HeadBf16::Off, &[37, 0, 0, 0, 0]).is_err());
-        assert!(lm_head_nll(&h, &w, HeadBf16::Off, &[0, 0]).is_err());
+        assert!(lm_head_nll(&h, &w, HeadProducts::Off, &[37, 0, 0, 0, 0]).is_err());
+        assert!(lm_head_nll(&h, &w, HeadProducts::Off, &[0, 0]).is_err());
     }
 
     /// The frozen-head op on an f32 weight and on a compact bf16 copy gives the f32 op's NLL and
@@ -508,7 +513,7 @@ mod tests {
         let h = Var::randn(0f32, 1., (7, 64), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.5, (300, 64), &dev).unwrap();
         let t = [0u32, 299, 17, 17, 4, 256, 100];
-        let want = lm_head_nll(&h, &w, HeadBf16::Off, &t).unwrap();
+        let want = lm_head_nll(&h, &w, HeadProducts::Off, &t).unwrap();
         let gw = want.sum_all().unwrap().backward().unwrap();
         let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let compact =

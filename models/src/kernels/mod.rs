@@ -44,7 +44,7 @@ pub mod swiglu;
 pub use attention::{attention, attention_heads, cached_attention, cached_attention_bf16};
 pub use decode::{lora_add, lora_add_bf16, LoraBf16};
 pub use linear::{frozen_linear, linear, lora_linear};
-pub use loss::{cross_entropy, lm_head_nll, lm_head_nll_frozen, HeadBf16};
+pub use loss::{cross_entropy, lm_head_nll, lm_head_nll_frozen, HeadProducts};
 pub use profile::take_profile;
 pub use rms_norm::{rms_norm, rms_norm_offset};
 pub use rope::{rope, rope_partial};

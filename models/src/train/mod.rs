@@ -130,7 +130,13 @@ impl Trainable {
 /// fine-tuning is f32 whatever this says.
 pub fn full_bf16_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ATTUNE_FULL_BF16").map_or(true, |v| v.trim() != "0"))
+    *ON.get_or_init(|| not_switched_off("ATTUNE_FULL_BF16"))
+}
+
+/// Whether the environment leaves the switch `name` on: anything but `0` (A/B runs set it to
+/// `0` for f32 products).
+fn not_switched_off(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v.trim() != "0")
 }
 
 /// Whether [`prepare`] runs LoRA's and prompt tuning's frozen base (of a model loaded in
@@ -139,17 +145,14 @@ pub fn full_bf16_enabled() -> bool {
 pub fn int8_frozen_base() -> bool {
     !kernels::amx::available()
         && kernels::int8::available()
-        && std::env::var("ATTUNE_TRAIN_INT8").map_or(true, |v| v.trim() != "0")
+        && not_switched_off("ATTUNE_TRAIN_INT8")
 }
 
 /// Whether [`prepare`] runs full fine-tuning (of a model loaded in `Auto`) as int8 products on
 /// f32 master weights quantized anew every step: a CPU with AVX-512 VNNI and no AMX, unless
 /// `ATTUNE_FULL_INT8=0` (or `ATTUNE_MATMUL=f32`) keeps f32 products.
 pub fn int8_full_fine_tuning() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !kernels::amx::available()
-        && kernels::int8::available()
-        && *ON.get_or_init(|| std::env::var("ATTUNE_FULL_INT8").map_or(true, |v| v.trim() != "0"))
+    !kernels::amx::available() && kernels::int8::available() && not_switched_off("ATTUNE_FULL_INT8")
 }
 
 /// Makes `model` trainable with `method`: full fine-tuning turns every weight into a variable
@@ -437,13 +440,13 @@ pub fn token_nll(model: &Llama, batch: &Batch, prefix: Option<&Tensor>) -> Resul
     match head.weight() {
         // A plain dense head (every Llama here): logits and loss in one op.
         Some(w) if head.bias().is_none() && head.lora().is_none() && w.is_contiguous() => {
-            let bf16 = match head.packed() {
-                Some(p) if !w.track_op() => kernels::HeadBf16::Frozen(p),
-                _ if head.bf16_compute() => kernels::HeadBf16::PerCall,
-                _ if head.int8_compute() && w.track_op() => kernels::HeadBf16::Int8PerCall,
-                _ => kernels::HeadBf16::Off,
+            let products = match head.packed() {
+                Some(p) if !w.track_op() => kernels::HeadProducts::Frozen(p),
+                _ if head.bf16_compute() => kernels::HeadProducts::PerCall,
+                _ if head.int8_compute() && w.track_op() => kernels::HeadProducts::Int8PerCall,
+                _ => kernels::HeadProducts::Off,
             };
-            Ok(kernels::lm_head_nll(&h, w, bf16, &batch.targets)?)
+            Ok(kernels::lm_head_nll(&h, w, products, &batch.targets)?)
         }
         // A frozen head with no f32 copy (packed bf16, or a compact base): the same one op.
         None if head.bias().is_none() && head.lora().is_none() => match head.frozen() {
