@@ -264,12 +264,12 @@ pub const PACKED_BF16_BYTES_PER_PARAM: u64 = 2;
 pub const FULL_BF16_PACKED_BYTES_PER_PARAM: u64 = 3;
 
 /// Bytes per parameter full fine-tuning's int8 products ([`int8_full_fine_tuning`]) hold
-/// beyond its f32 parts: every weight's forward i8 copy (1.25 bytes with its scales) from its
-/// forward pass to the end of the step (the input-gradient copies are made and dropped one
-/// product at a time), and what the model's load in `Auto` leaves behind (its quantized copies,
-/// dropped when the weights become variables). Measured on the default model (2026-12-05):
-/// 1 x 256 peaked 2518 MiB against 2260 with f32 products, 1.9 bytes per parameter more.
-pub const FULL_INT8_BYTES_PER_PARAM: u64 = 2;
+/// beyond its f32 parts: every weight's forward i8 copy (1 byte, plus a scale and an
+/// accumulator start per 32 weights) from its forward pass to the end of the step (the
+/// input-gradient copies are made and dropped one product at a time). Measured on the default
+/// model (2026-12-05): 1 x 256 peaked 2423 MiB against 2260 with f32 products, 1.27 bytes per
+/// parameter more.
+pub const FULL_INT8_BYTES_PER_PARAM: f64 = 1.25;
 
 /// Bytes per projection weight that LoRA's and prompt tuning's frozen base saves where it trains
 /// on int8 products ([`int8_frozen_base`]): each projection's f32 copy (4 bytes) gives way to
@@ -465,7 +465,9 @@ pub fn estimate_memory_on(
         m(FULL_SPREAD_BYTES_PER_PARAM, p)
     };
     let packed = match (bf16_products(method), method) {
-        (false, _) if int8_full_fine_tuning(method) => m(FULL_INT8_BYTES_PER_PARAM, p),
+        (false, _) if int8_full_fine_tuning(method) => {
+            (p as f64 * FULL_INT8_BYTES_PER_PARAM).ceil() as u64
+        }
         (false, _) => 0,
         (true, MethodSpec::Full) => m(FULL_BF16_PACKED_BYTES_PER_PARAM, p),
         (true, _) => m(PACKED_BF16_BYTES_PER_PARAM, p),
@@ -1663,16 +1665,17 @@ impl Engine {
         // has them (LoRA's and prompt tuning's frozen base; full fine-tuning's f32 master
         // weights packed every step), in int8 where it has AVX-512 VNNI and no AMX (the frozen
         // base; full fine-tuning's master weights quantized every step), f32 elsewhere. Full
-        // fine-tuning in f32 (neither, or `ATTUNE_FULL_BF16=0` / `ATTUNE_FULL_INT8=0`) loads in
-        // F32: no quantized or packed copies to build and drop.
+        // fine-tuning without bf16 products loads in F32: no quantized or packed copies to
+        // build and drop; where its products run in int8 the layers are then switched to `Auto`
+        // (which builds nothing without AMX), so `train::prepare` takes the int8 path.
         // So does preference training of the full model: its frozen reference copy scores
         // with the inference kernels, and with bf16 products the policy's log-probabilities of
         // the answers parted from the copy's by ~0.23 nats at step 1 (DPO's loss 0.682 against
         // ln 2 at beta 0.1), a bias in every reward; in f32 they agree to 1e-4. (Its memory
         // estimate still counts the bf16 packings: an upper bound.)
         let full_f32 = matches!(spec.method, MethodSpec::Full)
-            && (!(bf16_products(&spec.method) || int8_full_fine_tuning(&spec.method))
-                || spec.preference.is_some());
+            && (!bf16_products(&spec.method) || spec.preference.is_some());
+        let full_int8 = int8_full_fine_tuning(&spec.method) && spec.preference.is_none();
         // A compact base (LoRA, prompt tuning) loads with its quantized blocks only and is then
         // held in its form: no dense or packed copy of the whole model is ever built.
         let compact = match (&spec.method, spec.base) {
@@ -1693,6 +1696,9 @@ impl Engine {
         .and_then(|mut m| {
             if let Some(form) = compact {
                 m.model.set_base_form(form)?;
+            }
+            if full_int8 {
+                m.model.set_compute_mode(ComputeMode::Auto)?;
             }
             Ok(m)
         })
